@@ -1,0 +1,337 @@
+import net from "node:net";
+import { NbdError, ProtocolError } from "../errors.js";
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  Cmd,
+  Errno,
+  type ErrnoName,
+  HandshakeFlag,
+  Info,
+  NBD_IHAVEOPT,
+  NBD_MAGIC,
+  NBD_OPT_REPLY_MAGIC,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REQUEST_MAGIC,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  Opt,
+  Rep,
+  ReplyType,
+} from "../protocol/constants.js";
+import type { Extent } from "../stack/layer.js";
+
+export type NbdAddress = { host: string; port: number } | { path: string };
+
+export interface ConnectOptions {
+  exportName?: string;
+  structured?: boolean;
+  /** Select base:allocation (needs structured replies). */
+  allocation?: boolean;
+}
+
+const ERRNO_NAME = new Map<number, ErrnoName>(Object.entries(Errno).map(([k, v]) => [v, k as ErrnoName]));
+
+interface Pending {
+  type: number;
+  offset: number;
+  length: number;
+  data: Buffer | null;
+  extents: Extent[] | null;
+  error: NbdError | null;
+  resolve: (p: Pending) => void;
+  reject: (e: Error) => void;
+}
+
+/** Pulls exact byte counts out of a socket (handshake), then hands over to the reply parser. */
+class Bytes {
+  buf: Buffer = Buffer.alloc(0);
+  waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  err: Error | null = null;
+  push(c: Buffer): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, c]) : c;
+    this.wake();
+  }
+  fail(e: Error): void {
+    this.err = e;
+    this.waiter?.reject(e);
+    this.waiter = null;
+  }
+  read(n: number): Promise<Buffer> {
+    if (this.err) return Promise.reject(this.err);
+    return new Promise((resolve, reject) => {
+      this.waiter = { n, resolve, reject };
+      this.wake();
+    });
+  }
+  private wake(): void {
+    const w = this.waiter;
+    if (!w || this.buf.length < w.n) return;
+    this.waiter = null;
+    const out = this.buf.subarray(0, w.n);
+    this.buf = this.buf.subarray(w.n);
+    w.resolve(out);
+  }
+}
+
+/**
+ * A small NBD client: fixed newstyle, NBD_OPT_GO, structured replies, base:allocation,
+ * many requests in flight. Used by tests and tools; errors come back as NbdError with the errno name.
+ */
+export class NbdClient {
+  size = 0;
+  flags = 0;
+  structured = false;
+  allocationContext = 0;
+  blockSize = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+  private pending = new Map<number, Pending>();
+  private nextCookie = 1;
+  private rx: Buffer = Buffer.alloc(0);
+  private closedErr: Error | null = null;
+  readonly closed: Promise<void>;
+
+  private constructor(readonly socket: net.Socket) {
+    socket.setNoDelay(true);
+    this.closed = new Promise((r) => socket.once("close", () => r()));
+  }
+
+  static async connect(addr: NbdAddress, opts: ConnectOptions = {}): Promise<NbdClient> {
+    const socket = "path" in addr ? net.connect(addr.path) : net.connect(addr.port, addr.host);
+    await new Promise<void>((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("error", reject);
+    });
+    const c = new NbdClient(socket);
+    const bytes = new Bytes();
+    const onData = (d: Buffer) => bytes.push(d);
+    const onClose = () => bytes.fail(new ProtocolError("server closed the connection during the handshake"));
+    socket.on("data", onData);
+    socket.on("close", onClose);
+    socket.on("error", onClose);
+    try {
+      await c.handshake(bytes, opts);
+    } catch (e) {
+      socket.destroy();
+      throw e;
+    } finally {
+      socket.off("data", onData);
+      socket.off("close", onClose);
+      socket.off("error", onClose);
+    }
+    c.rx = bytes.buf;
+    socket.on("data", (d: Buffer) => c.onData(d));
+    socket.on("error", () => undefined);
+    socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));
+    if (c.rx.length) c.onData(Buffer.alloc(0));
+    return c;
+  }
+
+  private async handshake(bytes: Bytes, opts: ConnectOptions): Promise<void> {
+    const g = await bytes.read(18);
+    if (g.readBigUInt64BE(0) !== NBD_MAGIC || g.readBigUInt64BE(8) !== NBD_IHAVEOPT) throw new ProtocolError("not a fixed-newstyle NBD server");
+    const hflags = g.readUInt16BE(16);
+    const noZeroes = (hflags & HandshakeFlag.NBD_FLAG_NO_ZEROES) !== 0;
+    const cf = Buffer.alloc(4);
+    cf.writeUInt32BE(ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? ClientFlag.NBD_FLAG_C_NO_ZEROES : 0));
+    this.socket.write(cf);
+
+    const option = async (opt: number, data: Buffer, onReply: (type: number, d: Buffer) => void): Promise<number> => {
+      const h = Buffer.alloc(16);
+      h.writeBigUInt64BE(NBD_IHAVEOPT, 0);
+      h.writeUInt32BE(opt, 8);
+      h.writeUInt32BE(data.length, 12);
+      this.socket.write(Buffer.concat([h, data]));
+      for (;;) {
+        const r = await bytes.read(20);
+        if (r.readBigUInt64BE(0) !== NBD_OPT_REPLY_MAGIC) throw new ProtocolError("bad option reply magic");
+        const type = r.readUInt32BE(12);
+        const len = r.readUInt32BE(16);
+        const d = len ? Buffer.from(await bytes.read(len)) : Buffer.alloc(0);
+        if (type === Rep.NBD_REP_ACK || type >= 0x80000000) return type;
+        onReply(type, d);
+      }
+    };
+
+    const name = Buffer.from(opts.exportName ?? "", "utf8");
+    if (opts.structured ?? true) {
+      this.structured = (await option(Opt.NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0), () => undefined)) === Rep.NBD_REP_ACK;
+    }
+    if (this.structured && (opts.allocation ?? true)) {
+      const q = Buffer.from(BASE_ALLOCATION);
+      const d = Buffer.alloc(4 + name.length + 4 + 4 + q.length);
+      d.writeUInt32BE(name.length, 0);
+      name.copy(d, 4);
+      d.writeUInt32BE(1, 4 + name.length);
+      d.writeUInt32BE(q.length, 8 + name.length);
+      q.copy(d, 12 + name.length);
+      await option(Opt.NBD_OPT_SET_META_CONTEXT, d, (type, r) => {
+        if (type === Rep.NBD_REP_META_CONTEXT && r.toString("utf8", 4) === BASE_ALLOCATION) this.allocationContext = r.readUInt32BE(0);
+      });
+    }
+    const go = Buffer.alloc(4 + name.length + 2 + 2);
+    go.writeUInt32BE(name.length, 0);
+    name.copy(go, 4);
+    go.writeUInt16BE(1, 4 + name.length);
+    go.writeUInt16BE(Info.NBD_INFO_BLOCK_SIZE, 6 + name.length);
+    const res = await option(Opt.NBD_OPT_GO, go, (type, r) => {
+      if (type !== Rep.NBD_REP_INFO) return;
+      const info = r.readUInt16BE(0);
+      if (info === Info.NBD_INFO_EXPORT) {
+        this.size = Number(r.readBigUInt64BE(2));
+        this.flags = r.readUInt16BE(10);
+      } else if (info === Info.NBD_INFO_BLOCK_SIZE) {
+        this.blockSize = { minimum: r.readUInt32BE(2), preferred: r.readUInt32BE(6), maximum: r.readUInt32BE(10) };
+      }
+    });
+    if (res !== Rep.NBD_REP_ACK) throw new NbdError("EINVAL", `server refused NBD_OPT_GO for "${opts.exportName ?? ""}" (reply 0x${res.toString(16)})`);
+  }
+
+  /** Sends one request and resolves with its outcome (rejects with NbdError on an error reply). */
+  request(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<Pending> {
+    if (this.closedErr) return Promise.reject(this.closedErr);
+    const cookie = this.nextCookie++;
+    const h = Buffer.allocUnsafe(28);
+    h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(type, 6);
+    h.writeUInt32BE(0, 8);
+    h.writeUInt32BE(cookie, 12);
+    h.writeUInt32BE(Math.floor(offset / 0x100000000), 16);
+    h.writeUInt32BE(offset >>> 0, 20);
+    h.writeUInt32BE(length, 24);
+    return new Promise((resolve, reject) => {
+      const data = type === Cmd.NBD_CMD_READ ? Buffer.alloc(length) : null;
+      this.pending.set(cookie, { type, offset, length, data, extents: null, error: null, resolve, reject });
+      if (type === Cmd.NBD_CMD_DISC) {
+        this.pending.delete(cookie);
+        resolve({} as Pending);
+      }
+      if (payload) {
+        this.socket.cork();
+        this.socket.write(h);
+        this.socket.write(payload);
+        this.socket.uncork();
+      } else this.socket.write(h);
+    });
+  }
+
+  async pread(length: number, offset: number, flags = 0): Promise<Buffer> {
+    return (await this.request(Cmd.NBD_CMD_READ, flags, offset, length)).data!;
+  }
+  async pwrite(buf: Buffer, offset: number, flags = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf);
+  }
+  async zero(length: number, offset: number, flags = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_WRITE_ZEROES, flags, offset, length);
+  }
+  async trim(length: number, offset: number, flags = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_TRIM, flags, offset, length);
+  }
+  async flush(): Promise<void> {
+    await this.request(Cmd.NBD_CMD_FLUSH, 0, 0, 0);
+  }
+  async cache(length: number, offset: number): Promise<void> {
+    await this.request(Cmd.NBD_CMD_CACHE, 0, offset, length);
+  }
+  async blockStatus(length: number, offset: number, flags = 0): Promise<Extent[]> {
+    return (await this.request(Cmd.NBD_CMD_BLOCK_STATUS, flags, offset, length)).extents ?? [];
+  }
+
+  /** Soft disconnect: NBD_CMD_DISC, then wait for the server to close. */
+  async disconnect(): Promise<void> {
+    if (!this.closedErr) await this.request(Cmd.NBD_CMD_DISC, 0, 0, 0);
+    this.socket.end();
+    await this.closed;
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private failAll(err: Error): void {
+    this.closedErr = err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+
+  private protocolFailure(msg: string): void {
+    this.failAll(new ProtocolError(msg));
+    this.socket.destroy();
+  }
+
+  private onData(d: Buffer): void {
+    this.rx = this.rx.length ? Buffer.concat([this.rx, d]) : d;
+    for (;;) {
+      const b = this.rx;
+      if (b.length < 4) return;
+      const magic = b.readUInt32BE(0);
+      if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+        if (b.length < 16) return;
+        const cookie = b.readUInt32BE(12);
+        const p = this.pending.get(cookie);
+        if (!p) return this.protocolFailure(`reply for unknown cookie ${cookie}`);
+        const error = b.readUInt32BE(4);
+        const dataLen = p.type === Cmd.NBD_CMD_READ && error === 0 ? p.length : 0;
+        if (b.length < 16 + dataLen) return;
+        if (dataLen) b.copy(p.data!, 0, 16, 16 + dataLen);
+        this.rx = b.subarray(16 + dataLen);
+        this.pending.delete(cookie);
+        if (error) p.reject(new NbdError(ERRNO_NAME.get(error) ?? "EIO", `server error ${error}`));
+        else p.resolve(p);
+      } else if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+        if (b.length < 20) return;
+        const flags = b.readUInt16BE(4);
+        const type = b.readUInt16BE(6);
+        const cookie = b.readUInt32BE(12);
+        const len = b.readUInt32BE(16);
+        if (b.length < 20 + len) return;
+        const body = b.subarray(20, 20 + len);
+        this.rx = b.subarray(20 + len);
+        const p = this.pending.get(cookie);
+        if (!p) return this.protocolFailure(`chunk for unknown cookie ${cookie}`);
+        this.chunk(p, type, body);
+        if (flags & NBD_REPLY_FLAG_DONE) {
+          this.pending.delete(cookie);
+          if (p.error) p.reject(p.error);
+          else p.resolve(p);
+        }
+      } else {
+        return this.protocolFailure(`bad reply magic 0x${magic.toString(16)}`);
+      }
+    }
+  }
+
+  private chunk(p: Pending, type: number, body: Buffer): void {
+    switch (type) {
+      case ReplyType.NBD_REPLY_TYPE_NONE:
+        return;
+      case ReplyType.NBD_REPLY_TYPE_OFFSET_DATA: {
+        const off = Number(body.readBigUInt64BE(0)) - p.offset;
+        body.copy(p.data!, off, 8);
+        return;
+      }
+      case ReplyType.NBD_REPLY_TYPE_OFFSET_HOLE: {
+        const off = Number(body.readBigUInt64BE(0)) - p.offset;
+        p.data!.fill(0, off, off + body.readUInt32BE(8));
+        return;
+      }
+      case ReplyType.NBD_REPLY_TYPE_BLOCK_STATUS: {
+        const ext: Extent[] = [];
+        for (let at = 4; at + 8 <= body.length; at += 8) ext.push({ length: body.readUInt32BE(at), flags: body.readUInt32BE(at + 4) });
+        p.extents = ext;
+        return;
+      }
+      case ReplyType.NBD_REPLY_TYPE_ERROR:
+      case ReplyType.NBD_REPLY_TYPE_ERROR_OFFSET: {
+        const errno = body.readUInt32BE(0);
+        const mlen = body.readUInt16BE(4);
+        const msg = body.toString("utf8", 6, 6 + mlen);
+        const off = type === ReplyType.NBD_REPLY_TYPE_ERROR_OFFSET ? Number(body.readBigUInt64BE(6 + mlen)) : undefined;
+        p.error = new NbdError(ERRNO_NAME.get(errno) ?? "EIO", msg, off);
+        return;
+      }
+      default:
+        p.error = new NbdError("EIO", `unknown structured reply type ${type}`);
+    }
+  }
+}

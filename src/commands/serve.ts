@@ -1,0 +1,111 @@
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { pipeline } from "node:stream/promises";
+import { fileURLToPath } from "node:url";
+import zlib from "node:zlib";
+import { createLogger } from "../log.js";
+import { NbdServer, type TcpAddress } from "../server/server.js";
+import { composeExport, defaultExportName } from "../stack/compose.js";
+import { parseSize } from "../util/size.js";
+
+export interface ServeOptions {
+  listen: string[];
+  socket: string[];
+  name: string[];
+  readOnly: boolean;
+  demo: boolean;
+  maxInflight: number;
+  maxInflightBytes: string;
+  logLevel: string;
+  logFormat?: "json" | "pretty";
+}
+
+export const DEFAULT_PORT = 10809;
+export const DEMO_FIXTURE = fileURLToPath(new URL("../../fixtures/demo.img.gz", import.meta.url));
+
+/** Parses HOST:PORT, [IPv6]:PORT, HOST or :PORT. */
+export function parseListen(text: string): TcpAddress {
+  const m = /^(?:\[([^\]]+)\]|([^:]*))(?::(\d+))?$/.exec(text);
+  if (!m) throw new Error(`cannot read listen address "${text}" (expected HOST:PORT)`);
+  const host = m[1] ?? (m[2] || "127.0.0.1");
+  const port = m[3] === undefined ? DEFAULT_PORT : Number(m[3]);
+  if (port > 65535) throw new Error(`bad port in "${text}"`);
+  return { host, port };
+}
+
+/** Unpacks the demo disk into a temporary directory; the fixture itself is never written. */
+async function demoCopy(): Promise<{ file: string; dir: string }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-demo-"));
+  const file = path.join(dir, "demo.img");
+  await pipeline(fs.createReadStream(DEMO_FIXTURE), zlib.createGunzip(), fs.createWriteStream(file));
+  return { file, dir };
+}
+
+export function exportUri(addr: TcpAddress | { path: string }, name: string): string {
+  const enc = encodeURIComponent(name).replace(/%2F/g, "/");
+  if ("path" in addr) return `nbd+unix:///${enc}?socket=${addr.path}`;
+  const host = addr.host.includes(":") ? `[${addr.host}]` : addr.host;
+  return `nbd://${host}:${addr.port}/${enc}`;
+}
+
+export async function serveCommand(images: string[], opts: ServeOptions): Promise<void> {
+  const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === undefined ? undefined : opts.logFormat === "pretty" });
+  if (images.length === 0 && !opts.demo) throw new Error("nothing to serve: give image files, memory:SIZE, or --demo");
+  if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
+
+  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), readOnly: opts.readOnly }));
+  let demo: { file: string; dir: string } | null = null;
+  if (opts.demo) {
+    demo = await demoCopy();
+    specs.push({ source: demo.file, name: "demo", readOnly: opts.readOnly });
+  }
+  const tcp = opts.listen.map(parseListen);
+  if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
+
+  const server = new NbdServer({
+    exports: specs.map((s) => composeExport(s)),
+    tcp,
+    unixSockets: opts.socket,
+    log,
+    limits: { maxInflightRequests: opts.maxInflight, maxInflightBytes: parseSize(opts.maxInflightBytes) },
+  });
+  const cleanup = () => {
+    if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });
+  };
+  try {
+    await server.start();
+  } catch (err) {
+    cleanup();
+    throw err;
+  }
+
+  for (const e of server.list()) {
+    for (const a of server.addresses()) process.stdout.write(`${exportUri(a, e.name)}\n`);
+    log.info({ export: e.name, size: e.size(), stack: e.description, flags: e.transmissionFlags(true) }, "serving");
+  }
+
+  let signals = 0;
+  const stop = (signal: string) => {
+    if (++signals > 1) {
+      log.warn({ signal }, "second signal: exiting without waiting");
+      cleanup();
+      process.exit(1);
+    }
+    log.info({ signal }, "shutting down: finishing requests in flight");
+    server.close().then(
+      () => {
+        cleanup();
+        log.info("stopped");
+        process.exit(0);
+      },
+      (err) => {
+        log.error({ err }, "shutdown failed");
+        cleanup();
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+}

@@ -1,0 +1,25 @@
+import pino, { type Logger } from "pino";
+import pretty from "pino-pretty";
+
+export type { Logger };
+
+export interface LogOptions {
+  level?: string;
+  /** Human-readable lines; default: when stdout is a terminal (the logs themselves go to stderr). */
+  pretty?: boolean;
+}
+
+/** The process logger: JSON lines on stderr, or readable lines when stdout is a TTY. */
+export function createLogger(opts: LogOptions = {}): Logger {
+  const level = opts.level ?? process.env.NBDSTACK_LOG ?? "info";
+  const human = opts.pretty ?? process.stdout.isTTY === true;
+  if (human) {
+    return pino({ level }, pretty({ destination: 2, sync: true, colorize: true, ignore: "pid,hostname", translateTime: "HH:MM:ss.l" }));
+  }
+  return pino({ level }, pino.destination({ dest: 2, sync: true }));
+}
+
+/** A logger that drops everything (tests, library use). */
+export function silentLogger(): Logger {
+  return pino({ level: "silent" });
+}

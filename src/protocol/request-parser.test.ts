@@ -1,0 +1,121 @@
+import { describe, expect, it } from "vitest";
+import { ProtocolError } from "../errors.js";
+import { Cmd, CmdFlag, NBD_REQUEST_MAGIC } from "./constants.js";
+import { Request, RequestParser } from "./request-parser.js";
+
+function header(type: number, flags: number, cookie: bigint, offset: bigint, length: number): Buffer {
+  const b = Buffer.alloc(28);
+  b.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeBigUInt64BE(cookie, 8);
+  b.writeBigUInt64BE(offset, 16);
+  b.writeUInt32BE(length, 24);
+  return b;
+}
+
+function stream(): { bytes: Buffer; expected: Array<{ type: number; flags: number; cookie: bigint; offset: number; length: number; data?: string }> } {
+  const payload1 = Buffer.from("hello, world");
+  const payload2 = Buffer.alloc(100, 7);
+  const parts = [
+    header(Cmd.NBD_CMD_READ, 0, 0xfedcba9876543210n, 4096n, 512),
+    header(Cmd.NBD_CMD_WRITE, CmdFlag.NBD_CMD_FLAG_FUA, 2n, 12345n, payload1.length),
+    payload1,
+    header(Cmd.NBD_CMD_WRITE_ZEROES, CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO, 3n, 1n << 40n, 65536),
+    header(Cmd.NBD_CMD_WRITE, 0, 0xffffffffffffffffn, 0n, payload2.length),
+    payload2,
+    header(Cmd.NBD_CMD_FLUSH, 0, 5n, 0n, 0),
+    header(Cmd.NBD_CMD_DISC, 0, 6n, 0n, 0),
+  ];
+  return {
+    bytes: Buffer.concat(parts),
+    expected: [
+      { type: Cmd.NBD_CMD_READ, flags: 0, cookie: 0xfedcba9876543210n, offset: 4096, length: 512 },
+      { type: Cmd.NBD_CMD_WRITE, flags: 1, cookie: 2n, offset: 12345, length: 12, data: payload1.toString("hex") },
+      { type: Cmd.NBD_CMD_WRITE_ZEROES, flags: 18, cookie: 3n, offset: 2 ** 40, length: 65536 },
+      { type: Cmd.NBD_CMD_WRITE, flags: 0, cookie: 0xffffffffffffffffn, offset: 0, length: 100, data: payload2.toString("hex") },
+      { type: Cmd.NBD_CMD_FLUSH, flags: 0, cookie: 5n, offset: 0, length: 0 },
+      { type: Cmd.NBD_CMD_DISC, flags: 0, cookie: 6n, offset: 0, length: 0 },
+    ],
+  };
+}
+
+function summary(r: Request) {
+  return {
+    type: r.type,
+    flags: r.flags,
+    cookie: (BigInt(r.cookieHi) << 32n) | BigInt(r.cookieLo),
+    offset: r.offset,
+    length: r.length,
+    ...(r.data ? { data: r.data.toString("hex") } : {}),
+  };
+}
+
+describe("RequestParser", () => {
+  it("parses a whole stream fed at once, with zero-copy payloads", () => {
+    const { bytes, expected } = stream();
+    const got: Request[] = [];
+    new RequestParser((r) => got.push(r), 1 << 20).feed(bytes);
+    expect(got.map(summary)).toEqual(expected);
+    expect(got[1]!.data!.buffer).toBe(bytes.buffer); // a slice of the received chunk, not a copy
+    expect(got[1]!.fua).toBe(true);
+    expect(got[2]!.mayTrim).toBe(false);
+    expect(got[2]!.fast).toBe(true);
+  });
+
+  it("gives the same requests when the stream is split at every byte", () => {
+    const { bytes, expected } = stream();
+    for (let cut = 1; cut < bytes.length; cut++) {
+      const got: Request[] = [];
+      const p = new RequestParser((r) => got.push(r), 1 << 20);
+      p.feed(bytes.subarray(0, cut));
+      p.feed(bytes.subarray(cut));
+      expect(got.map(summary)).toEqual(expected);
+      expect(p.midFrame).toBe(false);
+    }
+  });
+
+  it("gives the same requests when fed one byte at a time", () => {
+    const { bytes, expected } = stream();
+    const got: Request[] = [];
+    const p = new RequestParser((r) => got.push(r), 1 << 20);
+    for (let i = 0; i < bytes.length; i++) {
+      p.feed(bytes.subarray(i, i + 1));
+      if (i < bytes.length - 1 && got.length < expected.length) expect(p.midFrame || got.length > 0).toBe(true);
+    }
+    expect(got.map(summary)).toEqual(expected);
+  });
+
+  it("reports a frame cut short", () => {
+    const p = new RequestParser(() => undefined, 1 << 20);
+    p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 10).subarray(0, 20));
+    expect(p.midFrame).toBe(true);
+    p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 10).subarray(20));
+    expect(p.midFrame).toBe(true); // header done, payload missing
+  });
+
+  it("rejects a bad magic", () => {
+    const b = header(Cmd.NBD_CMD_READ, 0, 1n, 0n, 1);
+    b.writeUInt32BE(0xdeadbeef, 0);
+    expect(() => new RequestParser(() => undefined, 1 << 20).feed(b)).toThrow(ProtocolError);
+    expect(() => new RequestParser(() => undefined, 1 << 20).feed(b)).toThrow(/bad request magic 0xdeadbeef/);
+  });
+
+  it("rejects a write payload over the maximum but not a read of that size", () => {
+    expect(() => new RequestParser(() => undefined, 1024).feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 1025))).toThrow(/exceeds the maximum/);
+    const got: Request[] = [];
+    new RequestParser((r) => got.push(r), 1024).feed(header(Cmd.NBD_CMD_READ, 0, 1n, 0n, 1 << 30));
+    expect(got).toHaveLength(1);
+  });
+
+  it("keeps offsets exact up to 2^53 and marks larger ones as out of range", () => {
+    const got: Request[] = [];
+    const p = new RequestParser((r) => got.push(r), 1024);
+    p.feed(header(Cmd.NBD_CMD_READ, 0, 1n, (1n << 53n) - 1n, 1));
+    p.feed(header(Cmd.NBD_CMD_READ, 0, 1n, 1n << 53n, 1));
+    p.feed(header(Cmd.NBD_CMD_READ, 0, 1n, 0xffffffffffffffffn, 1));
+    expect(got[0]!.offset).toBe(2 ** 53 - 1);
+    expect(got[1]!.offset).toBe(Infinity);
+    expect(got[2]!.offset).toBe(Infinity);
+  });
+});

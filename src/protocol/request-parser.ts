@@ -1,0 +1,109 @@
+import { ProtocolError } from "../errors.js";
+import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, REQUEST_HEADER_SIZE } from "./constants.js";
+import type { Io } from "../stack/layer.js";
+
+/**
+ * One transmission-phase request. It doubles as the `Io` that travels down the stack,
+ * so a request costs one object. The cookie is kept as two 32-bit halves (lossless, no bigint).
+ * `offset` is Infinity when the client sent one above 2^53 (it fails the range check).
+ */
+export class Request implements Io {
+  fua: boolean;
+  mayTrim: boolean;
+  fast: boolean;
+  constructor(
+    readonly type: number,
+    readonly flags: number,
+    readonly cookieHi: number,
+    readonly cookieLo: number,
+    readonly offset: number,
+    readonly length: number,
+    public data: Buffer | null,
+  ) {
+    this.fua = (flags & CmdFlag.NBD_CMD_FLAG_FUA) !== 0;
+    this.mayTrim = (flags & CmdFlag.NBD_CMD_FLAG_NO_HOLE) === 0;
+    this.fast = (flags & CmdFlag.NBD_CMD_FLAG_FAST_ZERO) !== 0;
+  }
+}
+
+/**
+ * Resumable parser of the request stream. Feed it chunks as they arrive; it calls `onRequest`
+ * for each whole request. Write payloads are slices of the received chunk when they lie whole in
+ * it and are copied only when split across chunks. Throws ProtocolError on a bad magic or a write
+ * payload larger than `maxPayload`; after that the stream cannot be resynchronised.
+ */
+export class RequestParser {
+  private readonly header = Buffer.alloc(REQUEST_HEADER_SIZE);
+  private headerFill = 0;
+  private pending: Request | null = null; // a write waiting for its payload
+  private payloadFill = 0;
+
+  constructor(
+    private readonly onRequest: (req: Request) => void,
+    private readonly maxPayload: number,
+  ) {}
+
+  /** True when a frame has started but not finished (a close now truncates it). */
+  get midFrame(): boolean {
+    return this.headerFill > 0 || this.pending !== null;
+  }
+
+  feed(chunk: Buffer): void {
+    let pos = 0;
+    const end = chunk.length;
+    while (pos < end) {
+      if (this.pending) {
+        const req = this.pending;
+        const data = req.data!;
+        const n = Math.min(end - pos, data.length - this.payloadFill);
+        chunk.copy(data, this.payloadFill, pos, pos + n);
+        this.payloadFill += n;
+        pos += n;
+        if (this.payloadFill === data.length) {
+          this.pending = null;
+          this.onRequest(req);
+        }
+        continue;
+      }
+      let src: Buffer;
+      let at: number;
+      if (this.headerFill === 0 && end - pos >= REQUEST_HEADER_SIZE) {
+        src = chunk;
+        at = pos;
+        pos += REQUEST_HEADER_SIZE;
+      } else {
+        const n = Math.min(end - pos, REQUEST_HEADER_SIZE - this.headerFill);
+        chunk.copy(this.header, this.headerFill, pos, pos + n);
+        this.headerFill += n;
+        pos += n;
+        if (this.headerFill < REQUEST_HEADER_SIZE) return;
+        this.headerFill = 0;
+        src = this.header;
+        at = 0;
+      }
+      const magic = src.readUInt32BE(at);
+      if (magic !== NBD_REQUEST_MAGIC) throw new ProtocolError(`bad request magic 0x${magic.toString(16).padStart(8, "0")}`);
+      const flags = src.readUInt16BE(at + 4);
+      const type = src.readUInt16BE(at + 6);
+      const cookieHi = src.readUInt32BE(at + 8);
+      const cookieLo = src.readUInt32BE(at + 12);
+      const offHi = src.readUInt32BE(at + 16);
+      const offLo = src.readUInt32BE(at + 20);
+      const length = src.readUInt32BE(at + 24);
+      const offset = offHi < 0x200000 ? offHi * 0x100000000 + offLo : Infinity;
+      if (type !== Cmd.NBD_CMD_WRITE) {
+        this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, null));
+        continue;
+      }
+      if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
+      if (end - pos >= length) {
+        this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos, pos + length)));
+        pos += length;
+        continue;
+      }
+      const req = new Request(type, flags, cookieHi, cookieLo, offset, length, Buffer.allocUnsafe(length));
+      this.pending = req;
+      this.payloadFill = 0;
+    }
+  }
+}

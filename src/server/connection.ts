@@ -1,0 +1,337 @@
+import type { Socket } from "node:net";
+import type { Logger } from "pino";
+import { NbdError, ProtocolError, errnoOf, errorMessage, wireErrno } from "../errors.js";
+import { Cmd, CmdFlag, Errno } from "../protocol/constants.js";
+import {
+  DATA_CHUNK_PREFIX,
+  SIMPLE_HEADER,
+  blockStatusChunk,
+  errorChunk,
+  holeChunk,
+  simpleReply,
+  writeDataChunkHeader,
+  writeSimpleHeader,
+} from "../protocol/reply.js";
+import { Request, RequestParser } from "../protocol/request-parser.js";
+import { checkRequest, type Op } from "../stack/guard.js";
+import type { Export } from "./export.js";
+import { negotiate, type ExportDirectory } from "./handshake.js";
+
+export interface ConnectionLimits {
+  /** Requests in flight before the socket is paused. */
+  maxInflightRequests: number;
+  /** Payload bytes (reads and writes) in flight before the socket is paused. */
+  maxInflightBytes: number;
+}
+
+const KNOWN_FLAGS =
+  CmdFlag.NBD_CMD_FLAG_FUA | CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_DF | CmdFlag.NBD_CMD_FLAG_REQ_ONE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO;
+/** Structured reads at least this long are scanned for zero runs, sent as OFFSET_HOLE. */
+const SPARSE_READ_MIN = 64 * 1024;
+const HOLE_MIN = 16 * 1024;
+const ZERO_BLOCK = Buffer.alloc(4096);
+
+/**
+ * One client socket: handshake, then the request stream. Requests run concurrently and are
+ * answered as they complete (out of order). Replies finished in one event-loop turn go out in
+ * one corked write. The socket is paused while the in-flight caps are reached or while the
+ * socket's write buffer is full, so neither a fast client nor a slow reader grows memory.
+ */
+export class Connection {
+  private exp!: Export;
+  private structured = false;
+  private allocationContext = 0;
+  private parser!: RequestParser;
+  private inflight = 0;
+  private inflightBytes = 0;
+  private paused = false;
+  private writeBlocked = false;
+  private corked = false;
+  private stopping = false; // DISC received or server shutting down: execute no more requests
+  private finished = false; // our side is closed: incoming bytes are dropped
+  private idleWaiters: Array<() => void> = [];
+  readonly closed: Promise<void>;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly exports: ExportDirectory,
+    private readonly log: Logger,
+    private readonly limits: ConnectionLimits,
+    private readonly maxPayload: number,
+  ) {
+    socket.setNoDelay(true);
+    this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
+    socket.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "socket error"));
+    socket.on("drain", this.onDrain);
+  }
+
+  async start(): Promise<void> {
+    let negotiated;
+    try {
+      negotiated = await negotiate(this.socket, this.exports, this.log);
+    } catch (err) {
+      if (err instanceof ProtocolError) this.log.warn({ reason: err.message }, "closing connection: handshake failed");
+      else this.log.error({ err }, "closing connection: handshake error");
+      this.socket.destroy();
+      return;
+    }
+    if (!negotiated) {
+      this.socket.end();
+      return;
+    }
+    this.exp = negotiated.exp;
+    this.structured = negotiated.structured;
+    this.allocationContext = negotiated.allocationContext;
+    this.log.info({ export: this.exp.name, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
+    this.parser = new RequestParser(this.onRequest, this.maxPayload);
+    this.socket.on("data", this.onData);
+    this.socket.on("end", this.onEnd);
+    if (negotiated.rest.length) this.onData(negotiated.rest);
+  }
+
+  /**
+   * Graceful stop: finish the requests in flight, answer any that arrive meanwhile with
+   * ESHUTDOWN (as the spec asks), then close.
+   */
+  async shutdown(): Promise<void> {
+    this.stopping = true;
+    await this.idle();
+    this.finish();
+    await this.closed;
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private idle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private finish(): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.uncork();
+    if (this.socket.destroyed) return;
+    this.socket.end();
+    this.socket.resume(); // read on to see the client's end, so the socket can close
+    setTimeout(() => this.socket.destroy(), 5000).unref();
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.finished) return;
+    try {
+      this.parser.feed(chunk);
+    } catch (err) {
+      this.log.warn({ reason: errorMessage(err) }, "closing connection: protocol violation");
+      this.socket.destroy();
+    }
+  };
+
+  private readonly onEnd = (): void => {
+    if (this.parser.midFrame) this.log.warn("closing connection: truncated request frame");
+    else if (!this.stopping) this.log.debug("client closed the connection without NBD_CMD_DISC");
+    this.stopping = true;
+    void this.idle().then(() => this.finish());
+  };
+
+  private readonly onDrain = (): void => {
+    this.writeBlocked = false;
+    this.updateFlow();
+  };
+
+  private updateFlow(): void {
+    const l = this.limits;
+    if (this.finished) return;
+    const hold = this.writeBlocked || this.inflight >= l.maxInflightRequests || this.inflightBytes >= l.maxInflightBytes;
+    if (hold && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    } else if (!hold && this.paused) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  private send(buf: Buffer): void {
+    const s = this.socket;
+    if (s.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      s.cork();
+      setImmediate(this.uncork);
+    }
+    if (!s.write(buf)) this.writeBlocked = true;
+  }
+
+  private readonly uncork = (): void => {
+    if (!this.corked) return;
+    this.corked = false;
+    this.socket.uncork();
+  };
+
+  private readonly onRequest = (req: Request): void => {
+    if (this.stopping) {
+      if (req.type !== Cmd.NBD_CMD_DISC) this.replyError(req, new NbdError("ESHUTDOWN", "the connection is shutting down"));
+      return;
+    }
+    if (req.type === Cmd.NBD_CMD_DISC) {
+      this.log.debug("NBD_CMD_DISC");
+      this.stopping = true;
+      void this.idle().then(() => this.finish());
+      return;
+    }
+    const bytes = req.type === Cmd.NBD_CMD_READ || req.type === Cmd.NBD_CMD_WRITE ? req.length : 0;
+    this.inflight++;
+    this.inflightBytes += bytes;
+    this.updateFlow();
+    this.execute(req).then(
+      () => this.done(bytes),
+      (err) => {
+        this.log.error({ err }, "internal error while answering a request");
+        this.done(bytes);
+      },
+    );
+  };
+
+  private done(bytes: number): void {
+    this.inflight--;
+    this.inflightBytes -= bytes;
+    if (this.inflight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+    this.updateFlow();
+  }
+
+  private async execute(req: Request): Promise<void> {
+    if (req.flags & ~KNOWN_FLAGS) return this.replyError(req, new NbdError("EINVAL", `unknown command flags 0x${req.flags.toString(16)}`));
+    if (req.flags & CmdFlag.NBD_CMD_FLAG_DF && (req.type !== Cmd.NBD_CMD_READ || !this.structured))
+      return this.replyError(req, new NbdError("EINVAL", "NBD_CMD_FLAG_DF is only valid on reads with structured replies"));
+    if (req.fast && req.type !== Cmd.NBD_CMD_WRITE_ZEROES) return this.replyError(req, new NbdError("EINVAL", "NBD_CMD_FLAG_FAST_ZERO is only valid on write zeroes"));
+    const layer = this.exp.layer;
+    try {
+      switch (req.type) {
+        case Cmd.NBD_CMD_READ:
+          return await this.read(req);
+        case Cmd.NBD_CMD_WRITE:
+          if (this.reject(req, "pwrite")) return;
+          await layer.pwrite(req.data!, req.offset, req);
+          req.data = null;
+          break;
+        case Cmd.NBD_CMD_FLUSH:
+          if (this.reject(req, "flush")) return;
+          await layer.flush(req);
+          break;
+        case Cmd.NBD_CMD_TRIM:
+          if (this.reject(req, "trim")) return;
+          await layer.trim(req.length, req.offset, req);
+          break;
+        case Cmd.NBD_CMD_CACHE:
+          if (this.reject(req, "cache")) return;
+          await layer.cache(req.length, req.offset, req);
+          break;
+        case Cmd.NBD_CMD_WRITE_ZEROES:
+          if (this.reject(req, "zero")) return;
+          await layer.zero(req.length, req.offset, req);
+          break;
+        case Cmd.NBD_CMD_BLOCK_STATUS:
+          return await this.blockStatus(req);
+        default:
+          return this.replyError(req, new NbdError("EINVAL", `unknown command ${req.type}`));
+      }
+    } catch (err) {
+      return this.replyError(req, err);
+    }
+    this.send(simpleReply(0, req.cookieHi, req.cookieLo));
+  }
+
+  /** Runs the guard; answers the request with its error and returns true if it may not go down. */
+  private reject(req: Request, op: Op): boolean {
+    const err = checkRequest(op, req.offset, req.length, req, this.exp.size(), this.exp.capabilities());
+    if (!err) return false;
+    this.replyError(req, err);
+    return true;
+  }
+
+  private replyError(req: Request, err: unknown): void {
+    const errno = wireErrno(err);
+    if (errno === Errno.EIO || !(err instanceof NbdError)) this.log.debug({ err: errorMessage(err), type: req.type, offset: req.offset }, "request failed");
+    else this.log.trace({ errno: errnoOf(err), reason: err.message }, "request refused");
+    if (this.structured) {
+      const offset = err instanceof NbdError && req.type === Cmd.NBD_CMD_READ ? err.offset : undefined;
+      this.send(errorChunk(req.cookieHi, req.cookieLo, errno, errorMessage(err), offset));
+    } else {
+      this.send(simpleReply(errno, req.cookieHi, req.cookieLo));
+    }
+  }
+
+  private async read(req: Request): Promise<void> {
+    if (this.reject(req, "pread")) return;
+    const prefix = this.structured ? DATA_CHUNK_PREFIX : SIMPLE_HEADER;
+    const buf = Buffer.allocUnsafe(prefix + req.length);
+    const data = buf.subarray(prefix);
+    try {
+      await this.exp.layer.pread(data, req.offset, req);
+    } catch (err) {
+      return this.replyError(req, err);
+    }
+    if (!this.structured) {
+      writeSimpleHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
+      return this.send(buf);
+    }
+    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data)) return;
+    writeDataChunkHeader(buf, 0, true, req.cookieHi, req.cookieLo, req.offset, req.length);
+    this.send(buf);
+  }
+
+  /** Sends a read as OFFSET_DATA and OFFSET_HOLE chunks if it holds zero runs; false if it holds none. */
+  private sendSparse(req: Request, data: Buffer): boolean {
+    const runs: number[] = []; // alternating [start, end) of zero runs
+    let runStart = -1;
+    for (let at = 0; at < data.length; at += 4096) {
+      const end = Math.min(at + 4096, data.length);
+      const zero = data.subarray(at, end).equals(end - at === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - at));
+      if (zero && runStart < 0) runStart = at;
+      if (!zero && runStart >= 0) {
+        if (at - runStart >= HOLE_MIN) runs.push(runStart, at);
+        runStart = -1;
+      }
+    }
+    if (runStart >= 0 && data.length - runStart >= HOLE_MIN) runs.push(runStart, data.length);
+    if (runs.length === 0) return false;
+    const { cookieHi: hi, cookieLo: lo, offset } = req;
+    let pos = 0;
+    const sendData = (from: number, to: number, done: boolean) => {
+      const h = Buffer.allocUnsafe(DATA_CHUNK_PREFIX);
+      writeDataChunkHeader(h, 0, done, hi, lo, offset + from, to - from);
+      this.send(h);
+      this.send(data.subarray(from, to));
+    };
+    for (let i = 0; i < runs.length; i += 2) {
+      const zs = runs[i]!;
+      const ze = runs[i + 1]!;
+      if (zs > pos) sendData(pos, zs, false);
+      this.send(holeChunk(hi, lo, offset + zs, ze - zs, ze === data.length));
+      pos = ze;
+    }
+    if (pos < data.length) sendData(pos, data.length, true);
+    return true;
+  }
+
+  private async blockStatus(req: Request): Promise<void> {
+    if (!this.structured || this.allocationContext === 0)
+      return this.replyError(req, new NbdError("EINVAL", "block status needs structured replies and a selected meta context"));
+    if (this.reject(req, "extents")) return;
+    let extents;
+    try {
+      extents = await this.exp.layer.extents(req.length, req.offset, req);
+    } catch (err) {
+      return this.replyError(req, err);
+    }
+    if (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
+    this.send(blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
+  }
+}

@@ -1,0 +1,50 @@
+import { TransmissionFlag as F } from "../protocol/constants.js";
+import type { Capabilities, Layer } from "../stack/layer.js";
+
+/** A named export: the top of one stack, shared by every connection to it. */
+export class Export {
+  private sizeBytes = 0;
+  private caps!: Capabilities;
+  private opened = false;
+
+  constructor(
+    readonly name: string,
+    readonly layer: Layer,
+    readonly description: string = layer.describe(),
+  ) {}
+
+  async open(): Promise<void> {
+    await this.layer.open();
+    this.sizeBytes = this.layer.size();
+    this.caps = this.layer.capabilities();
+    this.opened = true;
+  }
+
+  async close(): Promise<void> {
+    if (!this.opened) return;
+    this.opened = false;
+    await this.layer.close();
+  }
+
+  size(): number {
+    return this.sizeBytes;
+  }
+  capabilities(): Capabilities {
+    return this.caps;
+  }
+
+  /** Transmission flags as advertised to a client; DF only once structured replies are on. */
+  transmissionFlags(structured: boolean): number {
+    const c = this.caps;
+    let f = F.NBD_FLAG_HAS_FLAGS;
+    if (!c.writable) f |= F.NBD_FLAG_READ_ONLY;
+    if (c.flush) f |= F.NBD_FLAG_SEND_FLUSH;
+    if (c.fua) f |= F.NBD_FLAG_SEND_FUA;
+    if (c.writable && c.trim) f |= F.NBD_FLAG_SEND_TRIM;
+    if (c.writable && c.zero) f |= F.NBD_FLAG_SEND_WRITE_ZEROES | F.NBD_FLAG_SEND_FAST_ZERO;
+    if (structured) f |= F.NBD_FLAG_SEND_DF;
+    if (c.multiConn) f |= F.NBD_FLAG_CAN_MULTI_CONN;
+    if (c.cache) f |= F.NBD_FLAG_SEND_CACHE;
+    return f;
+  }
+}

@@ -1,0 +1,296 @@
+import type { Socket } from "node:net";
+import type { Logger } from "pino";
+import { ProtocolError } from "../errors.js";
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  HandshakeFlag,
+  Info,
+  NBD_IHAVEOPT,
+  NBD_MAGIC,
+  NBD_MAX_STRING,
+  NBD_OPT_REPLY_MAGIC,
+  Opt,
+  Rep,
+} from "../protocol/constants.js";
+import type { Export } from "./export.js";
+
+/** Options longer than this close the connection (no option we know is near it). */
+export const MAX_OPTION_LENGTH = 64 * 1024;
+/** Meta context id of base:allocation on every connection. */
+export const BASE_ALLOCATION_ID = 1;
+
+export interface ExportDirectory {
+  find(name: string): Export | undefined;
+  list(): Export[];
+}
+
+export interface Negotiated {
+  exp: Export;
+  structured: boolean;
+  /** Meta context id of base:allocation, or 0 when it was not selected. */
+  allocationContext: number;
+  /** Bytes the client sent after the last option (the start of the request stream). */
+  rest: Buffer;
+}
+
+/** Pulls exact byte counts out of a socket during the (cold) handshake. */
+class ByteReader {
+  private buf: Buffer = Buffer.alloc(0);
+  private want = 0;
+  private resolve: ((b: Buffer) => void) | null = null;
+  private reject: ((e: Error) => void) | null = null;
+  private failed: Error | null = null;
+
+  push(chunk: Buffer): void {
+    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    this.wake();
+  }
+  fail(err: Error): void {
+    this.failed = err;
+    const r = this.reject;
+    this.resolve = this.reject = null;
+    r?.(err);
+  }
+  read(n: number): Promise<Buffer> {
+    if (this.failed) return Promise.reject(this.failed);
+    this.want = n;
+    return new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+      this.wake();
+    });
+  }
+  rest(): Buffer {
+    const b = this.buf;
+    this.buf = Buffer.alloc(0);
+    return b;
+  }
+  private wake(): void {
+    if (!this.resolve || this.buf.length < this.want) return;
+    const out = this.buf.subarray(0, this.want);
+    this.buf = this.buf.subarray(this.want);
+    const r = this.resolve;
+    this.resolve = this.reject = null;
+    r(out);
+  }
+}
+
+/**
+ * Fixed-newstyle negotiation, from the server's greeting to the start of transmission.
+ * Resolves with the chosen export, or null when the client aborted or asked for an export that
+ * does not exist through NBD_OPT_EXPORT_NAME (which has no error reply). Throws ProtocolError on
+ * anything that leaves no way to go on (unknown client flags, bad magic, oversized option).
+ */
+export async function negotiate(socket: Socket, exports: ExportDirectory, log: Logger): Promise<Negotiated | null> {
+  const reader = new ByteReader();
+  const onData = (c: Buffer) => reader.push(c);
+  const onEnd = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
+  socket.on("data", onData);
+  socket.on("end", onEnd);
+  socket.on("close", onEnd);
+  try {
+    return await run(socket, reader, exports, log);
+  } finally {
+    socket.off("data", onData);
+    socket.off("end", onEnd);
+    socket.off("close", onEnd);
+  }
+}
+
+async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory, log: Logger): Promise<Negotiated | null> {
+  const greeting = Buffer.alloc(18);
+  greeting.writeBigUInt64BE(NBD_MAGIC, 0);
+  greeting.writeBigUInt64BE(NBD_IHAVEOPT, 8);
+  greeting.writeUInt16BE(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES, 16);
+  socket.write(greeting);
+
+  const clientFlags = (await reader.read(4)).readUInt32BE(0);
+  const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
+  if (clientFlags & ~known) throw new ProtocolError(`unknown client flags 0x${clientFlags.toString(16)}`);
+  if (!(clientFlags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE)) throw new ProtocolError("client does not speak fixed newstyle");
+  const noZeroes = (clientFlags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0;
+
+  let structured = false;
+  let metaExport: string | null = null; // export the meta context selection was made for
+  let allocationSelected = false;
+
+  const reply = (opt: number, type: number, data: Buffer = Buffer.alloc(0)) => {
+    const h = Buffer.allocUnsafe(20);
+    h.writeBigUInt64BE(NBD_OPT_REPLY_MAGIC, 0);
+    h.writeUInt32BE(opt, 8);
+    h.writeUInt32BE(type, 12);
+    h.writeUInt32BE(data.length, 16);
+    socket.write(data.length ? Buffer.concat([h, data]) : h);
+  };
+  const replyError = (opt: number, type: number, message: string) => {
+    log.debug({ opt, message }, "option refused");
+    reply(opt, type, Buffer.from(message, "utf8"));
+  };
+
+  for (;;) {
+    const head = await reader.read(16);
+    const magic = head.readBigUInt64BE(0);
+    if (magic !== NBD_IHAVEOPT) throw new ProtocolError(`bad option magic 0x${magic.toString(16)}`);
+    const opt = head.readUInt32BE(8);
+    const len = head.readUInt32BE(12);
+    if (len > MAX_OPTION_LENGTH) throw new ProtocolError(`option ${opt} has length ${len}, over the limit of ${MAX_OPTION_LENGTH}`);
+    const data = len ? await reader.read(len) : Buffer.alloc(0);
+    log.trace({ opt, len }, "option");
+
+    switch (opt) {
+      case Opt.NBD_OPT_EXPORT_NAME: {
+        const name = data.toString("utf8");
+        const exp = exports.find(name);
+        if (!exp) {
+          log.info({ export: name }, "closing: NBD_OPT_EXPORT_NAME for an unknown export");
+          return null;
+        }
+        const out = Buffer.alloc(noZeroes ? 10 : 134);
+        out.writeBigUInt64BE(BigInt(exp.size()), 0);
+        out.writeUInt16BE(exp.transmissionFlags(structured), 8);
+        socket.write(out);
+        const allocation = allocationSelected && metaExport === exp.name;
+        return { exp, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+      }
+      case Opt.NBD_OPT_ABORT:
+        reply(opt, Rep.NBD_REP_ACK);
+        log.debug("client aborted the handshake");
+        return null;
+      case Opt.NBD_OPT_LIST: {
+        if (len !== 0) {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+          break;
+        }
+        for (const exp of exports.list()) {
+          const name = Buffer.from(exp.name, "utf8");
+          const desc = Buffer.from(exp.description, "utf8");
+          const d = Buffer.allocUnsafe(4 + name.length + desc.length);
+          d.writeUInt32BE(name.length, 0);
+          name.copy(d, 4);
+          desc.copy(d, 4 + name.length);
+          reply(opt, Rep.NBD_REP_SERVER, d);
+        }
+        reply(opt, Rep.NBD_REP_ACK);
+        break;
+      }
+      case Opt.NBD_OPT_INFO:
+      case Opt.NBD_OPT_GO: {
+        const parsed = parseInfoRequest(data);
+        if (typeof parsed === "string") {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, parsed);
+          break;
+        }
+        const exp = exports.find(parsed.name);
+        if (!exp) {
+          replyError(opt, Rep.NBD_REP_ERR_UNKNOWN, `unknown export "${parsed.name}"`);
+          break;
+        }
+        const info = Buffer.allocUnsafe(12);
+        info.writeUInt16BE(Info.NBD_INFO_EXPORT, 0);
+        info.writeBigUInt64BE(BigInt(exp.size()), 2);
+        info.writeUInt16BE(exp.transmissionFlags(structured), 10);
+        reply(opt, Rep.NBD_REP_INFO, info);
+        for (const req of new Set(parsed.infos)) {
+          if (req === Info.NBD_INFO_NAME || req === Info.NBD_INFO_DESCRIPTION) {
+            const s = Buffer.from(req === Info.NBD_INFO_NAME ? exp.name : exp.description, "utf8");
+            const d = Buffer.allocUnsafe(2 + s.length);
+            d.writeUInt16BE(req, 0);
+            s.copy(d, 2);
+            reply(opt, Rep.NBD_REP_INFO, d);
+          }
+        }
+        // Block sizes are always sent: clients that did not ask may ignore them.
+        const bs = exp.capabilities().blockSize;
+        const b = Buffer.allocUnsafe(14);
+        b.writeUInt16BE(Info.NBD_INFO_BLOCK_SIZE, 0);
+        b.writeUInt32BE(bs.minimum, 2);
+        b.writeUInt32BE(bs.preferred, 6);
+        b.writeUInt32BE(bs.maximum, 10);
+        reply(opt, Rep.NBD_REP_INFO, b);
+        reply(opt, Rep.NBD_REP_ACK);
+        if (opt === Opt.NBD_OPT_GO) {
+          const allocation = allocationSelected && metaExport === exp.name;
+          return { exp, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+        }
+        break;
+      }
+      case Opt.NBD_OPT_STRUCTURED_REPLY:
+        if (len !== 0) {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+          break;
+        }
+        structured = true;
+        reply(opt, Rep.NBD_REP_ACK);
+        break;
+      case Opt.NBD_OPT_LIST_META_CONTEXT:
+      case Opt.NBD_OPT_SET_META_CONTEXT: {
+        const set = opt === Opt.NBD_OPT_SET_META_CONTEXT;
+        if (set && !structured) {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_SET_META_CONTEXT needs structured replies first");
+          break;
+        }
+        const parsed = parseMetaRequest(data);
+        if (typeof parsed === "string") {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, parsed);
+          break;
+        }
+        const exp = exports.find(parsed.name);
+        if (!exp) {
+          replyError(opt, Rep.NBD_REP_ERR_UNKNOWN, `unknown export "${parsed.name}"`);
+          break;
+        }
+        const offersAllocation = exp.capabilities().extents;
+        const matches = offersAllocation && (set ? parsed.queries.includes(BASE_ALLOCATION) : parsed.queries.length === 0 || parsed.queries.some((q) => q === "base:" || q === BASE_ALLOCATION));
+        if (set) {
+          metaExport = exp.name;
+          allocationSelected = matches;
+        }
+        if (matches) {
+          const n = Buffer.from(BASE_ALLOCATION);
+          const d = Buffer.allocUnsafe(4 + n.length);
+          d.writeUInt32BE(set ? BASE_ALLOCATION_ID : 0, 0);
+          n.copy(d, 4);
+          reply(opt, Rep.NBD_REP_META_CONTEXT, d);
+        }
+        reply(opt, Rep.NBD_REP_ACK);
+        break;
+      }
+      default:
+        replyError(opt, Rep.NBD_REP_ERR_UNSUP, `option ${opt} is not supported`);
+    }
+  }
+}
+
+function parseInfoRequest(d: Buffer): { name: string; infos: number[] } | string {
+  if (d.length < 6) return "option data too short";
+  const nameLen = d.readUInt32BE(0);
+  if (nameLen > NBD_MAX_STRING) return "export name too long";
+  if (4 + nameLen + 2 > d.length) return "export name length runs past the option";
+  const name = d.toString("utf8", 4, 4 + nameLen);
+  const n = d.readUInt16BE(4 + nameLen);
+  if (d.length !== 4 + nameLen + 2 + 2 * n) return "information request count does not match the option length";
+  const infos: number[] = [];
+  for (let i = 0; i < n; i++) infos.push(d.readUInt16BE(4 + nameLen + 2 + 2 * i));
+  return { name, infos };
+}
+
+function parseMetaRequest(d: Buffer): { name: string; queries: string[] } | string {
+  if (d.length < 8) return "option data too short";
+  const nameLen = d.readUInt32BE(0);
+  if (nameLen > NBD_MAX_STRING) return "export name too long";
+  if (4 + nameLen + 4 > d.length) return "export name length runs past the option";
+  const name = d.toString("utf8", 4, 4 + nameLen);
+  const n = d.readUInt32BE(4 + nameLen);
+  let at = 8 + nameLen;
+  const queries: string[] = [];
+  for (let i = 0; i < n; i++) {
+    if (at + 4 > d.length) return "query count runs past the option";
+    const ql = d.readUInt32BE(at);
+    if (ql > NBD_MAX_STRING || at + 4 + ql > d.length) return "query length runs past the option";
+    queries.push(d.toString("utf8", at + 4, at + 4 + ql));
+    at += 4 + ql;
+  }
+  if (at !== d.length) return "trailing bytes after the queries";
+  return { name, queries };
+}

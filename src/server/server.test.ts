@@ -1,0 +1,243 @@
+import net from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import { NbdClient } from "../client/nbd-client.js";
+import { silentLogger } from "../log.js";
+import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../protocol/constants.js";
+import { DiskLayer } from "../stack/disk/disk-layer.js";
+import { MemoryPort } from "../stack/port/memory-port.js";
+import { Export } from "./export.js";
+import { NbdServer } from "./server.js";
+
+const MiB = 1024 * 1024;
+let servers: NbdServer[] = [];
+afterEach(async () => {
+  await Promise.all(servers.map((s) => s.close()));
+  servers = [];
+});
+
+async function start(opts: { readOnly?: boolean; limits?: { maxInflightRequests?: number; maxInflightBytes?: number } } = {}) {
+  const port = new MemoryPort({ size: 16 * MiB, readOnly: opts.readOnly });
+  const server = new NbdServer({
+    exports: [new Export("mem", new DiskLayer(port)), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
+    tcp: [{ host: "127.0.0.1", port: 0 }],
+    log: silentLogger(),
+    limits: opts.limits,
+  });
+  await server.start();
+  servers.push(server);
+  const a = server.addresses()[0] as { host: string; port: number };
+  return { server, port, addr: { host: a.host, port: a.port } };
+}
+
+function rawHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
+  const b = Buffer.alloc(28);
+  b.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeUInt32BE(cookie, 12);
+  b.writeBigUInt64BE(BigInt(offset), 16);
+  b.writeUInt32BE(length, 24);
+  return b;
+}
+
+describe("NbdServer against the memory port", () => {
+  it("advertises truthful transmission flags and block sizes", async () => {
+    const { addr } = await start();
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    expect(c.size).toBe(16 * MiB);
+    const want = F.NBD_FLAG_HAS_FLAGS | F.NBD_FLAG_SEND_FLUSH | F.NBD_FLAG_SEND_FUA | F.NBD_FLAG_SEND_TRIM | F.NBD_FLAG_SEND_WRITE_ZEROES |
+      F.NBD_FLAG_SEND_DF | F.NBD_FLAG_CAN_MULTI_CONN | F.NBD_FLAG_SEND_CACHE | F.NBD_FLAG_SEND_FAST_ZERO;
+    expect(c.flags).toBe(want);
+    expect(c.flags & F.NBD_FLAG_ROTATIONAL).toBe(0);
+    expect(c.blockSize).toEqual({ minimum: 1, preferred: 4096, maximum: 32 * MiB });
+    expect(c.allocationContext).toBeGreaterThan(0);
+    await c.disconnect();
+  });
+
+  it("serves every command and flag, with simple and structured replies", async () => {
+    const { addr, port } = await start();
+    for (const structured of [true, false]) {
+      const c = await NbdClient.connect(addr, { exportName: "mem", structured });
+      const data = Buffer.alloc(10000);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 13 + (structured ? 1 : 2)) & 0xff;
+      await c.pwrite(data, 12345);
+      await c.pwrite(data.subarray(0, 100), 1_000_000, CmdFlag.NBD_CMD_FLAG_FUA);
+      expect((await c.pread(10000, 12345)).equals(data)).toBe(true);
+      expect((await c.pread(100, 1_000_000)).equals(data.subarray(0, 100))).toBe(true);
+      await c.zero(1000, 12345 + 10, 0);
+      await c.zero(1000, 12345 + 2000, CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_FUA);
+      const z = await c.pread(3000, 12345);
+      expect(z.subarray(10, 1010).every((b) => b === 0)).toBe(true);
+      expect(z.subarray(2000, 3000).every((b) => b === 0)).toBe(true);
+      expect(z.subarray(1010, 2000).equals(data.subarray(1010, 2000))).toBe(true);
+      await c.zero(MiB, 2 * MiB, CmdFlag.NBD_CMD_FLAG_FAST_ZERO);
+      await c.trim(MiB, 4 * MiB);
+      await c.cache(MiB, 0);
+      await c.flush();
+      if (structured) {
+        const want = Buffer.from(data.subarray(0, 4096)).fill(0, 10, 1010).fill(0, 2000, 3000);
+        expect((await c.pread(4096, 12345, CmdFlag.NBD_CMD_FLAG_DF)).equals(want)).toBe(true);
+        const ext = await c.blockStatus(16 * MiB, 0);
+        expect(ext.reduce((s, e) => s + e.length, 0)).toBe(16 * MiB);
+        expect(ext[0]).toEqual({ length: 65536, flags: 0 });
+        expect(ext[1]).toEqual({ length: 983040 - 65536, flags: 3 }); // up to the page written at 1_000_000
+        expect(ext[2]).toEqual({ length: 65536, flags: 0 });
+        const one = await c.blockStatus(16 * MiB, 0, CmdFlag.NBD_CMD_FLAG_REQ_ONE);
+        expect(one).toEqual([{ length: 65536, flags: 0 }]);
+      } else {
+        await expect(c.blockStatus(4096, 0)).rejects.toMatchObject({ errno: "EINVAL" });
+      }
+      await c.disconnect();
+    }
+    expect(port.allocatedBytes()).toBeGreaterThan(0);
+  });
+
+  it("sends zero runs of large reads as holes and reassembles them", async () => {
+    const { addr } = await start();
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const block = Buffer.alloc(4096, 0x5a);
+    await c.pwrite(block, 8 * MiB + 300 * 1024);
+    const got = await c.pread(MiB, 8 * MiB);
+    const want = Buffer.alloc(MiB);
+    block.copy(want, 300 * 1024);
+    expect(got.equals(want)).toBe(true);
+    await c.disconnect();
+  });
+
+  it("answers out-of-range and bad requests with the spec's errors and keeps the connection", async () => {
+    const { addr } = await start();
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const end = 16 * MiB;
+    await expect(c.pread(2, end - 1)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.pwrite(Buffer.alloc(2), end - 1)).rejects.toMatchObject({ errno: "ENOSPC" });
+    await expect(c.zero(4096, end)).rejects.toMatchObject({ errno: "ENOSPC" });
+    await expect(c.trim(4096, end)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.cache(4096, end)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.blockStatus(4096, end)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.pread(0, 0)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.pread(4096, 2 ** 60)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.pread(33 * MiB, 0)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.request(Cmd.NBD_CMD_READ, 1 << 9, 0, 512)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.request(Cmd.NBD_CMD_WRITE, CmdFlag.NBD_CMD_FLAG_DF, 0, 1, Buffer.alloc(1))).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.request(Cmd.NBD_CMD_FLUSH, CmdFlag.NBD_CMD_FLAG_FAST_ZERO, 0, 0)).rejects.toMatchObject({ errno: "EINVAL" });
+    await expect(c.request(99, 0, 0, 0)).rejects.toMatchObject({ errno: "EINVAL" });
+    // Errors carry a message in structured replies.
+    await expect(c.pwrite(Buffer.alloc(2), end - 1)).rejects.toThrow(/beyond the end/);
+    // Still usable.
+    await c.pwrite(Buffer.from("ok"), 0);
+    expect((await c.pread(2, 0)).toString()).toBe("ok");
+    await c.disconnect();
+  });
+
+  it("refuses writes to a read-only export with EPERM", async () => {
+    const { addr } = await start({ readOnly: true });
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    expect(c.flags & F.NBD_FLAG_READ_ONLY).toBeTruthy();
+    expect(c.flags & (F.NBD_FLAG_SEND_TRIM | F.NBD_FLAG_SEND_WRITE_ZEROES | F.NBD_FLAG_SEND_FUA | F.NBD_FLAG_SEND_FLUSH)).toBe(0);
+    await expect(c.pwrite(Buffer.alloc(512), 0)).rejects.toMatchObject({ errno: "EPERM" });
+    await expect(c.zero(512, 0)).rejects.toMatchObject({ errno: "EPERM" });
+    await expect(c.trim(512, 0)).rejects.toMatchObject({ errno: "EPERM" });
+    expect((await c.pread(512, 0)).every((b) => b === 0)).toBe(true);
+    await c.disconnect();
+  });
+
+  it("finds named exports, the default export, and refuses unknown ones", async () => {
+    const { addr } = await start();
+    const d = await NbdClient.connect(addr, { exportName: "" });
+    expect(d.size).toBe(16 * MiB);
+    await d.disconnect();
+    const s = await NbdClient.connect(addr, { exportName: "second" });
+    expect(s.size).toBe(MiB);
+    await s.disconnect();
+    await expect(NbdClient.connect(addr, { exportName: "nope" })).rejects.toThrow(/refused NBD_OPT_GO/);
+  });
+
+  it("makes a write on one connection visible on another after flush (multi-conn)", async () => {
+    const { addr } = await start();
+    const a = await NbdClient.connect(addr, { exportName: "mem" });
+    const b = await NbdClient.connect(addr, { exportName: "mem" });
+    await a.pwrite(Buffer.from("shared"), 4096);
+    await a.flush();
+    expect((await b.pread(6, 4096)).toString()).toBe("shared");
+    await Promise.all([a.disconnect(), b.disconnect()]);
+  });
+
+  it("completes many concurrent requests, out of order, past the in-flight cap", async () => {
+    const { addr } = await start({ limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 } });
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const jobs: Promise<void>[] = [];
+    for (let i = 0; i < 300; i++) {
+      const buf = Buffer.alloc(4096 + (i % 7) * 1000, i & 0xff);
+      jobs.push(c.pwrite(buf, i * 50000).then(async () => expect((await c.pread(buf.length, i * 50000)).equals(buf)).toBe(true)));
+    }
+    await Promise.all(jobs);
+    await c.disconnect();
+  });
+
+  it("closes only the offending connection on a bad magic, an oversized write or a truncated frame", async () => {
+    const { addr, server } = await start();
+    const good = await NbdClient.connect(addr, { exportName: "mem" });
+    for (const bad of [
+      (() => {
+        const h = rawHeader(Cmd.NBD_CMD_READ, 0, 1, 0, 512);
+        h.writeUInt32BE(0x12345678, 0);
+        return h;
+      })(),
+      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 64 * MiB),
+      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 4096).subarray(0, 17),
+    ]) {
+      const victim = await NbdClient.connect(addr, { exportName: "mem" });
+      victim.socket.write(bad);
+      if (bad.length === 17) victim.socket.end();
+      await victim.closed;
+      await good.pwrite(Buffer.from("still here"), 0);
+      expect((await good.pread(10, 0)).toString()).toBe("still here");
+    }
+    expect(server.connectionCount).toBe(1);
+    await good.disconnect();
+  });
+
+  it("drops a client that sends unknown handshake flags, and answers unknown options with ERR_UNSUP", async () => {
+    const { addr } = await start();
+    const s = net.connect(addr.port, addr.host);
+    const got: Buffer[] = [];
+    s.on("data", (d) => got.push(d));
+    await new Promise((r) => s.once("connect", r));
+    await new Promise((r) => setTimeout(r, 50));
+    s.write(Buffer.from([0, 0, 0, 0x83])); // FIXED_NEWSTYLE | NO_ZEROES | unknown bit 7
+    await new Promise((r) => s.once("close", r));
+    expect(Buffer.concat(got).length).toBe(18); // only the greeting was ever sent
+
+    const t = net.connect(addr.port, addr.host);
+    const rx: Buffer[] = [];
+    t.on("data", (d) => rx.push(d));
+    await new Promise((r) => t.once("connect", r));
+    const opt = Buffer.alloc(16);
+    opt.write("IHAVEOPT", 0, "latin1");
+    opt.writeUInt32BE(4242, 8);
+    opt.writeUInt32BE(0, 12);
+    t.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), opt]));
+    await new Promise((r) => setTimeout(r, 100));
+    const all = Buffer.concat(rx);
+    expect(all.length).toBeGreaterThanOrEqual(18 + 20);
+    expect(all.readUInt32BE(18 + 8)).toBe(4242);
+    expect(all.readUInt32BE(18 + 12)).toBe(0x80000001); // NBD_REP_ERR_UNSUP, negotiation goes on
+    expect(t.destroyed).toBe(false);
+    t.destroy();
+  });
+
+  it("finishes requests in flight before a graceful shutdown, then refuses new connections", async () => {
+    const { addr, server } = await start();
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const writes = Array.from({ length: 50 }, (_, i) => c.pwrite(Buffer.alloc(65536, i + 1), i * 65536));
+    await new Promise((r) => setTimeout(r, 20)); // the server has received the requests
+    const closing = server.close();
+    const late = c.pwrite(Buffer.alloc(512), 0); // arrives while shutting down
+    const results = await Promise.allSettled(writes);
+    expect(results.every((r) => r.status === "fulfilled")).toBe(true);
+    await expect(late).rejects.toMatchObject({ errno: "ESHUTDOWN" });
+    await closing;
+    await c.closed;
+    await expect(NbdClient.connect(addr, { exportName: "mem" })).rejects.toThrow();
+  });
+});

@@ -1,0 +1,134 @@
+import fs from "node:fs";
+import net from "node:net";
+import type { Logger } from "pino";
+import { Connection, type ConnectionLimits } from "./connection.js";
+import type { Export } from "./export.js";
+import type { ExportDirectory } from "./handshake.js";
+import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
+
+export interface TcpAddress {
+  host: string;
+  port: number;
+}
+
+export interface ServerOptions {
+  exports: Export[];
+  tcp?: TcpAddress[];
+  unixSockets?: string[];
+  log: Logger;
+  limits?: Partial<ConnectionLimits>;
+  /** Largest write payload accepted before the connection is closed. */
+  maxPayload?: number;
+}
+
+export const DEFAULT_LIMITS: ConnectionLimits = {
+  maxInflightRequests: 128,
+  maxInflightBytes: 128 * 1024 * 1024,
+};
+
+/** Listeners and the export directory; one Connection per accepted socket. */
+export class NbdServer implements ExportDirectory {
+  private readonly servers: net.Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private readonly limits: ConnectionLimits;
+  private readonly maxPayload: number;
+  private nextId = 1;
+  private closing: Promise<void> | null = null;
+
+  constructor(private readonly opts: ServerOptions) {
+    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    const names = new Set<string>();
+    for (const e of opts.exports) {
+      if (names.has(e.name)) throw new Error(`two exports are named "${e.name}"`);
+      names.add(e.name);
+    }
+  }
+
+  /** Export by name; "" is the default export (the first one) unless an export is named "". */
+  find(name: string): Export | undefined {
+    const exact = this.opts.exports.find((e) => e.name === name);
+    if (exact || name !== "") return exact;
+    return this.opts.exports[0];
+  }
+
+  list(): Export[] {
+    return this.opts.exports;
+  }
+
+  /** Opens every export, then starts listening. */
+  async start(): Promise<void> {
+    for (const e of this.opts.exports) await e.open();
+    for (const a of this.opts.tcp ?? []) await this.listen((s) => s.listen(a.port, a.host));
+    for (const path of this.opts.unixSockets ?? []) {
+      if (fs.existsSync(path) && fs.statSync(path).isSocket()) fs.unlinkSync(path);
+      await this.listen((s) => s.listen(path));
+    }
+  }
+
+  private listen(bind: (s: net.Server) => void): Promise<void> {
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.servers.push(server);
+    return new Promise((resolve, reject) => {
+      server.once("error", reject);
+      server.once("listening", () => {
+        server.off("error", reject);
+        server.on("error", (err) => this.opts.log.error({ err }, "listener error"));
+        resolve();
+      });
+      bind(server);
+    });
+  }
+
+  /** Bound addresses: TCP host/port (the real port when 0 was asked) and Unix socket paths. */
+  addresses(): Array<TcpAddress | { path: string }> {
+    return this.servers.map((s) => {
+      const a = s.address();
+      if (typeof a === "string") return { path: a };
+      return { host: a!.address, port: a!.port };
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const id = this.nextId++;
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
+    const log = this.opts.log.child({ conn: id, peer });
+    log.debug("connection accepted");
+    const conn = new Connection(socket, this, log, this.limits, this.maxPayload);
+    this.connections.add(conn);
+    void conn.closed.then(() => {
+      this.connections.delete(conn);
+      log.debug("connection closed");
+    });
+    void conn.start();
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /**
+   * Graceful shutdown: stop accepting, let every connection finish the requests it has,
+   * flush and close every export. Idempotent.
+   */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+      await Promise.all([...this.connections].map((c) => c.shutdown()));
+      await Promise.all(stopped);
+      for (const e of this.opts.exports) {
+        try {
+          if (e.capabilities()?.flush) await e.layer.flush({ fua: false, mayTrim: true, fast: false });
+        } catch (err) {
+          this.opts.log.error({ err, export: e.name }, "flush at shutdown failed");
+        }
+        await e.close();
+      }
+    })();
+    return this.closing;
+  }
+}

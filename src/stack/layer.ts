@@ -1,0 +1,155 @@
+import type { Logger } from "pino";
+
+/**
+ * Per-request details that travel with a request through the stack (never stored in a layer).
+ * - `fua`: the data must be durable when the call resolves (NBD_CMD_FLAG_FUA).
+ * - `mayTrim`: zero() may deallocate instead of writing zeros (NBD_CMD_FLAG_NO_HOLE not set).
+ * - `fast`: zero() must fail with ENOTSUP rather than fall back to a slow write (NBD_CMD_FLAG_FAST_ZERO).
+ */
+export interface Io {
+  fua: boolean;
+  mayTrim: boolean;
+  fast: boolean;
+  signal?: AbortSignal;
+  log?: Logger;
+}
+
+/** Io for internal calls (copies, flushes at shutdown, tests). */
+export const plainIo: Io = Object.freeze({ fua: false, mayTrim: true, fast: false });
+export const fuaIo: Io = Object.freeze({ fua: true, mayTrim: true, fast: false });
+
+/**
+ * Block-size limits of a layer, in bytes.
+ * `minimum`: required alignment of offset and length; `preferred`: best I/O size;
+ * `maximum`: the largest request the layer accepts in one call.
+ */
+export interface BlockSize {
+  minimum: number;
+  preferred: number;
+  maximum: number;
+}
+
+/**
+ * What a layer can do, computed once after open: a layer's own abilities ANDed with its child's.
+ * `fastZero`: zero() understands `io.fast` (answers ENOTSUP at once when it would be slow).
+ * `multiConn`: flush and FUA through any connection cover writes made through every connection.
+ */
+export interface Capabilities {
+  writable: boolean;
+  flush: boolean;
+  fua: boolean;
+  trim: boolean;
+  zero: boolean;
+  fastZero: boolean;
+  cache: boolean;
+  extents: boolean;
+  multiConn: boolean;
+  blockSize: BlockSize;
+}
+
+/** One run of the device's allocation map, starting where the previous one ended. */
+export interface Extent {
+  length: number;
+  /** NBD_STATE_* bits of base:allocation: HOLE = 1, ZERO = 2. */
+  flags: number;
+}
+
+/**
+ * The one interface every layer implements (method names follow nbdkit's).
+ *
+ * Rules every caller keeps, checked once by the guard at the top of the stack
+ * (see guard.ts) and kept by every layer that remaps offsets:
+ * - offsets and lengths are byte counts, `offset + length <= size()`, `length > 0`;
+ * - requests respect `capabilities().blockSize`: aligned to `minimum`, at most `maximum`;
+ * - write-type calls (pwrite, zero, trim, and fua) are made only if the capability is there.
+ * `pread` fills all of `buf`; `extents` returns at least one extent and never more than `length`
+ * bytes in total (it may return fewer: the caller asks again for the rest).
+ */
+export interface Layer {
+  /** Short description of this layer and what is below, e.g. "disk → file:/img". */
+  describe(): string;
+  open(): Promise<void>;
+  close(): Promise<void>;
+  size(): number;
+  capabilities(): Capabilities;
+  pread(buf: Buffer, offset: number, io: Io): Promise<void>;
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void>;
+  zero(length: number, offset: number, io: Io): Promise<void>;
+  trim(length: number, offset: number, io: Io): Promise<void>;
+  flush(io: Io): Promise<void>;
+  cache(length: number, offset: number, io: Io): Promise<void>;
+  extents(length: number, offset: number, io: Io): Promise<Extent[]>;
+  /** Resolves once every request handed to this layer (and below) has completed. */
+  quiesce(): Promise<void>;
+  resume(): void;
+}
+
+/** Base of every filter and data layer: forwards everything to `next`. Override what you change. */
+export class PassthroughLayer implements Layer {
+  constructor(protected readonly next: Layer) {}
+  describe(): string {
+    return this.next.describe();
+  }
+  open(): Promise<void> {
+    return this.next.open();
+  }
+  close(): Promise<void> {
+    return this.next.close();
+  }
+  size(): number {
+    return this.next.size();
+  }
+  capabilities(): Capabilities {
+    return this.next.capabilities();
+  }
+  pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.next.pread(buf, offset, io);
+  }
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.next.pwrite(buf, offset, io);
+  }
+  zero(length: number, offset: number, io: Io): Promise<void> {
+    return this.next.zero(length, offset, io);
+  }
+  trim(length: number, offset: number, io: Io): Promise<void> {
+    return this.next.trim(length, offset, io);
+  }
+  flush(io: Io): Promise<void> {
+    return this.next.flush(io);
+  }
+  cache(length: number, offset: number, io: Io): Promise<void> {
+    return this.next.cache(length, offset, io);
+  }
+  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+    return this.next.extents(length, offset, io);
+  }
+  quiesce(): Promise<void> {
+    return this.next.quiesce();
+  }
+  resume(): void {
+    this.next.resume();
+  }
+}
+
+/** Counts requests in flight in a port so quiesce() can wait for them. */
+export class InflightTracker {
+  private count = 0;
+  private waiters: Array<() => void> = [];
+  enter(): void {
+    this.count++;
+  }
+  leave(): void {
+    if (--this.count === 0 && this.waiters.length > 0) {
+      const w = this.waiters;
+      this.waiters = [];
+      for (const f of w) f();
+    }
+  }
+  get inflight(): number {
+    return this.count;
+  }
+  idle(): Promise<void> {
+    if (this.count === 0) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+}

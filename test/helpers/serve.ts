@@ -1,0 +1,92 @@
+import crypto from "node:crypto";
+import { spawn, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+export const CLI = path.join(ROOT, "dist/cli.js");
+
+export interface Served {
+  proc: ChildProcess;
+  /** Every URI the server printed, in order. */
+  uris: string[];
+  uri: string;
+  stderr(): string;
+  /** Sends a signal (SIGTERM by default) and resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+const running = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const p of running) p.kill("SIGKILL");
+});
+
+/**
+ * Starts `nbdstack serve ARGS` on an ephemeral port and waits until it printed `exports` URIs.
+ * Adds `--listen 127.0.0.1:0` unless ARGS has --listen or --socket.
+ */
+export async function serve(args: string[], exports = 1): Promise<Served> {
+  const listen = args.includes("--listen") || args.includes("--socket") ? [] : ["--listen", "127.0.0.1:0"];
+  const proc = spawn(process.execPath, [CLI, "serve", ...listen, "--log-format", "json", "--log-level", "debug", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  running.add(proc);
+  let out = "";
+  let err = "";
+  proc.stderr!.on("data", (d) => (err += d));
+  const exited = new Promise<number | null>((resolve) =>
+    proc.once("exit", (code) => {
+      running.delete(proc);
+      resolve(code);
+    }),
+  );
+  const uris = await new Promise<string[]>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${err}`)), 15000);
+    proc.stdout!.on("data", (d) => {
+      out += d;
+      const lines = out.split("\n").filter(Boolean);
+      if (lines.length >= exports) {
+        clearTimeout(timer);
+        resolve(lines);
+      }
+    });
+    void exited.then((code) => reject(new Error(`server exited with ${code}: ${err}`)));
+  });
+  return {
+    proc,
+    uris,
+    uri: uris[0]!,
+    stderr: () => err,
+    stop: async (signal = "SIGTERM") => {
+      if (proc.exitCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/** A fresh temporary directory, removed when the process exits. */
+export function tempDir(prefix = "nbdstack-test-"): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  process.on("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A file of `size` bytes of deterministic pseudo-random data (xorshift), for checksums. */
+export function randomImage(file: string, size: number, seed = 1): void {
+  const buf = Buffer.allocUnsafe(size);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < size; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    buf.writeUInt32LE(x >>> 0, i);
+  }
+  fs.writeFileSync(file, buf);
+}
+
+export function sha256(file: string): string {
+  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+}
+
