@@ -39,7 +39,11 @@ export function needPath(path: string, what: string): boolean {
  */
 export const debianEnv: NodeJS.ProcessEnv = { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ""}` };
 
-/** Runs an nbdsh script against a URI and returns what it printed. */
-export function nbdsh(uri: string, script: string): string {
-  return execFileSync("nbdsh", ["-u", uri, "-c", script], { encoding: "utf8", env: debianEnv });
+/**
+ * Runs an nbdsh script and returns what it printed. With a URI the handle `h` is connected
+ * (asking for base:allocation); with null it is left unconnected for handshake tests.
+ */
+export function nbdsh(uri: string | null, script: string): string {
+  const connect = uri === null ? [] : ["--base-allocation", "-u", uri];
+  return execFileSync("nbdsh", [...connect, "-c", script], { encoding: "utf8", env: debianEnv });
 }

@@ -1,0 +1,90 @@
+import { execFileSync, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { NbdClient } from "../../src/client/nbd-client.js";
+import { CLI, serve, tempDir } from "../helpers/serve.js";
+import { debianEnv, needTools } from "../helpers/tools.js";
+
+const MiB = 1024 * 1024;
+
+describe("nbdstack CLI", () => {
+  it("documents every serve flag in --help", () => {
+    const top = execFileSync(process.execPath, [CLI, "--help"], { encoding: "utf8" });
+    expect(top).toMatch(/serve \[options\] \[images\.\.\.\]/);
+    const help = execFileSync(process.execPath, [CLI, "serve", "--help"], { encoding: "utf8" });
+    for (const flag of ["--listen", "--socket", "--name", "--read-only", "--demo", "--max-inflight", "--max-inflight-bytes", "--log-level", "--log-format"]) {
+      expect(help).toContain(flag);
+    }
+  });
+
+  it("fails with a clear message on a missing image or bad arguments", () => {
+    const missing = spawnSync(process.execPath, [CLI, "serve", "/nonexistent/disk.img", "--listen", "127.0.0.1:0"], { encoding: "utf8" });
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toMatch(/ENOENT.*\/nonexistent\/disk\.img/);
+    const nothing = spawnSync(process.execPath, [CLI, "serve"], { encoding: "utf8" });
+    expect(nothing.status).toBe(1);
+    expect(nothing.stderr).toMatch(/nothing to serve/);
+    const badSize = spawnSync(process.execPath, [CLI, "serve", "memory:lots"], { encoding: "utf8" });
+    expect(badSize.stderr).toMatch(/cannot read "lots" as a size/);
+  });
+
+  it.skipIf(!needTools("nbdinfo"))("serves on a Unix socket and prints an nbd+unix URI", async () => {
+    const sock = path.join(tempDir(), "nbd.sock");
+    const srv = await serve(["memory:2M", "--socket", sock, "--name", "u"]);
+    expect(srv.uri).toBe(`nbd+unix:///u?socket=${sock}`);
+    expect(execFileSync("nbdinfo", ["--size", srv.uri], { encoding: "utf8", env: debianEnv }).trim()).toBe(String(2 * MiB));
+    const c = await NbdClient.connect({ path: sock }, { exportName: "u" });
+    expect(c.size).toBe(2 * MiB);
+    await c.disconnect();
+    expect(await srv.stop()).toBe(0);
+  });
+
+  it("finishes and flushes writes in flight on SIGTERM, then exits 0", async () => {
+    const dir = tempDir();
+    const img = path.join(dir, "disk.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 16 * MiB);
+    const srv = await serve([img]);
+    const u = new URL(srv.uri);
+    const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
+    const writes = Array.from({ length: 64 }, (_, i) => c.pwrite(Buffer.alloc(128 * 1024, i + 1), i * 128 * 1024));
+    await new Promise((r) => setTimeout(r, 30));
+    const stopped = srv.stop("SIGTERM");
+    const results = await Promise.allSettled(writes);
+    const code = await stopped;
+    expect(code).toBe(0);
+    expect(srv.stderr()).toMatch(/shutting down/);
+    // Every acknowledged write is in the file; anything not acknowledged was refused with ESHUTDOWN.
+    const data = fs.readFileSync(img);
+    results.forEach((r, i) => {
+      if (r.status === "fulfilled") expect(data.subarray(i * 128 * 1024, (i + 1) * 128 * 1024).every((b) => b === i + 1)).toBe(true);
+      else expect(r.reason).toMatchObject({ errno: "ESHUTDOWN" });
+    });
+    expect(results.filter((r) => r.status === "fulfilled").length).toBeGreaterThan(0);
+  });
+
+  it("logs why it closed a connection that broke the protocol, and serves others on", async () => {
+    const srv = await serve(["memory:1M"]);
+    const u = new URL(srv.uri);
+    const addr = { host: u.hostname, port: Number(u.port) };
+    const good = await NbdClient.connect(addr, { exportName: "memory" });
+    const bad = await NbdClient.connect(addr, { exportName: "memory" });
+    bad.socket.write(Buffer.alloc(28, 0xee));
+    await bad.closed;
+    await good.pwrite(Buffer.from("fine"), 0);
+    expect((await good.pread(4, 0)).toString()).toBe("fine");
+    await good.disconnect();
+    // A client that hangs up mid-handshake does not disturb the server either.
+    const s = net.connect(addr.port, addr.host);
+    await new Promise((r) => s.once("connect", r));
+    s.resume(); // read the greeting and the server's end
+    s.end(Buffer.from([0, 0]));
+    await new Promise((r) => s.once("close", r));
+    await srv.stop();
+    const lines = srv.stderr().trim().split("\n").map((l) => JSON.parse(l));
+    expect(lines.some((l) => l.msg === "closing connection: protocol violation" && /bad request magic 0xeeeeeeee/.test(l.reason))).toBe(true);
+    expect(lines.some((l) => l.msg === "closing connection: handshake failed")).toBe(true);
+  });
+});

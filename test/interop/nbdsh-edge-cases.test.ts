@@ -1,0 +1,154 @@
+import fs from "node:fs";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { serve, tempDir, type Served } from "../helpers/serve.js";
+import { nbdsh, needTools } from "../helpers/tools.js";
+
+const MiB = 1024 * 1024;
+
+/** Python helper: runs f and prints the errno name of the nbd.Error it raised, or "ok". */
+const PRELUDE = `
+import errno
+def err(f, *a, **k):
+    try:
+        f(*a, **k)
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+`;
+
+describe.skipIf(!needTools("nbdsh"))("nbdsh edge cases", () => {
+  let dir: string;
+  let srv: Served;
+  let ro: Served;
+  beforeAll(async () => {
+    dir = tempDir();
+    fs.writeFileSync(path.join(dir, "disk.img"), Buffer.alloc(4 * MiB, 0x61));
+    srv = await serve([path.join(dir, "disk.img"), "memory:4M", "--name", "file", "--name", "mem"], 2);
+    ro = await serve([path.join(dir, "disk.img"), "--read-only", "--name", "ro"]);
+  });
+  afterAll(async () => {
+    await srv?.stop();
+    await ro?.stop();
+  });
+
+  const run = (uri: string, body: string) => nbdsh(uri, PRELUDE + body).trim().split("\n");
+
+  it("answers requests beyond the end with ENOSPC for writes and EINVAL otherwise, and stays usable", () => {
+    const out = run(
+      srv.uris[0]!,
+      `
+h.set_strict_mode(0)
+print(err(h.pwrite, b"x" * 512, 4 * 1024 * 1024 - 256))
+print(err(h.zero, 4096, 4 * 1024 * 1024))
+print(err(h.pread, 512, 4 * 1024 * 1024 - 256))
+print(err(h.cache, 512, 4 * 1024 * 1024))
+print(err(h.block_status, 512, 4 * 1024 * 1024, lambda *a: 0))
+print(err(h.pread, 512, 2**62))
+print(bytes(h.pread(3, 0)))
+`,
+    );
+    expect(out).toEqual(["ENOSPC", "ENOSPC", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "b'aaa'"]);
+  });
+
+  it("refuses writes on a read-only export with EPERM", () => {
+    const out = run(
+      ro.uri,
+      `
+h.set_strict_mode(0)
+print(h.is_read_only())
+print(err(h.pwrite, b"x" * 512, 0))
+print(err(h.zero, 512, 0))
+print(err(h.trim, 512, 0))
+print(bytes(h.pread(2, 0)))
+`,
+    );
+    expect(out).toEqual(["True", "EPERM", "EPERM", "EPERM", "b'aa'"]);
+  });
+
+  it("answers FAST_ZERO with ENOTSUP on the file port and does it on the memory port", () => {
+    const file = run(srv.uris[0]!, `print(h.can_fast_zero()); print(err(h.zero, 65536, 0, nbd.CMD_FLAG_FAST_ZERO)); print(bytes(h.pread(2, 0)))`);
+    expect(file).toEqual(["True", "ENOTSUP", "b'aa'"]);
+    const mem = run(srv.uris[1]!, `h.pwrite(b"z" * 65536, 0); print(err(h.zero, 65536, 0, nbd.CMD_FLAG_FAST_ZERO)); print(bytes(h.pread(2, 0)))`);
+    expect(mem).toEqual(["ok", "b'\\x00\\x00'"]);
+  });
+
+  it("reads with DF as one chunk, answers block status with REQ_ONE as one extent", () => {
+    const out = run(
+      srv.uris[1]!,
+      `
+h.pwrite(b"d" * 65536, 65536)
+print(h.can_df())
+chunks = []
+h.pread_structured(256 * 1024, 0, lambda sub, off, st, e: chunks.append((off, len(sub), st)) or 0, nbd.CMD_FLAG_DF)
+print(chunks)
+chunks = []
+h.pread_structured(256 * 1024, 0, lambda sub, off, st, e: chunks.append((off, len(sub), st)) or 0)
+print(chunks)
+seen = []
+h.block_status(4 * 1024 * 1024, 0, lambda meta, off, ents, e: seen.append(ents) or 0, nbd.CMD_FLAG_REQ_ONE)
+print(seen)
+seen = []
+h.block_status(4 * 1024 * 1024, 0, lambda meta, off, ents, e: seen.append(ents) or 0)
+print(seen)
+`,
+    );
+    expect(out[0]).toBe("True");
+    expect(out[1]).toBe("[(0, 262144, 1)]"); // one OFFSET_DATA chunk
+    expect(out[2]).toBe("[(0, 65536, 2), (65536, 65536, 1), (131072, 131072, 2)]"); // hole, data, hole
+    expect(out[3]).toBe("[[65536, 3]]");
+    expect(out[4]).toBe("[[65536, 3, 65536, 0, 4063232, 3]]");
+  });
+
+  it("passes FUA, flush and cache through, and the file holds the data", () => {
+    const out = run(
+      srv.uris[0]!,
+      `
+h.pwrite(b"F" * 4096, 8192, nbd.CMD_FLAG_FUA)
+h.flush()
+h.cache(1024 * 1024, 0)
+h.zero(4096, 12288, nbd.CMD_FLAG_NO_HOLE)
+print(h.can_fua(), h.can_flush(), h.can_cache(), h.can_multi_conn(), h.can_trim())
+`,
+    );
+    expect(out).toEqual(["True True True True False"]);
+    const img = fs.readFileSync(path.join(dir, "disk.img"));
+    expect(img.subarray(8192, 12288).every((b) => b === 0x46)).toBe(true);
+    expect(img.subarray(12288, 16384).every((b) => b === 0)).toBe(true);
+  });
+
+  it("negotiates options: list with descriptions, info, unknown export, meta contexts", () => {
+    const base = srv.uris[0]!.replace(/\/file$/, "/");
+    const out = nbdsh(
+      null,
+      PRELUDE +
+        `
+h.set_opt_mode(True)
+h.connect_uri("${base}")
+h.opt_list(lambda name, desc: print("export", name, desc))
+h.set_export_name("none")
+print(err(h.opt_info))
+h.set_export_name("mem")
+h.opt_info()
+print(h.get_size(), h.get_block_size(nbd.SIZE_MAXIMUM))
+print(h.opt_list_meta_context(lambda name: print("context", name)))
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:dirty-bitmap:x")
+h.opt_go()
+print(h.can_meta_context("base:allocation"), h.can_meta_context("qemu:dirty-bitmap:x"))
+h.shutdown()
+`,
+    )
+      .trim()
+      .split("\n");
+    expect(out).toEqual([
+      expect.stringMatching(/^export file disk → file:.*disk\.img$/),
+      "export mem disk → memory:4194304",
+      "ENOENT",
+      "4194304 33554432",
+      "context base:allocation",
+      "1",
+      "True False",
+    ]);
+  });
+});
