@@ -27,6 +27,11 @@ program
   .option("-n, --name <name>", "export name of the image in the same position, repeatable (default: file name without extension)", collect, [])
   .option("-r, --read-only", "serve every export read-only", false)
   .option("--demo", "also serve the built-in demo disk (GPT, ext4 + FAT) as export \"demo\", on a temporary copy", false)
+  .addOption(
+    new Option("--io <mode>", "how file ports call the kernel: auto (small requests on the event loop while the page cache answers fast), sync, async (always the thread pool)")
+      .choices(["auto", "sync", "async"])
+      .default("auto"),
+  )
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")
   .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error", "silent"]).default("info"))

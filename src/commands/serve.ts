@@ -8,6 +8,7 @@ import { createLogger } from "../log.js";
 import { NbdServer, type TcpAddress } from "../server/server.js";
 import { composeExport, defaultExportName } from "../stack/compose.js";
 import { parseSize } from "../util/size.js";
+import type { IoMode } from "../stack/port/file-port.js";
 
 export interface ServeOptions {
   listen: string[];
@@ -15,6 +16,7 @@ export interface ServeOptions {
   name: string[];
   readOnly: boolean;
   demo: boolean;
+  io: IoMode;
   maxInflight: number;
   maxInflightBytes: string;
   logLevel: string;
@@ -54,11 +56,11 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   if (images.length === 0 && !opts.demo) throw new Error("nothing to serve: give image files, memory:SIZE, or --demo");
   if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
 
-  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), readOnly: opts.readOnly }));
+  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), readOnly: opts.readOnly, io: opts.io }));
   let demo: { file: string; dir: string } | null = null;
   if (opts.demo) {
     demo = await demoCopy();
-    specs.push({ source: demo.file, name: "demo", readOnly: opts.readOnly });
+    specs.push({ source: demo.file, name: "demo", readOnly: opts.readOnly, io: opts.io });
   }
   const tcp = opts.listen.map(parseListen);
   if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });

@@ -118,4 +118,30 @@ describe("RequestParser", () => {
     expect(got[1]!.offset).toBe(Infinity);
     expect(got[2]!.offset).toBe(Infinity);
   });
+
+  it("copies whole payloads out of volatile chunks, and fills big ones in place", () => {
+    const { bytes, expected } = stream();
+    const got: Request[] = [];
+    const p = new RequestParser((r) => got.push(r), 1 << 20, true);
+    p.feed(bytes);
+    expect(got.map(summary)).toEqual(expected);
+    bytes.fill(0); // the caller reuses its buffer: the requests keep their bytes
+    expect(got.map(summary)).toEqual(expected);
+
+    const big = Buffer.alloc(200_000, 9);
+    const out: Request[] = [];
+    const q = new RequestParser((r) => out.push(r), 1 << 20, true);
+    q.feed(Buffer.concat([header(Cmd.NBD_CMD_WRITE, 0, 7n, 0n, big.length), big.subarray(0, 1000)]));
+    expect(q.payloadTarget(1 << 30)).toBeNull();
+    const target = q.payloadTarget(32 * 1024)!;
+    expect(target.length).toBe(199_000);
+    big.copy(target, 0, 1000, 150_000); // the socket reads straight into place, in two goes
+    q.payloadFilled(149_000);
+    expect(out).toHaveLength(0);
+    big.copy(q.payloadTarget(1)!, 0, 150_000);
+    q.payloadFilled(50_000);
+    expect(out).toHaveLength(1);
+    expect(out[0]!.data!.equals(big)).toBe(true);
+    expect(q.midFrame).toBe(false);
+  });
 });

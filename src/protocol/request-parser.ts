@@ -1,6 +1,7 @@
 import { ProtocolError } from "../errors.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, REQUEST_HEADER_SIZE } from "./constants.js";
 import type { Io } from "../stack/layer.js";
+import { ioBuffers } from "../util/buffer-pool.js";
 
 /**
  * One transmission-phase request. It doubles as the `Io` that travels down the stack,
@@ -11,6 +12,8 @@ export class Request implements Io {
   fua: boolean;
   mayTrim: boolean;
   fast: boolean;
+  /** Pool buffer holding `data` when the payload had to be assembled; released by the consumer. */
+  backing: Buffer | null = null;
   constructor(
     readonly type: number,
     readonly flags: number,
@@ -29,7 +32,7 @@ export class Request implements Io {
 /**
  * Resumable parser of the request stream. Feed it chunks as they arrive; it calls `onRequest`
  * for each whole request. Write payloads are slices of the received chunk when they lie whole in
- * it and are copied only when split across chunks. Throws ProtocolError on a bad magic or a write
+ * it and are copied only when split across chunks (into a pooled buffer: see Request.backing). Throws ProtocolError on a bad magic or a write
  * payload larger than `maxPayload`; after that the stream cannot be resynchronised.
  */
 export class RequestParser {
@@ -38,10 +41,36 @@ export class RequestParser {
   private pending: Request | null = null; // a write waiting for its payload
   private payloadFill = 0;
 
+  /**
+   * @param volatileChunks the caller reuses the chunk buffers it feeds, so whole payloads are
+   * copied out of them too (big payloads avoid that by being read straight into their buffer:
+   * see payloadTarget).
+   */
   constructor(
     private readonly onRequest: (req: Request) => void,
     private readonly maxPayload: number,
+    private readonly volatileChunks = false,
   ) {}
+
+  /**
+   * The unfilled rest of the payload being assembled, when at least `min` bytes are missing:
+   * the caller may read from the socket straight into it and then call payloadFilled().
+   */
+  payloadTarget(min: number): Buffer | null {
+    const req = this.pending;
+    if (!req || req.data!.length - this.payloadFill < min) return null;
+    return req.data!.subarray(this.payloadFill);
+  }
+
+  /** `n` bytes were written into the buffer given by payloadTarget(). */
+  payloadFilled(n: number): void {
+    const req = this.pending!;
+    this.payloadFill += n;
+    if (this.payloadFill === req.data!.length) {
+      this.pending = null;
+      this.onRequest(req);
+    }
+  }
 
   /** True when a frame has started but not finished (a close now truncates it). */
   get midFrame(): boolean {
@@ -96,12 +125,19 @@ export class RequestParser {
         continue;
       }
       if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
-      if (end - pos >= length) {
+      if (end - pos >= length && !this.volatileChunks) {
         this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos, pos + length)));
         pos += length;
         continue;
       }
-      const req = new Request(type, flags, cookieHi, cookieLo, offset, length, Buffer.allocUnsafe(length));
+      let data: Buffer;
+      let backing: Buffer | null = null;
+      if (ioBuffers.pools(length)) {
+        backing = ioBuffers.acquire(length);
+        data = backing.subarray(0, length);
+      } else data = Buffer.allocUnsafe(length);
+      const req = new Request(type, flags, cookieHi, cookieLo, offset, length, data);
+      req.backing = backing;
       this.pending = req;
       this.payloadFill = 0;
     }

@@ -14,14 +14,18 @@ import {
 } from "../protocol/reply.js";
 import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
+import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "./export.js";
 import { negotiate, type ExportDirectory } from "./handshake.js";
+import { readIntoUserBuffers } from "./user-buffer-reader.js";
 
 export interface ConnectionLimits {
   /** Requests in flight before the socket is paused. */
   maxInflightRequests: number;
   /** Payload bytes (reads and writes) in flight before the socket is paused. */
   maxInflightBytes: number;
+  /** Reply bytes queued in the socket (not yet taken by the kernel) before the socket is paused. */
+  maxQueuedReplyBytes: number;
 }
 
 const KNOWN_FLAGS =
@@ -30,6 +34,10 @@ const KNOWN_FLAGS =
 const SPARSE_READ_MIN = 64 * 1024;
 const HOLE_MIN = 16 * 1024;
 const ZERO_BLOCK = Buffer.alloc(4096);
+/** Size of the buffer the socket reads requests into (reused; payloads are copied out of it). */
+const READ_CHUNK = 256 * 1024;
+/** Missing payload bytes from which the socket reads straight into the payload buffer. */
+const DIRECT_PAYLOAD_MIN = 32 * 1024;
 
 /**
  * One client socket: handshake, then the request stream. Requests run concurrently and are
@@ -58,6 +66,7 @@ export class Connection {
     private readonly log: Logger,
     private readonly limits: ConnectionLimits,
     private readonly maxPayload: number,
+    private readonly directReads = true,
   ) {
     socket.setNoDelay(true);
     this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
@@ -83,8 +92,22 @@ export class Connection {
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;
     this.log.info({ export: this.exp.name, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
-    this.parser = new RequestParser(this.onRequest, this.maxPayload);
-    this.socket.on("data", this.onData);
+    // Requests are read into one reused buffer, big write payloads straight into their own
+    // buffer; where this Node.js cannot do that, 'data' events (fresh chunks) are used.
+    const scratch = Buffer.allocUnsafeSlow(READ_CHUNK);
+    let direct: boolean;
+    const parser = new RequestParser(this.onRequest, this.maxPayload, true);
+    direct = this.directReads && readIntoUserBuffers(
+      this.socket,
+      () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? scratch,
+      (buf, n) => {
+        if (this.finished) return;
+        if (buf === scratch) this.onData(scratch.subarray(0, n));
+        else parser.payloadFilled(n);
+      },
+    );
+    this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload);
+    if (!direct) this.socket.on("data", this.onData);
     this.socket.on("end", this.onEnd);
     if (negotiated.rest.length) this.onData(negotiated.rest);
   }
@@ -154,15 +177,21 @@ export class Connection {
     }
   }
 
-  private send(buf: Buffer): void {
+  /** Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed). */
+  private send(buf: Buffer, written?: () => void): void {
     const s = this.socket;
-    if (s.destroyed) return;
+    if (s.destroyed) {
+      written?.();
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       s.cork();
       setImmediate(this.uncork);
     }
-    if (!s.write(buf)) this.writeBlocked = true;
+    if (written) s.write(buf, written);
+    else s.write(buf);
+    if (s.writableLength > this.limits.maxQueuedReplyBytes) this.writeBlocked = true;
   }
 
   private readonly uncork = (): void => {
@@ -217,9 +246,13 @@ export class Connection {
         case Cmd.NBD_CMD_READ:
           return await this.read(req);
         case Cmd.NBD_CMD_WRITE:
-          if (this.reject(req, "pwrite")) return;
-          await layer.pwrite(req.data!, req.offset, req);
-          req.data = null;
+          try {
+            if (this.reject(req, "pwrite")) return;
+            await layer.pwrite(req.data!, req.offset, req);
+          } finally {
+            if (req.backing) ioBuffers.release(req.backing);
+            req.data = req.backing = null;
+          }
           break;
         case Cmd.NBD_CMD_FLUSH:
           if (this.reject(req, "flush")) return;
@@ -271,29 +304,33 @@ export class Connection {
   private async read(req: Request): Promise<void> {
     if (this.reject(req, "pread")) return;
     const prefix = this.structured ? DATA_CHUNK_PREFIX : SIMPLE_HEADER;
-    const buf = Buffer.allocUnsafe(prefix + req.length);
+    const size = prefix + req.length;
+    const backing = ioBuffers.pools(size) ? ioBuffers.acquire(size) : null;
+    const buf = backing ? backing.subarray(0, size) : Buffer.allocUnsafe(size);
+    const release = backing ? () => ioBuffers.release(backing) : undefined;
     const data = buf.subarray(prefix);
     try {
       await this.exp.layer.pread(data, req.offset, req);
     } catch (err) {
+      release?.();
       return this.replyError(req, err);
     }
     if (!this.structured) {
       writeSimpleHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
-      return this.send(buf);
+      return this.send(buf, release);
     }
-    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data)) return;
+    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, release)) return;
     writeDataChunkHeader(buf, 0, true, req.cookieHi, req.cookieLo, req.offset, req.length);
-    this.send(buf);
+    this.send(buf, release);
   }
 
   /** Sends a read as OFFSET_DATA and OFFSET_HOLE chunks if it holds zero runs; false if it holds none. */
-  private sendSparse(req: Request, data: Buffer): boolean {
+  private sendSparse(req: Request, data: Buffer, release?: () => void): boolean {
     const runs: number[] = []; // alternating [start, end) of zero runs
     let runStart = -1;
     for (let at = 0; at < data.length; at += 4096) {
       const end = Math.min(at + 4096, data.length);
-      const zero = data.subarray(at, end).equals(end - at === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - at));
+      const zero = data[at] === 0 && data[end - 1] === 0 && data.subarray(at, end).equals(end - at === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - at));
       if (zero && runStart < 0) runStart = at;
       if (!zero && runStart >= 0) {
         if (at - runStart >= HOLE_MIN) runs.push(runStart, at);
@@ -308,13 +345,14 @@ export class Connection {
       const h = Buffer.allocUnsafe(DATA_CHUNK_PREFIX);
       writeDataChunkHeader(h, 0, done, hi, lo, offset + from, to - from);
       this.send(h);
-      this.send(data.subarray(from, to));
+      this.send(data.subarray(from, to), done ? release : undefined);
     };
     for (let i = 0; i < runs.length; i += 2) {
       const zs = runs[i]!;
       const ze = runs[i + 1]!;
       if (zs > pos) sendData(pos, zs, false);
-      this.send(holeChunk(hi, lo, offset + zs, ze - zs, ze === data.length));
+      const last = ze === data.length;
+      this.send(holeChunk(hi, lo, offset + zs, ze - zs, last), last ? release : undefined);
       pos = ze;
     }
     if (pos < data.length) sendData(pos, data.length, true);

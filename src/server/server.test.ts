@@ -4,6 +4,7 @@ import { NbdClient } from "../client/nbd-client.js";
 import { silentLogger } from "../log.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../protocol/constants.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
+import { PassthroughLayer, plainIo, type Io } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { Export } from "./export.js";
 import { NbdServer } from "./server.js";
@@ -15,13 +16,14 @@ afterEach(async () => {
   servers = [];
 });
 
-async function start(opts: { readOnly?: boolean; limits?: { maxInflightRequests?: number; maxInflightBytes?: number } } = {}) {
+async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?: { maxInflightRequests?: number; maxInflightBytes?: number } } = {}) {
   const port = new MemoryPort({ size: 16 * MiB, readOnly: opts.readOnly });
   const server = new NbdServer({
     exports: [new Export("mem", new DiskLayer(port)), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
     tcp: [{ host: "127.0.0.1", port: 0 }],
     log: silentLogger(),
     limits: opts.limits,
+    directReads: opts.directReads,
   });
   await server.start();
   servers.push(server);
@@ -162,17 +164,25 @@ describe("NbdServer against the memory port", () => {
     await Promise.all([a.disconnect(), b.disconnect()]);
   });
 
-  it("completes many concurrent requests, out of order, past the in-flight cap", async () => {
-    const { addr } = await start({ limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 } });
-    const c = await NbdClient.connect(addr, { exportName: "mem" });
-    const jobs: Promise<void>[] = [];
-    for (let i = 0; i < 300; i++) {
-      const buf = Buffer.alloc(4096 + (i % 7) * 1000, i & 0xff);
-      jobs.push(c.pwrite(buf, i * 50000).then(async () => expect((await c.pread(buf.length, i * 50000)).equals(buf)).toBe(true)));
-    }
-    await Promise.all(jobs);
-    await c.disconnect();
-  });
+  for (const directReads of [true, false]) {
+    it(`completes many concurrent requests of every size, out of order, past the in-flight cap (${directReads ? "direct reads" : "data events"})`, async () => {
+      const { addr } = await start({ directReads, limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 } });
+      const c = await NbdClient.connect(addr, { exportName: "mem" });
+      const jobs: Promise<void>[] = [];
+      let off = 0;
+      for (let i = 0; i < 300; i++) {
+        // Small payloads, and payloads big enough to be read straight into place; no two overlap.
+        const len = i % 5 === 0 ? 100_000 + (i % 10) * 20_000 : 4096 + (i % 7) * 1000;
+        const buf = Buffer.alloc(len);
+        for (let j = 0; j < len; j += 997) buf[j] = ((i + j) & 0xff) | 1;
+        const at = off;
+        off += len;
+        jobs.push(c.pwrite(buf, at).then(async () => expect((await c.pread(buf.length, at)).equals(buf)).toBe(true)));
+      }
+      await Promise.all(jobs);
+      await c.disconnect();
+    });
+  }
 
   it("closes only the offending connection on a bad magic, an oversized write or a truncated frame", async () => {
     const { addr, server } = await start();
@@ -226,18 +236,43 @@ describe("NbdServer against the memory port", () => {
     t.destroy();
   });
 
-  it("finishes requests in flight before a graceful shutdown, then refuses new connections", async () => {
-    const { addr, server } = await start();
-    const c = await NbdClient.connect(addr, { exportName: "mem" });
+  it("finishes requests in flight before a graceful shutdown, refuses later ones, then refuses new connections", async () => {
+    // A gate holds every write inside the stack until the test opens it.
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    let held = 0;
+    class Gate extends PassthroughLayer {
+      override async pwrite(b: Buffer, o: number, io: Io) {
+        held++;
+        await gate;
+        return super.pwrite(b, o, io);
+      }
+    }
+    const port = new MemoryPort({ size: 16 * MiB });
+    const server = new NbdServer({ exports: [new Export("mem", new DiskLayer(new Gate(port)))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+    await server.start();
+    servers.push(server);
+    const a = server.addresses()[0] as { host: string; port: number };
+    const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
     const writes = Array.from({ length: 50 }, (_, i) => c.pwrite(Buffer.alloc(65536, i + 1), i * 65536));
-    await new Promise((r) => setTimeout(r, 20)); // the server has received the requests
+    while (held < 50) await new Promise((r) => setTimeout(r, 5));
     const closing = server.close();
-    const late = c.pwrite(Buffer.alloc(512), 0); // arrives while shutting down
+    const late = c.pwrite(Buffer.alloc(512), 0).then(
+      () => "acknowledged",
+      (e) => e.errno,
+    );
+    await new Promise((r) => setTimeout(r, 50));
+    open();
     const results = await Promise.allSettled(writes);
     expect(results.every((r) => r.status === "fulfilled")).toBe(true);
-    await expect(late).rejects.toMatchObject({ errno: "ESHUTDOWN" });
+    expect(await late).toBe("ESHUTDOWN");
     await closing;
     await c.closed;
-    await expect(NbdClient.connect(addr, { exportName: "mem" })).rejects.toThrow();
+    const back = Buffer.alloc(65536);
+    for (let i = 0; i < 50; i++) {
+      await port.pread(back, i * 65536, plainIo);
+      expect(back.every((b) => b === i + 1)).toBe(true);
+    }
+    await expect(NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" })).rejects.toThrow();
   });
 });

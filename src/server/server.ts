@@ -19,11 +19,14 @@ export interface ServerOptions {
   limits?: Partial<ConnectionLimits>;
   /** Largest write payload accepted before the connection is closed. */
   maxPayload?: number;
+  /** Read requests into reused buffers and big payloads straight into place (default true). */
+  directReads?: boolean;
 }
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
   maxInflightBytes: 128 * 1024 * 1024,
+  maxQueuedReplyBytes: 32 * 1024 * 1024,
 };
 
 /** Listeners and the export directory; one Connection per accepted socket. */
@@ -98,7 +101,7 @@ export class NbdServer implements ExportDirectory {
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
-    const conn = new Connection(socket, this, log, this.limits, this.maxPayload);
+    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true);
     this.connections.add(conn);
     void conn.closed.then(() => {
       this.connections.delete(conn);

@@ -3,9 +3,24 @@ import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 
+/**
+ * How the port calls the kernel. `async`: every read and write goes through libuv's thread pool.
+ * `sync`: reads and writes up to `syncMax` bytes are made on the event loop (pread/pwrite that
+ * hit the page cache take a few microseconds, far less than a thread-pool round trip), larger
+ * ones go to the pool so big copies run in parallel. `auto` (default) is `sync` until one such call
+ * takes longer than `slowCallMs` (the data was not cached: a real disk is working), then `async`
+ * for `asyncHoldMs` before trying again, so a cold or slow disk never stalls the event loop for long.
+ */
+export type IoMode = "auto" | "sync" | "async";
+
 export interface FilePortOptions {
   path: string;
   readOnly?: boolean;
+  io?: IoMode;
+  /** Largest request made synchronously in `sync`/`auto` mode. Default 64 KiB. */
+  syncMax?: number;
+  slowCallMs?: number;
+  asyncHoldMs?: number;
 }
 
 const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
@@ -48,8 +63,45 @@ export class FilePort implements Layer {
   private bytes = 0;
   private readonly tracker = new InflightTracker();
   private caps!: Capabilities;
+  private readonly syncMax: number;
+  private readonly slowNs: bigint;
+  private readonly holdMs: number;
+  /** Time (ms, performance.now) before which every call goes to the thread pool. */
+  private asyncUntil: number;
 
-  constructor(private readonly opts: FilePortOptions) {}
+  constructor(private readonly opts: FilePortOptions) {
+    const mode = opts.io ?? "auto";
+    this.syncMax = mode === "async" ? -1 : (opts.syncMax ?? 64 * 1024);
+    this.slowNs = mode === "auto" ? BigInt(Math.round((opts.slowCallMs ?? 2) * 1e6)) : -1n;
+    this.holdMs = opts.asyncHoldMs ?? 1000;
+    this.asyncUntil = 0;
+  }
+
+  /** True when a call of `length` bytes should be made on the event loop now. */
+  private syncOk(length: number): boolean {
+    return length <= this.syncMax && (this.asyncUntil === 0 || this.asyncUntil <= performance.now());
+  }
+
+  /** Notes how long a synchronous call took; a slow one sends calls to the pool for a while. */
+  private timed(start: bigint): void {
+    if (process.hrtime.bigint() - start >= this.slowNs) this.asyncUntil = performance.now() + this.holdMs;
+  }
+
+  private readChunk(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> | number {
+    if (!this.syncOk(length)) return readAt(fd, buf, pos, offset, length);
+    const t = this.slowNs >= 0n ? process.hrtime.bigint() : 0n;
+    const n = fs.readSync(fd, buf, pos, length, offset);
+    if (t) this.timed(t);
+    return n;
+  }
+
+  private writeChunk(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> | number {
+    if (!this.syncOk(length)) return writeAt(fd, buf, pos, offset, length);
+    const t = this.slowNs >= 0n ? process.hrtime.bigint() : 0n;
+    const n = fs.writeSync(fd, buf, pos, length, offset);
+    if (t) this.timed(t);
+    return n;
+  }
 
   describe(): string {
     return `file:${this.opts.path}`;
@@ -108,7 +160,7 @@ export class FilePort implements Layer {
     try {
       let done = 0;
       while (done < buf.length) {
-        const n = await readAt(fd, buf, done, offset + done, buf.length - done);
+        const n = await this.readChunk(fd, buf, done, offset + done, buf.length - done);
         if (n === 0) {
           buf.fill(0, done); // the file shrank under us: never leak stale memory
           break;
@@ -122,7 +174,7 @@ export class FilePort implements Layer {
 
   private async writeAll(fd: number, buf: Buffer, offset: number): Promise<void> {
     let done = 0;
-    while (done < buf.length) done += await writeAt(fd, buf, done, offset + done, buf.length - done);
+    while (done < buf.length) done += await this.writeChunk(fd, buf, done, offset + done, buf.length - done);
   }
 
   async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {

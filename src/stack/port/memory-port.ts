@@ -48,9 +48,8 @@ export class MemoryPort implements Layer {
     return `memory:${this.sizeBytes}`;
   }
   async open(): Promise<void> {}
-  async close(): Promise<void> {
-    this.pages.clear();
-  }
+  /** The contents live as long as the port object (a closed port can be opened again). */
+  async close(): Promise<void> {}
   size(): number {
     return this.sizeBytes;
   }

@@ -1,0 +1,126 @@
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { plainIo, fuaIo } from "../layer.js";
+import { FilePort, type FilePortOptions } from "./file-port.js";
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "file-port-"));
+let n = 0;
+function image(bytes: Buffer): string {
+  const p = path.join(dir, `img${n++}`);
+  fs.writeFileSync(p, bytes);
+  return p;
+}
+async function open(opts: Omit<FilePortOptions, "path">, bytes = Buffer.alloc(1 << 20, 0x61)) {
+  const file = image(bytes);
+  const port = new FilePort({ path: file, ...opts });
+  await port.open();
+  return { port, file };
+}
+afterEach(() => vi.restoreAllMocks());
+
+describe("FilePort", () => {
+  it("reads and writes the file, with FUA as write + fdatasync", async () => {
+    const { port, file } = await open({});
+    const sync = vi.spyOn(fs, "fdatasync");
+    await port.pwrite(Buffer.from("hello"), 1000, plainIo);
+    expect(sync).not.toHaveBeenCalled();
+    await port.pwrite(Buffer.from("durable"), 2000, fuaIo);
+    expect(sync).toHaveBeenCalledTimes(1);
+    const b = Buffer.alloc(5);
+    await port.pread(b, 1000, plainIo);
+    expect(b.toString()).toBe("hello");
+    await port.flush(plainIo);
+    expect(sync).toHaveBeenCalledTimes(2);
+    await port.close();
+    expect(fs.readFileSync(file).toString("latin1", 2000, 2007)).toBe("durable");
+  });
+
+  it("advertises what it can really do: no trim, zero by writing, no fast zero", async () => {
+    const { port } = await open({});
+    const c = port.capabilities();
+    expect(c).toMatchObject({ writable: true, flush: true, fua: true, trim: false, zero: true, fastZero: false, extents: true, multiConn: true });
+    await expect(port.trim(4096, 0, plainIo)).rejects.toMatchObject({ errno: "ENOTSUP" });
+    await expect(port.zero(4096, 0, { ...plainIo, fast: true })).rejects.toMatchObject({ errno: "ENOTSUP" });
+    await port.zero(3 * 1024 * 1024 - (1 << 20) * 2, 4096, plainIo);
+    const b = Buffer.alloc(8192);
+    await port.pread(b, 0, plainIo);
+    expect(b.subarray(0, 4096).every((x) => x === 0x61)).toBe(true);
+    expect(b.subarray(4096).every((x) => x === 0)).toBe(true);
+  });
+
+  it("is read-only when opened read-only", async () => {
+    const { port } = await open({ readOnly: true });
+    expect(port.capabilities()).toMatchObject({ writable: false, flush: false, fua: false, zero: false });
+    await expect(port.pwrite(Buffer.alloc(1), 0, plainIo)).rejects.toMatchObject({ code: "EBADF" });
+  });
+
+  it("reports 4 KiB blocks that read as zero as ZERO extents", async () => {
+    const bytes = Buffer.alloc(1 << 20, 0x61);
+    bytes.fill(0, 8192, 8192 + 3 * 4096);
+    bytes.fill(0, 100000, 100100); // not a whole block: stays data
+    const { port } = await open({}, bytes);
+    const ext = await port.extents(1 << 20, 0, plainIo);
+    expect(ext).toEqual([
+      { length: 8192, flags: 0 },
+      { length: 12288, flags: 2 },
+      { length: (1 << 20) - 20480, flags: 0 },
+    ]);
+    const unaligned = await port.extents(10000, 5000, plainIo);
+    expect(unaligned).toEqual([
+      { length: 3192, flags: 0 },
+      { length: 6808, flags: 2 },
+    ]);
+  });
+
+  it("fills with zeroes, never stale memory, when the file shrank under it", async () => {
+    const { port, file } = await open({});
+    fs.truncateSync(file, 4096);
+    const b = Buffer.alloc(8192, 0xff);
+    await port.pread(b, 0, plainIo);
+    expect(b.subarray(0, 4096).every((x) => x === 0x61)).toBe(true);
+    expect(b.subarray(4096).every((x) => x === 0)).toBe(true);
+  });
+
+  describe("io modes", () => {
+    it("sync: small calls on the event loop, large ones in the pool", async () => {
+      const { port } = await open({ io: "sync", syncMax: 65536 });
+      const readSync = vi.spyOn(fs, "readSync");
+      const read = vi.spyOn(fs, "read");
+      await port.pread(Buffer.alloc(4096), 0, plainIo);
+      expect(readSync).toHaveBeenCalledTimes(1);
+      await port.pread(Buffer.alloc(65537), 0, plainIo);
+      expect(read).toHaveBeenCalledTimes(1);
+      expect(readSync).toHaveBeenCalledTimes(1);
+    });
+
+    it("async: every call in the pool", async () => {
+      const { port } = await open({ io: "async" });
+      const readSync = vi.spyOn(fs, "readSync");
+      const writeSync = vi.spyOn(fs, "writeSync");
+      await port.pread(Buffer.alloc(512), 0, plainIo);
+      await port.pwrite(Buffer.alloc(512), 0, plainIo);
+      expect(readSync).not.toHaveBeenCalled();
+      expect(writeSync).not.toHaveBeenCalled();
+    });
+
+    it("auto: a slow synchronous call sends the next calls to the pool for a while", async () => {
+      const { port } = await open({ io: "auto", slowCallMs: 0, asyncHoldMs: 60_000 });
+      const readSync = vi.spyOn(fs, "readSync");
+      const read = vi.spyOn(fs, "read");
+      await port.pread(Buffer.alloc(512), 0, plainIo); // "slow" (every call is, at 0 ms)
+      await port.pread(Buffer.alloc(512), 0, plainIo);
+      await port.pwrite(Buffer.alloc(512), 0, plainIo);
+      expect(readSync).toHaveBeenCalledTimes(1);
+      expect(read).toHaveBeenCalledTimes(1);
+    });
+
+    it("auto: fast calls stay on the event loop", async () => {
+      const { port } = await open({ io: "auto", slowCallMs: 10_000 });
+      const readSync = vi.spyOn(fs, "readSync");
+      for (let i = 0; i < 10; i++) await port.pread(Buffer.alloc(512), i * 512, plainIo);
+      expect(readSync).toHaveBeenCalledTimes(10);
+    });
+  });
+});
