@@ -12,6 +12,7 @@ export class Request implements Io {
   fua: boolean;
   mayTrim: boolean;
   fast: boolean;
+  peer = false;
   /** Pool buffer holding `data` when the payload had to be assembled; released by the consumer. */
   backing: Buffer | null = null;
   constructor(

@@ -49,6 +49,7 @@ export class Connection {
   private exp!: Export;
   private structured = false;
   private allocationContext = 0;
+  private peer = false;
   private parser!: RequestParser;
   private inflight = 0;
   private inflightBytes = 0;
@@ -91,7 +92,8 @@ export class Connection {
     this.exp = negotiated.exp;
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;
-    this.log.info({ export: this.exp.name, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
+    this.peer = negotiated.peer;
+    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, 'data' events (fresh chunks) are used.
     const scratch = Buffer.allocUnsafeSlow(READ_CHUNK);
@@ -212,6 +214,7 @@ export class Connection {
       return;
     }
     const bytes = req.type === Cmd.NBD_CMD_READ || req.type === Cmd.NBD_CMD_WRITE ? req.length : 0;
+    if (this.peer) req.peer = true;
     this.inflight++;
     this.inflightBytes += bytes;
     this.updateFlow();

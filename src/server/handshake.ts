@@ -14,6 +14,7 @@ import {
   Rep,
 } from "../protocol/constants.js";
 import type { Export } from "./export.js";
+import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
 
 /** Options longer than this close the connection (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
@@ -27,6 +28,8 @@ export interface ExportDirectory {
 
 export interface Negotiated {
   exp: Export;
+  /** The client is another node's port B (it asked for PEER_EXPORT_PREFIX + name). */
+  peer: boolean;
   structured: boolean;
   /** Meta context id of base:allocation, or 0 when it was not selected. */
   allocationContext: number;
@@ -151,7 +154,7 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
         socket.write(out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+        return { exp, peer: name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -211,7 +214,7 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+          return { exp, peer: parsed.name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
         }
         break;
       }

@@ -5,6 +5,7 @@ import { Connection, type ConnectionLimits } from "./connection.js";
 import type { Export } from "./export.js";
 import type { ExportDirectory } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
+import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
 
 export interface TcpAddress {
   host: string;
@@ -48,8 +49,12 @@ export class NbdServer implements ExportDirectory {
     }
   }
 
-  /** Export by name; "" is the default export (the first one) unless an export is named "". */
+  /**
+   * Export by name; "" is the default export (the first one) unless an export is named "".
+   * PEER_EXPORT_PREFIX + name is the same export as seen by another node's port B.
+   */
   find(name: string): Export | undefined {
+    if (name.startsWith(PEER_EXPORT_PREFIX)) return this.find(name.slice(PEER_EXPORT_PREFIX.length));
     const exact = this.opts.exports.find((e) => e.name === name);
     if (exact || name !== "") return exact;
     return this.opts.exports[0];

@@ -5,11 +5,14 @@ import type { Logger } from "pino";
  * - `fua`: the data must be durable when the call resolves (NBD_CMD_FLAG_FUA).
  * - `mayTrim`: zero() may deallocate instead of writing zeros (NBD_CMD_FLAG_NO_HOLE not set).
  * - `fast`: zero() must fail with ENOTSUP rather than fall back to a slow write (NBD_CMD_FLAG_FAST_ZERO).
+ * - `peer`: the request was forwarded by another node's port B; it is older than anything a port
+ *   redirector holds here, so it is never held behind newer requests.
  */
 export interface Io {
   fua: boolean;
   mayTrim: boolean;
   fast: boolean;
+  peer?: boolean;
   signal?: AbortSignal;
   log?: Logger;
 }

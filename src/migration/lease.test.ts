@@ -1,0 +1,66 @@
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { LeaseError, LeaseFile } from "./lease.js";
+
+const a = { nodeId: "a", nbd: "127.0.0.1:1", control: "http://127.0.0.1:11" };
+const b = { nodeId: "b", nbd: "127.0.0.1:2", control: "http://127.0.0.1:12" };
+
+function setup() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lease-"));
+  let now = 1_000_000;
+  const clock = { advance: (ms: number) => (now += ms) };
+  const img = path.join(dir, "disk.img");
+  return { img, clock, lease: () => new LeaseFile(img, () => now) };
+}
+
+describe("LeaseFile", () => {
+  it("lets the first node take the lease; the second sees the owner and cannot take it before expiry", () => {
+    const { lease, clock } = setup();
+    const r = lease().acquire(a, 1000);
+    expect(r).toMatchObject({ owner: "a", epoch: 1, nbd: a.nbd, control: a.control, ttlMs: 1000 });
+    expect(() => lease().acquire(b, 1000)).toThrow(LeaseError);
+    expect(lease().read()!.owner).toBe("a");
+    clock.advance(999);
+    expect(() => lease().acquire(b, 1000)).toThrow(/owned by a \(epoch 1\)/);
+    clock.advance(1);
+    expect(lease().acquire(b, 1000)).toMatchObject({ owner: "b", epoch: 2 }); // broken only after expiry
+  });
+
+  it("renews only for the owner at the current epoch (fencing)", () => {
+    const { lease, clock } = setup();
+    lease().acquire(a, 1000);
+    clock.advance(900);
+    expect(lease().renew(a, 1).leaseStart).toBe(1_000_900);
+    clock.advance(900);
+    expect(() => lease().acquire(b, 1000)).toThrow(LeaseError); // renewed: not expired
+    clock.advance(200);
+    lease().acquire(b, 1000);
+    expect(() => lease().renew(a, 1)).toThrow(/lease lost/);
+  });
+
+  it("hands over with epoch + 1, and reclaims after a failed hand-over with a higher epoch", () => {
+    const { lease } = setup();
+    lease().acquire(a);
+    expect(lease().handOver(a, 1, b)).toMatchObject({ owner: "b", epoch: 2, nbd: b.nbd });
+    expect(() => lease().handOver(a, 1, b)).toThrow(/cannot hand over/);
+    expect(lease().reclaim(a, "b", 2)).toMatchObject({ owner: "a", epoch: 3 });
+    expect(() => lease().renew(b, 2)).toThrow(/lease lost/); // the late adopter is fenced
+  });
+
+  it("releases so the next owner can take it at once with a new epoch", () => {
+    const { lease } = setup();
+    lease().acquire(a);
+    lease().release(a, 1);
+    expect(lease().acquire(b)).toMatchObject({ owner: "b", epoch: 2 });
+  });
+
+  it("writes the record atomically beside the image", () => {
+    const { img, lease } = setup();
+    lease().acquire(a);
+    const files = fs.readdirSync(path.dirname(img));
+    expect(files).toEqual(["disk.img.lease"]);
+    expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8")).owner).toBe("a");
+  });
+});

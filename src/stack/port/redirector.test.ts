@@ -1,0 +1,196 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import { describe, expect, it } from "vitest";
+import { NbdError } from "../../errors.js";
+import { PassthroughLayer, plainIo, type Io, type Layer } from "../layer.js";
+import { MemoryPort } from "./memory-port.js";
+import { PortRedirector } from "./redirector.js";
+
+const SIZE = 1 << 20;
+
+/** A world of two nodes sharing one device; `owner` is who may write it. */
+function world(seed: number) {
+  let rnd = seed >>> 0 || 1;
+  const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const disk = new MemoryPort({ size: SIZE });
+  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false };
+  const nodes: Record<"x" | "y", PortRedirector> = {} as never;
+
+  /** Port A of a node: the shared device, usable only while that node owns it and has it open. */
+  class PortA extends PassthroughLayer {
+    private open_ = true;
+    constructor(private readonly me: "x" | "y") {
+      super(disk);
+    }
+    private check(op: string): void {
+      if (!this.open_ || state.owner !== this.me) state.violations.push(`${this.me} ${op} through port A while owner=${state.owner} open=${this.open_}`);
+    }
+    override async open() {}
+    override async close() {
+      this.open_ = false;
+    }
+    override async pwrite(b: Buffer, o: number, io: Io) {
+      this.check("pwrite");
+      await sleep(rand() < 0.3 ? 1 : 0);
+      this.check("pwrite (landing)");
+      return super.pwrite(b, o, io);
+    }
+    override async pread(b: Buffer, o: number, io: Io) {
+      this.check("pread");
+      return super.pread(b, o, io);
+    }
+    override async flush(io: Io) {
+      this.check("flush");
+      return super.flush(io);
+    }
+  }
+  /** Port B of a node: the other node's stack, reached after a network hop; marks requests as peer. */
+  class PortB extends PassthroughLayer {
+    constructor(to: "x" | "y") {
+      super({ ...disk, size: () => SIZE, capabilities: () => disk.capabilities() } as unknown as Layer);
+      this.to = to;
+    }
+    private to: "x" | "y";
+    private closed = false;
+    private hop<T>(f: (n: PortRedirector) => Promise<T>): Promise<T> {
+      if (this.closed) return Promise.reject(new NbdError("ESHUTDOWN", "port B used after close"));
+      return sleep(rand() < 0.5 ? 0 : 1).then(async () => {
+        const r = await f(nodes[this.to]);
+        await sleep(rand() < 0.5 ? 0 : 1); // the reply's way back
+        if (this.closed) throw new NbdError("ESHUTDOWN", "port B closed with a request in flight");
+        return r;
+      });
+    }
+    override async open() {}
+    override async close() {
+      this.closed = true;
+    }
+    override pwrite(b: Buffer, o: number, io: Io) {
+      return this.hop((n) => n.pwrite(b, o, { ...io, peer: true }));
+    }
+    override pread(b: Buffer, o: number, io: Io) {
+      return this.hop((n) => n.pread(b, o, { ...io, peer: true }));
+    }
+    override flush(io: Io) {
+      return this.hop((n) => n.flush({ ...io, peer: true }));
+    }
+  }
+  for (const me of ["x", "y"] as const) {
+    const other = me === "x" ? "y" : "x";
+    nodes[me] = new PortRedirector(`disk@${me}`, { openLocal: async () => new PortA(me), openRemote: async () => new PortB(other) }, me === "x");
+  }
+  const move = (from: "x" | "y") => {
+    const to = from === "x" ? "y" : "x";
+    return nodes[from].moveOut({
+      assign: async () => {
+        await sleep(1);
+        if (state.refuse) throw new Error("peer refuses");
+        state.owner = to;
+        await nodes[to].adopt();
+      },
+      reclaim: async () => {
+        state.owner = from;
+      },
+    });
+  };
+  return { disk, state, nodes, move, rand };
+}
+
+describe("PortRedirector", () => {
+  it("moves an export back and forth under random load: no request fails, every read sees the last acknowledged write", async () => {
+    for (const seed of [1, 2, 3]) {
+      const w = world(seed);
+      await w.nodes.x.open();
+      await w.nodes.y.open();
+      const REGION = 16 * 1024;
+      const clients = 12;
+      const model = Buffer.alloc(SIZE);
+      const failures: unknown[] = [];
+      let stop = false;
+      let ops = 0;
+      const client = async (id: number) => {
+        const node = id % 2 === 0 ? w.nodes.x : w.nodes.y;
+        const base = id * REGION;
+        for (let i = 0; !stop; i++) {
+          const off = base + Math.floor(w.rand() * (REGION - 600));
+          const len = 1 + Math.floor(w.rand() * 512);
+          try {
+            if (w.rand() < 0.6) {
+              const data = Buffer.alloc(len, (id * 31 + i) % 251 + 1);
+              await node.pwrite(data, off, plainIo);
+              data.copy(model, off);
+            } else if (w.rand() < 0.9) {
+              const got = Buffer.alloc(len);
+              await node.pread(got, off, plainIo);
+              if (!got.equals(model.subarray(off, off + len))) failures.push(`client ${id}: stale read at ${off}`);
+            } else {
+              await node.flush(plainIo);
+            }
+            ops++;
+          } catch (err) {
+            failures.push(err);
+          }
+        }
+      };
+      const running = Array.from({ length: clients }, (_, i) => client(i));
+      let from: "x" | "y" = "x";
+      for (let m = 0; m < 12; m++) {
+        await sleep(Math.floor(w.rand() * 5));
+        await w.move(from);
+        from = from === "x" ? "y" : "x";
+        expect(w.state.owner).toBe(from);
+      }
+      stop = true;
+      await Promise.all(running);
+      expect(failures).toEqual([]);
+      expect(w.state.violations).toEqual([]);
+      expect(ops).toBeGreaterThan(200);
+      const all = Buffer.alloc(SIZE);
+      await w.disk.pread(all, 0, plainIo);
+      expect(all.equals(model)).toBe(true);
+      expect(w.nodes.x.stats().moves + w.nodes.y.stats().moves).toBe(24);
+    }
+  });
+
+  it("rolls back when the peer cannot take the resource, and fails nothing", async () => {
+    const w = world(7);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    w.state.refuse = true;
+    const writes = Array.from({ length: 50 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(100, i + 1), i * 100, plainIo));
+    const moving = w.move("x");
+    const later = Array.from({ length: 50 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(100, i + 101), 10_000 + i * 100, plainIo));
+    await expect(moving).rejects.toThrow(/peer refuses/);
+    await Promise.all([...writes, ...later]);
+    expect(w.nodes.x.state).toBe("LOCAL");
+    expect(w.state.owner).toBe("x");
+    expect(w.state.violations).toEqual([]);
+    const b = Buffer.alloc(100);
+    await w.nodes.y.pread(b, 10_000 + 49 * 100, plainIo); // through y's port B to x
+    expect(b.every((v) => v === 150)).toBe(true);
+  });
+
+  it("holds requests in arrival order during a move and forwards them in that order", async () => {
+    const w = world(9);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    const slow = w.nodes.x.pwrite(Buffer.alloc(10, 1), 0, plainIo); // in flight on port A
+    const moving = w.move("x");
+    while (w.nodes.x.state === "LOCAL") await sleep(0);
+    expect(["DRAINING", "HANDOVER"]).toContain(w.nodes.x.state);
+    const order: number[] = [];
+    const held = [1, 2, 3, 4].map((i) => w.nodes.x.pwrite(Buffer.alloc(10, i + 1), 0, plainIo).then(() => order.push(i)));
+    expect(w.nodes.x.stats().held).toBe(4);
+    await slow;
+    await moving;
+    await Promise.all(held);
+    expect(w.nodes.x.state).toBe("REMOTE");
+    expect(order).toEqual([1, 2, 3, 4]);
+  });
+
+  it("refuses to move while not the owner", async () => {
+    const w = world(3);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    await expect(w.move("y")).rejects.toBeInstanceOf(NbdError);
+  });
+});

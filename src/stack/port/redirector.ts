@@ -1,0 +1,295 @@
+import type { Logger } from "pino";
+import { NbdError } from "../../errors.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+
+/**
+ * LOCAL: this node owns the resource; requests go to port A.
+ * DRAINING: a move started; new requests are held while port A finishes and flushes.
+ * HANDOVER: port A is closed; the resource is being assigned to the peer.
+ * REMOTE: the peer owns the resource; requests go to port B.
+ * ROLLBACK: the peer could not take it; this node reopens port A.
+ * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
+ *   node's own new requests are held until the ones it sent through port B have completed.
+ */
+export type RedirectorState = "LOCAL" | "DRAINING" | "HANDOVER" | "REMOTE" | "ROLLBACK" | "ADOPTING";
+
+/** How a redirector reaches its resource and its peers; supplied by the node. */
+export interface RedirectorPorts {
+  /** Opens port A (the image, owned by this node from now on). */
+  openLocal(): Promise<Layer>;
+  /** Opens port B to whichever node owns the resource now. */
+  openRemote(): Promise<Layer>;
+}
+
+export interface HandOver {
+  /** Assigns the resource to the peer (lease hand-over + the peer adopting it). Throws if it cannot. */
+  assign(): Promise<void>;
+  /** Undoes a failed assign: takes the resource back for this node. */
+  reclaim(): Promise<void>;
+}
+
+interface Held {
+  run: (port: Layer) => Promise<unknown>;
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+}
+
+export interface RedirectorStats {
+  state: RedirectorState;
+  inflightA: number;
+  inflightB: number;
+  held: number;
+  moves: number;
+}
+
+/**
+ * The port redirector (MISSION.md, "The mechanism"): sits between the stack and two ports and
+ * decides per request where it goes. A move holds new requests in arrival order, drains and
+ * flushes port A, hands the resource over, and forwards the held requests through port B; if the
+ * peer cannot take the resource, it rolls back and drains the held queue through port A. No
+ * request is refused or failed by a move; every request completes exactly once.
+ */
+export class PortRedirector implements Layer {
+  private a: Layer | null = null;
+  private b: Layer | null = null;
+  private st: RedirectorState;
+  private readonly inA = new InflightTracker();
+  private readonly inB = new InflightTracker();
+  private held: Held[] = [];
+  private caps!: Capabilities;
+  private bytes = 0;
+  private moves = 0;
+  private busy: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly name: string,
+    private readonly ports: RedirectorPorts,
+    /** Whether this node owns the resource when the stack opens. */
+    private readonly ownerAtOpen: boolean,
+    private readonly log?: Logger,
+  ) {
+    this.st = ownerAtOpen ? "LOCAL" : "REMOTE";
+  }
+
+  describe(): string {
+    return `redirector(${this.st}) → ${this.a ? this.a.describe() : this.b ? this.b.describe() : this.name}`;
+  }
+
+  get state(): RedirectorState {
+    return this.st;
+  }
+
+  stats(): RedirectorStats {
+    return { state: this.st, inflightA: this.inA.inflight, inflightB: this.inB.inflight, held: this.held.length, moves: this.moves };
+  }
+
+  async open(): Promise<void> {
+    const port = this.ownerAtOpen ? (this.a = await this.ports.openLocal()) : (this.b = await this.ports.openRemote());
+    this.bytes = port.size();
+    this.caps = port.capabilities();
+  }
+
+  async close(): Promise<void> {
+    await this.busy;
+    await Promise.all([this.inA.idle(), this.inB.idle()]);
+    const a = this.a;
+    const b = this.b;
+    this.a = this.b = null;
+    await a?.close();
+    await b?.close();
+  }
+
+  size(): number {
+    return this.bytes;
+  }
+  capabilities(): Capabilities {
+    return this.caps;
+  }
+
+  private route<T>(io: Io, run: (port: Layer) => Promise<T>): Promise<T> {
+    switch (this.st) {
+      case "LOCAL":
+        return this.viaA(run);
+      case "REMOTE":
+        return this.viaB(run);
+      case "ADOPTING":
+        if (io.peer) return this.viaA(run);
+        return this.hold(run);
+      default:
+        return this.hold(run);
+    }
+  }
+
+  private async viaA<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+    this.inA.enter();
+    try {
+      return await run(this.a!);
+    } finally {
+      this.inA.leave();
+    }
+  }
+
+  private async viaB<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+    this.inB.enter();
+    try {
+      return await run(this.b!);
+    } finally {
+      this.inB.leave();
+    }
+  }
+
+  private hold<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.held.push({ run, resolve: resolve as (v: unknown) => void, reject });
+    });
+  }
+
+  /** Sends every held request, in arrival order, through the port of the (new) state. */
+  private release(): void {
+    const q = this.held;
+    this.held = [];
+    for (const h of q) {
+      const p = this.st === "LOCAL" ? this.viaA(h.run) : this.viaB(h.run);
+      p.then(h.resolve, h.reject);
+    }
+  }
+
+  /** Serialises moves: one at a time per redirector. */
+  private serial(fn: () => Promise<void>): Promise<void> {
+    const next = this.busy.then(fn);
+    this.busy = next.catch(() => undefined);
+    return next;
+  }
+
+  /**
+   * Moves the resource to the peer (steps 2–5 of the mechanism, or rollback). Resolves when
+   * requests flow again: through port B after a hand-over, through port A after a rollback
+   * (then it rejects with the reason).
+   */
+  moveOut(h: HandOver): Promise<void> {
+    return this.serial(async () => {
+      if (this.st !== "LOCAL") throw new NbdError("EINVAL", `${this.name}: cannot move out while ${this.st}`);
+      const t0 = performance.now();
+      this.st = "DRAINING";
+      this.log?.info({ export: this.name }, "move: draining port A");
+      await this.inA.idle();
+      const a = this.a!;
+      try {
+        if (this.caps.flush) await a.flush(plainIo);
+      } catch (err) {
+        // Port A cannot make its state durable: keep it, and serve on locally.
+        this.st = "LOCAL";
+        this.release();
+        throw err;
+      }
+      await a.close();
+      this.a = null;
+      this.st = "HANDOVER";
+      try {
+        await h.assign();
+      } catch (err) {
+        this.log?.warn({ export: this.name, err: (err as Error).message }, "move: the peer could not take the resource; rolling back");
+        this.st = "ROLLBACK";
+        await h.reclaim();
+        this.a = await this.ports.openLocal();
+        this.st = "LOCAL";
+        this.release();
+        throw err;
+      }
+      this.b = await this.openRemoteUntilDone();
+      this.st = "REMOTE";
+      this.moves++;
+      const held = this.held.length;
+      this.release();
+      this.log?.info({ export: this.name, held, ms: Math.round(performance.now() - t0) }, "move: now served through port B");
+    });
+  }
+
+  /**
+   * Takes the resource on this node (the peer has handed it over): port A opens at once and serves
+   * requests forwarded by peers; this node's own new requests wait until those it had sent through
+   * port B completed, then everything flows through port A. Resolves once port A is open.
+   */
+  adopt(): Promise<void> {
+    let opened!: () => void;
+    let failed!: (e: unknown) => void;
+    const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));
+    void this.serial(async () => {
+      if (this.st === "LOCAL") return opened();
+      if (this.st !== "REMOTE") return failed(new NbdError("EINVAL", `${this.name}: cannot adopt while ${this.st}`));
+      try {
+        this.a = await this.ports.openLocal();
+      } catch (err) {
+        failed(err);
+        return;
+      }
+      this.st = "ADOPTING";
+      opened();
+      await this.inB.idle();
+      const b = this.b;
+      this.b = null;
+      this.st = "LOCAL";
+      this.moves++;
+      this.release();
+      await b?.close().catch(() => undefined);
+      this.log?.info({ export: this.name }, "adopt: now served through port A");
+    });
+    return ready;
+  }
+
+  /**
+   * This node lost the resource without a move (its lease was broken): stop using port A at once
+   * for new requests, let the ones in flight finish, then forward everything through port B.
+   */
+  fence(): Promise<void> {
+    return this.serial(async () => {
+      if (this.st !== "LOCAL") return;
+      this.st = "DRAINING";
+      await this.inA.idle();
+      await this.a!.close().catch(() => undefined);
+      this.a = null;
+      this.st = "HANDOVER";
+      this.b = await this.openRemoteUntilDone();
+      this.st = "REMOTE";
+      this.release();
+    });
+  }
+
+  /** Port B must open once the peer owns the resource: held requests wait, retrying with backoff. */
+  private async openRemoteUntilDone(): Promise<Layer> {
+    for (let delay = 10; ; delay = Math.min(delay * 2, 1000)) {
+      try {
+        return await this.ports.openRemote();
+      } catch (err) {
+        this.log?.warn({ export: this.name, err: (err as Error).message }, "port B: cannot reach the owner yet; retrying");
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
+  }
+
+  pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.route(io, (p) => p.pread(buf, offset, io));
+  }
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.route(io, (p) => p.pwrite(buf, offset, io));
+  }
+  zero(length: number, offset: number, io: Io): Promise<void> {
+    return this.route(io, (p) => p.zero(length, offset, io));
+  }
+  trim(length: number, offset: number, io: Io): Promise<void> {
+    return this.route(io, (p) => p.trim(length, offset, io));
+  }
+  flush(io: Io): Promise<void> {
+    return this.route(io, (p) => p.flush(io));
+  }
+  cache(length: number, offset: number, io: Io): Promise<void> {
+    return this.route(io, (p) => p.cache(length, offset, io));
+  }
+  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+    return this.route(io, (p) => p.extents(length, offset, io));
+  }
+  async quiesce(): Promise<void> {
+    await Promise.all([this.inA.idle(), this.inB.idle()]);
+  }
+  resume(): void {}
+}

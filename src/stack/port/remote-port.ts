@@ -1,0 +1,146 @@
+import type { Logger } from "pino";
+import { NbdClient, type NbdAddress } from "../../client/nbd-client.js";
+import { NbdError, ProtocolError } from "../../errors.js";
+import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
+import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+
+/** Export-name prefix of port-B connections: their requests are marked `peer` on the owner. */
+export const PEER_EXPORT_PREFIX = "@peer/";
+
+export interface RemotePortOptions {
+  /** The export's name on the owner node. */
+  exportName: string;
+  /** Where the owner is now (asked again on every reconnect: the owner may have changed). */
+  locate: () => NbdAddress | Promise<NbdAddress>;
+  log?: Logger;
+}
+
+/** Errors that mean "this connection is gone", not "the device failed": the request is sent again. */
+function isLinkError(err: unknown): boolean {
+  if (err instanceof ProtocolError) return true;
+  if (err instanceof NbdError) return err.errno === "ESHUTDOWN";
+  const code = (err as { code?: string } | null)?.code;
+  return typeof code === "string" && /^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOENT|EHOSTUNREACH)$/.test(code);
+}
+
+/**
+ * Port B: the resource as seen through the NBD connection to the node that owns it. Sends only
+ * generic NBD commands. If the connection breaks (or the owner shuts it down), it reconnects to
+ * wherever the owner is now and sends the unanswered requests again (reads and writes of the
+ * same bytes are idempotent), so a request through port B fails only with the owner's own error.
+ */
+export class RemotePort implements Layer {
+  private client: NbdClient | null = null;
+  private connecting: Promise<NbdClient> | null = null;
+  private caps!: Capabilities;
+  private bytes = 0;
+  private closed = false;
+  private where = "";
+
+  constructor(private readonly opts: RemotePortOptions) {}
+
+  describe(): string {
+    return `nbd:${this.where}/${this.opts.exportName}`;
+  }
+
+  async open(): Promise<void> {
+    const c = await this.connection();
+    this.bytes = c.size;
+    const f = c.flags;
+    const writable = !(f & F.NBD_FLAG_READ_ONLY);
+    this.caps = {
+      writable,
+      flush: !!(f & F.NBD_FLAG_SEND_FLUSH),
+      fua: !!(f & F.NBD_FLAG_SEND_FUA),
+      trim: !!(f & F.NBD_FLAG_SEND_TRIM),
+      zero: !!(f & F.NBD_FLAG_SEND_WRITE_ZEROES),
+      fastZero: !!(f & F.NBD_FLAG_SEND_FAST_ZERO),
+      cache: !!(f & F.NBD_FLAG_SEND_CACHE),
+      extents: c.allocationContext !== 0,
+      multiConn: !!(f & F.NBD_FLAG_CAN_MULTI_CONN),
+      blockSize: { ...c.blockSize },
+    };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const c = this.client;
+    this.client = null;
+    if (c) await c.disconnect().catch(() => c.destroy());
+  }
+
+  size(): number {
+    return this.bytes;
+  }
+  capabilities(): Capabilities {
+    return this.caps;
+  }
+
+  private connection(): Promise<NbdClient> {
+    if (this.client && !this.client.socket.destroyed) return Promise.resolve(this.client);
+    this.connecting ??= (async () => {
+      try {
+        const addr = await this.opts.locate();
+        this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+        const c = await NbdClient.connect(addr, { exportName: PEER_EXPORT_PREFIX + this.opts.exportName });
+        this.client = c;
+        return c;
+      } finally {
+        this.connecting = null;
+      }
+    })();
+    return this.connecting;
+  }
+
+  private async call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
+    for (let delay = 5; ; delay = Math.min(delay * 2, 500)) {
+      if (this.closed) throw new NbdError("ESHUTDOWN", "port B is closed");
+      let c: NbdClient;
+      try {
+        c = await this.connection();
+      } catch (err) {
+        if (!isLinkError(err)) throw err;
+        this.opts.log?.debug({ err: (err as Error).message }, "port B: owner unreachable; retrying");
+        await new Promise((r) => setTimeout(r, delay));
+        continue;
+      }
+      try {
+        return await fn(c);
+      } catch (err) {
+        if (!isLinkError(err)) throw err;
+        if (this.client === c) this.client = null;
+        c.destroy();
+        this.opts.log?.debug({ err: (err as Error).message }, "port B: link lost; sending the request again");
+      }
+    }
+  }
+
+  private static flags(io: Io): number {
+    return (io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0) | (io.mayTrim ? 0 : CmdFlag.NBD_CMD_FLAG_NO_HOLE) | (io.fast ? CmdFlag.NBD_CMD_FLAG_FAST_ZERO : 0);
+  }
+
+  async pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
+    const data = await this.call((c) => c.pread(buf.length, offset));
+    data.copy(buf);
+  }
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+  }
+  zero(length: number, offset: number, io: Io): Promise<void> {
+    return this.call((c) => c.zero(length, offset, RemotePort.flags(io)));
+  }
+  trim(length: number, offset: number, io: Io): Promise<void> {
+    return this.call((c) => c.trim(length, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+  }
+  flush(_io: Io): Promise<void> {
+    return this.call((c) => c.flush());
+  }
+  cache(length: number, offset: number, _io: Io): Promise<void> {
+    return this.call((c) => c.cache(length, offset));
+  }
+  extents(length: number, offset: number, _io: Io): Promise<Extent[]> {
+    return this.call((c) => c.blockStatus(length, offset));
+  }
+  async quiesce(): Promise<void> {}
+  resume(): void {}
+}
