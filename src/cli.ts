@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError, Option } from "commander";
+import { migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
 
 const program = new Command();
@@ -34,9 +35,29 @@ program
   )
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")
+  .option("--node-id <id>", "run as a cluster node with this id: image exports get a port redirector and a lease record beside the image, and can move between nodes")
+  .option("--control <host:port>", "address of the node's control API (HTTP/JSON; default 127.0.0.1 and a free port; needs --node-id)")
+  .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "10s")
   .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error", "silent"]).default("info"))
   .addOption(new Option("--log-format <format>", "log format (default: pretty when stdout is a terminal, else json)").choices(["json", "pretty"]))
   .action(serveCommand);
+
+program
+  .command("migrate")
+  .description("move export NAME from the node that owns it to another node, while clients keep doing I/O")
+  .argument("<name>", "export name")
+  .requiredOption("--from <url>", "control URL of the node that owns the export now, e.g. http://127.0.0.1:9001")
+  .requiredOption("--to <url>", "control URL of the node that takes it over")
+  .option("--wait", "wait until the move has completed (the default: the command returns when clients are served by the new owner)", true)
+  .option("--json", "print the result as JSON", false)
+  .action(migrateCommand);
+
+program
+  .command("status")
+  .description("show a node's exports: owner, epoch, redirector state, requests in flight and held")
+  .argument("<url>", "control URL of a node, e.g. http://127.0.0.1:9001")
+  .option("--json", "print the raw status as JSON", false)
+  .action(statusCommand);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`nbdstack: ${err instanceof Error ? err.message : String(err)}\n`);

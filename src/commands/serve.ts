@@ -7,6 +7,7 @@ import zlib from "node:zlib";
 import { createLogger } from "../log.js";
 import { NbdServer, type TcpAddress } from "../server/server.js";
 import { composeExport, defaultExportName } from "../stack/compose.js";
+import { StorageNode } from "../node/storage-node.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 
@@ -21,6 +22,9 @@ export interface ServeOptions {
   maxInflightBytes: string;
   logLevel: string;
   logFormat?: "json" | "pretty";
+  nodeId?: string;
+  control?: string;
+  leaseTtl: string;
 }
 
 export const DEFAULT_PORT = 10809;
@@ -44,6 +48,14 @@ async function demoCopy(): Promise<{ file: string; dir: string }> {
   return { file, dir };
 }
 
+/** Parses "500ms", "10s", "2m" or a number of milliseconds. */
+export function parseDuration(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
+  if (!m) throw new Error(`cannot read "${text}" as a duration (examples: 500ms, 10s, 1m)`);
+  const n = Number(m[1]);
+  return Math.round(m[2] === "s" ? n * 1000 : m[2] === "m" ? n * 60_000 : n);
+}
+
 export function exportUri(addr: TcpAddress | { path: string }, name: string): string {
   const enc = encodeURIComponent(name).replace(/%2F/g, "/");
   if ("path" in addr) return `nbd+unix:///${enc}?socket=${addr.path}`;
@@ -65,8 +77,12 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   const tcp = opts.listen.map(parseListen);
   if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
+  if (opts.control && !opts.nodeId) throw new Error("--control needs --node-id");
+  const node = opts.nodeId
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
+    : null;
   const server = new NbdServer({
-    exports: specs.map((s) => composeExport(s)),
+    exports: specs.map((s) => (node ? node.createExport(s) : composeExport(s))),
     tcp,
     unixSockets: opts.socket,
     log,
@@ -75,8 +91,16 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   const cleanup = () => {
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });
   };
+  let controlUrl: string | null = null;
   try {
     await server.start();
+    if (node) {
+      const nbd = server.addresses().find((a): a is TcpAddress => "port" in a);
+      if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
+      node.setNbdAddress(`${nbd.host}:${nbd.port}`);
+      const c = parseListen(opts.control ?? "127.0.0.1:0");
+      controlUrl = await node.start(c.host, c.port);
+    }
   } catch (err) {
     cleanup();
     throw err;
@@ -85,6 +109,10 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   for (const e of server.list()) {
     for (const a of server.addresses()) process.stdout.write(`${exportUri(a, e.name)}\n`);
     log.info({ export: e.name, size: e.size(), stack: e.description, flags: e.transmissionFlags(true) }, "serving");
+  }
+  if (controlUrl) {
+    process.stdout.write(`control ${controlUrl}\n`);
+    log.info({ node: opts.nodeId, control: controlUrl }, "control API listening");
   }
 
   let signals = 0;
@@ -95,7 +123,10 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
       process.exit(1);
     }
     log.info({ signal }, "shutting down: finishing requests in flight");
-    server.close().then(
+    server
+      .close()
+      .then(() => node?.close())
+      .then(
       () => {
         cleanup();
         log.info("stopped");

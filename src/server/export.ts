@@ -10,8 +10,14 @@ export class Export {
   constructor(
     readonly name: string,
     readonly layer: Layer,
-    readonly description: string = layer.describe(),
+    private readonly desc?: string | (() => string),
   ) {}
+
+  /** Free text shown by NBD_OPT_LIST / NBD_INFO_DESCRIPTION: the stack as it is now, by default. */
+  get description(): string {
+    if (typeof this.desc === "function") return this.desc();
+    return this.desc ?? this.layer.describe();
+  }
 
   async open(): Promise<void> {
     await this.layer.open();

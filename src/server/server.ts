@@ -120,22 +120,28 @@ export class NbdServer implements ExportDirectory {
   }
 
   /**
-   * Graceful shutdown: stop accepting, let every connection finish the requests it has,
-   * flush and close every export. Idempotent.
+   * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
+   * get ESHUTDOWN), then close every export (ports make their state durable when they close).
+   * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
+   * exports under them. Idempotent.
    */
-  close(): Promise<void> {
+  close(graceMs = 10_000): Promise<void> {
     this.closing ??= (async () => {
       const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
-      await Promise.all([...this.connections].map((c) => c.shutdown()));
-      await Promise.all(stopped);
+      const drained = Promise.all([...this.connections].map((c) => c.shutdown()));
+      let timer: NodeJS.Timeout | undefined;
+      const late = await Promise.race([drained.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), graceMs)))]);
+      clearTimeout(timer);
+      if (late) this.opts.log.warn({ graceMs }, "requests still in flight after the grace period: closing the exports under them");
       for (const e of this.opts.exports) {
         try {
-          if (e.capabilities()?.flush) await e.layer.flush({ fua: false, mayTrim: true, fast: false });
+          await e.close();
         } catch (err) {
-          this.opts.log.error({ err, export: e.name }, "flush at shutdown failed");
+          this.opts.log.error({ err, export: e.name }, "closing export failed");
         }
-        await e.close();
       }
+      await drained;
+      await Promise.all(stopped);
     })();
     return this.closing;
   }

@@ -60,6 +60,7 @@ export class PortRedirector implements Layer {
   private bytes = 0;
   private moves = 0;
   private busy: Promise<void> = Promise.resolve();
+  private closing = false;
 
   constructor(
     private readonly name: string,
@@ -89,14 +90,17 @@ export class PortRedirector implements Layer {
     this.caps = port.capabilities();
   }
 
+  /** Port B closes at once (requests waiting on a peer end with ESHUTDOWN); port A after it drained. */
   async close(): Promise<void> {
+    this.closing = true;
+    const b = this.b;
+    await b?.close();
     await this.busy;
+    for (const h of this.held.splice(0)) h.reject(new NbdError("ESHUTDOWN", `${this.name}: closed during a move`));
     await Promise.all([this.inA.idle(), this.inB.idle()]);
     const a = this.a;
-    const b = this.b;
     this.a = this.b = null;
     await a?.close();
-    await b?.close();
   }
 
   size(): number {
@@ -258,6 +262,7 @@ export class PortRedirector implements Layer {
   /** Port B must open once the peer owns the resource: held requests wait, retrying with backoff. */
   private async openRemoteUntilDone(): Promise<Layer> {
     for (let delay = 10; ; delay = Math.min(delay * 2, 1000)) {
+      if (this.closing) throw new NbdError("ESHUTDOWN", `${this.name}: closing`);
       try {
         return await this.ports.openRemote();
       } catch (err) {

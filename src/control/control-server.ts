@@ -1,0 +1,91 @@
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import type { Logger } from "pino";
+
+export type Handler = (params: Record<string, string>, body: unknown) => Promise<{ status?: number; body: unknown }>;
+
+interface Route {
+  method: string;
+  pattern: RegExp;
+  keys: string[];
+  handler: Handler;
+}
+
+/** A minimal JSON-over-HTTP router for a node's control API (bound to localhost by default). */
+export class ControlServer {
+  private readonly routes: Route[] = [];
+  private server: http.Server | null = null;
+
+  constructor(private readonly log: Logger) {}
+
+  route(method: string, path: string, handler: Handler): this {
+    const keys: string[] = [];
+    const pattern = new RegExp(`^${path.replace(/:(\w+)/g, (_, k: string) => (keys.push(k), "([^/]+)"))}$`);
+    this.routes.push({ method, pattern, keys, handler });
+    return this;
+  }
+
+  async listen(host: string, port: number): Promise<string> {
+    const server = http.createServer((req, res) => void this.serve(req, res));
+    this.server = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(port, host, () => resolve());
+    });
+    const a = server.address() as AddressInfo;
+    return `http://${a.address.includes(":") ? `[${a.address}]` : a.address}:${a.port}`;
+  }
+
+  close(): Promise<void> {
+    const s = this.server;
+    if (!s) return Promise.resolve();
+    s.closeAllConnections();
+    return new Promise((r) => s.close(() => r()));
+  }
+
+  private async serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const reply = (status: number, body: unknown) => {
+      res.writeHead(status, { "content-type": "application/json" });
+      res.end(JSON.stringify(body) + "\n");
+    };
+    try {
+      const url = new URL(req.url ?? "/", "http://x");
+      const route = this.routes.find((r) => r.method === req.method && r.pattern.test(url.pathname));
+      if (!route) return reply(404, { error: `no route for ${req.method} ${url.pathname}` });
+      const m = route.pattern.exec(url.pathname)!;
+      const params = Object.fromEntries(route.keys.map((k, i) => [k, decodeURIComponent(m[i + 1]!)]));
+      let body: unknown = undefined;
+      if (req.method === "POST") {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        for await (const c of req) {
+          size += (c as Buffer).length;
+          if (size > 1 << 20) return reply(413, { error: "body too large" });
+          chunks.push(c as Buffer);
+        }
+        const text = Buffer.concat(chunks).toString("utf8");
+        try {
+          body = text ? JSON.parse(text) : {};
+        } catch {
+          return reply(400, { error: "body is not JSON" });
+        }
+      }
+      if (req.method !== "GET") this.log.info({ method: req.method, path: url.pathname, from: req.socket.remoteAddress }, "control call");
+      const out = await route.handler(params, body);
+      reply(out.status ?? 200, out.body);
+    } catch (err) {
+      const status = (err as { status?: number }).status ?? 500;
+      this.log.warn({ err: (err as Error).message, path: req.url }, "control call failed");
+      reply(status, { error: (err as Error).message });
+    }
+  }
+}
+
+export class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}

@@ -1,0 +1,136 @@
+import { execFileSync, spawn } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { NbdClient } from "../../src/client/nbd-client.js";
+import { controlCall, getStatus } from "../../src/control/control-client.js";
+import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { needTools } from "../helpers/tools.js";
+
+const MiB = 1024 * 1024;
+
+function addr(uri: string) {
+  const u = new URL(uri);
+  return { host: u.hostname, port: Number(u.port) };
+}
+
+/** Two nodes serving one image from a shared directory; the export moves while fio writes. */
+describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two nodes under fio load", () => {
+  let dir: string;
+  let img: string;
+  let a: Served;
+  let b: Served;
+  const control = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
+  beforeAll(async () => {
+    dir = tempDir();
+    img = path.join(dir, "disk.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 64 * MiB);
+    a = await serve([img, "--name", "disk", "--node-id", "a", "--control", "127.0.0.1:0"], 2);
+    b = await serve([img, "--name", "disk", "--node-id", "b", "--control", "127.0.0.1:0"], 2);
+  });
+  afterAll(async () => {
+    await b?.stop();
+    await a?.stop();
+  });
+
+  it("starts with the first node as owner and the second proxying through port B", async () => {
+    const sa = await getStatus(control(a));
+    const sb = await getStatus(control(b));
+    expect(sa.exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 1, state: "LOCAL" });
+    expect(sb.exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 1, state: "REMOTE" });
+    const lease = JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"));
+    expect(lease).toMatchObject({ owner: "a", epoch: 1, control: control(a) });
+    const desc = execFileSync("nbdinfo", ["--json", b.uris[0]!], { encoding: "utf8" });
+    expect(JSON.parse(desc).exports[0].description).toMatch(/redirector\(REMOTE\).*\[owner=a epoch=1\]/);
+  });
+
+  it("moves the export 20 times while fio writes with crc32c verification: no error, images identical", async () => {
+    const fio = spawn(
+      "fio",
+      [
+        "--name=migrate",
+        "--ioengine=nbd",
+        `--uri=${a.uris[0]}`,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=32m",
+        "--time_based",
+        "--runtime=8",
+        "--verify=crc32c",
+        "--verify_backlog=256",
+        "--verify_fatal=1",
+        "--output-format=json",
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let out = "";
+    fio.stdout.on("data", (d) => (out += d));
+    const fioDone = new Promise<number | null>((r) => fio.once("exit", r));
+
+    // Meanwhile: two connections to node a and one to node b check that flush on one is seen by all.
+    const c1 = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    const c2 = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    const c3 = await NbdClient.connect(addr(b.uris[0]!), { exportName: "disk" });
+    let stop = false;
+    let checks = 0;
+    const mc = (async () => {
+      for (let i = 0; !stop; i++) {
+        const [w, r1, r2] = i % 3 === 0 ? [c1, c2, c3] : i % 3 === 1 ? [c3, c1, c2] : [c2, c3, c1];
+        const data = Buffer.alloc(4096, (i % 250) + 1);
+        const off = 48 * MiB + (i % 64) * 4096; // outside fio's 32 MiB
+        await w.pwrite(data, off);
+        await w.flush();
+        expect((await r1.pread(4096, off)).equals(data)).toBe(true);
+        expect((await r2.pread(4096, off)).equals(data)).toBe(true);
+        checks++;
+      }
+    })();
+
+    await new Promise((r) => setTimeout(r, 500));
+    const moves: number[] = [];
+    let [from, to] = [control(a), control(b)];
+    for (let i = 0; i < 20; i++) {
+      const r = await controlCall<{ ms: number; epoch: number }>(from, "POST", "v1/exports/disk/migrate", { to });
+      moves.push(r.ms);
+      expect(r.epoch).toBe(i + 2);
+      [from, to] = [to, from];
+      await new Promise((res) => setTimeout(res, 150));
+    }
+    expect(fio.exitCode).toBeNull(); // every move happened under load
+    const code = await fioDone;
+    stop = true;
+    await mc;
+    const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
+    expect(code).toBe(0);
+    expect(job.error).toBe(0);
+    expect(job.write.io_bytes).toBeGreaterThan(32 * MiB);
+    expect(job.read.io_bytes).toBeGreaterThan(0); // verify_backlog read back what was written
+    expect(checks).toBeGreaterThan(10);
+    await Promise.all([c1.disconnect(), c2.disconnect(), c3.disconnect()]);
+
+    const sa = await getStatus(control(a));
+    expect(sa.exports[0]).toMatchObject({ owner: "a", epoch: 21, state: "LOCAL", held: 0 });
+    // What clients read through the other node equals the image file itself.
+    const copy = path.join(dir, "copy.img");
+    execFileSync("nbdcopy", [b.uris[0]!, copy]);
+    execFileSync("qemu-img", ["compare", "-f", "raw", "-F", "raw", img, copy]);
+    console.log(`20 moves under fio load: ms per move ${moves.map((m) => m.toFixed(0)).join(" ")}`);
+  });
+
+  it("migrates and reports through the CLI", () => {
+    const moved = execFileSync(process.execPath, [CLI, "migrate", "disk", "--from", control(a), "--to", control(b)], { encoding: "utf8" });
+    expect(moved).toMatch(/^moved disk from a to b \(epoch 22\) in [\d.]+ ms$/m);
+    const st = JSON.parse(execFileSync(process.execPath, [CLI, "status", control(a), "--json"], { encoding: "utf8" }));
+    expect(st.exports[0]).toMatchObject({ name: "disk", owner: "b", epoch: 22, state: "REMOTE" });
+    const human = execFileSync(process.execPath, [CLI, "status", control(b)], { encoding: "utf8" });
+    expect(human).toMatch(/disk\s+b\s+22\s+LOCAL/);
+  });
+
+  it("refuses to migrate from a node that does not own the export, or to a dead peer, and changes nothing", async () => {
+    await expect(controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) })).rejects.toThrow(/409.*not owned here/);
+    await expect(controlCall(control(b), "POST", "v1/exports/disk/migrate", { to: "http://127.0.0.1:1" })).rejects.toThrow(/502.*unreachable/);
+    expect((await getStatus(control(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL" });
+  });
+});
