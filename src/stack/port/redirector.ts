@@ -173,6 +173,9 @@ export class PortRedirector implements Layer {
   moveOut(h: HandOver): Promise<void> {
     return this.serial(async () => {
       if (this.st !== "LOCAL") throw new NbdError("EINVAL", `${this.name}: cannot move out while ${this.st}`);
+      // Pre-flush while requests still flow: most dirty data reaches the disk now, so the flush
+      // under hold (step 3) only covers the last moment's writes and the stall stays short.
+      if (this.caps.flush) await this.a!.flush(plainIo).catch(() => undefined);
       const t0 = performance.now();
       this.st = "DRAINING";
       this.log?.info({ export: this.name }, "move: draining port A");
