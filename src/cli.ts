@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError, Option } from "commander";
-import { migrateCommand, statusCommand } from "./commands/cluster.js";
+import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
 
 const program = new Command();
@@ -36,8 +36,11 @@ program
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")
   .option("--node-id <id>", "run as a cluster node with this id: image exports get a port redirector and a lease record beside the image, and can move between nodes")
-  .option("--control <host:port>", "address of the node's control API (HTTP/JSON; default 127.0.0.1 and a free port; needs --node-id)")
+  .option("--control <host:port>", "address of the control API (HTTP/JSON; started with --node-id or --fault, on 127.0.0.1 and a free port unless given)")
   .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "10s")
+  .option("--fault", "put a fault layer (no rules yet) directly above each export's port; steer it with 'nbdstack fault'", false)
+  .option("--fault-seed <n>", "seed of the fault layers' random decisions", (v: string) => Number(v), 1)
+  .option("--fault-powerloss", "fault layer keeps unflushed writes in a volatile cache that 'nbdstack fault --powercut' loses (implies --fault)", false)
   .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error", "silent"]).default("info"))
   .addOption(new Option("--log-format <format>", "log format (default: pretty when stdout is a terminal, else json)").choices(["json", "pretty"]))
   .action(serveCommand);
@@ -51,6 +54,21 @@ program
   .option("--wait", "wait until the move has completed (the default: the command returns when clients are served by the new owner)", true)
   .option("--json", "print the result as JSON", false)
   .action(migrateCommand);
+
+program
+  .command("fault")
+  .description("steer the fault layer of export NAME at run time (serve it with --fault)")
+  .argument("<name>", "export name")
+  .requiredOption("--control <url>", "control URL of the server, e.g. http://127.0.0.1:9001")
+  .option("--add <rule>", "add a rule, e.g. op=pread,errno=EIO,range=1048576-2097152 (syntax in the README)")
+  .option("--clear", "remove every rule (and release stalled requests)")
+  .option("--list", "list rules and counters (the default)")
+  .option("--release", "let requests stalled by a 'stall' rule go on")
+  .option("--powercut", "lose the writes not yet flushed, then fail every request with ESHUTDOWN (needs --fault-powerloss)")
+  .option("--keep <fraction>", "with --powercut: fraction of unflushed writes that reach the disk anyway (seeded)", Number)
+  .option("--torn", "with --powercut: kept writes may be torn at 512-byte sectors")
+  .option("--poweron", "serve requests again after a power cut")
+  .action(faultCommand);
 
 program
   .command("status")

@@ -24,3 +24,43 @@ export async function statusCommand(url: string, opts: { json: boolean }): Promi
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   for (const r of rows) process.stdout.write(r.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd() + "\n");
 }
+
+export interface FaultOptions {
+  control: string;
+  add?: string;
+  clear?: boolean;
+  list?: boolean;
+  release?: boolean;
+  powercut?: boolean;
+  keep?: number;
+  torn?: boolean;
+  poweron?: boolean;
+}
+
+interface FaultView {
+  rules: Array<{ id: number; text: string; seen: number; fired: number }>;
+  counts: Record<string, number>;
+  lost?: number;
+  kept?: number;
+  released?: number;
+}
+
+export async function faultCommand(name: string, o: FaultOptions): Promise<void> {
+  const path = `v1/exports/${encodeURIComponent(name)}/faults`;
+  const body = o.add
+    ? { add: o.add }
+    : o.clear
+      ? { clear: true }
+      : o.release
+        ? { release: true }
+        : o.powercut
+          ? { powercut: { keep: o.keep ?? 0, torn: !!o.torn } }
+          : o.poweron
+            ? { poweron: true }
+            : null;
+  const v = body ? await controlCall<FaultView>(o.control, "POST", path, body) : await controlCall<FaultView>(o.control, "GET", path);
+  if (v.lost !== undefined) process.stdout.write(`power cut: ${v.lost} unflushed writes lost, ${v.kept} kept\n`);
+  if (v.released !== undefined) process.stdout.write(`released ${v.released} stalled requests\n`);
+  for (const r of v.rules) process.stdout.write(`rule ${r.id}: ${r.text}  (matched ${r.seen}, fired ${r.fired})\n`);
+  process.stdout.write(`counts: ${Object.entries(v.counts).map(([k, n]) => `${k} ${n}`).join(", ")}\n`);
+}

@@ -8,6 +8,9 @@ import { createLogger } from "../log.js";
 import { NbdServer, type TcpAddress } from "../server/server.js";
 import { composeExport, defaultExportName } from "../stack/compose.js";
 import { StorageNode } from "../node/storage-node.js";
+import { ControlServer } from "../control/control-server.js";
+import { attachFaultRoutes } from "../control/fault-routes.js";
+import type { FaultLayer } from "../stack/fault/fault-layer.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 
@@ -25,6 +28,9 @@ export interface ServeOptions {
   nodeId?: string;
   control?: string;
   leaseTtl: string;
+  fault: boolean;
+  faultSeed: number;
+  faultPowerloss: boolean;
 }
 
 export const DEFAULT_PORT = 10809;
@@ -68,21 +74,24 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   if (images.length === 0 && !opts.demo) throw new Error("nothing to serve: give image files, memory:SIZE, or --demo");
   if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
 
-  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), readOnly: opts.readOnly, io: opts.io }));
+  const fault = opts.fault || opts.faultPowerloss ? { seed: opts.faultSeed, powerloss: opts.faultPowerloss, log } : undefined;
+  const common = { readOnly: opts.readOnly, io: opts.io, fault };
+  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), ...common }));
   let demo: { file: string; dir: string } | null = null;
   if (opts.demo) {
     demo = await demoCopy();
-    specs.push({ source: demo.file, name: "demo", readOnly: opts.readOnly, io: opts.io });
+    specs.push({ source: demo.file, name: "demo", ...common });
   }
   const tcp = opts.listen.map(parseListen);
   if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
-  if (opts.control && !opts.nodeId) throw new Error("--control needs --node-id");
+  if (fault && opts.nodeId) throw new Error("--fault is not available on cluster nodes yet (--node-id)");
   const node = opts.nodeId
     ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
     : null;
+  const faults = new Map<string, FaultLayer>();
   const server = new NbdServer({
-    exports: specs.map((s) => (node ? node.createExport(s) : composeExport(s))),
+    exports: specs.map((s) => (node ? node.createExport(s) : composeExport(s, (name, f) => faults.set(name, f)))),
     tcp,
     unixSockets: opts.socket,
     log,
@@ -92,14 +101,21 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });
   };
   let controlUrl: string | null = null;
+  const control = node || opts.control || fault ? new ControlServer(log.child({ role: "control" })) : null;
   try {
     await server.start();
+    if (control) {
+      if (node) node.attach(control);
+      else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
+      attachFaultRoutes(control, faults);
+      const c = parseListen(opts.control ?? "127.0.0.1:0");
+      controlUrl = await control.listen(c.host, c.port);
+    }
     if (node) {
       const nbd = server.addresses().find((a): a is TcpAddress => "port" in a);
       if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
       node.setNbdAddress(`${nbd.host}:${nbd.port}`);
-      const c = parseListen(opts.control ?? "127.0.0.1:0");
-      controlUrl = await node.start(c.host, c.port);
+      node.start(controlUrl!);
     }
   } catch (err) {
     cleanup();
@@ -112,7 +128,7 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   }
   if (controlUrl) {
     process.stdout.write(`control ${controlUrl}\n`);
-    log.info({ node: opts.nodeId, control: controlUrl }, "control API listening");
+    log.info({ node: opts.nodeId ?? null, control: controlUrl }, "control API listening");
   }
 
   let signals = 0;
@@ -126,6 +142,7 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     server
       .close()
       .then(() => node?.close())
+      .then(() => control?.close())
       .then(
       () => {
         cleanup();

@@ -7,7 +7,7 @@ import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import type { ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
-import { RemotePort } from "../stack/port/remote-port.js";
+import { RemotePort, ownerIsHere } from "../stack/port/remote-port.js";
 
 interface Managed {
   name: string;
@@ -41,7 +41,6 @@ export class StorageNode {
   private readonly managed = new Map<string, Managed>();
   private readonly ttlMs: number;
   private timer: NodeJS.Timeout | null = null;
-  private control: ControlServer | null = null;
 
   constructor(private readonly opts: StorageNodeOptions) {
     this.identity = { nodeId: opts.nodeId, nbd: opts.nbd, control: "" };
@@ -76,6 +75,10 @@ export class StorageNode {
           await p.open();
           return p;
         },
+        stillOwner: () => {
+          const r = lease.read();
+          return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
+        },
       },
       epoch !== null,
       log,
@@ -92,13 +95,13 @@ export class StorageNode {
 
   private locateOwner(lease: LeaseFile): { host: string; port: number } {
     const r = lease.read();
-    if (!r || r.owner === this.identity.nodeId) throw Object.assign(new Error(`no other owner recorded in ${lease.file}`), { code: "EAGAIN" });
+    if (!r) throw Object.assign(new Error(`no lease record in ${lease.file}`), { code: "ENOENT" });
+    if (r.owner === this.identity.nodeId) throw ownerIsHere(`${lease.file} names this node (${r.owner}@${r.epoch}) as the owner`);
     return parseHostPort(r.nbd);
   }
 
-  /** Starts the control API and lease renewal. Returns the control URL. */
-  async start(controlHost: string, controlPort: number): Promise<string> {
-    const c = new ControlServer(this.opts.log.child({ role: "control" }));
+  /** Adds the node's routes (status, migrate, adopt) to the control API. */
+  attach(c: ControlServer): void {
     c.route("GET", "/v1/status", async () => ({ body: this.status() }));
     c.route("POST", "/v1/exports/:name/migrate", async (p, body) => {
       const to = (body as { to?: unknown })?.to;
@@ -111,13 +114,15 @@ export class StorageNode {
       await this.adopt(p.name!, epoch);
       return { body: { adopted: p.name, epoch } };
     });
-    this.control = c;
-    this.identity.control = await c.listen(controlHost, controlPort);
+  }
+
+  /** Starts lease renewal once the control API listens at `controlUrl`. */
+  start(controlUrl: string): void {
+    this.identity.control = controlUrl;
     // Record the addresses peers need (the NBD port may only now be known).
     for (const m of this.managed.values()) if (m.epoch !== null) m.lease.renew(this.identity, m.epoch);
     this.timer = setInterval(() => this.renewAll(), Math.max(100, this.ttlMs / 3));
     this.timer.unref();
-    return this.identity.control;
   }
 
   setNbdAddress(nbd: string): void {
@@ -126,6 +131,10 @@ export class StorageNode {
 
   private renewAll(): void {
     for (const m of this.managed.values()) {
+      if (m.epoch === null && m.redirector.state === "REMOTE") {
+        this.takeOverIfExpired(m);
+        continue;
+      }
       if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) continue;
       try {
         m.lease.renew(this.identity, m.epoch);
@@ -140,6 +149,25 @@ export class StorageNode {
         void m.redirector.fence();
       }
     }
+  }
+
+  /** The owner stopped renewing (it died): once its lease expired, take the image over. */
+  private takeOverIfExpired(m: Managed): void {
+    const r = m.lease.read();
+    if (!r || !m.lease.expired(r)) return;
+    let epoch: number;
+    try {
+      epoch = m.lease.acquire(this.identity, this.ttlMs).epoch;
+    } catch (err) {
+      if (err instanceof LeaseError) return; // another node was quicker
+      throw err;
+    }
+    this.opts.log.warn({ export: m.name, previous: r.owner, epoch }, "lease of the owner expired: taking the image over");
+    m.epoch = epoch;
+    m.redirector.adopt().catch((err: Error) => {
+      this.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
+      m.epoch = null;
+    });
   }
 
   status(): NodeStatus {
@@ -188,15 +216,19 @@ export class StorageNode {
     const r = m.lease.read();
     if (!r || r.owner !== this.identity.nodeId || r.epoch !== epoch)
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${this.identity.nodeId}@${epoch}`);
-    await m.redirector.adopt();
     m.epoch = epoch;
+    try {
+      await m.redirector.adopt();
+    } catch (err) {
+      m.epoch = null;
+      throw err;
+    }
     m.lease.renew(this.identity, epoch);
     this.opts.log.info({ export: name, epoch }, "export adopted");
   }
 
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
-    await this.control?.close();
     for (const m of this.managed.values()) if (m.epoch !== null) m.lease.release(this.identity, m.epoch);
   }
 }

@@ -2,6 +2,7 @@ import path from "node:path";
 import { Export } from "../server/export.js";
 import { parseSize } from "../util/size.js";
 import { createDiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
 import type { Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
@@ -15,6 +16,8 @@ export interface ExportSpec {
   /** How a file port calls the kernel (see IoMode). */
   io?: IoMode;
   disk?: DiskLayerOptions;
+  /** Insert a fault layer (no rules yet) directly above the port. */
+  fault?: FaultLayerOptions;
 }
 
 /** The port at the bottom of a stack for `source`. */
@@ -31,9 +34,17 @@ export function defaultExportName(source: string): string {
   return dot > 0 ? base.slice(0, dot) : base;
 }
 
-/** Builds an export's stack from the bottom up: port → disk layer. */
-export function composeExport(spec: ExportSpec): Export {
-  const port = createPort(spec.source, !!spec.readOnly, spec.io);
-  const top = createDiskLayer(port, spec.disk);
-  return new Export(spec.name ?? defaultExportName(spec.source), top, spec.description);
+/**
+ * Builds an export's stack from the bottom up: port → (fault) → disk layer. A fault layer, if
+ * asked for, is handed to `onFault` so it can be steered at run time.
+ */
+export function composeExport(spec: ExportSpec, onFault?: (name: string, f: FaultLayer) => void): Export {
+  const name = spec.name ?? defaultExportName(spec.source);
+  let below: Layer = createPort(spec.source, !!spec.readOnly, spec.io);
+  if (spec.fault) {
+    const f = new FaultLayer(below, spec.fault);
+    onFault?.(name, f);
+    below = f;
+  }
+  return new Export(name, createDiskLayer(below, spec.disk), spec.description);
 }

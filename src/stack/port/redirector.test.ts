@@ -12,7 +12,7 @@ function world(seed: number) {
   let rnd = seed >>> 0 || 1;
   const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const disk = new MemoryPort({ size: SIZE });
-  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false };
+  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false, adoptThenFail: false, reclaimFails: false };
   const nodes: Record<"x" | "y", PortRedirector> = {} as never;
 
   /** Port A of a node: the shared device, usable only while that node owns it and has it open. */
@@ -76,7 +76,11 @@ function world(seed: number) {
   }
   for (const me of ["x", "y"] as const) {
     const other = me === "x" ? "y" : "x";
-    nodes[me] = new PortRedirector(`disk@${me}`, { openLocal: async () => new PortA(me), openRemote: async () => new PortB(other) }, me === "x");
+    nodes[me] = new PortRedirector(
+      `disk@${me}`,
+      { openLocal: async () => new PortA(me), openRemote: async () => new PortB(other), stillOwner: () => state.owner === me },
+      me === "x",
+    );
   }
   const move = (from: "x" | "y") => {
     const to = from === "x" ? "y" : "x";
@@ -86,8 +90,10 @@ function world(seed: number) {
         if (state.refuse) throw new Error("peer refuses");
         state.owner = to;
         await nodes[to].adopt();
+        if (state.adoptThenFail) throw new Error("the peer's answer was lost");
       },
       reclaim: async () => {
+        if (state.reclaimFails) throw new Error("lease names the peer");
         state.owner = from;
       },
     });
@@ -192,5 +198,43 @@ describe("PortRedirector", () => {
     await w.nodes.x.open();
     await w.nodes.y.open();
     await expect(w.move("y")).rejects.toBeInstanceOf(NbdError);
+  });
+
+  it("never lets a rolled-back adopter write: it follows the owner that took the resource back", async () => {
+    const w = world(11);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    w.state.adoptThenFail = true;
+    const fromY = Array.from({ length: 30 }, (_, i) => w.nodes.y.pwrite(Buffer.alloc(64, i + 1), i * 64, plainIo));
+    const moving = w.move("x");
+    const fromX = Array.from({ length: 30 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(64, i + 101), 4096 + i * 64, plainIo));
+    await expect(moving).rejects.toThrow(/answer was lost/);
+    await Promise.all([...fromY, ...fromX]);
+    while (w.nodes.y.state === "ADOPTING") await sleep(1);
+    expect(w.state.owner).toBe("x");
+    expect(w.nodes.x.state).toBe("LOCAL");
+    expect(w.nodes.y.state).toBe("REMOTE");
+    expect(w.state.violations).toEqual([]);
+    const after = Buffer.alloc(64);
+    await w.nodes.y.pwrite(Buffer.alloc(64, 7), 0, plainIo);
+    await w.nodes.x.pread(after, 0, plainIo);
+    expect(after.every((v) => v === 7)).toBe(true);
+  });
+
+  it("follows the new owner when it cannot take the resource back after a failed hand-over", async () => {
+    const w = world(13);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    w.state.adoptThenFail = true;
+    w.state.reclaimFails = true;
+    const moving = w.move("x");
+    const held = Array.from({ length: 20 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(64, i + 1), i * 64, plainIo));
+    await expect(moving).rejects.toThrow(/answer was lost/);
+    await Promise.all(held);
+    expect(w.state.owner).toBe("y");
+    expect(w.nodes.x.state).toBe("REMOTE");
+    while (w.nodes.y.state === "ADOPTING") await sleep(1);
+    expect(w.nodes.y.state).toBe("LOCAL");
+    expect(w.state.violations).toEqual([]);
   });
 });

@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
+import { isOwnerHere } from "./remote-port.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 
 /**
@@ -19,6 +20,8 @@ export interface RedirectorPorts {
   openLocal(): Promise<Layer>;
   /** Opens port B to whichever node owns the resource now. */
   openRemote(): Promise<Layer>;
+  /** Whether this node still owns the resource (checked before an adopting node starts writing its own requests). */
+  stillOwner?(): boolean;
 }
 
 export interface HandOver {
@@ -136,7 +139,17 @@ export class PortRedirector implements Layer {
   private async viaB<T>(run: (port: Layer) => Promise<T>): Promise<T> {
     this.inB.enter();
     try {
-      return await run(this.b!);
+      for (;;) {
+        try {
+          return await run(this.b!);
+        } catch (err) {
+          // The owner is this node now (it adopted or took over the resource): the request,
+          // older than anything held, goes to port A as soon as that is open.
+          if (!isOwnerHere(err)) throw err;
+          if (this.a) return await this.viaA(run);
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      }
     } finally {
       this.inB.leave();
     }
@@ -197,9 +210,16 @@ export class PortRedirector implements Layer {
       } catch (err) {
         this.log?.warn({ export: this.name, err: (err as Error).message }, "move: the peer could not take the resource; rolling back");
         this.st = "ROLLBACK";
-        await h.reclaim();
-        this.a = await this.ports.openLocal();
-        this.st = "LOCAL";
+        try {
+          await h.reclaim();
+          this.a = await this.ports.openLocal();
+          this.st = "LOCAL";
+        } catch (again) {
+          // The resource is someone else's now after all: follow it through port B.
+          this.log?.warn({ export: this.name, err: (again as Error).message }, "move: cannot take the resource back; following its owner");
+          this.b = await this.openRemoteUntilDone();
+          this.st = "REMOTE";
+        }
         this.release();
         throw err;
       }
@@ -233,6 +253,15 @@ export class PortRedirector implements Layer {
       this.st = "ADOPTING";
       opened();
       await this.inB.idle();
+      if (this.ports.stillOwner && !this.ports.stillOwner()) {
+        // The hand-over was taken back meanwhile (its owner rolled back): never write as a second owner.
+        this.log?.warn({ export: this.name }, "adopt: the resource was taken back; following its owner");
+        await this.a.close().catch(() => undefined);
+        this.a = null;
+        this.st = "REMOTE";
+        this.release();
+        return;
+      }
       const b = this.b;
       this.b = null;
       this.st = "LOCAL";

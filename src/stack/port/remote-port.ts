@@ -15,6 +15,15 @@ export interface RemotePortOptions {
   log?: Logger;
 }
 
+/** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
+export function ownerIsHere(message: string): Error {
+  return Object.assign(new Error(message), { code: "EOWNER" });
+}
+
+export function isOwnerHere(err: unknown): boolean {
+  return (err as { code?: string } | null)?.code === "EOWNER";
+}
+
 /** Errors that mean "this connection is gone", not "the device failed": the request is sent again. */
 function isLinkError(err: unknown): boolean {
   if (err instanceof ProtocolError) return true;

@@ -1,0 +1,93 @@
+import fs from "node:fs";
+import path from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { NbdClient } from "../../src/client/nbd-client.js";
+import { getStatus } from "../../src/control/control-client.js";
+import { serve, tempDir, type Served } from "../helpers/serve.js";
+
+const MiB = 1024 * 1024;
+const addr = (uri: string) => {
+  const u = new URL(uri);
+  return { host: u.hostname, port: Number(u.port) };
+};
+const control = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
+
+let nodes: Served[] = [];
+afterEach(async () => {
+  await Promise.all(nodes.map((n) => n.stop("SIGKILL")));
+  nodes = [];
+});
+
+async function twoNodes(ttl = "1s") {
+  const dir = tempDir();
+  const img = path.join(dir, "disk.img");
+  fs.writeFileSync(img, "");
+  fs.truncateSync(img, 16 * MiB);
+  const a = await serve([img, "--name", "disk", "--node-id", "a", "--lease-ttl", ttl], 2);
+  const b = await serve([img, "--name", "disk", "--node-id", "b", "--lease-ttl", ttl], 2);
+  nodes.push(a, b);
+  return { img, a, b };
+}
+
+describe("node failures", () => {
+  it("keeps what was flushed when the owner is killed right after the FLUSH reply", async () => {
+    const { img, a } = await twoNodes();
+    const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    const data = Buffer.alloc(256 * 1024, 0x5c);
+    await c.pwrite(data, 3 * MiB);
+    await c.flush();
+    await a.stop("SIGKILL");
+    c.destroy();
+    const fd = fs.openSync(img, "r");
+    const back = Buffer.alloc(data.length);
+    fs.readSync(fd, back, 0, back.length, 3 * MiB);
+    fs.closeSync(fd);
+    expect(back.equals(data)).toBe(true);
+  });
+
+  it("takes the image over when its owner dies and its lease expires; a client of the survivor sees no failed request", async () => {
+    const { img, a, b } = await twoNodes("1s");
+    const c = await NbdClient.connect(addr(b.uris[0]!), { exportName: "disk" }); // through port B to a
+    const model = Buffer.alloc(16 * MiB);
+    let stop = false;
+    let done = 0;
+    const failures: unknown[] = [];
+    const worker = async (w: number) => {
+      for (let i = 0; !stop; i++) {
+        const off = (w * 512 + (i % 512)) * 4096;
+        const buf = Buffer.alloc(4096, ((w + i) % 250) + 1);
+        try {
+          await c.pwrite(buf, off);
+          buf.copy(model, off);
+          done++;
+        } catch (err) {
+          failures.push(err);
+        }
+      }
+    };
+    // Each worker owns its own blocks, so acknowledged writes have one possible final value.
+    const ws = Array.from({ length: 8 }, (_, w) => worker(w));
+    await new Promise((r) => setTimeout(r, 300));
+    const before = done;
+    await a.stop("SIGKILL");
+    const t0 = Date.now();
+    while ((await getStatus(control(b))).exports[0]!.state !== "LOCAL") {
+      expect(Date.now() - t0).toBeLessThan(10_000);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const afterTakeover = done;
+    await new Promise((r) => setTimeout(r, 300));
+    stop = true;
+    await Promise.all(ws);
+    expect(failures).toEqual([]);
+    expect(before).toBeGreaterThan(0);
+    expect(done).toBeGreaterThan(afterTakeover); // served locally by b now
+    const st = await getStatus(control(b));
+    expect(st.exports[0]).toMatchObject({ owner: "b", epoch: 2, state: "LOCAL" });
+    await c.flush();
+    const all = await c.pread(8 * 512 * 4096, 0);
+    expect(all.equals(model.subarray(0, 8 * 512 * 4096))).toBe(true);
+    await c.disconnect();
+    expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"))).toMatchObject({ owner: "b", epoch: 2 });
+  });
+});
