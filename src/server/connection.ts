@@ -186,7 +186,9 @@ export class Connection {
       written?.();
       return;
     }
-    if (!this.corked) {
+    // Batch replies finished in one event-loop turn into one write, unless this is the only
+    // request in flight: then nothing else can join it and waiting for the batch only adds latency.
+    if (!this.corked && this.inflight > 1) {
       this.corked = true;
       s.cork();
       setImmediate(this.uncork);
