@@ -46,6 +46,9 @@ const client = await NbdClient.connect({ host: a.uri.hostname, port: Number(a.ur
 // Load: QD workers, each writing a self-describing block (offset + sequence) to random blocks.
 const blocks = SIZE / BS;
 const lastSeq = new Int32Array(blocks).fill(-1);
+// No two writes to one block are ever in flight together: NBD leaves the order of concurrent
+// overlapping writes open, so only then does "the last acknowledged write" have one value.
+const busy = new Uint8Array(blocks);
 const completions = []; // ms timestamps
 const latencies = [];
 let errors = 0;
@@ -56,7 +59,9 @@ const t0 = performance.now();
 let running = true;
 async function worker() {
   while (running) {
-    const blk = rand();
+    let blk = rand();
+    while (busy[blk]) blk = rand();
+    busy[blk] = 1;
     const s = seq++;
     const buf = Buffer.alloc(BS);
     buf.writeUInt32LE(blk, 0);
@@ -73,6 +78,7 @@ async function worker() {
       errors++;
       console.error("write failed:", err.message);
     }
+    busy[blk] = 0;
   }
 }
 const workers = Array.from({ length: QD }, worker);
