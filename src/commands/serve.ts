@@ -85,13 +85,15 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   const tcp = opts.listen.map(parseListen);
   if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
-  if (fault && opts.nodeId) throw new Error("--fault is not available on cluster nodes yet (--node-id)");
   const node = opts.nodeId
     ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
     : null;
   const faults = new Map<string, FaultLayer>();
   const server = new NbdServer({
-    exports: specs.map((s) => (node ? node.createExport(s) : composeExport(s, (name, f) => faults.set(name, f)))),
+    exports: specs.map((s) => {
+      const onFault = (name: string, f: FaultLayer) => faults.set(name, f);
+      return node ? node.createExport(s, onFault) : composeExport(s, onFault);
+    }),
     tcp,
     unixSockets: opts.socket,
     log,

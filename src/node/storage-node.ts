@@ -7,6 +7,9 @@ import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import type { ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
+import { PortSlot } from "../stack/port/port-slot.js";
+import { FaultLayer } from "../stack/fault/fault-layer.js";
+import type { Layer } from "../stack/layer.js";
 import { RemotePort, ownerIsHere } from "../stack/port/remote-port.js";
 
 interface Managed {
@@ -51,7 +54,7 @@ export class StorageNode {
    * The export for one image: disk layer over a port redirector whose port A is the image and
    * port B the owner. Takes the lease if it is free; otherwise the export starts as REMOTE.
    */
-  createExport(spec: ExportSpec & { name: string }): Export {
+  createExport(spec: ExportSpec & { name: string }, onFault?: (name: string, f: FaultLayer) => void): Export {
     if (spec.source.startsWith("memory:")) throw new Error(`${spec.name}: a node's exports must be image files (shared with peers)`);
     const lease = new LeaseFile(spec.source);
     let epoch: number | null = null;
@@ -62,13 +65,20 @@ export class StorageNode {
       this.opts.log.info({ export: spec.name, owner: err.current?.owner }, "image owned by another node: serving through port B");
     }
     const log = this.opts.log.child({ export: spec.name });
+    // Port A: the image, opened each time this node owns it; a fault layer above it keeps its rules across moves.
+    const slot = new PortSlot(() => createFilePort({ path: spec.source, readOnly: spec.readOnly, io: spec.io }));
+    let portA: Layer = slot;
+    if (spec.fault) {
+      const f = new FaultLayer(slot, spec.fault);
+      onFault?.(spec.name, f);
+      portA = f;
+    }
     const redirector = new PortRedirector(
       spec.name,
       {
         openLocal: async () => {
-          const p = createFilePort({ path: spec.source, readOnly: spec.readOnly, io: spec.io });
-          await p.open();
-          return p;
+          await portA.open();
+          return portA;
         },
         openRemote: async () => {
           const p = new RemotePort({ exportName: spec.name, locate: () => this.locateOwner(lease), log });

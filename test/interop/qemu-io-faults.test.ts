@@ -56,3 +56,33 @@ describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and
     expect(file.subarray(131072, 196608).every((b) => b === 0)).toBe(true);
   });
 });
+
+describe("fault layer on cluster nodes", () => {
+  it("sits above port A, keeps its rules across moves, and sends its errors through port B to any client", async () => {
+    const { NbdClient } = await import("../../src/client/nbd-client.js");
+    const { controlCall } = await import("../../src/control/control-client.js");
+    const dir = tempDir();
+    const img = path.join(dir, "disk.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 8 * MiB);
+    const a = await serve([img, "--name", "disk", "--node-id", "a", "--fault"], 2);
+    const b = await serve([img, "--name", "disk", "--node-id", "b", "--fault"], 2);
+    const ctl = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
+    try {
+      fault(ctl(a), "--add", "op=pread,errno=EIO,range=0-4096");
+      const u = new URL(b.uris[0]!);
+      const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
+      await expect(c.pread(512, 0)).rejects.toMatchObject({ errno: "EIO" }); // b → port B → a's port A
+      expect((await c.pread(512, 8192)).length).toBe(512);
+      await controlCall(ctl(a), "POST", "v1/exports/disk/migrate", { to: ctl(b) });
+      expect((await c.pread(512, 0)).length).toBe(512); // b owns the image; its fault layer has no rules
+      await controlCall(ctl(b), "POST", "v1/exports/disk/migrate", { to: ctl(a) });
+      await expect(c.pread(512, 0)).rejects.toMatchObject({ errno: "EIO" }); // a's rule lived on
+      expect(fault(ctl(a), "--list")).toMatch(/rule 1: op=pread,errno=EIO,range=0-4096 {2}\(matched 2, fired 2\)/);
+      await c.disconnect();
+    } finally {
+      await b.stop();
+      await a.stop();
+    }
+  });
+});

@@ -2,13 +2,14 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { describe, expect, it } from "vitest";
 import { NbdError } from "../../errors.js";
 import { PassthroughLayer, plainIo, type Io, type Layer } from "../layer.js";
+import { FaultLayer } from "../fault/fault-layer.js";
 import { MemoryPort } from "./memory-port.js";
 import { PortRedirector } from "./redirector.js";
 
 const SIZE = 1 << 20;
 
 /** A world of two nodes sharing one device; `owner` is who may write it. */
-function world(seed: number) {
+function world(seed: number, faultA?: (f: FaultLayer) => void) {
   let rnd = seed >>> 0 || 1;
   const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const disk = new MemoryPort({ size: SIZE });
@@ -78,7 +79,15 @@ function world(seed: number) {
     const other = me === "x" ? "y" : "x";
     nodes[me] = new PortRedirector(
       `disk@${me}`,
-      { openLocal: async () => new PortA(me), openRemote: async () => new PortB(other), stillOwner: () => state.owner === me },
+      {
+        openLocal: async () => {
+          const a = new PortA(me);
+          if (!faultA || me !== "x") return a;
+          const f = new FaultLayer(a, { seed });
+          faultA(f);
+          return f;
+        },
+        openRemote: async () => new PortB(other), stillOwner: () => state.owner === me },
       me === "x",
     );
   }
@@ -235,6 +244,24 @@ describe("PortRedirector", () => {
     expect(w.nodes.x.state).toBe("REMOTE");
     while (w.nodes.y.state === "ADOPTING") await sleep(1);
     expect(w.nodes.y.state).toBe("LOCAL");
+    expect(w.state.violations).toEqual([]);
+  });
+
+  it("never lets port A's faults during a hand-over reach held requests", async () => {
+    let fault!: FaultLayer;
+    const w = world(17, (f) => (fault = f));
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    fault.addRule("op=pwrite,delay=5ms");
+    const inflight = Array.from({ length: 10 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(64, 1), i * 64, plainIo).then(() => "ok", (e) => e.errno));
+    const moving = w.move("x");
+    while (w.nodes.x.state === "LOCAL") await sleep(0);
+    fault.addRule("op=pwrite,errno=EIO"); // port A now fails every write
+    const held = Array.from({ length: 40 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(64, 2), 8192 + i * 64, plainIo).then(() => "ok", (e) => e.errno));
+    await moving;
+    expect(await Promise.all(held)).toEqual(Array(40).fill("ok"));
+    const early = await Promise.all(inflight);
+    expect(early.every((o) => o === "ok" || o === "EIO")).toBe(true); // in flight on A: its faults are theirs
     expect(w.state.violations).toEqual([]);
   });
 });
