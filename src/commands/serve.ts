@@ -146,17 +146,17 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
       .then(() => node?.close())
       .then(() => control?.close())
       .then(
-      () => {
-        cleanup();
-        log.info("stopped");
-        process.exit(0);
-      },
-      (err) => {
-        log.error({ err }, "shutdown failed");
-        cleanup();
-        process.exit(1);
-      },
-    );
+        () => {
+          cleanup();
+          log.info("stopped");
+          process.exit(0);
+        },
+        (err) => {
+          log.error({ err }, "shutdown failed");
+          cleanup();
+          process.exit(1);
+        },
+      );
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));

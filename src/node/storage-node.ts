@@ -223,6 +223,9 @@ export class StorageNode {
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`. */
   async adopt(name: string, epoch: number): Promise<void> {
     const m = this.find(name);
+    // Test hook: widen the adopt phase so tests can kill this node in the middle of a hand-over.
+    const delay = Number(process.env.NBDSTACK_TEST_ADOPT_DELAY_MS ?? 0);
+    if (delay > 0) await new Promise((r) => setTimeout(r, delay));
     const r = m.lease.read();
     if (!r || r.owner !== this.identity.nodeId || r.epoch !== epoch)
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${this.identity.nodeId}@${epoch}`);

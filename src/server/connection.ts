@@ -97,9 +97,8 @@ export class Connection {
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, 'data' events (fresh chunks) are used.
     const scratch = Buffer.allocUnsafeSlow(READ_CHUNK);
-    let direct: boolean;
     const parser = new RequestParser(this.onRequest, this.maxPayload, true);
-    direct = this.directReads && readIntoUserBuffers(
+    const direct = this.directReads && readIntoUserBuffers(
       this.socket,
       () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? scratch,
       (buf, n) => {

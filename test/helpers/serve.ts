@@ -27,10 +27,11 @@ process.on("exit", () => {
  * Starts `nbdstack serve ARGS` on an ephemeral port and waits until it printed `exports` URIs.
  * Adds `--listen 127.0.0.1:0` unless ARGS has --listen or --socket.
  */
-export async function serve(args: string[], exports = 1): Promise<Served> {
+export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv = {}): Promise<Served> {
   const listen = args.includes("--listen") || args.includes("--socket") ? [] : ["--listen", "127.0.0.1:0"];
   const proc = spawn(process.execPath, [CLI, "serve", ...listen, "--log-format", "json", "--log-level", "debug", ...args], {
     stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...env },
   });
   running.add(proc);
   let out = "";

@@ -18,13 +18,13 @@ afterEach(async () => {
   nodes = [];
 });
 
-async function twoNodes(ttl = "1s") {
+async function twoNodes(ttl = "1s", envB: NodeJS.ProcessEnv = {}) {
   const dir = tempDir();
   const img = path.join(dir, "disk.img");
   fs.writeFileSync(img, "");
   fs.truncateSync(img, 16 * MiB);
   const a = await serve([img, "--name", "disk", "--node-id", "a", "--lease-ttl", ttl], 2);
-  const b = await serve([img, "--name", "disk", "--node-id", "b", "--lease-ttl", ttl], 2);
+  const b = await serve([img, "--name", "disk", "--node-id", "b", "--lease-ttl", ttl], 2, envB);
   nodes.push(a, b);
   return { img, a, b };
 }
@@ -89,5 +89,86 @@ describe("node failures", () => {
     expect(all.equals(model.subarray(0, 8 * 512 * 4096))).toBe(true);
     await c.disconnect();
     expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"))).toMatchObject({ owner: "b", epoch: 2 });
+  });
+
+  /** Writes from 8 workers on their own blocks through `c` until stopped; records failures. */
+  function load(c: InstanceType<typeof NbdClient>) {
+    const model = Buffer.alloc(8 * 512 * 4096);
+    const failures: unknown[] = [];
+    let stop = false;
+    let done = 0;
+    const ws = Array.from({ length: 8 }, async (_, w) => {
+      for (let i = 0; !stop; i++) {
+        const off = (w * 512 + (i % 512)) * 4096;
+        const buf = Buffer.alloc(4096, ((w + i) % 250) + 1);
+        try {
+          await c.pwrite(buf, off);
+          buf.copy(model, off);
+          done++;
+        } catch (err) {
+          failures.push(err);
+        }
+      }
+    });
+    return {
+      failures,
+      model,
+      done: () => done,
+      stop: async () => {
+        stop = true;
+        await Promise.all(ws);
+      },
+    };
+  }
+
+  it("rolls back when the peer is killed while it adopts the image: no failed request, the source owns it again", async () => {
+    const { a, b, img } = await twoNodes("10s", { NBDSTACK_TEST_ADOPT_DELAY_MS: "1500" });
+    const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    const l = load(c);
+    await new Promise((r) => setTimeout(r, 200));
+    const { controlCall } = await import("../../src/control/control-client.js");
+    const moving = controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) }).then(
+      () => "moved",
+      (e: Error) => e.message,
+    );
+    await new Promise((r) => setTimeout(r, 500)); // a holds requests, b is inside adopt
+    await b.stop("SIGKILL");
+    expect(await moving).toMatch(/502|fetch failed|socket|other side closed|ECONNRESET|terminated/i);
+    const during = l.done();
+    await new Promise((r) => setTimeout(r, 300));
+    await l.stop();
+    expect(l.failures).toEqual([]);
+    expect(l.done()).toBeGreaterThan(during); // served by a again
+    const st = await getStatus(control(a));
+    expect(st.exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL", held: 0 });
+    await c.flush();
+    const all = await c.pread(l.model.length, 0);
+    expect(all.equals(l.model)).toBe(true);
+    await c.disconnect();
+    expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"))).toMatchObject({ owner: "a", epoch: 3 });
+  });
+
+  it("takes the image back when the new owner dies right after the hand-over: no failed request", async () => {
+    const { a, b } = await twoNodes("1s");
+    const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    const l = load(c);
+    await new Promise((r) => setTimeout(r, 200));
+    const { controlCall } = await import("../../src/control/control-client.js");
+    await controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) });
+    await b.stop("SIGKILL"); // a now forwards to a dead owner until b's lease expires
+    const t0 = Date.now();
+    while ((await getStatus(control(a))).exports[0]!.state !== "LOCAL") {
+      expect(Date.now() - t0).toBeLessThan(10_000);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const back = l.done();
+    await new Promise((r) => setTimeout(r, 300));
+    await l.stop();
+    expect(l.failures).toEqual([]);
+    expect(l.done()).toBeGreaterThan(back);
+    expect((await getStatus(control(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
+    await c.flush();
+    expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
+    await c.disconnect();
   });
 });
