@@ -206,6 +206,11 @@ export class StorageNode {
     const myEpoch = m.epoch;
     let handed = 0;
     await m.redirector.moveOut({
+      prepare: async () => {
+        const p = new RemotePort({ exportName: name, first: parseHostPort(peer.nbd), locate: () => this.locateOwner(m.lease), log: this.opts.log.child({ export: name }) });
+        await p.open();
+        return p;
+      },
       assign: async () => {
         handed = m.lease.handOver(this.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, this.ttlMs).epoch;
         m.epoch = null;

@@ -25,6 +25,8 @@ export interface RedirectorPorts {
 }
 
 export interface HandOver {
+  /** Opens port B to the peer before the hold starts, so its connection costs no stall (optional). */
+  prepare?(): Promise<Layer>;
   /** Assigns the resource to the peer (lease hand-over + the peer adopting it). Throws if it cannot. */
   assign(): Promise<void>;
   /** Undoes a failed assign: takes the resource back for this node. */
@@ -186,13 +188,20 @@ export class PortRedirector implements Layer {
   moveOut(h: HandOver): Promise<void> {
     return this.serial(async () => {
       if (this.st !== "LOCAL") throw new NbdError("EINVAL", `${this.name}: cannot move out while ${this.st}`);
+      const prepared = h.prepare ? await h.prepare().catch(() => null) : null;
       // Pre-flush while requests still flow: most dirty data reaches the disk now, so the flush
       // under hold (step 3) only covers the last moment's writes and the stall stays short.
-      if (this.caps.flush) await this.a!.flush(plainIo).catch(() => undefined);
+      // Repeat while a pass is slow: each pass leaves only what was written during the previous one.
+      for (let pass = 0; pass < 3 && this.caps.flush; pass++) {
+        const f0 = performance.now();
+        const ok = await this.a!.flush(plainIo).then(() => true, () => false);
+        if (!ok || performance.now() - f0 < 5) break;
+      }
       const t0 = performance.now();
       this.st = "DRAINING";
-      this.log?.info({ export: this.name }, "move: draining port A");
+      this.log?.debug("move: draining port A");
       await this.inA.idle();
+      const tDrained = performance.now();
       const a = this.a!;
       try {
         if (this.caps.flush) await a.flush(plainIo);
@@ -200,15 +209,18 @@ export class PortRedirector implements Layer {
         // Port A cannot make its state durable: keep it, and serve on locally.
         this.st = "LOCAL";
         this.release();
+        await prepared?.close().catch(() => undefined);
         throw err;
       }
       await a.close();
+      const tFlushed = performance.now();
       this.a = null;
       this.st = "HANDOVER";
       try {
         await h.assign();
       } catch (err) {
-        this.log?.warn({ export: this.name, err: (err as Error).message }, "move: the peer could not take the resource; rolling back");
+        await prepared?.close().catch(() => undefined);
+        this.log?.warn({ err: (err as Error).message }, "move: the peer could not take the resource; rolling back");
         this.st = "ROLLBACK";
         try {
           await h.reclaim();
@@ -216,19 +228,25 @@ export class PortRedirector implements Layer {
           this.st = "LOCAL";
         } catch (again) {
           // The resource is someone else's now after all: follow it through port B.
-          this.log?.warn({ export: this.name, err: (again as Error).message }, "move: cannot take the resource back; following its owner");
+          this.log?.warn({ err: (again as Error).message }, "move: cannot take the resource back; following its owner");
           this.b = await this.openRemoteUntilDone();
           this.st = "REMOTE";
         }
         this.release();
         throw err;
       }
-      this.b = await this.openRemoteUntilDone();
+      const tAssigned = performance.now();
+      this.b = prepared ?? (await this.openRemoteUntilDone());
       this.st = "REMOTE";
       this.moves++;
       const held = this.held.length;
       this.release();
-      this.log?.info({ export: this.name, held, ms: Math.round(performance.now() - t0) }, "move: now served through port B");
+      const ms = (x: number, y: number) => Math.round((y - x) * 10) / 10;
+      const end = performance.now();
+      this.log?.info(
+        { held, holdMs: ms(t0, end), drainMs: ms(t0, tDrained), flushMs: ms(tDrained, tFlushed), assignMs: ms(tFlushed, tAssigned), portBMs: ms(tAssigned, end) },
+        "move: now served through port B",
+      );
     });
   }
 
@@ -255,7 +273,7 @@ export class PortRedirector implements Layer {
       await this.inB.idle();
       if (this.ports.stillOwner && !this.ports.stillOwner()) {
         // The hand-over was taken back meanwhile (its owner rolled back): never write as a second owner.
-        this.log?.warn({ export: this.name }, "adopt: the resource was taken back; following its owner");
+        this.log?.warn("adopt: the resource was taken back; following its owner");
         await this.a.close().catch(() => undefined);
         this.a = null;
         this.st = "REMOTE";
@@ -268,7 +286,7 @@ export class PortRedirector implements Layer {
       this.moves++;
       this.release();
       await b?.close().catch(() => undefined);
-      this.log?.info({ export: this.name }, "adopt: now served through port A");
+      this.log?.info("adopt: now served through port A");
     });
     return ready;
   }
@@ -298,7 +316,7 @@ export class PortRedirector implements Layer {
       try {
         return await this.ports.openRemote();
       } catch (err) {
-        this.log?.warn({ export: this.name, err: (err as Error).message }, "port B: cannot reach the owner yet; retrying");
+        this.log?.warn({ err: (err as Error).message }, "port B: cannot reach the owner yet; retrying");
         await new Promise((r) => setTimeout(r, delay));
       }
     }

@@ -12,6 +12,8 @@ export interface RemotePortOptions {
   exportName: string;
   /** Where the owner is now (asked again on every reconnect: the owner may have changed). */
   locate: () => NbdAddress | Promise<NbdAddress>;
+  /** Where to connect the first time, if not where locate() points (a peer about to become owner). */
+  first?: NbdAddress;
   log?: Logger;
 }
 
@@ -89,7 +91,9 @@ export class RemotePort implements Layer {
     if (this.client && !this.client.socket.destroyed) return Promise.resolve(this.client);
     this.connecting ??= (async () => {
       try {
-        const addr = await this.opts.locate();
+        const first = this.opts.first;
+        this.opts.first = undefined;
+        const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
         const c = await NbdClient.connect(addr, { exportName: PEER_EXPORT_PREFIX + this.opts.exportName });
         this.client = c;
