@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
+import { benchCommand } from "./commands/bench.js";
 
 const program = new Command();
 program
@@ -54,6 +55,28 @@ program
   .option("--wait", "wait until the move has completed (the default: the command returns when clients are served by the new owner)", true)
   .option("--json", "print the result as JSON", false)
   .action(migrateCommand);
+
+program
+  .command("bench")
+  .description("drive I/O at an NBD export, optionally moving it between nodes and injecting faults; report what clients saw")
+  .argument("<uri>", "nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH")
+  .addOption(new Option("--rw <mode>", "workload").choices(["read", "write", "randread", "randwrite", "randrw"]).default("randrw"))
+  .option("--mix <percent>", "reads in percent for randrw", "70")
+  .option("--bs <size>", "request size (a multiple of 512)", "4k")
+  .option("--qd <n>", "requests in flight per connection", "32")
+  .option("--conns <n>", "connections (multi-conn)", "1")
+  .option("--duration <time>", "how long to run, e.g. 30s", "30s")
+  .option("--bytes <size>", "stop after this many bytes instead")
+  .option("--range <start-end>", "part of the export to use, e.g. 0-1G")
+  .option("--verify", "write self-describing data, check every read, read everything back at the end (fails the run on a mismatch)", false)
+  .option("--seed <n>", "seed of the random offsets and of the verify pattern", "1")
+  .option("--migrate-every <time>", "move the export between --nodes round robin this often")
+  .option("--nodes <urls>", "control URLs of the nodes serving the export, comma-separated")
+  .option("--fault <rule@time>", "apply a fault rule at a time, e.g. op=pwrite,errno=EIO,rate=0.01@10s; repeatable", collect, [])
+  .option("--fault-control <url>", "control URL to apply --fault rules on (default: the first of --nodes)")
+  .option("--json <file>", "write the summary and the 100 ms series as JSON")
+  .option("--report <file>", "write a self-contained HTML page with IOPS and p99 charts")
+  .action(benchCommand);
 
 program
   .command("fault")

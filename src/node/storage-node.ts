@@ -195,7 +195,7 @@ export class StorageNode {
   }
 
   /** Moves export `name` from this node (its owner) to the node whose control API is at `to`. */
-  async migrate(name: string, to: string): Promise<{ export: string; from: string; to: string; epoch: number; ms: number }> {
+  async migrate(name: string, to: string): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
     const m = this.find(name);
     if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
     const peer = await getStatus(to).catch((err: Error) => {
@@ -205,7 +205,7 @@ export class StorageNode {
     const t0 = performance.now();
     const myEpoch = m.epoch;
     let handed = 0;
-    await m.redirector.moveOut({
+    const { held } = await m.redirector.moveOut({
       prepare: async () => {
         const p = new RemotePort({ exportName: name, first: parseHostPort(peer.nbd), locate: () => this.locateOwner(m.lease), log: this.opts.log.child({ export: name }) });
         await p.open();
@@ -222,7 +222,7 @@ export class StorageNode {
     });
     const ms = performance.now() - t0;
     this.opts.log.info({ export: name, to: peer.nodeId, epoch: handed, ms: Math.round(ms) }, "export moved");
-    return { export: name, from: this.identity.nodeId, to: peer.nodeId, epoch: handed, ms };
+    return { export: name, from: this.identity.nodeId, to: peer.nodeId, epoch: handed, ms, held };
   }
 
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`. */

@@ -185,7 +185,8 @@ export class PortRedirector implements Layer {
    * requests flow again: through port B after a hand-over, through port A after a rollback
    * (then it rejects with the reason).
    */
-  moveOut(h: HandOver): Promise<void> {
+  moveOut(h: HandOver): Promise<{ held: number }> {
+    let held = 0;
     return this.serial(async () => {
       if (this.st !== "LOCAL") throw new NbdError("EINVAL", `${this.name}: cannot move out while ${this.st}`);
       const prepared = h.prepare ? await h.prepare().catch(() => null) : null;
@@ -239,7 +240,7 @@ export class PortRedirector implements Layer {
       this.b = prepared ?? (await this.openRemoteUntilDone());
       this.st = "REMOTE";
       this.moves++;
-      const held = this.held.length;
+      held = this.held.length;
       this.release();
       const ms = (x: number, y: number) => Math.round((y - x) * 10) / 10;
       const end = performance.now();
@@ -247,7 +248,7 @@ export class PortRedirector implements Layer {
         { held, holdMs: ms(t0, end), drainMs: ms(t0, tDrained), flushMs: ms(tDrained, tFlushed), assignMs: ms(tFlushed, tAssigned), portBMs: ms(tAssigned, end) },
         "move: now served through port B",
       );
-    });
+    }).then(() => ({ held }));
   }
 
   /**

@@ -1,0 +1,74 @@
+import fs from "node:fs";
+import { htmlReport, jsonReport, summaryText } from "../bench/report.js";
+import { runBench, type RwMode } from "../bench/run.js";
+import { parseSize } from "../util/size.js";
+import { parseDuration } from "./serve.js";
+
+export interface BenchCliOptions {
+  rw: RwMode;
+  mix: string;
+  bs: string;
+  qd: string;
+  conns: string;
+  duration: string;
+  bytes?: string;
+  range?: string;
+  verify: boolean;
+  seed: string;
+  migrateEvery?: string;
+  nodes?: string;
+  fault: string[];
+  faultControl?: string;
+  json?: string;
+  report?: string;
+}
+
+export async function benchCommand(uri: string, o: BenchCliOptions): Promise<void> {
+  const bs = parseSize(o.bs);
+  if (bs < 512 || bs % 512) throw new Error(`--bs ${o.bs}: a multiple of 512 bytes is needed (the verify pattern works per sector)`);
+  let range = { start: 0, end: 0 };
+  if (o.range) {
+    const m = /^([^-]+)-([^-]+)$/.exec(o.range);
+    if (!m) throw new Error(`--range ${o.range}: expected START-END, e.g. 0-1G`);
+    range = { start: parseSize(m[1]!), end: parseSize(m[2]!) };
+  }
+  const nodes = o.nodes ? o.nodes.split(",").map((s) => s.trim()).filter(Boolean) : [];
+  const migrateEveryMs = o.migrateEvery ? parseDuration(o.migrateEvery) : 0;
+  if (migrateEveryMs && nodes.length < 2) throw new Error("--migrate-every needs --nodes URL,URL (at least two control URLs)");
+  const faults = o.fault.map((f) => {
+    const at = f.lastIndexOf("@");
+    if (at < 0) throw new Error(`--fault ${f}: expected RULE@TIME, e.g. op=pread,errno=EIO,rate=0.01@5s`);
+    return { rule: f.slice(0, at), atMs: parseDuration(f.slice(at + 1)) };
+  });
+  const tty = process.stderr.isTTY === true;
+  const durationMs = parseDuration(o.duration);
+  const result = await runBench({
+    uri,
+    rw: o.rw,
+    mix: Number(o.mix),
+    bs,
+    qd: Number(o.qd),
+    conns: Number(o.conns),
+    durationMs,
+    bytes: o.bytes ? parseSize(o.bytes) : 0,
+    range,
+    verify: o.verify,
+    seed: Number(o.seed),
+    nodes,
+    migrateEveryMs,
+    faults,
+    faultControl: o.faultControl ?? nodes[0],
+    onProgress: tty
+      ? (p) =>
+          process.stderr.write(
+            `\r${(p.elapsedMs / 1000).toFixed(1)}/${(durationMs / 1000).toFixed(0)} s  ${p.ops} requests  ${Math.round(p.ops / (p.elapsedMs / 1000))} IOPS  ${p.errors} errors  ${p.moves} moves   `,
+          )
+      : undefined,
+  });
+  if (tty) process.stderr.write("\r\x1b[K");
+  process.stdout.write(summaryText(result) + "\n");
+  if (o.json) fs.writeFileSync(o.json, jsonReport(result));
+  if (o.report) fs.writeFileSync(o.report, htmlReport(result));
+  const failed = result.errors > 0 || (result.verify?.failures.length ?? 0) > 0 || result.handovers.some((h) => h.error);
+  if (failed) process.exitCode = 1;
+}
