@@ -39,6 +39,7 @@ program
   .option("--node-id <id>", "run as a cluster node with this id: image exports get a port redirector and a lease record beside the image, and can move between nodes")
   .option("--control <host:port>", "address of the control API (HTTP/JSON; started with --node-id or --fault, on 127.0.0.1 and a free port unless given)")
   .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "10s")
+  .option("--no-partitions", "do not export the partitions of each image as NAME/p1, NAME/p2, …")
   .option("--fault", "put a fault layer (no rules yet) directly above each export's port; steer it with 'nbdstack fault'", false)
   .option("--fault-seed <n>", "seed of the fault layers' random decisions", (v: string) => Number(v), 1)
   .option("--fault-powerloss", "fault layer keeps unflushed writes in a volatile cache that 'nbdstack fault --powercut' loses (implies --fault)", false)

@@ -6,7 +6,8 @@ import { fileURLToPath } from "node:url";
 import zlib from "node:zlib";
 import { createLogger } from "../log.js";
 import { NbdServer, type TcpAddress } from "../server/server.js";
-import { composeExport, defaultExportName } from "../stack/compose.js";
+import { composeExport, defaultExportName, partitionExports } from "../stack/compose.js";
+import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
@@ -28,6 +29,7 @@ export interface ServeOptions {
   nodeId?: string;
   control?: string;
   leaseTtl: string;
+  partitions: boolean;
   fault: boolean;
   faultSeed: number;
   faultPowerloss: boolean;
@@ -89,11 +91,21 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
     : null;
   const faults = new Map<string, FaultLayer>();
+  const exports: Export[] = [];
+  for (const s of specs) {
+    const onFault = (name: string, f: FaultLayer) => faults.set(name, f);
+    const exp = node ? node.createExport(s, onFault) : composeExport(s, onFault);
+    exports.push(exp);
+    if (node || !opts.partitions) continue;
+    // Each partition of the device is an export of its own: NAME/p1, NAME/p2, …
+    await exp.open();
+    const found = await partitionExports(exp);
+    if (found.table) log.info({ export: exp.name, scheme: found.table.scheme, partitions: found.exports.length, note: found.table.note }, "partitions found");
+    else log.info({ export: exp.name, reason: found.reason }, "no partition exports");
+    exports.push(...found.exports);
+  }
   const server = new NbdServer({
-    exports: specs.map((s) => {
-      const onFault = (name: string, f: FaultLayer) => faults.set(name, f);
-      return node ? node.createExport(s, onFault) : composeExport(s, onFault);
-    }),
+    exports,
     tcp,
     unixSockets: opts.socket,
     log,

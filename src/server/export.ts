@@ -19,7 +19,9 @@ export class Export {
     return this.desc ?? this.layer.describe();
   }
 
+  /** Opens the stack; a second call does nothing. */
   async open(): Promise<void> {
+    if (this.opened) return;
     await this.layer.open();
     this.sizeBytes = this.layer.size();
     this.caps = this.layer.capabilities();

@@ -1,9 +1,11 @@
 import path from "node:path";
 import { Export } from "../server/export.js";
 import { parseSize } from "../util/size.js";
-import { createDiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { PartitionLayer } from "./partition/partition-layer.js";
+import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
-import type { Layer } from "./layer.js";
+import { plainIo, type Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
 
@@ -47,4 +49,26 @@ export function composeExport(spec: ExportSpec, onFault?: (name: string, f: Faul
     below = f;
   }
   return new Export(name, createDiskLayer(below, spec.disk), spec.description);
+}
+
+/**
+ * The exports NAME/p1, NAME/p2… of the partitions found on an opened whole-device export; they
+ * share its stack below the disk layer. A missing or corrupt table gives no partition exports
+ * and a reason, never an error: the whole-device export is served either way.
+ */
+export async function partitionExports(whole: Export, disk?: DiskLayerOptions): Promise<{ exports: Export[]; table: PartitionTable | null; reason?: string }> {
+  const below = (whole.layer as DiskLayer).below();
+  try {
+    const table = await readPartitionTable(async (length, offset) => {
+      const b = Buffer.alloc(length);
+      await below.pread(b, offset, plainIo);
+      return b;
+    }, below.size());
+    if (!table) return { exports: [], table: null, reason: "no partition table" };
+    const exports = table.partitions.map((p) => new Export(`${whole.name}/p${p.index}`, createDiskLayer(new PartitionLayer(below, p, table.scheme), disk)));
+    return { exports, table };
+  } catch (err) {
+    if (err instanceof PartitionTableError) return { exports: [], table: null, reason: err.message };
+    throw err;
+  }
 }

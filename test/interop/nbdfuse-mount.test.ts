@@ -18,7 +18,7 @@ describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdis
     let mounted = false;
     beforeAll(async () => {
       dir = tempDir();
-      srv = await serve(["--demo", "--read-only"]);
+      srv = await serve(["--demo", "--read-only"], 3);
       fs.mkdirSync(path.join(dir, "fuse"));
       fs.mkdirSync(path.join(dir, "mnt"));
       fuse = spawn("nbdfuse", ["-r", path.join(dir, "fuse", "disk"), srv.uri], { stdio: "ignore" });
@@ -55,6 +55,27 @@ describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdis
       mounted = true;
       expect(fs.readdirSync(path.join(dir, "mnt")).sort()).toEqual(["docs", "hello.txt", "lost+found"]);
       expect(fs.readFileSync(path.join(dir, "mnt", "hello.txt"), "utf8")).toBe("Hello from the nbdstack demo disk!\n");
+    });
+
+    it("mounts the partition export demo/p1 itself, with no offset", async () => {
+      fs.mkdirSync(path.join(dir, "fuse1"));
+      fs.mkdirSync(path.join(dir, "mnt1"));
+      const p1 = spawn("nbdfuse", ["-r", path.join(dir, "fuse1", "p1"), srv.uris.find((u) => u.endsWith("/demo/p1"))!], { stdio: "ignore" });
+      let loop1 = "";
+      try {
+        for (let i = 0; i < 100 && !fs.existsSync(path.join(dir, "fuse1", "p1")); i++) await new Promise((r) => setTimeout(r, 100));
+        loop1 = execFileSync("losetup", ["-f", "--show", "-r", path.join(dir, "fuse1", "p1")], { encoding: "utf8" }).trim();
+        execFileSync("mount", ["-o", "ro", "-t", "ext4", loop1, path.join(dir, "mnt1")]);
+        expect(fs.readFileSync(path.join(dir, "mnt1", "docs", "README.txt"), "utf8")).toMatch(/made by fixtures\/make-demo\.sh/);
+        execFileSync("umount", [path.join(dir, "mnt1")]);
+      } finally {
+        if (loop1) execFileSync("losetup", ["-d", loop1]);
+        try {
+          execFileSync("fusermount3", ["-u", path.join(dir, "fuse1")]);
+        } catch {
+          p1.kill();
+        }
+      }
     });
   },
 );

@@ -38,6 +38,11 @@ export class DiskLayer extends PassthroughLayer {
     return `disk → ${this.next.describe()}`;
   }
 
+  /** The layer this disk layer stands on (partitions of this device are stacked on it too). */
+  below(): Layer {
+    return this.next;
+  }
+
   override async open(): Promise<void> {
     await this.next.open();
     const c = this.next.capabilities();
