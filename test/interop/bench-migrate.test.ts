@@ -2,7 +2,9 @@ import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { decodePng } from "../helpers/png.js";
 import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { needTools } from "../helpers/tools.js";
 
 /** A minimal well-formedness check: every tag closes in order (no XML library needed). */
 function balanced(svg: string): boolean {
@@ -92,6 +94,29 @@ describe("nbdstack bench against two nodes with migrations", () => {
       expect(svg).toMatch(/<g class="fault">/);
       expect(svg).toMatch(/<path d="M[\d.]+,[\d.]+( L[\d.]+,[\d.]+){30,}/);
     }
+    reportFile = html;
+  });
+
+  let reportFile = "";
+  it.skipIf(!needTools("chromium"))("renders the report in headless Chromium: a page with the charts, not a blank one", () => {
+    expect(reportFile).not.toBe("");
+    const png = path.join(dir, "report.png");
+    const flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+    spawnSync("chromium", [...flags, `--user-data-dir=${path.join(dir, "chromium")}`, "--window-size=1000,800", `--screenshot=${png}`, `file://${reportFile}`], { timeout: 60_000 });
+    const { width, height, rgba } = decodePng(fs.readFileSync(png));
+    expect([width, height]).toEqual([1000, 800]);
+    let ink = 0;
+    let blue = 0;
+    let orange = 0;
+    for (let i = 0; i < rgba.length; i += 4) {
+      const [r, g, b] = [rgba[i]!, rgba[i + 1]!, rgba[i + 2]!];
+      if (r < 200 || g < 200 || b < 200) ink++;
+      if (b > 150 && r < 80 && g < 140) blue++; // the series lines (#1565c0)
+      if (r > 230 && g > 180 && g < 230 && b < 190) orange++; // the hand-over bands (#f80 at 35%)
+    }
+    expect(ink / (width * height)).toBeGreaterThan(0.01);
+    expect(blue).toBeGreaterThan(500);
+    expect(orange).toBeGreaterThan(2000);
   });
 
   it("fails the run and names the offset when the data is wrong", async () => {
