@@ -75,6 +75,7 @@ program
   .option("--nodes <urls>", "control URLs of the nodes serving the export, comma-separated")
   .option("--fault <rule@time>", "apply a fault rule at a time, e.g. op=pwrite,errno=EIO,rate=0.01@10s; repeatable", collect, [])
   .option("--fault-control <url>", "control URL to apply --fault rules on (default: the first of --nodes)")
+  .addOption(new Option("--engine <engine>", "who drives the load: the built-in NBD client, or fio's nbd engine (its latency logs go into the same report)").choices(["builtin", "fio"]).default("builtin"))
   .option("--json <file>", "write the summary and the 100 ms series as JSON")
   .option("--report <file>", "write a self-contained HTML page with IOPS and p99 charts")
   .action(benchCommand);

@@ -163,6 +163,57 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
   };
   const workers = clients.flatMap((c) => Array.from({ length: o.qd }, () => worker(c)));
 
+  const schedule = startSchedule(o, exportName, t0, r, () => running);
+  const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
+  const progress = o.onProgress
+    ? setInterval(() => o.onProgress!({ elapsedMs: now(), ops: r.ops, errors: r.errors, moves: r.handovers.length }), 200)
+    : null;
+  if (!o.bytes) await sleepUntil(stopAt);
+  else await Promise.race([sleepUntil(stopAt), Promise.all(workers)]);
+  running = false;
+  await Promise.all(workers);
+  r.durationMs = now();
+  await schedule;
+  if (progress) clearInterval(progress);
+
+  // Read back every block written and check it holds its last acknowledged generation.
+  if (r.verify) {
+    const c = clients[0]!;
+    for (let b = 0; b < blocks && r.verify.failures.length < 100; b++) {
+      if (gen[b] === 0) continue;
+      const off = start + b * o.bs;
+      const bad = verifyBlock(await c.pread(o.bs, off), off, gen[b]!, o.seed);
+      r.verify.readBack++;
+      if (bad) r.verify.failures.push(bad);
+    }
+  }
+  await Promise.all(clients.map((c) => c.disconnect().catch(() => c.destroy())));
+
+  finishStalls(r);
+  return r;
+}
+
+/** Longest stall per hand-over, and the longest gap away from any (the machine's own noise). */
+export function finishStalls(r: BenchResult): void {
+  const samples = r.samples;
+  for (const h of r.handovers) h.longestStallMs = samples.longestGap(h.startMs, Math.min(h.endMs + 50, r.durationMs));
+  const quiet = [];
+  let from = 500;
+  for (const h of [...r.handovers].sort((a, b) => a.startMs - b.startMs)) {
+    if (h.startMs - 100 > from + 200) quiet.push(samples.longestGap(from, h.startMs - 100));
+    from = h.endMs + 500;
+  }
+  if (r.durationMs - 100 > from + 200) quiet.push(samples.longestGap(from, r.durationMs - 100));
+  r.baselineGapMs = quiet.length ? Math.max(...quiet) : 0;
+}
+
+/**
+ * Runs the moves (--migrate-every over --nodes) and the faults (--fault RULE@T) of a run,
+ * recording them in `r`; `t0` is the run's start (performance.now()). Resolves when all are done.
+ */
+export function startSchedule(o: BenchOptions, exportName: string, t0: number, r: BenchResult, isRunning: () => boolean): Promise<unknown> {
+  const now = () => performance.now() - t0;
+  const stopAt = o.durationMs;
   const timers: Promise<void>[] = [];
   const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
   if (o.nodes.length >= 2 && o.migrateEveryMs > 0) {
@@ -171,7 +222,7 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
         let owner = await findOwner(o.nodes, exportName);
         for (let at = o.migrateEveryMs, i = 1; at < stopAt - 200; at += o.migrateEveryMs, i++) {
           await sleepUntil(at);
-          if (!running) break;
+          if (!isRunning()) break;
           const from = o.nodes[owner]!;
           const toIdx = (owner + 1) % o.nodes.length;
           const to = o.nodes[toIdx]!;
@@ -206,40 +257,7 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
       })(),
     );
   }
-  const progress = o.onProgress
-    ? setInterval(() => o.onProgress!({ elapsedMs: now(), ops: r.ops, errors: r.errors, moves: r.handovers.length }), 200)
-    : null;
-  if (!o.bytes) await sleepUntil(stopAt);
-  else await Promise.race([sleepUntil(stopAt), Promise.all(workers)]);
-  running = false;
-  await Promise.all(workers);
-  r.durationMs = now();
-  await Promise.all(timers);
-  if (progress) clearInterval(progress);
-
-  // Read back every block written and check it holds its last acknowledged generation.
-  if (r.verify) {
-    const c = clients[0]!;
-    for (let b = 0; b < blocks && r.verify.failures.length < 100; b++) {
-      if (gen[b] === 0) continue;
-      const off = start + b * o.bs;
-      const bad = verifyBlock(await c.pread(o.bs, off), off, gen[b]!, o.seed);
-      r.verify.readBack++;
-      if (bad) r.verify.failures.push(bad);
-    }
-  }
-  await Promise.all(clients.map((c) => c.disconnect().catch(() => c.destroy())));
-
-  for (const h of r.handovers) h.longestStallMs = samples.longestGap(h.startMs, Math.min(h.endMs + 50, r.durationMs));
-  const quiet = [];
-  let from = 500;
-  for (const h of [...r.handovers].sort((a, b) => a.startMs - b.startMs)) {
-    if (h.startMs - 100 > from + 200) quiet.push(samples.longestGap(from, h.startMs - 100));
-    from = h.endMs + 500;
-  }
-  if (r.durationMs - 100 > from + 200) quiet.push(samples.longestGap(from, r.durationMs - 100));
-  r.baselineGapMs = quiet.length ? Math.max(...quiet) : 0;
-  return r;
+  return Promise.all(timers);
 }
 
 async function findOwner(nodes: string[], exportName: string): Promise<number> {

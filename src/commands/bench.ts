@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import { htmlReport, jsonReport, summaryText } from "../bench/report.js";
 import { runBench, type RwMode } from "../bench/run.js";
+import { runFio } from "../bench/fio.js";
 import { parseSize } from "../util/size.js";
 import { parseDuration } from "./serve.js";
 
@@ -21,6 +22,7 @@ export interface BenchCliOptions {
   faultControl?: string;
   json?: string;
   report?: string;
+  engine: "builtin" | "fio";
 }
 
 export async function benchCommand(uri: string, o: BenchCliOptions): Promise<void> {
@@ -42,7 +44,8 @@ export async function benchCommand(uri: string, o: BenchCliOptions): Promise<voi
   });
   const tty = process.stderr.isTTY === true;
   const durationMs = parseDuration(o.duration);
-  const result = await runBench({
+  const run = o.engine === "fio" ? runFio : runBench;
+  const result = await run({
     uri,
     rw: o.rw,
     mix: Number(o.mix),

@@ -131,4 +131,22 @@ describe("nbdstack bench against two nodes with migrations", () => {
     expect(r.stdout).toMatch(/verify FAILED/);
     expect(r.stdout).toMatch(/VERIFY FAILED at offset \d+: corrupted bytes/);
   });
+
+  it.skipIf(!needTools("fio"))("drives the same run with fio's nbd engine and folds its latency logs into the report", async () => {
+    const json = path.join(dir, "fio.json");
+    const r = await cli([
+      "bench", a.uris[0]!, "--engine", "fio", "--rw", "randwrite", "--qd", "16", "--duration", "3s", "--verify",
+      "--migrate-every", "1s", "--nodes", `${control(a)},${control(b)}`, "--json", json,
+    ]);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/errors 0 {3}verify ok/);
+    const rep = JSON.parse(fs.readFileSync(json, "utf8"));
+    expect(rep.summary.ops).toBeGreaterThan(1000);
+    expect(rep.summary.latencyUs.p50).toBeGreaterThan(0);
+    expect(rep.summary.handovers.length).toBeGreaterThanOrEqual(2);
+    for (const h of rep.summary.handovers) expect(h.error).toBeUndefined();
+    // The series sits on the run's clock: completions in most 100 ms buckets of the run.
+    const busy = rep.timeline.filter((b: { iops: number }) => b.iops > 0).length;
+    expect(busy).toBeGreaterThan(rep.timeline.length * 0.6);
+  });
 });
