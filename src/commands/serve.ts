@@ -24,6 +24,10 @@ export interface ServeOptions {
   io: IoMode;
   maxInflight: number;
   maxInflightBytes: string;
+  maxConnections: number;
+  maxConnectionsPerClient: number;
+  handshakeTimeout: string;
+  idleTimeout: string;
   logLevel: string;
   logFormat?: "json" | "pretty";
   nodeId?: string;
@@ -109,7 +113,14 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     tcp,
     unixSockets: opts.socket,
     log,
-    limits: { maxInflightRequests: opts.maxInflight, maxInflightBytes: parseSize(opts.maxInflightBytes) },
+    limits: {
+      maxInflightRequests: opts.maxInflight,
+      maxInflightBytes: parseSize(opts.maxInflightBytes),
+      handshakeTimeoutMs: parseDuration(opts.handshakeTimeout),
+      idleTimeoutMs: parseDuration(opts.idleTimeout),
+    },
+    maxConnections: opts.maxConnections,
+    maxConnectionsPerClient: opts.maxConnectionsPerClient,
   });
   const cleanup = () => {
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });

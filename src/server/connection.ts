@@ -26,6 +26,10 @@ export interface ConnectionLimits {
   maxInflightBytes: number;
   /** Reply bytes queued in the socket (not yet taken by the kernel) before the socket is paused. */
   maxQueuedReplyBytes: number;
+  /** Time a client has to finish the handshake (0: no limit). */
+  handshakeTimeoutMs: number;
+  /** A connection with nothing in flight for this long is closed (0: never). */
+  idleTimeoutMs: number;
 }
 
 const KNOWN_FLAGS =
@@ -77,13 +81,25 @@ export class Connection {
 
   async start(): Promise<void> {
     let negotiated;
+    const limit = this.limits.handshakeTimeoutMs;
+    let timedOut = false;
+    const timer = limit
+      ? setTimeout(() => {
+          timedOut = true;
+          this.log.warn({ reason: `handshake not finished within ${limit} ms` }, "closing connection: handshake failed");
+          this.socket.destroy();
+        }, limit)
+      : null;
     try {
       negotiated = await negotiate(this.socket, this.exports, this.log);
     } catch (err) {
+      if (timedOut) return;
       if (err instanceof ProtocolError) this.log.warn({ reason: err.message }, "closing connection: handshake failed");
       else this.log.error({ err }, "closing connection: handshake error");
       this.socket.destroy();
       return;
+    } finally {
+      if (timer) clearTimeout(timer);
     }
     if (!negotiated) {
       this.socket.end();
@@ -110,6 +126,15 @@ export class Connection {
     this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload);
     if (!direct) this.socket.on("data", this.onData);
     this.socket.on("end", this.onEnd);
+    if (this.limits.idleTimeoutMs > 0) {
+      this.socket.setTimeout(this.limits.idleTimeoutMs);
+      this.socket.on("timeout", () => {
+        if (this.inflight > 0 || this.finished) return;
+        this.log.info({ idleMs: this.limits.idleTimeoutMs }, "closing idle connection");
+        this.stopping = true;
+        this.finish();
+      });
+    }
     if (negotiated.rest.length) this.onData(negotiated.rest);
   }
 

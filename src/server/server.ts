@@ -22,18 +22,24 @@ export interface ServerOptions {
   maxPayload?: number;
   /** Read requests into reused buffers and big payloads straight into place (default true). */
   directReads?: boolean;
+  /** Connections open at once, in all and per client address; more are closed at once, with a log line. */
+  maxConnections?: number;
+  maxConnectionsPerClient?: number;
 }
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
   maxInflightBytes: 128 * 1024 * 1024,
   maxQueuedReplyBytes: 32 * 1024 * 1024,
+  handshakeTimeoutMs: 10_000,
+  idleTimeoutMs: 0,
 };
 
 /** Listeners and the export directory; one Connection per accepted socket. */
 export class NbdServer implements ExportDirectory {
   private readonly servers: net.Server[] = [];
   private readonly connections = new Set<Connection>();
+  private readonly perClient = new Map<string, number>();
   private readonly limits: ConnectionLimits;
   private readonly maxPayload: number;
   private nextId = 1;
@@ -104,12 +110,26 @@ export class NbdServer implements ExportDirectory {
     }
     const id = this.nextId++;
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
+    const client = socket.remoteAddress ?? "unix";
+    const max = this.opts.maxConnections ?? 1024;
+    const maxPer = this.opts.maxConnectionsPerClient ?? 256;
+    const fromClient = this.perClient.get(client) ?? 0;
+    if (this.connections.size >= max || fromClient >= maxPer) {
+      const why = this.connections.size >= max ? `${this.connections.size} connections open (max ${max})` : `${fromClient} connections from ${client} (max ${maxPer})`;
+      this.opts.log.warn({ peer, reason: why }, "refusing connection: limit reached");
+      socket.destroy();
+      return;
+    }
+    this.perClient.set(client, fromClient + 1);
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
     const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true);
     this.connections.add(conn);
     void conn.closed.then(() => {
       this.connections.delete(conn);
+      const n = (this.perClient.get(client) ?? 1) - 1;
+      if (n > 0) this.perClient.set(client, n);
+      else this.perClient.delete(client);
       log.debug("connection closed");
     });
     void conn.start();
