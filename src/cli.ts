@@ -1,5 +1,7 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError, Option } from "commander";
+import { setControlToken } from "./control/control-client.js";
+import { readToken } from "./control/token.js";
 import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
 import { benchCommand } from "./commands/bench.js";
@@ -12,6 +14,12 @@ program
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
+}
+
+/** Commands that make control calls read the token from --token-file when given. */
+function useTokenFile(cmd: Command): void {
+  const file = cmd.opts().tokenFile as string | undefined;
+  if (file) setControlToken(readToken(file));
 }
 
 function positiveInt(value: string): number {
@@ -42,6 +50,7 @@ program
   .option("--idle-timeout <time>", "close a connection with nothing in flight for this long (0: never)", "0")
   .option("--node-id <id>", "run as a cluster node with this id: image exports get a port redirector and a lease record beside the image, and can move between nodes")
   .option("--control <host:port>", "address of the control API (HTTP/JSON; started with --node-id or --fault, on 127.0.0.1 and a free port unless given)")
+  .option("--token-file <path>", "bearer token that mutating control calls need; created (mode 0600) if missing (default ~/.config/nbdstack/token, or $NBDSTACK_TOKEN_FILE)")
   .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "10s")
   .option("--no-partitions", "do not export the partitions of each image as NAME/p1, NAME/p2, …")
   .option("--fault", "put a fault layer (no rules yet) directly above each export's port; steer it with 'nbdstack fault'", false)
@@ -59,6 +68,8 @@ program
   .requiredOption("--to <url>", "control URL of the node that takes it over")
   .option("--wait", "wait until the move has completed (the default: the command returns when clients are served by the new owner)", true)
   .option("--json", "print the result as JSON", false)
+  .option("--token-file <path>", "the cluster's control token (default ~/.config/nbdstack/token)")
+  .hook("preAction", useTokenFile)
   .action(migrateCommand);
 
 program
@@ -82,6 +93,8 @@ program
   .addOption(new Option("--engine <engine>", "who drives the load: the built-in NBD client, or fio's nbd engine (its latency logs go into the same report)").choices(["builtin", "fio"]).default("builtin"))
   .option("--json <file>", "write the summary and the 100 ms series as JSON")
   .option("--report <file>", "write a self-contained HTML page with IOPS and p99 charts")
+  .option("--token-file <path>", "the control token for moves and faults (default ~/.config/nbdstack/token)")
+  .hook("preAction", useTokenFile)
   .action(benchCommand);
 
 program
@@ -97,6 +110,8 @@ program
   .option("--keep <fraction>", "with --powercut: fraction of unflushed writes that reach the disk anyway (seeded)", Number)
   .option("--torn", "with --powercut: kept writes may be torn at 512-byte sectors")
   .option("--poweron", "serve requests again after a power cut")
+  .option("--token-file <path>", "the control token (default ~/.config/nbdstack/token)")
+  .hook("preAction", useTokenFile)
   .action(faultCommand);
 
 program

@@ -10,6 +10,8 @@ import { composeExport, defaultExportName, partitionExports } from "../stack/com
 import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
+import { setControlToken } from "../control/control-client.js";
+import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
 import type { FaultLayer } from "../stack/fault/fault-layer.js";
 import { parseSize } from "../util/size.js";
@@ -36,6 +38,7 @@ export interface ServeOptions {
   partitions: boolean;
   fault: boolean;
   faultSeed: number;
+  tokenFile?: string;
   faultPowerloss: boolean;
 }
 
@@ -126,7 +129,12 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });
   };
   let controlUrl: string | null = null;
-  const control = node || opts.control || fault ? new ControlServer(log.child({ role: "control" })) : null;
+  let control: ControlServer | null = null;
+  if (node || opts.control || fault) {
+    const token = loadOrCreateToken(opts.tokenFile);
+    setControlToken(token); // for the calls this node makes to its peers
+    control = new ControlServer(log.child({ role: "control" }), token);
+  }
   try {
     await server.start();
     if (control) {

@@ -1,4 +1,5 @@
 /** A small client of a node's control API (HTTP/JSON). */
+import { readToken } from "./token.js";
 
 export interface ExportStatus {
   name: string;
@@ -30,11 +31,27 @@ export class ControlError extends Error {
   }
 }
 
+let token: string | null = null;
+
+/** The token sent on mutating calls; by default read from the token file (see token.ts) on first use. */
+export function setControlToken(t: string): void {
+  token = t;
+}
+
 export async function controlCall<T>(base: string, method: "GET" | "POST", path: string, body?: unknown, timeoutMs = 30_000): Promise<T> {
   const url = new URL(path, base.endsWith("/") ? base : `${base}/`);
+  const headers: Record<string, string> = body === undefined ? {} : { "content-type": "application/json" };
+  if (method !== "GET") {
+    try {
+      token ??= readToken();
+    } catch (err) {
+      throw new ControlError(`cannot read the control token (${(err as Error).message}); pass --token-file`, 401);
+    }
+    headers.authorization = `Bearer ${token}`;
+  }
   const res = await fetch(url, {
     method,
-    headers: body === undefined ? {} : { "content-type": "application/json" },
+    headers,
     body: body === undefined ? undefined : JSON.stringify(body),
     signal: AbortSignal.timeout(timeoutMs),
   });

@@ -1,6 +1,7 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import type { Logger } from "pino";
+import { tokenMatches } from "./token.js";
 
 export type Handler = (params: Record<string, string>, body: unknown) => Promise<{ status?: number; body: unknown }>;
 
@@ -16,7 +17,11 @@ export class ControlServer {
   private readonly routes: Route[] = [];
   private server: http.Server | null = null;
 
-  constructor(private readonly log: Logger) {}
+  /** @param token required as "Authorization: Bearer TOKEN" on every call but GET. */
+  constructor(
+    private readonly log: Logger,
+    private readonly token: string,
+  ) {}
 
   route(method: string, path: string, handler: Handler): this {
     const keys: string[] = [];
@@ -52,6 +57,10 @@ export class ControlServer {
       const url = new URL(req.url ?? "/", "http://x");
       const route = this.routes.find((r) => r.method === req.method && r.pattern.test(url.pathname));
       if (!route) return reply(404, { error: `no route for ${req.method} ${url.pathname}` });
+      if (req.method !== "GET" && !tokenMatches(req.headers.authorization, this.token)) {
+        this.log.warn({ method: req.method, path: url.pathname, from: req.socket.remoteAddress }, "control call refused: missing or wrong token");
+        return reply(401, { error: "a bearer token is needed (the token file of this cluster, see --token-file)" });
+      }
       const m = route.pattern.exec(url.pathname)!;
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodeURIComponent(m[i + 1]!)]));
       let body: unknown = undefined;
