@@ -10,6 +10,7 @@ import { composeExport, defaultExportName, partitionExports } from "../stack/com
 import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
+import { Metrics } from "../metrics/metrics.js";
 import { setControlToken } from "../control/control-client.js";
 import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
@@ -111,7 +112,10 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     else log.info({ export: exp.name, reason: found.reason }, "no partition exports");
     exports.push(...found.exports);
   }
+  // Metrics cost a little per request: collected only where a control API can serve them.
+  const metrics = node || opts.control || fault ? new Metrics() : undefined;
   const server = new NbdServer({
+    metrics,
     exports,
     tcp,
     unixSockets: opts.socket,
@@ -141,6 +145,29 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
       if (node) node.attach(control);
       else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
       attachFaultRoutes(control, faults);
+      const m = metrics!;
+      control.route("GET", "/metrics", async () => ({ body: await m.text(), contentType: "text/plain; version=0.0.4" }));
+      m.gauge("nbdstack_faults_injected_total", "Faults injected by fault layers, by kind", ["export", "kind"], (set) => {
+        for (const [name, f] of faults) for (const [kind, n] of Object.entries(f.counts)) set({ export: name, kind }, n);
+      });
+      if (node) {
+        const STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"];
+        m.gauge("nbdstack_redirector_state", "1 for the port redirector's current state", ["export", "state"], (set) => {
+          for (const r of node.redirectors()) for (const st of STATES) set({ export: r.name, state: st }, r.stats.state === st ? 1 : 0);
+        });
+        m.gauge("nbdstack_held_requests", "Requests held by the port redirector during a move", ["export"], (set) => {
+          for (const r of node.redirectors()) set({ export: r.name }, r.stats.held);
+        });
+        m.gauge("nbdstack_moves_total", "Moves of the export to or from this node", ["export"], (set) => {
+          for (const r of node.redirectors()) set({ export: r.name }, r.stats.moves);
+        });
+        m.gauge("nbdstack_inflight_requests", "Requests in flight through port A and port B", ["export", "port"], (set) => {
+          for (const r of node.redirectors()) {
+            set({ export: r.name, port: "A" }, r.stats.inflightA);
+            set({ export: r.name, port: "B" }, r.stats.inflightB);
+          }
+        });
+      }
       const c = parseListen(opts.control ?? "127.0.0.1:0");
       controlUrl = await control.listen(c.host, c.port);
     }

@@ -3,7 +3,8 @@ import type { AddressInfo } from "node:net";
 import type { Logger } from "pino";
 import { tokenMatches } from "./token.js";
 
-export type Handler = (params: Record<string, string>, body: unknown) => Promise<{ status?: number; body: unknown }>;
+/** A route's answer: JSON by default; a string body with `contentType` is sent as it is. */
+export type Handler = (params: Record<string, string>, body: unknown) => Promise<{ status?: number; body: unknown; contentType?: string }>;
 
 interface Route {
   method: string;
@@ -49,9 +50,9 @@ export class ControlServer {
   }
 
   private async serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const reply = (status: number, body: unknown) => {
-      res.writeHead(status, { "content-type": "application/json" });
-      res.end(JSON.stringify(body) + "\n");
+    const reply = (status: number, body: unknown, contentType?: string) => {
+      res.writeHead(status, { "content-type": contentType ?? "application/json" });
+      res.end(contentType ? String(body) : JSON.stringify(body) + "\n");
     };
     try {
       const url = new URL(req.url ?? "/", "http://x");
@@ -81,7 +82,7 @@ export class ControlServer {
       }
       if (req.method !== "GET") this.log.info({ method: req.method, path: url.pathname, from: req.socket.remoteAddress }, "control call");
       const out = await route.handler(params, body);
-      reply(out.status ?? 200, out.body);
+      reply(out.status ?? 200, out.body, out.contentType);
     } catch (err) {
       const status = (err as { status?: number }).status ?? 500;
       this.log.warn({ err: (err as Error).message, path: req.url }, "control call failed");

@@ -180,6 +180,11 @@ export class StorageNode {
     });
   }
 
+  /** Redirector state of every export, for metrics. */
+  redirectors(): Array<{ name: string; stats: ReturnType<PortRedirector["stats"]> }> {
+    return [...this.managed.values()].map((m) => ({ name: m.name, stats: m.redirector.stats() }));
+  }
+
   status(): NodeStatus {
     const exports: ExportStatus[] = [...this.managed.values()].map((m) => {
       const r = m.lease.read();

@@ -18,6 +18,7 @@ import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "./export.js";
 import { negotiate, type ExportDirectory } from "./handshake.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
+import type { Metrics, MetricOp, OpMetrics } from "../metrics/metrics.js";
 
 export interface ConnectionLimits {
   /** Requests in flight before the socket is paused. */
@@ -31,6 +32,16 @@ export interface ConnectionLimits {
   /** A connection with nothing in flight for this long is closed (0: never). */
   idleTimeoutMs: number;
 }
+
+const METRIC_OP: Record<number, MetricOp> = {
+  [Cmd.NBD_CMD_READ]: "read",
+  [Cmd.NBD_CMD_WRITE]: "write",
+  [Cmd.NBD_CMD_FLUSH]: "flush",
+  [Cmd.NBD_CMD_TRIM]: "trim",
+  [Cmd.NBD_CMD_CACHE]: "cache",
+  [Cmd.NBD_CMD_WRITE_ZEROES]: "zero",
+  [Cmd.NBD_CMD_BLOCK_STATUS]: "block_status",
+};
 
 const KNOWN_FLAGS =
   CmdFlag.NBD_CMD_FLAG_FUA | CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_DF | CmdFlag.NBD_CMD_FLAG_REQ_ONE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO;
@@ -54,6 +65,7 @@ export class Connection {
   private structured = false;
   private allocationContext = 0;
   private peer = false;
+  private opMetrics: Record<MetricOp, OpMetrics> | null = null;
   private parser!: RequestParser;
   private inflight = 0;
   private inflightBytes = 0;
@@ -72,6 +84,7 @@ export class Connection {
     private readonly limits: ConnectionLimits,
     private readonly maxPayload: number,
     private readonly directReads = true,
+    private readonly metrics: Metrics | null = null,
   ) {
     socket.setNoDelay(true);
     this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
@@ -109,6 +122,7 @@ export class Connection {
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;
     this.peer = negotiated.peer;
+    this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
     this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, 'data' events (fresh chunks) are used.
@@ -244,8 +258,17 @@ export class Connection {
     this.inflight++;
     this.inflightBytes += bytes;
     this.updateFlow();
+    const m = this.opMetrics ? this.opMetrics[METRIC_OP[req.type] ?? "read"] : null;
+    const t0 = m ? performance.now() : 0;
     this.execute(req).then(
-      () => this.done(bytes),
+      (failed) => {
+        if (m) {
+          (failed ? m.error : m.ok).inc();
+          if (!failed && bytes) m.bytes.inc(bytes);
+          m.seconds.observe((performance.now() - t0) / 1000);
+        }
+        this.done(bytes);
+      },
       (err) => {
         this.log.error({ err }, "internal error while answering a request");
         this.done(bytes);
@@ -264,7 +287,8 @@ export class Connection {
     this.updateFlow();
   }
 
-  private async execute(req: Request): Promise<void> {
+  /** Answers one request; resolves true if the answer was an error. */
+  private async execute(req: Request): Promise<boolean> {
     if (req.flags & ~KNOWN_FLAGS) return this.replyError(req, new NbdError("EINVAL", `unknown command flags 0x${req.flags.toString(16)}`));
     if (req.flags & CmdFlag.NBD_CMD_FLAG_DF && (req.type !== Cmd.NBD_CMD_READ || !this.structured))
       return this.replyError(req, new NbdError("EINVAL", "NBD_CMD_FLAG_DF is only valid on reads with structured replies"));
@@ -276,7 +300,7 @@ export class Connection {
           return await this.read(req);
         case Cmd.NBD_CMD_WRITE:
           try {
-            if (this.reject(req, "pwrite")) return;
+            if (this.reject(req, "pwrite")) return true;
             await layer.pwrite(req.data!, req.offset, req);
           } finally {
             if (req.backing) ioBuffers.release(req.backing);
@@ -284,19 +308,19 @@ export class Connection {
           }
           break;
         case Cmd.NBD_CMD_FLUSH:
-          if (this.reject(req, "flush")) return;
+          if (this.reject(req, "flush")) return true;
           await layer.flush(req);
           break;
         case Cmd.NBD_CMD_TRIM:
-          if (this.reject(req, "trim")) return;
+          if (this.reject(req, "trim")) return true;
           await layer.trim(req.length, req.offset, req);
           break;
         case Cmd.NBD_CMD_CACHE:
-          if (this.reject(req, "cache")) return;
+          if (this.reject(req, "cache")) return true;
           await layer.cache(req.length, req.offset, req);
           break;
         case Cmd.NBD_CMD_WRITE_ZEROES:
-          if (this.reject(req, "zero")) return;
+          if (this.reject(req, "zero")) return true;
           await layer.zero(req.length, req.offset, req);
           break;
         case Cmd.NBD_CMD_BLOCK_STATUS:
@@ -308,6 +332,7 @@ export class Connection {
       return this.replyError(req, err);
     }
     this.send(simpleReply(0, req.cookieHi, req.cookieLo));
+    return false;
   }
 
   /** Runs the guard; answers the request with its error and returns true if it may not go down. */
@@ -318,7 +343,7 @@ export class Connection {
     return true;
   }
 
-  private replyError(req: Request, err: unknown): void {
+  private replyError(req: Request, err: unknown): true {
     const errno = wireErrno(err);
     if (errno === Errno.EIO || !(err instanceof NbdError)) this.log.debug({ err: errorMessage(err), type: req.type, offset: req.offset }, "request failed");
     else this.log.trace({ errno: errnoOf(err), reason: err.message }, "request refused");
@@ -328,10 +353,11 @@ export class Connection {
     } else {
       this.send(simpleReply(errno, req.cookieHi, req.cookieLo));
     }
+    return true;
   }
 
-  private async read(req: Request): Promise<void> {
-    if (this.reject(req, "pread")) return;
+  private async read(req: Request): Promise<boolean> {
+    if (this.reject(req, "pread")) return true;
     const prefix = this.structured ? DATA_CHUNK_PREFIX : SIMPLE_HEADER;
     const size = prefix + req.length;
     const backing = ioBuffers.pools(size) ? ioBuffers.acquire(size) : null;
@@ -346,11 +372,13 @@ export class Connection {
     }
     if (!this.structured) {
       writeSimpleHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
-      return this.send(buf, release);
+      this.send(buf, release);
+      return false;
     }
-    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, release)) return;
+    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, release)) return false;
     writeDataChunkHeader(buf, 0, true, req.cookieHi, req.cookieLo, req.offset, req.length);
     this.send(buf, release);
+    return false;
   }
 
   /** Sends a read as OFFSET_DATA and OFFSET_HOLE chunks if it holds zero runs; false if it holds none. */
@@ -388,10 +416,10 @@ export class Connection {
     return true;
   }
 
-  private async blockStatus(req: Request): Promise<void> {
+  private async blockStatus(req: Request): Promise<boolean> {
     if (!this.structured || this.allocationContext === 0)
       return this.replyError(req, new NbdError("EINVAL", "block status needs structured replies and a selected meta context"));
-    if (this.reject(req, "extents")) return;
+    if (this.reject(req, "extents")) return true;
     let extents;
     try {
       extents = await this.exp.layer.extents(req.length, req.offset, req);
@@ -400,5 +428,6 @@ export class Connection {
     }
     if (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
     this.send(blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
+    return false;
   }
 }

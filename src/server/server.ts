@@ -6,6 +6,7 @@ import type { Export } from "./export.js";
 import type { ExportDirectory } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
+import type { Metrics } from "../metrics/metrics.js";
 
 export interface TcpAddress {
   host: string;
@@ -25,6 +26,7 @@ export interface ServerOptions {
   /** Connections open at once, in all and per client address; more are closed at once, with a log line. */
   maxConnections?: number;
   maxConnectionsPerClient?: number;
+  metrics?: Metrics;
 }
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
@@ -123,10 +125,12 @@ export class NbdServer implements ExportDirectory {
     this.perClient.set(client, fromClient + 1);
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
-    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true);
+    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null);
+    this.opts.metrics?.connections.inc();
     this.connections.add(conn);
     void conn.closed.then(() => {
       this.connections.delete(conn);
+      this.opts.metrics?.connections.dec();
       const n = (this.perClient.get(client) ?? 1) - 1;
       if (n > 0) this.perClient.set(client, n);
       else this.perClient.delete(client);

@@ -130,6 +130,16 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     expect(human).toMatch(/disk\s+b\s+22\s+LOCAL/);
   });
 
+  it("exposes the redirector's state, moves and held requests as metrics", async () => {
+    const text = await (await fetch(`${control(a)}/metrics`)).text();
+    expect(text).toMatch(/^nbdstack_redirector_state\{export="disk",state="REMOTE"\} 1$/m);
+    expect(text).toMatch(/^nbdstack_redirector_state\{export="disk",state="LOCAL"\} 0$/m);
+    expect(text).toMatch(/^nbdstack_held_requests\{export="disk"\} 0$/m);
+    const moves = Number(/^nbdstack_moves_total\{export="disk"\} (\d+)$/m.exec(text)![1]);
+    expect(moves).toBeGreaterThanOrEqual(11);
+    expect(text).toMatch(/^nbdstack_requests_total\{export="disk",op="write",result="ok"\} \d+$/m);
+  });
+
   it("refuses to migrate from a node that does not own the export, or to a dead peer, and changes nothing", async () => {
     await expect(controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) })).rejects.toThrow(/409.*not owned here/);
     await expect(controlCall(control(b), "POST", "v1/exports/disk/migrate", { to: "http://127.0.0.1:1" })).rejects.toThrow(/502.*unreachable/);
