@@ -72,6 +72,20 @@ export function parseDuration(text: string): number {
   return Math.round(m[2] === "s" ? n * 1000 : m[2] === "m" ? n * 60_000 : n);
 }
 
+/**
+ * Sockets passed by systemd socket activation: LISTEN_FDS of them from fd 3, when LISTEN_PID is
+ * this process. The variables are removed so that children do not take them too.
+ */
+export function activationFds(env: NodeJS.ProcessEnv = process.env): number[] {
+  const pid = Number(env.LISTEN_PID);
+  const n = Number(env.LISTEN_FDS);
+  if (pid !== process.pid || !Number.isInteger(n) || n < 1) return [];
+  delete env.LISTEN_PID;
+  delete env.LISTEN_FDS;
+  delete env.LISTEN_FDNAMES;
+  return Array.from({ length: n }, (_, i) => 3 + i);
+}
+
 export function exportUri(addr: TcpAddress | { path: string }, name: string): string {
   const enc = encodeURIComponent(name).replace(/%2F/g, "/");
   if ("path" in addr) return `nbd+unix:///${enc}?socket=${addr.path}`;
@@ -93,7 +107,8 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     specs.push({ source: demo.file, name: "demo", ...common });
   }
   const tcp = opts.listen.map(parseListen);
-  if (tcp.length === 0 && opts.socket.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
+  const listenFds = activationFds();
+  if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
   const node = opts.nodeId
     ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
@@ -119,6 +134,7 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
     exports,
     tcp,
     unixSockets: opts.socket,
+    listenFds,
     log,
     limits: {
       maxInflightRequests: opts.maxInflight,
@@ -172,7 +188,7 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
       controlUrl = await control.listen(c.host, c.port);
     }
     if (node) {
-      const nbd = server.addresses().find((a): a is TcpAddress => "port" in a);
+      const nbd = server.addresses().find((a): a is TcpAddress => "port" in a && a.port > 0);
       if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
       node.setNbdAddress(`${nbd.host}:${nbd.port}`);
       node.start(controlUrl!);

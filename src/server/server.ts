@@ -17,6 +17,8 @@ export interface ServerOptions {
   exports: Export[];
   tcp?: TcpAddress[];
   unixSockets?: string[];
+  /** Listening sockets handed over by the service manager (systemd socket activation). */
+  listenFds?: number[];
   log: Logger;
   limits?: Partial<ConnectionLimits>;
   /** Largest write payload accepted before the connection is closed. */
@@ -75,6 +77,7 @@ export class NbdServer implements ExportDirectory {
   /** Opens every export, then starts listening. */
   async start(): Promise<void> {
     for (const e of this.opts.exports) await e.open();
+    for (const fd of this.opts.listenFds ?? []) await this.listen((s) => s.listen({ fd }));
     for (const a of this.opts.tcp ?? []) await this.listen((s) => s.listen(a.port, a.host));
     for (const path of this.opts.unixSockets ?? []) {
       if (fs.existsSync(path) && fs.statSync(path).isSocket()) fs.unlinkSync(path);
