@@ -2,8 +2,7 @@ import { spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { finishStalls, parseNbdUri, startSchedule, type BenchOptions, type BenchResult } from "./run.js";
-import { Samples } from "./stats.js";
+import { emptyResult, finishStalls, parseNbdUri, startSchedule, type BenchOptions, type BenchResult } from "./run.js";
 
 /**
  * `nbdstack bench --engine fio`: the same workload run by fio's nbd engine (one connection per
@@ -34,22 +33,8 @@ export async function runFio(o: BenchOptions): Promise<BenchResult> {
     ...(o.bytes ? [`--io_size=${o.bytes}`] : ["--time_based", `--runtime=${Math.max(1, Math.round(o.durationMs / 1000))}`]),
     ...(o.verify && writes ? ["--verify=crc32c", "--verify_backlog=1024", "--verify_fatal=1"] : []),
   ];
-  const samples = new Samples();
-  const r: BenchResult = {
-    options: { ...o, onProgress: undefined } as BenchResult["options"],
-    durationMs: 0,
-    ops: 0,
-    reads: 0,
-    writes: 0,
-    bytes: 0,
-    errors: 0,
-    errorSamples: [],
-    verify: o.verify ? { checkedReads: 0, readBack: 0, failures: [] } : null,
-    samples,
-    handovers: [],
-    faults: [],
-    baselineGapMs: 0,
-  };
+  const r = emptyResult(o);
+  const samples = r.samples;
   const t0 = performance.now();
   const epoch0 = Date.now();
   let running = true;

@@ -60,6 +60,25 @@ export interface BenchResult {
   baselineGapMs: number;
 }
 
+/** A result with nothing measured yet. */
+export function emptyResult(o: BenchOptions): BenchResult {
+  return {
+    options: { ...o, onProgress: undefined } as BenchResult["options"],
+    durationMs: 0,
+    ops: 0,
+    reads: 0,
+    writes: 0,
+    bytes: 0,
+    errors: 0,
+    errorSamples: [],
+    verify: o.verify ? { checkedReads: 0, readBack: 0, failures: [] } : null,
+    samples: new Samples(),
+    handovers: [],
+    faults: [],
+    baselineGapMs: 0,
+  };
+}
+
 export function parseNbdUri(uri: string): { addr: NbdAddress; exportName: string } {
   const u = new URL(uri);
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ""));
@@ -104,22 +123,8 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
   };
   const isRead = () => o.rw === "read" || o.rw === "randread" || (o.rw === "randrw" && rand() * 100 < o.mix);
 
-  const samples = new Samples();
-  const r: BenchResult = {
-    options: { ...o, onProgress: undefined } as BenchResult["options"],
-    durationMs: 0,
-    ops: 0,
-    reads: 0,
-    writes: 0,
-    bytes: 0,
-    errors: 0,
-    errorSamples: [],
-    verify: o.verify ? { checkedReads: 0, readBack: 0, failures: [] } : null,
-    samples,
-    handovers: [],
-    faults: [],
-    baselineGapMs: 0,
-  };
+  const r = emptyResult(o);
+  const samples = r.samples;
   const t0 = performance.now();
   const now = () => performance.now() - t0;
   let running = true;

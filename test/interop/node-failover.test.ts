@@ -48,45 +48,25 @@ describe("node failures", () => {
   it("takes the image over when its owner dies and its lease expires; a client of the survivor sees no failed request", async () => {
     const { img, a, b } = await twoNodes("1s");
     const c = await NbdClient.connect(addr(b.uris[0]!), { exportName: "disk" }); // through port B to a
-    const model = Buffer.alloc(16 * MiB);
-    let stop = false;
-    let done = 0;
-    const failures: unknown[] = [];
-    const worker = async (w: number) => {
-      for (let i = 0; !stop; i++) {
-        const off = (w * 512 + (i % 512)) * 4096;
-        const buf = Buffer.alloc(4096, ((w + i) % 250) + 1);
-        try {
-          await c.pwrite(buf, off);
-          buf.copy(model, off);
-          done++;
-        } catch (err) {
-          failures.push(err);
-        }
-      }
-    };
-    // Each worker owns its own blocks, so acknowledged writes have one possible final value.
-    const ws = Array.from({ length: 8 }, (_, w) => worker(w));
+    const l = load(c);
     await new Promise((r) => setTimeout(r, 300));
-    const before = done;
+    const before = l.done();
     await a.stop("SIGKILL");
     const t0 = Date.now();
     while ((await getStatus(control(b))).exports[0]!.state !== "LOCAL") {
       expect(Date.now() - t0).toBeLessThan(10_000);
       await new Promise((r) => setTimeout(r, 50));
     }
-    const afterTakeover = done;
+    const afterTakeover = l.done();
     await new Promise((r) => setTimeout(r, 300));
-    stop = true;
-    await Promise.all(ws);
-    expect(failures).toEqual([]);
+    await l.stop();
+    expect(l.failures).toEqual([]);
     expect(before).toBeGreaterThan(0);
-    expect(done).toBeGreaterThan(afterTakeover); // served locally by b now
+    expect(l.done()).toBeGreaterThan(afterTakeover); // served locally by b now
     const st = await getStatus(control(b));
     expect(st.exports[0]).toMatchObject({ owner: "b", epoch: 2, state: "LOCAL" });
     await c.flush();
-    const all = await c.pread(8 * 512 * 4096, 0);
-    expect(all.equals(model.subarray(0, 8 * 512 * 4096))).toBe(true);
+    expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
     await c.disconnect();
     expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"))).toMatchObject({ owner: "b", epoch: 2 });
   });
