@@ -3,6 +3,7 @@
 // writes at QD32 through node a with --verify while the export moves between the nodes every
 // MIGRATE_EVERY, and prints throughput, latency percentiles and the longest stall per hand-over.
 // Knobs (environment): DURATION (30s), MIGRATE_EVERY (5s), QD (32), RW (randwrite), SIZE_MIB (256),
+// ENGINE (builtin | fio: fio's nbd engine drives the load),
 // NBDSTACK_ARGS (extra serve flags), OUT (directory for run.json and run.html; default: none).
 import { spawn } from "node:child_process";
 import fs from "node:fs";
@@ -40,7 +41,7 @@ if (out) fs.mkdirSync(out, { recursive: true });
 const args = [
   CLI, "bench", a.uri, "--rw", process.env.RW ?? "randwrite", "--bs", "4k", "--qd", process.env.QD ?? "32",
   "--duration", process.env.DURATION ?? "30s", "--verify", "--migrate-every", process.env.MIGRATE_EVERY ?? "5s",
-  "--nodes", `${a.control},${b.control}`,
+  "--nodes", `${a.control},${b.control}`, "--engine", process.env.ENGINE ?? "builtin",
   ...(out ? ["--json", path.join(out, "run.json"), "--report", path.join(out, "run.html")] : []),
 ];
 const code = await new Promise((resolve) => spawn(process.execPath, args, { stdio: "inherit" }).on("exit", resolve));
