@@ -88,6 +88,11 @@ export class NbdClient {
   private nextCookie = 1;
   private rx: Buffer = Buffer.alloc(0);
   private closedErr: Error | null = null;
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
   readonly closed: Promise<void>;
 
   private constructor(readonly socket: net.Socket) {
@@ -206,12 +211,14 @@ export class NbdClient {
         this.pending.delete(cookie);
         resolve({} as Pending);
       }
-      if (payload) {
+      // Requests issued in one event-loop turn leave in one write (corked until the turn ends).
+      if (!this.corked) {
+        this.corked = true;
         this.socket.cork();
-        this.socket.write(h);
-        this.socket.write(payload);
-        this.socket.uncork();
-      } else this.socket.write(h);
+        setImmediate(this.uncork);
+      }
+      this.socket.write(h);
+      if (payload) this.socket.write(payload);
     });
   }
 
