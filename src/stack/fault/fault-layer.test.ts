@@ -79,6 +79,14 @@ describe("FaultLayer", () => {
     expect(w).toEqual(["ok", "ok", "ok", "ok", "ok", "EPERM", "EPERM"]);
   });
 
+  it("fires only after T seconds when after=Ts", async () => {
+    const { fault } = await stack();
+    fault.addRule("op=pread,errno=EIO,after=0.15s");
+    expect(await outcome(fault.pread(Buffer.alloc(1), 0, plainIo))).toBe("ok");
+    await new Promise((r) => setTimeout(r, 170));
+    expect(await outcome(fault.pread(Buffer.alloc(1), 0, plainIo))).toBe("EIO");
+  });
+
   it("delays requests, and stalls them until released", async () => {
     const { fault } = await stack();
     fault.addRule("op=pread,delay=30ms..40ms");
