@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# npm run bench:peers — nbdstack against nbdkit (file plugin) and qemu-nbd, in one run, on the
+# npm run bench:anchors — nbdstack as one more row of the shared anchor harness, against nbdkit
+# (file plugin) and qemu-nbd, in one run, on the
 # same 1 GiB random image, with the shared anchor harness (../shared/bench/run-anchors.sh):
 # fio's nbd engine (1 MiB seq read/write QD8, 4 KiB rand read/write QD32, 70/30 mix QD16,
 # 4 KiB QD1 latency) and nbdcopy, servers interleaved, medians of REPS runs. Then prints the ratio
