@@ -59,6 +59,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
         "--time_based",
         "--runtime=120", // stopped with SIGINT once the 20 moves are done
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--verify_backlog=256",
         "--verify_fatal=1",
         "--output-format=json",

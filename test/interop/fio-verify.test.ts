@@ -29,6 +29,7 @@ describe.skipIf(!needTools("fio"))("fio nbd engine", () => {
           "--iodepth=32",
           "--size=32m",
           "--verify=crc32c",
+          "--verify_state_save=0",
           "--verify_fatal=1",
           "--do_verify=1",
           "--output-format=json",
