@@ -163,10 +163,6 @@ export class Connection {
     await this.closed;
   }
 
-  destroy(): void {
-    this.socket.destroy();
-  }
-
   private idle(): Promise<void> {
     if (this.inflight === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));

@@ -67,6 +67,13 @@ export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv 
   };
 }
 
+/** The control URL a server printed ("control http://…"), when it runs a control API. */
+export function controlUrl(s: Served): string {
+  const line = s.uris.find((l) => l.startsWith("control "));
+  if (!line) throw new Error("this server printed no control URL");
+  return line.slice("control ".length);
+}
+
 /** A fresh temporary directory, removed when the process exits. */
 export function tempDir(prefix = "nbdstack-test-"): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));

@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { decodePng } from "../helpers/png.js";
-import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 
 /** A minimal well-formedness check: every tag closes in order (no XML library needed). */
@@ -37,7 +37,6 @@ describe("nbdstack bench against two nodes with migrations", () => {
   let dir: string;
   let a: Served;
   let b: Served;
-  const control = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
   beforeAll(async () => {
     dir = tempDir();
     const img = path.join(dir, "disk.img");
@@ -57,8 +56,8 @@ describe("nbdstack bench against two nodes with migrations", () => {
     const r = await cli(
       [
         "bench", a.uris[0]!, "--rw", "randrw", "--mix", "50", "--qd", "16", "--conns", "2", "--duration", "4s", "--verify",
-        "--migrate-every", "1s", "--nodes", `${control(a)},${control(b)}`,
-        "--fault", "op=pread,delay=2ms@500ms", "--fault-control", control(a), "--json", json, "--report", html,
+        "--migrate-every", "1s", "--nodes", `${controlUrl(a)},${controlUrl(b)}`,
+        "--fault", "op=pread,delay=2ms@500ms", "--fault-control", controlUrl(a), "--json", json, "--report", html,
       ],
     );
     expect(r.stderr).toBe("");
@@ -121,12 +120,12 @@ describe("nbdstack bench against two nodes with migrations", () => {
 
   it("fails the run and names the offset when the data is wrong", async () => {
     // The owner's fault layer (above its port A) flips a bit in every read: verify must catch it.
-    const owner = JSON.parse(spawnSync(process.execPath, [CLI, "status", control(a), "--json"], { encoding: "utf8" }).stdout).exports[0].owner;
+    const owner = JSON.parse(spawnSync(process.execPath, [CLI, "status", controlUrl(a), "--json"], { encoding: "utf8" }).stdout).exports[0].owner;
     const node = owner === "a" ? a : b;
-    const set = spawnSync(process.execPath, [CLI, "fault", "disk", "--control", control(node), "--add", "op=pread,corrupt=1"], { encoding: "utf8" });
+    const set = spawnSync(process.execPath, [CLI, "fault", "disk", "--control", controlUrl(node), "--add", "op=pread,corrupt=1"], { encoding: "utf8" });
     expect(set.status).toBe(0);
     const r = await cli(["bench", node.uris[0]!, "--rw", "randrw", "--duration", "1s", "--verify", "--range", "0-4M"]);
-    await cli(["fault", "disk", "--control", control(node), "--clear"]);
+    await cli(["fault", "disk", "--control", controlUrl(node), "--clear"]);
     expect(r.status).toBe(1);
     expect(r.stdout).toMatch(/verify FAILED/);
     expect(r.stdout).toMatch(/VERIFY FAILED at offset \d+: corrupted bytes/);
@@ -136,7 +135,7 @@ describe("nbdstack bench against two nodes with migrations", () => {
     const json = path.join(dir, "fio.json");
     const r = await cli([
       "bench", a.uris[0]!, "--engine", "fio", "--rw", "randwrite", "--qd", "16", "--duration", "4s", "--verify",
-      "--migrate-every", "1s", "--nodes", `${control(a)},${control(b)}`, "--json", json,
+      "--migrate-every", "1s", "--nodes", `${controlUrl(a)},${controlUrl(b)}`, "--json", json,
     ]);
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/errors 0 {3}verify ok/);

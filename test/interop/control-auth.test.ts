@@ -2,7 +2,7 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { CLI, serve, tempDir } from "../helpers/serve.js";
+import { CLI, serve, tempDir, controlUrl } from "../helpers/serve.js";
 
 describe("control API access", () => {
   it("creates the token file (0600), refuses mutating calls without the right token, and lets status through", async () => {
@@ -13,7 +13,7 @@ describe("control API access", () => {
     fs.truncateSync(img, 4 * 1024 * 1024);
     const srv = await serve([img, "--name", "disk", "--node-id", "a", "--fault", "--token-file", tokenFile], 2);
     try {
-      const ctl = srv.uris.find((l) => l.startsWith("control "))!.slice(8);
+      const ctl = controlUrl(srv);
       expect(fs.statSync(tokenFile).mode & 0o777).toBe(0o600);
       expect(fs.statSync(path.dirname(tokenFile)).mode & 0o777).toBe(0o700);
       const token = fs.readFileSync(tokenFile, "utf8").trim();

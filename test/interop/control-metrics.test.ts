@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { serve } from "../helpers/serve.js";
+import { serve, controlUrl } from "../helpers/serve.js";
 
 /** Parses Prometheus text into "name{labels}" → value. */
 function parse(text: string): Map<string, number> {
@@ -17,7 +17,7 @@ describe("metrics", () => {
   it("counts requests, errors, bytes and latency per export and op, and connections, in Prometheus format", async () => {
     const srv = await serve(["memory:4M", "--control", "127.0.0.1:0"], 2);
     try {
-      const ctl = srv.uris.find((l) => l.startsWith("control "))!.slice(8);
+      const ctl = controlUrl(srv);
       const u = new URL(srv.uris[0]!);
       const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "memory" });
       for (let i = 0; i < 10; i++) await c.pwrite(Buffer.alloc(4096, i), i * 4096);

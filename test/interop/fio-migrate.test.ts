@@ -4,7 +4,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall, getStatus } from "../../src/control/control-client.js";
-import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -20,7 +20,6 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
   let img: string;
   let a: Served;
   let b: Served;
-  const control = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
   beforeAll(async () => {
     dir = tempDir();
     img = path.join(dir, "disk.img");
@@ -35,12 +34,12 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
   });
 
   it("starts with the first node as owner and the second proxying through port B", async () => {
-    const sa = await getStatus(control(a));
-    const sb = await getStatus(control(b));
+    const sa = await getStatus(controlUrl(a));
+    const sb = await getStatus(controlUrl(b));
     expect(sa.exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 1, state: "LOCAL" });
     expect(sb.exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 1, state: "REMOTE" });
     const lease = JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"));
-    expect(lease).toMatchObject({ owner: "a", epoch: 1, control: control(a) });
+    expect(lease).toMatchObject({ owner: "a", epoch: 1, control: controlUrl(a) });
     const desc = execFileSync("nbdinfo", ["--json", b.uris[0]!], { encoding: "utf8" });
     expect(JSON.parse(desc).exports[0].description).toMatch(/redirector\(REMOTE\).*\[owner=a epoch=1\]/);
   });
@@ -91,7 +90,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
 
     await new Promise((r) => setTimeout(r, 500));
     const moves: number[] = [];
-    let [from, to] = [control(a), control(b)];
+    let [from, to] = [controlUrl(a), controlUrl(b)];
     for (let i = 0; i < 20; i++) {
       const r = await controlCall<{ ms: number; epoch: number }>(from, "POST", "v1/exports/disk/migrate", { to });
       moves.push(r.ms);
@@ -113,7 +112,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     expect(checks).toBeGreaterThan(10);
     await Promise.all([c1.disconnect(), c2.disconnect(), c3.disconnect()]);
 
-    const sa = await getStatus(control(a));
+    const sa = await getStatus(controlUrl(a));
     expect(sa.exports[0]).toMatchObject({ owner: "a", epoch: 21, state: "LOCAL", held: 0 });
     // What clients read through the other node equals the image file itself.
     const copy = path.join(dir, "copy.img");
@@ -123,16 +122,16 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
   });
 
   it("migrates and reports through the CLI", () => {
-    const moved = execFileSync(process.execPath, [CLI, "migrate", "disk", "--from", control(a), "--to", control(b)], { encoding: "utf8" });
+    const moved = execFileSync(process.execPath, [CLI, "migrate", "disk", "--from", controlUrl(a), "--to", controlUrl(b)], { encoding: "utf8" });
     expect(moved).toMatch(/^moved disk from a to b \(epoch 22\) in [\d.]+ ms$/m);
-    const st = JSON.parse(execFileSync(process.execPath, [CLI, "status", control(a), "--json"], { encoding: "utf8" }));
+    const st = JSON.parse(execFileSync(process.execPath, [CLI, "status", controlUrl(a), "--json"], { encoding: "utf8" }));
     expect(st.exports[0]).toMatchObject({ name: "disk", owner: "b", epoch: 22, state: "REMOTE" });
-    const human = execFileSync(process.execPath, [CLI, "status", control(b)], { encoding: "utf8" });
+    const human = execFileSync(process.execPath, [CLI, "status", controlUrl(b)], { encoding: "utf8" });
     expect(human).toMatch(/disk\s+b\s+22\s+LOCAL/);
   });
 
   it("exposes the redirector's state, moves and held requests as metrics", async () => {
-    const text = await (await fetch(`${control(a)}/metrics`)).text();
+    const text = await (await fetch(`${controlUrl(a)}/metrics`)).text();
     expect(text).toMatch(/^nbdstack_redirector_state\{export="disk",state="REMOTE"\} 1$/m);
     expect(text).toMatch(/^nbdstack_redirector_state\{export="disk",state="LOCAL"\} 0$/m);
     expect(text).toMatch(/^nbdstack_held_requests\{export="disk"\} 0$/m);
@@ -142,8 +141,8 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
   });
 
   it("refuses to migrate from a node that does not own the export, or to a dead peer, and changes nothing", async () => {
-    await expect(controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) })).rejects.toThrow(/409.*not owned here/);
-    await expect(controlCall(control(b), "POST", "v1/exports/disk/migrate", { to: "http://127.0.0.1:1" })).rejects.toThrow(/502.*unreachable/);
-    expect((await getStatus(control(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL" });
+    await expect(controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) })).rejects.toThrow(/409.*not owned here/);
+    await expect(controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: "http://127.0.0.1:1" })).rejects.toThrow(/502.*unreachable/);
+    expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL" });
   });
 });

@@ -2,7 +2,7 @@ import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { nbdsh, needPath, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -25,7 +25,7 @@ describe.skipIf(!(needTools("nbdfuse", "fusermount3", "mkfs.ext4", "debugfs", "e
     fs.writeFileSync(img, "");
     fs.truncateSync(img, 32 * MiB);
     srv = await serve([img, "--fault-powerloss", "--fault-seed", "3"], 2);
-    ctl = srv.uris.find((l) => l.startsWith("control "))!.slice(8);
+    ctl = controlUrl(srv);
   });
   afterAll(() => srv?.stop());
 

@@ -3,14 +3,13 @@ import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { getStatus } from "../../src/control/control-client.js";
-import { serve, tempDir, type Served } from "../helpers/serve.js";
+import { serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 
 const MiB = 1024 * 1024;
 const addr = (uri: string) => {
   const u = new URL(uri);
   return { host: u.hostname, port: Number(u.port) };
 };
-const control = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
 
 let nodes: Served[] = [];
 afterEach(async () => {
@@ -53,7 +52,7 @@ describe("node failures", () => {
     const before = l.done();
     await a.stop("SIGKILL");
     const t0 = Date.now();
-    while ((await getStatus(control(b))).exports[0]!.state !== "LOCAL") {
+    while ((await getStatus(controlUrl(b))).exports[0]!.state !== "LOCAL") {
       expect(Date.now() - t0).toBeLessThan(10_000);
       await new Promise((r) => setTimeout(r, 50));
     }
@@ -63,7 +62,7 @@ describe("node failures", () => {
     expect(l.failures).toEqual([]);
     expect(before).toBeGreaterThan(0);
     expect(l.done()).toBeGreaterThan(afterTakeover); // served locally by b now
-    const st = await getStatus(control(b));
+    const st = await getStatus(controlUrl(b));
     expect(st.exports[0]).toMatchObject({ owner: "b", epoch: 2, state: "LOCAL" });
     await c.flush();
     expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
@@ -72,7 +71,7 @@ describe("node failures", () => {
   });
 
   /** Writes from 8 workers on their own blocks through `c` until stopped; records failures. */
-  function load(c: InstanceType<typeof NbdClient>) {
+  function load(c: NbdClient) {
     const model = Buffer.alloc(8 * 512 * 4096);
     const failures: unknown[] = [];
     let stop = false;
@@ -107,7 +106,7 @@ describe("node failures", () => {
     const l = load(c);
     await new Promise((r) => setTimeout(r, 200));
     const { controlCall } = await import("../../src/control/control-client.js");
-    const moving = controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) }).then(
+    const moving = controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) }).then(
       () => "moved",
       (e: Error) => e.message,
     );
@@ -119,7 +118,7 @@ describe("node failures", () => {
     await l.stop();
     expect(l.failures).toEqual([]);
     expect(l.done()).toBeGreaterThan(during); // served by a again
-    const st = await getStatus(control(a));
+    const st = await getStatus(controlUrl(a));
     expect(st.exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL", held: 0 });
     await c.flush();
     const all = await c.pread(l.model.length, 0);
@@ -134,10 +133,10 @@ describe("node failures", () => {
     const l = load(c);
     await new Promise((r) => setTimeout(r, 200));
     const { controlCall } = await import("../../src/control/control-client.js");
-    await controlCall(control(a), "POST", "v1/exports/disk/migrate", { to: control(b) });
+    await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) });
     await b.stop("SIGKILL"); // a now forwards to a dead owner until b's lease expires
     const t0 = Date.now();
-    while ((await getStatus(control(a))).exports[0]!.state !== "LOCAL") {
+    while ((await getStatus(controlUrl(a))).exports[0]!.state !== "LOCAL") {
       expect(Date.now() - t0).toBeLessThan(10_000);
       await new Promise((r) => setTimeout(r, 50));
     }
@@ -146,7 +145,7 @@ describe("node failures", () => {
     await l.stop();
     expect(l.failures).toEqual([]);
     expect(l.done()).toBeGreaterThan(back);
-    expect((await getStatus(control(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
+    expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
     await c.flush();
     expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
     await c.disconnect();

@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CLI, serve, tempDir, type Served } from "../helpers/serve.js";
+import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { nbdsh, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -19,7 +19,7 @@ describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and
     fs.writeFileSync(img, "");
     fs.truncateSync(img, 8 * MiB);
     srv = await serve([img, "--fault-powerloss", "--fault-seed", "7"], 2);
-    ctl = srv.uris.find((l) => l.startsWith("control "))!.slice(8);
+    ctl = controlUrl(srv);
   });
   afterAll(() => srv?.stop());
 
@@ -67,18 +67,17 @@ describe("fault layer on cluster nodes", () => {
     fs.truncateSync(img, 8 * MiB);
     const a = await serve([img, "--name", "disk", "--node-id", "a", "--fault"], 2);
     const b = await serve([img, "--name", "disk", "--node-id", "b", "--fault"], 2);
-    const ctl = (s: Served) => s.uris.find((l) => l.startsWith("control "))!.slice(8);
     try {
-      fault(ctl(a), "--add", "op=pread,errno=EIO,range=0-4096");
+      fault(controlUrl(a), "--add", "op=pread,errno=EIO,range=0-4096");
       const u = new URL(b.uris[0]!);
       const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
       await expect(c.pread(512, 0)).rejects.toMatchObject({ errno: "EIO" }); // b → port B → a's port A
       expect((await c.pread(512, 8192)).length).toBe(512);
-      await controlCall(ctl(a), "POST", "v1/exports/disk/migrate", { to: ctl(b) });
+      await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) });
       expect((await c.pread(512, 0)).length).toBe(512); // b owns the image; its fault layer has no rules
-      await controlCall(ctl(b), "POST", "v1/exports/disk/migrate", { to: ctl(a) });
+      await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a) });
       await expect(c.pread(512, 0)).rejects.toMatchObject({ errno: "EIO" }); // a's rule lived on
-      expect(fault(ctl(a), "--list")).toMatch(/rule 1: op=pread,errno=EIO,range=0-4096 {2}\(matched 2, fired 2\)/);
+      expect(fault(controlUrl(a), "--list")).toMatch(/rule 1: op=pread,errno=EIO,range=0-4096 {2}\(matched 2, fired 2\)/);
       await c.disconnect();
     } finally {
       await b.stop();
