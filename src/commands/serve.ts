@@ -6,7 +6,9 @@ import { fileURLToPath } from "node:url";
 import zlib from "node:zlib";
 import { createLogger } from "../log.js";
 import { NbdServer, type TcpAddress } from "../server/server.js";
-import { composeExport, defaultExportName, partitionExports } from "../stack/compose.js";
+import type { Command } from "commander";
+import { loadConfig } from "../config/config-file.js";
+import { composeExport, defaultExportName, partitionExports, StackHandles, type ExportSpec } from "../stack/compose.js";
 import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
@@ -14,7 +16,6 @@ import { Metrics } from "../metrics/metrics.js";
 import { setControlToken } from "../control/control-client.js";
 import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
-import type { FaultLayer } from "../stack/fault/fault-layer.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 
@@ -41,6 +42,8 @@ export interface ServeOptions {
   faultSeed: number;
   tokenFile?: string;
   faultPowerloss: boolean;
+  overlay: string[];
+  config?: string;
 }
 
 export const DEFAULT_PORT = 10809;
@@ -93,18 +96,36 @@ export function exportUri(addr: TcpAddress | { path: string }, name: string): st
   return `nbd://${host}:${addr.port}/${enc}`;
 }
 
-export async function serveCommand(images: string[], opts: ServeOptions): Promise<void> {
+export async function serveCommand(images: string[], opts: ServeOptions, cmd?: Command): Promise<void> {
   const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === undefined ? undefined : opts.logFormat === "pretty" });
-  if (images.length === 0 && !opts.demo) throw new Error("nothing to serve: give image files, memory:SIZE, or --demo");
+  const config = opts.config ? loadConfig(opts.config) : null;
+  if (config) {
+    // The config file's server settings apply where the command line says nothing.
+    if (opts.listen.length === 0 && config.listen) opts.listen = config.listen;
+    if (opts.socket.length === 0 && config.socket) opts.socket = config.socket;
+    opts.control ??= config.control;
+    opts.nodeId ??= config.nodeId;
+    if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
+  }
+  if (images.length === 0 && !opts.demo && !config) throw new Error("nothing to serve: give image files, memory:SIZE, --config FILE or --demo");
   if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
+  if (opts.overlay.length > images.length) throw new Error(`${opts.overlay.length} --overlay options for ${images.length} images`);
 
   const fault = opts.fault || opts.faultPowerloss ? { seed: opts.faultSeed, powerloss: opts.faultPowerloss, log } : undefined;
   const common = { readOnly: opts.readOnly, io: opts.io, fault };
-  const specs = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), ...common }));
+  const specs: Array<ExportSpec & { name: string; partitions?: boolean }> = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), overlay: opts.overlay[i], ...common }));
+  for (const e of config?.exports ?? []) {
+    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => l.kind === "partition" || l.kind === "fs-file"), readOnly: opts.readOnly || !!e.readOnly, io: opts.io });
+  }
   let demo: { file: string; dir: string } | null = null;
   if (opts.demo) {
     demo = await demoCopy();
     specs.push({ source: demo.file, name: "demo", ...common });
+  }
+  const seen = new Set<string>();
+  for (const s of specs) {
+    if (seen.has(s.name)) throw new Error(`export "${s.name}" is declared twice (use --name to tell images apart)`);
+    seen.add(s.name);
   }
   const tcp = opts.listen.map(parseListen);
   const listenFds = activationFds();
@@ -113,13 +134,13 @@ export async function serveCommand(images: string[], opts: ServeOptions): Promis
   const node = opts.nodeId
     ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
     : null;
-  const faults = new Map<string, FaultLayer>();
+  const handles = new StackHandles();
+  const faults = handles.faults;
   const exports: Export[] = [];
   for (const s of specs) {
-    const onFault = (name: string, f: FaultLayer) => faults.set(name, f);
-    const exp = node ? node.createExport(s, onFault) : composeExport(s, onFault);
+    const exp = node ? node.createExport(s, handles) : composeExport(s, handles, log);
     exports.push(exp);
-    if (node || !opts.partitions) continue;
+    if (node || !opts.partitions || s.partitions === false) continue;
     // Each partition of the device is an export of its own: NAME/p1, NAME/p2, …
     await exp.open();
     const found = await partitionExports(exp);

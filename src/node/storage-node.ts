@@ -4,11 +4,10 @@ import { ControlServer, HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
 import { Export } from "../server/export.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
-import type { ExportSpec } from "../stack/compose.js";
+import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
 import { PortSlot } from "../stack/port/port-slot.js";
-import { FaultLayer } from "../stack/fault/fault-layer.js";
 import type { Layer } from "../stack/layer.js";
 import { RemotePort, ownerIsHere } from "../stack/port/remote-port.js";
 
@@ -54,9 +53,14 @@ export class StorageNode {
    * The export for one image: disk layer over a port redirector whose port A is the image and
    * port B the owner. Takes the lease if it is free; otherwise the export starts as REMOTE.
    */
-  createExport(spec: ExportSpec & { name: string }, onFault?: (name: string, f: FaultLayer) => void): Export {
-    if (spec.source.startsWith("memory:")) throw new Error(`${spec.name}: a node's exports must be image files (shared with peers)`);
-    const lease = new LeaseFile(spec.source);
+  createExport(spec: ExportSpec & { name: string }, handles: StackHandles = new StackHandles()): Export {
+    // The image at the bottom of the stack is the resource that moves: port A opens it, port B
+    // reaches whoever owns it. The rest of the declared stack sits above the redirector.
+    const stack = stackOf(spec);
+    const bottom = stack[0]!;
+    if (bottom.kind !== "file") throw new Error(`${spec.name}: a node's exports must sit on an image file (shared with peers), not ${bottom.kind}`);
+    const image = bottom.path;
+    const lease = new LeaseFile(image);
     let epoch: number | null = null;
     try {
       epoch = lease.acquire(this.identity, this.ttlMs).epoch;
@@ -66,12 +70,14 @@ export class StorageNode {
     }
     const log = this.opts.log.child({ export: spec.name });
     // Port A: the image, opened each time this node owns it; a fault layer above it keeps its rules across moves.
-    const slot = new PortSlot(() => createFilePort({ path: spec.source, readOnly: spec.readOnly, io: spec.io }));
+    const slot = new PortSlot(() => createFilePort({ path: image, readOnly: spec.readOnly || bottom.readOnly, io: spec.io }));
     let portA: Layer = slot;
-    if (spec.fault) {
-      const f = new FaultLayer(slot, spec.fault);
-      onFault?.(spec.name, f);
-      portA = f;
+    let rest = stack.slice(1);
+    const ctx = { exportName: spec.name, readOnly: !!spec.readOnly, io: spec.io, log: this.opts.log, handles };
+    if (!spec.stack && spec.fault) {
+      // The --fault shorthand: directly above the image, below the redirector.
+      portA = buildLayer(rest[0]!, slot, ctx);
+      rest = rest.slice(1);
     }
     const redirector = new PortRedirector(
       spec.name,
@@ -93,8 +99,10 @@ export class StorageNode {
       epoch !== null,
       log,
     );
-    const m: Managed = { name: spec.name, image: spec.source, lease, redirector, exp: null as unknown as Export, epoch };
-    const exp: Export = new Export(spec.name, createDiskLayer(redirector, spec.disk), () => {
+    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch };
+    let top: Layer = redirector;
+    for (const l of rest) top = buildLayer(l, top, ctx);
+    const exp: Export = new Export(spec.name, createDiskLayer(top, spec.disk), () => {
       const r = lease.read();
       return `${exp.layer.describe()} [owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;
     });

@@ -1,25 +1,59 @@
 import path from "node:path";
+import type { Logger } from "pino";
+import { ConfigError, formatStack, type LayerSpec, type StackSpec } from "../config/stack-spec.js";
 import { Export } from "../server/export.js";
 import { parseSize } from "../util/size.js";
 import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
 import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
+import { LazyLayer } from "./lazy-layer.js";
 import { plainIo, type Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
+import { NbdError } from "../errors.js";
 
+/**
+ * An export from the command line: an image (or memory:SIZE) with optional shorthands, or a
+ * declared stack (config file). Shorthands become stack items: source → file/memory,
+ * overlay → cow, fault → fault directly above the port.
+ */
 export interface ExportSpec {
-  /** An image path, or `memory:SIZE` for a sparse in-memory device. */
+  /** An image path, or `memory:SIZE` for a sparse in-memory device. Ignored when `stack` is given. */
   source: string;
   name?: string;
   description?: string;
   readOnly?: boolean;
-  /** How a file port calls the kernel (see IoMode). */
+  /** How file ports call the kernel (see IoMode). */
   io?: IoMode;
   disk?: DiskLayerOptions;
   /** Insert a fault layer (no rules yet) directly above the port. */
   fault?: FaultLayerOptions;
+  /** A copy-on-write overlay file above the image, which then stays unmodified. */
+  overlay?: string;
+  /** The whole stack, bottom-up (from a config file). */
+  stack?: StackSpec;
+}
+
+/**
+ * Layers of running exports that can be steered at run time (control API), by export name or,
+ * for fault layers, by their `id`.
+ */
+export class StackHandles {
+  readonly faults = new Map<string, FaultLayer>();
+  add<T>(map: Map<string, T>, key: string, layer: T, what: string): void {
+    if (map.has(key)) throw new ConfigError(key, `two ${what} layers answer to "${key}": give them distinct ids`);
+    map.set(key, layer);
+  }
+}
+
+/** What building a stack needs besides its declaration. */
+export interface BuildContext {
+  exportName: string;
+  readOnly: boolean;
+  io?: IoMode;
+  log?: Logger;
+  handles: StackHandles;
 }
 
 /** The port at the bottom of a stack for `source`. */
@@ -36,20 +70,77 @@ export function defaultExportName(source: string): string {
   return dot > 0 ? base.slice(0, dot) : base;
 }
 
-/**
- * Builds an export's stack from the bottom up: port → (fault) → disk layer. A fault layer, if
- * asked for, is handed to `onFault` so it can be steered at run time.
- */
-export function composeExport(spec: ExportSpec, onFault?: (name: string, f: FaultLayer) => void): Export {
-  const name = spec.name ?? defaultExportName(spec.source);
-  let below: Layer = createPort(spec.source, !!spec.readOnly, spec.io);
-  if (spec.fault) {
-    const f = new FaultLayer(below, spec.fault);
-    onFault?.(name, f);
-    below = f;
+/** The stack an ExportSpec declares, shorthands expanded. */
+export function stackOf(spec: ExportSpec): StackSpec {
+  if (spec.stack) return spec.stack;
+  const stack: StackSpec = [spec.source.startsWith("memory:") ? { kind: "memory", size: parseSize(spec.source.slice(7)) } : { kind: "file", path: spec.source }];
+  if (spec.fault) stack.push({ kind: "fault", rules: [], seed: spec.fault.seed, powerloss: spec.fault.powerloss });
+  if (spec.overlay) stack.push({ kind: "cow", overlay: path.resolve(spec.overlay) });
+  return stack;
+}
+
+/** The bottom device of a stack (a port, or a volume over stacks of their own). */
+function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
+  switch (l.kind) {
+    case "file":
+      // An image under a cow overlay is only ever read.
+      return createFilePort({ path: l.path, readOnly: ctx.readOnly || !!l.readOnly, io: ctx.io });
+    case "memory":
+      return createMemoryPort({ size: l.size, readOnly: ctx.readOnly });
+    default:
+      throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
   }
+}
+
+/** One layer over `below`. */
+export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer {
+  switch (l.kind) {
+    case "partition":
+      return new LazyLayer(below, `partition ${l.index}`, async (dev) => {
+        const table = await readPartitionTable(readerOf(dev), dev.size());
+        if (!table) throw new NbdError("EINVAL", `partition ${l.index}: no partition table on ${dev.describe()}`);
+        const p = table.partitions.find((x) => x.index === l.index);
+        if (!p) throw new NbdError("EINVAL", `partition ${l.index}: not in the ${table.scheme} table of ${dev.describe()} (has ${table.partitions.map((x) => x.index).join(", ") || "none"})`);
+        return new PartitionLayer(dev, p, table.scheme);
+      });
+    case "fault": {
+      const f = new FaultLayer(below, { seed: l.seed, powerloss: l.powerloss, log: ctx.log });
+      for (const r of l.rules) f.addRule(r);
+      ctx.handles.add(ctx.handles.faults, l.id ?? ctx.exportName, f, "fault");
+      return f;
+    }
+    default:
+      throw new ConfigError(l.kind, `the ${l.kind} layer is not available in this build`);
+  }
+}
+
+/** Builds a declared stack bottom-up; the result is not open yet. */
+export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
+  let layer = buildBottom(stack[0]!, ctx);
+  for (const l of stack.slice(1)) layer = buildLayer(l, layer, ctx);
+  return layer;
+}
+
+function readerOf(dev: Layer): (length: number, offset: number) => Promise<Buffer> {
+  return async (length, offset) => {
+    const b = Buffer.alloc(length);
+    await dev.pread(b, offset, plainIo);
+    return b;
+  };
+}
+
+/**
+ * Builds an export: the declared stack (or the shorthands) with the disk layer on top. Layers
+ * that can be steered at run time go into `handles`.
+ */
+export function composeExport(spec: ExportSpec, handles: StackHandles = new StackHandles(), log?: Logger): Export {
+  const name = spec.name ?? defaultExportName(spec.source);
+  const stack = stackOf(spec);
+  const below = buildStack(stack, { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles });
   return new Export(name, createDiskLayer(below, spec.disk), spec.description);
 }
+
+export { formatStack };
 
 /**
  * The exports NAME/p1, NAME/p2… of the partitions found on an opened whole-device export; they
@@ -59,11 +150,7 @@ export function composeExport(spec: ExportSpec, onFault?: (name: string, f: Faul
 export async function partitionExports(whole: Export, disk?: DiskLayerOptions): Promise<{ exports: Export[]; table: PartitionTable | null; reason?: string }> {
   const below = (whole.layer as DiskLayer).below();
   try {
-    const table = await readPartitionTable(async (length, offset) => {
-      const b = Buffer.alloc(length);
-      await below.pread(b, offset, plainIo);
-      return b;
-    }, below.size());
+    const table = await readPartitionTable(readerOf(below), below.size());
     if (!table) return { exports: [], table: null, reason: "no partition table" };
     const exports = table.partitions.map((p) => new Export(`${whole.name}/p${p.index}`, createDiskLayer(new PartitionLayer(below, p, table.scheme), disk)));
     return { exports, table };
