@@ -1,4 +1,5 @@
 import net from "node:net";
+import tls from "node:tls";
 import { NbdError, ProtocolError } from "../errors.js";
 import {
   BASE_ALLOCATION,
@@ -28,6 +29,11 @@ export interface ConnectOptions {
   structured?: boolean;
   /** Select base:allocation (needs structured replies). */
   allocation?: boolean;
+  /**
+   * Upgrade with NBD_OPT_STARTTLS before any other option, with these options of tls.connect
+   * (the socket and host are filled in). A server that refuses is an error, never a plain session.
+   */
+  tls?: Omit<tls.ConnectionOptions, "socket">;
 }
 
 const ERRNO_NAME = new Map<number, ErrnoName>(Object.entries(Errno).map(([k, v]) => [v, k as ErrnoName]));
@@ -95,7 +101,7 @@ export class NbdClient {
   };
   readonly closed: Promise<void>;
 
-  private constructor(readonly socket: net.Socket) {
+  private constructor(public socket: net.Socket) {
     socket.setNoDelay(true);
     this.closed = new Promise((r) => socket.once("close", () => r()));
   }
@@ -110,28 +116,48 @@ export class NbdClient {
     const bytes = new Bytes();
     const onData = (d: Buffer) => bytes.push(d);
     const onClose = () => bytes.fail(new ProtocolError("server closed the connection during the handshake"));
-    socket.on("data", onData);
-    socket.on("close", onClose);
-    socket.on("error", onClose);
+    const onError = (e: Error) => bytes.fail(new ProtocolError(`${c.socket === socket ? "" : "TLS: "}${e.message.trim()}`));
+    const attach = (s: net.Socket) => {
+      s.on("data", onData);
+      s.on("close", onClose);
+      s.on("error", onError);
+    };
+    const detach = (s: net.Socket) => {
+      s.off("data", onData);
+      s.off("close", onClose);
+      s.off("error", onError);
+    };
+    attach(socket);
+    const upgrade = async (): Promise<void> => {
+      if (bytes.buf.length) throw new ProtocolError("server sent bytes after its NBD_OPT_STARTTLS reply");
+      detach(socket);
+      const host = "host" in addr ? addr.host : undefined;
+      const t = tls.connect({ ...opts.tls, socket, host: opts.tls?.host ?? host });
+      c.socket = t;
+      attach(t);
+      await new Promise<void>((resolve, reject) => {
+        t.once("secureConnect", resolve);
+        t.once("error", reject);
+        t.once("close", () => reject(new ProtocolError("server closed the connection during the TLS handshake")));
+      });
+    };
     try {
-      await c.handshake(bytes, opts);
+      await c.handshake(bytes, opts, upgrade);
     } catch (e) {
-      socket.destroy();
+      c.socket.destroy();
       throw e;
     } finally {
-      socket.off("data", onData);
-      socket.off("close", onClose);
-      socket.off("error", onClose);
+      detach(c.socket);
     }
     c.rx = bytes.buf;
-    socket.on("data", (d: Buffer) => c.onData(d));
-    socket.on("error", () => undefined);
-    socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));
+    c.socket.on("data", (d: Buffer) => c.onData(d));
+    c.socket.on("error", () => undefined);
+    c.socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));
     if (c.rx.length) c.onData(Buffer.alloc(0));
     return c;
   }
 
-  private async handshake(bytes: Bytes, opts: ConnectOptions): Promise<void> {
+  private async handshake(bytes: Bytes, opts: ConnectOptions, upgrade: () => Promise<void>): Promise<void> {
     const g = await bytes.read(18);
     if (g.readBigUInt64BE(0) !== NBD_MAGIC || g.readBigUInt64BE(8) !== NBD_IHAVEOPT) throw new ProtocolError("not a fixed-newstyle NBD server");
     const hflags = g.readUInt16BE(16);
@@ -157,6 +183,11 @@ export class NbdClient {
       }
     };
 
+    if (opts.tls) {
+      const r = await option(Opt.NBD_OPT_STARTTLS, Buffer.alloc(0), () => undefined);
+      if (r !== Rep.NBD_REP_ACK) throw new ProtocolError(`server refused NBD_OPT_STARTTLS (reply 0x${r.toString(16)}): is TLS enabled on it?`);
+      await upgrade();
+    }
     const name = Buffer.from(opts.exportName ?? "", "utf8");
     if (opts.structured ?? true) {
       this.structured = (await option(Opt.NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0), () => undefined)) === Rep.NBD_REP_ACK;

@@ -13,13 +13,14 @@ import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
 import { Metrics } from "../metrics/metrics.js";
-import { setControlToken } from "../control/control-client.js";
+import { setControlCa, setControlToken } from "../control/control-client.js";
+import { clientOptions, loadTlsConfig, serverSocketOptions, type TlsFlags } from "../tls/tls-config.js";
 import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 
-export interface ServeOptions {
+export interface ServeOptions extends TlsFlags {
   listen: string[];
   socket: string[];
   name: string[];
@@ -89,11 +90,12 @@ export function activationFds(env: NodeJS.ProcessEnv = process.env): number[] {
   return Array.from({ length: n }, (_, i) => 3 + i);
 }
 
-export function exportUri(addr: TcpAddress | { path: string }, name: string): string {
+export function exportUri(addr: TcpAddress | { path: string }, name: string, tls = false): string {
   const enc = encodeURIComponent(name).replace(/%2F/g, "/");
-  if ("path" in addr) return `nbd+unix:///${enc}?socket=${addr.path}`;
+  const scheme = tls ? "nbds" : "nbd";
+  if ("path" in addr) return `${scheme}+unix:///${enc}?socket=${addr.path}`;
   const host = addr.host.includes(":") ? `[${addr.host}]` : addr.host;
-  return `nbd://${host}:${addr.port}/${enc}`;
+  return `${scheme}://${host}:${addr.port}/${enc}`;
 }
 
 export async function serveCommand(images: string[], opts: ServeOptions, cmd?: Command): Promise<void> {
@@ -127,12 +129,13 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     if (seen.has(s.name)) throw new Error(`export "${s.name}" is declared twice (use --name to tell images apart)`);
     seen.add(s.name);
   }
+  const tlsConfig = loadTlsConfig(opts);
   const tcp = opts.listen.map(parseListen);
   const listenFds = activationFds();
   if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
   const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl) })
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
     : null;
   const handles = new StackHandles();
   const faults = handles.faults;
@@ -151,6 +154,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   // Metrics cost a little per request: collected only where a control API can serve them.
   const metrics = node || opts.control || fault ? new Metrics() : undefined;
   const server = new NbdServer({
+    tls: tlsConfig ? { mode: tlsConfig.mode, options: serverSocketOptions(tlsConfig) } : null,
     metrics,
     exports,
     tcp,
@@ -174,7 +178,9 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   if (node || opts.control || fault) {
     const token = loadOrCreateToken(opts.tokenFile);
     setControlToken(token); // for the calls this node makes to its peers
-    control = new ControlServer(log.child({ role: "control" }), token);
+    // With certificates the control API is HTTPS; with PSK alone it stays HTTP (bearer token, localhost).
+    setControlCa(tlsConfig?.ca ?? tlsConfig?.cert ?? null);
+    control = new ControlServer(log.child({ role: "control" }), token, tlsConfig?.cert && tlsConfig.key ? { cert: tlsConfig.cert, key: tlsConfig.key } : null);
   }
   try {
     await server.start();
@@ -220,7 +226,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   }
 
   for (const e of server.list()) {
-    for (const a of server.addresses()) process.stdout.write(`${exportUri(a, e.name)}\n`);
+    for (const a of server.addresses()) process.stdout.write(`${exportUri(a, e.name, tlsConfig !== null)}\n`);
     log.info({ export: e.name, size: e.size(), stack: e.description, flags: e.transmissionFlags(true) }, "serving");
   }
   if (controlUrl) {

@@ -1,4 +1,6 @@
-/** A small client of a node's control API (HTTP/JSON). */
+/** A small client of a node's control API (HTTP/JSON, or HTTPS when the node has certificates). */
+import http from "node:http";
+import https from "node:https";
 import { readToken } from "./token.js";
 
 export interface ExportStatus {
@@ -38,6 +40,16 @@ export function setControlToken(t: string): void {
   token = t;
 }
 
+let ca: Buffer | null = null;
+
+/**
+ * The CA bundle that https:// control URLs are checked against (a node's --tls-ca); without it,
+ * Node.js's own roots and NODE_EXTRA_CA_CERTS.
+ */
+export function setControlCa(bundle: Buffer | null): void {
+  ca = bundle;
+}
+
 export async function controlCall<T>(base: string, method: "GET" | "POST", path: string, body?: unknown, timeoutMs = 30_000): Promise<T> {
   const url = new URL(path, base.endsWith("/") ? base : `${base}/`);
   const headers: Record<string, string> = body === undefined ? {} : { "content-type": "application/json" };
@@ -49,16 +61,26 @@ export async function controlCall<T>(base: string, method: "GET" | "POST", path:
     }
     headers.authorization = `Bearer ${token}`;
   }
-  const res = await fetch(url, {
-    method,
-    headers,
-    body: body === undefined ? undefined : JSON.stringify(body),
-    signal: AbortSignal.timeout(timeoutMs),
-  });
-  const text = await res.text();
+  const { status, text } = await request(url, method, headers, body === undefined ? undefined : JSON.stringify(body), timeoutMs);
   const data = text ? JSON.parse(text) : {};
-  if (!res.ok) throw new ControlError(`${method} ${url.pathname}: ${res.status} ${data.error ?? text}`, res.status);
+  if (status < 200 || status >= 300) throw new ControlError(`${method} ${url.pathname}: ${status} ${data.error ?? text}`, status);
   return data as T;
+}
+
+function request(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<{ status: number; text: string }> {
+  const secure = url.protocol === "https:";
+  if (!secure && url.protocol !== "http:") return Promise.reject(new Error(`control URL must be http:// or https:// (${url.href})`));
+  return new Promise((resolve, reject) => {
+    const opts: https.RequestOptions = { method, headers, signal: AbortSignal.timeout(timeoutMs), ...(secure && ca ? { ca } : {}) };
+    const req = (secure ? https : http).request(url, opts, (res) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (c: Buffer) => chunks.push(c));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
 }
 
 export const getStatus = (base: string) => controlCall<NodeStatus>(base, "GET", "v1/status");

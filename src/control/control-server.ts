@@ -1,4 +1,5 @@
 import http from "node:http";
+import https from "node:https";
 import type { AddressInfo } from "node:net";
 import type { Logger } from "pino";
 import { tokenMatches } from "./token.js";
@@ -18,10 +19,14 @@ export class ControlServer {
   private readonly routes: Route[] = [];
   private server: http.Server | null = null;
 
-  /** @param token required as "Authorization: Bearer TOKEN" on every call but GET. */
+  /**
+   * @param token required as "Authorization: Bearer TOKEN" on every call but GET.
+   * @param tls when given, the API is served over HTTPS with this certificate and key.
+   */
   constructor(
     private readonly log: Logger,
     private readonly token: string,
+    private readonly tls: { cert: Buffer; key: Buffer } | null = null,
   ) {}
 
   route(method: string, path: string, handler: Handler): this {
@@ -32,14 +37,15 @@ export class ControlServer {
   }
 
   async listen(host: string, port: number): Promise<string> {
-    const server = http.createServer((req, res) => void this.serve(req, res));
+    const handler = (req: http.IncomingMessage, res: http.ServerResponse) => void this.serve(req, res);
+    const server = this.tls ? https.createServer({ cert: this.tls.cert, key: this.tls.key, minVersion: "TLSv1.2" }, handler) : http.createServer(handler);
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(port, host, () => resolve());
     });
     const a = server.address() as AddressInfo;
-    return `http://${a.address.includes(":") ? `[${a.address}]` : a.address}:${a.port}`;
+    return `${this.tls ? "https" : "http"}://${a.address.includes(":") ? `[${a.address}]` : a.address}:${a.port}`;
   }
 
   close(): Promise<void> {

@@ -9,7 +9,7 @@ import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
 import { PortSlot } from "../stack/port/port-slot.js";
 import type { Layer } from "../stack/layer.js";
-import { RemotePort, ownerIsHere } from "../stack/port/remote-port.js";
+import { RemotePort, ownerIsHere, type RemotePortOptions } from "../stack/port/remote-port.js";
 
 interface Managed {
   name: string;
@@ -27,6 +27,8 @@ export interface StorageNodeOptions {
   nbd: string;
   log: Logger;
   ttlMs?: number;
+  /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
+  peerTls?: RemotePortOptions["tls"];
 }
 
 function parseHostPort(s: string): { host: string; port: number } {
@@ -87,7 +89,7 @@ export class StorageNode {
           return portA;
         },
         openRemote: async () => {
-          const p = new RemotePort({ exportName: spec.name, locate: () => this.locateOwner(lease), log });
+          const p = new RemotePort({ exportName: spec.name, locate: () => this.locateOwner(lease), log, tls: this.opts.peerTls });
           await p.open();
           return p;
         },
@@ -220,7 +222,7 @@ export class StorageNode {
     let handed = 0;
     const { held } = await m.redirector.moveOut({
       prepare: async () => {
-        const p = new RemotePort({ exportName: name, first: parseHostPort(peer.nbd), locate: () => this.locateOwner(m.lease), log: this.opts.log.child({ export: name }) });
+        const p = new RemotePort({ exportName: name, first: parseHostPort(peer.nbd), locate: () => this.locateOwner(m.lease), log: this.opts.log.child({ export: name }), tls: this.opts.peerTls });
         await p.open();
         return p;
       },

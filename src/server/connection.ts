@@ -16,7 +16,7 @@ import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "./export.js";
-import { negotiate, type ExportDirectory } from "./handshake.js";
+import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
 import type { Metrics, MetricOp, OpMetrics } from "../metrics/metrics.js";
 
@@ -75,22 +75,38 @@ export class Connection {
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
   private idleWaiters: Array<() => void> = [];
+  private tls = false;
   readonly closed: Promise<void>;
+  private resolveClosed!: () => void;
 
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     private readonly exports: ExportDirectory,
     private readonly log: Logger,
     private readonly limits: ConnectionLimits,
     private readonly maxPayload: number,
     private readonly directReads = true,
     private readonly metrics: Metrics | null = null,
+    private readonly tlsConfig: HandshakeTls | null = null,
   ) {
     socket.setNoDelay(true);
-    this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
-    socket.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "socket error"));
-    socket.on("drain", this.onDrain);
+    this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
+    this.watch(socket);
   }
+
+  private watch(s: Socket): void {
+    s.once("close", () => this.resolveClosed());
+    s.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "socket error"));
+    s.on("drain", this.onDrain);
+  }
+
+  /** After NBD_OPT_STARTTLS everything goes through the TLS socket (which owns the TCP one). */
+  private readonly onUpgrade = (t: Socket): void => {
+    this.socket.off("drain", this.onDrain);
+    this.socket = t;
+    this.tls = true;
+    this.watch(t);
+  };
 
   async start(): Promise<void> {
     let negotiated;
@@ -104,7 +120,7 @@ export class Connection {
         }, limit)
       : null;
     try {
-      negotiated = await negotiate(this.socket, this.exports, this.log);
+      negotiated = await negotiate(this.socket, this.exports, this.log, this.tlsConfig, this.onUpgrade);
     } catch (err) {
       if (timedOut) return;
       if (err instanceof ProtocolError) this.log.warn({ reason: err.message }, "closing connection: handshake failed");
@@ -123,12 +139,13 @@ export class Connection {
     this.allocationContext = negotiated.allocationContext;
     this.peer = negotiated.peer;
     this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
-    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0 }, "transmission started");
+    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, tls: this.tls }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
-    // buffer; where this Node.js cannot do that, 'data' events (fresh chunks) are used.
+    // buffer; where this Node.js cannot do that, and on TLS sockets (whose plaintext comes out
+    // of OpenSSL, not out of the kernel), 'data' events (fresh chunks) are used.
     const scratch = Buffer.allocUnsafeSlow(READ_CHUNK);
     const parser = new RequestParser(this.onRequest, this.maxPayload, true);
-    const direct = this.directReads && readIntoUserBuffers(
+    const direct = this.directReads && !this.tls && readIntoUserBuffers(
       this.socket,
       () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? scratch,
       (buf, n) => {

@@ -1,4 +1,5 @@
 import type { Socket } from "node:net";
+import tls from "node:tls";
 import type { Logger } from "pino";
 import { ProtocolError } from "../errors.js";
 import {
@@ -14,6 +15,7 @@ import {
   Rep,
 } from "../protocol/constants.js";
 import type { Export } from "./export.js";
+import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
 import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
 
 /** Options longer than this close the connection (no option we know is near it). */
@@ -35,6 +37,15 @@ export interface Negotiated {
   allocationContext: number;
   /** Bytes the client sent after the last option (the start of the request stream). */
   rest: Buffer;
+  /** The socket transmission goes on: the TLS socket after NBD_OPT_STARTTLS, else the one given. */
+  socket: Socket;
+  tls: boolean;
+}
+
+/** TLS as the handshake sees it: offered ("on") or required ("require"), and the server socket options. */
+export interface HandshakeTls {
+  mode: "on" | "require";
+  options: ServerSocketOptions;
 }
 
 /** Pulls exact byte counts out of a socket during the (cold) handshake. */
@@ -83,25 +94,93 @@ class ByteReader {
  * Fixed-newstyle negotiation, from the server's greeting to the start of transmission.
  * Resolves with the chosen export, or null when the client aborted or asked for an export that
  * does not exist through NBD_OPT_EXPORT_NAME (which has no error reply). Throws ProtocolError on
- * anything that leaves no way to go on (unknown client flags, bad magic, oversized option).
+ * anything that leaves no way to go on (unknown client flags, bad magic, oversized option, a failed
+ * TLS handshake, NBD_OPT_EXPORT_NAME before TLS in require mode). `onUpgrade` gets the TLS socket
+ * the moment NBD_OPT_STARTTLS is accepted, so the caller can close the right socket on a timeout.
  */
-export async function negotiate(socket: Socket, exports: ExportDirectory, log: Logger): Promise<Negotiated | null> {
+export async function negotiate(
+  socket: Socket,
+  exports: ExportDirectory,
+  log: Logger,
+  tlsConfig: HandshakeTls | null = null,
+  onUpgrade?: (s: tls.TLSSocket) => void,
+): Promise<Negotiated | null> {
   const reader = new ByteReader();
+  let current = socket;
   const onData = (c: Buffer) => reader.push(c);
   const onEnd = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
-  socket.on("data", onData);
-  socket.on("end", onEnd);
-  socket.on("close", onEnd);
+  const onError = (err: Error) => reader.fail(new ProtocolError(`${current === socket ? "socket" : "TLS"} error during the handshake: ${err.message}`));
+  const attach = (s: Socket) => {
+    s.on("data", onData);
+    s.on("end", onEnd);
+    s.on("close", onEnd);
+    s.on("error", onError);
+  };
+  const detach = (s: Socket) => {
+    s.off("data", onData);
+    s.off("end", onEnd);
+    s.off("close", onEnd);
+    s.off("error", onError);
+  };
+  attach(socket);
+  const startTls = async (): Promise<Socket> => {
+    if (reader.rest().length) throw new ProtocolError("client sent bytes after NBD_OPT_STARTTLS before the server's reply");
+    detach(socket);
+    // Synchronously after the ACK: the client starts the TLS handshake only once it has the ACK,
+    // so no byte of it can have been read as plain data.
+    const options = tlsConfig!.options;
+    let pskIdentity: string | undefined; // accepted
+    let unknownIdentity: string | undefined;
+    const psk = options.pskCallback;
+    const withPsk = (s: tls.TLSSocket, id: string) => {
+      const key = psk!(s, id);
+      if (key) pskIdentity = id;
+      else unknownIdentity = id;
+      return key;
+    };
+    const t = new tls.TLSSocket(socket, (psk ? { ...options, pskCallback: withPsk } : options) as tls.TLSSocketOptions);
+    current = t;
+    attach(t);
+    onUpgrade?.(t);
+    await new Promise<void>((resolve, reject) => {
+      const done = (err?: Error) => {
+        t.off("secure", ok);
+        t.off("error", failed);
+        t.off("close", closed);
+        if (err) reject(err);
+        else resolve();
+      };
+      const ok = () => done();
+      const failed = (err: Error) =>
+        done(new ProtocolError(`TLS handshake failed: ${unknownIdentity !== undefined && !pskIdentity ? `unknown PSK identity "${unknownIdentity}"; ` : ""}${err.message.trim()}`));
+      const closed = () => done(new ProtocolError("client closed the connection during the TLS handshake"));
+      t.once("secure", ok);
+      t.once("error", failed);
+      t.once("close", closed);
+    });
+    if (options.requestCert && !pskIdentity) {
+      const why = clientCertError(t);
+      if (why) throw new ProtocolError(`client certificate refused: ${why}`);
+    }
+    const client = pskIdentity ?? (options.requestCert ? t.getPeerCertificate().subject?.CN : undefined);
+    log.info({ protocol: t.getProtocol(), cipher: t.getCipher()?.name, client }, "TLS established");
+    return t;
+  };
   try {
-    return await run(socket, reader, exports, log);
+    return await run(socket, reader, exports, log, tlsConfig, startTls);
   } finally {
-    socket.off("data", onData);
-    socket.off("end", onEnd);
-    socket.off("close", onEnd);
+    detach(current);
   }
 }
 
-async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory, log: Logger): Promise<Negotiated | null> {
+async function run(
+  socket: Socket,
+  reader: ByteReader,
+  exports: ExportDirectory,
+  log: Logger,
+  tlsConfig: HandshakeTls | null,
+  startTls: () => Promise<Socket>,
+): Promise<Negotiated | null> {
   const greeting = Buffer.alloc(18);
   greeting.writeBigUInt64BE(NBD_MAGIC, 0);
   greeting.writeBigUInt64BE(NBD_IHAVEOPT, 8);
@@ -117,6 +196,9 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
   let structured = false;
   let metaExport: string | null = null; // export the meta context selection was made for
   let allocationSelected = false;
+  let sock = socket; // the TLS socket once NBD_OPT_STARTTLS succeeded
+  let secured = false;
+  const requireTls = tlsConfig?.mode === "require";
 
   const reply = (opt: number, type: number, data: Buffer = Buffer.alloc(0)) => {
     const h = Buffer.allocUnsafe(20);
@@ -124,7 +206,7 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
     h.writeUInt32BE(opt, 8);
     h.writeUInt32BE(type, 12);
     h.writeUInt32BE(data.length, 16);
-    socket.write(data.length ? Buffer.concat([h, data]) : h);
+    sock.write(data.length ? Buffer.concat([h, data]) : h);
   };
   const replyError = (opt: number, type: number, message: string) => {
     log.debug({ opt, message }, "option refused");
@@ -141,7 +223,34 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
     const data = len ? await reader.read(len) : Buffer.alloc(0);
     log.trace({ opt, len }, "option");
 
+    if (requireTls && !secured && opt !== Opt.NBD_OPT_STARTTLS && opt !== Opt.NBD_OPT_ABORT) {
+      if (opt === Opt.NBD_OPT_EXPORT_NAME) {
+        // It has no error reply: the spec says to end the session.
+        log.info("closing: NBD_OPT_EXPORT_NAME before TLS, and TLS is required");
+        return null;
+      }
+      replyError(opt, Rep.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+      continue;
+    }
+
     switch (opt) {
+      case Opt.NBD_OPT_STARTTLS:
+        if (!tlsConfig) {
+          replyError(opt, Rep.NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+          break;
+        }
+        if (secured) {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, "TLS is already active");
+          break;
+        }
+        if (len !== 0) {
+          replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+          break;
+        }
+        reply(opt, Rep.NBD_REP_ACK);
+        sock = await startTls();
+        secured = true;
+        break;
       case Opt.NBD_OPT_EXPORT_NAME: {
         const name = data.toString("utf8");
         const exp = exports.find(name);
@@ -152,9 +261,9 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(exp.size()), 0);
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
-        socket.write(out);
+        sock.write(out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+        return { exp, peer: name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -214,7 +323,7 @@ async function run(socket: Socket, reader: ByteReader, exports: ExportDirectory,
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: parsed.name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest() };
+          return { exp, peer: parsed.name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
         }
         break;
       }

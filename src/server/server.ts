@@ -3,7 +3,7 @@ import net from "node:net";
 import type { Logger } from "pino";
 import { Connection, type ConnectionLimits } from "./connection.js";
 import type { Export } from "./export.js";
-import type { ExportDirectory } from "./handshake.js";
+import type { ExportDirectory, HandshakeTls } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
 import type { Metrics } from "../metrics/metrics.js";
@@ -29,6 +29,8 @@ export interface ServerOptions {
   maxConnections?: number;
   maxConnectionsPerClient?: number;
   metrics?: Metrics;
+  /** NBD_OPT_STARTTLS offered ("on") or required ("require"); absent: TLS off (NBD_REP_ERR_POLICY). */
+  tls?: HandshakeTls | null;
 }
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
@@ -128,7 +130,7 @@ export class NbdServer implements ExportDirectory {
     this.perClient.set(client, fromClient + 1);
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
-    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null);
+    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
     this.opts.metrics?.connections.inc();
     this.connections.add(conn);
     void conn.closed.then(() => {

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import { NbdClient, type NbdAddress } from "../../client/nbd-client.js";
+import { NbdClient, type ConnectOptions, type NbdAddress } from "../../client/nbd-client.js";
 import { NbdError, ProtocolError } from "../../errors.js";
 import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
 import type { Capabilities, Extent, Io, Layer } from "../layer.js";
@@ -15,6 +15,8 @@ export interface RemotePortOptions {
   /** Where to connect the first time, if not where locate() points (a peer about to become owner). */
   first?: NbdAddress;
   log?: Logger;
+  /** TLS towards the owner (NBD_OPT_STARTTLS first), when this node is configured with it. */
+  tls?: ConnectOptions["tls"];
 }
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
@@ -95,7 +97,7 @@ export class RemotePort implements Layer {
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        const c = await NbdClient.connect(addr, { exportName: PEER_EXPORT_PREFIX + this.opts.exportName });
+        const c = await NbdClient.connect(addr, { exportName: PEER_EXPORT_PREFIX + this.opts.exportName, tls: this.opts.tls });
         this.client = c;
         return c;
       } finally {
