@@ -1,0 +1,113 @@
+import { PassthroughLayer, type Io } from "../stack/layer.js";
+import type { DirtyBitmap } from "./dirty-bitmap.js";
+
+/** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
+export interface CopyTarget {
+  pwrite(buf: Buffer, offset: number): Promise<void>;
+  zero(length: number, offset: number): Promise<void>;
+  flush(): Promise<void>;
+}
+
+/**
+ * Locks on chunks of a device, so that copying a chunk and a write-through to the same chunk never
+ * interleave (the copy's older data would land after the write). Ranges lock in ascending chunk
+ * order, so two lockers never wait on each other.
+ */
+export class ChunkLocks {
+  private readonly tails = new Map<number, Promise<void>>();
+  constructor(readonly granularity: number) {}
+
+  async lock(offset: number, length: number): Promise<() => void> {
+    const first = Math.floor(offset / this.granularity);
+    const last = Math.floor((offset + Math.max(1, length) - 1) / this.granularity);
+    const releases: Array<() => void> = [];
+    for (let c = first; c <= last; c++) {
+      const prev = this.tails.get(c);
+      let release!: () => void;
+      const mine = new Promise<void>((r) => (release = r));
+      this.tails.set(c, mine);
+      releases.push(() => {
+        if (this.tails.get(c) === mine) this.tails.delete(c);
+        release();
+      });
+      if (prev) await prev;
+    }
+    return () => {
+      for (const r of releases) r();
+    };
+  }
+}
+
+/**
+ * The filter above a source's port during a live copy (migration without shared storage): every
+ * write that reaches the device marks its chunks dirty once it has completed, so the copier sends
+ * them (again). In write-blocking mode a write is also sent to the destination before it is
+ * acknowledged (under the chunk lock shared with the copier): the dirty set then only shrinks,
+ * which is what guarantees convergence under any write load. A write-through that fails marks its
+ * chunks dirty instead of failing the client. With no copy running it only passes requests on.
+ */
+export class DirtyTracker extends PassthroughLayer {
+  private bitmap: DirtyBitmap | null = null;
+  private locks: ChunkLocks | null = null;
+  private through: CopyTarget | null = null;
+  /** Write-throughs that failed (their chunks were marked dirty instead). */
+  throughFailures = 0;
+
+  override describe(): string {
+    return this.bitmap ? `dirty-tracker(${this.through ? "write-blocking" : "background"}) → ${this.next.describe()}` : this.next.describe();
+  }
+
+  /** Starts tracking writes into `bitmap`. */
+  track(bitmap: DirtyBitmap, locks: ChunkLocks): void {
+    this.bitmap = bitmap;
+    this.locks = locks;
+  }
+  /** Write-blocking mode on (a target) or off (null). */
+  writeThrough(target: CopyTarget | null): void {
+    this.through = target;
+  }
+  get writeBlocking(): boolean {
+    return this.through !== null;
+  }
+  stop(): void {
+    this.bitmap = null;
+    this.locks = null;
+    this.through = null;
+  }
+
+  private async tracked(offset: number, length: number, local: () => Promise<void>, remote: ((t: CopyTarget) => Promise<void>) | null): Promise<void> {
+    const bm = this.bitmap!;
+    const t = remote ? this.through : null;
+    if (!t) {
+      await local();
+      bm.mark(offset, length);
+      return;
+    }
+    const unlock = await this.locks!.lock(offset, length);
+    try {
+      await local();
+      try {
+        await remote!(t);
+      } catch {
+        this.throughFailures++;
+        bm.mark(offset, length);
+      }
+    } finally {
+      unlock();
+    }
+  }
+
+  override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (!this.bitmap) return this.next.pwrite(buf, offset, io);
+    return this.tracked(offset, buf.length, () => this.next.pwrite(buf, offset, io), (t) => t.pwrite(buf, offset));
+  }
+  override zero(length: number, offset: number, io: Io): Promise<void> {
+    if (!this.bitmap) return this.next.zero(length, offset, io);
+    return this.tracked(offset, length, () => this.next.zero(length, offset, io), (t) => t.zero(length, offset));
+  }
+  override trim(length: number, offset: number, io: Io): Promise<void> {
+    // What a trimmed range reads as is up to the device: the copier sends whatever it reads.
+    if (!this.bitmap) return this.next.trim(length, offset, io);
+    return this.tracked(offset, length, () => this.next.trim(length, offset, io), null);
+  }
+}
