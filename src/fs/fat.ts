@@ -88,11 +88,12 @@ export class FatFs extends BaseFs<FatNode> {
     this.clusterSize = spc * this.bps;
     this.clusterCount = Math.floor((total - firstData) / spc);
     if (this.clusterCount === 0) throw bad("no data clusters");
-    this.bits = this.clusterCount < 4085 ? 12 : this.clusterCount < 65525 ? 16 : 32;
+    // As Linux decides: FAT32 by its BPB layout (no 16-bit FAT size), FAT12 or 16 by cluster count.
+    this.bits = fatSize16 === 0 ? 32 : this.clusterCount < 4085 ? 12 : 16;
     this.kind = `fat${this.bits}`;
     let active = 0;
     if (this.bits === 32) {
-      if (this.rootEntries !== 0 || fatSize16 !== 0) throw bad(`FAT32 (${this.clusterCount} clusters) with a fixed root directory of ${this.rootEntries} entries`);
+      if (this.rootEntries !== 0) throw bad(`FAT32 with a fixed root directory of ${this.rootEntries} entries`);
       const flags = b.readUInt16LE(40);
       if (flags & 0x80) active = flags & 0xf;
       if (active >= nfats) throw bad(`active FAT ${active} of ${nfats}`);
