@@ -20,12 +20,13 @@ afterEach(async () => {
   servers = [];
 });
 
-async function start(cfg: TlsConfig | null) {
+async function start(cfg: TlsConfig | null, handshakeTimeoutMs?: number) {
   const server = new NbdServer({
+    limits: handshakeTimeoutMs ? { handshakeTimeoutMs } : undefined,
     exports: [new Export("mem", new DiskLayer(new MemoryPort({ size: 4 * MiB })))],
     tcp: [{ host: "127.0.0.1", port: 0 }],
     log: silentLogger(),
-    tls: cfg && cfg.mode !== undefined ? { mode: cfg.mode, options: serverSocketOptions(cfg) } : null,
+    tls: cfg ? { mode: cfg.mode, options: serverSocketOptions(cfg) } : null,
   });
   await server.start();
   servers.push(server);
@@ -175,5 +176,13 @@ describe("NBD_OPT_STARTTLS", () => {
   it("a TLS client of a server without TLS fails rather than going on in plain text", async () => {
     const addr = await start(null);
     await expect(NbdClient.connect(addr, { exportName: "mem", tls: clientOptions(psk("on")) })).rejects.toThrow(/refused NBD_OPT_STARTTLS/);
+  });
+
+  it("the handshake timeout also covers a client that stalls inside the TLS handshake", async () => {
+    const c = await raw(await start(psk("require"), 300));
+    expect(await c.option(Opt.NBD_OPT_STARTTLS)).toEqual([Rep.NBD_REP_ACK]);
+    const t0 = Date.now();
+    expect(await c.closedSoon()).toBe(true); // never starts TLS
+    expect(Date.now() - t0).toBeLessThan(3000);
   });
 });
