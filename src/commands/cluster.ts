@@ -1,15 +1,93 @@
+import cliProgress from "cli-progress";
 import { controlCall, getStatus } from "../control/control-client.js";
+import { parseSize } from "../util/size.js";
 
-export async function migrateCommand(name: string, opts: { from: string; to: string; json: boolean }): Promise<void> {
-  const r = await controlCall<{ export: string; from: string; to: string; epoch: number; ms: number }>(
-    opts.from,
-    "POST",
-    `v1/exports/${encodeURIComponent(name)}/migrate`,
-    { to: opts.to },
-    120_000,
-  );
-  if (opts.json) process.stdout.write(JSON.stringify(r) + "\n");
-  else process.stdout.write(`moved ${r.export} from ${r.from} to ${r.to} (epoch ${r.epoch}) in ${r.ms.toFixed(1)} ms\n`);
+export interface MigrateOptions {
+  from: string;
+  to: string;
+  json: boolean;
+  copy?: boolean;
+  mode?: "background" | "write-blocking";
+  skipFree?: boolean;
+  maxRate?: string;
+  progress?: boolean;
+}
+
+interface MigrateResult {
+  export: string;
+  from: string;
+  to: string;
+  epoch: number;
+  ms: number;
+  copied?: number;
+  mode?: string;
+}
+
+interface CopyProgress {
+  phase: string;
+  mode: string;
+  total: number;
+  copied: number;
+  dirty: number;
+  rate: number;
+  eta: number | null;
+}
+
+const MiB = 1024 * 1024;
+const mib = (n: number) => (n / MiB).toFixed(1);
+
+export async function migrateCommand(name: string, opts: MigrateOptions): Promise<void> {
+  const path = `v1/exports/${encodeURIComponent(name)}/migrate`;
+  if (!opts.copy) {
+    const r = await controlCall<MigrateResult>(opts.from, "POST", path, { to: opts.to }, 120_000);
+    if (opts.json) process.stdout.write(JSON.stringify(r) + "\n");
+    else process.stdout.write(`moved ${r.export} from ${r.from} to ${r.to} (epoch ${r.epoch}) in ${r.ms.toFixed(1)} ms\n`);
+    return;
+  }
+  const body = { to: opts.to, copy: true, mode: opts.mode, skipFree: !!opts.skipFree, maxRate: opts.maxRate ? parseSize(opts.maxRate) : undefined };
+  // The call returns when the copy has converged and handed over; meanwhile, show its progress.
+  const showBar = opts.progress !== false && !opts.json;
+  const bar = showBar
+    ? new cliProgress.SingleBar(
+        { format: "{phase} [{bar}] {percentage}% | {copiedMiB}/{totalMiB} MiB | {rateMiB} MiB/s | dirty {dirtyMiB} MiB | {mode} | ETA {etaText}", noTTYOutput: true, notTTYSchedule: 2000, hideCursor: true },
+        cliProgress.Presets.shades_classic,
+      )
+    : null;
+  let started = false;
+  const poll = setInterval(() => {
+    getStatus(opts.from)
+      .then((s) => {
+        const c = (s.exports.find((e) => e.name === name) as { copy?: CopyProgress } | undefined)?.copy;
+        if (!c || !bar) return;
+        const total = Math.max(c.total, 1);
+        const payload = { phase: c.phase, copiedMiB: mib(c.copied), totalMiB: mib(c.total), rateMiB: mib(c.rate), dirtyMiB: mib(c.dirty), mode: c.mode, etaText: c.eta === null ? "-" : `${c.eta}s` };
+        const value = Math.min(total, Math.max(0, total - c.dirty));
+        if (!started) {
+          bar.start(total, value, payload);
+          started = true;
+        } else {
+          bar.setTotal(total);
+          bar.update(value, payload);
+        }
+      })
+      .catch(() => undefined);
+  }, 500);
+  const cancel = () => {
+    process.stderr.write("\ncancelling the live copy…\n");
+    void controlCall(opts.from, "POST", `${path}/cancel`, {}).catch((err: Error) => process.stderr.write(`cancel failed: ${err.message}\n`));
+  };
+  process.once("SIGINT", cancel);
+  try {
+    const r = await controlCall<MigrateResult>(opts.from, "POST", path, body, 24 * 3600_000);
+    if (started) bar!.update(bar!.getTotal());
+    bar?.stop();
+    if (opts.json) process.stdout.write(JSON.stringify(r) + "\n");
+    else process.stdout.write(`moved ${r.export} from ${r.from} to ${r.to} (epoch ${r.epoch}) by live copy in ${(r.ms / 1000).toFixed(1)} s: ${mib(r.copied ?? 0)} MiB copied, ${r.mode} mode at the end\n`);
+  } finally {
+    bar?.stop();
+    clearInterval(poll);
+    process.off("SIGINT", cancel);
+  }
 }
 
 export async function statusCommand(url: string, opts: { json: boolean }): Promise<void> {

@@ -36,6 +36,7 @@ export interface ServeOptions extends TlsFlags {
   logLevel: string;
   logFormat?: "json" | "pretty";
   nodeId?: string;
+  dataDir?: string;
   control?: string;
   leaseTtl: string;
   partitions: boolean;
@@ -109,7 +110,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     opts.nodeId ??= config.nodeId;
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
   }
-  if (images.length === 0 && !opts.demo && !config) throw new Error("nothing to serve: give image files, memory:SIZE, --config FILE or --demo");
+  if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
+  if (images.length === 0 && !opts.demo && !config && !opts.dataDir) throw new Error("nothing to serve: give image files, memory:SIZE, --config FILE, --data-dir or --demo");
   if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
   if (opts.overlay.length > images.length) throw new Error(`${opts.overlay.length} --overlay options for ${images.length} images`);
 
@@ -118,6 +120,19 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const specs: Array<ExportSpec & { name: string; partitions?: boolean }> = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), overlay: opts.overlay[i], ...common }));
   for (const e of config?.exports ?? []) {
     specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => l.kind === "partition" || l.kind === "fs-file"), readOnly: opts.readOnly || !!e.readOnly, io: opts.io });
+  }
+  if (opts.dataDir) {
+    // Images received by live copy earlier: served again, unless a copy into them never finished.
+    fs.mkdirSync(opts.dataDir, { recursive: true });
+    for (const f of fs.readdirSync(opts.dataDir).sort()) {
+      if (!f.endsWith(".img")) continue;
+      const image = path.join(opts.dataDir, f);
+      if (fs.existsSync(`${image}.incomplete`)) {
+        log.warn({ image }, "not serving an image whose live copy never finished");
+        continue;
+      }
+      specs.push({ source: image, name: decodeURIComponent(f.slice(0, -4)), readOnly: opts.readOnly, io: opts.io });
+    }
   }
   let demo: { file: string; dir: string } | null = null;
   if (opts.demo) {
@@ -135,7 +150,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
   const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
     : null;
   const handles = new StackHandles();
   const faults = handles.faults;
@@ -218,6 +233,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       const nbd = server.addresses().find((a): a is TcpAddress => "port" in a && a.port > 0);
       if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
       node.setNbdAddress(`${nbd.host}:${nbd.port}`);
+      node.setPublisher({ add: (e) => server.add(e), remove: (n) => server.remove(n) });
       node.start(controlUrl!);
     }
   } catch (err) {

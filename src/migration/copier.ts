@@ -13,6 +13,11 @@ export interface CopierOptions {
   maxRate?: number;
   /** Failed copies in a row before the copy gives up (default 6, with backoff 100 ms … 3.2 s). */
   maxFailures?: number;
+  /**
+   * Chunks of the destination known to read as zeros (a freshly created image): zero ranges there
+   * are not sent at all; a chunk leaves the set once data was sent to it.
+   */
+  destZero?: DirtyBitmap;
   log?: Logger;
 }
 
@@ -129,12 +134,18 @@ export class Copier {
         const extents = await this.source.extents(end - at, at, plainIo);
         for (const e of extents) {
           const n = Math.min(e.length, end - at);
-          if (e.flags & State.NBD_STATE_ZERO) {
-            await this.target.zero(n, at);
-          } else {
-            const buf = Buffer.allocUnsafe(n);
+          let buf: Buffer | null = null;
+          if (!(e.flags & State.NBD_STATE_ZERO)) {
+            buf = Buffer.allocUnsafe(n);
             await this.source.pread(buf, at, plainIo);
+            if (isZero(buf)) buf = null; // sparse copy: a run of zeros travels as write-zeroes, or not at all
+          }
+          const destZero = this.opts.destZero;
+          if (buf) {
             await this.target.pwrite(buf, at);
+            destZero?.unmark(at, n);
+          } else if (!destZero?.covers(at, n)) {
+            await this.target.zero(n, at);
           }
           at += n;
           this.copied += n;
@@ -146,6 +157,16 @@ export class Copier {
       unlock();
     }
   }
+}
+
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+function isZero(buf: Buffer): boolean {
+  for (let at = 0; at < buf.length; at += ZEROS.length) {
+    const n = Math.min(ZEROS.length, buf.length - at);
+    if (!buf.subarray(at, at + n).equals(ZEROS.subarray(0, n))) return false;
+  }
+  return true;
 }
 
 /**

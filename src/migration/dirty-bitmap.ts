@@ -51,6 +51,22 @@ export class DirtyBitmap {
     this.mark(0, this.size);
   }
 
+  /** Clears every chunk that [offset, offset + length) touches. */
+  unmark(offset: number, length: number): void {
+    if (length <= 0) return;
+    const first = Math.floor(offset / this.granularity);
+    const end = Math.min(this.chunks, Math.floor((offset + length - 1) / this.granularity) + 1);
+    this.clear(first * this.granularity, (end - first) * this.granularity);
+  }
+
+  /** Whether every chunk that [offset, offset + length) touches is marked. */
+  covers(offset: number, length: number): boolean {
+    const first = Math.floor(offset / this.granularity);
+    const last = Math.min(this.chunks - 1, Math.floor((offset + Math.max(1, length) - 1) / this.granularity));
+    for (let c = first; c <= last; c++) if (!this.isDirty(c)) return false;
+    return true;
+  }
+
   /** Clears every chunk entirely inside [offset, offset + length). */
   clear(offset: number, length: number): void {
     const first = Math.ceil(offset / this.granularity);

@@ -1,4 +1,4 @@
-import { PassthroughLayer, type Io } from "../stack/layer.js";
+import { PassthroughLayer, type Io, type Layer } from "../stack/layer.js";
 import type { DirtyBitmap } from "./dirty-bitmap.js";
 
 /** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
@@ -55,6 +55,11 @@ export class DirtyTracker extends PassthroughLayer {
 
   override describe(): string {
     return this.bitmap ? `dirty-tracker(${this.through ? "write-blocking" : "background"}) → ${this.next.describe()}` : this.next.describe();
+  }
+
+  /** The device below (copies read it directly, so they are not tracked as writes). */
+  below(): Layer {
+    return this.next;
   }
 
   /** Starts tracking writes into `bitmap`. */

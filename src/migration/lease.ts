@@ -112,6 +112,14 @@ export class LeaseFile {
     });
   }
 
+  /**
+   * Writes a record naming `who` as owner at `epoch`, whatever the record said: only for an image
+   * that is a node's own copy (a live copy's destination), where no other node keeps a record.
+   */
+  assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
+    return this.update(() => this.record(who, epoch, ttlMs));
+  }
+
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {
     return { image: path.resolve(this.image), owner: who.nodeId, nbd: who.nbd, control: who.control, epoch, leaseStart: this.now(), ttlMs };
   }

@@ -1,4 +1,13 @@
+import crypto from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
 import type { Logger } from "pino";
+import { NbdClient } from "../client/nbd-client.js";
+import type { CopyTarget } from "../migration/dirty-tracker.js";
+import { DirtyTracker } from "../migration/dirty-tracker.js";
+import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
+import { freeRanges } from "../migration/free-space.js";
+import type { IoMode } from "../stack/port/file-port.js";
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
 import { ControlServer, HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
@@ -19,7 +28,33 @@ interface Managed {
   exp: Export;
   /** The epoch of my lease, or null while another node owns the image. */
   epoch: number | null;
+  /** Above port A: records writes while a live copy runs. */
+  tracker: DirtyTracker;
+  /**
+   * The image is this node's own copy, not shared with the owner (it came or went by a live
+   * copy): another node's lease record of it is not renewed here, so expiry means nothing.
+   */
+  private: boolean;
+  /** The live copy of this export to a peer, while one runs (and its last state after). */
+  copy: LiveCopy | null;
+  /** Set while this node is the destination of a live copy: the export the source writes into. */
+  target: { exp: Export; marker: string } | null;
 }
+
+/** Where a node publishes exports it creates at run time (live-copy destinations). */
+export interface ExportPublisher {
+  add(exp: Export): Promise<void>;
+  remove(name: string): Promise<void>;
+}
+
+export interface CopyMigrateOptions {
+  mode?: CopyMode;
+  skipFree?: boolean;
+  maxRate?: number;
+}
+
+/** Name prefix of the export a live copy writes into on its destination (with a secret). */
+export const MIRROR_EXPORT_PREFIX = "@mirror/";
 
 export interface StorageNodeOptions {
   nodeId: string;
@@ -27,6 +62,9 @@ export interface StorageNodeOptions {
   nbd: string;
   log: Logger;
   ttlMs?: number;
+  /** Directory where this node creates the images it receives by live copy (--data-dir). */
+  dataDir?: string;
+  io?: IoMode;
   /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
   peerTls?: RemotePortOptions["tls"];
 }
@@ -73,14 +111,16 @@ export class StorageNode {
     const log = this.opts.log.child({ export: spec.name });
     // Port A: the image, opened each time this node owns it; a fault layer above it keeps its rules across moves.
     const slot = new PortSlot(() => createFilePort({ path: image, readOnly: spec.readOnly || bottom.readOnly, io: spec.io }));
-    let portA: Layer = slot;
+    let below: Layer = slot;
     let rest = stack.slice(1);
     const ctx = { exportName: spec.name, readOnly: !!spec.readOnly, io: spec.io, log: this.opts.log, handles };
     if (!spec.stack && spec.fault) {
       // The --fault shorthand: directly above the image, below the redirector.
-      portA = buildLayer(rest[0]!, slot, ctx);
+      below = buildLayer(rest[0]!, slot, ctx);
       rest = rest.slice(1);
     }
+    const tracker = new DirtyTracker(below);
+    const portA: Layer = tracker;
     const redirector = new PortRedirector(
       spec.name,
       {
@@ -101,7 +141,7 @@ export class StorageNode {
       epoch !== null,
       log,
     );
-    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch };
+    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, private: false, copy: null, target: null };
     let top: Layer = redirector;
     for (const l of rest) top = buildLayer(l, top, ctx);
     const exp: Export = new Export(spec.name, createDiskLayer(top, spec.disk), () => {
@@ -120,13 +160,33 @@ export class StorageNode {
     return parseHostPort(r.nbd);
   }
 
-  /** Adds the node's routes (status, migrate, adopt) to the control API. */
+  /** Adds the node's routes (status, migrate, adopt, live-copy targets) to the control API. */
   attach(c: ControlServer): void {
     c.route("GET", "/v1/status", async () => ({ body: this.status() }));
     c.route("POST", "/v1/exports/:name/migrate", async (p, body) => {
-      const to = (body as { to?: unknown })?.to;
-      if (typeof to !== "string") throw new HttpError(400, 'body must be {"to": "http://HOST:PORT"}');
-      return { body: await this.migrate(p.name!, to) };
+      const b = (body ?? {}) as { to?: unknown; copy?: unknown; mode?: unknown; skipFree?: unknown; maxRate?: unknown };
+      if (typeof b.to !== "string") throw new HttpError(400, 'body must be {"to": "http://HOST:PORT"} (and "copy": true for a live copy)');
+      if (!b.copy) return { body: await this.migrate(p.name!, b.to) };
+      if (b.mode !== undefined && b.mode !== "background" && b.mode !== "write-blocking") throw new HttpError(400, 'mode must be "background" or "write-blocking"');
+      if (b.maxRate !== undefined && (typeof b.maxRate !== "number" || !(b.maxRate > 0))) throw new HttpError(400, "maxRate must be a positive number of bytes per second");
+      return { body: await this.migrateCopy(p.name!, b.to, { mode: b.mode as CopyMode | undefined, skipFree: !!b.skipFree, maxRate: b.maxRate as number | undefined }) };
+    });
+    c.route("POST", "/v1/exports/:name/migrate/cancel", async (p) => {
+      const m = this.find(p.name!);
+      if (!m.copy || (m.copy.progress().phase !== "copying" && m.copy.progress().phase !== "starting")) throw new HttpError(409, `${p.name}: no live copy to cancel`);
+      m.copy.cancel("cancelled by request");
+      return { body: { cancelled: p.name } };
+    });
+    c.route("POST", "/v1/copy-targets", async (_p, body) => {
+      const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown };
+      const owner = b.owner as NodeIdentity | undefined;
+      if (typeof b.name !== "string" || typeof b.size !== "number" || typeof b.epoch !== "number" || !owner || typeof owner.nodeId !== "string" || typeof owner.nbd !== "string")
+        throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
+      return { body: await this.createCopyTarget(b.name, b.size, owner, b.epoch) };
+    });
+    c.route("POST", "/v1/copy-targets/:name/abandon", async (p) => {
+      await this.abandonCopyTarget(p.name!);
+      return { body: { abandoned: p.name } };
     });
     c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
       const epoch = (body as { epoch?: unknown })?.epoch;
@@ -151,7 +211,7 @@ export class StorageNode {
 
   private renewAll(): void {
     for (const m of this.managed.values()) {
-      if (m.epoch === null && m.redirector.state === "REMOTE") {
+      if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
         this.takeOverIfExpired(m);
         continue;
       }
@@ -198,7 +258,16 @@ export class StorageNode {
   status(): NodeStatus {
     const exports: ExportStatus[] = [...this.managed.values()].map((m) => {
       const r = m.lease.read();
-      return { name: m.name, image: m.image, owner: r?.owner ?? null, epoch: r?.epoch ?? null, size: m.exp.size(), ...m.redirector.stats() };
+      return {
+        name: m.name,
+        image: m.image,
+        owner: r?.owner ?? null,
+        epoch: r?.epoch ?? null,
+        size: m.exp.size(),
+        ...m.redirector.stats(),
+        ...(m.copy ? { copy: m.copy.progress() } : {}),
+        ...(m.target ? { copyTarget: true } : {}),
+      };
     });
     return { ...this.identity, exports };
   }
@@ -210,17 +279,18 @@ export class StorageNode {
   }
 
   /** Moves export `name` from this node (its owner) to the node whose control API is at `to`. */
-  async migrate(name: string, to: string): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
+  async migrate(name: string, to: string, beforeRelease?: () => Promise<void>): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
     const m = this.find(name);
     if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
     const peer = await getStatus(to).catch((err: Error) => {
       throw new HttpError(502, `peer ${to} unreachable: ${err.message}`);
     });
-    if (!peer.exports.some((e) => e.name === name)) throw new HttpError(409, `peer ${peer.nodeId} does not serve "${name}"`);
+    if (!beforeRelease && !peer.exports.some((e) => e.name === name)) throw new HttpError(409, `peer ${peer.nodeId} does not serve "${name}"`);
     const t0 = performance.now();
     const myEpoch = m.epoch;
     let handed = 0;
     const { held } = await m.redirector.moveOut({
+      beforeRelease,
       prepare: async () => {
         const p = new RemotePort({ exportName: name, first: parseHostPort(peer.nbd), locate: () => this.locateOwner(m.lease), log: this.opts.log.child({ export: name }), tls: this.opts.peerTls });
         await p.open();
@@ -246,6 +316,17 @@ export class StorageNode {
     // Test hook: widen the adopt phase so tests can kill this node in the middle of a hand-over.
     const delay = Number(process.env.NBDSTACK_TEST_ADOPT_DELAY_MS ?? 0);
     if (delay > 0) await new Promise((r) => setTimeout(r, delay));
+    if (m.target) {
+      // The end of a live copy into this node: the image here is complete and becomes the one the
+      // owner uses. Its lease record is this node's own (the image is not shared).
+      const t = m.target;
+      m.lease.assign(this.identity, epoch, this.ttlMs);
+      m.target = null;
+      m.private = true;
+      await this.publisher?.remove(t.exp.name);
+      await t.exp.close();
+      fs.rmSync(t.marker, { force: true });
+    }
     const r = m.lease.read();
     if (!r || r.owner !== this.identity.nodeId || r.epoch !== epoch)
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${this.identity.nodeId}@${epoch}`);
@@ -258,6 +339,122 @@ export class StorageNode {
     }
     m.lease.renew(this.identity, epoch);
     this.opts.log.info({ export: name, epoch }, "export adopted");
+  }
+
+  private publisher: ExportPublisher | null = null;
+
+  /** Lets the node add exports to the NBD server at run time (live-copy destinations). */
+  setPublisher(p: ExportPublisher): void {
+    this.publisher = p;
+  }
+
+  /**
+   * Destination side of a live copy: an image for export `name` — the one this node serves
+   * already (as a non-owner, same size), or a new one in --data-dir — marked incomplete until the
+   * copy hands over, and an export only the source knows the name of, that it writes into.
+   * Clients of this node reach the export through port B (the source owns it) meanwhile.
+   */
+  async createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    if (!this.publisher) throw new HttpError(409, `node ${this.identity.nodeId} cannot publish exports`);
+    let m = this.managed.get(name);
+    let fresh = false;
+    if (m) {
+      if (m.epoch !== null || m.redirector.state !== "REMOTE") throw new HttpError(409, `${name} is owned here (${m.redirector.state}); it cannot be a copy target`);
+      if (m.exp.size() !== size) throw new HttpError(409, `${name} here is ${m.exp.size()} bytes, the source's is ${size}`);
+      if (m.target) await this.abandonCopyTarget(name);
+      m.lease.assign(owner, epoch, this.ttlMs);
+    } else {
+      if (!this.opts.dataDir) throw new HttpError(409, `node ${this.identity.nodeId} has no --data-dir to create "${name}" in`);
+      const image = path.join(this.opts.dataDir, `${encodeURIComponent(name)}.img`);
+      if (fs.existsSync(image)) {
+        if (fs.statSync(image).size !== size) throw new HttpError(409, `${image} exists with another size (${fs.statSync(image).size}, not ${size})`);
+      } else {
+        fs.writeFileSync(image, "");
+        fs.truncateSync(image, size);
+        fresh = true;
+      }
+      new LeaseFile(image).assign(owner, epoch, this.ttlMs);
+      const exp = this.createExport({ name, source: image, io: this.opts.io });
+      m = this.managed.get(name)!;
+      await this.publisher.add(exp);
+    }
+    const marker = `${m.image}.incomplete`;
+    fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
+    const targetName = `${MIRROR_EXPORT_PREFIX}${crypto.randomBytes(16).toString("hex")}/${name}`;
+    const exp = new Export(targetName, createDiskLayer(createFilePort({ path: m.image, io: this.opts.io })), `live-copy target of ${name}`);
+    await this.publisher.add(exp);
+    m.target = { exp, marker };
+    m.private = true;
+    this.opts.log.info({ export: name, from: owner.nodeId, image: m.image, fresh }, "live copy target ready");
+    return { target: targetName, nbd: this.identity.nbd, fresh };
+  }
+
+  /** The source gave up a live copy into this node: the target export goes, the image stays marked incomplete. */
+  async abandonCopyTarget(name: string): Promise<void> {
+    const m = this.find(name);
+    const t = m.target;
+    if (!t) return;
+    m.target = null;
+    await this.publisher?.remove(t.exp.name);
+    await t.exp.close();
+    this.opts.log.warn({ export: name, marker: t.marker }, "live copy abandoned: image left incomplete");
+  }
+
+  /**
+   * Moves export `name` to a node that does not share its storage: the destination gets an image
+   * of its own, a live copy brings it up to date while clients keep writing, and the port
+   * redirector hands over as for shared storage, with the final copy made while requests are held.
+   */
+  async migrateCopy(name: string, to: string, o: CopyMigrateOptions): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number; copied: number; mode: CopyMode }> {
+    const m = this.find(name);
+    if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
+    if (m.copy && ["starting", "copying", "final"].includes(m.copy.progress().phase)) throw new HttpError(409, `${name}: a live copy is running already`);
+    const peer = await getStatus(to).catch((err: Error) => {
+      throw new HttpError(502, `peer ${to} unreachable: ${err.message}`);
+    });
+    const t0 = performance.now();
+    const log = this.opts.log.child({ export: name, to: peer.nodeId });
+    const skip = o.skipFree ? await this.freeSpace(m) : undefined;
+    const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: this.identity, epoch: m.epoch }).catch((err: Error) => {
+      throw new HttpError(502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
+    });
+    const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}).catch(() => undefined);
+    let client: NbdClient;
+    try {
+      client = await NbdClient.connect(parseHostPort(t.nbd), { exportName: t.target, tls: this.opts.peerTls });
+    } catch (err) {
+      await abandon();
+      throw new HttpError(502, `cannot reach ${peer.nodeId}'s copy target: ${(err as Error).message}`);
+    }
+    const target: CopyTarget = {
+      pwrite: (buf, offset) => client.pwrite(buf, offset),
+      zero: (length, offset) => client.zero(length, offset),
+      flush: () => client.flush(),
+    };
+    // Copies read the image below the tracker, so they are not tracked as writes themselves.
+    const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log });
+    m.copy = copy;
+    log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!skip }, "live copy: mirror phase");
+    try {
+      await copy.converge();
+      const r = await this.migrate(name, to, () => copy.finish());
+      m.private = true;
+      const p = copy.progress();
+      log.info({ copied: p.copied, passes: p.passes, mode: p.mode, ms: Math.round(performance.now() - t0) }, "live copy: done");
+      return { ...r, ms: performance.now() - t0, copied: p.copied, mode: p.mode };
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, "live copy aborted: this node stays the owner");
+      await abandon();
+      throw err instanceof HttpError ? err : new HttpError(502, `live copy of ${name} aborted: ${(err as Error).message}`);
+    } finally {
+      m.tracker.stop();
+      client.destroy();
+    }
+  }
+
+  /** Free space of the file system on an image (for --skip-free); nothing when none is found. */
+  private async freeSpace(m: Managed): Promise<Array<{ offset: number; length: number }>> {
+    return freeRanges(m.tracker.below());
   }
 
   async close(): Promise<void> {

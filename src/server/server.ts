@@ -72,8 +72,22 @@ export class NbdServer implements ExportDirectory {
     return this.opts.exports[0];
   }
 
+  /** Exports clients may see (NBD_OPT_LIST); names starting with "@" (live-copy targets) are never listed. */
   list(): Export[] {
-    return this.opts.exports;
+    return this.opts.exports.filter((e) => !e.name.startsWith("@"));
+  }
+
+  /** Opens an export and serves it from now on (exports created at run time: live-copy targets). */
+  async add(exp: Export): Promise<void> {
+    if (this.opts.exports.some((e) => e.name === exp.name)) throw new Error(`two exports are named "${exp.name}"`);
+    await exp.open();
+    this.opts.exports.push(exp);
+  }
+
+  /** Stops offering an export to new connections; connections using it keep it. */
+  async remove(name: string): Promise<void> {
+    const i = this.opts.exports.findIndex((e) => e.name === name);
+    if (i >= 0) this.opts.exports.splice(i, 1);
   }
 
   /** Opens every export, then starts listening. */

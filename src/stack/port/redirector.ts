@@ -27,6 +27,11 @@ export interface RedirectorPorts {
 export interface HandOver {
   /** Opens port B to the peer before the hold starts, so its connection costs no stall (optional). */
   prepare?(): Promise<Layer>;
+  /**
+   * Runs once port A has drained and flushed, while requests are held, before port A closes: the
+   * last copy of a live copy goes here. If it throws, the move is abandoned and port A serves on.
+   */
+  beforeRelease?(): Promise<void>;
   /** Assigns the resource to the peer (lease hand-over + the peer adopting it). Throws if it cannot. */
   assign(): Promise<void>;
   /** Undoes a failed assign: takes the resource back for this node. */
@@ -206,8 +211,9 @@ export class PortRedirector implements Layer {
       const a = this.a!;
       try {
         if (this.caps.flush) await a.flush(plainIo);
+        await h.beforeRelease?.();
       } catch (err) {
-        // Port A cannot make its state durable: keep it, and serve on locally.
+        // Port A cannot make its state durable (or the last copy failed): keep it, and serve on locally.
         this.st = "LOCAL";
         this.release();
         await prepared?.close().catch(() => undefined);

@@ -1,0 +1,157 @@
+import type { Logger } from "pino";
+import type { Layer } from "../stack/layer.js";
+import { Copier, CopyAbortedError, markInitial } from "./copier.js";
+import { DirtyBitmap } from "./dirty-bitmap.js";
+import { ChunkLocks, type CopyTarget, type DirtyTracker } from "./dirty-tracker.js";
+
+export type CopyMode = "background" | "write-blocking";
+
+export interface LiveCopyOptions {
+  /** Start in write-blocking mode instead of switching to it when the copy stops gaining. */
+  mode?: CopyMode;
+  /** Ranges not to copy at all (free space of a file system, with --skip-free). */
+  skip?: Array<{ offset: number; length: number }>;
+  /** Whether the destination reads as zeros everywhere (a freshly created image). */
+  destIsZero: boolean;
+  maxRate?: number;
+  parallel?: number;
+  /** Dirty bytes left for the final copy under hold (default: what 40 ms of copying moves, 1–16 MiB). */
+  budgetBytes?: number;
+  granularity?: number;
+  log?: Logger;
+}
+
+export interface LiveCopyProgress {
+  phase: "starting" | "copying" | "final" | "done" | "aborted";
+  mode: CopyMode;
+  /** Bytes the first pass had to copy. */
+  total: number;
+  copied: number;
+  dirty: number;
+  /** Bytes per second over the last seconds. */
+  rate: number;
+  /** Seconds until the dirty set is copied at the current rate (null when unknown). */
+  eta: number | null;
+  passes: number;
+  error?: string;
+}
+
+export class CopyCancelledError extends CopyAbortedError {}
+
+/**
+ * The mirror phase of a migration without shared storage: a dirty tracker above the source's
+ * port records writes, a copier sends dirty ranges to the destination until what is left fits the
+ * hand-over budget. In background mode, if the dirty set stops shrinking the copy switches to
+ * write-blocking (writes reach both sides before they are acknowledged), which always converges.
+ * `finish()` is the final copy, run by the port redirector while requests are held.
+ */
+export class LiveCopy {
+  private readonly bitmap: DirtyBitmap;
+  private readonly locks: ChunkLocks;
+  private readonly copier: Copier;
+  private readonly destZero: DirtyBitmap | undefined;
+  private mode: CopyMode;
+  private phase: LiveCopyProgress["phase"] = "starting";
+  private total = 0;
+  private passes = 0;
+  private error: string | undefined;
+
+  constructor(
+    private readonly tracker: DirtyTracker,
+    private readonly source: Layer,
+    private readonly target: CopyTarget,
+    private readonly opts: LiveCopyOptions,
+  ) {
+    const size = source.size();
+    this.bitmap = new DirtyBitmap(size, opts.granularity);
+    this.locks = new ChunkLocks(this.bitmap.granularity);
+    this.mode = opts.mode ?? "background";
+    if (opts.destIsZero) {
+      this.destZero = new DirtyBitmap(size, this.bitmap.granularity);
+      this.destZero.markAll();
+    }
+    this.copier = new Copier(source, target, this.bitmap, this.locks, { parallel: opts.parallel, maxRate: opts.maxRate, destZero: this.destZero, log: opts.log });
+  }
+
+  progress(): LiveCopyProgress {
+    const s = this.copier.stats();
+    return {
+      phase: this.phase,
+      mode: this.mode,
+      total: this.total,
+      copied: s.copied,
+      dirty: s.dirty,
+      rate: Math.round(s.rate),
+      eta: s.rate > 0 ? Math.round((s.dirty / s.rate) * 10) / 10 : null,
+      passes: this.passes,
+      ...(this.error ? { error: this.error } : {}),
+    };
+  }
+
+  private budget(): number {
+    if (this.opts.budgetBytes !== undefined) return this.opts.budgetBytes;
+    return Math.max(1 << 20, Math.min(16 << 20, this.copier.stats().rate * 0.04));
+  }
+
+  private setMode(mode: CopyMode): void {
+    this.mode = mode;
+    this.tracker.writeThrough(mode === "write-blocking" ? this.target : null);
+  }
+
+  /** Starts tracking, then copies until the dirty set fits the hand-over budget. */
+  async converge(): Promise<void> {
+    try {
+      this.tracker.track(this.bitmap, this.locks);
+      await markInitial(this.source, this.bitmap, this.opts.destIsZero, this.opts.skip);
+      this.total = this.bitmap.dirtyBytes;
+      this.phase = "copying";
+      this.setMode(this.mode);
+      let last = Infinity;
+      let stuck = 0;
+      for (;;) {
+        const t0 = performance.now();
+        await this.copier.pass(() => this.bitmap.dirtyBytes <= this.budget() || performance.now() - t0 > 1000);
+        this.passes++;
+        const dirty = this.bitmap.dirtyBytes;
+        if (dirty <= this.budget()) return;
+        if (this.mode === "background") {
+          stuck = dirty >= last * 0.9 ? stuck + 1 : 0;
+          if (stuck >= 3) {
+            this.opts.log?.warn({ dirty }, "live copy: writes keep up with the copy; switching to write-blocking mode");
+            this.setMode("write-blocking");
+          }
+        }
+        last = dirty;
+      }
+    } catch (err) {
+      this.fail(err as Error);
+      throw err;
+    }
+  }
+
+  /** The final copy, with every request held and port A drained: copies what is dirty, flushes the destination. */
+  async finish(): Promise<void> {
+    this.phase = "final";
+    try {
+      await this.copier.pass();
+      await this.target.flush();
+      this.phase = "done";
+    } catch (err) {
+      this.fail(err as Error);
+      throw err;
+    } finally {
+      this.tracker.stop();
+    }
+  }
+
+  /** Stops the copy (cancel, or the destination went away); the source serves on as before. */
+  cancel(reason = "cancelled"): void {
+    this.copier.abort(new CopyCancelledError(reason));
+  }
+
+  private fail(err: Error): void {
+    this.phase = "aborted";
+    this.error = err.message;
+    this.tracker.stop();
+  }
+}

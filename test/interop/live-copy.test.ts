@@ -1,0 +1,134 @@
+import { execFile, execFileSync, spawn } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { NbdClient } from "../../src/client/nbd-client.js";
+import { controlCall, getStatus } from "../../src/control/control-client.js";
+import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
+import { needTools } from "../helpers/tools.js";
+
+const MiB = 1024 * 1024;
+const run = promisify(execFile);
+
+function addr(uri: string) {
+  const u = new URL(uri);
+  return { host: u.hostname, port: Number(u.port) };
+}
+
+/** fio random writes with crc32c verification against `uri` until stopped. */
+function fio(uri: string) {
+  const p = spawn(
+    "fio",
+    ["--name=copy", "--ioengine=nbd", `--uri=${uri}`, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24m", "--time_based", "--runtime=120", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=256", "--verify_fatal=1", "--output-format=json"],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  let out = "";
+  p.stdout.on("data", (d) => (out += d));
+  const done = new Promise<number | null>((r) => p.once("exit", r));
+  return {
+    async stop() {
+      p.kill("SIGINT");
+      const code = await done;
+      expect([0, 128]).toContain(code);
+      return JSON.parse(out.slice(out.indexOf("{"))).jobs[0] as { error: number; write: { io_bytes: number }; read: { io_bytes: number } };
+    },
+  };
+}
+
+/** Two nodes without shared storage: node a serves an image from its directory, node b has only a data directory. */
+describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage (live copy)", () => {
+  let dirA: string;
+  let dirB: string;
+  let img: string;
+  let a: Served;
+  let b: Served;
+  beforeAll(async () => {
+    dirA = tempDir();
+    dirB = tempDir();
+    img = path.join(dirA, "disk.img");
+    const head = Buffer.alloc(8 * MiB);
+    for (let i = 0; i < head.length; i += 4) head.writeUInt32LE((i * 2654435761) >>> 0, i);
+    fs.writeFileSync(img, head);
+    fs.truncateSync(img, 64 * MiB); // the rest is a hole
+    a = await serve([img, "--name", "disk", "--node-id", "a", "--control", "127.0.0.1:0"], 2);
+    b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0"], 1);
+  });
+  afterAll(async () => {
+    await b?.stop();
+    await a?.stop();
+  });
+
+  it("copies the image to the other node while fio writes, then hands over: fio verifies clean through the new owner", async () => {
+    const load = fio(a.uris[0]!);
+    await new Promise((r) => setTimeout(r, 700));
+    const { stdout } = await run(process.execPath, [CLI, "migrate", "disk", "--from", controlUrl(a), "--to", controlUrl(b), "--copy"]);
+    expect(stdout).toMatch(/moved disk from a to b \(epoch 2\) by live copy in [\d.]+ s: [\d.]+ MiB copied/);
+    await new Promise((r) => setTimeout(r, 700)); // fio goes on through port B, reading back what it wrote
+    const job = await load.stop();
+    expect(job.error).toBe(0);
+    expect(job.read.io_bytes).toBeGreaterThan(0);
+    const sa = await getStatus(controlUrl(a));
+    const sb = await getStatus(controlUrl(b));
+    expect(sa.exports[0]).toMatchObject({ name: "disk", owner: "b", state: "REMOTE" });
+    expect(sb.exports[0]).toMatchObject({ name: "disk", owner: "b", epoch: 2, state: "LOCAL", image: path.join(dirB, "disk.img") });
+    expect(fs.existsSync(path.join(dirB, "disk.img.incomplete"))).toBe(false);
+    // The hole was not written on the destination: its copy stays sparse.
+    expect(fs.statSync(path.join(dirB, "disk.img")).blocks * 512).toBeLessThan(48 * MiB);
+  });
+
+  it("comes back in write-blocking mode under load, and a copy with no load leaves both images identical", async () => {
+    const load = fio(a.uris[0]!);
+    await new Promise((r) => setTimeout(r, 500));
+    const r = await controlCall<{ mode: string; epoch: number }>(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true, mode: "write-blocking" }, 120_000);
+    expect(r).toMatchObject({ mode: "write-blocking", epoch: 3 });
+    await new Promise((r2) => setTimeout(r2, 500));
+    const job = await load.stop();
+    expect(job.error).toBe(0);
+    expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
+    // One more move with nothing writing: both images must then be byte-identical.
+    await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true }, 120_000);
+    execFileSync("qemu-img", ["compare", "-f", "raw", "-F", "raw", img, path.join(dirB, "disk.img")]);
+    await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 120_000);
+  });
+
+  it("switches to write-blocking when writes outpace the copy, and still converges", async () => {
+    const load = fio(a.uris[0]!);
+    await new Promise((r) => setTimeout(r, 500));
+    const r = await controlCall<{ mode: string }>(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 16 * MiB }, 120_000);
+    expect(r.mode).toBe("write-blocking");
+    const job = await load.stop();
+    expect(job.error).toBe(0);
+    await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 120_000);
+    expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", state: "LOCAL" });
+  });
+
+  it("aborts cleanly when the destination dies mid-copy: the source stays owner and no request fails", async () => {
+    const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    let stop = false;
+    let writes = 0;
+    const writer = (async () => {
+      for (let i = 0; !stop; i++) {
+        await c.pwrite(Buffer.alloc(4096, (i % 250) + 1), (i % 2048) * 4096);
+        writes++;
+      }
+    })();
+    const moving = controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 2 * MiB }, 120_000);
+    await new Promise((r) => setTimeout(r, 1200));
+    const st = (await getStatus(controlUrl(a))).exports[0] as unknown as { copy: { phase: string; copied: number } };
+    expect(st.copy.phase).toBe("copying");
+    await b.stop("SIGKILL");
+    await expect(moving).rejects.toThrow(/502.*live copy of disk aborted/);
+    await new Promise((r) => setTimeout(r, 200));
+    stop = true;
+    await writer; // a failed write would have thrown here
+    expect(writes).toBeGreaterThan(50);
+    expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", state: "LOCAL", held: 0 });
+    expect(fs.existsSync(path.join(dirB, "disk.img.incomplete"))).toBe(true);
+    await c.disconnect();
+    // A restarted destination does not serve the incomplete image.
+    b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0"], 1);
+    expect((await getStatus(controlUrl(b))).exports).toEqual([]);
+    expect(b.stderr()).toMatch(/not serving an image whose live copy never finished/);
+  });
+});
