@@ -1,0 +1,212 @@
+import { NbdError } from "../../errors.js";
+import { FsError, type FileExtent, type FsKind } from "../../fs/probe.js";
+import { State } from "../../protocol/constants.js";
+import { PassthroughLayer, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { probeLayer } from "./fs-probe.js";
+
+export interface FsFileLayerOptions {
+  /**
+   * The layer opens and closes the device below. Default false: the device belongs to another
+   * export (the whole disk, a partition of it) that opens and closes it, as PartitionLayer does.
+   */
+  owns?: boolean;
+}
+
+/** A piece of a request: file bytes [fileOffset, +length) at deviceOffset, or -1 in a hole. */
+interface Piece {
+  fileOffset: number;
+  length: number;
+  deviceOffset: number;
+}
+
+/**
+ * One regular file stored in an ext2/3/4 or FAT file system, served as a device of its own
+ * (a disk image kept inside a partition). Its size is the file's size; every offset is mapped
+ * through the file's extents, read once at open, onto the device below.
+ * - Holes (and unwritten, preallocated extents) read as zeroes and are reported as HOLE|ZERO.
+ * - Writes go only into blocks the file already owns: a write that touches a hole gets EPERM
+ *   and writes nothing; the file system's metadata (sizes, times, bitmaps) is never changed.
+ * - zero() writes zeroes into the file's blocks and leaves holes as they are; trim is not offered.
+ * The mapping is a snapshot: the file must not be changed through another path while served.
+ */
+export class FsFileLayer extends PassthroughLayer {
+  private runs: FileExtent[] = [];
+  private bytes = 0;
+  private kind: FsKind | "?" = "?";
+  private caps: Capabilities | null = null;
+  private readonly owns: boolean;
+
+  constructor(
+    next: Layer,
+    readonly path: string,
+    opts: FsFileLayerOptions = {},
+  ) {
+    super(next);
+    this.owns = opts.owns ?? false;
+  }
+
+  override describe(): string {
+    return `file ${this.path} (${this.kind}) → ${this.next.describe()}`;
+  }
+
+  override async open(): Promise<void> {
+    if (this.owns) await this.next.open();
+    try {
+      await this.load();
+    } catch (err) {
+      if (this.owns) await this.next.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  override async close(): Promise<void> {
+    if (this.owns) await this.next.close();
+  }
+
+  /** Finds the file system and the file, and reads the file's extents (the device is open). */
+  async load(): Promise<void> {
+    try {
+      const fs = await probeLayer(this.next);
+      if (!fs) throw new NbdError("EINVAL", `no ext2/3/4 or FAT file system on ${this.next.describe()}`);
+      const file = await fs.open(this.path);
+      this.runs = await file.extents();
+      this.bytes = file.size;
+      this.kind = fs.kind;
+    } catch (err) {
+      if (err instanceof FsError) throw new NbdError(err.code === "corrupt" ? "EIO" : "EINVAL", `file ${this.path} on ${this.next.describe()}: ${err.message}`);
+      throw err;
+    }
+    const c = this.next.capabilities();
+    this.caps = { ...c, trim: false, extents: true };
+  }
+
+  /** Device runs holding the file's data, as read at open (holes and unwritten extents left out). */
+  fileExtents(): FileExtent[] {
+    return this.runs.map((r) => ({ ...r }));
+  }
+
+  override size(): number {
+    return this.bytes;
+  }
+
+  override capabilities(): Capabilities {
+    if (!this.caps) throw new NbdError("ESHUTDOWN", `file ${this.path}: the layer is not open`);
+    return this.caps;
+  }
+
+  /** Splits [offset, offset + length) of the file into data pieces and holes. */
+  private pieces(offset: number, length: number): Piece[] {
+    const out: Piece[] = [];
+    const end = offset + length;
+    let lo = 0;
+    let hi = this.runs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      const r = this.runs[mid]!;
+      if (r.fileOffset + r.length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    let pos = offset;
+    for (let i = lo; i < this.runs.length && pos < end; i++) {
+      const r = this.runs[i]!;
+      if (r.fileOffset >= end) break;
+      if (r.fileOffset > pos) {
+        out.push({ fileOffset: pos, length: r.fileOffset - pos, deviceOffset: -1 });
+        pos = r.fileOffset;
+      }
+      const e = Math.min(end, r.fileOffset + r.length);
+      out.push({ fileOffset: pos, length: e - pos, deviceOffset: r.deviceOffset + (pos - r.fileOffset) });
+      pos = e;
+    }
+    if (pos < end) out.push({ fileOffset: pos, length: end - pos, deviceOffset: -1 });
+    return out;
+  }
+
+  private checkRange(op: string, offset: number, length: number, write: boolean): void {
+    if (offset + length > this.bytes)
+      throw new NbdError(write ? "ENOSPC" : "EINVAL", `${op} of ${length} bytes at ${offset} is beyond the end of ${this.path} (${this.bytes} bytes)`);
+  }
+
+  override async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    this.checkRange("pread", offset, buf.length, false);
+    const jobs: Array<Promise<void>> = [];
+    for (const p of this.pieces(offset, buf.length)) {
+      const slice = buf.subarray(p.fileOffset - offset, p.fileOffset - offset + p.length);
+      if (p.deviceOffset < 0) slice.fill(0);
+      else jobs.push(this.next.pread(slice, p.deviceOffset, io));
+    }
+    await Promise.all(jobs);
+  }
+
+  override async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    this.checkRange("pwrite", offset, buf.length, true);
+    const pieces = this.pieces(offset, buf.length);
+    const hole = pieces.find((p) => p.deviceOffset < 0);
+    if (hole)
+      throw new NbdError(
+        "EPERM",
+        `pwrite of ${buf.length} bytes at ${offset} touches ${hole.length} bytes at ${hole.fileOffset} that ${this.path} has no blocks for (a hole); only the file's own blocks can be written`,
+        hole.fileOffset,
+      );
+    await Promise.all(pieces.map((p) => this.next.pwrite(buf.subarray(p.fileOffset - offset, p.fileOffset - offset + p.length), p.deviceOffset, io)));
+  }
+
+  override async zero(length: number, offset: number, io: Io): Promise<void> {
+    this.checkRange("zero", offset, length, true);
+    const data = this.pieces(offset, length).filter((p) => p.deviceOffset >= 0);
+    await Promise.all(data.map((p) => this.next.zero(p.length, p.deviceOffset, io)));
+  }
+
+  override async trim(_length: number, _offset: number, _io: Io): Promise<void> {
+    throw new NbdError("ENOTSUP", `trim is not offered on file ${this.path}: it would free blocks behind the file system's back`);
+  }
+
+  override async cache(length: number, offset: number, io: Io): Promise<void> {
+    this.checkRange("cache", offset, length, false);
+    const data = this.pieces(offset, length).filter((p) => p.deviceOffset >= 0);
+    await Promise.all(data.map((p) => this.next.cache(p.length, p.deviceOffset, io)));
+  }
+
+  override async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+    this.checkRange("extents", offset, length, false);
+    const out: Extent[] = [];
+    const add = (len: number, flags: number) => {
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.length += len;
+      else out.push({ length: len, flags });
+    };
+    const below = this.next.capabilities().extents;
+    for (const p of this.pieces(offset, length)) {
+      if (p.deviceOffset < 0) {
+        add(p.length, State.NBD_STATE_HOLE | State.NBD_STATE_ZERO);
+        continue;
+      }
+      if (!below) {
+        add(p.length, 0);
+        continue;
+      }
+      // The device's own view of the data blocks (ZERO where they read as zero); stop at a short answer.
+      let got = 0;
+      for (const e of await this.next.extents(p.length, p.deviceOffset, io)) {
+        const n = Math.min(e.length, p.length - got);
+        if (n <= 0) break;
+        add(n, e.flags);
+        got += n;
+      }
+      if (got < p.length) break;
+    }
+    return out;
+  }
+}
+
+/**
+ * Builds the layer for `path` inside the file system on `below`. Without `owns` the device below
+ * is already open (it belongs to another export), so the file is looked up at once and errors
+ * (no file system, no such file, a damaged structure) surface here; with `owns` that happens in
+ * open(), which opens the device first.
+ */
+export async function createFsFileLayer(below: Layer, path: string, opts: FsFileLayerOptions = {}): Promise<FsFileLayer> {
+  const layer = new FsFileLayer(below, path, opts);
+  if (!opts.owns) await layer.load();
+  return layer;
+}
