@@ -11,7 +11,13 @@ function useTokenFile(cmd: Command): void {
 }
 
 function mib(n: number): string {
-  return `${(n / (1024 * 1024)).toFixed(1)} MiB`;
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`;
 }
 
 function printChain(info: CowInfo): void {

@@ -1,13 +1,18 @@
 import fc from "fast-check";
+import crypto from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import pino from "pino";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { NbdError } from "../../errors.js";
+import { Command } from "commander";
+import { registerCowCommands } from "../../commands/cow.js";
+import { setControlToken } from "../../control/control-client.js";
 import { ControlServer } from "../../control/control-server.js";
 import { attachCowRoutes } from "../../control/cow-routes.js";
 import { PassthroughLayer, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { createFilePort } from "../port/file-port.js";
 import { MemoryPort } from "../port/memory-port.js";
 import { CowLayer, createCowLayer, type CowLayerOptions } from "./cow-layer.js";
 import { HEADER_SIZE } from "./cow-file.js";
@@ -194,6 +199,30 @@ describe("CowLayer", () => {
       );
     }
   }, 120_000);
+
+  it("over a read-only image file: the image's checksum never changes, the overlay survives restart", async () => {
+    const dir = tmpdir();
+    const image = path.join(dir, "base.img");
+    fs.writeFileSync(image, crypto.randomBytes(1024 * 1024 + 512));
+    const sum = () => crypto.createHash("sha256").update(fs.readFileSync(image)).digest("hex");
+    const before = sum();
+    const model = fs.readFileSync(image);
+    const overlay = path.join(dir, "base.cow");
+    const cow = await open(createFilePort({ path: image, readOnly: true }), overlay, {});
+    for (let i = 0; i < 50; i++) {
+      const off = (i * 104_729) % (model.length - 70_000);
+      const data = pattern(1 + ((i * 7919) % 70_000), i, off);
+      data.copy(model, off);
+      await cow.pwrite(data, off, plainIo);
+    }
+    await cow.zero(200_000, 300_001, plainIo);
+    model.fill(0, 300_001, 500_001);
+    await cow.close();
+    const again = await open(createFilePort({ path: image, readOnly: true }), overlay, {});
+    expect((await readAll(again)).equals(model)).toBe(true);
+    await again.close();
+    expect(sum()).toBe(before);
+  });
 
   it("never loses bytes when concurrent unaligned writes share blocks", async () => {
     const { base, initial } = await makeBase();
@@ -532,6 +561,29 @@ describe("CowLayer", () => {
       expect(m.body).toMatchObject({ merge: { state: "done", doneBytes: 2 * BS, totalBytes: 2 * BS } });
       expect((m.body.chain as unknown[]).length).toBe(1);
       expect((await call("POST", "/v1/exports/vm/cow", { other: 1 })).status).toBe(400);
+
+      // The same through the commands.
+      setControlToken("t".repeat(32));
+      const out: string[] = [];
+      const spy = vi.spyOn(process.stdout, "write").mockImplementation((chunk: string | Uint8Array) => (out.push(String(chunk)), true));
+      try {
+        const cli = () => {
+          const program = new Command().exitOverride();
+          registerCowCommands(program);
+          return program;
+        };
+        await cli().parseAsync(["snapshot", "vm", "--control", url, "--as", "before-upgrade"], { from: "user" });
+        await cow.pwrite(Buffer.alloc(BS, 5), 0, plainIo);
+        await cli().parseAsync(["merge", "vm", "--control", url, "--wait"], { from: "user" });
+        await cli().parseAsync(["cow", "vm", "--control", url], { from: "user" });
+      } finally {
+        spy.mockRestore();
+      }
+      const text = out.join("");
+      expect(text).toContain(`froze the overlay of vm as ${path.join(path.dirname(overlay), "before-upgrade")}`);
+      expect(text).toContain(`merged 8.0 KiB of vm into ${path.join(path.dirname(overlay), "before-upgrade")}`);
+      expect(text).toMatch(/overlay +24\.0 KiB data +0 B zeroed  .*vm\.cow\n/);
+      expect(text).toMatch(/merge +done/);
     } finally {
       await server.close();
       await cow.close();

@@ -166,6 +166,7 @@ export class CowLayer implements Layer {
           throw new NbdError("EINVAL", `${p}: the overlay was made for a ${h.virtualSize}-byte device, but the base ${this.base.describe()} has ${size} bytes`);
         if (h.blockSize !== want)
           throw new NbdError("EINVAL", `${p}: the overlay's block size is ${h.blockSize}, not ${want}${files.length > 1 ? ` (the block size of ${top})` : ""}`);
+        if (files.length === 1 && f.readOnly) throw new NbdError("EPERM", `${p}: the overlay file is not writable`);
         if (!h.backing) break;
         const next = path.resolve(path.dirname(p), h.backing);
         if (!fs.existsSync(next)) throw new NbdError("EINVAL", `${p}: its backing overlay ${next} is missing`);
