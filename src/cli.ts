@@ -5,6 +5,8 @@ import { readToken } from "./control/token.js";
 import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
 import { benchCommand } from "./commands/bench.js";
+import { registerCowCommands } from "./commands/cow.js";
+import { registerVolumeCommands } from "./commands/volume.js";
 
 const program = new Command();
 program
@@ -135,6 +137,9 @@ program
   .argument("<url>", "control URL of a node, e.g. http://127.0.0.1:9001")
   .option("--json", "print the raw status as JSON", false)
   .action(statusCommand);
+
+registerVolumeCommands(program);
+registerCowCommands(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`nbdstack: ${err instanceof Error ? err.message : String(err)}\n`);

@@ -17,6 +17,8 @@ import { setControlCa, setControlToken } from "../control/control-client.js";
 import { clientOptions, loadTlsConfig, serverSocketOptions, type TlsFlags } from "../tls/tls-config.js";
 import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
+import { attachMirrorRoutes } from "../control/volume-routes.js";
+import { attachCowRoutes } from "../control/cow-routes.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 
@@ -167,7 +169,9 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     exports.push(...found.exports);
   }
   // Metrics cost a little per request: collected only where a control API can serve them.
-  const metrics = node || opts.control || fault ? new Metrics() : undefined;
+  // Layers steered at run time (fault, mirror, cow) need the control API.
+  const steerable = handles.faults.size + handles.mirrors.size + handles.cows.size > 0;
+  const metrics = node || opts.control || steerable ? new Metrics() : undefined;
   const server = new NbdServer({
     tls: tlsConfig ? { mode: tlsConfig.mode, options: serverSocketOptions(tlsConfig) } : null,
     metrics,
@@ -190,7 +194,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   };
   let controlUrl: string | null = null;
   let control: ControlServer | null = null;
-  if (node || opts.control || fault) {
+  if (node || opts.control || steerable) {
     const token = loadOrCreateToken(opts.tokenFile);
     setControlToken(token); // for the calls this node makes to its peers
     // With certificates the control API is HTTPS; with PSK alone it stays HTTP (bearer token, localhost).
@@ -203,6 +207,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       if (node) node.attach(control);
       else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
       attachFaultRoutes(control, faults);
+      attachMirrorRoutes(control, handles.mirrors);
+      attachCowRoutes(control, handles.cows);
       const m = metrics!;
       control.route("GET", "/metrics", async () => ({ body: await m.text(), contentType: "text/plain; version=0.0.4" }));
       m.gauge("nbdstack_faults_injected_total", "Faults injected by fault layers, by kind", ["export", "kind"], (set) => {

@@ -8,6 +8,10 @@ import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
 import { LazyLayer } from "./lazy-layer.js";
+import { createConcatLayer } from "./volume/concat-layer.js";
+import { createCowLayer, type CowLayer } from "./volume/cow-layer.js";
+import { createMirrorLayer, type MirrorLayer } from "./volume/mirror-layer.js";
+import { createStripeLayer } from "./volume/stripe-layer.js";
 import { plainIo, type Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
@@ -41,6 +45,8 @@ export interface ExportSpec {
  */
 export class StackHandles {
   readonly faults = new Map<string, FaultLayer>();
+  readonly mirrors = new Map<string, MirrorLayer>();
+  readonly cows = new Map<string, CowLayer>();
   add<T>(map: Map<string, T>, key: string, layer: T, what: string): void {
     if (map.has(key)) throw new ConfigError(key, `two ${what} layers answer to "${key}": give them distinct ids`);
     map.set(key, layer);
@@ -75,7 +81,11 @@ export function stackOf(spec: ExportSpec): StackSpec {
   if (spec.stack) return spec.stack;
   const stack: StackSpec = [spec.source.startsWith("memory:") ? { kind: "memory", size: parseSize(spec.source.slice(7)) } : { kind: "file", path: spec.source }];
   if (spec.fault) stack.push({ kind: "fault", rules: [], seed: spec.fault.seed, powerloss: spec.fault.powerloss });
-  if (spec.overlay) stack.push({ kind: "cow", overlay: path.resolve(spec.overlay) });
+  if (spec.overlay) {
+    // The image under an overlay is only ever read.
+    if (stack[0]!.kind === "file") stack[0] = { ...stack[0]!, readOnly: true };
+    stack.push({ kind: "cow", overlay: path.resolve(spec.overlay) });
+  }
   return stack;
 }
 
@@ -87,6 +97,21 @@ function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
       return createFilePort({ path: l.path, readOnly: ctx.readOnly || !!l.readOnly, io: ctx.io });
     case "memory":
       return createMemoryPort({ size: l.size, readOnly: ctx.readOnly });
+    case "concat":
+      return createConcatLayer(l.devices.map((d) => buildStack(d, ctx)));
+    case "stripe":
+      return createStripeLayer(
+        l.devices.map((d) => buildStack(d, ctx)),
+        l.chunk,
+      );
+    case "mirror": {
+      const m = createMirrorLayer(
+        l.devices.map((d) => buildStack(d, ctx)),
+        { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) },
+      );
+      ctx.handles.add(ctx.handles.mirrors, ctx.exportName, m, "mirror");
+      return m;
+    }
     default:
       throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
   }
@@ -108,6 +133,11 @@ export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer
       for (const r of l.rules) f.addRule(r);
       ctx.handles.add(ctx.handles.faults, l.id ?? ctx.exportName, f, "fault");
       return f;
+    }
+    case "cow": {
+      const c = createCowLayer(below, l.overlay, { blockSize: l.blockSize, io: ctx.io });
+      ctx.handles.add(ctx.handles.cows, ctx.exportName, c, "cow");
+      return c;
     }
     default:
       throw new ConfigError(l.kind, `the ${l.kind} layer is not available in this build`);
