@@ -8,6 +8,7 @@ import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
 import { LazyLayer } from "./lazy-layer.js";
+import { FsFileLayer } from "./fs/fs-file-layer.js";
 import { createConcatLayer } from "./volume/concat-layer.js";
 import { createCowLayer, type CowLayer } from "./volume/cow-layer.js";
 import { createMirrorLayer, type MirrorLayer } from "./volume/mirror-layer.js";
@@ -139,8 +140,11 @@ export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer
       ctx.handles.add(ctx.handles.cows, ctx.exportName, c, "cow");
       return c;
     }
+    case "fs-file":
+      // Opens the device below, finds the file system and the file at open.
+      return new FsFileLayer(below, l.path, { owns: true });
     default:
-      throw new ConfigError(l.kind, `the ${l.kind} layer is not available in this build`);
+      throw new ConfigError(l.kind, `the ${l.kind} layer cannot be above another one`);
   }
 }
 

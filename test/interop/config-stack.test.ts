@@ -80,3 +80,35 @@ describe.skipIf(!needTools("nbdinfo", "nbdcopy", "qemu-io", "sgdisk", "sfdisk"))
     expect(r2.stderr).toMatch(/partition 7: not in the gpt table .* \(has 1, 2\)/);
   });
 });
+
+describe.skipIf(!needTools("mkfs.ext4", "debugfs", "nbdcopy", "qemu-io", "e2fsck"))("a file inside a file system as an export", () => {
+  let dir: string;
+  let srv: Served;
+  let inner: Buffer;
+  beforeAll(async () => {
+    dir = tempDir();
+    fs.mkdirSync(path.join(dir, "root/images"), { recursive: true });
+    randomImage(path.join(dir, "root/images/vm.img"), 3 * MiB + 4096, 21);
+    inner = fs.readFileSync(path.join(dir, "root/images/vm.img"));
+    const img = path.join(dir, "fs.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 32 * MiB);
+    execFileSync("mkfs.ext4", ["-q", "-F", "-d", path.join(dir, "root"), img]);
+    fs.writeFileSync(path.join(dir, "c.yaml"), "exports:\n  - name: vm\n    stack: file:fs.img → file:/images/vm.img\n");
+    srv = await serve(["--config", path.join(dir, "c.yaml")], 1);
+  });
+  afterAll(() => srv?.stop());
+
+  it("serves the file's bytes, takes writes into its own blocks only, and leaves the file system clean", async () => {
+    const out = path.join(dir, "out.img");
+    execFileSync("nbdcopy", [srv.uris[0]!, out]);
+    expect(fs.readFileSync(out).equals(inner)).toBe(true);
+    execFileSync("qemu-io", ["-f", "raw", "-c", "write -P 0x77 1M 8k", "-c", "flush", srv.uris[0]!]);
+    await srv.stop();
+    const viaFs = execFileSync("debugfs", ["-R", "cat /images/vm.img", path.join(dir, "fs.img")], { maxBuffer: 64 * MiB, stdio: ["ignore", "pipe", "ignore"] });
+    const want = Buffer.from(inner);
+    want.fill(0x77, MiB, MiB + 8192);
+    expect(viaFs.equals(want)).toBe(true);
+    execFileSync("e2fsck", ["-fn", path.join(dir, "fs.img")], { stdio: "ignore" });
+  });
+});
