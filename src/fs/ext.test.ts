@@ -1,4 +1,4 @@
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
@@ -204,6 +204,13 @@ describe.skipIf(!haveTools)("ext2/3/4 images made by mke2fs -d", () => {
     expect(img.fs.kind).toBe("ext4");
     expect(img.fs.label).toBe("root-fs");
     await checkImage(img);
+    // e2fsck -D builds hash-tree indexes; an indexed directory still reads linearly.
+    spawnSync("e2fsck", ["-fyD", img.file], { stdio: "ignore" });
+    expect(sh("debugfs", ["-R", "htree /many", img.file])).toMatch(/Root node dump/);
+    const buf = fs.readFileSync(img.file);
+    const again = (await probeFileSystem(reader(buf), buf.length))!;
+    expect((await again.readdir("/many")).map((e) => e.name).sort()).toEqual(fs.readdirSync(path.join(src, "many")).sort());
+    expect((await again.readFile("/many/file-0123.dat")).equals(files.get("/many/file-0123.dat")!)).toBe(true);
   });
 
   it("ext4 with 1 KiB blocks: an extent tree of depth 2, and a fragmented file written by debugfs", async () => {

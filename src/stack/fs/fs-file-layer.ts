@@ -77,6 +77,10 @@ export class FsFileLayer extends PassthroughLayer {
       throw err;
     }
     const c = this.next.capabilities();
+    const min = c.blockSize.minimum;
+    const odd = this.runs.find((r) => r.deviceOffset % min !== 0 || r.fileOffset % min !== 0 || (r.length % min !== 0 && r.fileOffset + r.length !== this.bytes));
+    if (odd)
+      throw new NbdError("EINVAL", `file ${this.path}: its data at file offset ${odd.fileOffset} (device offset ${odd.deviceOffset}) is not aligned to the ${min}-byte blocks of ${this.next.describe()}`);
     this.caps = { ...c, trim: false, extents: true };
   }
 
