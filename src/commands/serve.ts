@@ -151,10 +151,10 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const listenFds = activationFds();
   if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
-  const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
-    : null;
   const handles = new StackHandles();
+  const node = opts.nodeId
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
+    : null;
   const faults = handles.faults;
   const exports: Export[] = [];
   for (const s of specs) {

@@ -8,6 +8,7 @@ import { DirtyTracker } from "../migration/dirty-tracker.js";
 import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
 import { freeRanges } from "../migration/free-space.js";
 import type { IoMode } from "../stack/port/file-port.js";
+import { FaultLayer, type FaultLayerOptions } from "../stack/fault/fault-layer.js";
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
 import { ControlServer, HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
@@ -62,6 +63,9 @@ export interface StorageNodeOptions {
   nbd: string;
   log: Logger;
   ttlMs?: number;
+  /** With --fault: the export a live copy writes into gets a fault layer too (steered by the export's name), to slow or break the link. */
+  fault?: FaultLayerOptions;
+  handles?: StackHandles;
   /** Directory where this node creates the images it receives by live copy (--data-dir). */
   dataDir?: string;
   io?: IoMode;
@@ -381,7 +385,13 @@ export class StorageNode {
     const marker = `${m.image}.incomplete`;
     fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
     const targetName = `${MIRROR_EXPORT_PREFIX}${crypto.randomBytes(16).toString("hex")}/${name}`;
-    const exp = new Export(targetName, createDiskLayer(createFilePort({ path: m.image, io: this.opts.io })), `live-copy target of ${name}`);
+    let port: Layer = createFilePort({ path: m.image, io: this.opts.io });
+    if (this.opts.fault) {
+      const f = new FaultLayer(port, this.opts.fault);
+      this.opts.handles?.faults.set(name, f);
+      port = f;
+    }
+    const exp = new Export(targetName, createDiskLayer(port), `live-copy target of ${name}`);
     await this.publisher.add(exp);
     m.target = { exp, marker };
     m.private = true;

@@ -131,4 +131,22 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
     expect((await getStatus(controlUrl(b))).exports).toEqual([]);
     expect(b.stderr()).toMatch(/not serving an image whose live copy never finished/);
   });
+  it("copes with a slow link (a delay rule on the destination's port) and still hands over with fio verifying clean", async () => {
+    await b.stop();
+    fs.rmSync(path.join(dirB, "disk.img.incomplete"), { force: true });
+    fs.rmSync(path.join(dirB, "disk.img"), { force: true });
+    b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--fault", "--fault-seed", "5"], 1);
+    const load = fio(a.uris[0]!);
+    await new Promise((r) => setTimeout(r, 500));
+    const moving = controlCall<{ mode: string; epoch: number }>(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 32 * MiB }, 120_000);
+    for (let i = 0; i < 100 && !(await getStatus(controlUrl(b))).exports.some((e) => (e as { copyTarget?: boolean }).copyTarget); i++) await new Promise((r) => setTimeout(r, 50));
+    await controlCall(controlUrl(b), "POST", "v1/exports/disk/faults", { add: "op=pwrite,delay=2ms..6ms" });
+    const r = await moving;
+    const job = await load.stop();
+    expect(job.error).toBe(0);
+    const faults = await controlCall<{ rules: Array<{ fired: number }> }>(controlUrl(b), "GET", "v1/exports/disk/faults");
+    expect(faults.rules[0]!.fired).toBeGreaterThan(10);
+    expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL", epoch: r.epoch });
+    await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 120_000);
+  });
 });
