@@ -120,15 +120,15 @@ async function walk(f: FileSystem, dir: string, out: string[]): Promise<void> {
 }
 
 /** Checks an image against the source tree and against e2fsprogs' view of it. */
-async function checkImage(img: Img, opts: { sparseEndsAtData?: boolean } = {}): Promise<void> {
+async function checkImage(img: Img, opts: { sparseEndsAtData?: boolean; bigalloc?: boolean } = {}): Promise<void> {
   const f = img.fs;
   const h = dumpe2fsHeader(img.file);
   expect(f.uuid).toBe(h["Filesystem UUID"]);
   expect(f.label).toBe(h["Filesystem volume name"] === "<none>" ? "" : h["Filesystem volume name"]);
   const bs = Number(h["Block size"]);
-  expect(f.blockSize).toBe(bs);
+  expect(f.blockSize).toBe(opts.bigalloc ? Number(h["Cluster size"]) : bs);
   expect(f.totalBytes).toBe(Number(h["Block count"]) * bs);
-  expect(f.freeBytes).toBe(Number(h["Free blocks"]) * bs);
+  expect(f.freeBytes).toBe(Number(h["Free blocks"]) * bs); // dumpe2fs counts free blocks, not clusters
 
   for (const [p, data] of files) {
     // mke2fs -d with inline_data sets a sparse file's size to the end of its last data block.
@@ -181,7 +181,9 @@ async function checkImage(img: Img, opts: { sparseEndsAtData?: boolean } = {}): 
   }
   expect(pos).toBe(img.buf.length);
   const free = map.filter((r) => !r.used).map((r): [number, number] => [r.offset / bs, (r.offset + r.length) / bs - 1]);
-  const ref = dumpe2fsFree(img.file);
+  // With bigalloc dumpe2fs ends a range at the first block of its last cluster.
+  const ratio = f.blockSize / bs;
+  const ref = dumpe2fsFree(img.file).map(([a, b]): [number, number] => [a, b + ratio - 1]);
   // dumpe2fs lists per group; merge ranges that touch.
   const merged: Array<[number, number]> = [];
   for (const r of ref) {
@@ -256,6 +258,12 @@ describe.skipIf(!haveTools)("ext2/3/4 images made by mke2fs -d", () => {
   it("ext4 with meta_bg instead of a resize inode", async () => {
     const img = await mkfs("ext4-metabg.img", "mkfs.ext4", ["-b", "1024", "-O", "meta_bg,^resize_inode"]);
     await checkImage(img);
+  });
+
+  it("ext4 with bigalloc: 16 KiB clusters of 4 KiB blocks", async () => {
+    const img = await mkfs("ext4-bigalloc.img", "mkfs.ext4", ["-b", "4096", "-O", "bigalloc", "-C", "16384"], 64);
+    expect(img.fs.blockSize).toBe(16384);
+    await checkImage(img, { bigalloc: true });
   });
 
   it("ext4 with inline data: small files and directories live in the inode", async () => {

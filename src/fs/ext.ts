@@ -156,11 +156,11 @@ export class ExtFs extends BaseFs<Inode> {
       this.descSize = sb.readUInt16LE(0xfe);
       if (this.descSize < 64 || this.descSize > 1024 || (this.descSize & (this.descSize - 1)) !== 0) throw this.bad(`group descriptor size ${this.descSize}`);
     }
-    const freeClusters = sb.readUInt32LE(0x0c) + (is64 ? sb.readUInt32LE(0x158) * 2 ** 32 : 0);
-    const unit = this.bs * this.clusterRatio;
-    this.blockSize = unit;
+    // Counted in blocks even with bigalloc (the group descriptors count clusters).
+    const freeBlocks = sb.readUInt32LE(0x0c) + (is64 ? sb.readUInt32LE(0x158) * 2 ** 32 : 0);
+    this.blockSize = this.bs * this.clusterRatio;
     this.totalBytes = this.blocks * this.bs;
-    this.freeBytes = Math.min(freeClusters * unit, this.totalBytes);
+    this.freeBytes = Math.min(freeBlocks * this.bs, this.totalBytes);
     this.label = sb.subarray(0x78, 0x88).toString("utf8").replace(/\0.*$/s, "");
     const u = sb.subarray(0x68, 0x78).toString("hex");
     this.uuid = `${u.slice(0, 8)}-${u.slice(8, 12)}-${u.slice(12, 16)}-${u.slice(16, 20)}-${u.slice(20)}`;

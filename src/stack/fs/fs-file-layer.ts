@@ -23,6 +23,7 @@ interface Piece {
  * One regular file stored in an ext2/3/4 or FAT file system, served as a device of its own
  * (a disk image kept inside a partition). Its size is the file's size; every offset is mapped
  * through the file's extents, read once at open, onto the device below.
+ * Ranges are checked by the guard at the top of the stack (past the end: ENOSPC for writes).
  * - Holes (and unwritten, preallocated extents) read as zeroes and are reported as HOLE|ZERO.
  * - Writes go only into blocks the file already owns: a write that touches a hole gets EPERM
  *   and writes nothing; the file system's metadata (sizes, times, bitmaps) is never changed.
@@ -126,13 +127,7 @@ export class FsFileLayer extends PassthroughLayer {
     return out;
   }
 
-  private checkRange(op: string, offset: number, length: number, write: boolean): void {
-    if (offset + length > this.bytes)
-      throw new NbdError(write ? "ENOSPC" : "EINVAL", `${op} of ${length} bytes at ${offset} is beyond the end of ${this.path} (${this.bytes} bytes)`);
-  }
-
   override async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
-    this.checkRange("pread", offset, buf.length, false);
     const jobs: Array<Promise<void>> = [];
     for (const p of this.pieces(offset, buf.length)) {
       const slice = buf.subarray(p.fileOffset - offset, p.fileOffset - offset + p.length);
@@ -143,7 +138,6 @@ export class FsFileLayer extends PassthroughLayer {
   }
 
   override async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    this.checkRange("pwrite", offset, buf.length, true);
     const pieces = this.pieces(offset, buf.length);
     const hole = pieces.find((p) => p.deviceOffset < 0);
     if (hole)
@@ -156,7 +150,6 @@ export class FsFileLayer extends PassthroughLayer {
   }
 
   override async zero(length: number, offset: number, io: Io): Promise<void> {
-    this.checkRange("zero", offset, length, true);
     const data = this.pieces(offset, length).filter((p) => p.deviceOffset >= 0);
     await Promise.all(data.map((p) => this.next.zero(p.length, p.deviceOffset, io)));
   }
@@ -166,13 +159,11 @@ export class FsFileLayer extends PassthroughLayer {
   }
 
   override async cache(length: number, offset: number, io: Io): Promise<void> {
-    this.checkRange("cache", offset, length, false);
     const data = this.pieces(offset, length).filter((p) => p.deviceOffset >= 0);
     await Promise.all(data.map((p) => this.next.cache(p.length, p.deviceOffset, io)));
   }
 
   override async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    this.checkRange("extents", offset, length, false);
     const out: Extent[] = [];
     const add = (len: number, flags: number) => {
       const last = out[out.length - 1];
