@@ -10,6 +10,7 @@ import { FsError, probeFileSystem, type FileSystem, type ReadAt } from "./probe.
 const MiB = 1024 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "extfs-"));
 const src = path.join(tmp, "src");
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const reader = (buf: Buffer): ReadAt => async (length, offset) => Buffer.from(buf.subarray(offset, offset + length));
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 
@@ -199,7 +200,6 @@ const haveTools = needTools("mkfs.ext4", "mkfs.ext2", "mkfs.ext3", "debugfs", "d
 
 describe.skipIf(!haveTools)("ext2/3/4 images made by mke2fs -d", () => {
   beforeAll(() => makeSource());
-  afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
   it("ext4 with extents, flex_bg, 64bit and metadata_csum (4 KiB blocks)", async () => {
     const img = await mkfs("ext4.img", "mkfs.ext4", ["-b", "4096", "-L", "root-fs", "-O", "64bit,metadata_csum"]);
@@ -297,7 +297,8 @@ function inodeOffset(img: string, p: string): number {
 }
 
 describe.skipIf(!haveTools)("damaged ext structures give a clear FsError", () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "extbad-"));
+  const dir = path.join(tmp, "bad");
+  fs.mkdirSync(dir, { recursive: true });
   const mk = (name: string, args: string[]) => {
     const s = path.join(dir, "s");
     fs.mkdirSync(path.join(s, "d"), { recursive: true });
@@ -310,7 +311,6 @@ describe.skipIf(!haveTools)("damaged ext structures give a clear FsError", () =>
     sh("mkfs.ext4", ["-q", "-F", ...args, "-d", s, file]);
     return file;
   };
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   async function fail(buf: Buffer, p: string | null, re: RegExp): Promise<void> {
     const err = await (async () => {

@@ -10,6 +10,7 @@ import { FsError, probeFileSystem, type FileSystem, type ReadAt } from "./probe.
 const MiB = 1024 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "fatfs-"));
 const src = path.join(tmp, "src");
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const reader = (buf: Buffer): ReadAt => async (length, offset) => Buffer.from(buf.subarray(offset, offset + length));
 const env = { ...process.env, MTOOLS_SKIP_CHECK: "1", MTOOLS_NO_VFAT: "" };
 const mtool = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: "utf8", env, stdio: ["ignore", "pipe", "pipe"] });
@@ -128,7 +129,6 @@ const haveTools = needTools("mkfs.vfat", "mcopy", "mdir", "mshowfat", "mdel");
 
 describe.skipIf(!haveTools)("FAT12/16/32 images made by mkfs.vfat and mtools", () => {
   beforeAll(() => makeSource());
-  afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
   it("FAT12", async () => {
     await checkImage(await mkfat("fat12.img", 12, 4), 12);
@@ -165,8 +165,8 @@ describe.skipIf(!haveTools)("FAT12/16/32 images made by mkfs.vfat and mtools", (
 });
 
 describe.skipIf(!haveTools)("damaged FAT structures give a clear FsError", () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "fatbad-"));
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const dir = path.join(tmp, "bad");
+  fs.mkdirSync(dir, { recursive: true });
   const mk = (bits: 12 | 16 | 32, sizeMiB: number): string => {
     const s = path.join(dir, "s");
     fs.mkdirSync(path.join(s, "Some Directory"), { recursive: true });
