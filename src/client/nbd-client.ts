@@ -93,6 +93,11 @@ export class NbdClient {
   private pending = new Map<number, Pending>();
   private nextCookie = 1;
   private rx: Buffer = Buffer.alloc(0);
+  /** Received bytes not yet parsed, kept as pieces until the frame they start is complete. */
+  private parts: Buffer[] = [];
+  private partsLen = 0;
+  /** Bytes the frame at the start of `parts` needs before it can be parsed. */
+  private need = 0;
   private closedErr: Error | null = null;
   private corked = false;
   private readonly uncork = (): void => {
@@ -149,11 +154,11 @@ export class NbdClient {
     } finally {
       detach(c.socket);
     }
-    c.rx = bytes.buf;
+    const early = bytes.buf; // bytes that came after the handshake (none, in practice: nothing was asked yet)
     c.socket.on("data", (d: Buffer) => c.onData(d));
     c.socket.on("error", () => undefined);
     c.socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));
-    if (c.rx.length) c.onData(Buffer.alloc(0));
+    if (early.length) c.onData(early);
     return c;
   }
 
@@ -223,7 +228,7 @@ export class NbdClient {
   }
 
   /** Sends one request and resolves with its outcome (rejects with NbdError on an error reply). */
-  request(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<Pending> {
+  request(type: number, flags: number, offset: number, length: number, payload?: Buffer, into?: Buffer): Promise<Pending> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const cookie = this.nextCookie++;
     const h = Buffer.allocUnsafe(28);
@@ -236,7 +241,7 @@ export class NbdClient {
     h.writeUInt32BE(offset >>> 0, 20);
     h.writeUInt32BE(length, 24);
     return new Promise((resolve, reject) => {
-      const data = type === Cmd.NBD_CMD_READ ? Buffer.alloc(length) : null;
+      const data = type === Cmd.NBD_CMD_READ ? (into ?? Buffer.alloc(length)) : null;
       this.pending.set(cookie, { type, offset, length, data, extents: null, error: null, resolve, reject });
       if (type === Cmd.NBD_CMD_DISC) {
         this.pending.delete(cookie);
@@ -255,6 +260,10 @@ export class NbdClient {
 
   async pread(length: number, offset: number, flags = 0): Promise<Buffer> {
     return (await this.request(Cmd.NBD_CMD_READ, flags, offset, length)).data!;
+  }
+  /** Reads `into.length` bytes at `offset` straight into `into` (no copy of the reply). */
+  async preadInto(into: Buffer, offset: number, flags = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_READ, flags, offset, into.length, undefined, into);
   }
   async pwrite(buf: Buffer, offset: number, flags = 0): Promise<void> {
     await this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf);
@@ -297,10 +306,46 @@ export class NbdClient {
     this.socket.destroy();
   }
 
+  /**
+   * Keeps an incomplete frame's bytes as pieces and joins them once, when the whole frame is there
+   * (joining at every chunk would copy a 1 MiB read reply dozens of times).
+   */
   private onData(d: Buffer): void {
-    this.rx = this.rx.length ? Buffer.concat([this.rx, d]) : d;
+    if (this.partsLen > 0) {
+      this.parts.push(d);
+      this.partsLen += d.length;
+      if (this.partsLen < this.need) return;
+      d = Buffer.concat(this.parts, this.partsLen);
+      this.parts = [];
+      this.partsLen = 0;
+    }
+    this.rx = d;
+    this.parse();
+    if (this.rx.length > 0 && !this.closedErr) {
+      this.parts = [this.rx];
+      this.partsLen = this.rx.length;
+      this.rx = Buffer.alloc(0);
+    }
+  }
+
+  /** Bytes the frame at the start of `b` needs in all (at least its header). */
+  private frameLength(b: Buffer): number {
+    if (b.length < 4) return 20;
+    const magic = b.readUInt32BE(0);
+    if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+      if (b.length < 16) return 16;
+      const p = this.pending.get(b.readUInt32BE(12));
+      return 16 + (p && p.type === Cmd.NBD_CMD_READ && b.readUInt32BE(4) === 0 ? p.length : 0);
+    }
+    if (b.length < 20) return 20;
+    return 20 + b.readUInt32BE(16);
+  }
+
+  private parse(): void {
     for (;;) {
       const b = this.rx;
+      if (b.length === 0) return;
+      this.need = this.frameLength(b);
       if (b.length < 4) return;
       const magic = b.readUInt32BE(0);
       if (magic === NBD_SIMPLE_REPLY_MAGIC) {

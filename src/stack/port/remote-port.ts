@@ -107,7 +107,18 @@ export class RemotePort implements Layer {
     return this.connecting;
   }
 
-  private async call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
+  private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
+    // Fast path: connected; only a broken link takes the retrying path.
+    const c = this.client;
+    if (c && !this.closed) return fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err)));
+    return this.retry(fn, null);
+  }
+
+  private async retry<T>(fn: (c: NbdClient) => Promise<T>, failed: NbdClient | null): Promise<T> {
+    if (failed) {
+      if (this.client === failed) this.client = null;
+      failed.destroy();
+    }
     for (let delay = 5; ; delay = Math.min(delay * 2, 500)) {
       if (this.closed) throw new NbdError("ESHUTDOWN", "port B is closed");
       let c: NbdClient;
@@ -134,9 +145,8 @@ export class RemotePort implements Layer {
     return (io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0) | (io.mayTrim ? 0 : CmdFlag.NBD_CMD_FLAG_NO_HOLE) | (io.fast ? CmdFlag.NBD_CMD_FLAG_FAST_ZERO : 0);
   }
 
-  async pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
-    const data = await this.call((c) => c.pread(buf.length, offset));
-    data.copy(buf);
+  pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
+    return this.call((c) => c.preadInto(buf, offset));
   }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
