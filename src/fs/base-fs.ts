@@ -83,6 +83,10 @@ export abstract class BaseFs<N> implements FileSystem {
   /** Runs covering [0, size) of a regular file, in order; gaps read as zero. */
   protected abstract mapNode(node: N, path: string): Promise<Run[]>;
   abstract allocationMap(): Promise<AllocationRun[]>;
+  /** True when some of the node's bytes live outside any device run (ext inline data). */
+  protected dataInMetadata(_node: N): boolean {
+    return false;
+  }
 
   /** Reads a range of a node through its runs (a format with data outside runs overrides this). */
   protected async readNode(node: N, runs: Run[], offset: number, length: number, what: string): Promise<Buffer> {
@@ -175,7 +179,11 @@ export abstract class BaseFs<N> implements FileSystem {
         if (offset < 0 || length < 0 || offset + length > size) return Promise.reject(new FsError("EINVAL", `${r.path}: read of ${length} bytes at ${offset} is beyond the end (${size})`));
         return this.readNode(r.node, runs, offset, length, what);
       },
-      extents: async () => runs.filter((x) => x.deviceOffset >= 0).map((x): FileExtent => ({ fileOffset: x.fileOffset, deviceOffset: x.deviceOffset, length: x.length })),
+      extents: async () => {
+        if (size > 0 && this.dataInMetadata(r.node))
+          throw new FsError("unsupported", `${r.path}: its ${size} bytes are stored inside its inode (inline data), in no blocks of their own`);
+        return runs.filter((x) => x.deviceOffset >= 0).map((x): FileExtent => ({ fileOffset: x.fileOffset, deviceOffset: x.deviceOffset, length: x.length }));
+      },
     };
   }
 

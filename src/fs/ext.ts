@@ -307,6 +307,10 @@ export class ExtFs extends BaseFs<Inode> {
     return (n.flags & INODE_FL_INLINE_DATA) !== 0;
   }
 
+  protected override dataInMetadata(n: Inode): boolean {
+    return this.isInline(n);
+  }
+
   private isFastSymlink(n: Inode): boolean {
     if ((n.mode & 0xf000) !== 0xa000 || this.isInline(n) || n.size >= 60) return false;
     return !(n.flags & INODE_FL_EXTENTS) || n.iblock.readUInt16LE(0) !== EXTENT_MAGIC;
