@@ -7,6 +7,7 @@ import { serveCommand } from "./commands/serve.js";
 import { benchCommand } from "./commands/bench.js";
 import { registerCowCommands } from "./commands/cow.js";
 import { registerVolumeCommands } from "./commands/volume.js";
+import { registerFsCommands } from "./commands/fs.js";
 
 const program = new Command();
 program
@@ -104,6 +105,11 @@ program
   .option("--verify", "write self-describing data, check every read, read everything back at the end (fails the run on a mismatch)", false)
   .option("--seed <n>", "seed of the random offsets and of the verify pattern", "1")
   .option("--migrate-every <time>", "move the export between --nodes round robin this often")
+  .option("--migrate-at <time>", "move the export once, at this time (instead of --migrate-every)")
+  .option("--migrate-copy", "moves are live copies (nodes without shared storage): the image travels, then the hand-over", false)
+  .addOption(new Option("--copy-mode <mode>", "with --migrate-copy: how the copy starts").choices(["background", "write-blocking"]))
+  .option("--copy-max-rate <size>", "with --migrate-copy: copy at most this many bytes per second, e.g. 200M")
+  .option("--rate-iops <n>", "start at most this many requests per second (all connections; fio: --rate_iops)")
   .option("--nodes <urls>", "control URLs of the nodes serving the export, comma-separated")
   .option("--fault <rule@time>", "apply a fault rule at a time, e.g. op=pwrite,errno=EIO,rate=0.01@10s; repeatable", collect, [])
   .option("--fault-control <url>", "control URL to apply --fault rules on (default: the first of --nodes)")
@@ -139,6 +145,7 @@ program
   .action(statusCommand);
 
 registerVolumeCommands(program);
+registerFsCommands(program);
 registerCowCommands(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {

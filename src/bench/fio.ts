@@ -31,6 +31,7 @@ export async function runFio(o: BenchOptions): Promise<BenchResult> {
     "--output-format=json",
     ...(o.range.start || o.range.end ? [`--offset=${o.range.start}`, ...(o.range.end ? [`--size=${o.range.end - o.range.start}`] : [])] : []),
     ...(o.bytes ? [`--io_size=${o.bytes}`] : ["--time_based", `--runtime=${Math.max(1, Math.round(o.durationMs / 1000))}`]),
+    ...(o.rateIops ? [`--rate_iops=${o.rateIops}`] : []),
     ...(o.verify && writes ? ["--verify=crc32c", "--verify_backlog=1024", "--verify_fatal=1", "--verify_state_save=0"] : []),
   ];
   const r = emptyResult(o);

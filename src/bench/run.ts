@@ -23,6 +23,12 @@ export interface BenchOptions {
   /** Move the export between these nodes' control URLs, round robin, every migrateEveryMs. */
   nodes: string[];
   migrateEveryMs: number;
+  /** One move at this time instead of moves every migrateEveryMs (0 or absent: none). */
+  migrateAtMs?: number;
+  /** Scheduled moves are live copies (migration without shared storage) with these settings. */
+  migrateCopy?: { mode?: "background" | "write-blocking"; maxRate?: number };
+  /** Requests started per second, all connections together (0 or absent: as fast as possible). */
+  rateIops?: number;
   /** Fault rules applied at given times through a control URL. */
   faults: Array<{ rule: string; atMs: number }>;
   faultControl?: string;
@@ -38,9 +44,33 @@ export interface HandOver {
   /** Duration reported by the source node. */
   ms: number;
   held: number;
-  /** Longest time with no completion from the move's start to 50 ms after its end. */
+  /**
+   * Longest time with no completion from the move's start to 50 ms after its end; for a live copy,
+   * from the hand-over's start (copy.handoverStartMs) to 50 ms after the end.
+   */
   longestStallMs: number;
+  /** A live copy (migrateCopy): its copy phase and hand-over. */
+  copy?: LiveCopyMove;
   error?: string;
+}
+
+export interface LiveCopyMove {
+  /** The mode the copy ended in (it may switch from background to write-blocking). */
+  mode: string;
+  /** Bytes copied in all passes, hand-over included. */
+  copied: number;
+  passes: number;
+  /** Bytes the first pass had to copy (the image's allocated data when the copy began). */
+  total: number;
+  /**
+   * When the hand-over began at the latest: the send time of the last status poll (every 100 ms)
+   * that still saw the copy phase. The copy phase is [startMs, handoverStartMs].
+   */
+  handoverStartMs: number;
+  /** Completions per second during the copy phase. */
+  iops: number;
+  /** Longest time without a completion during the copy phase. */
+  longestCopyGapMs: number;
 }
 
 export interface BenchResult {
@@ -130,8 +160,18 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
   let running = true;
   const stopAt = o.durationMs;
 
+  // --rate-iops: every request gets a start slot 1/rate after the previous one (no catching up).
+  let nextSlot = 0;
+  const pace = async () => {
+    const t = now();
+    const slot = Math.max(nextSlot, t);
+    nextSlot = slot + 1000 / o.rateIops!;
+    if (slot > t + 0.5) await new Promise((res) => setTimeout(res, slot - t));
+  };
   const worker = async (c: NbdClient) => {
     while (running) {
+      if (o.rateIops) await pace();
+      if (!running) break;
       if (o.bytes && r.bytes >= o.bytes) break;
       const b = pick();
       busy[b] = 1;
@@ -201,7 +241,17 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
 /** Longest stall per hand-over, and the longest gap away from any (the machine's own noise). */
 export function finishStalls(r: BenchResult): void {
   const samples = r.samples;
-  for (const h of r.handovers) h.longestStallMs = samples.longestGap(h.startMs, Math.min(h.endMs + 50, r.durationMs));
+  for (const h of r.handovers) {
+    const end = Math.min(h.endMs + 50, r.durationMs);
+    if (h.copy && !h.error) {
+      const c = h.copy;
+      c.handoverStartMs = Math.min(Math.max(c.handoverStartMs, h.startMs), h.endMs);
+      const copyMs = c.handoverStartMs - h.startMs;
+      c.iops = copyMs > 0 ? (samples.sortedLatencies(h.startMs, c.handoverStartMs).length * 1000) / copyMs : 0;
+      c.longestCopyGapMs = copyMs > 0 ? samples.longestGap(h.startMs, c.handoverStartMs) : 0;
+      h.longestStallMs = samples.longestGap(c.handoverStartMs, end);
+    } else h.longestStallMs = samples.longestGap(h.startMs, end);
+  }
   const quiet = [];
   let from = 500;
   for (const h of [...r.handovers].sort((a, b) => a.startMs - b.startMs)) {
@@ -221,27 +271,35 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
   const stopAt = o.durationMs;
   const timers: Promise<void>[] = [];
   const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
-  if (o.nodes.length >= 2 && o.migrateEveryMs > 0) {
+  const times = o.migrateAtMs ? [o.migrateAtMs] : [];
+  if (!o.migrateAtMs && o.migrateEveryMs > 0) for (let at = o.migrateEveryMs; at < stopAt - 200; at += o.migrateEveryMs) times.push(at);
+  if (o.nodes.length >= 2 && times.length) {
     timers.push(
       (async () => {
         let owner = await findOwner(o.nodes, exportName);
-        for (let at = o.migrateEveryMs, i = 1; at < stopAt - 200; at += o.migrateEveryMs, i++) {
+        for (const [k, at] of times.entries()) {
+          const i = k + 1;
           await sleepUntil(at);
           if (!isRunning()) break;
           const from = o.nodes[owner]!;
           const toIdx = (owner + 1) % o.nodes.length;
           const to = o.nodes[toIdx]!;
           const h: HandOver = { index: i, from, to, startMs: now(), endMs: 0, ms: 0, held: 0, longestStallMs: 0 };
+          const body = o.migrateCopy ? { to, copy: true, ...(o.migrateCopy.mode ? { mode: o.migrateCopy.mode } : {}), ...(o.migrateCopy.maxRate ? { maxRate: o.migrateCopy.maxRate } : {}) } : { to };
+          const watch = o.migrateCopy ? watchCopy(from, exportName, now, h) : null;
           try {
-            const res = await controlCall<{ ms: number; held?: number }>(from, "POST", `v1/exports/${encodeURIComponent(exportName)}/migrate`, { to }, 60_000);
+            // A live copy takes as long as the image takes to travel: allow an hour.
+            const res = await controlCall<{ ms: number; held?: number; copied?: number; mode?: string }>(from, "POST", `v1/exports/${encodeURIComponent(exportName)}/migrate`, body, o.migrateCopy ? 3_600_000 : 60_000);
             h.ms = res.ms;
             h.held = res.held ?? 0;
+            if (h.copy) Object.assign(h.copy, { copied: res.copied ?? 0, mode: res.mode ?? h.copy.mode });
             owner = toIdx;
           } catch (err) {
             h.error = (err as Error).message;
             owner = await findOwner(o.nodes, exportName).catch(() => owner);
           }
           h.endMs = now();
+          await watch?.stop();
           r.handovers.push(h);
         }
       })(),
@@ -263,6 +321,41 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
     );
   }
   return Promise.all(timers);
+}
+
+/**
+ * Polls the source's status every 100 ms during a live copy: records in `h.copy` when the copy
+ * phase was last seen (the hand-over starts after it) and the copy's mode and passes.
+ */
+function watchCopy(control: string, exportName: string, now: () => number, h: HandOver): { stop(): Promise<void> } {
+  h.copy = { mode: "background", copied: 0, passes: 0, total: 0, handoverStartMs: h.startMs, iops: 0, longestCopyGapMs: 0 };
+  const c = h.copy;
+  let on = true;
+  let seen = false; // a finished copy's figures stay in the status until the next one starts
+  const loop = (async () => {
+    while (on) {
+      const sent = now();
+      try {
+        const st = await getStatus(control);
+        const p = (st.exports.find((x) => x.name === exportName) as { copy?: { phase: string; mode: string; passes: number; total: number } } | undefined)?.copy;
+        if (p && (p.phase === "starting" || p.phase === "copying")) {
+          seen = true;
+          c.handoverStartMs = sent;
+        }
+        if (p && seen) Object.assign(c, { mode: p.mode, passes: p.passes, total: Math.max(c.total, p.total) });
+        if (p && seen && p.phase !== "starting" && p.phase !== "copying") break;
+      } catch {
+        // the status is only a probe; the move's own result decides
+      }
+      await new Promise((res) => setTimeout(res, Math.max(0, 100 - (now() - sent))));
+    }
+  })();
+  return {
+    async stop() {
+      on = false;
+      await loop;
+    },
+  };
 }
 
 async function findOwner(nodes: string[], exportName: string): Promise<number> {

@@ -17,6 +17,11 @@ export interface BenchCliOptions {
   verify: boolean;
   seed: string;
   migrateEvery?: string;
+  migrateAt?: string;
+  migrateCopy?: boolean;
+  copyMode?: "background" | "write-blocking";
+  copyMaxRate?: string;
+  rateIops?: string;
   nodes?: string;
   fault: string[];
   faultControl?: string;
@@ -37,6 +42,15 @@ export async function benchCommand(uri: string, o: BenchCliOptions): Promise<voi
   const nodes = o.nodes ? o.nodes.split(",").map((s) => s.trim()).filter(Boolean) : [];
   const migrateEveryMs = o.migrateEvery ? parseDuration(o.migrateEvery) : 0;
   if (migrateEveryMs && nodes.length < 2) throw new Error("--migrate-every needs --nodes URL,URL (at least two control URLs)");
+  const migrateAtMs = o.migrateAt ? parseDuration(o.migrateAt) : 0;
+  if (o.migrateAt && !(migrateAtMs > 0)) throw new Error(`--migrate-at ${o.migrateAt}: a time after the start is needed, e.g. 5s`);
+  if (migrateAtMs && migrateEveryMs) throw new Error("--migrate-at (one move) and --migrate-every (repeated moves) exclude each other");
+  if (migrateAtMs && nodes.length < 2) throw new Error("--migrate-at needs --nodes URL,URL (at least two control URLs)");
+  if ((o.copyMode || o.copyMaxRate) && !o.migrateCopy) throw new Error("--copy-mode and --copy-max-rate apply to --migrate-copy moves only");
+  if (o.migrateCopy && !migrateAtMs && !migrateEveryMs) throw new Error("--migrate-copy needs --migrate-at or --migrate-every");
+  const migrateCopy = o.migrateCopy ? { ...(o.copyMode ? { mode: o.copyMode } : {}), ...(o.copyMaxRate ? { maxRate: parseSize(o.copyMaxRate) } : {}) } : undefined;
+  const rateIops = o.rateIops ? Number(o.rateIops) : 0;
+  if (o.rateIops && !(rateIops > 0)) throw new Error(`--rate-iops ${o.rateIops}: a positive number of requests per second is needed`);
   const faults = o.fault.map((f) => {
     const at = f.lastIndexOf("@");
     if (at < 0) throw new Error(`--fault ${f}: expected RULE@TIME, e.g. op=pread,errno=EIO,rate=0.01@5s`);
@@ -59,6 +73,9 @@ export async function benchCommand(uri: string, o: BenchCliOptions): Promise<voi
     seed: Number(o.seed),
     nodes,
     migrateEveryMs,
+    migrateAtMs,
+    migrateCopy,
+    rateIops,
     faults,
     faultControl: o.faultControl ?? nodes[0],
     onProgress: tty
@@ -70,6 +87,16 @@ export async function benchCommand(uri: string, o: BenchCliOptions): Promise<voi
   });
   if (tty) process.stderr.write("\r\x1b[K");
   process.stdout.write(summaryText(result) + "\n");
+  for (const h of result.handovers) {
+    const c = h.copy;
+    if (!c || h.error) continue;
+    const mib = (n: number) => (n / 1048576).toFixed(1);
+    process.stdout.write(
+      `  live copy #${h.index}: ${mib(c.total)} MiB to copy at the start, ${mib(c.copied)} MiB copied in ${c.passes} passes, ${c.mode} mode at the end; ` +
+        `copy phase ${((c.handoverStartMs - h.startMs) / 1000).toFixed(2)} s at ${Math.round(c.iops)} IOPS (longest gap ${c.longestCopyGapMs.toFixed(1)} ms), ` +
+        `hand-over ${(h.endMs - c.handoverStartMs).toFixed(0)} ms at most, stall ${h.longestStallMs.toFixed(1)} ms\n`,
+    );
+  }
   if (o.json) fs.writeFileSync(o.json, jsonReport(result));
   if (o.report) fs.writeFileSync(o.report, htmlReport(result));
   const failed = result.errors > 0 || (result.verify?.failures.length ?? 0) > 0 || result.handovers.some((h) => h.error);
