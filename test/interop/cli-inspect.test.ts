@@ -5,6 +5,8 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { catCommand, inspectCommand, inspectImage, lsCommand, parseImagePath, type InspectReport, type Out } from "../../src/commands/fs.js";
+import zlib from "node:zlib";
+import { CLI, ROOT, tempDir } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 
 // The command functions, called directly (the lead wires registerFsCommands into cli.ts and adds
@@ -144,5 +146,18 @@ describe.skipIf(!needTools("sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mmd", "
     await expect(lsCommand(`${whole}:p1:/`, {}, sink)).rejects.toThrow(`${whole} has no partition table, so no partition p1`);
     await expect(inspectCommand(path.join(dir, "missing.img"), {}, sink)).rejects.toThrow(/cannot open .*missing\.img: ENOENT/);
     expect(sink.bytes.length).toBe(0);
+  });
+});
+
+describe("inspect / ls / cat through the built CLI, on the demo disk", () => {
+  it("lists the partitions and file systems and reads a file without mounting anything", () => {
+    const img = path.join(tempDir(), "demo.img");
+    fs.writeFileSync(img, zlib.gunzipSync(fs.readFileSync(path.join(ROOT, "fixtures/demo.img.gz"))));
+    const cli = (...args: string[]) => execFileSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
+    const report = cli("inspect", img, "--json");
+    expect(report).toMatch(/demo-ext4/);
+    expect(report).toMatch(/fat16/);
+    expect(cli("ls", `${img}:p1:/`)).toMatch(/hello\.txt/);
+    expect(cli("cat", `${img}:p1:/hello.txt`)).toBe("Hello from the nbdstack demo disk!\n");
   });
 });
