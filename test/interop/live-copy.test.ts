@@ -150,3 +150,32 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
     await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 120_000);
   });
 });
+
+describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs"))("live copy with --skip-free", () => {
+  it("sends only what the file system uses; the copy passes e2fsck and holds every file", async () => {
+    const dirA = tempDir();
+    const dirB = tempDir();
+    const img = path.join(dirA, "fs.img");
+    const garbage = Buffer.alloc(32 * MiB);
+    for (let i = 0; i < garbage.length; i += 4) garbage.writeUInt32LE((i * 2246822519) >>> 0, i);
+    fs.writeFileSync(img, garbage); // free space full of old data, which must not travel
+    fs.mkdirSync(path.join(dirA, "root"));
+    const file = Buffer.alloc(3 * MiB, 0x5c);
+    fs.writeFileSync(path.join(dirA, "root/data.bin"), file);
+    execFileSync("mkfs.ext4", ["-q", "-F", "-E", "nodiscard", "-d", path.join(dirA, "root"), img]);
+    const a = await serve([img, "--name", "fs", "--node-id", "a", "--control", "127.0.0.1:0", "--no-partitions"], 2);
+    const b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0"], 1);
+    try {
+      const { stdout } = await run(process.execPath, [CLI, "migrate", "fs", "--from", controlUrl(a), "--to", controlUrl(b), "--copy", "--skip-free", "--json"]);
+      const r = JSON.parse(stdout);
+      expect(r.copied).toBeLessThan(12 * MiB); // of 32 MiB, most of it free
+      const copy = path.join(dirB, "fs.img");
+      execFileSync("e2fsck", ["-fn", copy], { stdio: "ignore" });
+      const got = execFileSync("debugfs", ["-R", "cat /data.bin", copy], { maxBuffer: 16 * MiB, stdio: ["ignore", "pipe", "ignore"] });
+      expect(got.equals(file)).toBe(true);
+    } finally {
+      await b.stop();
+      await a.stop();
+    }
+  });
+});
