@@ -8,7 +8,7 @@ import { needPath, needTools } from "../helpers/tools.js";
 const root = process.getuid?.() === 0;
 
 /** The kernel mounts the demo disk's ext4 partition through nbdfuse and a loop device. */
-describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdisk") && needPath("/dev/fuse", "FUSE device") && needPath("/dev/loop-control", "loop devices") && root))(
+describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdisk", "e2fsck") && needPath("/dev/fuse", "FUSE device") && needPath("/dev/loop-control", "loop devices") && root))(
   "nbdfuse + loop mount",
   () => {
     let dir: string;
@@ -68,6 +68,7 @@ describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdis
         execFileSync("mount", ["-o", "ro", "-t", "ext4", loop1, path.join(dir, "mnt1")]);
         expect(fs.readFileSync(path.join(dir, "mnt1", "docs", "README.txt"), "utf8")).toMatch(/made by fixtures\/make-demo\.sh/);
         execFileSync("umount", [path.join(dir, "mnt1")]);
+        execFileSync("e2fsck", ["-fn", path.join(dir, "fuse1", "p1")], { stdio: "ignore" }); // exit 0: clean, read through the export
       } finally {
         if (loop1) execFileSync("losetup", ["-d", loop1]);
         try {
