@@ -16,6 +16,15 @@ function setup() {
 }
 
 describe("LeaseFile", () => {
+  it("never lets another node take a private record (an image that is a live copy), even long after expiry; its owner keeps it private", () => {
+    const { lease, clock } = setup();
+    lease().assign(a, 7, 1000); // b's copy of a's image names a as owner
+    clock.advance(60_000);
+    expect(() => lease().acquire(b, 1000)).toThrow(/image is a copy; its data is owned by a/);
+    expect(lease().acquire(a, 1000)).toMatchObject({ owner: "a", epoch: 7, private: true });
+    expect(lease().handOver(a, 7, b, 1000, true)).toMatchObject({ owner: "b", epoch: 8, private: true });
+  });
+
   it("lets the first node take the lease; the second sees the owner and cannot take it before expiry", () => {
     const { lease, clock } = setup();
     const r = lease().acquire(a, 1000);

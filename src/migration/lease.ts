@@ -15,6 +15,12 @@ export interface LeaseRecord {
   epoch: number;
   leaseStart: number;
   ttlMs: number;
+  /**
+   * The image is not shared with the owner: it is this node's own copy (a live copy went to or
+   * came from here). Its owner never renews this record, so its expiry means nothing: no node
+   * takes such an image over.
+   */
+  private?: boolean;
 }
 
 export interface NodeIdentity {
@@ -69,10 +75,11 @@ export class LeaseFile {
   /** Takes the lease for `me` if it is free, expired, or already mine. Bumps the epoch on a change of owner. */
   acquire(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
     return this.update((cur) => {
+      if (cur && cur.owner !== me.nodeId && cur.private) throw new LeaseError(`image is a copy; its data is owned by ${cur.owner} (epoch ${cur.epoch}), whose record here never expires`, cur);
       if (cur && cur.owner !== me.nodeId && !this.expired(cur))
         throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}) until ${new Date(cur.leaseStart + cur.ttlMs).toISOString()}`, cur);
       const epoch = !cur ? 1 : cur.owner === me.nodeId ? cur.epoch : cur.epoch + 1;
-      return this.record(me, epoch, ttlMs);
+      return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
     });
   }
 
@@ -85,10 +92,10 @@ export class LeaseFile {
   }
 
   /** Hands my lease (held at `epoch`) to `to` with epoch + 1. */
-  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
+  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS, privateCopy = false): LeaseRecord {
     return this.update((cur) => {
       if (!cur || cur.owner !== me.nodeId || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
-      return this.record(to, epoch + 1, ttlMs);
+      return { ...this.record(to, epoch + 1, ttlMs), ...(privateCopy ? { private: true } : {}) };
     });
   }
 
@@ -117,7 +124,7 @@ export class LeaseFile {
    * that is a node's own copy (a live copy's destination), where no other node keeps a record.
    */
   assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
-    return this.update(() => this.record(who, epoch, ttlMs));
+    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true }));
   }
 
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {

@@ -38,6 +38,9 @@ export interface LiveCopyProgress {
 
 export class CopyCancelledError extends CopyAbortedError {}
 
+/** How much longer than its first pass a background copy may take before it turns write-blocking. */
+const SLACK = 0.2;
+
 /**
  * The mirror phase of a migration without shared storage: a dirty tracker above the source's
  * port records writes, a copier sends dirty ranges to the destination until what is left fits the
@@ -106,22 +109,40 @@ export class LiveCopy {
       this.total = this.bitmap.dirtyBytes;
       this.phase = "copying";
       this.setMode(this.mode);
-      let last = Infinity;
-      let stuck = 0;
+      // Background mode converges while the copy cleans chunks faster than writes dirty them. Once
+      // the first pass is done, the dirty set's recent shrink rate tells when it would get under
+      // the budget; if that is later than the first pass's time × (1 + SLACK) — or never —
+      // writes keep up with the copy: write-blocking, which only shrinks the dirty set.
+      const start = performance.now();
+      let firstPassMs: number | null = null;
+      const history: Array<{ t: number; dirty: number }> = [];
+      let flushed = false;
       for (;;) {
         const t0 = performance.now();
         await this.copier.pass(() => this.bitmap.dirtyBytes <= this.budget() || performance.now() - t0 > 1000);
         this.passes++;
+        const now = performance.now();
         const dirty = this.bitmap.dirtyBytes;
-        if (dirty <= this.budget()) return;
-        if (this.mode === "background") {
-          stuck = dirty >= last * 0.9 ? stuck + 1 : 0;
-          if (stuck >= 3) {
-            this.opts.log?.warn({ dirty }, "live copy: writes keep up with the copy; switching to write-blocking mode");
-            this.setMode("write-blocking");
-          }
+        if (dirty <= this.budget()) {
+          if (flushed) return;
+          // Make the destination durable now, while requests flow: the flush under hold then only
+          // covers the last pass, not the whole image sitting in the destination's page cache.
+          await this.target.flush();
+          flushed = true;
+          continue;
         }
-        last = dirty;
+        if (this.mode !== "background") continue;
+        if (firstPassMs === null && this.copier.stats().copied >= this.total) firstPassMs = now - start;
+        history.push({ t: now, dirty });
+        // The shrink rate over the last 2–4 s (at least two passes apart).
+        while (history.length > 2 && now - history[1]!.t >= 2000) history.shift();
+        if (firstPassMs === null || history.length < 2 || now - history[0]!.t < 2000) continue;
+        const shrink = (history[0]!.dirty - dirty) / ((now - history[0]!.t) / 1000); // bytes per second
+        const eta = shrink > 0 ? ((dirty - this.budget()) / shrink) * 1000 : Infinity;
+        if (now + eta - start > firstPassMs * (1 + SLACK)) {
+          this.opts.log?.warn({ dirty, shrinkPerSecond: Math.round(shrink) }, "live copy: writes keep up with the copy; switching to write-blocking mode");
+          this.setMode("write-blocking");
+        }
       }
     } catch (err) {
       this.fail(err as Error);

@@ -133,7 +133,22 @@ export class StorageNode {
           return portA;
         },
         openRemote: async () => {
-          const p = new RemotePort({ exportName: spec.name, locate: () => this.locateOwner(lease), log, tls: this.opts.peerTls });
+          const p = new RemotePort({
+            exportName: spec.name,
+            locate: () => this.locateOwner(lease),
+            log,
+            tls: this.opts.peerTls,
+            // The owner may be down while this node starts: the image itself gives size and abilities.
+            offline: async () => {
+              const f = createFilePort({ path: image, readOnly: spec.readOnly || bottom.readOnly, io: spec.io });
+              await f.open();
+              try {
+                return { size: f.size(), caps: f.capabilities() };
+              } finally {
+                await f.close();
+              }
+            },
+          });
           await p.open();
           return p;
         },
@@ -145,7 +160,7 @@ export class StorageNode {
       epoch !== null,
       log,
     );
-    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, private: false, copy: null, target: null };
+    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, private: !!lease.read()?.private, copy: null, target: null };
     let top: Layer = redirector;
     for (const l of rest) top = buildLayer(l, top, ctx);
     const exp: Export = new Export(spec.name, createDiskLayer(top, spec.disk), () => {
@@ -238,7 +253,7 @@ export class StorageNode {
   /** The owner stopped renewing (it died): once its lease expired, take the image over. */
   private takeOverIfExpired(m: Managed): void {
     const r = m.lease.read();
-    if (!r || !m.lease.expired(r)) return;
+    if (!r || r.private || !m.lease.expired(r)) return;
     let epoch: number;
     try {
       epoch = m.lease.acquire(this.identity, this.ttlMs).epoch;
@@ -283,7 +298,7 @@ export class StorageNode {
   }
 
   /** Moves export `name` from this node (its owner) to the node whose control API is at `to`. */
-  async migrate(name: string, to: string, beforeRelease?: () => Promise<void>): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
+  async migrate(name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy = false): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
     const m = this.find(name);
     if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
     const peer = await getStatus(to).catch((err: Error) => {
@@ -301,7 +316,7 @@ export class StorageNode {
         return p;
       },
       assign: async () => {
-        handed = m.lease.handOver(this.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, this.ttlMs).epoch;
+        handed = m.lease.handOver(this.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, this.ttlMs, privateCopy).epoch;
         m.epoch = null;
         await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed }, 10_000);
       },
@@ -447,7 +462,7 @@ export class StorageNode {
     log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!skip }, "live copy: mirror phase");
     try {
       await copy.converge();
-      const r = await this.migrate(name, to, () => copy.finish());
+      const r = await this.migrate(name, to, () => copy.finish(), true);
       m.private = true;
       const p = copy.progress();
       log.info({ copied: p.copied, passes: p.passes, mode: p.mode, ms: Math.round(performance.now() - t0) }, "live copy: done");

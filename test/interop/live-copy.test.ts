@@ -149,6 +149,24 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
     expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL", epoch: r.epoch });
     await controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 120_000);
   });
+  it("restarts while its peer is down: a node holding a copy starts, waits for the owner, and never takes the copy over", async () => {
+    // Now a owns the export and b holds a copy (its lease record says so: private).
+    expect(JSON.parse(fs.readFileSync(path.join(dirB, "disk.img.lease"), "utf8"))).toMatchObject({ owner: "a", private: true });
+    const aArgs = [img, "--name", "disk", "--node-id", "a", "--control", "127.0.0.1:0", "--listen", new URL(a.uris[0]!).host];
+    await a.stop("SIGKILL");
+    await b.stop();
+    b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--lease-ttl", "1s"], 2);
+    expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ name: "disk", owner: "a", state: "REMOTE" });
+    const c = await NbdClient.connect(addr(b.uris[0]!), { exportName: "disk" });
+    const write = c.pwrite(Buffer.alloc(4096, 0x42), 0); // waits for the owner
+    await new Promise((r) => setTimeout(r, 2500)); // well past b's lease time: b must not take its copy over
+    expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ owner: "a", state: "REMOTE" });
+    a = await serve(aArgs, 2);
+    await write;
+    expect((await c.pread(4096, 0)).every((x) => x === 0x42)).toBe(true);
+    await c.disconnect();
+    expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", state: "LOCAL" });
+  });
 });
 
 describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs"))("live copy with --skip-free", () => {

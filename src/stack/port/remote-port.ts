@@ -17,6 +17,11 @@ export interface RemotePortOptions {
   log?: Logger;
   /** TLS towards the owner (NBD_OPT_STARTTLS first), when this node is configured with it. */
   tls?: ConnectOptions["tls"];
+  /**
+   * Size and capabilities to open with when the owner cannot be reached yet (a node starting while
+   * its peer is down): requests then wait, retrying, until the owner answers or this node owns it.
+   */
+  offline?: () => Promise<{ size: number; caps: Capabilities }>;
 }
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
@@ -57,7 +62,17 @@ export class RemotePort implements Layer {
   }
 
   async open(): Promise<void> {
-    const c = await this.connection();
+    let c: NbdClient;
+    try {
+      c = await this.connection();
+    } catch (err) {
+      if (!this.opts.offline || !isLinkError(err)) throw err;
+      const o = await this.opts.offline();
+      this.bytes = o.size;
+      this.caps = o.caps;
+      this.opts.log?.warn({ err: (err as Error).message }, "port B: the owner is unreachable; requests wait for it");
+      return;
+    }
     this.bytes = c.size;
     const f = c.flags;
     const writable = !(f & F.NBD_FLAG_READ_ONLY);
