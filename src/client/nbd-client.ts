@@ -36,6 +36,9 @@ export interface ConnectOptions {
   tls?: Omit<tls.ConnectionOptions, "socket">;
 }
 
+/** Size of the buffer a plain connection's socket reads into. */
+const READ_BUFFER = 1024 * 1024;
+
 const ERRNO_NAME = new Map<number, ErrnoName>(Object.entries(Errno).map(([k, v]) => [v, k as ErrnoName]));
 
 interface Pending {
@@ -98,6 +101,10 @@ export class NbdClient {
   private partsLen = 0;
   /** Bytes the frame at the start of `parts` needs before it can be parsed. */
   private need = 0;
+  /** Input buffers are reused after onData returns (onread): copy what is kept. */
+  private volatileInput = false;
+  /** Where the rest of a read payload goes as it arrives. */
+  private sink: { buf: Buffer; at: number; left: number; done: () => void } | null = null;
   private closedErr: Error | null = null;
   private corked = false;
   private readonly uncork = (): void => {
@@ -112,14 +119,29 @@ export class NbdClient {
   }
 
   static async connect(addr: NbdAddress, opts: ConnectOptions = {}): Promise<NbdClient> {
-    const socket = "path" in addr ? net.connect(addr.path) : net.connect(addr.port, addr.host);
+    // Without TLS the kernel reads straight into one reused 1 MiB buffer (net.connect's onread):
+    // a third of the cost of 'data' events with their fresh 64 KiB chunks on big replies.
+    // Whatever the parser keeps beyond the callback it copies.
+    let deliver: (d: Buffer) => void = () => undefined;
+    const onread: net.OnReadOpts | undefined = opts.tls
+      ? undefined
+      : {
+          buffer: Buffer.allocUnsafe(READ_BUFFER),
+          callback: (n: number, buf: Uint8Array) => {
+            deliver(Buffer.from(buf.buffer, buf.byteOffset, n));
+            return true;
+          },
+        };
+    const socket = "path" in addr ? net.connect({ path: addr.path, onread }) : net.connect({ port: addr.port, host: addr.host, onread });
     await new Promise<void>((resolve, reject) => {
       socket.once("connect", resolve);
       socket.once("error", reject);
     });
     const c = new NbdClient(socket);
+    c.volatileInput = !!onread;
     const bytes = new Bytes();
-    const onData = (d: Buffer) => bytes.push(d);
+    const onData = (d: Buffer) => bytes.push(onread ? Buffer.from(d) : d);
+    deliver = onData;
     const onClose = () => bytes.fail(new ProtocolError("server closed the connection during the handshake"));
     const onError = (e: Error) => bytes.fail(new ProtocolError(`${c.socket === socket ? "" : "TLS: "}${e.message.trim()}`));
     const attach = (s: net.Socket) => {
@@ -155,10 +177,16 @@ export class NbdClient {
       detach(c.socket);
     }
     const early = bytes.buf; // bytes that came after the handshake (none, in practice: nothing was asked yet)
-    c.socket.on("data", (d: Buffer) => c.onData(d));
+    if (onread) deliver = (d) => c.onData(d);
+    else c.socket.on("data", (d: Buffer) => c.onData(d));
     c.socket.on("error", () => undefined);
     c.socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));
-    if (early.length) c.onData(early);
+    if (early.length) {
+      const v = c.volatileInput;
+      c.volatileInput = false; // `early` is ours to keep
+      c.onData(early);
+      c.volatileInput = v;
+    }
     return c;
   }
 
@@ -297,6 +325,7 @@ export class NbdClient {
 
   private failAll(err: Error): void {
     this.closedErr = err;
+    this.sink = null;
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
   }
@@ -311,73 +340,109 @@ export class NbdClient {
    * (joining at every chunk would copy a 1 MiB read reply dozens of times).
    */
   private onData(d: Buffer): void {
+    const sink = this.sink;
+    if (sink) {
+      // The payload of a big read reply goes straight into the caller's buffer.
+      const n = Math.min(d.length, sink.left);
+      d.copy(sink.buf, sink.at, 0, n);
+      sink.at += n;
+      sink.left -= n;
+      if (sink.left > 0) return;
+      this.sink = null;
+      sink.done();
+      if (n === d.length) return;
+      d = d.subarray(n);
+    }
+    let owned = !this.volatileInput;
     if (this.partsLen > 0) {
-      this.parts.push(d);
+      this.parts.push(owned ? d : Buffer.from(d));
       this.partsLen += d.length;
       if (this.partsLen < this.need) return;
       d = Buffer.concat(this.parts, this.partsLen);
+      owned = true;
       this.parts = [];
       this.partsLen = 0;
     }
     this.rx = d;
     this.parse();
     if (this.rx.length > 0 && !this.closedErr) {
-      this.parts = [this.rx];
+      this.parts = [owned ? this.rx : Buffer.from(this.rx)];
       this.partsLen = this.rx.length;
       this.rx = Buffer.alloc(0);
     }
   }
 
-  /** Bytes the frame at the start of `b` needs in all (at least its header). */
-  private frameLength(b: Buffer): number {
-    if (b.length < 4) return 20;
-    const magic = b.readUInt32BE(0);
-    if (magic === NBD_SIMPLE_REPLY_MAGIC) {
-      if (b.length < 16) return 16;
-      const p = this.pending.get(b.readUInt32BE(12));
-      return 16 + (p && p.type === Cmd.NBD_CMD_READ && b.readUInt32BE(4) === 0 ? p.length : 0);
-    }
-    if (b.length < 20) return 20;
-    return 20 + b.readUInt32BE(16);
+  /** Starts streaming the rest of a read payload into `buf` from `at`; `b` holds what came already. */
+  private stream(b: Buffer, from: number, buf: Buffer, at: number, length: number, done: () => void): void {
+    const have = b.length - from;
+    b.copy(buf, at, from, b.length);
+    this.sink = { buf, at: at + have, left: length - have, done };
+    this.rx = Buffer.alloc(0);
   }
 
   private parse(): void {
     for (;;) {
       const b = this.rx;
       if (b.length === 0) return;
-      this.need = this.frameLength(b);
-      if (b.length < 4) return;
+      if (b.length < 4) {
+        this.need = 4;
+        return;
+      }
       const magic = b.readUInt32BE(0);
       if (magic === NBD_SIMPLE_REPLY_MAGIC) {
-        if (b.length < 16) return;
+        if (b.length < 16) {
+          this.need = 16;
+          return;
+        }
         const cookie = b.readUInt32BE(12);
         const p = this.pending.get(cookie);
         if (!p) return this.protocolFailure(`reply for unknown cookie ${cookie}`);
         const error = b.readUInt32BE(4);
         const dataLen = p.type === Cmd.NBD_CMD_READ && error === 0 ? p.length : 0;
-        if (b.length < 16 + dataLen) return;
+        const finish = () => {
+          this.pending.delete(cookie);
+          if (error) p.reject(new NbdError(ERRNO_NAME.get(error) ?? "EIO", `server error ${error}`));
+          else p.resolve(p);
+        };
+        if (b.length < 16 + dataLen) return this.stream(b, 16, p.data!, 0, dataLen, finish);
         if (dataLen) b.copy(p.data!, 0, 16, 16 + dataLen);
         this.rx = b.subarray(16 + dataLen);
-        this.pending.delete(cookie);
-        if (error) p.reject(new NbdError(ERRNO_NAME.get(error) ?? "EIO", `server error ${error}`));
-        else p.resolve(p);
+        finish();
       } else if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
-        if (b.length < 20) return;
+        if (b.length < 20) {
+          this.need = 20;
+          return;
+        }
         const flags = b.readUInt16BE(4);
         const type = b.readUInt16BE(6);
         const cookie = b.readUInt32BE(12);
         const len = b.readUInt32BE(16);
-        if (b.length < 20 + len) return;
-        const body = b.subarray(20, 20 + len);
-        this.rx = b.subarray(20 + len);
         const p = this.pending.get(cookie);
         if (!p) return this.protocolFailure(`chunk for unknown cookie ${cookie}`);
-        this.chunk(p, type, body);
-        if (flags & NBD_REPLY_FLAG_DONE) {
+        const finish = () => {
+          if (!(flags & NBD_REPLY_FLAG_DONE)) return;
           this.pending.delete(cookie);
           if (p.error) p.reject(p.error);
           else p.resolve(p);
+        };
+        if (b.length < 20 + len) {
+          // A data chunk arriving in pieces is streamed into place once its offset is known.
+          if (type !== ReplyType.NBD_REPLY_TYPE_OFFSET_DATA || len < 8 || !p.data) {
+            this.need = 20 + len;
+            return;
+          }
+          if (b.length < 28) {
+            this.need = 28;
+            return;
+          }
+          const off = Number(b.readBigUInt64BE(20)) - p.offset;
+          if (off < 0 || off + len - 8 > p.data.length) return this.protocolFailure(`data chunk outside the request (cookie ${cookie})`);
+          return this.stream(b, 28, p.data, off, len - 8, finish);
         }
+        const body = b.subarray(20, 20 + len);
+        this.rx = b.subarray(20 + len);
+        this.chunk(p, type, body);
+        finish();
       } else {
         return this.protocolFailure(`bad reply magic 0x${magic.toString(16)}`);
       }
