@@ -3,6 +3,11 @@
 // random image in one run; `nbdstack bench --engine fio` drives each with fio's nbd engine for
 // every workload, servers interleaved, REPS repetitions; prints medians and the ratio
 // nbdstack/peer per workload (> 1.00: nbdstack better; for latencies the ratio is peer/nbdstack).
+// Also "nbdstack-stack": nbdstack serving partition 1 of the image through the full stack of a
+// cluster node (disk → fault, no rules → partition → redirector → file), and nbdkit's memory
+// plugin as the ceiling of protocol + loopback (nbd-server is in the shared anchors harness,
+// `npm run bench:anchors`, which manages its daemon). The workload
+// "nbdcopy-1g" copies the whole export to null: with nbdcopy (its default 4 connections).
 // Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
 // For CPU accounting and steal detection use `npm run bench:anchors` (the shared harness).
 import { execFileSync, spawn } from "node:child_process";
@@ -22,6 +27,7 @@ const ALL = {
   "randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops" },
   "randrw70-4k-qd16": { rw: "randrw", bs: "4k", qd: 16, metric: "iops" },
   "randread-4k-qd1": { rw: "randread", bs: "4k", qd: 1, metric: "iops" },
+  "nbdcopy-1g": { nbdcopy: true, metric: "mibPerSec" },
 };
 const workloads = (process.env.WORKLOADS ?? Object.keys(ALL).join(" ")).split(/\s+/).filter(Boolean);
 const has = (cmd) => {
@@ -37,9 +43,25 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-peers-"));
 const base = path.join(dir, "base.img");
 console.error(`making a 1 GiB random image in ${dir}`);
 execFileSync("dd", ["if=/dev/urandom", `of=${base}`, "bs=1M", "count=1024", "status=none"]);
+// One GPT partition over (almost) all of it, for the full-stack variant; the others serve the whole image.
+if (has("sgdisk")) execFileSync("sgdisk", ["-n", "1:1M:0", base], { stdio: "ignore" });
 const servers = [
   { name: "nbdstack", port: 10820, cmd: (img) => [process.execPath, CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10820", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
+  ...(has("sgdisk")
+    ? [
+        {
+          name: "nbdstack-stack",
+          port: 10825,
+          cmd: (img) => {
+            const cfg = path.join(dir, "stack.yaml");
+            fs.writeFileSync(cfg, `node-id: bench\ncontrol: 127.0.0.1:0\nexports:\n  - name: ""\n    stack: file:${img} → partition:1 → fault\n`);
+            return [process.execPath, CLI, "serve", "--config", cfg, "--listen", "127.0.0.1:10825", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)];
+          },
+        },
+      ]
+    : []),
   ...(has("nbdkit") ? [{ name: "nbdkit-file", port: 10821, cmd: (img) => ["nbdkit", "-f", "-i", "127.0.0.1", "-p", "10821", "file", img] }] : []),
+  ...(has("nbdkit") ? [{ name: "nbdkit-memory", port: 10824, cmd: () => ["nbdkit", "-f", "-i", "127.0.0.1", "-p", "10824", "memory", "1G"] }] : []),
   ...(has("qemu-nbd") ? [{ name: "qemu-nbd", port: 10822, cmd: (img) => ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", "10822", "-x", "", "--persistent", "--shared=8", "--cache=writeback", "--aio=threads", img] }] : []),
 ];
 const procs = [];
@@ -48,7 +70,7 @@ for (const s of servers) {
   fs.copyFileSync(base, img);
   const [cmd, ...args] = s.cmd(img);
   procs.push(spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] }));
-  s.uri = `nbd://127.0.0.1:${s.port}`;
+  s.uri = `nbd://127.0.0.1:${s.port}/${s.exportName ?? ""}`;
 }
 const cleanup = () => {
   for (const p of procs) p.kill("SIGTERM");
@@ -67,6 +89,9 @@ for (const s of servers) {
   }
 }
 
+// The memory plugin starts empty: fill it with the same image, or its reads would all be holes.
+for (const s of servers) if (s.name === "nbdkit-memory") execFileSync("nbdcopy", [base, s.uri]);
+
 const results = {}; // workload -> server -> [{metric, p50, p99}]
 for (let rep = 1; rep <= REPS; rep++) {
   for (const w of workloads) {
@@ -74,6 +99,15 @@ for (let rep = 1; rep <= REPS; rep++) {
     for (const s of servers) {
       const json = path.join(dir, "run.json");
       execFileSync("sync");
+      if (wl.nbdcopy) {
+        const t0 = performance.now();
+        execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
+        const size = Number(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8" }));
+        const mibPerSec = size / (1 << 20) / ((performance.now() - t0) / 1000);
+        ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0 });
+        console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s`);
+        continue;
+      }
       execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
       const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
       ((results[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99 });
@@ -87,19 +121,24 @@ const med = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor((s.length - 1) / 2)];
 };
-const peers = servers.slice(1).map((s) => s.name);
+const peers = servers.filter((s) => !s.name.startsWith("nbdstack")).map((s) => s.name);
+const real = peers.filter((p) => p !== "nbdkit-memory"); // the ceiling is not a peer to beat
 console.log(`\nbench:peers — fio nbd engine through 'nbdstack bench --engine fio', medians of ${REPS} runs of ${RUNTIME} s`);
-console.log(["workload".padEnd(18), "metric".padEnd(9), ...servers.map((s) => s.name.padStart(12)), ...peers.map((p) => `vs ${p}`.padStart(16))].join(" "));
+console.log(`ratios: nbdstack (and its full stack) ÷ the best of ${real.join(", ")} on each row (> 1.00: nbdstack better; latency rows: best ÷ nbdstack); nbdkit-memory is the ceiling, not a peer`);
+const mine = servers.filter((s) => s.name.startsWith("nbdstack")).map((s) => s.name);
+console.log(["workload".padEnd(18), "metric".padEnd(9), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
 for (const w of workloads) {
   const byServer = results[w];
-  const rows = [
-    [ALL[w].metric === "iops" ? "IOPS" : "MiB/s", (r) => r.v, false],
-    ["p50 µs", (r) => r.p50, true],
-    ["p99 µs", (r) => r.p99, true],
-  ];
+  const rows = [[ALL[w].metric === "iops" ? "IOPS" : "MiB/s", (r) => r.v, false]];
+  if (!ALL[w].nbdcopy)
+    rows.push(
+      ["p50 µs", (r) => r.p50, true],
+      ["p99 µs", (r) => r.p99, true],
+    );
   for (const [label, get, lower] of rows) {
     const m = Object.fromEntries(servers.map((s) => [s.name, med(byServer[s.name].map(get))]));
-    const ratios = peers.map((p) => (lower ? m[p] / m.nbdstack : m.nbdstack / m[p]));
-    console.log([w.padEnd(18), label.padEnd(9), ...servers.map((s) => m[s.name].toFixed(0).padStart(12)), ...ratios.map((r) => r.toFixed(2).padStart(16))].join(" "));
+    const best = lower ? Math.min(...real.map((p) => m[p])) : Math.max(...real.map((p) => m[p]));
+    const ratios = mine.map((n) => (lower ? best / m[n] : m[n] / best));
+    console.log([w.padEnd(18), label.padEnd(9), ...servers.map((s) => m[s.name].toFixed(0).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
   }
 }

@@ -52,7 +52,7 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
     const w = `exports[${i}]`;
     if (!isMap(e)) throw new ConfigError(w, "expected a map with name and stack");
     unknownKeys(e, EXPORT, w);
-    if (typeof e.name !== "string" || e.name === "" || Buffer.byteLength(e.name) > 4096) throw new ConfigError(`${w}.name`, "expected an export name (1 to 4096 bytes)");
+    if (typeof e.name !== "string" || Buffer.byteLength(e.name) > 4096) throw new ConfigError(`${w}.name`, "expected an export name (up to 4096 bytes; \"\" is the default export)");
     if (names.has(e.name)) throw new ConfigError(`${w}.name`, `export "${e.name}" is declared twice`);
     names.add(e.name);
     if (e.stack === undefined) throw new ConfigError(`${w}.stack`, "missing: declare the stack bottom-up, e.g. \"file:disk.img → partition:1\"");
