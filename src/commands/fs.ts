@@ -2,6 +2,7 @@ import type { Command } from "commander";
 import { FsError, probeFileSystem, type DirEntry, type FileStat, type FileSystem, type ReadAt } from "../fs/probe.js";
 import { layerReader } from "../stack/fs/fs-probe.js";
 import { readPartitionTable, type Partition, type PartitionTable } from "../stack/partition/partition-table.js";
+import { freeRanges } from "../migration/free-space.js";
 import { createFilePort, type FilePort } from "../stack/port/file-port.js";
 
 /** Where the commands write (process.stdout by default; tests pass a collector). */
@@ -134,7 +135,14 @@ export function renderInspect(r: InspectReport): string {
   return s + table(rows) + notes.map((n) => `${n}\n`).join("");
 }
 
-export async function inspectCommand(image: string, opts: { json?: boolean }, out: Out = process.stdout): Promise<void> {
+export async function inspectCommand(image: string, opts: { json?: boolean; free?: boolean }, out: Out = process.stdout): Promise<void> {
+  if (opts.free) {
+    // The free space of every file system on the image, in image offsets: what a copy may skip.
+    const free = await openImage(image, (port) => freeRanges(port));
+    if (opts.json) out.write(JSON.stringify(free) + "\n");
+    else for (const r of free) out.write(`${r.offset} ${r.length}\n`);
+    return;
+  }
   const r = await inspectImage(image);
   out.write(opts.json ? JSON.stringify(r, null, 2) + "\n" : renderInspect(r));
 }
@@ -244,7 +252,8 @@ export function registerFsCommands(program: Command): void {
     .description("show an image's partitions and file systems (ext2/3/4, FAT): labels, UUIDs, used and free space")
     .argument("<image>", "image file or block device (opened read-only)")
     .option("--json", "print the report as JSON", false)
-    .action((image: string, opts: { json: boolean }) => inspectCommand(image, opts));
+    .option("--free", "print the byte ranges file systems on the image report free (offset and length a line; with --json a list), for tools that skip free space", false)
+    .action((image: string, opts: { json: boolean; free: boolean }) => inspectCommand(image, opts));
   program
     .command("ls")
     .description("list a directory inside an image's file system, without mounting it")

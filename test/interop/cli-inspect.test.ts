@@ -159,5 +159,9 @@ describe("inspect / ls / cat through the built CLI, on the demo disk", () => {
     expect(report).toMatch(/fat16/);
     expect(cli("ls", `${img}:p1:/`)).toMatch(/hello\.txt/);
     expect(cli("cat", `${img}:p1:/hello.txt`)).toBe("Hello from the nbdstack demo disk!\n");
+    // The free space of both file systems, in image offsets, for tools that skip it.
+    const free = JSON.parse(cli("inspect", img, "--free", "--json")) as Array<{ offset: number; length: number }>;
+    const vols = JSON.parse(report).volumes as Array<{ fs: { freeBytes: number } }>;
+    expect(free.reduce((n, r) => n + r.length, 0)).toBe(vols.reduce((n, v) => n + v.fs.freeBytes, 0));
   });
 });
