@@ -1,9 +1,8 @@
 #!/usr/bin/env node
 import { Command, InvalidArgumentError, Option } from "commander";
-import { setControlToken } from "./control/control-client.js";
-import { readToken } from "./control/token.js";
 import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
+import { useTokenFile } from "./commands/token-option.js";
 import { benchCommand } from "./commands/bench.js";
 import { registerCowCommands } from "./commands/cow.js";
 import { registerVolumeCommands } from "./commands/volume.js";
@@ -19,11 +18,6 @@ function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 
-/** Commands that make control calls read the token from --token-file when given. */
-function useTokenFile(cmd: Command): void {
-  const file = cmd.opts().tokenFile as string | undefined;
-  if (file) setControlToken(readToken(file));
-}
 
 function positiveInt(value: string): number {
   const n = Number(value);

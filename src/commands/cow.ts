@@ -1,14 +1,9 @@
 import type { Command } from "commander";
-import { controlCall, setControlToken } from "../control/control-client.js";
-import { readToken } from "../control/token.js";
+import { controlCall } from "../control/control-client.js";
+import { useTokenFile } from "./token-option.js";
 import type { CowInfo } from "../stack/volume/cow-layer.js";
 
 const cowPath = (name: string) => `v1/exports/${encodeURIComponent(name)}/cow`;
-
-function useTokenFile(cmd: Command): void {
-  const file = cmd.opts().tokenFile as string | undefined;
-  if (file) setControlToken(readToken(file));
-}
 
 function mib(n: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -1,6 +1,6 @@
 import { InvalidArgumentError, type Command } from "commander";
-import { controlCall, setControlToken } from "../control/control-client.js";
-import { readToken } from "../control/token.js";
+import { controlCall } from "../control/control-client.js";
+import { useTokenFile } from "./token-option.js";
 import type { MirrorStatus } from "../stack/volume/mirror-layer.js";
 
 export interface MirrorCommandOptions {
@@ -92,9 +92,6 @@ export function registerVolumeCommands(program: Command): void {
     .option("--interval <ms>", "with --wait: how often to poll the status", positive, 500)
     .option("--json", "print the status as JSON", false)
     .option("--token-file <path>", "the control token (default ~/.config/nbdstack/token)")
-    .hook("preAction", (cmd: Command) => {
-      const file = cmd.opts().tokenFile as string | undefined;
-      if (file) setControlToken(readToken(file));
-    })
+    .hook("preAction", useTokenFile)
     .action(mirrorCommand);
 }
