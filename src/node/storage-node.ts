@@ -17,6 +17,7 @@ import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
+import { FenceLayer } from "../stack/port/fence-layer.js";
 import { PortSlot } from "../stack/port/port-slot.js";
 import type { Layer } from "../stack/layer.js";
 import { RemotePort, ownerIsHere, type RemotePortOptions } from "../stack/port/remote-port.js";
@@ -31,6 +32,8 @@ interface Managed {
   epoch: number | null;
   /** Above port A: records writes while a live copy runs. */
   tracker: DirtyTracker;
+  /** Until when (performance.now()) port A may write without looking at the lease record again. */
+  validUntil: number;
   /**
    * The image is this node's own copy, not shared with the owner (it came or went by a live
    * copy): another node's lease record of it is not renewed here, so expiry means nothing.
@@ -53,6 +56,9 @@ export interface CopyMigrateOptions {
   skipFree?: boolean;
   maxRate?: number;
 }
+
+/** Share of the lease time after a renewal during which port A writes without checking the record. */
+const FRESH = 0.8;
 
 /** Name prefix of the export a live copy writes into on its destination (with a secret). */
 export const MIRROR_EXPORT_PREFIX = "@mirror/";
@@ -124,7 +130,8 @@ export class StorageNode {
       rest = rest.slice(1);
     }
     const tracker = new DirtyTracker(below);
-    const portA: Layer = tracker;
+    // Epoch fencing: a write through port A after the lease's deadline checks the record first.
+    const portA: Layer = new FenceLayer(tracker, () => this.mayWrite(m));
     const redirector = new PortRedirector(
       spec.name,
       {
@@ -160,7 +167,7 @@ export class StorageNode {
       epoch !== null,
       log,
     );
-    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, private: !!lease.read()?.private, copy: null, target: null };
+    const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null };
     let top: Layer = redirector;
     for (const l of rest) top = buildLayer(l, top, ctx);
     const exp: Export = new Export(spec.name, createDiskLayer(top, spec.disk), () => {
@@ -170,6 +177,26 @@ export class StorageNode {
     m.exp = exp;
     this.managed.set(spec.name, m);
     return exp;
+  }
+
+  /**
+   * Whether port A may write now: yes while the lease renewed last is fresh; past that (this node
+   * was paused, or renewals stalled) the record decides, and a lost lease fences port A at once.
+   */
+  private mayWrite(m: Managed): boolean {
+    if (m.epoch === null) return false;
+    if (performance.now() < m.validUntil) return true;
+    try {
+      m.lease.renew(this.identity, m.epoch);
+      m.validUntil = performance.now() + this.ttlMs * FRESH;
+      return true;
+    } catch (err) {
+      // A record that cannot be read right now (an I/O hiccup) is left to the renewal loop.
+      if (!(err instanceof LeaseError)) return true;
+      this.opts.log.error({ export: m.name, err: err.message }, "lease lost before a write: fencing port A");
+      m.epoch = null;
+      return false; // the redirector fences port A and sends the request to the new owner
+    }
   }
 
   private locateOwner(lease: LeaseFile): { host: string; port: number } {
@@ -237,6 +264,7 @@ export class StorageNode {
       if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) continue;
       try {
         m.lease.renew(this.identity, m.epoch);
+        m.validUntil = performance.now() + this.ttlMs * FRESH;
       } catch (err) {
         if (!(err instanceof LeaseError)) {
           this.opts.log.error({ export: m.name, err: (err as Error).message }, "lease renewal failed");

@@ -4,12 +4,13 @@ import { NbdError } from "../../errors.js";
 import { PassthroughLayer, plainIo, type Io, type Layer } from "../layer.js";
 import { FaultLayer } from "../fault/fault-layer.js";
 import { MemoryPort } from "./memory-port.js";
+import { FenceLayer } from "./fence-layer.js";
 import { PortRedirector } from "./redirector.js";
 
 const SIZE = 1 << 20;
 
 /** A world of two nodes sharing one device; `owner` is who may write it. */
-function world(seed: number, faultA?: (f: FaultLayer) => void) {
+function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
   let rnd = seed >>> 0 || 1;
   const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const disk = new MemoryPort({ size: SIZE });
@@ -81,7 +82,8 @@ function world(seed: number, faultA?: (f: FaultLayer) => void) {
       `disk@${me}`,
       {
         openLocal: async () => {
-          const a = new PortA(me);
+          // With fencing, port A lets writes through only while this node owns the device (its lease).
+          const a = fenced ? new FenceLayer(new PortA(me), () => state.owner === me) : new PortA(me);
           if (!faultA || me !== "x") return a;
           const f = new FaultLayer(a, { seed });
           faultA(f);
@@ -245,6 +247,28 @@ describe("PortRedirector", () => {
     while (w.nodes.y.state === "ADOPTING") await sleep(1);
     expect(w.nodes.y.state).toBe("LOCAL");
     expect(w.state.violations).toEqual([]);
+  });
+
+  it("fences port A when the resource was taken without a hand-over (a paused owner): no write lands there, none fails", async () => {
+    for (const fenced of [true, false]) {
+      const w = world(23, undefined, fenced);
+      await w.nodes.x.open();
+      await w.nodes.y.open();
+      // y takes the device over on its own, as after x's lease expired while x was paused.
+      w.state.owner = "y";
+      await w.nodes.y.adopt();
+      const writes = Array.from({ length: 50 }, (_, i) => w.nodes.x.pwrite(Buffer.alloc(512, i + 1), i * 512, plainIo));
+      await Promise.all(writes);
+      if (!fenced) {
+        expect(w.state.violations.length).toBeGreaterThan(0); // what fencing prevents: x writing as a second owner
+        continue;
+      }
+      expect(w.state.violations).toEqual([]);
+      expect(w.nodes.x.state).toBe("REMOTE");
+      const b = Buffer.alloc(50 * 512);
+      await w.disk.pread(b, 0, plainIo);
+      for (let i = 0; i < 50; i++) expect(b.subarray(i * 512, i * 512 + 512).every((v) => v === i + 1)).toBe(true);
+    }
   });
 
   it("never lets port A's faults during a hand-over reach held requests", async () => {

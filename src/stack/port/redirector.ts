@@ -1,6 +1,7 @@
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
+import { isFenced } from "./fence-layer.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 
 /**
@@ -138,9 +139,16 @@ export class PortRedirector implements Layer {
     this.inA.enter();
     try {
       return await run(this.a!);
+    } catch (err) {
+      if (!isFenced(err)) throw err;
     } finally {
       this.inA.leave();
     }
+    // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
+    // and releases the held requests there, this one among them.
+    const held = this.hold(run);
+    void this.fence().catch(() => undefined);
+    return held;
   }
 
   private async viaB<T>(run: (port: Layer) => Promise<T>): Promise<T> {
