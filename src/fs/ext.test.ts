@@ -5,13 +5,13 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { needTools } from "../../test/helpers/tools.js";
-import { FsError, probeFileSystem, type FileSystem, type ReadAt } from "./probe.js";
+import { FsError, probeFileSystem, type FileSystem } from "./probe.js";
+import { expectFsError, reader } from "../../test/helpers/fs-images.js";
 
 const MiB = 1024 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "extfs-"));
 const src = path.join(tmp, "src");
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-const reader = (buf: Buffer): ReadAt => async (length, offset) => Buffer.from(buf.subarray(offset, offset + length));
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 
 const LONG = "L".repeat(200) + "-long-name-ümlaut-✓.txt"; // 255 bytes in UTF-8 at most
@@ -313,15 +313,7 @@ describe.skipIf(!haveTools)("damaged ext structures give a clear FsError", () =>
     return file;
   };
 
-  async function fail(buf: Buffer, p: string | null, re: RegExp): Promise<void> {
-    const err = await (async () => {
-      const f = await probeFileSystem(reader(buf), buf.length);
-      if (p) await f!.readFile(p);
-      return null;
-    })().catch((e) => e);
-    expect(err).toBeInstanceOf(FsError);
-    expect(err.message).toMatch(re);
-  }
+  const fail = expectFsError;
 
   it("superblock, group descriptor, inode, extent header, directory", async () => {
     const file = mk("bad.img", ["-b", "1024"]);

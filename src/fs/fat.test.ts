@@ -5,13 +5,13 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { needTools } from "../../test/helpers/tools.js";
-import { FsError, probeFileSystem, type FileSystem, type ReadAt } from "./probe.js";
+import { FsError, probeFileSystem, type FileSystem } from "./probe.js";
+import { expectFsError, reader } from "../../test/helpers/fs-images.js";
 
 const MiB = 1024 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "fatfs-"));
 const src = path.join(tmp, "src");
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-const reader = (buf: Buffer): ReadAt => async (length, offset) => Buffer.from(buf.subarray(offset, offset + length));
 const env = { ...process.env, MTOOLS_SKIP_CHECK: "1", MTOOLS_NO_VFAT: "" };
 const mtool = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: "utf8", env, stdio: ["ignore", "pipe", "pipe"] });
 
@@ -180,15 +180,7 @@ describe.skipIf(!haveTools)("damaged FAT structures give a clear FsError", () =>
     return file;
   };
 
-  async function fail(buf: Buffer, p: string | null, re: RegExp): Promise<void> {
-    const err = await (async () => {
-      const f = await probeFileSystem(reader(buf), buf.length);
-      if (p) await f!.readFile(p);
-      return null;
-    })().catch((e) => e);
-    expect(err).toBeInstanceOf(FsError);
-    expect(err.message).toMatch(re);
-  }
+  const fail = expectFsError;
 
   it("boot sector, FAT loops and holes, directory sizes", async () => {
     const file = mk(16, 16);
