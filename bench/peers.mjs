@@ -5,8 +5,8 @@
 // nbdstack/peer per workload (> 1.00: nbdstack better; for latencies the ratio is peer/nbdstack).
 // Also "nbdstack-stack": nbdstack serving partition 1 of the image through the full stack of a
 // cluster node (disk → fault, no rules → partition → redirector → file), and nbdkit's memory
-// plugin as the ceiling of protocol + loopback (nbd-server is in the shared anchors harness,
-// `npm run bench:anchors`, which manages its daemon). The workload
+// plugin as the ceiling of protocol + loopback, and nbd-server (it daemonises: its PID comes from
+// its pid file). The workload
 // "nbdcopy-1g" copies the whole export to null: with nbdcopy (its default 4 connections).
 // Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
 // For CPU accounting and steal detection use `npm run bench:anchors` (the shared harness).
@@ -62,6 +62,22 @@ const servers = [
     : []),
   ...(has("nbdkit") ? [{ name: "nbdkit-file", port: 10821, cmd: (img) => ["nbdkit", "-f", "-i", "127.0.0.1", "-p", "10821", "file", img] }] : []),
   ...(has("nbdkit") ? [{ name: "nbdkit-memory", port: 10824, cmd: () => ["nbdkit", "-f", "-i", "127.0.0.1", "-p", "10824", "memory", "1G"] }] : []),
+  ...(has("nbd-server")
+    ? [
+        {
+          name: "nbd-server",
+          port: 10823,
+          exportName: "disk",
+          daemon: path.join(dir, "nbd-server.pid"),
+          cmd: (img) => {
+            const conf = path.join(dir, "nbd-server.conf");
+            const root = process.getuid?.() === 0 ? "    user = root\n    group = root\n" : "";
+            fs.writeFileSync(conf, `[generic]\n${root}    listenaddr = 127.0.0.1\n    port = 10823\n    allowlist = true\n[disk]\n    exportname = ${img}\n`);
+            return ["nbd-server", "-C", conf, "-p", path.join(dir, "nbd-server.pid")];
+          },
+        },
+      ]
+    : []),
   ...(has("qemu-nbd") ? [{ name: "qemu-nbd", port: 10822, cmd: (img) => ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", "10822", "-x", "", "--persistent", "--shared=8", "--cache=writeback", "--aio=threads", img] }] : []),
 ];
 const procs = [];
@@ -74,6 +90,14 @@ for (const s of servers) {
 }
 const cleanup = () => {
   for (const p of procs) p.kill("SIGTERM");
+  for (const s of servers) {
+    if (!s.daemon) continue;
+    try {
+      process.kill(Number(fs.readFileSync(s.daemon, "utf8")), "SIGTERM");
+    } catch {
+      // not started, or gone already
+    }
+  }
   if (!process.env.KEEP) fs.rmSync(dir, { recursive: true, force: true });
 };
 process.on("SIGINT", () => (cleanup(), process.exit(130)));
