@@ -8,6 +8,10 @@
 // plugin as the ceiling of protocol + loopback, and nbd-server (it daemonises: its PID comes from
 // its pid file). The workload
 // "nbdcopy-1g" copies the whole export to null: with nbdcopy (its default 4 connections).
+// Besides throughput and latency it prints the server's CPU time per request (user + system time
+// of the server process and its reaped children, from /proc, over the run ÷ requests done): on
+// this 2-core machine client and server share the CPUs, so that figure is steadier than IOPS and
+// ranks servers the same way (see ANCHORS.md). Last, each server's peak RSS (VmHWM).
 // Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
 // For CPU accounting and steal detection use `npm run bench:anchors` (the shared harness).
 import { execFileSync, spawn } from "node:child_process";
@@ -85,7 +89,9 @@ for (const s of servers) {
   const img = path.join(dir, `${s.name}.img`);
   fs.copyFileSync(base, img);
   const [cmd, ...args] = s.cmd(img);
-  procs.push(spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] }));
+  const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] });
+  procs.push(child);
+  s.pid = s.daemon ? undefined : child.pid;
   s.uri = `nbd://127.0.0.1:${s.port}/${s.exportName ?? ""}`;
 }
 const cleanup = () => {
@@ -113,6 +119,18 @@ for (const s of servers) {
   }
 }
 
+for (const s of servers) if (s.daemon) s.pid = Number(fs.readFileSync(s.daemon, "utf8"));
+const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;
+/** CPU seconds (user + system, own and reaped children's) used by process `pid` so far. */
+const cpuSeconds = (pid) => {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" "); // f[0] is field 3
+  return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / TICK; // fields 14–17 of stat(5)
+};
+/** Peak resident set size of `pid`, MiB. */
+const peakRss = (pid) => Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN) / 1024;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
 // The memory plugin starts empty: fill it with the same image, or its reads would all be holes.
 for (const s of servers) if (s.name === "nbdkit-memory") execFileSync("nbdcopy", [base, s.uri]);
 
@@ -123,22 +141,28 @@ for (let rep = 1; rep <= REPS; rep++) {
     for (const s of servers) {
       const json = path.join(dir, "run.json");
       execFileSync("sync");
+      const size = Number(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8" }));
+      const cpu0 = cpuSeconds(s.pid);
       if (wl.nbdcopy) {
         const t0 = performance.now();
         execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
-        const size = Number(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8" }));
         const mibPerSec = size / (1 << 20) / ((performance.now() - t0) / 1000);
-        ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0 });
-        console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s`);
+        await sleep(200); // let a forking server reap its connection's child
+        const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / (size / (1 << 20));
+        ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0, cpu: cpuPerMiB });
+        console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB`);
         continue;
       }
       execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
+      await sleep(200);
       const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
-      ((results[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99 });
-      console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(12)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs`);
+      const cpuPerIo = ((cpuSeconds(s.pid) - cpu0) * 1e6) / sum.ops;
+      ((results[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99, cpu: cpuPerIo });
+      console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(12)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs  server CPU ${cpuPerIo.toFixed(1)} µs/request`);
     }
   }
 }
+const rss = Object.fromEntries(servers.map((s) => [s.name, peakRss(s.pid)]));
 cleanup();
 
 const med = (xs) => {
@@ -150,7 +174,7 @@ const real = peers.filter((p) => p !== "nbdkit-memory"); // the ceiling is not a
 console.log(`\nbench:peers — fio nbd engine through 'nbdstack bench --engine fio', medians of ${REPS} runs of ${RUNTIME} s`);
 console.log(`ratios: nbdstack (and its full stack) ÷ the best of ${real.join(", ")} on each row (> 1.00: nbdstack better; latency rows: best ÷ nbdstack); nbdkit-memory is the ceiling, not a peer`);
 const mine = servers.filter((s) => s.name.startsWith("nbdstack")).map((s) => s.name);
-console.log(["workload".padEnd(18), "metric".padEnd(9), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
+console.log(["workload".padEnd(18), "metric".padEnd(10), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
 for (const w of workloads) {
   const byServer = results[w];
   const rows = [[ALL[w].metric === "iops" ? "IOPS" : "MiB/s", (r) => r.v, false]];
@@ -159,10 +183,14 @@ for (const w of workloads) {
       ["p50 µs", (r) => r.p50, true],
       ["p99 µs", (r) => r.p99, true],
     );
+  rows.push([ALL[w].nbdcopy ? "CPU µs/MiB" : "CPU µs/req", (r) => r.cpu, true]);
   for (const [label, get, lower] of rows) {
     const m = Object.fromEntries(servers.map((s) => [s.name, med(byServer[s.name].map(get))]));
     const best = lower ? Math.min(...real.map((p) => m[p])) : Math.max(...real.map((p) => m[p]));
     const ratios = mine.map((n) => (lower ? best / m[n] : m[n] / best));
-    console.log([w.padEnd(18), label.padEnd(9), ...servers.map((s) => m[s.name].toFixed(0).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
+    const digits = label === "CPU µs/req" ? 1 : 0;
+    console.log([w.padEnd(18), label.padEnd(10), ...servers.map((s) => m[s.name].toFixed(digits).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
   }
 }
+console.log(["peak RSS MiB".padEnd(29), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
+console.log("CPU rows: server CPU time per request (per MiB for nbdcopy), lower is better; ratio = best peer ÷ nbdstack.");

@@ -56,22 +56,47 @@ describe("FilePort", () => {
     await expect(port.pwrite(Buffer.alloc(1), 0, plainIo)).rejects.toMatchObject({ code: "EBADF" });
   });
 
-  it("reports 4 KiB blocks that read as zero as ZERO extents", async () => {
+  it("reports 4 KiB blocks that read as zero as ZERO extents in a sparse file", async () => {
     const bytes = Buffer.alloc(1 << 20, 0x61);
     bytes.fill(0, 8192, 8192 + 3 * 4096);
     bytes.fill(0, 100000, 100100); // not a whole block: stays data
-    const { port } = await open({}, bytes);
-    const ext = await port.extents(1 << 20, 0, plainIo);
+    const { port, file } = await open({}, bytes);
+    await port.close();
+    fs.truncateSync(file, 2 << 20); // a hole of 1 MiB at the end makes the file sparse
+    const sparse = new FilePort({ path: file });
+    await sparse.open();
+    const ext = await sparse.extents(2 << 20, 0, plainIo);
     expect(ext).toEqual([
       { length: 8192, flags: 0 },
       { length: 12288, flags: 2 },
       { length: (1 << 20) - 20480, flags: 0 },
+      { length: 1 << 20, flags: 2 },
     ]);
-    const unaligned = await port.extents(10000, 5000, plainIo);
+    const unaligned = await sparse.extents(10000, 5000, plainIo);
     expect(unaligned).toEqual([
       { length: 3192, flags: 0 },
       { length: 6808, flags: 2 },
     ]);
+    await sparse.close();
+  });
+
+  it("reports a fully allocated file as data without reading it, until it writes zeroes", async () => {
+    const bytes = Buffer.alloc(1 << 20, 0x61);
+    bytes.fill(0, 8192, 8192 + 4096);
+    const { port } = await open({}, bytes);
+    const read = vi.spyOn(fs, "read");
+    const readSync = vi.spyOn(fs, "readSync");
+    expect(await port.extents(1 << 20, 0, plainIo)).toEqual([{ length: 1 << 20, flags: 0 }]);
+    expect(read.mock.calls.length + readSync.mock.calls.length).toBe(0);
+    await port.zero(8192, 65536, plainIo);
+    expect(await port.extents(1 << 20, 0, plainIo)).toEqual([
+      { length: 8192, flags: 0 },
+      { length: 4096, flags: 2 },
+      { length: 65536 - 12288, flags: 0 },
+      { length: 8192, flags: 2 },
+      { length: (1 << 20) - 73728, flags: 0 },
+    ]);
+    await port.close();
   });
 
   it("fills with zeroes, never stale memory, when the file shrank under it", async () => {

@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
+import { ioBuffers } from "../../util/buffer-pool.js";
 import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 
 /**
@@ -56,7 +57,8 @@ function blockDeviceSize(rdev: number): number {
  * Port A of a local image: a raw file (or block device) opened by this node.
  * FLUSH is fdatasync; FUA is the write followed by fdatasync. Node.js offers neither fallocate
  * nor lseek(SEEK_DATA), so zero writes zeroes (never "fast"), trim is not offered, and the
- * allocation map reports all-zero 4 KiB blocks as ZERO (found by reading) and everything as allocated.
+ * allocation map reports everything as allocated, with all-zero 4 KiB blocks marked ZERO where it
+ * looks for them (see extents()).
  */
 export class FilePort implements Layer {
   private fd = -1;
@@ -66,6 +68,8 @@ export class FilePort implements Layer {
   private readonly syncMax: number;
   private readonly slowNs: bigint;
   private readonly holdMs: number;
+  /** This port has written zeroes (zero()): block status looks for zero blocks even in a fully allocated file. */
+  private zeroed = false;
   /** Time (ms, performance.now) before which every call goes to the thread pool. */
   private asyncUntil: number;
 
@@ -191,6 +195,7 @@ export class FilePort implements Layer {
   async zero(length: number, offset: number, io: Io): Promise<void> {
     if (io.fast) throw new NbdError("ENOTSUP", "fast zero is not possible on a file port");
     const fd = this.live();
+    this.zeroed = true;
     this.tracker.enter();
     try {
       let done = 0;
@@ -235,24 +240,43 @@ export class FilePort implements Layer {
     }
   }
 
+  /**
+   * Node.js has no lseek(SEEK_DATA), so zero blocks are found by reading. That costs a second read of
+   * everything a copying client reads, so it is done only where it can find something: in a sparse
+   * file (fewer blocks allocated than its size), or once this port has written zeroes. A fully
+   * allocated file that was never zeroed is reported as data without reading, as nbdkit's file
+   * plugin reports allocated ranges.
+   */
   async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    const scan = Math.min(length, EXTENTS_SCAN_MAX);
-    const buf = Buffer.allocUnsafe(scan);
-    await this.pread(buf, offset, io);
-    const out: Extent[] = [];
-    // 4 KiB granularity, aligned to the device (the first block may be partial).
-    let pos = 0;
-    while (pos < scan) {
-      const blockEnd = Math.min(scan, (Math.floor((offset + pos) / 4096) + 1) * 4096 - offset);
-      const n = blockEnd - pos;
-      const isZero = buf.subarray(pos, blockEnd).equals(n === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, n));
-      const flags = isZero ? State.NBD_STATE_ZERO : 0;
-      const last = out[out.length - 1];
-      if (last && last.flags === flags) last.length += n;
-      else out.push({ length: n, flags });
-      pos = blockEnd;
+    const fd = this.live();
+    if (!this.zeroed) {
+      const st = fs.fstatSync(fd);
+      if (st.isFile() && st.blocks * 512 >= st.size) return [{ length, flags: 0 }];
     }
-    return out;
+    const scan = Math.min(length, EXTENTS_SCAN_MAX);
+    const backing = ioBuffers.acquire(scan);
+    try {
+      const buf = backing.subarray(0, scan);
+      await this.pread(buf, offset, io);
+      const out: Extent[] = [];
+      // 4 KiB granularity, aligned to the device (the first block may be partial). A block with a
+      // non-zero first, middle or last byte is data without comparing the rest (most data blocks).
+      let pos = 0;
+      while (pos < scan) {
+        const blockEnd = Math.min(scan, (Math.floor((offset + pos) / 4096) + 1) * 4096 - offset);
+        const n = blockEnd - pos;
+        const isZero =
+          buf[pos] === 0 && buf[blockEnd - 1] === 0 && buf[(pos + blockEnd) >>> 1] === 0 && buf.subarray(pos, blockEnd).equals(n === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, n));
+        const flags = isZero ? State.NBD_STATE_ZERO : 0;
+        const last = out[out.length - 1];
+        if (last && last.flags === flags) last.length += n;
+        else out.push({ length: n, flags });
+        pos = blockEnd;
+      }
+      return out;
+    } finally {
+      ioBuffers.release(backing);
+    }
   }
 
   quiesce(): Promise<void> {
