@@ -271,23 +271,26 @@ export class Connection {
     this.inflight++;
     this.inflightBytes += bytes;
     this.updateFlow();
+    void this.run(req, bytes);
+  };
+
+  /** Executes one request, then counts it (metrics) and lets the next ones in. */
+  private async run(req: Request, bytes: number): Promise<void> {
     const m = this.opMetrics ? this.opMetrics[METRIC_OP[req.type] ?? "read"] : null;
     const t0 = m ? performance.now() : 0;
-    this.execute(req).then(
-      (failed) => {
-        if (m) {
-          (failed ? m.error : m.ok).inc();
-          if (!failed && bytes) m.bytes.inc(bytes);
-          m.seconds.observe((performance.now() - t0) / 1000);
-        }
-        this.done(bytes);
-      },
-      (err) => {
-        this.log.error({ err }, "internal error while answering a request");
-        this.done(bytes);
-      },
-    );
-  };
+    try {
+      const failed = await this.execute(req);
+      if (m) {
+        (failed ? m.error : m.ok).inc();
+        if (!failed && bytes) m.bytes.inc(bytes);
+        m.seconds.observe((performance.now() - t0) / 1000);
+      }
+    } catch (err) {
+      this.log.error({ err }, "internal error while answering a request");
+    } finally {
+      this.done(bytes);
+    }
+  }
 
   private done(bytes: number): void {
     this.inflight--;

@@ -97,11 +97,20 @@ export class DiskLayer extends PassthroughLayer {
     return r === 0 ? n : n + this.align - r;
   }
 
-  override async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
-    if (this.align === 1 || (offset % this.align === 0 && buf.length % this.align === 0)) {
-      if (buf.length <= this.maxChunk) return this.next.pread(buf, offset, io);
-      return this.readSplit(buf, offset, io);
+  // pread and pwrite are plain (not async) so that an aligned request that needs no splitting
+  // goes straight down, adding no promise of its own; a synchronous throw below becomes a rejection.
+  override pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      if (this.align === 1 || (offset % this.align === 0 && buf.length % this.align === 0)) {
+        return buf.length <= this.maxChunk ? this.next.pread(buf, offset, io) : this.readSplit(buf, offset, io);
+      }
+      return this.readUnaligned(buf, offset, io);
+    } catch (err) {
+      return Promise.reject(err);
     }
+  }
+
+  private async readUnaligned(buf: Buffer, offset: number, io: Io): Promise<void> {
     const start = this.alignDown(offset);
     const end = this.alignUp(offset + buf.length);
     const tmp = Buffer.allocUnsafe(end - start);
@@ -109,11 +118,16 @@ export class DiskLayer extends PassthroughLayer {
     tmp.copy(buf, 0, offset - start, offset - start + buf.length);
   }
 
-  override async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    if (this.align === 1) {
-      if (buf.length <= this.maxChunk) return this.next.pwrite(buf, offset, io);
-      return this.writeSplit(buf, offset, io);
+  override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      if (this.align === 1) return buf.length <= this.maxChunk ? this.next.pwrite(buf, offset, io) : this.writeSplit(buf, offset, io);
+      return this.writeUnaligned(buf, offset, io);
+    } catch (err) {
+      return Promise.reject(err);
     }
+  }
+
+  private async writeUnaligned(buf: Buffer, offset: number, io: Io): Promise<void> {
     const start = this.alignDown(offset);
     const end = this.alignUp(offset + buf.length);
     const release = await this.lock.acquire(start, end);

@@ -25,6 +25,7 @@ export interface FilePortOptions {
 }
 
 const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
+const DONE: Promise<void> = Promise.resolve();
 const ZERO_BLOCK = ZERO_CHUNK.subarray(0, 4096);
 /** The most bytes one extents() call scans for zeroes; the client asks again for the rest. */
 const EXTENTS_SCAN_MAX = 8 * 1024 * 1024;
@@ -66,7 +67,7 @@ export class FilePort implements Layer {
   private readonly tracker = new InflightTracker();
   private caps!: Capabilities;
   private readonly syncMax: number;
-  private readonly slowNs: bigint;
+  private readonly slowMs: number;
   private readonly holdMs: number;
   /** This port has written zeroes (zero()): block status looks for zero blocks even in a fully allocated file. */
   private zeroed = false;
@@ -76,7 +77,7 @@ export class FilePort implements Layer {
   constructor(private readonly opts: FilePortOptions) {
     const mode = opts.io ?? "auto";
     this.syncMax = mode === "async" ? -1 : (opts.syncMax ?? 64 * 1024);
-    this.slowNs = mode === "auto" ? BigInt(Math.round((opts.slowCallMs ?? 2) * 1e6)) : -1n;
+    this.slowMs = mode === "auto" ? (opts.slowCallMs ?? 2) : -1;
     this.holdMs = opts.asyncHoldMs ?? 1000;
     this.asyncUntil = 0;
   }
@@ -86,24 +87,24 @@ export class FilePort implements Layer {
     return length <= this.syncMax && (this.asyncUntil === 0 || this.asyncUntil <= performance.now());
   }
 
-  /** Notes how long a synchronous call took; a slow one sends calls to the pool for a while. */
-  private timed(start: bigint): void {
-    if (process.hrtime.bigint() - start >= this.slowNs) this.asyncUntil = performance.now() + this.holdMs;
+  /** Notes how long a synchronous call begun at `start` (performance.now) took; a slow one sends calls to the pool for a while. */
+  private timed(start: number): void {
+    if (this.slowMs >= 0 && performance.now() - start >= this.slowMs) this.asyncUntil = performance.now() + this.holdMs;
   }
 
   private readChunk(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> | number {
     if (!this.syncOk(length)) return readAt(fd, buf, pos, offset, length);
-    const t = this.slowNs >= 0n ? process.hrtime.bigint() : 0n;
+    const start = performance.now();
     const n = fs.readSync(fd, buf, pos, length, offset);
-    if (t) this.timed(t);
+    this.timed(start);
     return n;
   }
 
   private writeChunk(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> | number {
     if (!this.syncOk(length)) return writeAt(fd, buf, pos, offset, length);
-    const t = this.slowNs >= 0n ? process.hrtime.bigint() : 0n;
+    const start = performance.now();
     const n = fs.writeSync(fd, buf, pos, length, offset);
-    if (t) this.timed(t);
+    this.timed(start);
     return n;
   }
 
@@ -158,7 +159,49 @@ export class FilePort implements Layer {
     return this.fd;
   }
 
-  async pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
+  // pread and pwrite: a call that may run on the event loop (see IoMode) is made before they
+  // return, which then hand back an already settled promise; nothing can interleave with it, so it
+  // skips the in-flight tracker. Other calls go to the async versions.
+  pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
+    if (this.fd >= 0 && this.syncOk(buf.length)) {
+      try {
+        this.readNow(this.fd, buf, offset);
+        return DONE;
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    return this.preadAsync(buf, offset);
+  }
+
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.fd >= 0 && !io.fua && this.syncOk(buf.length)) {
+      try {
+        const start = performance.now();
+        for (let done = 0; done < buf.length; ) done += fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
+        this.timed(start);
+        return DONE;
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    return this.pwriteAsync(buf, offset, io);
+  }
+
+  private readNow(fd: number, buf: Buffer, offset: number): void {
+    const start = performance.now();
+    for (let done = 0; done < buf.length; ) {
+      const n = fs.readSync(fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) {
+        buf.fill(0, done); // the file shrank under us: never leak stale memory
+        break;
+      }
+      done += n;
+    }
+    this.timed(start);
+  }
+
+  private async preadAsync(buf: Buffer, offset: number): Promise<void> {
     const fd = this.live();
     this.tracker.enter();
     try {
@@ -181,7 +224,7 @@ export class FilePort implements Layer {
     while (done < buf.length) done += await this.writeChunk(fd, buf, done, offset + done, buf.length - done);
   }
 
-  async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+  private async pwriteAsync(buf: Buffer, offset: number, io: Io): Promise<void> {
     const fd = this.live();
     this.tracker.enter();
     try {

@@ -12,9 +12,9 @@ export class PortSlot implements Layer {
 
   constructor(private readonly factory: () => Layer) {}
 
-  private get p(): Layer {
-    if (!this.port) throw new NbdError("ESHUTDOWN", "port is closed");
-    return this.port;
+  /** Layer calls fail by rejecting, never by throwing: a closed slot answers with this. */
+  private closed(): Promise<never> {
+    return Promise.reject(new NbdError("ESHUTDOWN", "port is closed"));
   }
   describe(): string {
     return (this.port ?? this.last ?? this.factory()).describe();
@@ -36,25 +36,25 @@ export class PortSlot implements Layer {
     return (this.port ?? this.last)!.capabilities();
   }
   pread(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.p.pread(buf, offset, io);
+    return this.port ? this.port.pread(buf, offset, io) : this.closed();
   }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.p.pwrite(buf, offset, io);
+    return this.port ? this.port.pwrite(buf, offset, io) : this.closed();
   }
   zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.p.zero(length, offset, io);
+    return this.port ? this.port.zero(length, offset, io) : this.closed();
   }
   trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.p.trim(length, offset, io);
+    return this.port ? this.port.trim(length, offset, io) : this.closed();
   }
   flush(io: Io): Promise<void> {
-    return this.p.flush(io);
+    return this.port ? this.port.flush(io) : this.closed();
   }
   cache(length: number, offset: number, io: Io): Promise<void> {
-    return this.p.cache(length, offset, io);
+    return this.port ? this.port.cache(length, offset, io) : this.closed();
   }
   extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.p.extents(length, offset, io);
+    return this.port ? this.port.extents(length, offset, io) : this.closed();
   }
   quiesce(): Promise<void> {
     return this.port ? this.port.quiesce() : Promise.resolve();
