@@ -1,14 +1,34 @@
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, Gauge, Registry } from "prom-client";
 
 const OPS = ["read", "write", "flush", "trim", "cache", "zero", "block_status"] as const;
 export type MetricOp = (typeof OPS)[number];
+const LATENCY_BUCKETS = [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1];
 
-/** Counters of one export and op, looked up once so the data path only increments. */
-export interface OpMetrics {
-  ok: Counter.Internal;
-  error: Counter.Internal;
-  bytes: Counter.Internal;
-  seconds: Histogram.Internal<string>;
+/**
+ * What one export's requests of one op did: plain numbers the data path adds to (prom-client's
+ * own inc/observe hash their labels on every call, over a microsecond a request). They are
+ * turned into Prometheus series only when scraped.
+ */
+export class OpMetrics {
+  ok = 0;
+  error = 0;
+  bytes = 0;
+  seconds = 0;
+  /** Requests per latency bucket (not cumulative); the last slot counts those over 1 s. */
+  readonly buckets = new Float64Array(LATENCY_BUCKETS.length + 1);
+
+  /** One answered request: whether it failed, its payload bytes, and how long it took (s). */
+  record(failed: boolean, bytes: number, seconds: number): void {
+    if (failed) this.error++;
+    else {
+      this.ok++;
+      this.bytes += bytes;
+    }
+    this.seconds += seconds;
+    let i = 0;
+    while (i < LATENCY_BUCKETS.length && seconds > LATENCY_BUCKETS[i]!) i++;
+    this.buckets[i]!++;
+  }
 }
 
 /**
@@ -17,32 +37,64 @@ export interface OpMetrics {
  */
 export class Metrics {
   readonly registry = new Registry();
-  private readonly requests = new Counter({ name: "nbdstack_requests_total", help: "NBD requests answered", labelNames: ["export", "op", "result"], registers: [this.registry] });
-  private readonly bytes = new Counter({ name: "nbdstack_bytes_total", help: "Payload bytes read and written", labelNames: ["export", "op"], registers: [this.registry] });
-  private readonly latency = new Histogram({
-    name: "nbdstack_request_duration_seconds",
-    help: "Time from a request's arrival to its reply being queued",
-    labelNames: ["export", "op"],
-    buckets: [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1],
-    registers: [this.registry],
-  });
   readonly connections = new Gauge({ name: "nbdstack_connections", help: "Open NBD connections", registers: [this.registry] });
   private readonly cache = new Map<string, Record<MetricOp, OpMetrics>>();
+
+  constructor() {
+    const all = () => [...this.cache].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
+    new Counter({
+      name: "nbdstack_requests_total",
+      help: "NBD requests answered",
+      labelNames: ["export", "op", "result"],
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        for (const [name, op, m] of all()) {
+          if (m.ok) this.inc({ export: name, op, result: "ok" }, m.ok);
+          if (m.error) this.inc({ export: name, op, result: "error" }, m.error);
+        }
+      },
+    });
+    new Counter({
+      name: "nbdstack_bytes_total",
+      help: "Payload bytes read and written",
+      labelNames: ["export", "op"],
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        for (const [name, op, m] of all()) if (m.bytes) this.inc({ export: name, op }, m.bytes);
+      },
+    });
+    // A histogram in the exposition format, built from the buckets at scrape time.
+    const latency = {
+      name: "nbdstack_request_duration_seconds",
+      help: "Time from a request's arrival to its reply being queued",
+      type: "histogram",
+      aggregator: "sum",
+      get: async () => {
+        const values: Array<{ labels: Record<string, string | number>; value: number; metricName: string }> = [];
+        for (const [name, op, m] of all()) {
+          const count = m.ok + m.error;
+          if (!count) continue;
+          let cumulative = 0;
+          LATENCY_BUCKETS.forEach((le, i) => {
+            cumulative += m.buckets[i]!;
+            values.push({ labels: { le, export: name, op }, value: cumulative, metricName: `${latency.name}_bucket` });
+          });
+          values.push({ labels: { le: "+Inf", export: name, op }, value: count, metricName: `${latency.name}_bucket` });
+          values.push({ labels: { export: name, op }, value: m.seconds, metricName: `${latency.name}_sum` });
+          values.push({ labels: { export: name, op }, value: count, metricName: `${latency.name}_count` });
+        }
+        return { name: latency.name, help: latency.help, type: latency.type, values, aggregator: latency.aggregator };
+      },
+    };
+    this.registry.registerMetric(latency as unknown as Parameters<Registry["registerMetric"]>[0]);
+  }
 
   forExport(name: string): Record<MetricOp, OpMetrics> {
     let m = this.cache.get(name);
     if (!m) {
-      m = Object.fromEntries(
-        OPS.map((op) => [
-          op,
-          {
-            ok: this.requests.labels(name, op, "ok"),
-            error: this.requests.labels(name, op, "error"),
-            bytes: this.bytes.labels(name, op),
-            seconds: this.latency.labels(name, op),
-          },
-        ]),
-      ) as Record<MetricOp, OpMetrics>;
+      m = Object.fromEntries(OPS.map((op) => [op, new OpMetrics()])) as Record<MetricOp, OpMetrics>;
       this.cache.set(name, m);
     }
     return m;

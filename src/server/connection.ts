@@ -280,11 +280,7 @@ export class Connection {
     const t0 = m ? performance.now() : 0;
     try {
       const failed = await this.execute(req);
-      if (m) {
-        (failed ? m.error : m.ok).inc();
-        if (!failed && bytes) m.bytes.inc(bytes);
-        m.seconds.observe((performance.now() - t0) / 1000);
-      }
+      if (m) m.record(failed, bytes, (performance.now() - t0) / 1000);
     } catch (err) {
       this.log.error({ err }, "internal error while answering a request");
     } finally {

@@ -130,15 +130,30 @@ describe("FilePort", () => {
       expect(writeSync).not.toHaveBeenCalled();
     });
 
-    it("auto: a slow synchronous call sends the next calls to the pool for a while", async () => {
+    it("auto: slow synchronous calls send the next calls to the pool for a while", async () => {
       const { port } = await open({ io: "auto", slowCallMs: 0, asyncHoldMs: 60_000 });
       const readSync = vi.spyOn(fs, "readSync");
       const read = vi.spyOn(fs, "read");
-      await port.pread(Buffer.alloc(512), 0, plainIo); // "slow" (every call is, at 0 ms)
+      for (let i = 0; i < 3; i++) await port.pread(Buffer.alloc(512), 0, plainIo); // "slow" (every call is, at 0 ms)
       await port.pread(Buffer.alloc(512), 0, plainIo);
       await port.pwrite(Buffer.alloc(512), 0, plainIo);
-      expect(readSync).toHaveBeenCalledTimes(1);
+      expect(readSync).toHaveBeenCalledTimes(3);
       expect(read).toHaveBeenCalledTimes(1);
+    });
+
+    it("auto: one slow call among fast ones (a preempted thread) does not leave the event loop", async () => {
+      const { port } = await open({ io: "auto", slowCallMs: 5, asyncHoldMs: 60_000 });
+      const readSync = vi.spyOn(fs, "readSync");
+      const now = vi.spyOn(performance, "now");
+      let t = 0;
+      now.mockImplementation(() => t);
+      // Every 20th call takes 50 ms; the rest take no time.
+      readSync.mockImplementation((_fd, _b, _o, length) => {
+        if (readSync.mock.calls.length % 20 === 0) t += 50;
+        return length as number;
+      });
+      for (let i = 0; i < 100; i++) await port.pread(Buffer.alloc(512), 0, plainIo);
+      expect(readSync).toHaveBeenCalledTimes(100);
     });
 
     it("auto: fast calls stay on the event loop", async () => {

@@ -11,6 +11,8 @@ import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } 
  * ones go to the pool so big copies run in parallel. `auto` (default) is `sync` until one such call
  * takes longer than `slowCallMs` (the data was not cached: a real disk is working), then `async`
  * for `asyncHoldMs` before trying again, so a cold or slow disk never stalls the event loop for long.
+ * "Such calls": three in a row, or about as many in a short run of calls, not a single one, which on a
+ * busy machine is as likely to be a preempted thread as a slow disk.
  */
 export type IoMode = "auto" | "sync" | "async";
 
@@ -26,6 +28,8 @@ export interface FilePortOptions {
 
 const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
 const DONE: Promise<void> = Promise.resolve();
+/** Score of recent slow calls (see FilePort.timed) at which `auto` turns to the thread pool. */
+const SLOW_SCORE = 2.5;
 const ZERO_BLOCK = ZERO_CHUNK.subarray(0, 4096);
 /** The most bytes one extents() call scans for zeroes; the client asks again for the rest. */
 const EXTENTS_SCAN_MAX = 8 * 1024 * 1024;
@@ -71,6 +75,8 @@ export class FilePort implements Layer {
   private readonly holdMs: number;
   /** This port has written zeroes (zero()): block status looks for zero blocks even in a fully allocated file. */
   private zeroed = false;
+  /** Recent slow synchronous calls (see timed()). */
+  private slowScore = 0;
   /** Time (ms, performance.now) before which every call goes to the thread pool. */
   private asyncUntil: number;
 
@@ -87,9 +93,21 @@ export class FilePort implements Layer {
     return length <= this.syncMax && (this.asyncUntil === 0 || this.asyncUntil <= performance.now());
   }
 
-  /** Notes how long a synchronous call begun at `start` (performance.now) took; a slow one sends calls to the pool for a while. */
+  /**
+   * Notes how long a synchronous call begun at `start` (performance.now) took. Slow calls send the
+   * calls of the next `holdMs` to the pool once they are not a fluke: each adds 1 to a score that
+   * decays by 1/16 per call, and SLOW_SCORE switches. A call the scheduler merely preempted (one in
+   * thousands when the client shares the CPUs) never gets there; a disk that is slow on every call
+   * does on its third.
+   */
   private timed(start: number): void {
-    if (this.slowMs >= 0 && performance.now() - start >= this.slowMs) this.asyncUntil = performance.now() + this.holdMs;
+    if (this.slowMs < 0) return;
+    const slow = performance.now() - start >= this.slowMs;
+    this.slowScore = this.slowScore * (15 / 16) + (slow ? 1 : 0);
+    if (this.slowScore >= SLOW_SCORE) {
+      this.slowScore = 0;
+      this.asyncUntil = performance.now() + this.holdMs;
+    }
   }
 
   private readChunk(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> | number {
