@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// npm run bench:peers — nbdstack, nbdkit (file plugin) and qemu-nbd serve copies of the same 1 GiB
-// random image in one run; `nbdstack bench --engine fio` drives each with fio's nbd engine for
+// npm run bench:peers — nbdstack, nbdkit (file plugin), qemu-nbd and nbd-server serve the same 1 GiB
+// random image file, taking turns, in one run; `nbdstack bench --engine fio` drives each with fio's nbd engine for
 // every workload, servers interleaved, REPS repetitions; prints medians and the ratio
 // nbdstack/peer per workload (> 1.00: nbdstack better; for latencies the ratio is peer/nbdstack).
 // Also "nbdstack-stack": nbdstack serving partition 1 of the image through the full stack of a
@@ -31,6 +31,10 @@ const ALL = {
   "randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops" },
   "randrw70-4k-qd16": { rw: "randrw", bs: "4k", qd: 16, metric: "iops" },
   "randread-4k-qd1": { rw: "randread", bs: "4k", qd: 1, metric: "iops" },
+  // Multi-conn scaling: the same QD8 stream over 1, 2 and 4 connections (fio jobs) at once.
+  "mc1-randread-4k-qd8": { rw: "randread", bs: "4k", qd: 8, conns: 1, metric: "iops" },
+  "mc2-randread-4k-qd8": { rw: "randread", bs: "4k", qd: 8, conns: 2, metric: "iops" },
+  "mc4-randread-4k-qd8": { rw: "randread", bs: "4k", qd: 8, conns: 4, metric: "iops" },
   "nbdcopy-1g": { nbdcopy: true, metric: "mibPerSec" },
 };
 const workloads = (process.env.WORKLOADS ?? Object.keys(ALL).join(" ")).split(/\s+/).filter(Boolean);
@@ -86,9 +90,10 @@ const servers = [
 ];
 const procs = [];
 for (const s of servers) {
-  const img = path.join(dir, `${s.name}.img`);
-  fs.copyFileSync(base, img);
-  const [cmd, ...args] = s.cmd(img);
+  // Every server serves the same file (they take turns, so none sees another's I/O): the page
+  // cache then holds one copy. With a copy each, six 1 GiB images did not fit the page cache this
+  // machine grants (about 4 GiB) and reads went to the disk, which swamped every other difference.
+  const [cmd, ...args] = s.cmd(base);
   const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] });
   procs.push(child);
   s.pid = s.daemon ? undefined : child.pid;
@@ -134,11 +139,17 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 // The memory plugin starts empty: fill it with the same image, or its reads would all be holes.
 for (const s of servers) if (s.name === "nbdkit-memory") execFileSync("nbdcopy", [base, s.uri]);
 
+// Warm-up: a short mixed run against every server (JIT compilation, page cache, buffer pools), unmeasured.
+for (const s of servers)
+  execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", "randrw", "--bs", "64k", "--qd", "16", "--duration", "2s"], { stdio: "ignore" });
+
 const results = {}; // workload -> server -> [{metric, p50, p99}]
 for (let rep = 1; rep <= REPS; rep++) {
   for (const w of workloads) {
     const wl = ALL[w];
-    for (const s of servers) {
+    // The servers take turns in a different order each repetition, so none always goes first.
+    const turn = servers.map((_, i) => servers[(i + rep - 1) % servers.length]);
+    for (const s of turn) {
       const json = path.join(dir, "run.json");
       execFileSync("sync");
       const size = Number(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8" }));
@@ -153,7 +164,7 @@ for (let rep = 1; rep <= REPS; rep++) {
         console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB`);
         continue;
       }
-      execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
+      execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--conns", String(wl.conns ?? 1), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
       await sleep(200);
       const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
       const cpuPerIo = ((cpuSeconds(s.pid) - cpu0) * 1e6) / sum.ops;
