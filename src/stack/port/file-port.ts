@@ -7,12 +7,12 @@ import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } 
 /**
  * How the port calls the kernel. `async`: every read and write goes through libuv's thread pool.
  * `sync`: reads and writes up to `syncMax` bytes are made on the event loop (pread/pwrite that
- * hit the page cache take a few microseconds, far less than a thread-pool round trip), larger
- * ones go to the pool so big copies run in parallel. `auto` (default) is `sync` until one such call
- * takes longer than `slowCallMs` (the data was not cached: a real disk is working), then `async`
+ * hit the page cache cost a memory copy, less than a thread-pool round trip), larger ones go to
+ * the pool so big copies run in parallel. `auto` (default) is `sync` until synchronous calls
+ * take longer than `slowCallMs` (the data was not cached: a real disk is working), then `async`
  * for `asyncHoldMs` before trying again, so a cold or slow disk never stalls the event loop for long.
- * "Such calls": three in a row, or about as many in a short run of calls, not a single one, which on a
- * busy machine is as likely to be a preempted thread as a slow disk.
+ * It takes three slow calls in a row, or about as many in a short run (see FilePort.timed): a single
+ * one is, on a busy machine, as likely a preempted thread as a slow disk.
  */
 export type IoMode = "auto" | "sync" | "async";
 
@@ -20,7 +20,12 @@ export interface FilePortOptions {
   path: string;
   readOnly?: boolean;
   io?: IoMode;
-  /** Largest request made synchronously in `sync`/`auto` mode. Default 64 KiB. */
+  /**
+   * Largest request made synchronously in `sync`/`auto` mode. Default 1 MiB: a page-cache copy of
+   * 1 MiB takes a few hundred microseconds, and making it on the event loop measured 14 % less
+   * server CPU per 1 MiB read and 26 % less per 1 MiB write than a thread-pool round trip (the
+   * data stays in the cache of the CPU that then sends it).
+   */
   syncMax?: number;
   slowCallMs?: number;
   asyncHoldMs?: number;
@@ -82,7 +87,7 @@ export class FilePort implements Layer {
 
   constructor(private readonly opts: FilePortOptions) {
     const mode = opts.io ?? "auto";
-    this.syncMax = mode === "async" ? -1 : (opts.syncMax ?? 64 * 1024);
+    this.syncMax = mode === "async" ? -1 : (opts.syncMax ?? 1024 * 1024);
     this.slowMs = mode === "auto" ? (opts.slowCallMs ?? 2) : -1;
     this.holdMs = opts.asyncHoldMs ?? 1000;
     this.asyncUntil = 0;
