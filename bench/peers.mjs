@@ -4,7 +4,7 @@
 // every workload, servers interleaved, REPS repetitions; prints medians and the ratio
 // nbdstack/peer per workload (> 1.00: nbdstack better; for latencies the ratio is peer/nbdstack).
 // Also "nbdstack-stack": nbdstack serving partition 1 of the image through the full stack of a
-// cluster node (disk → fault, no rules → partition → redirector → file), and nbdkit's memory
+// cluster node (disk → fault, no rules → partition → redirector → fence → dirty tracker → file), and nbdkit's memory
 // plugin as the ceiling of protocol + loopback, and nbd-server (it daemonises: its PID comes from
 // its pid file). The workload
 // "nbdcopy-1g" copies the whole export to null: with nbdcopy (its default 4 connections).
