@@ -161,7 +161,7 @@ for (let rep = 1; rep <= REPS; rep++) {
         await sleep(200); // let a forking server reap its connection's child
         const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / (size / (1 << 20));
         ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0, cpu: cpuPerMiB });
-        console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB`);
+        console.error(`rep ${rep} ${w.padEnd(20)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB`);
         continue;
       }
       execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--conns", String(wl.conns ?? 1), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
@@ -169,7 +169,7 @@ for (let rep = 1; rep <= REPS; rep++) {
       const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
       const cpuPerIo = ((cpuSeconds(s.pid) - cpu0) * 1e6) / sum.ops;
       ((results[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99, cpu: cpuPerIo });
-      console.error(`rep ${rep} ${w.padEnd(18)} ${s.name.padEnd(12)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs  server CPU ${cpuPerIo.toFixed(1)} µs/request`);
+      console.error(`rep ${rep} ${w.padEnd(20)} ${s.name.padEnd(12)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs  server CPU ${cpuPerIo.toFixed(1)} µs/request`);
     }
   }
 }
@@ -185,7 +185,7 @@ const real = peers.filter((p) => p !== "nbdkit-memory"); // the ceiling is not a
 console.log(`\nbench:peers — fio nbd engine through 'nbdstack bench --engine fio', medians of ${REPS} runs of ${RUNTIME} s`);
 console.log(`ratios: nbdstack (and its full stack) ÷ the best of ${real.join(", ")} on each row (> 1.00: nbdstack better; latency rows: best ÷ nbdstack); nbdkit-memory is the ceiling, not a peer`);
 const mine = servers.filter((s) => s.name.startsWith("nbdstack")).map((s) => s.name);
-console.log(["workload".padEnd(18), "metric".padEnd(10), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
+console.log(["workload".padEnd(20), "metric".padEnd(10), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
 for (const w of workloads) {
   const byServer = results[w];
   const rows = [[ALL[w].metric === "iops" ? "IOPS" : "MiB/s", (r) => r.v, false]];
@@ -200,8 +200,8 @@ for (const w of workloads) {
     const best = lower ? Math.min(...real.map((p) => m[p])) : Math.max(...real.map((p) => m[p]));
     const ratios = mine.map((n) => (lower ? best / m[n] : m[n] / best));
     const digits = label === "CPU µs/req" ? 1 : 0;
-    console.log([w.padEnd(18), label.padEnd(10), ...servers.map((s) => m[s.name].toFixed(digits).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
+    console.log([w.padEnd(20), label.padEnd(10), ...servers.map((s) => m[s.name].toFixed(digits).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
   }
 }
-console.log(["peak RSS MiB".padEnd(29), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
+console.log(["peak RSS MiB".padEnd(31), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
 console.log("CPU rows: server CPU time per request (per MiB for nbdcopy), lower is better; ratio = best peer ÷ nbdstack.");
