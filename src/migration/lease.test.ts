@@ -1,14 +1,20 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { LeaseError, LeaseFile } from "./lease.js";
 
 const a = { nodeId: "a", nbd: "127.0.0.1:1", control: "http://127.0.0.1:11" };
 const b = { nodeId: "b", nbd: "127.0.0.1:2", control: "http://127.0.0.1:12" };
 
+const dirs: string[] = [];
+afterAll(() => {
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
+
 function setup() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lease-"));
+  dirs.push(dir);
   let now = 1_000_000;
   const clock = { advance: (ms: number) => (now += ms) };
   const img = path.join(dir, "disk.img");

@@ -4,6 +4,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { afterAll } from "vitest";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(ROOT, "dist/cli.js");
@@ -74,10 +75,18 @@ export function controlUrl(s: Served): string {
   return line.slice("control ".length);
 }
 
-/** A fresh temporary directory, removed when the process exits. */
+const tempDirs: string[] = [];
+// Registered when a test file imports this module, so it runs after that file's own teardown
+// (after-hooks run last-registered first). Vitest's workers do not reliably emit "exit", and
+// directories left behind by every run once filled /tmp with gigabytes of images.
+afterAll(() => {
+  for (const dir of tempDirs.splice(0)) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** A fresh temporary directory, removed when the test file that made it is done. */
 export function tempDir(prefix = "nbdstack-test-"): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  process.on("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
+  tempDirs.push(dir);
   return dir;
 }
 

@@ -2,11 +2,12 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { needTools } from "../../../test/helpers/tools.js";
 import { PartitionTableError, readPartitionTable, type ReadAt } from "./partition-table.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "ptable-"));
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 const MiB = 1024 * 1024;
 
 function image(name: string, size: number): string {

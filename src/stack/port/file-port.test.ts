@@ -1,11 +1,12 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { afterEach, describe, expect, it, vi } from "vitest";
+import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
 import { plainIo, fuaIo } from "../layer.js";
 import { FilePort, type FilePortOptions } from "./file-port.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "file-port-"));
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 function image(bytes: Buffer): string {
   const p = path.join(dir, `img${n++}`);
