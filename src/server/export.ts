@@ -1,5 +1,5 @@
 import { TransmissionFlag as F } from "../protocol/constants.js";
-import type { Capabilities, Layer } from "../stack/layer.js";
+import { plainIo, type Capabilities, type Layer } from "../stack/layer.js";
 
 /** A named export: the top of one stack, shared by every connection to it. */
 export class Export {
@@ -26,6 +26,11 @@ export class Export {
     this.sizeBytes = this.layer.size();
     this.caps = this.layer.capabilities();
     this.opened = true;
+  }
+
+  /** Makes every write acknowledged so far durable (a FLUSH through the whole stack), if the export takes writes. */
+  async flush(): Promise<void> {
+    if (this.opened && this.caps.writable && this.caps.flush) await this.layer.flush(plainIo);
   }
 
   async close(): Promise<void> {

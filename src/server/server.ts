@@ -164,10 +164,20 @@ export class NbdServer implements ExportDirectory {
 
   /**
    * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
-   * get ESHUTDOWN), then close every export (ports make their state durable when they close).
+   * get ESHUTDOWN), then flush and close every export (ports make their state durable when they close).
    * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
    * exports under them. Idempotent.
    */
+  private async bounded(p: Promise<void>, ms: number, what: string): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<void>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms)));
+    try {
+      await Promise.race([p, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   close(graceMs = 10_000): Promise<void> {
     this.closing ??= (async () => {
       const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
@@ -178,6 +188,10 @@ export class NbdServer implements ExportDirectory {
       if (late) this.opts.log.warn({ graceMs }, "requests still in flight after the grace period: closing the exports under them");
       for (const e of this.opts.exports) {
         try {
+          // A FLUSH through the whole stack first: layers with a cache of their own (a power-loss
+          // cache, say) are only made durable by a flush, not by their port closing. Bounded, so a
+          // flush that cannot reach a peer does not keep the process from stopping.
+          if (!late) await this.bounded(e.flush(), graceMs, `flush of ${e.name} at shutdown`);
           await e.close();
         } catch (err) {
           this.opts.log.error({ err, export: e.name }, "closing export failed");

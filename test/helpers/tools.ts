@@ -33,6 +33,14 @@ export function needPath(path: string, what: string): boolean {
   return false;
 }
 
+/** True when running as root (mounts, loop devices); same CI rule as needTools. */
+export function needRoot(what: string): boolean {
+  if (process.getuid?.() === 0) return true;
+  if (inCI) throw new Error(`${what} needs root, and this CI run is not root (.ci/run runs as root or with sudo)`);
+  console.warn(`skipping: ${what} needs root`);
+  return false;
+}
+
 /**
  * Environment for Debian's clients: /usr/bin first, so nbdsh runs Debian's python3 (which has
  * python3-libnbd) even when another python3 (pyenv, venv) comes first on PATH.

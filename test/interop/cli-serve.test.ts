@@ -46,11 +46,13 @@ describe("nbdstack CLI", () => {
     const img = path.join(dir, "disk.img");
     fs.writeFileSync(img, "");
     fs.truncateSync(img, 16 * MiB);
-    const srv = await serve([img]);
+    // --fault-powerloss keeps unflushed writes in the server's memory (the page cache would survive
+    // the process and hide a missing flush): only the flush at shutdown puts them in the file.
+    const srv = await serve([img, "--fault-powerloss"], 2);
     const u = new URL(srv.uri);
     const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
     const writes = Array.from({ length: 64 }, (_, i) => c.pwrite(Buffer.alloc(128 * 1024, i + 1), i * 128 * 1024));
-    await new Promise((r) => setTimeout(r, 30));
+    await Promise.race(writes); // the server is busy with them
     const stopped = srv.stop("SIGTERM");
     const results = await Promise.allSettled(writes);
     const code = await stopped;
@@ -63,6 +65,20 @@ describe("nbdstack CLI", () => {
       else expect(r.reason).toMatchObject({ errno: "ESHUTDOWN" });
     });
     expect(results.filter((r) => r.status === "fulfilled").length).toBeGreaterThan(0);
+  });
+
+  it("loses unflushed writes on SIGKILL under --fault-powerloss (the control for the test above)", async () => {
+    const dir = tempDir();
+    const img = path.join(dir, "disk.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 16 * MiB);
+    const srv = await serve([img, "--fault-powerloss"], 2);
+    const u = new URL(srv.uri);
+    const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
+    await c.pwrite(Buffer.alloc(128 * 1024, 0x77), 0);
+    await srv.stop("SIGKILL");
+    c.destroy();
+    expect(fs.readFileSync(img).subarray(0, 128 * 1024).every((b) => b === 0)).toBe(true);
   });
 
   it("logs why it closed a connection that broke the protocol, and serves others on", async () => {

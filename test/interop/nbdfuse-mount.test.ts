@@ -3,12 +3,10 @@ import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { serve, tempDir, type Served } from "../helpers/serve.js";
-import { needPath, needTools } from "../helpers/tools.js";
-
-const root = process.getuid?.() === 0;
+import { needPath, needRoot, needTools } from "../helpers/tools.js";
 
 /** The kernel mounts the demo disk's ext4 partition through nbdfuse and a loop device. */
-describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdisk", "e2fsck") && needPath("/dev/fuse", "FUSE device") && needPath("/dev/loop-control", "loop devices") && root))(
+describe.skipIf(!(needTools("nbdfuse", "fusermount3", "losetup", "mount", "sfdisk", "e2fsck") && needPath("/dev/fuse", "FUSE device") && needPath("/dev/loop-control", "loop devices") && needRoot("mounting through a loop device")))(
   "nbdfuse + loop mount",
   () => {
     let dir: string;
