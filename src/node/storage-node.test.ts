@@ -1,0 +1,82 @@
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import pino from "pino";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { LeaseFile } from "../migration/lease.js";
+import { plainIo } from "../stack/layer.js";
+import { StorageNode } from "./storage-node.js";
+
+const dirs: string[] = [];
+afterEach(() => {
+  vi.restoreAllMocks();
+  for (const d of dirs.splice(0)) fs.rmSync(d, { recursive: true, force: true });
+});
+
+function image(): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-node-"));
+  dirs.push(dir);
+  const img = path.join(dir, "disk.img");
+  fs.writeFileSync(img, Buffer.alloc(1024 * 1024));
+  return img;
+}
+
+const readAt = (img: string, offset: number, length: number) => fs.readFileSync(img).subarray(offset, offset + length);
+
+/**
+ * Port A's own epoch check, with a real lease record: a write made after the local deadline
+ * (80 % of the lease time since the last renewal) looks at the record first. The renewal loop is
+ * not started here, and the clock is moved on by hand, as for an owner that was paused between a
+ * renewal and a write: only that check stands between the write and the image.
+ */
+describe("StorageNode: a write past the lease's local deadline checks the record", () => {
+  it("writes through port A while the record names this node, and never once another node holds the lease", async () => {
+    const img = image();
+    const ttlMs = 60_000;
+    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+    const exp = a.createExport({ source: img, name: "disk" });
+    await exp.open();
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x11), 0, plainIo);
+    expect(readAt(img, 0, 4096).every((b) => b === 0x11)).toBe(true);
+
+    // Well past the deadline, the record still names a: the write checks it, renews, and goes to the image.
+    const t0 = performance.now();
+    const now = vi.spyOn(performance, "now").mockImplementation(() => t0 + 0.9 * ttlMs);
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x22), 4096, plainIo);
+    expect(readAt(img, 4096, 4096).every((b) => b === 0x22)).toBe(true);
+    expect(new LeaseFile(img).read()).toMatchObject({ owner: "a", epoch: 1 });
+
+    // Another node took the image over meanwhile (as after a's lease expired while a was paused).
+    new LeaseFile(img).handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs);
+    now.mockImplementation(() => t0 + 1.8 * ttlMs + 1);
+    const late = exp.layer.pwrite(Buffer.alloc(4096, 0x33), 8192, plainIo);
+    late.catch(() => undefined); // held for b (unreachable here); ended with ESHUTDOWN at close
+    const t1 = Date.now();
+    while (a.status().exports[0]!.state !== "REMOTE") {
+      if (Date.now() - t1 > 5000) throw new Error(`still ${a.status().exports[0]!.state}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(readAt(img, 8192, 4096).every((b) => b === 0)).toBe(true); // a did not write the image
+    expect(a.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
+    await a.close();
+    await exp.close().catch(() => undefined);
+    await expect(late).rejects.toThrow();
+    expect(readAt(img, 8192, 4096).every((b) => b === 0)).toBe(true);
+  });
+
+  it("fences port A from the renewal loop, with no write needed, once another node holds the lease", async () => {
+    const img = image();
+    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
+    const exp = a.createExport({ source: img, name: "disk" });
+    await exp.open();
+    a.start("http://127.0.0.1:9");
+    new LeaseFile(img).handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, 600);
+    const t1 = Date.now();
+    while (a.status().exports[0]!.state !== "REMOTE") {
+      if (Date.now() - t1 > 5000) throw new Error(`still ${a.status().exports[0]!.state}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await a.close();
+    await exp.close().catch(() => undefined);
+  });
+});
