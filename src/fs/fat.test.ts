@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { needTools } from "../../test/helpers/tools.js";
-import { FsError, probeFileSystem, type FileSystem } from "./probe.js";
+import { FsError, probeFileSystem, type FileSystem, type ReadAt } from "./probe.js";
 import { expectFsError, reader } from "../../test/helpers/fs-images.js";
 import { countingReader } from "../../test/helpers/volumes.js";
 
@@ -228,7 +228,7 @@ describe.skipIf(!haveTools)("damaged FAT structures give a clear FsError", () =>
       const budget = { calls: 4 * cleanRead.count.calls, bytes: 4 * cleanRead.count.bytes };
       // Metadata is at the front: boot sector, FATs, root directory, first directory clusters.
       const meta = (await clean.allocationMap())[0]!.length + 64 * 1024;
-      let seed = bits;
+      let seed: number = bits;
       const rnd = (n: number) => {
         seed = (seed * 1103515245 + 12345) & 0x7fffffff;
         return seed % n;
