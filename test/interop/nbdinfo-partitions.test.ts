@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { randomImage, serve, tempDir, type Served } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
+import { until } from "../helpers/volumes.js";
 
 const MiB = 1024 * 1024;
 
@@ -44,21 +45,40 @@ describe.skipIf(!needTools("nbdinfo", "nbdcopy", "sgdisk", "sfdisk"))("partition
   });
 
   it("keeps writes inside the partition: offsets are relative, the end is the partition's end", async () => {
-    const u = new URL(srv.uris[1]!);
-    const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk/p1" });
-    expect(c.size).toBe(parts[0]!.size);
-    await c.pwrite(Buffer.alloc(4096, 0xab), 0);
-    await expect(c.pwrite(Buffer.alloc(4096, 0xcd), parts[0]!.size - 2048)).rejects.toMatchObject({ errno: "ENOSPC" });
-    await c.flush();
-    await c.disconnect();
+    const p = parts[0]!;
+    const end = p.start + p.size; // where p1 ends on the disk (and p2 begins)
     const fd = fs.openSync(img, "r");
-    const b = Buffer.alloc(4096);
-    fs.readSync(fd, b, 0, 4096, parts[0]!.start);
-    expect(b.every((v) => v === 0xab)).toBe(true);
-    const after = Buffer.alloc(4096);
-    fs.readSync(fd, after, 0, 4096, parts[0]!.start + parts[0]!.size - 2048);
-    fs.closeSync(fd);
-    expect(after.some((v) => v !== 0xcd)).toBe(true); // the refused write left the next bytes alone
+    const at = (offset: number, length: number) => {
+      const b = Buffer.alloc(length);
+      fs.readSync(fd, b, 0, length, offset);
+      return b;
+    };
+    try {
+      // The disk around p1's end before the writes: its last 4 KiB and the 64 KiB after it.
+      const tail = at(end - 4096, 4096);
+      const beyond = at(end, 65536);
+      const u = new URL(srv.uris[1]!);
+      const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk/p1" });
+      expect(c.size).toBe(p.size);
+      await c.pwrite(Buffer.alloc(4096, 0xab), 0);
+      // Across the end (by 2 KiB, by one byte, zeroes) and wholly past it: refused, nothing written.
+      await expect(c.pwrite(Buffer.alloc(4096, 0xcd), p.size - 2048)).rejects.toMatchObject({ errno: "ENOSPC" });
+      await expect(c.pwrite(Buffer.alloc(512, 0xcd), p.size - 511)).rejects.toMatchObject({ errno: "ENOSPC" });
+      await expect(c.zero(8192, p.size - 4096)).rejects.toMatchObject({ errno: "ENOSPC" });
+      await expect(c.pwrite(Buffer.alloc(512, 0xcd), p.size)).rejects.toMatchObject({ errno: "ENOSPC" });
+      // Up to the partition's last byte: accepted.
+      await c.pwrite(Buffer.alloc(1024, 0xef), p.size - 1024);
+      await c.flush();
+      await c.disconnect();
+      expect(at(p.start, 4096).equals(Buffer.alloc(4096, 0xab))).toBe(true);
+      // Byte for byte: the refused writes left p1's tail as it was (but for the accepted last
+      // 1 KiB) and the disk beyond the end untouched.
+      expect(at(end - 4096, 3072).equals(tail.subarray(0, 3072))).toBe(true);
+      expect(at(end - 1024, 1024).equals(Buffer.alloc(1024, 0xef))).toBe(true);
+      expect(at(end, 65536).equals(beyond)).toBe(true);
+    } finally {
+      fs.closeSync(fd);
+    }
   });
 
   it("serves the whole disk and says why when the table is corrupt", async () => {
@@ -71,7 +91,7 @@ describe.skipIf(!needTools("nbdinfo", "nbdcopy", "sgdisk", "sfdisk"))("partition
     try {
       expect(s.uris).toHaveLength(1);
       expect(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8", env: debianEnv }).trim()).toBe(String(32 * MiB));
-      for (let i = 0; i < 40 && !/no partition exports/.test(s.stderr()); i++) await new Promise((r) => setTimeout(r, 25));
+      await until("the log line saying why no partition is offered", () => (/no partition exports/.test(s.stderr()) ? true : undefined));
       expect(s.stderr()).toMatch(/"reason":"GPT at byte 512: primary: primary GPT header at byte 528: header CRC32 mismatch; backup: .*","msg":"no partition exports"/);
     } finally {
       await s.stop();

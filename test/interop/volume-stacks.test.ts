@@ -5,6 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CLI, controlUrl, randomImage, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
+import { readExport, nbdstack as runCli } from "../helpers/volumes.js";
 
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
@@ -39,18 +40,43 @@ describe.skipIf(!needTools("qemu-io", "qemu-img", "nbdcopy", "nbdinfo"))("volume
       srv = await serve([base, "--overlay", overlay, "--name", "vm", "--no-partitions"], 2);
       execFileSync("qemu-io", ["-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0xcd 4000 100", srv.uris[0]!]);
       const ctl = controlUrl(srv);
-      expect(await nbdstack("snapshot", "vm", "--control", ctl)).toMatch(/snap/);
+      const snap = `${overlay}.snap-1`;
+      const ee = Buffer.alloc(4096, 0xee);
+      const ab = Buffer.alloc(65536, 0xab);
+      expect(await nbdstack("snapshot", "vm", "--control", ctl)).toBe(`froze the overlay of vm as ${snap}; new writes go to ${overlay}\n`);
+      const snapIno = fs.statSync(snap).ino;
+      const snapSum = sha256(snap);
+      expect(fs.statSync(overlay).ino).not.toBe(snapIno); // a new overlay, not a second name of the old one
       execFileSync("qemu-io", ["-f", "raw", "-c", "write -P 0xee 2M 4k", "-c", "flush", srv.uris[0]!]);
-      await nbdstack("merge", "vm", "--control", ctl, "--wait");
+      // What was written after the snapshot is in the new overlay, not in the frozen file.
+      expect(sha256(snap)).toBe(snapSum);
+      expect(fs.readFileSync(snap).includes(ee)).toBe(false);
+      expect(fs.readFileSync(snap).includes(ab)).toBe(true);
+      expect(fs.readFileSync(overlay).includes(ee)).toBe(true);
+      expect(fs.readFileSync(overlay).includes(ab)).toBe(false);
+      const chain = async () => JSON.parse(await nbdstack("cow", "vm", "--control", ctl, "--json"));
+      expect((await chain()).chain.map((e: { path: string; allocatedBytes: number }) => [e.path, e.allocatedBytes])).toEqual([
+        [overlay, 65536],
+        [snap, 2 * 65536],
+      ]);
+      expect(await nbdstack("merge", "vm", "--control", ctl, "--wait")).toBe(`merged 64.0 KiB of vm into ${snap}; overlay is now ${overlay}\n`);
+      // cow.md: the overlay is folded into the snapshot, which then takes the overlay's name.
+      expect(fs.existsSync(snap)).toBe(false);
+      expect(fs.statSync(overlay).ino).toBe(snapIno);
+      expect(fs.readFileSync(overlay).includes(ee)).toBe(true);
+      expect(fs.readFileSync(overlay).includes(ab)).toBe(true);
+      expect((await chain()).chain.map((e: { path: string; allocatedBytes: number }) => [e.path, e.allocatedBytes])).toEqual([[overlay, 3 * 65536]]);
       execFileSync("qemu-io", ["-f", "raw", "-c", "read -P 0xab 1M 64k", "-c", "read -P 0xee 2M 4k", srv.uris[0]!]);
-      // Everything but the written ranges still reads as the base.
-      const out = path.join(dir, "vm-out.img");
-      execFileSync("nbdcopy", [srv.uris[0]!, out]);
+      // Everything but the written ranges still reads as the base, also from the merged overlay
+      // alone after a restart.
       const want = fs.readFileSync(base);
       want.fill(0xab, MiB, MiB + 65536);
       want.fill(0xcd, 4000, 4100);
       want.fill(0xee, 2 * MiB, 2 * MiB + 4096);
-      expect(fs.readFileSync(out).equals(want)).toBe(true);
+      expect(readExport(srv.uris[0]!, path.join(dir, "vm-out.img")).equals(want)).toBe(true);
+      expect(await srv.stop()).toBe(0);
+      srv = await serve([base, "--overlay", overlay, "--name", "vm", "--no-partitions"], 2);
+      expect(readExport(srv.uris[0]!, path.join(dir, "vm-out.img")).equals(want)).toBe(true);
       expect(sha256(base)).toBe(baseSum);
     });
   });
@@ -105,17 +131,28 @@ describe.skipIf(!needTools("qemu-io", "qemu-img", "nbdcopy", "nbdinfo"))("volume
       }
     });
 
-    it("mirror: a failing leg is degraded while clients go on, then resynced online to identical legs", async () => {
+    it("mirror: a failing leg is degraded while clients go on; resync --wait exits 1 while it cannot be done, 0 once done with identical legs", async () => {
       const ctl = controlUrl(srv);
       await nbdstack("fault", "leg1", "--control", ctl, "--add", "op=pwrite,errno=EIO");
       const w = spawnSync("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "flush", uriOf(srv, "mirrored")], { encoding: "utf8" });
       expect(w.status).toBe(0);
       expect(w.stdout + w.stderr).not.toMatch(/error/i);
-      const st = JSON.parse(await nbdstack("mirror", "mirrored", "--control", ctl, "--json"));
-      expect(st.legs.map((l: { state: string }) => l.state)).toEqual(["ok", "degraded"]);
+      const legStates = async () => (JSON.parse(await nbdstack("mirror", "mirrored", "--control", ctl, "--json")).legs as Array<{ state: string }>).map((l) => l.state);
+      expect(await legStates()).toEqual(["ok", "degraded"]);
+      expect(sha256(img("m1.img"))).not.toBe(sha256(img("m2.img")));
+      // The leg still fails every write: the resync fails, and --wait says so with exit status 1.
+      const failed = await runCli("mirror", "mirrored", "--control", ctl, "--resync", "1", "--wait");
+      expect(failed.status).toBe(1);
+      expect(failed.stderr).toMatch(/^nbdstack: resync of leg 1 did not complete: resync write: .*EIO.*\n$/);
+      expect(failed.stdout).toMatch(/\n1 +degraded +\d+ +\d+% .*resync write: /);
+      expect(await legStates()).toEqual(["ok", "degraded"]);
       await nbdstack("fault", "leg1", "--control", ctl, "--clear");
-      const out = await nbdstack("mirror", "mirrored", "--control", ctl, "--resync", "1", "--wait");
-      expect(out).toMatch(/ok/);
+      const ok = await runCli("mirror", "mirrored", "--control", ctl, "--resync", "1", "--wait");
+      expect(ok.status, ok.stderr).toBe(0);
+      expect(ok.stderr).toBe("");
+      expect(ok.stdout).toMatch(/^resync of leg 1 started\n(leg 1: resync \d+% .*\n)*mirror of 2 legs, 4194304 bytes, 2 healthy\n/);
+      expect(ok.stdout).toMatch(/\n1 +ok +\d+ +100% \(4\.0\/4\.0 MiB\)/);
+      expect(await legStates()).toEqual(["ok", "ok"]);
       expect(sha256(img("m1.img"))).toBe(sha256(img("m2.img")));
       execFileSync("qemu-io", ["-f", "raw", "-c", "read -P 0x5a 0 1M", uriOf(srv, "mirrored")]);
     });

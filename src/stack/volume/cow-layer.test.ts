@@ -337,7 +337,12 @@ describe("CowLayer", () => {
     const cow = await open(base, overlay, { blockSize: BS, io: "async" });
     const model = Buffer.from(initial);
     const frozen: string[] = [];
+    /** The device as each snapshot froze it (index 0: snap-1). */
+    const atSnapshot: Buffer[] = [];
+    const below = (l: Layer) => (l as unknown as { below: Layer }).below;
     // Each round: 60 concurrent writes into disjoint 1500-byte slots (so the model is exact), a snapshot among them.
+    // Writes 0..30 of a round entered the layer before the snapshot was asked for, so it holds
+    // them; writes 31..59 wait for it and land in the new overlay.
     let seed = 1;
     for (let round = 0; round < 3; round++) {
       const jobs: Promise<unknown>[] = [];
@@ -348,19 +353,36 @@ describe("CowLayer", () => {
         const data = pattern(len, seed++, off);
         data.copy(model, off);
         jobs.push(cow.pwrite(data, off, plainIo));
-        if (i === 30) jobs.push(cow.snapshot().then((p) => frozen.push(p)));
+        if (i === 30) {
+          atSnapshot.push(Buffer.from(model));
+          jobs.push(cow.snapshot().then((p) => frozen.push(p)));
+        }
       }
       await Promise.all(jobs);
       expect((await readAll(cow)).equals(model)).toBe(true);
+      // The writes after the snapshot changed the device (so the check below can tell)...
+      expect(model.equals(atSnapshot[round]!)).toBe(false);
+      // ...but not the frozen overlay just below the live one.
+      expect((await readAll(below(cow))).equals(atSnapshot[round]!)).toBe(true);
     }
     expect(frozen).toEqual([1, 2, 3].map((n) => `${overlay}.snap-${n}`));
     expect(cow.info().chain.map((e) => e.path)).toEqual([overlay, ...frozen.slice().reverse()]);
     expect(cow.describe()).toBe(`cow:${overlay} → cow-snapshot:${overlay}.snap-3 → cow-snapshot:${overlay}.snap-2 → cow-snapshot:${overlay}.snap-1 → memory:${SIZE}`);
-    // A snapshot freezes: its bytes stay as they were when it was taken.
+    // A snapshot freezes: its bytes stay as they were when it was taken, at every depth of the
+    // chain, while the live overlay moves on; and so after a restart.
+    for (let depth = 1, l = below(cow); depth <= 3; depth++, l = below(l)) expect((await readAll(l)).equals(atSnapshot[3 - depth]!), `snap-${4 - depth}`).toBe(true);
     await cow.close();
     const again = await open(base, overlay, {});
     expect(again.info().chain.length).toBe(4);
     expect((await readAll(again)).equals(model)).toBe(true);
+    for (let depth = 1, l = below(again); depth <= 3; depth++, l = below(l)) expect((await readAll(l)).equals(atSnapshot[3 - depth]!), `snap-${4 - depth} reopened`).toBe(true);
+    // Each .snap-N file, opened as the overlay over the base, is the device as that snapshot froze it.
+    for (let n = 1; n <= 3; n++) {
+      const view = await open(base, `${overlay}.snap-${n}`, { create: false });
+      expect(view.info().chain.length).toBe(n);
+      expect((await readAll(view)).equals(atSnapshot[n - 1]!), `${overlay}.snap-${n} opened alone`).toBe(true);
+      await view.close();
+    }
     await expect(again.snapshot("../elsewhere")).rejects.toThrow(/file name/);
     expect(await again.snapshot("named")).toBe(path.join(path.dirname(overlay), "named"));
     await again.close();
