@@ -170,7 +170,7 @@ export class StorageNode {
     const m: Managed = { name: spec.name, image, lease, redirector, exp: null as unknown as Export, epoch, tracker, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null };
     let top: Layer = redirector;
     for (const l of rest) top = buildLayer(l, top, ctx);
-    const exp: Export = new Export(spec.name, createDiskLayer(top, spec.disk), () => {
+    const exp: Export = new Export(spec.name, createDiskLayer(top, { ...spec.disk, readOnly: spec.readOnly }), () => {
       const r = lease.read();
       return `${exp.layer.describe()} [owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;
     });

@@ -171,7 +171,7 @@ export function composeExport(spec: ExportSpec, handles: StackHandles = new Stac
   const name = spec.name ?? defaultExportName(spec.source);
   const stack = stackOf(spec);
   const below = buildStack(stack, { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles });
-  return new Export(name, createDiskLayer(below, spec.disk), spec.description);
+  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly }), spec.description);
 }
 
 export { formatStack };
@@ -186,7 +186,9 @@ export async function partitionExports(whole: Export, disk?: DiskLayerOptions): 
   try {
     const table = await readPartitionTable(readerOf(below), below.size());
     if (!table) return { exports: [], table: null, reason: "no partition table" };
-    const exports = table.partitions.map((p) => new Export(`${whole.name}/p${p.index}`, createDiskLayer(new PartitionLayer(below, p, table.scheme), disk)));
+    // A partition of a read-only export is read-only too, whatever the layers below could do.
+    const opts = { ...disk, readOnly: disk?.readOnly || !whole.capabilities().writable };
+    const exports = table.partitions.map((p) => new Export(`${whole.name}/p${p.index}`, createDiskLayer(new PartitionLayer(below, p, table.scheme), opts)));
     return { exports, table };
   } catch (err) {
     if (err instanceof PartitionTableError) return { exports: [], table: null, reason: err.message };

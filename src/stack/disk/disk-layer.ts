@@ -8,6 +8,11 @@ export interface DiskLayerOptions {
   maxPayload?: number;
   /** How many pieces of one split request run at once. Default 4. */
   splitParallel?: number;
+  /**
+   * Serve the device read-only whatever the layers below could do: a read-only export whose stack
+   * holds a writable layer of its own (a cow overlay above a read-only image) must still refuse writes.
+   */
+  readOnly?: boolean;
 }
 
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
@@ -26,12 +31,14 @@ export class DiskLayer extends PassthroughLayer {
   private maxChunk = 0;
   private readonly maxPayload: number;
   private readonly splitParallel: number;
+  private readonly readOnly: boolean;
   private readonly lock = new RangeLock();
 
   constructor(next: Layer, opts: DiskLayerOptions = {}) {
     super(next);
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.splitParallel = opts.splitParallel ?? 4;
+    this.readOnly = !!opts.readOnly;
   }
 
   override describe(): string {
@@ -48,8 +55,10 @@ export class DiskLayer extends PassthroughLayer {
     const c = this.next.capabilities();
     this.align = c.blockSize.minimum;
     this.maxChunk = Math.max(this.align, Math.floor(Math.min(c.blockSize.maximum, 0x40000000) / this.align) * this.align);
+    const ro = this.readOnly && c.writable ? { writable: false, trim: false, zero: false, fastZero: false, fua: false } : {};
     this.caps = {
       ...c,
+      ...ro,
       blockSize: {
         minimum: 1,
         preferred: Math.max(4096, c.blockSize.preferred),
