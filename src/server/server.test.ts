@@ -1,12 +1,13 @@
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../client/nbd-client.js";
-import { silentLogger } from "../log.js";
+import { silentLogger, type Logger } from "../log.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../protocol/constants.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
-import { PassthroughLayer, plainIo, type Io } from "../stack/layer.js";
+import { PassthroughLayer, plainIo, type Io, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { Export } from "./export.js";
+import type { ConnectionLimits } from "./connection.js";
 import { NbdServer } from "./server.js";
 
 const MiB = 1024 * 1024;
@@ -16,12 +17,13 @@ afterEach(async () => {
   servers = [];
 });
 
-async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?: { maxInflightRequests?: number; maxInflightBytes?: number } } = {}) {
+async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?: Partial<ConnectionLimits>; top?: (l: Layer) => Layer; log?: Logger } = {}) {
   const port = new MemoryPort({ size: 16 * MiB, readOnly: opts.readOnly });
+  const disk = new DiskLayer(port);
   const server = new NbdServer({
-    exports: [new Export("mem", new DiskLayer(port)), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
+    exports: [new Export("mem", opts.top ? opts.top(disk) : disk), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
     tcp: [{ host: "127.0.0.1", port: 0 }],
-    log: silentLogger(),
+    log: opts.log ?? silentLogger(),
     limits: opts.limits,
     directReads: opts.directReads,
   });
@@ -29,6 +31,46 @@ async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?:
   servers.push(server);
   const a = server.addresses()[0] as { host: string; port: number };
   return { server, port, addr: { host: a.host, port: a.port } };
+}
+
+/**
+ * Sits on top of an export and watches the requests the server lets into the stack: how many are
+ * inside at once, how many payload bytes were inside when another one came in. Requests for which
+ * `slow(offset)` holds wait a few event-loop turns, so later ones can overtake them.
+ */
+class Probe extends PassthroughLayer {
+  inside = 0;
+  insideBytes = 0;
+  maxInside = 0;
+  /** Largest number of payload bytes already inside when a request entered. */
+  maxBytesAtEntry = 0;
+  entered = 0;
+  constructor(
+    next: Layer,
+    private readonly slow: (offset: number) => boolean = () => false,
+  ) {
+    super(next);
+  }
+  private async track(len: number, offset: number, go: () => Promise<void>): Promise<void> {
+    this.maxBytesAtEntry = Math.max(this.maxBytesAtEntry, this.insideBytes);
+    this.entered++;
+    this.inside++;
+    this.insideBytes += len;
+    this.maxInside = Math.max(this.maxInside, this.inside);
+    try {
+      if (this.slow(offset)) for (let i = 0; i < 3; i++) await new Promise((r) => setImmediate(r));
+      await go();
+    } finally {
+      this.inside--;
+      this.insideBytes -= len;
+    }
+  }
+  override pread(b: Buffer, o: number, io: Io) {
+    return this.track(b.length, o, () => super.pread(b, o, io));
+  }
+  override pwrite(b: Buffer, o: number, io: Io) {
+    return this.track(b.length, o, () => super.pwrite(b, o, io));
+  }
 }
 
 function rawHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
@@ -166,9 +208,13 @@ describe("NbdServer against the memory port", () => {
 
   for (const directReads of [true, false]) {
     it(`completes many concurrent requests of every size, out of order, past the in-flight cap (${directReads ? "direct reads" : "data events"})`, async () => {
-      const { addr } = await start({ directReads, limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 } });
+      // Every third write dawdles inside the stack, so later ones overtake it.
+      let probe!: Probe;
+      const slowAt = new Set<number>();
+      const { addr } = await start({ directReads, limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 }, top: (l) => (probe = new Probe(l, (o) => slowAt.has(o))) });
       const c = await NbdClient.connect(addr, { exportName: "mem" });
       const jobs: Promise<void>[] = [];
+      const acked: number[] = []; // write indexes in the order their replies came
       let off = 0;
       for (let i = 0; i < 300; i++) {
         // Small payloads, and payloads big enough to be read straight into place; no two overlap.
@@ -177,10 +223,24 @@ describe("NbdServer against the memory port", () => {
         for (let j = 0; j < len; j += 997) buf[j] = ((i + j) & 0xff) | 1;
         const at = off;
         off += len;
-        jobs.push(c.pwrite(buf, at).then(async () => expect((await c.pread(buf.length, at)).equals(buf)).toBe(true)));
+        if (i % 3 === 0) slowAt.add(at);
+        jobs.push(
+          c.pwrite(buf, at).then(async () => {
+            acked.push(i);
+            expect((await c.pread(buf.length, at)).equals(buf)).toBe(true);
+          }),
+        );
       }
       await Promise.all(jobs);
       await c.disconnect();
+      expect(probe.entered).toBe(600);
+      // Out of order: some write was acknowledged before one sent earlier.
+      expect(acked).toHaveLength(300);
+      expect(acked.some((v, k) => k > 0 && v < acked[k - 1]!)).toBe(true);
+      // The cap was reached and never exceeded: at most 4 requests inside the stack at once, and a
+      // request only went in while fewer than 64 KiB of payload were inside.
+      expect(probe.maxInside).toBe(4);
+      expect(probe.maxBytesAtEntry).toBeLessThan(64 * 1024);
     });
   }
 
