@@ -71,6 +71,7 @@ export class Connection {
   private inflight = 0;
   private inflightBytes = 0;
   private paused = false;
+  private pausedBy: "replies" | "requests" | "bytes" | null = null;
   /** Received bytes not parsed yet because a cap was reached; parsed before the socket is read again. */
   private backlog: Buffer | null = null;
   /** The client's end arrived while `backlog` was waiting: acted on once the backlog is parsed. */
@@ -263,13 +264,17 @@ export class Connection {
       return;
     }
     if (this.eof && !this.backlog) this.endOfInput();
-    const hold = cap !== null || this.backlog !== null;
-    if (hold && !this.paused) {
-      this.paused = true;
-      this.socket.pause();
-      this.log.trace({ cap, inflight: this.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
-    } else if (!hold && this.paused) {
+    if (cap !== null) {
+      if (!this.paused) {
+        this.paused = true;
+        this.socket.pause();
+      }
+      // Logged again when another cap takes over (say, replies pile up while requests are capped).
+      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
+      this.pausedBy = cap;
+    } else if (this.paused) {
       this.paused = false;
+      this.pausedBy = null;
       this.socket.resume();
       this.log.trace({ inflight: this.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
     }
