@@ -1,4 +1,5 @@
 import net from "node:net";
+import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../client/nbd-client.js";
 import { silentLogger, type Logger } from "../log.js";
@@ -71,6 +72,62 @@ class Probe extends PassthroughLayer {
   override pwrite(b: Buffer, o: number, io: Io) {
     return this.track(b.length, o, () => super.pwrite(b, o, io));
   }
+}
+
+/** Resolves once `cond()` holds; polls, and fails with `what` after a generous deadline. */
+async function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** A plain TCP client that keeps every byte the server sends. */
+async function rawConnect(addr: { host: string; port: number }) {
+  const socket = net.connect(addr.port, addr.host);
+  const rx: Buffer[] = [];
+  let total = 0;
+  socket.on("data", (d: Buffer) => {
+    rx.push(d);
+    total += d.length;
+  });
+  socket.on("error", () => undefined);
+  const closed = new Promise<void>((r) => socket.once("close", () => r()));
+  await new Promise((r) => socket.once("connect", r));
+  const received = () => Buffer.concat(rx);
+  return {
+    socket,
+    closed,
+    received,
+    /** Waits until at least `n` bytes came in; returns all of them. */
+    bytes: async (n: number) => {
+      await until(() => total >= n, `${n} bytes from the server`);
+      return received();
+    },
+  };
+}
+
+function optionFrame(opt: number, data: Buffer, len = data.length): Buffer {
+  const h = Buffer.alloc(16);
+  h.write("IHAVEOPT", 0, "latin1");
+  h.writeUInt32BE(opt, 8);
+  h.writeUInt32BE(len, 12);
+  return Buffer.concat([h, data]);
+}
+
+/** A trace-level logger whose lines the test can wait for. */
+function captureLog() {
+  const lines: Array<Record<string, unknown>> = [];
+  const logger = pino({ level: "trace" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+  return {
+    logger,
+    lines,
+    async waitFor(match: (l: Record<string, any>) => boolean): Promise<Record<string, any>> {
+      await until(() => lines.some(match), "a log line");
+      return lines.find(match)!;
+    },
+  };
 }
 
 function rawHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
@@ -269,31 +326,49 @@ describe("NbdServer against the memory port", () => {
 
   it("drops a client that sends unknown handshake flags, and answers unknown options with ERR_UNSUP", async () => {
     const { addr } = await start();
-    const s = net.connect(addr.port, addr.host);
-    const got: Buffer[] = [];
-    s.on("data", (d) => got.push(d));
-    await new Promise((r) => s.once("connect", r));
-    await new Promise((r) => setTimeout(r, 50));
-    s.write(Buffer.from([0, 0, 0, 0x83])); // FIXED_NEWSTYLE | NO_ZEROES | unknown bit 7
-    await new Promise((r) => s.once("close", r));
-    expect(Buffer.concat(got).length).toBe(18); // only the greeting was ever sent
+    const s = await rawConnect(addr);
+    await s.bytes(18); // the greeting
+    s.socket.write(Buffer.from([0, 0, 0, 0x83])); // FIXED_NEWSTYLE | NO_ZEROES | unknown bit 7
+    await s.closed;
+    expect(s.received()).toHaveLength(18); // nothing but the greeting was ever sent
 
-    const t = net.connect(addr.port, addr.host);
-    const rx: Buffer[] = [];
-    t.on("data", (d) => rx.push(d));
-    await new Promise((r) => t.once("connect", r));
-    const opt = Buffer.alloc(16);
-    opt.write("IHAVEOPT", 0, "latin1");
-    opt.writeUInt32BE(4242, 8);
-    opt.writeUInt32BE(0, 12);
-    t.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), opt]));
-    await new Promise((r) => setTimeout(r, 100));
-    const all = Buffer.concat(rx);
-    expect(all.length).toBeGreaterThanOrEqual(18 + 20);
-    expect(all.readUInt32BE(18 + 8)).toBe(4242);
-    expect(all.readUInt32BE(18 + 12)).toBe(0x80000001); // NBD_REP_ERR_UNSUP, negotiation goes on
-    expect(t.destroyed).toBe(false);
-    t.destroy();
+    const t = await rawConnect(addr);
+    t.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(4242, Buffer.alloc(0))]));
+    const unsup = (await t.bytes(18 + 20)).subarray(18);
+    expect(unsup.readUInt32BE(8)).toBe(4242);
+    expect(unsup.readUInt32BE(12)).toBe(0x80000001); // NBD_REP_ERR_UNSUP
+    const msgLen = unsup.readUInt32BE(16);
+    expect((await t.bytes(38 + msgLen)).subarray(38).toString()).toMatch(/option 4242 is not supported/);
+    // Negotiation goes on: NBD_OPT_ABORT is acknowledged, then the server closes.
+    const at = t.received().length;
+    t.socket.write(optionFrame(2, Buffer.alloc(0)));
+    const ack = (await t.bytes(at + 20)).subarray(at);
+    expect([ack.readUInt32BE(8), ack.readUInt32BE(12)]).toEqual([2, 1]); // NBD_OPT_ABORT, NBD_REP_ACK
+    await t.closed;
+  });
+
+  it("stops reading requests while 1 MiB of replies waits for a client that does not read, and goes on when it reads", async () => {
+    const log = captureLog();
+    let probe!: Probe;
+    const { addr } = await start({ log: log.logger, limits: { maxQueuedReplyBytes: MiB, maxInflightRequests: 10_000, maxInflightBytes: 2 * MiB }, top: (l) => (probe = new Probe(l)) });
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const pattern = Buffer.alloc(8 * MiB);
+    for (let i = 0; i < pattern.length; i += 4096) pattern.fill((i >> 12) & 0xff, i, i + 4096);
+    await c.pwrite(pattern, 0);
+    c.socket.pause(); // replies pile up on the server's side
+    const n = 200; // 100 MiB of replies asked for
+    const reads = Array.from({ length: n }, (_, i) => c.pread(512 * 1024, (i % 16) * 512 * 1024));
+    const paused = await log.waitFor((l) => l.msg === "pausing the socket" && l.cap === "replies");
+    expect(paused.queuedReplyBytes).toBeGreaterThan(MiB);
+    // The server stopped taking requests: far fewer than were sent got into the stack (the rest
+    // of what it answered sits in the kernel's socket buffers).
+    expect(probe.entered).toBeLessThan(1 + n);
+    c.socket.resume();
+    const got = await Promise.all(reads);
+    got.forEach((b, i) => expect(b.equals(pattern.subarray((i % 16) * 512 * 1024, ((i % 16) + 1) * 512 * 1024))).toBe(true));
+    expect(probe.entered).toBe(1 + n);
+    await log.waitFor((l) => l.msg === "resuming the socket");
+    await c.disconnect();
   });
 
   it("finishes requests in flight before a graceful shutdown, refuses later ones, then refuses new connections", async () => {
@@ -315,17 +390,17 @@ describe("NbdServer against the memory port", () => {
     const a = server.addresses()[0] as { host: string; port: number };
     const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
     const writes = Array.from({ length: 50 }, (_, i) => c.pwrite(Buffer.alloc(65536, i + 1), i * 65536));
-    while (held < 50) await new Promise((r) => setTimeout(r, 5));
+    await until(() => held === 50, "50 writes held in the stack");
     const closing = server.close();
     const late = c.pwrite(Buffer.alloc(512), 0).then(
       () => "acknowledged",
       (e) => e.errno,
     );
-    await new Promise((r) => setTimeout(r, 50));
+    // Refused at once, while the 50 are still held.
+    expect(await late).toBe("ESHUTDOWN");
     open();
     const results = await Promise.allSettled(writes);
     expect(results.every((r) => r.status === "fulfilled")).toBe(true);
-    expect(await late).toBe("ESHUTDOWN");
     await closing;
     await c.closed;
     const back = Buffer.alloc(65536);
