@@ -83,6 +83,16 @@ async function until(cond: () => boolean, what: string, ms = 20_000): Promise<vo
   }
 }
 
+/** Waits for `p`, failing with `what` after a generous deadline. */
+async function within<T>(p: Promise<T>, what: string, ms = 20_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** A plain TCP client that keeps every byte the server sends. */
 async function rawConnect(addr: { host: string; port: number }) {
   const socket = net.connect(addr.port, addr.host);
@@ -409,5 +419,28 @@ describe("NbdServer against the memory port", () => {
       expect(back.every((b) => b === i + 1)).toBe(true);
     }
     await expect(NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" })).rejects.toThrow();
+  });
+
+  it("stops after the grace period even when a request never finishes, closing that connection", async () => {
+    let held = 0;
+    class Stuck extends PassthroughLayer {
+      override pwrite(): Promise<void> {
+        held++;
+        return new Promise<void>(() => undefined); // a peer that is gone, a stall nobody releases
+      }
+    }
+    const server = new NbdServer({ exports: [new Export("mem", new DiskLayer(new Stuck(new MemoryPort({ size: MiB }))))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+    await server.start();
+    const a = server.addresses()[0] as { host: string; port: number };
+    const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
+    const write = c.pwrite(Buffer.alloc(512), 0).then(
+      () => "acknowledged",
+      (e) => e.errno,
+    );
+    await until(() => held === 1, "the write to get stuck");
+    await within(server.close(100), "server.close() with a request that never finishes");
+    await c.closed;
+    expect(await write).toBe("ESHUTDOWN"); // the client's side: the connection went away unanswered
+    expect(server.connectionCount).toBe(0);
   });
 });
