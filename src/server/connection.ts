@@ -184,9 +184,18 @@ export class Connection {
    */
   async shutdown(): Promise<void> {
     this.stopping = true;
-    await this.idle();
+    await Promise.race([this.idle(), this.closed]);
     this.finish();
     await this.closed;
+  }
+
+  /**
+   * Ends the connection without waiting for the requests in flight (they go unanswered): for
+   * requests that never finish, say on a peer that is gone. Replies already queued still go out.
+   */
+  abort(): void {
+    this.stopping = true;
+    this.finish();
   }
 
   private idle(): Promise<void> {
@@ -283,7 +292,7 @@ export class Connection {
   /** Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed). */
   private send(buf: Buffer, written?: () => void): void {
     const s = this.socket;
-    if (s.destroyed) {
+    if (s.destroyed || s.writableEnded) {
       written?.();
       return;
     }
