@@ -1,4 +1,6 @@
+import { spawn, type ChildProcess } from "node:child_process";
 import net from "node:net";
+import { CLI } from "./serve.js";
 
 /** Resolves once `cond()` holds; polls every 5 ms and fails naming `what` after a generous deadline. */
 export async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 20_000): Promise<void> {
@@ -87,4 +89,50 @@ export function optionFrame(opt: number, data: Buffer = Buffer.alloc(0), len = d
   h.writeUInt32BE(opt >>> 0, 8);
   h.writeUInt32BE(len >>> 0, 12);
   return Buffer.concat([h, data]);
+}
+
+/** A `nbdstack serve` started by `startServe`. */
+export interface RawServe {
+  proc: ChildProcess;
+  uri: string;
+  stderr(): string;
+  /** SIGTERM; resolves with the exit code. */
+  stop(): Promise<number | null>;
+}
+
+/**
+ * Starts `nbdstack serve ARGS` exactly as given (test/helpers/serve.ts adds --log-level debug and
+ * --log-format json, which tests of those options cannot have) and waits for its first URI.
+ */
+export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): Promise<RawServe> {
+  const proc = spawn(process.execPath, [CLI, "serve", ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  let out = "";
+  let err = "";
+  proc.stderr!.on("data", (d) => (err += d));
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  try {
+    await within(
+      new Promise<void>((resolve, reject) => {
+        proc.stdout!.on("data", (d) => {
+          out += d;
+          if (out.includes("\n")) resolve();
+        });
+        void exited.then((code) => reject(new Error(`serve exited with ${code}: ${err}`)));
+      }),
+      20_000,
+      "serve to print its URI",
+    );
+  } catch (e) {
+    proc.kill("SIGKILL");
+    throw e;
+  }
+  return {
+    proc,
+    uri: out.split("\n")[0]!,
+    stderr: () => err,
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill("SIGTERM");
+      return exited;
+    },
+  };
 }
