@@ -4,19 +4,37 @@ import net from "node:net";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { CLI, serve, tempDir } from "../helpers/serve.js";
+import { CLI, ROOT, serve, tempDir } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
 
 describe("nbdstack CLI", () => {
-  it("documents every serve flag in --help", () => {
+  it("documents every serve flag in --help, and every flag of --help in the README", () => {
     const top = execFileSync(process.execPath, [CLI, "--help"], { encoding: "utf8" });
     expect(top).toMatch(/serve \[options\] \[images\.\.\.\]/);
     const help = execFileSync(process.execPath, [CLI, "serve", "--help"], { encoding: "utf8" });
-    for (const flag of ["--listen", "--socket", "--name", "--read-only", "--demo", "--max-inflight", "--max-inflight-bytes", "--log-level", "--log-format"]) {
-      expect(help).toContain(flag);
-    }
+    // Commander puts each option at the start of a line indented by two spaces (wrapped
+    // descriptions are indented further): "  -l, --listen <host:port>  …".
+    const helpFlags = new Set([...help.matchAll(/^ {2}(?:-\w, )?(--[\w-]+)/gm)].map((m) => m[1]!));
+    helpFlags.delete("--help");
+    // The README's table under "### `nbdstack serve [options] [images...]`": flags of its first column.
+    const readme = fs.readFileSync(path.join(ROOT, "README.md"), "utf8");
+    const section = readme.slice(readme.indexOf("### `nbdstack serve [options] [images...]`"));
+    const firstCells = (text: string) =>
+      text
+        .split("\n")
+        .filter((l) => l.startsWith("|") && !/^\|\s*-+\s*\|/.test(l))
+        .map((l) => l.split("|")[1]!);
+    const flagsIn = (cells: string[]) => new Set(cells.flatMap((c) => [...c.matchAll(/--[\w-]+/g)].map((m) => m[0])));
+    const table = flagsIn(firstCells(section.slice(0, section.indexOf("\n## "))));
+    expect(table.size).toBeGreaterThanOrEqual(28); // the parsing found the table
+    for (const flag of table) expect(helpFlags, `README's serve table names ${flag}`).toContain(flag);
+    // Every flag serve --help shows is documented in some README table (the cluster ones, such as
+    // --node-id and --lease-ttl, are in "Moving a live export to another node").
+    const documented = flagsIn(firstCells(readme));
+    for (const flag of helpFlags) expect(documented, `serve --help shows ${flag}`).toContain(flag);
+    expect(helpFlags.size).toBeGreaterThanOrEqual(32); // and the options
   });
 
   it("fails with a clear message on a missing image or bad arguments", () => {
