@@ -311,26 +311,34 @@ describe("NbdServer against the memory port", () => {
     });
   }
 
-  it("closes only the offending connection on a bad magic, an oversized write or a truncated frame", async () => {
-    const { addr, server } = await start();
+  it("closes only the offending connection on a bad magic, an oversized write or a truncated frame, saying why", async () => {
+    const log = captureLog();
+    const { addr, server } = await start({ log: log.logger });
     const good = await NbdClient.connect(addr, { exportName: "mem" });
-    for (const bad of [
-      (() => {
-        const h = rawHeader(Cmd.NBD_CMD_READ, 0, 1, 0, 512);
-        h.writeUInt32BE(0x12345678, 0);
-        return h;
-      })(),
-      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 64 * MiB),
-      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 4096).subarray(0, 17),
-    ]) {
+    for (const [bad, msg, reason] of [
+      [
+        (() => {
+          const h = rawHeader(Cmd.NBD_CMD_READ, 0, 1, 0, 512);
+          h.writeUInt32BE(0x12345678, 0);
+          return h;
+        })(),
+        "closing connection: protocol violation",
+        "bad request magic 0x12345678",
+      ],
+      [rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 64 * MiB), "closing connection: protocol violation", `write payload of ${64 * MiB} bytes exceeds the maximum of ${32 * MiB}`],
+      [rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 4096).subarray(0, 17), "closing connection: truncated request frame", undefined],
+    ] as const) {
       const victim = await NbdClient.connect(addr, { exportName: "mem" });
+      const port = victim.socket.localPort;
       victim.socket.write(bad);
       if (bad.length === 17) victim.socket.end();
       await victim.closed;
+      // The server closed it, for this reason (a client may also hang up on a reply it did not ask for).
+      await log.waitFor((l) => l.peer === `127.0.0.1:${port}` && l.msg === msg && l.reason === reason);
       await good.pwrite(Buffer.from("still here"), 0);
       expect((await good.pread(10, 0)).toString()).toBe("still here");
     }
-    expect(server.connectionCount).toBe(1);
+    await until(() => server.connectionCount === 1, "only the good connection left");
     await good.disconnect();
   });
 

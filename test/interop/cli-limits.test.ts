@@ -145,7 +145,11 @@ describe("per-connection caps", () => {
   async function waves(srv: Served, tokenFile: string, c: NbdClient, o: { writes: number; size: number; perWave: number; cap: "requests" | "bytes"; from: number }) {
     const acks: number[] = [];
     const data = (i: number) => Buffer.alloc(o.size, (o.from + i) % 251);
+    // Sent in one go (corked), so the server reads several requests in one chunk: it must still
+    // start no more than the cap of them.
+    c.socket.cork();
     const writes = Array.from({ length: o.writes }, (_, i) => c.pwrite(data(i), i * o.size).then(() => void acks.push(i)));
+    c.socket.uncork();
     for (let k = 1; k * o.perWave <= o.writes; k++) {
       const stalled = o.from + k * o.perWave; // the fault layer's count since the server started
       await until(async () => (await stalledCount(srv)) === stalled, `wave ${k}: ${o.perWave} writes stalled`);
