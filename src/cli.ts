@@ -7,6 +7,7 @@ import { benchCommand } from "./commands/bench.js";
 import { registerCowCommands } from "./commands/cow.js";
 import { registerVolumeCommands } from "./commands/volume.js";
 import { registerFsCommands } from "./commands/fs.js";
+import { LOG_LEVELS } from "./log.js";
 
 const program = new Command();
 program
@@ -63,7 +64,7 @@ program
   .option("--fault", "put a fault layer (no rules yet) directly above each export's port; steer it with 'nbdstack fault'", false)
   .option("--fault-seed <n>", "seed of the fault layers' random decisions", (v: string) => Number(v), 1)
   .option("--fault-powerloss", "fault layer keeps unflushed writes in a volatile cache that 'nbdstack fault --powercut' loses (implies --fault)", false)
-  .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error", "silent"]).default("info"))
+  .addOption(new Option("--log-level <level>", "log level (default: $NBDSTACK_LOG, else info)").choices(LOG_LEVELS))
   .addOption(new Option("--log-format <format>", "log format (default: pretty when stdout is a terminal, else json)").choices(["json", "pretty"]))
   .action(serveCommand);
 

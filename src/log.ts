@@ -9,9 +9,17 @@ export interface LogOptions {
   pretty?: boolean;
 }
 
-/** The process logger: JSON lines on stderr, or readable lines when stdout is a TTY. */
+export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "silent"] as const;
+
+/**
+ * The process logger: JSON lines on stderr, or readable lines when stdout is a TTY. The level is
+ * `opts.level`, else $NBDSTACK_LOG, else info; a level that does not exist is an error.
+ */
 export function createLogger(opts: LogOptions = {}): Logger {
-  const level = opts.level ?? process.env.NBDSTACK_LOG ?? "info";
+  const level = opts.level ?? (process.env.NBDSTACK_LOG || "info");
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+    throw new Error(`log level "${level}"${opts.level === undefined ? " (from NBDSTACK_LOG)" : ""} does not exist; expected one of ${LOG_LEVELS.join(", ")}`);
+  }
   const human = opts.pretty ?? process.stdout.isTTY === true;
   if (human) {
     return pino({ level }, pretty({ destination: 2, sync: true, colorize: true, ignore: "pid,hostname", translateTime: "HH:MM:ss.l" }));

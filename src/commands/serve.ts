@@ -35,7 +35,8 @@ export interface ServeOptions extends TlsFlags {
   maxConnectionsPerClient: number;
   handshakeTimeout: string;
   idleTimeout: string;
-  logLevel: string;
+  /** Absent: $NBDSTACK_LOG, else info. */
+  logLevel?: string;
   logFormat?: "json" | "pretty";
   nodeId?: string;
   dataDir?: string;

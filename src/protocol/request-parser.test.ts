@@ -86,6 +86,31 @@ describe("RequestParser", () => {
     expect(got.map(summary)).toEqual(expected);
   });
 
+  it("stops right after a request its consumer refuses more after, and goes on from there", () => {
+    const { bytes, expected } = stream();
+    // At every split point of the stream, stop after every request: the parser must say how many
+    // bytes it used, and feeding the rest must give exactly the requests not given yet.
+    for (let cut = 0; cut <= bytes.length; cut++) {
+      const got: Request[] = [];
+      const p = new RequestParser((r) => {
+        got.push(r);
+        return false;
+      }, 1 << 20);
+      for (let chunk of [bytes.subarray(0, cut), bytes.subarray(cut)]) {
+        while (chunk.length > 0) {
+          const before = got.length;
+          const used = p.feed(chunk);
+          expect(used).toBeGreaterThan(0);
+          expect(used).toBeLessThanOrEqual(chunk.length);
+          expect(got.length - before).toBeLessThanOrEqual(1); // never more than one request per feed
+          if (used < chunk.length) expect(got.length).toBe(before + 1); // stopped only because of a request
+          chunk = chunk.subarray(used);
+        }
+      }
+      expect(got.map(summary)).toEqual(expected);
+    }
+  });
+
   it("reports a frame cut short", () => {
     const p = new RequestParser(() => undefined, 1 << 20);
     p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 10).subarray(0, 20));

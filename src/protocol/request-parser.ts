@@ -35,6 +35,8 @@ export class Request implements Io {
  * for each whole request. Write payloads are slices of the received chunk when they lie whole in
  * it and are copied only when split across chunks (into a pooled buffer: see Request.backing). Throws ProtocolError on a bad magic or a write
  * payload larger than `maxPayload`; after that the stream cannot be resynchronised.
+ * When `onRequest` returns false (its in-flight caps are reached) the parser stops right after that
+ * request; `feed` returns how many bytes it used, and the caller feeds the rest later.
  */
 export class RequestParser {
   private readonly header = Buffer.alloc(REQUEST_HEADER_SIZE);
@@ -48,7 +50,7 @@ export class RequestParser {
    * see payloadTarget).
    */
   constructor(
-    private readonly onRequest: (req: Request) => void,
+    private readonly onRequest: (req: Request) => unknown,
     private readonly maxPayload: number,
     private readonly volatileChunks = false,
   ) {}
@@ -63,7 +65,7 @@ export class RequestParser {
     return req.data!.subarray(this.payloadFill);
   }
 
-  /** `n` bytes were written into the buffer given by payloadTarget(). */
+  /** `n` bytes were written into the buffer given by payloadTarget(); completing it calls onRequest. */
   payloadFilled(n: number): void {
     const req = this.pending!;
     this.payloadFill += n;
@@ -78,7 +80,8 @@ export class RequestParser {
     return this.headerFill > 0 || this.pending !== null;
   }
 
-  feed(chunk: Buffer): void {
+  /** Parses what it can of `chunk`; returns the bytes used (all of them unless onRequest said stop). */
+  feed(chunk: Buffer): number {
     let pos = 0;
     const end = chunk.length;
     while (pos < end) {
@@ -91,7 +94,7 @@ export class RequestParser {
         pos += n;
         if (this.payloadFill === data.length) {
           this.pending = null;
-          this.onRequest(req);
+          if (this.onRequest(req) === false) return pos;
         }
         continue;
       }
@@ -106,7 +109,7 @@ export class RequestParser {
         chunk.copy(this.header, this.headerFill, pos, pos + n);
         this.headerFill += n;
         pos += n;
-        if (this.headerFill < REQUEST_HEADER_SIZE) return;
+        if (this.headerFill < REQUEST_HEADER_SIZE) return pos;
         this.headerFill = 0;
         src = this.header;
         at = 0;
@@ -122,13 +125,13 @@ export class RequestParser {
       const length = src.readUInt32BE(at + 24);
       const offset = offHi < 0x200000 ? offHi * 0x100000000 + offLo : Infinity;
       if (type !== Cmd.NBD_CMD_WRITE) {
-        this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, null));
+        if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, null)) === false) return pos;
         continue;
       }
       if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
       if (end - pos >= length && !this.volatileChunks) {
-        this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos, pos + length)));
         pos += length;
+        if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos - length, pos))) === false) return pos;
         continue;
       }
       let data: Buffer;
@@ -142,5 +145,6 @@ export class RequestParser {
       this.pending = req;
       this.payloadFill = 0;
     }
+    return pos;
   }
 }

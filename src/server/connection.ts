@@ -57,8 +57,9 @@ const DIRECT_PAYLOAD_MIN = 32 * 1024;
 /**
  * One client socket: handshake, then the request stream. Requests run concurrently and are
  * answered as they complete (out of order). Replies finished in one event-loop turn go out in
- * one corked write. The socket is paused while the in-flight caps are reached or while the
- * socket's write buffer is full, so neither a fast client nor a slow reader grows memory.
+ * one corked write. Once the in-flight caps are reached or the socket's write buffer is full, no
+ * further request is started: the parser stops where it is (the unparsed rest of the chunk waits
+ * in `backlog`) and the socket is paused, so neither a fast client nor a slow reader grows memory.
  */
 export class Connection {
   private exp!: Export;
@@ -70,6 +71,11 @@ export class Connection {
   private inflight = 0;
   private inflightBytes = 0;
   private paused = false;
+  private pausedBy: "replies" | "requests" | "bytes" | null = null;
+  /** Received bytes not parsed yet because a cap was reached; parsed before the socket is read again. */
+  private backlog: Buffer | null = null;
+  /** The client's end arrived while `backlog` was waiting: acted on once the backlog is parsed. */
+  private eof = false;
   private writeBlocked = false;
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
@@ -150,8 +156,11 @@ export class Connection {
       () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? scratch,
       (buf, n) => {
         if (this.finished) return;
-        if (buf === scratch) this.onData(scratch.subarray(0, n));
-        else parser.payloadFilled(n);
+        if (buf === scratch) this.consume(scratch.subarray(0, n), true);
+        else {
+          parser.payloadFilled(n);
+          this.updateFlow();
+        }
       },
     );
     this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload);
@@ -166,7 +175,7 @@ export class Connection {
         this.finish();
       });
     }
-    if (negotiated.rest.length) this.onData(negotiated.rest);
+    if (negotiated.rest.length) this.consume(negotiated.rest, false);
   }
 
   /**
@@ -175,9 +184,18 @@ export class Connection {
    */
   async shutdown(): Promise<void> {
     this.stopping = true;
-    await this.idle();
+    await Promise.race([this.idle(), this.closed]);
     this.finish();
     await this.closed;
+  }
+
+  /**
+   * Ends the connection without waiting for the requests in flight (they go unanswered): for
+   * requests that never finish, say on a peer that is gone. Replies already queued still go out.
+   */
+  abort(): void {
+    this.stopping = true;
+    this.finish();
   }
 
   private idle(): Promise<void> {
@@ -195,45 +213,86 @@ export class Connection {
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
 
-  private readonly onData = (chunk: Buffer): void => {
+  private readonly onData = (chunk: Buffer): void => this.consume(chunk, false);
+
+  /** Parses received bytes as far as the caps allow; `reused`: the buffer is read into again later. */
+  private consume(chunk: Buffer, reused: boolean): void {
     if (this.finished) return;
+    if (this.backlog) {
+      // Not expected (the socket is paused while a backlog waits), but order must hold.
+      this.backlog = Buffer.concat([this.backlog, chunk]);
+      return;
+    }
+    let used: number;
     try {
-      this.parser.feed(chunk);
+      used = this.parser.feed(chunk);
     } catch (err) {
       this.log.warn({ reason: errorMessage(err) }, "closing connection: protocol violation");
       this.socket.destroy();
+      return;
     }
-  };
+    if (used < chunk.length) this.backlog = reused ? Buffer.from(chunk.subarray(used)) : chunk.subarray(used);
+    this.updateFlow();
+  }
 
   private readonly onEnd = (): void => {
+    this.eof = true;
+    if (!this.backlog) this.endOfInput();
+  };
+
+  private endOfInput(): void {
+    this.eof = false;
     if (this.parser.midFrame) this.log.warn("closing connection: truncated request frame");
     else if (!this.stopping) this.log.debug("client closed the connection without NBD_CMD_DISC");
     this.stopping = true;
     void this.idle().then(() => this.finish());
-  };
+  }
 
   private readonly onDrain = (): void => {
     this.writeBlocked = false;
     this.updateFlow();
   };
 
-  private updateFlow(): void {
+  /** Which cap stops new requests now, if any. */
+  private capReached(): "replies" | "requests" | "bytes" | null {
     const l = this.limits;
+    if (this.writeBlocked) return "replies";
+    if (this.inflight >= l.maxInflightRequests) return "requests";
+    if (this.inflightBytes >= l.maxInflightBytes) return "bytes";
+    return null;
+  }
+
+  /** Parses the backlog once the caps allow, and pauses or resumes the socket. */
+  private updateFlow(): void {
     if (this.finished) return;
-    const hold = this.writeBlocked || this.inflight >= l.maxInflightRequests || this.inflightBytes >= l.maxInflightBytes;
-    if (hold && !this.paused) {
-      this.paused = true;
-      this.socket.pause();
-    } else if (!hold && this.paused) {
+    const cap = this.capReached();
+    if (this.backlog && !cap) {
+      const rest = this.backlog;
+      this.backlog = null;
+      this.consume(rest, false); // comes back here
+      return;
+    }
+    if (this.eof && !this.backlog) this.endOfInput();
+    if (cap !== null) {
+      if (!this.paused) {
+        this.paused = true;
+        this.socket.pause();
+      }
+      // Logged again when another cap takes over (say, replies pile up while requests are capped).
+      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
+      this.pausedBy = cap;
+    } else if (this.paused) {
       this.paused = false;
+      this.pausedBy = null;
       this.socket.resume();
+      this.log.trace({ inflight: this.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
     }
   }
 
   /** Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed). */
   private send(buf: Buffer, written?: () => void): void {
     const s = this.socket;
-    if (s.destroyed) {
+    if (s.destroyed || s.writableEnded) {
       written?.();
       return;
     }
@@ -255,23 +314,24 @@ export class Connection {
     this.socket.uncork();
   };
 
-  private readonly onRequest = (req: Request): void => {
+  /** Starts one request; returns false when a cap is reached, so the parser stops after it. */
+  private readonly onRequest = (req: Request): boolean => {
     if (this.stopping) {
       if (req.type !== Cmd.NBD_CMD_DISC) this.replyError(req, new NbdError("ESHUTDOWN", "the connection is shutting down"));
-      return;
+      return true;
     }
     if (req.type === Cmd.NBD_CMD_DISC) {
       this.log.debug("NBD_CMD_DISC");
       this.stopping = true;
       void this.idle().then(() => this.finish());
-      return;
+      return true;
     }
     const bytes = req.type === Cmd.NBD_CMD_READ || req.type === Cmd.NBD_CMD_WRITE ? req.length : 0;
     if (this.peer) req.peer = true;
     this.inflight++;
     this.inflightBytes += bytes;
-    this.updateFlow();
     void this.run(req, bytes);
+    return this.capReached() === null;
   };
 
   /** Executes one request, then counts it (metrics) and lets the next ones in. */

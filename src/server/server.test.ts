@@ -1,12 +1,14 @@
 import net from "node:net";
+import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../client/nbd-client.js";
-import { silentLogger } from "../log.js";
+import { silentLogger, type Logger } from "../log.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../protocol/constants.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
-import { PassthroughLayer, plainIo, type Io } from "../stack/layer.js";
+import { PassthroughLayer, plainIo, type Io, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { Export } from "./export.js";
+import type { ConnectionLimits } from "./connection.js";
 import { NbdServer } from "./server.js";
 
 const MiB = 1024 * 1024;
@@ -16,12 +18,13 @@ afterEach(async () => {
   servers = [];
 });
 
-async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?: { maxInflightRequests?: number; maxInflightBytes?: number } } = {}) {
+async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?: Partial<ConnectionLimits>; top?: (l: Layer) => Layer; log?: Logger } = {}) {
   const port = new MemoryPort({ size: 16 * MiB, readOnly: opts.readOnly });
+  const disk = new DiskLayer(port);
   const server = new NbdServer({
-    exports: [new Export("mem", new DiskLayer(port)), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
+    exports: [new Export("mem", opts.top ? opts.top(disk) : disk), new Export("second", new DiskLayer(new MemoryPort({ size: MiB })), "the second one")],
     tcp: [{ host: "127.0.0.1", port: 0 }],
-    log: silentLogger(),
+    log: opts.log ?? silentLogger(),
     limits: opts.limits,
     directReads: opts.directReads,
   });
@@ -29,6 +32,112 @@ async function start(opts: { readOnly?: boolean; directReads?: boolean; limits?:
   servers.push(server);
   const a = server.addresses()[0] as { host: string; port: number };
   return { server, port, addr: { host: a.host, port: a.port } };
+}
+
+/**
+ * Sits on top of an export and watches the requests the server lets into the stack: how many are
+ * inside at once, how many payload bytes were inside when another one came in. Requests for which
+ * `slow(offset)` holds wait a few event-loop turns, so later ones can overtake them.
+ */
+class Probe extends PassthroughLayer {
+  inside = 0;
+  insideBytes = 0;
+  maxInside = 0;
+  /** Largest number of payload bytes already inside when a request entered. */
+  maxBytesAtEntry = 0;
+  entered = 0;
+  constructor(
+    next: Layer,
+    private readonly slow: (offset: number) => boolean = () => false,
+  ) {
+    super(next);
+  }
+  private async track(len: number, offset: number, go: () => Promise<void>): Promise<void> {
+    this.maxBytesAtEntry = Math.max(this.maxBytesAtEntry, this.insideBytes);
+    this.entered++;
+    this.inside++;
+    this.insideBytes += len;
+    this.maxInside = Math.max(this.maxInside, this.inside);
+    try {
+      if (this.slow(offset)) for (let i = 0; i < 3; i++) await new Promise((r) => setImmediate(r));
+      await go();
+    } finally {
+      this.inside--;
+      this.insideBytes -= len;
+    }
+  }
+  override pread(b: Buffer, o: number, io: Io) {
+    return this.track(b.length, o, () => super.pread(b, o, io));
+  }
+  override pwrite(b: Buffer, o: number, io: Io) {
+    return this.track(b.length, o, () => super.pwrite(b, o, io));
+  }
+}
+
+/** Resolves once `cond()` holds; polls, and fails with `what` after a generous deadline. */
+async function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Waits for `p`, failing with `what` after a generous deadline. */
+async function within<T>(p: Promise<T>, what: string, ms = 20_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A plain TCP client that keeps every byte the server sends. */
+async function rawConnect(addr: { host: string; port: number }) {
+  const socket = net.connect(addr.port, addr.host);
+  const rx: Buffer[] = [];
+  let total = 0;
+  socket.on("data", (d: Buffer) => {
+    rx.push(d);
+    total += d.length;
+  });
+  socket.on("error", () => undefined);
+  const closed = new Promise<void>((r) => socket.once("close", () => r()));
+  await new Promise((r) => socket.once("connect", r));
+  const received = () => Buffer.concat(rx);
+  return {
+    socket,
+    closed,
+    received,
+    /** Waits until at least `n` bytes came in; returns all of them. */
+    bytes: async (n: number) => {
+      await until(() => total >= n, `${n} bytes from the server`);
+      return received();
+    },
+  };
+}
+
+function optionFrame(opt: number, data: Buffer, len = data.length): Buffer {
+  const h = Buffer.alloc(16);
+  h.write("IHAVEOPT", 0, "latin1");
+  h.writeUInt32BE(opt, 8);
+  h.writeUInt32BE(len, 12);
+  return Buffer.concat([h, data]);
+}
+
+/** A trace-level logger whose lines the test can wait for. */
+function captureLog() {
+  const lines: Array<Record<string, unknown>> = [];
+  const logger = pino({ level: "trace" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+  return {
+    logger,
+    lines,
+    async waitFor(match: (l: Record<string, any>) => boolean): Promise<Record<string, any>> {
+      await until(() => lines.some(match), "a log line");
+      return lines.find(match)!;
+    },
+  };
 }
 
 function rawHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
@@ -166,9 +275,13 @@ describe("NbdServer against the memory port", () => {
 
   for (const directReads of [true, false]) {
     it(`completes many concurrent requests of every size, out of order, past the in-flight cap (${directReads ? "direct reads" : "data events"})`, async () => {
-      const { addr } = await start({ directReads, limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 } });
+      // Every third write dawdles inside the stack, so later ones overtake it.
+      let probe!: Probe;
+      const slowAt = new Set<number>();
+      const { addr } = await start({ directReads, limits: { maxInflightRequests: 4, maxInflightBytes: 64 * 1024 }, top: (l) => (probe = new Probe(l, (o) => slowAt.has(o))) });
       const c = await NbdClient.connect(addr, { exportName: "mem" });
       const jobs: Promise<void>[] = [];
+      const acked: number[] = []; // write indexes in the order their replies came
       let off = 0;
       for (let i = 0; i < 300; i++) {
         // Small payloads, and payloads big enough to be read straight into place; no two overlap.
@@ -177,63 +290,103 @@ describe("NbdServer against the memory port", () => {
         for (let j = 0; j < len; j += 997) buf[j] = ((i + j) & 0xff) | 1;
         const at = off;
         off += len;
-        jobs.push(c.pwrite(buf, at).then(async () => expect((await c.pread(buf.length, at)).equals(buf)).toBe(true)));
+        if (i % 3 === 0) slowAt.add(at);
+        jobs.push(
+          c.pwrite(buf, at).then(async () => {
+            acked.push(i);
+            expect((await c.pread(buf.length, at)).equals(buf)).toBe(true);
+          }),
+        );
       }
       await Promise.all(jobs);
       await c.disconnect();
+      expect(probe.entered).toBe(600);
+      // Out of order: some write was acknowledged before one sent earlier.
+      expect(acked).toHaveLength(300);
+      expect(acked.some((v, k) => k > 0 && v < acked[k - 1]!)).toBe(true);
+      // The cap was reached and never exceeded: at most 4 requests inside the stack at once, and a
+      // request only went in while fewer than 64 KiB of payload were inside.
+      expect(probe.maxInside).toBe(4);
+      expect(probe.maxBytesAtEntry).toBeLessThan(64 * 1024);
     });
   }
 
-  it("closes only the offending connection on a bad magic, an oversized write or a truncated frame", async () => {
-    const { addr, server } = await start();
+  it("closes only the offending connection on a bad magic, an oversized write or a truncated frame, saying why", async () => {
+    const log = captureLog();
+    const { addr, server } = await start({ log: log.logger });
     const good = await NbdClient.connect(addr, { exportName: "mem" });
-    for (const bad of [
-      (() => {
-        const h = rawHeader(Cmd.NBD_CMD_READ, 0, 1, 0, 512);
-        h.writeUInt32BE(0x12345678, 0);
-        return h;
-      })(),
-      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 64 * MiB),
-      rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 4096).subarray(0, 17),
-    ]) {
+    for (const [bad, msg, reason] of [
+      [
+        (() => {
+          const h = rawHeader(Cmd.NBD_CMD_READ, 0, 1, 0, 512);
+          h.writeUInt32BE(0x12345678, 0);
+          return h;
+        })(),
+        "closing connection: protocol violation",
+        "bad request magic 0x12345678",
+      ],
+      [rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 64 * MiB), "closing connection: protocol violation", `write payload of ${64 * MiB} bytes exceeds the maximum of ${32 * MiB}`],
+      [rawHeader(Cmd.NBD_CMD_WRITE, 0, 1, 0, 4096).subarray(0, 17), "closing connection: truncated request frame", undefined],
+    ] as const) {
       const victim = await NbdClient.connect(addr, { exportName: "mem" });
+      const port = victim.socket.localPort;
       victim.socket.write(bad);
       if (bad.length === 17) victim.socket.end();
       await victim.closed;
+      // The server closed it, for this reason (a client may also hang up on a reply it did not ask for).
+      await log.waitFor((l) => l.peer === `127.0.0.1:${port}` && l.msg === msg && l.reason === reason);
       await good.pwrite(Buffer.from("still here"), 0);
       expect((await good.pread(10, 0)).toString()).toBe("still here");
     }
-    expect(server.connectionCount).toBe(1);
+    await until(() => server.connectionCount === 1, "only the good connection left");
     await good.disconnect();
   });
 
   it("drops a client that sends unknown handshake flags, and answers unknown options with ERR_UNSUP", async () => {
     const { addr } = await start();
-    const s = net.connect(addr.port, addr.host);
-    const got: Buffer[] = [];
-    s.on("data", (d) => got.push(d));
-    await new Promise((r) => s.once("connect", r));
-    await new Promise((r) => setTimeout(r, 50));
-    s.write(Buffer.from([0, 0, 0, 0x83])); // FIXED_NEWSTYLE | NO_ZEROES | unknown bit 7
-    await new Promise((r) => s.once("close", r));
-    expect(Buffer.concat(got).length).toBe(18); // only the greeting was ever sent
+    const s = await rawConnect(addr);
+    await s.bytes(18); // the greeting
+    s.socket.write(Buffer.from([0, 0, 0, 0x83])); // FIXED_NEWSTYLE | NO_ZEROES | unknown bit 7
+    await s.closed;
+    expect(s.received()).toHaveLength(18); // nothing but the greeting was ever sent
 
-    const t = net.connect(addr.port, addr.host);
-    const rx: Buffer[] = [];
-    t.on("data", (d) => rx.push(d));
-    await new Promise((r) => t.once("connect", r));
-    const opt = Buffer.alloc(16);
-    opt.write("IHAVEOPT", 0, "latin1");
-    opt.writeUInt32BE(4242, 8);
-    opt.writeUInt32BE(0, 12);
-    t.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), opt]));
-    await new Promise((r) => setTimeout(r, 100));
-    const all = Buffer.concat(rx);
-    expect(all.length).toBeGreaterThanOrEqual(18 + 20);
-    expect(all.readUInt32BE(18 + 8)).toBe(4242);
-    expect(all.readUInt32BE(18 + 12)).toBe(0x80000001); // NBD_REP_ERR_UNSUP, negotiation goes on
-    expect(t.destroyed).toBe(false);
-    t.destroy();
+    const t = await rawConnect(addr);
+    t.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(4242, Buffer.alloc(0))]));
+    const unsup = (await t.bytes(18 + 20)).subarray(18);
+    expect(unsup.readUInt32BE(8)).toBe(4242);
+    expect(unsup.readUInt32BE(12)).toBe(0x80000001); // NBD_REP_ERR_UNSUP
+    const msgLen = unsup.readUInt32BE(16);
+    expect((await t.bytes(38 + msgLen)).subarray(38).toString()).toMatch(/option 4242 is not supported/);
+    // Negotiation goes on: NBD_OPT_ABORT is acknowledged, then the server closes.
+    const at = t.received().length;
+    t.socket.write(optionFrame(2, Buffer.alloc(0)));
+    const ack = (await t.bytes(at + 20)).subarray(at);
+    expect([ack.readUInt32BE(8), ack.readUInt32BE(12)]).toEqual([2, 1]); // NBD_OPT_ABORT, NBD_REP_ACK
+    await t.closed;
+  });
+
+  it("stops reading requests while 1 MiB of replies waits for a client that does not read, and goes on when it reads", async () => {
+    const log = captureLog();
+    let probe!: Probe;
+    const { addr } = await start({ log: log.logger, limits: { maxQueuedReplyBytes: MiB, maxInflightRequests: 10_000, maxInflightBytes: 2 * MiB }, top: (l) => (probe = new Probe(l)) });
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    const pattern = Buffer.alloc(8 * MiB);
+    for (let i = 0; i < pattern.length; i += 4096) pattern.fill((i >> 12) & 0xff, i, i + 4096);
+    await c.pwrite(pattern, 0);
+    c.socket.pause(); // replies pile up on the server's side
+    const n = 200; // 100 MiB of replies asked for
+    const reads = Array.from({ length: n }, (_, i) => c.pread(512 * 1024, (i % 16) * 512 * 1024));
+    const paused = await log.waitFor((l) => l.msg === "pausing the socket" && l.cap === "replies");
+    expect(paused.queuedReplyBytes).toBeGreaterThan(MiB);
+    // The server stopped taking requests: far fewer than were sent got into the stack (the rest
+    // of what it answered sits in the kernel's socket buffers).
+    expect(probe.entered).toBeLessThan(1 + n);
+    c.socket.resume();
+    const got = await Promise.all(reads);
+    got.forEach((b, i) => expect(b.equals(pattern.subarray((i % 16) * 512 * 1024, ((i % 16) + 1) * 512 * 1024))).toBe(true));
+    expect(probe.entered).toBe(1 + n);
+    await log.waitFor((l) => l.msg === "resuming the socket");
+    await c.disconnect();
   });
 
   it("finishes requests in flight before a graceful shutdown, refuses later ones, then refuses new connections", async () => {
@@ -255,17 +408,17 @@ describe("NbdServer against the memory port", () => {
     const a = server.addresses()[0] as { host: string; port: number };
     const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
     const writes = Array.from({ length: 50 }, (_, i) => c.pwrite(Buffer.alloc(65536, i + 1), i * 65536));
-    while (held < 50) await new Promise((r) => setTimeout(r, 5));
+    await until(() => held === 50, "50 writes held in the stack");
     const closing = server.close();
     const late = c.pwrite(Buffer.alloc(512), 0).then(
       () => "acknowledged",
       (e) => e.errno,
     );
-    await new Promise((r) => setTimeout(r, 50));
+    // Refused at once, while the 50 are still held.
+    expect(await late).toBe("ESHUTDOWN");
     open();
     const results = await Promise.allSettled(writes);
     expect(results.every((r) => r.status === "fulfilled")).toBe(true);
-    expect(await late).toBe("ESHUTDOWN");
     await closing;
     await c.closed;
     const back = Buffer.alloc(65536);
@@ -274,5 +427,28 @@ describe("NbdServer against the memory port", () => {
       expect(back.every((b) => b === i + 1)).toBe(true);
     }
     await expect(NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" })).rejects.toThrow();
+  });
+
+  it("stops after the grace period even when a request never finishes, closing that connection", async () => {
+    let held = 0;
+    class Stuck extends PassthroughLayer {
+      override pwrite(): Promise<void> {
+        held++;
+        return new Promise<void>(() => undefined); // a peer that is gone, a stall nobody releases
+      }
+    }
+    const server = new NbdServer({ exports: [new Export("mem", new DiskLayer(new Stuck(new MemoryPort({ size: MiB }))))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+    await server.start();
+    const a = server.addresses()[0] as { host: string; port: number };
+    const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
+    const write = c.pwrite(Buffer.alloc(512), 0).then(
+      () => "acknowledged",
+      (e) => e.errno,
+    );
+    await until(() => held === 1, "the write to get stuck");
+    await within(server.close(100), "server.close() with a request that never finishes");
+    await c.closed;
+    expect(await write).toBe("ESHUTDOWN"); // the client's side: the connection went away unanswered
+    expect(server.connectionCount).toBe(0);
   });
 });

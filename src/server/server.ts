@@ -166,7 +166,8 @@ export class NbdServer implements ExportDirectory {
    * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
    * get ESHUTDOWN), then flush and close every export (ports make their state durable when they close).
    * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
-   * exports under them. Idempotent.
+   * exports under them; connections whose requests still do not end within a second after that
+   * (a layer that never settles them) are closed with those requests unanswered. Idempotent.
    */
   private async bounded(p: Promise<void>, ms: number, what: string): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
@@ -182,9 +183,7 @@ export class NbdServer implements ExportDirectory {
     this.closing ??= (async () => {
       const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
       const drained = Promise.all([...this.connections].map((c) => c.shutdown()));
-      let timer: NodeJS.Timeout | undefined;
-      const late = await Promise.race([drained.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), graceMs)))]);
-      clearTimeout(timer);
+      const late = !(await settlesWithin(drained, graceMs));
       if (late) this.opts.log.warn({ graceMs }, "requests still in flight after the grace period: closing the exports under them");
       for (const e of this.opts.exports) {
         try {
@@ -197,9 +196,23 @@ export class NbdServer implements ExportDirectory {
           this.opts.log.error({ err, export: e.name }, "closing export failed");
         }
       }
+      if (late && !(await settlesWithin(drained, Math.min(graceMs, 1000)))) {
+        this.opts.log.warn({ connections: this.connections.size }, "requests never ended: closing their connections unanswered");
+        for (const c of this.connections) c.abort();
+      }
       await drained;
       await Promise.all(stopped);
     })();
     return this.closing;
+  }
+}
+
+/** True if `p` settles within `ms`. */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)))]);
+  } finally {
+    clearTimeout(timer);
   }
 }

@@ -4,19 +4,38 @@ import net from "node:net";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { CLI, serve, tempDir } from "../helpers/serve.js";
+import { CLI, ROOT, serve, tempDir } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
+import { within } from "../helpers/limits.js";
 
 const MiB = 1024 * 1024;
 
 describe("nbdstack CLI", () => {
-  it("documents every serve flag in --help", () => {
+  it("documents every serve flag in --help, and every flag of --help in the README", () => {
     const top = execFileSync(process.execPath, [CLI, "--help"], { encoding: "utf8" });
     expect(top).toMatch(/serve \[options\] \[images\.\.\.\]/);
     const help = execFileSync(process.execPath, [CLI, "serve", "--help"], { encoding: "utf8" });
-    for (const flag of ["--listen", "--socket", "--name", "--read-only", "--demo", "--max-inflight", "--max-inflight-bytes", "--log-level", "--log-format"]) {
-      expect(help).toContain(flag);
-    }
+    // Commander puts each option at the start of a line indented by two spaces (wrapped
+    // descriptions are indented further): "  -l, --listen <host:port>  …".
+    const helpFlags = new Set([...help.matchAll(/^ {2}(?:-\w, )?(--[\w-]+)/gm)].map((m) => m[1]!));
+    helpFlags.delete("--help");
+    // The README's table under "### `nbdstack serve [options] [images...]`": flags of its first column.
+    const readme = fs.readFileSync(path.join(ROOT, "README.md"), "utf8");
+    const section = readme.slice(readme.indexOf("### `nbdstack serve [options] [images...]`"));
+    const firstCells = (text: string) =>
+      text
+        .split("\n")
+        .filter((l) => l.startsWith("|") && !/^\|\s*-+\s*\|/.test(l))
+        .map((l) => l.split("|")[1]!);
+    const flagsIn = (cells: string[]) => new Set(cells.flatMap((c) => [...c.matchAll(/--[\w-]+/g)].map((m) => m[0])));
+    const table = flagsIn(firstCells(section.slice(0, section.indexOf("\n## "))));
+    expect(table.size).toBeGreaterThanOrEqual(28); // the parsing found the table
+    for (const flag of table) expect(helpFlags, `README's serve table names ${flag}`).toContain(flag);
+    // Every flag serve --help shows is documented in some README table (the cluster ones, such as
+    // --node-id and --lease-ttl, are in "Moving a live export to another node").
+    const documented = flagsIn(firstCells(readme));
+    for (const flag of helpFlags) expect(documented, `serve --help shows ${flag}`).toContain(flag);
+    expect(helpFlags.size).toBeGreaterThanOrEqual(32); // and the options
   });
 
   it("fails with a clear message on a missing image or bad arguments", () => {
@@ -33,12 +52,15 @@ describe("nbdstack CLI", () => {
   it.skipIf(!needTools("nbdinfo"))("serves on a Unix socket and prints an nbd+unix URI", async () => {
     const sock = path.join(tempDir(), "nbd.sock");
     const srv = await serve(["memory:2M", "--socket", sock, "--name", "u"]);
-    expect(srv.uri).toBe(`nbd+unix:///u?socket=${sock}`);
-    expect(execFileSync("nbdinfo", ["--size", srv.uri], { encoding: "utf8", env: debianEnv }).trim()).toBe(String(2 * MiB));
-    const c = await NbdClient.connect({ path: sock }, { exportName: "u" });
-    expect(c.size).toBe(2 * MiB);
-    await c.disconnect();
-    expect(await srv.stop()).toBe(0);
+    try {
+      expect(srv.uri).toBe(`nbd+unix:///u?socket=${sock}`);
+      expect(execFileSync("nbdinfo", ["--size", srv.uri], { encoding: "utf8", env: debianEnv }).trim()).toBe(String(2 * MiB));
+      const c = await NbdClient.connect({ path: sock }, { exportName: "u" });
+      expect(c.size).toBe(2 * MiB);
+      await c.disconnect();
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
   });
 
   it("finishes and flushes writes in flight on SIGTERM, then exits 0", async () => {
@@ -83,22 +105,25 @@ describe("nbdstack CLI", () => {
 
   it("logs why it closed a connection that broke the protocol, and serves others on", async () => {
     const srv = await serve(["memory:1M"]);
-    const u = new URL(srv.uri);
-    const addr = { host: u.hostname, port: Number(u.port) };
-    const good = await NbdClient.connect(addr, { exportName: "memory" });
-    const bad = await NbdClient.connect(addr, { exportName: "memory" });
-    bad.socket.write(Buffer.alloc(28, 0xee));
-    await bad.closed;
-    await good.pwrite(Buffer.from("fine"), 0);
-    expect((await good.pread(4, 0)).toString()).toBe("fine");
-    await good.disconnect();
-    // A client that hangs up mid-handshake does not disturb the server either.
-    const s = net.connect(addr.port, addr.host);
-    await new Promise((r) => s.once("connect", r));
-    s.resume(); // read the greeting and the server's end
-    s.end(Buffer.from([0, 0]));
-    await new Promise((r) => s.once("close", r));
-    await srv.stop();
+    try {
+      const u = new URL(srv.uri);
+      const addr = { host: u.hostname, port: Number(u.port) };
+      const good = await NbdClient.connect(addr, { exportName: "memory" });
+      const bad = await NbdClient.connect(addr, { exportName: "memory" });
+      bad.socket.write(Buffer.alloc(28, 0xee));
+      await within(bad.closed, 20_000, "the server to close the connection that sent a bad magic");
+      await good.pwrite(Buffer.from("fine"), 0);
+      expect((await good.pread(4, 0)).toString()).toBe("fine");
+      await good.disconnect();
+      // A client that hangs up mid-handshake does not disturb the server either.
+      const s = net.connect(addr.port, addr.host);
+      await new Promise((r) => s.once("connect", r));
+      s.resume(); // read the greeting and the server's end
+      s.end(Buffer.from([0, 0]));
+      await new Promise((r) => s.once("close", r));
+    } finally {
+      await srv.stop();
+    }
     const lines = srv.stderr().trim().split("\n").map((l) => JSON.parse(l));
     expect(lines.some((l) => l.msg === "closing connection: protocol violation" && /bad request magic 0xeeeeeeee/.test(l.reason))).toBe(true);
     expect(lines.some((l) => l.msg === "closing connection: handshake failed")).toBe(true);

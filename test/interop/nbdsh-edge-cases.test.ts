@@ -1,7 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { serve, tempDir, type Served } from "../helpers/serve.js";
+import { controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
 import { nbdsh, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -25,7 +25,8 @@ describe.skipIf(!needTools("nbdsh"))("nbdsh edge cases", () => {
     dir = tempDir();
     fs.writeFileSync(path.join(dir, "disk.img"), Buffer.alloc(4 * MiB, 0x61));
     srv = await serve([path.join(dir, "disk.img"), "memory:4M", "--name", "file", "--name", "mem"], 2);
-    ro = await serve([path.join(dir, "disk.img"), "--read-only", "--name", "ro"]);
+    // With a fault layer (no rules but while a test adds one): the control URL is the second line.
+    ro = await serve([path.join(dir, "disk.img"), "--read-only", "--name", "ro", "--fault", "--token-file", path.join(dir, "token")], 2);
   });
   afterAll(async () => {
     await srv?.stop();
@@ -150,5 +151,42 @@ h.shutdown()
       "1",
       "True False",
     ]);
+  });
+
+  it("sends a read error with its offset on the wire (NBD_REPLY_TYPE_ERROR_OFFSET), from a fault rule with a range", async () => {
+    const faults = async (body: object) => {
+      const r = await fetch(`${controlUrl(ro)}/v1/exports/ro/faults`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${fs.readFileSync(path.join(dir, "token"), "utf8").trim()}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      expect(r.status).toBe(200);
+    };
+    await faults({ add: "op=pread,errno=EIO,range=1048576-2097152" });
+    try {
+      // libnbd hands an ERROR_OFFSET chunk to the chunk callback as READ_ERROR at the failing offset
+      // (a plain ERROR chunk has no offset and never reaches it).
+      const out = run(
+        ro.uri,
+        `
+seen = []
+def chunk(sub, off, status, error):
+    seen.append((off, len(sub), status, error.value))
+    return 0
+for off in (1048576 - 8192, 1048576 + 12345, 2097152):
+    del seen[:]
+    print(err(h.pread_structured, 65536, off, chunk), seen)
+print(nbd.READ_DATA, nbd.READ_ERROR)
+`,
+      );
+      expect(out).toEqual([
+        "EIO [(1048576, 0, 3, 5)]", // starts before the bad range: fails where it begins
+        "EIO [(1060921, 0, 3, 5)]", // starts inside it: fails at its own offset
+        "ok [(2097152, 65536, 1, 0)]", // past it: data
+        "1 3",
+      ]);
+    } finally {
+      await faults({ clear: true });
+    }
   });
 });
