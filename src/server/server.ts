@@ -162,13 +162,6 @@ export class NbdServer implements ExportDirectory {
     return this.connections.size;
   }
 
-  /**
-   * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
-   * get ESHUTDOWN), then flush and close every export (ports make their state durable when they close).
-   * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
-   * exports under them; connections whose requests still do not end within a second after that
-   * (a layer that never settles them) are closed with those requests unanswered. Idempotent.
-   */
   private async bounded(p: Promise<void>, ms: number, what: string): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     const timedOut = new Promise<void>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms)));
@@ -179,6 +172,13 @@ export class NbdServer implements ExportDirectory {
     }
   }
 
+  /**
+   * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
+   * get ESHUTDOWN), then flush and close every export (ports make their state durable when they close).
+   * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
+   * exports under them; connections whose requests still do not end within a second after that
+   * (a layer that never settles them) are closed with those requests unanswered. Idempotent.
+   */
   close(graceMs = 10_000): Promise<void> {
     this.closing ??= (async () => {
       const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
