@@ -104,6 +104,18 @@ describe("FaultLayer", () => {
     expect(done).toBe(true);
   });
 
+  it("ends stalled requests with ESHUTDOWN when it closes, so a shutdown never waits on a stall", async () => {
+    const { fault, port } = await stack();
+    fault.addRule("op=pwrite,stall");
+    const w = outcome(fault.pwrite(Buffer.alloc(512, 9), 0, plainIo));
+    await fault.close();
+    expect(await w).toBe("ESHUTDOWN");
+    const back = Buffer.alloc(512);
+    await port.pread(back, 0, plainIo);
+    expect(back.every((b) => b === 0)).toBe(true); // the stalled write never went down
+    expect(fault.releaseStalled()).toBe(0);
+  });
+
   it("flips bits in read data at the given rate, reproducibly", async () => {
     const { fault, port } = await stack({ seed: 5 });
     await port.pwrite(Buffer.alloc(4096, 0xaa), 0, plainIo);

@@ -31,7 +31,7 @@ export class FaultLayer extends PassthroughLayer {
   private rules: FaultRule[] = [];
   private nextId = 1;
   private random: () => number;
-  private stalled: Array<() => void> = [];
+  private stalled: Array<{ go: () => void; stop: (err: Error) => void }> = [];
   private volatile: Volatile[] = [];
   private powered = true;
   private persisting: Promise<void> = Promise.resolve();
@@ -65,8 +65,16 @@ export class FaultLayer extends PassthroughLayer {
   releaseStalled(): number {
     const s = this.stalled;
     this.stalled = [];
-    for (const f of s) f();
+    for (const w of s) w.go();
     return s.length;
+  }
+
+  /** Stalled requests end with ESHUTDOWN (they never go down): closing must not wait for a release. */
+  override async close(): Promise<void> {
+    const s = this.stalled;
+    this.stalled = [];
+    for (const w of s) w.stop(new NbdError("ESHUTDOWN", "the fault layer closed while this request was stalled"));
+    return this.next.close();
   }
 
   /** Unflushed writes are lost (all, or all but a seeded subset, possibly torn); then every request fails with ESHUTDOWN. */
@@ -115,7 +123,7 @@ export class FaultLayer extends PassthroughLayer {
       if (r.stall) {
         this.counts.stalled++;
         this.opts.log?.warn({ rule: r.id, op, offset }, `stalling ${op} at 0x${offset.toString(16)} until released`);
-        await new Promise<void>((res) => this.stalled.push(res));
+        await new Promise<void>((go, stop) => this.stalled.push({ go, stop }));
       }
       if (r.corrupt !== undefined) corruptBy = r;
       if (r.errno) {
