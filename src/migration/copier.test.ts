@@ -122,7 +122,7 @@ describe("live copy: copier + dirty tracker", () => {
       await markInitial(src, bitmap, true);
       expect(bitmap.dirtyBytes).toBeLessThan(size / 2); // holes are not copied to a fresh (zero) destination
       const t = target(dst, random, 7);
-      const copier = new Copier(src, t, bitmap, locks, { parallel: 8, copyBytes: 256 * KiB, maxFailures: 50 });
+      const copier = new Copier(src, t, bitmap, locks, { parallel: 8, copyBytes: 256 * KiB, maxFailures: 50, backoffMs: 1 });
       const w = writer(tracker, random, 80);
       // In background mode the copy runs alongside the writes until the writer has done all of them.
       while (!w.done()) {
@@ -193,7 +193,7 @@ describe("live copy: copier + dirty tracker", () => {
     bitmap.markAll();
     const t = target(new MemoryPort({ size }), seededRandom(1));
     t.fail = true;
-    const copier = new Copier(src, t, bitmap, new ChunkLocks(bitmap.granularity), { parallel: 2, maxFailures: 3 });
+    const copier = new Copier(src, t, bitmap, new ChunkLocks(bitmap.granularity), { parallel: 2, maxFailures: 3, backoffMs: 1 });
     await expect(copier.pass()).rejects.toBeInstanceOf(CopyAbortedError);
     expect(bitmap.dirtyBytes).toBe(size);
   });
@@ -246,5 +246,88 @@ describe("copier schedule (fake clock)", () => {
     // (timers run at whole milliseconds: up to 1 ms early is rounding, not a burst)
     s.arrivals.forEach((at, i) => expect(at).toBeGreaterThanOrEqual((i + 1) * 31.25 - 1));
     expect((await read(s.dst)).equals(await read(s.src))).toBe(true);
+  });
+
+  it("counts a copy waiting for its turn under --max-rate as dirty, so progress does not run ahead of the copy", async () => {
+    fake();
+    const s = await setup(4 * MiB);
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 1 * MiB, copyBytes: 1 * MiB });
+    const done = copier.pass();
+    await vi.advanceTimersByTimeAsync(1500); // the first 1 MiB is due at 1 s, the second at 2 s
+    expect(copier.stats()).toMatchObject({ copied: 1 * MiB, dirty: 3 * MiB });
+    await vi.runAllTimersAsync();
+    await done;
+    expect(copier.stats()).toMatchObject({ copied: 4 * MiB, dirty: 0 });
+  });
+
+  it("stops at once when aborted: copies waiting for the rate limit do not start, their ranges stay dirty", async () => {
+    fake();
+    const s = await setup(8 * MiB);
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 1 * MiB, copyBytes: 1 * MiB });
+    let outcome = "running";
+    const done = copier.pass().then(
+      () => (outcome = "resolved"),
+      (err: Error) => (outcome = err.message),
+    );
+    await vi.advanceTimersByTimeAsync(1500);
+    expect(s.arrivals).toHaveLength(1);
+    copier.abort(new CopyAbortedError("cancelled"));
+    // No time passes now (only what is due at once runs), yet the pass ends.
+    await vi.advanceTimersByTimeAsync(0);
+    expect(outcome).toBe("cancelled");
+    expect(s.arrivals).toHaveLength(1);
+    expect(s.bitmap.dirtyBytes).toBe(7 * MiB);
+    await vi.runAllTimersAsync();
+    await done;
+  });
+
+  it("retries a failed copy after a backoff that doubles (100, 200, 400, 800, 1600 ms) and gives up at the sixth failure in a row", async () => {
+    fake();
+    const s = await setup(1 * MiB);
+    s.state.down = "always";
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { parallel: 1 });
+    const done = copier.pass();
+    const settled = done.then(
+      () => "resolved",
+      (err: Error) => err,
+    );
+    await vi.runAllTimersAsync();
+    const err = await settled;
+    expect(err).toBeInstanceOf(CopyAbortedError);
+    expect((err as Error).message).toMatch(/copy failed 6 times in a row: link down/);
+    expect(s.arrivals).toHaveLength(6);
+    const gaps = s.arrivals.slice(1).map((at, i) => at - s.arrivals[i]!);
+    [100, 200, 400, 800, 1600].forEach((b, i) => expect(gaps[i]).toBeGreaterThanOrEqual(b));
+    expect(copier.stats()).toMatchObject({ failures: 6, dirty: 1 * MiB });
+  });
+
+  it("counts copies that fail together once: an outage that fails all 16 copies in flight is ridden out", async () => {
+    fake();
+    const s = await setup(32 * MiB);
+    s.state.down = 16; // every copy in flight when the link went down fails
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, {});
+    const done = copier.pass();
+    await vi.runAllTimersAsync();
+    await done;
+    expect(copier.stats().failures).toBe(16);
+    expect((await read(s.dst)).equals(await read(s.src))).toBe(true);
+  });
+
+  it("with the link down for good, 16 parallel copies give up after six rounds of backoff, not six failures at once", async () => {
+    fake();
+    const s = await setup(32 * MiB);
+    s.state.down = "always";
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, {});
+    const settled = copier.pass().then(
+      () => "resolved",
+      (err: Error) => err.message,
+    );
+    await vi.runAllTimersAsync();
+    expect(await settled).toMatch(/copy failed 6 times in a row/);
+    // Six rounds, each after the backoff of the one before: 0, ≥100, ≥300, ≥700, ≥1500, ≥3100 ms.
+    const rounds = [...new Set(s.arrivals.map((t) => Math.floor(t)))];
+    expect(rounds).toHaveLength(6);
+    [0, 100, 300, 700, 1500, 3100].forEach((t, i) => expect(rounds[i]).toBeGreaterThanOrEqual(t));
+    expect(s.bitmap.dirtyBytes).toBe(32 * MiB);
   });
 });
