@@ -209,12 +209,15 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
   const workers = clients.flatMap((c) => Array.from({ length: o.qd }, () => worker(c)));
 
   const schedule = startSchedule(o, exportName, t0, r, () => running);
-  const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
   const progress = o.onProgress
     ? setInterval(() => o.onProgress!({ elapsedMs: now(), ops: r.ops, errors: r.errors, moves: r.handovers.length }), 200)
     : null;
-  if (!o.bytes) await sleepUntil(stopAt);
-  else await Promise.race([sleepUntil(stopAt), Promise.all(workers)]);
+  // With --bytes the run may end long before --duration: the timer must not keep the process alive.
+  let stopTimer: NodeJS.Timeout | undefined;
+  const timeUp = new Promise<void>((res) => (stopTimer = setTimeout(res, Math.max(0, stopAt - now()))));
+  if (!o.bytes) await timeUp;
+  else await Promise.race([timeUp, Promise.all(workers)]);
+  clearTimeout(stopTimer);
   running = false;
   await Promise.all(workers);
   r.durationMs = now();
