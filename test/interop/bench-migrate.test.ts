@@ -279,6 +279,27 @@ describe("nbdstack bench against two nodes with migrations", () => {
     expect(written).toEqual(Array.from({ length: 128 }, (_, i) => i < s.ops));
   });
 
+  it("--bytes ends the run: a move and a fault planned after its end are neither waited for nor made", async () => {
+    const json = path.join(dir, "early.json");
+    const html = path.join(dir, "early.html");
+    const { owner: o } = await owner();
+    const moves = (await exportStatus(controlUrl(a), "disk"))!.moves;
+    const r = await bytesRun([
+      a.uris[0]!, "--rw", "write", "--bs", "64k", "--qd", "4", "--bytes", "1M", "--range", "0-8M",
+      "--migrate-at", "30s", "--nodes", `${controlUrl(a)},${controlUrl(b)}`, "--fault", "op=pread,delay=1ms@30s", "--fault-control", controlUrl(o), "--json", json, "--report", html,
+    ]);
+    expect(r.stderr).toBe("");
+    expect(r.status).toBe(0);
+    const s = JSON.parse(fs.readFileSync(json, "utf8")).summary;
+    expect(s.handovers).toEqual([]);
+    expect(s.faults).toEqual([expect.objectContaining({ rule: "op=pread,delay=1ms", error: "the run ended first" })]);
+    expect(r.stdout).toMatch(/fault at [\d.]+ s: op=pread,delay=1ms {2}\(not applied: the run ended first\)/);
+    expect(fs.readFileSync(html, "utf8")).not.toMatch(/class="fault"/); // the charts mark faults applied only
+    expect((await exportStatus(controlUrl(a), "disk"))!.moves).toBe(moves);
+    const rules = await cli(["fault", "disk", "--control", controlUrl(o)]);
+    expect(rules.stdout).not.toMatch(/^rule /m);
+  });
+
   it("--rw read and --rw randread: reads only, counted by the server; read goes in order, randread all over the range", async () => {
     const { owner: o } = await owner();
     // A rule that only counts (delay 1 ms) the reads touching the last quarter of the range, on the owner's port A.
