@@ -58,6 +58,7 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     const load = fioLoad(a.uris[0]!);
     const m = startCli(["migrate", "disk", "--from", A, "--to", B, "--copy", "--max-rate", "1M"]);
     await copyAt(A, "copying", MiB);
+    await pollUntil("the progress bar on stderr", () => /^copying \[/m.test(m.stderr()));
     // b serves the export through port B and holds the copy target, an export nbdinfo does not list.
     expect(await exportStatus(B, "disk")).toMatchObject({ owner: "a", state: "REMOTE", copyTarget: true });
     const listed = await listedExports(await nbdBase(B));
@@ -141,7 +142,10 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     const fa = await controlCall<{ counts: { injected: number }; rules: Array<{ fired: number }> }>(A, "GET", "v1/exports/disk/faults");
     const fb = await controlCall<{ counts: { injected: number }; rules: Array<{ fired: number }> }>(B, "GET", "v1/exports/disk/faults");
     expect([fa.counts.injected, fa.rules[0]!.fired, fb.counts.injected, fb.rules[0]!.fired]).toEqual([1, 1, 1, 1]);
-    const retries = logLines(a.stderr().slice(aLog), "copy failed: range marked dirty again");
+    const retries = await pollUntil("two retries in a's log", () => {
+      const l = logLines(a.stderr().slice(aLog), "copy failed: range marked dirty again");
+      return l.length >= 2 && l;
+    });
     expect(retries).toHaveLength(2);
     for (const l of retries) expect(l.retryInMs).toBeGreaterThanOrEqual(100);
     // Nothing wrote meanwhile: the retried ranges made it, the copy is the image.
@@ -166,6 +170,7 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     expect(st).toMatchObject({ owner: "b", epoch: 2, state: "LOCAL", held: 0, copy: { phase: "aborted" } });
     expect(st.copy!.failures).toBeGreaterThanOrEqual(6);
     // On b's clock: the five failures before the sixth were each followed by their backoff, doubling.
+    await pollUntil("b's log of the abort", () => logLines(b.stderr().slice(bLog), "live copy aborted: this node stays the owner").length > 0);
     const streak = logLines(b.stderr().slice(bLog), "copy failed: range marked dirty again").slice(-5);
     expect(streak.map((l) => [l.failuresInRow, l.retryInMs])).toEqual([[1, 100], [2, 200], [3, 400], [4, 800], [5, 1600]]);
     const gaveUp = logLines(b.stderr().slice(bLog), "live copy aborted: this node stays the owner");
@@ -187,13 +192,16 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     const load = fioLoad(a.uris[0]!);
     const m = startCli(["migrate", "disk", "--from", B, "--to", A, "--copy", "--mode", "write-blocking", "--max-rate", "8M", "--json"]);
     const seen: CopyProgress[] = [];
-    let stack = "";
+    const stacks: string[] = [];
     while (m.proc.exitCode === null) {
       const c = (await exportStatus(B, "disk").catch(() => undefined))?.copy;
       if (c && (c.phase === "starting" || c.phase === "copying")) {
         seen.push(c);
-        // What the source's stack says while copying: its dirty tracker writes through.
-        if (!stack && c.phase === "copying") stack = (await listedExports(await nbdBase(B)))[0]!.description ?? "";
+        // What the source's stack says while copying (nbdinfo): whether its dirty tracker writes through.
+        if (c.phase === "copying" && stacks.length < 3) {
+          const d = (await listedExports(await nbdBase(B)))[0]!.description ?? "";
+          if (d.includes("dirty-tracker(")) stacks.push(d);
+        }
       }
       await new Promise((res) => setTimeout(res, 50)); // sampling the status, not waiting for an event
     }
@@ -205,7 +213,8 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     expect(res).toMatchObject({ export: "disk", from: "b", to: "a", epoch: 3, mode: "write-blocking" });
     expect(seen.length).toBeGreaterThan(0);
     expect(seen.map((c) => c.mode)).toEqual(seen.map(() => "write-blocking"));
-    expect(stack).toMatch(/dirty-tracker\(write-blocking\)/);
+    expect(stacks.length).toBeGreaterThan(0);
+    for (const d of stacks) expect(d).toMatch(/dirty-tracker\(write-blocking\)/);
     // a's image was not fresh: all 16 MiB travel, at 8 MiB/s at most (a lower bound only).
     expect(res.copied).toBeGreaterThanOrEqual(16 * MiB);
     expect(res.ms).toBeGreaterThanOrEqual(0.9 * (res.copied / (8 * MiB)) * 1000);
