@@ -50,8 +50,9 @@ export async function runFio(o: BenchOptions): Promise<BenchResult> {
     fio.once("exit", resolve);
   });
   running = false;
+  schedule.end();
   r.durationMs = performance.now() - t0;
-  await schedule;
+  await schedule.done;
 
   const json = out.indexOf("{");
   if (json < 0) throw new Error(`fio failed (exit ${code}): ${err.trim() || out.trim()}`);

@@ -79,7 +79,7 @@ function chart(title: string, unit: string, points: Array<{ t: number; v: number
     (h) =>
       `<g class="handover" data-index="${h.index}" data-start-ms="${h.startMs.toFixed(0)}" data-stall-ms="${h.longestStallMs.toFixed(1)}"><rect x="${x(h.startMs)}" y="${pad.t}" width="${Math.max(2, x(h.endMs) - x(h.startMs))}" height="${H - pad.t - pad.b}" fill="#f80" opacity="0.35"/><text x="${x(h.startMs) + 3}" y="${pad.t + 12}" font-size="10" fill="#a50">→${esc(h.to.replace(/^https?:\/\//, ""))}</text></g>`,
   );
-  const faults = r.faults.map(
+  const faults = r.faults.filter((f) => !f.error).map(
     (f) => `<g class="fault"><line x1="${x(f.atMs)}" x2="${x(f.atMs)}" y1="${pad.t}" y2="${H - pad.b}" stroke="#c00" stroke-dasharray="4 3"/><title>${esc(f.rule)}</title></g>`,
   );
   return `<svg id="${id}" xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">

@@ -209,16 +209,20 @@ export async function runBench(o: BenchOptions): Promise<BenchResult> {
   const workers = clients.flatMap((c) => Array.from({ length: o.qd }, () => worker(c)));
 
   const schedule = startSchedule(o, exportName, t0, r, () => running);
-  const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
   const progress = o.onProgress
     ? setInterval(() => o.onProgress!({ elapsedMs: now(), ops: r.ops, errors: r.errors, moves: r.handovers.length }), 200)
     : null;
-  if (!o.bytes) await sleepUntil(stopAt);
-  else await Promise.race([sleepUntil(stopAt), Promise.all(workers)]);
+  // With --bytes the run may end long before --duration: the timer must not keep the process alive.
+  let stopTimer: NodeJS.Timeout | undefined;
+  const timeUp = new Promise<void>((res) => (stopTimer = setTimeout(res, Math.max(0, stopAt - now()))));
+  if (!o.bytes) await timeUp;
+  else await Promise.race([timeUp, Promise.all(workers)]);
+  clearTimeout(stopTimer);
   running = false;
+  schedule.end();
   await Promise.all(workers);
   r.durationMs = now();
-  await schedule;
+  await schedule.done;
   if (progress) clearInterval(progress);
 
   // Read back every block written and check it holds its last acknowledged generation.
@@ -264,13 +268,25 @@ export function finishStalls(r: BenchResult): void {
 
 /**
  * Runs the moves (--migrate-every over --nodes) and the faults (--fault RULE@T) of a run,
- * recording them in `r`; `t0` is the run's start (performance.now()). Resolves when all are done.
+ * recording them in `r`; `t0` is the run's start (performance.now()). `done` resolves when all
+ * are done; `end()` says the run is over (it may end before --duration, with --bytes): what is
+ * still waiting for its time is not made (a fault is recorded as not applied).
  */
-export function startSchedule(o: BenchOptions, exportName: string, t0: number, r: BenchResult, isRunning: () => boolean): Promise<unknown> {
+export function startSchedule(o: BenchOptions, exportName: string, t0: number, r: BenchResult, isRunning: () => boolean): { done: Promise<unknown>; end(): void } {
   const now = () => performance.now() - t0;
   const stopAt = o.durationMs;
   const timers: Promise<void>[] = [];
-  const sleepUntil = (ms: number) => new Promise<void>((res) => setTimeout(res, Math.max(0, ms - now())));
+  const wakers = new Set<() => void>();
+  const sleepUntil = (ms: number) =>
+    new Promise<void>((res) => {
+      const wake = () => {
+        clearTimeout(timer);
+        wakers.delete(wake);
+        res();
+      };
+      const timer = setTimeout(wake, Math.max(0, ms - now()));
+      wakers.add(wake);
+    });
   const times = o.migrateAtMs ? [o.migrateAtMs] : [];
   if (!o.migrateAtMs && o.migrateEveryMs > 0) for (let at = o.migrateEveryMs; at < stopAt - 200; at += o.migrateEveryMs) times.push(at);
   if (o.nodes.length >= 2 && times.length) {
@@ -310,6 +326,10 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
       (async () => {
         await sleepUntil(f.atMs);
         const entry: { rule: string; atMs: number; error?: string } = { rule: f.rule, atMs: now() };
+        if (!isRunning()) {
+          r.faults.push({ ...entry, atMs: f.atMs, error: "the run ended first" });
+          return;
+        }
         try {
           if (!o.faultControl) throw new Error("no control URL for faults (--fault-control or --nodes)");
           await controlCall(o.faultControl, "POST", `v1/exports/${encodeURIComponent(exportName)}/faults`, { add: f.rule });
@@ -320,7 +340,12 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
       })(),
     );
   }
-  return Promise.all(timers);
+  return {
+    done: Promise.all(timers),
+    end: () => {
+      for (const wake of [...wakers]) wake();
+    },
+  };
 }
 
 /**

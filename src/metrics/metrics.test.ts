@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { Metrics } from "./metrics.js";
+import { Metrics, exportLabel } from "./metrics.js";
 
 describe("Metrics", () => {
   it("turns the data path's plain counts into Prometheus series when scraped", async () => {
@@ -26,5 +26,15 @@ describe("Metrics", () => {
     expect(line('nbdstack_request_duration_seconds_bucket{le="0.0005",export="disk",op="write"}')).toBe("0");
     expect(text).toMatch(/^# TYPE nbdstack_request_duration_seconds histogram$/m);
     expect(text).not.toMatch(/op="flush"/); // nothing recorded, no series
+  });
+
+  it("labels a hidden export without its secret: GET /metrics needs no token", async () => {
+    expect(exportLabel("@mirror/0123456789abcdef0123456789abcdef/vm/disk")).toBe("@mirror/vm/disk");
+    expect(exportLabel("disk/p1")).toBe("disk/p1");
+    const metrics = new Metrics();
+    metrics.forExport("@mirror/0123456789abcdef0123456789abcdef/disk").write.record(false, 512, 1e-3);
+    const text = await metrics.text();
+    expect(text).not.toMatch(/0123456789abcdef/);
+    expect(text).toMatch(/^nbdstack_requests_total\{export="@mirror\/disk",op="write",result="ok"\} 1$/m);
   });
 });

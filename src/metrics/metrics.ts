@@ -32,6 +32,15 @@ export class OpMetrics {
 }
 
 /**
+ * The export label of a name in the metrics. Hidden exports (`@KIND/SECRET/NAME`, e.g. the
+ * target of a live copy) are never listed, and their secret is what keeps other clients out:
+ * GET /metrics needs no token, so they are labelled `@KIND/NAME`.
+ */
+export function exportLabel(name: string): string {
+  return name.startsWith("@") ? name.replace(/^(@[^/]*)\/[^/]*\//, "$1/") : name;
+}
+
+/**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
  * and op; connections; and, through collectors, migration and fault state.
  */
@@ -91,11 +100,13 @@ export class Metrics {
     this.registry.registerMetric(latency as unknown as Parameters<Registry["registerMetric"]>[0]);
   }
 
+  /** The counts of export `name`, created on first use; hidden exports are counted under their public label (exportLabel). */
   forExport(name: string): Record<MetricOp, OpMetrics> {
-    let m = this.cache.get(name);
+    const label = exportLabel(name);
+    let m = this.cache.get(label);
     if (!m) {
       m = Object.fromEntries(OPS.map((op) => [op, new OpMetrics()])) as Record<MetricOp, OpMetrics>;
-      this.cache.set(name, m);
+      this.cache.set(label, m);
     }
     return m;
   }

@@ -1,4 +1,4 @@
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { NbdError } from "../errors.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
@@ -41,18 +41,24 @@ describe("DirtyBitmap", () => {
   });
 });
 
-/** A destination that is a memory device, with seeded delays and (optionally) failures. */
-function target(dev: MemoryPort, random: () => number, failRate = 0): CopyTarget & { fail: boolean } {
+/**
+ * A destination that is a memory device, with seeded delays; `failEvery` N fails every N-th call
+ * (counted, so the number of failures does not depend on timing), `fail` fails every call.
+ */
+function target(dev: MemoryPort, random: () => number, failEvery = 0): CopyTarget & { fail: boolean; calls: number } {
   const t = {
     fail: false,
+    calls: 0,
     async pwrite(buf: Buffer, offset: number) {
+      const n = ++t.calls;
       await new Promise((r) => setTimeout(r, random() * 2));
-      if (t.fail || random() < failRate) throw new NbdError("EIO", "link down");
+      if (t.fail || (failEvery && n % failEvery === 0)) throw new NbdError("EIO", "link down");
       await dev.pwrite(Buffer.from(buf), offset, plainIo);
     },
     async zero(length: number, offset: number) {
+      const n = ++t.calls;
       await new Promise((r) => setTimeout(r, random() * 2));
-      if (t.fail || random() < failRate) throw new NbdError("EIO", "link down");
+      if (t.fail || (failEvery && n % failEvery === 0)) throw new NbdError("EIO", "link down");
       await dev.zero(length, offset, { ...plainIo, mayTrim: false });
     },
     async flush() {},
@@ -66,22 +72,29 @@ async function read(l: Layer): Promise<Buffer> {
   return b;
 }
 
-/** Random writes and zeroes of random sizes through `top` until stopped; records nothing: the source is the model. */
-function writer(top: Layer, random: () => number): { stop: () => Promise<number> } {
+/**
+ * Random writes and zeroes of random sizes through `top`, `total` of them over 4 loops (a count,
+ * not a time, so a slow machine does the same work); the source is the model.
+ */
+function writer(top: Layer, random: () => number, total: number): { done: () => boolean; count: () => number; stop: () => Promise<number> } {
   let running = true;
   let n = 0;
   const size = top.size();
   const loops = Array.from({ length: 4 }, async () => {
-    while (running) {
+    while (running && n < total) {
+      n++;
       const len = 1 + Math.floor(random() * 200 * KiB);
       const off = Math.floor(random() * (size - len));
       if (random() < 0.15) await top.zero(len, off, { ...plainIo, mayTrim: false });
       else await top.pwrite(Buffer.alloc(len, 1 + Math.floor(random() * 255)), off, plainIo);
-      n++;
       await new Promise((r) => setTimeout(r, random() * 3));
     }
   });
+  let finished = false;
+  void Promise.all(loops).then(() => (finished = true));
   return {
+    done: () => finished,
+    count: () => n,
     stop: async () => {
       running = false;
       await Promise.all(loops);
@@ -89,6 +102,8 @@ function writer(top: Layer, random: () => number): { stop: () => Promise<number>
     },
   };
 }
+
+const yieldToTimers = () => new Promise((r) => setImmediate(r));
 
 describe("live copy: copier + dirty tracker", () => {
   for (const seed of [1, 2, 3]) {
@@ -106,18 +121,20 @@ describe("live copy: copier + dirty tracker", () => {
       tracker.track(bitmap, locks);
       await markInitial(src, bitmap, true);
       expect(bitmap.dirtyBytes).toBeLessThan(size / 2); // holes are not copied to a fresh (zero) destination
-      const copier = new Copier(src, target(dst, random, 0.05), bitmap, locks, { parallel: 8, copyBytes: 256 * KiB, maxFailures: 50 });
-      const w = writer(tracker, random);
-      // In background mode the writer can keep the copy busy forever: stop each pass after a while.
-      for (let i = 0; i < 2; i++) {
-        const t0 = performance.now();
-        await copier.pass(() => performance.now() - t0 > 300);
+      const t = target(dst, random, 7);
+      const copier = new Copier(src, t, bitmap, locks, { parallel: 8, copyBytes: 256 * KiB, maxFailures: 50, backoffMs: 1 });
+      const w = writer(tracker, random, 80);
+      // In background mode the copy runs alongside the writes until the writer has done all of them.
+      while (!w.done()) {
+        await copier.pass(() => w.done());
+        await yieldToTimers();
       }
-      const writes = await w.stop();
-      expect(writes).toBeGreaterThan(10);
+      expect(await w.stop()).toBe(80);
       await copier.pass(); // the final pass: nothing writes any more
       expect(bitmap.dirtyBytes).toBe(0);
       expect((await read(dst)).equals(await read(src))).toBe(true);
+      // Every 7th call failed and was retried: the count is exact, whatever the timing.
+      expect(copier.stats().failures).toBe(Math.floor(t.calls / 7));
       expect(copier.stats().failures).toBeGreaterThan(0);
     });
   }
@@ -137,13 +154,16 @@ describe("live copy: copier + dirty tracker", () => {
     tracker.track(bitmap, locks);
     await markInitial(src, bitmap, true);
     tracker.writeThrough(t);
-    const w = writer(tracker, random);
+    const w = writer(tracker, random, 1e9);
     const copier = new Copier(src, t, bitmap, locks, { parallel: 4, copyBytes: 128 * KiB });
     await copier.pass(); // returns only when nothing is dirty, though the writer never stopped
     expect(bitmap.dirtyBytes).toBe(0);
-    await new Promise((r) => setTimeout(r, 30));
+    // Twenty more writes after that, each written through: none leaves a chunk dirty.
+    const after = w.count() + 20;
+    while (w.count() < after) await yieldToTimers();
     await w.stop();
     expect(bitmap.dirtyBytes).toBe(0);
+    expect(tracker.throughFailures).toBe(0);
     expect((await read(dst)).equals(await read(src))).toBe(true);
   });
 
@@ -173,13 +193,24 @@ describe("live copy: copier + dirty tracker", () => {
     bitmap.markAll();
     const t = target(new MemoryPort({ size }), seededRandom(1));
     t.fail = true;
-    const copier = new Copier(src, t, bitmap, new ChunkLocks(bitmap.granularity), { parallel: 2, maxFailures: 3 });
+    const copier = new Copier(src, t, bitmap, new ChunkLocks(bitmap.granularity), { parallel: 2, maxFailures: 3, backoffMs: 1 });
     await expect(copier.pass()).rejects.toBeInstanceOf(CopyAbortedError);
     expect(bitmap.dirtyBytes).toBe(size);
   });
+});
 
-  it("keeps to --max-rate", async () => {
-    const size = 2 * MiB;
+/**
+ * Timing of the copier (rate limit, backoff) on a fake clock: setTimeout and performance.now()
+ * are virtual, so the assertions are about the schedule the copier keeps, not this machine's speed.
+ */
+describe("copier schedule (fake clock)", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+  const fake = () => vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "setImmediate", "performance"] });
+
+  /** A source of `size` bytes of data, all dirty, and a destination that records when each copy arrived. */
+  async function setup(size: number) {
     const src = new MemoryPort({ size });
     await src.open();
     await src.pwrite(Buffer.alloc(size, 3), 0, plainIo);
@@ -187,10 +218,116 @@ describe("live copy: copier + dirty tracker", () => {
     bitmap.markAll();
     const dst = new MemoryPort({ size });
     await dst.open();
-    const copier = new Copier(src, target(dst, () => 0), bitmap, new ChunkLocks(bitmap.granularity), { maxRate: 8 * MiB, copyBytes: 256 * KiB });
+    const arrivals: number[] = [];
     const t0 = performance.now();
-    await copier.pass();
-    // 2 MiB at 8 MiB/s: at least ~220 ms (the first 256 KiB go at once).
-    expect(performance.now() - t0).toBeGreaterThan(200);
+    const state = { down: 0 as number | "always" };
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        arrivals.push(performance.now() - t0);
+        if (state.down === "always" || state.down-- > 0) throw new NbdError("EIO", "link down");
+        await dst.pwrite(Buffer.from(buf), offset, plainIo);
+      },
+      async zero(length, offset) {
+        await dst.zero(length, offset, { ...plainIo, mayTrim: false });
+      },
+      async flush() {},
+    };
+    return { src, dst, bitmap, t, arrivals, state, locks: new ChunkLocks(bitmap.granularity) };
+  }
+
+  it("keeps to --max-rate: the k-th copy of 256 KiB at 8 MiB/s starts no earlier than k × 31.25 ms", async () => {
+    fake();
+    const s = await setup(2 * MiB);
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 8 * MiB, copyBytes: 256 * KiB });
+    const done = copier.pass();
+    await vi.runAllTimersAsync();
+    await done;
+    expect(s.arrivals).toHaveLength(8);
+    // (timers run at whole milliseconds: up to 1 ms early is rounding, not a burst)
+    s.arrivals.forEach((at, i) => expect(at).toBeGreaterThanOrEqual((i + 1) * 31.25 - 1));
+    expect((await read(s.dst)).equals(await read(s.src))).toBe(true);
+  });
+
+  it("counts a copy waiting for its turn under --max-rate as dirty, so progress does not run ahead of the copy", async () => {
+    fake();
+    const s = await setup(4 * MiB);
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 1 * MiB, copyBytes: 1 * MiB });
+    const done = copier.pass();
+    await vi.advanceTimersByTimeAsync(1500); // the first 1 MiB is due at 1 s, the second at 2 s
+    expect(copier.stats()).toMatchObject({ copied: 1 * MiB, dirty: 3 * MiB });
+    await vi.runAllTimersAsync();
+    await done;
+    expect(copier.stats()).toMatchObject({ copied: 4 * MiB, dirty: 0 });
+  });
+
+  it("stops at once when aborted: copies waiting for the rate limit do not start, their ranges stay dirty", async () => {
+    fake();
+    const s = await setup(8 * MiB);
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 1 * MiB, copyBytes: 1 * MiB });
+    let outcome = "running";
+    const done = copier.pass().then(
+      () => (outcome = "resolved"),
+      (err: Error) => (outcome = err.message),
+    );
+    await vi.advanceTimersByTimeAsync(1500);
+    expect(s.arrivals).toHaveLength(1);
+    copier.abort(new CopyAbortedError("cancelled"));
+    // No time passes now (only what is due at once runs), yet the pass ends.
+    await vi.advanceTimersByTimeAsync(0);
+    expect(outcome).toBe("cancelled");
+    expect(s.arrivals).toHaveLength(1);
+    expect(s.bitmap.dirtyBytes).toBe(7 * MiB);
+    await vi.runAllTimersAsync();
+    await done;
+  });
+
+  it("retries a failed copy after a backoff that doubles (100, 200, 400, 800, 1600 ms) and gives up at the sixth failure in a row", async () => {
+    fake();
+    const s = await setup(1 * MiB);
+    s.state.down = "always";
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { parallel: 1 });
+    const done = copier.pass();
+    const settled = done.then(
+      () => "resolved",
+      (err: Error) => err,
+    );
+    await vi.runAllTimersAsync();
+    const err = await settled;
+    expect(err).toBeInstanceOf(CopyAbortedError);
+    expect((err as Error).message).toMatch(/copy failed 6 times in a row: link down/);
+    expect(s.arrivals).toHaveLength(6);
+    const gaps = s.arrivals.slice(1).map((at, i) => at - s.arrivals[i]!);
+    [100, 200, 400, 800, 1600].forEach((b, i) => expect(gaps[i]).toBeGreaterThanOrEqual(b));
+    expect(copier.stats()).toMatchObject({ failures: 6, dirty: 1 * MiB });
+  });
+
+  it("counts copies that fail together once: an outage that fails all 16 copies in flight is ridden out", async () => {
+    fake();
+    const s = await setup(32 * MiB);
+    s.state.down = 16; // every copy in flight when the link went down fails
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, {});
+    const done = copier.pass();
+    await vi.runAllTimersAsync();
+    await done;
+    expect(copier.stats().failures).toBe(16);
+    expect((await read(s.dst)).equals(await read(s.src))).toBe(true);
+  });
+
+  it("with the link down for good, 16 parallel copies give up after six rounds of backoff, not six failures at once", async () => {
+    fake();
+    const s = await setup(32 * MiB);
+    s.state.down = "always";
+    const copier = new Copier(s.src, s.t, s.bitmap, s.locks, {});
+    const settled = copier.pass().then(
+      () => "resolved",
+      (err: Error) => err.message,
+    );
+    await vi.runAllTimersAsync();
+    expect(await settled).toMatch(/copy failed 6 times in a row/);
+    // Six rounds, each after the backoff of the one before: 0, ≥100, ≥300, ≥700, ≥1500, ≥3100 ms.
+    const rounds = [...new Set(s.arrivals.map((t) => Math.floor(t)))];
+    expect(rounds).toHaveLength(6);
+    [0, 100, 300, 700, 1500, 3100].forEach((t, i) => expect(rounds[i]).toBeGreaterThanOrEqual(t));
+    expect(s.bitmap.dirtyBytes).toBe(32 * MiB);
   });
 });

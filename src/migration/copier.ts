@@ -11,8 +11,13 @@ export interface CopierOptions {
   copyBytes?: number;
   /** Bytes per second at most (default: no limit). */
   maxRate?: number;
-  /** Failed copies in a row before the copy gives up (default 6, with backoff 100 ms … 3.2 s). */
+  /**
+   * Failures in a row before the copy gives up (default 6). Copies that were in flight together
+   * when one failed count as that one failure: a link that goes down fails them all at once.
+   */
   maxFailures?: number;
+  /** No copy starts for this long after a failure, doubled for each failure in a row up to 32 × (default 100 ms: 100 ms … 3.2 s). */
+  backoffMs?: number;
   /**
    * Chunks of the destination known to read as zeros (a freshly created image): zero ranges there
    * are not sent at all; a chunk leaves the set once data was sent to it.
@@ -24,10 +29,11 @@ export interface CopierOptions {
 export interface CopyStats {
   /** Bytes sent to the destination so far (data and zeroed ranges). */
   copied: number;
-  /** Bytes still dirty. */
+  /** Bytes still to copy: dirty, or taken for a copy that has not finished. */
   dirty: number;
   /** Bytes per second over the last second or so. */
   rate: number;
+  /** Copies that failed (each range was marked dirty again and retried). */
   failures: number;
 }
 
@@ -42,15 +48,25 @@ export class CopyAbortedError extends Error {
  * Copies the dirty parts of a device to a target with bounded parallelism: takes runs from the
  * bitmap, reads them from the source (holes and zero runs are sent as write-zeroes), writes them
  * to the target under the chunk lock shared with the dirty tracker. A failed copy re-marks its run
- * and is retried with backoff; too many failures in a row abort the copy.
+ * and no copy starts until a backoff has passed; too many failures in a row abort the copy.
  */
 export class Copier {
   private readonly parallel: number;
   private readonly copyBytes: number;
   private readonly maxFailures: number;
+  private readonly backoffMs: number;
   private copied = 0;
+  /** Bytes taken from the bitmap for copies not finished yet (waiting for their turn, or in flight). */
+  private pending = 0;
   private failuresInRow = 0;
   private failures = 0;
+  /** Copies started so far, and that count when the last failure in a row was counted. */
+  private started = 0;
+  private streakMark = 0;
+  /** No copy starts before this time (performance.now()): the backoff after a failure. */
+  private resumeAt = 0;
+  /** Wakes the copier's sleeps (rate limit, backoff) when it is aborted. */
+  private readonly wakers = new Set<() => void>();
   private aborted: Error | null = null;
   private window: Array<{ t: number; bytes: number }> = [];
   private rateStart = performance.now();
@@ -66,6 +82,7 @@ export class Copier {
     this.parallel = opts.parallel ?? 16;
     this.copyBytes = opts.copyBytes ?? 1024 * 1024;
     this.maxFailures = opts.maxFailures ?? 6;
+    this.backoffMs = opts.backoffMs ?? 100;
   }
 
   stats(): CopyStats {
@@ -73,12 +90,16 @@ export class Copier {
     this.window = this.window.filter((w) => now - w.t < 2000);
     const span = this.window.length ? Math.max(250, now - this.window[0]!.t) : 1000;
     const bytes = this.window.reduce((s, w) => s + w.bytes, 0);
-    return { copied: this.copied, dirty: this.bitmap.dirtyBytes, rate: (bytes * 1000) / span, failures: this.failures };
+    return { copied: this.copied, dirty: this.bitmap.dirtyBytes + this.pending, rate: (bytes * 1000) / span, failures: this.failures };
   }
 
-  /** Stops the copy: copies in flight finish, no new ones start; pass() rejects with `reason`. */
+  /**
+   * Stops the copy: copies in flight finish, no new ones start (those waiting for the rate limit
+   * or a backoff put their ranges back as dirty); pass() rejects with `reason`.
+   */
   abort(reason: Error): void {
     this.aborted ??= reason;
+    for (const wake of [...this.wakers]) wake();
   }
 
   /**
@@ -90,25 +111,64 @@ export class Copier {
       while (!this.aborted && !enough()) {
         const run = this.bitmap.take(this.copyBytes);
         if (!run) return;
-        await this.throttle(run.length);
+        this.pending += run.length;
         try {
-          await this.copyRun(run.offset, run.length);
-          this.failuresInRow = 0;
-        } catch (err) {
-          this.bitmap.mark(run.offset, run.length);
-          this.failures++;
-          if (++this.failuresInRow >= this.maxFailures) {
-            this.abort(new CopyAbortedError(`copy failed ${this.failuresInRow} times in a row: ${(err as Error).message}`));
+          await this.waitTurn(run.length);
+          if (this.aborted) {
+            this.bitmap.mark(run.offset, run.length);
             return;
           }
-          const backoff = 100 * 2 ** Math.min(5, this.failuresInRow - 1);
-          this.opts.log?.warn({ offset: run.offset, length: run.length, err: (err as Error).message, retryInMs: backoff }, "copy failed: range marked dirty again");
-          await new Promise((r) => setTimeout(r, backoff));
+          const seq = this.started++;
+          try {
+            await this.copyRun(run.offset, run.length);
+            if (seq >= this.streakMark) this.failuresInRow = 0;
+          } catch (err) {
+            this.bitmap.mark(run.offset, run.length);
+            this.failures++;
+            // Started before the last failure was counted: it was in flight with it, one outage.
+            if (seq < this.streakMark) continue;
+            this.streakMark = this.started;
+            if (++this.failuresInRow >= this.maxFailures) {
+              this.abort(new CopyAbortedError(`copy failed ${this.failuresInRow} times in a row: ${(err as Error).message}`));
+              return;
+            }
+            const backoff = this.backoffMs * 2 ** Math.min(5, this.failuresInRow - 1);
+            this.resumeAt = performance.now() + backoff;
+            this.opts.log?.warn({ offset: run.offset, length: run.length, err: (err as Error).message, retryInMs: backoff, failuresInRow: this.failuresInRow }, "copy failed: range marked dirty again");
+          }
+        } finally {
+          this.pending -= run.length;
         }
       }
     };
     await Promise.all(Array.from({ length: this.parallel }, worker));
     if (this.aborted) throw this.aborted;
+  }
+
+  /** Waits until no backoff holds copies back and the rate limit lets `bytes` go (or the copy is aborted). */
+  private async waitTurn(bytes: number): Promise<void> {
+    let throttled = false;
+    while (!this.aborted) {
+      const backoff = this.resumeAt - performance.now();
+      if (backoff > 0) await this.sleep(backoff);
+      else if (!throttled) {
+        throttled = true;
+        await this.throttle(bytes);
+      } else return;
+    }
+  }
+
+  /** A timer that abort() cuts short; never fires early (timers run at whole milliseconds). */
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.wakers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, Math.ceil(ms));
+      this.wakers.add(wake);
+    });
   }
 
   private async throttle(bytes: number): Promise<void> {
@@ -117,7 +177,7 @@ export class Copier {
     this.rateBytes += bytes;
     const due = this.rateStart + (this.rateBytes * 1000) / rate;
     const wait = due - performance.now();
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    if (wait > 0) await this.sleep(wait);
     else if (wait < -1000) {
       // Idle for a while: do not let the budget build up into a burst.
       this.rateStart = performance.now();

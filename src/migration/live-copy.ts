@@ -33,6 +33,8 @@ export interface LiveCopyProgress {
   /** Seconds until the dirty set is copied at the current rate (null when unknown). */
   eta: number | null;
   passes: number;
+  /** Copies that failed and were retried (or, with six failures in a row, made the copy give up). */
+  failures: number;
   error?: string;
 }
 
@@ -87,6 +89,7 @@ export class LiveCopy {
       rate: Math.round(s.rate),
       eta: s.rate > 0 ? Math.round((s.dirty / s.rate) * 10) / 10 : null,
       passes: this.passes,
+      failures: s.failures,
       ...(this.error ? { error: this.error } : {}),
     };
   }

@@ -4,6 +4,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall, getStatus } from "../../src/control/control-client.js";
+import { pollUntil, scrape } from "../helpers/migration.js";
 import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 
@@ -88,7 +89,14 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
       }
     })();
 
-    await new Promise((r) => setTimeout(r, 500));
+    // Between two moves, node a (which fio dialled) answers 100 more writes and the multi-connection
+    // checker makes one more round: the moves happen under load, polled rather than slept for.
+    const aWrites = async () => (await scrape(controlUrl(a))).get('nbdstack_requests_total{export="disk",op="write",result="ok"}') ?? 0;
+    const underLoad = async (what: string) => {
+      const [w, c] = [await aWrites(), checks];
+      await pollUntil(`100 fio writes and a multi-conn check ${what}`, async () => checks > c && (await aWrites()) >= w + 100);
+    };
+    await underLoad("before the first move");
     const moves: number[] = [];
     let [from, to] = [controlUrl(a), controlUrl(b)];
     for (let i = 0; i < 20; i++) {
@@ -96,10 +104,9 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
       moves.push(r.ms);
       expect(r.epoch).toBe(i + 2);
       [from, to] = [to, from];
-      await new Promise((res) => setTimeout(res, 150));
+      await underLoad(`after move ${i + 1}`);
     }
     expect(fio.exitCode).toBeNull(); // every move happened under load
-    await new Promise((res) => setTimeout(res, 300));
     fio.kill("SIGINT"); // fio ends the job, verifies what is pending and reports (exit 128)
     const code = await fioDone;
     stop = true;
@@ -107,9 +114,9 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
     expect([0, 128]).toContain(code);
     expect(job.error).toBe(0);
-    expect(job.write.io_bytes).toBeGreaterThan(8 * MiB); // fio kept writing across the moves (how much depends on the machine)
+    expect(job.write.io_bytes).toBeGreaterThan(0);
     expect(job.read.io_bytes).toBeGreaterThan(0); // verify_backlog read back what was written
-    expect(checks).toBeGreaterThan(10);
+    expect(checks).toBeGreaterThanOrEqual(21);
     await Promise.all([c1.disconnect(), c2.disconnect(), c3.disconnect()]);
 
     const sa = await getStatus(controlUrl(a));
@@ -136,7 +143,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     expect(text).toMatch(/^nbdstack_redirector_state\{export="disk",state="LOCAL"\} 0$/m);
     expect(text).toMatch(/^nbdstack_held_requests\{export="disk"\} 0$/m);
     const moves = Number(/^nbdstack_moves_total\{export="disk"\} (\d+)$/m.exec(text)![1]);
-    expect(moves).toBeGreaterThanOrEqual(11);
+    expect(moves).toBe(21); // every one of the 21 moves was to or from a
     expect(text).toMatch(/^nbdstack_requests_total\{export="disk",op="write",result="ok"\} \d+$/m);
   });
 

@@ -5,6 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall, getStatus } from "../../src/control/control-client.js";
+import { exportStatus, pollUntil, scrape } from "../helpers/migration.js";
 import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 
@@ -14,6 +15,13 @@ const run = promisify(execFile);
 function addr(uri: string) {
   const u = new URL(uri);
   return { host: u.hostname, port: Number(u.port) };
+}
+
+/** Waits until a node has answered `n` more writes to export disk than now: the load is really running. */
+async function moreWrites(control: string, n: number): Promise<void> {
+  const count = async () => (await scrape(control)).get('nbdstack_requests_total{export="disk",op="write",result="ok"}') ?? 0;
+  const from = await count();
+  await pollUntil(`${n} more writes answered by ${control}`, async () => (await count()) >= from + n);
 }
 
 /** fio random writes with crc32c verification against `uri` until stopped. */
@@ -61,10 +69,10 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
 
   it("copies the image to the other node while fio writes, then hands over: fio verifies clean through the new owner", async () => {
     const load = fio(a.uris[0]!);
-    await new Promise((r) => setTimeout(r, 700));
+    await moreWrites(controlUrl(a), 200);
     const { stdout } = await run(process.execPath, [CLI, "migrate", "disk", "--from", controlUrl(a), "--to", controlUrl(b), "--copy"]);
     expect(stdout).toMatch(/moved disk from a to b \(epoch 2\) by live copy in [\d.]+ s: [\d.]+ MiB copied/);
-    await new Promise((r) => setTimeout(r, 700)); // fio goes on through port B, reading back what it wrote
+    await moreWrites(controlUrl(b), 200); // fio goes on through a's port B to the new owner, reading back what it wrote
     const job = await load.stop();
     expect(job.error).toBe(0);
     expect(job.read.io_bytes).toBeGreaterThan(0);
@@ -79,10 +87,10 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
 
   it("comes back in write-blocking mode under load, and a copy with no load leaves both images identical", async () => {
     const load = fio(a.uris[0]!);
-    await new Promise((r) => setTimeout(r, 500));
+    await moreWrites(controlUrl(b), 200);
     const r = await controlCall<{ mode: string; epoch: number }>(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true, mode: "write-blocking" }, 120_000);
     expect(r).toMatchObject({ mode: "write-blocking", epoch: 3 });
-    await new Promise((r2) => setTimeout(r2, 500));
+    await moreWrites(controlUrl(a), 200);
     const job = await load.stop();
     expect(job.error).toBe(0);
     expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
@@ -94,7 +102,7 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
 
   it("switches to write-blocking when writes outpace the copy, and still converges", async () => {
     const load = fio(a.uris[0]!);
-    await new Promise((r) => setTimeout(r, 500));
+    await moreWrites(controlUrl(a), 200);
     const r = await controlCall<{ mode: string }>(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 16 * MiB }, 120_000);
     expect(r.mode).toBe("write-blocking");
     const job = await load.stop();
@@ -114,12 +122,15 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
       }
     })();
     const moving = controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 2 * MiB }, 120_000);
-    await new Promise((r) => setTimeout(r, 1200));
-    const st = (await getStatus(controlUrl(a))).exports[0] as unknown as { copy: { phase: string; copied: number } };
-    expect(st.copy.phase).toBe("copying");
+    // At 2 MiB/s the copy has sent its first MiB after half a second at the earliest.
+    await pollUntil("the copy to send its first MiB", async () => {
+      const c = (await exportStatus(controlUrl(a), "disk"))?.copy;
+      return c?.phase === "copying" && c.copied >= MiB;
+    });
     await b.stop("SIGKILL");
     await expect(moving).rejects.toThrow(/502.*live copy of disk aborted/);
-    await new Promise((r) => setTimeout(r, 200));
+    const after = writes;
+    await pollUntil("50 more writes after the abort", () => writes >= after + 50);
     stop = true;
     await writer; // a failed write would have thrown here
     expect(writes).toBeGreaterThan(50);
@@ -137,9 +148,9 @@ describe.skipIf(!needTools("fio", "qemu-img"))("migration without shared storage
     fs.rmSync(path.join(dirB, "disk.img"), { force: true });
     b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--fault", "--fault-seed", "5"], 1);
     const load = fio(a.uris[0]!);
-    await new Promise((r) => setTimeout(r, 500));
+    await moreWrites(controlUrl(a), 200);
     const moving = controlCall<{ mode: string; epoch: number }>(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b), copy: true, maxRate: 32 * MiB }, 120_000);
-    for (let i = 0; i < 100 && !(await getStatus(controlUrl(b))).exports.some((e) => (e as { copyTarget?: boolean }).copyTarget); i++) await new Promise((r) => setTimeout(r, 50));
+    await pollUntil("b to become the copy target", async () => (await exportStatus(controlUrl(b), "disk"))?.copyTarget);
     await controlCall(controlUrl(b), "POST", "v1/exports/disk/faults", { add: "op=pwrite,delay=2ms..6ms" });
     const r = await moving;
     const job = await load.stop();
