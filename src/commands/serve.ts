@@ -134,7 +134,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
         log.warn({ image }, "not serving an image whose live copy never finished");
         continue;
       }
-      specs.push({ source: image, name: decodeURIComponent(f.slice(0, -4)), readOnly: opts.readOnly, io: opts.io });
+      specs.push({ source: image, name: decodeURIComponent(f.slice(0, -4)), readOnly: opts.readOnly, io: opts.io, fault });
     }
   }
   let demo: { file: string; dir: string } | null = null;

@@ -42,7 +42,7 @@ interface Managed {
   /** The live copy of this export to a peer, while one runs (and its last state after). */
   copy: LiveCopy | null;
   /** Set while this node is the destination of a live copy: the export the source writes into. */
-  target: { exp: Export; marker: string } | null;
+  target: { exp: Export; marker: string; restoreFault: () => void } | null;
 }
 
 /** Where a node publishes exports it creates at run time (live-copy destinations). */
@@ -372,6 +372,7 @@ export class StorageNode {
       m.private = true;
       await this.publisher?.remove(t.exp.name);
       await t.exp.close();
+      t.restoreFault();
       fs.rmSync(t.marker, { force: true });
     }
     const r = m.lease.read();
@@ -421,7 +422,8 @@ export class StorageNode {
         fresh = true;
       }
       new LeaseFile(image).assign(owner, epoch, this.ttlMs);
-      const exp = this.createExport({ name, source: image, io: this.opts.io });
+      // Its own fault layer (with --fault) above port A, as for exports served from the start.
+      const exp = this.createExport({ name, source: image, io: this.opts.io, fault: this.opts.fault }, this.opts.handles);
       m = this.managed.get(name)!;
       await this.publisher.add(exp);
     }
@@ -429,14 +431,27 @@ export class StorageNode {
     fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
     const targetName = `${MIRROR_EXPORT_PREFIX}${crypto.randomBytes(16).toString("hex")}/${name}`;
     let port: Layer = createFilePort({ path: m.image, io: this.opts.io });
-    if (this.opts.fault) {
+    let restoreFault = () => {};
+    const faults = this.opts.handles?.faults;
+    if (this.opts.fault && faults) {
+      // While the copy runs, `fault NAME` steers the layer above the copy's writes (to slow or
+      // break the link); once the target closes, the name leads back to the export's own layer
+      // (above port A), which takes the target's rules over.
       const f = new FaultLayer(port, this.opts.fault);
-      this.opts.handles?.faults.set(name, f);
+      const own = faults.get(name);
+      if (own) f.inherit(own);
+      faults.set(name, f);
+      restoreFault = () => {
+        if (faults.get(name) !== f) return;
+        if (!own) return void faults.delete(name);
+        own.inherit(f);
+        faults.set(name, own);
+      };
       port = f;
     }
     const exp = new Export(targetName, createDiskLayer(port), `live-copy target of ${name}`);
     await this.publisher.add(exp);
-    m.target = { exp, marker };
+    m.target = { exp, marker, restoreFault };
     m.private = true;
     this.opts.log.info({ export: name, from: owner.nodeId, image: m.image, fresh }, "live copy target ready");
     return { target: targetName, nbd: this.identity.nbd, fresh };
@@ -450,6 +465,7 @@ export class StorageNode {
     m.target = null;
     await this.publisher?.remove(t.exp.name);
     await t.exp.close();
+    t.restoreFault();
     this.opts.log.warn({ export: name, marker: t.marker }, "live copy abandoned: image left incomplete");
   }
 
