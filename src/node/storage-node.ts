@@ -360,9 +360,6 @@ export class StorageNode {
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`. */
   async adopt(name: string, epoch: number): Promise<void> {
     const m = this.find(name);
-    // Test hook: widen the adopt phase so tests can kill this node in the middle of a hand-over.
-    const delay = Number(process.env.NBDSTACK_TEST_ADOPT_DELAY_MS ?? 0);
-    if (delay > 0) await new Promise((r) => setTimeout(r, delay));
     if (m.target) {
       // The end of a live copy into this node: the image here is complete and becomes the one the
       // owner uses. Its lease record is this node's own (the image is not shared).

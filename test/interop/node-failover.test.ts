@@ -77,7 +77,7 @@ describe("node failures", () => {
     const { img, a, b } = await twoNodes("1s");
     const c = await NbdClient.connect(addr(b.uris[0]!), { exportName: "disk" }); // through port B to a
     const l = load(c);
-    await new Promise((r) => setTimeout(r, 300));
+    await l.progress();
     const before = l.done();
     await a.stop("SIGKILL");
     const t0 = Date.now();
@@ -86,7 +86,7 @@ describe("node failures", () => {
       await new Promise((r) => setTimeout(r, 50));
     }
     const afterTakeover = l.done();
-    await new Promise((r) => setTimeout(r, 300));
+    await l.progress();
     await l.stop();
     expect(l.failures).toEqual([]);
     expect(before).toBeGreaterThan(0);
@@ -122,6 +122,15 @@ describe("node failures", () => {
       failures,
       model,
       done: () => done,
+      /** Resolves once `n` more writes completed (the load makes progress; a hang fails the test). */
+      progress: async (n = 100) => {
+        const target = done + n;
+        const t0 = Date.now();
+        while (done < target) {
+          if (Date.now() - t0 > 15_000) throw new Error(`load stuck at ${done} writes (waited for ${target}); failures: ${failures.length}`);
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      },
       stop: async () => {
         stop = true;
         await Promise.all(ws);
@@ -130,11 +139,13 @@ describe("node failures", () => {
   }
 
   it("rolls back when the peer is killed while it adopts the image: no failed request, the source owns it again", async () => {
-    const { a, b, img } = await twoNodes("10s", { NBDSTACK_TEST_ADOPT_DELAY_MS: "1500" });
+    const { a, b, img } = await twoNodes("10s", {}, ["--fault"]);
+    const { controlCall } = await import("../../src/control/control-client.js");
+    // b's port A takes 1.5 s to open when b adopts the image: a window to kill b in mid-hand-over.
+    await controlCall(controlUrl(b), "POST", "v1/exports/disk/faults", { add: "op=open,delay=1500ms" });
     const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
     const l = load(c);
-    await new Promise((r) => setTimeout(r, 200));
-    const { controlCall } = await import("../../src/control/control-client.js");
+    await l.progress();
     const moving = controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) }).then(
       () => "moved",
       (e: Error) => e.message,
@@ -150,7 +161,7 @@ describe("node failures", () => {
     await b.stop("SIGKILL");
     expect(await moving).toMatch(/502|fetch failed|socket|other side closed|ECONNRESET|terminated/i);
     const during = l.done();
-    await new Promise((r) => setTimeout(r, 300));
+    await l.progress();
     await l.stop();
     expect(l.failures).toEqual([]);
     expect(l.done()).toBeGreaterThan(during); // served by a again
@@ -167,7 +178,7 @@ describe("node failures", () => {
     const { a, b } = await twoNodes("1s");
     const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
     const l = load(c);
-    await new Promise((r) => setTimeout(r, 200));
+    await l.progress();
     const { controlCall } = await import("../../src/control/control-client.js");
     await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) });
     await b.stop("SIGKILL"); // a now forwards to a dead owner until b's lease expires
@@ -177,7 +188,7 @@ describe("node failures", () => {
       await new Promise((r) => setTimeout(r, 50));
     }
     const back = l.done();
-    await new Promise((r) => setTimeout(r, 300));
+    await l.progress();
     await l.stop();
     expect(l.failures).toEqual([]);
     expect(l.done()).toBeGreaterThan(back);

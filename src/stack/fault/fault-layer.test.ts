@@ -104,6 +104,26 @@ describe("FaultLayer", () => {
     expect(done).toBe(true);
   });
 
+  it("delays or fails opening the device with op=open rules; op=any leaves opening alone", async () => {
+    const port = new MemoryPort({ size: 4 * MiB });
+    const fault = new FaultLayer(port);
+    fault.addRule("op=any,errno=EIO");
+    await fault.open(); // `any` is about requests, not opening
+    fault.clearRules();
+    fault.addRule("op=open,errno=EPERM,once");
+    await expect(fault.open()).rejects.toMatchObject({ errno: "EPERM" });
+    await fault.open();
+    fault.clearRules();
+    fault.addRule("op=open,stall");
+    let opened = false;
+    const o = fault.open().then(() => (opened = true));
+    await new Promise((r) => setImmediate(r));
+    expect(opened).toBe(false);
+    expect(fault.releaseStalled()).toBe(1);
+    await o;
+    expect(fault.listRules()[0]).toMatchObject({ fired: 1 });
+  });
+
   it("ends stalled requests with ESHUTDOWN when it closes, so a shutdown never waits on a stall", async () => {
     const { fault, port } = await stack();
     fault.addRule("op=pwrite,stall");

@@ -120,7 +120,7 @@ export class FaultLayer extends PassthroughLayer {
     if (!this.powered) throw new NbdError("ESHUTDOWN", "the disk has no power (powercut)");
     let corruptBy: FaultRule | null = null;
     for (const r of this.rules) {
-      if (r.op !== "any" && r.op !== op) continue;
+      if (r.op === "any" ? op === "open" : r.op !== op) continue;
       if (r.range && (length === 0 || offset >= r.range.end || offset + length <= r.range.start)) continue;
       r.seen++;
       if (r.afterCount !== undefined && r.seen <= r.afterCount) continue;
@@ -147,6 +147,12 @@ export class FaultLayer extends PassthroughLayer {
       }
     }
     return corruptBy;
+  }
+
+  /** Opening the device below (port A of a node adopting an image) can be delayed, stalled or failed by `op=open` rules. */
+  override async open(): Promise<void> {
+    if (this.rules.length) await this.inject("open", 0, 0);
+    return this.next.open();
   }
 
   // With no rules, power on and nothing unflushed held back, reads and writes go straight down

@@ -1,7 +1,8 @@
 import { Errno, type ErrnoName } from "../../protocol/constants.js";
 
-export type FaultOp = "pread" | "pwrite" | "zero" | "trim" | "flush" | "cache" | "extents" | "any";
-const OPS: readonly FaultOp[] = ["pread", "pwrite", "zero", "trim", "flush", "cache", "extents", "any"];
+/** Request kinds a rule can match; `open` is the device being opened (a cluster node adopting an image), which `any` does not match. */
+export type FaultOp = "pread" | "pwrite" | "zero" | "trim" | "flush" | "cache" | "extents" | "open" | "any";
+const OPS: readonly FaultOp[] = ["pread", "pwrite", "zero", "trim", "flush", "cache", "extents", "open", "any"];
 const ERRNOS: readonly ErrnoName[] = ["EIO", "ENOSPC", "EPERM", "ENOMEM", "EINVAL", "ESHUTDOWN"];
 
 /**
