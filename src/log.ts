@@ -9,7 +9,7 @@ export interface LogOptions {
   pretty?: boolean;
 }
 
-export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "silent"] as const;
+export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal", "silent"] as const;
 
 /**
  * The process logger: JSON lines on stderr, or readable lines when stdout is a TTY. The level is

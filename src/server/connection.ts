@@ -184,7 +184,9 @@ export class Connection {
    */
   async shutdown(): Promise<void> {
     this.stopping = true;
-    await Promise.race([this.idle(), this.closed]);
+    // A client that hangs up does not end this wait: its requests are still inside the stack. Only
+    // abort() (requests that never end) does.
+    await Promise.race([this.idle(), this.aborted]);
     this.finish();
     await this.closed;
   }
@@ -196,7 +198,10 @@ export class Connection {
   abort(): void {
     this.stopping = true;
     this.finish();
+    this.resolveAborted();
   }
+  private resolveAborted!: () => void;
+  private readonly aborted = new Promise<void>((r) => (this.resolveAborted = r));
 
   private idle(): Promise<void> {
     if (this.inflight === 0) return Promise.resolve();
@@ -285,7 +290,7 @@ export class Connection {
       this.paused = false;
       this.pausedBy = null;
       this.socket.resume();
-      this.log.trace({ inflight: this.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
+      if (this.log.isLevelEnabled("trace")) this.log.trace({ inflight: this.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
     }
   }
 

@@ -162,19 +162,9 @@ export class NbdServer implements ExportDirectory {
     return this.connections.size;
   }
 
-  private async bounded(p: Promise<void>, ms: number, what: string): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = new Promise<void>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms)));
-    try {
-      await Promise.race([p, timedOut]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
   /**
    * Graceful shutdown: stop accepting, let every connection finish the requests it has (new ones
-   * get ESHUTDOWN), then flush and close every export (ports make their state durable when they close).
+   * get ESHUTDOWN), then flush every export (bounded) and close it (ports make their state durable when they close).
    * Requests still waiting after `graceMs` (say, on a peer that is gone) are ended by closing the
    * exports under them; connections whose requests still do not end within a second after that
    * (a layer that never settles them) are closed with those requests unanswered. Idempotent.
@@ -185,12 +175,15 @@ export class NbdServer implements ExportDirectory {
       const drained = Promise.all([...this.connections].map((c) => c.shutdown()));
       const late = !(await settlesWithin(drained, graceMs));
       if (late) this.opts.log.warn({ graceMs }, "requests still in flight after the grace period: closing the exports under them");
+      // A FLUSH through each whole stack first: layers with a cache of their own (a power-loss
+      // cache, say) are only made durable by a flush, not by their port closing. All exports at
+      // once, bounded (shorter when requests are already stuck), so that a flush that cannot reach
+      // a peer does not keep the process from stopping; each export is closed whatever its flush did.
+      const flushes = this.opts.exports.map((e) => e.flush().catch((err) => this.opts.log.error({ err, export: e.name }, "flush at shutdown failed")));
+      const flushMs = late ? Math.min(graceMs, 1000) : graceMs;
+      if (!(await settlesWithin(Promise.all(flushes), flushMs))) this.opts.log.error({ ms: flushMs }, "flush at shutdown did not finish in time: closing the exports anyway");
       for (const e of this.opts.exports) {
         try {
-          // A FLUSH through the whole stack first: layers with a cache of their own (a power-loss
-          // cache, say) are only made durable by a flush, not by their port closing. Bounded, so a
-          // flush that cannot reach a peer does not keep the process from stopping.
-          if (!late) await this.bounded(e.flush(), graceMs, `flush of ${e.name} at shutdown`);
           await e.close();
         } catch (err) {
           this.opts.log.error({ err, export: e.name }, "closing export failed");

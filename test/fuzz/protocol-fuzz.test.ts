@@ -17,7 +17,7 @@ import { until } from "../helpers/limits.js";
  * log); one that may be legal so far is ended by the client (the server must then close too) or,
  * during the handshake, left to the handshake timeout.
  *
- * Short pass in CI (400 conversations, a few seconds). A long one:
+ * Short pass in CI (400 conversations, about a second). A long one:
  *   FUZZ_ITERATIONS=20000 FUZZ_SEED=7 npx vitest run test/fuzz
  * takes about 20 s on a 2-core machine (measured: 19 s for seed 7); the test's own timeout grows
  * with FUZZ_ITERATIONS (550 s for 20 000), so the long pass is never cut off by it.

@@ -36,7 +36,7 @@ export function needPath(path: string, what: string): boolean {
 /** True when running as root (mounts, loop devices); same CI rule as needTools. */
 export function needRoot(what: string): boolean {
   if (process.getuid?.() === 0) return true;
-  if (inCI) throw new Error(`${what} needs root, and this CI run is not root (.ci/run runs as root or with sudo)`);
+  if (inCI) throw new Error(`${what} needs root, and this CI run is not root: run .ci/run as root`);
   console.warn(`skipping: ${what} needs root`);
   return false;
 }

@@ -131,6 +131,8 @@ describe("nbdstack bench against two nodes with migrations", () => {
     });
     expect(rep.summary.faults).toEqual([expect.objectContaining({ rule: "op=pread,delay=2ms" })]);
     expect(rep.summary.faults[0].error).toBeUndefined();
+    // The rule stays on a's fault layer: clear it, so the tests after this one start from no rules.
+    expect((await cli(["fault", "disk", "--control", controlUrl(a), "--clear"])).status).toBe(0);
     expect(rep.timeline.length).toBeGreaterThanOrEqual(40); // 100 ms buckets over the run of 4 s (seconds is rounded)
     expect(rep.timeline.length).toBeLessThanOrEqual(Math.ceil((rep.summary.seconds + 0.005) * 10));
     expect(rep.timeline.reduce((s: number, b: { iops: number }) => s + b.iops, 0) / 10).toBe(rep.summary.ops);

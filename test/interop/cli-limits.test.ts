@@ -108,7 +108,7 @@ describe("connection limits", () => {
       const accepted = await logged(srv, slowPeer, "connection accepted");
       const gaveUp = await logged(srv, slowPeer, "closing connection: handshake failed");
       expect(gaveUp.reason).toBe("handshake not finished within 300 ms");
-      expect(gaveUp.time - accepted.time).toBeGreaterThanOrEqual(300);
+      expect(gaveUp.time - accepted.time).toBeGreaterThanOrEqual(299); // log times are Date.now(), timers run on libuv's clock: 1 ms of truncation
 
       // B has a write stalled in the stack; A only reads, then goes idle.
       await fault(srv, tokenFile, "--add", "op=pwrite,stall");
@@ -123,7 +123,7 @@ describe("connection limits", () => {
       const started = await logged(srv, aPeer, "transmission started");
       const idled = await logged(srv, aPeer, "closing idle connection");
       expect(idled.idleMs).toBe(400);
-      expect(idled.time - started.time).toBeGreaterThanOrEqual(400);
+      expect(idled.time - started.time).toBeGreaterThanOrEqual(399);
       // B has been silent longer than A, but its write is in flight: it stays open and gets its answer.
       expect(await fault(srv, tokenFile, "--release")).toMatch(/^released 1 stalled requests$/m);
       await held;

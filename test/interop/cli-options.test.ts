@@ -110,7 +110,7 @@ describe("serve options through the CLI", () => {
     ] as const) {
       const r = spawnSync(process.execPath, [CLI, "serve", "memory:1M", "--listen", "127.0.0.1:0", ...args], { encoding: "utf8", env: { ...process.env, ...env }, timeout: 20_000 });
       expect(r.status).toBe(1);
-      expect(r.stderr).toMatch(/loud.*trace, debug, info, warn, error, silent/s);
+      expect(r.stderr).toMatch(/loud.*trace, debug, info, warn, error, fatal, silent/s);
     }
   });
 

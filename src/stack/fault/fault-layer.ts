@@ -62,16 +62,16 @@ export class FaultLayer extends PassthroughLayer {
     return this.rules.map((r) => ({ ...r }));
   }
   /**
-   * Takes over the rules (with their counters) and the counts of `other`, a layer that stood in for
-   * this one for a while (a live copy's destination): whoever steers the fault layer by its name
-   * sees one continuous layer, and the injected-fault counters never go backwards.
+   * Continues `other`, a layer that stood in for this one for a while (a live copy's destination):
+   * takes over its rules (with their counters) and its counts, so whoever steers the fault layer by
+   * its name sees one continuous layer, and the injected-fault counters never go backwards.
    */
   inherit(other: FaultLayer): void {
     if (other === this) return;
     this.rules = other.rules;
     this.nextId = Math.max(this.nextId, other.nextId);
     other.rules = [];
-    for (const k of Object.keys(this.counts) as Array<keyof FaultLayer["counts"]>) this.counts[k] += other.counts[k];
+    Object.assign(this.counts, other.counts);
   }
 
   /** Lets every stalled request go on. */
