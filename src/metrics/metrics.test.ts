@@ -1,4 +1,5 @@
 import { describe, expect, it } from "vitest";
+import { newCopyTargetName } from "../internal-exports.js";
 import { Metrics, exportLabel } from "./metrics.js";
 
 describe("Metrics", () => {
@@ -29,12 +30,12 @@ describe("Metrics", () => {
   });
 
   it("labels a hidden export without its secret: GET /metrics needs no token", async () => {
-    expect(exportLabel("@mirror/0123456789abcdef0123456789abcdef/vm/disk")).toBe("@mirror/vm/disk");
+    expect(exportLabel(newCopyTargetName("vm/disk"))).toBe("@copy-target/vm/disk");
     expect(exportLabel("disk/p1")).toBe("disk/p1");
     const metrics = new Metrics();
-    metrics.forExport("@mirror/0123456789abcdef0123456789abcdef/disk").write.record(false, 512, 1e-3);
+    metrics.forExport(newCopyTargetName("disk")).write.record(false, 512, 1e-3);
     const text = await metrics.text();
     expect(text).not.toMatch(/0123456789abcdef/);
-    expect(text).toMatch(/^nbdstack_requests_total\{export="@mirror\/disk",op="write",result="ok"\} 1$/m);
+    expect(text).toMatch(/^nbdstack_requests_total\{export="@copy-target\/disk",op="write",result="ok"\} 1$/m);
   });
 });

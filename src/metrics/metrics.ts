@@ -1,4 +1,5 @@
 import { Counter, Gauge, Registry } from "prom-client";
+import { publicExportLabel } from "../internal-exports.js";
 
 const OPS = ["read", "write", "flush", "trim", "cache", "zero", "block_status"] as const;
 export type MetricOp = (typeof OPS)[number];
@@ -31,14 +32,8 @@ export class OpMetrics {
   }
 }
 
-/**
- * The export label of a name in the metrics. Hidden exports (`@KIND/SECRET/NAME`, e.g. the
- * target of a live copy) are never listed, and their secret is what keeps other clients out:
- * GET /metrics needs no token, so they are labelled `@KIND/NAME`.
- */
-export function exportLabel(name: string): string {
-  return name.startsWith("@") ? name.replace(/^(@[^/]*)\/[^/]*\//, "$1/") : name;
-}
+/** The export label of a name in the metrics: GET /metrics needs no token, so no secret name may show (see internal-exports). */
+export const exportLabel = publicExportLabel;
 
 /**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export

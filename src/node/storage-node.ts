@@ -1,4 +1,3 @@
-import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "pino";
@@ -13,6 +12,7 @@ import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../c
 import { ControlServer, HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
 import { Export } from "../server/export.js";
+import { newCopyTargetName } from "../internal-exports.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
@@ -60,8 +60,6 @@ export interface CopyMigrateOptions {
 /** Share of the lease time after a renewal during which port A writes without checking the record. */
 const FRESH = 0.8;
 
-/** Name prefix of the export a live copy writes into on its destination (with a secret). */
-export const MIRROR_EXPORT_PREFIX = "@mirror/";
 
 export interface StorageNodeOptions {
   nodeId: string;
@@ -426,7 +424,7 @@ export class StorageNode {
     }
     const marker = `${m.image}.incomplete`;
     fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
-    const targetName = `${MIRROR_EXPORT_PREFIX}${crypto.randomBytes(16).toString("hex")}/${name}`;
+    const targetName = newCopyTargetName(name);
     let port: Layer = createFilePort({ path: m.image, io: this.opts.io });
     let restoreFault = () => {};
     const faults = this.opts.handles?.faults;

@@ -16,7 +16,7 @@ import {
 } from "../protocol/constants.js";
 import type { Export } from "./export.js";
 import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
-import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
+import { exportOfPeerName } from "../internal-exports.js";
 
 /** Options longer than this close the connection (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
@@ -30,7 +30,7 @@ export interface ExportDirectory {
 
 export interface Negotiated {
   exp: Export;
-  /** The client is another node's port B (it asked for PEER_EXPORT_PREFIX + name). */
+  /** The client is another node's port B (it asked for peerExportName(name)). */
   peer: boolean;
   structured: boolean;
   /** Meta context id of base:allocation, or 0 when it was not selected. */
@@ -263,7 +263,7 @@ async function run(
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
         sock.write(out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+        return { exp, peer: exportOfPeerName(name) !== null, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -323,7 +323,7 @@ async function run(
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: parsed.name.startsWith(PEER_EXPORT_PREFIX), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+          return { exp, peer: exportOfPeerName(parsed.name) !== null, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
         }
         break;
       }

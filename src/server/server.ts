@@ -5,7 +5,7 @@ import { Connection, type ConnectionLimits } from "./connection.js";
 import type { Export } from "./export.js";
 import type { ExportDirectory, HandshakeTls } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
-import { PEER_EXPORT_PREFIX } from "../stack/port/remote-port.js";
+import { exportOfPeerName, isInternalExport } from "../internal-exports.js";
 import type { Metrics } from "../metrics/metrics.js";
 
 export interface TcpAddress {
@@ -63,10 +63,11 @@ export class NbdServer implements ExportDirectory {
 
   /**
    * Export by name; "" is the default export (the first one) unless an export is named "".
-   * PEER_EXPORT_PREFIX + name is the same export as seen by another node's port B.
+   * peerExportName(name) is the same export as seen by another node's port B.
    */
   find(name: string): Export | undefined {
-    if (name.startsWith(PEER_EXPORT_PREFIX)) return this.find(name.slice(PEER_EXPORT_PREFIX.length));
+    const peerOf = exportOfPeerName(name);
+    if (peerOf !== null) return this.find(peerOf);
     const exact = this.opts.exports.find((e) => e.name === name);
     if (exact || name !== "") return exact;
     return this.opts.exports[0];
@@ -74,7 +75,7 @@ export class NbdServer implements ExportDirectory {
 
   /** Exports clients may see (NBD_OPT_LIST); names starting with "@" (live-copy targets) are never listed. */
   list(): Export[] {
-    return this.opts.exports.filter((e) => !e.name.startsWith("@"));
+    return this.opts.exports.filter((e) => !isInternalExport(e.name));
   }
 
   /** Opens an export and serves it from now on (exports created at run time: live-copy targets). */

@@ -72,8 +72,8 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     expect(listed[0]!.description).toMatch(/redirector\(REMOTE\)/);
     // The target's secret name is not in b's metrics either (GET /metrics needs no token), yet its writes are counted.
     const metrics = await scrape(B);
-    for (const k of metrics.keys()) expect(k).not.toMatch(/@mirror\/[0-9a-f]{32}/);
-    expect(metrics.get('nbdstack_requests_total{export="@mirror/disk",op="write",result="ok"}')).toBeGreaterThan(0);
+    for (const k of metrics.keys()) expect(k).not.toMatch(/@copy-target\/[0-9a-f]{32}/);
+    expect(metrics.get('nbdstack_requests_total{export="@copy-target/disk",op="write",result="ok"}')).toBeGreaterThan(0);
 
     m.proc.kill("SIGINT");
     const r = await finished(m, "migrate --copy after Ctrl-C");

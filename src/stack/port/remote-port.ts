@@ -1,11 +1,11 @@
 import type { Logger } from "pino";
 import { NbdClient, type ConnectOptions, type NbdAddress } from "../../client/nbd-client.js";
 import { NbdError, ProtocolError } from "../../errors.js";
+import { peerExportName } from "../../internal-exports.js";
 import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
 import type { Capabilities, Extent, Io, Layer } from "../layer.js";
 
 /** Export-name prefix of port-B connections: their requests are marked `peer` on the owner. */
-export const PEER_EXPORT_PREFIX = "@peer/";
 
 export interface RemotePortOptions {
   /** The export's name on the owner node. */
@@ -112,7 +112,7 @@ export class RemotePort implements Layer {
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        const c = await NbdClient.connect(addr, { exportName: PEER_EXPORT_PREFIX + this.opts.exportName, tls: this.opts.tls });
+        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName), tls: this.opts.tls });
         this.client = c;
         return c;
       } finally {
