@@ -107,10 +107,15 @@ describe("a closed pipe ends a command quietly", () => {
     }
   });
 
-  it("bench prints its summary to nobody", async () => {
-    const m = await serve(["memory:16M", "--name", "m"]);
+  it("bench prints its summary to nobody, and still fails a run that saw errors", async () => {
+    const m = await serve(["memory:16M", "--name", "m", "--fault", "--token-file", tokenFile], 2);
     try {
-      expectQuiet(await withClosedPipe(["bench", m.uri, "--rw", "randread", "--qd", "4", "--duration", "200ms"]));
+      const bench = ["bench", m.uri, "--rw", "randread", "--qd", "4", "--duration", "200ms"];
+      expectQuiet(await withClosedPipe(bench));
+      expect(piped(["fault", "m", "--control", controlUrl(m), "--add", "op=pread,errno=EIO", "--token-file", tokenFile], "cat").status).toBe(0);
+      const failed = await withClosedPipe(bench);
+      expect(failed.stderr).toBe("");
+      expect(failed).toMatchObject({ status: 1, signal: null });
     } finally {
       await m.stop();
     }
@@ -123,7 +128,7 @@ describe("a closed pipe ends a command quietly", () => {
 
   it("serve keeps serving when nobody reads the URIs it prints, and still shuts down cleanly", async () => {
     const sock = path.join(dir, "nbd.sock");
-    const p = spawn(process.execPath, [CLI, "serve", "memory:4M", "--name", "m", "--socket", sock, "--log-format", "json"], { stdio: ["ignore", "pipe", "pipe"] });
+    const p = spawn(process.execPath, [CLI, "serve", "memory:4M", "memory:4M", "--name", "m", "--name", "n", "--socket", sock, "--log-format", "json"], { stdio: ["ignore", "pipe", "pipe"] });
     started.add(p);
     p.stdout!.destroy();
     let stderr = "";
@@ -131,7 +136,7 @@ describe("a closed pipe ends a command quietly", () => {
     const exited = new Promise<number | null>((resolve) => p.once("exit", (code) => (started.delete(p), resolve(code))));
     try {
       await pollUntil("the socket", () => fs.existsSync(sock));
-      await new Promise((r) => setTimeout(r, 300)); // the URI is written (and refused) right after listening
+      await new Promise((r) => setTimeout(r, 300)); // the URIs are written (and refused) right after listening
       expect(p.exitCode, stderr).toBeNull();
       const magic = await new Promise<string>((resolve, reject) => {
         const s = net.connect(sock);
