@@ -15,6 +15,21 @@ program
   .description("A block-storage node: serves disk images to NBD clients through a layered driver stack.")
   .version("0.1.0");
 
+// A reader that goes away (`nbdstack status URL | head -1`, `nbdstack fault … --list | grep -q rule`)
+// ends the command quietly, as it ends a Unix tool: no stack trace, and the exit status the command
+// has set so far (0 unless it failed). `serve` is the exception: the URIs it prints are a courtesy,
+// its work is the exports, so it stops printing and serves on (and still shuts down cleanly).
+let keepRunningOnClosedPipe = false;
+program.hook("preAction", (_program, command) => {
+  keepRunningOnClosedPipe = command.name() === "serve";
+});
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (err: NodeJS.ErrnoException) => {
+    if (err.code !== "EPIPE") throw err;
+    if (!keepRunningOnClosedPipe) process.exit();
+  });
+}
+
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }

@@ -62,12 +62,13 @@ export class ControlServer {
     };
     try {
       const url = new URL(req.url ?? "/", "http://x");
-      const route = this.routes.find((r) => r.method === req.method && r.pattern.test(url.pathname));
-      if (!route) return reply(404, { error: `no route for ${req.method} ${url.pathname}` });
+      // The token first: a caller without it learns nothing, not even which routes or exports exist.
       if (req.method !== "GET" && !tokenMatches(req.headers.authorization, this.token)) {
         this.log.warn({ method: req.method, path: url.pathname, from: req.socket.remoteAddress }, "control call refused: missing or wrong token");
         return reply(401, { error: "a bearer token is needed (the token file of this cluster, see --token-file)" });
       }
+      const route = this.routes.find((r) => r.method === req.method && r.pattern.test(url.pathname));
+      if (!route) return reply(404, { error: `no route for ${req.method} ${url.pathname}` });
       const m = route.pattern.exec(url.pathname)!;
       const params = Object.fromEntries(route.keys.map((k, i) => [k, decodeURIComponent(m[i + 1]!)]));
       let body: unknown = undefined;
