@@ -17,6 +17,7 @@ import { setControlCa, setControlToken } from "../control/control-client.js";
 import { clientOptions, loadTlsConfig, serverSocketOptions, type TlsFlags } from "../tls/tls-config.js";
 import { loadOrCreateToken } from "../control/token.js";
 import { attachFaultRoutes } from "../control/fault-routes.js";
+import { attachNodeRoutes } from "../control/node-routes.js";
 import { attachMirrorRoutes } from "../control/volume-routes.js";
 import { attachCowRoutes } from "../control/cow-routes.js";
 import { parseSize } from "../util/size.js";
@@ -205,7 +206,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   try {
     await server.start();
     if (control) {
-      if (node) node.attach(control);
+      if (node) attachNodeRoutes(control, node);
       else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
       attachFaultRoutes(control, faults);
       attachMirrorRoutes(control, handles.mirrors);

@@ -9,7 +9,7 @@ import { freeRanges } from "../migration/free-space.js";
 import type { IoMode } from "../stack/port/file-port.js";
 import { FaultLayer, type FaultLayerOptions } from "../stack/fault/fault-layer.js";
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
-import { ControlServer, HttpError } from "../control/control-server.js";
+import { HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
 import { Export } from "../server/export.js";
 import { newCopyTargetName } from "../internal-exports.js";
@@ -204,40 +204,12 @@ export class StorageNode {
     return parseHostPort(r.nbd);
   }
 
-  /** Adds the node's routes (status, migrate, adopt, live-copy targets) to the control API. */
-  attach(c: ControlServer): void {
-    c.route("GET", "/v1/status", async () => ({ body: this.status() }));
-    c.route("POST", "/v1/exports/:name/migrate", async (p, body) => {
-      const b = (body ?? {}) as { to?: unknown; copy?: unknown; mode?: unknown; skipFree?: unknown; maxRate?: unknown };
-      if (typeof b.to !== "string") throw new HttpError(400, 'body must be {"to": "http://HOST:PORT"} (and "copy": true for a live copy)');
-      if (!b.copy) return { body: await this.migrate(p.name!, b.to) };
-      if (b.mode !== undefined && b.mode !== "background" && b.mode !== "write-blocking") throw new HttpError(400, 'mode must be "background" or "write-blocking"');
-      if (b.maxRate !== undefined && (typeof b.maxRate !== "number" || !(b.maxRate > 0))) throw new HttpError(400, "maxRate must be a positive number of bytes per second");
-      return { body: await this.migrateCopy(p.name!, b.to, { mode: b.mode as CopyMode | undefined, skipFree: !!b.skipFree, maxRate: b.maxRate as number | undefined }) };
-    });
-    c.route("POST", "/v1/exports/:name/migrate/cancel", async (p) => {
-      const m = this.find(p.name!);
-      if (!m.copy || (m.copy.progress().phase !== "copying" && m.copy.progress().phase !== "starting")) throw new HttpError(409, `${p.name}: no live copy to cancel`);
-      m.copy.cancel("cancelled by request");
-      return { body: { cancelled: p.name } };
-    });
-    c.route("POST", "/v1/copy-targets", async (_p, body) => {
-      const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown };
-      const owner = b.owner as NodeIdentity | undefined;
-      if (typeof b.name !== "string" || typeof b.size !== "number" || typeof b.epoch !== "number" || !owner || typeof owner.nodeId !== "string" || typeof owner.nbd !== "string")
-        throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
-      return { body: await this.createCopyTarget(b.name, b.size, owner, b.epoch) };
-    });
-    c.route("POST", "/v1/copy-targets/:name/abandon", async (p) => {
-      await this.abandonCopyTarget(p.name!);
-      return { body: { abandoned: p.name } };
-    });
-    c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
-      const epoch = (body as { epoch?: unknown })?.epoch;
-      if (typeof epoch !== "number") throw new HttpError(400, 'body must be {"epoch": N}');
-      await this.adopt(p.name!, epoch);
-      return { body: { adopted: p.name, epoch } };
-    });
+  /** Stops the live copy of `name` that this node runs as its source; 409 if none is running. */
+  cancelCopy(name: string): void {
+    const m = this.find(name);
+    const phase = m.copy?.progress().phase;
+    if (!m.copy || (phase !== "copying" && phase !== "starting")) throw new HttpError(409, `${name}: no live copy to cancel`);
+    m.copy.cancel("cancelled by request");
   }
 
   /** Starts lease renewal once the control API listens at `controlUrl`. */

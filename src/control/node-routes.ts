@@ -1,0 +1,43 @@
+import { HttpError, type ControlServer } from "./control-server.js";
+import type { NodeIdentity } from "../migration/lease.js";
+import type { CopyMode } from "../migration/live-copy.js";
+import type { StorageNode } from "../node/storage-node.js";
+
+/**
+ * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
+ * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
+ * POST /v1/exports/NAME/adopt {"epoch"}, POST /v1/copy-targets {"name", "size", "epoch", "owner"}
+ * and POST /v1/copy-targets/NAME/abandon. Bodies are checked here; the node does the work.
+ */
+export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
+  c.route("GET", "/v1/status", async () => ({ body: node.status() }));
+  c.route("POST", "/v1/exports/:name/migrate", async (p, body) => {
+    const b = (body ?? {}) as { to?: unknown; copy?: unknown; mode?: unknown; skipFree?: unknown; maxRate?: unknown };
+    if (typeof b.to !== "string") throw new HttpError(400, 'body must be {"to": "http://HOST:PORT"} (and "copy": true for a live copy)');
+    if (!b.copy) return { body: await node.migrate(p.name!, b.to) };
+    if (b.mode !== undefined && b.mode !== "background" && b.mode !== "write-blocking") throw new HttpError(400, 'mode must be "background" or "write-blocking"');
+    if (b.maxRate !== undefined && (typeof b.maxRate !== "number" || !(b.maxRate > 0))) throw new HttpError(400, "maxRate must be a positive number of bytes per second");
+    return { body: await node.migrateCopy(p.name!, b.to, { mode: b.mode as CopyMode | undefined, skipFree: !!b.skipFree, maxRate: b.maxRate as number | undefined }) };
+  });
+  c.route("POST", "/v1/exports/:name/migrate/cancel", async (p) => {
+    node.cancelCopy(p.name!);
+    return { body: { cancelled: p.name } };
+  });
+  c.route("POST", "/v1/copy-targets", async (_p, body) => {
+    const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown };
+    const owner = b.owner as NodeIdentity | undefined;
+    if (typeof b.name !== "string" || typeof b.size !== "number" || typeof b.epoch !== "number" || !owner || typeof owner.nodeId !== "string" || typeof owner.nbd !== "string")
+      throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
+    return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch) };
+  });
+  c.route("POST", "/v1/copy-targets/:name/abandon", async (p) => {
+    await node.abandonCopyTarget(p.name!);
+    return { body: { abandoned: p.name } };
+  });
+  c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
+    const epoch = (body as { epoch?: unknown })?.epoch;
+    if (typeof epoch !== "number") throw new HttpError(400, 'body must be {"epoch": N}');
+    await node.adopt(p.name!, epoch);
+    return { body: { adopted: p.name, epoch } };
+  });
+}
