@@ -22,6 +22,21 @@ function setup() {
 }
 
 describe("LeaseFile", () => {
+  it("takeOver: nothing while the owner's lease is valid or the record is a private copy; the image, at epoch + 1, once it expired", () => {
+    const { lease, clock } = setup();
+    expect(lease().takeOver(b, 1000)).toBeNull(); // no record: nothing to take over (acquire is for that)
+    lease().acquire(a, 1000);
+    clock.advance(999);
+    expect(lease().takeOver(b, 1000)).toBeNull();
+    expect(lease().read()).toMatchObject({ owner: "a", epoch: 1 });
+    clock.advance(1);
+    expect(lease().takeOver(b, 1000)).toMatchObject({ owner: "b", epoch: 2 });
+    expect(() => lease().renew(a, 1)).toThrow(LeaseError); // a is fenced
+    lease().assign(a, 5, 1000); // a private copy
+    clock.advance(60_000);
+    expect(lease().takeOver(b, 1000)).toBeNull();
+  });
+
   it("never lets another node take a private record (an image that is a live copy), even long after expiry; its owner keeps it private", () => {
     const { lease, clock } = setup();
     lease().assign(a, 7, 1000); // b's copy of a's image names a as owner

@@ -1,5 +1,6 @@
 import fs from "node:fs";
 import path from "node:path";
+import type { Ownership } from "./ownership.js";
 
 /**
  * The ownership record of one image, kept beside it as IMAGE.lease (JSON, written atomically by
@@ -41,8 +42,12 @@ export class LeaseError extends Error {
 
 export const DEFAULT_TTL_MS = 10_000;
 
-/** Lease file operations for one image; read-modify-write is serialised by an O_EXCL lock file. */
-export class LeaseFile {
+/**
+ * The ownership record kept in a file beside the image (IMAGE.lease): for nodes on one machine,
+ * which share its file system. Read-modify-write is serialised by an O_EXCL lock file; expiry is
+ * judged by this machine's wall clock, which all such nodes share.
+ */
+export class LeaseFile implements Ownership {
   readonly file: string;
   private readonly lockFile: string;
 
@@ -53,6 +58,10 @@ export class LeaseFile {
     const abs = path.resolve(image);
     this.file = `${abs}.lease`;
     this.lockFile = `${abs}.lease.lock`;
+  }
+
+  get where(): string {
+    return this.file;
   }
 
   read(): LeaseRecord | null {
@@ -81,6 +90,13 @@ export class LeaseFile {
       const epoch = !cur ? 1 : cur.owner === me.nodeId ? cur.epoch : cur.epoch + 1;
       return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
     });
+  }
+
+  /** Takes the image over once its owner's lease expired; null while it is valid, or for a node's own copy. */
+  takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord | null {
+    const r = this.read();
+    if (!r || r.private || !this.expired(r)) return null;
+    return this.acquire(me, ttlMs);
   }
 
   /** Extends my lease; fails (LeaseError) if the record no longer names me at `epoch`. */

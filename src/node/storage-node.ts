@@ -11,6 +11,7 @@ import { FaultLayer, type FaultLayerOptions } from "../stack/fault/fault-layer.j
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
+import type { Ownership } from "../migration/ownership.js";
 import { Export } from "../server/export.js";
 import { newCopyTargetName } from "../internal-exports.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
@@ -25,7 +26,7 @@ import { RemotePort, ownerIsHere, type RemotePortOptions } from "../stack/port/r
 interface Managed {
   name: string;
   image: string;
-  lease: LeaseFile;
+  lease: Ownership;
   redirector: PortRedirector;
   exp: Export;
   /** The epoch of my lease, or null while another node owns the image. */
@@ -70,6 +71,8 @@ export interface StorageNodeOptions {
   /** With --fault: the export a live copy writes into gets a fault layer too (steered by the export's name), to slow or break the link. */
   fault?: FaultLayerOptions;
   handles?: StackHandles;
+  /** The ownership record of an image (default: a lease file beside it). */
+  ownership?: (image: string) => Ownership;
   /** Directory where this node creates the images it receives by live copy (--data-dir). */
   dataDir?: string;
   io?: IoMode;
@@ -108,7 +111,7 @@ export class StorageNode {
     const bottom = stack[0]!;
     if (bottom.kind !== "file") throw new Error(`${spec.name}: a node's exports must sit on an image file (shared with peers), not ${bottom.kind}`);
     const image = bottom.path;
-    const lease = new LeaseFile(image);
+    const lease = this.ownershipOf(image);
     let epoch: number | null = null;
     try {
       epoch = lease.acquire(this.identity, this.ttlMs).epoch;
@@ -197,10 +200,14 @@ export class StorageNode {
     }
   }
 
-  private locateOwner(lease: LeaseFile): { host: string; port: number } {
+  private ownershipOf(image: string): Ownership {
+    return this.opts.ownership ? this.opts.ownership(image) : new LeaseFile(image);
+  }
+
+  private locateOwner(lease: Ownership): { host: string; port: number } {
     const r = lease.read();
-    if (!r) throw Object.assign(new Error(`no lease record in ${lease.file}`), { code: "ENOENT" });
-    if (r.owner === this.identity.nodeId) throw ownerIsHere(`${lease.file} names this node (${r.owner}@${r.epoch}) as the owner`);
+    if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
+    if (r.owner === this.identity.nodeId) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
     return parseHostPort(r.nbd);
   }
 
@@ -250,16 +257,17 @@ export class StorageNode {
 
   /** The owner stopped renewing (it died): once its lease expired, take the image over. */
   private takeOverIfExpired(m: Managed): void {
-    const r = m.lease.read();
-    if (!r || r.private || !m.lease.expired(r)) return;
     let epoch: number;
     try {
-      epoch = m.lease.acquire(this.identity, this.ttlMs).epoch;
+      const taken = m.lease.takeOver(this.identity, this.ttlMs);
+      if (!taken) return; // the owner's lease is still valid
+      epoch = taken.epoch;
     } catch (err) {
-      if (err instanceof LeaseError) return; // another node was quicker
-      throw err;
+      // Another node was quicker; or the record cannot be read now (tried again at the next tick).
+      if (!(err instanceof LeaseError)) this.opts.log.error({ export: m.name, err: (err as Error).message }, "take-over check failed");
+      return;
     }
-    this.opts.log.warn({ export: m.name, previous: r.owner, epoch }, "lease of the owner expired: taking the image over");
+    this.opts.log.warn({ export: m.name, epoch }, "lease of the owner expired: taking the image over");
     m.epoch = epoch;
     m.redirector.adopt().catch((err: Error) => {
       this.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
@@ -388,7 +396,7 @@ export class StorageNode {
         fs.truncateSync(image, size);
         fresh = true;
       }
-      new LeaseFile(image).assign(owner, epoch, this.ttlMs);
+      this.ownershipOf(image).assign(owner, epoch, this.ttlMs);
       // Its own fault layer (with --fault) above port A, as for exports served from the start.
       const exp = this.createExport({ name, source: image, io: this.opts.io, fault: this.opts.fault }, this.opts.handles);
       m = this.managed.get(name)!;

@@ -1,0 +1,35 @@
+import type { LeaseRecord, NodeIdentity } from "./lease.js";
+
+/**
+ * The ownership of one image: who may write it (the owner), at which epoch (the fencing token),
+ * and until when without renewing (the lease). One interface, so a node does not care where the
+ * record lives: `LeaseFile` keeps it beside the image (nodes on one machine); a coordination
+ * service (etcd) keeps it for nodes on several hosts.
+ *
+ * Rules every implementation keeps:
+ * - Each method is one atomic change (or read) of the record; when the record is not what the
+ *   method expects (another owner, another epoch, a lease not yet expired), it changes nothing and
+ *   throws `LeaseError` carrying the record it found.
+ * - Every change of owner bumps the epoch; epochs never go back.
+ * - A lease is broken only after it expired (`takeOver`), never while its owner may still use it;
+ *   an owner trusts its lease only until a local deadline shorter than the lease.
+ */
+export interface Ownership {
+  /** Where the record lives, for messages. */
+  readonly where: string;
+  read(): LeaseRecord | null;
+  /** Takes the lease if it is free, expired, or already mine. */
+  acquire(me: NodeIdentity, ttlMs: number): LeaseRecord;
+  /** Extends my lease held at `epoch`. */
+  renew(me: NodeIdentity, epoch: number): LeaseRecord;
+  /** Hands my lease (at `epoch`) to `to`, at epoch + 1. */
+  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): LeaseRecord;
+  /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */
+  takeOver(me: NodeIdentity, ttlMs: number): LeaseRecord | null;
+  /** Takes the lease back after a hand-over to `to` at `epoch` that did not complete. */
+  reclaim(me: NodeIdentity, to: string, epoch: number, ttlMs: number): LeaseRecord;
+  /** Gives up my lease at `epoch` (the next owner bumps the epoch). */
+  release(me: NodeIdentity, epoch: number): void;
+  /** Names `who` owner at `epoch` unconditionally: only for a node's own copy of an image. */
+  assign(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord;
+}
