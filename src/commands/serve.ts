@@ -22,6 +22,7 @@ import { attachMirrorRoutes } from "../control/volume-routes.js";
 import { attachCowRoutes } from "../control/cow-routes.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
+import { REDIRECTOR_STATES } from "../stack/port/redirector.js";
 
 export interface ServeOptions extends TlsFlags {
   listen: string[];
@@ -217,9 +218,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
         for (const [name, f] of faults) for (const [kind, n] of Object.entries(f.counts)) set({ export: name, kind }, n);
       });
       if (node) {
-        const STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"];
         m.gauge("nbdstack_redirector_state", "1 for the port redirector's current state", ["export", "state"], (set) => {
-          for (const r of node.redirectors()) for (const st of STATES) set({ export: r.name, state: st }, r.stats.state === st ? 1 : 0);
+          for (const r of node.redirectors()) for (const st of REDIRECTOR_STATES) set({ export: r.name, state: st }, r.stats.state === st ? 1 : 0);
         });
         m.gauge("nbdstack_held_requests", "Requests held by the port redirector during a move", ["export"], (set) => {
           for (const r of node.redirectors()) set({ export: r.name }, r.stats.held);

@@ -13,7 +13,8 @@ import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
  */
-export type RedirectorState = "LOCAL" | "DRAINING" | "HANDOVER" | "REMOTE" | "ROLLBACK" | "ADOPTING";
+export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
+export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
 
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
