@@ -4,7 +4,7 @@ import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
-import { ABSENT, OverlayFile, ZEROED, durableRename, newHeader } from "./cow-file.js";
+import { ABSENT, CowStore, ZEROED, durableRename, newHeader } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
 
 export const DEFAULT_COW_BLOCK_SIZE = 64 * 1024;
@@ -71,7 +71,7 @@ const idleProgress = (): MergeProgress => ({ state: "idle", from: null, into: nu
 
 /**
  * Copy-on-write: a base device that is never written, plus an overlay file holding the blocks
- * written since (format and crash-safety rules in cow-file.ts). Reads come from the overlay where
+ * written since (format and crash-safety rules in cow-store.ts). Reads come from the overlay where
  * it has a block, as zeroes where it recorded a zero, else from the layer below. Writes of part of
  * a block read the rest from below (read-modify-write) under a per-block lock. zero and trim of
  * whole blocks only mark them zeroed. Flush and FUA make data and map durable.
@@ -83,7 +83,7 @@ const idleProgress = (): MergeProgress => ({ state: "idle", from: null, into: nu
 export class CowLayer implements Layer {
   readonly overlayPath: string;
   private below!: Layer;
-  private file!: OverlayFile;
+  private store!: CowStore;
   private frozen = false;
   private bs = 0;
   private bytes = 0;
@@ -110,18 +110,18 @@ export class CowLayer implements Layer {
   }
 
   /** A frozen snapshot in the chain: read-only to clients, written only by a merge from above. */
-  private static frozenOver(base: Layer, below: Layer, file: OverlayFile, opts: CowLayerOptions): CowLayer {
-    const l = new CowLayer(base, file.path, opts);
+  private static frozenOver(base: Layer, below: Layer, store: CowStore, opts: CowLayerOptions): CowLayer {
+    const l = new CowLayer(base, store.path, opts);
     l.frozen = true;
-    l.attach(below, file);
+    l.attach(below, store);
     return l;
   }
 
-  private attach(below: Layer, file: OverlayFile): void {
+  private attach(below: Layer, store: CowStore): void {
     this.below = below;
-    this.file = file;
-    this.bs = file.blockSize;
-    this.bytes = file.header.virtualSize;
+    this.store = store;
+    this.bs = store.blockSize;
+    this.bytes = store.header.virtualSize;
     const bc = this.base.capabilities();
     const w = !this.frozen;
     this.caps = {
@@ -139,7 +139,7 @@ export class CowLayer implements Layer {
   }
 
   describe(): string {
-    return `${this.frozen ? "cow-snapshot" : "cow"}:${this.file?.path ?? this.overlayPath} → ${(this.below ?? this.base).describe()}`;
+    return `${this.frozen ? "cow-snapshot" : "cow"}:${this.store?.path ?? this.overlayPath} → ${(this.below ?? this.base).describe()}`;
   }
 
   async open(): Promise<void> {
@@ -149,16 +149,16 @@ export class CowLayer implements Layer {
     if (!fs.existsSync(top)) {
       if (this.opts.create === false) throw new NbdError("EINVAL", `${top}: the overlay does not exist (and creating it was not asked for)`);
       const h = newHeader(size, this.opts.blockSize ?? DEFAULT_COW_BLOCK_SIZE, "", this.base.describe());
-      await (await OverlayFile.create(top, h, { io: this.opts.io })).close();
+      await (await CowStore.create(top, h, { io: this.opts.io })).close();
     }
-    const files: OverlayFile[] = [];
+    const files: CowStore[] = [];
     try {
       const seen = new Set<string>();
       for (let p = top; ; ) {
         const real = fs.realpathSync(p);
         if (seen.has(real)) throw new NbdError("EINVAL", `${top}: the chain of backing overlays loops at ${p}`);
         seen.add(real);
-        const f = await OverlayFile.open(p, { io: this.opts.io });
+        const f = await CowStore.open(p, { io: this.opts.io });
         files.push(f);
         const h = f.header;
         const want = this.opts.blockSize ?? files[0]!.blockSize;
@@ -184,13 +184,13 @@ export class CowLayer implements Layer {
 
   async close(): Promise<void> {
     if (this.frozen) {
-      await this.file.close();
+      await this.store.close();
       return this.below.close();
     }
     this.closing = true;
     if (this.mergeDone) await this.mergeDone.catch(() => undefined);
     await this.tracker.idle();
-    await this.file.close();
+    await this.store.close();
     await this.below.close();
   }
 
@@ -227,7 +227,7 @@ export class CowLayer implements Layer {
   }
 
   private writableOrThrow(op: string): void {
-    if (this.frozen) throw new NbdError("EPERM", `${op} on frozen snapshot ${this.file.path}`);
+    if (this.frozen) throw new NbdError("EPERM", `${op} on frozen snapshot ${this.store.path}`);
   }
 
   private span(offset: number, length: number): [number, number] {
@@ -335,9 +335,9 @@ export class CowLayer implements Layer {
       let pos = offset;
       while (pos < end) {
         const b = Math.floor(pos / this.bs);
-        const kind = this.kindOf(this.file.entry(b));
+        const kind = this.kindOf(this.store.entry(b));
         let runEnd = Math.min(end, b * this.bs + this.blockLen(b));
-        while (runEnd < end && this.kindOf(this.file.entry(Math.floor(runEnd / this.bs))) === kind) runEnd = Math.min(end, runEnd + this.bs);
+        while (runEnd < end && this.kindOf(this.store.entry(Math.floor(runEnd / this.bs))) === kind) runEnd = Math.min(end, runEnd + this.bs);
         if (kind === "below") {
           const got = await this.belowExtents(runEnd - pos, pos, io);
           let n = 0;
@@ -384,7 +384,7 @@ export class CowLayer implements Layer {
       const sub = buf.subarray(run.at, run.at + run.len);
       if (run.kind === "zero") sub.fill(0);
       else if (run.kind === "below") jobs.push(this.readBelow(sub, offset + run.at, io));
-      else jobs.push(this.file.read(sub, run.fileOff));
+      else jobs.push(this.store.read(sub, run.fileOff));
       run = null;
     };
     for (let at = 0; at < buf.length; ) {
@@ -392,9 +392,9 @@ export class CowLayer implements Layer {
       const b = Math.floor(abs / this.bs);
       const inBlock = abs - b * this.bs;
       const n = Math.min(this.bs - inBlock, buf.length - at);
-      const v = this.file.entry(b);
+      const v = this.store.entry(b);
       const kind = this.kindOf(v);
-      const fileOff = kind === "data" ? this.file.slotOffset(v - 2) + inBlock : 0;
+      const fileOff = kind === "data" ? this.store.slotOffset(v - 2) + inBlock : 0;
       const r = run as { kind: string; at: number; len: number; fileOff: number } | null;
       if (r && r.kind === kind && (kind !== "data" || r.fileOff + r.len === fileOff)) r.len += n;
       else {
@@ -484,22 +484,22 @@ export class CowLayer implements Layer {
         const inBlock = abs - b * this.bs;
         const n = Math.min(this.bs - inBlock, buf.length - at);
         const sub = buf.subarray(at, at + n);
-        const v = this.file.entry(b);
+        const v = this.store.entry(b);
         if (v >= 2) {
-          items.push({ fileOff: this.file.slotOffset(v - 2) + inBlock, data: sub, at, client: true });
+          items.push({ fileOff: this.store.slotOffset(v - 2) + inBlock, data: sub, at, client: true });
         } else if (this.merging && v === ABSENT) {
           const t = through[through.length - 1];
           if (t && t.off + t.len === abs) t.len += n;
           else through.push({ off: abs, at, len: n });
         } else {
-          const slot = this.file.allocSlot();
+          const slot = this.store.allocSlot();
           fresh.push([b, slot]);
           if (inBlock === 0 && n === this.blockLen(b)) {
-            items.push({ fileOff: this.file.slotOffset(slot), data: sub, at, client: true });
+            items.push({ fileOff: this.store.slotOffset(slot), data: sub, at, client: true });
           } else {
             const tmp = await this.blockFromBelow(b, v, io);
             sub.copy(tmp, inBlock);
-            items.push({ fileOff: this.file.slotOffset(slot), data: tmp, at, client: false });
+            items.push({ fileOff: this.store.slotOffset(slot), data: tmp, at, client: false });
           }
         }
         at += n;
@@ -514,14 +514,14 @@ export class CowLayer implements Layer {
       }
       const target = this.merging;
       await Promise.all([
-        ...merged.map((it) => this.file.write(it.data, it.fileOff)),
+        ...merged.map((it) => this.store.write(it.data, it.fileOff)),
         ...through.map((t) => target!.write(buf.subarray(t.at, t.at + t.len), t.off)),
       ]);
     } catch (err) {
-      for (const [, slot] of fresh) this.file.returnSlot(slot);
+      for (const [, slot] of fresh) this.store.returnSlot(slot);
       throw err;
     }
-    for (const [b, slot] of fresh) this.file.set(b, slot + 2);
+    for (const [b, slot] of fresh) this.store.set(b, slot + 2);
   }
 
   private async zeroRange(length: number, offset: number, io: Io): Promise<void> {
@@ -535,35 +535,35 @@ export class CowLayer implements Layer {
         const b = Math.floor(abs / this.bs);
         const inBlock = abs - b * this.bs;
         const n = Math.min(this.bs - inBlock, length - at);
-        const v = this.file.entry(b);
+        const v = this.store.entry(b);
         const whole = inBlock === 0 && n === this.blockLen(b);
         if (target && v === ABSENT) jobs.push(target.zero(n, abs));
         else if (whole) marks.push(b);
         else if (v === ZEROED) {
           /* already zero */
-        } else if (v >= 2) jobs.push(this.file.write(Buffer.alloc(n), this.file.slotOffset(v - 2) + inBlock));
+        } else if (v >= 2) jobs.push(this.store.write(Buffer.alloc(n), this.store.slotOffset(v - 2) + inBlock));
         else {
           const tmp = await this.blockFromBelow(b, v, io);
           tmp.fill(0, inBlock, inBlock + n);
-          const slot = this.file.allocSlot();
+          const slot = this.store.allocSlot();
           fresh.push([b, slot]);
-          jobs.push(this.file.write(tmp, this.file.slotOffset(slot)));
+          jobs.push(this.store.write(tmp, this.store.slotOffset(slot)));
         }
         at += n;
       }
       await Promise.all(jobs);
     } catch (err) {
-      for (const [, slot] of fresh) this.file.returnSlot(slot);
+      for (const [, slot] of fresh) this.store.returnSlot(slot);
       throw err;
     }
-    for (const [b, slot] of fresh) this.file.set(b, slot + 2);
-    for (const b of marks) this.file.set(b, ZEROED);
+    for (const [b, slot] of fresh) this.store.set(b, slot + 2);
+    for (const b of marks) this.store.set(b, ZEROED);
   }
 
   /** Makes everything completed so far durable (the merge target first, then this overlay's map). */
   private flushNow(): Promise<void> {
     const target = this.merging;
-    return this.file.flush(target ? () => target.flush() : undefined);
+    return this.store.flush(target ? () => target.flush() : undefined);
   }
 
   // ---- snapshot ----
@@ -584,16 +584,16 @@ export class CowLayer implements Layer {
       try {
         await this.flushNow();
         const frozenPath = this.snapshotName(name);
-        const old = this.file;
+        const old = this.store;
         try {
           fs.linkSync(old.path, frozenPath);
         } catch (err) {
           throw new NbdError("EINVAL", `${this.overlayPath}: cannot name the snapshot ${frozenPath} (${(err as Error).message})`);
         }
-        let fresh: OverlayFile;
+        let fresh: CowStore;
         try {
           const h = newHeader(this.bytes, this.bs, path.relative(path.dirname(this.overlayPath), frozenPath), this.base.describe());
-          fresh = await OverlayFile.create(this.overlayPath, h, { io: this.opts.io });
+          fresh = await CowStore.create(this.overlayPath, h, { io: this.opts.io });
         } catch (err) {
           fs.rmSync(frozenPath, { force: true });
           throw err;
@@ -659,7 +659,7 @@ export class CowLayer implements Layer {
     let target: MergeTarget;
     const lower = this.below instanceof CowLayer ? this.below : null;
     if (lower) {
-      if (lower.file.readOnly) throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into ${lower.file.path}: the file is not writable`);
+      if (lower.store.readOnly) throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into ${lower.store.path}: the file is not writable`);
       target = lower.asMergeTarget();
     } else if (opts.mergeIntoBase) {
       const bc = this.base.capabilities();
@@ -675,7 +675,7 @@ export class CowLayer implements Layer {
       );
     }
     this.busy = "merge";
-    this.progressState = { state: "running", from: this.file.path, into: target.name, doneBytes: 0, totalBytes: 0, startedAt: Date.now(), finishedAt: null };
+    this.progressState = { state: "running", from: this.store.path, into: target.name, doneBytes: 0, totalBytes: 0, startedAt: Date.now(), finishedAt: null };
     const done = this.runMerge(target, lower, opts).then(
       () => {
         this.progressState = { ...this.progressState, state: "done", finishedAt: Date.now() };
@@ -711,7 +711,7 @@ export class CowLayer implements Layer {
     this.resumeRequests();
     try {
       for (;;) {
-        const blocks = this.file.usedBlocks();
+        const blocks = this.store.usedBlocks();
         if (blocks.length === 0) break;
         this.progressState.totalBytes += blocks.reduce((s, b) => s + this.blockLen(b), 0);
         let next = 0;
@@ -729,16 +729,16 @@ export class CowLayer implements Layer {
       await this.pauseRequests();
       try {
         await this.flushNow();
-        const old = this.file;
+        const old = this.store;
         if (lower) {
           // The snapshot below takes the overlay's name: one atomic rename drops the emptied overlay.
-          durableRename(lower.file.path, this.overlayPath);
-          lower.file.path = this.overlayPath;
+          durableRename(lower.store.path, this.overlayPath);
+          lower.store.path = this.overlayPath;
           this.merging = null;
-          this.attach(lower.below, lower.file);
+          this.attach(lower.below, lower.store);
         } else {
           const h = newHeader(this.bytes, this.bs, "", this.base.describe());
-          const fresh = await OverlayFile.create(this.overlayPath, h, { io: this.opts.io });
+          const fresh = await CowStore.create(this.overlayPath, h, { io: this.opts.io });
           this.merging = null;
           this.attach(this.below, fresh);
         }
@@ -754,16 +754,16 @@ export class CowLayer implements Layer {
   private async mergeBlock(b: number, target: MergeTarget): Promise<void> {
     const release = await this.locks.acquire(b, b, false);
     try {
-      const v = this.file.entry(b);
+      const v = this.store.entry(b);
       if (v === ABSENT) return;
       const len = this.blockLen(b);
       if (v === ZEROED) await target.zero(len, b * this.bs);
       else {
         const tmp = Buffer.allocUnsafe(len);
-        await this.file.read(tmp, this.file.slotOffset(v - 2));
+        await this.store.read(tmp, this.store.slotOffset(v - 2));
         await target.write(tmp, b * this.bs);
       }
-      this.file.set(b, ABSENT);
+      this.store.set(b, ABSENT);
     } finally {
       release();
     }
@@ -771,10 +771,10 @@ export class CowLayer implements Layer {
 
   private asMergeTarget(): MergeTarget {
     return {
-      name: this.file.path,
+      name: this.store.path,
       write: (buf, offset) => this.lockedWrite(buf, offset, plainIo),
       zero: (length, offset) => this.lockedZero(length, offset, plainIo),
-      flush: () => this.file.flush(),
+      flush: () => this.store.flush(),
     };
   }
 
@@ -815,7 +815,7 @@ export class CowLayer implements Layer {
     const chain: CowChainEntry[] = [];
     let l: Layer = this;
     while (l instanceof CowLayer) {
-      const f = l.file;
+      const f = l.store;
       chain.push({ path: f.path, role: l.frozen ? "snapshot" : "overlay", allocatedBytes: f.allocatedBlocks * f.blockSize, zeroedBytes: f.zeroedBlocks * f.blockSize, fileBytes: f.fileBytes() });
       l = l.below;
     }
@@ -825,7 +825,7 @@ export class CowLayer implements Layer {
       blockSize: this.bs,
       chain,
       base: this.base.describe(),
-      allocatedBytes: this.file.allocatedBlocks * this.bs,
+      allocatedBytes: this.store.allocatedBlocks * this.bs,
       merge: this.progress,
     };
   }

@@ -149,12 +149,12 @@ export function durableRename(from: string, to: string): void {
   fsyncDir(path.dirname(to));
 }
 
-export interface OverlayOpenOptions {
+export interface CowStoreOptions {
   io?: IoMode;
 }
 
 /** One overlay file: its header, allocation map and data slots. Block-level, no locking. */
-export class OverlayFile {
+export class CowStore {
   /** The file's current name (changes when a snapshot freezes it or a merge promotes it). */
   path: string;
   readonly header: CowHeader;
@@ -194,7 +194,7 @@ export class OverlayFile {
    * Writes a new, empty overlay at `file` (through a temporary file, renamed into place and made
    * durable, so `file` is never seen half-written) and opens it. Replaces an existing `file`.
    */
-  static async create(file: string, h: CowHeader, opts: OverlayOpenOptions = {}): Promise<OverlayFile> {
+  static async create(file: string, h: CowHeader, opts: CowStoreOptions = {}): Promise<CowStore> {
     const tmp = `${file}.${process.pid}.new`;
     const fd = fs.openSync(tmp, "w", 0o644);
     try {
@@ -208,10 +208,10 @@ export class OverlayFile {
     }
     fs.closeSync(fd);
     durableRename(tmp, file);
-    return OverlayFile.open(file, opts);
+    return CowStore.open(file, opts);
   }
 
-  static async open(file: string, opts: OverlayOpenOptions = {}): Promise<OverlayFile> {
+  static async open(file: string, opts: CowStoreOptions = {}): Promise<CowStore> {
     let st: fs.Stats;
     try {
       st = fs.statSync(file);
@@ -254,7 +254,7 @@ export class OverlayFile {
       // Slots below the highest one in use that no block names (left by a crash) are reused.
       const free: number[] = [];
       for (let s = top - 1; s >= 0; s--) if (!used[s]) free.push(s);
-      return new OverlayFile(path.resolve(file), h, port, readOnly, map, top + 1, free);
+      return new CowStore(path.resolve(file), h, port, readOnly, map, top + 1, free);
     } catch (err) {
       await port.close();
       throw err;
