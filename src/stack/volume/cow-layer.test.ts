@@ -15,7 +15,7 @@ import { PassthroughLayer, plainIo, type Capabilities, type Extent, type Io, typ
 import { createFilePort } from "../port/file-port.js";
 import { MemoryPort } from "../port/memory-port.js";
 import { CowLayer, createCowLayer, type CowLayerOptions } from "./cow-layer.js";
-import { HEADER_SIZE } from "./cow-store.js";
+import { HEADER_SIZE } from "./cow-format.js";
 import { BlockLock } from "./cow-lock.js";
 
 const BS = 8192;

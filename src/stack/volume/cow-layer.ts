@@ -4,7 +4,8 @@ import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
-import { ABSENT, CowStore, ZEROED, durableRename, newHeader } from "./cow-store.js";
+import { ABSENT, ZEROED, newHeader } from "./cow-format.js";
+import { CowStore, durableRename } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
 
 export const DEFAULT_COW_BLOCK_SIZE = 64 * 1024;
