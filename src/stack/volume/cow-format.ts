@@ -19,6 +19,7 @@ import { NbdError } from "../../errors.js";
 export const COW_MAGIC = "NBDSCOW1";
 export const COW_VERSION = 1;
 export const HEADER_SIZE = 4096;
+export const DEFAULT_COW_BLOCK_SIZE = 64 * 1024;
 /** Map entries: ABSENT (read the layer below), ZEROED, or n >= 2 for data in slot n-2. */
 export const ABSENT = 0;
 export const ZEROED = 1;

@@ -1,14 +1,13 @@
-import fs from "node:fs";
 import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
 import { ABSENT, ZEROED, newHeader } from "./cow-format.js";
-import { CowStore, durableRename } from "./cow-store.js";
+import { CowStore } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
 
-export const DEFAULT_COW_BLOCK_SIZE = 64 * 1024;
+export { DEFAULT_COW_BLOCK_SIZE } from "./cow-format.js";
 const MAX_REQUEST = 32 * 1024 * 1024;
 const ZERO_FLAGS = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
 const MERGE_PARALLEL = 4;
@@ -145,36 +144,16 @@ export class CowLayer implements Layer {
 
   async open(): Promise<void> {
     await this.base.open();
-    const size = this.base.size();
-    const top = this.overlayPath;
-    if (!fs.existsSync(top)) {
-      if (this.opts.create === false) throw new NbdError("EINVAL", `${top}: the overlay does not exist (and creating it was not asked for)`);
-      const h = newHeader(size, this.opts.blockSize ?? DEFAULT_COW_BLOCK_SIZE, "", this.base.describe());
-      await (await CowStore.create(top, h, { io: this.opts.io })).close();
-    }
-    const files: CowStore[] = [];
+    let files: CowStore[];
     try {
-      const seen = new Set<string>();
-      for (let p = top; ; ) {
-        const real = fs.realpathSync(p);
-        if (seen.has(real)) throw new NbdError("EINVAL", `${top}: the chain of backing overlays loops at ${p}`);
-        seen.add(real);
-        const f = await CowStore.open(p, { io: this.opts.io });
-        files.push(f);
-        const h = f.header;
-        const want = this.opts.blockSize ?? files[0]!.blockSize;
-        if (h.virtualSize !== size || h.baseSize !== size)
-          throw new NbdError("EINVAL", `${p}: the overlay was made for a ${h.virtualSize}-byte device, but the base ${this.base.describe()} has ${size} bytes`);
-        if (h.blockSize !== want)
-          throw new NbdError("EINVAL", `${p}: the overlay's block size is ${h.blockSize}, not ${want}${files.length > 1 ? ` (the block size of ${top})` : ""}`);
-        if (files.length === 1 && f.readOnly) throw new NbdError("EPERM", `${p}: the overlay file is not writable`);
-        if (!h.backing) break;
-        const next = path.resolve(path.dirname(p), h.backing);
-        if (!fs.existsSync(next)) throw new NbdError("EINVAL", `${p}: its backing overlay ${next} is missing`);
-        p = next;
-      }
+      files = await CowStore.openChain(this.overlayPath, {
+        size: this.base.size(),
+        blockSize: this.opts.blockSize,
+        create: this.opts.create,
+        base: this.base.describe(),
+        io: this.opts.io,
+      });
     } catch (err) {
-      for (const f of files) await f.discard();
       await this.base.close();
       throw err;
     }
@@ -583,61 +562,15 @@ export class CowLayer implements Layer {
     try {
       await this.pauseRequests();
       try {
-        await this.flushNow();
-        const frozenPath = this.snapshotName(name);
         const old = this.store;
-        try {
-          fs.linkSync(old.path, frozenPath);
-        } catch (err) {
-          throw new NbdError("EINVAL", `${this.overlayPath}: cannot name the snapshot ${frozenPath} (${(err as Error).message})`);
-        }
-        let fresh: CowStore;
-        try {
-          const h = newHeader(this.bytes, this.bs, path.relative(path.dirname(this.overlayPath), frozenPath), this.base.describe());
-          fresh = await CowStore.create(this.overlayPath, h, { io: this.opts.io });
-        } catch (err) {
-          fs.rmSync(frozenPath, { force: true });
-          throw err;
-        }
-        old.path = frozenPath;
+        const fresh = await old.freeze(name, this.base.describe());
         this.attach(CowLayer.frozenOver(this.base, this.below, old, this.opts), fresh);
-        return frozenPath;
+        return old.path;
       } finally {
         this.resumeRequests();
       }
     } finally {
       this.busy = null;
-    }
-  }
-
-  private snapshotName(name?: string): string {
-    const dir = path.dirname(this.overlayPath);
-    const taken = (p: string): boolean => {
-      let st: fs.Stats;
-      try {
-        st = fs.statSync(p);
-      } catch {
-        return false;
-      }
-      // A second name of the overlay itself is left by a snapshot interrupted before it finished.
-      const me = fs.statSync(this.overlayPath);
-      if (st.ino === me.ino && st.dev === me.dev) {
-        fs.rmSync(p);
-        return false;
-      }
-      return true;
-    };
-    if (name !== undefined) {
-      // Snapshots live beside the overlay: headers name their backing file relative to it.
-      if (!name || name.includes("\0") || name.includes("/") || name === "." || name === "..")
-        throw new NbdError("EINVAL", `bad snapshot name ${JSON.stringify(name)}: a file name (no directory) beside ${this.overlayPath}`);
-      const p = path.join(dir, name);
-      if (taken(p)) throw new NbdError("EINVAL", `snapshot ${p} already exists`);
-      return p;
-    }
-    for (let n = 1; ; n++) {
-      const p = `${this.overlayPath}.snap-${n}`;
-      if (!taken(p)) return p;
     }
   }
 
@@ -733,8 +666,7 @@ export class CowLayer implements Layer {
         const old = this.store;
         if (lower) {
           // The snapshot below takes the overlay's name: one atomic rename drops the emptied overlay.
-          durableRename(lower.store.path, this.overlayPath);
-          lower.store.path = this.overlayPath;
+          lower.store.renameOver(this.overlayPath);
           this.merging = null;
           this.attach(lower.below, lower.store);
         } else {

@@ -3,16 +3,36 @@ import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { plainIo } from "../layer.js";
 import { FilePort, type IoMode } from "../port/file-port.js";
-import { ABSENT, HEADER_SIZE, MAP_PAGE, MAX_SLOT, ZEROED, corrupt, decodeHeader, encodeHeader, type CowHeader } from "./cow-format.js";
+import { ABSENT, DEFAULT_COW_BLOCK_SIZE, HEADER_SIZE, MAP_PAGE, MAX_SLOT, ZEROED, corrupt, decodeHeader, encodeHeader, newHeader, type CowHeader } from "./cow-format.js";
 
 /**
- * The store of a copy-on-write layer: one overlay file (format in cow-format.ts), its allocation
- * map and its data slots.
+ * The store of a copy-on-write layer (nbdkit's blk.c to the layer's cow.c): one overlay file
+ * (its bytes are described in cow-format.ts) with its allocation map, held in memory, and its data
+ * slots; and the chain of overlays a cow stack is made of: the writable top, then frozen snapshots,
+ * each header naming the file below it. No locking: the layer locks blocks, and pauses requests
+ * around a snapshot and the end of a merge.
  *
- * Crash safety: a new slot's data is written first; its map entry reaches the file only in
- * flush(), after an fdatasync of the data, and is followed by another fdatasync. So the map on
- * disk never names a slot whose data is not durable, and everything flushed survives a crash.
- * A slot given up (block zeroed or merged away) is reused only once that change is durable.
+ * The rules the store keeps, and the order of its writes:
+ * - Data before map. A block's new data goes to a slot that no map on disk names (a fresh slot or
+ *   a free one); the caller sets the block's map entry (set()) only once that write has completed.
+ *   The map reaches the file only in flush(): fdatasync of the data, then the changed map pages,
+ *   then fdatasync again. So the map on disk never names a slot whose data is not durable.
+ * - So after a crash an overlay reopens consistent and holds every flushed write. An unflushed
+ *   write into a block the overlay did not hold yet is gone (the block reads as before, never half
+ *   written); one into a block it held may or may not be there, as on any disk.
+ * - A slot given up (its block zeroed or merged away) is reused only once the map naming it is no
+ *   longer the one on disk, so a crash never makes one block show another's data. Slots no block
+ *   names (left by a crash) are found and reused when the file is opened.
+ * - A merge hooks into flush() between the two steps: its target is made durable after this
+ *   overlay's data and before this overlay's map forgets the blocks copied down, so a crash in a
+ *   merge reopens consistent and the merge can simply be run again.
+ * - A new overlay is written whole under a temporary name (header, empty map, fsync) and renamed
+ *   into place, the directory synced: a name never shows a half-written overlay.
+ * - A snapshot (freeze()): flush; a hard link gives the overlay its frozen name; a new, empty
+ *   overlay naming the frozen file replaces the top name as above. At every step the top name is
+ *   a complete overlay; a stray frozen name left by a crash is removed by the next snapshot.
+ * - The end of a merge into a snapshot (renameOver()): the snapshot takes the top name in one
+ *   durable rename, which drops the emptied overlay.
  */
 
 function fsyncDir(dir: string): void {
@@ -25,13 +45,25 @@ function fsyncDir(dir: string): void {
 }
 
 /** Renames `from` to `to` (replacing it) and makes the rename durable. */
-export function durableRename(from: string, to: string): void {
+function durableRename(from: string, to: string): void {
   fs.renameSync(from, to);
   fsyncDir(path.dirname(to));
 }
 
 export interface CowStoreOptions {
+  /** How the file is read and written (see FilePort). */
   io?: IoMode;
+}
+
+export interface CowChainOptions extends CowStoreOptions {
+  /** The device's size: every overlay in the chain must have been made for it. */
+  size: number;
+  /** The block size every overlay must have (default: the top one's); a new top gets it, or 64 KiB. */
+  blockSize?: number;
+  /** Create the top overlay when it does not exist (default true). */
+  create?: boolean;
+  /** The base's description: kept in a new overlay's header and named in errors. */
+  base: string;
 }
 
 /** One overlay file: its header, allocation map and data slots. Block-level, no locking. */
@@ -53,11 +85,13 @@ export class CowStore {
   private dirty = false;
   private flushing: Promise<void> = Promise.resolve();
   private closed = false;
+  private readonly io: IoMode | undefined;
   allocatedBlocks = 0;
   zeroedBlocks = 0;
 
-  private constructor(file: string, header: CowHeader, port: FilePort, readOnly: boolean, map: Uint32Array, nextSlot: number, free: number[]) {
+  private constructor(file: string, header: CowHeader, port: FilePort, readOnly: boolean, map: Uint32Array, nextSlot: number, free: number[], io: IoMode | undefined) {
     this.path = file;
+    this.io = io;
     this.header = header;
     this.port = port;
     this.readOnly = readOnly;
@@ -92,6 +126,7 @@ export class CowStore {
     return CowStore.open(file, opts);
   }
 
+  /** Opens an overlay, checking its header and map, and finds the slots free after a crash. */
   static async open(file: string, opts: CowStoreOptions = {}): Promise<CowStore> {
     let st: fs.Stats;
     try {
@@ -135,11 +170,51 @@ export class CowStore {
       // Slots below the highest one in use that no block names (left by a crash) are reused.
       const free: number[] = [];
       for (let s = top - 1; s >= 0; s--) if (!used[s]) free.push(s);
-      return new CowStore(path.resolve(file), h, port, readOnly, map, top + 1, free);
+      return new CowStore(path.resolve(file), h, port, readOnly, map, top + 1, free, opts.io);
     } catch (err) {
       await port.close();
       throw err;
     }
+  }
+
+  /**
+   * Opens the overlay `top` (created first if it is missing, unless `create: false`) and every
+   * snapshot its chain of headers names, top first. Each must have been made for a device of
+   * `size` bytes and have the block size asked for; the top must be writable.
+   */
+  static async openChain(top: string, o: CowChainOptions): Promise<CowStore[]> {
+    const size = o.size;
+    if (!fs.existsSync(top)) {
+      if (o.create === false) throw new NbdError("EINVAL", `${top}: the overlay does not exist (and creating it was not asked for)`);
+      const h = newHeader(size, o.blockSize ?? DEFAULT_COW_BLOCK_SIZE, "", o.base);
+      await (await CowStore.create(top, h, { io: o.io })).close();
+    }
+    const files: CowStore[] = [];
+    try {
+      const seen = new Set<string>();
+      for (let p = top; ; ) {
+        const real = fs.realpathSync(p);
+        if (seen.has(real)) throw new NbdError("EINVAL", `${top}: the chain of backing overlays loops at ${p}`);
+        seen.add(real);
+        const f = await CowStore.open(p, { io: o.io });
+        files.push(f);
+        const h = f.header;
+        const want = o.blockSize ?? files[0]!.blockSize;
+        if (h.virtualSize !== size || h.baseSize !== size)
+          throw new NbdError("EINVAL", `${p}: the overlay was made for a ${h.virtualSize}-byte device, but the base ${o.base} has ${size} bytes`);
+        if (h.blockSize !== want)
+          throw new NbdError("EINVAL", `${p}: the overlay's block size is ${h.blockSize}, not ${want}${files.length > 1 ? ` (the block size of ${top})` : ""}`);
+        if (files.length === 1 && f.readOnly) throw new NbdError("EPERM", `${p}: the overlay file is not writable`);
+        if (!h.backing) break;
+        const next = path.resolve(path.dirname(p), h.backing);
+        if (!fs.existsSync(next)) throw new NbdError("EINVAL", `${p}: its backing overlay ${next} is missing`);
+        p = next;
+      }
+    } catch (err) {
+      for (const f of files) await f.discard();
+      throw err;
+    }
+    return files;
   }
 
   get blockSize(): number {
@@ -267,6 +342,71 @@ export class CowStore {
       await this.port.pwrite(buf, this.header.mapOffset + first * 4, plainIo);
       i = j + 1;
     }
+  }
+
+  /**
+   * Freezes this overlay, the top of its chain, for a snapshot (the caller keeps writes away):
+   * flushes it, gives it a second name, `name` (a file name beside it) or PATH.snap-N (the lowest
+   * free N), and puts a new, empty overlay naming the frozen file in its place. Returns the new
+   * top; this store carries the frozen name from then on.
+   */
+  async freeze(name: string | undefined, base: string): Promise<CowStore> {
+    await this.flush();
+    const top = this.path;
+    const frozenPath = this.snapshotPath(name);
+    try {
+      fs.linkSync(top, frozenPath);
+    } catch (err) {
+      throw new NbdError("EINVAL", `${top}: cannot name the snapshot ${frozenPath} (${(err as Error).message})`);
+    }
+    let fresh: CowStore;
+    try {
+      const h = newHeader(this.header.virtualSize, this.blockSize, path.relative(path.dirname(top), frozenPath), base);
+      fresh = await CowStore.create(top, h, { io: this.io });
+    } catch (err) {
+      fs.rmSync(frozenPath, { force: true });
+      throw err;
+    }
+    this.path = frozenPath;
+    return fresh;
+  }
+
+  private snapshotPath(name?: string): string {
+    const top = this.path;
+    const dir = path.dirname(top);
+    const taken = (p: string): boolean => {
+      let st: fs.Stats;
+      try {
+        st = fs.statSync(p);
+      } catch {
+        return false;
+      }
+      // A second name of the overlay itself is left by a snapshot interrupted before it finished.
+      const me = fs.statSync(top);
+      if (st.ino === me.ino && st.dev === me.dev) {
+        fs.rmSync(p);
+        return false;
+      }
+      return true;
+    };
+    if (name !== undefined) {
+      // Snapshots live beside the overlay: headers name their backing file relative to it.
+      if (!name || name.includes("\0") || name.includes("/") || name === "." || name === "..")
+        throw new NbdError("EINVAL", `bad snapshot name ${JSON.stringify(name)}: a file name (no directory) beside ${top}`);
+      const p = path.join(dir, name);
+      if (taken(p)) throw new NbdError("EINVAL", `snapshot ${p} already exists`);
+      return p;
+    }
+    for (let n = 1; ; n++) {
+      const p = `${top}.snap-${n}`;
+      if (!taken(p)) return p;
+    }
+  }
+
+  /** Takes the name `to`, replacing the file there, in one durable rename (the end of a merge). */
+  renameOver(to: string): void {
+    durableRename(this.path, to);
+    this.path = to;
   }
 
   /** Flushes (unless read-only) and closes. */
