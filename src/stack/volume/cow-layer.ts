@@ -1,15 +1,14 @@
 import path from "node:path";
 import { NbdError } from "../../errors.js";
-import { State } from "../../protocol/constants.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
 import { ABSENT, ZEROED, newHeader } from "./cow-format.js";
 import { CowStore } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
+import { CowBlocks, alignDown, alignUp, readFrom } from "./cow-blocks.js";
 
 export { DEFAULT_COW_BLOCK_SIZE } from "./cow-format.js";
 const MAX_REQUEST = 32 * 1024 * 1024;
-const ZERO_FLAGS = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
 const MERGE_PARALLEL = 4;
 
 export interface CowLayerOptions {
@@ -60,7 +59,7 @@ export interface CowInfo {
 }
 
 /** Where a merge writes: the frozen snapshot below the overlay, or the base. */
-interface MergeTarget {
+export interface MergeTarget {
   name: string;
   write(buf: Buffer, offset: number): Promise<void>;
   zero(length: number, offset: number): Promise<void>;
@@ -84,6 +83,7 @@ export class CowLayer implements Layer {
   readonly overlayPath: string;
   private below!: Layer;
   private store!: CowStore;
+  private blocks!: CowBlocks;
   private frozen = false;
   private bs = 0;
   private bytes = 0;
@@ -93,7 +93,6 @@ export class CowLayer implements Layer {
   private gate: Promise<void> | null = null;
   private openGate: (() => void) | null = null;
   private busy: "snapshot" | "merge" | null = null;
-  private merging: MergeTarget | null = null;
   private mergeDone: Promise<void> | null = null;
   private progressState: MergeProgress = idleProgress();
   private closing = false;
@@ -120,6 +119,7 @@ export class CowLayer implements Layer {
   private attach(below: Layer, store: CowStore): void {
     this.below = below;
     this.store = store;
+    this.blocks = new CowBlocks(store, below);
     this.bs = store.blockSize;
     this.bytes = store.header.virtualSize;
     const bc = this.base.capabilities();
@@ -214,10 +214,6 @@ export class CowLayer implements Layer {
     return [Math.floor(offset / this.bs), Math.floor((offset + length - 1) / this.bs)];
   }
 
-  private blockLen(b: number): number {
-    return Math.min(this.bs, this.bytes - b * this.bs);
-  }
-
   // ---- Layer methods ----
 
   async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
@@ -226,7 +222,7 @@ export class CowLayer implements Layer {
       const [first, last] = this.span(offset, buf.length);
       const release = await this.locks.acquire(first, last, true);
       try {
-        await this.readRange(buf, offset, io);
+        await this.blocks.read(buf, offset, io);
       } finally {
         release();
       }
@@ -240,7 +236,7 @@ export class CowLayer implements Layer {
     await this.enter();
     try {
       await this.lockedWrite(buf, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -252,15 +248,15 @@ export class CowLayer implements Layer {
       const [first, last] = this.span(offset, length);
       const partial = (b: number) => {
         const s = Math.max(offset, b * this.bs);
-        const e = Math.min(offset + length, b * this.bs + this.blockLen(b));
-        return e - s !== this.blockLen(b);
+        const e = Math.min(offset + length, b * this.bs + this.blocks.blockLen(b));
+        return e - s !== this.blocks.blockLen(b);
       };
       if (partial(first) || partial(last)) throw new NbdError("ENOTSUP", "zeroing part of a copy-on-write block needs read-modify-write, which is not fast");
     }
     await this.enter();
     try {
       await this.lockedZero(length, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -272,7 +268,7 @@ export class CowLayer implements Layer {
     await this.enter();
     try {
       await this.lockedZero(length, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -282,7 +278,7 @@ export class CowLayer implements Layer {
     this.writableOrThrow("flush");
     await this.enter();
     try {
-      await this.flushNow();
+      await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -305,37 +301,7 @@ export class CowLayer implements Layer {
   async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
     await this.enter();
     try {
-      const out: Extent[] = [];
-      const push = (len: number, flags: number) => {
-        const last = out[out.length - 1];
-        if (last && last.flags === flags) last.length += len;
-        else out.push({ length: len, flags });
-      };
-      const end = offset + length;
-      let pos = offset;
-      while (pos < end) {
-        const b = Math.floor(pos / this.bs);
-        const kind = this.kindOf(this.store.entry(b));
-        let runEnd = Math.min(end, b * this.bs + this.blockLen(b));
-        while (runEnd < end && this.kindOf(this.store.entry(Math.floor(runEnd / this.bs))) === kind) runEnd = Math.min(end, runEnd + this.bs);
-        if (kind === "below") {
-          const got = await this.belowExtents(runEnd - pos, pos, io);
-          let n = 0;
-          for (const e of got) {
-            const len = Math.min(e.length, runEnd - pos - n);
-            if (len <= 0) break;
-            push(len, e.flags);
-            n += len;
-          }
-          pos += n;
-          if (pos < runEnd) break; // a short answer from below: the caller asks again
-        } else {
-          push(runEnd - pos, kind === "zero" ? ZERO_FLAGS : 0);
-          pos = runEnd;
-        }
-      }
-      if (out.length === 0) throw new NbdError("EIO", `no extents for ${length}@${offset}`);
-      return out;
+      return await this.blocks.extents(length, offset, io);
     } finally {
       this.leave();
     }
@@ -350,84 +316,11 @@ export class CowLayer implements Layer {
     this.below.resume();
   }
 
-  private kindOf(v: number): "below" | "zero" | "data" {
-    return v === ABSENT ? "below" : v === ZEROED ? "zero" : "data";
-  }
-
-  // ---- block-level work (callers hold the block locks) ----
-
-  private async readRange(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const jobs: Promise<void>[] = [];
-    let run: { kind: "below" | "zero" | "data"; at: number; len: number; fileOff: number } | null = null;
-    const emit = () => {
-      if (!run) return;
-      const sub = buf.subarray(run.at, run.at + run.len);
-      if (run.kind === "zero") sub.fill(0);
-      else if (run.kind === "below") jobs.push(this.readBelow(sub, offset + run.at, io));
-      else jobs.push(this.store.read(sub, run.fileOff));
-      run = null;
-    };
-    for (let at = 0; at < buf.length; ) {
-      const abs = offset + at;
-      const b = Math.floor(abs / this.bs);
-      const inBlock = abs - b * this.bs;
-      const n = Math.min(this.bs - inBlock, buf.length - at);
-      const v = this.store.entry(b);
-      const kind = this.kindOf(v);
-      const fileOff = kind === "data" ? this.store.slotOffset(v - 2) + inBlock : 0;
-      const r = run as { kind: string; at: number; len: number; fileOff: number } | null;
-      if (r && r.kind === kind && (kind !== "data" || r.fileOff + r.len === fileOff)) r.len += n;
-      else {
-        emit();
-        run = { kind, at, len: n, fileOff };
-      }
-      at += n;
-    }
-    emit();
-    await Promise.all(jobs);
-  }
-
-  /** Reads from the layer below, honouring its alignment and request size limits. */
-  private async readBelow(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const below = this.below;
-    const c = below.capabilities().blockSize;
-    const a = Math.max(1, c.minimum);
-    if (a === 1 && buf.length <= c.maximum) return below.pread(buf, offset, io);
-    const start = alignDown(offset, a);
-    const end = Math.min(alignUp(offset + buf.length, a), below.size());
-    const direct = start === offset && end === offset + buf.length;
-    const tmp = direct ? buf : Buffer.allocUnsafe(end - start);
-    const step = Math.max(a, alignDown(c.maximum, a));
-    for (let at = 0; at < tmp.length; at += step) await below.pread(tmp.subarray(at, Math.min(tmp.length, at + step)), start + at, io);
-    if (!direct) tmp.copy(buf, 0, offset - start, offset - start + buf.length);
-  }
-
-  private async belowExtents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    const below = this.below;
-    const c = below.capabilities().blockSize;
-    const a = Math.max(1, c.minimum);
-    if (!below.capabilities().extents) return [{ length, flags: 0 }];
-    if (a === 1) return below.extents(length, offset, io);
-    const start = alignDown(offset, a);
-    const end = Math.min(alignUp(offset + length, a), below.size());
-    const raw = await below.extents(end - start, start, io);
-    const out: Extent[] = [];
-    let pos = start;
-    for (const e of raw) {
-      const s = Math.max(pos, offset);
-      const t = Math.min(pos + e.length, offset + length);
-      if (t > s) out.push({ length: t - s, flags: e.flags });
-      pos += e.length;
-      if (pos >= offset + length) break;
-    }
-    return out;
-  }
-
   private async lockedWrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     const [first, last] = this.span(offset, buf.length);
     const release = await this.locks.acquire(first, last, false);
     try {
-      await this.writeRange(buf, offset, io);
+      await this.blocks.write(buf, offset, io);
     } finally {
       release();
     }
@@ -437,113 +330,10 @@ export class CowLayer implements Layer {
     const [first, last] = this.span(offset, length);
     const release = await this.locks.acquire(first, last, false);
     try {
-      await this.zeroRange(length, offset, io);
+      await this.blocks.zero(length, offset, io);
     } finally {
       release();
     }
-  }
-
-  /** Block contents as the layer below has them, for read-modify-write. */
-  private async blockFromBelow(b: number, v: number, io: Io): Promise<Buffer> {
-    const len = this.blockLen(b);
-    if (v === ZEROED) return Buffer.alloc(len);
-    const tmp = Buffer.allocUnsafe(len);
-    await this.readBelow(tmp, b * this.bs, io);
-    return tmp;
-  }
-
-  private async writeRange(buf: Buffer, offset: number, io: Io): Promise<void> {
-    type Item = { fileOff: number; data: Buffer; at: number; client: boolean };
-    const items: Item[] = [];
-    const through: Array<{ off: number; at: number; len: number }> = [];
-    const fresh: Array<[number, number]> = [];
-    try {
-      for (let at = 0; at < buf.length; ) {
-        const abs = offset + at;
-        const b = Math.floor(abs / this.bs);
-        const inBlock = abs - b * this.bs;
-        const n = Math.min(this.bs - inBlock, buf.length - at);
-        const sub = buf.subarray(at, at + n);
-        const v = this.store.entry(b);
-        if (v >= 2) {
-          items.push({ fileOff: this.store.slotOffset(v - 2) + inBlock, data: sub, at, client: true });
-        } else if (this.merging && v === ABSENT) {
-          const t = through[through.length - 1];
-          if (t && t.off + t.len === abs) t.len += n;
-          else through.push({ off: abs, at, len: n });
-        } else {
-          const slot = this.store.allocSlot();
-          fresh.push([b, slot]);
-          if (inBlock === 0 && n === this.blockLen(b)) {
-            items.push({ fileOff: this.store.slotOffset(slot), data: sub, at, client: true });
-          } else {
-            const tmp = await this.blockFromBelow(b, v, io);
-            sub.copy(tmp, inBlock);
-            items.push({ fileOff: this.store.slotOffset(slot), data: tmp, at, client: false });
-          }
-        }
-        at += n;
-      }
-      // Whole blocks of the client's buffer that land next to each other in the file: one write.
-      const merged: Item[] = [];
-      for (const it of items) {
-        const p = merged[merged.length - 1];
-        if (p && p.client && it.client && p.fileOff + p.data.length === it.fileOff && p.at + p.data.length === it.at)
-          p.data = buf.subarray(p.at, it.at + it.data.length);
-        else merged.push({ ...it });
-      }
-      const target = this.merging;
-      await Promise.all([
-        ...merged.map((it) => this.store.write(it.data, it.fileOff)),
-        ...through.map((t) => target!.write(buf.subarray(t.at, t.at + t.len), t.off)),
-      ]);
-    } catch (err) {
-      for (const [, slot] of fresh) this.store.returnSlot(slot);
-      throw err;
-    }
-    for (const [b, slot] of fresh) this.store.set(b, slot + 2);
-  }
-
-  private async zeroRange(length: number, offset: number, io: Io): Promise<void> {
-    const jobs: Promise<void>[] = [];
-    const fresh: Array<[number, number]> = [];
-    const marks: number[] = [];
-    const target = this.merging;
-    try {
-      for (let at = 0; at < length; ) {
-        const abs = offset + at;
-        const b = Math.floor(abs / this.bs);
-        const inBlock = abs - b * this.bs;
-        const n = Math.min(this.bs - inBlock, length - at);
-        const v = this.store.entry(b);
-        const whole = inBlock === 0 && n === this.blockLen(b);
-        if (target && v === ABSENT) jobs.push(target.zero(n, abs));
-        else if (whole) marks.push(b);
-        else if (v === ZEROED) {
-          /* already zero */
-        } else if (v >= 2) jobs.push(this.store.write(Buffer.alloc(n), this.store.slotOffset(v - 2) + inBlock));
-        else {
-          const tmp = await this.blockFromBelow(b, v, io);
-          tmp.fill(0, inBlock, inBlock + n);
-          const slot = this.store.allocSlot();
-          fresh.push([b, slot]);
-          jobs.push(this.store.write(tmp, this.store.slotOffset(slot)));
-        }
-        at += n;
-      }
-      await Promise.all(jobs);
-    } catch (err) {
-      for (const [, slot] of fresh) this.store.returnSlot(slot);
-      throw err;
-    }
-    for (const [b, slot] of fresh) this.store.set(b, slot + 2);
-    for (const b of marks) this.store.set(b, ZEROED);
-  }
-
-  /** Makes everything completed so far durable (the merge target first, then this overlay's map). */
-  private flushNow(): Promise<void> {
-    const target = this.merging;
-    return this.store.flush(target ? () => target.flush() : undefined);
   }
 
   // ---- snapshot ----
@@ -641,20 +431,20 @@ export class CowLayer implements Layer {
   private async runMerge(target: MergeTarget, lower: CowLayer | null, opts: MergeOptions): Promise<void> {
     // From here on, writes to blocks this overlay does not hold go straight to the target.
     await this.pauseRequests();
-    this.merging = target;
+    this.blocks.through = target;
     this.resumeRequests();
     try {
       for (;;) {
         const blocks = this.store.usedBlocks();
         if (blocks.length === 0) break;
-        this.progressState.totalBytes += blocks.reduce((s, b) => s + this.blockLen(b), 0);
+        this.progressState.totalBytes += blocks.reduce((s, b) => s + this.blocks.blockLen(b), 0);
         let next = 0;
         const worker = async () => {
           while (next < blocks.length) {
             if (this.closing) throw new NbdError("ESHUTDOWN", `${this.overlayPath} closed during the merge`);
             const b = blocks[next++]!;
             await this.mergeBlock(b, target);
-            this.progressState.doneBytes += this.blockLen(b);
+            this.progressState.doneBytes += this.blocks.blockLen(b);
             opts.onProgress?.(this.progress);
           }
         };
@@ -662,17 +452,17 @@ export class CowLayer implements Layer {
       }
       await this.pauseRequests();
       try {
-        await this.flushNow();
+        await this.blocks.flush();
         const old = this.store;
         if (lower) {
           // The snapshot below takes the overlay's name: one atomic rename drops the emptied overlay.
           lower.store.renameOver(this.overlayPath);
-          this.merging = null;
+          this.blocks.through = null;
           this.attach(lower.below, lower.store);
         } else {
           const h = newHeader(this.bytes, this.bs, "", this.base.describe());
           const fresh = await CowStore.create(this.overlayPath, h, { io: this.opts.io });
-          this.merging = null;
+          this.blocks.through = null;
           this.attach(this.below, fresh);
         }
         await old.discard();
@@ -680,7 +470,7 @@ export class CowLayer implements Layer {
         this.resumeRequests();
       }
     } finally {
-      this.merging = null;
+      this.blocks.through = null;
     }
   }
 
@@ -689,7 +479,7 @@ export class CowLayer implements Layer {
     try {
       const v = this.store.entry(b);
       if (v === ABSENT) return;
-      const len = this.blockLen(b);
+      const len = this.blocks.blockLen(b);
       if (v === ZEROED) await target.zero(len, b * this.bs);
       else {
         const tmp = Buffer.allocUnsafe(len);
@@ -723,7 +513,7 @@ export class CowLayer implements Layer {
       let data = buf;
       if (start !== offset || end !== offset + buf.length) {
         data = Buffer.allocUnsafe(end - start);
-        await this.readBelow(data, start, plainIo);
+        await readFrom(base, data, start, plainIo);
         buf.copy(data, offset - start);
       }
       for (let at = 0; at < data.length; at += step) await base.pwrite(data.subarray(at, Math.min(data.length, at + step)), start + at, plainIo);
@@ -762,15 +552,6 @@ export class CowLayer implements Layer {
       merge: this.progress,
     };
   }
-}
-
-function alignDown(n: number, a: number): number {
-  return a <= 1 ? n : n - (n % a);
-}
-function alignUp(n: number, a: number): number {
-  if (a <= 1) return n;
-  const r = n % a;
-  return r === 0 ? n : n + a - r;
 }
 
 /**
