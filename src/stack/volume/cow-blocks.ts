@@ -2,9 +2,11 @@ import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import type { Extent, Io, Layer } from "../layer.js";
 import { ABSENT, ZEROED } from "./cow-format.js";
-import type { MergeTarget } from "./cow-layer.js";
+import type { MergeTarget } from "./cow-merge.js";
 import type { CowStore } from "./cow-store.js";
 
+/** The largest request a cow layer takes; cache and merge requests to the layer below are cut to it too. */
+export const MAX_REQUEST = 32 * 1024 * 1024;
 const ZERO_FLAGS = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
 
 type Kind = "below" | "zero" | "data";

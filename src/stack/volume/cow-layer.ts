@@ -2,14 +2,14 @@ import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
-import { ABSENT, ZEROED, newHeader } from "./cow-format.js";
+import { newHeader } from "./cow-format.js";
 import { CowStore } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
-import { CowBlocks, alignDown, alignUp, readFrom } from "./cow-blocks.js";
+import { CowBlocks, MAX_REQUEST, alignDown, alignUp } from "./cow-blocks.js";
+import { baseMergeTarget, copyDown, idleProgress, type MergeOptions, type MergeProgress, type MergeTarget } from "./cow-merge.js";
 
 export { DEFAULT_COW_BLOCK_SIZE } from "./cow-format.js";
-const MAX_REQUEST = 32 * 1024 * 1024;
-const MERGE_PARALLEL = 4;
+export type { MergeOptions, MergeProgress } from "./cow-merge.js";
 
 export interface CowLayerOptions {
   /** Block size of a new overlay (a power of two, 4 KiB to 16 MiB); must match an existing one. Default 64 KiB. */
@@ -18,24 +18,6 @@ export interface CowLayerOptions {
   create?: boolean;
   /** How the overlay files are read and written (see FilePort). */
   io?: IoMode;
-}
-
-export interface MergeOptions {
-  /** With no snapshot below the overlay, fold it into the base itself (the base must be writable). */
-  mergeIntoBase?: boolean;
-  onProgress?: (p: MergeProgress) => void;
-}
-
-export interface MergeProgress {
-  state: "idle" | "running" | "done" | "failed";
-  /** The overlay being folded down and what it is folded into. */
-  from: string | null;
-  into: string | null;
-  doneBytes: number;
-  totalBytes: number;
-  startedAt: number | null;
-  finishedAt: number | null;
-  error?: string;
 }
 
 export interface CowChainEntry {
@@ -58,26 +40,20 @@ export interface CowInfo {
   merge: MergeProgress;
 }
 
-/** Where a merge writes: the frozen snapshot below the overlay, or the base. */
-export interface MergeTarget {
-  name: string;
-  write(buf: Buffer, offset: number): Promise<void>;
-  zero(length: number, offset: number): Promise<void>;
-  flush(): Promise<void>;
-}
-
-const idleProgress = (): MergeProgress => ({ state: "idle", from: null, into: null, doneBytes: 0, totalBytes: 0, startedAt: null, finishedAt: null });
-
 /**
  * Copy-on-write: a base device that is never written, plus an overlay file holding the blocks
- * written since (format and crash-safety rules in cow-store.ts). Reads come from the overlay where
- * it has a block, as zeroes where it recorded a zero, else from the layer below. Writes of part of
- * a block read the rest from below (read-modify-write) under a per-block lock. zero and trim of
- * whole blocks only mark them zeroed. Flush and FUA make data and map durable.
+ * written since. Reads come from the overlay where it has a block, as zeroes where it recorded a
+ * zero, else from the layer below. Writes of part of a block read the rest from below
+ * (read-modify-write) under a per-block lock. zero and trim of whole blocks only mark them zeroed.
+ * Flush and FUA make data and map durable.
  *
  * `snapshot()` freezes the overlay as a read-only layer of its own and starts a new one above it,
  * online; the chain is recorded in the overlay headers, so reopening the overlay rebuilds it.
  * `merge()` folds the overlay into the layer below it, online, and drops it.
+ *
+ * This class is what a request goes through (the gate that snapshot and merge close, block locks,
+ * FUA) and the online operations; the work on blocks is in cow-blocks.ts, the overlay file and its
+ * crash-safety rules in cow-store.ts, the copying of a merge in cow-merge.ts.
  */
 export class CowLayer implements Layer {
   readonly overlayPath: string;
@@ -391,7 +367,7 @@ export class CowLayer implements Layer {
         throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into the base ${this.base.describe()}: it is read-only (open it writable to merge into it)`);
       if (this.bs % Math.max(1, bc.blockSize.minimum) !== 0)
         throw new NbdError("EINVAL", `${this.overlayPath}: the base needs ${bc.blockSize.minimum}-byte alignment, which does not divide the block size ${this.bs}`);
-      target = this.baseTarget();
+      target = baseMergeTarget(this.base);
     } else {
       throw new NbdError(
         "EINVAL",
@@ -434,22 +410,7 @@ export class CowLayer implements Layer {
     this.blocks.through = target;
     this.resumeRequests();
     try {
-      for (;;) {
-        const blocks = this.store.usedBlocks();
-        if (blocks.length === 0) break;
-        this.progressState.totalBytes += blocks.reduce((s, b) => s + this.blocks.blockLen(b), 0);
-        let next = 0;
-        const worker = async () => {
-          while (next < blocks.length) {
-            if (this.closing) throw new NbdError("ESHUTDOWN", `${this.overlayPath} closed during the merge`);
-            const b = blocks[next++]!;
-            await this.mergeBlock(b, target);
-            this.progressState.doneBytes += this.blocks.blockLen(b);
-            opts.onProgress?.(this.progress);
-          }
-        };
-        await Promise.all(Array.from({ length: MERGE_PARALLEL }, worker));
-      }
+      await copyDown(this.blocks, this.locks, target, this.progressState, () => opts.onProgress?.(this.progress), () => this.closing);
       await this.pauseRequests();
       try {
         await this.blocks.flush();
@@ -474,61 +435,13 @@ export class CowLayer implements Layer {
     }
   }
 
-  private async mergeBlock(b: number, target: MergeTarget): Promise<void> {
-    const release = await this.locks.acquire(b, b, false);
-    try {
-      const v = this.store.entry(b);
-      if (v === ABSENT) return;
-      const len = this.blocks.blockLen(b);
-      if (v === ZEROED) await target.zero(len, b * this.bs);
-      else {
-        const tmp = Buffer.allocUnsafe(len);
-        await this.store.read(tmp, this.store.slotOffset(v - 2));
-        await target.write(tmp, b * this.bs);
-      }
-      this.store.set(b, ABSENT);
-    } finally {
-      release();
-    }
-  }
-
+  /** This frozen snapshot as the target of a merge from above (under its own block locks). */
   private asMergeTarget(): MergeTarget {
     return {
       name: this.store.path,
       write: (buf, offset) => this.lockedWrite(buf, offset, plainIo),
       zero: (length, offset) => this.lockedZero(length, offset, plainIo),
       flush: () => this.store.flush(),
-    };
-  }
-
-  /** The base as a merge target; callers hold this layer's locks on the blocks they touch. */
-  private baseTarget(): MergeTarget {
-    const base = this.base;
-    const c = base.capabilities();
-    const a = Math.max(1, c.blockSize.minimum);
-    const step = Math.max(a, alignDown(Math.min(c.blockSize.maximum, MAX_REQUEST), a));
-    const write = async (buf: Buffer, offset: number): Promise<void> => {
-      const start = alignDown(offset, a);
-      const end = Math.min(alignUp(offset + buf.length, a), base.size());
-      let data = buf;
-      if (start !== offset || end !== offset + buf.length) {
-        data = Buffer.allocUnsafe(end - start);
-        await readFrom(base, data, start, plainIo);
-        buf.copy(data, offset - start);
-      }
-      for (let at = 0; at < data.length; at += step) await base.pwrite(data.subarray(at, Math.min(data.length, at + step)), start + at, plainIo);
-    };
-    return {
-      name: base.describe(),
-      write,
-      zero: async (length, offset) => {
-        if (c.zero && offset % a === 0 && (length % a === 0 || offset + length === base.size())) {
-          for (let at = 0; at < length; at += step) await base.zero(Math.min(step, length - at), offset + at, plainIo);
-        } else await write(Buffer.alloc(length), offset);
-      },
-      flush: async () => {
-        if (c.flush) await base.flush(plainIo);
-      },
     };
   }
 
