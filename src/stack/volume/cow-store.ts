@@ -17,11 +17,11 @@ import { ABSENT, DEFAULT_COW_BLOCK_SIZE, HEADER_SIZE, MAP_PAGE, MAX_SLOT, ZEROED
  *   a free one); the caller sets the block's map entry (set()) only once that write has completed.
  *   The map reaches the file only in flush(): fdatasync of the data, then the changed map pages,
  *   then fdatasync again. So the map on disk never names a slot whose data is not durable.
- * - So after a crash an overlay reopens consistent and holds every flushed write. An unflushed
- *   write into a block the overlay did not hold yet is gone (the block reads as before, never half
- *   written); one into a block it held may or may not be there, as on any disk.
- * - A slot given up (its block zeroed or merged away) is reused only once the map naming it is no
- *   longer the one on disk, so a crash never makes one block show another's data. Slots no block
+ * - After a crash (kill -9, power loss) an overlay reopens consistent and holds every flushed
+ *   write. An unflushed write into a block the overlay did not hold yet is gone (the block reads as
+ *   before, never half written); one into a block it held may or may not be there, as on any disk.
+ * - A slot given up (its block zeroed or merged away) is reused only once a map that no longer
+ *   names it is durable, so a crash never makes one block show another's data. Slots no block
  *   names (left by a crash) are found and reused when the file is opened.
  * - A merge hooks into flush() between the two steps: its target is made durable after this
  *   overlay's data and before this overlay's map forgets the blocks copied down, so a crash in a
