@@ -1,16 +1,15 @@
-import fs from "node:fs";
 import path from "node:path";
 import { NbdError } from "../../errors.js";
-import { State } from "../../protocol/constants.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
-import { ABSENT, OverlayFile, ZEROED, durableRename, newHeader } from "./cow-file.js";
+import { newHeader } from "./cow-format.js";
+import { CowStore } from "./cow-store.js";
 import { BlockLock } from "./cow-lock.js";
+import { CowBlocks, MAX_REQUEST, alignDown, alignUp } from "./cow-blocks.js";
+import { baseMergeTarget, copyDown, idleProgress, type MergeOptions, type MergeProgress, type MergeTarget } from "./cow-merge.js";
 
-export const DEFAULT_COW_BLOCK_SIZE = 64 * 1024;
-const MAX_REQUEST = 32 * 1024 * 1024;
-const ZERO_FLAGS = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
-const MERGE_PARALLEL = 4;
+export { DEFAULT_COW_BLOCK_SIZE } from "./cow-format.js";
+export type { MergeOptions, MergeProgress } from "./cow-merge.js";
 
 export interface CowLayerOptions {
   /** Block size of a new overlay (a power of two, 4 KiB to 16 MiB); must match an existing one. Default 64 KiB. */
@@ -19,24 +18,6 @@ export interface CowLayerOptions {
   create?: boolean;
   /** How the overlay files are read and written (see FilePort). */
   io?: IoMode;
-}
-
-export interface MergeOptions {
-  /** With no snapshot below the overlay, fold it into the base itself (the base must be writable). */
-  mergeIntoBase?: boolean;
-  onProgress?: (p: MergeProgress) => void;
-}
-
-export interface MergeProgress {
-  state: "idle" | "running" | "done" | "failed";
-  /** The overlay being folded down and what it is folded into. */
-  from: string | null;
-  into: string | null;
-  doneBytes: number;
-  totalBytes: number;
-  startedAt: number | null;
-  finishedAt: number | null;
-  error?: string;
 }
 
 export interface CowChainEntry {
@@ -59,31 +40,26 @@ export interface CowInfo {
   merge: MergeProgress;
 }
 
-/** Where a merge writes: the frozen snapshot below the overlay, or the base. */
-interface MergeTarget {
-  name: string;
-  write(buf: Buffer, offset: number): Promise<void>;
-  zero(length: number, offset: number): Promise<void>;
-  flush(): Promise<void>;
-}
-
-const idleProgress = (): MergeProgress => ({ state: "idle", from: null, into: null, doneBytes: 0, totalBytes: 0, startedAt: null, finishedAt: null });
-
 /**
  * Copy-on-write: a base device that is never written, plus an overlay file holding the blocks
- * written since (format and crash-safety rules in cow-file.ts). Reads come from the overlay where
- * it has a block, as zeroes where it recorded a zero, else from the layer below. Writes of part of
- * a block read the rest from below (read-modify-write) under a per-block lock. zero and trim of
- * whole blocks only mark them zeroed. Flush and FUA make data and map durable.
+ * written since. Reads come from the overlay where it has a block, as zeroes where it recorded a
+ * zero, else from the layer below. Writes of part of a block read the rest from below
+ * (read-modify-write) under a per-block lock. zero and trim of whole blocks only mark them zeroed.
+ * Flush and FUA make data and map durable.
  *
  * `snapshot()` freezes the overlay as a read-only layer of its own and starts a new one above it,
  * online; the chain is recorded in the overlay headers, so reopening the overlay rebuilds it.
  * `merge()` folds the overlay into the layer below it, online, and drops it.
+ *
+ * This class is what a request goes through (the gate that snapshot and merge close, block locks,
+ * FUA) and the online operations; the work on blocks is in cow-blocks.ts, the overlay file and its
+ * crash-safety rules in cow-store.ts, the copying of a merge in cow-merge.ts.
  */
 export class CowLayer implements Layer {
   readonly overlayPath: string;
   private below!: Layer;
-  private file!: OverlayFile;
+  private store!: CowStore;
+  private blocks!: CowBlocks;
   private frozen = false;
   private bs = 0;
   private bytes = 0;
@@ -93,7 +69,6 @@ export class CowLayer implements Layer {
   private gate: Promise<void> | null = null;
   private openGate: (() => void) | null = null;
   private busy: "snapshot" | "merge" | null = null;
-  private merging: MergeTarget | null = null;
   private mergeDone: Promise<void> | null = null;
   private progressState: MergeProgress = idleProgress();
   private closing = false;
@@ -110,18 +85,19 @@ export class CowLayer implements Layer {
   }
 
   /** A frozen snapshot in the chain: read-only to clients, written only by a merge from above. */
-  private static frozenOver(base: Layer, below: Layer, file: OverlayFile, opts: CowLayerOptions): CowLayer {
-    const l = new CowLayer(base, file.path, opts);
+  private static frozenOver(base: Layer, below: Layer, store: CowStore, opts: CowLayerOptions): CowLayer {
+    const l = new CowLayer(base, store.path, opts);
     l.frozen = true;
-    l.attach(below, file);
+    l.attach(below, store);
     return l;
   }
 
-  private attach(below: Layer, file: OverlayFile): void {
+  private attach(below: Layer, store: CowStore): void {
     this.below = below;
-    this.file = file;
-    this.bs = file.blockSize;
-    this.bytes = file.header.virtualSize;
+    this.store = store;
+    this.blocks = new CowBlocks(store, below);
+    this.bs = store.blockSize;
+    this.bytes = store.header.virtualSize;
     const bc = this.base.capabilities();
     const w = !this.frozen;
     this.caps = {
@@ -139,41 +115,21 @@ export class CowLayer implements Layer {
   }
 
   describe(): string {
-    return `${this.frozen ? "cow-snapshot" : "cow"}:${this.file?.path ?? this.overlayPath} → ${(this.below ?? this.base).describe()}`;
+    return `${this.frozen ? "cow-snapshot" : "cow"}:${this.store?.path ?? this.overlayPath} → ${(this.below ?? this.base).describe()}`;
   }
 
   async open(): Promise<void> {
     await this.base.open();
-    const size = this.base.size();
-    const top = this.overlayPath;
-    if (!fs.existsSync(top)) {
-      if (this.opts.create === false) throw new NbdError("EINVAL", `${top}: the overlay does not exist (and creating it was not asked for)`);
-      const h = newHeader(size, this.opts.blockSize ?? DEFAULT_COW_BLOCK_SIZE, "", this.base.describe());
-      await (await OverlayFile.create(top, h, { io: this.opts.io })).close();
-    }
-    const files: OverlayFile[] = [];
+    let files: CowStore[];
     try {
-      const seen = new Set<string>();
-      for (let p = top; ; ) {
-        const real = fs.realpathSync(p);
-        if (seen.has(real)) throw new NbdError("EINVAL", `${top}: the chain of backing overlays loops at ${p}`);
-        seen.add(real);
-        const f = await OverlayFile.open(p, { io: this.opts.io });
-        files.push(f);
-        const h = f.header;
-        const want = this.opts.blockSize ?? files[0]!.blockSize;
-        if (h.virtualSize !== size || h.baseSize !== size)
-          throw new NbdError("EINVAL", `${p}: the overlay was made for a ${h.virtualSize}-byte device, but the base ${this.base.describe()} has ${size} bytes`);
-        if (h.blockSize !== want)
-          throw new NbdError("EINVAL", `${p}: the overlay's block size is ${h.blockSize}, not ${want}${files.length > 1 ? ` (the block size of ${top})` : ""}`);
-        if (files.length === 1 && f.readOnly) throw new NbdError("EPERM", `${p}: the overlay file is not writable`);
-        if (!h.backing) break;
-        const next = path.resolve(path.dirname(p), h.backing);
-        if (!fs.existsSync(next)) throw new NbdError("EINVAL", `${p}: its backing overlay ${next} is missing`);
-        p = next;
-      }
+      files = await CowStore.openChain(this.overlayPath, {
+        size: this.base.size(),
+        blockSize: this.opts.blockSize,
+        create: this.opts.create,
+        base: this.base.describe(),
+        io: this.opts.io,
+      });
     } catch (err) {
-      for (const f of files) await f.discard();
       await this.base.close();
       throw err;
     }
@@ -184,13 +140,13 @@ export class CowLayer implements Layer {
 
   async close(): Promise<void> {
     if (this.frozen) {
-      await this.file.close();
+      await this.store.close();
       return this.below.close();
     }
     this.closing = true;
     if (this.mergeDone) await this.mergeDone.catch(() => undefined);
     await this.tracker.idle();
-    await this.file.close();
+    await this.store.close();
     await this.below.close();
   }
 
@@ -227,15 +183,11 @@ export class CowLayer implements Layer {
   }
 
   private writableOrThrow(op: string): void {
-    if (this.frozen) throw new NbdError("EPERM", `${op} on frozen snapshot ${this.file.path}`);
+    if (this.frozen) throw new NbdError("EPERM", `${op} on frozen snapshot ${this.store.path}`);
   }
 
   private span(offset: number, length: number): [number, number] {
     return [Math.floor(offset / this.bs), Math.floor((offset + length - 1) / this.bs)];
-  }
-
-  private blockLen(b: number): number {
-    return Math.min(this.bs, this.bytes - b * this.bs);
   }
 
   // ---- Layer methods ----
@@ -246,7 +198,7 @@ export class CowLayer implements Layer {
       const [first, last] = this.span(offset, buf.length);
       const release = await this.locks.acquire(first, last, true);
       try {
-        await this.readRange(buf, offset, io);
+        await this.blocks.read(buf, offset, io);
       } finally {
         release();
       }
@@ -260,7 +212,7 @@ export class CowLayer implements Layer {
     await this.enter();
     try {
       await this.lockedWrite(buf, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -272,15 +224,15 @@ export class CowLayer implements Layer {
       const [first, last] = this.span(offset, length);
       const partial = (b: number) => {
         const s = Math.max(offset, b * this.bs);
-        const e = Math.min(offset + length, b * this.bs + this.blockLen(b));
-        return e - s !== this.blockLen(b);
+        const e = Math.min(offset + length, b * this.bs + this.blocks.blockLen(b));
+        return e - s !== this.blocks.blockLen(b);
       };
       if (partial(first) || partial(last)) throw new NbdError("ENOTSUP", "zeroing part of a copy-on-write block needs read-modify-write, which is not fast");
     }
     await this.enter();
     try {
       await this.lockedZero(length, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -292,7 +244,7 @@ export class CowLayer implements Layer {
     await this.enter();
     try {
       await this.lockedZero(length, offset, io);
-      if (io.fua) await this.flushNow();
+      if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -302,7 +254,7 @@ export class CowLayer implements Layer {
     this.writableOrThrow("flush");
     await this.enter();
     try {
-      await this.flushNow();
+      await this.blocks.flush();
     } finally {
       this.leave();
     }
@@ -325,37 +277,7 @@ export class CowLayer implements Layer {
   async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
     await this.enter();
     try {
-      const out: Extent[] = [];
-      const push = (len: number, flags: number) => {
-        const last = out[out.length - 1];
-        if (last && last.flags === flags) last.length += len;
-        else out.push({ length: len, flags });
-      };
-      const end = offset + length;
-      let pos = offset;
-      while (pos < end) {
-        const b = Math.floor(pos / this.bs);
-        const kind = this.kindOf(this.file.entry(b));
-        let runEnd = Math.min(end, b * this.bs + this.blockLen(b));
-        while (runEnd < end && this.kindOf(this.file.entry(Math.floor(runEnd / this.bs))) === kind) runEnd = Math.min(end, runEnd + this.bs);
-        if (kind === "below") {
-          const got = await this.belowExtents(runEnd - pos, pos, io);
-          let n = 0;
-          for (const e of got) {
-            const len = Math.min(e.length, runEnd - pos - n);
-            if (len <= 0) break;
-            push(len, e.flags);
-            n += len;
-          }
-          pos += n;
-          if (pos < runEnd) break; // a short answer from below: the caller asks again
-        } else {
-          push(runEnd - pos, kind === "zero" ? ZERO_FLAGS : 0);
-          pos = runEnd;
-        }
-      }
-      if (out.length === 0) throw new NbdError("EIO", `no extents for ${length}@${offset}`);
-      return out;
+      return await this.blocks.extents(length, offset, io);
     } finally {
       this.leave();
     }
@@ -370,84 +292,11 @@ export class CowLayer implements Layer {
     this.below.resume();
   }
 
-  private kindOf(v: number): "below" | "zero" | "data" {
-    return v === ABSENT ? "below" : v === ZEROED ? "zero" : "data";
-  }
-
-  // ---- block-level work (callers hold the block locks) ----
-
-  private async readRange(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const jobs: Promise<void>[] = [];
-    let run: { kind: "below" | "zero" | "data"; at: number; len: number; fileOff: number } | null = null;
-    const emit = () => {
-      if (!run) return;
-      const sub = buf.subarray(run.at, run.at + run.len);
-      if (run.kind === "zero") sub.fill(0);
-      else if (run.kind === "below") jobs.push(this.readBelow(sub, offset + run.at, io));
-      else jobs.push(this.file.read(sub, run.fileOff));
-      run = null;
-    };
-    for (let at = 0; at < buf.length; ) {
-      const abs = offset + at;
-      const b = Math.floor(abs / this.bs);
-      const inBlock = abs - b * this.bs;
-      const n = Math.min(this.bs - inBlock, buf.length - at);
-      const v = this.file.entry(b);
-      const kind = this.kindOf(v);
-      const fileOff = kind === "data" ? this.file.slotOffset(v - 2) + inBlock : 0;
-      const r = run as { kind: string; at: number; len: number; fileOff: number } | null;
-      if (r && r.kind === kind && (kind !== "data" || r.fileOff + r.len === fileOff)) r.len += n;
-      else {
-        emit();
-        run = { kind, at, len: n, fileOff };
-      }
-      at += n;
-    }
-    emit();
-    await Promise.all(jobs);
-  }
-
-  /** Reads from the layer below, honouring its alignment and request size limits. */
-  private async readBelow(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const below = this.below;
-    const c = below.capabilities().blockSize;
-    const a = Math.max(1, c.minimum);
-    if (a === 1 && buf.length <= c.maximum) return below.pread(buf, offset, io);
-    const start = alignDown(offset, a);
-    const end = Math.min(alignUp(offset + buf.length, a), below.size());
-    const direct = start === offset && end === offset + buf.length;
-    const tmp = direct ? buf : Buffer.allocUnsafe(end - start);
-    const step = Math.max(a, alignDown(c.maximum, a));
-    for (let at = 0; at < tmp.length; at += step) await below.pread(tmp.subarray(at, Math.min(tmp.length, at + step)), start + at, io);
-    if (!direct) tmp.copy(buf, 0, offset - start, offset - start + buf.length);
-  }
-
-  private async belowExtents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    const below = this.below;
-    const c = below.capabilities().blockSize;
-    const a = Math.max(1, c.minimum);
-    if (!below.capabilities().extents) return [{ length, flags: 0 }];
-    if (a === 1) return below.extents(length, offset, io);
-    const start = alignDown(offset, a);
-    const end = Math.min(alignUp(offset + length, a), below.size());
-    const raw = await below.extents(end - start, start, io);
-    const out: Extent[] = [];
-    let pos = start;
-    for (const e of raw) {
-      const s = Math.max(pos, offset);
-      const t = Math.min(pos + e.length, offset + length);
-      if (t > s) out.push({ length: t - s, flags: e.flags });
-      pos += e.length;
-      if (pos >= offset + length) break;
-    }
-    return out;
-  }
-
   private async lockedWrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     const [first, last] = this.span(offset, buf.length);
     const release = await this.locks.acquire(first, last, false);
     try {
-      await this.writeRange(buf, offset, io);
+      await this.blocks.write(buf, offset, io);
     } finally {
       release();
     }
@@ -457,113 +306,10 @@ export class CowLayer implements Layer {
     const [first, last] = this.span(offset, length);
     const release = await this.locks.acquire(first, last, false);
     try {
-      await this.zeroRange(length, offset, io);
+      await this.blocks.zero(length, offset, io);
     } finally {
       release();
     }
-  }
-
-  /** Block contents as the layer below has them, for read-modify-write. */
-  private async blockFromBelow(b: number, v: number, io: Io): Promise<Buffer> {
-    const len = this.blockLen(b);
-    if (v === ZEROED) return Buffer.alloc(len);
-    const tmp = Buffer.allocUnsafe(len);
-    await this.readBelow(tmp, b * this.bs, io);
-    return tmp;
-  }
-
-  private async writeRange(buf: Buffer, offset: number, io: Io): Promise<void> {
-    type Item = { fileOff: number; data: Buffer; at: number; client: boolean };
-    const items: Item[] = [];
-    const through: Array<{ off: number; at: number; len: number }> = [];
-    const fresh: Array<[number, number]> = [];
-    try {
-      for (let at = 0; at < buf.length; ) {
-        const abs = offset + at;
-        const b = Math.floor(abs / this.bs);
-        const inBlock = abs - b * this.bs;
-        const n = Math.min(this.bs - inBlock, buf.length - at);
-        const sub = buf.subarray(at, at + n);
-        const v = this.file.entry(b);
-        if (v >= 2) {
-          items.push({ fileOff: this.file.slotOffset(v - 2) + inBlock, data: sub, at, client: true });
-        } else if (this.merging && v === ABSENT) {
-          const t = through[through.length - 1];
-          if (t && t.off + t.len === abs) t.len += n;
-          else through.push({ off: abs, at, len: n });
-        } else {
-          const slot = this.file.allocSlot();
-          fresh.push([b, slot]);
-          if (inBlock === 0 && n === this.blockLen(b)) {
-            items.push({ fileOff: this.file.slotOffset(slot), data: sub, at, client: true });
-          } else {
-            const tmp = await this.blockFromBelow(b, v, io);
-            sub.copy(tmp, inBlock);
-            items.push({ fileOff: this.file.slotOffset(slot), data: tmp, at, client: false });
-          }
-        }
-        at += n;
-      }
-      // Whole blocks of the client's buffer that land next to each other in the file: one write.
-      const merged: Item[] = [];
-      for (const it of items) {
-        const p = merged[merged.length - 1];
-        if (p && p.client && it.client && p.fileOff + p.data.length === it.fileOff && p.at + p.data.length === it.at)
-          p.data = buf.subarray(p.at, it.at + it.data.length);
-        else merged.push({ ...it });
-      }
-      const target = this.merging;
-      await Promise.all([
-        ...merged.map((it) => this.file.write(it.data, it.fileOff)),
-        ...through.map((t) => target!.write(buf.subarray(t.at, t.at + t.len), t.off)),
-      ]);
-    } catch (err) {
-      for (const [, slot] of fresh) this.file.returnSlot(slot);
-      throw err;
-    }
-    for (const [b, slot] of fresh) this.file.set(b, slot + 2);
-  }
-
-  private async zeroRange(length: number, offset: number, io: Io): Promise<void> {
-    const jobs: Promise<void>[] = [];
-    const fresh: Array<[number, number]> = [];
-    const marks: number[] = [];
-    const target = this.merging;
-    try {
-      for (let at = 0; at < length; ) {
-        const abs = offset + at;
-        const b = Math.floor(abs / this.bs);
-        const inBlock = abs - b * this.bs;
-        const n = Math.min(this.bs - inBlock, length - at);
-        const v = this.file.entry(b);
-        const whole = inBlock === 0 && n === this.blockLen(b);
-        if (target && v === ABSENT) jobs.push(target.zero(n, abs));
-        else if (whole) marks.push(b);
-        else if (v === ZEROED) {
-          /* already zero */
-        } else if (v >= 2) jobs.push(this.file.write(Buffer.alloc(n), this.file.slotOffset(v - 2) + inBlock));
-        else {
-          const tmp = await this.blockFromBelow(b, v, io);
-          tmp.fill(0, inBlock, inBlock + n);
-          const slot = this.file.allocSlot();
-          fresh.push([b, slot]);
-          jobs.push(this.file.write(tmp, this.file.slotOffset(slot)));
-        }
-        at += n;
-      }
-      await Promise.all(jobs);
-    } catch (err) {
-      for (const [, slot] of fresh) this.file.returnSlot(slot);
-      throw err;
-    }
-    for (const [b, slot] of fresh) this.file.set(b, slot + 2);
-    for (const b of marks) this.file.set(b, ZEROED);
-  }
-
-  /** Makes everything completed so far durable (the merge target first, then this overlay's map). */
-  private flushNow(): Promise<void> {
-    const target = this.merging;
-    return this.file.flush(target ? () => target.flush() : undefined);
   }
 
   // ---- snapshot ----
@@ -582,61 +328,15 @@ export class CowLayer implements Layer {
     try {
       await this.pauseRequests();
       try {
-        await this.flushNow();
-        const frozenPath = this.snapshotName(name);
-        const old = this.file;
-        try {
-          fs.linkSync(old.path, frozenPath);
-        } catch (err) {
-          throw new NbdError("EINVAL", `${this.overlayPath}: cannot name the snapshot ${frozenPath} (${(err as Error).message})`);
-        }
-        let fresh: OverlayFile;
-        try {
-          const h = newHeader(this.bytes, this.bs, path.relative(path.dirname(this.overlayPath), frozenPath), this.base.describe());
-          fresh = await OverlayFile.create(this.overlayPath, h, { io: this.opts.io });
-        } catch (err) {
-          fs.rmSync(frozenPath, { force: true });
-          throw err;
-        }
-        old.path = frozenPath;
+        const old = this.store;
+        const fresh = await old.freeze(name, this.base.describe());
         this.attach(CowLayer.frozenOver(this.base, this.below, old, this.opts), fresh);
-        return frozenPath;
+        return old.path;
       } finally {
         this.resumeRequests();
       }
     } finally {
       this.busy = null;
-    }
-  }
-
-  private snapshotName(name?: string): string {
-    const dir = path.dirname(this.overlayPath);
-    const taken = (p: string): boolean => {
-      let st: fs.Stats;
-      try {
-        st = fs.statSync(p);
-      } catch {
-        return false;
-      }
-      // A second name of the overlay itself is left by a snapshot interrupted before it finished.
-      const me = fs.statSync(this.overlayPath);
-      if (st.ino === me.ino && st.dev === me.dev) {
-        fs.rmSync(p);
-        return false;
-      }
-      return true;
-    };
-    if (name !== undefined) {
-      // Snapshots live beside the overlay: headers name their backing file relative to it.
-      if (!name || name.includes("\0") || name.includes("/") || name === "." || name === "..")
-        throw new NbdError("EINVAL", `bad snapshot name ${JSON.stringify(name)}: a file name (no directory) beside ${this.overlayPath}`);
-      const p = path.join(dir, name);
-      if (taken(p)) throw new NbdError("EINVAL", `snapshot ${p} already exists`);
-      return p;
-    }
-    for (let n = 1; ; n++) {
-      const p = `${this.overlayPath}.snap-${n}`;
-      if (!taken(p)) return p;
     }
   }
 
@@ -659,7 +359,7 @@ export class CowLayer implements Layer {
     let target: MergeTarget;
     const lower = this.below instanceof CowLayer ? this.below : null;
     if (lower) {
-      if (lower.file.readOnly) throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into ${lower.file.path}: the file is not writable`);
+      if (lower.store.readOnly) throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into ${lower.store.path}: the file is not writable`);
       target = lower.asMergeTarget();
     } else if (opts.mergeIntoBase) {
       const bc = this.base.capabilities();
@@ -667,7 +367,7 @@ export class CowLayer implements Layer {
         throw new NbdError("EPERM", `${this.overlayPath}: cannot merge into the base ${this.base.describe()}: it is read-only (open it writable to merge into it)`);
       if (this.bs % Math.max(1, bc.blockSize.minimum) !== 0)
         throw new NbdError("EINVAL", `${this.overlayPath}: the base needs ${bc.blockSize.minimum}-byte alignment, which does not divide the block size ${this.bs}`);
-      target = this.baseTarget();
+      target = baseMergeTarget(this.base);
     } else {
       throw new NbdError(
         "EINVAL",
@@ -675,7 +375,7 @@ export class CowLayer implements Layer {
       );
     }
     this.busy = "merge";
-    this.progressState = { state: "running", from: this.file.path, into: target.name, doneBytes: 0, totalBytes: 0, startedAt: Date.now(), finishedAt: null };
+    this.progressState = { state: "running", from: this.store.path, into: target.name, doneBytes: 0, totalBytes: 0, startedAt: Date.now(), finishedAt: null };
     const done = this.runMerge(target, lower, opts).then(
       () => {
         this.progressState = { ...this.progressState, state: "done", finishedAt: Date.now() };
@@ -707,39 +407,23 @@ export class CowLayer implements Layer {
   private async runMerge(target: MergeTarget, lower: CowLayer | null, opts: MergeOptions): Promise<void> {
     // From here on, writes to blocks this overlay does not hold go straight to the target.
     await this.pauseRequests();
-    this.merging = target;
+    this.blocks.through = target;
     this.resumeRequests();
     try {
-      for (;;) {
-        const blocks = this.file.usedBlocks();
-        if (blocks.length === 0) break;
-        this.progressState.totalBytes += blocks.reduce((s, b) => s + this.blockLen(b), 0);
-        let next = 0;
-        const worker = async () => {
-          while (next < blocks.length) {
-            if (this.closing) throw new NbdError("ESHUTDOWN", `${this.overlayPath} closed during the merge`);
-            const b = blocks[next++]!;
-            await this.mergeBlock(b, target);
-            this.progressState.doneBytes += this.blockLen(b);
-            opts.onProgress?.(this.progress);
-          }
-        };
-        await Promise.all(Array.from({ length: MERGE_PARALLEL }, worker));
-      }
+      await copyDown(this.blocks, this.locks, target, this.progressState, () => opts.onProgress?.(this.progress), () => this.closing);
       await this.pauseRequests();
       try {
-        await this.flushNow();
-        const old = this.file;
+        await this.blocks.flush();
+        const old = this.store;
         if (lower) {
           // The snapshot below takes the overlay's name: one atomic rename drops the emptied overlay.
-          durableRename(lower.file.path, this.overlayPath);
-          lower.file.path = this.overlayPath;
-          this.merging = null;
-          this.attach(lower.below, lower.file);
+          lower.store.renameOver(this.overlayPath);
+          this.blocks.through = null;
+          this.attach(lower.below, lower.store);
         } else {
           const h = newHeader(this.bytes, this.bs, "", this.base.describe());
-          const fresh = await OverlayFile.create(this.overlayPath, h, { io: this.opts.io });
-          this.merging = null;
+          const fresh = await CowStore.create(this.overlayPath, h, { io: this.opts.io });
+          this.blocks.through = null;
           this.attach(this.below, fresh);
         }
         await old.discard();
@@ -747,65 +431,17 @@ export class CowLayer implements Layer {
         this.resumeRequests();
       }
     } finally {
-      this.merging = null;
+      this.blocks.through = null;
     }
   }
 
-  private async mergeBlock(b: number, target: MergeTarget): Promise<void> {
-    const release = await this.locks.acquire(b, b, false);
-    try {
-      const v = this.file.entry(b);
-      if (v === ABSENT) return;
-      const len = this.blockLen(b);
-      if (v === ZEROED) await target.zero(len, b * this.bs);
-      else {
-        const tmp = Buffer.allocUnsafe(len);
-        await this.file.read(tmp, this.file.slotOffset(v - 2));
-        await target.write(tmp, b * this.bs);
-      }
-      this.file.set(b, ABSENT);
-    } finally {
-      release();
-    }
-  }
-
+  /** This frozen snapshot as the target of a merge from above (under its own block locks). */
   private asMergeTarget(): MergeTarget {
     return {
-      name: this.file.path,
+      name: this.store.path,
       write: (buf, offset) => this.lockedWrite(buf, offset, plainIo),
       zero: (length, offset) => this.lockedZero(length, offset, plainIo),
-      flush: () => this.file.flush(),
-    };
-  }
-
-  /** The base as a merge target; callers hold this layer's locks on the blocks they touch. */
-  private baseTarget(): MergeTarget {
-    const base = this.base;
-    const c = base.capabilities();
-    const a = Math.max(1, c.blockSize.minimum);
-    const step = Math.max(a, alignDown(Math.min(c.blockSize.maximum, MAX_REQUEST), a));
-    const write = async (buf: Buffer, offset: number): Promise<void> => {
-      const start = alignDown(offset, a);
-      const end = Math.min(alignUp(offset + buf.length, a), base.size());
-      let data = buf;
-      if (start !== offset || end !== offset + buf.length) {
-        data = Buffer.allocUnsafe(end - start);
-        await this.readBelow(data, start, plainIo);
-        buf.copy(data, offset - start);
-      }
-      for (let at = 0; at < data.length; at += step) await base.pwrite(data.subarray(at, Math.min(data.length, at + step)), start + at, plainIo);
-    };
-    return {
-      name: base.describe(),
-      write,
-      zero: async (length, offset) => {
-        if (c.zero && offset % a === 0 && (length % a === 0 || offset + length === base.size())) {
-          for (let at = 0; at < length; at += step) await base.zero(Math.min(step, length - at), offset + at, plainIo);
-        } else await write(Buffer.alloc(length), offset);
-      },
-      flush: async () => {
-        if (c.flush) await base.flush(plainIo);
-      },
+      flush: () => this.store.flush(),
     };
   }
 
@@ -815,7 +451,7 @@ export class CowLayer implements Layer {
     const chain: CowChainEntry[] = [];
     let l: Layer = this;
     while (l instanceof CowLayer) {
-      const f = l.file;
+      const f = l.store;
       chain.push({ path: f.path, role: l.frozen ? "snapshot" : "overlay", allocatedBytes: f.allocatedBlocks * f.blockSize, zeroedBytes: f.zeroedBlocks * f.blockSize, fileBytes: f.fileBytes() });
       l = l.below;
     }
@@ -825,19 +461,10 @@ export class CowLayer implements Layer {
       blockSize: this.bs,
       chain,
       base: this.base.describe(),
-      allocatedBytes: this.file.allocatedBlocks * this.bs,
+      allocatedBytes: this.store.allocatedBlocks * this.bs,
       merge: this.progress,
     };
   }
-}
-
-function alignDown(n: number, a: number): number {
-  return a <= 1 ? n : n - (n % a);
-}
-function alignUp(n: number, a: number): number {
-  if (a <= 1) return n;
-  const r = n % a;
-  return r === 0 ? n : n + a - r;
 }
 
 /**

@@ -3,136 +3,37 @@ import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { plainIo } from "../layer.js";
 import { FilePort, type IoMode } from "../port/file-port.js";
+import { ABSENT, DEFAULT_COW_BLOCK_SIZE, HEADER_SIZE, MAP_PAGE, MAX_SLOT, ZEROED, corrupt, decodeHeader, encodeHeader, newHeader, type CowHeader } from "./cow-format.js";
 
 /**
- * The overlay file of a copy-on-write layer (all integers little-endian):
+ * The store of a copy-on-write layer (nbdkit's blk.c to the layer's cow.c): one overlay file
+ * (its bytes are described in cow-format.ts) with its allocation map, held in memory, and its data
+ * slots; and the chain of overlays a cow stack is made of: the writable top, then frozen snapshots,
+ * each header naming the file below it. No locking: the layer locks blocks, and pauses requests
+ * around a snapshot and the end of a merge.
  *
- *   0     header, 4096 bytes
- *           0  magic "NBDSCOW1"          8  u32 version (1)     12  u32 header size (4096)
- *          16  u32 block size           20  u32 flags (0)      24  u64 virtual size
- *          32  u64 size of the base     40  u64 map offset     48  u64 map entries (blocks)
- *          56  u64 data offset          64  u16 length + backing overlay, relative to this
- *        file's directory ("" when the base is directly below), at most 1024 bytes
- *        1090  u16 length + description of the base when the overlay was made (informational)
- *        4092  u32 CRC-32 of bytes 0..4091
- *   4096  allocation map: one u32 per block: 0 absent (read the layer below), 1 zeroed,
- *         n >= 2: the block's data is slot n-2, at data offset + (n-2) * block size
- *   data offset (a multiple of the block size): data slots, appended as blocks are first written
- *
- * Crash safety: a new slot's data is written first; its map entry reaches the file only in
- * flush(), after an fdatasync of the data, and is followed by another fdatasync. So the map on
- * disk never names a slot whose data is not durable, and everything flushed survives a crash.
- * A slot given up (block zeroed or merged away) is reused only once that change is durable.
+ * The rules the store keeps, and the order of its writes:
+ * - Data before map. A block's new data goes to a slot that no map on disk names (a fresh slot or
+ *   a free one); the caller sets the block's map entry (set()) only once that write has completed.
+ *   The map reaches the file only in flush(): fdatasync of the data, then the changed map pages,
+ *   then fdatasync again. So the map on disk never names a slot whose data is not durable.
+ * - After a crash (kill -9, power loss) an overlay reopens consistent and holds every flushed
+ *   write. An unflushed write into a block the overlay did not hold yet is gone (the block reads as
+ *   before, never half written); one into a block it held may or may not be there, as on any disk.
+ * - A slot given up (its block zeroed or merged away) is reused only once a map that no longer
+ *   names it is durable, so a crash never makes one block show another's data. Slots no block
+ *   names (left by a crash) are found and reused when the file is opened.
+ * - A merge hooks into flush() between the two steps: its target is made durable after this
+ *   overlay's data and before this overlay's map forgets the blocks copied down, so a crash in a
+ *   merge reopens consistent and the merge can simply be run again.
+ * - A new overlay is written whole under a temporary name (header, empty map, fsync) and renamed
+ *   into place, the directory synced: a name never shows a half-written overlay.
+ * - A snapshot (freeze()): flush; a hard link gives the overlay its frozen name; a new, empty
+ *   overlay naming the frozen file replaces the top name as above. At every step the top name is
+ *   a complete overlay; a stray frozen name left by a crash is removed by the next snapshot.
+ * - The end of a merge into a snapshot (renameOver()): the snapshot takes the top name in one
+ *   durable rename, which drops the emptied overlay.
  */
-export const COW_MAGIC = "NBDSCOW1";
-export const COW_VERSION = 1;
-export const HEADER_SIZE = 4096;
-export const ABSENT = 0;
-export const ZEROED = 1;
-const MAX_BACKING = 1024;
-const MAX_DESC = 2048;
-const MAP_PAGE = 4096;
-const MAX_SLOT = 0xffffffff - 2;
-
-export interface CowHeader {
-  blockSize: number;
-  virtualSize: number;
-  baseSize: number;
-  mapOffset: number;
-  mapEntries: number;
-  dataOffset: number;
-  backing: string;
-  baseDescription: string;
-}
-
-const CRC_TABLE = (() => {
-  const t = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    t[n] = c >>> 0;
-  }
-  return t;
-})();
-
-export function crc32(buf: Buffer): number {
-  let c = 0xffffffff;
-  for (let i = 0; i < buf.length; i++) c = CRC_TABLE[(c ^ buf[i]!) & 0xff]! ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-
-const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
-
-/** Geometry of a new overlay for a device of `size` bytes. */
-export function newHeader(size: number, blockSize: number, backing: string, baseDescription: string): CowHeader {
-  const mapEntries = Math.ceil(size / blockSize);
-  const mapOffset = HEADER_SIZE;
-  const dataOffset = alignUp(mapOffset + alignUp(mapEntries * 4, MAP_PAGE), blockSize);
-  return { blockSize, virtualSize: size, baseSize: size, mapOffset, mapEntries, dataOffset, backing, baseDescription };
-}
-
-function putString(buf: Buffer, at: number, s: string, max: number, what: string): void {
-  const b = Buffer.from(s, "utf8");
-  if (b.length > max) throw new NbdError("EINVAL", `${what} is longer than ${max} bytes: ${s}`);
-  buf.writeUInt16LE(b.length, at);
-  b.copy(buf, at + 2);
-}
-
-export function encodeHeader(h: CowHeader): Buffer {
-  const buf = Buffer.alloc(HEADER_SIZE);
-  buf.write(COW_MAGIC, 0, "latin1");
-  buf.writeUInt32LE(COW_VERSION, 8);
-  buf.writeUInt32LE(HEADER_SIZE, 12);
-  buf.writeUInt32LE(h.blockSize, 16);
-  buf.writeUInt32LE(0, 20);
-  buf.writeBigUInt64LE(BigInt(h.virtualSize), 24);
-  buf.writeBigUInt64LE(BigInt(h.baseSize), 32);
-  buf.writeBigUInt64LE(BigInt(h.mapOffset), 40);
-  buf.writeBigUInt64LE(BigInt(h.mapEntries), 48);
-  buf.writeBigUInt64LE(BigInt(h.dataOffset), 56);
-  putString(buf, 64, h.backing, MAX_BACKING, "backing overlay name");
-  putString(buf, 1090, h.baseDescription.slice(0, MAX_DESC / 4), MAX_DESC, "base description");
-  buf.writeUInt32LE(crc32(buf.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
-  return buf;
-}
-
-function corrupt(file: string, what: string): NbdError {
-  return new NbdError("EIO", `${file}: ${what}`);
-}
-
-export function decodeHeader(buf: Buffer, file: string): CowHeader {
-  const magic = buf.toString("latin1", 0, 8);
-  if (magic !== COW_MAGIC) throw corrupt(file, `not an nbdstack copy-on-write overlay (magic ${JSON.stringify(magic)}, expected "${COW_MAGIC}")`);
-  if (buf.readUInt32LE(HEADER_SIZE - 4) !== crc32(buf.subarray(0, HEADER_SIZE - 4))) throw corrupt(file, "overlay header checksum mismatch (the header is damaged)");
-  const version = buf.readUInt32LE(8);
-  if (version !== COW_VERSION) throw corrupt(file, `overlay version ${version} is not supported (this build reads version ${COW_VERSION})`);
-  const num = (at: number, what: string) => {
-    const v = buf.readBigUInt64LE(at);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(file, `overlay header field ${what} is out of range (${v})`);
-    return Number(v);
-  };
-  const str = (at: number, max: number, what: string) => {
-    const n = buf.readUInt16LE(at);
-    if (n > max) throw corrupt(file, `overlay header field ${what} is too long (${n} bytes)`);
-    return buf.toString("utf8", at + 2, at + 2 + n);
-  };
-  const h: CowHeader = {
-    blockSize: buf.readUInt32LE(16),
-    virtualSize: num(24, "virtual size"),
-    baseSize: num(32, "base size"),
-    mapOffset: num(40, "map offset"),
-    mapEntries: num(48, "map entries"),
-    dataOffset: num(56, "data offset"),
-    backing: str(64, MAX_BACKING, "backing"),
-    baseDescription: str(1090, MAX_DESC, "base description"),
-  };
-  const bs = h.blockSize;
-  if (bs < 4096 || bs > 1 << 24 || (bs & (bs - 1)) !== 0) throw corrupt(file, `overlay block size ${bs} is not a power of two between 4 KiB and 16 MiB`);
-  if (h.mapEntries !== Math.ceil(h.virtualSize / bs)) throw corrupt(file, `overlay map has ${h.mapEntries} entries, but a ${h.virtualSize}-byte device has ${Math.ceil(h.virtualSize / bs)} blocks`);
-  if (h.mapOffset < HEADER_SIZE || h.dataOffset < h.mapOffset + h.mapEntries * 4 || h.dataOffset % bs !== 0)
-    throw corrupt(file, `overlay map (at ${h.mapOffset}) and data area (at ${h.dataOffset}) overlap or are misplaced`);
-  return h;
-}
 
 function fsyncDir(dir: string): void {
   const fd = fs.openSync(dir, "r");
@@ -144,17 +45,29 @@ function fsyncDir(dir: string): void {
 }
 
 /** Renames `from` to `to` (replacing it) and makes the rename durable. */
-export function durableRename(from: string, to: string): void {
+function durableRename(from: string, to: string): void {
   fs.renameSync(from, to);
   fsyncDir(path.dirname(to));
 }
 
-export interface OverlayOpenOptions {
+export interface CowStoreOptions {
+  /** How the file is read and written (see FilePort). */
   io?: IoMode;
 }
 
+export interface CowChainOptions extends CowStoreOptions {
+  /** The device's size: every overlay in the chain must have been made for it. */
+  size: number;
+  /** The block size every overlay must have (default: the top one's); a new top gets it, or 64 KiB. */
+  blockSize?: number;
+  /** Create the top overlay when it does not exist (default true). */
+  create?: boolean;
+  /** The base's description: kept in a new overlay's header and named in errors. */
+  base: string;
+}
+
 /** One overlay file: its header, allocation map and data slots. Block-level, no locking. */
-export class OverlayFile {
+export class CowStore {
   /** The file's current name (changes when a snapshot freezes it or a merge promotes it). */
   path: string;
   readonly header: CowHeader;
@@ -172,11 +85,13 @@ export class OverlayFile {
   private dirty = false;
   private flushing: Promise<void> = Promise.resolve();
   private closed = false;
+  private readonly io: IoMode | undefined;
   allocatedBlocks = 0;
   zeroedBlocks = 0;
 
-  private constructor(file: string, header: CowHeader, port: FilePort, readOnly: boolean, map: Uint32Array, nextSlot: number, free: number[]) {
+  private constructor(file: string, header: CowHeader, port: FilePort, readOnly: boolean, map: Uint32Array, nextSlot: number, free: number[], io: IoMode | undefined) {
     this.path = file;
+    this.io = io;
     this.header = header;
     this.port = port;
     this.readOnly = readOnly;
@@ -194,7 +109,7 @@ export class OverlayFile {
    * Writes a new, empty overlay at `file` (through a temporary file, renamed into place and made
    * durable, so `file` is never seen half-written) and opens it. Replaces an existing `file`.
    */
-  static async create(file: string, h: CowHeader, opts: OverlayOpenOptions = {}): Promise<OverlayFile> {
+  static async create(file: string, h: CowHeader, opts: CowStoreOptions = {}): Promise<CowStore> {
     const tmp = `${file}.${process.pid}.new`;
     const fd = fs.openSync(tmp, "w", 0o644);
     try {
@@ -208,10 +123,11 @@ export class OverlayFile {
     }
     fs.closeSync(fd);
     durableRename(tmp, file);
-    return OverlayFile.open(file, opts);
+    return CowStore.open(file, opts);
   }
 
-  static async open(file: string, opts: OverlayOpenOptions = {}): Promise<OverlayFile> {
+  /** Opens an overlay, checking its header and map, and finds the slots free after a crash. */
+  static async open(file: string, opts: CowStoreOptions = {}): Promise<CowStore> {
     let st: fs.Stats;
     try {
       st = fs.statSync(file);
@@ -254,11 +170,51 @@ export class OverlayFile {
       // Slots below the highest one in use that no block names (left by a crash) are reused.
       const free: number[] = [];
       for (let s = top - 1; s >= 0; s--) if (!used[s]) free.push(s);
-      return new OverlayFile(path.resolve(file), h, port, readOnly, map, top + 1, free);
+      return new CowStore(path.resolve(file), h, port, readOnly, map, top + 1, free, opts.io);
     } catch (err) {
       await port.close();
       throw err;
     }
+  }
+
+  /**
+   * Opens the overlay `top` (created first if it is missing, unless `create: false`) and every
+   * snapshot its chain of headers names, top first. Each must have been made for a device of
+   * `size` bytes and have the block size asked for; the top must be writable.
+   */
+  static async openChain(top: string, o: CowChainOptions): Promise<CowStore[]> {
+    const size = o.size;
+    if (!fs.existsSync(top)) {
+      if (o.create === false) throw new NbdError("EINVAL", `${top}: the overlay does not exist (and creating it was not asked for)`);
+      const h = newHeader(size, o.blockSize ?? DEFAULT_COW_BLOCK_SIZE, "", o.base);
+      await (await CowStore.create(top, h, { io: o.io })).close();
+    }
+    const files: CowStore[] = [];
+    try {
+      const seen = new Set<string>();
+      for (let p = top; ; ) {
+        const real = fs.realpathSync(p);
+        if (seen.has(real)) throw new NbdError("EINVAL", `${top}: the chain of backing overlays loops at ${p}`);
+        seen.add(real);
+        const f = await CowStore.open(p, { io: o.io });
+        files.push(f);
+        const h = f.header;
+        const want = o.blockSize ?? files[0]!.blockSize;
+        if (h.virtualSize !== size || h.baseSize !== size)
+          throw new NbdError("EINVAL", `${p}: the overlay was made for a ${h.virtualSize}-byte device, but the base ${o.base} has ${size} bytes`);
+        if (h.blockSize !== want)
+          throw new NbdError("EINVAL", `${p}: the overlay's block size is ${h.blockSize}, not ${want}${files.length > 1 ? ` (the block size of ${top})` : ""}`);
+        if (files.length === 1 && f.readOnly) throw new NbdError("EPERM", `${p}: the overlay file is not writable`);
+        if (!h.backing) break;
+        const next = path.resolve(path.dirname(p), h.backing);
+        if (!fs.existsSync(next)) throw new NbdError("EINVAL", `${p}: its backing overlay ${next} is missing`);
+        p = next;
+      }
+    } catch (err) {
+      for (const f of files) await f.discard();
+      throw err;
+    }
+    return files;
   }
 
   get blockSize(): number {
@@ -386,6 +342,71 @@ export class OverlayFile {
       await this.port.pwrite(buf, this.header.mapOffset + first * 4, plainIo);
       i = j + 1;
     }
+  }
+
+  /**
+   * Freezes this overlay, the top of its chain, for a snapshot (the caller keeps writes away):
+   * flushes it, gives it a second name, `name` (a file name beside it) or PATH.snap-N (the lowest
+   * free N), and puts a new, empty overlay naming the frozen file in its place. Returns the new
+   * top; this store carries the frozen name from then on.
+   */
+  async freeze(name: string | undefined, base: string): Promise<CowStore> {
+    await this.flush();
+    const top = this.path;
+    const frozenPath = this.snapshotPath(name);
+    try {
+      fs.linkSync(top, frozenPath);
+    } catch (err) {
+      throw new NbdError("EINVAL", `${top}: cannot name the snapshot ${frozenPath} (${(err as Error).message})`);
+    }
+    let fresh: CowStore;
+    try {
+      const h = newHeader(this.header.virtualSize, this.blockSize, path.relative(path.dirname(top), frozenPath), base);
+      fresh = await CowStore.create(top, h, { io: this.io });
+    } catch (err) {
+      fs.rmSync(frozenPath, { force: true });
+      throw err;
+    }
+    this.path = frozenPath;
+    return fresh;
+  }
+
+  private snapshotPath(name?: string): string {
+    const top = this.path;
+    const dir = path.dirname(top);
+    const taken = (p: string): boolean => {
+      let st: fs.Stats;
+      try {
+        st = fs.statSync(p);
+      } catch {
+        return false;
+      }
+      // A second name of the overlay itself is left by a snapshot interrupted before it finished.
+      const me = fs.statSync(top);
+      if (st.ino === me.ino && st.dev === me.dev) {
+        fs.rmSync(p);
+        return false;
+      }
+      return true;
+    };
+    if (name !== undefined) {
+      // Snapshots live beside the overlay: headers name their backing file relative to it.
+      if (!name || name.includes("\0") || name.includes("/") || name === "." || name === "..")
+        throw new NbdError("EINVAL", `bad snapshot name ${JSON.stringify(name)}: a file name (no directory) beside ${top}`);
+      const p = path.join(dir, name);
+      if (taken(p)) throw new NbdError("EINVAL", `snapshot ${p} already exists`);
+      return p;
+    }
+    for (let n = 1; ; n++) {
+      const p = `${top}.snap-${n}`;
+      if (!taken(p)) return p;
+    }
+  }
+
+  /** Takes the name `to`, replacing the file there, in one durable rename (the end of a merge). */
+  renameOver(to: string): void {
+    durableRename(this.path, to);
+    this.path = to;
   }
 
   /** Flushes (unless read-only) and closes. */

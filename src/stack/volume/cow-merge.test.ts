@@ -1,0 +1,93 @@
+import fs from "node:fs";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { BS, SIZE, makeBase, openCow, pattern, readAll, tmpdir } from "../../../test/helpers/cow.js";
+import { plainIo } from "../layer.js";
+
+describe("cow merge", () => {
+  it("merges a snapshot chain while clients write to blocks not yet merged; the emptied overlay is dropped", async () => {
+    const { base, initial } = await makeBase();
+    const overlay = path.join(tmpdir(), "vm.cow");
+    const cow = await openCow(base, overlay, { blockSize: BS, io: "async" });
+    const model = Buffer.from(initial);
+    const put = async (off: number, len: number, seed: number) => {
+      const data = pattern(len, seed, off);
+      data.copy(model, off);
+      await cow.pwrite(data, off, plainIo);
+    };
+    await put(0, SIZE, 1);
+    const snap1 = await cow.snapshot();
+    await put(100, SIZE - 200, 2); // every block in the top overlay
+    await cow.zero(BS, 4 * BS, plainIo);
+    model.fill(0, 4 * BS, 5 * BS);
+    expect(cow.info().chain.length).toBe(2);
+
+    // While the merge runs, write into blocks it has not reached yet (and some it has).
+    const writes: Promise<void>[] = [];
+    let seed = 10;
+    const progress: number[] = [];
+    const { done } = cow.startMerge({
+      onProgress: (p) => {
+        progress.push(p.doneBytes);
+        if (p.state !== "running") return;
+        const b = (seed * 5) % 14;
+        const off = b * BS + ((seed * 37) % (BS - 300));
+        writes.push(put(off, 1 + ((seed * 53) % 250), seed++));
+      },
+    });
+    expect(() => cow.startMerge()).toThrow(/merge is running/);
+    await expect(cow.snapshot()).rejects.toThrow(/merge is running/);
+    await done;
+    await Promise.all(writes);
+    expect(writes.length).toBeGreaterThan(5);
+    expect(progress[progress.length - 1]).toBe(cow.progress.totalBytes);
+    expect(cow.progress.state).toBe("done");
+    expect((await readAll(cow)).equals(model)).toBe(true);
+    // The snapshot took the overlay's name; its own name is gone.
+    expect(cow.info().chain.map((e) => e.path)).toEqual([overlay]);
+    expect(fs.existsSync(snap1)).toBe(false);
+    await cow.close();
+    const again = await openCow(base, overlay, {});
+    expect((await readAll(again)).equals(model)).toBe(true);
+    expect(again.info().chain.length).toBe(1);
+    await again.close();
+    expect(base.writes).toBe(0);
+  });
+
+  it("merges into the base only when asked and the base is writable", async () => {
+    const ro = await makeBase();
+    const cow = await openCow(ro.base, path.join(tmpdir(), "o.cow"));
+    await cow.pwrite(Buffer.alloc(100, 1), 0, plainIo);
+    await expect(cow.merge()).rejects.toThrow(/no snapshot below .* mergeIntoBase/);
+    await expect(cow.merge({ mergeIntoBase: true })).rejects.toThrow(/read-only/);
+    await cow.close();
+
+    const rw = await makeBase({ writable: true, alignment: 512, maxRequest: 4096 });
+    const overlay = path.join(tmpdir(), "o.cow");
+    const c2 = await openCow(rw.base, overlay, { blockSize: BS, io: "async" });
+    const model = Buffer.from(rw.initial);
+    const put = async (off: number, len: number, seed: number) => {
+      const data = pattern(len, seed, off);
+      data.copy(model, off);
+      await c2.pwrite(data, off, plainIo);
+    };
+    for (let i = 0; i < 20; i++) await put((i * 5077) % (SIZE - 3000), 2999, i + 1);
+    await c2.trim(BS * 2 + 10, 7 * BS - 5, plainIo);
+    model.fill(0, 7 * BS - 5, 9 * BS + 5);
+    const writes: Promise<void>[] = [];
+    let seed = 50;
+    await c2.merge({
+      mergeIntoBase: true,
+      onProgress: (p) => {
+        if (p.state === "running") writes.push(put((seed * 4099) % (SIZE - 400), 1 + (seed % 300), seed++));
+      },
+    });
+    await Promise.all(writes);
+    expect((await readAll(c2)).equals(model)).toBe(true);
+    // Everything went to the base; the overlay is a fresh, empty file.
+    expect(c2.info().allocatedBytes + c2.info().chain[0]!.zeroedBytes).toBe(0);
+    expect((await readAll(rw.base.port)).equals(model)).toBe(true);
+    expect(fs.statSync(overlay).size).toBeLessThanOrEqual(BS);
+    await c2.close();
+  });
+});
