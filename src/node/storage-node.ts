@@ -1,19 +1,10 @@
-import fs from "node:fs";
-import path from "node:path";
-import type { Logger } from "pino";
-import { NbdClient } from "../client/nbd-client.js";
-import type { CopyTarget } from "../migration/dirty-tracker.js";
 import { DirtyTracker } from "../migration/dirty-tracker.js";
-import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
-import { freeRanges } from "../migration/free-space.js";
-import type { IoMode } from "../stack/port/file-port.js";
-import { FaultLayer, type FaultLayerOptions } from "../stack/fault/fault-layer.js";
+import type { CopyMode } from "../migration/live-copy.js";
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
 import { Export } from "../server/export.js";
-import { newCopyTargetName } from "../internal-exports.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
@@ -21,69 +12,15 @@ import { PortRedirector } from "../stack/port/redirector.js";
 import { FenceLayer } from "../stack/port/fence-layer.js";
 import { PortSlot } from "../stack/port/port-slot.js";
 import type { Layer } from "../stack/layer.js";
-import { RemotePort, ownerIsHere, type RemotePortOptions } from "../stack/port/remote-port.js";
+import { RemotePort, ownerIsHere } from "../stack/port/remote-port.js";
+import { migrateByCopy } from "./copy-source.js";
+import { abandonCopyTarget, completeCopyTarget, createCopyTarget } from "./copy-target.js";
+import { parseHostPort, type CopyMigrateOptions, type ExportPublisher, type Managed, type MoveResult, type NodeContext, type StorageNodeOptions } from "./node-context.js";
 
-interface Managed {
-  name: string;
-  image: string;
-  lease: Ownership;
-  redirector: PortRedirector;
-  exp: Export;
-  /** The epoch of my lease, or null while another node owns the image. */
-  epoch: number | null;
-  /** Above port A: records writes while a live copy runs. */
-  tracker: DirtyTracker;
-  /** Until when (performance.now()) port A may write without looking at the lease record again. */
-  validUntil: number;
-  /**
-   * The image is this node's own copy, not shared with the owner (it came or went by a live
-   * copy): another node's lease record of it is not renewed here, so expiry means nothing.
-   */
-  private: boolean;
-  /** The live copy of this export to a peer, while one runs (and its last state after). */
-  copy: LiveCopy | null;
-  /** Set while this node is the destination of a live copy: the export the source writes into. */
-  target: { exp: Export; marker: string; restoreFault: () => void } | null;
-}
-
-/** Where a node publishes exports it creates at run time (live-copy destinations). */
-export interface ExportPublisher {
-  add(exp: Export): Promise<void>;
-  remove(name: string): Promise<void>;
-}
-
-export interface CopyMigrateOptions {
-  mode?: CopyMode;
-  skipFree?: boolean;
-  maxRate?: number;
-}
+export type { CopyMigrateOptions, ExportPublisher, StorageNodeOptions } from "./node-context.js";
 
 /** Share of the lease time after a renewal during which port A writes without checking the record. */
 const FRESH = 0.8;
-
-
-export interface StorageNodeOptions {
-  nodeId: string;
-  /** NBD address peers use to reach this node (host:port). */
-  nbd: string;
-  log: Logger;
-  ttlMs?: number;
-  /** With --fault: the export a live copy writes into gets a fault layer too (steered by the export's name), to slow or break the link. */
-  fault?: FaultLayerOptions;
-  handles?: StackHandles;
-  /** The ownership record of an image (default: a lease file beside it). */
-  ownership?: (image: string) => Ownership;
-  /** Directory where this node creates the images it receives by live copy (--data-dir). */
-  dataDir?: string;
-  io?: IoMode;
-  /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
-  peerTls?: RemotePortOptions["tls"];
-}
-
-function parseHostPort(s: string): { host: string; port: number } {
-  const i = s.lastIndexOf(":");
-  return { host: s.slice(0, i).replace(/^\[|\]$/g, ""), port: Number(s.slice(i + 1)) };
-}
 
 /**
  * A node of a cluster: serves file exports whose stack has a port redirector, owns images through
@@ -304,7 +241,7 @@ export class StorageNode {
   }
 
   /** Moves export `name` from this node (its owner) to the node whose control API is at `to`. */
-  async migrate(name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy = false): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number }> {
+  async migrate(name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy = false): Promise<MoveResult> {
     const m = this.find(name);
     if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
     const peer = await getStatus(to).catch((err: Error) => {
@@ -338,18 +275,7 @@ export class StorageNode {
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`. */
   async adopt(name: string, epoch: number): Promise<void> {
     const m = this.find(name);
-    if (m.target) {
-      // The end of a live copy into this node: the image here is complete and becomes the one the
-      // owner uses. Its lease record is this node's own (the image is not shared).
-      const t = m.target;
-      m.lease.assign(this.identity, epoch, this.ttlMs);
-      m.target = null;
-      m.private = true;
-      await this.publisher?.remove(t.exp.name);
-      await t.exp.close();
-      t.restoreFault();
-      fs.rmSync(t.marker, { force: true });
-    }
+    await completeCopyTarget(this.context, m, epoch);
     const r = m.lease.read();
     if (!r || r.owner !== this.identity.nodeId || r.epoch !== epoch)
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${this.identity.nodeId}@${epoch}`);
@@ -371,135 +297,44 @@ export class StorageNode {
     this.publisher = p;
   }
 
-  /**
-   * Destination side of a live copy: an image for export `name` — the one this node serves
-   * already (as a non-owner, same size), or a new one in --data-dir — marked incomplete until the
-   * copy hands over, and an export only the source knows the name of, that it writes into.
-   * Clients of this node reach the export through port B (the source owns it) meanwhile.
-   */
-  async createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
-    if (!this.publisher) throw new HttpError(409, `node ${this.identity.nodeId} cannot publish exports`);
-    let m = this.managed.get(name);
-    let fresh = false;
-    if (m) {
-      if (m.epoch !== null || m.redirector.state !== "REMOTE") throw new HttpError(409, `${name} is owned here (${m.redirector.state}); it cannot be a copy target`);
-      if (m.exp.size() !== size) throw new HttpError(409, `${name} here is ${m.exp.size()} bytes, the source's is ${size}`);
-      if (m.target) await this.abandonCopyTarget(name);
-      m.lease.assign(owner, epoch, this.ttlMs);
-    } else {
-      if (!this.opts.dataDir) throw new HttpError(409, `node ${this.identity.nodeId} has no --data-dir to create "${name}" in`);
-      const image = path.join(this.opts.dataDir, `${encodeURIComponent(name)}.img`);
-      if (fs.existsSync(image)) {
-        if (fs.statSync(image).size !== size) throw new HttpError(409, `${image} exists with another size (${fs.statSync(image).size}, not ${size})`);
-      } else {
-        fs.writeFileSync(image, "");
-        fs.truncateSync(image, size);
-        fresh = true;
-      }
-      this.ownershipOf(image).assign(owner, epoch, this.ttlMs);
-      // Its own fault layer (with --fault) above port A, as for exports served from the start.
-      const exp = this.createExport({ name, source: image, io: this.opts.io, fault: this.opts.fault }, this.opts.handles);
-      m = this.managed.get(name)!;
-      await this.publisher.add(exp);
-    }
-    const marker = `${m.image}.incomplete`;
-    fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
-    const targetName = newCopyTargetName(name);
-    let port: Layer = createFilePort({ path: m.image, io: this.opts.io });
-    let restoreFault = () => {};
-    const faults = this.opts.handles?.faults;
-    if (this.opts.fault && faults) {
-      // While the copy runs, `fault NAME` steers the layer above the copy's writes (to slow or
-      // break the link); once the target closes, the name leads back to the export's own layer
-      // (above port A), which takes the target's rules over.
-      const f = new FaultLayer(port, this.opts.fault);
-      const own = faults.get(name);
-      if (own) f.inherit(own);
-      faults.set(name, f);
-      restoreFault = () => {
-        if (faults.get(name) !== f) return;
-        if (!own) return void faults.delete(name);
-        own.inherit(f);
-        faults.set(name, own);
-      };
-      port = f;
-    }
-    const exp = new Export(targetName, createDiskLayer(port), `live-copy target of ${name}`);
-    await this.publisher.add(exp);
-    m.target = { exp, marker, restoreFault };
-    m.private = true;
-    this.opts.log.info({ export: name, from: owner.nodeId, image: m.image, fresh }, "live copy target ready");
-    return { target: targetName, nbd: this.identity.nbd, fresh };
+  /** Destination side of a live copy: see copy-target.ts. */
+  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    return createCopyTarget(this.context, name, size, owner, epoch);
   }
 
-  /** The source gave up a live copy into this node: the target export goes, the image stays marked incomplete. */
-  async abandonCopyTarget(name: string): Promise<void> {
-    const m = this.find(name);
-    const t = m.target;
-    if (!t) return;
-    m.target = null;
-    await this.publisher?.remove(t.exp.name);
-    await t.exp.close();
-    t.restoreFault();
-    this.opts.log.warn({ export: name, marker: t.marker }, "live copy abandoned: image left incomplete");
+  /** The source gave up a live copy into this node: see copy-target.ts. */
+  abandonCopyTarget(name: string): Promise<void> {
+    return abandonCopyTarget(this.context, name);
   }
 
-  /**
-   * Moves export `name` to a node that does not share its storage: the destination gets an image
-   * of its own, a live copy brings it up to date while clients keep writing, and the port
-   * redirector hands over as for shared storage, with the final copy made while requests are held.
-   */
-  async migrateCopy(name: string, to: string, o: CopyMigrateOptions): Promise<{ export: string; from: string; to: string; epoch: number; ms: number; held: number; copied: number; mode: CopyMode }> {
-    const m = this.find(name);
-    if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
-    if (m.copy && ["starting", "copying", "final"].includes(m.copy.progress().phase)) throw new HttpError(409, `${name}: a live copy is running already`);
-    const peer = await getStatus(to).catch((err: Error) => {
-      throw new HttpError(502, `peer ${to} unreachable: ${err.message}`);
-    });
-    const t0 = performance.now();
-    const log = this.opts.log.child({ export: name, to: peer.nodeId });
-    const skip = o.skipFree ? await this.freeSpace(m) : undefined;
-    const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: this.identity, epoch: m.epoch }).catch((err: Error) => {
-      throw new HttpError(502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
-    });
-    const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}).catch(() => undefined);
-    let client: NbdClient;
-    try {
-      client = await NbdClient.connect(parseHostPort(t.nbd), { exportName: t.target, tls: this.opts.peerTls });
-    } catch (err) {
-      await abandon();
-      throw new HttpError(502, `cannot reach ${peer.nodeId}'s copy target: ${(err as Error).message}`);
-    }
-    const target: CopyTarget = {
-      pwrite: (buf, offset) => client.pwrite(buf, offset),
-      zero: (length, offset) => client.zero(length, offset),
-      flush: () => client.flush(),
+  /** Moves export `name` to a node that does not share its storage: see copy-source.ts. */
+  migrateCopy(name: string, to: string, o: CopyMigrateOptions): Promise<MoveResult & { copied: number; mode: CopyMode }> {
+    return migrateByCopy(this.context, name, to, o);
+  }
+
+  /** What the live-copy roles see of this node. */
+  private readonly context: NodeContext = (() => {
+    const node = this;
+    return {
+      get identity() {
+        return node.identity;
+      },
+      get ttlMs() {
+        return node.ttlMs;
+      },
+      get opts() {
+        return node.opts;
+      },
+      get publisher() {
+        return node.publisher;
+      },
+      find: (name) => node.find(name),
+      lookup: (name) => node.managed.get(name),
+      createExport: (spec, handles) => node.createExport(spec, handles),
+      ownershipOf: (image) => node.ownershipOf(image),
+      migrate: (name, to, beforeRelease, privateCopy) => node.migrate(name, to, beforeRelease, privateCopy),
     };
-    // Copies read the image below the tracker, so they are not tracked as writes themselves.
-    const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log });
-    m.copy = copy;
-    log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!skip }, "live copy: mirror phase");
-    try {
-      await copy.converge();
-      const r = await this.migrate(name, to, () => copy.finish(), true);
-      m.private = true;
-      const p = copy.progress();
-      log.info({ copied: p.copied, passes: p.passes, mode: p.mode, ms: Math.round(performance.now() - t0) }, "live copy: done");
-      return { ...r, ms: performance.now() - t0, copied: p.copied, mode: p.mode };
-    } catch (err) {
-      log.warn({ err: (err as Error).message }, "live copy aborted: this node stays the owner");
-      await abandon();
-      throw err instanceof HttpError ? err : new HttpError(502, `live copy of ${name} aborted: ${(err as Error).message}`);
-    } finally {
-      m.tracker.stop();
-      client.destroy();
-    }
-  }
-
-  /** Free space of the file system on an image (for --skip-free); nothing when none is found. */
-  private async freeSpace(m: Managed): Promise<Array<{ offset: number; length: number }>> {
-    return freeRanges(m.tracker.below());
-  }
+  })();
 
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);

@@ -1,0 +1,108 @@
+import fs from "node:fs";
+import path from "node:path";
+import { HttpError } from "../control/control-server.js";
+import { newCopyTargetName } from "../internal-exports.js";
+import type { NodeIdentity } from "../migration/lease.js";
+import { Export } from "../server/export.js";
+import { createDiskLayer } from "../stack/disk/disk-layer.js";
+import { FaultLayer } from "../stack/fault/fault-layer.js";
+import type { Layer } from "../stack/layer.js";
+import { createFilePort } from "../stack/port/file-port.js";
+import type { Managed, NodeContext } from "./node-context.js";
+
+/*
+ * The destination's side of a live copy (migrate --copy). The source asks for a target
+ * (POST /v1/copy-targets), writes the image through it over NBD while its clients keep writing,
+ * and then hands the lease over (adopt, which completes the target) or gives up (abandon, which
+ * leaves the image marked incomplete: a restarted node does not serve it).
+ */
+
+/**
+ * Destination side of a live copy: an image for export `name` — the one this node serves
+ * already (as a non-owner, same size), or a new one in --data-dir — marked incomplete until the
+ * copy hands over, and an export only the source knows the name of, that it writes into.
+ * Clients of this node reach the export through port B (the source owns it) meanwhile.
+ */
+export async function createCopyTarget(node: NodeContext, name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
+  if (!node.publisher) throw new HttpError(409, `node ${node.identity.nodeId} cannot publish exports`);
+  let m = node.lookup(name);
+  let fresh = false;
+  if (m) {
+    if (m.epoch !== null || m.redirector.state !== "REMOTE") throw new HttpError(409, `${name} is owned here (${m.redirector.state}); it cannot be a copy target`);
+    if (m.exp.size() !== size) throw new HttpError(409, `${name} here is ${m.exp.size()} bytes, the source's is ${size}`);
+    if (m.target) await abandonCopyTarget(node, name);
+    m.lease.assign(owner, epoch, node.ttlMs);
+  } else {
+    if (!node.opts.dataDir) throw new HttpError(409, `node ${node.identity.nodeId} has no --data-dir to create "${name}" in`);
+    const image = path.join(node.opts.dataDir, `${encodeURIComponent(name)}.img`);
+    if (fs.existsSync(image)) {
+      if (fs.statSync(image).size !== size) throw new HttpError(409, `${image} exists with another size (${fs.statSync(image).size}, not ${size})`);
+    } else {
+      fs.writeFileSync(image, "");
+      fs.truncateSync(image, size);
+      fresh = true;
+    }
+    node.ownershipOf(image).assign(owner, epoch, node.ttlMs);
+    // Its own fault layer (with --fault) above port A, as for exports served from the start.
+    const exp = node.createExport({ name, source: image, io: node.opts.io, fault: node.opts.fault }, node.opts.handles);
+    m = node.lookup(name)!;
+    await node.publisher.add(exp);
+  }
+  const marker = `${m.image}.incomplete`;
+  fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
+  const targetName = newCopyTargetName(name);
+  let port: Layer = createFilePort({ path: m.image, io: node.opts.io });
+  let restoreFault = () => {};
+  const faults = node.opts.handles?.faults;
+  if (node.opts.fault && faults) {
+    // While the copy runs, `fault NAME` steers the layer above the copy's writes (to slow or
+    // break the link); once the target closes, the name leads back to the export's own layer
+    // (above port A), which takes the target's rules over.
+    const f = new FaultLayer(port, node.opts.fault);
+    const own = faults.get(name);
+    if (own) f.inherit(own);
+    faults.set(name, f);
+    restoreFault = () => {
+      if (faults.get(name) !== f) return;
+      if (!own) return void faults.delete(name);
+      own.inherit(f);
+      faults.set(name, own);
+    };
+    port = f;
+  }
+  const exp = new Export(targetName, createDiskLayer(port), `live-copy target of ${name}`);
+  await node.publisher.add(exp);
+  m.target = { exp, marker, restoreFault };
+  m.private = true;
+  node.opts.log.info({ export: name, from: owner.nodeId, image: m.image, fresh }, "live copy target ready");
+  return { target: targetName, nbd: node.identity.nbd, fresh };
+}
+
+/** The source gave up a live copy into this node: the target export goes, the image stays marked incomplete. */
+export async function abandonCopyTarget(node: NodeContext, name: string): Promise<void> {
+  const m = node.find(name);
+  const t = m.target;
+  if (!t) return;
+  m.target = null;
+  await node.publisher?.remove(t.exp.name);
+  await t.exp.close();
+  t.restoreFault();
+  node.opts.log.warn({ export: name, marker: t.marker }, "live copy abandoned: image left incomplete");
+}
+
+
+/**
+ * The end of a live copy into this node (the source hands the lease over): the image here is
+ * complete and becomes the one port A opens. Its lease record is this node's own (not shared).
+ */
+export async function completeCopyTarget(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+  const t = m.target;
+  if (!t) return;
+  m.lease.assign(node.identity, epoch, node.ttlMs);
+  m.target = null;
+  m.private = true;
+  await node.publisher?.remove(t.exp.name);
+  await t.exp.close();
+  t.restoreFault();
+  fs.rmSync(t.marker, { force: true });
+}

@@ -1,0 +1,94 @@
+import type { Logger } from "pino";
+import type { LiveCopy, CopyMode } from "../migration/live-copy.js";
+import type { DirtyTracker } from "../migration/dirty-tracker.js";
+import type { NodeIdentity } from "../migration/lease.js";
+import type { Ownership } from "../migration/ownership.js";
+import type { Export } from "../server/export.js";
+import type { ExportSpec, StackHandles } from "../stack/compose.js";
+import type { FaultLayerOptions } from "../stack/fault/fault-layer.js";
+import type { IoMode } from "../stack/port/file-port.js";
+import type { PortRedirector } from "../stack/port/redirector.js";
+import type { RemotePortOptions } from "../stack/port/remote-port.js";
+
+/** What a node knows of one of its exports. */
+export interface Managed {
+  name: string;
+  image: string;
+  lease: Ownership;
+  redirector: PortRedirector;
+  exp: Export;
+  /** The epoch of my lease, or null while another node owns the image. */
+  epoch: number | null;
+  /** Above port A: records writes while a live copy runs. */
+  tracker: DirtyTracker;
+  /** Until when (performance.now()) port A may write without looking at the lease record again. */
+  validUntil: number;
+  /**
+   * The image is this node's own copy, not shared with the owner (it came or went by a live
+   * copy): another node's lease record of it is not renewed here, so expiry means nothing.
+   */
+  private: boolean;
+  /** The live copy of this export to a peer, while one runs (and its last state after). */
+  copy: LiveCopy | null;
+  /** Set while this node is the destination of a live copy: the export the source writes into. */
+  target: { exp: Export; marker: string; restoreFault: () => void } | null;
+}
+
+/** Where a node publishes exports it creates at run time (live-copy destinations). */
+export interface ExportPublisher {
+  add(exp: Export): Promise<void>;
+  remove(name: string): Promise<void>;
+}
+
+export interface CopyMigrateOptions {
+  mode?: CopyMode;
+  skipFree?: boolean;
+  maxRate?: number;
+}
+
+export interface StorageNodeOptions {
+  nodeId: string;
+  /** NBD address peers use to reach this node (host:port). */
+  nbd: string;
+  log: Logger;
+  ttlMs?: number;
+  /** With --fault: the export a live copy writes into gets a fault layer too (steered by the export's name), to slow or break the link. */
+  fault?: FaultLayerOptions;
+  handles?: StackHandles;
+  /** The ownership record of an image (default: a lease file beside it). */
+  ownership?: (image: string) => Ownership;
+  /** Directory where this node creates the images it receives by live copy (--data-dir). */
+  dataDir?: string;
+  io?: IoMode;
+  /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
+  peerTls?: RemotePortOptions["tls"];
+}
+
+export interface MoveResult {
+  export: string;
+  from: string;
+  to: string;
+  epoch: number;
+  ms: number;
+  held: number;
+}
+
+/** The parts of a node that its live-copy roles (copy-source.ts, copy-target.ts) use. */
+export interface NodeContext {
+  readonly identity: NodeIdentity;
+  readonly ttlMs: number;
+  readonly opts: StorageNodeOptions;
+  readonly publisher: ExportPublisher | null;
+  /** The export `name`, or a 404. */
+  find(name: string): Managed;
+  lookup(name: string): Managed | undefined;
+  createExport(spec: ExportSpec & { name: string }, handles?: StackHandles): Export;
+  ownershipOf(image: string): Ownership;
+  /** The port redirector's hand-over to the node at `to` (see StorageNode.migrate). */
+  migrate(name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy?: boolean): Promise<MoveResult>;
+}
+
+export function parseHostPort(s: string): { host: string; port: number } {
+  const i = s.lastIndexOf(":");
+  return { host: s.slice(0, i).replace(/^\[|\]$/g, ""), port: Number(s.slice(i + 1)) };
+}
