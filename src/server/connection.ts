@@ -14,6 +14,7 @@ import {
 } from "../protocol/reply.js";
 import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
+import { InflightTracker } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "./export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
@@ -68,7 +69,7 @@ export class Connection {
   private peer = false;
   private opMetrics: Record<MetricOp, OpMetrics> | null = null;
   private parser!: RequestParser;
-  private inflight = 0;
+  private readonly requests = new InflightTracker();
   private inflightBytes = 0;
   private paused = false;
   private pausedBy: "replies" | "requests" | "bytes" | null = null;
@@ -80,7 +81,6 @@ export class Connection {
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
-  private idleWaiters: Array<() => void> = [];
   private tls = false;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
@@ -169,7 +169,7 @@ export class Connection {
     if (this.limits.idleTimeoutMs > 0) {
       this.socket.setTimeout(this.limits.idleTimeoutMs);
       this.socket.on("timeout", () => {
-        if (this.inflight > 0 || this.finished) return;
+        if (this.requests.inflight > 0 || this.finished) return;
         this.log.info({ idleMs: this.limits.idleTimeoutMs }, "closing idle connection");
         this.stopping = true;
         this.finish();
@@ -204,8 +204,7 @@ export class Connection {
   private readonly aborted = new Promise<void>((r) => (this.resolveAborted = r));
 
   private idle(): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.requests.idle();
   }
 
   private finish(): void {
@@ -262,7 +261,7 @@ export class Connection {
   private capReached(): "replies" | "requests" | "bytes" | null {
     const l = this.limits;
     if (this.writeBlocked) return "replies";
-    if (this.inflight >= l.maxInflightRequests) return "requests";
+    if (this.requests.inflight >= l.maxInflightRequests) return "requests";
     if (this.inflightBytes >= l.maxInflightBytes) return "bytes";
     return null;
   }
@@ -284,13 +283,13 @@ export class Connection {
         this.socket.pause();
       }
       // Logged again when another cap takes over (say, replies pile up while requests are capped).
-      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
+      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.requests.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
       this.pausedBy = cap;
     } else if (this.paused) {
       this.paused = false;
       this.pausedBy = null;
       this.socket.resume();
-      if (this.log.isLevelEnabled("trace")) this.log.trace({ inflight: this.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
+      if (this.log.isLevelEnabled("trace")) this.log.trace({ inflight: this.requests.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
     }
   }
 
@@ -303,7 +302,7 @@ export class Connection {
     }
     // Batch replies finished in one event-loop turn into one write, unless this is the only
     // request in flight: then nothing else can join it and waiting for the batch only adds latency.
-    if (!this.corked && this.inflight > 1) {
+    if (!this.corked && this.requests.inflight > 1) {
       this.corked = true;
       s.cork();
       setImmediate(this.uncork);
@@ -333,7 +332,7 @@ export class Connection {
     }
     const bytes = req.type === Cmd.NBD_CMD_READ || req.type === Cmd.NBD_CMD_WRITE ? req.length : 0;
     if (this.peer) req.peer = true;
-    this.inflight++;
+    this.requests.enter();
     this.inflightBytes += bytes;
     void this.run(req, bytes);
     return this.capReached() === null;
@@ -354,13 +353,8 @@ export class Connection {
   }
 
   private done(bytes: number): void {
-    this.inflight--;
+    this.requests.leave();
     this.inflightBytes -= bytes;
-    if (this.inflight === 0 && this.idleWaiters.length) {
-      const w = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const f of w) f();
-    }
     this.updateFlow();
   }
 
