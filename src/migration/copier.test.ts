@@ -4,7 +4,8 @@ import { plainIo, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { seededRandom } from "../stack/fault/rules.js";
 import { DirtyBitmap } from "./dirty-bitmap.js";
-import { ChunkLocks, DirtyTracker, type CopyTarget } from "./dirty-tracker.js";
+import { DirtyTracker, type CopyTarget } from "./dirty-tracker.js";
+import { RangeLock } from "../util/range-lock.js";
 import { CopyAbortedError, Copier, markInitial } from "./copier.js";
 
 const KiB = 1024;
@@ -117,7 +118,7 @@ describe("live copy: copier + dirty tracker", () => {
       const dst = new MemoryPort({ size });
       await dst.open();
       const bitmap = new DirtyBitmap(size);
-      const locks = new ChunkLocks(bitmap.granularity);
+      const locks = new RangeLock();
       tracker.track(bitmap, locks);
       await markInitial(src, bitmap, true);
       expect(bitmap.dirtyBytes).toBeLessThan(size / 2); // holes are not copied to a fresh (zero) destination
@@ -149,7 +150,7 @@ describe("live copy: copier + dirty tracker", () => {
     const dst = new MemoryPort({ size });
     await dst.open();
     const bitmap = new DirtyBitmap(size);
-    const locks = new ChunkLocks(bitmap.granularity);
+    const locks = new RangeLock();
     const t = target(dst, random);
     tracker.track(bitmap, locks);
     await markInitial(src, bitmap, true);
@@ -176,7 +177,7 @@ describe("live copy: copier + dirty tracker", () => {
     await dst.open();
     const bitmap = new DirtyBitmap(size);
     const t = target(dst, seededRandom(1));
-    tracker.track(bitmap, new ChunkLocks(bitmap.granularity));
+    tracker.track(bitmap, new RangeLock());
     tracker.writeThrough(t);
     t.fail = true;
     await tracker.pwrite(Buffer.alloc(4096, 1), 70 * KiB, plainIo);
@@ -193,7 +194,7 @@ describe("live copy: copier + dirty tracker", () => {
     bitmap.markAll();
     const t = target(new MemoryPort({ size }), seededRandom(1));
     t.fail = true;
-    const copier = new Copier(src, t, bitmap, new ChunkLocks(bitmap.granularity), { parallel: 2, maxFailures: 3, backoffMs: 1 });
+    const copier = new Copier(src, t, bitmap, new RangeLock(), { parallel: 2, maxFailures: 3, backoffMs: 1 });
     await expect(copier.pass()).rejects.toBeInstanceOf(CopyAbortedError);
     expect(bitmap.dirtyBytes).toBe(size);
   });
@@ -232,7 +233,7 @@ describe("copier schedule (fake clock)", () => {
       },
       async flush() {},
     };
-    return { src, dst, bitmap, t, arrivals, state, locks: new ChunkLocks(bitmap.granularity) };
+    return { src, dst, bitmap, t, arrivals, state, locks: new RangeLock() };
   }
 
   it("keeps to --max-rate: the k-th copy of 256 KiB at 8 MiB/s starts no earlier than k × 31.25 ms", async () => {

@@ -2,7 +2,8 @@ import type { Logger } from "pino";
 import { State } from "../protocol/constants.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import type { DirtyBitmap } from "./dirty-bitmap.js";
-import type { ChunkLocks, CopyTarget } from "./dirty-tracker.js";
+import { lockChunks, type CopyTarget } from "./dirty-tracker.js";
+import type { RangeLock } from "../util/range-lock.js";
 
 export interface CopierOptions {
   /** Copies in flight at once (default 16). */
@@ -76,7 +77,7 @@ export class Copier {
     private readonly source: Layer,
     private readonly target: CopyTarget,
     private readonly bitmap: DirtyBitmap,
-    private readonly locks: ChunkLocks,
+    private readonly locks: RangeLock,
     private readonly opts: CopierOptions = {},
   ) {
     this.parallel = opts.parallel ?? 16;
@@ -186,7 +187,7 @@ export class Copier {
   }
 
   private async copyRun(offset: number, length: number): Promise<void> {
-    const unlock = await this.locks.lock(offset, length);
+    const unlock = await lockChunks(this.locks, this.bitmap.granularity, offset, length);
     try {
       let at = offset;
       const end = offset + length;

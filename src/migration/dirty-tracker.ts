@@ -1,5 +1,6 @@
 import { PassthroughLayer, type Io, type Layer } from "../stack/layer.js";
 import type { DirtyBitmap } from "./dirty-bitmap.js";
+import type { RangeLock } from "../util/range-lock.js";
 
 /** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
 export interface CopyTarget {
@@ -9,33 +10,14 @@ export interface CopyTarget {
 }
 
 /**
- * Locks on chunks of a device, so that copying a chunk and a write-through to the same chunk never
- * interleave (the copy's older data would land after the write). Ranges lock in ascending chunk
- * order, so two lockers never wait on each other.
+ * Locks the chunks of `granularity` bytes that [offset, offset + length) touches, exclusively, so
+ * that copying a chunk and a write-through to the same chunk never interleave (the copy's older
+ * data would land after the write). The lock is the stack's one RangeLock, over chunk numbers.
  */
-export class ChunkLocks {
-  private readonly tails = new Map<number, Promise<void>>();
-  constructor(readonly granularity: number) {}
-
-  async lock(offset: number, length: number): Promise<() => void> {
-    const first = Math.floor(offset / this.granularity);
-    const last = Math.floor((offset + Math.max(1, length) - 1) / this.granularity);
-    const releases: Array<() => void> = [];
-    for (let c = first; c <= last; c++) {
-      const prev = this.tails.get(c);
-      let release!: () => void;
-      const mine = new Promise<void>((r) => (release = r));
-      this.tails.set(c, mine);
-      releases.push(() => {
-        if (this.tails.get(c) === mine) this.tails.delete(c);
-        release();
-      });
-      if (prev) await prev;
-    }
-    return () => {
-      for (const r of releases) r();
-    };
-  }
+export function lockChunks(locks: RangeLock, granularity: number, offset: number, length: number): Promise<() => void> {
+  const first = Math.floor(offset / granularity);
+  const last = Math.floor((offset + Math.max(1, length) - 1) / granularity);
+  return locks.acquire(first, last + 1);
 }
 
 /**
@@ -48,7 +30,7 @@ export class ChunkLocks {
  */
 export class DirtyTracker extends PassthroughLayer {
   private bitmap: DirtyBitmap | null = null;
-  private locks: ChunkLocks | null = null;
+  private locks: RangeLock | null = null;
   private through: CopyTarget | null = null;
   /** Write-throughs that failed (their chunks were marked dirty instead). */
   throughFailures = 0;
@@ -63,7 +45,7 @@ export class DirtyTracker extends PassthroughLayer {
   }
 
   /** Starts tracking writes into `bitmap`. */
-  track(bitmap: DirtyBitmap, locks: ChunkLocks): void {
+  track(bitmap: DirtyBitmap, locks: RangeLock): void {
     this.bitmap = bitmap;
     this.locks = locks;
   }
@@ -88,7 +70,7 @@ export class DirtyTracker extends PassthroughLayer {
       bm.mark(offset, length);
       return;
     }
-    const unlock = await this.locks!.lock(offset, length);
+    const unlock = await lockChunks(this.locks!, bm.granularity, offset, length);
     try {
       await local();
       try {

@@ -2,7 +2,8 @@ import type { Logger } from "pino";
 import type { Layer } from "../stack/layer.js";
 import { Copier, CopyAbortedError, markInitial } from "./copier.js";
 import { DirtyBitmap } from "./dirty-bitmap.js";
-import { ChunkLocks, type CopyTarget, type DirtyTracker } from "./dirty-tracker.js";
+import type { CopyTarget, DirtyTracker } from "./dirty-tracker.js";
+import { RangeLock } from "../util/range-lock.js";
 
 export type CopyMode = "background" | "write-blocking";
 
@@ -52,7 +53,7 @@ const SLACK = 0.2;
  */
 export class LiveCopy {
   private readonly bitmap: DirtyBitmap;
-  private readonly locks: ChunkLocks;
+  private readonly locks = new RangeLock();
   private readonly copier: Copier;
   private readonly destZero: DirtyBitmap | undefined;
   private mode: CopyMode;
@@ -69,7 +70,6 @@ export class LiveCopy {
   ) {
     const size = source.size();
     this.bitmap = new DirtyBitmap(size, opts.granularity);
-    this.locks = new ChunkLocks(this.bitmap.granularity);
     this.mode = opts.mode ?? "background";
     if (opts.destIsZero) {
       this.destZero = new DirtyBitmap(size, this.bitmap.granularity);

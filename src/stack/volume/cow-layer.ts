@@ -4,7 +4,7 @@ import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type
 import type { IoMode } from "../port/file-port.js";
 import { newHeader } from "./cow-format.js";
 import { CowStore } from "./cow-store.js";
-import { BlockLock } from "./cow-lock.js";
+import { RangeLock } from "../../util/range-lock.js";
 import { CowBlocks, MAX_REQUEST, alignDown, alignUp } from "./cow-blocks.js";
 import { baseMergeTarget, copyDown, idleProgress, type MergeOptions, type MergeProgress, type MergeTarget } from "./cow-merge.js";
 
@@ -64,7 +64,8 @@ export class CowLayer implements Layer {
   private bs = 0;
   private bytes = 0;
   private caps!: Capabilities;
-  private readonly locks = new BlockLock();
+  /** Locks on block numbers [first, last + 1): shared for reads, exclusive for writes and merge copies. */
+  private readonly locks = new RangeLock();
   private readonly tracker = new InflightTracker();
   private gate: Promise<void> | null = null;
   private openGate: (() => void) | null = null;
@@ -196,7 +197,7 @@ export class CowLayer implements Layer {
     await this.enter();
     try {
       const [first, last] = this.span(offset, buf.length);
-      const release = await this.locks.acquire(first, last, true);
+      const release = await this.locks.acquire(first, last + 1, true);
       try {
         await this.blocks.read(buf, offset, io);
       } finally {
@@ -294,7 +295,7 @@ export class CowLayer implements Layer {
 
   private async lockedWrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     const [first, last] = this.span(offset, buf.length);
-    const release = await this.locks.acquire(first, last, false);
+    const release = await this.locks.acquire(first, last + 1);
     try {
       await this.blocks.write(buf, offset, io);
     } finally {
@@ -304,7 +305,7 @@ export class CowLayer implements Layer {
 
   private async lockedZero(length: number, offset: number, io: Io): Promise<void> {
     const [first, last] = this.span(offset, length);
-    const release = await this.locks.acquire(first, last, false);
+    const release = await this.locks.acquire(first, last + 1);
     try {
       await this.blocks.zero(length, offset, io);
     } finally {

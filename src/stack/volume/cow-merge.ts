@@ -2,7 +2,7 @@ import { NbdError } from "../../errors.js";
 import { plainIo, type Layer } from "../layer.js";
 import { MAX_REQUEST, alignDown, alignUp, readFrom, type CowBlocks } from "./cow-blocks.js";
 import { ABSENT, ZEROED } from "./cow-format.js";
-import type { BlockLock } from "./cow-lock.js";
+import type { RangeLock } from "../../util/range-lock.js";
 
 const MERGE_PARALLEL = 4;
 
@@ -41,7 +41,7 @@ export interface MergeTarget {
  * copied in a later pass). Adds to `progress` and calls `report` after each block; stops with
  * ESHUTDOWN once `closing()` says so. The caller has pointed `blocks.through` at `target`.
  */
-export async function copyDown(blocks: CowBlocks, locks: BlockLock, target: MergeTarget, progress: MergeProgress, report: () => void, closing: () => boolean): Promise<void> {
+export async function copyDown(blocks: CowBlocks, locks: RangeLock, target: MergeTarget, progress: MergeProgress, report: () => void, closing: () => boolean): Promise<void> {
   for (;;) {
     const todo = blocks.store.usedBlocks();
     if (todo.length === 0) return;
@@ -60,8 +60,8 @@ export async function copyDown(blocks: CowBlocks, locks: BlockLock, target: Merg
   }
 }
 
-async function copyBlock(blocks: CowBlocks, locks: BlockLock, b: number, target: MergeTarget): Promise<void> {
-  const release = await locks.acquire(b, b, false);
+async function copyBlock(blocks: CowBlocks, locks: RangeLock, b: number, target: MergeTarget): Promise<void> {
+  const release = await locks.acquire(b, b + 1);
   try {
     const store = blocks.store;
     const v = store.entry(b);
