@@ -3,8 +3,8 @@ import { NbdError } from "../errors.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { seededRandom } from "../stack/fault/rules.js";
-import { DirtyBitmap } from "./dirty-bitmap.js";
-import { DirtyTracker, type CopyTarget } from "./dirty-tracker.js";
+import { DirtyBitmap, type CopyTarget } from "./dirty-bitmap.js";
+import { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import { RangeLock } from "../util/range-lock.js";
 import { CopyAbortedError, Copier, markInitial } from "./copier.js";
 

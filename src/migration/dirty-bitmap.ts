@@ -1,3 +1,5 @@
+import type { RangeLock } from "../util/range-lock.js";
+
 /**
  * Which parts of a device differ from its copy, at a fixed granularity (64 KiB by default):
  * one bit per chunk. A writer marks the chunks it touched once its write has completed; the
@@ -109,4 +111,22 @@ export class DirtyBitmap {
     }
     return null;
   }
+}
+
+/** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
+export interface CopyTarget {
+  pwrite(buf: Buffer, offset: number): Promise<void>;
+  zero(length: number, offset: number): Promise<void>;
+  flush(): Promise<void>;
+}
+
+/**
+ * Locks the chunks of `granularity` bytes that [offset, offset + length) touches, exclusively, so
+ * that copying a chunk and a write-through to the same chunk never interleave (the copy's older
+ * data would land after the write). The lock is the stack's one RangeLock, over chunk numbers.
+ */
+export function lockChunks(locks: RangeLock, granularity: number, offset: number, length: number): Promise<() => void> {
+  const first = Math.floor(offset / granularity);
+  const last = Math.floor((offset + Math.max(1, length) - 1) / granularity);
+  return locks.acquire(first, last + 1);
 }

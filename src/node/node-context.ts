@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { LiveCopy, CopyMode } from "../migration/live-copy.js";
-import type { DirtyTracker } from "../migration/dirty-tracker.js";
+import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import type { NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
 import type { Export } from "../server/export.js";

@@ -1,4 +1,4 @@
-import { DirtyTracker } from "../migration/dirty-tracker.js";
+import { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import type { CopyMode } from "../migration/live-copy.js";
 import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";

@@ -1,24 +1,6 @@
-import { PassthroughLayer, type Io, type Layer } from "../stack/layer.js";
-import type { DirtyBitmap } from "./dirty-bitmap.js";
-import type { RangeLock } from "../util/range-lock.js";
-
-/** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
-export interface CopyTarget {
-  pwrite(buf: Buffer, offset: number): Promise<void>;
-  zero(length: number, offset: number): Promise<void>;
-  flush(): Promise<void>;
-}
-
-/**
- * Locks the chunks of `granularity` bytes that [offset, offset + length) touches, exclusively, so
- * that copying a chunk and a write-through to the same chunk never interleave (the copy's older
- * data would land after the write). The lock is the stack's one RangeLock, over chunk numbers.
- */
-export function lockChunks(locks: RangeLock, granularity: number, offset: number, length: number): Promise<() => void> {
-  const first = Math.floor(offset / granularity);
-  const last = Math.floor((offset + Math.max(1, length) - 1) / granularity);
-  return locks.acquire(first, last + 1);
-}
+import { lockChunks, type CopyTarget, type DirtyBitmap } from "../../migration/dirty-bitmap.js";
+import type { RangeLock } from "../../util/range-lock.js";
+import { PassthroughLayer, type Io, type Layer } from "../layer.js";
 
 /**
  * The filter above a source's port during a live copy (migration without shared storage): every
