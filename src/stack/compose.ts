@@ -10,13 +10,18 @@ import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
 import { LazyLayer } from "./lazy-layer.js";
 import { FsFileLayer } from "./fs/fs-file-layer.js";
 import { createConcatLayer } from "./volume/concat-layer.js";
-import { createCowLayer, type CowLayer } from "./volume/cow-layer.js";
-import { createMirrorLayer, type MirrorLayer } from "./volume/mirror-layer.js";
+import { createCowLayer } from "./volume/cow-layer.js";
+import { createMirrorLayer } from "./volume/mirror-layer.js";
 import { createStripeLayer } from "./volume/stripe-layer.js";
 import { plainIo, type Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
 import { NbdError } from "../errors.js";
+import type { BuildContext } from "./layer-kind.js";
+import { StackHandles } from "./stack-handles.js";
+
+export type { BuildContext } from "./layer-kind.js";
+export { StackHandles } from "./stack-handles.js";
 
 /**
  * An export from the command line: an image (or memory:SIZE) with optional shorthands, or a
@@ -38,29 +43,6 @@ export interface ExportSpec {
   overlay?: string;
   /** The whole stack, bottom-up (from a config file). */
   stack?: StackSpec;
-}
-
-/**
- * Layers of running exports that can be steered at run time (control API), by export name or,
- * for fault layers, by their `id`.
- */
-export class StackHandles {
-  readonly faults = new Map<string, FaultLayer>();
-  readonly mirrors = new Map<string, MirrorLayer>();
-  readonly cows = new Map<string, CowLayer>();
-  add<T>(map: Map<string, T>, key: string, layer: T, what: string): void {
-    if (map.has(key)) throw new ConfigError(key, `two ${what} layers answer to "${key}": give them distinct ids`);
-    map.set(key, layer);
-  }
-}
-
-/** What building a stack needs besides its declaration. */
-export interface BuildContext {
-  exportName: string;
-  readOnly: boolean;
-  io?: IoMode;
-  log?: Logger;
-  handles: StackHandles;
 }
 
 /** The port at the bottom of a stack for `source`. */
