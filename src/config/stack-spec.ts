@@ -89,7 +89,7 @@ export function formatStack(stack: StackSpec): string {
 
 /** Help on the stack syntax, from the kinds' declarations (`nbdstack serve --help`). */
 export function stackHelp(): string {
-  const out = ["Stack items (bottom first, joined by →; in a config file also {kind: value, option: …}):"];
+  const out = ["Layers of a stack in a --config file, bottom first: \"file:disk.img → partition:1\", or a list of {kind: value, option: …}:"];
   for (const k of LAYER_KINDS) {
     const where = [k.bottom ? "bottom" : "", k.above ? "above" : ""].filter(Boolean).join(", ");
     out.push(`  ${k.name} ${k.argument}`, `      ${k.summary} [${where}]`);

@@ -24,6 +24,11 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
   readonly options: Readonly<Record<O, string>>;
   /** Other names this kind is written as above the bottom (`file:` above a file system is fs-file). */
   readonly writtenAbove?: readonly string[];
+  /**
+   * The layer serves a part of the device below (a partition, a file in a file system): an export
+   * whose stack has one offers no NAME/pN partition exports unless its config asks for them.
+   */
+  readonly selectsPart?: boolean;
 
   /** Validates the kind's value (`arg`: the text after "kind:", or the YAML value) and its options. */
   parse(arg: unknown, opts: Readonly<Partial<Record<O, unknown>>>, at: ParseAt<O>): S;

@@ -13,7 +13,7 @@ export interface FaultSpec {
 /** `fault[:RULE]`: injected errors, delays and power loss anywhere in a stack; steered by `nbdstack fault`. */
 export const faultKind: LayerKind<FaultSpec, void, "seed" | "powerloss" | "id"> = {
   name: "fault",
-  summary: "injects errors, delays, stalls, corruption and power loss (see stack/fault/README.md)",
+  summary: "injects errors, delays, stalls, corruption and power loss",
   argument: "[RULE | [RULE, …]]: rules to start with, e.g. op=pread,errno=EIO (none: add them at run time)",
   options: {
     seed: "an integer: the seed of the layer's random choices (default 1)",

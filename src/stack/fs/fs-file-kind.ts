@@ -11,9 +11,10 @@ export interface FsFileSpec {
 /** `file:PATH` above the bottom (or `fs-file:PATH`): one file inside the ext2/3/4 or FAT file system below. */
 export const fsFileKind: LayerKind<FsFileSpec> = {
   name: "fs-file",
-  summary: "one file inside the ext2/3/4 or FAT file system below, as a device (see stack/fs/README.md)",
+  summary: "one file inside the ext2/3/4 or FAT file system below, as a device",
   argument: "PATH: the file's path inside the file system; written file:PATH above the bottom",
   options: {},
+  selectsPart: true,
   writtenAbove: ["file"],
   parse(arg, _opts, at) {
     const p = str(arg, at.key, "the path of a file inside the file system below");

@@ -16,6 +16,7 @@ export const partitionKind: LayerKind<PartitionSpec, { part: Partition; scheme: 
   summary: "partition N of an MBR or GPT disk below, as a device of its own",
   argument: "N: the partition number, 1, 2 … (or p1, p2 …)",
   options: {},
+  selectsPart: true,
   parse(arg, _opts, at) {
     const n = typeof arg === "string" ? Number(arg.replace(/^p/, "")) : arg;
     if (typeof n !== "number" || !Number.isInteger(n) || n < 1) throw new ConfigError(at.key, `expected a partition number ≥ 1, got ${typeName(arg)}`);

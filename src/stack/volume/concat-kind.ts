@@ -10,7 +10,7 @@ export interface ConcatSpec {
 /** `concat: [A, B …]`: devices one after another as one device. */
 export const concatKind: LayerKind<ConcatSpec> = {
   name: "concat",
-  summary: "devices one after another as one device (see stack/volume/README.md)",
+  summary: "devices one after another as one device",
   argument: "[DEVICE, …]: images like file:a.img, or stacks of their own",
   options: {},
   parse: (arg, _opts, at) => ({ kind: "concat", devices: at.devices(arg, 1) }),

@@ -11,9 +11,9 @@ export interface CowSpec {
 /** `cow:OVERLAY`: a copy-on-write overlay above a device that is then only read. */
 export const cowKind: LayerKind<CowSpec, void, "block-size"> = {
   name: "cow",
-  summary: "a copy-on-write overlay with snapshots and merge (see stack/volume/cow.md)",
+  summary: "a copy-on-write overlay with snapshots and merge",
   argument: "OVERLAY: the overlay file, created if missing",
-  options: { "block-size": "the overlay's block size when it is created, e.g. 64k" },
+  options: { "block-size": "the block size of a new overlay, a power of two from 4k to 16M (default 64k); must match an existing overlay's" },
   parse: (arg, opts, at) => ({
     kind: "cow",
     overlay: at.resolve(str(arg, at.key, "an overlay file path")),
