@@ -2,6 +2,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
+import { stackHelp } from "./config/stack-spec.js";
 import { useTokenFile } from "./commands/token-option.js";
 import { benchCommand } from "./commands/bench.js";
 import { registerCowCommands } from "./commands/cow.js";
@@ -81,6 +82,7 @@ program
   .option("--fault-powerloss", "fault layer keeps unflushed writes in a volatile cache that 'nbdstack fault --powercut' loses (implies --fault)", false)
   .addOption(new Option("--log-level <level>", "log level (default: $NBDSTACK_LOG, else info)").choices(LOG_LEVELS))
   .addOption(new Option("--log-format <format>", "log format (default: pretty when stdout is a terminal, else json)").choices(["json", "pretty"]))
+  .addHelpText("after", () => `\n${stackHelp()}`)
   .action(serveCommand);
 
 program

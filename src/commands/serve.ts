@@ -9,6 +9,7 @@ import { NbdServer, type TcpAddress } from "../server/server.js";
 import type { Command } from "commander";
 import { loadConfig } from "../config/config-file.js";
 import { composeExport, defaultExportName, partitionExports, StackHandles, type ExportSpec } from "../stack/compose.js";
+import { kindOf } from "../stack/kinds.js";
 import type { Export } from "../server/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
@@ -124,7 +125,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const common = { readOnly: opts.readOnly, io: opts.io, fault };
   const specs: Array<ExportSpec & { name: string; partitions?: boolean }> = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), overlay: opts.overlay[i], ...common }));
   for (const e of config?.exports ?? []) {
-    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => l.kind === "partition" || l.kind === "fs-file"), readOnly: opts.readOnly || !!e.readOnly, io: opts.io });
+    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => kindOf(l).selectsPart), readOnly: opts.readOnly || !!e.readOnly, io: opts.io });
   }
   if (opts.dataDir) {
     // Images received by live copy earlier: served again, unless a copy into them never finished.

@@ -1,22 +1,24 @@
 import path from "node:path";
 import type { Logger } from "pino";
-import { ConfigError, formatStack, type LayerSpec, type StackSpec } from "../config/stack-spec.js";
+import { formatStack } from "../config/stack-spec.js";
+import { ConfigError } from "../config/values.js";
 import { Export } from "../server/export.js";
 import { parseSize } from "../util/size.js";
 import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import type { FaultLayerOptions } from "./fault/fault-layer.js";
+import { kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
+import type { Layer } from "./layer.js";
+import type { BuildContext } from "./layer-kind.js";
+import { LazyLayer } from "./lazy-layer.js";
+import { readerOf } from "./partition/partition-kind.js";
 import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
-import { FaultLayer, type FaultLayerOptions } from "./fault/fault-layer.js";
-import { LazyLayer } from "./lazy-layer.js";
-import { FsFileLayer } from "./fs/fs-file-layer.js";
-import { createConcatLayer } from "./volume/concat-layer.js";
-import { createCowLayer, type CowLayer } from "./volume/cow-layer.js";
-import { createMirrorLayer, type MirrorLayer } from "./volume/mirror-layer.js";
-import { createStripeLayer } from "./volume/stripe-layer.js";
-import { plainIo, type Layer } from "./layer.js";
 import { createFilePort, type IoMode } from "./port/file-port.js";
 import { createMemoryPort } from "./port/memory-port.js";
-import { NbdError } from "../errors.js";
+import { StackHandles } from "./stack-handles.js";
+
+export type { BuildContext } from "./layer-kind.js";
+export { StackHandles } from "./stack-handles.js";
 
 /**
  * An export from the command line: an image (or memory:SIZE) with optional shorthands, or a
@@ -38,29 +40,6 @@ export interface ExportSpec {
   overlay?: string;
   /** The whole stack, bottom-up (from a config file). */
   stack?: StackSpec;
-}
-
-/**
- * Layers of running exports that can be steered at run time (control API), by export name or,
- * for fault layers, by their `id`.
- */
-export class StackHandles {
-  readonly faults = new Map<string, FaultLayer>();
-  readonly mirrors = new Map<string, MirrorLayer>();
-  readonly cows = new Map<string, CowLayer>();
-  add<T>(map: Map<string, T>, key: string, layer: T, what: string): void {
-    if (map.has(key)) throw new ConfigError(key, `two ${what} layers answer to "${key}": give them distinct ids`);
-    map.set(key, layer);
-  }
-}
-
-/** What building a stack needs besides its declaration. */
-export interface BuildContext {
-  exportName: string;
-  readOnly: boolean;
-  io?: IoMode;
-  log?: Logger;
-  handles: StackHandles;
 }
 
 /** The port at the bottom of a stack for `source`. */
@@ -92,60 +71,24 @@ export function stackOf(spec: ExportSpec): StackSpec {
 
 /** The bottom device of a stack (a port, or a volume over stacks of their own). */
 function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
-  switch (l.kind) {
-    case "file":
-      // An image under a cow overlay is only ever read.
-      return createFilePort({ path: l.path, readOnly: ctx.readOnly || !!l.readOnly, io: ctx.io });
-    case "memory":
-      return createMemoryPort({ size: l.size, readOnly: ctx.readOnly });
-    case "concat":
-      return createConcatLayer(l.devices.map((d) => buildStack(d, ctx)));
-    case "stripe":
-      return createStripeLayer(
-        l.devices.map((d) => buildStack(d, ctx)),
-        l.chunk,
-      );
-    case "mirror": {
-      const m = createMirrorLayer(
-        l.devices.map((d) => buildStack(d, ctx)),
-        { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) },
-      );
-      ctx.handles.add(ctx.handles.mirrors, ctx.exportName, m, "mirror");
-      return m;
-    }
-    default:
-      throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
-  }
+  const kind = kindOf(l);
+  if (!kind.bottom) throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
+  return kind.bottom(l, ctx, (s) => buildStack(s, ctx));
 }
 
-/** One layer over `below`. */
+/**
+ * One layer over `below`. A kind with a prepare hook is built when the stack opens: the lazy
+ * layer opens `below`, runs the hook on it (the partition table read) and builds the layer then.
+ */
 export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer {
-  switch (l.kind) {
-    case "partition":
-      return new LazyLayer(below, `partition ${l.index}`, async (dev) => {
-        const table = await readPartitionTable(readerOf(dev), dev.size());
-        if (!table) throw new NbdError("EINVAL", `partition ${l.index}: no partition table on ${dev.describe()}`);
-        const p = table.partitions.find((x) => x.index === l.index);
-        if (!p) throw new NbdError("EINVAL", `partition ${l.index}: not in the ${table.scheme} table of ${dev.describe()} (has ${table.partitions.map((x) => x.index).join(", ") || "none"})`);
-        return new PartitionLayer(dev, p, table.scheme);
-      });
-    case "fault": {
-      const f = new FaultLayer(below, { seed: l.seed, powerloss: l.powerloss, log: ctx.log });
-      for (const r of l.rules) f.addRule(r);
-      ctx.handles.add(ctx.handles.faults, l.id ?? ctx.exportName, f, "fault");
-      return f;
-    }
-    case "cow": {
-      const c = createCowLayer(below, l.overlay, { blockSize: l.blockSize, io: ctx.io });
-      ctx.handles.add(ctx.handles.cows, ctx.exportName, c, "cow");
-      return c;
-    }
-    case "fs-file":
-      // Opens the device below, finds the file system and the file at open.
-      return new FsFileLayer(below, l.path, { owns: true });
-    default:
-      throw new ConfigError(l.kind, `the ${l.kind} layer cannot be above another one`);
-  }
+  const kind = kindOf(l);
+  if (!kind.above) throw new ConfigError(l.kind, `the ${l.kind} layer cannot be above another one`);
+  if (!kind.prepare) return kind.above(l, below, ctx, undefined);
+  const label = kind.format(l, formatStack).replace(":", " ");
+  return new LazyLayer(below, label, async (dev) => {
+    const prepared = await kind.prepare!(l, dev);
+    return kind.above!(l, dev, ctx, prepared);
+  });
 }
 
 /** Builds a declared stack bottom-up; the result is not open yet. */
@@ -153,14 +96,6 @@ export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
   let layer = buildBottom(stack[0]!, ctx);
   for (const l of stack.slice(1)) layer = buildLayer(l, layer, ctx);
   return layer;
-}
-
-function readerOf(dev: Layer): (length: number, offset: number) => Promise<Buffer> {
-  return async (length, offset) => {
-    const b = Buffer.alloc(length);
-    await dev.pread(b, offset, plainIo);
-    return b;
-  };
 }
 
 /**

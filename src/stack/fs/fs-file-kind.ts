@@ -1,0 +1,26 @@
+import { str } from "../../config/values.js";
+import type { LayerKind } from "../layer-kind.js";
+import { FsFileLayer } from "./fs-file-layer.js";
+
+export interface FsFileSpec {
+  kind: "fs-file";
+  /** Absolute inside the file system. */
+  path: string;
+}
+
+/** `file:PATH` above the bottom (or `fs-file:PATH`): one file inside the ext2/3/4 or FAT file system below. */
+export const fsFileKind: LayerKind<FsFileSpec> = {
+  name: "fs-file",
+  summary: "one file inside the ext2/3/4 or FAT file system below, as a device",
+  argument: "PATH: the file's path inside the file system; written file:PATH above the bottom",
+  options: {},
+  selectsPart: true,
+  writtenAbove: ["file"],
+  parse(arg, _opts, at) {
+    const p = str(arg, at.key, "the path of a file inside the file system below");
+    return { kind: "fs-file", path: p.startsWith("/") ? p : `/${p}` };
+  },
+  format: (s) => `file:${s.path}`,
+  // The layer opens the device below and finds the file system and the file in its open().
+  above: (s, below) => new FsFileLayer(below, s.path, { owns: true }),
+};

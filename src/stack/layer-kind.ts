@@ -1,0 +1,68 @@
+import type { Logger } from "pino";
+import type { StackSpec } from "./kinds.js";
+import type { Layer } from "./layer.js";
+import type { IoMode } from "./port/file-port.js";
+import type { StackHandles } from "./stack-handles.js";
+
+/**
+ * One kind of layer as a stack declaration names it (`partition:2`, `{fault: …, seed: 3}`), declared
+ * once beside the layer and read by the config parser (keys, errors), the stack's one-line form
+ * and the stack builder — nbdkit's NBDKIT_REGISTER_FILTER. `S` is the parsed item (its `kind` is
+ * the name), `P` what `prepare` reads from the open device below, `O` the option keys.
+ *
+ * Where a kind may stand is which factories it has: `bottom` (a device of its own, first in a
+ * stack) and/or `above` (over the layer before it). Every kind is listed once in `kinds.ts`.
+ */
+export interface LayerKind<S extends { kind: string }, P = void, O extends string = never> {
+  /** The key that names the kind in a stack item. */
+  readonly name: S["kind"];
+  /** One line for help: what the layer does. */
+  readonly summary: string;
+  /** Help for the kind's own key: its value, e.g. `N: the partition number (1, 2 … or p1, p2 …)`. */
+  readonly argument: string;
+  /** Keys the kind accepts beside its own in the list form (`{stripe: […], chunk: 4k}`), with help. */
+  readonly options: Readonly<Record<O, string>>;
+  /** Other names this kind is written as above the bottom (`file:` above a file system is fs-file). */
+  readonly writtenAbove?: readonly string[];
+  /**
+   * The layer serves a part of the device below (a partition, a file in a file system): an export
+   * whose stack has one offers no NAME/pN partition exports unless its config asks for them.
+   */
+  readonly selectsPart?: boolean;
+
+  /** Validates the kind's value (`arg`: the text after "kind:", or the YAML value) and its options. */
+  parse(arg: unknown, opts: Readonly<Partial<Record<O, unknown>>>, at: ParseAt<O>): S;
+  /** The item's one-line form, for logs and errors; `stack` formats nested stacks. */
+  format(spec: S, stack: (s: StackSpec) => string): string;
+
+  /** Builds it at the bottom of a stack; `stack` builds nested stacks (a volume's devices). */
+  bottom?(spec: S, ctx: BuildContext, stack: (s: StackSpec) => Layer): Layer;
+  /** Builds it over `below`; with `prepare`, `below` is open and `prepared` is what it read. */
+  above?(spec: S, below: Layer, ctx: BuildContext, prepared: P): Layer;
+  /**
+   * Runs once the layer below is open, before `above` builds the layer: reads what the layer needs
+   * from the device (nbdkit's .prepare), e.g. the partition table. Its errors fail the open.
+   */
+  prepare?(spec: S, below: Layer): Promise<P>;
+}
+
+/** Where an item is in the config, and the parser's services for a kind's `parse`. */
+export interface ParseAt<O extends string = string> {
+  /** The kind's own key, for errors: `exports[0].stack[2].partition`. */
+  readonly key: string;
+  /** Where option `name` is: `exports[0].stack[2].chunk`. */
+  option(name: O): string;
+  /** A path resolved against the config file's directory. */
+  resolve(path: string): string;
+  /** A list of at least `min` devices, each a one-line stack, a list of items or one item. */
+  devices(v: unknown, min: number): StackSpec[];
+}
+
+/** What building a stack needs besides its declaration. */
+export interface BuildContext {
+  exportName: string;
+  readOnly: boolean;
+  io?: IoMode;
+  log?: Logger;
+  handles: StackHandles;
+}

@@ -1,0 +1,18 @@
+import { ConfigError } from "../config/values.js";
+import type { FaultLayer } from "./fault/fault-layer.js";
+import type { CowLayer } from "./volume/cow-layer.js";
+import type { MirrorLayer } from "./volume/mirror-layer.js";
+
+/**
+ * Layers of running exports that can be steered at run time (control API), by export name or,
+ * for fault layers, by their `id`.
+ */
+export class StackHandles {
+  readonly faults = new Map<string, FaultLayer>();
+  readonly mirrors = new Map<string, MirrorLayer>();
+  readonly cows = new Map<string, CowLayer>();
+  add<T>(map: Map<string, T>, key: string, layer: T, what: string): void {
+    if (map.has(key)) throw new ConfigError(key, `two ${what} layers answer to "${key}": give them distinct ids`);
+    map.set(key, layer);
+  }
+}

@@ -1,0 +1,19 @@
+import type { StackSpec } from "../kinds.js";
+import type { LayerKind } from "../layer-kind.js";
+import { createConcatLayer } from "./concat-layer.js";
+
+export interface ConcatSpec {
+  kind: "concat";
+  devices: StackSpec[];
+}
+
+/** `concat: [A, B …]`: devices one after another as one device. */
+export const concatKind: LayerKind<ConcatSpec> = {
+  name: "concat",
+  summary: "devices one after another as one device",
+  argument: "[DEVICE, …]: images like file:a.img, or stacks of their own",
+  options: {},
+  parse: (arg, _opts, at) => ({ kind: "concat", devices: at.devices(arg, 1) }),
+  format: (s, stack) => `concat(${s.devices.map(stack).join(", ")})`,
+  bottom: (s, _ctx, stack) => createConcatLayer(s.devices.map(stack)),
+};
