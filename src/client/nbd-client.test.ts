@@ -1,7 +1,7 @@
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { silentLogger } from "../log.js";
-import { Export } from "../server/export.js";
+import { Export } from "../stack/export.js";
 import { NbdServer } from "../server/server.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { plainIo } from "../stack/layer.js";

@@ -10,7 +10,7 @@ import type { Command } from "commander";
 import { loadConfig } from "../config/config-file.js";
 import { composeExport, defaultExportName, partitionExports, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { kindOf } from "../stack/kinds.js";
-import type { Export } from "../server/export.js";
+import type { Export } from "../stack/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { ControlServer } from "../control/control-server.js";
 import { Metrics } from "../metrics/metrics.js";

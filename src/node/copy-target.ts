@@ -3,7 +3,7 @@ import path from "node:path";
 import { HttpError } from "../control/control-server.js";
 import { newCopyTargetName } from "../internal-exports.js";
 import type { NodeIdentity } from "../migration/lease.js";
-import { Export } from "../server/export.js";
+import { Export } from "../stack/export.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import { FaultLayer } from "../stack/fault/fault-layer.js";
 import type { Layer } from "../stack/layer.js";

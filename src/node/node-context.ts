@@ -3,7 +3,7 @@ import type { LiveCopy, CopyMode } from "../migration/live-copy.js";
 import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import type { NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
-import type { Export } from "../server/export.js";
+import type { Export } from "../stack/export.js";
 import type { ExportSpec, StackHandles } from "../stack/compose.js";
 import type { FaultLayerOptions } from "../stack/fault/fault-layer.js";
 import type { IoMode } from "../stack/port/file-port.js";

@@ -4,7 +4,7 @@ import { controlCall, getStatus, type ExportStatus, type NodeStatus } from "../c
 import { HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
-import { Export } from "../server/export.js";
+import { Export } from "../stack/export.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
 import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";

@@ -16,7 +16,7 @@ import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
 import { InflightTracker } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
-import type { Export } from "./export.js";
+import type { Export } from "../stack/export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
 import type { Metrics, MetricOp, OpMetrics } from "../metrics/metrics.js";

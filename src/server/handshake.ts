@@ -14,7 +14,7 @@ import {
   Opt,
   Rep,
 } from "../protocol/constants.js";
-import type { Export } from "./export.js";
+import type { Export } from "../stack/export.js";
 import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
 import { exportOfPeerName } from "../internal-exports.js";
 

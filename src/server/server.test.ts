@@ -7,7 +7,7 @@ import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../proto
 import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { PassthroughLayer, plainIo, type Io, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
-import { Export } from "./export.js";
+import { Export } from "../stack/export.js";
 import type { ConnectionLimits } from "./connection.js";
 import { NbdServer } from "./server.js";
 

@@ -2,7 +2,7 @@ import fs from "node:fs";
 import net from "node:net";
 import type { Logger } from "pino";
 import { Connection, type ConnectionLimits } from "./connection.js";
-import type { Export } from "./export.js";
+import type { Export } from "../stack/export.js";
 import type { ExportDirectory, HandshakeTls } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { exportOfPeerName, isInternalExport } from "../internal-exports.js";

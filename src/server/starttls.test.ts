@@ -7,7 +7,7 @@ import { ClientFlag, NBD_IHAVEOPT, NBD_OPT_REPLY_MAGIC, Opt, Rep } from "../prot
 import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { clientOptions, serverSocketOptions, type TlsConfig } from "../tls/tls-config.js";
-import { Export } from "./export.js";
+import { Export } from "../stack/export.js";
 import { NbdServer } from "./server.js";
 
 const MiB = 1024 * 1024;

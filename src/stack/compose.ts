@@ -2,7 +2,7 @@ import path from "node:path";
 import type { Logger } from "pino";
 import { formatStack } from "../config/stack-spec.js";
 import { ConfigError } from "../config/values.js";
-import { Export } from "../server/export.js";
+import { Export } from "./export.js";
 import { parseSize } from "../util/size.js";
 import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";

@@ -2,7 +2,7 @@ import net from "node:net";
 import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { Export } from "../../src/server/export.js";
+import { Export } from "../../src/stack/export.js";
 import { NbdServer } from "../../src/server/server.js";
 import { DiskLayer } from "../../src/stack/disk/disk-layer.js";
 import { MemoryPort } from "../../src/stack/port/memory-port.js";

@@ -1,5 +1,5 @@
 import { TransmissionFlag as F } from "../protocol/constants.js";
-import { plainIo, type Capabilities, type Layer } from "../stack/layer.js";
+import { plainIo, type Capabilities, type Layer } from "./layer.js";
 
 /** A named export: the top of one stack, shared by every connection to it. */
 export class Export {
