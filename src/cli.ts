@@ -16,18 +16,21 @@ program
   .description("A block-storage node: serves disk images to NBD clients through a layered driver stack.")
   .version("0.1.0");
 
-// A reader that goes away (`nbdstack status URL | head -1`, `nbdstack fault … --list | grep -q rule`)
+// A reader of stdout that goes away (`nbdstack status URL | head -1`, `fault … --list | grep -q rule`)
 // ends the command quietly, as it ends a Unix tool: no stack trace, and the exit status the command
 // has set so far (0 unless it failed). `serve` is the exception: the URIs it prints are a courtesy,
 // its work is the exports, so it stops printing and serves on (and still shuts down cleanly).
+// A closed stderr loses only diagnostics (progress bars, messages): the command goes on with its
+// work — a `migrate --copy` whose progress nobody reads still moves the export, and exits with the
+// move's status.
 let keepRunningOnClosedPipe = false;
 program.hook("preAction", (_program, command) => {
   keepRunningOnClosedPipe = command.name() === "serve";
 });
 for (const stream of [process.stdout, process.stderr]) {
   stream.on("error", (err: NodeJS.ErrnoException) => {
-    if (err.code !== "EPIPE") throw err;
-    if (!keepRunningOnClosedPipe) process.exit();
+    if (err.code !== "EPIPE" && err.code !== "ERR_STREAM_DESTROYED") throw err;
+    if (stream === process.stdout && !keepRunningOnClosedPipe) process.exit();
   });
 }
 

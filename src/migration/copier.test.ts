@@ -3,7 +3,7 @@ import { NbdError } from "../errors.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { seededRandom } from "../stack/fault/rules.js";
-import { DirtyBitmap, type CopyTarget } from "./dirty-bitmap.js";
+import { DirtyBitmap, type CopyTarget } from "../util/dirty-bitmap.js";
 import { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import { RangeLock } from "../util/range-lock.js";
 import { CopyAbortedError, Copier, markInitial } from "./copier.js";

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { State } from "../protocol/constants.js";
 import { plainIo, type Layer } from "../stack/layer.js";
-import { lockChunks, type CopyTarget, type DirtyBitmap } from "./dirty-bitmap.js";
+import { lockChunks, type CopyTarget, type DirtyBitmap } from "../util/dirty-bitmap.js";
 import type { RangeLock } from "../util/range-lock.js";
 
 export interface CopierOptions {

@@ -94,9 +94,15 @@ export class LeaseFile implements Ownership {
 
   /** Takes the image over once its owner's lease expired; null while it is valid, or for a node's own copy. */
   takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord | null {
-    const r = this.read();
-    if (!r || r.private || !this.expired(r)) return null;
-    return this.acquire(me, ttlMs);
+    const breakable = (r: LeaseRecord | null): r is LeaseRecord => !!r && !r.private && this.expired(r);
+    if (!breakable(this.read())) return null; // the common case, without taking the lock
+    let taken = false;
+    const r = this.update((cur) => {
+      if (!breakable(cur)) return null; // renewed or taken meanwhile
+      taken = true;
+      return this.record(me, cur.owner === me.nodeId ? cur.epoch : cur.epoch + 1, ttlMs);
+    });
+    return taken ? r : null;
   }
 
   /** Extends my lease; fails (LeaseError) if the record no longer names me at `epoch`. */

@@ -1,8 +1,8 @@
 import type { Logger } from "pino";
 import type { Layer } from "../stack/layer.js";
 import { Copier, CopyAbortedError, markInitial } from "./copier.js";
-import { DirtyBitmap } from "./dirty-bitmap.js";
-import type { CopyTarget } from "./dirty-bitmap.js";
+import { DirtyBitmap } from "../util/dirty-bitmap.js";
+import type { CopyTarget } from "../util/dirty-bitmap.js";
 import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import { RangeLock } from "../util/range-lock.js";
 

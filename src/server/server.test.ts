@@ -451,4 +451,24 @@ describe("NbdServer against the memory port", () => {
     expect(await write).toBe("ESHUTDOWN"); // the client's side: the connection went away unanswered
     expect(server.connectionCount).toBe(0);
   });
+
+  it("stops after the grace period when the client of a request that never finishes hangs up during the shutdown", async () => {
+    let held = 0;
+    class Stuck extends PassthroughLayer {
+      override pwrite(): Promise<void> {
+        held++;
+        return new Promise<void>(() => undefined);
+      }
+    }
+    const server = new NbdServer({ exports: [new Export("mem", new DiskLayer(new Stuck(new MemoryPort({ size: MiB }))))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+    await server.start();
+    const a = server.addresses()[0] as { host: string; port: number };
+    const c = await NbdClient.connect({ host: a.host, port: a.port }, { exportName: "mem" });
+    void c.pwrite(Buffer.alloc(512), 0).catch(() => undefined);
+    await until(() => held === 1, "the write to get stuck");
+    const closing = server.close(300);
+    c.destroy(); // the client goes during the shutdown; its request is still inside the stack
+    await until(() => server.connectionCount === 0, "the server to see the client go");
+    await within(closing, "server.close() when the client of a stuck request hung up during it");
+  });
 });

@@ -173,7 +173,9 @@ export class NbdServer implements ExportDirectory {
   close(graceMs = 10_000): Promise<void> {
     this.closing ??= (async () => {
       const stopped = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
-      const drained = Promise.all([...this.connections].map((c) => c.shutdown()));
+      // The connections open now: each is drained, or aborted below, even if its client hangs up meanwhile.
+      const draining = [...this.connections];
+      const drained = Promise.all(draining.map((c) => c.shutdown()));
       const late = !(await settlesWithin(drained, graceMs));
       if (late) this.opts.log.warn({ graceMs }, "requests still in flight after the grace period: closing the exports under them");
       // A FLUSH through each whole stack first: layers with a cache of their own (a power-loss
@@ -183,16 +185,15 @@ export class NbdServer implements ExportDirectory {
       const flushes = this.opts.exports.map((e) => e.flush().catch((err) => this.opts.log.error({ err, export: e.name }, "flush at shutdown failed")));
       const flushMs = late ? Math.min(graceMs, 1000) : graceMs;
       if (!(await settlesWithin(Promise.all(flushes), flushMs))) this.opts.log.error({ ms: flushMs }, "flush at shutdown did not finish in time: closing the exports anyway");
-      for (const e of this.opts.exports) {
-        try {
-          await e.close();
-        } catch (err) {
-          this.opts.log.error({ err, export: e.name }, "closing export failed");
-        }
-      }
-      if (late && !(await settlesWithin(drained, Math.min(graceMs, 1000)))) {
-        this.opts.log.warn({ connections: this.connections.size }, "requests never ended: closing their connections unanswered");
-        for (const c of this.connections) c.abort();
+      // One at a time (partition exports share their stack with the whole device's), bounded: a
+      // layer that waits for a flush that cannot finish must not keep the process from stopping.
+      const closed = (async () => {
+        for (const e of this.opts.exports) await e.close().catch((err) => this.opts.log.error({ err, export: e.name }, "closing export failed"));
+      })();
+      if (!(await settlesWithin(closed, graceMs))) this.opts.log.error({ ms: graceMs }, "closing the exports did not finish in time");
+      if (!(await settlesWithin(drained, Math.min(graceMs, 1000)))) {
+        this.opts.log.warn({ connections: draining.length }, "requests never ended: closing their connections unanswered");
+        for (const c of draining) c.abort();
       }
       await drained;
       await Promise.all(stopped);

@@ -16,7 +16,8 @@ interface Entry {
  * - First come, first served among overlapping requests: a request waits for every earlier one it
  *   conflicts with, granted or waiting (a stream of readers cannot starve a writer).
  * - An uncontended range is granted at once (the returned promise is already resolved).
- * Cost: linear in the requests held or waiting (at most the requests in flight).
+ * Cost: taking a range is linear in the ranges held or waiting (at most the requests in flight);
+ * a release re-checks the waiting ones.
  */
 export class RangeLock {
   private entries: Entry[] = [];

@@ -1,3 +1,4 @@
+import crypto from "node:crypto";
 import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
@@ -102,6 +103,27 @@ describe("a closed pipe ends a command quietly", () => {
       expect((await getStatus(ctlB)).exports.find((e) => e.name === "disk")).toMatchObject({ owner: "b", epoch: 2 });
       expectQuiet(await withClosedPipe(["migrate", "disk", "--from", ctlB, "--to", ctlA, "--token-file", tokenFile, "--json"]));
       expect((await getStatus(ctlA)).exports.find((e) => e.name === "disk")).toMatchObject({ owner: "a", epoch: 3 });
+    } finally {
+      await b.stop();
+    }
+  });
+
+  it("migrate --copy whose progress nobody reads (stderr closed) still completes the move before it exits 0", async () => {
+    const dataDir = path.join(dir, "b-data");
+    const b = await serve(["--data-dir", dataDir, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--token-file", tokenFile], 1);
+    try {
+      const ctlB = controlUrl(b);
+      // 4 MiB of data (zero runs would not travel) at 1 MiB/s: the progress bar (every 2 s when
+      // stderr is not a terminal) writes to the closed stderr before the copy ends.
+      fs.writeFileSync(img, crypto.randomBytes(4 * 1024 * 1024));
+      const r = await withClosedPipe(["migrate", "disk", "--from", ctlA, "--to", ctlB, "--copy", "--max-rate", "1M", "--token-file", tokenFile], "stderr");
+      expect(r).toMatchObject({ status: 0, signal: null });
+      expect((await getStatus(ctlA)).exports.find((e) => e.name === "disk")).toMatchObject({ owner: "b", state: "REMOTE" });
+      expect(fs.existsSync(path.join(dataDir, "disk.img.incomplete"))).toBe(false);
+      // And back, so the tests after this one find a as the owner.
+      const back = await withClosedPipe(["migrate", "disk", "--from", ctlB, "--to", ctlA, "--copy", "--token-file", tokenFile], "stderr");
+      expect(back).toMatchObject({ status: 0, signal: null });
+      expect((await getStatus(ctlA)).exports.find((e) => e.name === "disk")).toMatchObject({ owner: "a", state: "LOCAL" });
     } finally {
       await b.stop();
     }

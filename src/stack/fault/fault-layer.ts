@@ -117,7 +117,7 @@ export class FaultLayer extends PassthroughLayer {
 
   /** Applies the rules to one request; resolves when it may go on, throws the injected error. */
   private async inject(op: FaultOp, offset: number, length: number): Promise<FaultRule | null> {
-    if (!this.powered) throw new NbdError("ESHUTDOWN", "the disk has no power (powercut)");
+    if (!this.powered && op !== "open") throw new NbdError("ESHUTDOWN", "the disk has no power (powercut)");
     let corruptBy: FaultRule | null = null;
     for (const r of this.rules) {
       if (r.op === "any" ? op === "open" : r.op !== op) continue;

@@ -1,4 +1,4 @@
-import { lockChunks, type CopyTarget, type DirtyBitmap } from "../../migration/dirty-bitmap.js";
+import { lockChunks, type CopyTarget, type DirtyBitmap } from "../../util/dirty-bitmap.js";
 import type { RangeLock } from "../../util/range-lock.js";
 import { PassthroughLayer, type Io, type Layer } from "../layer.js";
 

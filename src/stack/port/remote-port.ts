@@ -5,8 +5,6 @@ import { peerExportName } from "../../internal-exports.js";
 import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
 import type { Capabilities, Extent, Io, Layer } from "../layer.js";
 
-/** Export-name prefix of port-B connections: their requests are marked `peer` on the owner. */
-
 export interface RemotePortOptions {
   /** The export's name on the owner node. */
   exportName: string;

@@ -1,4 +1,4 @@
-import type { RangeLock } from "../util/range-lock.js";
+import type { RangeLock } from "./range-lock.js";
 
 /**
  * Which parts of a device differ from its copy, at a fixed granularity (64 KiB by default):
