@@ -125,7 +125,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const common = { readOnly: opts.readOnly, io: opts.io, fault };
   const specs: Array<ExportSpec & { name: string; partitions?: boolean }> = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), overlay: opts.overlay[i], ...common }));
   for (const e of config?.exports ?? []) {
-    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => kindOf(l).selectsPart), readOnly: opts.readOnly || !!e.readOnly, io: opts.io });
+    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => kindOf(l).selectsPart), readOnly: opts.readOnly || !!e.readOnly, io: opts.io, fault });
   }
   if (opts.dataDir) {
     // Images received by live copy earlier: served again, unless a copy into them never finished.

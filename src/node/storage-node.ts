@@ -6,7 +6,7 @@ import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../mig
 import type { Ownership } from "../migration/ownership.js";
 import { Export } from "../stack/export.js";
 import { createDiskLayer } from "../stack/disk/disk-layer.js";
-import { buildLayer, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
+import { buildLayer, faultAbovePort, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { createFilePort } from "../stack/port/file-port.js";
 import { PortRedirector } from "../stack/port/redirector.js";
 import { FenceLayer } from "../stack/port/fence-layer.js";
@@ -62,7 +62,7 @@ export class StorageNode {
     let below: Layer = slot;
     let rest = stack.slice(1);
     const ctx = { exportName: spec.name, readOnly: !!spec.readOnly, io: spec.io, log: this.opts.log, handles };
-    if (!spec.stack && spec.fault) {
+    if (faultAbovePort(spec)) {
       // The --fault shorthand: directly above the image, below the redirector.
       below = buildLayer(rest[0]!, slot, ctx);
       rest = rest.slice(1);

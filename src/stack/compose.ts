@@ -2,6 +2,7 @@ import path from "node:path";
 import type { Logger } from "pino";
 import { formatStack } from "../config/stack-spec.js";
 import { ConfigError } from "../config/values.js";
+import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
 import { parseSize } from "../util/size.js";
 import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
@@ -56,11 +57,21 @@ export function defaultExportName(source: string): string {
   return dot > 0 ? base.slice(0, dot) : base;
 }
 
+/**
+ * Whether the `--fault` shorthand adds a fault layer directly above the port of `spec`'s stack:
+ * yes when asked for, unless a declared stack has a fault layer answering to the export's name.
+ */
+export function faultAbovePort(spec: ExportSpec): boolean {
+  if (!spec.fault) return false;
+  const name = spec.name ?? defaultExportName(spec.source);
+  return !spec.stack?.some((l) => l.kind === "fault" && (l.id ?? name) === name);
+}
+
 /** The stack an ExportSpec declares, shorthands expanded. */
 export function stackOf(spec: ExportSpec): StackSpec {
-  if (spec.stack) return spec.stack;
-  const stack: StackSpec = [spec.source.startsWith("memory:") ? { kind: "memory", size: parseSize(spec.source.slice(7)) } : { kind: "file", path: spec.source }];
-  if (spec.fault) stack.push({ kind: "fault", rules: [], seed: spec.fault.seed, powerloss: spec.fault.powerloss });
+  const fault: StackSpec = faultAbovePort(spec) ? [{ kind: "fault", rules: [], seed: spec.fault!.seed, powerloss: spec.fault!.powerloss }] : [];
+  if (spec.stack) return [spec.stack[0]!, ...fault, ...spec.stack.slice(1)];
+  const stack: StackSpec = [spec.source.startsWith("memory:") ? { kind: "memory", size: parseSize(spec.source.slice(7)) } : { kind: "file", path: spec.source }, ...fault];
   if (spec.overlay) {
     // The image under an overlay is only ever read.
     if (stack[0]!.kind === "file") stack[0] = { ...stack[0]!, readOnly: true };
@@ -126,7 +137,9 @@ export async function partitionExports(whole: Export, disk?: DiskLayerOptions): 
     const exports = table.partitions.map((p) => new Export(`${whole.name}/p${p.index}`, createDiskLayer(new PartitionLayer(below, p, table.scheme), opts)));
     return { exports, table };
   } catch (err) {
+    // A table that cannot be read (an I/O error, a fault rule) is no reason to stop serving the whole device either.
     if (err instanceof PartitionTableError) return { exports: [], table: null, reason: err.message };
+    if (err instanceof NbdError) return { exports: [], table: null, reason: `partition table unreadable: ${err.message}` };
     throw err;
   }
 }
