@@ -1,38 +1,18 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import net from "node:net";
 import { CLI } from "./serve.js";
+import { logLines, pollUntil, type LogLine } from "./wait.js";
 
-/** Resolves once `cond()` holds; polls every 5 ms and fails naming `what` after a generous deadline. */
-export async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
+/** Resolves once `cond()` holds (polled every 5 ms); fails naming `what` after a generous deadline. */
+export function until(cond: () => boolean | Promise<boolean>, what: string, ms = 20_000): Promise<true> {
+  return pollUntil(what, cond, ms, 5) as Promise<true>;
 }
 
-/** One JSON log line of the server. */
-export type LogLine = Record<string, any> & { msg: string; time: number; level: number };
-
-/** The JSON lines of a server's stderr (lines that are not JSON are skipped). */
-export function logLines(stderr: string): LogLine[] {
-  const out: LogLine[] = [];
-  for (const l of stderr.split("\n")) {
-    if (!l.startsWith("{")) continue;
-    try {
-      out.push(JSON.parse(l));
-    } catch {
-      // a line cut short at the end of the output
-    }
-  }
-  return out;
-}
+export { logLines, type LogLine };
 
 /** Waits until the server logged a line that matches; returns it. */
 export async function waitForLog(stderr: () => string, match: (l: LogLine) => boolean, what: string): Promise<LogLine> {
-  let found: LogLine | undefined;
-  await until(() => (found = logLines(stderr()).find(match)) !== undefined, `the log line: ${what}`);
-  return found!;
+  return pollUntil(`the log line: ${what}`, () => logLines(stderr()).find(match), 20_000, 5);
 }
 
 /** A plain TCP client that keeps every byte the server sends, and knows when the server closed. */

@@ -3,6 +3,7 @@ import { promisify } from "node:util";
 import { getStatus } from "../../src/control/control-client.js";
 import { CLI } from "./serve.js";
 import { debianEnv } from "./tools.js";
+import { logLines as allLogLines, pollUntil, type LogLine } from "./wait.js";
 
 const execFileP = promisify(execFile);
 
@@ -49,24 +50,7 @@ export function cli(args: string[]) {
   return startCli(args).done;
 }
 
-/**
- * Polls `probe` until it returns a value other than undefined/false, and returns that. A generous
- * deadline only turns a hang into a failure with a message; it is not what the test measures.
- */
-export async function pollUntil<T>(what: string, probe: () => Promise<T | undefined | false> | T | undefined | false, deadlineMs = 30_000, everyMs = 50): Promise<T> {
-  const end = performance.now() + deadlineMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await probe();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    if (performance.now() > end) throw new Error(`timed out waiting for ${what}${last ? ` (last error: ${(last as Error).message})` : ""}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-}
+export { pollUntil };
 
 /** Waits for a CLI run to end, failing the test (instead of hanging it) past a generous deadline. */
 export async function finished(run: CliRun, what: string, deadlineMs = 30_000) {
@@ -140,12 +124,8 @@ export async function scrape(control: string): Promise<Map<string, number>> {
 }
 
 /** Lines of a pino JSON log (a server's stderr) with message `msg`. */
-export function logLines(stderr: string, msg: string): Array<Record<string, unknown> & { time: number }> {
-  return stderr
-    .split("\n")
-    .filter((l) => l.startsWith("{") && l.includes(msg))
-    .map((l) => JSON.parse(l) as Record<string, unknown> & { time: number })
-    .filter((l) => l.msg === msg);
+export function logLines(stderr: string, msg: string): LogLine[] {
+  return allLogLines(stderr).filter((l) => l.msg === msg);
 }
 
 export interface FioJob {

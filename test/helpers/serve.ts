@@ -90,6 +90,19 @@ export function tempDir(prefix = "nbdstack-test-"): string {
   return dir;
 }
 
+/** An empty (sparse) image file of `size` bytes; returns its path. */
+export function blankImage(file: string, size: number): string {
+  fs.writeFileSync(file, "");
+  fs.truncateSync(file, size);
+  return file;
+}
+
+/** The TCP address of an `nbd://HOST:PORT/…` URI, for the project's own NBD client. */
+export function nbdAddress(uri: string): { host: string; port: number } {
+  const u = new URL(uri);
+  return { host: u.hostname, port: Number(u.port) };
+}
+
 /** A file of `size` bytes of deterministic pseudo-random data (xorshift), for checksums. */
 export function randomImage(file: string, size: number, seed = 1): void {
   const buf = Buffer.allocUnsafe(size);

@@ -3,6 +3,7 @@ import fs from "node:fs";
 import type { ReadAt } from "../../src/fs/probe.js";
 import { CLI, type Served } from "./serve.js";
 import { debianEnv } from "./tools.js";
+import { logLines, pollUntil, type LogLine } from "./wait.js";
 
 /** Work done through a reader: calls made and bytes returned. */
 export interface ReadCount {
@@ -91,27 +92,12 @@ export function uriOf(s: Served, name: string): string {
   return u;
 }
 
-/** The server's JSON log lines (stderr), parsed; lines that are not JSON are left out. */
-export function logLines(s: Served): Array<Record<string, unknown>> {
-  const out: Array<Record<string, unknown>> = [];
-  for (const line of s.stderr().split("\n")) {
-    if (!line.startsWith("{")) continue;
-    try {
-      out.push(JSON.parse(line) as Record<string, unknown>);
-    } catch {
-      /* a line still being written */
-    }
-  }
-  return out;
+/** The JSON log lines of a server. */
+export function serverLogLines(s: Served): LogLine[] {
+  return logLines(s.stderr());
 }
 
-/** Polls `check` until it returns a value (not undefined), or fails after `ms` with `what`. */
-export async function until<T>(what: string, check: () => T | undefined, ms = 20_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = check();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
+/** Polls `check` until it returns a value (not undefined), or fails after `ms` naming `what`. */
+export function until<T>(what: string, check: () => T | undefined, ms = 20_000): Promise<T> {
+  return pollUntil(what, check, ms);
 }

@@ -4,16 +4,11 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { CLI, controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
+import { CLI, controlUrl, serve, tempDir, type Served, nbdAddress as addrOf } from "../helpers/serve.js";
 import { logLines, optionFrame, rawConnect, until, waitForLog, within, type LogLine } from "../helpers/limits.js";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
-
-const addrOf = (uri: string) => {
-  const u = new URL(uri);
-  return { host: u.hostname, port: Number(u.port) };
-};
 
 /** `nbdstack fault NAME --control URL ARGS…`; resolves with its stdout. */
 async function fault(srv: Served, tokenFile: string, ...args: string[]): Promise<string> {

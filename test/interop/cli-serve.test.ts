@@ -4,7 +4,7 @@ import net from "node:net";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { CLI, ROOT, serve, tempDir } from "../helpers/serve.js";
+import { blankImage, CLI, nbdAddress, ROOT, serve, tempDir } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
 import { within } from "../helpers/limits.js";
 
@@ -63,16 +63,20 @@ describe("nbdstack CLI", () => {
     }
   });
 
-  it("finishes and flushes writes in flight on SIGTERM, then exits 0", async () => {
-    const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 16 * MiB);
-    // --fault-powerloss keeps unflushed writes in the server's memory (the page cache would survive
-    // the process and hide a missing flush): only the flush at shutdown puts them in the file.
+  /**
+   * A 16 MiB image served with --fault-powerloss, which keeps unflushed writes in the server's
+   * memory (the page cache would survive the process and hide a missing flush), and a client.
+   */
+  async function powerLossServer() {
+    const img = blankImage(path.join(tempDir(), "disk.img"), 16 * MiB);
     const srv = await serve([img, "--fault-powerloss"], 2);
-    const u = new URL(srv.uri);
-    const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
+    const c = await NbdClient.connect(nbdAddress(srv.uri), { exportName: "disk" });
+    return { img, srv, c };
+  }
+
+  it("finishes and flushes writes in flight on SIGTERM, then exits 0", async () => {
+    // Only the flush at shutdown puts the writes in the file.
+    const { img, srv, c } = await powerLossServer();
     const writes = Array.from({ length: 64 }, (_, i) => c.pwrite(Buffer.alloc(128 * 1024, i + 1), i * 128 * 1024));
     await Promise.race(writes); // the server is busy with them
     const stopped = srv.stop("SIGTERM");
@@ -90,13 +94,7 @@ describe("nbdstack CLI", () => {
   });
 
   it("loses unflushed writes on SIGKILL under --fault-powerloss (the control for the test above)", async () => {
-    const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 16 * MiB);
-    const srv = await serve([img, "--fault-powerloss"], 2);
-    const u = new URL(srv.uri);
-    const c = await NbdClient.connect({ host: u.hostname, port: Number(u.port) }, { exportName: "disk" });
+    const { img, srv, c } = await powerLossServer();
     await c.pwrite(Buffer.alloc(128 * 1024, 0x77), 0);
     await srv.stop("SIGKILL");
     c.destroy();

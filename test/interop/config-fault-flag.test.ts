@@ -3,14 +3,9 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall } from "../../src/control/control-client.js";
-import { controlUrl, serve, tempDir } from "../helpers/serve.js";
+import { blankImage, controlUrl, nbdAddress as addr, serve, tempDir } from "../helpers/serve.js";
 
 const MiB = 1024 * 1024;
-const addr = (uri: string) => {
-  const u = new URL(uri);
-  return { host: u.hostname, port: Number(u.port) };
-};
-
 /**
  * `--fault` and `--fault-powerloss` put a fault layer directly above each export's port — exports
  * declared in a config file included (they were once silently left without one). A stack that
@@ -21,10 +16,7 @@ const addr = (uri: string) => {
 describe("--fault with exports from a config file", () => {
   it("gives a declared stack a fault layer above its port, steerable by the export's name, with the power-loss cache", async () => {
     const dir = tempDir();
-    for (const f of ["a.img", "b.img"]) {
-      fs.writeFileSync(path.join(dir, f), "");
-      fs.truncateSync(path.join(dir, f), 4 * MiB);
-    }
+    for (const f of ["a.img", "b.img"]) blankImage(path.join(dir, f), 4 * MiB);
     fs.writeFileSync(
       path.join(dir, "c.yaml"),
       "exports:\n  - name: plain\n    stack: file:a.img\n  - name: own\n    stack: file:b.img → fault:op=pread,errno=EIO,range=0-512\n",

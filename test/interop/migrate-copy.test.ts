@@ -6,18 +6,13 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall } from "../../src/control/control-client.js";
 import { cli, exportStatus, finished, fioLoad, fioOutcome, killLeftovers, listedExports, logLines, nbdBase, pollUntil, scrape, startCli, type CopyProgress } from "../helpers/migration.js";
-import { controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
+import { controlUrl, serve, tempDir, type Served, nbdAddress as addrOf } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
 
 /** The copy of `name` a node reports, once it is in the phase `phase` and has sent at least `copied` bytes. */
-const addrOf = (uri: string) => {
-  const u = new URL(uri);
-  return { host: u.hostname, port: Number(u.port) };
-};
-
 async function copyAt(control: string, phase: string, copied = 0): Promise<CopyProgress> {
   return pollUntil(`a copy of disk in phase ${phase} with ${copied} bytes sent`, async () => {
     const c = (await exportStatus(control, "disk"))?.copy;

@@ -5,7 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { randomImage, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
-import { logLines, until } from "../helpers/volumes.js";
+import { serverLogLines, until } from "../helpers/volumes.js";
 
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
@@ -19,12 +19,12 @@ const run = promisify(execFile);
  */
 async function copyCountingConnections(srv: Served, args: string[]): Promise<Record<string, number>> {
   const conn = (l: Record<string, unknown>) => (typeof l.conn === "number" ? l.conn : 0);
-  const before = Math.max(0, ...logLines(srv).map(conn));
+  const before = Math.max(0, ...serverLogLines(srv).map(conn));
   await run("nbdcopy", args, { env: debianEnv });
   // Every connection of the copy has been accepted (and has started transmission) before
   // nbdcopy could use it; wait until the server has logged the end of each of them too.
   const started = await until("the server to log the close of every connection of the copy", () => {
-    const mine = logLines(srv).filter((l) => conn(l) > before);
+    const mine = serverLogLines(srv).filter((l) => conn(l) > before);
     const accepted = mine.filter((l) => l.msg === "connection accepted").map(conn);
     const closed = new Set(mine.filter((l) => l.msg === "connection closed").map(conn));
     if (accepted.length === 0 || accepted.some((c) => !closed.has(c))) return undefined;

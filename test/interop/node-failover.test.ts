@@ -4,14 +4,9 @@ import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { CmdFlag } from "../../src/protocol/constants.js";
 import { getStatus } from "../../src/control/control-client.js";
-import { serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
+import { blankImage, controlUrl, nbdAddress as addr, serve, tempDir, type Served } from "../helpers/serve.js";
 
 const MiB = 1024 * 1024;
-const addr = (uri: string) => {
-  const u = new URL(uri);
-  return { host: u.hostname, port: Number(u.port) };
-};
-
 let nodes: Served[] = [];
 afterEach(async () => {
   await Promise.all(nodes.map((n) => n.stop("SIGKILL")));
@@ -20,9 +15,7 @@ afterEach(async () => {
 
 async function twoNodes(ttl = "1s", envB: NodeJS.ProcessEnv = {}, extra: string[] = []) {
   const dir = tempDir();
-  const img = path.join(dir, "disk.img");
-  fs.writeFileSync(img, "");
-  fs.truncateSync(img, 16 * MiB);
+  const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
   const a = await serve([img, "--name", "disk", "--node-id", "a", "--lease-ttl", ttl, ...extra], 2);
   const b = await serve([img, "--name", "disk", "--node-id", "b", "--lease-ttl", ttl, ...extra], 2, envB);
   nodes.push(a, b);

@@ -3,30 +3,16 @@ import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { getStatus } from "../../src/control/control-client.js";
-import { controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
+import { blankImage, controlUrl, nbdAddress as addr, serve, tempDir, type Served } from "../helpers/serve.js";
+import { pollUntil } from "../helpers/wait.js";
 
 const MiB = 1024 * 1024;
-const addr = (uri: string) => {
-  const u = new URL(uri);
-  return { host: u.hostname, port: Number(u.port) };
-};
-
 let nodes: Served[] = [];
 afterEach(async () => {
   for (const n of nodes) if (n.proc.exitCode === null) n.proc.kill("SIGCONT");
   await Promise.all(nodes.map((n) => n.stop("SIGKILL")));
   nodes = [];
 });
-
-async function until<T>(what: string, probe: () => Promise<T>, ok: (v: T) => boolean): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (ok(v)) return v;
-    if (Date.now() - t0 > 15_000) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(v)}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 /**
  * `--lease-ttl`'s promise with real processes and a real lease record: an owner that is paused
@@ -41,9 +27,7 @@ async function until<T>(what: string, probe: () => Promise<T>, ok: (v: T) => boo
 describe("fencing a paused owner with a real lease", () => {
   it("an owner paused past its lease is replaced, and its late writes go to the new owner, never into the image", async () => {
     const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 16 * MiB);
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
     const args = (id: string) => [img, "--name", "disk", "--node-id", id, "--lease-ttl", "1s", "--fault-powerloss"];
     const a = await serve(args("a"), 2);
     nodes.push(a);
@@ -58,7 +42,10 @@ describe("fencing a paused owner with a real lease", () => {
 
     a.proc.kill("SIGSTOP");
     // b sees a's lease expire and takes the image over (epoch 2).
-    await until("b to take over", async () => (await getStatus(controlUrl(b))).exports[0]!, (e) => e.state === "LOCAL" && e.owner === "b" && e.epoch === 2);
+    await pollUntil("b to take over", async () => {
+      const e = (await getStatus(controlUrl(b))).exports[0]!;
+      return e.state === "LOCAL" && e.owner === "b" && e.epoch === 2;
+    });
     await cb.pwrite(block(0x20), MiB); // acknowledged by b, held in b's cache (not flushed)
     // A write sent to the paused a: it waits in a's socket until a runs again.
     const late = ca.pwrite(block(0x30), MiB);
@@ -74,7 +61,7 @@ describe("fencing a paused owner with a real lease", () => {
     expect((await ca.pread(64 * 1024, MiB)).equals(block(0x30))).toBe(true);
     const st = (await getStatus(controlUrl(a))).exports[0]!;
     expect(st).toMatchObject({ owner: "b", epoch: 2, state: "REMOTE" });
-    await until("a's log line", async () => a.stderr(), (s) => /lease lost/.test(s));
+    await pollUntil("a's log line", () => /lease lost/.test(a.stderr()));
     await cb.flush();
     fs.readSync(fd, onDisk, 0, onDisk.length, MiB);
     fs.closeSync(fd);

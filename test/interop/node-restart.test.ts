@@ -2,7 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { getStatus } from "../../src/control/control-client.js";
-import { controlUrl, serve, tempDir } from "../helpers/serve.js";
+import { blankImage, controlUrl, serve, tempDir } from "../helpers/serve.js";
 import { nbdsh, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -16,9 +16,7 @@ describe.skipIf(!needTools("nbdsh"))("restarting a node with the same configurat
   // kernel's page cache outlived the process cannot happen. nbdsh does not flush on disconnect.
   it("reopens its exports and its lease, after SIGTERM (which flushes) and after SIGKILL (which keeps only flushed and FUA writes)", async () => {
     const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 16 * MiB);
+    blankImage(path.join(dir, "disk.img"), 16 * MiB);
     fs.writeFileSync(
       path.join(dir, "node.yaml"),
       "node-id: a\ncontrol: 127.0.0.1:0\nexports:\n  - name: disk\n    stack:\n      - file: disk.img\n      - fault: null\n        powerloss: true\n",

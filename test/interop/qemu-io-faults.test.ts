@@ -2,8 +2,9 @@ import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
+import { blankImage, CLI, controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
 import { nbdsh, needTools } from "../helpers/tools.js";
+import { pollUntil } from "../helpers/wait.js";
 
 const MiB = 1024 * 1024;
 const qemuIo = (uri: string, ...cmds: string[]) => spawnSync("qemu-io", ["-f", "raw", ...cmds.flatMap((c) => ["-c", c]), uri], { encoding: "utf8" });
@@ -13,13 +14,6 @@ const ok = (r: ReturnType<typeof qemuIo>) => {
   expect(r.status).toBe(0);
 };
 const fault = (ctl: string, ...args: string[]) => execFileSync(process.execPath, [CLI, "fault", "disk", "--control", ctl, ...args], { encoding: "utf8" });
-const until = async (what: string, cond: () => boolean) => {
-  const t0 = Date.now();
-  while (!cond()) {
-    if (Date.now() - t0 > 10_000) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-};
 
 describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and the fault CLI", () => {
   let srv: Served;
@@ -27,9 +21,7 @@ describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and
   let img: string;
   beforeAll(async () => {
     const dir = tempDir();
-    img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 8 * MiB);
+    img = blankImage(path.join(dir, "disk.img"), 8 * MiB);
     srv = await serve([img, "--fault-powerloss", "--fault-seed", "7"], 2);
     ctl = controlUrl(srv);
   });
@@ -43,7 +35,7 @@ describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and
     expect(bad.status).toBe(1);
     ok(qemuIo(srv.uri, "read 0 4k", "read 2M 4k", "write -P 0x11 1M 4k", "flush"));
     expect(fault(ctl, "--list")).toMatch(/fired 1\)[\s\S]*injected 1/);
-    await until("the log line", () => /injecting EIO/.test(srv.stderr())); // the log pipe is async
+    await pollUntil("the log line", () => /injecting EIO/.test(srv.stderr())); // the log pipe is async
     expect(srv.stderr()).toMatch(/injecting EIO into pread at 0x100000/);
     fault(ctl, "--clear");
     ok(qemuIo(srv.uri, "read -P 0x11 1M 4k"));
@@ -64,7 +56,7 @@ describe.skipIf(!needTools("qemu-io", "nbdsh"))("fault layer through qemu-io and
     const exited = new Promise<number | null>((r) => writer.once("exit", (code) => r(code)));
     let done = false;
     void exited.then(() => (done = true));
-    await until("the write to stall", () => /stalled 1/.test(fault(ctl, "--list")));
+    await pollUntil("the write to stall", () => /stalled 1/.test(fault(ctl, "--list")));
     ok(qemuIo(srv.uri, "read 0 4k", "write -P 0x3d 4M 4k")); // everything else is served meanwhile
     expect(done).toBe(false); // still held: qemu-io has no per-request timeout
     expect(fault(ctl, "--release")).toMatch(/released 1 stalled requests/);
@@ -130,9 +122,7 @@ describe("fault layer on cluster nodes", () => {
     const { NbdClient } = await import("../../src/client/nbd-client.js");
     const { controlCall } = await import("../../src/control/control-client.js");
     const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 8 * MiB);
+    const img = blankImage(path.join(dir, "disk.img"), 8 * MiB);
     const a = await serve([img, "--name", "disk", "--node-id", "a", "--fault"], 2);
     const b = await serve([img, "--name", "disk", "--node-id", "b", "--fault"], 2);
     try {

@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { serve, tempDir } from "../helpers/serve.js";
+import { blankImage, serve, tempDir } from "../helpers/serve.js";
 import { debianEnv, nbdsh, needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
@@ -11,9 +11,7 @@ const MiB = 1024 * 1024;
 describe.skipIf(!needTools("nbdsh", "qemu-io", "sgdisk"))("read-only exports", () => {
   it("--read-only over an --overlay, and read-only: true over a cow layer, advertise and enforce read-only; so do their partitions", async () => {
     const dir = tempDir();
-    const base = path.join(dir, "base.img");
-    fs.writeFileSync(base, "");
-    fs.truncateSync(base, 8 * MiB);
+    const base = blankImage(path.join(dir, "base.img"), 8 * MiB);
     execFileSync("sgdisk", ["-n", "1:2048:+2M", base], { stdio: "ignore" });
     fs.writeFileSync(path.join(dir, "c.yaml"), "exports:\n  - name: cfg\n    read-only: true\n    stack: file:base.img → cow:c.cow\n");
     const srv = await serve([base, "--overlay", path.join(dir, "v.cow"), "--name", "v", "--read-only", "--config", path.join(dir, "c.yaml")], 4);

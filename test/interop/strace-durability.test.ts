@@ -2,8 +2,9 @@ import { spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { serve, tempDir } from "../helpers/serve.js";
+import { blankImage, serve, tempDir } from "../helpers/serve.js";
 import { nbdsh, needTools } from "../helpers/tools.js";
+import { pollUntil } from "../helpers/wait.js";
 
 const MiB = 1024 * 1024;
 
@@ -15,9 +16,7 @@ const MiB = 1024 * 1024;
 describe.skipIf(!needTools("strace", "nbdsh"))("FLUSH and FUA at the system-call level", () => {
   it("calls fdatasync on the image for FLUSH, for a FUA write and at shutdown, and not for a plain write", async () => {
     const dir = tempDir();
-    const img = path.join(dir, "disk.img");
-    fs.writeFileSync(img, "");
-    fs.truncateSync(img, 4 * MiB);
+    const img = blankImage(path.join(dir, "disk.img"), 4 * MiB);
     const srv = await serve([img, "--name", "disk"]);
     const log = path.join(dir, "strace.log");
     const tracer = spawn("strace", ["-f", "-e", "trace=fdatasync,fsync,sync_file_range", "-o", log, "-p", String(srv.proc.pid)], { stdio: ["ignore", "ignore", "pipe"] });
@@ -26,13 +25,10 @@ describe.skipIf(!needTools("strace", "nbdsh"))("FLUSH and FUA at the system-call
     const tracerExit = new Promise<number | null>((r) => tracer.once("exit", (c) => r(c)));
     try {
       const syncs = () => (fs.existsSync(log) ? fs.readFileSync(log, "utf8").split("\n").filter((l) => /\b(fdatasync|fsync)\(\d+/.test(l) && !/resumed/.test(l)).length : 0);
-      const until = async (what: string, done: () => boolean) => {
-        const t0 = Date.now();
-        while (!done()) {
-          if (Date.now() - t0 > 10_000) throw new Error(`waited for ${what}: strace saw ${syncs()} syncs; strace: ${tracerErr}`);
-          await new Promise((r) => setTimeout(r, 50));
-        }
-      };
+      const until = (what: string, done: () => boolean) =>
+        pollUntil(what, done, 10_000).catch((err: Error) => {
+          throw new Error(`${err.message}: strace saw ${syncs()} syncs; strace: ${tracerErr}`);
+        });
       // strace says "Process N attached with T threads" once it traces every thread of the server.
       await until("strace to attach", () => /attached/.test(tracerErr));
       const base = syncs();
