@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { newCopyTargetName } from "../internal-exports.js";
-import { Metrics, exportLabel } from "./metrics.js";
+import { newCopyTargetName, publicExportLabel as exportLabel } from "../internal-exports.js";
+import { Metrics } from "./metrics.js";
 
 describe("Metrics", () => {
   it("turns the data path's plain counts into Prometheus series when scraped", async () => {

@@ -32,8 +32,6 @@ export class OpMetrics {
   }
 }
 
-/** The export label of a name in the metrics: GET /metrics needs no token, so no secret name may show (see internal-exports). */
-export const exportLabel = publicExportLabel;
 
 /**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
@@ -95,9 +93,9 @@ export class Metrics {
     this.registry.registerMetric(latency as unknown as Parameters<Registry["registerMetric"]>[0]);
   }
 
-  /** The counts of export `name`, created on first use; hidden exports are counted under their public label (exportLabel). */
+  /** The counts of export `name`, created on first use; internal exports are counted under their public label: GET /metrics needs no token, so no secret name may show. */
   forExport(name: string): Record<MetricOp, OpMetrics> {
-    const label = exportLabel(name);
+    const label = publicExportLabel(name);
     let m = this.cache.get(label);
     if (!m) {
       m = Object.fromEntries(OPS.map((op) => [op, new OpMetrics()])) as Record<MetricOp, OpMetrics>;

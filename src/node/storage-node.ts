@@ -313,6 +313,7 @@ export class StorageNode {
   }
 
   /** What the live-copy roles see of this node. */
+  // Getters: this initialiser runs before the constructor sets the node's fields.
   private readonly context: NodeContext = (() => {
     const node = this;
     return {

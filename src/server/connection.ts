@@ -78,6 +78,9 @@ export class Connection {
   /** The client's end arrived while `backlog` was waiting: acted on once the backlog is parsed. */
   private eof = false;
   private writeBlocked = false;
+  /** Resolved by abort(): a shutdown stops waiting for requests that will never end. */
+  private resolveAborted!: () => void;
+  private readonly aborted = new Promise<void>((r) => (this.resolveAborted = r));
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
@@ -200,8 +203,6 @@ export class Connection {
     this.finish();
     this.resolveAborted();
   }
-  private resolveAborted!: () => void;
-  private readonly aborted = new Promise<void>((r) => (this.resolveAborted = r));
 
   private idle(): Promise<void> {
     return this.requests.idle();
