@@ -14,8 +14,7 @@ import { LazyLayer } from "./lazy-layer.js";
 import { readerOf } from "./partition/partition-kind.js";
 import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
-import { createFilePort, type IoMode } from "./port/file-port.js";
-import { createMemoryPort } from "./port/memory-port.js";
+import type { IoMode } from "./port/file-port.js";
 import { StackHandles } from "./stack-handles.js";
 
 export type { BuildContext } from "./layer-kind.js";
@@ -41,12 +40,6 @@ export interface ExportSpec {
   overlay?: string;
   /** The whole stack, bottom-up (from a config file). */
   stack?: StackSpec;
-}
-
-/** The port at the bottom of a stack for `source`. */
-export function createPort(source: string, readOnly: boolean, io?: IoMode): Layer {
-  if (source.startsWith("memory:")) return createMemoryPort({ size: parseSize(source.slice(7)), readOnly });
-  return createFilePort({ path: source, readOnly, io });
 }
 
 /** Default export name: the image's base name without extension; "memory" for memory devices. */
