@@ -38,27 +38,33 @@ function lineItem(item: string, position: number, where: string, ctx: SpecContex
 export function parseStack(v: unknown, where: string, ctx: SpecContext): StackSpec {
   if (typeof v === "string") return parseStackLine(v, where, ctx);
   if (!Array.isArray(v) || v.length === 0) throw new ConfigError(where, `expected a non-empty list of layers (bottom first) or a line like "file:disk.img → partition:1", got ${typeName(v)}`);
-  return v.map((item: unknown, i) => {
-    const w = `${where}[${i}]`;
-    if (typeof item === "string") return lineItem(item, i, w, ctx);
-    if (item === null || typeof item !== "object" || Array.isArray(item)) throw new ConfigError(w, `expected a layer such as {partition: 1}, got ${typeName(item)}`);
-    const opts = item as Record<string, unknown>;
-    const keys = Object.keys(opts);
-    const kinds = keys.filter((k) => kindNamed(k));
-    if (kinds.length !== 1) {
-      const unknown = keys.filter((k) => !kindNamed(k));
-      throw new ConfigError(
-        w,
-        kinds.length === 0
-          ? `no layer kind in {${keys.join(", ")}}; expected one of ${names()}${unknown.length ? ` (unknown key "${unknown[0]}")` : ""}`
-          : `one layer per list item, found ${kinds.join(" and ")}`,
-      );
-    }
-    const kind = kinds[0]!;
-    const allowed = Object.keys(kindNamed(kind)!.options);
-    for (const k of keys) if (k !== kind && !allowed.includes(k)) throw new ConfigError(`${w}.${k}`, `unknown option of ${kind}; ${allowed.length ? `expected ${allowed.join(", ")}` : "it takes none"}`);
-    return layerSpec(kind, opts[kind], opts, i, w, ctx);
-  });
+  return v.map((item: unknown, i) => parseStackItem(item, i, `${where}[${i}]`, ctx));
+}
+
+/**
+ * One item of the list form at `position` in its stack (0: the bottom): a one-line string such as
+ * "partition:1" or a one-key map with the kind's options, e.g. {fault: null, seed: 3}. The CLI's
+ * shorthands (--fault, --overlay) become stack items through this too.
+ */
+export function parseStackItem(item: unknown, position: number, w: string, ctx: SpecContext): LayerSpec {
+  if (typeof item === "string") return lineItem(item, position, w, ctx);
+  if (item === null || typeof item !== "object" || Array.isArray(item)) throw new ConfigError(w, `expected a layer such as {partition: 1}, got ${typeName(item)}`);
+  const opts = item as Record<string, unknown>;
+  const keys = Object.keys(opts);
+  const kinds = keys.filter((k) => kindNamed(k));
+  if (kinds.length !== 1) {
+    const unknown = keys.filter((k) => !kindNamed(k));
+    throw new ConfigError(
+      w,
+      kinds.length === 0
+        ? `no layer kind in {${keys.join(", ")}}; expected one of ${names()}${unknown.length ? ` (unknown key "${unknown[0]}")` : ""}`
+        : `one layer per list item, found ${kinds.join(" and ")}`,
+    );
+  }
+  const kind = kinds[0]!;
+  const allowed = Object.keys(kindNamed(kind)!.options);
+  for (const k of keys) if (k !== kind && !allowed.includes(k)) throw new ConfigError(`${w}.${k}`, `unknown option of ${kind}; ${allowed.length ? `expected ${allowed.join(", ")}` : "it takes none"}`);
+  return layerSpec(kind, opts[kind], opts, position, w, ctx);
 }
 
 /** One item: `written` is the kind's name as written, `arg` its value, `opts` the item's other keys. */

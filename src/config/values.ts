@@ -29,7 +29,7 @@ export function size(v: unknown, where: string): number {
     try {
       return parseSize(v);
     } catch {
-      /* fall through */
+      throw new ConfigError(where, `expected a size such as 64k, 1M or 2G: cannot read ${JSON.stringify(v)} as a size`);
     }
   }
   throw new ConfigError(where, `expected a size such as 64k, 1M or 2G, got ${typeName(v)}`);

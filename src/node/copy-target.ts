@@ -3,11 +3,7 @@ import path from "node:path";
 import { HttpError } from "../control/control-server.js";
 import { newCopyTargetName } from "../internal-exports.js";
 import type { NodeIdentity } from "../migration/lease.js";
-import { Export } from "../stack/export.js";
-import { createDiskLayer } from "../stack/disk/disk-layer.js";
-import { FaultLayer } from "../stack/fault/fault-layer.js";
-import type { Layer } from "../stack/layer.js";
-import { createFilePort } from "../stack/port/file-port.js";
+import { composeCopyTarget } from "../stack/compose.js";
 import type { Managed, NodeContext } from "./node-context.js";
 
 /*
@@ -51,28 +47,11 @@ export async function createCopyTarget(node: NodeContext, name: string, size: nu
   const marker = `${m.image}.incomplete`;
   fs.writeFileSync(marker, `live copy from ${owner.nodeId} in progress since ${new Date().toISOString()}\n`);
   const targetName = newCopyTargetName(name);
-  let port: Layer = createFilePort({ path: m.image, io: node.opts.io });
-  let restoreFault = () => {};
-  const faults = node.opts.handles?.faults;
-  if (node.opts.fault && faults) {
-    // While the copy runs, `fault NAME` steers the layer above the copy's writes (to slow or
-    // break the link); once the target closes, the name leads back to the export's own layer
-    // (above port A), which takes the target's rules over.
-    const f = new FaultLayer(port, node.opts.fault);
-    const own = faults.get(name);
-    if (own) f.inherit(own);
-    faults.set(name, f);
-    restoreFault = () => {
-      if (faults.get(name) !== f) return;
-      if (!own) return void faults.delete(name);
-      own.inherit(f);
-      faults.set(name, own);
-    };
-    port = f;
-  }
-  const exp = new Export(targetName, createDiskLayer(port), `live-copy target of ${name}`);
+  // The copy writes into the resource of the export here (the image with its fault layers, which
+  // `fault NAME` steers all along), while port A is closed: this node does not own the image yet.
+  const exp = composeCopyTarget(targetName, m.pair, `live-copy target of ${name}`);
   await node.publisher.add(exp);
-  m.target = { exp, marker, restoreFault };
+  m.target = { exp, marker };
   m.private = true;
   node.opts.log.info({ export: name, from: owner.nodeId, image: m.image, fresh }, "live copy target ready");
   return { target: targetName, nbd: node.identity.nbd, fresh };
@@ -86,7 +65,6 @@ export async function abandonCopyTarget(node: NodeContext, name: string): Promis
   m.target = null;
   await node.publisher?.remove(t.exp.name);
   await t.exp.close();
-  t.restoreFault();
   node.opts.log.warn({ export: name, marker: t.marker }, "live copy abandoned: image left incomplete");
 }
 
@@ -103,6 +81,5 @@ export async function completeCopyTarget(node: NodeContext, m: Managed, epoch: n
   m.private = true;
   await node.publisher?.remove(t.exp.name);
   await t.exp.close();
-  t.restoreFault();
   fs.rmSync(t.marker, { force: true });
 }

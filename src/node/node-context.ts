@@ -7,6 +7,7 @@ import type { Export } from "../stack/export.js";
 import type { ExportSpec, StackHandles } from "../stack/compose.js";
 import type { FaultLayerOptions } from "../stack/fault/fault-layer.js";
 import type { IoMode } from "../stack/port/file-port.js";
+import type { PortPair } from "../stack/port/port-pair.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import type { RemotePortOptions } from "../stack/port/remote-port.js";
 
@@ -15,6 +16,8 @@ export interface Managed {
   name: string;
   image: string;
   lease: Ownership;
+  /** Port A / port B of the export (see port-pair.ts); `redirector` and `tracker` are its. */
+  pair: PortPair;
   redirector: PortRedirector;
   exp: Export;
   /** The epoch of my lease, or null while another node owns the image. */
@@ -31,7 +34,7 @@ export interface Managed {
   /** The live copy of this export to a peer, while one runs (and its last state after). */
   copy: LiveCopy | null;
   /** Set while this node is the destination of a live copy: the export the source writes into. */
-  target: { exp: Export; marker: string; restoreFault: () => void } | null;
+  target: { exp: Export; marker: string } | null;
 }
 
 /** Where a node publishes exports it creates at run time (live-copy destinations). */

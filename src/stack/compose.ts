@@ -1,20 +1,21 @@
 import path from "node:path";
 import type { Logger } from "pino";
-import { formatStack } from "../config/stack-spec.js";
+import { formatStack, parseStackItem } from "../config/stack-spec.js";
 import { ConfigError } from "../config/values.js";
 import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
-import { parseSize } from "../util/size.js";
-import { createDiskLayer, type DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { createDiskLayer, DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";
 import { kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
-import type { Layer } from "./layer.js";
+import type { Capabilities, Layer } from "./layer.js";
 import type { BuildContext } from "./layer-kind.js";
 import { LazyLayer } from "./lazy-layer.js";
 import { readerOf } from "./partition/partition-kind.js";
 import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import type { IoMode } from "./port/file-port.js";
+import { buildPortPair, type PortPair, type PortPairOwner } from "./port/port-pair.js";
+import { PortSlot } from "./port/port-slot.js";
 import { StackHandles } from "./stack-handles.js";
 
 export type { BuildContext } from "./layer-kind.js";
@@ -54,22 +55,27 @@ export function defaultExportName(source: string): string {
  * Whether the `--fault` shorthand adds a fault layer directly above the port of `spec`'s stack:
  * yes when asked for, unless a declared stack has a fault layer answering to the export's name.
  */
-export function faultAbovePort(spec: ExportSpec): boolean {
+function faultAbovePort(spec: ExportSpec): boolean {
   if (!spec.fault) return false;
   const name = spec.name ?? defaultExportName(spec.source);
   return !spec.stack?.some((l) => l.kind === "fault" && (l.id ?? name) === name);
 }
 
-/** The stack an ExportSpec declares, shorthands expanded. */
+/**
+ * The stack an ExportSpec declares, the shorthands becoming ordinary items parsed by their kinds:
+ * the source → `file:` or `memory:`, --fault → `fault` directly above it, --overlay → `cow:` on top.
+ */
 export function stackOf(spec: ExportSpec): StackSpec {
-  const fault: StackSpec = faultAbovePort(spec) ? [{ kind: "fault", rules: [], seed: spec.fault!.seed, powerloss: spec.fault!.powerloss }] : [];
+  const here = { baseDir: process.cwd() };
+  const f = spec.fault;
+  const fault = faultAbovePort(spec) ? [parseStackItem({ fault: null, ...(f!.seed !== undefined ? { seed: f!.seed } : {}), ...(f!.powerloss ? { powerloss: true } : {}) }, 1, "--fault", here)] : [];
   if (spec.stack) return [spec.stack[0]!, ...fault, ...spec.stack.slice(1)];
-  const stack: StackSpec = [spec.source.startsWith("memory:") ? { kind: "memory", size: parseSize(spec.source.slice(7)) } : { kind: "file", path: spec.source }, ...fault];
-  if (spec.overlay) {
-    // The image under an overlay is only ever read.
-    if (stack[0]!.kind === "file") stack[0] = { ...stack[0]!, readOnly: true };
-    stack.push({ kind: "cow", overlay: path.resolve(spec.overlay) });
-  }
+  const bottom = spec.source.startsWith("memory:")
+    ? parseStackItem({ memory: spec.source.slice(7) }, 0, "source", here)
+    : // The image under an overlay is only ever read.
+      parseStackItem({ file: spec.source, ...(spec.overlay ? { "read-only": true } : {}) }, 0, "source", here);
+  const stack: StackSpec = [bottom, ...fault];
+  if (spec.overlay) stack.push(parseStackItem({ cow: spec.overlay }, stack.length, "--overlay", here));
   return stack;
 }
 
@@ -102,15 +108,60 @@ export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
   return layer;
 }
 
+function contextOf(spec: ExportSpec, name: string, handles: StackHandles, log?: Logger): BuildContext {
+  return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles };
+}
+
+function exportOver(spec: ExportSpec, name: string, below: Layer, description?: string | (() => string)): Export {
+  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly }), description);
+}
+
 /**
  * Builds an export: the declared stack (or the shorthands) with the disk layer on top. Layers
  * that can be steered at run time go into `handles`.
  */
 export function composeExport(spec: ExportSpec, handles: StackHandles = new StackHandles(), log?: Logger): Export {
   const name = spec.name ?? defaultExportName(spec.source);
+  return exportOver(spec, name, buildStack(stackOf(spec), contextOf(spec, name, handles, log)), spec.description);
+}
+
+/**
+ * Builds a cluster node's export: the same declared stack, with the node's port pair (port-pair.ts)
+ * standing in for the resource. The resource is the bottom device and the fault layers declared
+ * directly on it (--fault among them): they make port A, stay with the image across moves, and
+ * see only this node's own I/O on it; every later item sits above the port redirector.
+ */
+export function composeNodeExport(spec: ExportSpec & { name: string }, handles: StackHandles, log: Logger, owner: PortPairOwner): { exp: Export; pair: PortPair } {
+  const ctx = contextOf(spec, spec.name, handles, log);
   const stack = stackOf(spec);
-  const below = buildStack(stack, { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles });
-  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly }), spec.description);
+  let above = 1;
+  while (stack[above]?.kind === "fault") above++;
+  const bottom = (): Layer => buildBottom(stack[0]!, ctx);
+  let resource: Layer = new PortSlot(bottom);
+  for (const l of stack.slice(1, above)) resource = buildLayer(l, resource, ctx);
+  // The owner may be down while this node starts: the image itself gives size and abilities.
+  const offline = async (): Promise<{ size: number; caps: Capabilities }> => {
+    const dev = bottom();
+    await dev.open();
+    try {
+      return { size: dev.size(), caps: dev.capabilities() };
+    } finally {
+      await dev.close();
+    }
+  };
+  const pair = buildPortPair(spec.name, resource, offline, owner, log.child({ export: spec.name }));
+  let top: Layer = pair.redirector;
+  for (const l of stack.slice(above)) top = buildLayer(l, top, ctx);
+  const exp: Export = exportOver(spec, spec.name, top, () => [exp.layer.describe(), owner.label?.()].filter(Boolean).join(" "));
+  return { exp, pair };
+}
+
+/**
+ * The export a live copy into a node writes through: the disk layer straight over the resource of
+ * that node's export (port A's image and its fault layers), under an internal name.
+ */
+export function composeCopyTarget(name: string, pair: PortPair, description: string): Export {
+  return new Export(name, createDiskLayer(pair.resource), description);
 }
 
 export { formatStack };
@@ -121,7 +172,8 @@ export { formatStack };
  * and a reason, never an error: the whole-device export is served either way.
  */
 export async function partitionExports(whole: Export, disk?: DiskLayerOptions): Promise<{ exports: Export[]; table: PartitionTable | null; reason?: string }> {
-  const below = (whole.layer as DiskLayer).below();
+  if (!(whole.layer instanceof DiskLayer)) throw new Error(`${whole.name}: not built by the stack builder (no disk layer on top)`);
+  const below = whole.layer.below();
   try {
     const table = await readPartitionTable(readerOf(below), below.size());
     if (!table) return { exports: [], table: null, reason: "no partition table" };

@@ -124,22 +124,6 @@ describe("FaultLayer", () => {
     expect(fault.listRules()[0]).toMatchObject({ fired: 1 });
   });
 
-  it("inherit: a stand-in layer continues the rules and counts, and hands them back, with no count doubled", async () => {
-    const own = (await stack()).fault;
-    own.addRule("op=pread,errno=EIO");
-    for (let i = 0; i < 2; i++) await outcome(own.pread(Buffer.alloc(512), 0, plainIo));
-    const standIn = (await stack()).fault;
-    standIn.inherit(own);
-    expect(standIn.counts.injected).toBe(2);
-    for (let i = 0; i < 3; i++) expect(await outcome(standIn.pread(Buffer.alloc(512), 0, plainIo))).toBe("EIO");
-    expect(standIn.addRule("op=pwrite,errno=EIO").id).toBe(2);
-    own.inherit(standIn);
-    expect(own.counts.injected).toBe(5);
-    expect(own.listRules().map((r) => [r.id, r.fired])).toEqual([[1, 5], [2, 0]]);
-    expect(await outcome(own.pwrite(Buffer.alloc(512), 0, plainIo))).toBe("EIO");
-    expect(own.counts.injected).toBe(6);
-  });
-
   it("ends stalled requests with ESHUTDOWN when it closes, so a shutdown never waits on a stall", async () => {
     const { fault, port } = await stack();
     fault.addRule("op=pwrite,stall");

@@ -61,19 +61,6 @@ export class FaultLayer extends PassthroughLayer {
   listRules(): FaultRule[] {
     return this.rules.map((r) => ({ ...r }));
   }
-  /**
-   * Continues `other`, a layer that stood in for this one for a while (a live copy's destination):
-   * takes over its rules (with their counters) and its counts, so whoever steers the fault layer by
-   * its name sees one continuous layer, and the injected-fault counters never go backwards.
-   */
-  inherit(other: FaultLayer): void {
-    if (other === this) return;
-    this.rules = other.rules;
-    this.nextId = Math.max(this.nextId, other.nextId);
-    other.rules = [];
-    Object.assign(this.counts, other.counts);
-  }
-
   /** Lets every stalled request go on. */
   releaseStalled(): number {
     const s = this.stalled;

@@ -1,0 +1,89 @@
+import { LeaseError } from "../migration/lease.js";
+import { ownerIsHere } from "../stack/port/remote-port.js";
+import type { Ownership } from "../migration/ownership.js";
+import { parseHostPort, type Managed, type NodeContext } from "./node-context.js";
+
+/*
+ * A node's side of ownership: it renews the leases it holds, fences port A the moment one is lost,
+ * and takes over an image whose owner stopped renewing once that lease expired. What the record
+ * guarantees (one atomic change per call, epochs that only grow) is the Ownership interface's.
+ */
+
+/** Share of the lease time after a renewal during which port A writes without checking the record. */
+const FRESH = 0.8;
+
+/**
+ * Whether port A may write now: yes while the lease renewed last is fresh; past that (this node
+ * was paused, or renewals stalled) the record decides, and a lost lease fences port A at once.
+ */
+export function mayWrite(node: NodeContext, m: Managed): boolean {
+  if (m.epoch === null) return false;
+  if (performance.now() < m.validUntil) return true;
+  try {
+    renew(node, m, m.epoch);
+    return true;
+  } catch (err) {
+    // A record that cannot be read right now (an I/O hiccup) is left to the renewal loop.
+    if (!(err instanceof LeaseError)) return true;
+    node.opts.log.error({ export: m.name, err: err.message }, "lease lost before a write: fencing port A");
+    m.epoch = null;
+    return false; // the redirector fences port A and sends the request to the new owner
+  }
+}
+
+/** Extends my lease of `m` at `epoch` and trusts it for a share of its time from now. */
+export function renew(node: NodeContext, m: Managed, epoch: number): void {
+  m.lease.renew(node.identity, epoch);
+  m.validUntil = performance.now() + node.ttlMs * FRESH;
+}
+
+/** The NBD address of the owner that `lease` names; an EOWNER error if that is this node. */
+export function locateOwner(node: NodeContext, lease: Ownership): { host: string; port: number } {
+  const r = lease.read();
+  if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
+  if (r.owner === node.identity.nodeId) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
+  return parseHostPort(r.nbd);
+}
+
+/** One tick of the renewal loop over every export of the node. */
+export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
+  for (const m of exports) {
+    if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+      takeOverIfExpired(node, m);
+      continue;
+    }
+    if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) continue;
+    try {
+      renew(node, m, m.epoch);
+    } catch (err) {
+      if (!(err instanceof LeaseError)) {
+        node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease renewal failed");
+        continue;
+      }
+      // Someone broke my lease: stop writing through port A at once and follow the new owner.
+      node.opts.log.error({ export: m.name, err: err.message }, "lease lost: fencing port A");
+      m.epoch = null;
+      void m.redirector.fence();
+    }
+  }
+}
+
+/** The owner stopped renewing (it died): once its lease expired, take the image over. */
+function takeOverIfExpired(node: NodeContext, m: Managed): void {
+  let epoch: number;
+  try {
+    const taken = m.lease.takeOver(node.identity, node.ttlMs);
+    if (!taken) return; // the owner's lease is still valid
+    epoch = taken.epoch;
+  } catch (err) {
+    // Another node was quicker; or the record cannot be read now (tried again at the next tick).
+    if (!(err instanceof LeaseError)) node.opts.log.error({ export: m.name, err: (err as Error).message }, "take-over check failed");
+    return;
+  }
+  node.opts.log.warn({ export: m.name, epoch }, "lease of the owner expired: taking the image over");
+  m.epoch = epoch;
+  m.redirector.adopt().catch((err: Error) => {
+    node.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
+    m.epoch = null;
+  });
+}

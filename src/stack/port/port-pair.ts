@@ -1,0 +1,70 @@
+import type { Logger } from "pino";
+import type { NbdAddress } from "../../client/nbd-client.js";
+import type { Capabilities, Layer } from "../layer.js";
+import { DirtyTracker } from "./dirty-tracker.js";
+import { FenceLayer } from "./fence-layer.js";
+import { PortRedirector } from "./redirector.js";
+import { RemotePort, type RemotePortOptions } from "./remote-port.js";
+
+/**
+ * What a cluster node tells the stack builder about one export's resource: whether it owns it as
+ * the stack opens, whether port A may write now (epoch fencing), and where the owner is.
+ */
+export interface PortPairOwner {
+  /** This node owns the resource when the stack opens (port A first; otherwise port B). */
+  owned: boolean;
+  /** Asked before every write through port A: false fences it (see FenceLayer). */
+  mayWrite(): boolean;
+  /** The current owner's NBD address (port B connects there, and again on every reconnect). */
+  locate(): NbdAddress;
+  /** Whether this node still owns the resource (an adopting node checks before its own writes). */
+  stillOwner(): boolean;
+  /** TLS of port B towards peers. */
+  tls?: RemotePortOptions["tls"];
+  /** Appended to the export's description (`[owner=… epoch=…]`). */
+  label?(): string;
+}
+
+/** The parts of a node's port pair that the node steers. */
+export interface PortPair {
+  redirector: PortRedirector;
+  /** Above port A: records writes while a live copy runs. */
+  tracker: DirtyTracker;
+  /**
+   * The resource itself: the image in its slot with the fault layers declared on it, below the
+   * tracker and the fence. A live copy into this node writes here while port A is closed.
+   */
+  resource: Layer;
+  /** Opens port B to `first` (a peer about to become the owner), later wherever the owner is. */
+  openRemote(first?: NbdAddress): Promise<Layer>;
+}
+
+/**
+ * Port A / port B of a node's export (MISSION.md, "The mechanism"): `resource` (the image in a
+ * PortSlot, so the layers on it outlive hand-overs) → dirty tracker → fence → redirector, whose
+ * port B is an NBD connection to the owner. `offline` gives size and abilities when no owner can
+ * be reached yet. Built by the stack builder (compose.ts), never by hand.
+ */
+export function buildPortPair(exportName: string, resource: Layer, offline: () => Promise<{ size: number; caps: Capabilities }>, owner: PortPairOwner, log: Logger): PortPair {
+  const tracker = new DirtyTracker(resource);
+  const portA: Layer = new FenceLayer(tracker, () => owner.mayWrite());
+  const openRemote = async (first?: NbdAddress): Promise<Layer> => {
+    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline });
+    await p.open();
+    return p;
+  };
+  const redirector = new PortRedirector(
+    exportName,
+    {
+      openLocal: async () => {
+        await portA.open();
+        return portA;
+      },
+      openRemote: () => openRemote(),
+      stillOwner: () => owner.stillOwner(),
+    },
+    owner.owned,
+    log,
+  );
+  return { redirector, tracker, resource, openRemote };
+}
