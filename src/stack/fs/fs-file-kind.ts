@@ -1,6 +1,6 @@
 import { str } from "../../config/values.js";
 import type { LayerKind } from "../layer-kind.js";
-import { FsFileLayer } from "./fs-file-layer.js";
+import { FsFileLayer, readFileMap, type FileMap } from "./fs-file-layer.js";
 
 export interface FsFileSpec {
   kind: "fs-file";
@@ -9,7 +9,7 @@ export interface FsFileSpec {
 }
 
 /** `file:PATH` above the bottom (or `fs-file:PATH`): one file inside the ext2/3/4 or FAT file system below. */
-export const fsFileKind: LayerKind<FsFileSpec> = {
+export const fsFileKind: LayerKind<FsFileSpec, FileMap> = {
   name: "fs-file",
   summary: "one file inside the ext2/3/4 or FAT file system below, as a device",
   argument: "PATH: the file's path inside the file system; written file:PATH above the bottom",
@@ -21,6 +21,7 @@ export const fsFileKind: LayerKind<FsFileSpec> = {
     return { kind: "fs-file", path: p.startsWith("/") ? p : `/${p}` };
   },
   format: (s) => `file:${s.path}`,
-  // The layer opens the device below and finds the file system and the file in its open().
-  above: (s, below) => new FsFileLayer(below, s.path, { owns: true }),
+  // Once the device below is open: find the file system and the file, and read where its bytes are.
+  prepare: (s, below) => readFileMap(below, s.path),
+  above: (s, below, _ctx, map) => new FsFileLayer(below, s.path, map),
 };

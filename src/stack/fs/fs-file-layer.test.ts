@@ -50,7 +50,8 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs", "sgdisk", "mkfs.vfa
     const img = mkext4("outer.img", src);
     const before = fs.readFileSync(img);
     const port = createFilePort({ path: img });
-    const layer = await createFsFileLayer(port, "/disk.img", { owns: true });
+    await port.open();
+    const layer = await createFsFileLayer(port, "/disk.img");
     await layer.open();
     try {
       expect(layer.size()).toBe(4 * MiB);
@@ -91,6 +92,7 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs", "sgdisk", "mkfs.vfa
       await layer.flush(plainIo);
     } finally {
       await layer.close();
+      await port.close();
     }
     // e2fsprogs agree: the file system is clean, and the file holds what was written.
     const fsck = spawnSync("e2fsck", ["-fn", img], { encoding: "utf8" });
@@ -170,6 +172,7 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs", "sgdisk", "mkfs.vfa
     await port.open();
     try {
       const l = await createFsFileLayer(port, "/images/data file.bin");
+      await l.open();
       expect(l.describe()).toMatch(/^file \/images\/data file.bin \(fat16\) → /);
       expect(l.capabilities().writable).toBe(false);
       const b = Buffer.alloc(data.length);
@@ -182,8 +185,10 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs", "sgdisk", "mkfs.vfa
     }
     const blank = path.join(tmp, "blank.img");
     fs.writeFileSync(blank, Buffer.alloc(MiB));
-    const bl = createFsFileLayer(createFilePort({ path: blank }), "/x", { owns: true });
-    await expect((await bl).open()).rejects.toThrow(/no ext2\/3\/4 or FAT file system on file:/);
+    const bp = createFilePort({ path: blank });
+    await bp.open();
+    await expect(createFsFileLayer(bp, "/x")).rejects.toThrow(/no ext2\/3\/4 or FAT file system on file:/);
+    await bp.close();
   });
 
   it("unwritten (preallocated) extents read as zeroes and refuse writes", async () => {
@@ -199,6 +204,7 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs", "sgdisk", "mkfs.vfa
     await port.open();
     try {
       const l = await createFsFileLayer(port, "/pre.img");
+      await l.open();
       expect(l.size()).toBe(409600);
       const b = Buffer.alloc(409600, 0xff);
       await l.pread(b, 0, plainIo);

@@ -4,12 +4,28 @@ import { State } from "../../protocol/constants.js";
 import { PassthroughLayer, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import { probeLayer } from "./fs-probe.js";
 
-export interface FsFileLayerOptions {
-  /**
-   * The layer opens and closes the device below. Default false: the device belongs to another
-   * export (the whole disk, a partition of it) that opens and closes it, as PartitionLayer does.
-   */
-  owns?: boolean;
+/** Where one file's bytes are in its file system, as read when the device below was opened. */
+export interface FileMap {
+  /** Device runs holding the file's data (holes and unwritten extents left out). */
+  runs: FileExtent[];
+  size: number;
+  kind: FsKind;
+}
+
+/**
+ * Finds the file system on `dev` (open) and the file `path` in it, and reads the file's extents:
+ * the fs-file kind's prepare hook. No file system, no such file or a damaged structure is an NbdError.
+ */
+export async function readFileMap(dev: Layer, path: string): Promise<FileMap> {
+  try {
+    const fs = await probeLayer(dev);
+    if (!fs) throw new NbdError("EINVAL", `no ext2/3/4 or FAT file system on ${dev.describe()}`);
+    const file = await fs.open(path);
+    return { runs: await file.extents(), size: file.size, kind: fs.kind };
+  } catch (err) {
+    if (err instanceof FsError) throw new NbdError(err.code === "corrupt" ? "EIO" : "EINVAL", `file ${path} on ${dev.describe()}: ${err.message}`);
+    throw err;
+  }
 }
 
 /** A piece of a request: file bytes [fileOffset, +length) at deviceOffset, or -1 in a hole. */
@@ -31,58 +47,40 @@ interface Piece {
  * The mapping is a snapshot: the file must not be changed through another path while served.
  */
 export class FsFileLayer extends PassthroughLayer {
-  private runs: FileExtent[] = [];
-  private bytes = 0;
-  private kind: FsKind | "?" = "?";
   private caps: Capabilities | null = null;
-  private readonly owns: boolean;
 
+  /** Over `next`, which is open and stays so while this layer is (whoever opened it closes it). */
   constructor(
     next: Layer,
     readonly path: string,
-    opts: FsFileLayerOptions = {},
+    private readonly map: FileMap,
   ) {
     super(next);
-    this.owns = opts.owns ?? false;
+  }
+
+  private get runs(): FileExtent[] {
+    return this.map.runs;
+  }
+  private get bytes(): number {
+    return this.map.size;
   }
 
   override describe(): string {
-    return `file ${this.path} (${this.kind}) → ${this.next.describe()}`;
+    return `file ${this.path} (${this.map.kind}) → ${this.next.describe()}`;
   }
 
+  /** Checks that the file's data sits on whole blocks of the device below. */
   override async open(): Promise<void> {
-    if (this.owns) await this.next.open();
-    try {
-      await this.load();
-    } catch (err) {
-      if (this.owns) await this.next.close().catch(() => undefined);
-      throw err;
-    }
-  }
-
-  override async close(): Promise<void> {
-    if (this.owns) await this.next.close();
-  }
-
-  /** Finds the file system and the file, and reads the file's extents (the device is open). */
-  async load(): Promise<void> {
-    try {
-      const fs = await probeLayer(this.next);
-      if (!fs) throw new NbdError("EINVAL", `no ext2/3/4 or FAT file system on ${this.next.describe()}`);
-      const file = await fs.open(this.path);
-      this.runs = await file.extents();
-      this.bytes = file.size;
-      this.kind = fs.kind;
-    } catch (err) {
-      if (err instanceof FsError) throw new NbdError(err.code === "corrupt" ? "EIO" : "EINVAL", `file ${this.path} on ${this.next.describe()}: ${err.message}`);
-      throw err;
-    }
     const c = this.next.capabilities();
     const min = c.blockSize.minimum;
     const odd = this.runs.find((r) => r.deviceOffset % min !== 0 || r.fileOffset % min !== 0 || (r.length % min !== 0 && r.fileOffset + r.length !== this.bytes));
     if (odd)
       throw new NbdError("EINVAL", `file ${this.path}: its data at file offset ${odd.fileOffset} (device offset ${odd.deviceOffset}) is not aligned to the ${min}-byte blocks of ${this.next.describe()}`);
     this.caps = { ...c, trim: false, extents: true };
+  }
+
+  override async close(): Promise<void> {
+    this.caps = null;
   }
 
   /** Device runs holding the file's data, as read at open (holes and unwritten extents left out). */
@@ -194,14 +192,7 @@ export class FsFileLayer extends PassthroughLayer {
   }
 }
 
-/**
- * Builds the layer for `path` inside the file system on `below`. Without `owns` the device below
- * is already open (it belongs to another export), so the file is looked up at once and errors
- * (no file system, no such file, a damaged structure) surface here; with `owns` that happens in
- * open(), which opens the device first.
- */
-export async function createFsFileLayer(below: Layer, path: string, opts: FsFileLayerOptions = {}): Promise<FsFileLayer> {
-  const layer = new FsFileLayer(below, path, opts);
-  if (!opts.owns) await layer.load();
-  return layer;
+/** The layer for `path` inside the file system on `below`, which is open and belongs to its opener. */
+export async function createFsFileLayer(below: Layer, path: string): Promise<FsFileLayer> {
+  return new FsFileLayer(below, path, await readFileMap(below, path));
 }
