@@ -81,3 +81,27 @@ export function blockStatusChunk(cookieHi: number, cookieLo: number, contextId: 
   }
   return b;
 }
+
+/** Zero runs shorter than this stay in a read's data chunks. */
+const HOLE_MIN = 16 * 1024;
+const ZERO_BLOCK = Buffer.alloc(4096);
+
+/**
+ * The runs of `data` that are all zeros, at 4 KiB granularity and at least 16 KiB long, as
+ * alternating [start, end) offsets: what a structured read reply may send as OFFSET_HOLE chunks.
+ */
+export function zeroRuns(data: Buffer): number[] {
+  const runs: number[] = [];
+  let runStart = -1;
+  for (let at = 0; at < data.length; at += 4096) {
+    const end = Math.min(at + 4096, data.length);
+    const zero = data[at] === 0 && data[end - 1] === 0 && data.subarray(at, end).equals(end - at === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - at));
+    if (zero && runStart < 0) runStart = at;
+    if (!zero && runStart >= 0) {
+      if (at - runStart >= HOLE_MIN) runs.push(runStart, at);
+      runStart = -1;
+    }
+  }
+  if (runStart >= 0 && data.length - runStart >= HOLE_MIN) runs.push(runStart, data.length);
+  return runs;
+}

@@ -11,7 +11,9 @@ import {
   simpleReply,
   writeDataChunkHeader,
   writeSimpleHeader,
+  zeroRuns,
 } from "../protocol/reply.js";
+import { flagError } from "../protocol/command-flags.js";
 import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
 import { InflightTracker } from "../stack/layer.js";
@@ -44,12 +46,8 @@ const METRIC_OP: Record<number, MetricOp> = {
   [Cmd.NBD_CMD_BLOCK_STATUS]: "block_status",
 };
 
-const KNOWN_FLAGS =
-  CmdFlag.NBD_CMD_FLAG_FUA | CmdFlag.NBD_CMD_FLAG_NO_HOLE | CmdFlag.NBD_CMD_FLAG_DF | CmdFlag.NBD_CMD_FLAG_REQ_ONE | CmdFlag.NBD_CMD_FLAG_FAST_ZERO;
 /** Structured reads at least this long are scanned for zero runs, sent as OFFSET_HOLE. */
 const SPARSE_READ_MIN = 64 * 1024;
-const HOLE_MIN = 16 * 1024;
-const ZERO_BLOCK = Buffer.alloc(4096);
 /** Size of the buffer the socket reads requests into (reused; payloads are copied out of it). */
 const READ_CHUNK = 256 * 1024;
 /** Missing payload bytes from which the socket reads straight into the payload buffer. */
@@ -361,10 +359,8 @@ export class Connection {
 
   /** Answers one request; resolves true if the answer was an error. */
   private async execute(req: Request): Promise<boolean> {
-    if (req.flags & ~KNOWN_FLAGS) return this.replyError(req, new NbdError("EINVAL", `unknown command flags 0x${req.flags.toString(16)}`));
-    if (req.flags & CmdFlag.NBD_CMD_FLAG_DF && (req.type !== Cmd.NBD_CMD_READ || !this.structured))
-      return this.replyError(req, new NbdError("EINVAL", "NBD_CMD_FLAG_DF is only valid on reads with structured replies"));
-    if (req.fast && req.type !== Cmd.NBD_CMD_WRITE_ZEROES) return this.replyError(req, new NbdError("EINVAL", "NBD_CMD_FLAG_FAST_ZERO is only valid on write zeroes"));
+    const wrongFlags = flagError(req.type, req.flags, this.structured);
+    if (wrongFlags) return this.replyError(req, new NbdError("EINVAL", wrongFlags));
     const layer = this.exp.layer;
     try {
       switch (req.type) {
@@ -455,18 +451,7 @@ export class Connection {
 
   /** Sends a read as OFFSET_DATA and OFFSET_HOLE chunks if it holds zero runs; false if it holds none. */
   private sendSparse(req: Request, data: Buffer, release?: () => void): boolean {
-    const runs: number[] = []; // alternating [start, end) of zero runs
-    let runStart = -1;
-    for (let at = 0; at < data.length; at += 4096) {
-      const end = Math.min(at + 4096, data.length);
-      const zero = data[at] === 0 && data[end - 1] === 0 && data.subarray(at, end).equals(end - at === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - at));
-      if (zero && runStart < 0) runStart = at;
-      if (!zero && runStart >= 0) {
-        if (at - runStart >= HOLE_MIN) runs.push(runStart, at);
-        runStart = -1;
-      }
-    }
-    if (runStart >= 0 && data.length - runStart >= HOLE_MIN) runs.push(runStart, data.length);
+    const runs = zeroRuns(data); // alternating [start, end) of zero runs
     if (runs.length === 0) return false;
     const { cookieHi: hi, cookieLo: lo, offset } = req;
     let pos = 0;
