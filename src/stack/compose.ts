@@ -127,14 +127,19 @@ export function composeExport(spec: ExportSpec, handles: StackHandles = new Stac
 
 /**
  * Builds a cluster node's export: the same declared stack, with the node's port pair (port-pair.ts)
- * standing in for the resource. The resource is the bottom device and the fault layers declared
- * directly on it (--fault among them): they make port A, stay with the image across moves, and
- * see only this node's own I/O on it; every later item sits above the port redirector.
+ * standing in for the resource. The resource is the bottom device, every layer up to the last
+ * one that holds state of its own (a cow overlay), and the fault layers declared directly on top
+ * of those (--fault among them): they make port A, so only the owner opens them, they move with
+ * the image, and see only the I/O that reaches the image; every later item sits above the port
+ * redirector and is the same on every node.
  */
 export function composeNodeExport(spec: ExportSpec & { name: string }, handles: StackHandles, log: Logger, owner: PortPairOwner): { exp: Export; pair: PortPair } {
   const ctx = contextOf(spec, spec.name, handles, log);
   const stack = stackOf(spec);
   let above = 1;
+  stack.forEach((l, i) => {
+    if (i > 0 && kindOf(l).holdsState) above = i + 1;
+  });
   while (stack[above]?.kind === "fault") above++;
   const bottom = (): Layer => buildBottom(stack[0]!, ctx);
   let resource: Layer = new PortSlot(bottom);

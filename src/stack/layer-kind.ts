@@ -29,6 +29,12 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
    * whose stack has one offers no NAME/pN partition exports unless its config asks for them.
    */
   readonly selectsPart?: boolean;
+  /**
+   * The layer keeps state of the device in the process that opened it (an overlay's map). On a
+   * cluster node such a layer is part of the resource: it sits in port A with the image, so only
+   * the owner opens it, and it moves with the image (two nodes opening it would be two writers).
+   */
+  readonly holdsState?: boolean;
 
   /** Validates the kind's value (`arg`: the text after "kind:", or the YAML value) and its options. */
   parse(arg: unknown, opts: Readonly<Partial<Record<O, unknown>>>, at: ParseAt<O>): S;

@@ -13,6 +13,7 @@ export const cowKind: LayerKind<CowSpec, void, "block-size"> = {
   name: "cow",
   summary: "a copy-on-write overlay with snapshots and merge",
   argument: "OVERLAY: the overlay file, created if missing",
+  holdsState: true,
   options: { "block-size": "the block size of a new overlay, a power of two from 4k to 16M (default 64k); must match an existing overlay's" },
   parse: (arg, opts, at) => ({
     kind: "cow",

@@ -119,8 +119,10 @@ export class CowLayer implements Layer {
     return `${this.frozen ? "cow-snapshot" : "cow"}:${this.store?.path ?? this.overlayPath} → ${(this.below ?? this.base).describe()}`;
   }
 
+  /** Opens the chain; a closed layer may be opened again (port A of a node, after a move back). */
   async open(): Promise<void> {
     await this.base.open();
+    this.closing = false;
     let files: CowStore[];
     try {
       files = await CowStore.openChain(this.overlayPath, {
