@@ -7,7 +7,7 @@ import type { StorageNode } from "../node/storage-node.js";
  * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
  * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
  * POST /v1/exports/NAME/adopt {"epoch"}, POST /v1/copy-targets {"name", "size", "epoch", "owner"}
- * and POST /v1/copy-targets/NAME/abandon. Bodies are checked here; the node does the work.
+ * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
  */
 export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
   c.route("GET", "/v1/status", async () => ({ body: node.status() }));
@@ -30,8 +30,10 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
       throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
     return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch) };
   });
-  c.route("POST", "/v1/copy-targets/:name/abandon", async (p) => {
-    await node.abandonCopyTarget(p.name!);
+  c.route("POST", "/v1/copy-targets/:name/abandon", async (p, body) => {
+    const epoch = (body as { epoch?: unknown } | undefined)?.epoch;
+    if (epoch !== undefined && typeof epoch !== "number") throw new HttpError(400, 'body must be {} or {"epoch": N}');
+    await node.abandonCopyTarget(p.name!, epoch);
     return { body: { abandoned: p.name } };
   });
   c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {

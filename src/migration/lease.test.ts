@@ -2,7 +2,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { LeaseError, LeaseFile } from "./lease.js";
+import { LeaseError, LeaseFile, type LeaseFileOptions } from "./lease.js";
 
 const a = { nodeId: "a", nbd: "127.0.0.1:1", control: "http://127.0.0.1:11" };
 const b = { nodeId: "b", nbd: "127.0.0.1:2", control: "http://127.0.0.1:12" };
@@ -12,85 +12,168 @@ afterAll(() => {
   for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
 });
 
+/**
+ * One image and a fake monotonic clock; `node(pid)` is one process's LeaseFile on it (each node
+ * keeps one per image: it remembers what it observed). Processes listed in `dead` are gone.
+ */
 function setup() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lease-"));
   dirs.push(dir);
-  let now = 1_000_000;
-  const clock = { advance: (ms: number) => (now += ms) };
+  let mono = 1_000;
+  const dead = new Set<number>();
+  const clock = { advance: (ms: number) => (mono += ms) };
   const img = path.join(dir, "disk.img");
-  return { img, clock, lease: () => new LeaseFile(img, () => now) };
+  const node = (pid: number, o: LeaseFileOptions = {}) => new LeaseFile(img, { monotonic: () => mono, alive: (p) => !dead.has(p), pid, host: "h", ...o });
+  return { img, clock, dead, node };
 }
 
 describe("LeaseFile", () => {
-  it("takeOver: nothing while the owner's lease is valid or the record is a private copy; the image, at epoch + 1, once it expired", () => {
-    const { lease, clock } = setup();
-    expect(lease().takeOver(b, 1000)).toBeNull(); // no record: nothing to take over (acquire is for that)
-    lease().acquire(a, 1000);
+  it("takeOver: nothing while the owner renews or the record is a private copy; the image, at epoch + 1, once it went unrenewed for the lease time", () => {
+    const { node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    expect(lb.takeOver(b, 1000)).toBeNull(); // no record: nothing to take over (acquire is for that)
+    la.acquire(a, 1000);
+    expect(lb.takeOver(b, 1000)).toBeNull(); // first sight of the record: b starts counting
     clock.advance(999);
-    expect(lease().takeOver(b, 1000)).toBeNull();
-    expect(lease().read()).toMatchObject({ owner: "a", epoch: 1 });
+    expect(lb.takeOver(b, 1000)).toBeNull();
+    la.renew(a, 1); // renewed: b counts again from its next look
     clock.advance(1);
-    expect(lease().takeOver(b, 1000)).toMatchObject({ owner: "b", epoch: 2 });
-    expect(() => lease().renew(a, 1)).toThrow(LeaseError); // a is fenced
-    lease().assign(a, 5, 1000); // a private copy
+    expect(lb.takeOver(b, 1000)).toBeNull();
+    clock.advance(999);
+    expect(lb.takeOver(b, 1000)).toBeNull();
+    clock.advance(1);
+    expect(lb.takeOver(b, 1000)).toMatchObject({ owner: "b", epoch: 2 });
+    expect(() => la.renew(a, 1)).toThrow(LeaseError); // a is fenced
+    la.assign(a, 5, 1000); // a private copy
+    expect(lb.takeOver(b, 1000)).toBeNull();
     clock.advance(60_000);
-    expect(lease().takeOver(b, 1000)).toBeNull();
+    expect(lb.takeOver(b, 1000)).toBeNull();
+  });
+
+  it("clock skew: a node whose wall clock runs an hour ahead still waits a whole lease time of its own (wall clocks are never compared)", () => {
+    const { node, clock } = setup();
+    const la = node(1, { wall: () => 1_000_000 });
+    const lb = node(2, { wall: () => 1_000_000 + 3_600_000 });
+    la.acquire(a, 1000);
+    expect(() => lb.acquire(b, 1000)).toThrow(/owned by a/);
+    expect(lb.takeOver(b, 1000)).toBeNull();
+    clock.advance(999);
+    expect(lb.takeOver(b, 1000)).toBeNull();
+    expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 });
+    clock.advance(1000);
+    expect(lb.takeOver(b, 1000)).toBeNull(); // renewed since b last looked
+  });
+
+  it("frees the lease at once when the owner's process on this host is gone", () => {
+    const { node, dead } = setup();
+    node(1).acquire(a, 60_000);
+    const lb = node(2);
+    expect(() => lb.acquire(b, 60_000)).toThrow(/owned by a/);
+    dead.add(1);
+    expect(lb.acquire(b, 60_000)).toMatchObject({ owner: "b", epoch: 2 });
+  });
+
+  it("a restarted node (same id, new process) gets a new epoch, and waits while the old process may still be alive (frozen)", () => {
+    const { node, dead, clock } = setup();
+    node(1).acquire(a, 1000);
+    const restarted = node(7);
+    expect(() => restarted.acquire(a, 1000)).toThrow(/owned by a \(epoch 1, an earlier process 1\)/);
+    clock.advance(1000);
+    expect(restarted.acquire(a, 1000)).toMatchObject({ owner: "a", epoch: 2, pid: 7 }); // unrenewed for a lease time
+    expect(() => node(1).renew(a, 2)).toThrow(/lease lost/); // the old process, resumed, is fenced
+    dead.add(7);
+    expect(node(8).acquire(a, 1000)).toMatchObject({ owner: "a", epoch: 3 });
   });
 
   it("never lets another node take a private record (an image that is a live copy), even long after expiry; its owner keeps it private", () => {
-    const { lease, clock } = setup();
-    lease().assign(a, 7, 1000); // b's copy of a's image names a as owner
+    const { node, clock } = setup();
+    const la = node(1);
+    la.assign(a, 7, 1000); // b's copy of a's image names a as owner
     clock.advance(60_000);
-    expect(() => lease().acquire(b, 1000)).toThrow(/image is a copy; its data is owned by a/);
-    expect(lease().acquire(a, 1000)).toMatchObject({ owner: "a", epoch: 7, private: true });
-    expect(lease().handOver(a, 7, b, 1000, true)).toMatchObject({ owner: "b", epoch: 8, private: true });
+    expect(() => node(2).acquire(b, 1000)).toThrow(/image is a copy; its data is owned by a/);
+    expect(la.acquire(a, 1000)).toMatchObject({ owner: "a", epoch: 7, private: true });
+    expect(la.handOver(a, 7, b, 1000, true)).toMatchObject({ owner: "b", epoch: 8, private: true });
   });
 
-  it("lets the first node take the lease; the second sees the owner and cannot take it before expiry", () => {
-    const { lease, clock } = setup();
-    const r = lease().acquire(a, 1000);
+  it("lets the first node take the lease; the second sees the owner and cannot take it before it went unrenewed for the lease time", () => {
+    const { node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    const r = la.acquire(a, 1000);
     expect(r).toMatchObject({ owner: "a", epoch: 1, nbd: a.nbd, control: a.control, ttlMs: 1000 });
-    expect(() => lease().acquire(b, 1000)).toThrow(LeaseError);
-    expect(lease().read()!.owner).toBe("a");
+    expect(() => lb.acquire(b, 1000)).toThrow(LeaseError);
+    expect(lb.read()!.owner).toBe("a");
     clock.advance(999);
-    expect(() => lease().acquire(b, 1000)).toThrow(/owned by a \(epoch 1\)/);
+    expect(() => lb.acquire(b, 1000)).toThrow(/owned by a \(epoch 1\)/);
     clock.advance(1);
-    expect(lease().acquire(b, 1000)).toMatchObject({ owner: "b", epoch: 2 }); // broken only after expiry
+    expect(lb.acquire(b, 1000)).toMatchObject({ owner: "b", epoch: 2 }); // broken only after expiry
+    expect(() => la.renew(a, 1)).toThrow(/lease lost/);
   });
 
-  it("renews only for the owner at the current epoch (fencing)", () => {
-    const { lease, clock } = setup();
-    lease().acquire(a, 1000);
-    clock.advance(900);
-    expect(lease().renew(a, 1).leaseStart).toBe(1_000_900);
-    clock.advance(900);
-    expect(() => lease().acquire(b, 1000)).toThrow(LeaseError); // renewed: not expired
-    clock.advance(200);
-    lease().acquire(b, 1000);
-    expect(() => lease().renew(a, 1)).toThrow(/lease lost/);
-  });
+  it("hands over with epoch + 1; reclaims an unclaimed hand-over with a higher epoch, never one the peer claimed by renewing it", () => {
+    const { node } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    const handed = la.handOver(a, 1, b);
+    expect(handed).toMatchObject({ owner: "b", epoch: 2, nbd: b.nbd });
+    expect(() => la.handOver(a, 1, b)).toThrow(/cannot hand over/);
+    expect(la.reclaim(a, handed)).toMatchObject({ owner: "a", epoch: 3 });
+    expect(() => lb.renew(b, 2)).toThrow(/lease lost/); // the late adopter is fenced
 
-  it("hands over with epoch + 1, and reclaims after a failed hand-over with a higher epoch", () => {
-    const { lease } = setup();
-    lease().acquire(a);
-    expect(lease().handOver(a, 1, b)).toMatchObject({ owner: "b", epoch: 2, nbd: b.nbd });
-    expect(() => lease().handOver(a, 1, b)).toThrow(/cannot hand over/);
-    expect(lease().reclaim(a, "b", 2)).toMatchObject({ owner: "a", epoch: 3 });
-    expect(() => lease().renew(b, 2)).toThrow(/lease lost/); // the late adopter is fenced
+    const again = la.handOver(a, 3, b);
+    lb.renew(b, 4); // b adopted: its claim
+    expect(() => la.reclaim(a, again)).toThrow(/cannot reclaim: record is b@4, renewed by it/);
+    expect(lb.read()).toMatchObject({ owner: "b", epoch: 4, pid: 2 });
   });
 
   it("releases so the next owner can take it at once with a new epoch", () => {
-    const { lease } = setup();
-    lease().acquire(a);
-    lease().release(a, 1);
-    expect(lease().acquire(b)).toMatchObject({ owner: "b", epoch: 2 });
+    const { node } = setup();
+    const la = node(1);
+    la.acquire(a);
+    la.release(a, 1);
+    expect(node(2).acquire(b)).toMatchObject({ owner: "b", epoch: 2 });
   });
 
   it("writes the record atomically beside the image", () => {
-    const { img, lease } = setup();
-    lease().acquire(a);
+    const { img, node } = setup();
+    node(1).acquire(a);
     const files = fs.readdirSync(path.dirname(img));
     expect(files).toEqual(["disk.img.lease"]);
     expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8")).owner).toBe("a");
+  });
+
+  it("never breaks the lock of a live holder, however old (a paused holder's rename cannot overwrite a newer record); breaks a dead holder's at once", () => {
+    const { img, node, dead } = setup();
+    node(1).acquire(a);
+    fs.writeFileSync(`${img}.lease.lock`, "h 5 token");
+    fs.utimesSync(`${img}.lease.lock`, new Date(0), new Date(0)); // an hour-old lock
+    const t0 = Date.now();
+    expect(() => node(2).acquire(b)).toThrow(/lock held for too long/);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(4900);
+    expect(fs.readFileSync(`${img}.lease.lock`, "utf8")).toBe("h 5 token"); // still the holder's
+    dead.add(5);
+    expect(() => node(2).acquire(b)).toThrow(/owned by a/); // got the lock; the lease is a's
+    expect(fs.existsSync(`${img}.lease.lock`)).toBe(false);
+  }, 15_000);
+
+  it("removes only its own lock: a holder whose lock was replaced leaves the new one alone", () => {
+    const { img, node } = setup();
+    const la = node(1);
+    la.acquire(a);
+    const lockFile = `${img}.lease.lock`;
+    // Another process takes the lock while a renews (as after a wrongly broken lock): a's unlock must not remove it.
+    const orig = fs.renameSync;
+    try {
+      (fs as { renameSync: typeof fs.renameSync }).renameSync = (from, to) => {
+        orig(from, to);
+        fs.writeFileSync(lockFile, "h 9 other");
+      };
+      la.renew(a, 1);
+    } finally {
+      (fs as { renameSync: typeof fs.renameSync }).renameSync = orig;
+    }
+    expect(fs.readFileSync(lockFile, "utf8")).toBe("h 9 other");
   });
 });

@@ -1,11 +1,13 @@
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import type { Ownership } from "./ownership.js";
 
 /**
  * The ownership record of one image, kept beside it as IMAGE.lease (JSON, written atomically by
- * rename). Every change of owner bumps `epoch`, the fencing token. A lease is valid for `ttlMs`
- * after `leaseStart`; only its owner renews it, and another node may break it only after expiry.
+ * rename). Every change of owner bumps `epoch`, the fencing token. Only its owner renews it (each
+ * renewal bumps `serial`); another node may break it only once it saw the same record, unrenewed,
+ * for `ttlMs` of its own monotonic clock, or once the owner's process is gone.
  */
 export interface LeaseRecord {
   image: string;
@@ -14,8 +16,14 @@ export interface LeaseRecord {
   nbd: string;
   control: string;
   epoch: number;
+  /** Wall-clock time of the last renewal, for people reading the record; never compared by nodes. 0: released. */
   leaseStart: number;
   ttlMs: number;
+  /** Bumped by every renewal: what an observer watches to tell a live lease from a dead one. */
+  serial?: number;
+  /** The owner's process and host: on this host, a record whose process is gone is free at once. */
+  pid?: number;
+  host?: string;
   /**
    * The image is not shared with the owner: it is this node's own copy (a live copy went to or
    * came from here). Its owner never renews this record, so its expiry means nothing: no node
@@ -42,22 +50,58 @@ export class LeaseError extends Error {
 
 export const DEFAULT_TTL_MS = 10_000;
 
+export interface LeaseFileOptions {
+  /** Monotonic milliseconds (default performance.now): how long this process watched a record. */
+  monotonic?: () => number;
+  /** Wall-clock milliseconds written into records for people to read (default Date.now). */
+  wall?: () => number;
+  /** Whether process `pid` of this host runs (default: kill(pid, 0)). */
+  alive?: (pid: number) => boolean;
+  /** This process (default process.pid) and host (default os.hostname()). */
+  pid?: number;
+  host?: string;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 /**
  * The ownership record kept in a file beside the image (IMAGE.lease): for nodes on one machine,
- * which share its file system. Read-modify-write is serialised by an O_EXCL lock file; expiry is
- * judged by this machine's wall clock, which all such nodes share.
+ * which share its file system. Read-modify-write is serialised by a lock file that names its
+ * holder's process; a lock is broken only when that process is gone. No two clocks are compared:
+ * a lease expires for an observer when the record went unrenewed for its ttl on the observer's own
+ * monotonic clock (a node skewed by hours sees the same), or at once when the owner's process on
+ * this host is gone. Each node keeps one LeaseFile per image (it remembers what it observed).
  */
 export class LeaseFile implements Ownership {
   readonly file: string;
   private readonly lockFile: string;
+  private readonly monotonic: () => number;
+  private readonly wall: () => number;
+  private readonly alive: (pid: number) => boolean;
+  private readonly pid: number;
+  private readonly host: string;
+  /** The foreign record last seen, and when (monotonic) it was first seen as it is. */
+  private seen: { key: string; at: number } | null = null;
 
   constructor(
     readonly image: string,
-    private readonly now: () => number = Date.now,
+    opts: LeaseFileOptions = {},
   ) {
     const abs = path.resolve(image);
     this.file = `${abs}.lease`;
     this.lockFile = `${abs}.lease.lock`;
+    this.monotonic = opts.monotonic ?? (() => performance.now());
+    this.wall = opts.wall ?? Date.now;
+    this.alive = opts.alive ?? processAlive;
+    this.pid = opts.pid ?? process.pid;
+    this.host = opts.host ?? os.hostname();
   }
 
   get where(): string {
@@ -77,17 +121,40 @@ export class LeaseFile implements Ownership {
     return r;
   }
 
-  expired(r: LeaseRecord): boolean {
-    return this.now() >= r.leaseStart + r.ttlMs;
+  /** The record was written by this very process (not an earlier one of the same node id). */
+  private mine(r: LeaseRecord, me: NodeIdentity): boolean {
+    return r.owner === me.nodeId && (r.pid === undefined || (r.pid === this.pid && r.host === this.host));
   }
 
-  /** Takes the lease for `me` if it is free, expired, or already mine. Bumps the epoch on a change of owner. */
+  /** The process that owns `r` ran on this host and is gone: nothing of it can write any more. */
+  private ownerGone(r: LeaseRecord): boolean {
+    return r.host === this.host && r.pid !== undefined && r.pid !== this.pid && !this.alive(r.pid);
+  }
+
+  /**
+   * Whether `r` may be broken by this process: released, its owner's process gone, or unchanged
+   * (same owner, epoch and renewal) for its whole ttl since this process first saw it so.
+   */
+  expired(r: LeaseRecord): boolean {
+    if (r.leaseStart === 0 || this.ownerGone(r)) return true;
+    const key = `${r.owner}@${r.epoch}#${r.serial ?? r.leaseStart}`;
+    const now = this.monotonic();
+    if (this.seen?.key !== key) {
+      this.seen = { key, at: now };
+      return false;
+    }
+    return now - this.seen.at >= r.ttlMs;
+  }
+
+  /** Takes the lease for `me` if it is free, expired, or already mine. Bumps the epoch on a change of owner or process. */
   acquire(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
     return this.update((cur) => {
+      const same = !!cur && this.mine(cur, me);
       if (cur && cur.owner !== me.nodeId && cur.private) throw new LeaseError(`image is a copy; its data is owned by ${cur.owner} (epoch ${cur.epoch}), whose record here never expires`, cur);
-      if (cur && cur.owner !== me.nodeId && !this.expired(cur))
-        throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}) until ${new Date(cur.leaseStart + cur.ttlMs).toISOString()}`, cur);
-      const epoch = !cur ? 1 : cur.owner === me.nodeId ? cur.epoch : cur.epoch + 1;
+      if (cur && !same && !(cur.owner === me.nodeId && cur.private) && !this.expired(cur))
+        throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}${cur.owner === me.nodeId ? `, an earlier process ${cur.pid}` : ""}); its lease has not expired`, cur);
+      // A new owner, or a new process of the same node (an old one may be frozen, not dead): a new epoch.
+      const epoch = !cur ? 1 : same || cur.private ? cur.epoch : cur.epoch + 1;
       return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
     });
   }
@@ -100,43 +167,47 @@ export class LeaseFile implements Ownership {
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return this.record(me, cur.owner === me.nodeId ? cur.epoch : cur.epoch + 1, ttlMs);
+      return this.record(me, cur.epoch + 1, ttlMs);
     });
     return taken ? r : null;
   }
 
-  /** Extends my lease; fails (LeaseError) if the record no longer names me at `epoch`. */
+  /** Extends my lease; fails (LeaseError) if the record no longer names me (this process) at `epoch`. */
   renew(me: NodeIdentity, epoch: number): LeaseRecord {
     return this.update((cur) => {
-      if (!cur || cur.owner !== me.nodeId || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
-      return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.now() };
+      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+      return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.wall(), serial: (cur.serial ?? 0) + 1, pid: this.pid, host: this.host };
     });
   }
 
   /** Hands my lease (held at `epoch`) to `to` with epoch + 1. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS, privateCopy = false): LeaseRecord {
     return this.update((cur) => {
-      if (!cur || cur.owner !== me.nodeId || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
-      return { ...this.record(to, epoch + 1, ttlMs), ...(privateCopy ? { private: true } : {}) };
+      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+      // The peer's process is not known here: the record names no process until the peer renews it.
+      const { pid: _pid, host: _host, ...rec } = this.record(to, epoch + 1, ttlMs);
+      return { ...rec, ...(privateCopy ? { private: true } : {}) };
     });
   }
 
   /**
-   * Takes the lease back after a hand-over that did not complete, if the record still shows the
-   * hand-over (`to` at `epoch`) or an expired lease. Bumps the epoch so a late adopter is fenced.
+   * Takes the lease back after a hand-over that did not complete: only while the record still
+   * shows that very hand-over (`handed`, never renewed by the peer, which would mean it adopted),
+   * or names me, or expired. Bumps the epoch so a late adopter is fenced.
    */
-  reclaim(me: NodeIdentity, to: string, epoch: number, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
+  reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
     return this.update((cur) => {
-      const ok = !cur || (cur.owner === to && cur.epoch === epoch) || cur.owner === me.nodeId || this.expired(cur);
-      if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}`, cur);
-      return this.record(me, (cur?.epoch ?? epoch) + 1, ttlMs);
+      const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && (cur.serial ?? 0) === (handed.serial ?? 0) && cur.pid === undefined;
+      const ok = !cur || untouched || this.mine(cur, me) || this.expired(cur);
+      if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
+      return this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs);
     });
   }
 
-  /** Gives up my lease (the record stays, expired, so the next owner bumps the epoch). */
+  /** Gives up my lease (the record stays, released, so the next owner bumps the epoch). */
   release(me: NodeIdentity, epoch: number): void {
     this.update((cur) => {
-      if (!cur || cur.owner !== me.nodeId || cur.epoch !== epoch) return null;
+      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return null;
       return { ...cur, leaseStart: 0 };
     });
   }
@@ -150,7 +221,7 @@ export class LeaseFile implements Ownership {
   }
 
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {
-    return { image: path.resolve(this.image), owner: who.nodeId, nbd: who.nbd, control: who.control, epoch, leaseStart: this.now(), ttlMs };
+    return { image: path.resolve(this.image), owner: who.nodeId, nbd: who.nbd, control: who.control, epoch, leaseStart: this.wall(), ttlMs, serial: 0, pid: this.pid, host: this.host };
   }
 
   private update(fn: (cur: LeaseRecord | null) => LeaseRecord | null): LeaseRecord {
@@ -159,7 +230,7 @@ export class LeaseFile implements Ownership {
       const cur = this.read();
       const next = fn(cur);
       if (!next) return cur!;
-      const tmp = `${this.file}.${process.pid}.tmp`;
+      const tmp = `${this.file}.${this.pid}.tmp`;
       fs.writeFileSync(tmp, JSON.stringify(next, null, 2) + "\n");
       fs.renameSync(tmp, this.file);
       return next;
@@ -168,24 +239,42 @@ export class LeaseFile implements Ownership {
     }
   }
 
-  /** A short exclusive lock around read-modify-write; a lock older than 5 s is stale and removed. */
+  /**
+   * A short exclusive lock around read-modify-write: a lock file holding this process's id. It is
+   * broken only when the process it names is gone (a paused holder keeps it, so its late rename can
+   * never overwrite a newer record), and removed only by its holder.
+   */
   private lock(): () => void {
+    const token = `${this.host} ${this.pid} ${Math.random().toString(36).slice(2)}`;
     const deadline = Date.now() + 5000;
     for (;;) {
       try {
-        const fd = fs.openSync(this.lockFile, "wx");
-        fs.closeSync(fd);
-        return () => fs.rmSync(this.lockFile, { force: true });
+        fs.writeFileSync(this.lockFile, token, { flag: "wx" });
+        return () => {
+          try {
+            if (fs.readFileSync(this.lockFile, "utf8") === token) fs.rmSync(this.lockFile, { force: true });
+          } catch {
+            /* gone */
+          }
+        };
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-        try {
-          if (Date.now() - fs.statSync(this.lockFile).mtimeMs > 5000) fs.rmSync(this.lockFile, { force: true });
-        } catch {
-          /* gone meanwhile */
-        }
+        this.breakDeadLock();
         if (Date.now() > deadline) throw new Error(`${this.lockFile}: lock held for too long`);
         Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
       }
+    }
+  }
+
+  /** Removes the lock file if the process that holds it is gone (an empty file: its writer died before writing). */
+  private breakDeadLock(): void {
+    try {
+      const text = fs.readFileSync(this.lockFile, "utf8");
+      const [host, pid] = text.split(" ");
+      const dead = text === "" ? Date.now() - fs.statSync(this.lockFile).mtimeMs > 5000 : host === this.host && !this.alive(Number(pid));
+      if (dead && fs.readFileSync(this.lockFile, "utf8") === text) fs.rmSync(this.lockFile, { force: true });
+    } catch {
+      /* gone meanwhile */
     }
   }
 }

@@ -11,23 +11,32 @@ import type { LeaseRecord, NodeIdentity } from "./lease.js";
  *   method expects (another owner, another epoch, a lease not yet expired), it changes nothing and
  *   throws `LeaseError` carrying the record it found.
  * - Every change of owner bumps the epoch; epochs never go back.
- * - A lease is broken only after it expired (`takeOver`), never while its owner may still use it;
- *   an owner trusts its lease only until a local deadline shorter than the lease.
+ * - A lease is broken only after it expired (`takeOver`), never while its owner may still use it:
+ *   expiry is judged on the observer's own monotonic clock (a record unrenewed for the lease time
+ *   since the observer saw it so), never by comparing two nodes' wall clocks; an owner trusts its
+ *   lease only until a local monotonic deadline shorter than the lease, measured from before the
+ *   renewal that granted it.
  */
 export interface Ownership {
   /** Where the record lives, for messages. */
   readonly where: string;
   read(): LeaseRecord | null;
-  /** Takes the lease if it is free, expired, or already mine. */
+  /** Takes the lease if it is free, expired, or already mine (this process's). */
   acquire(me: NodeIdentity, ttlMs: number): LeaseRecord;
-  /** Extends my lease held at `epoch`. */
+  /**
+   * Extends my lease held at `epoch`. The first renewal by a node the lease was handed to is its
+   * claim: from then on the hand-over can no longer be taken back.
+   */
   renew(me: NodeIdentity, epoch: number): LeaseRecord;
-  /** Hands my lease (at `epoch`) to `to`, at epoch + 1. */
+  /** Hands my lease (at `epoch`) to `to`, at epoch + 1: the commit point of a move. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): LeaseRecord;
   /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */
   takeOver(me: NodeIdentity, ttlMs: number): LeaseRecord | null;
-  /** Takes the lease back after a hand-over to `to` at `epoch` that did not complete. */
-  reclaim(me: NodeIdentity, to: string, epoch: number, ttlMs: number): LeaseRecord;
+  /**
+   * Takes the lease back after a hand-over (`handed`, as handOver returned it) that did not
+   * complete: only while the peer has not claimed it (renewed it), or once it expired.
+   */
+  reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs: number): LeaseRecord;
   /** Gives up my lease at `epoch` (the next owner bumps the epoch). */
   release(me: NodeIdentity, epoch: number): void;
   /** Names `who` owner at `epoch` unconditionally: only for a node's own copy of an image. */

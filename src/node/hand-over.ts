@@ -1,12 +1,17 @@
-import { controlCall, getStatus } from "../control/control-client.js";
+import { ControlError, controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
+import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { completeCopyTarget } from "./copy-target.js";
+import { renew } from "./lease-keeper.js";
 import { parseHostPort, type MoveResult, type NodeContext } from "./node-context.js";
 
 /*
- * A move with shared storage (MISSION.md, "Sequence of a move"): the owner's redirector holds new
- * requests, drains and flushes port A, hands the lease to the peer (the commit point) and asks it
- * to adopt; then forwards the held requests through port B. A failed hand-over rolls back.
+ * A move (MISSION.md, "Sequence of a move"): the owner's redirector holds new requests, drains
+ * and flushes port A, hands the lease to the peer and asks it to adopt; then forwards the held
+ * requests through port B. The commit point is the peer's claim of the handed lease — its first
+ * renewal of the shared record, or (a live copy, where each node keeps its own record) its answer
+ * that it adopted. Before it, the owner takes the lease back and rolls back; after it, the owner
+ * follows the peer, whatever the adopt call said (it may have timed out).
  */
 
 /** Moves export `name` from this node (its owner) to the node whose control API is at `to`. */
@@ -19,39 +24,89 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
   if (!beforeRelease && !peer.exports.some((e) => e.name === name)) throw new HttpError(409, `peer ${peer.nodeId} does not serve "${name}"`);
   const t0 = performance.now();
   const myEpoch = m.epoch;
-  let handed = 0;
+  let handed: LeaseRecord | null = null;
   const { held } = await m.redirector.moveOut({
     beforeRelease,
     // Port B to the peer, opened before the hold so its connection costs no stall.
     prepare: () => m.pair.openRemote(parseHostPort(peer.nbd)),
     assign: async () => {
-      handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy).epoch;
+      handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       m.epoch = null;
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed }, 10_000);
+      m.validUntil = 0;
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch }, node.adoptTimeoutMs);
     },
     reclaim: async () => {
-      m.epoch = m.lease.reclaim(node.identity, peer.nodeId, handed || myEpoch + 1, node.ttlMs).epoch;
+      if (!handed) {
+        // Nothing was handed over: the lease is still mine if the record says so.
+        renew(node, m, myEpoch);
+        m.epoch = myEpoch;
+        return;
+      }
+      // A live copy's peer keeps its own record: only its answer tells whether it adopted.
+      if (privateCopy) await refuseAdoption(node, to, name, handed.epoch);
+      m.epoch = m.lease.reclaim(node.identity, handed, node.ttlMs).epoch;
     },
   });
   const ms = performance.now() - t0;
-  node.opts.log.info({ export: name, to: peer.nodeId, epoch: handed, ms: Math.round(ms) }, "export moved");
-  return { export: name, from: node.identity.nodeId, to: peer.nodeId, epoch: handed, ms, held };
+  const epoch = (handed as LeaseRecord | null)?.epoch ?? myEpoch;
+  node.opts.log.info({ export: name, to: peer.nodeId, epoch, ms: Math.round(ms) }, "export moved");
+  return { export: name, from: node.identity.nodeId, to: peer.nodeId, epoch, ms, held };
 }
 
-/** Takes ownership of `name` after its owner handed the lease to this node at `epoch`. */
+/**
+ * Asks the peer never to adopt `name` at `epoch`. Resolves once it agreed; throws (the owner then
+ * follows the peer) if it adopted already. While the peer cannot be reached the question is
+ * asked again — the held requests wait — since neither answer can be assumed.
+ */
+async function refuseAdoption(node: NodeContext, to: string, name: string, epoch: number): Promise<void> {
+  for (let delay = 100; ; delay = Math.min(delay * 2, 2000)) {
+    try {
+      await controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, { epoch }, node.adoptTimeoutMs);
+      return;
+    } catch (err) {
+      if (err instanceof ControlError && err.status === 409) throw new Error(`${name}: the peer adopted it at epoch ${epoch} after all`);
+      if (err instanceof ControlError && err.status >= 400 && err.status < 500) throw err;
+      node.opts.log.warn({ export: name, err: (err as Error).message }, "cannot ask the peer whether it adopted; asking again (requests wait)");
+      await new Promise((r) => setTimeout(r, delay));
+    }
+  }
+}
+
+/**
+ * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
+ * step is the claim (see above); an epoch the owner took back first is refused (409).
+ */
 export async function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
   const m = node.find(name);
-  await completeCopyTarget(node, m, epoch);
-  const r = m.lease.read();
-  if (!r || r.owner !== node.identity.nodeId || r.epoch !== epoch)
-    throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);
-  m.epoch = epoch;
+  if (epoch <= m.refused) throw new HttpError(409, `${name}: the owner took epoch ${epoch} back`);
+  if (m.adopting !== null) throw new HttpError(409, `${name}: adopting epoch ${m.adopting} already`);
+  m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
   try {
+    await completeCopyTarget(node, m, epoch);
+    try {
+      renew(node, m, epoch); // the claim
+    } catch (err) {
+      if (!(err instanceof LeaseError)) throw err;
+      const r = err.current;
+      throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);
+    }
+    m.epoch = epoch;
     await m.redirector.adopt();
   } catch (err) {
     m.epoch = null;
     throw err;
+  } finally {
+    m.adopting = null;
   }
-  m.lease.renew(node.identity, epoch);
   node.opts.log.info({ export: name, epoch }, "export adopted");
+}
+
+/**
+ * The owner gave up a hand-over at `epoch` (its adopt call failed or timed out): never adopt it
+ * now. 409 if this node adopts or adopted it already: the owner must follow this node then.
+ */
+export function refuse(node: NodeContext, name: string, epoch: number): void {
+  const m = node.find(name);
+  if (m.adopting === epoch || (m.epoch !== null && m.epoch >= epoch)) throw new HttpError(409, `${name}: adopted at epoch ${m.adopting ?? m.epoch} already`);
+  m.refused = Math.max(m.refused, epoch);
 }

@@ -15,26 +15,47 @@ const FRESH = 0.8;
 /**
  * Whether port A may write now: yes while the lease renewed last is fresh; past that (this node
  * was paused, or renewals stalled) the record decides, and a lost lease fences port A at once.
+ * When the record cannot be read (a lock held too long, EACCES, ESTALE) nothing is decided: the
+ * write waits, checking again, until the record answers. It never goes ahead unchecked.
  */
-export function mayWrite(node: NodeContext, m: Managed): boolean {
+export function mayWrite(node: NodeContext, m: Managed): boolean | Promise<boolean> {
+  const now = decide(node, m);
+  if (now !== null) return now;
+  return (async () => {
+    for (let delay = 10; ; delay = Math.min(delay * 2, 200)) {
+      await new Promise((r) => setTimeout(r, delay));
+      const later = decide(node, m);
+      if (later !== null) return later;
+    }
+  })();
+}
+
+/** true: write; false: fenced; null: the record cannot tell now. */
+function decide(node: NodeContext, m: Managed): boolean | null {
   if (m.epoch === null) return false;
   if (performance.now() < m.validUntil) return true;
   try {
     renew(node, m, m.epoch);
     return true;
   } catch (err) {
-    // A record that cannot be read right now (an I/O hiccup) is left to the renewal loop.
-    if (!(err instanceof LeaseError)) return true;
+    if (!(err instanceof LeaseError)) {
+      node.opts.log.warn({ export: m.name, err: (err as Error).message }, "lease record unreadable before a write: the write waits");
+      return null;
+    }
     node.opts.log.error({ export: m.name, err: err.message }, "lease lost before a write: fencing port A");
     m.epoch = null;
     return false; // the redirector fences port A and sends the request to the new owner
   }
 }
 
-/** Extends my lease of `m` at `epoch` and trusts it for a share of its time from now. */
+/**
+ * Extends my lease of `m` at `epoch` and trusts it for a share of its time, counted from before
+ * the renewal: a pause inside renew() shortens the trust, it never extends it.
+ */
 export function renew(node: NodeContext, m: Managed, epoch: number): void {
+  const t0 = performance.now();
   m.lease.renew(node.identity, epoch);
-  m.validUntil = performance.now() + node.ttlMs * FRESH;
+  m.validUntil = t0 + node.ttlMs * FRESH;
 }
 
 /** The NBD address of the owner that `lease` names; an EOWNER error if that is this node. */
@@ -48,23 +69,33 @@ export function locateOwner(node: NodeContext, lease: Ownership): { host: string
 /** One tick of the renewal loop over every export of the node. */
 export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
   for (const m of exports) {
-    if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
-      takeOverIfExpired(node, m);
-      continue;
-    }
-    if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) continue;
     try {
-      renew(node, m, m.epoch);
+      renewOne(node, m);
     } catch (err) {
-      if (!(err instanceof LeaseError)) {
-        node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease renewal failed");
-        continue;
-      }
-      // Someone broke my lease: stop writing through port A at once and follow the new owner.
-      node.opts.log.error({ export: m.name, err: err.message }, "lease lost: fencing port A");
-      m.epoch = null;
-      void m.redirector.fence();
+      // One export's trouble (an unreadable record) is no reason to stop the others' renewals.
+      node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease check failed");
     }
+  }
+}
+
+/** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */
+function renewOne(node: NodeContext, m: Managed): void {
+  if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+    takeOverIfExpired(node, m);
+    return;
+  }
+  if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) return;
+  try {
+    renew(node, m, m.epoch);
+  } catch (err) {
+    if (!(err instanceof LeaseError)) {
+      node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease renewal failed");
+      return;
+    }
+    // Someone broke my lease: stop writing through port A at once and follow the new owner.
+    node.opts.log.error({ export: m.name, err: err.message }, "lease lost: fencing port A");
+    m.epoch = null;
+    void m.redirector.fence();
   }
 }
 
@@ -82,6 +113,7 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
   }
   node.opts.log.warn({ export: m.name, epoch }, "lease of the owner expired: taking the image over");
   m.epoch = epoch;
+  m.validUntil = 0;
   m.redirector.adopt().catch((err: Error) => {
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
     m.epoch = null;

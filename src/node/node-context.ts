@@ -33,6 +33,10 @@ export interface Managed {
   private: boolean;
   /** The live copy of this export to a peer, while one runs (and its last state after). */
   copy: LiveCopy | null;
+  /** The epoch this node is adopting right now (see hand-over.ts), or null. */
+  adopting: number | null;
+  /** Epochs up to this one were taken back by their owner: never adopt them (0: none). */
+  refused: number;
   /** Set while this node is the destination of a live copy: the export the source writes into. */
   target: { exp: Export; marker: string } | null;
 }
@@ -63,6 +67,8 @@ export interface StorageNodeOptions {
   /** Directory where this node creates the images it receives by live copy (--data-dir). */
   dataDir?: string;
   io?: IoMode;
+  /** How long an owner waits for a peer's answer to adopt before it takes the hand-over back (default 10 s). */
+  adoptTimeoutMs?: number;
   /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
   peerTls?: RemotePortOptions["tls"];
 }
@@ -80,6 +86,8 @@ export interface MoveResult {
 export interface NodeContext {
   readonly identity: NodeIdentity;
   readonly ttlMs: number;
+  /** See StorageNodeOptions.adoptTimeoutMs. */
+  readonly adoptTimeoutMs: number;
   readonly opts: StorageNodeOptions;
   readonly publisher: ExportPublisher | null;
   /** The export `name`, or a 404. */

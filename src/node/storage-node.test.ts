@@ -79,4 +79,54 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     await a.close();
     await exp.close().catch(() => undefined);
   });
+
+  it("trusts a renewal from before it started, not from when it returned: a pause inside renew() shortens the trust", async () => {
+    const img = image();
+    const ttlMs = 60_000;
+    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+    const exp = a.createExport({ source: img, name: "disk" });
+    await exp.open();
+    let t = performance.now();
+    vi.spyOn(performance, "now").mockImplementation(() => t);
+    const real = LeaseFile.prototype.renew;
+    const renew = vi.spyOn(LeaseFile.prototype, "renew").mockImplementation(function (this: LeaseFile, ...args) {
+      t += 0.5 * ttlMs; // the process was paused in the middle of the renewal
+      return real.apply(this, args);
+    });
+    await exp.layer.pwrite(Buffer.alloc(4096, 1), 0, plainIo); // past the deadline (none yet): checks and renews
+    expect(renew).toHaveBeenCalledTimes(1);
+    renew.mockClear();
+    // 0.85 of the lease after the renewal began: past the 0.8 share of it, so the record is checked again.
+    t += 0.35 * ttlMs;
+    await exp.layer.pwrite(Buffer.alloc(4096, 2), 4096, plainIo);
+    expect(renew).toHaveBeenCalledTimes(1);
+    await exp.close();
+    await a.close();
+  });
+
+  it("waits, never writes, while the record past the deadline cannot be read; writes once it can", async () => {
+    const img = image();
+    const ttlMs = 60_000;
+    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+    const exp = a.createExport({ source: img, name: "disk" });
+    await exp.open();
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x11), 0, plainIo);
+    const t0 = performance.now();
+    vi.spyOn(performance, "now").mockImplementation(() => t0 + 0.9 * ttlMs);
+    const renew = vi.spyOn(LeaseFile.prototype, "renew").mockImplementation(() => {
+      throw Object.assign(new Error("EACCES: permission denied, open 'disk.img.lease'"), { code: "EACCES" });
+    });
+    let done = false;
+    const w = exp.layer.pwrite(Buffer.alloc(4096, 0x44), 4096, plainIo).then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(done).toBe(false);
+    expect(readAt(img, 4096, 4096).every((b) => b === 0)).toBe(true);
+    expect(renew.mock.calls.length).toBeGreaterThan(1); // it keeps asking
+    renew.mockRestore();
+    await w;
+    expect(readAt(img, 4096, 4096).every((b) => b === 0x44)).toBe(true);
+    expect(a.status().exports[0]).toMatchObject({ state: "LOCAL", owner: "a", epoch: 1 });
+    await exp.close();
+    await a.close();
+  });
 });

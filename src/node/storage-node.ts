@@ -8,7 +8,7 @@ import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../st
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget } from "./copy-target.js";
-import { adopt, moveOut } from "./hand-over.js";
+import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
@@ -64,7 +64,7 @@ export class StorageNode {
         return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;
       },
     });
-    m = { name: spec.name, image: bottom.path, lease, epoch, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
+    m = { name: spec.name, image: bottom.path, lease, epoch, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
     return exp;
   }
@@ -142,8 +142,12 @@ export class StorageNode {
     return createCopyTarget(this.context, name, size, owner, epoch);
   }
 
-  /** The source gave up a live copy into this node: see copy-target.ts. */
-  abandonCopyTarget(name: string): Promise<void> {
+  /**
+   * The source gave up a live copy into this node (see copy-target.ts); with `epoch`, after handing
+   * it over at that epoch: 409 if this node adopted it already (see hand-over.ts).
+   */
+  abandonCopyTarget(name: string, epoch?: number): Promise<void> {
+    if (epoch !== undefined) refuse(this.context, name, epoch);
     return abandonCopyTarget(this.context, name);
   }
 
@@ -162,6 +166,9 @@ export class StorageNode {
       },
       get ttlMs() {
         return node.ttlMs;
+      },
+      get adoptTimeoutMs() {
+        return node.opts.adoptTimeoutMs ?? 10_000;
       },
       get opts() {
         return node.opts;

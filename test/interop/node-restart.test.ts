@@ -27,11 +27,13 @@ describe.skipIf(!needTools("nbdsh"))("restarting a node with the same configurat
       nbdsh(srv.uris[0]!, [put(0x11, 65536, 0), "h.flush()", put(0x22, 65536, MiB, true), put(0x44, 65536, 3 * MiB)].join("; "));
       expect(await srv.stop("SIGTERM")).toBe(0); // the flush at shutdown makes 0x44 durable
       srv = await serve(args, 2);
-      expect((await getStatus(controlUrl(srv))).exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 1, state: "LOCAL" });
+      // Every new process of the node owns the image at a new epoch: a frozen old one could not write.
+      expect((await getStatus(controlUrl(srv))).exports[0]).toMatchObject({ name: "disk", owner: "a", epoch: 2, state: "LOCAL" });
       nbdsh(srv.uris[0]!, [check(0x11, 65536, 0), check(0x22, 65536, MiB), check(0x44, 65536, 3 * MiB), put(0x33, 4096, 2 * MiB, true), put(0x55, 4096, 4 * MiB)].join("; "));
       await srv.stop("SIGKILL");
       srv = await serve(args, 2);
-      expect((await getStatus(controlUrl(srv))).exports[0]).toMatchObject({ owner: "a", epoch: 1, state: "LOCAL" });
+      // The killed process is gone (its pid no longer runs on this host): its lease is free at once.
+      expect((await getStatus(controlUrl(srv))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
       // FUA and flushed writes survived the kill; the unflushed 0x55 did not (the control that the kill really loses data).
       nbdsh(srv.uris[0]!, [check(0x33, 4096, 2 * MiB), check(0x11, 65536, 0), check(0x44, 65536, 3 * MiB), check(0, 4096, 4 * MiB)].join("; "));
     } finally {

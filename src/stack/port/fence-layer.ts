@@ -12,30 +12,38 @@ export function isFenced(err: unknown): boolean {
 /**
  * Epoch fencing at port A: every write-type request (write, zero, trim, flush) asks `mayWrite()`
  * first — a comparison with the lease's deadline while the lease is fresh, a check of the record
- * itself once it is not (a node that was paused longer than its lease). A refused request fails
+ * itself once it is not (a node that was paused longer than its lease); a request waits while
+ * the record cannot be read. A refused request fails
  * with an EFENCED error, which the port redirector turns into a held request that goes, once the
  * fence has moved the export to port B, to the new owner: never into the image a second time.
  */
 export class FenceLayer extends PassthroughLayer {
+  /** `mayWrite` answers at once (true/false) or, when it cannot tell yet, with a promise. */
   constructor(
     next: Layer,
-    private readonly mayWrite: () => boolean,
+    private readonly mayWrite: () => boolean | Promise<boolean>,
   ) {
     super(next);
+  }
+  private gate(op: string, go: () => Promise<void>): Promise<void> {
+    const ok = this.mayWrite();
+    if (ok === true) return go();
+    if (ok === false) return this.refuse(op);
+    return ok.then((yes) => (yes ? go() : this.refuse(op)));
   }
   private refuse(op: string): Promise<never> {
     return Promise.reject(fencedError(`${op} refused at port A: this node no longer owns the resource`));
   }
   override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.mayWrite() ? this.next.pwrite(buf, offset, io) : this.refuse("write");
+    return this.gate("write", () => this.next.pwrite(buf, offset, io));
   }
   override zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.mayWrite() ? this.next.zero(length, offset, io) : this.refuse("zero");
+    return this.gate("zero", () => this.next.zero(length, offset, io));
   }
   override trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.mayWrite() ? this.next.trim(length, offset, io) : this.refuse("trim");
+    return this.gate("trim", () => this.next.trim(length, offset, io));
   }
   override flush(io: Io): Promise<void> {
-    return this.mayWrite() ? this.next.flush(io) : this.refuse("flush");
+    return this.gate("flush", () => this.next.flush(io));
   }
 }

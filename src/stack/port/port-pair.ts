@@ -13,8 +13,8 @@ import { RemotePort, type RemotePortOptions } from "./remote-port.js";
 export interface PortPairOwner {
   /** This node owns the resource when the stack opens (port A first; otherwise port B). */
   owned: boolean;
-  /** Asked before every write through port A: false fences it (see FenceLayer). */
-  mayWrite(): boolean;
+  /** Asked before every write through port A: false fences it; a promise makes it wait (see FenceLayer). */
+  mayWrite(): boolean | Promise<boolean>;
   /** The current owner's NBD address (port B connects there, and again on every reconnect). */
   locate(): NbdAddress;
   /** Whether this node still owns the resource (an adopting node checks before its own writes). */

@@ -68,6 +68,8 @@ export class PortRedirector implements Layer {
   private readonly inA = new InflightTracker();
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
+  /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
+  private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
   private bytes = 0;
   private moves = 0;
@@ -108,7 +110,7 @@ export class PortRedirector implements Layer {
     const b = this.b;
     await b?.close();
     await this.busy;
-    for (const h of this.held.splice(0)) h.reject(new NbdError("ESHUTDOWN", `${this.name}: closed during a move`));
+    for (const h of [...this.held.splice(0), ...(this.peerHeld?.splice(0) ?? [])]) h.reject(new NbdError("ESHUTDOWN", `${this.name}: closed during a move`));
     await Promise.all([this.inA.idle(), this.inB.idle()]);
     const a = this.a;
     this.a = this.b = null;
@@ -127,6 +129,9 @@ export class PortRedirector implements Layer {
       case "LOCAL":
         return this.viaA(run);
       case "REMOTE":
+        // Forwarded to this node because it is the owner now, while its port A still opens:
+        // sent back through port B they would only come here again.
+        if (io.peer && this.peerHeld) return this.holdPeer(run);
         return this.viaB(run);
       case "ADOPTING":
         if (io.peer) return this.viaA(run);
@@ -169,6 +174,12 @@ export class PortRedirector implements Layer {
     } finally {
       this.inB.leave();
     }
+  }
+
+  private holdPeer<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.peerHeld!.push({ run, resolve: resolve as (v: unknown) => void, reject });
+    });
   }
 
   private hold<T>(run: (port: Layer) => Promise<T>): Promise<T> {
@@ -278,13 +289,20 @@ export class PortRedirector implements Layer {
     void this.serial(async () => {
       if (this.st === "LOCAL") return opened();
       if (this.st !== "REMOTE") return failed(new NbdError("EINVAL", `${this.name}: cannot adopt while ${this.st}`));
+      this.peerHeld = [];
       try {
         this.a = await this.ports.openLocal();
       } catch (err) {
+        const q = this.peerHeld;
+        this.peerHeld = null;
+        for (const h of q) this.viaB(h.run).then(h.resolve, h.reject);
         failed(err);
         return;
       }
       this.st = "ADOPTING";
+      const q = this.peerHeld;
+      this.peerHeld = null;
+      for (const h of q) this.viaA(h.run).then(h.resolve, h.reject);
       opened();
       await this.inB.idle();
       if (this.ports.stillOwner && !this.ports.stillOwner()) {
