@@ -56,21 +56,20 @@ const field = <T>(offset: number, size: number, read: Field<T>["read"], write: F
   return { offset, size, read, write };
 };
 
-function uint(size: 1 | 2 | 4, le: boolean) {
+function uint(size: 1 | 2 | 4, read: (b: Buffer, at: number) => number, write: (b: Buffer, v: number, at: number) => unknown) {
   const max = 2 ** (8 * size) - 1;
   return (offset: number): Field<number> =>
-    field(offset, size, (b, at) => (le ? b.readUIntLE(at, size) : b.readUIntBE(at, size)), (b, v, at) => {
+    field(offset, size, read, (b, v, at) => {
       if (!Number.isInteger(v) || v < 0 || v > max) throw new Error(`${v} does not fit ${size * 8} bits`);
-      if (le) b.writeUIntLE(v, at, size);
-      else b.writeUIntBE(v, at, size);
+      write(b, v, at);
     });
 }
 
-export const u8 = uint(1, true);
-export const u16le = uint(2, true);
-export const u16be = uint(2, false);
-export const u32le = uint(4, true);
-export const u32be = uint(4, false);
+export const u8 = uint(1, (b, at) => b.readUInt8(at), (b, v, at) => b.writeUInt8(v, at));
+export const u16le = uint(2, (b, at) => b.readUInt16LE(at), (b, v, at) => b.writeUInt16LE(v, at));
+export const u16be = uint(2, (b, at) => b.readUInt16BE(at), (b, v, at) => b.writeUInt16BE(v, at));
+export const u32le = uint(4, (b, at) => b.readUInt32LE(at), (b, v, at) => b.writeUInt32LE(v, at));
+export const u32be = uint(4, (b, at) => b.readUInt32BE(at), (b, v, at) => b.writeUInt32BE(v, at));
 
 function u64(le: boolean) {
   return (offset: number): Field<number> =>
@@ -154,11 +153,17 @@ export function struct<F extends Fields>(name: string, fields: F, opts: { size?:
     if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > buf.length)
       throw new StructError(name, key, offset, `${length} bytes there do not fit the ${buf.length}-byte buffer`);
   };
-  const guard = <T>(key: string, at: number, fn: () => T): T => {
+  const readField = (buf: Buffer, key: string, f: Field<unknown>, at: number) => {
     try {
-      return fn();
+      return f.read(buf, at);
     } catch (err) {
-      if (err instanceof TooLarge) throw new StructError(name, key, at, err.message, err.value);
+      throw err instanceof TooLarge ? new StructError(name, key, at, err.message, err.value) : err;
+    }
+  };
+  const writeField = (buf: Buffer, key: string, f: Field<unknown>, value: unknown, at: number) => {
+    try {
+      f.write(buf, value, at);
+    } catch (err) {
       throw new StructError(name, key, at, (err as Error).message);
     }
   };
@@ -169,22 +174,22 @@ export function struct<F extends Fields>(name: string, fields: F, opts: { size?:
     read(buf, offset = 0) {
       fits(buf, offset, size, null);
       const out: Record<string, unknown> = {};
-      for (const [k, f] of list) out[k] = guard(k, offset + f.offset, () => f.read(buf, offset + f.offset));
+      for (const [k, f] of list) out[k] = readField(buf, k, f, offset + f.offset);
       return out as StructValue<F>;
     },
     write(buf, value, offset = 0) {
       fits(buf, offset, size, null);
-      for (const [k, f] of list) guard(k, offset + f.offset, () => f.write(buf, (value as Record<string, unknown>)[k], offset + f.offset));
+      for (const [k, f] of list) writeField(buf, k, f, (value as Record<string, unknown>)[k], offset + f.offset);
     },
     get(buf, key, offset = 0) {
       const f = fields[key]!;
       fits(buf, offset + f.offset, f.size, key);
-      return guard(key, offset + f.offset, () => f.read(buf, offset + f.offset)) as StructValue<F>[typeof key];
+      return readField(buf, key, f, offset + f.offset) as StructValue<F>[typeof key];
     },
     set(buf, key, value, offset = 0) {
       const f = fields[key]!;
       fits(buf, offset + f.offset, f.size, key);
-      guard(key, offset + f.offset, () => f.write(buf, value, offset + f.offset));
+      writeField(buf, key, f, value, offset + f.offset);
     },
   };
 }
