@@ -65,6 +65,10 @@ const Header = struct(
   { size: HEADER_SIZE },
 );
 
+/** One allocation map entry, one per block, ABSENT, ZEROED or slot + 2; the map is these back to back. */
+const MapEntry = struct("overlay map entry", { value: u32le(0) });
+export const MAP_ENTRY_SIZE = MapEntry.size;
+
 /** Names of the u64 fields in "out of range" errors. */
 const U64_NAMES: Record<string, string> = { virtualSize: "virtual size", baseSize: "base size", mapOffset: "map offset", mapEntries: "map entries", dataOffset: "data offset" };
 
@@ -90,7 +94,7 @@ const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
 export function newHeader(size: number, blockSize: number, backing: string, baseDescription: string): CowHeader {
   const mapEntries = Math.ceil(size / blockSize);
   const mapOffset = HEADER_SIZE;
-  const dataOffset = alignUp(mapOffset + alignUp(mapEntries * 4, MAP_PAGE), blockSize);
+  const dataOffset = alignUp(mapOffset + alignUp(mapEntries * MAP_ENTRY_SIZE, MAP_PAGE), blockSize);
   return { blockSize, virtualSize: size, baseSize: size, mapOffset, mapEntries, dataOffset, backing, baseDescription };
 }
 
@@ -162,7 +166,21 @@ export function decodeHeader(buf: Buffer, file: string): CowHeader {
   const bs = h.blockSize;
   if (bs < 4096 || bs > 1 << 24 || (bs & (bs - 1)) !== 0) throw corrupt(file, `overlay block size ${bs} is not a power of two between 4 KiB and 16 MiB`);
   if (h.mapEntries !== Math.ceil(h.virtualSize / bs)) throw corrupt(file, `overlay map has ${h.mapEntries} entries, but a ${h.virtualSize}-byte device has ${Math.ceil(h.virtualSize / bs)} blocks`);
-  if (h.mapOffset < HEADER_SIZE || h.dataOffset < h.mapOffset + h.mapEntries * 4 || h.dataOffset % bs !== 0)
+  if (h.mapOffset < HEADER_SIZE || h.dataOffset < h.mapOffset + h.mapEntries * MAP_ENTRY_SIZE || h.dataOffset % bs !== 0)
     throw corrupt(file, `overlay map (at ${h.mapOffset}) and data area (at ${h.dataOffset}) overlap or are misplaced`);
   return h;
+}
+
+/** The allocation map's entries, from its bytes. */
+export function decodeMap(raw: Buffer): Uint32Array {
+  const map = new Uint32Array(raw.length / MAP_ENTRY_SIZE);
+  for (let b = 0; b < map.length; b++) map[b] = MapEntry.get(raw, "value", b * MAP_ENTRY_SIZE);
+  return map;
+}
+
+/** The bytes of entries first..last-1 of the allocation map. */
+export function encodeMap(map: ArrayLike<number>, first: number, last: number): Buffer {
+  const buf = Buffer.allocUnsafe((last - first) * MAP_ENTRY_SIZE);
+  for (let b = first; b < last; b++) MapEntry.set(buf, "value", map[b]!, (b - first) * MAP_ENTRY_SIZE);
+  return buf;
 }
