@@ -1,36 +1,53 @@
 import { BaseFs, Device, pushAlloc, pushRun, READ_FILE_MAX, type Run } from "./base-fs.js";
+import {
+  BG_BLOCK_UNINIT,
+  BlockMap,
+  COMPAT_HAS_JOURNAL,
+  COMPAT_SPARSE_SUPER2,
+  DirEntry,
+  EXT_MAGIC,
+  EXTENT_INIT_MAX_LEN,
+  EXTENT_MAGIC,
+  EXTENT_MAX_DEPTH,
+  Extent,
+  ExtentHeader,
+  ExtentIndex,
+  GroupDesc,
+  GroupDescHi,
+  INCOMPAT_64BIT,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_DIRDATA,
+  INCOMPAT_EXTENTS,
+  INCOMPAT_FILETYPE,
+  INCOMPAT_FLEX_BG,
+  INCOMPAT_INLINE_DATA,
+  INCOMPAT_JOURNAL_DEV,
+  INCOMPAT_META_BG,
+  INCOMPAT_RECOVER,
+  INODE_FL_EXTENTS,
+  INODE_FL_INLINE_DATA,
+  InodeCore,
+  InodeExtra,
+  RO_COMPAT_BIGALLOC,
+  RO_COMPAT_DIR_NLINK,
+  RO_COMPAT_EXTRA_ISIZE,
+  RO_COMPAT_GDT_CSUM,
+  RO_COMPAT_HUGE_FILE,
+  RO_COMPAT_METADATA_CSUM,
+  RO_COMPAT_SPARSE_SUPER,
+  ROOT_INO,
+  SB_OFFSET,
+  STATE_ERROR_FS,
+  Superblock,
+  XATTR_INDEX_SYSTEM,
+  XATTR_MAGIC,
+  XattrEntry,
+  XattrIbodyHeader,
+} from "./ext-format.js";
 import { FsError, type AllocationRun, type FileStat, type FileType, type FsKind } from "./file-system.js";
 
-const SB_OFFSET = 1024;
-const EXT_MAGIC = 0xef53;
-const ROOT_INO = 2;
-
-const COMPAT_HAS_JOURNAL = 0x4;
-const COMPAT_SPARSE_SUPER2 = 0x200;
-const INCOMPAT_COMPRESSION = 0x1;
-const INCOMPAT_FILETYPE = 0x2;
-const INCOMPAT_RECOVER = 0x4;
-const INCOMPAT_JOURNAL_DEV = 0x8;
-const INCOMPAT_META_BG = 0x10;
-const INCOMPAT_EXTENTS = 0x40;
-const INCOMPAT_64BIT = 0x80;
-const INCOMPAT_FLEX_BG = 0x200;
-const INCOMPAT_DIRDATA = 0x1000;
-const INCOMPAT_INLINE_DATA = 0x8000;
-const RO_COMPAT_SPARSE_SUPER = 0x1;
-const RO_COMPAT_HUGE_FILE = 0x8;
-const RO_COMPAT_GDT_CSUM = 0x10;
-const RO_COMPAT_DIR_NLINK = 0x20;
-const RO_COMPAT_EXTRA_ISIZE = 0x40;
-const RO_COMPAT_BIGALLOC = 0x200;
-const RO_COMPAT_METADATA_CSUM = 0x400;
-
-const BG_BLOCK_UNINIT = 0x2;
-const INODE_FL_EXTENTS = 0x80000;
-const INODE_FL_INLINE_DATA = 0x10000000;
-const EXTENT_MAGIC = 0xf30a;
-const EXTENT_MAX_DEPTH = 5;
-const EXTENT_INIT_MAX_LEN = 32768;
+/** Where i_block lies in an inode. */
+const I_BLOCK = InodeCore.fields.block.offset;
 
 interface Group {
   blockBitmap: number;
@@ -81,7 +98,7 @@ export class ExtFs extends BaseFs<Inode> {
   totalBytes!: number;
   freeBytes!: number;
 
-  private sb!: Buffer;
+  private sb!: ReturnType<typeof Superblock.read>;
   private bs = 0;
   private blocks = 0;
   private firstDataBlock = 0;
@@ -91,7 +108,7 @@ export class ExtFs extends BaseFs<Inode> {
   private clusterRatio = 1;
   private inodesPerGroup = 0;
   private inodesCount = 0;
-  private inodeSize = 128;
+  private inodeSize = InodeCore.size;
   private descSize = 32;
   private groupCount = 0;
   private incompat = 0;
@@ -103,8 +120,8 @@ export class ExtFs extends BaseFs<Inode> {
   /** Reads the superblock at byte 1024; null when there is no ext magic there. */
   static async probe(dev: Device): Promise<ExtFs | null> {
     if (dev.size < SB_OFFSET + 1024) return null;
-    const sb = await dev.read(1024, SB_OFFSET, "ext superblock");
-    if (sb.readUInt16LE(0x38) !== EXT_MAGIC) return null;
+    const sb = await dev.read(Superblock.size, SB_OFFSET, "ext superblock");
+    if (Superblock.get(sb, "magic") !== EXT_MAGIC) return null;
     const fs = new ExtFs(dev);
     await fs.load(sb);
     return fs;
@@ -114,29 +131,29 @@ export class ExtFs extends BaseFs<Inode> {
     return FsError.corrupt("ext superblock", SB_OFFSET, reason);
   }
 
-  private async load(sb: Buffer): Promise<void> {
-    this.sb = sb;
-    const logBs = sb.readUInt32LE(0x18);
+  private async load(raw: Buffer): Promise<void> {
+    const sb = (this.sb = Superblock.read(raw));
+    const logBs = sb.logBlockSize;
     if (logBs > 6) throw this.bad(`block size 2^(10+${logBs}) is not 1 KiB to 64 KiB`);
     this.bs = 1024 << logBs;
-    this.compat = sb.readUInt32LE(0x5c);
-    this.incompat = sb.readUInt32LE(0x60);
-    this.roCompat = sb.readUInt32LE(0x64);
-    const rev = sb.readUInt32LE(0x4c);
+    this.compat = sb.featureCompat;
+    this.incompat = sb.featureIncompat;
+    this.roCompat = sb.featureRoCompat;
+    const rev = sb.revLevel;
     const is64 = (this.incompat & INCOMPAT_64BIT) !== 0;
-    this.blocks = sb.readUInt32LE(0x04) + (is64 ? sb.readUInt32LE(0x150) * 2 ** 32 : 0);
-    this.firstDataBlock = sb.readUInt32LE(0x14);
-    this.blocksPerGroup = sb.readUInt32LE(0x20);
-    this.inodesPerGroup = sb.readUInt32LE(0x28);
-    this.inodesCount = sb.readUInt32LE(0x00);
+    this.blocks = sb.blocksCountLo + (is64 ? sb.blocksCountHi * 2 ** 32 : 0);
+    this.firstDataBlock = sb.firstDataBlock;
+    this.blocksPerGroup = sb.blocksPerGroup;
+    this.inodesPerGroup = sb.inodesPerGroup;
+    this.inodesCount = sb.inodesCount;
     if (this.incompat & INCOMPAT_JOURNAL_DEV) throw new FsError("unsupported", "ext superblock at byte 1024: an external journal device, not a file system");
     if (this.incompat & INCOMPAT_COMPRESSION) throw new FsError("unsupported", "ext superblock at byte 1024: compression is not supported");
     if (this.incompat & INCOMPAT_DIRDATA) throw new FsError("unsupported", "ext superblock at byte 1024: dirdata is not supported");
     if (this.roCompat & RO_COMPAT_BIGALLOC) {
-      const logCs = sb.readUInt32LE(0x1c);
+      const logCs = sb.logClusterSize;
       if (logCs < logBs || logCs - logBs > 16) throw this.bad(`cluster size 2^(10+${logCs}) does not fit block size ${this.bs}`);
       this.clusterRatio = 2 ** (logCs - logBs);
-      this.clustersPerGroup = sb.readUInt32LE(0x24);
+      this.clustersPerGroup = sb.clustersPerGroup;
       if (this.clustersPerGroup * this.clusterRatio !== this.blocksPerGroup) throw this.bad(`clusters per group ${this.clustersPerGroup} × ${this.clusterRatio} is not blocks per group ${this.blocksPerGroup}`);
     } else this.clustersPerGroup = this.blocksPerGroup;
     if (this.blocks === 0 || this.blocks * this.bs > this.dev.size)
@@ -146,30 +163,30 @@ export class ExtFs extends BaseFs<Inode> {
     if (this.clustersPerGroup === 0 || this.clustersPerGroup > this.bs * 8) throw this.bad(`${this.clustersPerGroup} blocks per group (1 to ${this.bs * 8})`);
     if (this.inodesPerGroup === 0 || this.inodesPerGroup > this.bs * 8) throw this.bad(`${this.inodesPerGroup} inodes per group (1 to ${this.bs * 8})`);
     if (rev >= 1) {
-      this.inodeSize = sb.readUInt16LE(0x58);
-      if (this.inodeSize < 128 || this.inodeSize > this.bs || (this.inodeSize & (this.inodeSize - 1)) !== 0) throw this.bad(`inode size ${this.inodeSize}`);
+      this.inodeSize = sb.inodeSize;
+      if (this.inodeSize < InodeCore.size || this.inodeSize > this.bs || (this.inodeSize & (this.inodeSize - 1)) !== 0) throw this.bad(`inode size ${this.inodeSize}`);
     }
     this.groupCount = Math.ceil((this.blocks - this.firstDataBlock) / this.blocksPerGroup);
     if (this.inodesCount > this.groupCount * this.inodesPerGroup || this.inodesCount < ROOT_INO)
       throw this.bad(`${this.inodesCount} inodes do not fit ${this.groupCount} groups of ${this.inodesPerGroup}`);
     if (is64) {
-      this.descSize = sb.readUInt16LE(0xfe);
+      this.descSize = sb.descSize;
       if (this.descSize < 64 || this.descSize > 1024 || (this.descSize & (this.descSize - 1)) !== 0) throw this.bad(`group descriptor size ${this.descSize}`);
     }
     // Counted in blocks even with bigalloc (the group descriptors count clusters).
-    const freeBlocks = sb.readUInt32LE(0x0c) + (is64 ? sb.readUInt32LE(0x158) * 2 ** 32 : 0);
+    const freeBlocks = sb.freeBlocksCountLo + (is64 ? sb.freeBlocksCountHi * 2 ** 32 : 0);
     this.blockSize = this.bs * this.clusterRatio;
     this.totalBytes = this.blocks * this.bs;
     this.freeBytes = Math.min(freeBlocks * this.bs, this.totalBytes);
-    this.label = sb.subarray(0x78, 0x88).toString("utf8").replace(/\0.*$/s, "");
-    const u = sb.subarray(0x68, 0x78).toString("hex");
+    this.label = sb.volumeName;
+    const u = sb.uuid.toString("hex");
     this.uuid = `${u.slice(0, 8)}-${u.slice(8, 12)}-${u.slice(12, 16)}-${u.slice(16, 20)}-${u.slice(20)}`;
     const ext4 =
       (this.incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_INLINE_DATA)) !== 0 ||
       (this.roCompat & (RO_COMPAT_HUGE_FILE | RO_COMPAT_GDT_CSUM | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM | RO_COMPAT_BIGALLOC)) !== 0;
     this.kind = ext4 ? "ext4" : this.compat & COMPAT_HAS_JOURNAL ? "ext3" : "ext2";
     if (this.incompat & INCOMPAT_RECOVER) this.notes.push("the journal needs recovery: recent changes may not be visible");
-    if (sb.readUInt16LE(0x3a) & 0x2) this.notes.push("the file system has errors (state: not clean)");
+    if (sb.state & STATE_ERROR_FS) this.notes.push("the file system has errors (state: not clean)");
     await this.loadGroups();
   }
 
@@ -183,7 +200,7 @@ export class ExtFs extends BaseFs<Inode> {
 
   private groupHasSuper(g: number): boolean {
     if (g === 0) return true;
-    if (this.compat & COMPAT_SPARSE_SUPER2) return g === this.sb.readUInt32LE(0x24c) || g === this.sb.readUInt32LE(0x250);
+    if (this.compat & COMPAT_SPARSE_SUPER2) return g === this.sb.backupBgs[0] || g === this.sb.backupBgs[1];
     if (g <= 1 || !(this.roCompat & RO_COMPAT_SPARSE_SUPER)) return true;
     if (!(g & 1)) return false;
     return isPowerOf(g, 3) || isPowerOf(g, 5) || isPowerOf(g, 7);
@@ -195,7 +212,7 @@ export class ExtFs extends BaseFs<Inode> {
 
   /** Block holding descriptor block `i` (the primary copy). */
   private descBlock(i: number): number {
-    const firstMeta = this.sb.readUInt32LE(0x104);
+    const firstMeta = this.sb.firstMetaBg;
     if (!this.metaBg || i < firstMeta) return this.firstDataBlock + 1 + i;
     const g = i * this.descPerBlock;
     return this.groupFirstBlock(g) + (this.groupHasSuper(g) ? 1 : 0);
@@ -211,12 +228,14 @@ export class ExtFs extends BaseFs<Inode> {
       const b = await this.dev.read(this.bs, blk * this.bs, `ext group descriptor block ${i}`);
       for (let j = 0; j < this.descPerBlock && this.groups.length < this.groupCount; j++) {
         const o = j * this.descSize;
+        const d = GroupDesc.read(b, o);
+        const h = hi ? GroupDescHi.read(b, o) : { blockBitmapHi: 0, inodeBitmapHi: 0, inodeTableHi: 0, freeBlocksCountHi: 0 };
         const g: Group = {
-          blockBitmap: b.readUInt32LE(o) + (hi ? b.readUInt32LE(o + 0x20) * 2 ** 32 : 0),
-          inodeBitmap: b.readUInt32LE(o + 4) + (hi ? b.readUInt32LE(o + 0x24) * 2 ** 32 : 0),
-          inodeTable: b.readUInt32LE(o + 8) + (hi ? b.readUInt32LE(o + 0x28) * 2 ** 32 : 0),
-          freeBlocks: b.readUInt16LE(o + 0xc) + (hi ? b.readUInt16LE(o + 0x2c) * 65536 : 0),
-          flags: b.readUInt16LE(o + 0x12),
+          blockBitmap: d.blockBitmapLo + h.blockBitmapHi * 2 ** 32,
+          inodeBitmap: d.inodeBitmapLo + h.inodeBitmapHi * 2 ** 32,
+          inodeTable: d.inodeTableLo + h.inodeTableHi * 2 ** 32,
+          freeBlocks: d.freeBlocksCountLo + h.freeBlocksCountHi * 65536,
+          flags: d.flags,
           at: blk * this.bs + o,
         };
         const n = this.groups.length;
@@ -250,23 +269,23 @@ export class ExtFs extends BaseFs<Inode> {
     const blk = Math.floor(at / this.bs);
     const b = await this.block(blk, `ext inode table of group ${g}`);
     const raw = b.subarray(at - blk * this.bs, at - blk * this.bs + this.inodeSize);
-    const mode = raw.readUInt16LE(0);
-    const hi = raw.readUInt32LE(0x6c);
+    const i = InodeCore.read(raw);
+    const hi = i.sizeHigh;
     if (hi >= 2 ** 21) throw FsError.corrupt(`ext inode ${ino}`, at, `size ${hi} × 2^32 is too large`);
-    const ext = this.inodeSize > 128 ? raw.readUInt16LE(0x80) : 0;
-    if (this.inodeSize > 128 && 128 + ext > this.inodeSize) throw FsError.corrupt(`ext inode ${ino}`, at, `extra inode size ${ext} exceeds the inode size ${this.inodeSize}`);
+    const ext = this.inodeSize > InodeCore.size ? InodeExtra.get(raw, "extraIsize") : 0;
+    if (this.inodeSize > InodeCore.size && InodeCore.size + ext > this.inodeSize) throw FsError.corrupt(`ext inode ${ino}`, at, `extra inode size ${ext} exceeds the inode size ${this.inodeSize}`);
     return {
       ino,
       at,
       raw,
-      mode,
-      uid: raw.readUInt16LE(2) | (raw.readUInt16LE(0x78) << 16),
-      gid: raw.readUInt16LE(0x18) | (raw.readUInt16LE(0x7a) << 16),
-      size: raw.readUInt32LE(4) + hi * 2 ** 32,
-      mtime: raw.readUInt32LE(0x10),
-      links: raw.readUInt16LE(0x1a),
-      flags: raw.readUInt32LE(0x20),
-      iblock: raw.subarray(0x28, 0x28 + 60),
+      mode: i.mode,
+      uid: i.uid | (i.uidHigh << 16),
+      gid: i.gid | (i.gidHigh << 16),
+      size: i.sizeLo + hi * 2 ** 32,
+      mtime: i.mtime,
+      links: i.linksCount,
+      flags: i.flags,
+      iblock: i.block,
     };
   }
 
@@ -282,23 +301,21 @@ export class ExtFs extends BaseFs<Inode> {
 
   /** The system.data extended attribute in the inode body (the rest of an inline file). */
   private inlineXattr(n: Inode): Buffer {
-    if (this.inodeSize <= 128) return Buffer.alloc(0);
-    const start = 128 + n.raw.readUInt16LE(0x80);
-    if (start + 4 > n.raw.length || n.raw.readUInt32LE(start) !== 0xea020000) return Buffer.alloc(0);
-    const base = start + 4;
+    if (this.inodeSize <= InodeCore.size) return Buffer.alloc(0);
+    const start = InodeCore.size + InodeExtra.get(n.raw, "extraIsize");
+    if (start + XattrIbodyHeader.size > n.raw.length || XattrIbodyHeader.get(n.raw, "magic", start) !== XATTR_MAGIC) return Buffer.alloc(0);
+    const base = start + XattrIbodyHeader.size;
     let p = base;
-    while (p + 16 <= n.raw.length && n.raw.readUInt32LE(p) !== 0) {
-      const nameLen = n.raw[p]!;
-      const index = n.raw[p + 1]!;
-      const valueOffs = n.raw.readUInt16LE(p + 2);
-      const valueSize = n.raw.readUInt32LE(p + 8);
-      if (p + 16 + nameLen > n.raw.length) break;
-      const name = n.raw.subarray(p + 16, p + 16 + nameLen).toString("latin1");
-      if (index === 7 && name === "data") {
+    while (p + XattrEntry.size <= n.raw.length) {
+      const { nameLen, nameIndex, valueOffs, valueSize } = XattrEntry.read(n.raw, p);
+      if (nameLen === 0 && nameIndex === 0 && valueOffs === 0) break; // the list ends with four zero bytes
+      if (p + XattrEntry.size + nameLen > n.raw.length) break;
+      const name = n.raw.subarray(p + XattrEntry.size, p + XattrEntry.size + nameLen).toString("latin1");
+      if (nameIndex === XATTR_INDEX_SYSTEM && name === "data") {
         if (base + valueOffs + valueSize > n.raw.length) throw FsError.corrupt(`ext inode ${n.ino} inline data attribute`, n.at + p, `value of ${valueSize} bytes at ${valueOffs} runs past the inode`);
         return n.raw.subarray(base + valueOffs, base + valueOffs + valueSize);
       }
-      p += (16 + nameLen + 3) & ~3;
+      p += (XattrEntry.size + nameLen + 3) & ~3;
     }
     return Buffer.alloc(0);
   }
@@ -313,7 +330,7 @@ export class ExtFs extends BaseFs<Inode> {
 
   private isFastSymlink(n: Inode): boolean {
     if ((n.mode & 0xf000) !== 0xa000 || this.isInline(n) || n.size >= 60) return false;
-    return !(n.flags & INODE_FL_EXTENTS) || n.iblock.readUInt16LE(0) !== EXTENT_MAGIC;
+    return !(n.flags & INODE_FL_EXTENTS) || ExtentHeader.get(n.iblock, "magic") !== EXTENT_MAGIC;
   }
 
   protected async symlinkTarget(n: Inode, path: string): Promise<string> {
@@ -345,18 +362,15 @@ export class ExtFs extends BaseFs<Inode> {
     let nextLogical = 0;
     const fileBlocks = Math.ceil(n.size / bs);
     const walk = async (node: Buffer, at: number, depth: number | null, what: string): Promise<void> => {
-      const magic = node.readUInt16LE(0);
-      const entries = node.readUInt16LE(2);
-      const max = node.readUInt16LE(4);
-      const d = node.readUInt16LE(6);
+      const { magic, entries, max, depth: d } = ExtentHeader.read(node);
       if (magic !== EXTENT_MAGIC) throw FsError.corrupt(what, at, `bad extent header magic 0x${magic.toString(16)}`);
-      if (max === 0 || entries > max || 12 + max * 12 > node.length) throw FsError.corrupt(what, at, `${entries} of ${max} extent entries do not fit ${node.length} bytes`);
+      if (max === 0 || entries > max || ExtentHeader.size + max * Extent.size > node.length) throw FsError.corrupt(what, at, `${entries} of ${max} extent entries do not fit ${node.length} bytes`);
       if (d > EXTENT_MAX_DEPTH || (depth !== null && d !== depth)) throw FsError.corrupt(what, at, `extent tree depth ${d}${depth !== null ? `, expected ${depth}` : ""}`);
       for (let i = 0; i < entries; i++) {
-        const o = 12 + i * 12;
-        const logical = node.readUInt32LE(o);
+        const o = ExtentHeader.size + i * Extent.size;
         if (d > 0) {
-          const child = node.readUInt32LE(o + 4) + node.readUInt16LE(o + 8) * 2 ** 32;
+          const idx = ExtentIndex.read(node, o);
+          const child = idx.leafLo + idx.leafHi * 2 ** 32;
           if (child < this.firstDataBlock || child >= this.blocks) throw FsError.corrupt(what, at + o, `extent index points at block ${child}, outside the file system`);
           if (seen.has(child)) throw FsError.corrupt(what, at + o, `extent tree block ${child} is used twice`);
           seen.add(child);
@@ -364,10 +378,12 @@ export class ExtFs extends BaseFs<Inode> {
           await walk(b, child * bs, d - 1, `ext extent tree block ${child} (inode ${n.ino}, ${path})`);
           continue;
         }
-        let len = node.readUInt16LE(o + 4);
+        const e = Extent.read(node, o);
+        const logical = e.block;
+        let len = e.len;
         const unwritten = len > EXTENT_INIT_MAX_LEN;
         if (unwritten) len -= EXTENT_INIT_MAX_LEN;
-        const phys = node.readUInt32LE(o + 8) + node.readUInt16LE(o + 6) * 2 ** 32;
+        const phys = e.startLo + e.startHi * 2 ** 32;
         if (len === 0) continue;
         if (logical < nextLogical) throw FsError.corrupt(what, at + o, `extent for file block ${logical} overlaps or is out of order (expected ≥ ${nextLogical})`);
         if (phys < this.firstDataBlock || phys + len > this.blocks) throw FsError.corrupt(what, at + o, `extent of ${len} blocks at block ${phys} lies outside the file system (${this.blocks} blocks)`);
@@ -377,7 +393,7 @@ export class ExtFs extends BaseFs<Inode> {
         pushRun(runs, logical * bs, phys * bs, bytes);
       }
     };
-    await walk(n.iblock, n.at + 0x28, null, `ext inode ${n.ino} (${path}) extent root`);
+    await walk(n.iblock, n.at + I_BLOCK, null, `ext inode ${n.ino} (${path}) extent root`);
     return runs;
   }
 
@@ -411,15 +427,17 @@ export class ExtFs extends BaseFs<Inode> {
         else await walk(p, level - 1, logical, blk * bs + i * 4);
       }
     };
-    for (let i = 0; i < 12 && i < fileBlocks; i++) {
-      const p = n.iblock.readUInt32LE(i * 4);
-      if (p !== 0) data(i, p, n.at + 0x28 + i * 4);
+    const map = BlockMap.read(n.iblock);
+    const direct = map.direct.length;
+    for (let i = 0; i < direct && i < fileBlocks; i++) {
+      const p = map.direct[i]!;
+      if (p !== 0) data(i, p, n.at + I_BLOCK + BlockMap.fields.direct.offset + i * 4);
     }
-    let first = 12;
+    let first = direct;
     for (let level = 1; level <= 3; level++) {
-      const p = n.iblock.readUInt32LE((11 + level) * 4);
+      const p = map.indirect[level - 1]!;
       if (first >= fileBlocks) break;
-      if (p !== 0) await walk(p, level, first, n.at + 0x28 + (11 + level) * 4);
+      if (p !== 0) await walk(p, level, first, n.at + I_BLOCK + BlockMap.fields.indirect.offset + (level - 1) * 4);
       first += per ** level;
     }
     return runs;
@@ -432,14 +450,15 @@ export class ExtFs extends BaseFs<Inode> {
     const out: Array<{ name: string; ino: number }> = [];
     const parse = (b: Buffer, start: number, end: number, where: (pos: number) => string) => {
       let p = start;
-      while (p + 8 <= end) {
-        const ino = b.readUInt32LE(p);
-        const recLen = b.readUInt16LE(p + 4);
-        const nameLen = this.incompat & INCOMPAT_FILETYPE ? b[p + 6]! : b.readUInt16LE(p + 6);
-        if (recLen < 8 || recLen % 4 !== 0 || p + recLen > end || 8 + nameLen > recLen)
+      while (p + DirEntry.size <= end) {
+        const e = DirEntry.read(b, p);
+        const ino = e.inode;
+        const recLen = e.recLen;
+        const nameLen = this.incompat & INCOMPAT_FILETYPE ? e.nameLen : e.nameLen16;
+        if (recLen < DirEntry.size || recLen % 4 !== 0 || p + recLen > end || DirEntry.size + nameLen > recLen)
           throw new FsError("corrupt", `${where(p)}: bad directory entry (rec_len ${recLen}, name_len ${nameLen}) of directory ${path}`);
         if (ino !== 0 && nameLen > 0) {
-          const name = b.subarray(p + 8, p + 8 + nameLen).toString("utf8");
+          const name = b.subarray(p + DirEntry.size, p + DirEntry.size + nameLen).toString("utf8");
           if (ino > this.inodesCount) throw new FsError("corrupt", `${where(p)}: directory entry "${name}" of ${path} names inode ${ino}, beyond the ${this.inodesCount} inodes`);
           if (name !== "." && name !== "..") out.push({ name, ino });
         }
@@ -447,7 +466,7 @@ export class ExtFs extends BaseFs<Inode> {
       }
     };
     if (this.isInline(dir)) {
-      const iAt = dir.at + 0x28;
+      const iAt = dir.at + I_BLOCK;
       parse(dir.iblock, 4, Math.min(60, Math.max(4, dir.size)), (p) => `ext inode ${dir.ino} inline directory at byte ${iAt + p}`);
       const x = this.inlineXattr(dir);
       parse(x, 0, x.length, (p) => `ext inode ${dir.ino} inline directory attribute, entry at ${p}`);
@@ -477,9 +496,9 @@ export class ExtFs extends BaseFs<Inode> {
     let groupBlock = this.groupFirstBlock(g);
     if (groupBlock === 0 && this.bs === 1024) groupBlock = 1;
     const hasSuper = this.groupHasSuper(g);
-    const firstMeta = this.sb.readUInt32LE(0x104);
+    const firstMeta = this.sb.firstMetaBg;
     const descBlocks = Math.ceil(this.groupCount / this.descPerBlock);
-    const oldDescBlocks = this.metaBg ? firstMeta : descBlocks + this.sb.readUInt16LE(0xce);
+    const oldDescBlocks = this.metaBg ? firstMeta : descBlocks + this.sb.reservedGdtBlocks;
     if (hasSuper) mark(groupBlock, 1);
     const metaGroup = Math.floor(g / this.descPerBlock);
     if (!this.metaBg || metaGroup < firstMeta) {
