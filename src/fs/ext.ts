@@ -1,46 +1,32 @@
-import { BaseFs, Device, pushAlloc, pushRun, READ_FILE_MAX, type Run } from "./base-fs.js";
+import { BaseFs, Device, pushRun, READ_FILE_MAX, type Run } from "./base-fs.js";
+import {
+  BlockMap,
+  DirEntry,
+  EXT_MAGIC,
+  EXTENT_INIT_MAX_LEN,
+  EXTENT_MAGIC,
+  EXTENT_MAX_DEPTH,
+  Extent,
+  ExtentHeader,
+  ExtentIndex,
+  INCOMPAT_FILETYPE,
+  INODE_FL_EXTENTS,
+  INODE_FL_INLINE_DATA,
+  InodeCore,
+  InodeExtra,
+  ROOT_INO,
+  SB_OFFSET,
+  Superblock,
+  XATTR_INDEX_SYSTEM,
+  XATTR_MAGIC,
+  XattrEntry,
+  XattrIbodyHeader,
+} from "./ext-format.js";
+import { ExtLayout } from "./ext-layout.js";
 import { FsError, type AllocationRun, type FileStat, type FileType, type FsKind } from "./file-system.js";
 
-const SB_OFFSET = 1024;
-const EXT_MAGIC = 0xef53;
-const ROOT_INO = 2;
-
-const COMPAT_HAS_JOURNAL = 0x4;
-const COMPAT_SPARSE_SUPER2 = 0x200;
-const INCOMPAT_COMPRESSION = 0x1;
-const INCOMPAT_FILETYPE = 0x2;
-const INCOMPAT_RECOVER = 0x4;
-const INCOMPAT_JOURNAL_DEV = 0x8;
-const INCOMPAT_META_BG = 0x10;
-const INCOMPAT_EXTENTS = 0x40;
-const INCOMPAT_64BIT = 0x80;
-const INCOMPAT_FLEX_BG = 0x200;
-const INCOMPAT_DIRDATA = 0x1000;
-const INCOMPAT_INLINE_DATA = 0x8000;
-const RO_COMPAT_SPARSE_SUPER = 0x1;
-const RO_COMPAT_HUGE_FILE = 0x8;
-const RO_COMPAT_GDT_CSUM = 0x10;
-const RO_COMPAT_DIR_NLINK = 0x20;
-const RO_COMPAT_EXTRA_ISIZE = 0x40;
-const RO_COMPAT_BIGALLOC = 0x200;
-const RO_COMPAT_METADATA_CSUM = 0x400;
-
-const BG_BLOCK_UNINIT = 0x2;
-const INODE_FL_EXTENTS = 0x80000;
-const INODE_FL_INLINE_DATA = 0x10000000;
-const EXTENT_MAGIC = 0xf30a;
-const EXTENT_MAX_DEPTH = 5;
-const EXTENT_INIT_MAX_LEN = 32768;
-
-interface Group {
-  blockBitmap: number;
-  inodeBitmap: number;
-  inodeTable: number;
-  freeBlocks: number;
-  flags: number;
-  /** Byte offset of the descriptor, for error messages. */
-  at: number;
-}
+/** Where i_block lies in an inode. */
+const I_BLOCK = InodeCore.fields.block.offset;
 
 interface Inode {
   ino: number;
@@ -67,166 +53,36 @@ const TYPE_OF_MODE: Record<number, FileType> = {
   0xc000: "socket",
 };
 
-function isPowerOf(n: number, b: number): boolean {
-  while (n > 1 && n % b === 0) n /= b;
-  return n === 1;
-}
-
 /** A read-only ext2/3/4 file system. */
 export class ExtFs extends BaseFs<Inode> {
-  kind!: FsKind;
-  label!: string;
-  uuid!: string;
-  blockSize!: number;
-  totalBytes!: number;
-  freeBytes!: number;
-
-  private sb!: Buffer;
-  private bs = 0;
-  private blocks = 0;
-  private firstDataBlock = 0;
-  private blocksPerGroup = 0;
-  private clustersPerGroup = 0;
-  /** Blocks per cluster (1 without bigalloc). */
-  private clusterRatio = 1;
-  private inodesPerGroup = 0;
-  private inodesCount = 0;
-  private inodeSize = 128;
-  private descSize = 32;
-  private groupCount = 0;
-  private incompat = 0;
-  private roCompat = 0;
-  private compat = 0;
-  private groups: Group[] = [];
+  readonly kind: FsKind;
+  readonly label: string;
+  readonly uuid: string;
+  readonly blockSize: number;
+  readonly totalBytes: number;
+  readonly freeBytes: number;
   private readonly cache = new Map<number, Buffer>();
+
+  private constructor(
+    dev: Device,
+    private readonly layout: ExtLayout,
+  ) {
+    super(dev);
+    this.kind = layout.kind;
+    this.label = layout.label;
+    this.uuid = layout.uuid;
+    this.blockSize = layout.blockSize;
+    this.totalBytes = layout.totalBytes;
+    this.freeBytes = layout.freeBytes;
+    this.notes.push(...layout.notes);
+  }
 
   /** Reads the superblock at byte 1024; null when there is no ext magic there. */
   static async probe(dev: Device): Promise<ExtFs | null> {
-    if (dev.size < SB_OFFSET + 1024) return null;
-    const sb = await dev.read(1024, SB_OFFSET, "ext superblock");
-    if (sb.readUInt16LE(0x38) !== EXT_MAGIC) return null;
-    const fs = new ExtFs(dev);
-    await fs.load(sb);
-    return fs;
-  }
-
-  private bad(reason: string): FsError {
-    return FsError.corrupt("ext superblock", SB_OFFSET, reason);
-  }
-
-  private async load(sb: Buffer): Promise<void> {
-    this.sb = sb;
-    const logBs = sb.readUInt32LE(0x18);
-    if (logBs > 6) throw this.bad(`block size 2^(10+${logBs}) is not 1 KiB to 64 KiB`);
-    this.bs = 1024 << logBs;
-    this.compat = sb.readUInt32LE(0x5c);
-    this.incompat = sb.readUInt32LE(0x60);
-    this.roCompat = sb.readUInt32LE(0x64);
-    const rev = sb.readUInt32LE(0x4c);
-    const is64 = (this.incompat & INCOMPAT_64BIT) !== 0;
-    this.blocks = sb.readUInt32LE(0x04) + (is64 ? sb.readUInt32LE(0x150) * 2 ** 32 : 0);
-    this.firstDataBlock = sb.readUInt32LE(0x14);
-    this.blocksPerGroup = sb.readUInt32LE(0x20);
-    this.inodesPerGroup = sb.readUInt32LE(0x28);
-    this.inodesCount = sb.readUInt32LE(0x00);
-    if (this.incompat & INCOMPAT_JOURNAL_DEV) throw new FsError("unsupported", "ext superblock at byte 1024: an external journal device, not a file system");
-    if (this.incompat & INCOMPAT_COMPRESSION) throw new FsError("unsupported", "ext superblock at byte 1024: compression is not supported");
-    if (this.incompat & INCOMPAT_DIRDATA) throw new FsError("unsupported", "ext superblock at byte 1024: dirdata is not supported");
-    if (this.roCompat & RO_COMPAT_BIGALLOC) {
-      const logCs = sb.readUInt32LE(0x1c);
-      if (logCs < logBs || logCs - logBs > 16) throw this.bad(`cluster size 2^(10+${logCs}) does not fit block size ${this.bs}`);
-      this.clusterRatio = 2 ** (logCs - logBs);
-      this.clustersPerGroup = sb.readUInt32LE(0x24);
-      if (this.clustersPerGroup * this.clusterRatio !== this.blocksPerGroup) throw this.bad(`clusters per group ${this.clustersPerGroup} × ${this.clusterRatio} is not blocks per group ${this.blocksPerGroup}`);
-    } else this.clustersPerGroup = this.blocksPerGroup;
-    if (this.blocks === 0 || this.blocks * this.bs > this.dev.size)
-      throw this.bad(`${this.blocks} blocks of ${this.bs} bytes do not fit the device (${this.dev.size} bytes)`);
-    if (this.firstDataBlock >= this.blocks || this.firstDataBlock !== (this.bs === 1024 && this.clusterRatio === 1 ? 1 : 0))
-      throw this.bad(`first data block ${this.firstDataBlock} is wrong for block size ${this.bs}`);
-    if (this.clustersPerGroup === 0 || this.clustersPerGroup > this.bs * 8) throw this.bad(`${this.clustersPerGroup} blocks per group (1 to ${this.bs * 8})`);
-    if (this.inodesPerGroup === 0 || this.inodesPerGroup > this.bs * 8) throw this.bad(`${this.inodesPerGroup} inodes per group (1 to ${this.bs * 8})`);
-    if (rev >= 1) {
-      this.inodeSize = sb.readUInt16LE(0x58);
-      if (this.inodeSize < 128 || this.inodeSize > this.bs || (this.inodeSize & (this.inodeSize - 1)) !== 0) throw this.bad(`inode size ${this.inodeSize}`);
-    }
-    this.groupCount = Math.ceil((this.blocks - this.firstDataBlock) / this.blocksPerGroup);
-    if (this.inodesCount > this.groupCount * this.inodesPerGroup || this.inodesCount < ROOT_INO)
-      throw this.bad(`${this.inodesCount} inodes do not fit ${this.groupCount} groups of ${this.inodesPerGroup}`);
-    if (is64) {
-      this.descSize = sb.readUInt16LE(0xfe);
-      if (this.descSize < 64 || this.descSize > 1024 || (this.descSize & (this.descSize - 1)) !== 0) throw this.bad(`group descriptor size ${this.descSize}`);
-    }
-    // Counted in blocks even with bigalloc (the group descriptors count clusters).
-    const freeBlocks = sb.readUInt32LE(0x0c) + (is64 ? sb.readUInt32LE(0x158) * 2 ** 32 : 0);
-    this.blockSize = this.bs * this.clusterRatio;
-    this.totalBytes = this.blocks * this.bs;
-    this.freeBytes = Math.min(freeBlocks * this.bs, this.totalBytes);
-    this.label = sb.subarray(0x78, 0x88).toString("utf8").replace(/\0.*$/s, "");
-    const u = sb.subarray(0x68, 0x78).toString("hex");
-    this.uuid = `${u.slice(0, 8)}-${u.slice(8, 12)}-${u.slice(12, 16)}-${u.slice(16, 20)}-${u.slice(20)}`;
-    const ext4 =
-      (this.incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_INLINE_DATA)) !== 0 ||
-      (this.roCompat & (RO_COMPAT_HUGE_FILE | RO_COMPAT_GDT_CSUM | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM | RO_COMPAT_BIGALLOC)) !== 0;
-    this.kind = ext4 ? "ext4" : this.compat & COMPAT_HAS_JOURNAL ? "ext3" : "ext2";
-    if (this.incompat & INCOMPAT_RECOVER) this.notes.push("the journal needs recovery: recent changes may not be visible");
-    if (sb.readUInt16LE(0x3a) & 0x2) this.notes.push("the file system has errors (state: not clean)");
-    await this.loadGroups();
-  }
-
-  private get descPerBlock(): number {
-    return this.bs / this.descSize;
-  }
-
-  private groupFirstBlock(g: number): number {
-    return this.firstDataBlock + g * this.blocksPerGroup;
-  }
-
-  private groupHasSuper(g: number): boolean {
-    if (g === 0) return true;
-    if (this.compat & COMPAT_SPARSE_SUPER2) return g === this.sb.readUInt32LE(0x24c) || g === this.sb.readUInt32LE(0x250);
-    if (g <= 1 || !(this.roCompat & RO_COMPAT_SPARSE_SUPER)) return true;
-    if (!(g & 1)) return false;
-    return isPowerOf(g, 3) || isPowerOf(g, 5) || isPowerOf(g, 7);
-  }
-
-  private get metaBg(): boolean {
-    return (this.incompat & INCOMPAT_META_BG) !== 0;
-  }
-
-  /** Block holding descriptor block `i` (the primary copy). */
-  private descBlock(i: number): number {
-    const firstMeta = this.sb.readUInt32LE(0x104);
-    if (!this.metaBg || i < firstMeta) return this.firstDataBlock + 1 + i;
-    const g = i * this.descPerBlock;
-    return this.groupFirstBlock(g) + (this.groupHasSuper(g) ? 1 : 0);
-  }
-
-  private async loadGroups(): Promise<void> {
-    const descBlocks = Math.ceil(this.groupCount / this.descPerBlock);
-    const hi = this.incompat & INCOMPAT_64BIT;
-    const itBlocks = Math.ceil((this.inodesPerGroup * this.inodeSize) / this.bs);
-    for (let i = 0; i < descBlocks; i++) {
-      const blk = this.descBlock(i);
-      if (blk >= this.blocks) throw this.bad(`group descriptor block ${i} lies at block ${blk}, beyond the ${this.blocks} blocks`);
-      const b = await this.dev.read(this.bs, blk * this.bs, `ext group descriptor block ${i}`);
-      for (let j = 0; j < this.descPerBlock && this.groups.length < this.groupCount; j++) {
-        const o = j * this.descSize;
-        const g: Group = {
-          blockBitmap: b.readUInt32LE(o) + (hi ? b.readUInt32LE(o + 0x20) * 2 ** 32 : 0),
-          inodeBitmap: b.readUInt32LE(o + 4) + (hi ? b.readUInt32LE(o + 0x24) * 2 ** 32 : 0),
-          inodeTable: b.readUInt32LE(o + 8) + (hi ? b.readUInt32LE(o + 0x28) * 2 ** 32 : 0),
-          freeBlocks: b.readUInt16LE(o + 0xc) + (hi ? b.readUInt16LE(o + 0x2c) * 65536 : 0),
-          flags: b.readUInt16LE(o + 0x12),
-          at: blk * this.bs + o,
-        };
-        const n = this.groups.length;
-        const where = `ext group descriptor ${n}`;
-        if (g.blockBitmap < this.firstDataBlock || g.blockBitmap >= this.blocks) throw FsError.corrupt(where, g.at, `block bitmap at block ${g.blockBitmap}, outside the file system (${this.blocks} blocks)`);
-        if (g.inodeBitmap < this.firstDataBlock || g.inodeBitmap >= this.blocks) throw FsError.corrupt(where, g.at, `inode bitmap at block ${g.inodeBitmap}, outside the file system`);
-        if (g.inodeTable < this.firstDataBlock || g.inodeTable + itBlocks > this.blocks) throw FsError.corrupt(where, g.at, `inode table at block ${g.inodeTable} (${itBlocks} blocks), outside the file system`);
-        this.groups.push(g);
-      }
-    }
+    if (dev.size < SB_OFFSET + Superblock.size) return null;
+    const sb = await dev.read(Superblock.size, SB_OFFSET, "ext superblock");
+    if (Superblock.get(sb, "magic") !== EXT_MAGIC) return null;
+    return new ExtFs(dev, await ExtLayout.read(dev, sb));
   }
 
   private async block(n: number, what: string): Promise<Buffer> {
@@ -236,37 +92,38 @@ export class ExtFs extends BaseFs<Inode> {
       this.cache.set(n, hit);
       return hit;
     }
-    const b = await this.dev.read(this.bs, n * this.bs, what);
+    const b = await this.dev.read(this.layout.bs, n * this.layout.bs, what);
     this.cache.set(n, b);
     if (this.cache.size > 256) this.cache.delete(this.cache.keys().next().value!);
     return b;
   }
 
   private async inode(ino: number): Promise<Inode> {
-    if (ino < 1 || ino > this.inodesCount) throw FsError.corrupt(`ext inode ${ino}`, 0, `inode number out of range (1 to ${this.inodesCount})`);
-    const g = Math.floor((ino - 1) / this.inodesPerGroup);
-    const idx = (ino - 1) % this.inodesPerGroup;
-    const at = this.groups[g]!.inodeTable * this.bs + idx * this.inodeSize;
-    const blk = Math.floor(at / this.bs);
+    const { bs, inodeSize, inodesPerGroup, inodesCount } = this.layout;
+    if (ino < 1 || ino > inodesCount) throw FsError.corrupt(`ext inode ${ino}`, 0, `inode number out of range (1 to ${inodesCount})`);
+    const g = Math.floor((ino - 1) / inodesPerGroup);
+    const idx = (ino - 1) % inodesPerGroup;
+    const at = this.layout.groups[g]!.inodeTable * bs + idx * inodeSize;
+    const blk = Math.floor(at / bs);
     const b = await this.block(blk, `ext inode table of group ${g}`);
-    const raw = b.subarray(at - blk * this.bs, at - blk * this.bs + this.inodeSize);
-    const mode = raw.readUInt16LE(0);
-    const hi = raw.readUInt32LE(0x6c);
+    const raw = b.subarray(at - blk * bs, at - blk * bs + inodeSize);
+    const i = InodeCore.read(raw);
+    const hi = i.sizeHigh;
     if (hi >= 2 ** 21) throw FsError.corrupt(`ext inode ${ino}`, at, `size ${hi} × 2^32 is too large`);
-    const ext = this.inodeSize > 128 ? raw.readUInt16LE(0x80) : 0;
-    if (this.inodeSize > 128 && 128 + ext > this.inodeSize) throw FsError.corrupt(`ext inode ${ino}`, at, `extra inode size ${ext} exceeds the inode size ${this.inodeSize}`);
+    const ext = inodeSize > InodeCore.size ? InodeExtra.get(raw, "extraIsize") : 0;
+    if (inodeSize > InodeCore.size && InodeCore.size + ext > inodeSize) throw FsError.corrupt(`ext inode ${ino}`, at, `extra inode size ${ext} exceeds the inode size ${inodeSize}`);
     return {
       ino,
       at,
       raw,
-      mode,
-      uid: raw.readUInt16LE(2) | (raw.readUInt16LE(0x78) << 16),
-      gid: raw.readUInt16LE(0x18) | (raw.readUInt16LE(0x7a) << 16),
-      size: raw.readUInt32LE(4) + hi * 2 ** 32,
-      mtime: raw.readUInt32LE(0x10),
-      links: raw.readUInt16LE(0x1a),
-      flags: raw.readUInt32LE(0x20),
-      iblock: raw.subarray(0x28, 0x28 + 60),
+      mode: i.mode,
+      uid: i.uid | (i.uidHigh << 16),
+      gid: i.gid | (i.gidHigh << 16),
+      size: i.sizeLo + hi * 2 ** 32,
+      mtime: i.mtime,
+      links: i.linksCount,
+      flags: i.flags,
+      iblock: i.block,
     };
   }
 
@@ -282,23 +139,21 @@ export class ExtFs extends BaseFs<Inode> {
 
   /** The system.data extended attribute in the inode body (the rest of an inline file). */
   private inlineXattr(n: Inode): Buffer {
-    if (this.inodeSize <= 128) return Buffer.alloc(0);
-    const start = 128 + n.raw.readUInt16LE(0x80);
-    if (start + 4 > n.raw.length || n.raw.readUInt32LE(start) !== 0xea020000) return Buffer.alloc(0);
-    const base = start + 4;
+    if (this.layout.inodeSize <= InodeCore.size) return Buffer.alloc(0);
+    const start = InodeCore.size + InodeExtra.get(n.raw, "extraIsize");
+    if (start + XattrIbodyHeader.size > n.raw.length || XattrIbodyHeader.get(n.raw, "magic", start) !== XATTR_MAGIC) return Buffer.alloc(0);
+    const base = start + XattrIbodyHeader.size;
     let p = base;
-    while (p + 16 <= n.raw.length && n.raw.readUInt32LE(p) !== 0) {
-      const nameLen = n.raw[p]!;
-      const index = n.raw[p + 1]!;
-      const valueOffs = n.raw.readUInt16LE(p + 2);
-      const valueSize = n.raw.readUInt32LE(p + 8);
-      if (p + 16 + nameLen > n.raw.length) break;
-      const name = n.raw.subarray(p + 16, p + 16 + nameLen).toString("latin1");
-      if (index === 7 && name === "data") {
+    while (p + XattrEntry.size <= n.raw.length) {
+      const { nameLen, nameIndex, valueOffs, valueSize } = XattrEntry.read(n.raw, p);
+      if (nameLen === 0 && nameIndex === 0 && valueOffs === 0) break; // the list ends with four zero bytes
+      if (p + XattrEntry.size + nameLen > n.raw.length) break;
+      const name = n.raw.subarray(p + XattrEntry.size, p + XattrEntry.size + nameLen).toString("latin1");
+      if (nameIndex === XATTR_INDEX_SYSTEM && name === "data") {
         if (base + valueOffs + valueSize > n.raw.length) throw FsError.corrupt(`ext inode ${n.ino} inline data attribute`, n.at + p, `value of ${valueSize} bytes at ${valueOffs} runs past the inode`);
         return n.raw.subarray(base + valueOffs, base + valueOffs + valueSize);
       }
-      p += (16 + nameLen + 3) & ~3;
+      p += (XattrEntry.size + nameLen + 3) & ~3;
     }
     return Buffer.alloc(0);
   }
@@ -313,7 +168,7 @@ export class ExtFs extends BaseFs<Inode> {
 
   private isFastSymlink(n: Inode): boolean {
     if ((n.mode & 0xf000) !== 0xa000 || this.isInline(n) || n.size >= 60) return false;
-    return !(n.flags & INODE_FL_EXTENTS) || n.iblock.readUInt16LE(0) !== EXTENT_MAGIC;
+    return !(n.flags & INODE_FL_EXTENTS) || ExtentHeader.get(n.iblock, "magic") !== EXTENT_MAGIC;
   }
 
   protected async symlinkTarget(n: Inode, path: string): Promise<string> {
@@ -341,55 +196,54 @@ export class ExtFs extends BaseFs<Inode> {
   private async mapExtents(n: Inode, path: string): Promise<Run[]> {
     const runs: Run[] = [];
     const seen = new Set<number>();
-    const bs = this.bs;
+    const bs = this.layout.bs;
     let nextLogical = 0;
     const fileBlocks = Math.ceil(n.size / bs);
     const walk = async (node: Buffer, at: number, depth: number | null, what: string): Promise<void> => {
-      const magic = node.readUInt16LE(0);
-      const entries = node.readUInt16LE(2);
-      const max = node.readUInt16LE(4);
-      const d = node.readUInt16LE(6);
+      const { magic, entries, max, depth: d } = ExtentHeader.read(node);
       if (magic !== EXTENT_MAGIC) throw FsError.corrupt(what, at, `bad extent header magic 0x${magic.toString(16)}`);
-      if (max === 0 || entries > max || 12 + max * 12 > node.length) throw FsError.corrupt(what, at, `${entries} of ${max} extent entries do not fit ${node.length} bytes`);
+      if (max === 0 || entries > max || ExtentHeader.size + max * Extent.size > node.length) throw FsError.corrupt(what, at, `${entries} of ${max} extent entries do not fit ${node.length} bytes`);
       if (d > EXTENT_MAX_DEPTH || (depth !== null && d !== depth)) throw FsError.corrupt(what, at, `extent tree depth ${d}${depth !== null ? `, expected ${depth}` : ""}`);
       for (let i = 0; i < entries; i++) {
-        const o = 12 + i * 12;
-        const logical = node.readUInt32LE(o);
+        const o = ExtentHeader.size + i * Extent.size;
         if (d > 0) {
-          const child = node.readUInt32LE(o + 4) + node.readUInt16LE(o + 8) * 2 ** 32;
-          if (child < this.firstDataBlock || child >= this.blocks) throw FsError.corrupt(what, at + o, `extent index points at block ${child}, outside the file system`);
+          const idx = ExtentIndex.read(node, o);
+          const child = idx.leafLo + idx.leafHi * 2 ** 32;
+          if (child < this.layout.firstDataBlock || child >= this.layout.blocks) throw FsError.corrupt(what, at + o, `extent index points at block ${child}, outside the file system`);
           if (seen.has(child)) throw FsError.corrupt(what, at + o, `extent tree block ${child} is used twice`);
           seen.add(child);
           const b = await this.dev.read(bs, child * bs, `extent tree block of ${path}`);
           await walk(b, child * bs, d - 1, `ext extent tree block ${child} (inode ${n.ino}, ${path})`);
           continue;
         }
-        let len = node.readUInt16LE(o + 4);
+        const e = Extent.read(node, o);
+        const logical = e.block;
+        let len = e.len;
         const unwritten = len > EXTENT_INIT_MAX_LEN;
         if (unwritten) len -= EXTENT_INIT_MAX_LEN;
-        const phys = node.readUInt32LE(o + 8) + node.readUInt16LE(o + 6) * 2 ** 32;
+        const phys = e.startLo + e.startHi * 2 ** 32;
         if (len === 0) continue;
         if (logical < nextLogical) throw FsError.corrupt(what, at + o, `extent for file block ${logical} overlaps or is out of order (expected ≥ ${nextLogical})`);
-        if (phys < this.firstDataBlock || phys + len > this.blocks) throw FsError.corrupt(what, at + o, `extent of ${len} blocks at block ${phys} lies outside the file system (${this.blocks} blocks)`);
+        if (phys < this.layout.firstDataBlock || phys + len > this.layout.blocks) throw FsError.corrupt(what, at + o, `extent of ${len} blocks at block ${phys} lies outside the file system (${this.layout.blocks} blocks)`);
         nextLogical = logical + len;
         if (unwritten || logical >= fileBlocks) continue;
         const bytes = Math.min(len * bs, n.size - logical * bs);
         pushRun(runs, logical * bs, phys * bs, bytes);
       }
     };
-    await walk(n.iblock, n.at + 0x28, null, `ext inode ${n.ino} (${path}) extent root`);
+    await walk(n.iblock, n.at + I_BLOCK, null, `ext inode ${n.ino} (${path}) extent root`);
     return runs;
   }
 
   private async mapIndirect(n: Inode, path: string): Promise<Run[]> {
-    const bs = this.bs;
+    const bs = this.layout.bs;
     const per = bs / 4;
     const fileBlocks = Math.ceil(n.size / bs);
     const runs: Run[] = [];
     const seen = new Set<number>();
     const what = `ext inode ${n.ino} (${path})`;
     const check = (blk: number, where: number, kind: string) => {
-      if (blk < this.firstDataBlock || blk >= this.blocks) throw FsError.corrupt(what, where, `${kind} block pointer ${blk} is outside the file system (${this.blocks} blocks)`);
+      if (blk < this.layout.firstDataBlock || blk >= this.layout.blocks) throw FsError.corrupt(what, where, `${kind} block pointer ${blk} is outside the file system (${this.layout.blocks} blocks)`);
     };
     const data = (logical: number, blk: number, where: number) => {
       check(blk, where, "data");
@@ -411,15 +265,17 @@ export class ExtFs extends BaseFs<Inode> {
         else await walk(p, level - 1, logical, blk * bs + i * 4);
       }
     };
-    for (let i = 0; i < 12 && i < fileBlocks; i++) {
-      const p = n.iblock.readUInt32LE(i * 4);
-      if (p !== 0) data(i, p, n.at + 0x28 + i * 4);
+    const map = BlockMap.read(n.iblock);
+    const direct = map.direct.length;
+    for (let i = 0; i < direct && i < fileBlocks; i++) {
+      const p = map.direct[i]!;
+      if (p !== 0) data(i, p, n.at + I_BLOCK + BlockMap.fields.direct.offset + i * 4);
     }
-    let first = 12;
+    let first = direct;
     for (let level = 1; level <= 3; level++) {
-      const p = n.iblock.readUInt32LE((11 + level) * 4);
+      const p = map.indirect[level - 1]!;
       if (first >= fileBlocks) break;
-      if (p !== 0) await walk(p, level, first, n.at + 0x28 + (11 + level) * 4);
+      if (p !== 0) await walk(p, level, first, n.at + I_BLOCK + BlockMap.fields.indirect.offset + (level - 1) * 4);
       first += per ** level;
     }
     return runs;
@@ -432,22 +288,23 @@ export class ExtFs extends BaseFs<Inode> {
     const out: Array<{ name: string; ino: number }> = [];
     const parse = (b: Buffer, start: number, end: number, where: (pos: number) => string) => {
       let p = start;
-      while (p + 8 <= end) {
-        const ino = b.readUInt32LE(p);
-        const recLen = b.readUInt16LE(p + 4);
-        const nameLen = this.incompat & INCOMPAT_FILETYPE ? b[p + 6]! : b.readUInt16LE(p + 6);
-        if (recLen < 8 || recLen % 4 !== 0 || p + recLen > end || 8 + nameLen > recLen)
+      while (p + DirEntry.size <= end) {
+        const e = DirEntry.read(b, p);
+        const ino = e.inode;
+        const recLen = e.recLen;
+        const nameLen = this.layout.incompat & INCOMPAT_FILETYPE ? e.nameLen : e.nameLen16;
+        if (recLen < DirEntry.size || recLen % 4 !== 0 || p + recLen > end || DirEntry.size + nameLen > recLen)
           throw new FsError("corrupt", `${where(p)}: bad directory entry (rec_len ${recLen}, name_len ${nameLen}) of directory ${path}`);
         if (ino !== 0 && nameLen > 0) {
-          const name = b.subarray(p + 8, p + 8 + nameLen).toString("utf8");
-          if (ino > this.inodesCount) throw new FsError("corrupt", `${where(p)}: directory entry "${name}" of ${path} names inode ${ino}, beyond the ${this.inodesCount} inodes`);
+          const name = b.subarray(p + DirEntry.size, p + DirEntry.size + nameLen).toString("utf8");
+          if (ino > this.layout.inodesCount) throw new FsError("corrupt", `${where(p)}: directory entry "${name}" of ${path} names inode ${ino}, beyond the ${this.layout.inodesCount} inodes`);
           if (name !== "." && name !== "..") out.push({ name, ino });
         }
         p += recLen;
       }
     };
     if (this.isInline(dir)) {
-      const iAt = dir.at + 0x28;
+      const iAt = dir.at + I_BLOCK;
       parse(dir.iblock, 4, Math.min(60, Math.max(4, dir.size)), (p) => `ext inode ${dir.ino} inline directory at byte ${iAt + p}`);
       const x = this.inlineXattr(dir);
       parse(x, 0, x.length, (p) => `ext inode ${dir.ino} inline directory attribute, entry at ${p}`);
@@ -456,7 +313,7 @@ export class ExtFs extends BaseFs<Inode> {
     const runs = await this.mapNode(dir, path);
     for (const r of runs) {
       const b = await this.dev.read(r.length, r.deviceOffset, `directory ${path}`);
-      for (let s = 0; s < b.length; s += this.bs) parse(b, s, Math.min(b.length, s + this.bs), (p) => `ext directory block at byte ${r.deviceOffset + p}`);
+      for (let s = 0; s < b.length; s += this.layout.bs) parse(b, s, Math.min(b.length, s + this.layout.bs), (p) => `ext directory block at byte ${r.deviceOffset + p}`);
     }
     return out;
   }
@@ -472,87 +329,8 @@ export class ExtFs extends BaseFs<Inode> {
     return e ? this.inode(e.ino) : null;
   }
 
-  /** Blocks of group g that hold metadata, for groups whose bitmap was never written (BLOCK_UNINIT). */
-  private uninitUsed(g: number, mark: (blk: number, count: number) => void): void {
-    let groupBlock = this.groupFirstBlock(g);
-    if (groupBlock === 0 && this.bs === 1024) groupBlock = 1;
-    const hasSuper = this.groupHasSuper(g);
-    const firstMeta = this.sb.readUInt32LE(0x104);
-    const descBlocks = Math.ceil(this.groupCount / this.descPerBlock);
-    const oldDescBlocks = this.metaBg ? firstMeta : descBlocks + this.sb.readUInt16LE(0xce);
-    if (hasSuper) mark(groupBlock, 1);
-    const metaGroup = Math.floor(g / this.descPerBlock);
-    if (!this.metaBg || metaGroup < firstMeta) {
-      if (hasSuper) mark(groupBlock + 1, Math.min(oldDescBlocks, this.blocks - groupBlock - 1));
-    } else {
-      const r = g % this.descPerBlock;
-      if (r === 0 || r === 1 || r === this.descPerBlock - 1) mark(groupBlock + (hasSuper ? 1 : 0), 1);
-    }
-    const itBlocks = Math.ceil((this.inodesPerGroup * this.inodeSize) / this.bs);
-    for (const grp of this.groups) {
-      mark(grp.blockBitmap, 1);
-      mark(grp.inodeBitmap, 1);
-      mark(grp.inodeTable, itBlocks);
-    }
-  }
-
-  async allocationMap(): Promise<AllocationRun[]> {
-    const out: AllocationRun[] = [];
-    const bs = this.bs;
-    const unit = bs * this.clusterRatio;
-    pushAlloc(out, 0, this.firstDataBlock * bs, true);
-    const csum = (this.roCompat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM)) !== 0;
-    for (let g = 0; g < this.groupCount; g++) {
-      const first = this.groupFirstBlock(g);
-      const blocksHere = Math.min(this.blocksPerGroup, this.blocks - first);
-      const clusters = Math.ceil(blocksHere / this.clusterRatio);
-      const grp = this.groups[g]!;
-      let bm: Uint8Array;
-      if (csum && grp.flags & BG_BLOCK_UNINIT) {
-        const used = new Uint8Array(Math.ceil(clusters / 8));
-        this.uninitUsed(g, (blk, count) => {
-          for (let b = Math.max(blk, first); b < Math.min(blk + count, first + blocksHere); b++) {
-            const c = Math.floor((b - first) / this.clusterRatio);
-            used[c >> 3]! |= 1 << (c & 7);
-          }
-        });
-        bm = used;
-      } else bm = await this.dev.read(bs, grp.blockBitmap * bs, `ext block bitmap of group ${g}`);
-      const end = (first + blocksHere) * bs;
-      bitRuns(bm, clusters, (start, count, used) => {
-        const off = first * bs + start * unit;
-        pushAlloc(out, off, Math.min(count * unit, end - off), used);
-      });
-    }
-    pushAlloc(out, this.blocks * bs, this.dev.size - this.blocks * bs, true);
-    return out;
+  allocationMap(): Promise<AllocationRun[]> {
+    return this.layout.allocationMap();
   }
 }
 
-/** Calls back once per run of equal bits among the first `count` bits (LSB first) of a bitmap. */
-export function bitRuns(bm: Uint8Array, count: number, cb: (start: number, length: number, set: boolean) => void): void {
-  let runStart = 0;
-  let runSet = count > 0 && (bm[0]! & 1) === 1;
-  let i = 0;
-  while (i < count) {
-    const byte = bm[i >> 3]!;
-    if ((i & 7) === 0 && i + 8 <= count && (byte === 0 || byte === 0xff)) {
-      const set = byte === 0xff;
-      if (set !== runSet) {
-        cb(runStart, i - runStart, runSet);
-        runStart = i;
-        runSet = set;
-      }
-      i += 8;
-      continue;
-    }
-    const set = ((byte >> (i & 7)) & 1) === 1;
-    if (set !== runSet) {
-      cb(runStart, i - runStart, runSet);
-      runStart = i;
-      runSet = set;
-    }
-    i++;
-  }
-  if (count > runStart) cb(runStart, count - runStart, runSet);
-}

@@ -1,5 +1,73 @@
 import { BaseFs, Device, pushAlloc, pushRun, type Run } from "./base-fs.js";
 import { FsError, type AllocationRun, type FileStat, type FsKind } from "./file-system.js";
+import { bytes, chars, struct, u16le, u32le, u8 } from "../util/struct.js";
+
+// Structures as Microsoft's FAT specification (fatgen103) names them.
+
+/** The boot sector's BIOS Parameter Block, common to FAT12, FAT16 and FAT32. */
+const BootSector = struct(
+  "FAT boot sector",
+  {
+    jmpBoot: bytes(0, 3), // BS_jmpBoot: EB xx 90 or E9 xx xx
+    oemName: chars(3, 8), // BS_OEMName
+    bytsPerSec: u16le(11), // BPB_BytsPerSec
+    secPerClus: u8(13), // BPB_SecPerClus
+    rsvdSecCnt: u16le(14), // BPB_RsvdSecCnt
+    numFats: u8(16), // BPB_NumFATs
+    rootEntCnt: u16le(17), // BPB_RootEntCnt (0 on FAT32)
+    totSec16: u16le(19), // BPB_TotSec16
+    media: u8(21), // BPB_Media
+    fatSz16: u16le(22), // BPB_FATSz16 (0 on FAT32)
+    totSec32: u32le(32), // BPB_TotSec32
+    signature: u16le(510), // 0xAA55
+  },
+  { size: 512 },
+);
+
+/** The FAT32 part of the BPB, from byte 36. */
+const Fat32Bpb = struct("FAT32 BPB", {
+  fatSz32: u32le(36), // BPB_FATSz32
+  extFlags: u16le(40), // BPB_ExtFlags: bit 7 one active FAT, bits 0-3 which
+  rootClus: u32le(44), // BPB_RootClus
+});
+
+/** The extended boot fields: at byte 36 on FAT12/16 and 64 on FAT32 (offsets from there). */
+const ExtendedBoot = struct("FAT extended boot record", {
+  drvNum: u8(0), // BS_DrvNum
+  bootSig: u8(2), // BS_BootSig: 0x29 (serial and label follow) or 0x28 (serial only)
+  volId: u32le(3), // BS_VolID
+  volLab: chars(7, 11), // BS_VolLab
+});
+
+/** A 32-byte directory entry. */
+const DirEntry = struct(
+  "FAT directory entry",
+  {
+    name: bytes(0, 11), // DIR_Name: 8 + 3, space-padded; [0] 0 = end, 0xE5 = free, 0x05 = a real 0xE5
+    attr: u8(11), // DIR_Attr
+    ntRes: u8(12), // DIR_NTRes: 0x08 base name in lower case, 0x10 extension in lower case
+    fstClusHi: u16le(20), // DIR_FstClusHI (FAT32 only)
+    wrtTime: u16le(22), // DIR_WrtTime
+    wrtDate: u16le(24), // DIR_WrtDate
+    fstClusLo: u16le(26), // DIR_FstClusLO
+    fileSize: u32le(28), // DIR_FileSize
+  },
+  { size: 32 },
+);
+
+/** A long-name entry (DIR_Attr 0x0F) in the same 32 bytes: 13 UTF-16 characters of the name. */
+const LfnEntry = struct(
+  "FAT long-name entry",
+  {
+    ord: u8(0), // LDIR_Ord: sequence number, 0x40 on the last (first stored) one
+    name1: chars(1, 10, "utf16le"), // LDIR_Name1
+    attr: u8(11), // LDIR_Attr
+    chksum: u8(13), // LDIR_Chksum
+    name2: chars(14, 12, "utf16le"), // LDIR_Name2
+    name3: chars(28, 4, "utf16le"), // LDIR_Name3
+  },
+  { size: 32 },
+);
 
 interface FatNode {
   root: boolean;
@@ -16,7 +84,7 @@ const ATTR_VOLUME = 0x08;
 const ATTR_DIR = 0x10;
 const ATTR_LFN = 0x0f;
 /** The FAT spec's limit: 65536 entries of 32 bytes. */
-const DIR_MAX_BYTES = 65536 * 32;
+const DIR_MAX_BYTES = 65536 * DirEntry.size;
 const FAT_CACHE_CHUNK = 1024 * 1024;
 const FAT_WHOLE_MAX = 16 * 1024 * 1024;
 
@@ -57,13 +125,14 @@ export class FatFs extends BaseFs<FatNode> {
   static async probe(dev: Device): Promise<FatFs | null> {
     if (dev.size < 1024) return null;
     const b = await dev.read(512, 0, "FAT boot sector");
-    const jump = (b[0] === 0xeb && b[2] === 0x90) || b[0] === 0xe9;
-    const bps = b.readUInt16LE(11);
-    const spc = b[13]!;
-    const oem = b.subarray(3, 11).toString("latin1");
-    if (!jump || b.readUInt16LE(510) !== 0xaa55 || oem === "NTFS    " || oem === "EXFAT   ") return null;
+    const bs = BootSector.read(b);
+    const jump = (bs.jmpBoot[0] === 0xeb && bs.jmpBoot[2] === 0x90) || bs.jmpBoot[0] === 0xe9;
+    const bps = bs.bytsPerSec;
+    const spc = bs.secPerClus;
+    const oem = bs.oemName;
+    if (!jump || bs.signature !== 0xaa55 || oem === "NTFS    " || oem === "EXFAT   ") return null;
     if (![512, 1024, 2048, 4096].includes(bps) || spc === 0 || (spc & (spc - 1)) !== 0) return null;
-    if (b.readUInt16LE(14) === 0 || b[16] === 0 || (b[21]! !== 0xf0 && b[21]! < 0xf8)) return null;
+    if (bs.rsvdSecCnt === 0 || bs.numFats === 0 || (bs.media !== 0xf0 && bs.media < 0xf8)) return null;
     const fs = new FatFs(dev);
     await fs.load(b);
     return fs;
@@ -71,18 +140,20 @@ export class FatFs extends BaseFs<FatNode> {
 
   private async load(b: Buffer): Promise<void> {
     const bad = (reason: string) => FsError.corrupt("FAT boot sector", 0, reason);
-    this.bps = b.readUInt16LE(11);
-    const spc = b[13]!;
-    const reserved = b.readUInt16LE(14);
-    const nfats = b[16]!;
-    this.rootEntries = b.readUInt16LE(17);
-    const total = b.readUInt16LE(19) || b.readUInt32LE(32);
-    const fatSize16 = b.readUInt16LE(22);
-    const fatSize = fatSize16 || b.readUInt32LE(36);
+    const bs = BootSector.read(b);
+    const bpb32 = Fat32Bpb.read(b);
+    this.bps = bs.bytsPerSec;
+    const spc = bs.secPerClus;
+    const reserved = bs.rsvdSecCnt;
+    const nfats = bs.numFats;
+    this.rootEntries = bs.rootEntCnt;
+    const total = bs.totSec16 || bs.totSec32;
+    const fatSize16 = bs.fatSz16;
+    const fatSize = fatSize16 || bpb32.fatSz32;
     if (total === 0) throw bad("total sector count is 0");
     if (total * this.bps > this.dev.size) throw bad(`${total} sectors of ${this.bps} bytes do not fit the device (${this.dev.size} bytes)`);
     if (fatSize === 0) throw bad("FAT size is 0");
-    const rootSectors = Math.ceil((this.rootEntries * 32) / this.bps);
+    const rootSectors = Math.ceil((this.rootEntries * DirEntry.size) / this.bps);
     const firstData = reserved + nfats * fatSize + rootSectors;
     if (firstData >= total) throw bad(`metadata (${firstData} sectors) fills the whole volume of ${total} sectors`);
     this.clusterSize = spc * this.bps;
@@ -94,10 +165,10 @@ export class FatFs extends BaseFs<FatNode> {
     let active = 0;
     if (this.bits === 32) {
       if (this.rootEntries !== 0) throw bad(`FAT32 with a fixed root directory of ${this.rootEntries} entries`);
-      const flags = b.readUInt16LE(40);
+      const flags = bpb32.extFlags;
       if (flags & 0x80) active = flags & 0xf;
       if (active >= nfats) throw bad(`active FAT ${active} of ${nfats}`);
-      this.rootCluster = b.readUInt32LE(44);
+      this.rootCluster = bpb32.rootClus;
       if (this.rootCluster < 2 || this.rootCluster > this.clusterCount + 1) throw bad(`root directory cluster ${this.rootCluster} is outside clusters 2 to ${this.clusterCount + 1}`);
     } else if (this.rootEntries === 0) throw bad(`FAT${this.bits} (${this.clusterCount} clusters) without root directory entries`);
     if (Math.floor((fatSize * this.bps * 8) / this.bits) < this.clusterCount + 2) throw bad(`a FAT of ${fatSize} sectors cannot hold ${this.clusterCount} clusters`);
@@ -106,11 +177,11 @@ export class FatFs extends BaseFs<FatNode> {
     this.dataStart = firstData * this.bps;
     this.blockSize = this.clusterSize;
     this.totalBytes = total * this.bps;
-    const ext = this.bits === 32 ? 64 : 36;
-    const serial = b[ext + 2] === 0x29 || b[ext + 2] === 0x28 ? b.readUInt32LE(ext + 3) : 0;
+    const ext = ExtendedBoot.read(b, this.bits === 32 ? 64 : 36);
+    const serial = ext.bootSig === 0x29 || ext.bootSig === 0x28 ? ext.volId : 0;
     const hex = serial.toString(16).toUpperCase().padStart(8, "0");
     this.uuid = `${hex.slice(0, 4)}-${hex.slice(4)}`;
-    const bpbLabel = b[ext + 2] === 0x29 ? b.subarray(ext + 7, ext + 18).toString("latin1").trimEnd() : "";
+    const bpbLabel = ext.bootSig === 0x29 ? ext.volLab.trimEnd() : "";
     const fatBytes = Math.ceil(((this.clusterCount + 2) * this.bits) / 8);
     if (fatBytes <= FAT_WHOLE_MAX) this.fatWhole = await this.dev.read(fatBytes, this.fatStart, "FAT");
     let free = 0;
@@ -216,7 +287,7 @@ export class FatFs extends BaseFs<FatNode> {
   private async rawDir(dir: FatNode, path: string): Promise<Array<{ b: Buffer; at: number }>> {
     const out: Array<{ b: Buffer; at: number }> = [];
     if (dir.root && this.bits !== 32) {
-      const b = await this.dev.read(this.rootEntries * 32, this.rootStart, "FAT root directory");
+      const b = await this.dev.read(this.rootEntries * DirEntry.size, this.rootStart, "FAT root directory");
       out.push({ b, at: this.rootStart });
       return out;
     }
@@ -230,10 +301,10 @@ export class FatFs extends BaseFs<FatNode> {
 
   private async volumeLabel(): Promise<string | null> {
     for (const { b } of await this.rawDir(await this.root(), "/")) {
-      for (let p = 0; p + 32 <= b.length; p += 32) {
-        if (b[p] === 0) return null;
-        const attr = b[p + 11]!;
-        if (b[p] !== 0xe5 && attr !== ATTR_LFN && attr & ATTR_VOLUME) return b.subarray(p, p + 11).toString("latin1").trimEnd();
+      for (let p = 0; p + DirEntry.size <= b.length; p += DirEntry.size) {
+        const d = DirEntry.read(b, p);
+        if (d.name[0] === 0) return null;
+        if (d.name[0] !== 0xe5 && d.attr !== ATTR_LFN && d.attr & ATTR_VOLUME) return d.name.toString("latin1").trimEnd();
       }
     }
     return null;
@@ -245,53 +316,49 @@ export class FatFs extends BaseFs<FatNode> {
     let lfnNext = 0;
     let lfnSum = -1;
     for (const { b, at } of await this.rawDir(dir, path)) {
-      for (let p = 0; p + 32 <= b.length; p += 32) {
-        const first = b[p]!;
+      for (let p = 0; p + DirEntry.size <= b.length; p += DirEntry.size) {
+        const d = DirEntry.read(b, p);
+        const first = d.name[0]!;
         if (first === 0) return out;
-        const attr = b[p + 11]!;
+        const attr = d.attr;
         if (first === 0xe5) {
           lfn = [];
           lfnNext = 0;
           continue;
         }
         if ((attr & 0x3f) === ATTR_LFN) {
-          const seq = first & 0x1f;
-          if (first & 0x40) {
+          const l = LfnEntry.read(b, p);
+          const seq = l.ord & 0x1f;
+          if (l.ord & 0x40) {
             lfn = new Array<string>(seq).fill("");
             lfnNext = seq;
-            lfnSum = b[p + 13]!;
+            lfnSum = l.chksum;
           }
-          if (seq === 0 || seq !== lfnNext || b[p + 13] !== lfnSum) {
+          if (seq === 0 || seq !== lfnNext || l.chksum !== lfnSum) {
             lfnNext = 0;
             continue;
           }
-          let s = "";
-          for (const o of [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30]) {
-            const ch = b.readUInt16LE(p + o);
-            if (ch === 0) break;
-            s += String.fromCharCode(ch);
-          }
-          lfn[seq - 1] = s.replace(/\uffff+$/, "");
+          lfn[seq - 1] = (l.name1 + l.name2 + l.name3).replace(/\0.*$/s, "").replace(/\uffff+$/, "");
           lfnNext = seq - 1;
           continue;
         }
-        const hasLfn = lfnNext === 0 && lfn.length > 0 && lfnSum === lfnChecksum(b.subarray(p, p + 11));
+        const hasLfn = lfnNext === 0 && lfn.length > 0 && lfnSum === lfnChecksum(d.name);
         const longName = hasLfn ? lfn.join("") : null;
         lfn = [];
         lfnNext = 0;
         if (attr & ATTR_VOLUME) continue;
-        const raw = Buffer.from(b.subarray(p, p + 11));
+        const raw = Buffer.from(d.name);
         if (raw[0] === 0x05) raw[0] = 0xe5;
         let base = raw.subarray(0, 8).toString("latin1").trimEnd();
         let ext = raw.subarray(8, 11).toString("latin1").trimEnd();
-        if (b[p + 12]! & 0x08) base = base.toLowerCase();
-        if (b[p + 12]! & 0x10) ext = ext.toLowerCase();
+        if (d.ntRes & 0x08) base = base.toLowerCase();
+        if (d.ntRes & 0x10) ext = ext.toLowerCase();
         const name = longName ?? (ext ? `${base}.${ext}` : base);
         if (name === "." || name === "..") continue;
-        const cluster = b.readUInt16LE(p + 26) + (this.bits === 32 ? b.readUInt16LE(p + 20) * 65536 : 0);
+        const cluster = d.fstClusLo + (this.bits === 32 ? d.fstClusHi * 65536 : 0);
         out.push({
           name,
-          node: { root: false, attr, cluster, size: b.readUInt32LE(p + 28), mtime: fatTime(b.readUInt16LE(p + 24), b.readUInt16LE(p + 22)), at: at + p },
+          node: { root: false, attr, cluster, size: d.fileSize, mtime: fatTime(d.wrtDate, d.wrtTime), at: at + p },
         });
       }
     }

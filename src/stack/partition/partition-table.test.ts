@@ -2,6 +2,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import zlib from "node:zlib";
 import { afterAll, describe, expect, it } from "vitest";
 import { needTools } from "../../../test/helpers/tools.js";
 import { PartitionTableError, readPartitionTable, type ReadAt } from "./partition-table.js";
@@ -55,6 +56,19 @@ describe.skipIf(!needTools("sgdisk", "sfdisk"))("partition tables made by real t
     const entries = Buffer.from(good);
     entries[1024 + 40] ^= 0x01; // a partition entry: the entries CRC catches it
     expect((await readPartitionTable(reader(entries), entries.length))!.note).toMatch(/entries CRC32 mismatch/);
+  });
+
+  it("takes an LBA of 2^53 or more (with valid CRCs) for a damaged primary, not a rounded number", async () => {
+    const img = image("gpt3.img", 32 * MiB);
+    execFileSync("sgdisk", ["-n", "1:1M:+4M", img], { stdio: "ignore" });
+    const b = fs.readFileSync(img);
+    b.writeBigUInt64LE(2n ** 63n, 1024 + 40); // entry 1's EndingLBA
+    b.writeUInt32LE(zlib.crc32(b.subarray(1024, 1024 + 128 * 128)), 512 + 88);
+    b.writeUInt32LE(0, 512 + 16);
+    b.writeUInt32LE(zlib.crc32(b.subarray(512, 512 + 92)), 512 + 16);
+    const t = (await readPartitionTable(reader(b), b.length))!;
+    expect(t.note).toBe("primary GPT unusable (GPT entry 1 at byte 1056: LBA 9223372036854775808 is not inside the device); using the backup");
+    expect(t.partitions.map((p) => [p.start, p.length])).toEqual([[MiB, 4 * MiB]]);
   });
 
   it("reads an MBR with primary, extended and logical partitions as sfdisk does", async () => {

@@ -1,4 +1,5 @@
 import zlib from "node:zlib";
+import { bytes, chars, cstring, struct, StructError, u16le, u32le, u64le, u8 } from "../../util/struct.js";
 
 /** One partition of a device, in bytes. `index` is the conventional number (MBR logicals start at 5). */
 export interface Partition {
@@ -34,23 +35,83 @@ export type ReadAt = (length: number, offset: number) => Promise<Buffer>;
 
 const SECTOR = 512;
 const EXTENDED = new Set([0x05, 0x0f, 0x85]);
+const BOOT_SIGNATURE = 0xaa55;
 
-function guid(b: Buffer, at: number): string {
+/** UEFI spec, Legacy MBR: the first sector of the device, and of each EBR in an extended partition's chain. */
+const Mbr = struct(
+  "MBR",
+  {
+    partitionEntries: bytes(446, 64), // PartitionRecord[4]: four MbrEntry; in an EBR: the logical one, then the link to the next EBR
+    bootSignature: u16le(510), // Signature, 0xAA55
+  },
+  { size: SECTOR },
+);
+
+/** UEFI spec, Legacy MBR Partition Record: one of the MBR's four. */
+const MbrEntry = struct(
+  "MBR partition entry",
+  {
+    bootIndicator: u8(0),
+    startingChs: bytes(1, 3),
+    osType: u8(4), // 0 empty, 0x05/0x0F/0x85 extended, 0xEE protective (a GPT follows)
+    endingChs: bytes(5, 3),
+    startingLba: u32le(8), // in an EBR: relative to that EBR (logical) or to the extended partition (link)
+    sizeInLba: u32le(12),
+  },
+  { size: 16 },
+);
+
+/** UEFI spec, GPT Header: at LBA 1 (primary) and the last LBA (backup). */
+const GptHeader = struct(
+  "GPT header",
+  {
+    signature: chars(0, 8), // "EFI PART"
+    revision: u32le(8),
+    headerSize: u32le(12),
+    headerCrc32: u32le(16), // of HeaderSize bytes, this field taken as 0
+    // 20 Reserved; 24 MyLBA, 32 AlternateLBA, 40 FirstUsableLBA, 48 LastUsableLBA: not read here
+    diskGuid: bytes(56, 16),
+    partitionEntryLba: u64le(72),
+    numberOfPartitionEntries: u32le(80),
+    sizeOfPartitionEntry: u32le(84), // 128 × 2^n
+    partitionEntryArrayCrc32: u32le(88),
+  },
+  { size: 92 },
+);
+
+/** UEFI spec, GPT Partition Entry (SizeOfPartitionEntry bytes apart; 128 declared here). */
+const GptEntry = struct(
+  "GPT partition entry",
+  {
+    partitionTypeGuid: bytes(0, 16), // all zero: unused entry
+    uniquePartitionGuid: bytes(16, 16),
+    startingLba: u64le(32),
+    endingLba: u64le(40), // inclusive
+    // 48 Attributes (u64 flags): not read here
+    partitionName: cstring(56, 72, "utf16le"),
+  },
+  { size: 128 },
+);
+
+/** A GUID as text: its first three groups are stored little-endian. */
+function guid(b: Buffer): string {
   const h = (s: number, e: number, le: boolean) => {
-    const part = b.subarray(at + s, at + e);
+    const part = b.subarray(s, e);
     return Buffer.from(le ? [...part].reverse() : part).toString("hex");
   };
   return `${h(0, 4, true)}-${h(4, 6, true)}-${h(6, 8, true)}-${h(8, 10, false)}-${h(10, 16, false)}`.toUpperCase();
 }
 
+const mbrType = (t: number) => `0x${t.toString(16).padStart(2, "0")}`;
+
 /** Reads the MBR or GPT of a device of `size` bytes. Returns null when there is no table. */
 export async function readPartitionTable(read: ReadAt, size: number): Promise<PartitionTable | null> {
   if (size < 2 * SECTOR) return null;
-  const mbr = await read(SECTOR, 0);
-  if (mbr.readUInt16LE(510) !== 0xaa55) return null;
+  const mbr = Mbr.read(await read(SECTOR, 0));
+  if (mbr.bootSignature !== BOOT_SIGNATURE) return null;
   const entries = [0, 1, 2, 3].map((i) => {
-    const at = 446 + i * 16;
-    return { at, type: mbr[at + 4]!, start: mbr.readUInt32LE(at + 8) * SECTOR, length: mbr.readUInt32LE(at + 12) * SECTOR };
+    const e = MbrEntry.read(mbr.partitionEntries, i * MbrEntry.size);
+    return { at: Mbr.fields.partitionEntries.offset + i * MbrEntry.size, type: e.osType, start: e.startingLba * SECTOR, length: e.sizeInLba * SECTOR };
   });
   if (entries.some((e) => e.type === 0xee)) return readGpt(read, size);
   const parts: Partition[] = [];
@@ -58,7 +119,7 @@ export async function readPartitionTable(read: ReadAt, size: number): Promise<Pa
     if (e.type === 0 || e.length === 0) continue;
     if (e.start + e.length > size) throw new PartitionTableError(`MBR entry ${i + 1}`, e.at, `partition ends at ${e.start + e.length}, beyond the device (${size})`);
     if (EXTENDED.has(e.type)) parts.push(...(await readLogicals(read, size, e.start, e.length)));
-    else parts.push({ index: i + 1, start: e.start, length: e.length, type: `0x${e.type.toString(16).padStart(2, "0")}` });
+    else parts.push({ index: i + 1, start: e.start, length: e.length, type: mbrType(e.type) });
   }
   checkOverlaps(parts, "MBR");
   return { scheme: "mbr", partitions: parts.sort((a, b) => a.index - b.index) };
@@ -72,18 +133,19 @@ async function readLogicals(read: ReadAt, size: number, extStart: number, extLen
     if (seen.has(ebr) || out.length > 128) throw new PartitionTableError("EBR chain", ebr, "loops or is too long");
     seen.add(ebr);
     if (ebr + SECTOR > size) throw new PartitionTableError("EBR", ebr, "beyond the device");
-    const b = await read(SECTOR, ebr);
-    if (b.readUInt16LE(510) !== 0xaa55) throw new PartitionTableError("EBR", ebr, "missing 0x55AA signature");
-    const type = b[446 + 4]!;
-    const start = ebr + b.readUInt32LE(446 + 8) * SECTOR;
-    const length = b.readUInt32LE(446 + 12) * SECTOR;
-    if (type !== 0 && length > 0) {
-      if (start < extStart || start + length > extStart + extLength) throw new PartitionTableError(`EBR ${n} entry`, ebr + 446, "logical partition outside its extended partition");
-      out.push({ index: n, start, length, type: `0x${type.toString(16).padStart(2, "0")}` });
+    const b = Mbr.read(await read(SECTOR, ebr));
+    if (b.bootSignature !== BOOT_SIGNATURE) throw new PartitionTableError("EBR", ebr, "missing 0x55AA signature");
+    const logical = MbrEntry.read(b.partitionEntries, 0);
+    const link = MbrEntry.read(b.partitionEntries, MbrEntry.size);
+    const start = ebr + logical.startingLba * SECTOR;
+    const length = logical.sizeInLba * SECTOR;
+    if (logical.osType !== 0 && length > 0) {
+      if (start < extStart || start + length > extStart + extLength)
+        throw new PartitionTableError(`EBR ${n} entry`, ebr + Mbr.fields.partitionEntries.offset, "logical partition outside its extended partition");
+      out.push({ index: n, start, length, type: mbrType(logical.osType) });
     }
-    const nextRel = b.readUInt32LE(462 + 8);
-    if (b[462 + 4] === 0 || nextRel === 0) return out;
-    ebr = extStart + nextRel * SECTOR;
+    if (link.osType === 0 || link.startingLba === 0) return out;
+    ebr = extStart + link.startingLba * SECTOR;
   }
 }
 
@@ -107,37 +169,46 @@ async function readGpt(read: ReadAt, size: number): Promise<PartitionTable> {
 
 async function readGptAt(read: ReadAt, size: number, lba: number): Promise<Partition[]> {
   const at = lba * SECTOR;
-  const h = await read(SECTOR, at);
+  const b = await read(SECTOR, at);
   const where = lba === 1 ? "primary GPT header" : "backup GPT header";
-  if (h.toString("latin1", 0, 8) !== "EFI PART") throw new PartitionTableError(where, at, 'no "EFI PART" signature');
-  const headerSize = h.readUInt32LE(12);
-  if (headerSize < 92 || headerSize > SECTOR) throw new PartitionTableError(where, at + 12, `header size ${headerSize}`);
-  const copy = Buffer.from(h.subarray(0, headerSize));
-  const crc = copy.readUInt32LE(16);
-  copy.writeUInt32LE(0, 16);
-  if (zlib.crc32(copy) !== crc) throw new PartitionTableError(where, at + 16, "header CRC32 mismatch");
-  const entriesLba = Number(h.readBigUInt64LE(72));
-  const count = h.readUInt32LE(80);
-  const entrySize = h.readUInt32LE(84);
-  const entriesCrc = h.readUInt32LE(88);
-  if (entrySize < 128 || entrySize % 8 !== 0 || count > 4096) throw new PartitionTableError(where, at + 80, `${count} entries of ${entrySize} bytes`);
-  const tableAt = entriesLba * SECTOR;
-  if (tableAt + count * entrySize > size) throw new PartitionTableError(where, at + 72, "partition entries beyond the device");
+  const field = (name: keyof typeof GptHeader.fields) => at + GptHeader.fields[name].offset;
+  if (GptHeader.get(b, "signature") !== "EFI PART") throw new PartitionTableError(where, at, 'no "EFI PART" signature');
+  const headerSize = GptHeader.get(b, "headerSize");
+  if (headerSize < GptHeader.size || headerSize > SECTOR) throw new PartitionTableError(where, field("headerSize"), `header size ${headerSize}`);
+  const copy = Buffer.from(b.subarray(0, headerSize));
+  GptHeader.set(copy, "headerCrc32", 0);
+  if (zlib.crc32(copy) !== GptHeader.get(b, "headerCrc32")) throw new PartitionTableError(where, field("headerCrc32"), "header CRC32 mismatch");
+  const h = withLbas(() => GptHeader.read(b), () => new PartitionTableError(where, field("partitionEntryLba"), "partition entries beyond the device"));
+  const count = h.numberOfPartitionEntries;
+  const entrySize = h.sizeOfPartitionEntry;
+  if (entrySize < GptEntry.size || entrySize % 8 !== 0 || count > 4096) throw new PartitionTableError(where, field("numberOfPartitionEntries"), `${count} entries of ${entrySize} bytes`);
+  const tableAt = h.partitionEntryLba * SECTOR;
+  if (tableAt + count * entrySize > size) throw new PartitionTableError(where, field("partitionEntryLba"), "partition entries beyond the device");
   const table = await read(count * entrySize, tableAt);
-  if (zlib.crc32(table) !== entriesCrc) throw new PartitionTableError("GPT partition entries", tableAt, "entries CRC32 mismatch");
+  if (zlib.crc32(table) !== h.partitionEntryArrayCrc32) throw new PartitionTableError("GPT partition entries", tableAt, "entries CRC32 mismatch");
   const parts: Partition[] = [];
   for (let i = 0; i < count; i++) {
     const e = i * entrySize;
-    const type = guid(table, e);
+    const type = guid(GptEntry.get(table, "partitionTypeGuid", e));
     if (type === "00000000-0000-0000-0000-000000000000") continue;
-    const first = Number(table.readBigUInt64LE(e + 32));
-    const last = Number(table.readBigUInt64LE(e + 40));
-    if (last < first || (last + 1) * SECTOR > size) throw new PartitionTableError(`GPT entry ${i + 1}`, tableAt + e + 32, `LBAs ${first}..${last} are not inside the device`);
-    const name = table.toString("utf16le", e + 56, e + 128).replace(/\0.*$/s, "");
-    parts.push({ index: i + 1, start: first * SECTOR, length: (last - first + 1) * SECTOR, type, name, uuid: guid(table, e + 16) });
+    const lbasAt = tableAt + e + GptEntry.fields.startingLba.offset;
+    const entry = withLbas(() => GptEntry.read(table, e), (err) => new PartitionTableError(`GPT entry ${i + 1}`, lbasAt, `LBA ${err.value} is not inside the device`));
+    const first = entry.startingLba;
+    const last = entry.endingLba;
+    if (last < first || (last + 1) * SECTOR > size) throw new PartitionTableError(`GPT entry ${i + 1}`, lbasAt, `LBAs ${first}..${last} are not inside the device`);
+    parts.push({ index: i + 1, start: first * SECTOR, length: (last - first + 1) * SECTOR, type, name: entry.partitionName, uuid: guid(entry.uniquePartitionGuid) });
   }
   checkOverlaps(parts, "GPT");
   return parts;
+}
+
+/** Reads a GPT structure: an LBA of 2^53 or more is inside no device, and fails as `fail` says (so the backup is tried). */
+function withLbas<T>(readIt: () => T, fail: (err: StructError) => PartitionTableError): T {
+  try {
+    return readIt();
+  } catch (err) {
+    throw err instanceof StructError ? fail(err) : err;
+  }
 }
 
 function checkOverlaps(parts: Partition[], scheme: string): void {

@@ -1,4 +1,5 @@
 import { NbdError } from "../../errors.js";
+import { bytes, chars, struct, StructError, u16le, u32le, u64le } from "../../util/struct.js";
 
 /**
  * The bytes of a copy-on-write overlay file (all integers little-endian). What is written when,
@@ -41,6 +42,36 @@ export interface CowHeader {
   baseDescription: string;
 }
 
+/** The header's bytes: the layout drawn above, declared once. */
+const Header = struct(
+  "overlay header",
+  {
+    magic: chars(0, 8), // "NBDSCOW1"
+    version: u32le(8),
+    headerSize: u32le(12),
+    blockSize: u32le(16),
+    flags: u32le(20),
+    virtualSize: u64le(24),
+    baseSize: u64le(32),
+    mapOffset: u64le(40),
+    mapEntries: u64le(48),
+    dataOffset: u64le(56),
+    backingLength: u16le(64),
+    backing: bytes(66, MAX_BACKING), // UTF-8, backingLength bytes of it
+    baseDescriptionLength: u16le(1090),
+    baseDescription: bytes(1092, MAX_DESC), // UTF-8, baseDescriptionLength bytes of it
+    crc: u32le(HEADER_SIZE - 4), // CRC-32 of the bytes before it
+  },
+  { size: HEADER_SIZE },
+);
+
+/** One allocation map entry, one per block, ABSENT, ZEROED or slot + 2; the map is these back to back. */
+const MapEntry = struct("overlay map entry", { value: u32le(0) });
+export const MAP_ENTRY_SIZE = MapEntry.size;
+
+/** Names of the u64 fields in "out of range" errors. */
+const U64_NAMES: Record<string, string> = { virtualSize: "virtual size", baseSize: "base size", mapOffset: "map offset", mapEntries: "map entries", dataOffset: "data offset" };
+
 const CRC_TABLE = (() => {
   const t = new Uint32Array(256);
   for (let n = 0; n < 256; n++) {
@@ -63,33 +94,39 @@ const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
 export function newHeader(size: number, blockSize: number, backing: string, baseDescription: string): CowHeader {
   const mapEntries = Math.ceil(size / blockSize);
   const mapOffset = HEADER_SIZE;
-  const dataOffset = alignUp(mapOffset + alignUp(mapEntries * 4, MAP_PAGE), blockSize);
+  const dataOffset = alignUp(mapOffset + alignUp(mapEntries * MAP_ENTRY_SIZE, MAP_PAGE), blockSize);
   return { blockSize, virtualSize: size, baseSize: size, mapOffset, mapEntries, dataOffset, backing, baseDescription };
 }
 
-function putString(buf: Buffer, at: number, s: string, max: number, what: string): void {
+function utf8Within(s: string, max: number, what: string): Buffer {
   const b = Buffer.from(s, "utf8");
   if (b.length > max) throw new NbdError("EINVAL", `${what} is longer than ${max} bytes: ${s}`);
-  buf.writeUInt16LE(b.length, at);
-  b.copy(buf, at + 2);
+  return b;
 }
 
 /** The 4096 header bytes of `h`, checksum included. */
 export function encodeHeader(h: CowHeader): Buffer {
+  const backing = utf8Within(h.backing, MAX_BACKING, "backing overlay name");
+  const desc = utf8Within(h.baseDescription.slice(0, MAX_DESC / 4), MAX_DESC, "base description");
   const buf = Buffer.alloc(HEADER_SIZE);
-  buf.write(COW_MAGIC, 0, "latin1");
-  buf.writeUInt32LE(COW_VERSION, 8);
-  buf.writeUInt32LE(HEADER_SIZE, 12);
-  buf.writeUInt32LE(h.blockSize, 16);
-  buf.writeUInt32LE(0, 20);
-  buf.writeBigUInt64LE(BigInt(h.virtualSize), 24);
-  buf.writeBigUInt64LE(BigInt(h.baseSize), 32);
-  buf.writeBigUInt64LE(BigInt(h.mapOffset), 40);
-  buf.writeBigUInt64LE(BigInt(h.mapEntries), 48);
-  buf.writeBigUInt64LE(BigInt(h.dataOffset), 56);
-  putString(buf, 64, h.backing, MAX_BACKING, "backing overlay name");
-  putString(buf, 1090, h.baseDescription.slice(0, MAX_DESC / 4), MAX_DESC, "base description");
-  buf.writeUInt32LE(crc32(buf.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
+  Header.write(buf, {
+    magic: COW_MAGIC,
+    version: COW_VERSION,
+    headerSize: HEADER_SIZE,
+    blockSize: h.blockSize,
+    flags: 0,
+    virtualSize: h.virtualSize,
+    baseSize: h.baseSize,
+    mapOffset: h.mapOffset,
+    mapEntries: h.mapEntries,
+    dataOffset: h.dataOffset,
+    backingLength: backing.length,
+    backing,
+    baseDescriptionLength: desc.length,
+    baseDescription: desc,
+    crc: 0,
+  });
+  Header.set(buf, "crc", crc32(buf.subarray(0, Header.fields.crc.offset)));
   return buf;
 }
 
@@ -100,35 +137,50 @@ export function corrupt(file: string, what: string): NbdError {
 
 /** Parses and checks a header read from `file` (named in errors). */
 export function decodeHeader(buf: Buffer, file: string): CowHeader {
-  const magic = buf.toString("latin1", 0, 8);
+  const magic = Header.get(buf, "magic");
   if (magic !== COW_MAGIC) throw corrupt(file, `not an nbdstack copy-on-write overlay (magic ${JSON.stringify(magic)}, expected "${COW_MAGIC}")`);
-  if (buf.readUInt32LE(HEADER_SIZE - 4) !== crc32(buf.subarray(0, HEADER_SIZE - 4))) throw corrupt(file, "overlay header checksum mismatch (the header is damaged)");
-  const version = buf.readUInt32LE(8);
+  if (Header.get(buf, "crc") !== crc32(buf.subarray(0, Header.fields.crc.offset))) throw corrupt(file, "overlay header checksum mismatch (the header is damaged)");
+  const version = Header.get(buf, "version");
   if (version !== COW_VERSION) throw corrupt(file, `overlay version ${version} is not supported (this build reads version ${COW_VERSION})`);
-  const num = (at: number, what: string) => {
-    const v = buf.readBigUInt64LE(at);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(file, `overlay header field ${what} is out of range (${v})`);
-    return Number(v);
-  };
-  const str = (at: number, max: number, what: string) => {
-    const n = buf.readUInt16LE(at);
+  let f: ReturnType<typeof Header.read>;
+  try {
+    f = Header.read(buf);
+  } catch (err) {
+    const what = err instanceof StructError && err.field ? U64_NAMES[err.field] : undefined;
+    throw what ? corrupt(file, `overlay header field ${what} is out of range (${(err as StructError).value})`) : err;
+  }
+  const str = (b: Buffer, n: number, max: number, what: string) => {
     if (n > max) throw corrupt(file, `overlay header field ${what} is too long (${n} bytes)`);
-    return buf.toString("utf8", at + 2, at + 2 + n);
+    return b.toString("utf8", 0, n);
   };
   const h: CowHeader = {
-    blockSize: buf.readUInt32LE(16),
-    virtualSize: num(24, "virtual size"),
-    baseSize: num(32, "base size"),
-    mapOffset: num(40, "map offset"),
-    mapEntries: num(48, "map entries"),
-    dataOffset: num(56, "data offset"),
-    backing: str(64, MAX_BACKING, "backing"),
-    baseDescription: str(1090, MAX_DESC, "base description"),
+    blockSize: f.blockSize,
+    virtualSize: f.virtualSize,
+    baseSize: f.baseSize,
+    mapOffset: f.mapOffset,
+    mapEntries: f.mapEntries,
+    dataOffset: f.dataOffset,
+    backing: str(f.backing, f.backingLength, MAX_BACKING, "backing"),
+    baseDescription: str(f.baseDescription, f.baseDescriptionLength, MAX_DESC, "base description"),
   };
   const bs = h.blockSize;
   if (bs < 4096 || bs > 1 << 24 || (bs & (bs - 1)) !== 0) throw corrupt(file, `overlay block size ${bs} is not a power of two between 4 KiB and 16 MiB`);
   if (h.mapEntries !== Math.ceil(h.virtualSize / bs)) throw corrupt(file, `overlay map has ${h.mapEntries} entries, but a ${h.virtualSize}-byte device has ${Math.ceil(h.virtualSize / bs)} blocks`);
-  if (h.mapOffset < HEADER_SIZE || h.dataOffset < h.mapOffset + h.mapEntries * 4 || h.dataOffset % bs !== 0)
+  if (h.mapOffset < HEADER_SIZE || h.dataOffset < h.mapOffset + h.mapEntries * MAP_ENTRY_SIZE || h.dataOffset % bs !== 0)
     throw corrupt(file, `overlay map (at ${h.mapOffset}) and data area (at ${h.dataOffset}) overlap or are misplaced`);
   return h;
+}
+
+/** The allocation map's entries, from its bytes. */
+export function decodeMap(raw: Buffer): Uint32Array {
+  const map = new Uint32Array(raw.length / MAP_ENTRY_SIZE);
+  for (let b = 0; b < map.length; b++) map[b] = MapEntry.get(raw, "value", b * MAP_ENTRY_SIZE);
+  return map;
+}
+
+/** The bytes of entries first..last-1 of the allocation map. */
+export function encodeMap(map: ArrayLike<number>, first: number, last: number): Buffer {
+  const buf = Buffer.allocUnsafe((last - first) * MAP_ENTRY_SIZE);
+  for (let b = first; b < last; b++) MapEntry.set(buf, "value", map[b]!, (b - first) * MAP_ENTRY_SIZE);
+  return buf;
 }

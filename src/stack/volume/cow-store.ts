@@ -3,7 +3,22 @@ import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { plainIo } from "../layer.js";
 import { FilePort, type IoMode } from "../port/file-port.js";
-import { ABSENT, DEFAULT_COW_BLOCK_SIZE, HEADER_SIZE, MAP_PAGE, MAX_SLOT, ZEROED, corrupt, decodeHeader, encodeHeader, newHeader, type CowHeader } from "./cow-format.js";
+import {
+  ABSENT,
+  DEFAULT_COW_BLOCK_SIZE,
+  HEADER_SIZE,
+  MAP_ENTRY_SIZE,
+  MAP_PAGE,
+  MAX_SLOT,
+  ZEROED,
+  corrupt,
+  decodeHeader,
+  decodeMap,
+  encodeHeader,
+  encodeMap,
+  newHeader,
+  type CowHeader,
+} from "./cow-format.js";
 
 /**
  * The store of a copy-on-write layer (nbdkit's blk.c to the layer's cow.c): one overlay file
@@ -148,22 +163,21 @@ export class CowStore {
       const hb = Buffer.alloc(HEADER_SIZE);
       await port.pread(hb, 0, plainIo);
       const h = decodeHeader(hb, file);
-      const mapBytes = h.mapEntries * 4;
+      const mapBytes = h.mapEntries * MAP_ENTRY_SIZE;
       if (st.size < h.mapOffset + mapBytes) throw corrupt(file, `truncated: the allocation map ends at ${h.mapOffset + mapBytes}, the file at ${st.size}`);
       const raw = Buffer.alloc(mapBytes);
       if (mapBytes > 0) await port.pread(raw, h.mapOffset, plainIo);
-      const map = new Uint32Array(h.mapEntries);
+      const map = decodeMap(raw);
       const used = new Uint8Array(Math.max(0, Math.floor((st.size - h.dataOffset) / h.blockSize) + 1));
       let top = -1;
       for (let b = 0; b < h.mapEntries; b++) {
-        const v = raw.readUInt32LE(b * 4);
-        map[b] = v;
+        const v = map[b]!;
         if (v < 2) continue;
         const slot = v - 2;
         const len = Math.min(h.blockSize, h.virtualSize - b * h.blockSize);
         const at = h.dataOffset + slot * h.blockSize;
-        if (at + len > st.size) throw corrupt(file, `allocation map entry of block ${b} (map offset ${h.mapOffset + b * 4}) points at ${at}, past the end of the file (${st.size})`);
-        if (used[slot]) throw corrupt(file, `allocation map gives data slot ${slot} to two blocks (one is block ${b}, map offset ${h.mapOffset + b * 4})`);
+        if (at + len > st.size) throw corrupt(file, `allocation map entry of block ${b} (map offset ${h.mapOffset + b * MAP_ENTRY_SIZE}) points at ${at}, past the end of the file (${st.size})`);
+        if (used[slot]) throw corrupt(file, `allocation map gives data slot ${slot} to two blocks (one is block ${b}, map offset ${h.mapOffset + b * MAP_ENTRY_SIZE})`);
         used[slot] = 1;
         if (slot > top) top = slot;
       }
@@ -315,7 +329,7 @@ export class CowStore {
       await this.port.flush(plainIo);
       if (beforeMap) await beforeMap();
       if (entries.size > 0) {
-        await this.writeMapPages([...new Set([...entries.keys()].map((b) => Math.floor((b * 4) / MAP_PAGE)))].sort((a, b) => a - b));
+        await this.writeMapPages([...new Set([...entries.keys()].map((b) => Math.floor((b * MAP_ENTRY_SIZE) / MAP_PAGE)))].sort((a, b) => a - b));
         await this.port.flush(plainIo);
       }
     } catch (err) {
@@ -330,16 +344,14 @@ export class CowStore {
   }
 
   private async writeMapPages(pages: number[]): Promise<void> {
-    const perPage = MAP_PAGE / 4;
+    const perPage = MAP_PAGE / MAP_ENTRY_SIZE;
     let i = 0;
     while (i < pages.length) {
       let j = i;
       while (j + 1 < pages.length && pages[j + 1] === pages[j]! + 1) j++;
       const first = pages[i]! * perPage;
       const last = Math.min(this.durable.length, (pages[j]! + 1) * perPage);
-      const buf = Buffer.allocUnsafe((last - first) * 4);
-      for (let b = first; b < last; b++) buf.writeUInt32LE(this.durable[b]!, (b - first) * 4);
-      await this.port.pwrite(buf, this.header.mapOffset + first * 4, plainIo);
+      await this.port.pwrite(encodeMap(this.durable, first, last), this.header.mapOffset + first * MAP_ENTRY_SIZE, plainIo);
       i = j + 1;
     }
   }
