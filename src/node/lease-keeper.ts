@@ -114,7 +114,8 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
   node.opts.log.warn({ export: m.name, epoch }, "lease of the owner expired: taking the image over");
   m.epoch = epoch;
   m.validUntil = 0;
-  m.redirector.adopt().catch((err: Error) => {
+  // The owner stopped without a hand-over: what it acknowledged without a FLUSH may be gone.
+  m.redirector.adopt({ ownerFlushed: false }).catch((err: Error) => {
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
     m.epoch = null;
   });

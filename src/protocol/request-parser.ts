@@ -13,6 +13,7 @@ export class Request implements Io {
   mayTrim: boolean;
   fast: boolean;
   peer = false;
+  session: object | null = null;
   /** Pool buffer holding `data` when the payload had to be assembled; released by the consumer. */
   backing: Buffer | null = null;
   constructor(

@@ -331,6 +331,7 @@ export class Connection {
     }
     const bytes = req.type === Cmd.NBD_CMD_READ || req.type === Cmd.NBD_CMD_WRITE ? req.length : 0;
     if (this.peer) req.peer = true;
+    req.session = this;
     this.requests.enter();
     this.inflightBytes += bytes;
     void this.run(req, bytes);

@@ -13,6 +13,8 @@ export interface Io {
   mayTrim: boolean;
   fast: boolean;
   peer?: boolean;
+  /** The client connection the request came on, for state kept per client (unflushed writes). */
+  session?: object | null;
   signal?: AbortSignal;
   log?: Logger;
 }

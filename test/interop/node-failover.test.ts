@@ -86,7 +86,11 @@ describe("node failures", () => {
     expect(l.done()).toBeGreaterThan(afterTakeover); // served locally by b now
     const st = await getStatus(controlUrl(b));
     expect(st.exports[0]).toMatchObject({ owner: "b", epoch: 2, state: "LOCAL" });
+    // a acknowledged writes no FLUSH covered, and died: the first FLUSH says they may be lost
+    // (EIO, once) rather than vouch for them; the next one succeeds.
+    await expect(c.flush()).rejects.toMatchObject({ errno: "EIO", message: expect.stringMatching(/never flushed and may be lost/) });
     await c.flush();
+    // Here they were not lost: a's writes reached the page cache of this one machine.
     expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
     await c.disconnect();
     expect(JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"))).toMatchObject({ owner: "b", epoch: 2 });
@@ -174,6 +178,7 @@ describe("node failures", () => {
     await l.progress();
     const { controlCall } = await import("../../src/control/control-client.js");
     await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) });
+    await l.progress(); // writes b acknowledged (through a's port B), never flushed
     await b.stop("SIGKILL"); // a now forwards to a dead owner until b's lease expires
     const t0 = Date.now();
     while ((await getStatus(controlUrl(a))).exports[0]!.state !== "LOCAL") {
@@ -186,6 +191,8 @@ describe("node failures", () => {
     expect(l.failures).toEqual([]);
     expect(l.done()).toBeGreaterThan(back);
     expect((await getStatus(controlUrl(a))).exports[0]).toMatchObject({ owner: "a", epoch: 3, state: "LOCAL" });
+    // b acknowledged writes (forwarded by a) that no FLUSH covered, and died: the first FLUSH says so.
+    await expect(c.flush()).rejects.toMatchObject({ errno: "EIO", message: expect.stringMatching(/never flushed and may be lost/) });
     await c.flush();
     expect((await c.pread(l.model.length, 0)).equals(l.model)).toBe(true);
     await c.disconnect();

@@ -49,7 +49,9 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
   const tracker = new DirtyTracker(resource);
   const portA: Layer = new FenceLayer(tracker, () => owner.mayWrite());
   const openRemote = async (first?: NbdAddress): Promise<Layer> => {
-    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline });
+    // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells their clients.
+    const onNewLink = () => redirector.ownerLost();
+    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink });
     await p.open();
     return p;
   };

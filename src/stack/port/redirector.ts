@@ -13,6 +13,9 @@ import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
  */
+/** The client of requests that carry no session (internal calls). */
+const ANONYMOUS = {};
+
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
 
@@ -68,6 +71,10 @@ export class PortRedirector implements Layer {
   private readonly inA = new InflightTracker();
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
+  /** Per client: writes acknowledged through port B without FUA that no FLUSH has covered yet. */
+  private unflushedB = new Map<object, number>();
+  /** Clients whose acknowledged, unflushed writes may be lost with an owner or a link: their next FLUSH fails. */
+  private lostWrites = new Set<object>();
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -282,7 +289,11 @@ export class PortRedirector implements Layer {
    * requests forwarded by peers; this node's own new requests wait until those it had sent through
    * port B completed, then everything flows through port A. Resolves once port A is open.
    */
-  adopt(): Promise<void> {
+  adopt(how: { ownerFlushed: boolean } = { ownerFlushed: true }): Promise<void> {
+    // A hand-over drained and flushed the old owner: what port B wrote is durable. A take-over
+    // follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
+    if (!how.ownerFlushed) this.ownerLost();
+    else this.unflushedB.clear();
     let opened!: () => void;
     let failed!: (e: unknown) => void;
     const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));
@@ -360,17 +371,50 @@ export class PortRedirector implements Layer {
     return this.route(io, (p) => p.pread(buf, offset, io));
   }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => p.pwrite(buf, offset, io));
+    return this.route(io, (p) => this.written(p, io, p.pwrite(buf, offset, io)));
   }
   zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => p.zero(length, offset, io));
+    return this.route(io, (p) => this.written(p, io, p.zero(length, offset, io)));
   }
   trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => p.trim(length, offset, io));
+    return this.route(io, (p) => this.written(p, io, p.trim(length, offset, io)));
   }
+  /**
+   * A FLUSH. It fails with EIO, once, for a client whose writes were acknowledged through port B,
+   * not flushed, and may since have been lost with their owner (it died and this node took the
+   * resource over) or with the link to it (see ownerLost): it never vouches for lost writes.
+   */
   flush(io: Io): Promise<void> {
-    return this.route(io, (p) => p.flush(io));
+    const client = io.session ?? ANONYMOUS;
+    const covers = this.unflushedB.get(client) ?? 0;
+    return this.route(io, (p) => p.flush(io)).then(() => {
+      if (this.lostWrites.delete(client)) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
+      const left = (this.unflushedB.get(client) ?? 0) - covers;
+      if (left > 0) this.unflushedB.set(client, left);
+      else this.unflushedB.delete(client);
+    });
   }
+  /** Counts a write through port B that only a FLUSH makes durable. */
+  private written(p: Layer, io: Io, done: Promise<void>): Promise<void> {
+    if (p !== this.b || io.fua) return done;
+    return done.then(() => {
+      const client = io.session ?? ANONYMOUS;
+      this.unflushedB.set(client, (this.unflushedB.get(client) ?? 0) + 1);
+    });
+  }
+
+  /**
+   * What port B acknowledged without a FLUSH may be gone: its owner died (this node takes the
+   * resource over) or the link to it was replaced. Each client with such writes gets EIO from its
+   * next FLUSH, wherever that goes.
+   */
+  ownerLost(): void {
+    if (this.unflushedB.size === 0) return;
+    this.log?.warn({ clients: this.unflushedB.size }, "writes acknowledged through port B were not flushed when its owner or link went: the next FLUSH of each client fails");
+    for (const c of this.unflushedB.keys()) this.lostWrites.add(c);
+    this.unflushedB.clear();
+  }
+
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.route(io, (p) => p.cache(length, offset, io));
   }

@@ -20,6 +20,11 @@ export interface RemotePortOptions {
    * its peer is down): requests then wait, retrying, until the owner answers or this node owns it.
    */
   offline?: () => Promise<{ size: number; caps: Capabilities }>;
+  /**
+   * Called when a link replaces an earlier one (before requests are sent on it again): what the
+   * old one acknowledged but no FLUSH covered may be gone with it (see PortRedirector.ownerLost).
+   */
+  onNewLink?: () => void;
 }
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
@@ -52,6 +57,8 @@ export class RemotePort implements Layer {
   private bytes = 0;
   private closed = false;
   private where = "";
+  /** Links opened so far; every one after the first is a change of link. */
+  private links = 0;
 
   constructor(private readonly opts: RemotePortOptions) {}
 
@@ -111,6 +118,7 @@ export class RemotePort implements Layer {
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
         const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName), tls: this.opts.tls });
+        if (this.links++ > 0) this.opts.onNewLink?.();
         this.client = c;
         return c;
       } finally {

@@ -1,0 +1,107 @@
+import net from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import { silentLogger } from "../../log.js";
+import { NbdServer } from "../../server/server.js";
+import { DiskLayer } from "../disk/disk-layer.js";
+import { Export } from "../export.js";
+import { plainIo, type Io } from "../layer.js";
+import { MemoryPort } from "./memory-port.js";
+import { buildPortPair } from "./port-pair.js";
+
+const MiB = 1024 * 1024;
+let closers: Array<() => Promise<void> | void> = [];
+afterEach(async () => {
+  for (const c of closers.reverse()) await c();
+  closers = [];
+});
+
+/**
+ * A node's port pair that starts as a non-owner: port B reaches the owner (a memory export "disk")
+ * through a proxy whose links the test can cut; port A is a memory device of its own, opened when
+ * the pair adopts the resource.
+ */
+async function start() {
+  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(new MemoryPort({ size: 8 * MiB })))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+  await server.start();
+  const target = server.addresses()[0] as { host: string; port: number };
+  const links = new Set<net.Socket>();
+  const proxy = net.createServer((down) => {
+    const up = net.connect(target.port, target.host);
+    links.add(down).add(up);
+    down.pipe(up).pipe(down);
+    const end = () => (down.destroy(), up.destroy());
+    down.on("error", end).on("close", end);
+    up.on("error", end).on("close", end);
+  });
+  await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
+  const at = proxy.address() as net.AddressInfo;
+  const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
+  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => ({ host: "127.0.0.1", port: at.port }), stillOwner: () => true }, silentLogger());
+  const r = pair.redirector;
+  await r.open();
+  closers.push(
+    () => r.close(),
+    () => new Promise<void>((res) => proxy.close(() => res())),
+    () => server.close(),
+  );
+  const cut = () => {
+    for (const s of links) s.destroy();
+    links.clear();
+  };
+  return { r, cut };
+}
+
+/** The Io of requests from one client connection. */
+const client = (fua = false): Io => ({ ...plainIo, fua, session: {} });
+const block = (v: number) => Buffer.alloc(4096, v);
+
+/**
+ * Issue 16, item 4: after its owner or its link changed, port B resends what was never answered,
+ * and a FLUSH among them is answered by whoever holds the resource now. Writes acknowledged before
+ * the change that no FLUSH covered may be gone: that client's next FLUSH fails with EIO, once.
+ */
+describe("port pair: a FLUSH never succeeds over writes that may be lost with an owner or a link", () => {
+  it("a replaced link: EIO for the client with unflushed acknowledged writes, once; nothing for the others", async () => {
+    const { r, cut } = await start();
+    const x = client();
+    const y = client();
+    const z = client();
+    await r.pwrite(block(1), 0, x);
+    await r.pwrite(block(2), 4096, y);
+    await r.flush(y);
+    await r.zero(4096, 8192, z); // write zeroes count as writes
+    cut();
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO", message: expect.stringMatching(/never flushed and may be lost/) });
+    await r.flush(x);
+    await r.flush(y);
+    await expect(r.flush(z)).rejects.toMatchObject({ errno: "EIO" });
+    // Requests go on through the new link.
+    await r.pwrite(block(3), 0, x);
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 0, x);
+    expect(back.equals(block(3))).toBe(true);
+  });
+
+  it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {
+    const { r, cut } = await start();
+    const x = client(true);
+    await r.pwrite(block(1), 0, x);
+    cut();
+    await r.flush(x);
+  });
+
+  it("a take-over (the owner died) fails the next FLUSH of each client with unflushed writes, even through port A; a hand-over does not", async () => {
+    const died = await start();
+    const x = client();
+    await died.r.pwrite(block(1), 0, x);
+    await died.r.adopt({ ownerFlushed: false });
+    await expect(died.r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+    await died.r.flush(x);
+
+    const handed = await start();
+    const w = client();
+    await handed.r.pwrite(block(1), 0, w);
+    await handed.r.adopt({ ownerFlushed: true });
+    await handed.r.flush(w);
+  });
+});
