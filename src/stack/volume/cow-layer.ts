@@ -422,7 +422,11 @@ export class CowLayer implements Layer {
     this.blocks.through = target;
     this.resumeRequests();
     try {
-      await copyDown(this.blocks, copier);
+      await copyDown(this.blocks, copier).catch(async (err: unknown) => {
+        // The blocks copied so far are forgotten in memory: the target must be durable before any flush writes that map.
+        await this.blocks.flush().catch(() => undefined);
+        throw err;
+      });
       await this.pauseRequests();
       try {
         await this.blocks.flush();
