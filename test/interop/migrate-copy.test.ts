@@ -84,6 +84,11 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     const st = (await exportStatus(A, "disk"))!;
     expect(st).toMatchObject({ owner: "a", epoch: 1, state: "LOCAL", held: 0, copy: { phase: "aborted", error: "cancelled by request" } });
     expect(st.copy!.copied).toBeLessThan(st.copy!.total); // it stopped there, copies waiting for their turn did not go on
+    // The same numbers in the one family of copy metrics.
+    const after = await scrape(A);
+    expect(after.get('nbdstack_copy_state{export="disk",job="live-copy",state="failed"}')).toBe(1);
+    expect(after.get('nbdstack_copy_done_bytes{export="disk",job="live-copy"}')).toBe(st.copy!.copied);
+    expect(after.get('nbdstack_copy_total_bytes{export="disk",job="live-copy"}')).toBe(st.copy!.total);
     expect(await exportStatus(B, "disk")).toEqual(expect.not.objectContaining({ copyTarget: true }));
     expect(await exportStatus(B, "disk")).toMatchObject({ owner: "a", state: "REMOTE" });
     expect(fs.existsSync(path.join(dirB, "disk.img.incomplete"))).toBe(true);
