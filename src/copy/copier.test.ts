@@ -168,6 +168,50 @@ describe("live copy: copier + dirty tracker", () => {
     expect((await read(dst)).equals(await read(src))).toBe(true);
   });
 
+  it("a write-through to any byte of a chunk being copied waits for the copy: the copy's older data never lands after it", async () => {
+    const size = 256 * KiB;
+    const src = new MemoryPort({ size });
+    await src.open();
+    await src.pwrite(Buffer.alloc(size, 1), 0, plainIo);
+    const dst = new MemoryPort({ size });
+    await dst.open();
+    const tracker = new DirtyTracker(src);
+    const bitmap = new DirtyBitmap(size);
+    const locks = new RangeLock();
+    tracker.track(bitmap, locks);
+    bitmap.mark(64 * KiB, 1); // chunk 1: [64 KiB, 128 KiB)
+    let copying!: () => void;
+    const inCopy = new Promise<void>((r) => (copying = r));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let first = true;
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        if (first) {
+          first = false; // the copy, with the data it read before the client's write
+          copying();
+          await gate;
+        }
+        await dst.pwrite(Buffer.from(buf), offset, plainIo);
+      },
+      zero: (length, offset) => dst.zero(length, offset, { ...plainIo, mayTrim: false }),
+      async flush() {},
+    };
+    tracker.writeThrough(t);
+    const pass = new Copier(src, t, bitmap, locks, { parallel: 1 }).pass();
+    await inCopy;
+    let written = false;
+    const write = tracker.pwrite(Buffer.alloc(10, 2), 128 * KiB - 10, plainIo).then(() => (written = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(written).toBe(false); // held by the copy's lock on the chunk's bytes
+    release();
+    await pass;
+    await write;
+    expect(bitmap.dirtyBytes).toBe(0);
+    const chunk = (b: Buffer) => b.subarray(64 * KiB, 128 * KiB);
+    expect(chunk(await read(dst)).equals(chunk(await read(src)))).toBe(true); // the one chunk copied, with the client's write
+  });
+
   it("a write-through that fails marks its chunks dirty instead of failing the client", async () => {
     const size = MiB;
     const src = new MemoryPort({ size });
