@@ -1,6 +1,6 @@
-import cliProgress from "cli-progress";
 import { controlCall, getStatus } from "../control/control-client.js";
 import { parseSize } from "../util/size.js";
+import { CopyProgressBars } from "./progress-bar.js";
 
 export interface MigrateOptions {
   from: string;
@@ -23,16 +23,6 @@ interface MigrateResult {
   mode?: string;
 }
 
-interface CopyProgress {
-  phase: string;
-  mode: string;
-  total: number;
-  copied: number;
-  dirty: number;
-  rate: number;
-  eta: number | null;
-}
-
 const MiB = 1024 * 1024;
 const mib = (n: number) => (n / MiB).toFixed(1);
 
@@ -47,31 +37,15 @@ export async function migrateCommand(name: string, opts: MigrateOptions): Promis
   const body = { to: opts.to, copy: true, mode: opts.mode, skipFree: !!opts.skipFree, maxRate: opts.maxRate ? parseSize(opts.maxRate) : undefined };
   // The call returns when the copy has converged and handed over; meanwhile, show its progress.
   const showBar = opts.progress !== false && !opts.json;
-  const bar = showBar
-    ? new cliProgress.SingleBar(
-        { format: "{phase} [{bar}] {percentage}% | {copiedMiB}/{totalMiB} MiB | {rateMiB} MiB/s | dirty {dirtyMiB} MiB | {mode} | ETA {etaText}", noTTYOutput: true, notTTYSchedule: 2000, hideCursor: true },
-        cliProgress.Presets.shades_classic,
-      )
-    : null;
-  let started = false;
-  const poll = setInterval(() => {
+  const bars = new CopyProgressBars({ enabled: showBar });
+  const show = () =>
     getStatus(opts.from)
       .then((s) => {
-        const c = (s.exports.find((e) => e.name === name) as { copy?: CopyProgress } | undefined)?.copy;
-        if (!c || !bar) return;
-        const total = Math.max(c.total, 1);
-        const payload = { phase: c.phase, copiedMiB: mib(c.copied), totalMiB: mib(c.total), rateMiB: mib(c.rate), dirtyMiB: mib(c.dirty), mode: c.mode, etaText: c.eta === null ? "-" : `${c.eta}s` };
-        const value = Math.min(total, Math.max(0, total - c.dirty));
-        if (!started) {
-          bar.start(total, value, payload);
-          started = true;
-        } else {
-          bar.setTotal(total);
-          bar.update(value, payload);
-        }
+        const c = s.exports.find((e) => e.name === name)?.copy;
+        if (c) bars.update("copy", c.phase, c, c.mode);
       })
       .catch(() => undefined);
-  }, 500);
+  const poll = showBar ? setInterval(() => void show(), 500) : undefined;
   const cancel = () => {
     process.stderr.write("\ncancelling the live copy…\n");
     void controlCall(opts.from, "POST", `${path}/cancel`, {}).catch((err: Error) => process.stderr.write(`cancel failed: ${err.message}\n`));
@@ -79,12 +53,13 @@ export async function migrateCommand(name: string, opts: MigrateOptions): Promis
   process.once("SIGINT", cancel);
   try {
     const r = await controlCall<MigrateResult>(opts.from, "POST", path, body, 24 * 3600_000);
-    if (started) bar!.update(bar!.getTotal());
-    bar?.stop();
+    clearInterval(poll);
+    if (showBar) await show(); // the last state: nothing dirty
+    bars.stop();
     if (opts.json) process.stdout.write(JSON.stringify(r) + "\n");
     else process.stdout.write(`moved ${r.export} from ${r.from} to ${r.to} (epoch ${r.epoch}) by live copy in ${(r.ms / 1000).toFixed(1)} s: ${mib(r.copied ?? 0)} MiB copied, ${r.mode} mode at the end\n`);
   } finally {
-    bar?.stop();
+    bars.stop();
     clearInterval(poll);
     process.off("SIGINT", cancel);
   }

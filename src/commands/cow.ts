@@ -2,6 +2,7 @@ import type { Command } from "commander";
 import { controlCall } from "../control/control-client.js";
 import { useTokenFile } from "./token-option.js";
 import type { CowInfo } from "../stack/volume/cow-layer.js";
+import { CopyProgressBars } from "./progress-bar.js";
 
 const cowPath = (name: string) => `v1/exports/${encodeURIComponent(name)}/cow`;
 
@@ -32,15 +33,16 @@ export async function mergeCommand(name: string, o: { control: string; intoBase:
   let info = await controlCall<CowInfo>(o.control, "POST", cowPath(name), { merge: true, mergeIntoBase: o.intoBase });
   const started = info.merge.startedAt;
   if (o.wait) {
-    let last = 0;
-    while (info.merge.state === "running" && info.merge.startedAt === started) {
-      await new Promise((r) => setTimeout(r, 250));
-      info = await controlCall<CowInfo>(o.control, "GET", cowPath(name));
-      if (!o.json && process.stderr.isTTY && Date.now() - last > 1000 && info.merge.state === "running") {
-        last = Date.now();
-        const m = info.merge;
-        process.stderr.write(`merging ${name}: ${mib(m.doneBytes)} of ${mib(m.totalBytes)}\n`);
+    const bars = new CopyProgressBars({ enabled: !o.json });
+    try {
+      while (info.merge.state === "running" && info.merge.startedAt === started) {
+        bars.update("merge", `merging ${name}`, info.merge);
+        await new Promise((r) => setTimeout(r, 250));
+        info = await controlCall<CowInfo>(o.control, "GET", cowPath(name));
       }
+      if (info.merge.startedAt === started) bars.update("merge", `merging ${name}`, info.merge);
+    } finally {
+      bars.stop();
     }
     if (info.merge.state === "failed") throw new Error(`merge of ${name} failed: ${info.merge.error ?? "unknown error"}`);
   }
@@ -74,7 +76,7 @@ export function registerCowCommands(program: Command): void {
     .argument("<name>", "export name")
     .requiredOption("--control <url>", "control URL of the server, e.g. http://127.0.0.1:9001")
     .option("--into-base", "with no snapshot below the overlay, write it into the base image (which must be served writable)", false)
-    .option("--wait", "wait until the merge has finished, showing progress", false)
+    .option("--wait", "wait until the merge has finished, with a progress bar on stderr", false)
     .option("--json", "print the result as JSON", false)
     .option(...tokenOpt)
     .hook("preAction", useTokenFile)

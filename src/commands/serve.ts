@@ -218,6 +218,11 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       m.gauge("nbdstack_faults_injected_total", "Faults injected by fault layers, by kind", ["export", "kind"], (set) => {
         for (const [name, f] of faults) for (const [kind, n] of Object.entries(f.counts)) set({ export: name, kind }, n);
       });
+      m.copyJobs(() => [
+        ...(node?.status().exports ?? []).flatMap((e) => (e.copy ? [{ export: e.name, job: "live-copy" as const, progress: e.copy }] : [])),
+        ...[...handles.mirrors].flatMap(([name, mirror]) => mirror.status().legs.flatMap((l) => (l.resync ? [{ export: name, job: "resync" as const, leg: l.index, progress: l.resync }] : []))),
+        ...[...handles.cows].flatMap(([name, cow]) => (cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
+      ]);
       if (node) {
         m.gauge("nbdstack_redirector_state", "1 for the port redirector's current state", ["export", "state"], (set) => {
           for (const r of node.redirectors()) for (const st of REDIRECTOR_STATES) set({ export: r.name, state: st }, r.stats.state === st ? 1 : 0);

@@ -2,6 +2,7 @@ import { InvalidArgumentError, type Command } from "commander";
 import { controlCall } from "../control/control-client.js";
 import { useTokenFile } from "./token-option.js";
 import type { MirrorStatus } from "../stack/volume/mirror-layer.js";
+import { CopyProgressBars } from "./progress-bar.js";
 
 export interface MirrorCommandOptions {
   control: string;
@@ -23,7 +24,7 @@ function percent(done: number, total: number): string {
 export function formatMirrorStatus(s: MirrorStatus): string {
   const rows = [["leg", "state", "errors", "resync", "last error", "device"]];
   for (const l of s.legs) {
-    const r = l.resync ? `${percent(l.resync.done, l.resync.total)} (${mib(l.resync.done)}/${mib(l.resync.total)} MiB)` : "-";
+    const r = l.resync ? `${percent(l.resync.doneBytes, l.resync.totalBytes)} (${mib(l.resync.doneBytes)}/${mib(l.resync.totalBytes)} MiB)` : "-";
     rows.push([String(l.index), l.state, String(l.errors), r, l.lastError ?? "-", l.describe]);
   }
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
@@ -31,17 +32,16 @@ export function formatMirrorStatus(s: MirrorStatus): string {
   return `mirror of ${s.legs.length} legs, ${s.size} bytes, ${s.healthy} healthy\n${lines.join("\n")}\n`;
 }
 
-/** Polls until no leg (or leg `only`) is resyncing, printing one line per step of progress. */
-async function waitForResync(control: string, path: string, only: number | undefined, interval: number): Promise<MirrorStatus> {
-  const shown = new Map<number, string>();
+/** Polls until no leg (or leg `only`) is resyncing, showing a progress bar per resyncing leg (to its end). */
+async function waitForResync(control: string, path: string, only: number | undefined, interval: number, bars: CopyProgressBars): Promise<MirrorStatus> {
+  const shown = new Set<number>();
   for (;;) {
     const s = await controlCall<MirrorStatus>(control, "GET", path);
     const watched = s.legs.filter((l) => only === undefined || l.index === only);
     for (const l of watched) {
-      if (l.state !== "resyncing" || !l.resync) continue;
-      const line = `leg ${l.index}: resync ${percent(l.resync.done, l.resync.total)} (${mib(l.resync.done)}/${mib(l.resync.total)} MiB)`;
-      if (shown.get(l.index) !== line) process.stdout.write(line + "\n");
-      shown.set(l.index, line);
+      if (!l.resync || (l.state !== "resyncing" && !shown.has(l.index))) continue;
+      shown.add(l.index);
+      bars.update(`leg ${l.index}`, `leg ${l.index} resync`, l.resync);
     }
     if (!watched.some((l) => l.state === "resyncing")) return s;
     await new Promise((r) => setTimeout(r, interval));
@@ -56,7 +56,12 @@ export async function mirrorCommand(name: string, o: MirrorCommandOptions): Prom
   }
   let s: MirrorStatus;
   if (o.wait) {
-    s = await waitForResync(o.control, path, o.resync, o.interval);
+    const bars = new CopyProgressBars({ enabled: !o.json });
+    try {
+      s = await waitForResync(o.control, path, o.resync, o.interval, bars);
+    } finally {
+      bars.stop();
+    }
     const failed = s.legs.filter((l) => (o.resync === undefined ? l.resync !== null : l.index === o.resync) && l.state !== "ok");
     if (o.json) process.stdout.write(JSON.stringify(s, null, 2) + "\n");
     else process.stdout.write(formatMirrorStatus(s));
@@ -88,7 +93,7 @@ export function registerVolumeCommands(program: Command): void {
     .argument("<name>", "export name")
     .requiredOption("--control <url>", "control URL of the server, e.g. http://127.0.0.1:9001")
     .option("--resync <leg>", "start rebuilding degraded leg LEG (0-based) from the healthy legs; clients keep being served", legIndex)
-    .option("--wait", "wait until the resync (of --resync LEG, or of every resyncing leg) ends, printing progress; exit 1 if it failed", false)
+    .option("--wait", "wait until the resync (of --resync LEG, or of every resyncing leg) ends, with a progress bar on stderr; exit 1 if it failed", false)
     .option("--interval <ms>", "with --wait: how often to poll the status", positive, 500)
     .option("--json", "print the status as JSON", false)
     .option("--token-file <path>", "the control token (default ~/.config/nbdstack/token)")

@@ -1,6 +1,8 @@
 /** A small client of a node's control API (HTTP/JSON, or HTTPS when the node has certificates). */
 import http from "node:http";
 import https from "node:https";
+import type { CopyProgress } from "../copy/progress.js";
+import type { LiveCopyState } from "../migration/live-copy.js";
 import { readToken } from "./token.js";
 
 export interface ExportStatus {
@@ -14,6 +16,10 @@ export interface ExportStatus {
   held: number;
   moves: number;
   size: number;
+  /** The live copy this node runs, or ran last, as the source of a move by copy. */
+  copy?: CopyProgress & LiveCopyState;
+  /** This node holds a copy target of the export (it is the destination of a live copy). */
+  copyTarget?: boolean;
 }
 
 export interface NodeStatus {

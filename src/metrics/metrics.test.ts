@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { newCopyTargetName, publicExportLabel as exportLabel } from "../internal-exports.js";
-import { Metrics } from "./metrics.js";
+import { idleProgress } from "../copy/progress.js";
+import { Metrics, type CopyJobView } from "./metrics.js";
 
 describe("Metrics", () => {
   it("turns the data path's plain counts into Prometheus series when scraped", async () => {
@@ -37,5 +38,34 @@ describe("Metrics", () => {
     const text = await metrics.text();
     expect(text).not.toMatch(/0123456789abcdef/);
     expect(text).toMatch(/^nbdstack_requests_total\{export="@copy-target\/disk",op="write",result="ok"\} 1$/m);
+  });
+
+  it("exports every copy as one family, nbdstack_copy_*{export, job}, read once per scrape", async () => {
+    const metrics = new Metrics();
+    let reads = 0;
+    const jobs: CopyJobView[] = [
+      { export: "vm", job: "resync", leg: 1, progress: { ...idleProgress(), state: "running", doneBytes: 3 << 20, totalBytes: 8 << 20, dirtyBytes: 5 << 20, rate: 1 << 20, etaSeconds: 5, failures: 2 } },
+      { export: "db", job: "merge", progress: { ...idleProgress(), state: "done", doneBytes: 65536, totalBytes: 65536, etaSeconds: 0 } },
+      { export: newCopyTargetName("disk"), job: "live-copy", progress: { ...idleProgress(), state: "failed", error: "cancelled" } },
+    ];
+    metrics.copyJobs(() => (reads++, jobs));
+    const text = await metrics.text();
+    const line = (series: string) => text.split("\n").find((l) => l.startsWith(`${series} `))?.split(" ")[1];
+    expect(reads).toBe(1);
+    expect(line('nbdstack_copy_done_bytes{export="vm",job="resync",leg="1"}')).toBe(String(3 << 20));
+    expect(line('nbdstack_copy_total_bytes{export="vm",job="resync",leg="1"}')).toBe(String(8 << 20));
+    expect(line('nbdstack_copy_dirty_bytes{export="vm",job="resync",leg="1"}')).toBe(String(5 << 20));
+    expect(line('nbdstack_copy_rate_bytes_per_second{export="vm",job="resync",leg="1"}')).toBe(String(1 << 20));
+    expect(line('nbdstack_copy_eta_seconds{export="vm",job="resync",leg="1"}')).toBe("5");
+    expect(line('nbdstack_copy_failures{export="vm",job="resync",leg="1"}')).toBe("2");
+    expect(line('nbdstack_copy_state{export="vm",job="resync",leg="1",state="running"}')).toBe("1");
+    expect(line('nbdstack_copy_state{export="vm",job="resync",leg="1",state="done"}')).toBe("0");
+    expect(line('nbdstack_copy_done_bytes{export="db",job="merge"}')).toBe("65536");
+    expect(line('nbdstack_copy_state{export="db",job="merge",state="done"}')).toBe("1");
+    expect(line('nbdstack_copy_state{export="@copy-target/disk",job="live-copy",state="failed"}')).toBe("1");
+    expect(line('nbdstack_copy_eta_seconds{export="@copy-target/disk",job="live-copy"}')).toBeUndefined(); // unknown: no series
+    await new Promise((r) => setImmediate(r));
+    await metrics.text();
+    expect(reads).toBe(2);
   });
 });

@@ -1,4 +1,5 @@
 import { Counter, Gauge, Registry } from "prom-client";
+import type { CopyJob, CopyProgress } from "../copy/progress.js";
 import { publicExportLabel } from "../internal-exports.js";
 
 const OPS = ["read", "write", "flush", "trim", "cache", "zero", "block_status"] as const;
@@ -32,6 +33,16 @@ export class OpMetrics {
   }
 }
 
+/** A copy a server runs or ran (a live copy, a mirror leg's resync, a cow merge), for the nbdstack_copy_* metrics. */
+export interface CopyJobView {
+  export: string;
+  job: CopyJob;
+  /** The mirror leg a resync rebuilds. */
+  leg?: number;
+  progress: CopyProgress;
+}
+
+const COPY_STATES = ["running", "done", "failed"] as const;
 
 /**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
@@ -116,6 +127,32 @@ export class Metrics {
         read((labels, v) => this.set(labels, v));
       },
     });
+  }
+
+  /**
+   * The one family of copy metrics, nbdstack_copy_*{export, job, leg (resyncs only)}, from the
+   * CopyProgress of every copy `read` lists: bytes done, total and dirty, rate, ETA, failures, state.
+   */
+  copyJobs(read: () => CopyJobView[]): void {
+    // One read per scrape: the gauges of one scrape are collected before any timer runs.
+    let jobs: CopyJobView[] | null = null;
+    const each = (f: (j: CopyJobView, labels: Record<string, string>, set: (labels: Record<string, string>, v: number) => void) => void) => (set: (labels: Record<string, string>, v: number) => void) => {
+      if (!jobs) {
+        jobs = read();
+        setImmediate(() => (jobs = null));
+      }
+      for (const j of jobs) f(j, { export: publicExportLabel(j.export), job: j.job, ...(j.leg !== undefined ? { leg: String(j.leg) } : {}) }, set);
+    };
+    const names = ["export", "job", "leg"];
+    this.gauge("nbdstack_copy_done_bytes", "Bytes copied by the running or last copy", names, each((j, l, set) => set(l, j.progress.doneBytes)));
+    this.gauge("nbdstack_copy_total_bytes", "Bytes the running or last copy was given to copy", names, each((j, l, set) => set(l, j.progress.totalBytes)));
+    this.gauge("nbdstack_copy_dirty_bytes", "Bytes still to copy (dirty or in flight)", names, each((j, l, set) => set(l, j.progress.dirtyBytes)));
+    this.gauge("nbdstack_copy_rate_bytes_per_second", "Copy rate over the last seconds", names, each((j, l, set) => set(l, j.progress.rate)));
+    this.gauge("nbdstack_copy_eta_seconds", "Seconds until nothing is dirty at the current rate (absent while nothing moves)", names, each((j, l, set) => j.progress.etaSeconds !== null && set(l, j.progress.etaSeconds)));
+    this.gauge("nbdstack_copy_failures", "Copies of the running or last copy that failed and were retried", names, each((j, l, set) => set(l, j.progress.failures)));
+    this.gauge("nbdstack_copy_state", "1 for the copy's current state", [...names, "state"], each((j, l, set) => {
+      for (const st of COPY_STATES) set({ ...l, state: st }, j.progress.state === st ? 1 : 0);
+    }));
   }
 
   text(): Promise<string> {

@@ -1,8 +1,8 @@
 import type { Logger } from "pino";
 import type { Layer } from "../stack/layer.js";
-import { Copier, CopyAbortedError, markInitial } from "./copier.js";
-import { DirtyBitmap } from "../util/dirty-bitmap.js";
-import type { CopyTarget } from "../util/dirty-bitmap.js";
+import { Copier, CopyAbortedError, markInitial, type CopyTarget } from "../copy/copier.js";
+import { DirtyBitmap } from "../copy/dirty-bitmap.js";
+import type { CopyProgress } from "../copy/progress.js";
 import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import { RangeLock } from "../util/range-lock.js";
 
@@ -23,21 +23,19 @@ export interface LiveCopyOptions {
   log?: Logger;
 }
 
-export interface LiveCopyProgress {
+/**
+ * What a live copy adds to its copier's progress: its phase and mode, the passes made, and the
+ * names this status had before the copy engine was shared (total, copied, dirty, eta: the same
+ * numbers as totalBytes, doneBytes, dirtyBytes, etaSeconds).
+ */
+export interface LiveCopyState {
   phase: "starting" | "copying" | "final" | "done" | "aborted";
   mode: CopyMode;
-  /** Bytes the first pass had to copy. */
+  passes: number;
   total: number;
   copied: number;
   dirty: number;
-  /** Bytes per second over the last seconds. */
-  rate: number;
-  /** Seconds until the dirty set is copied at the current rate (null when unknown). */
   eta: number | null;
-  passes: number;
-  /** Copies that failed and were retried (or, with six failures in a row, made the copy give up). */
-  failures: number;
-  error?: string;
 }
 
 export class CopyCancelledError extends CopyAbortedError {}
@@ -58,10 +56,8 @@ export class LiveCopy {
   private readonly copier: Copier;
   private readonly destZero: DirtyBitmap | undefined;
   private mode: CopyMode;
-  private phase: LiveCopyProgress["phase"] = "starting";
-  private total = 0;
+  private phase: LiveCopyState["phase"] = "starting";
   private passes = 0;
-  private error: string | undefined;
 
   constructor(
     private readonly tracker: DirtyTracker,
@@ -79,25 +75,14 @@ export class LiveCopy {
     this.copier = new Copier(source, target, this.bitmap, this.locks, { parallel: opts.parallel, maxRate: opts.maxRate, destZero: this.destZero, log: opts.log });
   }
 
-  progress(): LiveCopyProgress {
-    const s = this.copier.stats();
-    return {
-      phase: this.phase,
-      mode: this.mode,
-      total: this.total,
-      copied: s.copied,
-      dirty: s.dirty,
-      rate: Math.round(s.rate),
-      eta: s.rate > 0 ? Math.round((s.dirty / s.rate) * 10) / 10 : null,
-      passes: this.passes,
-      failures: s.failures,
-      ...(this.error ? { error: this.error } : {}),
-    };
+  progress(): CopyProgress & LiveCopyState {
+    const p = this.copier.progress();
+    return { ...p, phase: this.phase, mode: this.mode, passes: this.passes, total: p.totalBytes, copied: p.doneBytes, dirty: p.dirtyBytes, eta: p.etaSeconds };
   }
 
   private budget(): number {
     if (this.opts.budgetBytes !== undefined) return this.opts.budgetBytes;
-    return Math.max(1 << 20, Math.min(16 << 20, this.copier.stats().rate * 0.04));
+    return Math.max(1 << 20, Math.min(16 << 20, this.copier.progress().rate * 0.04));
   }
 
   private setMode(mode: CopyMode): void {
@@ -110,7 +95,7 @@ export class LiveCopy {
     try {
       this.tracker.track(this.bitmap, this.locks);
       await markInitial(this.source, this.bitmap, this.opts.destIsZero, this.opts.skip);
-      this.total = this.bitmap.dirtyBytes;
+      this.copier.planDirty();
       this.phase = "copying";
       this.setMode(this.mode);
       // Background mode converges while the copy cleans chunks faster than writes dirty them. Once
@@ -136,7 +121,8 @@ export class LiveCopy {
           continue;
         }
         if (this.mode !== "background") continue;
-        if (firstPassMs === null && this.copier.stats().copied >= this.total) firstPassMs = now - start;
+        const p = this.copier.progress();
+        if (firstPassMs === null && p.doneBytes >= p.totalBytes) firstPassMs = now - start;
         history.push({ t: now, dirty });
         // The shrink rate over the last 2–4 s (at least two passes apart).
         while (history.length > 2 && now - history[1]!.t >= 2000) history.shift();
@@ -161,6 +147,7 @@ export class LiveCopy {
       await this.copier.pass();
       await this.target.flush();
       this.phase = "done";
+      this.copier.finish();
     } catch (err) {
       this.fail(err as Error);
       throw err;
@@ -176,7 +163,7 @@ export class LiveCopy {
 
   private fail(err: Error): void {
     this.phase = "aborted";
-    this.error = err.message;
+    this.copier.finish(err);
     this.tracker.stop();
   }
 }

@@ -1,7 +1,7 @@
 import { NbdClient } from "../client/nbd-client.js";
 import { controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
-import type { CopyTarget } from "../util/dirty-bitmap.js";
+import type { CopyTarget } from "../copy/copier.js";
 import { freeRanges } from "../migration/free-space.js";
 import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
 import { parseHostPort, type CopyMigrateOptions, type MoveResult, type NodeContext } from "./node-context.js";

@@ -1,6 +1,6 @@
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { promisify } from "node:util";
-import { getStatus } from "../../src/control/control-client.js";
+import { getStatus, type ExportStatus } from "../../src/control/control-client.js";
 import { CLI } from "./serve.js";
 import { debianEnv } from "./tools.js";
 import { logLines as allLogLines, pollUntil, type LogLine } from "./wait.js";
@@ -68,17 +68,8 @@ export async function finished(run: CliRun, what: string, deadlineMs = 30_000) {
   }
 }
 
-/** The live-copy progress a node reports for an export (`copy` in `nbdstack status --json`). */
-export interface CopyProgress {
-  phase: string;
-  mode: string;
-  total: number;
-  copied: number;
-  dirty: number;
-  passes: number;
-  failures: number;
-  error?: string;
-}
+/** The live copy a node reports for an export (`copy` in `nbdstack status --json`): its CopyProgress with phase, mode and passes. */
+export type LiveCopyView = NonNullable<ExportStatus["copy"]>;
 
 export interface ExportView {
   name: string;
@@ -89,7 +80,7 @@ export interface ExportView {
   moves: number;
   inflightA: number;
   inflightB: number;
-  copy?: CopyProgress;
+  copy?: LiveCopyView;
   copyTarget?: boolean;
 }
 

@@ -2,6 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { controlUrl, randomImage, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
+import { scrape } from "../helpers/migration.js";
 import { needTools } from "../helpers/tools.js";
 import { DeviceModel, nbdstack, qemuIo, readExport, uriOf } from "../helpers/volumes.js";
 
@@ -181,6 +182,9 @@ describe.skipIf(!needTools("qemu-io", "nbdcopy"))("copy-on-write snapshots, roll
     expect(fs.readFileSync(rwBase).equals(m.data)).toBe(true);
     const after = await chain("rw");
     expect(after.merge).toMatchObject({ state: "done", doneBytes: 5 * K64, totalBytes: 5 * K64 });
+    const metrics = await scrape(ctl);
+    expect(metrics.get('nbdstack_copy_done_bytes{export="rw",job="merge"}')).toBe(5 * K64);
+    expect(metrics.get('nbdstack_copy_state{export="rw",job="merge",state="done"}')).toBe(1);
     expect(after.chain).toHaveLength(1);
     expect(after.chain[0]).toMatchObject({ path: rwOverlay, role: "overlay", allocatedBytes: 0, zeroedBytes: 0 });
     expect(after.chain[0]!.fileBytes).toBeLessThan(before.chain[0]!.fileBytes);

@@ -5,7 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { controlCall } from "../../src/control/control-client.js";
-import { cli, exportStatus, finished, fioLoad, fioOutcome, killLeftovers, listedExports, logLines, nbdBase, pollUntil, scrape, startCli, type CopyProgress } from "../helpers/migration.js";
+import { cli, exportStatus, finished, fioLoad, fioOutcome, killLeftovers, listedExports, logLines, nbdBase, pollUntil, scrape, startCli, type LiveCopyView } from "../helpers/migration.js";
 import { controlUrl, serve, tempDir, type Served, nbdAddress as addrOf } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
 
@@ -13,7 +13,7 @@ const MiB = 1024 * 1024;
 const run = promisify(execFile);
 
 /** The copy of `name` a node reports, once it is in the phase `phase` and has sent at least `copied` bytes. */
-async function copyAt(control: string, phase: string, copied = 0): Promise<CopyProgress> {
+async function copyAt(control: string, phase: string, copied = 0): Promise<LiveCopyView> {
   return pollUntil(`a copy of disk in phase ${phase} with ${copied} bytes sent`, async () => {
     const c = (await exportStatus(control, "disk"))?.copy;
     return c?.phase === phase && c.copied >= copied ? c : undefined;
@@ -84,6 +84,11 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
     const st = (await exportStatus(A, "disk"))!;
     expect(st).toMatchObject({ owner: "a", epoch: 1, state: "LOCAL", held: 0, copy: { phase: "aborted", error: "cancelled by request" } });
     expect(st.copy!.copied).toBeLessThan(st.copy!.total); // it stopped there, copies waiting for their turn did not go on
+    // The same numbers in the one family of copy metrics.
+    const after = await scrape(A);
+    expect(after.get('nbdstack_copy_state{export="disk",job="live-copy",state="failed"}')).toBe(1);
+    expect(after.get('nbdstack_copy_done_bytes{export="disk",job="live-copy"}')).toBe(st.copy!.copied);
+    expect(after.get('nbdstack_copy_total_bytes{export="disk",job="live-copy"}')).toBe(st.copy!.total);
     expect(await exportStatus(B, "disk")).toEqual(expect.not.objectContaining({ copyTarget: true }));
     expect(await exportStatus(B, "disk")).toMatchObject({ owner: "a", state: "REMOTE" });
     expect(fs.existsSync(path.join(dirB, "disk.img.incomplete"))).toBe(true);
@@ -195,7 +200,7 @@ describe.skipIf(!needTools("fio", "nbdinfo", "qemu-img"))("migrate --copy from t
   it("--mode write-blocking --max-rate 8M --json: the copy starts and ends write-blocking and takes at least its size over the rate", async () => {
     const load = fioLoad(a.uris[0]!);
     const m = startCli(["migrate", "disk", "--from", B, "--to", A, "--copy", "--mode", "write-blocking", "--max-rate", "8M", "--json"]);
-    const seen: CopyProgress[] = [];
+    const seen: LiveCopyView[] = [];
     const stacks: string[] = [];
     while (m.proc.exitCode === null) {
       const c = (await exportStatus(B, "disk").catch(() => undefined))?.copy;

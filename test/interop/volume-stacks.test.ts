@@ -5,6 +5,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CLI, controlUrl, randomImage, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
+import { scrape } from "../helpers/migration.js";
 import { readExport, nbdstack as runCli } from "../helpers/volumes.js";
 
 const MiB = 1024 * 1024;
@@ -143,16 +144,24 @@ describe.skipIf(!needTools("qemu-io", "qemu-img", "nbdcopy", "nbdinfo"))("volume
       // The leg still fails every write: the resync fails, and --wait says so with exit status 1.
       const failed = await runCli("mirror", "mirrored", "--control", ctl, "--resync", "1", "--wait");
       expect(failed.status).toBe(1);
-      expect(failed.stderr).toMatch(/^nbdstack: resync of leg 1 did not complete: resync write: .*EIO.*\n$/);
+      // stderr: the progress bar's lines (not a terminal), then the error.
+      expect(failed.stderr).toMatch(/^(leg 1 resync \[[█░]{40}\] \d+% \| .*\n)*nbdstack: resync of leg 1 did not complete: resync write: .*EIO.*\n$/);
       expect(failed.stdout).toMatch(/\n1 +degraded +\d+ +\d+% .*resync write: /);
       expect(await legStates()).toEqual(["ok", "degraded"]);
       await nbdstack("fault", "leg1", "--control", ctl, "--clear");
       const ok = await runCli("mirror", "mirrored", "--control", ctl, "--resync", "1", "--wait");
       expect(ok.status, ok.stderr).toBe(0);
-      expect(ok.stderr).toBe("");
-      expect(ok.stdout).toMatch(/^resync of leg 1 started\n(leg 1: resync \d+% .*\n)*mirror of 2 legs, 4194304 bytes, 2 healthy\n/);
+      expect(ok.stderr).toMatch(/^(leg 1 resync \[[█░]{40}\] \d+% \| [\d.]+\/4\.0 MiB \| .*\n)*$/);
+      if (ok.stderr) expect(ok.stderr).toMatch(/(^|\n)leg 1 resync \[█{40}\] 100% \| 4\.0\/4\.0 MiB [^\n]*\n$/); // the last line: done
+      expect(ok.stdout).toMatch(/^resync of leg 1 started\nmirror of 2 legs, 4194304 bytes, 2 healthy\n/);
       expect(ok.stdout).toMatch(/\n1 +ok +\d+ +100% \(4\.0\/4\.0 MiB\)/);
       expect(await legStates()).toEqual(["ok", "ok"]);
+      // The resync in the one family of copy metrics.
+      const metrics = await scrape(ctl);
+      expect(metrics.get('nbdstack_copy_done_bytes{export="mirrored",job="resync",leg="1"}')).toBe(4194304);
+      expect(metrics.get('nbdstack_copy_total_bytes{export="mirrored",job="resync",leg="1"}')).toBe(4194304);
+      expect(metrics.get('nbdstack_copy_dirty_bytes{export="mirrored",job="resync",leg="1"}')).toBe(0);
+      expect(metrics.get('nbdstack_copy_state{export="mirrored",job="resync",leg="1",state="done"}')).toBe(1);
       expect(sha256(img("m1.img"))).toBe(sha256(img("m2.img")));
       execFileSync("qemu-io", ["-f", "raw", "-c", "read -P 0x5a 0 1M", uriOf(srv, "mirrored")]);
     });

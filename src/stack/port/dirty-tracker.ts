@@ -1,4 +1,5 @@
-import { lockChunks, type CopyTarget, type DirtyBitmap } from "../../util/dirty-bitmap.js";
+import type { CopyTarget } from "../../copy/copier.js";
+import { lockChunks, type DirtyBitmap } from "../../copy/dirty-bitmap.js";
 import type { RangeLock } from "../../util/range-lock.js";
 import { PassthroughLayer, type Io, type Layer } from "../layer.js";
 

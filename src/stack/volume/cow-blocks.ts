@@ -116,7 +116,7 @@ export class CowBlocks {
       const target = this.through;
       await Promise.all([
         ...merged.map((it) => this.store.write(it.data, it.fileOff)),
-        ...through.map((t) => target!.write(buf.subarray(t.at, t.at + t.len), t.off)),
+        ...through.map((t) => target!.pwrite(buf.subarray(t.at, t.at + t.len), t.off)),
       ]);
     } catch (err) {
       for (const [, slot] of fresh) this.store.returnSlot(slot);

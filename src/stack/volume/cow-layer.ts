@@ -5,11 +5,13 @@ import type { IoMode } from "../port/file-port.js";
 import { newHeader } from "./cow-format.js";
 import { CowStore } from "./cow-store.js";
 import { RangeLock } from "../../util/range-lock.js";
+import type { Copier } from "../../copy/copier.js";
+import { idleProgress, type CopyProgress } from "../../copy/progress.js";
 import { CowBlocks, MAX_REQUEST, alignDown, alignUp } from "./cow-blocks.js";
-import { baseMergeTarget, copyDown, idleProgress, type MergeOptions, type MergeProgress, type MergeTarget } from "./cow-merge.js";
+import { baseMergeTarget, copyDown, mergeCopier, type MergeEnds, type MergeOptions, type MergeTarget } from "./cow-merge.js";
 
 export { DEFAULT_COW_BLOCK_SIZE } from "./cow-format.js";
-export type { MergeOptions, MergeProgress } from "./cow-merge.js";
+export type { MergeEnds, MergeOptions } from "./cow-merge.js";
 
 export interface CowLayerOptions {
   /** Block size of a new overlay (a power of two, 4 KiB to 16 MiB); must match an existing one. Default 64 KiB. */
@@ -37,7 +39,7 @@ export interface CowInfo {
   base: string;
   /** Bytes of data held by the writable overlay. */
   allocatedBytes: number;
-  merge: MergeProgress;
+  merge: CopyProgress & MergeEnds;
 }
 
 /**
@@ -64,14 +66,15 @@ export class CowLayer implements Layer {
   private bs = 0;
   private bytes = 0;
   private caps!: Capabilities;
-  /** Locks on block numbers [first, last + 1): shared for reads, exclusive for writes and merge copies. */
+  /** Locks on the bytes of whole blocks: shared for reads, exclusive for writes and merge copies. */
   private readonly locks = new RangeLock();
   private readonly tracker = new InflightTracker();
   private gate: Promise<void> | null = null;
   private openGate: (() => void) | null = null;
   private busy: "snapshot" | "merge" | null = null;
   private mergeDone: Promise<void> | null = null;
-  private progressState: MergeProgress = idleProgress();
+  /** The running (or last) merge. */
+  private merging: ({ copier: Copier } & MergeEnds) | null = null;
   private closing = false;
 
   constructor(
@@ -147,6 +150,7 @@ export class CowLayer implements Layer {
       return this.below.close();
     }
     this.closing = true;
+    this.merging?.copier.abort(new NbdError("ESHUTDOWN", `${this.store.path} closed during the merge`));
     if (this.mergeDone) await this.mergeDone.catch(() => undefined);
     await this.tracker.idle();
     await this.store.close();
@@ -193,13 +197,18 @@ export class CowLayer implements Layer {
     return [Math.floor(offset / this.bs), Math.floor((offset + length - 1) / this.bs)];
   }
 
+  /** Locks the whole blocks that [offset, offset + length) touches (in bytes, as a merge's copier does). */
+  private lockBlocks(offset: number, length: number, shared = false): Promise<() => void> {
+    const [first, last] = this.span(offset, length);
+    return this.locks.acquire(first * this.bs, (last + 1) * this.bs, shared);
+  }
+
   // ---- Layer methods ----
 
   async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
     await this.enter();
     try {
-      const [first, last] = this.span(offset, buf.length);
-      const release = await this.locks.acquire(first, last + 1, true);
+      const release = await this.lockBlocks(offset, buf.length, true);
       try {
         await this.blocks.read(buf, offset, io);
       } finally {
@@ -296,8 +305,7 @@ export class CowLayer implements Layer {
   }
 
   private async lockedWrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const [first, last] = this.span(offset, buf.length);
-    const release = await this.locks.acquire(first, last + 1);
+    const release = await this.lockBlocks(offset, buf.length);
     try {
       await this.blocks.write(buf, offset, io);
     } finally {
@@ -306,8 +314,7 @@ export class CowLayer implements Layer {
   }
 
   private async lockedZero(length: number, offset: number, io: Io): Promise<void> {
-    const [first, last] = this.span(offset, length);
-    const release = await this.locks.acquire(first, last + 1);
+    const release = await this.lockBlocks(offset, length);
     try {
       await this.blocks.zero(length, offset, io);
     } finally {
@@ -346,8 +353,9 @@ export class CowLayer implements Layer {
   // ---- merge ----
 
   /** Progress of the running (or last) merge. */
-  get progress(): MergeProgress {
-    return { ...this.progressState };
+  get progress(): CopyProgress & MergeEnds {
+    const m = this.merging;
+    return m ? { ...m.copier.progress(), from: m.from, into: m.into } : { ...idleProgress(), from: null, into: null };
   }
 
   /**
@@ -378,14 +386,15 @@ export class CowLayer implements Layer {
       );
     }
     this.busy = "merge";
-    this.progressState = { state: "running", from: this.store.path, into: target.name, doneBytes: 0, totalBytes: 0, startedAt: Date.now(), finishedAt: null };
-    const done = this.runMerge(target, lower, opts).then(
+    const copier = mergeCopier(this.blocks, this.locks, target, () => opts.onProgress?.(this.progress));
+    this.merging = { copier, from: this.store.path, into: target.name };
+    const done = this.runMerge(target, lower, copier).then(
       () => {
-        this.progressState = { ...this.progressState, state: "done", finishedAt: Date.now() };
+        copier.finish();
         opts.onProgress?.(this.progress);
       },
       (err: unknown) => {
-        this.progressState = { ...this.progressState, state: "failed", finishedAt: Date.now(), error: (err as Error).message };
+        copier.finish(err);
         opts.onProgress?.(this.progress);
         throw err;
       },
@@ -407,13 +416,17 @@ export class CowLayer implements Layer {
     }
   }
 
-  private async runMerge(target: MergeTarget, lower: CowLayer | null, opts: MergeOptions): Promise<void> {
+  private async runMerge(target: MergeTarget, lower: CowLayer | null, copier: Copier): Promise<void> {
     // From here on, writes to blocks this overlay does not hold go straight to the target.
     await this.pauseRequests();
     this.blocks.through = target;
     this.resumeRequests();
     try {
-      await copyDown(this.blocks, this.locks, target, this.progressState, () => opts.onProgress?.(this.progress), () => this.closing);
+      await copyDown(this.blocks, copier).catch(async (err: unknown) => {
+        // The blocks copied so far are forgotten in memory: the target must be durable before any flush writes that map.
+        await this.blocks.flush().catch(() => undefined);
+        throw err;
+      });
       await this.pauseRequests();
       try {
         await this.blocks.flush();
@@ -442,7 +455,7 @@ export class CowLayer implements Layer {
   private asMergeTarget(): MergeTarget {
     return {
       name: this.store.path,
-      write: (buf, offset) => this.lockedWrite(buf, offset, plainIo),
+      pwrite: (buf, offset) => this.lockedWrite(buf, offset, plainIo),
       zero: (length, offset) => this.lockedZero(length, offset, plainIo),
       flush: () => this.store.flush(),
     };

@@ -2,7 +2,8 @@ import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { BS, SIZE, makeBase, openCow, pattern, readAll, tmpdir } from "../../../test/helpers/cow.js";
-import { plainIo } from "../layer.js";
+import { NbdError } from "../../errors.js";
+import { plainIo, type Io } from "../layer.js";
 
 describe("cow merge", () => {
   it("merges a snapshot chain while clients write to blocks not yet merged; the emptied overlay is dropped", async () => {
@@ -89,5 +90,57 @@ describe("cow merge", () => {
     expect((await readAll(rw.base.port)).equals(model)).toBe(true);
     expect(fs.statSync(overlay).size).toBeLessThanOrEqual(BS);
     await c2.close();
+  });
+
+  /** A writable base whose writes can fail or be slow, and an overlay over it holding `blocks` blocks of data, every other block. */
+  async function overlayOnFlakyBase(blocks: number) {
+    const { base, initial } = await makeBase({ writable: true });
+    const ctl = { fail: 0, delayMs: 0, flushes: 0 };
+    const pwrite = base.pwrite.bind(base);
+    base.pwrite = async (b: Buffer, o: number, io: Io) => {
+      if (ctl.delayMs) await new Promise((r) => setTimeout(r, ctl.delayMs));
+      if (ctl.fail > 0 && ctl.fail--) throw new NbdError("EIO", "base write failed");
+      return pwrite(b, o, io);
+    };
+    const flush = base.flush.bind(base);
+    base.flush = (io: Io) => (ctl.flushes++, flush(io));
+    const overlay = path.join(tmpdir(), "f.cow");
+    const cow = await openCow(base, overlay, { blockSize: BS, io: "async" });
+    const model = Buffer.from(initial);
+    for (let i = 0; i < blocks; i++) {
+      const d = pattern(BS, i + 1, i * 2 * BS);
+      d.copy(model, i * 2 * BS);
+      await cow.pwrite(d, i * 2 * BS, plainIo);
+    }
+    return { base, cow, overlay, model, ctl };
+  }
+
+  it("retries a block whose copy into the base failed; the overlay forgets a block only once the base has it", async () => {
+    const { base, cow, model, ctl } = await overlayOnFlakyBase(5);
+    ctl.fail = 2;
+    await cow.merge({ mergeIntoBase: true });
+    expect(cow.progress).toMatchObject({ state: "done", failures: 2, doneBytes: 5 * BS, totalBytes: 5 * BS, dirtyBytes: 0 });
+    expect((await readAll(cow)).equals(model)).toBe(true);
+    expect((await readAll(base.port)).equals(model)).toBe(true);
+    await cow.close();
+  });
+
+  it("stops with ESHUTDOWN when the layer closes; reopened, the device is whole and the merge can run again", async () => {
+    const { base, cow, overlay, model, ctl } = await overlayOnFlakyBase(6);
+    ctl.delayMs = 5;
+    let closed: Promise<void> | null = null;
+    const { done } = cow.startMerge({ mergeIntoBase: true, onProgress: (p) => void (p.doneBytes >= 2 * BS && (closed ??= cow.close())) });
+    await expect(done).rejects.toMatchObject({ errno: "ESHUTDOWN" });
+    await closed;
+    expect(cow.progress).toMatchObject({ state: "failed", error: expect.stringMatching(/closed during the merge/) });
+    expect(cow.progress.doneBytes).toBeLessThan(6 * BS);
+    // The overlay's map forgets the blocks copied before the stop: the base was made durable first.
+    expect(ctl.flushes).toBeGreaterThan(0);
+    ctl.delayMs = 0;
+    const again = await openCow(base, overlay, { blockSize: BS, io: "async" });
+    expect((await readAll(again)).equals(model)).toBe(true);
+    await again.merge({ mergeIntoBase: true });
+    expect((await readAll(base.port)).equals(model)).toBe(true);
+    await again.close();
   });
 });

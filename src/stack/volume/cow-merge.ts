@@ -1,81 +1,59 @@
-import { NbdError } from "../../errors.js";
+import { Copier, type CopySource, type CopyTarget } from "../../copy/copier.js";
+import { DirtyBitmap } from "../../copy/dirty-bitmap.js";
+import type { CopyProgress } from "../../copy/progress.js";
+import type { RangeLock } from "../../util/range-lock.js";
 import { plainIo, type Layer } from "../layer.js";
 import { MAX_REQUEST, alignDown, alignUp, readFrom, type CowBlocks } from "./cow-blocks.js";
-import { ABSENT, ZEROED } from "./cow-format.js";
-import type { RangeLock } from "../../util/range-lock.js";
+import { ABSENT } from "./cow-format.js";
 
 const MERGE_PARALLEL = 4;
 
 export interface MergeOptions {
   /** With no snapshot below the overlay, fold it into the base itself (the base must be writable). */
   mergeIntoBase?: boolean;
-  onProgress?: (p: MergeProgress) => void;
+  /** After each block copied down, and at the end: the layer's `progress`. */
+  onProgress?: (p: CopyProgress & MergeEnds) => void;
 }
 
-export interface MergeProgress {
-  state: "idle" | "running" | "done" | "failed";
-  /** The overlay being folded down and what it is folded into. */
+/** The overlay being folded down and what it is folded into (null before any merge). */
+export interface MergeEnds {
   from: string | null;
   into: string | null;
-  doneBytes: number;
-  totalBytes: number;
-  startedAt: number | null;
-  finishedAt: number | null;
-  error?: string;
 }
 
-export const idleProgress = (): MergeProgress => ({ state: "idle", from: null, into: null, doneBytes: 0, totalBytes: 0, startedAt: null, finishedAt: null });
-
 /** Where a merge writes: the frozen snapshot below the overlay, or the base. */
-export interface MergeTarget {
+export interface MergeTarget extends CopyTarget {
   name: string;
-  write(buf: Buffer, offset: number): Promise<void>;
-  zero(length: number, offset: number): Promise<void>;
-  flush(): Promise<void>;
 }
 
 /**
- * The copying of a merge: every block the overlay of `blocks` holds is copied into `target` under
- * its exclusive lock in `locks` and then forgotten by the overlay, MERGE_PARALLEL blocks at a time,
- * until the overlay holds none (a client write into a block it still holds keeps it there, to be
- * copied in a later pass). Adds to `progress` and calls `report` after each block; stops with
- * ESHUTDOWN once `closing()` says so. The caller has pointed `blocks.through` at `target`.
+ * The copier of a merge: the overlay of `blocks` as its source (a block it holds is read from its
+ * slot, a zeroed one is zeroed), `target` as its target, a bitmap of blocks, and `locks`, the cow
+ * layer's lock over block bytes that client requests take too. Each block is copied under its
+ * exclusive lock, MERGE_PARALLEL at a time, and forgotten by the overlay only once it has reached
+ * the target, still under the lock: a client write to a block waits, or lands in the overlay
+ * before the copy (which then copies it), or finds the block forgotten and goes to the target.
  */
-export async function copyDown(blocks: CowBlocks, locks: RangeLock, target: MergeTarget, progress: MergeProgress, report: () => void, closing: () => boolean): Promise<void> {
+export function mergeCopier(blocks: CowBlocks, locks: RangeLock, target: MergeTarget, onProgress: () => void): Copier {
+  const source: CopySource = { extents: (l, o, io) => blocks.extents(l, o, io), pread: (b, o, io) => blocks.read(b, o, io) };
+  const forget = (offset: number, length: number) => {
+    for (let b = offset / blocks.bs; b * blocks.bs < offset + length; b++) blocks.store.set(b, ABSENT);
+  };
+  return new Copier(source, target, new DirtyBitmap(blocks.bytes, blocks.bs), locks, { parallel: MERGE_PARALLEL, copyBytes: blocks.bs, zeroDetect: false, copied: forget, onProgress });
+}
+
+/**
+ * Copies down every block the overlay of `blocks` holds, pass after pass, until it holds none.
+ * The caller has pointed `blocks.through` at the copier's target (writes to blocks the overlay does
+ * not hold go there), and ends the copier's progress once the merge is complete.
+ */
+export async function copyDown(blocks: CowBlocks, copier: Copier): Promise<void> {
   for (;;) {
     const todo = blocks.store.usedBlocks();
     if (todo.length === 0) return;
-    progress.totalBytes += todo.reduce((s, b) => s + blocks.blockLen(b), 0);
-    let next = 0;
-    const worker = async () => {
-      while (next < todo.length) {
-        if (closing()) throw new NbdError("ESHUTDOWN", `${blocks.store.path} closed during the merge`);
-        const b = todo[next++]!;
-        await copyBlock(blocks, locks, b, target);
-        progress.doneBytes += blocks.blockLen(b);
-        report();
-      }
-    };
-    await Promise.all(Array.from({ length: MERGE_PARALLEL }, worker));
-  }
-}
-
-async function copyBlock(blocks: CowBlocks, locks: RangeLock, b: number, target: MergeTarget): Promise<void> {
-  const release = await locks.acquire(b, b + 1);
-  try {
-    const store = blocks.store;
-    const v = store.entry(b);
-    if (v === ABSENT) return;
-    const len = blocks.blockLen(b);
-    if (v === ZEROED) await target.zero(len, b * blocks.bs);
-    else {
-      const tmp = Buffer.allocUnsafe(len);
-      await store.read(tmp, store.slotOffset(v - 2));
-      await target.write(tmp, b * blocks.bs);
-    }
-    store.set(b, ABSENT);
-  } finally {
-    release();
+    for (const b of todo) copier.bitmap.mark(b * blocks.bs, blocks.blockLen(b));
+    copier.planDirty();
+    await copier.pass();
   }
 }
 
@@ -100,7 +78,7 @@ export function baseMergeTarget(base: Layer): MergeTarget {
   };
   return {
     name: base.describe(),
-    write,
+    pwrite: write,
     zero: async (length, offset) => {
       if (c.zero && offset % a === 0 && (length % a === 0 || offset + length === base.size())) {
         for (let at = 0; at < length; at += step) await base.zero(Math.min(step, length - at), offset + at, plainIo);

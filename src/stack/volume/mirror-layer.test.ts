@@ -5,7 +5,7 @@ import { seededRandom } from "../fault/rules.js";
 import { FaultLayer } from "../fault/fault-layer.js";
 import { PassthroughLayer, plainIo, type Io, type Layer } from "../layer.js";
 import { MemoryPort } from "../port/memory-port.js";
-import { createMirrorLayer, MirrorLayer, type MirrorLayerOptions, type ResyncProgress } from "./mirror-layer.js";
+import { createMirrorLayer, MirrorLayer, type MirrorLayerOptions, type ResyncEvent } from "./mirror-layer.js";
 
 const SIZE = 1 << 20;
 
@@ -184,9 +184,9 @@ describe("MirrorLayer", () => {
     faults[1]!.addRule("op=pwrite,delay=0ms..2ms");
     faults[1]!.addRule("op=zero,delay=0ms..2ms");
 
-    const progress: ResyncProgress[] = [];
-    const events: ResyncProgress[] = [];
-    m.on("resync-progress", (p: ResyncProgress) => events.push(p));
+    const progress: ResyncEvent[] = [];
+    const events: ResyncEvent[] = [];
+    m.on("resync-progress", (p: ResyncEvent) => events.push(p));
     expect(m.canResync(1)).toBeNull();
     let done = false;
     const resync = m.resync(1, { onProgress: (p) => progress.push(p) }).finally(() => (done = true));
@@ -202,10 +202,14 @@ describe("MirrorLayer", () => {
     await Promise.all([resync, ...writers]);
 
     expect(m.status().legs.map((l) => l.state)).toEqual(["ok", "ok"]);
-    expect(m.status().legs[1]!.resync).toEqual({ done: size, total: size });
-    expect(progress.at(-1)).toEqual({ leg: 1, done: size, total: size });
+    const finished = { done: size, total: size, doneBytes: size, totalBytes: size, dirtyBytes: 0, etaSeconds: 0, failures: 0 };
+    expect(m.status().legs[1]!.resync).toEqual({ ...finished, state: "done", rate: expect.any(Number), startedAt: expect.any(Number), finishedAt: expect.any(Number) });
+    expect(progress.at(-1)).toEqual({ leg: 1, ...finished, state: "running", rate: expect.any(Number), startedAt: expect.any(Number), finishedAt: null });
     expect(events).toEqual(progress);
-    for (let i = 1; i < progress.length; i++) expect(progress[i]!.done).toBeGreaterThan(progress[i - 1]!.done);
+    for (let i = 1; i < progress.length; i++) {
+      expect(progress[i]!.done).toBeGreaterThan(progress[i - 1]!.done);
+      expect(progress[i]!.done + progress[i]!.dirtyBytes).toBeLessThanOrEqual(size); // no copy counted before it completed
+    }
     const a = await readAll(ports[0]!);
     const b = await readAll(ports[1]!);
     expect(a.equals(model)).toBe(true);
@@ -250,6 +254,20 @@ describe("MirrorLayer", () => {
     expect(lines.some((l) => /resync failed/.test(String(l.msg)))).toBe(true);
   });
 
+  it("retries a chunk whose read fails on every ok leg (after a backoff) and completes the resync", async () => {
+    const { m, faults, ports } = await mirror(2, SIZE, { resyncChunk: 65536, degraded: [1] });
+    await m.pwrite(pattern(SIZE, 3), 0, plainIo);
+    faults[0]!.addRule("op=pread,errno=EIO,once");
+    await m.resync(1);
+    expect(faults[0]!.counts.injected).toBe(1);
+    expect(m.status().legs.map((l) => [l.state, l.errors])).toEqual([
+      ["ok", 1], // the last ok leg: counted, not degraded
+      ["ok", 0],
+    ]);
+    expect(m.status().legs[1]!.resync).toMatchObject({ state: "done", failures: 1, doneBytes: SIZE, dirtyBytes: 0 });
+    expect((await readAll(ports[1]!)).equals(pattern(SIZE, 3))).toBe(true);
+  });
+
   it("fails the resync when the leg fails a client write meanwhile", async () => {
     const { m, faults } = await mirror(2, 4 << 20, { resyncChunk: 65536, resyncParallel: 1, degraded: [1] });
     faults[0]!.addRule("op=pread,delay=1ms");
@@ -277,6 +295,19 @@ describe("MirrorLayer", () => {
     m.resume();
     await r;
     expect((await readAll(ports[1]!)).equals(pattern(2 << 20, 8))).toBe(true);
+  });
+
+  it("stops a resync with ESHUTDOWN when the mirror closes, and leaves the leg degraded", async () => {
+    const { m, faults } = await mirror(2, 2 << 20, { resyncChunk: 65536, resyncParallel: 2, degraded: [1] });
+    faults[0]!.addRule("op=pread,delay=2ms");
+    let started!: () => void;
+    const someCopied = new Promise<void>((res) => (started = res));
+    const r = m.resync(1, { onProgress: () => started() });
+    await someCopied;
+    await m.close();
+    await expect(r).rejects.toMatchObject({ errno: "ESHUTDOWN" });
+    expect(m.status().legs[1]).toMatchObject({ state: "degraded", resync: { state: "failed", error: "the mirror was closed during resync" } });
+    expect(m.status().legs[1]!.resync!.done).toBeLessThan(2 << 20);
   });
 
   it("opens with a leg that fails to open as degraded, and opens it again on resync", async () => {

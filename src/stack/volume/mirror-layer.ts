@@ -1,10 +1,12 @@
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";
 import { errnoOf, errorMessage, NbdError } from "../../errors.js";
-import { State } from "../../protocol/constants.js";
+import type { Copier } from "../../copy/copier.js";
+import type { CopyProgress } from "../../copy/progress.js";
 import { RangeLock } from "../../util/range-lock.js";
 import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
-import { allDone, combineCapabilities } from "./common.js";
+import { combineCapabilities } from "./common.js";
+import { resyncCopier, withDoneTotal } from "./mirror-resync.js";
 
 export type LegState = "ok" | "degraded" | "resyncing";
 
@@ -15,8 +17,8 @@ export interface LegStatus {
   /** Failed requests seen on this leg (counted every time; the leg is degraded at the first that counts). */
   errors: number;
   lastError: string | null;
-  /** Progress of the running (or last) resync of this leg, null if it never ran. */
-  resync: { done: number; total: number } | null;
+  /** Progress of the running (or last) resync of this leg, null if it never ran; done and total are doneBytes and totalBytes. */
+  resync: (CopyProgress & { done: number; total: number }) | null;
 }
 
 export interface MirrorStatus {
@@ -26,11 +28,8 @@ export interface MirrorStatus {
   legs: LegStatus[];
 }
 
-export interface ResyncProgress {
-  leg: number;
-  done: number;
-  total: number;
-}
+/** What "resync-progress" and onProgress get after each chunk copied. */
+export type ResyncEvent = CopyProgress & { leg: number; done: number; total: number };
 
 export interface MirrorLayerOptions {
   log?: Logger;
@@ -43,7 +42,7 @@ export interface MirrorLayerOptions {
 }
 
 export interface ResyncOptions {
-  onProgress?: (p: ResyncProgress) => void;
+  onProgress?: (p: ResyncEvent) => void;
 }
 
 interface Leg {
@@ -54,10 +53,9 @@ interface Leg {
   errors: number;
   lastError: string | null;
   busy: number;
-  resync: { done: number; total: number } | null;
+  /** The copier of the running (or last) resync. */
+  copier: Copier | null;
 }
-
-const DEFAULT_RESYNC_CHUNK = 1 << 20;
 
 /**
  * RAID-1 over `legs`, which are assumed identical at start (the mirror keeps no metadata of its
@@ -69,11 +67,12 @@ const DEFAULT_RESYNC_CHUNK = 1 << 20;
  * - pread goes to the least busy healthy leg (round-robin between equals); a failed read is tried
  *   on the other healthy legs, and a leg whose read failed while another's succeeded is degraded.
  * - extents and cache are answered by a healthy leg.
- * - resync(i) rebuilds a degraded leg online: chunks are copied from healthy legs with bounded
- *   parallelism, each under a range lock; while any resync runs, client writes take the same lock
- *   and go to the resyncing leg too, so a chunk copy and a write to that chunk never interleave.
- *   The leg is "ok" again once every chunk is copied and a flush of the leg succeeded.
- * Events: "degraded" {leg, error}, "resync-progress" ResyncProgress, "resync-done" {leg, error?}.
+ * - resync(i) rebuilds a degraded leg online with a Copier (src/copy): chunks are copied from
+ *   healthy legs with bounded parallelism, each under the mirror's range lock; while any resync
+ *   runs, client writes take the same lock and go to the resyncing leg too, so a chunk copy and a
+ *   write to that chunk never interleave. The leg is "ok" again once every chunk is copied and a
+ *   flush of the leg succeeded; once it fails a write, the resync stops.
+ * Events: "degraded" {leg, error}, "resync-progress" ResyncEvent, "resync-done" {leg, error?}.
  */
 export class MirrorLayer extends EventEmitter implements Layer {
   private readonly legs: Leg[];
@@ -86,12 +85,9 @@ export class MirrorLayer extends EventEmitter implements Layer {
   private readonly unlocked = new InflightTracker();
   /** Every request in this layer (for quiesce). */
   private readonly inflight = new InflightTracker();
-  /** Chunk copies of resyncs in flight (for quiesce). */
-  private readonly copying = new InflightTracker();
   private resyncs = 0;
   private readonly runs = new Set<Promise<void>>();
   private paused = false;
-  private unpause: Array<() => void> = [];
   private closing = false;
   /** Opened once already: leg states (degraded legs) are kept across close and open. */
   private started = false;
@@ -103,7 +99,7 @@ export class MirrorLayer extends EventEmitter implements Layer {
     super();
     if (legs.length === 0) throw new NbdError("EINVAL", "mirror needs at least one leg");
     for (const i of opts.degraded ?? []) if (!legs[i]) throw new NbdError("EINVAL", `mirror: no leg ${i} to mark degraded`);
-    this.legs = legs.map((layer, index) => ({ index, layer, state: "ok", opened: false, errors: 0, lastError: null, busy: 0, resync: null }));
+    this.legs = legs.map((layer, index) => ({ index, layer, state: "ok", opened: false, errors: 0, lastError: null, busy: 0, copier: null }));
     this.log = opts.log;
   }
 
@@ -152,7 +148,7 @@ export class MirrorLayer extends EventEmitter implements Layer {
 
   async close(): Promise<void> {
     this.closing = true;
-    this.wake();
+    for (const l of this.legs) if (l.state === "resyncing") l.copier!.abort(new NbdError("ESHUTDOWN", "the mirror was closed during resync"));
     await Promise.allSettled([...this.runs]);
     const opened = this.legs.filter((l) => l.opened);
     for (const l of opened) l.opened = false;
@@ -179,7 +175,7 @@ export class MirrorLayer extends EventEmitter implements Layer {
         state: l.state,
         errors: l.errors,
         lastError: l.lastError,
-        resync: l.resync ? { ...l.resync } : null,
+        resync: l.copier ? withDoneTotal(l.copier.progress()) : null,
       })),
     };
   }
@@ -193,6 +189,7 @@ export class MirrorLayer extends EventEmitter implements Layer {
     leg.state = "degraded";
     this.log?.warn({ leg: leg.index, op, err: errorMessage(err), was }, `mirror leg ${leg.index} degraded: ${op} failed`);
     this.emit("degraded", { leg: leg.index, error: leg.lastError });
+    if (was === "resyncing") leg.copier!.abort(new NbdError("EIO", `leg ${leg.index} failed during resync (${leg.lastError})`));
   }
 
   private countError(leg: Leg, err: unknown, op: string): void {
@@ -340,20 +337,14 @@ export class MirrorLayer extends EventEmitter implements Layer {
 
   async quiesce(): Promise<void> {
     this.paused = true;
-    await Promise.all([this.inflight.idle(), this.copying.idle()]);
+    await Promise.all([this.inflight.idle(), ...this.legs.map((l) => l.copier?.pause())]);
     await Promise.all(this.legs.filter((l) => l.opened).map((l) => l.layer.quiesce()));
   }
 
   resume(): void {
     for (const l of this.legs) if (l.opened) l.layer.resume();
     this.paused = false;
-    this.wake();
-  }
-
-  private wake(): void {
-    const w = this.unpause;
-    this.unpause = [];
-    for (const f of w) f();
+    for (const l of this.legs) l.copier?.resume();
   }
 
   /** Why leg `index` cannot be resynced now, or null if it can. */
@@ -376,9 +367,25 @@ export class MirrorLayer extends EventEmitter implements Layer {
     if (why) throw new NbdError("EINVAL", `mirror: cannot resync: ${why}`);
     const leg = this.legs[index]!;
     leg.state = "resyncing";
-    leg.resync = { done: 0, total: this.total };
+    leg.copier = resyncCopier({
+      caps: this.caps,
+      size: this.total,
+      chunk: this.opts.resyncChunk,
+      parallel: Math.max(1, this.opts.resyncParallel ?? 4),
+      lock: this.lock,
+      read: (op, fn) => this.onOneLeg(op, plainIo, true, fn),
+      leg: leg.layer,
+      failed: (err) => this.degrade(leg, err, "resync write"),
+      onProgress: (p) => {
+        const e: ResyncEvent = { leg: leg.index, ...withDoneTotal(p) };
+        this.emit("resync-progress", e);
+        o.onProgress?.(e);
+      },
+      log: this.log,
+    });
+    if (this.paused) void leg.copier.pause();
     this.resyncs++;
-    const run = this.runResync(leg, o).finally(() => {
+    const run = this.runResync(leg).finally(() => {
       this.resyncs--;
       this.runs.delete(run);
     });
@@ -386,9 +393,10 @@ export class MirrorLayer extends EventEmitter implements Layer {
     return run;
   }
 
-  private async runResync(leg: Leg, o: ResyncOptions): Promise<void> {
+  private async runResync(leg: Leg): Promise<void> {
     const t0 = performance.now();
     const total = this.total;
+    const copier = leg.copier!;
     this.log?.info({ leg: leg.index, bytes: total }, `mirror leg ${leg.index} resync started`);
     try {
       if (!leg.opened) {
@@ -399,27 +407,7 @@ export class MirrorLayer extends EventEmitter implements Layer {
       if (misfit) throw new NbdError("EINVAL", `leg ${leg.index} cannot be a leg of this mirror: ${misfit}`);
       // Writes that began before this resync skipped the leg and took no lock: let them land first.
       await this.unlocked.idle();
-      const { minimum, maximum } = this.caps.blockSize;
-      const want = Math.min(this.opts.resyncChunk ?? DEFAULT_RESYNC_CHUNK, maximum);
-      const chunk = Math.max(minimum, want - (want % minimum));
-      let next = 0;
-      const worker = async (): Promise<void> => {
-        for (;;) {
-          while (this.paused && !this.closing) await new Promise<void>((r) => this.unpause.push(r));
-          if (leg.state !== "resyncing") throw new NbdError("EIO", `leg ${leg.index} failed during resync (${leg.lastError})`);
-          if (this.closing) throw new NbdError("ESHUTDOWN", "the mirror was closed during resync");
-          if (next >= total) return;
-          const start = next;
-          const len = Math.min(chunk, total - start);
-          next += len;
-          await this.copyChunk(leg, start, len);
-          leg.resync!.done += len;
-          const p = { leg: leg.index, done: leg.resync!.done, total };
-          this.emit("resync-progress", p);
-          o.onProgress?.(p);
-        }
-      };
-      await allDone(Array.from({ length: Math.max(1, this.opts.resyncParallel ?? 4) }, worker));
+      await copier.pass();
       if (this.caps.flush) {
         try {
           await leg.layer.flush(plainIo);
@@ -429,9 +417,11 @@ export class MirrorLayer extends EventEmitter implements Layer {
       }
       if (leg.state !== "resyncing") throw new NbdError("EIO", `leg ${leg.index} failed at the end of resync (${leg.lastError})`);
       leg.state = "ok";
+      copier.finish();
       this.log?.info({ leg: leg.index, bytes: total, ms: Math.round(performance.now() - t0) }, `mirror leg ${leg.index} resynced`);
       this.emit("resync-done", { leg: leg.index });
     } catch (err) {
+      copier.finish(err);
       if (leg.state === "resyncing") this.degrade(leg, err, "resync");
       this.log?.warn({ leg: leg.index, err: errorMessage(err) }, `mirror leg ${leg.index} resync failed`);
       this.emit("resync-done", { leg: leg.index, error: errorMessage(err) });
@@ -448,57 +438,6 @@ export class MirrorLayer extends EventEmitter implements Layer {
     }
     if (this.total > 0 && (c.blockSize.minimum > this.caps.blockSize.minimum || c.blockSize.maximum < this.caps.blockSize.maximum)) return "its block sizes do not fit";
     return null;
-  }
-
-  /** Copies [start, start+len) from a healthy leg to `leg`, holding the range lock. */
-  private async copyChunk(leg: Leg, start: number, len: number): Promise<void> {
-    this.copying.enter(); // before waiting for the lock, so quiesce() waits for this copy too
-    const release = await this.lock.acquire(start, start + len);
-    try {
-      const tried = new Set<Leg>();
-      const failed: Array<{ leg: Leg; err: unknown }> = [];
-      for (;;) {
-        const src = this.pick(tried);
-        if (!src) {
-          for (const f of failed) this.countError(f.leg, f.err, "pread");
-          throw failed.length ? failed[failed.length - 1]!.err : new NbdError("EIO", "no healthy leg to copy from");
-        }
-        tried.add(src);
-        let data: Buffer | null;
-        src.busy++;
-        try {
-          data = await this.readForCopy(src.layer, start, len);
-        } catch (err) {
-          failed.push({ leg: src, err });
-          continue;
-        } finally {
-          src.busy--;
-        }
-        for (const f of failed) this.degrade(f.leg, f.err, "pread");
-        try {
-          if (data) await leg.layer.pwrite(data, start, plainIo);
-          else await leg.layer.zero(len, start, plainIo);
-        } catch (err) {
-          this.degrade(leg, err, "resync write");
-          throw err;
-        }
-        return;
-      }
-    } finally {
-      this.copying.leave();
-      release();
-    }
-  }
-
-  /** The bytes of a chunk, or null when the source reports it all reads as zero (and the legs can zero). */
-  private async readForCopy(src: Layer, start: number, len: number): Promise<Buffer | null> {
-    if (this.caps.extents && this.caps.zero) {
-      const ext = await src.extents(len, start, plainIo);
-      if (ext[0] && ext[0].length >= len && ext[0].flags & State.NBD_STATE_ZERO) return null;
-    }
-    const buf = Buffer.allocUnsafe(len);
-    await src.pread(buf, start, plainIo);
-    return buf;
   }
 }
 

@@ -67,14 +67,20 @@ describe("mirror control routes and command", () => {
   it("nbdstack mirror --resync N --wait waits for the resync and prints the final table", async () => {
     const { url } = await setup();
     const out: string[] = [];
+    const err: string[] = [];
     vi.spyOn(process.stdout, "write").mockImplementation((s: string | Uint8Array) => (out.push(String(s)), true));
+    vi.spyOn(process.stderr, "write").mockImplementation((s: string | Uint8Array) => (err.push(String(s)), true));
     await mirrorCommand("vm", { control: url, resync: 1, wait: true, interval: 5 });
     const text = out.join("");
-    expect(text).toMatch(/^resync of leg 1 started$/m);
-    expect(text).toMatch(/mirror of 2 legs, 4194304 bytes, 2 healthy/);
+    expect(text).toMatch(/^resync of leg 1 started\nmirror of 2 legs, 4194304 bytes, 2 healthy\n/);
     expect(text).toMatch(/^1\s+ok\s+1\s+100% \(4\.0\/4\.0 MiB\)/m);
+    // The progress bar is on stderr (not a terminal here: a line at a time), and ends at 100%.
+    for (const line of err) expect(line).toMatch(/^leg 1 resync \[[█░]{40}\] \d+% \| [\d.]+\/4\.0 MiB \| .* \| ETA \S+\n$/);
+    if (err.length) expect(err.at(-1)).toMatch(/^leg 1 resync \[█{40}\] 100% \| 4\.0\/4\.0 MiB/);
     out.length = 0;
+    err.length = 0;
     await mirrorCommand("vm", { control: url, json: true, interval: 5 });
+    expect(err).toEqual([]);
     expect((JSON.parse(out.join("")) as MirrorStatus).healthy).toBe(2);
   });
 });

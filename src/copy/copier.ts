@@ -1,13 +1,24 @@
 import type { Logger } from "pino";
 import { State } from "../protocol/constants.js";
-import { plainIo, type Layer } from "../stack/layer.js";
-import { lockChunks, type CopyTarget, type DirtyBitmap } from "../util/dirty-bitmap.js";
+import { InflightTracker, plainIo, type Layer } from "../stack/layer.js";
 import type { RangeLock } from "../util/range-lock.js";
+import { lockChunks, type DirtyBitmap } from "./dirty-bitmap.js";
+import type { CopyProgress } from "./progress.js";
+
+/** Where a copy reads: a Layer, or anything that answers extents and pread like one. */
+export type CopySource = Pick<Layer, "extents" | "pread">;
+
+/** Where a copy writes: a peer's image (over NBD), a mirror leg, the layer below a cow overlay. */
+export interface CopyTarget {
+  pwrite(buf: Buffer, offset: number): Promise<void>;
+  zero(length: number, offset: number): Promise<void>;
+  flush(): Promise<void>;
+}
 
 export interface CopierOptions {
   /** Copies in flight at once (default 16). */
   parallel?: number;
-  /** Largest single copy in bytes (default 1 MiB). */
+  /** Largest single copy in bytes (default 1 MiB); runs are whole chunks of the bitmap. */
   copyBytes?: number;
   /** Bytes per second at most (default: no limit). */
   maxRate?: number;
@@ -23,18 +34,13 @@ export interface CopierOptions {
    * are not sent at all; a chunk leaves the set once data was sent to it.
    */
   destZero?: DirtyBitmap;
+  /** Whether data read as all zeros travels as a zero request (default true); off, what the source calls data is written as read. */
+  zeroDetect?: boolean;
+  /** Called under the range lock once a run has reached the target (a cow merge forgets the run's blocks there). */
+  copied?: (offset: number, length: number) => void;
+  /** Called after each copy that completed. */
+  onProgress?: (p: CopyProgress) => void;
   log?: Logger;
-}
-
-export interface CopyStats {
-  /** Bytes sent to the destination so far (data and zeroed ranges). */
-  copied: number;
-  /** Bytes still to copy: dirty, or taken for a copy that has not finished. */
-  dirty: number;
-  /** Bytes per second over the last second or so. */
-  rate: number;
-  /** Copies that failed (each range was marked dirty again and retried). */
-  failures: number;
 }
 
 export class CopyAbortedError extends Error {
@@ -45,17 +51,19 @@ export class CopyAbortedError extends Error {
 }
 
 /**
- * Copies the dirty parts of a device to a target with bounded parallelism: takes runs from the
- * bitmap, reads them from the source (holes and zero runs are sent as write-zeroes), writes them
- * to the target under the chunk lock shared with the dirty tracker. A failed copy re-marks its run
- * and no copy starts until a backoff has passed; too many failures in a row abort the copy.
+ * The one copy engine (rules in README.md): copies the dirty runs of a bitmap from a source to a
+ * target with bounded parallelism, each run under the chunk lock its writers share (holes and zero
+ * runs are sent as write-zeroes). A failed copy re-marks its run and no copy starts until a
+ * backoff has passed; too many failures in a row, or abort(), end the copy.
  */
 export class Copier {
   private readonly parallel: number;
   private readonly copyBytes: number;
   private readonly maxFailures: number;
   private readonly backoffMs: number;
-  private copied = 0;
+  private readonly zeroDetect: boolean;
+  private done = 0;
+  private total = 0;
   /** Bytes taken from the bitmap for copies not finished yet (waiting for their turn, or in flight). */
   private pending = 0;
   private failuresInRow = 0;
@@ -68,14 +76,25 @@ export class Copier {
   /** Wakes the copier's sleeps (rate limit, backoff) when it is aborted. */
   private readonly wakers = new Set<() => void>();
   private aborted: Error | null = null;
+  private paused = false;
+  private unpause: Array<() => void> = [];
+  /** Copies reading or writing now (pause() waits for them). */
+  private readonly running = new InflightTracker();
+  private state: CopyProgress["state"] = "running";
+  private readonly startedAt = Date.now();
+  private finishedAt: number | null = null;
+  private error: string | undefined;
+  /** Bytes sent over the last two seconds, for the rate. */
   private window: Array<{ t: number; bytes: number }> = [];
+  private windowBytes = 0;
   private rateStart = performance.now();
   private rateBytes = 0;
 
   constructor(
-    private readonly source: Layer,
+    private readonly source: CopySource,
     private readonly target: CopyTarget,
-    private readonly bitmap: DirtyBitmap,
+    readonly bitmap: DirtyBitmap,
+    /** Over bytes; shared with every writer of the target's ranges. */
     private readonly locks: RangeLock,
     private readonly opts: CopierOptions = {},
   ) {
@@ -83,14 +102,40 @@ export class Copier {
     this.copyBytes = opts.copyBytes ?? 1024 * 1024;
     this.maxFailures = opts.maxFailures ?? 6;
     this.backoffMs = opts.backoffMs ?? 100;
+    this.zeroDetect = opts.zeroDetect ?? true;
   }
 
-  stats(): CopyStats {
+  /** Counts what the bitmap holds now as work of this copy (totalBytes grows by it): call it after marking what is to be copied. */
+  planDirty(): void {
+    this.total += this.bitmap.dirtyBytes;
+  }
+
+  progress(): CopyProgress {
     const now = performance.now();
-    this.window = this.window.filter((w) => now - w.t < 2000);
+    while (this.window.length && now - this.window[0]!.t >= 2000) this.windowBytes -= this.window.shift()!.bytes;
     const span = this.window.length ? Math.max(250, now - this.window[0]!.t) : 1000;
-    const bytes = this.window.reduce((s, w) => s + w.bytes, 0);
-    return { copied: this.copied, dirty: this.bitmap.dirtyBytes + this.pending, rate: (bytes * 1000) / span, failures: this.failures };
+    const rate = Math.round((this.windowBytes * 1000) / span);
+    const dirty = this.bitmap.dirtyBytes + this.pending;
+    return {
+      state: this.state,
+      doneBytes: this.done,
+      totalBytes: this.total,
+      dirtyBytes: dirty,
+      rate,
+      etaSeconds: dirty === 0 ? 0 : rate > 0 ? Math.round((dirty / rate) * 10) / 10 : null,
+      failures: this.failures,
+      startedAt: this.startedAt,
+      finishedAt: this.finishedAt,
+      ...(this.error !== undefined ? { error: this.error } : {}),
+    };
+  }
+
+  /** Ends the copy as its progress shows it: done, or failed with `error` (a step of the owner's after the copying counts too). */
+  finish(error?: unknown): void {
+    if (this.state !== "running") return;
+    this.state = error === undefined ? "done" : "failed";
+    this.finishedAt = Date.now();
+    if (error !== undefined) this.error = error instanceof Error ? error.message : String(error);
   }
 
   /**
@@ -100,6 +145,24 @@ export class Copier {
   abort(reason: Error): void {
     this.aborted ??= reason;
     for (const wake of [...this.wakers]) wake();
+    this.wakeUnpaused();
+  }
+
+  /** Starts no more copies until resume() (copies waiting for their turn put their runs back); resolves once none is in flight. */
+  pause(): Promise<void> {
+    this.paused = true;
+    return this.running.idle();
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.wakeUnpaused();
+  }
+
+  private wakeUnpaused(): void {
+    const w = this.unpause;
+    this.unpause = [];
+    for (const f of w) f();
   }
 
   /**
@@ -109,40 +172,60 @@ export class Copier {
   async pass(enough: () => boolean = () => false): Promise<void> {
     const worker = async () => {
       while (!this.aborted && !enough()) {
+        if (this.paused) {
+          await new Promise<void>((r) => this.unpause.push(r));
+          continue;
+        }
         const run = this.bitmap.take(this.copyBytes);
         if (!run) return;
         this.pending += run.length;
+        let completed = false;
         try {
-          await this.waitTurn(run.length);
-          if (this.aborted) {
-            this.bitmap.mark(run.offset, run.length);
-            return;
-          }
-          const seq = this.started++;
-          try {
-            await this.copyRun(run.offset, run.length);
-            if (seq >= this.streakMark) this.failuresInRow = 0;
-          } catch (err) {
-            this.bitmap.mark(run.offset, run.length);
-            this.failures++;
-            // Started before the last failure was counted: it was in flight with it, one outage.
-            if (seq < this.streakMark) continue;
-            this.streakMark = this.started;
-            if (++this.failuresInRow >= this.maxFailures) {
-              this.abort(new CopyAbortedError(`copy failed ${this.failuresInRow} times in a row: ${(err as Error).message}`));
-              return;
-            }
-            const backoff = this.backoffMs * 2 ** Math.min(5, this.failuresInRow - 1);
-            this.resumeAt = performance.now() + backoff;
-            this.opts.log?.warn({ offset: run.offset, length: run.length, err: (err as Error).message, retryInMs: backoff, failuresInRow: this.failuresInRow }, "copy failed: range marked dirty again");
-          }
+          completed = await this.copyOne(run.offset, run.length);
         } finally {
           this.pending -= run.length;
         }
+        if (completed) this.opts.onProgress?.(this.progress());
       }
     };
     await Promise.all(Array.from({ length: this.parallel }, worker));
-    if (this.aborted) throw this.aborted;
+    if (this.aborted) {
+      this.finish(this.aborted);
+      throw this.aborted;
+    }
+  }
+
+  /** One run taken from the bitmap: copied (true), or marked dirty again (false). */
+  private async copyOne(offset: number, length: number): Promise<boolean> {
+    await this.waitTurn(length);
+    if (this.aborted || this.paused) {
+      this.bitmap.mark(offset, length);
+      return false;
+    }
+    const seq = this.started++;
+    this.running.enter();
+    try {
+      await this.copyRun(offset, length);
+      this.done += length;
+      if (seq >= this.streakMark) this.failuresInRow = 0;
+      return true;
+    } catch (err) {
+      this.bitmap.mark(offset, length);
+      this.failures++;
+      // Started before the last failure was counted: it was in flight with it, one outage.
+      if (this.aborted || seq < this.streakMark) return false;
+      this.streakMark = this.started;
+      if (++this.failuresInRow >= this.maxFailures) {
+        this.abort(new CopyAbortedError(`copy failed ${this.failuresInRow} times in a row: ${(err as Error).message}`));
+        return false;
+      }
+      const backoff = this.backoffMs * 2 ** Math.min(5, this.failuresInRow - 1);
+      this.resumeAt = performance.now() + backoff;
+      this.opts.log?.warn({ offset, length, err: (err as Error).message, retryInMs: backoff, failuresInRow: this.failuresInRow }, "copy failed: range marked dirty again");
+      return false;
+    } finally {
+      this.running.leave();
+    }
   }
 
   /** Waits until no backoff holds copies back and the rate limit lets `bytes` go (or the copy is aborted). */
@@ -192,13 +275,14 @@ export class Copier {
       const end = offset + length;
       while (at < end) {
         const extents = await this.source.extents(end - at, at, plainIo);
+        if (extents.length === 0) throw new Error(`no extents for ${end - at} bytes at ${at}`);
         for (const e of extents) {
           const n = Math.min(e.length, end - at);
           let buf: Buffer | null = null;
           if (!(e.flags & State.NBD_STATE_ZERO)) {
             buf = Buffer.allocUnsafe(n);
             await this.source.pread(buf, at, plainIo);
-            if (isZero(buf)) buf = null; // sparse copy: a run of zeros travels as write-zeroes, or not at all
+            if (this.zeroDetect && isZero(buf)) buf = null; // sparse copy: a run of zeros travels as write-zeroes, or not at all
           }
           const destZero = this.opts.destZero;
           if (buf) {
@@ -208,11 +292,12 @@ export class Copier {
             await this.target.zero(n, at);
           }
           at += n;
-          this.copied += n;
           this.window.push({ t: performance.now(), bytes: n });
+          this.windowBytes += n;
           if (at >= end) break;
         }
       }
+      this.opts.copied?.(offset, length);
     } finally {
       unlock();
     }

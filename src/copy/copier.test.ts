@@ -3,10 +3,10 @@ import { NbdError } from "../errors.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { seededRandom } from "../stack/fault/rules.js";
-import { DirtyBitmap, type CopyTarget } from "../util/dirty-bitmap.js";
+import { DirtyBitmap } from "./dirty-bitmap.js";
 import { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import { RangeLock } from "../util/range-lock.js";
-import { CopyAbortedError, Copier, markInitial } from "./copier.js";
+import { CopyAbortedError, Copier, markInitial, type CopyTarget } from "./copier.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -135,8 +135,8 @@ describe("live copy: copier + dirty tracker", () => {
       expect(bitmap.dirtyBytes).toBe(0);
       expect((await read(dst)).equals(await read(src))).toBe(true);
       // Every 7th call failed and was retried: the count is exact, whatever the timing.
-      expect(copier.stats().failures).toBe(Math.floor(t.calls / 7));
-      expect(copier.stats().failures).toBeGreaterThan(0);
+      expect(copier.progress().failures).toBe(Math.floor(t.calls / 7));
+      expect(copier.progress().failures).toBeGreaterThan(0);
     });
   }
 
@@ -166,6 +166,50 @@ describe("live copy: copier + dirty tracker", () => {
     expect(bitmap.dirtyBytes).toBe(0);
     expect(tracker.throughFailures).toBe(0);
     expect((await read(dst)).equals(await read(src))).toBe(true);
+  });
+
+  it("a write-through to any byte of a chunk being copied waits for the copy: the copy's older data never lands after it", async () => {
+    const size = 256 * KiB;
+    const src = new MemoryPort({ size });
+    await src.open();
+    await src.pwrite(Buffer.alloc(size, 1), 0, plainIo);
+    const dst = new MemoryPort({ size });
+    await dst.open();
+    const tracker = new DirtyTracker(src);
+    const bitmap = new DirtyBitmap(size);
+    const locks = new RangeLock();
+    tracker.track(bitmap, locks);
+    bitmap.mark(64 * KiB, 1); // chunk 1: [64 KiB, 128 KiB)
+    let copying!: () => void;
+    const inCopy = new Promise<void>((r) => (copying = r));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let first = true;
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        if (first) {
+          first = false; // the copy, with the data it read before the client's write
+          copying();
+          await gate;
+        }
+        await dst.pwrite(Buffer.from(buf), offset, plainIo);
+      },
+      zero: (length, offset) => dst.zero(length, offset, { ...plainIo, mayTrim: false }),
+      async flush() {},
+    };
+    tracker.writeThrough(t);
+    const pass = new Copier(src, t, bitmap, locks, { parallel: 1 }).pass();
+    await inCopy;
+    let written = false;
+    const write = tracker.pwrite(Buffer.alloc(10, 2), 128 * KiB - 10, plainIo).then(() => (written = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(written).toBe(false); // held by the copy's lock on the chunk's bytes
+    release();
+    await pass;
+    await write;
+    expect(bitmap.dirtyBytes).toBe(0);
+    const chunk = (b: Buffer) => b.subarray(64 * KiB, 128 * KiB);
+    expect(chunk(await read(dst)).equals(chunk(await read(src)))).toBe(true); // the one chunk copied, with the client's write
   });
 
   it("a write-through that fails marks its chunks dirty instead of failing the client", async () => {
@@ -255,10 +299,10 @@ describe("copier schedule (fake clock)", () => {
     const copier = new Copier(s.src, s.t, s.bitmap, s.locks, { maxRate: 1 * MiB, copyBytes: 1 * MiB });
     const done = copier.pass();
     await vi.advanceTimersByTimeAsync(1500); // the first 1 MiB is due at 1 s, the second at 2 s
-    expect(copier.stats()).toMatchObject({ copied: 1 * MiB, dirty: 3 * MiB });
+    expect(copier.progress()).toMatchObject({ doneBytes: 1 * MiB, dirtyBytes: 3 * MiB });
     await vi.runAllTimersAsync();
     await done;
-    expect(copier.stats()).toMatchObject({ copied: 4 * MiB, dirty: 0 });
+    expect(copier.progress()).toMatchObject({ doneBytes: 4 * MiB, dirtyBytes: 0 });
   });
 
   it("stops at once when aborted: copies waiting for the rate limit do not start, their ranges stay dirty", async () => {
@@ -299,7 +343,7 @@ describe("copier schedule (fake clock)", () => {
     expect(s.arrivals).toHaveLength(6);
     const gaps = s.arrivals.slice(1).map((at, i) => at - s.arrivals[i]!);
     [100, 200, 400, 800, 1600].forEach((b, i) => expect(gaps[i]).toBeGreaterThanOrEqual(b));
-    expect(copier.stats()).toMatchObject({ failures: 6, dirty: 1 * MiB });
+    expect(copier.progress()).toMatchObject({ failures: 6, dirtyBytes: 1 * MiB });
   });
 
   it("counts copies that fail together once: an outage that fails all 16 copies in flight is ridden out", async () => {
@@ -310,7 +354,7 @@ describe("copier schedule (fake clock)", () => {
     const done = copier.pass();
     await vi.runAllTimersAsync();
     await done;
-    expect(copier.stats().failures).toBe(16);
+    expect(copier.progress().failures).toBe(16);
     expect((await read(s.dst)).equals(await read(s.src))).toBe(true);
   });
 
@@ -330,5 +374,122 @@ describe("copier schedule (fake clock)", () => {
     expect(rounds).toHaveLength(6);
     [0, 100, 300, 700, 1500, 3100].forEach((t, i) => expect(rounds[i]).toBeGreaterThanOrEqual(t));
     expect(s.bitmap.dirtyBytes).toBe(32 * MiB);
+  });
+});
+
+describe("copier: progress, pause, hooks and locks", () => {
+  async function dataSource(size: number) {
+    const src = new MemoryPort({ size });
+    await src.open();
+    await src.pwrite(Buffer.alloc(size, 5), 0, plainIo);
+    return src;
+  }
+
+  it("reports one progress: planned bytes, completed copies only, then done or failed with the error", async () => {
+    const size = 1 * MiB;
+    const src = await dataSource(size);
+    const bitmap = new DirtyBitmap(size);
+    bitmap.mark(0, 256 * KiB);
+    const t = target(new MemoryPort({ size }), seededRandom(3), 3);
+    const seen: number[] = [];
+    const copier = new Copier(src, t, bitmap, new RangeLock(), { parallel: 1, copyBytes: 64 * KiB, backoffMs: 1, onProgress: (p) => seen.push(p.doneBytes + p.dirtyBytes) });
+    copier.planDirty();
+    expect(copier.progress()).toMatchObject({ state: "running", doneBytes: 0, totalBytes: 256 * KiB, dirtyBytes: 256 * KiB, failures: 0, finishedAt: null });
+    await copier.pass();
+    // A report after each copy that completed: done plus still dirty is the whole; the failed copy (the 3rd call) added nothing.
+    expect(seen).toEqual([256 * KiB, 256 * KiB, 256 * KiB, 256 * KiB]);
+    expect(copier.progress()).toMatchObject({ state: "running", doneBytes: 256 * KiB, totalBytes: 256 * KiB, failures: 1 });
+    copier.finish();
+    expect(copier.progress()).toMatchObject({ state: "done", dirtyBytes: 0, etaSeconds: 0, finishedAt: expect.any(Number) });
+    copier.finish(new Error("too late")); // the first end stands
+    expect(copier.progress().state).toBe("done");
+
+    bitmap.markAll();
+    const failing = new Copier(src, t, bitmap, new RangeLock());
+    failing.abort(new CopyAbortedError("cancelled"));
+    await expect(failing.pass()).rejects.toThrow("cancelled");
+    expect(failing.progress()).toMatchObject({ state: "failed", error: "cancelled", finishedAt: expect.any(Number) });
+  });
+
+  it("pause() waits for the copies in flight and starts none until resume()", async () => {
+    const size = 2 * MiB;
+    const src = await dataSource(size);
+    const dst = new MemoryPort({ size });
+    await dst.open();
+    const t = target(dst, seededRandom(4));
+    const bitmap = new DirtyBitmap(size);
+    bitmap.markAll();
+    let paused: Promise<void> | undefined;
+    const copier = new Copier(src, t, bitmap, new RangeLock(), {
+      parallel: 4,
+      copyBytes: 64 * KiB,
+      onProgress: (p) => {
+        if (!paused && p.doneBytes >= 256 * KiB) paused = copier.pause();
+      },
+    });
+    const pass = copier.pass();
+    while (!paused) await new Promise((r) => setTimeout(r, 1));
+    await paused;
+    const at = t.calls;
+    await new Promise((r) => setTimeout(r, 30));
+    expect(t.calls).toBe(at);
+    expect(bitmap.dirtyBytes).toBeGreaterThan(0);
+    copier.resume();
+    await pass;
+    expect(bitmap.dirtyBytes).toBe(0);
+    expect((await read(dst)).equals(await read(src))).toBe(true);
+  });
+
+  it("locks whole chunks in bytes: a write to any byte of a chunk being copied waits; the copied hook runs under the lock after the write", async () => {
+    const size = 256 * KiB;
+    const src = await dataSource(size);
+    const locks = new RangeLock();
+    const bitmap = new DirtyBitmap(size);
+    bitmap.mark(70 * KiB, 1); // chunk 1: [64 KiB, 128 KiB)
+    const order: string[] = [];
+    let writerDone: Promise<void> | null = null;
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        order.push(`copy ${offset}+${buf.length}`);
+        // A writer of the chunk's last byte must wait for the copy to finish, hook included.
+        writerDone = locks.acquire(128 * KiB - 1, 128 * KiB).then((release) => {
+          order.push("writer");
+          release();
+        });
+        await new Promise((r) => setTimeout(r, 5));
+      },
+      async zero() {},
+      async flush() {},
+    };
+    const copier = new Copier(src, t, bitmap, locks, { copied: (o, l) => order.push(`copied ${o}+${l}`) });
+    await copier.pass();
+    await writerDone;
+    expect(order).toEqual([`copy ${64 * KiB}+${64 * KiB}`, `copied ${64 * KiB}+${64 * KiB}`, "writer"]);
+  });
+
+  it("with zeroDetect off, data that reads as zeros is written, not zeroed; zero extents are still zeroed", async () => {
+    const size = 256 * KiB;
+    const src = new MemoryPort({ size });
+    await src.open();
+    await src.pwrite(Buffer.alloc(64 * KiB), 0, plainIo); // data (allocated) that reads as zeros
+    const calls: string[] = [];
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        calls.push(`pwrite ${offset}`);
+      },
+      async zero(_l, offset) {
+        calls.push(`zero ${offset}`);
+      },
+      async flush() {},
+    };
+    const bitmap = new DirtyBitmap(size);
+    bitmap.markAll();
+    await new Copier(src, t, bitmap, new RangeLock(), { parallel: 1, copyBytes: size, zeroDetect: false }).pass();
+    expect(calls[0]).toBe("pwrite 0");
+    expect(calls.slice(1).every((c) => c.startsWith("zero"))).toBe(true);
+    calls.length = 0;
+    bitmap.markAll();
+    await new Copier(src, t, bitmap, new RangeLock(), { parallel: 1, copyBytes: size }).pass();
+    expect(calls.every((c) => c.startsWith("zero"))).toBe(true);
   });
 });

@@ -1,10 +1,11 @@
-import type { RangeLock } from "./range-lock.js";
+import type { RangeLock } from "../util/range-lock.js";
 
 /**
  * Which parts of a device differ from its copy, at a fixed granularity (64 KiB by default):
  * one bit per chunk. A writer marks the chunks it touched once its write has completed; the
  * copier takes dirty runs (clearing their bits) and copies them, and re-marks a run whose copy
  * failed. A write that lands while its chunk is being copied marks it again, so it is copied again.
+ * The rules of the copy built on it are in README.md.
  */
 export class DirtyBitmap {
   private readonly bits: Uint32Array;
@@ -113,20 +114,14 @@ export class DirtyBitmap {
   }
 }
 
-/** Where a live copy writes: the destination's copy of the device (an NBD connection, in practice). */
-export interface CopyTarget {
-  pwrite(buf: Buffer, offset: number): Promise<void>;
-  zero(length: number, offset: number): Promise<void>;
-  flush(): Promise<void>;
-}
-
 /**
- * Locks the chunks of `granularity` bytes that [offset, offset + length) touches, exclusively, so
- * that copying a chunk and a write-through to the same chunk never interleave (the copy's older
- * data would land after the write). The lock is the stack's one RangeLock, over chunk numbers.
+ * Locks, exclusively, the whole chunks of `granularity` bytes that [offset, offset + length)
+ * touches, in a RangeLock over bytes: a copy of a chunk and a write to any byte of it (a
+ * write-through, a mirror's client write, a cow block's write) never interleave, or the copy's
+ * older data could land after the write.
  */
 export function lockChunks(locks: RangeLock, granularity: number, offset: number, length: number): Promise<() => void> {
-  const first = Math.floor(offset / granularity);
-  const last = Math.floor((offset + Math.max(1, length) - 1) / granularity);
-  return locks.acquire(first, last + 1);
+  const start = Math.floor(offset / granularity) * granularity;
+  const end = Math.ceil((offset + Math.max(1, length)) / granularity) * granularity;
+  return locks.acquire(start, end);
 }
