@@ -59,6 +59,8 @@ export class StorageNode {
         return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
       },
       tls: this.opts.peerTls,
+      // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
+      requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
       label: () => {
         const r = lease.read();
         return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;

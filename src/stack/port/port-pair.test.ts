@@ -4,9 +4,10 @@ import { silentLogger } from "../../log.js";
 import { NbdServer } from "../../server/server.js";
 import { DiskLayer } from "../disk/disk-layer.js";
 import { Export } from "../export.js";
-import { plainIo, type Io } from "../layer.js";
+import { PassthroughLayer, plainIo, type Io } from "../layer.js";
 import { MemoryPort } from "./memory-port.js";
 import { buildPortPair } from "./port-pair.js";
+import { ownerIsHere } from "./remote-port.js";
 
 const MiB = 1024 * 1024;
 let closers: Array<() => Promise<void> | void> = [];
@@ -15,13 +16,29 @@ afterEach(async () => {
   closers = [];
 });
 
+/** The owner's device: writes hang while `frozen` (an owner stopped with SIGSTOP answers nothing). */
+class Freezable extends PassthroughLayer {
+  frozen = false;
+  private waiting: Array<() => void> = [];
+  override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (!this.frozen) return super.pwrite(buf, offset, io);
+    return new Promise((resolve, reject) => this.waiting.push(() => super.pwrite(buf, offset, io).then(resolve, reject)));
+  }
+  /** SIGCONT: the writes it held go on. */
+  thaw(): void {
+    this.frozen = false;
+    for (const w of this.waiting.splice(0)) w();
+  }
+}
+
 /**
  * A node's port pair that starts as a non-owner: port B reaches the owner (a memory export "disk")
  * through a proxy whose links the test can cut; port A is a memory device of its own, opened when
  * the pair adopts the resource.
  */
-async function start() {
-  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(new MemoryPort({ size: 8 * MiB })))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+async function start(requestTimeoutMs?: number) {
+  const owner = new Freezable(new MemoryPort({ size: 8 * MiB }));
+  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
   await server.start();
   const target = server.addresses()[0] as { host: string; port: number };
   const links = new Set<net.Socket>();
@@ -35,8 +52,12 @@ async function start() {
   });
   await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
   const at = proxy.address() as net.AddressInfo;
+  const here = { owner: false };
   const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
-  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => ({ host: "127.0.0.1", port: at.port }), stillOwner: () => true }, silentLogger());
+  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => {
+        if (here.owner) throw ownerIsHere("the record names this node");
+        return { host: "127.0.0.1", port: at.port };
+      }, stillOwner: () => true, requestTimeoutMs }, silentLogger());
   const r = pair.redirector;
   await r.open();
   closers.push(
@@ -48,7 +69,7 @@ async function start() {
     for (const s of links) s.destroy();
     links.clear();
   };
-  return { r, cut };
+  return { r, cut, owner, here };
 }
 
 /** The Io of requests from one client connection. */
@@ -103,5 +124,39 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await handed.r.pwrite(block(1), 0, w);
     await handed.r.adopt({ ownerFlushed: true });
     await handed.r.flush(w);
+  });
+});
+
+/** Issue 16, item 7: port B has no timeout, so a stopped owner froze its peers' requests for as long as it was stopped. */
+describe("port pair: a frozen owner freezes nothing for long", () => {
+  it("a take-over sends what hangs on the old owner to port A at once", async () => {
+    const { r, owner, here } = await start();
+    owner.frozen = true;
+    const x = client();
+    const hung = r.pwrite(block(7), 0, x);
+    await new Promise((res) => setTimeout(res, 100));
+    here.owner = true; // the record names this node now
+    await r.adopt({ ownerFlushed: false });
+    const t0 = performance.now();
+    await hung;
+    expect(performance.now() - t0).toBeLessThan(2000);
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 0, x);
+    expect(back.equals(block(7))).toBe(true); // through port A
+    owner.thaw();
+  });
+
+  it("a request with no reply within the request timeout gives up the link and is sent again", async () => {
+    const { r, owner } = await start(300);
+    owner.frozen = true;
+    const x = client();
+    const hung = r.pwrite(block(8), 4096, x);
+    await new Promise((res) => setTimeout(res, 100));
+    owner.frozen = false; // the old link stays dead (its write still hangs there); a new one reaches the owner
+    await hung;
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 4096, x);
+    expect(back.equals(block(8))).toBe(true);
+    owner.thaw();
   });
 });

@@ -21,6 +21,8 @@ export interface PortPairOwner {
   stillOwner(): boolean;
   /** TLS of port B towards peers. */
   tls?: RemotePortOptions["tls"];
+  /** Port B gives up a link whose requests get no reply for this long (see RemotePortOptions). */
+  requestTimeoutMs?: number;
   /** Appended to the export's description (`[owner=… epoch=…]`). */
   label?(): string;
 }
@@ -51,7 +53,7 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
   const openRemote = async (first?: NbdAddress): Promise<Layer> => {
     // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells their clients.
     const onNewLink = () => redirector.ownerLost();
-    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink });
+    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink, requestTimeoutMs: owner.requestTimeoutMs });
     await p.open();
     return p;
   };

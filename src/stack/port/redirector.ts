@@ -292,8 +292,11 @@ export class PortRedirector implements Layer {
   adopt(how: { ownerFlushed: boolean } = { ownerFlushed: true }): Promise<void> {
     // A hand-over drained and flushed the old owner: what port B wrote is durable. A take-over
     // follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
-    if (!how.ownerFlushed) this.ownerLost();
-    else this.unflushedB.clear();
+    if (!how.ownerFlushed) {
+      this.ownerLost();
+      // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
+      (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");
+    } else this.unflushedB.clear();
     let opened!: () => void;
     let failed!: (e: unknown) => void;
     const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));

@@ -25,6 +25,12 @@ export interface RemotePortOptions {
    * old one acknowledged but no FLUSH covered may be gone with it (see PortRedirector.ownerLost).
    */
   onNewLink?: () => void;
+  /**
+   * A link on which requests wait this long with no reply at all is given up (default 30 s): the
+   * owner may be stopped (a frozen process keeps its TCP connections alive) or unreachable. Its
+   * requests are sent again on a new link, to wherever the owner is then.
+   */
+  requestTimeoutMs?: number;
 }
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
@@ -59,6 +65,10 @@ export class RemotePort implements Layer {
   private where = "";
   /** Links opened so far; every one after the first is a change of link. */
   private links = 0;
+  /** Requests in flight, and when (performance.now()) the link last answered one or got one. */
+  private inflight = 0;
+  private lastProgress = 0;
+  private watchdog: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: RemotePortOptions) {}
 
@@ -67,6 +77,11 @@ export class RemotePort implements Layer {
   }
 
   async open(): Promise<void> {
+    const limit = this.opts.requestTimeoutMs ?? 30_000;
+    this.watchdog = setInterval(() => {
+      if (this.inflight > 0 && this.client && performance.now() - this.lastProgress > limit) this.dropLink(`no reply for ${Math.round(limit / 1000)} s`);
+    }, Math.min(1000, limit / 3));
+    this.watchdog.unref();
     let c: NbdClient;
     try {
       c = await this.connection();
@@ -95,8 +110,22 @@ export class RemotePort implements Layer {
     };
   }
 
+  /**
+   * Gives up the current link (its owner stopped, or stopped answering): requests on it are sent
+   * again on a new link, to wherever the owner is now (this node, if it took the resource over).
+   */
+  dropLink(reason: string): void {
+    const c = this.client;
+    if (!c) return;
+    this.opts.log?.warn({ owner: this.where, inflight: this.inflight, reason }, "port B: giving up the link to the owner");
+    this.client = null;
+    this.lastProgress = performance.now();
+    c.destroy();
+  }
+
   async close(): Promise<void> {
     this.closed = true;
+    if (this.watchdog) clearInterval(this.watchdog);
     const c = this.client;
     this.client = null;
     if (c) await c.disconnect().catch(() => c.destroy());
@@ -129,10 +158,16 @@ export class RemotePort implements Layer {
   }
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
+    if (this.inflight++ === 0) this.lastProgress = performance.now();
+    const done = (): void => {
+      this.inflight--;
+      this.lastProgress = performance.now();
+    };
     // Fast path: connected; only a broken link takes the retrying path.
     const c = this.client;
-    if (c && !this.closed) return fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err)));
-    return this.retry(fn, null);
+    const p = c && !this.closed ? fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err))) : this.retry(fn, null);
+    p.then(done, done);
+    return p;
   }
 
   private async retry<T>(fn: (c: NbdClient) => Promise<T>, failed: NbdClient | null): Promise<T> {
