@@ -180,6 +180,11 @@ export class LeaseFile implements Ownership {
     });
   }
 
+  handedTo(me: NodeIdentity): number | null {
+    const r = this.read();
+    return r && r.owner === me.nodeId && r.pid === undefined && !r.private && r.leaseStart !== 0 ? r.epoch : null;
+  }
+
   /** Hands my lease (held at `epoch`) to `to` with epoch + 1. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS, privateCopy = false): LeaseRecord {
     return this.update((cur) => {

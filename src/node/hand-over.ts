@@ -3,7 +3,7 @@ import { HttpError } from "../control/control-server.js";
 import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { completeCopyTarget } from "./copy-target.js";
 import { renew } from "./lease-keeper.js";
-import { parseHostPort, type MoveResult, type NodeContext } from "./node-context.js";
+import { parseHostPort, type Managed, type MoveResult, type NodeContext } from "./node-context.js";
 
 /*
  * A move (MISSION.md, "Sequence of a move"): the owner's redirector holds new requests, drains
@@ -76,11 +76,24 @@ async function refuseAdoption(node: NodeContext, to: string, name: string, epoch
  * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
  * step is the claim (see above); an epoch the owner took back first is refused (409).
  */
-export async function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
+export function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
   const m = node.find(name);
-  if (epoch <= m.refused) throw new HttpError(409, `${name}: the owner took epoch ${epoch} back`);
-  if (m.adopting !== null) throw new HttpError(409, `${name}: adopting epoch ${m.adopting} already`);
+  if (epoch <= m.refused) return Promise.reject(new HttpError(409, `${name}: the owner took epoch ${epoch} back`));
+  const running = adoptions.get(m);
+  // The renewal loop may have found the hand-over first: the adopt call then waits for that adoption.
+  if (running && m.adopting === epoch) return running;
+  if (m.adopting !== null) return Promise.reject(new HttpError(409, `${name}: adopting epoch ${m.adopting} already`));
   m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
+  const p = adoptAt(node, m, epoch).finally(() => adoptions.delete(m));
+  adoptions.set(m, p);
+  return p;
+}
+
+/** Adoptions under way, so that a second request for the same epoch waits for the first. */
+const adoptions = new WeakMap<Managed, Promise<void>>();
+
+async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+  const name = m.name;
   try {
     await completeCopyTarget(node, m, epoch);
     try {

@@ -1,6 +1,7 @@
 import { LeaseError } from "../migration/lease.js";
 import { ownerIsHere } from "../stack/port/remote-port.js";
 import type { Ownership } from "../migration/ownership.js";
+import { adopt } from "./hand-over.js";
 import { parseHostPort, type Managed, type NodeContext } from "./node-context.js";
 
 /*
@@ -81,6 +82,13 @@ export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
 /** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */
 function renewOne(node: NodeContext, m: Managed): void {
   if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+    // A hand-over to this node whose adopt call never came (its source died right after it): claim it.
+    const handed = m.adopting === null ? m.lease.handedTo(node.identity) : null;
+    if (handed !== null) {
+      node.opts.log.warn({ export: m.name, epoch: handed }, "the lease was handed to this node without an adopt call: adopting it");
+      adopt(node, m.name, handed).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "adopting a handed lease failed"));
+      return;
+    }
     takeOverIfExpired(node, m);
     return;
   }

@@ -129,4 +129,30 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     await exp.close();
     await a.close();
   });
+
+  it("adopts a lease handed to it whose adopt call never came (the source died right after the hand-over), at the next renewal tick", async () => {
+    const img = image();
+    const ttlMs = 9000; // renewal ticks every 3 s; the lease would expire for an observer only after 9 s
+    const me = os.hostname();
+    // "a", a process that runs (pid 1), owns the image.
+    const lease = new LeaseFile(img, { pid: 1, host: me });
+    lease.acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, ttlMs);
+    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+    const exp = b.createExport({ source: img, name: "disk" });
+    await exp.open();
+    b.start("http://127.0.0.1:9");
+    expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: "a" });
+    lease.handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs); // then a dies
+    const t0 = performance.now();
+    while (b.status().exports[0]!.state !== "LOCAL") {
+      if (performance.now() - t0 > 6000) throw new Error(`still ${b.status().exports[0]!.state} after 6 s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
+    expect(new LeaseFile(img).read()).toMatchObject({ owner: "b", epoch: 2, pid: process.pid }); // claimed
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x5a), 0, plainIo);
+    expect(readAt(img, 0, 4096).every((x) => x === 0x5a)).toBe(true);
+    await exp.close();
+    await b.close();
+  }, 15_000);
 });
