@@ -19,14 +19,18 @@ afterEach(async () => {
 /** The owner's device: writes hang while `frozen` (an owner stopped with SIGSTOP answers nothing). */
 class Freezable extends PassthroughLayer {
   frozen = false;
+  /** Apply writes at once but hold their replies (the owner froze right after the write). */
+  holdReplies = false;
   private waiting: Array<() => void> = [];
   override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.holdReplies) return super.pwrite(buf, offset, io).then(() => new Promise<void>((resolve) => this.waiting.push(resolve)));
     if (!this.frozen) return super.pwrite(buf, offset, io);
     return new Promise((resolve, reject) => this.waiting.push(() => super.pwrite(buf, offset, io).then(resolve, reject)));
   }
   /** SIGCONT: the writes it held go on. */
   thaw(): void {
     this.frozen = false;
+    this.holdReplies = false;
     for (const w of this.waiting.splice(0)) w();
   }
 }
@@ -37,7 +41,8 @@ class Freezable extends PassthroughLayer {
  * the pair adopts the resource.
  */
 async function start(requestTimeoutMs?: number) {
-  const owner = new Freezable(new MemoryPort({ size: 8 * MiB }));
+  const device = new MemoryPort({ size: 8 * MiB });
+  const owner = new Freezable(device);
   const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
   await server.start();
   const target = server.addresses()[0] as { host: string; port: number };
@@ -69,7 +74,12 @@ async function start(requestTimeoutMs?: number) {
     for (const s of links) s.destroy();
     links.clear();
   };
-  return { r, cut, owner, here };
+  /** The owner's process stops (SIGSTOP): bytes on its current links are no longer read, nothing answers. */
+  const freezeLinks = () => {
+    for (const s of links) s.pause();
+    links.clear();
+  };
+  return { r, cut, freezeLinks, owner, here, device };
 }
 
 /** The Io of requests from one client connection. */
@@ -147,16 +157,43 @@ describe("port pair: a frozen owner freezes nothing for long", () => {
   });
 
   it("a request with no reply within the request timeout gives up the link and is sent again", async () => {
-    const { r, owner } = await start(300);
-    owner.frozen = true;
+    const { r, freezeLinks } = await start(300);
     const x = client();
-    const hung = r.pwrite(block(8), 4096, x);
-    await new Promise((res) => setTimeout(res, 100));
-    owner.frozen = false; // the old link stays dead (its write still hangs there); a new one reaches the owner
-    await hung;
+    await r.pwrite(block(1), 4096, x); // the link is up
+    freezeLinks(); // what is sent on it from now on is never read
+    await r.pwrite(block(8), 4096, x); // answered on a new link after the timeout
     const back = Buffer.alloc(4096);
     await r.pread(back, 4096, x);
     expect(back.equals(block(8))).toBe(true);
+  });
+});
+
+/**
+ * Issue 16, item 8: port B sends a write again when its link broke before the reply came; if the
+ * owner had applied it, and another writer wrote the block since, applying it again would let a
+ * reader see W1, W2, W1. The owner applies each write of a port B session once.
+ */
+describe("port pair: a write sent again after a broken link is applied once by the same owner", () => {
+  it("W1 applied, its reply lost, W2 written by another client: the block ends as W2", async () => {
+    const { r, cut, owner, device } = await start();
+    await device.open();
+    const x = client();
+    owner.holdReplies = true; // the owner applies W1 but its reply never leaves
+    const w1 = r.pwrite(block(1), 0, x);
+    for (let t = 0; ; t++) {
+      const b = Buffer.alloc(4096);
+      await device.pread(b, 0, plainIo);
+      if (b.equals(block(1))) break;
+      if (t > 200) throw new Error("W1 never reached the owner's device");
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    await device.pwrite(block(2), 0, plainIo); // W2 from another writer, acknowledged
+    cut(); // port B sends W1 again on a new link
+    await new Promise((res) => setTimeout(res, 50));
     owner.thaw();
+    await w1;
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 0, x);
+    expect(back.equals(block(2))).toBe(true);
   });
 });

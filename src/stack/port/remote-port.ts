@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { NbdClient, type ConnectOptions, type NbdAddress } from "../../client/nbd-client.js";
 import { NbdError, ProtocolError } from "../../errors.js";
-import { peerExportName } from "../../internal-exports.js";
+import { newPeerSession, peerExportName } from "../../internal-exports.js";
 import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
 import type { Capabilities, Extent, Io, Layer } from "../layer.js";
 
@@ -63,6 +63,9 @@ export class RemotePort implements Layer {
   private bytes = 0;
   private closed = false;
   private where = "";
+  /** Names this port B to owners across its links; its writes carry sequence numbers (see server/peer-writes.ts). */
+  private readonly session = newPeerSession();
+  private nextTag = 1;
   /** Links opened so far; every one after the first is a change of link. */
   private links = 0;
   /** Requests in flight, and when (performance.now()) the link last answered one or got one. */
@@ -146,7 +149,7 @@ export class RemotePort implements Layer {
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName), tls: this.opts.tls });
+        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls });
         if (this.links++ > 0) this.opts.onNewLink?.();
         this.client = c;
         return c;
@@ -204,14 +207,23 @@ export class RemotePort implements Layer {
   pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
     return this.call((c) => c.preadInto(buf, offset));
   }
+  /** The next write's tag: the same one however often the write is sent; never 0, 32 bits. */
+  private tag(): number {
+    const t = this.nextTag;
+    this.nextTag = t === 0xffffffff ? 1 : t + 1;
+    return t;
+  }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+    const tag = this.tag();
+    return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0, tag));
   }
   zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.zero(length, offset, RemotePort.flags(io)));
+    const tag = this.tag();
+    return this.call((c) => c.zero(length, offset, RemotePort.flags(io), tag));
   }
   trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.trim(length, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+    const tag = this.tag();
+    return this.call((c) => c.trim(length, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0, tag));
   }
   flush(_io: Io): Promise<void> {
     return this.call((c) => c.flush());
