@@ -6,11 +6,13 @@
  * another client wrote the same block would let a reader see W1, W2, W1. So a tagged write already
  * applied is answered at once without being applied again, and one still running is waited for.
  *
- * Bounded: per session the last WINDOW applied tags; at most SESSIONS sessions (the least recently
- * used goes first). A session lives in this process only: a new owner applies what it is sent.
+ * Bounded: per session the last WINDOW applied tags (a resend is of a request that was in flight
+ * when its link broke, far fewer); at most SESSIONS sessions, the least recently used going first
+ * (about 0.5 MiB each when full). A session lives in this process only: a new owner applies what
+ * it is sent.
  */
-const WINDOW = 65536;
-const SESSIONS = 1024;
+const WINDOW = 16384;
+const SESSIONS = 64;
 
 class SessionLog {
   readonly done = new Set<number>();

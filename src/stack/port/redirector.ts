@@ -13,11 +13,11 @@ import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
  */
-/** The client of requests that carry no session (internal calls). */
-const ANONYMOUS = {};
-
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
+
+/** The client of requests that carry no session (internal calls). */
+const ANONYMOUS = {};
 
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
