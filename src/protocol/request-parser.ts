@@ -130,7 +130,8 @@ export class RequestParser {
         continue;
       }
       if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
-      if (end - pos >= length && !this.volatileChunks) {
+      // A zero-length write has nothing to wait for (left pending, it was answered only when more bytes came).
+      if (length === 0 || (end - pos >= length && !this.volatileChunks)) {
         pos += length;
         if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos - length, pos))) === false) return pos;
         continue;

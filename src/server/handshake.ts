@@ -340,6 +340,11 @@ async function run(
       case Opt.NBD_OPT_LIST_META_CONTEXT:
       case Opt.NBD_OPT_SET_META_CONTEXT: {
         const set = opt === Opt.NBD_OPT_SET_META_CONTEXT;
+        if (set) {
+          // The selection is replaced "including when this command fails" (doc/proto.md).
+          allocationSelected = false;
+          metaExport = null;
+        }
         if (set && !structured) {
           replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_SET_META_CONTEXT needs structured replies first");
           break;
