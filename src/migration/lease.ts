@@ -247,11 +247,13 @@ export class LeaseFile implements Ownership {
   /**
    * A short exclusive lock around read-modify-write: a lock file holding this process's id. It is
    * broken only when the process it names is gone (a paused holder keeps it, so its late rename can
-   * never overwrite a newer record), and removed only by its holder.
+   * never overwrite a newer record), and removed only by its holder. Waiting blocks the event loop,
+   * so it is short (50 ms): a holder that keeps it longer is stopped, and the caller tries again
+   * later (a write waits; the renewal loop tries at its next tick).
    */
   private lock(): () => void {
     const token = `${this.host} ${this.pid} ${Math.random().toString(36).slice(2)}`;
-    const deadline = Date.now() + 5000;
+    const deadline = Date.now() + 50;
     for (;;) {
       try {
         fs.writeFileSync(this.lockFile, token, { flag: "wx" });
@@ -265,9 +267,17 @@ export class LeaseFile implements Ownership {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
         this.breakDeadLock();
-        if (Date.now() > deadline) throw new Error(`${this.lockFile}: lock held for too long`);
+        if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
         Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
       }
+    }
+  }
+
+  private holder(): string {
+    try {
+      return fs.readFileSync(this.lockFile, "utf8").split(" ").slice(0, 2).join(" pid ");
+    } catch {
+      return "gone";
     }
   }
 

@@ -28,7 +28,7 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
   const { held } = await m.redirector.moveOut({
     beforeRelease,
     // Port B to the peer, opened before the hold so its connection costs no stall.
-    prepare: () => m.pair.openRemote(parseHostPort(peer.nbd)),
+    prepare: () => m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
     assign: async () => {
       handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       m.epoch = null;
@@ -104,7 +104,14 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);
     }
     m.epoch = epoch;
-    await m.redirector.adopt();
+    try {
+      await m.redirector.adopt();
+    } catch (err) {
+      // Claimed but port A would not open: give the lease up (released, so the source can take it
+      // back or another node take it over at once) rather than hold it with nothing to write it.
+      m.lease.release(node.identity, epoch);
+      throw err;
+    }
   } catch (err) {
     m.epoch = null;
     throw err;

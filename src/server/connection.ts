@@ -84,6 +84,10 @@ export class Connection {
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
+  /** Whether this connection ended (layers keeping per-client state drop it then). */
+  get ended(): boolean {
+    return this.finished;
+  }
   private tls = false;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;

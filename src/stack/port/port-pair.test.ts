@@ -40,7 +40,7 @@ class Freezable extends PassthroughLayer {
  * through a proxy whose links the test can cut; port A is a memory device of its own, opened when
  * the pair adopts the resource.
  */
-async function start(requestTimeoutMs?: number) {
+async function start(requestTimeoutMs?: number, ownerName?: string) {
   const device = new MemoryPort({ size: 8 * MiB });
   const owner = new Freezable(device);
   const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
@@ -61,7 +61,7 @@ async function start(requestTimeoutMs?: number) {
   const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
   const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => {
         if (here.owner) throw ownerIsHere("the record names this node");
-        return { host: "127.0.0.1", port: at.port };
+        return { host: "127.0.0.1", port: at.port, owner: ownerName };
       }, stillOwner: () => true, requestTimeoutMs }, silentLogger());
   const r = pair.redirector;
   await r.open();
@@ -83,7 +83,7 @@ async function start(requestTimeoutMs?: number) {
 }
 
 /** The Io of requests from one client connection. */
-const client = (fua = false): Io => ({ ...plainIo, fua, session: {} });
+const client = (fua = false): Io => ({ ...plainIo, fua, session: { ended: false } });
 const block = (v: number) => Buffer.alloc(4096, v);
 
 /**
@@ -111,6 +111,14 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     const back = Buffer.alloc(4096);
     await r.pread(back, 0, x);
     expect(back.equals(block(3))).toBe(true);
+  });
+
+  it("a new link to the same owner process (same node@epoch) loses nothing: no EIO", async () => {
+    const { r, cut } = await start(undefined, "a@3");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    cut();
+    await r.flush(x);
   });
 
   it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {

@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
 
 /**
  * LOCAL: this node owns the resource; requests go to port A.
@@ -17,7 +17,7 @@ export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "RO
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
 
 /** The client of requests that carry no session (internal calls). */
-const ANONYMOUS = {};
+const ANONYMOUS: ClientSession = { ended: false };
 
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
@@ -45,6 +45,8 @@ export interface HandOver {
 
 interface Held {
   run: (port: Layer) => Promise<unknown>;
+  /** Forwarded by a peer's port B. */
+  peer?: boolean;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -72,9 +74,9 @@ export class PortRedirector implements Layer {
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
   /** Per client: writes acknowledged through port B without FUA that no FLUSH has covered yet. */
-  private unflushedB = new Map<object, number>();
+  private unflushedB = new Map<ClientSession, number>();
   /** Clients whose acknowledged, unflushed writes may be lost with an owner or a link: their next FLUSH fails. */
-  private lostWrites = new Set<object>();
+  private lostWrites = new Set<ClientSession>();
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -134,21 +136,21 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run);
+        return this.viaA(run, io.peer);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run);
         return this.viaB(run);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run);
+        if (io.peer) return this.viaA(run, true);
         return this.hold(run);
       default:
-        return this.hold(run);
+        return this.hold(run, io.peer);
     }
   }
 
-  private async viaA<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false): Promise<T> {
     this.inA.enter();
     try {
       return await run(this.a!);
@@ -159,7 +161,7 @@ export class PortRedirector implements Layer {
     }
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
-    const held = this.hold(run);
+    const held = this.hold(run, peer);
     void this.fence().catch(() => undefined);
     return held;
   }
@@ -189,18 +191,27 @@ export class PortRedirector implements Layer {
     });
   }
 
-  private hold<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private hold<T>(run: (port: Layer) => Promise<T>, peer = false): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.held.push({ run, resolve: resolve as (v: unknown) => void, reject });
+      this.held.push({ run, peer, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
-  /** Sends every held request, in arrival order, through the port of the (new) state. */
-  private release(): void {
+  /**
+   * Sends every held request, in arrival order, through the port of the (new) state. After a
+   * fence, requests that peers forwarded are not forwarded on: they are answered ESHUTDOWN, so their
+   * sender sends them again itself, to the owner it finds, under its own port B session — which
+   * the owner applies once (it may have taken the resource over and sent them through its port A).
+   */
+  private release(fenced = false): void {
     const q = this.held;
     this.held = [];
     for (const h of q) {
-      const p = this.st === "LOCAL" ? this.viaA(h.run) : this.viaB(h.run);
+      if (fenced && h.peer) {
+        h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+        continue;
+      }
+      const p = this.st === "LOCAL" ? this.viaA(h.run, h.peer) : this.viaB(h.run);
       p.then(h.resolve, h.reject);
     }
   }
@@ -353,7 +364,7 @@ export class PortRedirector implements Layer {
       this.st = "HANDOVER";
       this.b = await this.openRemoteUntilDone();
       this.st = "REMOTE";
-      this.release();
+      this.release(true);
     });
   }
 
@@ -402,8 +413,15 @@ export class PortRedirector implements Layer {
     if (p !== this.b || io.fua) return done;
     return done.then(() => {
       const client = io.session ?? ANONYMOUS;
+      if (!this.unflushedB.has(client) && this.unflushedB.size >= 256) this.forgetClosed();
       this.unflushedB.set(client, (this.unflushedB.get(client) ?? 0) + 1);
     });
+  }
+
+  /** Drops what is kept of clients that have disconnected (their writes can no longer be asked about). */
+  private forgetClosed(): void {
+    for (const c of this.unflushedB.keys()) if (c.ended) this.unflushedB.delete(c);
+    for (const c of this.lostWrites) if (c.ended) this.lostWrites.delete(c);
   }
 
   /**
@@ -414,7 +432,7 @@ export class PortRedirector implements Layer {
   ownerLost(): void {
     if (this.unflushedB.size === 0) return;
     this.log?.warn({ clients: this.unflushedB.size }, "writes acknowledged through port B were not flushed when its owner or link went: the next FLUSH of each client fails");
-    for (const c of this.unflushedB.keys()) this.lostWrites.add(c);
+    for (const c of this.unflushedB.keys()) if (!c.ended) this.lostWrites.add(c);
     this.unflushedB.clear();
   }
 

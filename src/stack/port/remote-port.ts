@@ -8,10 +8,13 @@ import type { Capabilities, Extent, Io, Layer } from "../layer.js";
 export interface RemotePortOptions {
   /** The export's name on the owner node. */
   exportName: string;
-  /** Where the owner is now (asked again on every reconnect: the owner may have changed). */
-  locate: () => NbdAddress | Promise<NbdAddress>;
+  /**
+   * Where the owner is now (asked again on every reconnect: the owner may have changed), and who it
+   * is (`owner`: a name for that owner's process, e.g. node@epoch), when known.
+   */
+  locate: () => OwnerAddress | Promise<OwnerAddress>;
   /** Where to connect the first time, if not where locate() points (a peer about to become owner). */
-  first?: NbdAddress;
+  first?: OwnerAddress;
   log?: Logger;
   /** TLS towards the owner (NBD_OPT_STARTTLS first), when this node is configured with it. */
   tls?: ConnectOptions["tls"];
@@ -21,8 +24,9 @@ export interface RemotePortOptions {
    */
   offline?: () => Promise<{ size: number; caps: Capabilities }>;
   /**
-   * Called when a link replaces an earlier one (before requests are sent on it again): what the
-   * old one acknowledged but no FLUSH covered may be gone with it (see PortRedirector.ownerLost).
+   * Called when a link replaces an earlier one to another owner (or one that cannot be told apart:
+   * no `owner` name): what the old owner acknowledged but no FLUSH covered may be gone with it
+   * (see PortRedirector.ownerLost). A new link to the same owner process loses nothing.
    */
   onNewLink?: () => void;
   /**
@@ -32,6 +36,9 @@ export interface RemotePortOptions {
    */
   requestTimeoutMs?: number;
 }
+
+/** An owner's NBD address, with a name for the owner's process when known (see onNewLink). */
+export type OwnerAddress = NbdAddress & { owner?: string };
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
 export function ownerIsHere(message: string): Error {
@@ -68,6 +75,8 @@ export class RemotePort implements Layer {
   private nextTag = 1;
   /** Links opened so far; every one after the first is a change of link. */
   private links = 0;
+  /** The owner the current link reaches, when known. */
+  private linkOwner: string | undefined;
   /** Requests in flight, and when (performance.now()) the link last answered one or got one. */
   private inflight = 0;
   private lastProgress = 0;
@@ -150,7 +159,9 @@ export class RemotePort implements Layer {
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
         const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls });
-        if (this.links++ > 0) this.opts.onNewLink?.();
+        if (this.links++ > 0 && (addr.owner === undefined || addr.owner !== this.linkOwner)) this.opts.onNewLink?.();
+        this.linkOwner = addr.owner;
+        this.lastProgress = performance.now();
         this.client = c;
         return c;
       } finally {
