@@ -27,7 +27,6 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
   });
   const t0 = performance.now();
   const log = node.opts.log.child({ export: name, to: peer.nodeId });
-  const skip = o.skipFree ? await freeRanges(m.tracker.below()) : undefined;
   const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch }).catch((err: Error) => {
     throw new HttpError(502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
   });
@@ -44,10 +43,13 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
     zero: (length, offset) => client.zero(length, offset),
     flush: () => client.flush(),
   };
-  // Copies read the image below the tracker, so they are not tracked as writes themselves.
-  const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log });
+  // Copies read the image below the tracker, so they are not tracked as writes themselves. The
+  // free map is read once tracking runs (see LiveCopyOptions.skip); an abort cuts the link, so a
+  // stopped destination holds neither the copy nor, in write-blocking mode, the clients.
+  const skip = o.skipFree ? () => freeRanges(m.tracker.below(), log) : undefined;
+  const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log, onAbort: () => client.destroy() });
   m.copy = copy;
-  log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!skip }, "live copy: mirror phase");
+  log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!o.skipFree }, "live copy: mirror phase");
   try {
     await copy.converge();
     const r = await node.migrate(name, to, () => copy.finish(), true);

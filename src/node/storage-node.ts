@@ -75,11 +75,14 @@ export class StorageNode {
     return this.opts.ownership ? this.opts.ownership(image) : new LeaseFile(image);
   }
 
-  /** Stops the live copy of `name` that this node runs as its source; 409 if none is running. */
+  /**
+   * Stops the live copy of `name` that this node runs as its source — in the final copy too (the
+   * move then rolls back: the held requests drain through port A); 409 if none is running.
+   */
   cancelCopy(name: string): void {
     const m = this.find(name);
     const phase = m.copy?.progress().phase;
-    if (!m.copy || (phase !== "copying" && phase !== "starting")) throw new HttpError(409, `${name}: no live copy to cancel`);
+    if (!m.copy || (phase !== "copying" && phase !== "starting" && phase !== "final")) throw new HttpError(409, `${name}: no live copy to cancel`);
     m.copy.cancel("cancelled by request");
   }
 
