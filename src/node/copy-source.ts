@@ -1,9 +1,10 @@
 import { NbdClient } from "../client/nbd-client.js";
-import { controlCall, getStatus } from "../control/control-client.js";
+import { ControlError, controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import type { CopyTarget } from "../copy/copier.js";
 import { freeRanges } from "../migration/free-space.js";
 import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
+import { fileIdentity } from "./copy-target.js";
 import { parseHostPort, type CopyMigrateOptions, type MoveResult, type NodeContext } from "./node-context.js";
 
 /*
@@ -27,8 +28,9 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
   });
   const t0 = performance.now();
   const log = node.opts.log.child({ export: name, to: peer.nodeId });
-  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch }).catch((err: Error) => {
-    throw new HttpError(502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
+  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch, image: fileIdentity(m.image) ?? undefined }).catch((err: Error) => {
+    // A refusal (409: the same image, another size, owned there) is the caller's conflict, not a bad gateway.
+    throw new HttpError(err instanceof ControlError && err.status === 409 ? 409 : 502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
   });
   const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}).catch(() => undefined);
   let client: NbdClient;

@@ -7,7 +7,7 @@ import type { Export } from "../stack/export.js";
 import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
-import { abandonCopyTarget, createCopyTarget } from "./copy-target.js";
+import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
@@ -143,8 +143,8 @@ export class StorageNode {
   }
 
   /** Destination side of a live copy: see copy-target.ts. */
-  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
-    return createCopyTarget(this.context, name, size, owner, epoch);
+  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    return createCopyTarget(this.context, name, size, owner, epoch, sourceImage);
   }
 
   /**
