@@ -32,7 +32,8 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
     // A refusal (409: the same image, another size, owned there) is the caller's conflict, not a bad gateway.
     throw new HttpError(err instanceof ControlError && err.status === 409 ? 409 : 502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
   });
-  const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}).catch(() => undefined);
+  // Tidying only (the target stays marked incomplete either way): a stopped peer must not hold the answer long.
+  const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}, 5000).catch(() => undefined);
   let client: NbdClient;
   try {
     client = await NbdClient.connect(parseHostPort(t.nbd), { exportName: t.target, tls: node.opts.peerTls });
