@@ -172,6 +172,15 @@ describe("live copy: holes of issue 16", () => {
     await expect(within(copy.finish(), 3000, "a final copy into a stopped destination")).rejects.toThrow(/no progress|did not answer|stalled/);
   });
 
+  it("background: a destination that stops answering mid-copy ends the copy after copyStallMs instead of holding it forever", async () => {
+    const { dev, below, tracker, target } = await setup();
+    await dev.pwrite(Buffer.alloc(MiB, 1), 0, plainIo);
+    target.hang = true;
+    const copy = new LiveCopy(tracker, below, target, { destIsZero: true, budgetBytes: 0, copyStallMs: 200, onAbort: () => target.cut() });
+    await expect(within(copy.converge(), 3000, "a copy into a stopped destination")).rejects.toThrow(/no progress/);
+    expect(copy.progress().phase).toBe("aborted");
+  });
+
   it("destZero: a chunk written through to the destination leaves the destination-is-zero set", async () => {
     const { below, tracker, dst, target } = await setup();
     const copy = new LiveCopy(tracker, below, target, { destIsZero: true, mode: "write-blocking", budgetBytes: 0 });

@@ -28,6 +28,12 @@ export interface LiveCopyOptions {
   stallMs?: number;
   /** The final copy (requests held) aborts when no copy completes for this long (default 5 s): the move rolls back. */
   finalStallMs?: number;
+  /**
+   * The copy before the hand-over aborts when, with chunks left to copy, none completes for this
+   * long (default 30 s, or four copies' time at maxRate if longer); the destination flushing does
+   * not count. The source stays the owner.
+   */
+  copyStallMs?: number;
   /** Cuts the link to the destination, so that requests in flight there fail at once (called when the copy aborts). */
   onAbort?: () => void;
   log?: Logger;
@@ -74,8 +80,9 @@ export class LiveCopy {
   /** Rejects once the copy is aborted: every wait of the copy races it, so a hung destination holds nothing. */
   private readonly abortedP: Promise<never>;
   private rejectAborted!: (e: Error) => void;
-  /** When a copy last completed (performance.now()). */
+  /** When a copy last completed (performance.now()), or the destination answered a flush. */
   private progressAt = 0;
+  private flushing = false;
 
   constructor(
     private readonly tracker: DirtyTracker,
@@ -123,6 +130,7 @@ export class LiveCopy {
 
   /** Starts tracking, then copies until the dirty set fits the hand-over budget. */
   async converge(): Promise<void> {
+    let watchdog: NodeJS.Timeout | undefined;
     try {
       if (this.abortErr) throw this.abortErr;
       // Tracking first: every write that completes from here on is marked, and nothing found
@@ -145,6 +153,12 @@ export class LiveCopy {
       // the budget; if that is later than the first pass's time × (1 + SLACK) — or never —
       // writes keep up with the copy: write-blocking, which only shrinks the dirty set.
       const start = performance.now();
+      this.progressAt = start;
+      const stallMs = this.opts.copyStallMs ?? Math.max(30_000, this.opts.maxRate ? (4 * (1 << 20) * 1000) / this.opts.maxRate : 0);
+      watchdog = setInterval(() => {
+        if (this.flushing || this.copier.progress().dirtyBytes === 0) this.progressAt = performance.now();
+        else if (performance.now() - this.progressAt > stallMs) this.abort(new CopyAbortedError(`the copy made no progress for ${stallMs} ms: the destination is stopped or hung`));
+      }, Math.max(10, Math.min(1000, stallMs / 4)));
       let firstPassMs: number | null = null;
       const history: Array<{ t: number; dirty: number }> = [];
       let flushed = false;
@@ -158,7 +172,13 @@ export class LiveCopy {
           if (flushed) return;
           // Make the destination durable now, while requests flow: the flush under hold then only
           // covers the last pass, not the whole image sitting in the destination's page cache.
-          await this.until(this.target.flush());
+          this.flushing = true;
+          try {
+            await this.until(this.target.flush());
+          } finally {
+            this.flushing = false;
+            this.progressAt = performance.now();
+          }
           flushed = true;
           continue;
         }
@@ -179,6 +199,8 @@ export class LiveCopy {
     } catch (err) {
       this.fail(err as Error);
       throw err;
+    } finally {
+      clearInterval(watchdog);
     }
   }
 
