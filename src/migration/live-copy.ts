@@ -244,8 +244,10 @@ export class LiveCopy {
   private abort(err: Error): void {
     if (this.abortErr || this.phase === "done") return;
     this.abortErr = err;
+    this.phase = "aborted"; // the status says so at once, even before converge() or finish() notices
     this.tracker.stop();
     this.copier.abort(err);
+    this.copier.finish(err);
     this.rejectAborted(err);
     try {
       this.opts.onAbort?.();
