@@ -7,7 +7,7 @@ import type { Export } from "../stack/export.js";
 import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
-import { abandonCopyTarget, createCopyTarget } from "./copy-target.js";
+import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
@@ -75,11 +75,14 @@ export class StorageNode {
     return this.opts.ownership ? this.opts.ownership(image) : new LeaseFile(image);
   }
 
-  /** Stops the live copy of `name` that this node runs as its source; 409 if none is running. */
+  /**
+   * Stops the live copy of `name` that this node runs as its source — in the final copy too (the
+   * move then rolls back: the held requests drain through port A); 409 if none is running.
+   */
   cancelCopy(name: string): void {
     const m = this.find(name);
     const phase = m.copy?.progress().phase;
-    if (!m.copy || (phase !== "copying" && phase !== "starting")) throw new HttpError(409, `${name}: no live copy to cancel`);
+    if (!m.copy || (phase !== "copying" && phase !== "starting" && phase !== "final")) throw new HttpError(409, `${name}: no live copy to cancel`);
     m.copy.cancel("cancelled by request");
   }
 
@@ -140,8 +143,8 @@ export class StorageNode {
   }
 
   /** Destination side of a live copy: see copy-target.ts. */
-  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
-    return createCopyTarget(this.context, name, size, owner, epoch);
+  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    return createCopyTarget(this.context, name, size, owner, epoch, sourceImage);
   }
 
   /**
