@@ -177,4 +177,13 @@ describe("LeaseFile", () => {
     }
     expect(fs.readFileSync(lockFile, "utf8")).toBe("h 9 other");
   });
+
+  it("keeps one record per image file: a symlink to the image leads to the same record", () => {
+    const { img, node } = setup();
+    fs.writeFileSync(img, "");
+    const link = path.join(path.dirname(img), "other-name.img");
+    fs.symlinkSync(img, link);
+    node(1).acquire(a);
+    expect(() => new LeaseFile(link, { pid: 2, host: "h", alive: () => true }).acquire(b)).toThrow(/owned by a/);
+  });
 });

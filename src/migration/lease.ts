@@ -94,7 +94,14 @@ export class LeaseFile implements Ownership {
     readonly image: string,
     opts: LeaseFileOptions = {},
   ) {
-    const abs = path.resolve(image);
+    // One record per image file, however it is named: a symlink leads to the file's own record.
+    // (Two hard links to one file are still two names; serve an image by one name.)
+    let abs = path.resolve(image);
+    try {
+      abs = fs.realpathSync(abs);
+    } catch {
+      /* not there yet */
+    }
     this.file = `${abs}.lease`;
     this.lockFile = `${abs}.lease.lock`;
     this.monotonic = opts.monotonic ?? (() => performance.now());
