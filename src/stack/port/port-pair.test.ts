@@ -1,5 +1,6 @@
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
+import type { NbdError } from "../../errors.js";
 import { silentLogger } from "../../log.js";
 import { NbdServer } from "../../server/server.js";
 import { DiskLayer } from "../disk/disk-layer.js";
@@ -26,6 +27,17 @@ class Freezable extends PassthroughLayer {
     if (this.holdReplies) return super.pwrite(buf, offset, io).then(() => new Promise<void>((resolve) => this.waiting.push(resolve)));
     if (!this.frozen) return super.pwrite(buf, offset, io);
     return new Promise((resolve, reject) => this.waiting.push(() => super.pwrite(buf, offset, io).then(resolve, reject)));
+  }
+  /** Flushes wait until released (a slow fdatasync on the owner). */
+  holdFlushes = false;
+  private flushes: Array<() => void> = [];
+  override flush(io: Io): Promise<void> {
+    if (!this.holdFlushes) return super.flush(io);
+    return new Promise((resolve, reject) => this.flushes.push(() => super.flush(io).then(resolve, reject)));
+  }
+  releaseFlushes(): void {
+    this.holdFlushes = false;
+    for (const f of this.flushes.splice(0)) f();
   }
   /** SIGCONT: the writes it held go on. */
   thaw(): void {
@@ -111,6 +123,21 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     const back = Buffer.alloc(4096);
     await r.pread(back, 0, x);
     expect(back.equals(block(3))).toBe(true);
+  });
+
+  it("the EIO goes to a FLUSH that covers the lost write, not to one sent before it", async () => {
+    const { r, cut, owner } = await start();
+    const x = client();
+    owner.holdFlushes = true;
+    const early = r.flush(x).then(() => "ok", (e: NbdError) => e.errno); // sent before the write below
+    await new Promise((res) => setTimeout(res, 50));
+    await r.pwrite(block(1), 0, x); // acknowledged, never flushed
+    cut(); // the early FLUSH is sent again on the new link
+    await new Promise((res) => setTimeout(res, 50));
+    owner.releaseFlushes();
+    expect(await early).toBe("ok"); // it did not cover the write
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" }); // this one does
+    await r.flush(x);
   });
 
   it("a new link to the same owner process (same node@epoch) loses nothing: no EIO", async () => {

@@ -16,6 +16,18 @@ import { InflightTracker, plainIo, type Capabilities, type ClientSession, type E
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
 
+/**
+ * One client's writes through port B, counted: `acked` so far; the first `flushed` of them are
+ * durable (a FLUSH covered them, or the old owner flushed at a hand-over); those numbered
+ * (lostAbove, lostUpTo] may have been lost with an owner or a link, until a FLUSH reports it.
+ */
+interface ClientWrites {
+  acked: number;
+  flushed: number;
+  lostAbove: number;
+  lostUpTo: number;
+}
+
 /** The client of requests that carry no session (internal calls). */
 const ANONYMOUS: ClientSession = { ended: false };
 
@@ -73,10 +85,8 @@ export class PortRedirector implements Layer {
   private readonly inA = new InflightTracker();
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
-  /** Per client: writes acknowledged through port B without FUA that no FLUSH has covered yet. */
-  private unflushedB = new Map<ClientSession, number>();
-  /** Clients whose acknowledged, unflushed writes may be lost with an owner or a link: their next FLUSH fails. */
-  private lostWrites = new Set<ClientSession>();
+  /** Per client: its writes acknowledged through port B without FUA, and what of them is durable or may be lost. */
+  private clientsB = new Map<ClientSession, ClientWrites>();
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -307,7 +317,7 @@ export class PortRedirector implements Layer {
       this.ownerLost();
       // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
       (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");
-    } else this.unflushedB.clear();
+    } else for (const w of this.clientsB.values()) w.flushed = w.acked; // durable: the old owner flushed
     let opened!: () => void;
     let failed!: (e: unknown) => void;
     const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));
@@ -400,12 +410,15 @@ export class PortRedirector implements Layer {
    */
   flush(io: Io): Promise<void> {
     const client = io.session ?? ANONYMOUS;
-    const covers = this.unflushedB.get(client) ?? 0;
+    const covers = this.clientsB.get(client)?.acked ?? 0; // the writes this FLUSH vouches for
     return this.route(io, (p) => p.flush(io)).then(() => {
-      if (this.lostWrites.delete(client)) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
-      const left = (this.unflushedB.get(client) ?? 0) - covers;
-      if (left > 0) this.unflushedB.set(client, left);
-      else this.unflushedB.delete(client);
+      const w = this.clientsB.get(client);
+      if (!w) return;
+      const lost = w.lostUpTo > w.lostAbove && covers > w.lostAbove;
+      w.flushed = Math.max(w.flushed, covers);
+      if (lost) w.lostAbove = w.lostUpTo = 0;
+      if (w.flushed >= w.acked && w.lostUpTo === 0) this.clientsB.delete(client);
+      if (lost) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
     });
   }
   /** Counts a write through port B that only a FLUSH makes durable. */
@@ -413,27 +426,34 @@ export class PortRedirector implements Layer {
     if (p !== this.b || io.fua) return done;
     return done.then(() => {
       const client = io.session ?? ANONYMOUS;
-      if (!this.unflushedB.has(client) && this.unflushedB.size >= 256) this.forgetClosed();
-      this.unflushedB.set(client, (this.unflushedB.get(client) ?? 0) + 1);
+      let w = this.clientsB.get(client);
+      if (!w) {
+        if (this.clientsB.size >= 256) for (const c of this.clientsB.keys()) if (c.ended) this.clientsB.delete(c);
+        this.clientsB.set(client, (w = { acked: 0, flushed: 0, lostAbove: 0, lostUpTo: 0 }));
+      }
+      w.acked++;
     });
-  }
-
-  /** Drops what is kept of clients that have disconnected (their writes can no longer be asked about). */
-  private forgetClosed(): void {
-    for (const c of this.unflushedB.keys()) if (c.ended) this.unflushedB.delete(c);
-    for (const c of this.lostWrites) if (c.ended) this.lostWrites.delete(c);
   }
 
   /**
    * What port B acknowledged without a FLUSH may be gone: its owner died (this node takes the
-   * resource over) or the link to it was replaced. Each client with such writes gets EIO from its
-   * next FLUSH, wherever that goes.
+   * resource over) or the link to it moved to another owner. Each client with such writes gets EIO
+   * from its next FLUSH that covers one of them, wherever that goes.
    */
   ownerLost(): void {
-    if (this.unflushedB.size === 0) return;
-    this.log?.warn({ clients: this.unflushedB.size }, "writes acknowledged through port B were not flushed when its owner or link went: the next FLUSH of each client fails");
-    for (const c of this.unflushedB.keys()) if (!c.ended) this.lostWrites.add(c);
-    this.unflushedB.clear();
+    let clients = 0;
+    for (const [c, w] of this.clientsB) {
+      if (c.ended) {
+        this.clientsB.delete(c);
+        continue;
+      }
+      if (w.acked <= w.flushed) continue;
+      // Writes (lostAbove, lostUpTo] may be lost; one earlier loss not reported yet stretches the range.
+      w.lostAbove = w.lostUpTo > w.lostAbove ? Math.min(w.lostAbove, w.flushed) : w.flushed;
+      w.lostUpTo = w.acked;
+      clients++;
+    }
+    if (clients) this.log?.warn({ clients }, "writes acknowledged through port B were not flushed when its owner or link went: each client's next FLUSH fails");
   }
 
   cache(length: number, offset: number, io: Io): Promise<void> {
