@@ -168,13 +168,14 @@ export class LeaseFile implements Ownership {
 
   /** Takes the image over once its owner's lease expired; null while it is valid, or for a node's own copy. */
   takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord | null {
-    const breakable = (r: LeaseRecord | null): r is LeaseRecord => !!r && !r.private && this.expired(r);
+    // No record at all is free too (a node that could not write one when it started).
+    const breakable = (r: LeaseRecord | null) => !r || (!r.private && this.expired(r));
     if (!breakable(this.read())) return null; // the common case, without taking the lock
     let taken = false;
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return this.record(me, cur.epoch + 1, ttlMs);
+      return this.record(me, (cur?.epoch ?? 0) + 1, ttlMs);
     });
     return taken ? r : null;
   }

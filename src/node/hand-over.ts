@@ -37,8 +37,14 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
     },
     reclaim: async () => {
       if (!handed) {
-        // Nothing was handed over: the lease is still mine if the record says so.
-        renew(node, m, myEpoch);
+        // Nothing was handed over: the lease is still mine if the record says so (renewed if it
+        // can be; if the record can be read but not written, say on a full disk, it is kept as is).
+        try {
+          renew(node, m, myEpoch);
+        } catch (err) {
+          const r = err instanceof LeaseError ? null : m.lease.read();
+          if (r?.owner !== node.identity.nodeId || r.epoch !== myEpoch) throw err;
+        }
         m.epoch = myEpoch;
         return;
       }

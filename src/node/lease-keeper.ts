@@ -129,7 +129,14 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
   m.validUntil = 0;
   // The owner stopped without a hand-over: what it acknowledged without a FLUSH may be gone.
   m.redirector.adopt({ ownerFlushed: false }).catch((err: Error) => {
-    node.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
+    // Port A would not open: give the record up (released, so any node may take it at once)
+    // rather than name this node owner with nothing to write it — its port B would wait on itself.
+    node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");
     m.epoch = null;
+    try {
+      m.lease.release(node.identity, epoch);
+    } catch (e) {
+      node.opts.log.error({ export: m.name, err: (e as Error).message }, "releasing the lease failed");
+    }
   });
 }

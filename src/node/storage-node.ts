@@ -46,8 +46,11 @@ export class StorageNode {
     try {
       epoch = lease.acquire(this.identity, this.ttlMs).epoch;
     } catch (err) {
-      if (!(err instanceof LeaseError)) throw err;
-      this.opts.log.info({ export: spec.name, owner: err.current?.owner }, "image owned by another node: serving through port B");
+      // Owned by another node; or the record cannot be written now (a full disk, a lock held by a
+      // stopped process): serve through port B meanwhile — the renewal loop takes the image over
+      // once its lease is free.
+      if (err instanceof LeaseError) this.opts.log.info({ export: spec.name, owner: err.current?.owner }, "image owned by another node: serving through port B");
+      else this.opts.log.warn({ export: spec.name, err: (err as Error).message }, "cannot take the lease now: serving through port B until it can");
     }
     let m!: Managed; // set below, before the export opens and these hooks run
     const { exp, pair } = composeNodeExport(spec, handles, this.opts.log, {

@@ -98,7 +98,9 @@ export class RemotePort implements Layer {
     try {
       c = await this.connection();
     } catch (err) {
-      if (!this.opts.offline || !isLinkError(err)) throw err;
+      // The owner cannot be reached, or the record names this very node (it is about to take the
+      // image over, e.g. a restart while its earlier process may still run): requests wait.
+      if (!this.opts.offline || !(isLinkError(err) || isOwnerHere(err))) throw err;
       const o = await this.opts.offline();
       this.bytes = o.size;
       this.caps = o.caps;
