@@ -34,6 +34,8 @@ export interface ConnectOptions {
    * (the socket and host are filled in). A server that refuses is an error, never a plain session.
    */
   tls?: Omit<tls.ConnectionOptions, "socket">;
+  /** The connection and handshake must be done within this time (default: no limit): a stopped server accepts TCP but answers nothing. */
+  timeoutMs?: number;
 }
 
 /** Size of the buffer a plain connection's socket reads into. */
@@ -133,6 +135,15 @@ export class NbdClient {
           },
         };
     const socket = "path" in addr ? net.connect({ path: addr.path, onread }) : net.connect({ port: addr.port, host: addr.host, onread });
+    const timer = opts.timeoutMs ? setTimeout(() => socket.destroy(new ProtocolError(`no NBD handshake within ${opts.timeoutMs} ms`)), opts.timeoutMs) : null;
+    try {
+      return await NbdClient.handshakeOn(socket, addr, opts, onread, (d) => (deliver = d));
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+
+  private static async handshakeOn(socket: net.Socket, addr: NbdAddress, opts: ConnectOptions, onread: net.OnReadOpts | undefined, setDeliver: (d: (b: Buffer) => void) => void): Promise<NbdClient> {
     await new Promise<void>((resolve, reject) => {
       socket.once("connect", resolve);
       socket.once("error", reject);
@@ -141,7 +152,7 @@ export class NbdClient {
     c.volatileInput = !!onread;
     const bytes = new Bytes();
     const onData = (d: Buffer) => bytes.push(onread ? Buffer.from(d) : d);
-    deliver = onData;
+    setDeliver(onData);
     const onClose = () => bytes.fail(new ProtocolError("server closed the connection during the handshake"));
     const onError = (e: Error) => bytes.fail(new ProtocolError(`${c.socket === socket ? "" : "TLS: "}${e.message.trim()}`));
     const attach = (s: net.Socket) => {
@@ -177,7 +188,7 @@ export class NbdClient {
       detach(c.socket);
     }
     const early = bytes.buf; // bytes that came after the handshake (none, in practice: nothing was asked yet)
-    if (onread) deliver = (d) => c.onData(d);
+    if (onread) setDeliver((d) => c.onData(d));
     else c.socket.on("data", (d: Buffer) => c.onData(d));
     c.socket.on("error", () => undefined);
     c.socket.on("close", () => c.failAll(new NbdError("ESHUTDOWN", "connection closed")));

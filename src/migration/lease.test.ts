@@ -185,4 +185,19 @@ describe("LeaseFile", () => {
     node(1).acquire(a);
     expect(() => new LeaseFile(link, { pid: 2, host: "h", alive: () => true }).acquire(b)).toThrow(/owned by a/);
   });
+
+  it("a private copy's record: a new process of its node waits while the old one may still run, then takes it at a new epoch; no other node ever does", () => {
+    const { node, clock, dead } = setup();
+    node(1).assign(a, 4, 1000); // x's own copy (a live copy's destination), owned by process 1
+    const fresh = node(2);
+    expect(() => fresh.acquire(a, 1000)).toThrow(/an earlier process 1/);
+    expect(fresh.takeOver(a, 1000)).toBeNull(); // starts watching the record
+    expect(node(3).takeOver(b, 1000)).toBeNull();
+    clock.advance(1000);
+    expect(node(3).takeOver(b, 1000)).toBeNull(); // another node: never
+    expect(fresh.takeOver(a, 1000)).toMatchObject({ owner: "a", epoch: 5, private: true, pid: 2 });
+    expect(() => node(1).renew(a, 4)).toThrow(/lease lost/); // the old process, resumed, is fenced
+    dead.add(2);
+    expect(node(7).acquire(a, 1000)).toMatchObject({ epoch: 6, private: true }); // its process is gone: at once
+  });
 });

@@ -158,24 +158,27 @@ export class LeaseFile implements Ownership {
     return this.update((cur) => {
       const same = !!cur && this.mine(cur, me);
       if (cur && cur.owner !== me.nodeId && cur.private) throw new LeaseError(`image is a copy; its data is owned by ${cur.owner} (epoch ${cur.epoch}), whose record here never expires`, cur);
-      if (cur && !same && !(cur.owner === me.nodeId && cur.private) && !this.expired(cur))
+      // Another node's lease, or an earlier process of this node (a private copy's too): it may be
+      // frozen, not dead, so it must have expired (or its process be gone).
+      if (cur && !same && !this.expired(cur))
         throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}${cur.owner === me.nodeId ? `, an earlier process ${cur.pid}` : ""}); its lease has not expired`, cur);
-      // A new owner, or a new process of the same node (an old one may be frozen, not dead): a new epoch.
-      const epoch = !cur ? 1 : same || cur.private ? cur.epoch : cur.epoch + 1;
+      // A new owner, or a new process of the same node: a new epoch, which fences the old one.
+      const epoch = !cur ? 1 : same ? cur.epoch : cur.epoch + 1;
       return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
     });
   }
 
   /** Takes the image over once its owner's lease expired; null while it is valid, or for a node's own copy. */
   takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord | null {
-    // No record at all is free too (a node that could not write one when it started).
-    const breakable = (r: LeaseRecord | null) => !r || (!r.private && this.expired(r));
+    // No record at all is free too (a node that could not write one when it started). A private
+    // record (a node's own copy) can be taken only by its own node: by a later process of it.
+    const breakable = (r: LeaseRecord | null) => !r || ((!r.private || r.owner === me.nodeId) && this.expired(r));
     if (!breakable(this.read())) return null; // the common case, without taking the lock
     let taken = false;
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return this.record(me, (cur?.epoch ?? 0) + 1, ttlMs);
+      return { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}) };
     });
     return taken ? r : null;
   }

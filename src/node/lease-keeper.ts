@@ -66,7 +66,11 @@ export function renew(node: NodeContext, m: Managed, epoch: number): void {
 export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
   const r = lease.read();
   if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
-  if (r.owner === node.identity.nodeId) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
+  // This process, or a hand-over to this node not claimed yet, or (by address) this very server:
+  // the request belongs on port A. Another process of this node that still owns it (a restart
+  // while the old one runs) is reached like any owner.
+  const here = r.owner === node.identity.nodeId && (r.pid === undefined || r.pid === process.pid || r.nbd === node.identity.nbd);
+  if (here) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
   return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}` };
 }
 
@@ -84,7 +88,8 @@ export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
 
 /** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */
 function renewOne(node: NodeContext, m: Managed): void {
-  if (m.epoch === null && m.adopting === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+  // (A private record, the node's own copy, is taken over only by this node: see LeaseFile.takeOver.)
+  if (m.epoch === null && m.adopting === null && m.redirector.state === "REMOTE" && !m.target) {
     // A hand-over to this node whose adopt call never came (its source died right after it): claim it.
     const handed = m.lease.handedTo(node.identity);
     if (handed !== null) {

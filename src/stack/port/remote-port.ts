@@ -160,7 +160,9 @@ export class RemotePort implements Layer {
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls });
+        // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
+        const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
+        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
         if (this.links++ > 0 && (addr.owner === undefined || addr.owner !== this.linkOwner)) this.opts.onNewLink?.();
         this.linkOwner = addr.owner;
         this.lastProgress = performance.now();
