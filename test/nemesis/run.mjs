@@ -1,0 +1,43 @@
+#!/usr/bin/env node
+// npm run nemesis -- [--minutes M | --seconds S] [--seed N] [--nodes 2|3] [--lease-ttl MS] [--ops N]
+//                    [--every MS] [--no-powerloss] [--keep] [--dir DIR] [--json FILE]
+// Runs the nemesis harness (README.md beside this file) against the built CLI (dist/) and exits 1
+// when the checker saw anything; the seed and the history around each failure are printed.
+import fs from "node:fs";
+import { parseArgs } from "node:util";
+import { describe, runNemesis } from "./harness.mjs";
+
+const { values: v } = parseArgs({
+  options: {
+    minutes: { type: "string" },
+    seconds: { type: "string" },
+    seed: { type: "string" },
+    nodes: { type: "string", default: "2" },
+    "lease-ttl": { type: "string", default: "2000" },
+    ops: { type: "string", default: "600" },
+    every: { type: "string", default: "1500" },
+    "no-powerloss": { type: "boolean", default: false },
+    keep: { type: "boolean", default: false },
+    dir: { type: "string" },
+    json: { type: "string" },
+    quiet: { type: "boolean", default: false },
+  },
+});
+const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
+const seed = v.seed ? Number(v.seed) : Math.floor(Math.random() * 2 ** 31);
+process.stdout.write(`nemesis: seed ${seed}, ${seconds} s\n`);
+const result = await runNemesis({
+  seconds,
+  seed,
+  nodes: Number(v.nodes),
+  leaseTtlMs: Number(v["lease-ttl"]),
+  opsPerSecond: Number(v.ops),
+  every: Number(v.every),
+  powerloss: !v["no-powerloss"],
+  keep: v.keep,
+  dir: v.dir,
+  log: v.quiet ? () => {} : (l) => process.stdout.write(`${l}\n`),
+});
+process.stdout.write(`\n${describe(result)}\n`);
+if (v.json) fs.writeFileSync(v.json, JSON.stringify({ ok: result.ok, summary: result.summary, failures: result.failures }, null, 2));
+process.exit(result.ok ? 0 : 1);
