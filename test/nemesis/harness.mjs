@@ -123,6 +123,7 @@ export async function runNemesis(options = {}) {
     writerOf: (b) => (b % clientsCount) + 1,
     onFailure: (f) => {
       failed = true;
+      record({ t: now(), failure: f.kind, ...f });
       failureReports.push(contextOf(f));
       say(`FAILURE ${f.kind}: ${JSON.stringify(f)}`);
     },
