@@ -66,6 +66,8 @@ export class Checker {
     this.blocks = o.blocks;
     this.writerOf = o.writerOf;
     this.onFailure = o.onFailure ?? (() => {});
+    /** Self-test of the checker: count every acknowledged write as durable, as a broken FLUSH would let a client believe. */
+    this.trustUnflushed = !!o.trustUnflushed;
     this.ceiling = new Int32Array(o.blocks);
     this.floor = new Int32Array(o.blocks);
     this.durable = new Int32Array(o.blocks);
@@ -108,7 +110,7 @@ export class Checker {
     this.counts.acked++;
     this.acked[w.block] = Math.max(this.acked[w.block], w.version);
     this.floor[w.block] = Math.max(this.floor[w.block], w.version);
-    if (w.fua) this.durable[w.block] = Math.max(this.durable[w.block], w.version);
+    if (w.fua || this.trustUnflushed) this.durable[w.block] = Math.max(this.durable[w.block], w.version);
     else w.conn.unflushed.push([w.block, w.version]);
   }
 

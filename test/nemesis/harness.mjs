@@ -63,6 +63,8 @@ const DEFAULTS = {
   every: 1500,
   weights: { migrate: 30, storm: 10, pause: 12, kill: 12, fault: 25 },
   powerloss: true,
+  /** Self-test: the checker counts unflushed writes as durable, so killed owners (with powerloss) must make it fail. */
+  trustUnflushed: false,
   stallMs: 30_000,
   keep: false,
   dir: null,
@@ -121,6 +123,7 @@ export async function runNemesis(options = {}) {
   const checker = new Checker({
     blocks: o.blocks,
     writerOf: (b) => (b % clientsCount) + 1,
+    trustUnflushed: o.trustUnflushed,
     onFailure: (f) => {
       failed = true;
       record({ t: now(), failure: f.kind, ...f });
@@ -135,18 +138,29 @@ export async function runNemesis(options = {}) {
   fs.writeFileSync(img, "");
   fs.truncateSync(img, Math.max(o.blocks * BLOCK, 16 * 1024 * 1024));
   const ids = ["a", "b", "c", "d"].slice(0, o.nodes);
-  const nodes = [];
-  for (const id of ids) {
-    const nbdPort = await freePort();
-    const controlPort = await freePort();
+  const usedPorts = new Set();
+  const port = async () => {
+    for (;;) {
+      const p = await freePort();
+      if (!usedPorts.has(p)) {
+        usedPorts.add(p);
+        return p;
+      }
+    }
+  };
+  const makeNode = async (id) => {
+    const nbdPort = await port();
+    const controlPort = await port();
     const args = [
       img, "--name", "disk", "--node-id", id, "--lease-ttl", `${o.leaseTtlMs}ms`,
       "--listen", `127.0.0.1:${nbdPort}`, "--control", `127.0.0.1:${controlPort}`,
       "--fault", "--fault-seed", String(o.seed), ...(o.powerloss ? ["--fault-powerloss"] : []),
       "--log-format", "json", "--log-level", "info",
     ];
-    nodes.push(new Node({ id, args, nbdPort, controlPort, dir }));
-  }
+    return new Node({ id, args, nbdPort, controlPort, dir });
+  };
+  const nodes = [];
+  for (const id of ids) nodes.push(await makeNode(id));
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const clientsCount = nodes.length;
   const killedGens = new Set(); // "a#2": processes the nemesis killed on purpose
@@ -159,7 +173,18 @@ export async function runNemesis(options = {}) {
 
   let result;
   try {
-    for (const n of nodes) await n.start();
+    // A port found free may be taken by another process before the node binds it: then new ports.
+    for (let i = 0; i < nodes.length; i++) {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await nodes[i].start();
+          break;
+        } catch (err) {
+          if (attempt >= 3 || !/EADDRINUSE/.test(fs.readFileSync(nodes[i].logFile, "utf8"))) throw err;
+          nodes[i] = await makeNode(ids[i]);
+        }
+      }
+    }
     say(`cluster of ${nodes.length} nodes up in ${dir}: ${nodes.map((n) => `${n.id} nbd:${n.nbdPort} control:${n.controlPort}`).join(", ")}`);
 
     // ---- ownership watch: GET /v1/status of every node every 100 ms
@@ -352,6 +377,7 @@ export async function runNemesis(options = {}) {
       async flush(conn) {
         const f = checker.flushSent(conn, now());
         const lossesAtSend = lossSince();
+        const lossesAtLastOk = conn.losses; // as this FLUSH is sent: a concurrent one may succeed first
         record({ t: f.t, c: this.idx, conn: conn.id, op: "flush", covers: f.covers.length });
         try {
           await conn.nbd.flush();
@@ -368,7 +394,7 @@ export async function runNemesis(options = {}) {
             summary.eioFlushes++;
             // The documented EIO: writes were acknowledged through a node that may have lost them.
             // Only a node killed or frozen since this connection's last successful FLUSH explains it.
-            if (lossSince() === conn.losses) fail("FLUSH EIO without an owner killed or frozen", { client: this.idx, conn: conn.id, err: err.message });
+            if (lossSince() === lossesAtLastOk) fail("FLUSH EIO without an owner killed or frozen", { client: this.idx, conn: conn.id, err: err.message });
           } else if (!why) fail("flush failed", { client: this.idx, conn: conn.id, err: `${err.errno ?? ""} ${err.message}` });
         }
       }

@@ -21,6 +21,8 @@ const { values: v } = parseArgs({
     dir: { type: "string" },
     json: { type: "string" },
     quiet: { type: "boolean", default: false },
+    "self-test": { type: "boolean", default: false },
+    weights: { type: "string" },
   },
 });
 const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
@@ -36,6 +38,8 @@ const result = await runNemesis({
   powerloss: !v["no-powerloss"],
   keep: v.keep,
   dir: v.dir,
+  trustUnflushed: v["self-test"],
+  weights: v.weights ? Object.fromEntries(v.weights.split(",").map((kv) => { const [k, w] = kv.split("="); return [k, Number(w)]; })) : undefined,
   log: v.quiet ? () => {} : (l) => process.stdout.write(`${l}\n`),
 });
 process.stdout.write(`\n${describe(result)}\n`);
