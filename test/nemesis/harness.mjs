@@ -3,6 +3,7 @@
 // that fails the run on a lost acknowledged write, a non-linearizable read, two owners of one
 // epoch, two owners for longer than a lease, a node that crashed, a stuck load, or any failed
 // request other than the documented EIO of a FLUSH after an owner died. See README.md.
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -51,6 +52,29 @@ export const FAULT_RULES = [
   "op=flush,stall,once",
 ];
 
+/** libfaketime's path, when the Debian package faketime is installed. */
+export function faketimeLibrary() {
+  for (const arch of ["x86_64-linux-gnu", "aarch64-linux-gnu"]) {
+    const p = `/usr/lib/${arch}/faketime/libfaketimeMT.so.1`;
+    if (fs.existsSync(p)) return p;
+  }
+  return null;
+}
+
+/** Wall-clock offsets (libfaketime syntax) the skew nemesis sets a node's clock to. */
+export const SKEWS = ["+0", "-2h", "+1h", "-30s", "+45s", "+1d", "-1d", "+7s", "-5s"];
+
+/** Mounts a tmpfs of `bytes` on `dir`; false when that is not possible here (not root, no mount). */
+function mountTmpfs(dir, bytes) {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    execFileSync("mount", ["-t", "tmpfs", "-o", `size=${bytes}`, "nemesis", dir], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 const DEFAULTS = {
   seconds: 120,
   seed: 1,
@@ -61,7 +85,11 @@ const DEFAULTS = {
   opsPerSecond: 600,
   /** Mean pause between nemesis actions (ms); each is drawn between a fifth and twice of it. */
   every: 1500,
-  weights: { migrate: 30, storm: 10, pause: 12, kill: 12, fault: 25 },
+  weights: { migrate: 30, storm: 10, pause: 12, kill: 12, fault: 25, skew: 6, diskfull: 6 },
+  /** Wall clocks of the nodes set apart and jumped at run time with libfaketime (when installed). */
+  clockSkew: true,
+  /** The image on a small tmpfs that the nemesis fills up now and then (needs root and mount). */
+  fullDisk: true,
   powerloss: true,
   /** Self-test: the checker counts unflushed writes as durable, so killed owners (with powerloss) must make it fail. */
   trustUnflushed: false,
@@ -134,9 +162,21 @@ export async function runNemesis(options = {}) {
   const fail = (kind, detail = {}) => checker.fail(kind, { t: now(), ...detail });
 
   // ---- the cluster
-  const img = path.join(dir, "disk.img");
-  fs.writeFileSync(img, "");
-  fs.truncateSync(img, Math.max(o.blocks * BLOCK, 16 * 1024 * 1024));
+  // The image: on a tmpfs only a little larger than it, when the full-disk nemesis runs, and then
+  // written out in full, so that only the lease record (rewritten by every renewal and move) needs
+  // new space; else a sparse file.
+  const imageBytes = Math.max(o.blocks * BLOCK, 16 * 1024 * 1024);
+  const diskDir = path.join(dir, "disk");
+  fs.mkdirSync(diskDir, { recursive: true });
+  const tmpfs = o.fullDisk && mountTmpfs(diskDir, imageBytes + 4 * 1024 * 1024);
+  const img = path.join(diskDir, "disk.img");
+  if (tmpfs) fs.writeFileSync(img, Buffer.alloc(imageBytes));
+  else {
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, imageBytes);
+  }
+  const faketime = o.clockSkew ? faketimeLibrary() : null;
+  const clockFile = (id) => path.join(dir, `clock-${id}`);
   const ids = ["a", "b", "c", "d"].slice(0, o.nodes);
   const usedPorts = new Set();
   const port = async () => {
@@ -157,18 +197,24 @@ export async function runNemesis(options = {}) {
       "--fault", "--fault-seed", String(o.seed), ...(o.powerloss ? ["--fault-powerloss"] : []),
       "--log-format", "json", "--log-level", "info",
     ];
-    return new Node({ id, args, nbdPort, controlPort, dir });
+    const env = faketime
+      ? { LD_PRELOAD: faketime, FAKETIME_TIMESTAMP_FILE: clockFile(id), FAKETIME_CACHE_DURATION: "1", DONT_FAKE_MONOTONIC: "1" }
+      : {};
+    if (faketime && !fs.existsSync(clockFile(id))) fs.writeFileSync(clockFile(id), `${id === "a" ? "+0" : nemRng.pick(SKEWS)}\n`);
+    return new Node({ id, args, nbdPort, controlPort, dir, env });
   };
   const nodes = [];
   for (const id of ids) nodes.push(await makeNode(id));
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const clientsCount = nodes.length;
   const killedGens = new Set(); // "a#2": processes the nemesis killed on purpose
+  const startFailed = new Set(); // processes that exited while starting (restart() tries again)
 
   const summary = {
     seed: o.seed, seconds: o.seconds, nodes: o.nodes, leaseTtlMs: o.leaseTtlMs, powerloss: o.powerloss, dir,
-    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {} },
-    claims: 0, overlaps: [], maxStallMs: 0, eioFlushes: 0,
+    clockSkew: !!faketime, fullDisk: !!tmpfs,
+    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0 },
+    claims: 0, overlaps: [], restartRefused: [], maxStallMs: 0, eioFlushes: 0,
   };
 
   let result;
@@ -501,6 +547,37 @@ export async function runNemesis(options = {}) {
         await clearFaults(n);
       },
     };
+    let filling = false;
+    actions.skew = async () => {
+      if (!faketime) return actions.migrate();
+      const n = nemRng.pick(nodes);
+      const skew = nemRng.pick(SKEWS);
+      summary.nemesis.skew++;
+      nemEvent({ kind: "skew", node: n.id, clock: skew });
+      fs.writeFileSync(clockFile(n.id), `${skew}\n`);
+    };
+    actions.diskfull = async () => {
+      if (!tmpfs || filling) return actions.fault();
+      filling = true;
+      const ms = Math.round(nemRng.between(500, 2.5 * o.leaseTtlMs));
+      summary.nemesis.diskfull++;
+      const filler = path.join(diskDir, "filler");
+      const fd = fs.openSync(filler, "w");
+      const chunk = Buffer.alloc(64 * 1024, 0xee);
+      let bytes = 0;
+      try {
+        for (;;) bytes += fs.writeSync(fd, chunk);
+      } catch (err) {
+        if (err.code !== "ENOSPC") throw err;
+      } finally {
+        fs.closeSync(fd);
+      }
+      nemEvent({ kind: "diskfull", filled: bytes, ms });
+      await sleep(ms);
+      fs.rmSync(filler, { force: true });
+      record({ t: now(), nemesis: "disk-freed" });
+      filling = false;
+    };
     const clearFaults = async (n) => {
       try {
         await controlCall(n.control, "POST", "v1/exports/disk/faults", { release: true }, 5000);
@@ -510,6 +587,8 @@ export async function runNemesis(options = {}) {
         record({ t: now(), nemesis: "fault-clear-failed", node: n.id, err: err.message });
       }
     };
+    // A node may refuse to start for a while (e.g. its lease record cannot be written on a full
+    // disk): that is noted, not a crash, and it is started again until it comes up.
     const restart = async (n) => {
       for (let i = 0; ; i++) {
         try {
@@ -517,8 +596,12 @@ export async function runNemesis(options = {}) {
           nemEvent({ kind: "restarted", node: n.id, gen: n.gen });
           return;
         } catch (err) {
-          if (i >= 3) {
-            fail("cannot restart a killed node", { node: n.id, err: err.message });
+          startFailed.add(`${n.id}#${n.gen}`);
+          const last = fs.readFileSync(n.logFile, "utf8").trim().split("\n").pop();
+          summary.restartRefused.push({ t: now(), node: n.id, gen: n.gen, said: last.slice(0, 300) });
+          record({ t: now(), nemesis: "restart-refused", node: n.id, gen: n.gen, said: last.slice(0, 300) });
+          if (i >= 40) {
+            fail("cannot restart a killed node", { node: n.id, err: err.message, said: last });
             return;
           }
           await sleep(500);
@@ -599,7 +682,7 @@ export async function runNemesis(options = {}) {
         if (/^lease lost/.test(l.msg ?? "")) leaseLost++;
         if (l.level >= 60) fail("fatal log line", { node: n.id, gen: l.gen, line: l });
       }
-      for (const x of n.exits) if (!killedGens.has(`${n.id}#${x.gen}`)) fail("node exited on its own", { node: n.id, ...x });
+      for (const x of n.exits) if (!killedGens.has(`${n.id}#${x.gen}`) && !startFailed.has(`${n.id}#${x.gen}`)) fail("node exited on its own", { node: n.id, ...x });
     }
     summary.claims = claims.size;
     summary.leaseLost = leaseLost;
@@ -610,6 +693,15 @@ export async function runNemesis(options = {}) {
   } finally {
     for (const n of nodes) await n.kill().catch(() => {});
     await new Promise((r) => hist.end(r));
+    if (tmpfs) {
+      // A failed run keeps its image beside the history.
+      if (!result?.ok) fs.copyFileSync(img, path.join(dir, "disk.img"));
+      try {
+        execFileSync("umount", [diskDir], { stdio: "ignore" });
+      } catch (err) {
+        o.log(`cannot unmount ${diskDir}: ${err.message}`);
+      }
+    }
   }
   if (result.ok && !o.keep && !o.dir) fs.rmSync(dir, { recursive: true, force: true });
   return result;
@@ -621,12 +713,13 @@ export function describe(result) {
   const lines = [];
   const n = s.nemesis;
   lines.push(`nemesis seed=${s.seed} ${s.elapsed}s nodes=${s.nodes} lease=${s.leaseTtlMs}ms powerloss=${s.powerloss}: ${result.ok ? "PASS" : `FAIL (${result.failures.length} failures)`}`);
-  lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}`);
+  lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}, clock skews ${n.skew}${s.clockSkew ? "" : " (no libfaketime)"}, disk full ${n.diskfull}${s.fullDisk ? "" : " (no tmpfs)"}`);
   for (const [r, c] of Object.entries(n.faultRules)) lines.push(`    ${c} × ${r}`);
   const c = s.ops ?? {};
   lines.push(`  load: ${c.writes} writes (${c.fua} FUA, ${c.acked} acknowledged, ${c.indeterminate} lost with their node), ${c.reads} reads (${c.blocksRead} blocks checked), ${c.flushes} flushes (${c.flushOk} ok, ${c.flushEio} EIO)`);
   lines.push(`  ownership: ${s.claims} epochs claimed, ${s.leaseLost} lease losses logged, ${s.overlaps.length} brief LOCAL overlaps (longest ${Math.max(0, ...s.overlaps.map((x) => x.ms))} ms), loss events ${c.lossEvents}`);
   if (s.image) lines.push(`  image: ${s.image.written} blocks written, ${s.image.durable} with a durable version, ${s.image.newerThanDurable} hold a newer (unflushed) one`);
+  for (const r of s.restartRefused ?? []) lines.push(`  note: node ${r.node} (process ${r.gen}) refused to start at ${(r.t / 1000).toFixed(1)} s: ${r.said}`);
   lines.push(`  longest time without a completed request: ${s.maxStallMs} ms; history: ${result.history}`);
   for (const r of result.reports.slice(0, 3)) {
     lines.push("", `FAILURE (seed ${s.seed}): ${JSON.stringify(r.failure)}`);
