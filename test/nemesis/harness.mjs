@@ -573,6 +573,9 @@ export async function runNemesis(options = {}) {
         fs.closeSync(fd);
       }
       nemEvent({ kind: "diskfull", filled: bytes, ms });
+      // An owner that cannot rewrite its lease record loses it once the lease runs out, and another
+      // node takes the image over as from a dead owner: what no FLUSH covered may be gone.
+      if (ms >= o.leaseTtlMs / 2) checker.loss(now(), "disk full");
       await sleep(ms);
       fs.rmSync(filler, { force: true });
       record({ t: now(), nemesis: "disk-freed" });
