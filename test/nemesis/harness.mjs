@@ -171,6 +171,16 @@ export async function runNemesis(options = {}) {
   const diskDir = path.join(dir, "disk");
   fs.mkdirSync(diskDir, { recursive: true });
   const tmpfs = o.fullDisk && mountTmpfs(diskDir, imageBytes + 4 * 1024 * 1024);
+  // Should this process end abruptly (a second Ctrl-C), the mount goes with it (lazily: the
+  // nodes, killed at exit too, may still hold files there).
+  const unmountAtExit = () => {
+    try {
+      execFileSync("umount", ["-l", diskDir], { stdio: "ignore" });
+    } catch {
+      /* not mounted any more */
+    }
+  };
+  if (tmpfs) process.once("exit", unmountAtExit);
   const img = path.join(diskDir, "disk.img");
   if (tmpfs) fs.writeFileSync(img, Buffer.alloc(imageBytes));
   else {
@@ -616,9 +626,10 @@ export async function runNemesis(options = {}) {
       }
     };
 
-    while (performance.now() < deadline && !failed) {
+    const over = () => performance.now() >= deadline || failed || o.signal?.aborted;
+    while (!over()) {
       await sleep(Math.min(nemRng.between(o.every / 5, o.every * 2), Math.max(0, deadline - performance.now())));
-      if (performance.now() >= deadline || failed) break;
+      if (over()) break;
       const kind = nemRng.weighted(o.weights);
       const p = actions[kind]().catch((err) => fail("nemesis action crashed", { kind, err: err.stack }));
       running.add(p);
@@ -626,7 +637,7 @@ export async function runNemesis(options = {}) {
     }
 
     // ---- heal: finish every action, wake every node, clear every fault, restart what is down
-    say(failed ? "stopping after a failure" : "nemesis done: healing the cluster");
+    say(failed ? "stopping after a failure" : o.signal?.aborted ? "interrupted: healing the cluster" : "nemesis done: healing the cluster");
     await Promise.all([...running]);
     for (const n of nodes) {
       if (n.state === "stopped") n.resume();
@@ -705,6 +716,7 @@ export async function runNemesis(options = {}) {
       if (!result?.ok) fs.copyFileSync(img, path.join(dir, "disk.img"));
       try {
         execFileSync("umount", [diskDir], { stdio: "ignore" });
+        process.off("exit", unmountAtExit);
       } catch (err) {
         o.log(`cannot unmount ${diskDir}: ${err.message}`);
       }

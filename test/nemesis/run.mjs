@@ -30,7 +30,16 @@ const { values: v } = parseArgs({
 const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
 const seed = v.seed ? Number(v.seed) : Math.floor(Math.random() * 2 ** 31);
 process.stdout.write(`nemesis: seed ${seed}, ${seconds} s\n`);
+// Ctrl-C once: stop the nemesis, heal and check what ran so far; twice: stop at once (every
+// node is killed by its pid on exit).
+const stop = new AbortController();
+process.on("SIGINT", () => {
+  if (stop.signal.aborted) process.exit(130);
+  process.stdout.write("\nnemesis: interrupted; healing and checking (Ctrl-C again to stop at once)\n");
+  stop.abort();
+});
 const result = await runNemesis({
+  signal: stop.signal,
   seconds,
   seed,
   nodes: Number(v.nodes),
