@@ -336,6 +336,25 @@ export async function runNemesis(options = {}) {
     let lastDone = now();
     let connSeq = 0;
     const lossSince = () => checker.lossEvents.length;
+    // The harness cannot see the instant another node takes the image over (a lease runs out
+    // while a node is frozen, dead, or cannot write its record), only the fault that causes it:
+    // so a loss event is declared when the fault starts, when it ends, and one and two lease
+    // times after, and a FLUSH EIO is accepted when any of them falls after the connection's last
+    // FLUSH that succeeded.
+    const lossTimers = new Set();
+    const lossAround = (why) => {
+      checker.loss(now(), why);
+      return () => {
+        checker.loss(now(), `${why} (end)`);
+        for (const k of [1, 2]) {
+          const timer = setTimeout(() => {
+            lossTimers.delete(timer);
+            checker.loss(now(), `${why} (end + ${k} lease)`);
+          }, k * o.leaseTtlMs);
+          lossTimers.add(timer);
+        }
+      };
+    };
     class Client {
       constructor(idx, node) {
         this.idx = idx;
@@ -540,9 +559,10 @@ export async function runNemesis(options = {}) {
         summary.nemesis.pause++;
         nemEvent({ kind: "pause", node: n.id, gen: n.gen, ms, wasOwner: n.id === lastOwner });
         n.pause();
-        checker.loss(now(), `SIGSTOP ${n.id}`);
+        const over = lossAround(`SIGSTOP ${n.id}`);
         await sleep(ms);
         n.resume();
+        over();
         nemEvent({ kind: "resume", node: n.id });
         disturbing--;
       },
@@ -555,10 +575,11 @@ export async function runNemesis(options = {}) {
         summary.nemesis.kill++;
         nemEvent({ kind: "kill", node: n.id, gen: n.gen, downMs: down, wasOwner: n.id === lastOwner });
         killedGens.add(`${n.id}#${n.gen}`);
-        checker.loss(now(), `SIGKILL ${n.id}`);
+        const over = lossAround(`SIGKILL ${n.id}`);
         await n.kill();
         await sleep(down);
         await restart(n);
+        over();
         disturbing--;
       },
       async fault() {
@@ -609,9 +630,10 @@ export async function runNemesis(options = {}) {
       nemEvent({ kind: "diskfull", filled: bytes, ms });
       // An owner that cannot rewrite its lease record loses it once the lease runs out, and another
       // node takes the image over as from a dead owner: what no FLUSH covered may be gone.
-      if (ms >= o.leaseTtlMs / 2) checker.loss(now(), "disk full");
+      const over = ms >= o.leaseTtlMs / 2 ? lossAround("disk full") : () => {};
       await sleep(ms);
       fs.rmSync(filler, { force: true });
+      over();
       record({ t: now(), nemesis: "disk-freed" });
       filling = false;
     };
@@ -659,6 +681,7 @@ export async function runNemesis(options = {}) {
     // ---- heal: finish every action, wake every node, clear every fault, restart what is down
     say(failed ? "stopping after a failure" : o.signal?.aborted ? "interrupted: healing the cluster" : "nemesis done: healing the cluster");
     await Promise.all([...running]);
+    await sleep(2 * o.leaseTtlMs + 100); // the last loss events
     for (const n of nodes) {
       if (n.state === "stopped") n.resume();
       if (n.state === "down") await restart(n);
