@@ -85,9 +85,14 @@ const DEFAULTS = {
   opsPerSecond: 600,
   /** Mean pause between nemesis actions (ms); each is drawn between a fifth and twice of it. */
   every: 1500,
-  weights: { migrate: 30, storm: 10, pause: 12, kill: 12, fault: 25, skew: 6, diskfull: 6 },
+  weights: { migrate: 30, storm: 10, pause: 12, kill: 12, fault: 25, skew: 6, diskfull: 6, copy: 10, copycancel: 8 },
   /** Wall clocks of the nodes set apart and jumped at run time with libfaketime (when installed). */
   clockSkew: true,
+  /**
+   * One more node, "x", with its own --data-dir and no image: the export moves to it and back by
+   * live copy (migrate {copy: true}), and some copies are cancelled midway.
+   */
+  copyNode: false,
   /** Fault rules left out (substrings), e.g. to look past a known bug that a rule triggers. */
   excludeRules: [],
   /** The image on a small tmpfs that the nemesis fills up now and then (needs root and mount). */
@@ -200,11 +205,14 @@ export async function runNemesis(options = {}) {
       }
     }
   };
+  const xData = path.join(dir, "x-data");
+  const xImage = path.join(xData, "disk.img");
+  const imageOf = (id) => (id === "x" ? xImage : img);
   const makeNode = async (id) => {
     const nbdPort = await port();
     const controlPort = await port();
     const args = [
-      img, "--name", "disk", "--node-id", id, "--lease-ttl", `${o.leaseTtlMs}ms`,
+      ...(id === "x" ? ["--data-dir", xData] : [img, "--name", "disk"]), "--node-id", id, "--lease-ttl", `${o.leaseTtlMs}ms`,
       "--listen", `127.0.0.1:${nbdPort}`, "--control", `127.0.0.1:${controlPort}`,
       "--fault", "--fault-seed", String(o.seed), ...(o.powerloss ? ["--fault-powerloss"] : []),
       "--log-format", "json", "--log-level", "info",
@@ -216,6 +224,7 @@ export async function runNemesis(options = {}) {
     return new Node({ id, args, nbdPort, controlPort, dir, env });
   };
   const nodes = [];
+  if (o.copyNode) ids.push("x");
   for (const id of ids) nodes.push(await makeNode(id));
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const clientsCount = nodes.length;
@@ -225,7 +234,8 @@ export async function runNemesis(options = {}) {
   const summary = {
     seed: o.seed, seconds: o.seconds, nodes: o.nodes, leaseTtlMs: o.leaseTtlMs, powerloss: o.powerloss, dir,
     clockSkew: !!faketime, fullDisk: !!tmpfs,
-    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0 },
+    copyNode: !!o.copyNode,
+    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0, copy: 0, copyOk: 0, copyRefused: 0, cancel: 0, cancelOk: 0 },
     claims: 0, overlaps: [], restartRefused: [], maxStallMs: 0, eioFlushes: 0,
   };
 
@@ -252,14 +262,16 @@ export async function runNemesis(options = {}) {
     const overlapStart = new Map();
     const staleLocal = new Map(); // "a#1@6" -> a node LOCAL while the record names another owner
     let lastOwner = null;
-    const claim = (epoch, who, t, how) => {
-      const prev = claims.get(epoch);
+    // Epochs count per image (the copy node's image has a record of its own).
+    const claim = (image, epoch, who, t, how) => {
+      const key = `${image === img ? "" : `${path.basename(path.dirname(image))}/`}${epoch}`;
+      const prev = claims.get(key);
       if (prev === undefined) {
-        claims.set(epoch, who);
-        record({ t, claim: epoch, who, how });
-      } else if (prev !== who && !claimClash.has(epoch)) {
-        claimClash.add(epoch);
-        fail("two owners of one epoch", { epoch, first: prev, second: who, how });
+        claims.set(key, who);
+        record({ t, claim: key, who, how });
+      } else if (prev !== who && !claimClash.has(key)) {
+        claimClash.add(key);
+        fail("two owners of one epoch", { epoch: key, first: prev, second: who, how });
       }
     };
     const pollOnce = async (n) => {
@@ -277,7 +289,7 @@ export async function runNemesis(options = {}) {
       if (!e) return;
       const prev = latest.get(n.id);
       if (!prev || prev.state !== e.state || prev.epoch !== e.epoch || prev.gen !== gen) record({ t, status: n.id, gen, state: e.state, epoch: e.epoch, owner: e.owner, held: e.held });
-      latest.set(n.id, { t, gen, state: e.state, epoch: e.epoch });
+      latest.set(n.id, { t, gen, state: e.state, epoch: e.epoch, owner: e.owner });
       if (e.state !== "LOCAL") {
         for (const k of [...overlapStart.keys()]) if (k.includes(n.id)) endOverlap(k, t);
         return;
@@ -298,7 +310,7 @@ export async function runNemesis(options = {}) {
         return;
       }
       lastOwner = n.id;
-      if (e.epoch != null) claim(e.epoch, `${n.id}#${gen}`, t, "status");
+      if (e.epoch != null) claim(imageOf(n.id), e.epoch, `${n.id}#${gen}`, t, "status");
       for (const m of nodes) {
         if (m === n) continue;
         const l = latest.get(m.id);
@@ -388,6 +400,11 @@ export async function runNemesis(options = {}) {
             this.conn = conn;
             return conn;
           } catch (err) {
+            // The copy node serves the export only while it is a copy's target or its owner.
+            if (n.id === "x" && /NBD_OPT_GO/.test(err.message)) {
+              await sleep(200);
+              continue;
+            }
             if (n.state === "up" && n.gen === gen) {
               fail("connect failed while its node was up", { client: this.idx, node: n.id, err: err.message });
               return null;
@@ -527,8 +544,8 @@ export async function runNemesis(options = {}) {
     const actions = {
       async migrate() {
         const from = owner();
-        const others = upNodes().filter((n) => n !== from);
-        if (!from || !others.length) return;
+        const others = upNodes().filter((n) => n !== from && n.id !== "x");
+        if (!from || from.id === "x" || !others.length) return;
         const to = nemRng.pick(others);
         summary.nemesis.migrate++;
         nemEvent({ kind: "migrate", from: from.id, to: to.id });
@@ -602,6 +619,42 @@ export async function runNemesis(options = {}) {
         await clearFaults(n);
       },
     };
+    // Live copies to the copy node and back; a cancelled one is stopped on its source midway.
+    const copy = async (cancel) => {
+      const from = owner();
+      if (!from) return;
+      const to = from.id === "x" ? nemRng.pick(upNodes().filter((n) => n.id !== "x")) : byId.get("x");
+      if (!to || to.state !== "up") return;
+      const mode = nemRng.next() < 0.3 ? "write-blocking" : "background";
+      const after = Math.round(nemRng.between(20, 1500));
+      summary.nemesis.copy++;
+      nemEvent({ kind: cancel ? "copycancel" : "copy", from: from.id, to: to.id, mode, ...(cancel ? { cancelAfterMs: after } : {}) });
+      const t = now();
+      const moving = controlCall(from.control, "POST", "v1/exports/disk/migrate", { to: to.control, copy: true, mode }, 120_000).then(
+        (res) => {
+          summary.nemesis.copyOk++;
+          record({ t: now(), nemesis: "copy-done", from: from.id, to: to.id, ms: Math.round(now() - t), res });
+        },
+        (err) => {
+          summary.nemesis.copyRefused++;
+          record({ t: now(), nemesis: "copy-refused", from: from.id, to: to.id, ms: Math.round(now() - t), err: err.message });
+        },
+      );
+      if (cancel) {
+        await sleep(after);
+        summary.nemesis.cancel++;
+        try {
+          await controlCall(from.control, "POST", "v1/exports/disk/migrate/cancel", {}, 10_000);
+          summary.nemesis.cancelOk++;
+          record({ t: now(), nemesis: "cancel-done", node: from.id });
+        } catch (err) {
+          record({ t: now(), nemesis: "cancel-refused", node: from.id, err: err.message });
+        }
+      }
+      await moving;
+    };
+    actions.copy = () => (o.copyNode ? copy(false) : actions.migrate());
+    actions.copycancel = () => (o.copyNode ? copy(true) : actions.migrate());
     let filling = false;
     actions.skew = async () => {
       if (!faketime) return actions.migrate();
@@ -709,7 +762,12 @@ export async function runNemesis(options = {}) {
         const n = c.node;
         let nbd;
         try {
-          nbd = await NbdClient.connect(n.addr, { exportName: "disk" });
+          try {
+            nbd = await NbdClient.connect(n.addr, { exportName: "disk" });
+          } catch (err) {
+            if (n.id === "x" && /NBD_OPT_GO/.test(err.message)) continue; // it holds no copy now
+            throw err;
+          }
           for (let first = 0; first < o.blocks; first += 64) {
             const count = Math.min(64, o.blocks - first);
             const r = checker.readSent(first, count, now());
@@ -730,7 +788,10 @@ export async function runNemesis(options = {}) {
     await poller;
     for (const n of nodes) killedGens.add(`${n.id}#${n.gen}`);
     await Promise.all(nodes.map((n) => n.kill()));
-    const image = fs.readFileSync(img);
+    // The image that holds the data now: the copy node's when it owns the export.
+    const finalOwner = nodes.find((n) => latest.get(n.id)?.state === "LOCAL" && latest.get(n.id)?.owner === n.id);
+    const image = fs.readFileSync(finalOwner ? imageOf(finalOwner.id) : img);
+    summary.finalOwner = finalOwner?.id ?? null;
     const { summary: imageSummary } = checker.checkImage(image);
 
     // ---- the nodes' logs: claims of epochs (adopt, take-over), crashes, lease losses
@@ -739,7 +800,7 @@ export async function runNemesis(options = {}) {
       for (const l of readLog(n)) {
         const t = l.time - wall0;
         if ((l.msg === "export adopted" || l.msg === "lease of the owner expired: taking the image over") && typeof l.epoch === "number")
-          claim(l.epoch, `${n.id}#${l.gen}`, t, l.msg);
+          claim(imageOf(n.id), l.epoch, `${n.id}#${l.gen}`, t, l.msg);
         if (/^lease lost/.test(l.msg ?? "")) leaseLost++;
         if (l.level >= 60) fail("fatal log line", { node: n.id, gen: l.gen, line: l });
       }
@@ -776,7 +837,7 @@ export function describe(result) {
   const lines = [];
   const n = s.nemesis;
   lines.push(`nemesis seed=${s.seed} ${s.elapsed}s nodes=${s.nodes} lease=${s.leaseTtlMs}ms powerloss=${s.powerloss}: ${result.ok ? "PASS" : `FAIL (${result.failures.length} failures)`}`);
-  lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}, clock skews ${n.skew}${s.clockSkew ? "" : " (no libfaketime)"}, disk full ${n.diskfull}${s.fullDisk ? "" : " (no tmpfs)"}`);
+  lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}, clock skews ${n.skew}${s.clockSkew ? "" : " (no libfaketime)"}, disk full ${n.diskfull}${s.fullDisk ? "" : " (no tmpfs)"}${s.copyNode ? `, live copies ${n.copy} (${n.copyOk} done, ${n.copyRefused} refused or cancelled; ${n.cancel} cancels sent, ${n.cancelOk} accepted)` : ""}`);
   for (const [r, c] of Object.entries(n.faultRules)) lines.push(`    ${c} × ${r}`);
   const c = s.ops ?? {};
   lines.push(`  load: ${c.writes} writes (${c.fua} FUA, ${c.acked} acknowledged, ${c.indeterminate} lost with their node), ${c.reads} reads (${c.blocksRead} blocks checked), ${c.flushes} flushes (${c.flushOk} ok, ${c.flushEio} EIO)`);

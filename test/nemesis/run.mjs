@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // npm run nemesis -- [--minutes M | --seconds S] [--seed N] [--nodes 2|3] [--lease-ttl MS] [--ops N]
 //                    [--every MS] [--weights kind=W,…] [--exclude RULE-PART]… [--no-powerloss]
-//                    [--self-test] [--keep] [--dir DIR] [--json FILE] [--quiet]
+//                    [--copy-node] [--self-test] [--keep] [--dir DIR] [--json FILE] [--quiet]
 // Runs the nemesis harness (README.md beside this file) against the built CLI (dist/) and exits 1
 // when the checker saw anything; the seed and the history around each failure are printed.
 import fs from "node:fs";
@@ -25,6 +25,7 @@ const { values: v } = parseArgs({
     "self-test": { type: "boolean", default: false },
     weights: { type: "string" },
     exclude: { type: "string", multiple: true, default: [] },
+    "copy-node": { type: "boolean", default: false },
   },
 });
 const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
@@ -51,6 +52,7 @@ const result = await runNemesis({
   dir: v.dir,
   trustUnflushed: v["self-test"],
   excludeRules: v.exclude,
+  copyNode: v["copy-node"],
   weights: v.weights ? Object.fromEntries(v.weights.split(",").map((kv) => { const [k, w] = kv.split("="); return [k, Number(w)]; })) : undefined,
   log: v.quiet ? () => {} : (l) => process.stdout.write(`${l}\n`),
 });
