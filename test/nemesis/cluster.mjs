@@ -57,7 +57,7 @@ export class Node {
     this.exits = [];
   }
 
-  /** Starts a process of this node with its arguments and waits until it printed its addresses. */
+  /** Starts a process of this node with its arguments and waits until it printed its control URL. */
   async start() {
     this.gen++;
     this.state = "starting";
@@ -84,7 +84,8 @@ export class Node {
       const timer = setTimeout(() => reject(new Error(`node ${this.id} did not start within 20 s; see ${this.logFile}`)), 20_000);
       proc.stdout.on("data", (d) => {
         out += d;
-        if (out.split("\n").filter(Boolean).length >= 2) {
+        // The control URL comes last (a node with only a --data-dir prints no export yet).
+        if (out.split("\n").some((l) => l.startsWith("control "))) {
           clearTimeout(timer);
           resolve();
         }
