@@ -23,6 +23,9 @@ process.on("exit", () => {
   }
 });
 
+// A run stopped by SIGTERM (a timeout, vitest ending a worker) still kills its nodes.
+if (process.listenerCount("SIGTERM") === 0) process.once("SIGTERM", () => process.exit(143));
+
 /** A free TCP port on 127.0.0.1 (asked of the kernel, then released for the node to take). */
 export function freePort() {
   return new Promise((resolve, reject) => {
