@@ -255,15 +255,18 @@ export class NbdClient {
     if (res !== Rep.NBD_REP_ACK) throw new NbdError("EINVAL", `server refused NBD_OPT_GO for "${opts.exportName ?? ""}" (reply 0x${res.toString(16)})`);
   }
 
-  /** Sends one request and resolves with its outcome (rejects with NbdError on an error reply). */
-  request(type: number, flags: number, offset: number, length: number, payload?: Buffer, into?: Buffer): Promise<Pending> {
+  /**
+   * Sends one request and resolves with its outcome (rejects with NbdError on an error reply).
+   * `tag` goes into the cookie's high word (a port B's sequence number; 0 otherwise).
+   */
+  request(type: number, flags: number, offset: number, length: number, payload?: Buffer, into?: Buffer, tag = 0): Promise<Pending> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const cookie = this.nextCookie++;
     const h = Buffer.allocUnsafe(28);
     h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
     h.writeUInt16BE(type, 6);
-    h.writeUInt32BE(0, 8);
+    h.writeUInt32BE(tag, 8);
     h.writeUInt32BE(cookie, 12);
     h.writeUInt32BE(Math.floor(offset / 0x100000000), 16);
     h.writeUInt32BE(offset >>> 0, 20);
@@ -293,14 +296,14 @@ export class NbdClient {
   async preadInto(into: Buffer, offset: number, flags = 0): Promise<void> {
     await this.request(Cmd.NBD_CMD_READ, flags, offset, into.length, undefined, into);
   }
-  async pwrite(buf: Buffer, offset: number, flags = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf);
+  async pwrite(buf: Buffer, offset: number, flags = 0, tag = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf, undefined, tag);
   }
-  async zero(length: number, offset: number, flags = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_WRITE_ZEROES, flags, offset, length);
+  async zero(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_WRITE_ZEROES, flags, offset, length, undefined, undefined, tag);
   }
-  async trim(length: number, offset: number, flags = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_TRIM, flags, offset, length);
+  async trim(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
+    await this.request(Cmd.NBD_CMD_TRIM, flags, offset, length, undefined, undefined, tag);
   }
   async flush(): Promise<void> {
     await this.request(Cmd.NBD_CMD_FLUSH, 0, 0, 0);

@@ -1,12 +1,14 @@
 import { HttpError, type ControlServer } from "./control-server.js";
 import type { NodeIdentity } from "../migration/lease.js";
 import type { CopyMode } from "../migration/live-copy.js";
+import type { FileIdentity } from "../node/copy-target.js";
 import type { StorageNode } from "../node/storage-node.js";
 
 /**
  * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
  * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
- * POST /v1/exports/NAME/adopt {"epoch"}, POST /v1/copy-targets {"name", "size", "epoch", "owner"}
+ * POST /v1/exports/NAME/adopt {"epoch"}, POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?}
+ * ("image": the source's file identity, so that a target that is the same file is refused)
  * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
  */
 export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
@@ -24,11 +26,14 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
     return { body: { cancelled: p.name } };
   });
   c.route("POST", "/v1/copy-targets", async (_p, body) => {
-    const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown };
+    const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown; image?: unknown };
     const owner = b.owner as NodeIdentity | undefined;
     if (typeof b.name !== "string" || typeof b.size !== "number" || typeof b.epoch !== "number" || !owner || typeof owner.nodeId !== "string" || typeof owner.nbd !== "string")
       throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
-    return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch) };
+    const img = b.image as FileIdentity | undefined;
+    if (img !== undefined && (typeof img !== "object" || img === null || typeof img.path !== "string" || typeof img.dev !== "number" || typeof img.ino !== "number" || typeof img.host !== "string"))
+      throw new HttpError(400, '"image" must be {"path", "dev", "ino", "host"}');
+    return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch, img) };
   });
   c.route("POST", "/v1/copy-targets/:name/abandon", async (p, body) => {
     const epoch = (body as { epoch?: unknown } | undefined)?.epoch;

@@ -492,4 +492,37 @@ describe("copier: progress, pause, hooks and locks", () => {
     await new Copier(src, t, bitmap, new RangeLock(), { parallel: 1, copyBytes: size }).pass();
     expect(calls.every((c) => c.startsWith("zero"))).toBe(true);
   });
+
+  it("destZero: a copy whose write fails midway takes its chunk out of the destination-is-zero set, so zeros read later are sent", async () => {
+    const size = 256 * KiB;
+    const src = new MemoryPort({ size });
+    await src.open();
+    await src.pwrite(Buffer.alloc(64 * KiB, 9), 64 * KiB, plainIo);
+    const dst = new MemoryPort({ size });
+    await dst.open();
+    let failNext = true;
+    const t: CopyTarget = {
+      async pwrite(buf, offset) {
+        await dst.pwrite(Buffer.from(buf), offset, plainIo); // it landed…
+        if (failNext) {
+          failNext = false;
+          throw new NbdError("EIO", "link dropped before the reply"); // …but the reply was lost
+        }
+      },
+      zero: (length, offset) => dst.zero(length, offset, { ...plainIo, mayTrim: false }),
+      async flush() {},
+    };
+    const destZero = new DirtyBitmap(size);
+    destZero.markAll(); // a fresh destination
+    const bitmap = new DirtyBitmap(size);
+    bitmap.mark(64 * KiB, 64 * KiB);
+    const copier = new Copier(src, t, bitmap, new RangeLock(), { parallel: 1, destZero, backoffMs: 1 });
+    // The first copy fails (the chunk is dirty again); the source's chunk becomes zeros before the retry.
+    await copier.pass(() => failNext === false);
+    await src.trim(64 * KiB, 64 * KiB, plainIo);
+    await copier.pass();
+    const b = Buffer.alloc(64 * KiB, 1);
+    await dst.pread(b, 64 * KiB, plainIo);
+    expect(b.every((x) => x === 0)).toBe(true);
+  });
 });

@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { State } from "../protocol/constants.js";
 import { InflightTracker, plainIo, type Layer } from "../stack/layer.js";
 import type { RangeLock } from "../util/range-lock.js";
-import { lockChunks, type DirtyBitmap } from "./dirty-bitmap.js";
+import { DirtyBitmap, lockChunks } from "./dirty-bitmap.js";
 import type { CopyProgress } from "./progress.js";
 
 /** Where a copy reads: a Layer, or anything that answers extents and pread like one. */
@@ -31,7 +31,7 @@ export interface CopierOptions {
   backoffMs?: number;
   /**
    * Chunks of the destination known to read as zeros (a freshly created image): zero ranges there
-   * are not sent at all; a chunk leaves the set once data was sent to it.
+   * are not sent at all; a chunk leaves the set as data is sent to it (by a copy or a write-through).
    */
   destZero?: DirtyBitmap;
   /** Whether data read as all zeros travels as a zero request (default true); off, what the source calls data is written as read. */
@@ -286,8 +286,9 @@ export class Copier {
           }
           const destZero = this.opts.destZero;
           if (buf) {
-            await this.target.pwrite(buf, at);
+            // Before the write: one that fails midway may have landed in part.
             destZero?.unmark(at, n);
+            await this.target.pwrite(buf, at);
           } else if (!destZero?.covers(at, n)) {
             await this.target.zero(n, at);
           }
@@ -318,19 +319,23 @@ function isZero(buf: Buffer): boolean {
  * Marks what a first copy must send: every range of the source that is not a zero run (a fresh
  * destination reads as zeros already) — or everything when the destination is not known to be
  * zero — minus the ranges `skip` names (free space of a file system, with --skip-free).
+ * It only ever adds to `bitmap`: the scan and the skip are worked out in a bitmap of their own and
+ * merged, so a chunk a writer marked meanwhile (tracking starts before this) stays marked.
  */
 export async function markInitial(source: Layer, bitmap: DirtyBitmap, destIsZero: boolean, skip?: Array<{ offset: number; length: number }>): Promise<void> {
-  if (!destIsZero) bitmap.markAll();
+  const initial = new DirtyBitmap(bitmap.size, bitmap.granularity);
+  if (!destIsZero) initial.markAll();
   else {
     const size = source.size();
     let at = 0;
     while (at < size) {
       const extents = await source.extents(Math.min(size - at, 1 << 30), at, plainIo);
       for (const e of extents) {
-        if (!(e.flags & State.NBD_STATE_ZERO)) bitmap.mark(at, e.length);
+        if (!(e.flags & State.NBD_STATE_ZERO)) initial.mark(at, e.length);
         at += e.length;
       }
     }
   }
-  for (const s of skip ?? []) bitmap.clear(s.offset, s.length);
+  for (const s of skip ?? []) initial.clear(s.offset, s.length);
+  bitmap.merge(initial);
 }

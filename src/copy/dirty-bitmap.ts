@@ -54,6 +54,17 @@ export class DirtyBitmap {
     this.mark(0, this.size);
   }
 
+  /** Marks every chunk `other` marks (same size and granularity); clears nothing. */
+  merge(other: DirtyBitmap): void {
+    if (other.size !== this.size || other.granularity !== this.granularity) throw new Error("dirty bitmaps of different shapes cannot merge");
+    for (let w = 0; w < this.bits.length; w++) {
+      const add = other.bits[w]! & ~this.bits[w]!;
+      if (add === 0) continue;
+      this.bits[w]! |= add;
+      this.dirtyChunks += popcount(add);
+    }
+  }
+
   /** Clears every chunk that [offset, offset + length) touches. */
   unmark(offset: number, length: number): void {
     if (length <= 0) return;
@@ -112,6 +123,12 @@ export class DirtyBitmap {
     }
     return null;
   }
+}
+
+function popcount(x: number): number {
+  x -= (x >>> 1) & 0x55555555;
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  return (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
 }
 
 /**

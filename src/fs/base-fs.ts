@@ -72,6 +72,7 @@ export abstract class BaseFs<N> implements FileSystem {
   abstract readonly totalBytes: number;
   abstract readonly freeBytes: number;
   readonly notes: string[] = [];
+  inUse = false;
 
   constructor(protected readonly dev: Device) {}
 

@@ -31,6 +31,8 @@ export const RO_COMPAT_EXTRA_ISIZE = 0x40;
 export const RO_COMPAT_BIGALLOC = 0x200;
 export const RO_COMPAT_METADATA_CSUM = 0x400;
 
+/** s_state: cleanly unmounted (a read-write mount clears it until unmount). */
+export const STATE_VALID_FS = 0x1;
 export const STATE_ERROR_FS = 0x2;
 export const BG_BLOCK_UNINIT = 0x2;
 export const INODE_FL_EXTENTS = 0x80000;

@@ -25,6 +25,7 @@ import {
   ROOT_INO,
   SB_OFFSET,
   STATE_ERROR_FS,
+  STATE_VALID_FS,
   Superblock,
 } from "./ext-format.js";
 import { FsError, type AllocationRun, type FsKind } from "./file-system.js";
@@ -57,6 +58,8 @@ export class ExtLayout {
   totalBytes!: number;
   freeBytes!: number;
   readonly notes: string[] = [];
+  /** Mounted read-write, or not cleanly unmounted: the on-disk maps may lag the journal and the page cache. */
+  inUse = false;
 
   bs = 0;
   blocks = 0;
@@ -145,6 +148,7 @@ export class ExtLayout {
     this.kind = ext4 ? "ext4" : this.compat & COMPAT_HAS_JOURNAL ? "ext3" : "ext2";
     if (this.incompat & INCOMPAT_RECOVER) this.notes.push("the journal needs recovery: recent changes may not be visible");
     if (sb.state & STATE_ERROR_FS) this.notes.push("the file system has errors (state: not clean)");
+    this.inUse = (this.incompat & INCOMPAT_RECOVER) !== 0 || (sb.state & STATE_VALID_FS) === 0;
     await this.loadGroups();
   }
 

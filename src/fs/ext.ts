@@ -75,6 +75,7 @@ export class ExtFs extends BaseFs<Inode> {
     this.totalBytes = layout.totalBytes;
     this.freeBytes = layout.freeBytes;
     this.notes.push(...layout.notes);
+    this.inUse = layout.inUse;
   }
 
   /** Reads the superblock at byte 1024; null when there is no ext magic there. */

@@ -34,6 +34,7 @@ const Fat32Bpb = struct("FAT32 BPB", {
 /** The extended boot fields: at byte 36 on FAT12/16 and 64 on FAT32 (offsets from there). */
 const ExtendedBoot = struct("FAT extended boot record", {
   drvNum: u8(0), // BS_DrvNum
+  state: u8(1), // BS_Reserved1: Linux sets bit 0 (FAT_STATE_DIRTY) while mounted read-write
   bootSig: u8(2), // BS_BootSig: 0x29 (serial and label follow) or 0x28 (serial only)
   volId: u32le(3), // BS_VolID
   volLab: chars(7, 11), // BS_VolLab
@@ -178,6 +179,7 @@ export class FatFs extends BaseFs<FatNode> {
     this.blockSize = this.clusterSize;
     this.totalBytes = total * this.bps;
     const ext = ExtendedBoot.read(b, this.bits === 32 ? 64 : 36);
+    this.inUse = (ext.state & 0x01) !== 0;
     const serial = ext.bootSig === 0x29 || ext.bootSig === 0x28 ? ext.volId : 0;
     const hex = serial.toString(16).toUpperCase().padStart(8, "0");
     this.uuid = `${hex.slice(0, 4)}-${hex.slice(4)}`;

@@ -88,6 +88,12 @@ export interface FileSystem {
   readonly freeBytes: number;
   /** Things worth knowing that did not stop reading (e.g. "journal needs recovery"). */
   readonly notes: string[];
+  /**
+   * The file system says it is mounted read-write or was not cleanly unmounted (ext: journal to
+   * recover or state not clean; FAT: the dirty flag Linux sets while mounted): its maps on the
+   * device may lag what it has written (journal, caches), so they cannot tell free space.
+   */
+  readonly inUse: boolean;
   readdir(path: string): Promise<DirEntry[]>;
   stat(path: string): Promise<FileStat>;
   readlink(path: string): Promise<string>;

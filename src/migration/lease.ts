@@ -94,7 +94,14 @@ export class LeaseFile implements Ownership {
     readonly image: string,
     opts: LeaseFileOptions = {},
   ) {
-    const abs = path.resolve(image);
+    // One record per image file, however it is named: a symlink leads to the file's own record.
+    // (Two hard links to one file are still two names; serve an image by one name.)
+    let abs = path.resolve(image);
+    try {
+      abs = fs.realpathSync(abs);
+    } catch {
+      /* not there yet */
+    }
     this.file = `${abs}.lease`;
     this.lockFile = `${abs}.lease.lock`;
     this.monotonic = opts.monotonic ?? (() => performance.now());
@@ -161,13 +168,14 @@ export class LeaseFile implements Ownership {
 
   /** Takes the image over once its owner's lease expired; null while it is valid, or for a node's own copy. */
   takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): LeaseRecord | null {
-    const breakable = (r: LeaseRecord | null): r is LeaseRecord => !!r && !r.private && this.expired(r);
+    // No record at all is free too (a node that could not write one when it started).
+    const breakable = (r: LeaseRecord | null) => !r || (!r.private && this.expired(r));
     if (!breakable(this.read())) return null; // the common case, without taking the lock
     let taken = false;
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return this.record(me, cur.epoch + 1, ttlMs);
+      return this.record(me, (cur?.epoch ?? 0) + 1, ttlMs);
     });
     return taken ? r : null;
   }
@@ -178,6 +186,11 @@ export class LeaseFile implements Ownership {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.wall(), serial: (cur.serial ?? 0) + 1, pid: this.pid, host: this.host };
     });
+  }
+
+  handedTo(me: NodeIdentity): number | null {
+    const r = this.read();
+    return r && r.owner === me.nodeId && r.pid === undefined && !r.private && r.leaseStart !== 0 ? r.epoch : null;
   }
 
   /** Hands my lease (held at `epoch`) to `to` with epoch + 1. */
@@ -242,11 +255,13 @@ export class LeaseFile implements Ownership {
   /**
    * A short exclusive lock around read-modify-write: a lock file holding this process's id. It is
    * broken only when the process it names is gone (a paused holder keeps it, so its late rename can
-   * never overwrite a newer record), and removed only by its holder.
+   * never overwrite a newer record), and removed only by its holder. Waiting blocks the event loop,
+   * so it is short (50 ms): a holder that keeps it longer is stopped, and the caller tries again
+   * later (a write waits; the renewal loop tries at its next tick).
    */
   private lock(): () => void {
     const token = `${this.host} ${this.pid} ${Math.random().toString(36).slice(2)}`;
-    const deadline = Date.now() + 5000;
+    const deadline = Date.now() + 50;
     for (;;) {
       try {
         fs.writeFileSync(this.lockFile, token, { flag: "wx" });
@@ -260,9 +275,17 @@ export class LeaseFile implements Ownership {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
         this.breakDeadLock();
-        if (Date.now() > deadline) throw new Error(`${this.lockFile}: lock held for too long`);
+        if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
         Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
       }
+    }
+  }
+
+  private holder(): string {
+    try {
+      return fs.readFileSync(this.lockFile, "utf8").split(" ").slice(0, 2).join(" pid ");
+    } catch {
+      return "gone";
     }
   }
 

@@ -28,7 +28,9 @@ export interface Ownership {
    * claim: from then on the hand-over can no longer be taken back.
    */
   renew(me: NodeIdentity, epoch: number): LeaseRecord;
-  /** Hands my lease (at `epoch`) to `to`, at epoch + 1: the commit point of a move. */
+  /** The epoch of a hand-over to `me` that I have not claimed yet (shared records only), or null. */
+  handedTo(me: NodeIdentity): number | null;
+  /** Hands my lease (at `epoch`) to `to`, at epoch + 1; the peer's claim of it commits the move. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): LeaseRecord;
   /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */
   takeOver(me: NodeIdentity, ttlMs: number): LeaseRecord | null;

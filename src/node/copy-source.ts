@@ -1,9 +1,10 @@
 import { NbdClient } from "../client/nbd-client.js";
-import { controlCall, getStatus } from "../control/control-client.js";
+import { ControlError, controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import type { CopyTarget } from "../copy/copier.js";
 import { freeRanges } from "../migration/free-space.js";
 import { LiveCopy, type CopyMode } from "../migration/live-copy.js";
+import { fileIdentity } from "./copy-target.js";
 import { parseHostPort, type CopyMigrateOptions, type MoveResult, type NodeContext } from "./node-context.js";
 
 /*
@@ -27,11 +28,12 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
   });
   const t0 = performance.now();
   const log = node.opts.log.child({ export: name, to: peer.nodeId });
-  const skip = o.skipFree ? await freeRanges(m.tracker.below()) : undefined;
-  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch }).catch((err: Error) => {
-    throw new HttpError(502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
+  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch, image: fileIdentity(m.image) ?? undefined }).catch((err: Error) => {
+    // A refusal (409: the same image, another size, owned there) is the caller's conflict, not a bad gateway.
+    throw new HttpError(err instanceof ControlError && err.status === 409 ? 409 : 502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
   });
-  const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}).catch(() => undefined);
+  // Tidying only (the target stays marked incomplete either way): a stopped peer must not hold the answer long.
+  const abandon = () => controlCall(to, "POST", `v1/copy-targets/${encodeURIComponent(name)}/abandon`, {}, 5000).catch(() => undefined);
   let client: NbdClient;
   try {
     client = await NbdClient.connect(parseHostPort(t.nbd), { exportName: t.target, tls: node.opts.peerTls });
@@ -44,10 +46,13 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
     zero: (length, offset) => client.zero(length, offset),
     flush: () => client.flush(),
   };
-  // Copies read the image below the tracker, so they are not tracked as writes themselves.
-  const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log });
+  // Copies read the image below the tracker, so they are not tracked as writes themselves. The
+  // free map is read once tracking runs (see LiveCopyOptions.skip); an abort cuts the link, so a
+  // stopped destination holds neither the copy nor, in write-blocking mode, the clients.
+  const skip = o.skipFree ? () => freeRanges(m.tracker.below(), log) : undefined;
+  const copy = new LiveCopy(m.tracker, m.tracker.below(), target, { mode: o.mode, skip, destIsZero: t.fresh, maxRate: o.maxRate, log, onAbort: () => client.destroy() });
   m.copy = copy;
-  log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!skip }, "live copy: mirror phase");
+  log.info({ mode: o.mode ?? "background", fresh: t.fresh, skipFree: !!o.skipFree }, "live copy: mirror phase");
   try {
     await copy.converge();
     const r = await node.migrate(name, to, () => copy.finish(), true);

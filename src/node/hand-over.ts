@@ -3,7 +3,7 @@ import { HttpError } from "../control/control-server.js";
 import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { completeCopyTarget } from "./copy-target.js";
 import { renew } from "./lease-keeper.js";
-import { parseHostPort, type MoveResult, type NodeContext } from "./node-context.js";
+import { parseHostPort, type Managed, type MoveResult, type NodeContext } from "./node-context.js";
 
 /*
  * A move (MISSION.md, "Sequence of a move"): the owner's redirector holds new requests, drains
@@ -28,7 +28,7 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
   const { held } = await m.redirector.moveOut({
     beforeRelease,
     // Port B to the peer, opened before the hold so its connection costs no stall.
-    prepare: () => m.pair.openRemote(parseHostPort(peer.nbd)),
+    prepare: () => m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
     assign: async () => {
       handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       m.epoch = null;
@@ -37,8 +37,14 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
     },
     reclaim: async () => {
       if (!handed) {
-        // Nothing was handed over: the lease is still mine if the record says so.
-        renew(node, m, myEpoch);
+        // Nothing was handed over: the lease is still mine if the record says so (renewed if it
+        // can be; if the record can be read but not written, say on a full disk, it is kept as is).
+        try {
+          renew(node, m, myEpoch);
+        } catch (err) {
+          const r = err instanceof LeaseError ? null : m.lease.read();
+          if (r?.owner !== node.identity.nodeId || r.epoch !== myEpoch) throw err;
+        }
         m.epoch = myEpoch;
         return;
       }
@@ -76,11 +82,24 @@ async function refuseAdoption(node: NodeContext, to: string, name: string, epoch
  * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
  * step is the claim (see above); an epoch the owner took back first is refused (409).
  */
-export async function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
+export function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
   const m = node.find(name);
-  if (epoch <= m.refused) throw new HttpError(409, `${name}: the owner took epoch ${epoch} back`);
-  if (m.adopting !== null) throw new HttpError(409, `${name}: adopting epoch ${m.adopting} already`);
+  if (epoch <= m.refused) return Promise.reject(new HttpError(409, `${name}: the owner took epoch ${epoch} back`));
+  const running = adoptions.get(m);
+  // The renewal loop may have found the hand-over first: the adopt call then waits for that adoption.
+  if (running && m.adopting === epoch) return running;
+  if (m.adopting !== null) return Promise.reject(new HttpError(409, `${name}: adopting epoch ${m.adopting} already`));
   m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
+  const p = adoptAt(node, m, epoch).finally(() => adoptions.delete(m));
+  adoptions.set(m, p);
+  return p;
+}
+
+/** Adoptions under way, so that a second request for the same epoch waits for the first. */
+const adoptions = new WeakMap<Managed, Promise<void>>();
+
+async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+  const name = m.name;
   try {
     await completeCopyTarget(node, m, epoch);
     try {
@@ -91,7 +110,14 @@ export async function adopt(node: NodeContext, name: string, epoch: number): Pro
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);
     }
     m.epoch = epoch;
-    await m.redirector.adopt();
+    try {
+      await m.redirector.adopt();
+    } catch (err) {
+      // Claimed but port A would not open: give the lease up (released, so the source can take it
+      // back or another node take it over at once) rather than hold it with nothing to write it.
+      m.lease.release(node.identity, epoch);
+      throw err;
+    }
   } catch (err) {
     m.epoch = null;
     throw err;

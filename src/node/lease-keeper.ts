@@ -1,6 +1,7 @@
 import { LeaseError } from "../migration/lease.js";
-import { ownerIsHere } from "../stack/port/remote-port.js";
+import { ownerIsHere, type OwnerAddress } from "../stack/port/remote-port.js";
 import type { Ownership } from "../migration/ownership.js";
+import { adopt } from "./hand-over.js";
 import { parseHostPort, type Managed, type NodeContext } from "./node-context.js";
 
 /*
@@ -58,12 +59,15 @@ export function renew(node: NodeContext, m: Managed, epoch: number): void {
   m.validUntil = t0 + node.ttlMs * FRESH;
 }
 
-/** The NBD address of the owner that `lease` names; an EOWNER error if that is this node. */
-export function locateOwner(node: NodeContext, lease: Ownership): { host: string; port: number } {
+/**
+ * The NBD address of the owner that `lease` names, and who it is (node@epoch: each process of a
+ * node owns at a new epoch); an EOWNER error if that is this node.
+ */
+export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
   const r = lease.read();
   if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
   if (r.owner === node.identity.nodeId) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
-  return parseHostPort(r.nbd);
+  return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}` };
 }
 
 /** One tick of the renewal loop over every export of the node. */
@@ -80,11 +84,20 @@ export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
 
 /** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */
 function renewOne(node: NodeContext, m: Managed): void {
-  if (m.epoch === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+  if (m.epoch === null && m.adopting === null && m.redirector.state === "REMOTE" && !m.private && !m.target) {
+    // A hand-over to this node whose adopt call never came (its source died right after it): claim it.
+    const handed = m.lease.handedTo(node.identity);
+    if (handed !== null) {
+      node.opts.log.warn({ export: m.name, epoch: handed }, "the lease was handed to this node without an adopt call: adopting it");
+      adopt(node, m.name, handed).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "adopting a handed lease failed"));
+      return;
+    }
     takeOverIfExpired(node, m);
     return;
   }
-  if (m.epoch === null || (m.redirector.state !== "LOCAL" && m.redirector.state !== "ADOPTING")) return;
+  // Renewed in every state while this node holds the lease: a move that drains slowly must not
+  // let the lease expire while port A may still write.
+  if (m.epoch === null) return;
   try {
     renew(node, m, m.epoch);
   } catch (err) {
@@ -116,7 +129,14 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
   m.validUntil = 0;
   // The owner stopped without a hand-over: what it acknowledged without a FLUSH may be gone.
   m.redirector.adopt({ ownerFlushed: false }).catch((err: Error) => {
-    node.opts.log.error({ export: m.name, err: err.message }, "take-over failed");
+    // Port A would not open: give the record up (released, so any node may take it at once)
+    // rather than name this node owner with nothing to write it — its port B would wait on itself.
+    node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");
     m.epoch = null;
+    try {
+      m.lease.release(node.identity, epoch);
+    } catch (e) {
+      node.opts.log.error({ export: m.name, err: (e as Error).message }, "releasing the lease failed");
+    }
   });
 }

@@ -5,6 +5,7 @@ import pino from "pino";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { LeaseFile } from "../migration/lease.js";
 import { plainIo } from "../stack/layer.js";
+import { StackHandles } from "../stack/stack-handles.js";
 import { StorageNode } from "./storage-node.js";
 
 const dirs: string[] = [];
@@ -128,5 +129,76 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     expect(a.status().exports[0]).toMatchObject({ state: "LOCAL", owner: "a", epoch: 1 });
     await exp.close();
     await a.close();
+  });
+
+  it("adopts a lease handed to it whose adopt call never came (the source died right after the hand-over), at the next renewal tick", async () => {
+    const img = image();
+    const ttlMs = 9000; // renewal ticks every 3 s; the lease would expire for an observer only after 9 s
+    const me = os.hostname();
+    // "a", a process that runs (pid 1), owns the image.
+    const lease = new LeaseFile(img, { pid: 1, host: me });
+    lease.acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, ttlMs);
+    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+    const exp = b.createExport({ source: img, name: "disk" });
+    await exp.open();
+    b.start("http://127.0.0.1:9");
+    expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: "a" });
+    lease.handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs); // then a dies
+    const t0 = performance.now();
+    while (b.status().exports[0]!.state !== "LOCAL") {
+      if (performance.now() - t0 > 6000) throw new Error(`still ${b.status().exports[0]!.state} after 6 s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
+    expect(new LeaseFile(img).read()).toMatchObject({ owner: "b", epoch: 2, pid: process.pid }); // claimed
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x5a), 0, plainIo);
+    expect(readAt(img, 0, 4096).every((x) => x === 0x5a)).toBe(true);
+    await exp.close();
+    await b.close();
+  }, 15_000);
+
+  it("a take-over whose port A does not open gives the lease up instead of naming itself owner with nothing to serve", async () => {
+    const img = image();
+    new LeaseFile(img, { pid: 1, host: os.hostname() }).acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, 600); // a never renews: b takes over after 600 ms
+    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
+    const handles = new StackHandles();
+    const exp = b.createExport({ source: img, name: "disk", fault: {} }, handles);
+    await exp.open();
+    const rule = handles.faults.get("disk")!.addRule("op=open,errno=EIO"); // port A cannot open now
+    b.start("http://127.0.0.1:9");
+    const t0 = performance.now();
+    while (!(new LeaseFile(img).read()?.owner === "b" && new LeaseFile(img).read()?.leaseStart === 0)) {
+      if (performance.now() - t0 > 3000) throw new Error(`record still ${JSON.stringify(new LeaseFile(img).read())}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    handles.faults.get("disk")!.clearRules(); // the next tick takes it over and serves it
+    void rule;
+    while (b.status().exports[0]!.state !== "LOCAL") {
+      if (performance.now() - t0 > 6000) throw new Error(`still ${b.status().exports[0]!.state}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x42), 0, plainIo);
+    expect(readAt(img, 0, 4096).every((x) => x === 0x42)).toBe(true);
+    await exp.close();
+    await b.close();
+  });
+
+  it("starts serving through port B when the record cannot be taken at start (its lock held by a stopped process), and takes it once it can", async () => {
+    const img = image();
+    fs.writeFileSync(`${img}.lease.lock`, `${os.hostname()} 1 held`); // pid 1 runs: the lock is never broken
+    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
+    const exp = b.createExport({ source: img, name: "disk" });
+    await exp.open();
+    expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: null });
+    b.start("http://127.0.0.1:9");
+    fs.rmSync(`${img}.lease.lock`);
+    const t0 = performance.now();
+    while (b.status().exports[0]!.state !== "LOCAL") {
+      if (performance.now() - t0 > 3000) throw new Error(`still ${b.status().exports[0]!.state}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 1 });
+    await exp.close();
+    await b.close();
   });
 });

@@ -7,7 +7,7 @@ import type { Export } from "../stack/export.js";
 import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
-import { abandonCopyTarget, createCopyTarget } from "./copy-target.js";
+import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
@@ -46,8 +46,11 @@ export class StorageNode {
     try {
       epoch = lease.acquire(this.identity, this.ttlMs).epoch;
     } catch (err) {
-      if (!(err instanceof LeaseError)) throw err;
-      this.opts.log.info({ export: spec.name, owner: err.current?.owner }, "image owned by another node: serving through port B");
+      // Owned by another node; or the record cannot be written now (a full disk, a lock held by a
+      // stopped process): serve through port B meanwhile — the renewal loop takes the image over
+      // once its lease is free.
+      if (err instanceof LeaseError) this.opts.log.info({ export: spec.name, owner: err.current?.owner }, "image owned by another node: serving through port B");
+      else this.opts.log.warn({ export: spec.name, err: (err as Error).message }, "cannot take the lease now: serving through port B until it can");
     }
     let m!: Managed; // set below, before the export opens and these hooks run
     const { exp, pair } = composeNodeExport(spec, handles, this.opts.log, {
@@ -59,6 +62,8 @@ export class StorageNode {
         return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
       },
       tls: this.opts.peerTls,
+      // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
+      requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
       label: () => {
         const r = lease.read();
         return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;
@@ -73,11 +78,14 @@ export class StorageNode {
     return this.opts.ownership ? this.opts.ownership(image) : new LeaseFile(image);
   }
 
-  /** Stops the live copy of `name` that this node runs as its source; 409 if none is running. */
+  /**
+   * Stops the live copy of `name` that this node runs as its source — in the final copy too (the
+   * move then rolls back: the held requests drain through port A); 409 if none is running.
+   */
   cancelCopy(name: string): void {
     const m = this.find(name);
     const phase = m.copy?.progress().phase;
-    if (!m.copy || (phase !== "copying" && phase !== "starting")) throw new HttpError(409, `${name}: no live copy to cancel`);
+    if (!m.copy || (phase !== "copying" && phase !== "starting" && phase !== "final")) throw new HttpError(409, `${name}: no live copy to cancel`);
     m.copy.cancel("cancelled by request");
   }
 
@@ -138,8 +146,8 @@ export class StorageNode {
   }
 
   /** Destination side of a live copy: see copy-target.ts. */
-  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number): Promise<{ target: string; nbd: string; fresh: boolean }> {
-    return createCopyTarget(this.context, name, size, owner, epoch);
+  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    return createCopyTarget(this.context, name, size, owner, epoch, sourceImage);
   }
 
   /**

@@ -1,6 +1,6 @@
 import { ProtocolError } from "../errors.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, REQUEST_HEADER_SIZE } from "./constants.js";
-import type { Io } from "../stack/layer.js";
+import type { ClientSession, Io } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 
 /**
@@ -13,7 +13,7 @@ export class Request implements Io {
   mayTrim: boolean;
   fast: boolean;
   peer = false;
-  session: object | null = null;
+  session: ClientSession | null = null;
   /** Pool buffer holding `data` when the payload had to be assembled; released by the consumer. */
   backing: Buffer | null = null;
   constructor(
@@ -130,7 +130,8 @@ export class RequestParser {
         continue;
       }
       if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
-      if (end - pos >= length && !this.volatileChunks) {
+      // A zero-length write has nothing to wait for (left pending, it was answered only when more bytes came).
+      if (length === 0 || (end - pos >= length && !this.volatileChunks)) {
         pos += length;
         if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos - length, pos))) === false) return pos;
         continue;

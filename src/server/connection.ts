@@ -20,6 +20,7 @@ import { InflightTracker } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "../stack/export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
+import { applyOnce } from "./peer-writes.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
 import type { Metrics, MetricOp, OpMetrics } from "../metrics/metrics.js";
 
@@ -65,6 +66,7 @@ export class Connection {
   private structured = false;
   private allocationContext = 0;
   private peer = false;
+  private peerSession: string | null = null;
   private opMetrics: Record<MetricOp, OpMetrics> | null = null;
   private parser!: RequestParser;
   private readonly requests = new InflightTracker();
@@ -82,6 +84,10 @@ export class Connection {
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
+  /** Whether this connection ended (layers keeping per-client state drop it then). */
+  get ended(): boolean {
+    return this.finished;
+  }
   private tls = false;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
@@ -145,6 +151,7 @@ export class Connection {
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;
     this.peer = negotiated.peer;
+    this.peerSession = negotiated.peerSession;
     this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
     this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, tls: this.tls }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
@@ -370,7 +377,7 @@ export class Connection {
         case Cmd.NBD_CMD_WRITE:
           try {
             if (this.reject(req, "pwrite")) return true;
-            await layer.pwrite(req.data!, req.offset, req);
+            await this.once(req, () => layer.pwrite(req.data!, req.offset, req));
           } finally {
             if (req.backing) ioBuffers.release(req.backing);
             req.data = req.backing = null;
@@ -382,7 +389,7 @@ export class Connection {
           break;
         case Cmd.NBD_CMD_TRIM:
           if (this.reject(req, "trim")) return true;
-          await layer.trim(req.length, req.offset, req);
+          await this.once(req, () => layer.trim(req.length, req.offset, req));
           break;
         case Cmd.NBD_CMD_CACHE:
           if (this.reject(req, "cache")) return true;
@@ -390,7 +397,7 @@ export class Connection {
           break;
         case Cmd.NBD_CMD_WRITE_ZEROES:
           if (this.reject(req, "zero")) return true;
-          await layer.zero(req.length, req.offset, req);
+          await this.once(req, () => layer.zero(req.length, req.offset, req));
           break;
         case Cmd.NBD_CMD_BLOCK_STATUS:
           return await this.blockStatus(req);
@@ -402,6 +409,11 @@ export class Connection {
     }
     this.send(simpleReply(0, req.cookieHi, req.cookieLo));
     return false;
+  }
+
+  /** A write of a port B session is applied once however often it is sent (see peer-writes.ts). */
+  private once(req: Request, run: () => Promise<void>): Promise<void> {
+    return this.peerSession && req.cookieHi !== 0 ? applyOnce(this.peerSession, req.cookieHi, run) : run();
   }
 
   /** Runs the guard; answers the request with its error and returns true if it may not go down. */

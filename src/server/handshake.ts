@@ -16,7 +16,7 @@ import {
 } from "../protocol/constants.js";
 import type { Export } from "../stack/export.js";
 import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
-import { exportOfPeerName } from "../internal-exports.js";
+import { exportOfPeerName, sessionOfPeerName } from "../internal-exports.js";
 
 /** Options longer than this close the connection (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
@@ -32,6 +32,8 @@ export interface Negotiated {
   exp: Export;
   /** The client is another node's port B (it asked for peerExportName(name)). */
   peer: boolean;
+  /** Its port B session, if it tags its writes (see server/peer-writes.ts). */
+  peerSession: string | null;
   structured: boolean;
   /** Meta context id of base:allocation, or 0 when it was not selected. */
   allocationContext: number;
@@ -263,7 +265,7 @@ async function run(
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
         sock.write(out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: exportOfPeerName(name) !== null, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -323,7 +325,7 @@ async function run(
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: exportOfPeerName(parsed.name) !== null, structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
         }
         break;
       }
@@ -338,6 +340,11 @@ async function run(
       case Opt.NBD_OPT_LIST_META_CONTEXT:
       case Opt.NBD_OPT_SET_META_CONTEXT: {
         const set = opt === Opt.NBD_OPT_SET_META_CONTEXT;
+        if (set) {
+          // The selection is replaced "including when this command fails" (doc/proto.md).
+          allocationSelected = false;
+          metaExport = null;
+        }
         if (set && !structured) {
           replyError(opt, Rep.NBD_REP_ERR_INVALID, "NBD_OPT_SET_META_CONTEXT needs structured replies first");
           break;

@@ -2,6 +2,7 @@ import net from "node:net";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../client/nbd-client.js";
+import type { NbdError } from "../errors.js";
 import { silentLogger, type Logger } from "../log.js";
 import { Cmd, CmdFlag, NBD_REQUEST_MAGIC, TransmissionFlag as F } from "../protocol/constants.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
@@ -311,6 +312,24 @@ describe("NbdServer against the memory port", () => {
     });
   }
 
+  // Issue 21, finding 1: a zero-length WRITE sent as the last request was answered only once
+  // more bytes came (the direct-read path kept a 0-byte payload pending).
+  for (const directReads of [true, false]) {
+    it(`answers a zero-length WRITE that is the last thing sent (direct reads ${directReads ? "on" : "off"})`, async () => {
+      const { addr } = await start({ directReads });
+      const c = await NbdClient.connect(addr, { exportName: "mem" });
+      const reply = c.request(Cmd.NBD_CMD_WRITE, 0, 0, 0, Buffer.alloc(0)).then(
+        () => "ok",
+        (e: NbdError) => e.errno,
+      );
+      const answer = await Promise.race([reply, new Promise((r) => setTimeout(() => r("no reply within 2 s"), 2000))]);
+      expect(answer).not.toBe("no reply within 2 s");
+      await c.pwrite(Buffer.from("after"), 0);
+      expect((await c.pread(5, 0)).toString()).toBe("after");
+      await c.disconnect();
+    });
+  }
+
   it("closes only the offending connection on a bad magic, an oversized write or a truncated frame, saying why", async () => {
     const log = captureLog();
     const { addr, server } = await start({ log: log.logger });
@@ -340,6 +359,47 @@ describe("NbdServer against the memory port", () => {
     }
     await until(() => server.connectionCount === 1, "only the good connection left");
     await good.disconnect();
+  });
+
+  // Issue 21, finding 3: the spec says SET_META_CONTEXT replaces the selection "including when
+  // this command fails"; a failed one left base:allocation selected, and BLOCK_STATUS answered.
+  it("a failed NBD_OPT_SET_META_CONTEXT clears the earlier selection: BLOCK_STATUS then gets EINVAL", async () => {
+    const { addr } = await start();
+    const s = await rawConnect(addr);
+    await s.bytes(18); // the greeting
+    s.socket.write(Buffer.from([0, 0, 0, 3])); // FIXED_NEWSTYLE | NO_ZEROES
+    const str = (t: string) => {
+      const b = Buffer.from(t);
+      const l = Buffer.alloc(4);
+      l.writeUInt32BE(b.length);
+      return Buffer.concat([l, b]);
+    };
+    const meta = (name: string) => Buffer.concat([str(name), Buffer.from([0, 0, 0, 1]), str("base:allocation")]);
+    s.socket.write(optionFrame(8, Buffer.alloc(0))); // STRUCTURED_REPLY
+    s.socket.write(optionFrame(10, meta("mem"))); // SET_META_CONTEXT: selected
+    s.socket.write(optionFrame(10, meta("nope"))); // SET_META_CONTEXT for an unknown export: fails
+    s.socket.write(optionFrame(7, Buffer.concat([str("mem"), Buffer.from([0, 0])]))); // GO
+    // Option replies: magic(8) option(4) type(4) length(4) data; after GO's ACK, transmission.
+    let at = 18;
+    const types: Array<[number, number]> = [];
+    for (;;) {
+      const b = await s.bytes(at + 20);
+      const len = b.readUInt32BE(at + 16);
+      await s.bytes(at + 20 + len);
+      const opt = b.readUInt32BE(at + 8);
+      const type = b.readUInt32BE(at + 12);
+      types.push([opt, type]);
+      at += 20 + len;
+      if (opt === 7 && type === 1) break;
+    }
+    expect(types.filter(([o]) => o === 10).map(([, t]) => t >= 0x80000000)).toEqual([false, false, true]); // META_CONTEXT, ACK; then an error
+    s.socket.write(rawHeader(Cmd.NBD_CMD_BLOCK_STATUS, 0, 9, 0, 4096));
+    const r = await s.bytes(at + 20);
+    expect(r.readUInt32BE(at)).toBe(0x668e33ef); // a structured reply chunk
+    expect(r.readUInt16BE(at + 6)).toBe((1 << 15) + 1); // NBD_REPLY_TYPE_ERROR, not block status
+    const e = await s.bytes(at + 24);
+    expect(e.readUInt32BE(at + 20)).toBe(22); // EINVAL
+    s.socket.destroy();
   });
 
   it("drops a client that sends unknown handshake flags, and answers unknown options with ERR_UNSUP", async () => {

@@ -14,9 +14,14 @@ export interface Io {
   fast: boolean;
   peer?: boolean;
   /** The client connection the request came on, for state kept per client (unflushed writes). */
-  session?: object | null;
+  session?: ClientSession | null;
   signal?: AbortSignal;
   log?: Logger;
+}
+
+/** A client connection as layers see it: an identity, and whether it has closed (its state can go). */
+export interface ClientSession {
+  readonly ended: boolean;
 }
 
 /** Io for internal calls (copies, flushes at shutdown, tests). */

@@ -4,7 +4,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { controlCall, getStatus } from "../../src/control/control-client.js";
+import { ControlError, controlCall, getStatus } from "../../src/control/control-client.js";
 import { exportStatus, pollUntil, scrape } from "../helpers/migration.js";
 import { CLI, serve, tempDir, type Served, controlUrl } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
@@ -202,6 +202,64 @@ describe.skipIf(!needTools("mkfs.ext4", "e2fsck", "debugfs"))("live copy with --
       execFileSync("e2fsck", ["-fn", copy], { stdio: "ignore" });
       const got = execFileSync("debugfs", ["-R", "cat /data.bin", copy], { maxBuffer: 16 * MiB, stdio: ["ignore", "pipe", "ignore"] });
       expect(got.equals(file)).toBe(true);
+    } finally {
+      await b.stop();
+      await a.stop();
+    }
+  });
+});
+
+describe("live copy to a node that shares the image", () => {
+  /** Asks a to live-copy "disk" to b; returns the refusal (or null when it was not refused). */
+  async function refusal(A: string, B: string): Promise<ControlError | null> {
+    return controlCall(A, "POST", "v1/exports/disk/migrate", { to: B, copy: true }).then(
+      () => null,
+      (e: ControlError) => e,
+    );
+  }
+  async function stillA(a: Served): Promise<void> {
+    expect((await exportStatus(controlUrl(a), "disk"))?.state).toBe("LOCAL");
+    const c = await NbdClient.connect(addr(a.uris[0]!), { exportName: "disk" });
+    expect((await c.pread(4096, 0)).every((x) => x === 0x33)).toBe(true);
+    await c.disconnect();
+  }
+  function image(): string {
+    const img = path.join(tempDir(), "disk.img");
+    fs.writeFileSync(img, Buffer.alloc(MiB, 0x33));
+    fs.truncateSync(img, 4 * MiB);
+    return img;
+  }
+
+  it("same image: --copy to a node serving the very file is refused with 409 naming the image; a keeps the export", async () => {
+    const img = image();
+    const a = await serve([img, "--name", "disk", "--node-id", "a", "--control", "127.0.0.1:0"], 2);
+    const b = await serve([img, "--name", "disk", "--node-id", "b", "--control", "127.0.0.1:0"], 2);
+    try {
+      const err = await refusal(controlUrl(a), controlUrl(b));
+      expect(err, "the copy was not refused").toBeInstanceOf(ControlError);
+      expect(err!.status, err!.message).toBe(409);
+      expect(err!.message).toContain(img);
+      expect((await exportStatus(controlUrl(b), "disk"))?.copyTarget).toBeUndefined();
+      await stillA(a);
+    } finally {
+      await b.stop();
+      await a.stop();
+    }
+  });
+
+  it("same image: --copy into a --data-dir whose image is a hard link to the source's is refused with 409 naming the image", async () => {
+    const img = image();
+    const dirB = tempDir();
+    fs.linkSync(img, path.join(dirB, "disk.img")); // another path, the same file (device and inode)
+    fs.writeFileSync(path.join(dirB, "disk.img.incomplete"), "an earlier copy that never finished\n"); // b does not serve it
+    const a = await serve([img, "--name", "disk", "--node-id", "a", "--control", "127.0.0.1:0"], 2);
+    const b = await serve(["--data-dir", dirB, "--node-id", "b", "--control", "127.0.0.1:0", "--listen", "127.0.0.1:0"], 1);
+    try {
+      const err = await refusal(controlUrl(a), controlUrl(b));
+      expect(err, "the copy was not refused").toBeInstanceOf(ControlError);
+      expect(err!.status, err!.message).toBe(409);
+      expect(err!.message).toContain(path.join(dirB, "disk.img"));
+      await stillA(a);
     } finally {
       await b.stop();
       await a.stop();

@@ -52,6 +52,33 @@ print(bytes(h.pread(3, 0)))
     expect(out).toEqual(["ENOSPC", "ENOSPC", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "b'aaa'"]);
   });
 
+  // Issue 21, finding 2: flags on commands they do not apply to were accepted; the spec says
+  // clients MUST NOT send them and the server SHOULD answer EINVAL. FUA is valid on every command.
+  it("answers EINVAL to flags on commands they do not apply to; FUA is accepted everywhere", () => {
+    const out = run(
+      srv.uris[0]!,
+      `
+h.set_strict_mode(0)
+M = 1024 * 1024  # away from the bytes other cases read
+print(err(h.pread, 512, M, nbd.CMD_FLAG_NO_HOLE))
+print(err(h.pwrite, b"x" * 512, M, nbd.CMD_FLAG_NO_HOLE))
+print(err(h.trim, 4096, M, nbd.CMD_FLAG_NO_HOLE))
+print(err(h.zero, 4096, M, nbd.CMD_FLAG_REQ_ONE))
+print(err(h.pread, 512, M, nbd.CMD_FLAG_REQ_ONE))
+print(err(h.cache, 4096, M, nbd.CMD_FLAG_NO_HOLE))
+print(err(h.flush, nbd.CMD_FLAG_REQ_ONE))
+print(err(h.block_status, 4096, 0, lambda *a: 0, nbd.CMD_FLAG_NO_HOLE))
+print(err(h.pwrite, b"x" * 512, M, nbd.CMD_FLAG_FUA))
+print(err(h.zero, 4096, M, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA))
+print(err(h.block_status, 4096, 0, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE))
+print(err(h.flush, nbd.CMD_FLAG_FUA))
+print(err(h.pread, 512, M, nbd.CMD_FLAG_FUA))
+print(bytes(h.pread(3, M + 8192)))
+`,
+    );
+    expect(out).toEqual(["EINVAL", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "EINVAL", "ok", "ok", "ok", "ok", "ok", "b'aaa'"]);
+  });
+
   it("refuses writes on a read-only export with EPERM", () => {
     const out = run(
       ro.uri,

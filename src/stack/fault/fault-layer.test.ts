@@ -124,6 +124,20 @@ describe("FaultLayer", () => {
     expect(fault.listRules()[0]).toMatchObject({ fired: 1 });
   });
 
+  it("drops its unflushed writes at close: a reopened layer never writes stale data over what another owner wrote meanwhile", async () => {
+    const { fault, port } = await stack({ powerloss: true });
+    await fault.pwrite(Buffer.alloc(4096, 0xaa), 0, plainIo); // acknowledged, unflushed
+    await fault.close(); // port A closed without a flush: the lease was lost (a fence)
+    await port.open();
+    await port.pwrite(Buffer.alloc(4096, 0xbb), 0, plainIo); // the new owner's write
+    await fault.open(); // this node owns the image again later
+    await fault.flush(plainIo);
+    const back = Buffer.alloc(4096);
+    await port.pread(back, 0, plainIo);
+    expect(back.every((b) => b === 0xbb)).toBe(true);
+    expect(fault.counts.lostWrites).toBe(1);
+  });
+
   it("ends stalled requests with ESHUTDOWN when it closes, so a shutdown never waits on a stall", async () => {
     const { fault, port } = await stack();
     fault.addRule("op=pwrite,stall");

@@ -70,10 +70,21 @@ export class FaultLayer extends PassthroughLayer {
   }
 
   /** Stalled requests end with ESHUTDOWN (they never go down): closing must not wait for a release. */
+  /**
+   * Stalled requests end with ESHUTDOWN. Writes still in the volatile cache are dropped, as a power
+   * cut would: a close that wanted them kept flushed first (shutdown, a hand-over), and one that did
+   * not (port A fenced after the lease was lost) must never write them later, over another owner's.
+   */
   override async close(): Promise<void> {
     const s = this.stalled;
     this.stalled = [];
     for (const w of s) w.stop(new NbdError("ESHUTDOWN", "the fault layer closed while this request was stalled"));
+    await this.persisting;
+    if (this.volatile.length) {
+      this.counts.lostWrites += this.volatile.length;
+      this.opts.log?.warn({ lost: this.volatile.length }, "closed with unflushed writes in the volatile cache: they are lost");
+      this.volatile = [];
+    }
     return this.next.close();
   }
 

@@ -1,12 +1,14 @@
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
+import type { NbdError } from "../../errors.js";
 import { silentLogger } from "../../log.js";
 import { NbdServer } from "../../server/server.js";
 import { DiskLayer } from "../disk/disk-layer.js";
 import { Export } from "../export.js";
-import { plainIo, type Io } from "../layer.js";
+import { PassthroughLayer, plainIo, type Io } from "../layer.js";
 import { MemoryPort } from "./memory-port.js";
 import { buildPortPair } from "./port-pair.js";
+import { ownerIsHere } from "./remote-port.js";
 
 const MiB = 1024 * 1024;
 let closers: Array<() => Promise<void> | void> = [];
@@ -15,13 +17,45 @@ afterEach(async () => {
   closers = [];
 });
 
+/** The owner's device: writes hang while `frozen` (an owner stopped with SIGSTOP answers nothing). */
+class Freezable extends PassthroughLayer {
+  frozen = false;
+  /** Apply writes at once but hold their replies (the owner froze right after the write). */
+  holdReplies = false;
+  private waiting: Array<() => void> = [];
+  override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.holdReplies) return super.pwrite(buf, offset, io).then(() => new Promise<void>((resolve) => this.waiting.push(resolve)));
+    if (!this.frozen) return super.pwrite(buf, offset, io);
+    return new Promise((resolve, reject) => this.waiting.push(() => super.pwrite(buf, offset, io).then(resolve, reject)));
+  }
+  /** Flushes wait until released (a slow fdatasync on the owner). */
+  holdFlushes = false;
+  private flushes: Array<() => void> = [];
+  override flush(io: Io): Promise<void> {
+    if (!this.holdFlushes) return super.flush(io);
+    return new Promise((resolve, reject) => this.flushes.push(() => super.flush(io).then(resolve, reject)));
+  }
+  releaseFlushes(): void {
+    this.holdFlushes = false;
+    for (const f of this.flushes.splice(0)) f();
+  }
+  /** SIGCONT: the writes it held go on. */
+  thaw(): void {
+    this.frozen = false;
+    this.holdReplies = false;
+    for (const w of this.waiting.splice(0)) w();
+  }
+}
+
 /**
  * A node's port pair that starts as a non-owner: port B reaches the owner (a memory export "disk")
  * through a proxy whose links the test can cut; port A is a memory device of its own, opened when
  * the pair adopts the resource.
  */
-async function start() {
-  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(new MemoryPort({ size: 8 * MiB })))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+async function start(requestTimeoutMs?: number, ownerName?: string) {
+  const device = new MemoryPort({ size: 8 * MiB });
+  const owner = new Freezable(device);
+  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
   await server.start();
   const target = server.addresses()[0] as { host: string; port: number };
   const links = new Set<net.Socket>();
@@ -35,8 +69,12 @@ async function start() {
   });
   await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
   const at = proxy.address() as net.AddressInfo;
+  const here = { owner: false };
   const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
-  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => ({ host: "127.0.0.1", port: at.port }), stillOwner: () => true }, silentLogger());
+  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => {
+        if (here.owner) throw ownerIsHere("the record names this node");
+        return { host: "127.0.0.1", port: at.port, owner: ownerName };
+      }, stillOwner: () => true, requestTimeoutMs }, silentLogger());
   const r = pair.redirector;
   await r.open();
   closers.push(
@@ -48,11 +86,16 @@ async function start() {
     for (const s of links) s.destroy();
     links.clear();
   };
-  return { r, cut };
+  /** The owner's process stops (SIGSTOP): bytes on its current links are no longer read, nothing answers. */
+  const freezeLinks = () => {
+    for (const s of links) s.pause();
+    links.clear();
+  };
+  return { r, cut, freezeLinks, owner, here, device };
 }
 
 /** The Io of requests from one client connection. */
-const client = (fua = false): Io => ({ ...plainIo, fua, session: {} });
+const client = (fua = false): Io => ({ ...plainIo, fua, session: { ended: false } });
 const block = (v: number) => Buffer.alloc(4096, v);
 
 /**
@@ -82,6 +125,29 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     expect(back.equals(block(3))).toBe(true);
   });
 
+  it("the EIO goes to a FLUSH that covers the lost write, not to one sent before it", async () => {
+    const { r, cut, owner } = await start();
+    const x = client();
+    owner.holdFlushes = true;
+    const early = r.flush(x).then(() => "ok", (e: NbdError) => e.errno); // sent before the write below
+    await new Promise((res) => setTimeout(res, 50));
+    await r.pwrite(block(1), 0, x); // acknowledged, never flushed
+    cut(); // the early FLUSH is sent again on the new link
+    await new Promise((res) => setTimeout(res, 50));
+    owner.releaseFlushes();
+    expect(await early).toBe("ok"); // it did not cover the write
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" }); // this one does
+    await r.flush(x);
+  });
+
+  it("a new link to the same owner process (same node@epoch) loses nothing: no EIO", async () => {
+    const { r, cut } = await start(undefined, "a@3");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    cut();
+    await r.flush(x);
+  });
+
   it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {
     const { r, cut } = await start();
     const x = client(true);
@@ -103,5 +169,66 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await handed.r.pwrite(block(1), 0, w);
     await handed.r.adopt({ ownerFlushed: true });
     await handed.r.flush(w);
+  });
+});
+
+/** Issue 16, item 7: port B has no timeout, so a stopped owner froze its peers' requests for as long as it was stopped. */
+describe("port pair: a frozen owner freezes nothing for long", () => {
+  it("a take-over sends what hangs on the old owner to port A at once", async () => {
+    const { r, owner, here } = await start();
+    owner.frozen = true;
+    const x = client();
+    const hung = r.pwrite(block(7), 0, x);
+    await new Promise((res) => setTimeout(res, 100));
+    here.owner = true; // the record names this node now
+    await r.adopt({ ownerFlushed: false });
+    const t0 = performance.now();
+    await hung;
+    expect(performance.now() - t0).toBeLessThan(2000);
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 0, x);
+    expect(back.equals(block(7))).toBe(true); // through port A
+    owner.thaw();
+  });
+
+  it("a request with no reply within the request timeout gives up the link and is sent again", async () => {
+    const { r, freezeLinks } = await start(300);
+    const x = client();
+    await r.pwrite(block(1), 4096, x); // the link is up
+    freezeLinks(); // what is sent on it from now on is never read
+    await r.pwrite(block(8), 4096, x); // answered on a new link after the timeout
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 4096, x);
+    expect(back.equals(block(8))).toBe(true);
+  });
+});
+
+/**
+ * Issue 16, item 8: port B sends a write again when its link broke before the reply came; if the
+ * owner had applied it, and another writer wrote the block since, applying it again would let a
+ * reader see W1, W2, W1. The owner applies each write of a port B session once.
+ */
+describe("port pair: a write sent again after a broken link is applied once by the same owner", () => {
+  it("W1 applied, its reply lost, W2 written by another client: the block ends as W2", async () => {
+    const { r, cut, owner, device } = await start();
+    await device.open();
+    const x = client();
+    owner.holdReplies = true; // the owner applies W1 but its reply never leaves
+    const w1 = r.pwrite(block(1), 0, x);
+    for (let t = 0; ; t++) {
+      const b = Buffer.alloc(4096);
+      await device.pread(b, 0, plainIo);
+      if (b.equals(block(1))) break;
+      if (t > 200) throw new Error("W1 never reached the owner's device");
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    await device.pwrite(block(2), 0, plainIo); // W2 from another writer, acknowledged
+    cut(); // port B sends W1 again on a new link
+    await new Promise((res) => setTimeout(res, 50));
+    owner.thaw();
+    await w1;
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 0, x);
+    expect(back.equals(block(2))).toBe(true);
   });
 });

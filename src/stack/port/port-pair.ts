@@ -1,10 +1,9 @@
 import type { Logger } from "pino";
-import type { NbdAddress } from "../../client/nbd-client.js";
 import type { Capabilities, Layer } from "../layer.js";
 import { DirtyTracker } from "./dirty-tracker.js";
 import { FenceLayer } from "./fence-layer.js";
 import { PortRedirector } from "./redirector.js";
-import { RemotePort, type RemotePortOptions } from "./remote-port.js";
+import { RemotePort, type OwnerAddress, type RemotePortOptions } from "./remote-port.js";
 
 /**
  * What a cluster node tells the stack builder about one export's resource: whether it owns it as
@@ -15,12 +14,14 @@ export interface PortPairOwner {
   owned: boolean;
   /** Asked before every write through port A: false fences it; a promise makes it wait (see FenceLayer). */
   mayWrite(): boolean | Promise<boolean>;
-  /** The current owner's NBD address (port B connects there, and again on every reconnect). */
-  locate(): NbdAddress;
+  /** The current owner's NBD address (port B connects there, and again on every reconnect), and who it is. */
+  locate(): OwnerAddress;
   /** Whether this node still owns the resource (an adopting node checks before its own writes). */
   stillOwner(): boolean;
   /** TLS of port B towards peers. */
   tls?: RemotePortOptions["tls"];
+  /** Port B gives up a link whose requests get no reply for this long (see RemotePortOptions). */
+  requestTimeoutMs?: number;
   /** Appended to the export's description (`[owner=… epoch=…]`). */
   label?(): string;
 }
@@ -36,7 +37,7 @@ export interface PortPair {
    */
   resource: Layer;
   /** Opens port B to `first` (a peer about to become the owner), later wherever the owner is. */
-  openRemote(first?: NbdAddress): Promise<Layer>;
+  openRemote(first?: OwnerAddress): Promise<Layer>;
 }
 
 /**
@@ -48,10 +49,10 @@ export interface PortPair {
 export function buildPortPair(exportName: string, resource: Layer, offline: () => Promise<{ size: number; caps: Capabilities }>, owner: PortPairOwner, log: Logger): PortPair {
   const tracker = new DirtyTracker(resource);
   const portA: Layer = new FenceLayer(tracker, () => owner.mayWrite());
-  const openRemote = async (first?: NbdAddress): Promise<Layer> => {
+  const openRemote = async (first?: OwnerAddress): Promise<Layer> => {
     // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells their clients.
     const onNewLink = () => redirector.ownerLost();
-    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink });
+    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink, requestTimeoutMs: owner.requestTimeoutMs });
     await p.open();
     return p;
   };

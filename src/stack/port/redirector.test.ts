@@ -289,3 +289,37 @@ describe("PortRedirector", () => {
     expect(w.state.violations).toEqual([]);
   });
 });
+
+/**
+ * Issue 16 (review of item 8): a node fenced after a pause must not forward what peers sent it:
+ * the peer may have taken the resource over and applied those writes itself; forwarded under this
+ * node's own session, they would be applied a second time, over newer writes.
+ */
+describe("PortRedirector: a fenced node hands peers' requests back", () => {
+  it("answers a peer's write ESHUTDOWN after a fence, and forwards its own clients' writes to the new owner", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    let owner = true;
+    const forwarded: number[] = [];
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override pwrite(b: Buffer, o: number, io: Io) {
+        forwarded.push(o);
+        return super.pwrite(b, o, io);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
+    await disk.open();
+    await r.open();
+    owner = false; // the lease is gone (this node was paused)
+    const peerWrite = r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }).then(
+      () => "ok",
+      (e: NbdError) => e.errno,
+    );
+    const ownWrite = r.pwrite(Buffer.alloc(512, 2), 512, plainIo);
+    expect(await peerWrite).toBe("ESHUTDOWN");
+    await ownWrite;
+    expect(forwarded).toEqual([512]);
+    expect(r.state).toBe("REMOTE");
+    await r.close();
+  });
+});

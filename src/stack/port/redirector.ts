@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
 
 /**
  * LOCAL: this node owns the resource; requests go to port A.
@@ -13,11 +13,23 @@ import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
  */
-/** The client of requests that carry no session (internal calls). */
-const ANONYMOUS = {};
-
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
+
+/**
+ * One client's writes through port B, counted: `acked` so far; the first `flushed` of them are
+ * durable (a FLUSH covered them, or the old owner flushed at a hand-over); those numbered
+ * (lostAbove, lostUpTo] may have been lost with an owner or a link, until a FLUSH reports it.
+ */
+interface ClientWrites {
+  acked: number;
+  flushed: number;
+  lostAbove: number;
+  lostUpTo: number;
+}
+
+/** The client of requests that carry no session (internal calls). */
+const ANONYMOUS: ClientSession = { ended: false };
 
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
@@ -45,6 +57,8 @@ export interface HandOver {
 
 interface Held {
   run: (port: Layer) => Promise<unknown>;
+  /** Forwarded by a peer's port B. */
+  peer?: boolean;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -71,10 +85,8 @@ export class PortRedirector implements Layer {
   private readonly inA = new InflightTracker();
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
-  /** Per client: writes acknowledged through port B without FUA that no FLUSH has covered yet. */
-  private unflushedB = new Map<object, number>();
-  /** Clients whose acknowledged, unflushed writes may be lost with an owner or a link: their next FLUSH fails. */
-  private lostWrites = new Set<object>();
+  /** Per client: its writes acknowledged through port B without FUA, and what of them is durable or may be lost. */
+  private clientsB = new Map<ClientSession, ClientWrites>();
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -134,21 +146,21 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run);
+        return this.viaA(run, io.peer);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run);
         return this.viaB(run);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run);
+        if (io.peer) return this.viaA(run, true);
         return this.hold(run);
       default:
-        return this.hold(run);
+        return this.hold(run, io.peer);
     }
   }
 
-  private async viaA<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false): Promise<T> {
     this.inA.enter();
     try {
       return await run(this.a!);
@@ -159,7 +171,7 @@ export class PortRedirector implements Layer {
     }
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
-    const held = this.hold(run);
+    const held = this.hold(run, peer);
     void this.fence().catch(() => undefined);
     return held;
   }
@@ -189,18 +201,27 @@ export class PortRedirector implements Layer {
     });
   }
 
-  private hold<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private hold<T>(run: (port: Layer) => Promise<T>, peer = false): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.held.push({ run, resolve: resolve as (v: unknown) => void, reject });
+      this.held.push({ run, peer, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
-  /** Sends every held request, in arrival order, through the port of the (new) state. */
-  private release(): void {
+  /**
+   * Sends every held request, in arrival order, through the port of the (new) state. After a
+   * fence, requests that peers forwarded are not forwarded on: they are answered ESHUTDOWN, so their
+   * sender sends them again itself, to the owner it finds, under its own port B session — which
+   * the owner applies once (it may have taken the resource over and sent them through its port A).
+   */
+  private release(fenced = false): void {
     const q = this.held;
     this.held = [];
     for (const h of q) {
-      const p = this.st === "LOCAL" ? this.viaA(h.run) : this.viaB(h.run);
+      if (fenced && h.peer) {
+        h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+        continue;
+      }
+      const p = this.st === "LOCAL" ? this.viaA(h.run, h.peer) : this.viaB(h.run);
       p.then(h.resolve, h.reject);
     }
   }
@@ -292,8 +313,11 @@ export class PortRedirector implements Layer {
   adopt(how: { ownerFlushed: boolean } = { ownerFlushed: true }): Promise<void> {
     // A hand-over drained and flushed the old owner: what port B wrote is durable. A take-over
     // follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
-    if (!how.ownerFlushed) this.ownerLost();
-    else this.unflushedB.clear();
+    if (!how.ownerFlushed) {
+      this.ownerLost();
+      // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
+      (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");
+    } else for (const w of this.clientsB.values()) w.flushed = w.acked; // durable: the old owner flushed
     let opened!: () => void;
     let failed!: (e: unknown) => void;
     const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));
@@ -350,7 +374,7 @@ export class PortRedirector implements Layer {
       this.st = "HANDOVER";
       this.b = await this.openRemoteUntilDone();
       this.st = "REMOTE";
-      this.release();
+      this.release(true);
     });
   }
 
@@ -386,12 +410,15 @@ export class PortRedirector implements Layer {
    */
   flush(io: Io): Promise<void> {
     const client = io.session ?? ANONYMOUS;
-    const covers = this.unflushedB.get(client) ?? 0;
+    const covers = this.clientsB.get(client)?.acked ?? 0; // the writes this FLUSH vouches for
     return this.route(io, (p) => p.flush(io)).then(() => {
-      if (this.lostWrites.delete(client)) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
-      const left = (this.unflushedB.get(client) ?? 0) - covers;
-      if (left > 0) this.unflushedB.set(client, left);
-      else this.unflushedB.delete(client);
+      const w = this.clientsB.get(client);
+      if (!w) return;
+      const lost = w.lostUpTo > w.lostAbove && covers > w.lostAbove;
+      w.flushed = Math.max(w.flushed, covers);
+      if (lost) w.lostAbove = w.lostUpTo = 0;
+      if (w.flushed >= w.acked && w.lostUpTo === 0) this.clientsB.delete(client);
+      if (lost) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
     });
   }
   /** Counts a write through port B that only a FLUSH makes durable. */
@@ -399,20 +426,34 @@ export class PortRedirector implements Layer {
     if (p !== this.b || io.fua) return done;
     return done.then(() => {
       const client = io.session ?? ANONYMOUS;
-      this.unflushedB.set(client, (this.unflushedB.get(client) ?? 0) + 1);
+      let w = this.clientsB.get(client);
+      if (!w) {
+        if (this.clientsB.size >= 256) for (const c of this.clientsB.keys()) if (c.ended) this.clientsB.delete(c);
+        this.clientsB.set(client, (w = { acked: 0, flushed: 0, lostAbove: 0, lostUpTo: 0 }));
+      }
+      w.acked++;
     });
   }
 
   /**
    * What port B acknowledged without a FLUSH may be gone: its owner died (this node takes the
-   * resource over) or the link to it was replaced. Each client with such writes gets EIO from its
-   * next FLUSH, wherever that goes.
+   * resource over) or the link to it moved to another owner. Each client with such writes gets EIO
+   * from its next FLUSH that covers one of them, wherever that goes.
    */
   ownerLost(): void {
-    if (this.unflushedB.size === 0) return;
-    this.log?.warn({ clients: this.unflushedB.size }, "writes acknowledged through port B were not flushed when its owner or link went: the next FLUSH of each client fails");
-    for (const c of this.unflushedB.keys()) this.lostWrites.add(c);
-    this.unflushedB.clear();
+    let clients = 0;
+    for (const [c, w] of this.clientsB) {
+      if (c.ended) {
+        this.clientsB.delete(c);
+        continue;
+      }
+      if (w.acked <= w.flushed) continue;
+      // Writes (lostAbove, lostUpTo] may be lost; one earlier loss not reported yet stretches the range.
+      w.lostAbove = w.lostUpTo > w.lostAbove ? Math.min(w.lostAbove, w.flushed) : w.flushed;
+      w.lostUpTo = w.acked;
+      clients++;
+    }
+    if (clients) this.log?.warn({ clients }, "writes acknowledged through port B were not flushed when its owner or link went: each client's next FLUSH fails");
   }
 
   cache(length: number, offset: number, io: Io): Promise<void> {

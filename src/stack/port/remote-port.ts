@@ -1,17 +1,20 @@
 import type { Logger } from "pino";
 import { NbdClient, type ConnectOptions, type NbdAddress } from "../../client/nbd-client.js";
 import { NbdError, ProtocolError } from "../../errors.js";
-import { peerExportName } from "../../internal-exports.js";
+import { newPeerSession, peerExportName } from "../../internal-exports.js";
 import { CmdFlag, TransmissionFlag as F } from "../../protocol/constants.js";
 import type { Capabilities, Extent, Io, Layer } from "../layer.js";
 
 export interface RemotePortOptions {
   /** The export's name on the owner node. */
   exportName: string;
-  /** Where the owner is now (asked again on every reconnect: the owner may have changed). */
-  locate: () => NbdAddress | Promise<NbdAddress>;
+  /**
+   * Where the owner is now (asked again on every reconnect: the owner may have changed), and who it
+   * is (`owner`: a name for that owner's process, e.g. node@epoch), when known.
+   */
+  locate: () => OwnerAddress | Promise<OwnerAddress>;
   /** Where to connect the first time, if not where locate() points (a peer about to become owner). */
-  first?: NbdAddress;
+  first?: OwnerAddress;
   log?: Logger;
   /** TLS towards the owner (NBD_OPT_STARTTLS first), when this node is configured with it. */
   tls?: ConnectOptions["tls"];
@@ -21,11 +24,21 @@ export interface RemotePortOptions {
    */
   offline?: () => Promise<{ size: number; caps: Capabilities }>;
   /**
-   * Called when a link replaces an earlier one (before requests are sent on it again): what the
-   * old one acknowledged but no FLUSH covered may be gone with it (see PortRedirector.ownerLost).
+   * Called when a link replaces an earlier one to another owner (or one that cannot be told apart:
+   * no `owner` name): what the old owner acknowledged but no FLUSH covered may be gone with it
+   * (see PortRedirector.ownerLost). A new link to the same owner process loses nothing.
    */
   onNewLink?: () => void;
+  /**
+   * A link on which requests wait this long with no reply at all is given up (default 30 s): the
+   * owner may be stopped (a frozen process keeps its TCP connections alive) or unreachable. Its
+   * requests are sent again on a new link, to wherever the owner is then.
+   */
+  requestTimeoutMs?: number;
 }
+
+/** An owner's NBD address, with a name for the owner's process when known (see onNewLink). */
+export type OwnerAddress = NbdAddress & { owner?: string };
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
 export function ownerIsHere(message: string): Error {
@@ -57,8 +70,17 @@ export class RemotePort implements Layer {
   private bytes = 0;
   private closed = false;
   private where = "";
+  /** Names this port B to owners across its links; its writes carry sequence numbers (see server/peer-writes.ts). */
+  private readonly session = newPeerSession();
+  private nextTag = 1;
   /** Links opened so far; every one after the first is a change of link. */
   private links = 0;
+  /** The owner the current link reaches, when known. */
+  private linkOwner: string | undefined;
+  /** Requests in flight, and when (performance.now()) the link last answered one or got one. */
+  private inflight = 0;
+  private lastProgress = 0;
+  private watchdog: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: RemotePortOptions) {}
 
@@ -67,11 +89,18 @@ export class RemotePort implements Layer {
   }
 
   async open(): Promise<void> {
+    const limit = this.opts.requestTimeoutMs ?? 30_000;
+    this.watchdog = setInterval(() => {
+      if (this.inflight > 0 && this.client && performance.now() - this.lastProgress > limit) this.dropLink(`no reply for ${Math.round(limit / 1000)} s`);
+    }, Math.min(1000, limit / 3));
+    this.watchdog.unref();
     let c: NbdClient;
     try {
       c = await this.connection();
     } catch (err) {
-      if (!this.opts.offline || !isLinkError(err)) throw err;
+      // The owner cannot be reached, or the record names this very node (it is about to take the
+      // image over, e.g. a restart while its earlier process may still run): requests wait.
+      if (!this.opts.offline || !(isLinkError(err) || isOwnerHere(err))) throw err;
       const o = await this.opts.offline();
       this.bytes = o.size;
       this.caps = o.caps;
@@ -95,8 +124,22 @@ export class RemotePort implements Layer {
     };
   }
 
+  /**
+   * Gives up the current link (its owner stopped, or stopped answering): requests on it are sent
+   * again on a new link, to wherever the owner is now (this node, if it took the resource over).
+   */
+  dropLink(reason: string): void {
+    const c = this.client;
+    if (!c) return;
+    this.opts.log?.warn({ owner: this.where, inflight: this.inflight, reason }, "port B: giving up the link to the owner");
+    this.client = null;
+    this.lastProgress = performance.now();
+    c.destroy();
+  }
+
   async close(): Promise<void> {
     this.closed = true;
+    if (this.watchdog) clearInterval(this.watchdog);
     const c = this.client;
     this.client = null;
     if (c) await c.disconnect().catch(() => c.destroy());
@@ -117,8 +160,10 @@ export class RemotePort implements Layer {
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
         this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName), tls: this.opts.tls });
-        if (this.links++ > 0) this.opts.onNewLink?.();
+        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls });
+        if (this.links++ > 0 && (addr.owner === undefined || addr.owner !== this.linkOwner)) this.opts.onNewLink?.();
+        this.linkOwner = addr.owner;
+        this.lastProgress = performance.now();
         this.client = c;
         return c;
       } finally {
@@ -129,10 +174,16 @@ export class RemotePort implements Layer {
   }
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
+    if (this.inflight++ === 0) this.lastProgress = performance.now();
+    const done = (): void => {
+      this.inflight--;
+      this.lastProgress = performance.now();
+    };
     // Fast path: connected; only a broken link takes the retrying path.
     const c = this.client;
-    if (c && !this.closed) return fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err)));
-    return this.retry(fn, null);
+    const p = c && !this.closed ? fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err))) : this.retry(fn, null);
+    p.then(done, done);
+    return p;
   }
 
   private async retry<T>(fn: (c: NbdClient) => Promise<T>, failed: NbdClient | null): Promise<T> {
@@ -169,14 +220,23 @@ export class RemotePort implements Layer {
   pread(buf: Buffer, offset: number, _io: Io): Promise<void> {
     return this.call((c) => c.preadInto(buf, offset));
   }
+  /** The next write's tag: the same one however often the write is sent; never 0, 32 bits. */
+  private tag(): number {
+    const t = this.nextTag;
+    this.nextTag = t === 0xffffffff ? 1 : t + 1;
+    return t;
+  }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+    const tag = this.tag();
+    return this.call((c) => c.pwrite(buf, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0, tag));
   }
   zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.zero(length, offset, RemotePort.flags(io)));
+    const tag = this.tag();
+    return this.call((c) => c.zero(length, offset, RemotePort.flags(io), tag));
   }
   trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.call((c) => c.trim(length, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0));
+    const tag = this.tag();
+    return this.call((c) => c.trim(length, offset, io.fua ? CmdFlag.NBD_CMD_FLAG_FUA : 0, tag));
   }
   flush(_io: Io): Promise<void> {
     return this.call((c) => c.flush());
