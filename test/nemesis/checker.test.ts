@@ -1,0 +1,81 @@
+// The checker's rules on hand-made histories: what it must accept and what it must report.
+import { describe, expect, it } from "vitest";
+import { BLOCK, Checker, decodeBlock, encodeBlock } from "./checker.mjs";
+
+const conn = () => ({ unflushed: [] as Array<[number, number]> });
+const mk = () => new Checker({ blocks: 4, writerOf: () => 1 });
+const image = (versions: number[]) => Buffer.concat(versions.map((v, b) => (v ? encodeBlock(b, v, 1) : Buffer.alloc(BLOCK))));
+
+describe("nemesis checker", () => {
+  it("encodes and decodes payloads; a torn or misplaced block is corrupt", () => {
+    expect(decodeBlock(encodeBlock(3, 7, 2), 3)).toEqual({ version: 7, writer: 2 });
+    expect(decodeBlock(Buffer.alloc(BLOCK), 0)).toEqual({ version: 0 });
+    const torn = Buffer.concat([encodeBlock(1, 2, 1).subarray(0, 2048), encodeBlock(1, 1, 1).subarray(2048)]);
+    expect(decodeBlock(torn, 1).corrupt).toMatch(/differs from byte 2048/);
+    expect(decodeBlock(encodeBlock(2, 1, 1), 1).corrupt).toMatch(/payload of block 2/);
+  });
+
+  it("accepts the last acknowledged version or one in flight; reports an older one", () => {
+    const c = mk();
+    const k = conn();
+    const w1 = c.writeSent(k, 0, 1, false, 0);
+    c.writeAcked(w1, 1);
+    const w2 = c.writeSent(k, 0, 2, false, 2);
+    expect(c.readDone(c.readSent(0, 1, 3), encodeBlock(0, 1, 1), 4, "t")).toEqual([]); // w2 in flight: 1 or 2
+    expect(c.readDone(c.readSent(0, 1, 3), encodeBlock(0, 2, 1), 4, "t")).toEqual([]);
+    c.writeAcked(w2, 5);
+    expect(c.readDone(c.readSent(0, 1, 6), encodeBlock(0, 1, 1), 7, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)", got: 1, floor: 2 });
+    expect(c.readDone(c.readSent(0, 1, 6), encodeBlock(0, 3, 1), 7, "t")[0]).toMatchObject({ kind: "read of a version never written" });
+  });
+
+  it("reads never go back: after a read returned an in-flight version, later reads need it", () => {
+    const c = mk();
+    const w1 = c.writeSent(conn(), 1, 1, false, 0);
+    expect(c.readDone(c.readSent(1, 1, 1), encodeBlock(1, 1, 1), 2, "t")).toEqual([]);
+    expect(c.readDone(c.readSent(1, 1, 3), Buffer.alloc(BLOCK), 4, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)" });
+    c.writeIndeterminate(w1, 5);
+  });
+
+  it("after a loss event, only what a FLUSH or FUA made durable is owed", () => {
+    const c = mk();
+    const k = conn();
+    c.writeAcked(c.writeSent(k, 0, 1, false, 0), 1);
+    const f = c.flushSent(k, 2);
+    c.flushAcked(f, 3);
+    c.writeAcked(c.writeSent(k, 0, 2, false, 4), 5); // never flushed
+    c.writeAcked(c.writeSent(k, 1, 1, true, 4), 5); // FUA
+    c.writeAcked(c.writeSent(k, 2, 1, false, 4), 5); // flushed by a FLUSH sent before it was acknowledged: not covered
+    c.loss(6, "SIGKILL a");
+    expect(c.readDone(c.readSent(0, 3, 7), image([1, 1, 0]), 8, "t")).toEqual([]);
+    expect(c.readDone(c.readSent(1, 1, 7), Buffer.alloc(BLOCK), 8, "t")[0]).toMatchObject({ kind: "lost durable write (read)", block: 1 });
+  });
+
+  it("a read in flight across a loss event may see the loss", () => {
+    const c = mk();
+    c.writeAcked(c.writeSent(conn(), 3, 1, false, 0), 1);
+    const r = c.readSent(3, 1, 2);
+    c.loss(3, "SIGSTOP a");
+    expect(c.readDone(r, Buffer.alloc(BLOCK), 4, "t")).toEqual([]);
+  });
+
+  it("an EIO'd FLUSH vouches for nothing, now or later", () => {
+    const c = mk();
+    const k = conn();
+    c.writeAcked(c.writeSent(k, 0, 1, false, 0), 1);
+    c.flushEio(c.flushSent(k, 2), 3);
+    c.flushAcked(c.flushSent(k, 4), 5);
+    expect(c.durable[0]).toBe(0);
+  });
+
+  it("checks the image: durable versions present, nothing invented, nothing torn", () => {
+    const c = mk();
+    const k = conn();
+    c.writeAcked(c.writeSent(k, 0, 1, true, 0), 1);
+    c.writeAcked(c.writeSent(k, 1, 1, false, 0), 1);
+    c.writeAcked(c.writeSent(k, 1, 2, true, 2), 3);
+    expect(c.checkImage(image([1, 2, 0, 0])).found).toEqual([]);
+    expect(c.checkImage(image([0, 2, 0, 0])).found[0]).toMatchObject({ kind: "lost durable write (image)", block: 0 });
+    expect(c.checkImage(image([1, 1, 0, 0])).found[0]).toMatchObject({ kind: "lost durable write (image)", block: 1 });
+    expect(c.checkImage(image([1, 2, 1, 0])).found[0]).toMatchObject({ kind: "image holds a version never written", block: 2 });
+  });
+});
