@@ -323,3 +323,33 @@ describe("PortRedirector: a fenced node hands peers' requests back", () => {
     await r.close();
   });
 });
+
+/**
+ * Nemesis finding 8: an owner frozen past its lease is fenced when it continues; port A closes
+ * without a flush (a power-loss cache drops what it held), and a client's next FLUSH, forwarded
+ * to the new owner, used to succeed over the writes port A had acknowledged.
+ */
+describe("PortRedirector: a FLUSH after a fence never vouches for what port A never flushed", () => {
+  it("fails the next FLUSH of a client with unflushed writes through port A, once; not of one that flushed", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    let owner = true;
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
+    await disk.open();
+    await r.open();
+    const x = { ...plainIo, session: { ended: false } };
+    const y = { ...plainIo, session: { ended: false } };
+    await r.pwrite(Buffer.alloc(512, 1), 0, x); // acknowledged, never flushed
+    await r.pwrite(Buffer.alloc(512, 2), 512, y);
+    await r.flush(y);
+    owner = false; // the lease is gone: the next write finds the fence
+    await r.pwrite(Buffer.alloc(512, 3), 1024, y);
+    expect(r.state).toBe("REMOTE");
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+    await r.flush(x);
+    await r.flush(y);
+    await r.close();
+  });
+});

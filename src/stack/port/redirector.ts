@@ -87,6 +87,11 @@ export class PortRedirector implements Layer {
   private held: Held[] = [];
   /** Per client: its writes acknowledged through port B without FUA, and what of them is durable or may be lost. */
   private clientsB = new Map<ClientSession, ClientWrites>();
+  /** Per client: the first and last of its writes through port A (numbered by `seqA`) that no FLUSH covered yet. */
+  private clientsA = new WeakMap<ClientSession, { first: number; last: number }>();
+  private seqA = 0;
+  /** `seqA` when port A was last fenced: writes through it before then that no FLUSH covered may be lost. */
+  private fencedAt = 0;
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -369,6 +374,8 @@ export class PortRedirector implements Layer {
       if (this.st !== "LOCAL") return;
       this.st = "DRAINING";
       await this.inA.idle();
+      // Port A closes without a flush (its lease is gone): what it never flushed may be lost.
+      this.fencedAt = this.seqA;
       await this.a!.close().catch(() => undefined);
       this.a = null;
       this.st = "HANDOVER";
@@ -411,7 +418,14 @@ export class PortRedirector implements Layer {
   flush(io: Io): Promise<void> {
     const client = io.session ?? ANONYMOUS;
     const covers = this.clientsB.get(client)?.acked ?? 0; // the writes this FLUSH vouches for
+    const coversA = this.seqA;
     return this.route(io, (p) => p.flush(io)).then(() => {
+      const a = this.clientsA.get(client);
+      if (a?.first && a.first <= coversA) {
+        const lostA = a.first <= this.fencedAt;
+        a.first = a.last > coversA ? coversA + 1 : 0;
+        if (lostA) throw new NbdError("EIO", `${this.name}: writes acknowledged before this node lost the resource were never flushed and may be lost`);
+      }
       const w = this.clientsB.get(client);
       if (!w) return;
       const lost = w.lostUpTo > w.lostAbove && covers > w.lostAbove;
@@ -423,7 +437,22 @@ export class PortRedirector implements Layer {
   }
   /** Counts a write through port B that only a FLUSH makes durable. */
   private written(p: Layer, io: Io, done: Promise<void>): Promise<void> {
-    if (p !== this.b || io.fua) return done;
+    if (io.fua) return done;
+    if (p === this.a) {
+      // Counted once acknowledged (a write the fence refused never landed): a fence drops what
+      // port A never flushed.
+      return done.then(() => {
+        const client = io.session ?? ANONYMOUS;
+        const s = ++this.seqA;
+        const a = this.clientsA.get(client);
+        if (!a) this.clientsA.set(client, { first: s, last: s });
+        else {
+          if (!a.first) a.first = s;
+          a.last = s;
+        }
+      });
+    }
+    if (p !== this.b) return done;
     return done.then(() => {
       const client = io.session ?? ANONYMOUS;
       let w = this.clientsB.get(client);
