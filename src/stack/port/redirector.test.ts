@@ -353,3 +353,39 @@ describe("PortRedirector: a FLUSH after a fence never vouches for what port A ne
     await r.close();
   });
 });
+
+/**
+ * Nemesis seed 101: three FLUSHes of one client were in flight when its owner froze (all sent after
+ * its last write was acknowledged); after the fence one got EIO and two succeeded, vouching for
+ * the lost write. Every FLUSH sent before the loss was reported covers it and must fail.
+ */
+describe("PortRedirector: every FLUSH in flight across a loss fails, not only the first to complete", () => {
+  it("fails all three FLUSHes sent after the lost write; the next one, sent after the report, succeeds", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    let owner = true;
+    let releaseFlushes!: () => void;
+    const gate = new Promise<void>((r) => (releaseFlushes = r));
+    // The owner froze with the FLUSHes in its queue, before their fence check.
+    const frozen = new (class extends PassthroughLayer {
+      override flush(io: Io) {
+        return gate.then(() => super.flush(io));
+      }
+    })(new FenceLayer(disk, () => owner));
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => frozen, openRemote: async () => (await portB.open(), portB) }, true);
+    await disk.open();
+    await r.open();
+    const x = { ...plainIo, session: { ended: false } };
+    await r.pwrite(Buffer.alloc(512, 1), 0, x); // acknowledged, never flushed
+    const outcome = (p: Promise<void>) => p.then(() => "ok", (e: NbdError) => e.errno);
+    const flushes = [outcome(r.flush(x)), outcome(r.flush(x)), outcome(r.flush(x))];
+    await new Promise((res) => setTimeout(res, 10));
+    owner = false; // the lease is gone while they wait
+    releaseFlushes(); // refused by the fence, sent on to the new owner
+    expect(await Promise.all(flushes)).toEqual(["EIO", "EIO", "EIO"]);
+    expect(await outcome(r.flush(x))).toBe("ok");
+    await r.close();
+  });
+});

@@ -90,6 +90,8 @@ export class PortRedirector implements Layer {
   /** Per client: the first and last of its writes through port A (numbered by `seqA`) that no FLUSH covered yet. */
   private clientsA = new WeakMap<ClientSession, { first: number; last: number }>();
   private seqA = 0;
+  /** Per client: FLUSHes sent so far, and up to which of them a reported loss fails them. */
+  private flushes = new WeakMap<ClientSession, { sent: number; failUpTo: number }>();
   /** `seqA` when port A was last fenced: writes through it before then that no FLUSH covered may be lost. */
   private fencedAt = 0;
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
@@ -148,24 +150,26 @@ export class PortRedirector implements Layer {
     return this.caps;
   }
 
-  private route<T>(io: Io, run: (port: Layer) => Promise<T>): Promise<T> {
+  /** `write`: a write, zero or trim (counted per client at port A; see `written`). */
+  private route<T>(io: Io, run: (port: Layer) => Promise<T>, write = false): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run, io.peer, io);
+        return this.viaA(run, io.peer, write ? io : undefined);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run);
         return this.viaB(run);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run, true, io);
+        if (io.peer) return this.viaA(run, true, write ? io : undefined);
         return this.hold(run);
       default:
         return this.hold(run, io.peer);
     }
   }
 
-  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, io?: Io): Promise<T> {
+  /** `write`: the Io of a write, zero or trim, so that a refused one is taken back from the client's count. */
+  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, write?: Io): Promise<T> {
     this.inA.enter();
     try {
       return await run(this.a!);
@@ -175,7 +179,7 @@ export class PortRedirector implements Layer {
       this.inA.leave();
     }
     // Refused: it never reached the device, so it is not among the client's unflushed writes there.
-    const a = io && this.clientsA.get(io.session ?? ANONYMOUS);
+    const a = write && !write.fua ? this.clientsA.get(write.session ?? ANONYMOUS) : undefined;
     if (a && a.first === a.last) a.first = 0;
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
@@ -405,13 +409,13 @@ export class PortRedirector implements Layer {
     return this.route(io, (p) => p.pread(buf, offset, io));
   }
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => this.written(p, io, p.pwrite(buf, offset, io)));
+    return this.route(io, (p) => this.written(p, io, p.pwrite(buf, offset, io)), true);
   }
   zero(length: number, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => this.written(p, io, p.zero(length, offset, io)));
+    return this.route(io, (p) => this.written(p, io, p.zero(length, offset, io)), true);
   }
   trim(length: number, offset: number, io: Io): Promise<void> {
-    return this.route(io, (p) => this.written(p, io, p.trim(length, offset, io)));
+    return this.route(io, (p) => this.written(p, io, p.trim(length, offset, io)), true);
   }
   /**
    * A FLUSH. It fails with EIO, once, for a client whose writes were acknowledged through port B,
@@ -422,22 +426,32 @@ export class PortRedirector implements Layer {
     const client = io.session ?? ANONYMOUS;
     const covers = this.clientsB.get(client)?.acked ?? 0; // the writes this FLUSH vouches for
     const coversA = this.seqA;
+    let f = this.flushes.get(client);
+    if (!f) this.flushes.set(client, (f = { sent: 0, failUpTo: 0 }));
+    const mine = ++f.sent;
     return this.route(io, (p) => p.flush(io)).then(() => {
+      let lost: string | null = null;
       const a = this.clientsA.get(client);
       if (a?.first && a.first <= coversA) {
-        const lostA = a.first <= this.fencedAt;
+        if (a.first <= this.fencedAt) lost = "writes acknowledged before this node lost the resource were never flushed and may be lost";
         a.first = a.last > coversA ? coversA + 1 : 0;
-        if (lostA) throw new NbdError("EIO", `${this.name}: writes acknowledged before this node lost the resource were never flushed and may be lost`);
       }
       const w = this.clientsB.get(client);
-      if (!w) return;
-      const lost = w.lostUpTo > w.lostAbove && covers > w.lostAbove;
-      w.flushed = Math.max(w.flushed, covers);
-      if (lost) w.lostAbove = w.lostUpTo = 0;
-      if (w.flushed >= w.acked && w.lostUpTo === 0) this.clientsB.delete(client);
-      if (lost) throw new NbdError("EIO", `${this.name}: writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)`);
+      if (w) {
+        if (w.lostUpTo > w.lostAbove && covers > w.lostAbove) {
+          lost = "writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)";
+          w.lostAbove = w.lostUpTo = 0;
+        }
+        w.flushed = Math.max(w.flushed, covers);
+        if (w.flushed >= w.acked && w.lostUpTo === 0) this.clientsB.delete(client);
+      }
+      // Every FLUSH this client sent before the loss was reported covers the lost writes too.
+      if (lost) f.failUpTo = f.sent;
+      else if (mine <= f.failUpTo) lost = "writes this FLUSH covers were never flushed and may be lost (reported to an earlier FLUSH too)";
+      if (lost) throw new NbdError("EIO", `${this.name}: ${lost}`);
     });
   }
+
   /** Counts a write through port B that only a FLUSH makes durable. */
   private written(p: Layer, io: Io, done: Promise<void>): Promise<void> {
     if (io.fua) return done;
