@@ -1,9 +1,25 @@
 import { Counter, Gauge, Registry } from "prom-client";
 import type { CopyJob, CopyProgress } from "../copy/progress.js";
 import { publicExportLabel } from "../internal-exports.js";
+import { Cmd } from "../protocol/constants.js";
 
 const OPS = ["read", "write", "flush", "trim", "cache", "zero", "block_status"] as const;
 export type MetricOp = (typeof OPS)[number];
+
+const OP_OF_CMD: Readonly<Record<number, MetricOp>> = {
+  [Cmd.NBD_CMD_READ]: "read",
+  [Cmd.NBD_CMD_WRITE]: "write",
+  [Cmd.NBD_CMD_FLUSH]: "flush",
+  [Cmd.NBD_CMD_TRIM]: "trim",
+  [Cmd.NBD_CMD_CACHE]: "cache",
+  [Cmd.NBD_CMD_WRITE_ZEROES]: "zero",
+  [Cmd.NBD_CMD_BLOCK_STATUS]: "block_status",
+};
+
+/** The op an NBD command is counted under. */
+export function metricOpOf(cmd: number): MetricOp {
+  return OP_OF_CMD[cmd] ?? "read";
+}
 const LATENCY_BUCKETS = [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1];
 
 /**

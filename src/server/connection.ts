@@ -22,7 +22,7 @@ import type { Export } from "../stack/export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
 import { applyOnce } from "./peer-writes.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
-import type { Metrics, MetricOp, OpMetrics } from "../metrics/metrics.js";
+import { metricOpOf, type Metrics, type MetricOp, type OpMetrics } from "../metrics/metrics.js";
 
 export interface ConnectionLimits {
   /** Requests in flight before the socket is paused. */
@@ -37,15 +37,6 @@ export interface ConnectionLimits {
   idleTimeoutMs: number;
 }
 
-const METRIC_OP: Record<number, MetricOp> = {
-  [Cmd.NBD_CMD_READ]: "read",
-  [Cmd.NBD_CMD_WRITE]: "write",
-  [Cmd.NBD_CMD_FLUSH]: "flush",
-  [Cmd.NBD_CMD_TRIM]: "trim",
-  [Cmd.NBD_CMD_CACHE]: "cache",
-  [Cmd.NBD_CMD_WRITE_ZEROES]: "zero",
-  [Cmd.NBD_CMD_BLOCK_STATUS]: "block_status",
-};
 
 /** Structured reads at least this long are scanned for zero runs, sent as OFFSET_HOLE. */
 const SPARSE_READ_MIN = 64 * 1024;
@@ -347,7 +338,7 @@ export class Connection {
 
   /** Executes one request, then counts it (metrics) and lets the next ones in. */
   private async run(req: Request, bytes: number): Promise<void> {
-    const m = this.opMetrics ? this.opMetrics[METRIC_OP[req.type] ?? "read"] : null;
+    const m = this.opMetrics ? this.opMetrics[metricOpOf(req.type)] : null;
     const t0 = m ? performance.now() : 0;
     try {
       const failed = await this.execute(req);

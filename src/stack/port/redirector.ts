@@ -2,7 +2,8 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { FlushLedger } from "./flush-ledger.js";
 
 /**
  * LOCAL: this node owns the resource; requests go to port A.
@@ -15,21 +16,6 @@ import { InflightTracker, plainIo, type Capabilities, type ClientSession, type E
  */
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
-
-/**
- * One client's writes through port B, counted: `acked` so far; the first `flushed` of them are
- * durable (a FLUSH covered them, or the old owner flushed at a hand-over); those numbered
- * (lostAbove, lostUpTo] may have been lost with an owner or a link, until a FLUSH reports it.
- */
-interface ClientWrites {
-  acked: number;
-  flushed: number;
-  lostAbove: number;
-  lostUpTo: number;
-}
-
-/** The client of requests that carry no session (internal calls). */
-const ANONYMOUS: ClientSession = { ended: false };
 
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
@@ -85,15 +71,8 @@ export class PortRedirector implements Layer {
   private readonly inA = new InflightTracker();
   private readonly inB = new InflightTracker();
   private held: Held[] = [];
-  /** Per client: its writes acknowledged through port B without FUA, and what of them is durable or may be lost. */
-  private clientsB = new Map<ClientSession, ClientWrites>();
-  /** Per client: the first and last of its writes through port A (numbered by `seqA`) that no FLUSH covered yet. */
-  private clientsA = new WeakMap<ClientSession, { first: number; last: number }>();
-  private seqA = 0;
-  /** Per client: FLUSHes sent so far, and up to which of them a reported loss fails them. */
-  private flushes = new WeakMap<ClientSession, { sent: number; failUpTo: number }>();
-  /** `seqA` when port A was last fenced: writes through it before then that no FLUSH covered may be lost. */
-  private fencedAt = 0;
+  /** What each client's FLUSH may vouch for (see flush-ledger.ts). */
+  private readonly ledger = new FlushLedger();
   /** While an adopting node opens port A: requests forwarded by peers, which wait for it. */
   private peerHeld: Held[] | null = null;
   private caps!: Capabilities;
@@ -179,8 +158,7 @@ export class PortRedirector implements Layer {
       this.inA.leave();
     }
     // Refused: it never reached the device, so it is not among the client's unflushed writes there.
-    const a = write && !write.fua ? this.clientsA.get(write.session ?? ANONYMOUS) : undefined;
-    if (a && a.first === a.last) a.first = 0;
+    if (write && !write.fua) this.ledger.refusedA(write);
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
     const held = this.hold(run, peer);
@@ -329,7 +307,7 @@ export class PortRedirector implements Layer {
       this.ownerLost();
       // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
       (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");
-    } else for (const w of this.clientsB.values()) w.flushed = w.acked; // durable: the old owner flushed
+    } else this.ledger.settled();
     let opened!: () => void;
     let failed!: (e: unknown) => void;
     const ready = new Promise<void>((res, rej) => ((opened = res), (failed = rej)));
@@ -382,7 +360,7 @@ export class PortRedirector implements Layer {
       this.st = "DRAINING";
       await this.inA.idle();
       // Port A closes without a flush (its lease is gone): what it never flushed may be lost.
-      this.fencedAt = this.seqA;
+      this.ledger.fenced();
       await this.a!.close().catch(() => undefined);
       this.a = null;
       this.st = "HANDOVER";
@@ -418,86 +396,35 @@ export class PortRedirector implements Layer {
     return this.route(io, (p) => this.written(p, io, p.trim(length, offset, io)), true);
   }
   /**
-   * A FLUSH. It fails with EIO, once, for a client whose writes were acknowledged through port B,
-   * not flushed, and may since have been lost with their owner (it died and this node took the
-   * resource over) or with the link to it (see ownerLost): it never vouches for lost writes.
+   * A FLUSH. It fails with EIO when it covers a write that may have been lost with an owner, a
+   * link or a fence (see flush-ledger.ts): it never vouches for lost writes.
    */
   flush(io: Io): Promise<void> {
-    const client = io.session ?? ANONYMOUS;
-    const covers = this.clientsB.get(client)?.acked ?? 0; // the writes this FLUSH vouches for
-    const coversA = this.seqA;
-    let f = this.flushes.get(client);
-    if (!f) this.flushes.set(client, (f = { sent: 0, failUpTo: 0 }));
-    const mine = ++f.sent;
+    const ticket = this.ledger.flushSent(io);
     return this.route(io, (p) => p.flush(io)).then(() => {
-      let lost: string | null = null;
-      const a = this.clientsA.get(client);
-      if (a?.first && a.first <= coversA) {
-        if (a.first <= this.fencedAt) lost = "writes acknowledged before this node lost the resource were never flushed and may be lost";
-        a.first = a.last > coversA ? coversA + 1 : 0;
-      }
-      const w = this.clientsB.get(client);
-      if (w) {
-        if (w.lostUpTo > w.lostAbove && covers > w.lostAbove) {
-          lost = "writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)";
-          w.lostAbove = w.lostUpTo = 0;
-        }
-        w.flushed = Math.max(w.flushed, covers);
-        if (w.flushed >= w.acked && w.lostUpTo === 0) this.clientsB.delete(client);
-      }
-      // Every FLUSH this client sent before the loss was reported covers the lost writes too.
-      if (lost) f.failUpTo = f.sent;
-      else if (mine <= f.failUpTo) lost = "writes this FLUSH covers were never flushed and may be lost (reported to an earlier FLUSH too)";
+      const lost = this.ledger.flushed(ticket);
       if (lost) throw new NbdError("EIO", `${this.name}: ${lost}`);
     });
   }
 
-  /** Counts a write through port B that only a FLUSH makes durable. */
+  /** Counts a write that only a FLUSH makes durable, through port A as sent, through port B once acknowledged. */
   private written(p: Layer, io: Io, done: Promise<void>): Promise<void> {
     if (io.fua) return done;
     if (p === this.a) {
-      // Counted as sent, with no promise hop on the fast path (a write the fence refuses is taken
-      // back in viaA): a fence drops what port A never flushed.
-      const client = io.session ?? ANONYMOUS;
-      const s = ++this.seqA;
-      const a = this.clientsA.get(client);
-      if (!a) this.clientsA.set(client, { first: s, last: s });
-      else {
-        if (!a.first) a.first = s;
-        a.last = s;
-      }
+      this.ledger.sentA(io); // a write the fence refuses is taken back in viaA
       return done;
     }
     if (p !== this.b) return done;
-    return done.then(() => {
-      const client = io.session ?? ANONYMOUS;
-      let w = this.clientsB.get(client);
-      if (!w) {
-        if (this.clientsB.size >= 256) for (const c of this.clientsB.keys()) if (c.ended) this.clientsB.delete(c);
-        this.clientsB.set(client, (w = { acked: 0, flushed: 0, lostAbove: 0, lostUpTo: 0 }));
-      }
-      w.acked++;
-    });
+    return done.then(() => this.ledger.ackedB(io));
   }
 
   /**
    * What port B acknowledged without a FLUSH may be gone: its owner died (this node takes the
    * resource over) or the link to it moved to another owner. Each client with such writes gets EIO
-   * from its next FLUSH that covers one of them, wherever that goes.
+   * from the FLUSHes that cover one of them, wherever they go.
    */
   ownerLost(): void {
-    let clients = 0;
-    for (const [c, w] of this.clientsB) {
-      if (c.ended) {
-        this.clientsB.delete(c);
-        continue;
-      }
-      if (w.acked <= w.flushed) continue;
-      // Writes (lostAbove, lostUpTo] may be lost; one earlier loss not reported yet stretches the range.
-      w.lostAbove = w.lostUpTo > w.lostAbove ? Math.min(w.lostAbove, w.flushed) : w.flushed;
-      w.lostUpTo = w.acked;
-      clients++;
-    }
+    const clients = this.ledger.ownerLost();
     if (clients) this.log?.warn({ clients }, "writes acknowledged through port B were not flushed when its owner or link went: each client's next FLUSH fails");
   }
 
