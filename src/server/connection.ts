@@ -75,9 +75,9 @@ export class Connection {
   private corked = false;
   private stopping = false; // DISC received or server shutting down: execute no more requests
   private finished = false; // our side is closed: incoming bytes are dropped
-  /** Whether this connection ended (layers keeping per-client state drop it then). */
+  /** Whether this connection ended, or its socket closed (layers drop its state, and never run its held requests late). */
   get ended(): boolean {
-    return this.finished;
+    return this.finished || this.socket.destroyed;
   }
   private tls = false;
   readonly closed: Promise<void>;

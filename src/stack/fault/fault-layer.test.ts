@@ -138,6 +138,20 @@ describe("FaultLayer", () => {
     expect(fault.counts.lostWrites).toBe(1);
   });
 
+  it("never lets a delayed or stalled write land once its client is gone (it may have been sent again elsewhere)", async () => {
+    const { fault, port } = await stack();
+    fault.addRule("op=pwrite,stall");
+    const client = { ended: false };
+    const w = outcome(fault.pwrite(Buffer.alloc(512, 7), 0, { ...plainIo, session: client }));
+    await new Promise((r) => setImmediate(r));
+    client.ended = true; // the client's connection closed while the write was stalled
+    fault.releaseStalled();
+    expect(await w).toBe("ESHUTDOWN");
+    const back = Buffer.alloc(512);
+    await port.pread(back, 0, plainIo);
+    expect(back.every((b) => b === 0)).toBe(true);
+  });
+
   it("ends stalled requests with ESHUTDOWN when it closes, so a shutdown never waits on a stall", async () => {
     const { fault, port } = await stack();
     fault.addRule("op=pwrite,stall");

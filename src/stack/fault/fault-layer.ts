@@ -113,8 +113,12 @@ export class FaultLayer extends PassthroughLayer {
     this.opts.log?.warn("power on");
   }
 
-  /** Applies the rules to one request; resolves when it may go on, throws the injected error. */
-  private async inject(op: FaultOp, offset: number, length: number): Promise<FaultRule | null> {
+  /**
+   * Applies the rules to one request; resolves when it may go on, throws the injected error. A
+   * request delayed or stalled past the end of its client's connection ends with ESHUTDOWN there:
+   * its client may have sent it again elsewhere, and it must not land later over newer data.
+   */
+  private async inject(op: FaultOp, offset: number, length: number, io?: Io): Promise<FaultRule | null> {
     if (!this.powered && op !== "open") throw new NbdError("ESHUTDOWN", "the disk has no power (powercut)");
     let corruptBy: FaultRule | null = null;
     for (const r of this.rules) {
@@ -136,6 +140,7 @@ export class FaultLayer extends PassthroughLayer {
         this.opts.log?.warn({ rule: r.id, op, offset }, `stalling ${op} at 0x${offset.toString(16)} until released`);
         await new Promise<void>((go, stop) => this.stalled.push({ go, stop }));
       }
+      if ((r.delay || r.stall) && io?.session?.ended) throw new NbdError("ESHUTDOWN", `the client of this ${op} is gone (it waited on fault rule ${r.id})`);
       if (r.corrupt !== undefined) corruptBy = r;
       if (r.errno) {
         this.counts.injected++;
@@ -167,7 +172,7 @@ export class FaultLayer extends PassthroughLayer {
   }
 
   private async faultyPread(buf: Buffer, offset: number, io: Io): Promise<void> {
-    const corrupt = await this.inject("pread", offset, buf.length);
+    const corrupt = await this.inject("pread", offset, buf.length, io);
     await this.next.pread(buf, offset, io);
     for (const w of this.volatile) {
       const s = Math.max(offset, w.offset);
@@ -183,39 +188,39 @@ export class FaultLayer extends PassthroughLayer {
   }
 
   private async faultyPwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    await this.inject("pwrite", offset, buf.length);
+    await this.inject("pwrite", offset, buf.length, io);
     if (!this.opts.powerloss) return this.next.pwrite(buf, offset, io);
     this.volatile.push({ offset, data: Buffer.from(buf) });
     if (io.fua) await this.persist();
   }
 
   override async zero(length: number, offset: number, io: Io): Promise<void> {
-    await this.inject("zero", offset, length);
+    await this.inject("zero", offset, length, io);
     if (!this.opts.powerloss) return this.next.zero(length, offset, io);
     this.volatile.push({ offset, data: Buffer.alloc(length) });
     if (io.fua) await this.persist();
   }
 
   override async trim(length: number, offset: number, io: Io): Promise<void> {
-    await this.inject("trim", offset, length);
+    await this.inject("trim", offset, length, io);
     if (!this.opts.powerloss) return this.next.trim(length, offset, io);
     await this.persist(); // trim goes straight down; earlier writes first, so order is kept
     return this.next.trim(length, offset, io);
   }
 
   override async flush(io: Io): Promise<void> {
-    await this.inject("flush", 0, 0);
+    await this.inject("flush", 0, 0, io);
     if (this.opts.powerloss) await this.persist();
     return this.next.flush(io);
   }
 
   override async cache(length: number, offset: number, io: Io): Promise<void> {
-    await this.inject("cache", offset, length);
+    await this.inject("cache", offset, length, io);
     return this.next.cache(length, offset, io);
   }
 
   override async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    await this.inject("extents", offset, length);
+    await this.inject("extents", offset, length, io);
     const ext = await this.next.extents(length, offset, io);
     if (this.volatile.length === 0) return ext;
     return [{ length: ext.reduce((s, e) => s + e.length, 0), flags: 0 }]; // unflushed data: report it allocated

@@ -389,3 +389,29 @@ describe("PortRedirector: every FLUSH in flight across a loss fails, not only th
     await r.close();
   });
 });
+
+/** A held request whose client hung up must not run when the hold ends (the client may have sent it elsewhere). */
+describe("PortRedirector: a held request of a client that is gone is not run late", () => {
+  it("answers it ESHUTDOWN at release instead of forwarding it", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    let owner = true;
+    const forwarded: number[] = [];
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override pwrite(b: Buffer, o: number, io: Io) {
+        forwarded.push(o);
+        return super.pwrite(b, o, io);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
+    await disk.open();
+    await r.open();
+    owner = false;
+    const gone = { ended: false };
+    const w = r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, session: gone }).then(() => "ok", (e: NbdError) => e.errno);
+    gone.ended = true; // the client hung up while its write was held
+    expect(await w).toBe("ESHUTDOWN");
+    expect(forwarded).toEqual([]);
+    await r.close();
+  });
+});

@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
 import { FlushLedger } from "./flush-ledger.js";
 
 /**
@@ -45,6 +45,8 @@ interface Held {
   run: (port: Layer) => Promise<unknown>;
   /** Forwarded by a peer's port B. */
   peer?: boolean;
+  /** The client connection it came on: gone by the time it is released, it is not run. */
+  session?: ClientSession | null;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -133,22 +135,22 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>, write = false): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run, io.peer, write ? io : undefined);
+        return this.viaA(run, io.peer, io, write);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run);
         return this.viaB(run);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run, true, write ? io : undefined);
+        if (io.peer) return this.viaA(run, true, io, write);
         return this.hold(run);
       default:
-        return this.hold(run, io.peer);
+        return this.hold(run, io.peer, io.session);
     }
   }
 
-  /** `write`: the Io of a write, zero or trim, so that a refused one is taken back from the client's count. */
-  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, write?: Io): Promise<T> {
+  /** `write`: a write, zero or trim, so that a refused one is taken back from its client's count. */
+  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, io?: Io, write = false): Promise<T> {
     this.inA.enter();
     try {
       return await run(this.a!);
@@ -158,10 +160,10 @@ export class PortRedirector implements Layer {
       this.inA.leave();
     }
     // Refused: it never reached the device, so it is not among the client's unflushed writes there.
-    if (write && !write.fua) this.ledger.refusedA(write);
+    if (io && write && !io.fua) this.ledger.refusedA(io);
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
-    const held = this.hold(run, peer);
+    const held = this.hold(run, peer, io?.session);
     void this.fence().catch(() => undefined);
     return held;
   }
@@ -191,9 +193,9 @@ export class PortRedirector implements Layer {
     });
   }
 
-  private hold<T>(run: (port: Layer) => Promise<T>, peer = false): Promise<T> {
+  private hold<T>(run: (port: Layer) => Promise<T>, peer = false, session?: ClientSession | null): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.held.push({ run, peer, resolve: resolve as (v: unknown) => void, reject });
+      this.held.push({ run, peer, session, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
@@ -207,6 +209,11 @@ export class PortRedirector implements Layer {
     const q = this.held;
     this.held = [];
     for (const h of q) {
+      // Its client is gone (and may have sent it again elsewhere): it must not run late.
+      if (h.session?.ended) {
+        h.reject(new NbdError("ESHUTDOWN", `${this.name}: the client of this held request is gone`));
+        continue;
+      }
       if (fenced && h.peer) {
         h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
         continue;
