@@ -5,6 +5,7 @@ import pino from "pino";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { LeaseFile } from "../migration/lease.js";
 import { plainIo } from "../stack/layer.js";
+import type { ExportSpec } from "../stack/compose.js";
 import { StackHandles } from "../stack/stack-handles.js";
 import { StorageNode } from "./storage-node.js";
 
@@ -24,6 +25,24 @@ function image(): string {
 
 const readAt = (img: string, offset: number, length: number) => fs.readFileSync(img).subarray(offset, offset + length);
 
+/** Node `id` serving `img` as export "disk", opened (`spec`: more of the export's spec). */
+async function nodeServing(id: string, img: string, ttlMs: number, spec: Partial<ExportSpec> = {}, handles?: StackHandles) {
+  const node = new StorageNode({ nodeId: id, nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
+  const exp = node.createExport({ source: img, name: "disk", ...spec }, handles);
+  await exp.open();
+  return { node, exp };
+}
+
+/** Polls `done` until it holds; fails after `ms` with what `state` says then (wall clock: some tests fake performance.now). */
+async function waitFor(done: () => boolean, ms: number, state: () => unknown): Promise<void> {
+  const t0 = Date.now();
+  while (!done()) {
+    if (Date.now() - t0 > ms) throw new Error(`still ${JSON.stringify(state())} after ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+const stateOf = (n: StorageNode) => n.status().exports[0]!.state;
+
 /**
  * Port A's own epoch check, with a real lease record: a write made after the local deadline
  * (80 % of the lease time since the last renewal) looks at the record first. The renewal loop is
@@ -34,9 +53,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("writes through port A while the record names this node, and never once another node holds the lease", async () => {
     const img = image();
     const ttlMs = 60_000;
-    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
-    const exp = a.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: a, exp } = await nodeServing("a", img, ttlMs);
     await exp.layer.pwrite(Buffer.alloc(4096, 0x11), 0, plainIo);
     expect(readAt(img, 0, 4096).every((b) => b === 0x11)).toBe(true);
 
@@ -52,11 +69,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     now.mockImplementation(() => t0 + 1.8 * ttlMs + 1);
     const late = exp.layer.pwrite(Buffer.alloc(4096, 0x33), 8192, plainIo);
     late.catch(() => undefined); // held for b (unreachable here); ended with ESHUTDOWN at close
-    const t1 = Date.now();
-    while (a.status().exports[0]!.state !== "REMOTE") {
-      if (Date.now() - t1 > 5000) throw new Error(`still ${a.status().exports[0]!.state}`);
-      await new Promise((r) => setTimeout(r, 10));
-    }
+    await waitFor(() => stateOf(a) === "REMOTE", 5000, () => stateOf(a));
     expect(readAt(img, 8192, 4096).every((b) => b === 0)).toBe(true); // a did not write the image
     expect(a.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
     await a.close();
@@ -67,16 +80,10 @@ describe("StorageNode: a write past the lease's local deadline checks the record
 
   it("fences port A from the renewal loop, with no write needed, once another node holds the lease", async () => {
     const img = image();
-    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
-    const exp = a.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: a, exp } = await nodeServing("a", img, 600);
     a.start("http://127.0.0.1:9");
     new LeaseFile(img).handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, 600);
-    const t1 = Date.now();
-    while (a.status().exports[0]!.state !== "REMOTE") {
-      if (Date.now() - t1 > 5000) throw new Error(`still ${a.status().exports[0]!.state}`);
-      await new Promise((r) => setTimeout(r, 10));
-    }
+    await waitFor(() => stateOf(a) === "REMOTE", 5000, () => stateOf(a));
     await a.close();
     await exp.close().catch(() => undefined);
   });
@@ -84,9 +91,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("trusts a renewal from before it started, not from when it returned: a pause inside renew() shortens the trust", async () => {
     const img = image();
     const ttlMs = 60_000;
-    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
-    const exp = a.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: a, exp } = await nodeServing("a", img, ttlMs);
     let t = performance.now();
     vi.spyOn(performance, "now").mockImplementation(() => t);
     const real = LeaseFile.prototype.renew;
@@ -108,9 +113,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("waits, never writes, while the record past the deadline cannot be read; writes once it can", async () => {
     const img = image();
     const ttlMs = 60_000;
-    const a = new StorageNode({ nodeId: "a", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
-    const exp = a.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: a, exp } = await nodeServing("a", img, ttlMs);
     await exp.layer.pwrite(Buffer.alloc(4096, 0x11), 0, plainIo);
     const t0 = performance.now();
     vi.spyOn(performance, "now").mockImplementation(() => t0 + 0.9 * ttlMs);
@@ -138,17 +141,11 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     // "a", a process that runs (pid 1), owns the image.
     const lease = new LeaseFile(img, { pid: 1, host: me });
     lease.acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, ttlMs);
-    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
-    const exp = b.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: b, exp } = await nodeServing("b", img, ttlMs);
     b.start("http://127.0.0.1:9");
     expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: "a" });
     lease.handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs); // then a dies
-    const t0 = performance.now();
-    while (b.status().exports[0]!.state !== "LOCAL") {
-      if (performance.now() - t0 > 6000) throw new Error(`still ${b.status().exports[0]!.state} after 6 s`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitFor(() => stateOf(b) === "LOCAL", 6000, () => stateOf(b));
     expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
     expect(new LeaseFile(img).read()).toMatchObject({ owner: "b", epoch: 2, pid: process.pid }); // claimed
     await exp.layer.pwrite(Buffer.alloc(4096, 0x5a), 0, plainIo);
@@ -160,23 +157,14 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("a take-over whose port A does not open gives the lease up instead of naming itself owner with nothing to serve", async () => {
     const img = image();
     new LeaseFile(img, { pid: 1, host: os.hostname() }).acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, 600); // a never renews: b takes over after 600 ms
-    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
     const handles = new StackHandles();
-    const exp = b.createExport({ source: img, name: "disk", fault: {} }, handles);
-    await exp.open();
-    const rule = handles.faults.get("disk")!.addRule("op=open,errno=EIO"); // port A cannot open now
+    const { node: b, exp } = await nodeServing("b", img, 600, { fault: {} }, handles);
+    handles.faults.get("disk")!.addRule("op=open,errno=EIO"); // port A cannot open now
     b.start("http://127.0.0.1:9");
-    const t0 = performance.now();
-    while (!(new LeaseFile(img).read()?.owner === "b" && new LeaseFile(img).read()?.leaseStart === 0)) {
-      if (performance.now() - t0 > 3000) throw new Error(`record still ${JSON.stringify(new LeaseFile(img).read())}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    const record = () => new LeaseFile(img).read();
+    await waitFor(() => record()?.owner === "b" && record()?.leaseStart === 0, 3000, record);
     handles.faults.get("disk")!.clearRules(); // the next tick takes it over and serves it
-    void rule;
-    while (b.status().exports[0]!.state !== "LOCAL") {
-      if (performance.now() - t0 > 6000) throw new Error(`still ${b.status().exports[0]!.state}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitFor(() => stateOf(b) === "LOCAL", 3000, () => stateOf(b));
     await exp.layer.pwrite(Buffer.alloc(4096, 0x42), 0, plainIo);
     expect(readAt(img, 0, 4096).every((x) => x === 0x42)).toBe(true);
     await exp.close();
@@ -186,17 +174,11 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("starts serving through port B when the record cannot be taken at start (its lock held by a stopped process), and takes it once it can", async () => {
     const img = image();
     fs.writeFileSync(`${img}.lease.lock`, `${os.hostname()} 1 held`); // pid 1 runs: the lock is never broken
-    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 600 });
-    const exp = b.createExport({ source: img, name: "disk" });
-    await exp.open();
+    const { node: b, exp } = await nodeServing("b", img, 600);
     expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: null });
     b.start("http://127.0.0.1:9");
     fs.rmSync(`${img}.lease.lock`);
-    const t0 = performance.now();
-    while (b.status().exports[0]!.state !== "LOCAL") {
-      if (performance.now() - t0 > 3000) throw new Error(`still ${b.status().exports[0]!.state}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitFor(() => stateOf(b) === "LOCAL", 3000, () => stateOf(b));
     expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 1 });
     await exp.close();
     await b.close();

@@ -291,30 +291,45 @@ describe("PortRedirector", () => {
 });
 
 /**
+ * An owner's redirector over a shared memory disk behind a fence (`lease.owner`: whether it still
+ * holds the lease), with port B to a peer that records the offsets of the writes it forwards.
+ * `portA` may wrap the fenced disk (an owner that froze before its fence check).
+ */
+async function fencedOwner(portA: (fenced: Layer) => Layer = (l) => l) {
+  const disk = new MemoryPort({ size: SIZE });
+  const lease = { owner: true };
+  const forwarded: number[] = [];
+  const portB = new (class extends PassthroughLayer {
+    override async open() {}
+    override pwrite(b: Buffer, o: number, io: Io) {
+      forwarded.push(o);
+      return super.pwrite(b, o, io);
+    }
+  })(new MemoryPort({ size: SIZE }));
+  const a = portA(new FenceLayer(disk, () => lease.owner));
+  const r = new PortRedirector("d", { openLocal: async () => a, openRemote: async () => (await portB.open(), portB) }, true);
+  await disk.open();
+  await r.open();
+  return { r, lease, forwarded };
+}
+
+const errnoOf = (p: Promise<unknown>) =>
+  p.then(
+    () => "ok",
+    (e: NbdError) => e.errno,
+  );
+const client = () => ({ ...plainIo, session: { ended: false } });
+
+/**
  * Issue 16 (review of item 8): a node fenced after a pause must not forward what peers sent it:
  * the peer may have taken the resource over and applied those writes itself; forwarded under this
  * node's own session, they would be applied a second time, over newer writes.
  */
 describe("PortRedirector: a fenced node hands peers' requests back", () => {
   it("answers a peer's write ESHUTDOWN after a fence, and forwards its own clients' writes to the new owner", async () => {
-    const disk = new MemoryPort({ size: SIZE });
-    let owner = true;
-    const forwarded: number[] = [];
-    const portB = new (class extends PassthroughLayer {
-      override async open() {}
-      override pwrite(b: Buffer, o: number, io: Io) {
-        forwarded.push(o);
-        return super.pwrite(b, o, io);
-      }
-    })(new MemoryPort({ size: SIZE }));
-    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
-    await disk.open();
-    await r.open();
-    owner = false; // the lease is gone (this node was paused)
-    const peerWrite = r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }).then(
-      () => "ok",
-      (e: NbdError) => e.errno,
-    );
+    const { r, lease, forwarded } = await fencedOwner();
+    lease.owner = false; // the lease is gone (this node was paused)
+    const peerWrite = errnoOf(r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }));
     const ownWrite = r.pwrite(Buffer.alloc(512, 2), 512, plainIo);
     expect(await peerWrite).toBe("ESHUTDOWN");
     await ownWrite;
@@ -331,20 +346,13 @@ describe("PortRedirector: a fenced node hands peers' requests back", () => {
  */
 describe("PortRedirector: a FLUSH after a fence never vouches for what port A never flushed", () => {
   it("fails the next FLUSH of a client with unflushed writes through port A, once; not of one that flushed", async () => {
-    const disk = new MemoryPort({ size: SIZE });
-    let owner = true;
-    const portB = new (class extends PassthroughLayer {
-      override async open() {}
-    })(new MemoryPort({ size: SIZE }));
-    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
-    await disk.open();
-    await r.open();
-    const x = { ...plainIo, session: { ended: false } };
-    const y = { ...plainIo, session: { ended: false } };
+    const { r, lease } = await fencedOwner();
+    const x = client();
+    const y = client();
     await r.pwrite(Buffer.alloc(512, 1), 0, x); // acknowledged, never flushed
     await r.pwrite(Buffer.alloc(512, 2), 512, y);
     await r.flush(y);
-    owner = false; // the lease is gone: the next write finds the fence
+    lease.owner = false; // the lease is gone: the next write finds the fence
     await r.pwrite(Buffer.alloc(512, 3), 1024, y);
     expect(r.state).toBe("REMOTE");
     await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
@@ -361,31 +369,25 @@ describe("PortRedirector: a FLUSH after a fence never vouches for what port A ne
  */
 describe("PortRedirector: every FLUSH in flight across a loss fails, not only the first to complete", () => {
   it("fails all three FLUSHes sent after the lost write; the next one, sent after the report, succeeds", async () => {
-    const disk = new MemoryPort({ size: SIZE });
-    let owner = true;
     let releaseFlushes!: () => void;
-    const gate = new Promise<void>((r) => (releaseFlushes = r));
+    const gate = new Promise<void>((res) => (releaseFlushes = res));
     // The owner froze with the FLUSHes in its queue, before their fence check.
-    const frozen = new (class extends PassthroughLayer {
-      override flush(io: Io) {
-        return gate.then(() => super.flush(io));
-      }
-    })(new FenceLayer(disk, () => owner));
-    const portB = new (class extends PassthroughLayer {
-      override async open() {}
-    })(new MemoryPort({ size: SIZE }));
-    const r = new PortRedirector("d", { openLocal: async () => frozen, openRemote: async () => (await portB.open(), portB) }, true);
-    await disk.open();
-    await r.open();
-    const x = { ...plainIo, session: { ended: false } };
+    const { r, lease } = await fencedOwner(
+      (fenced) =>
+        new (class extends PassthroughLayer {
+          override flush(io: Io) {
+            return gate.then(() => super.flush(io));
+          }
+        })(fenced),
+    );
+    const x = client();
     await r.pwrite(Buffer.alloc(512, 1), 0, x); // acknowledged, never flushed
-    const outcome = (p: Promise<void>) => p.then(() => "ok", (e: NbdError) => e.errno);
-    const flushes = [outcome(r.flush(x)), outcome(r.flush(x)), outcome(r.flush(x))];
+    const flushes = [errnoOf(r.flush(x)), errnoOf(r.flush(x)), errnoOf(r.flush(x))];
     await new Promise((res) => setTimeout(res, 10));
-    owner = false; // the lease is gone while they wait
+    lease.owner = false; // the lease is gone while they wait
     releaseFlushes(); // refused by the fence, sent on to the new owner
     expect(await Promise.all(flushes)).toEqual(["EIO", "EIO", "EIO"]);
-    expect(await outcome(r.flush(x))).toBe("ok");
+    expect(await errnoOf(r.flush(x))).toBe("ok");
     await r.close();
   });
 });
@@ -393,22 +395,10 @@ describe("PortRedirector: every FLUSH in flight across a loss fails, not only th
 /** A held request whose client hung up must not run when the hold ends (the client may have sent it elsewhere). */
 describe("PortRedirector: a held request of a client that is gone is not run late", () => {
   it("answers it ESHUTDOWN at release instead of forwarding it", async () => {
-    const disk = new MemoryPort({ size: SIZE });
-    let owner = true;
-    const forwarded: number[] = [];
-    const portB = new (class extends PassthroughLayer {
-      override async open() {}
-      override pwrite(b: Buffer, o: number, io: Io) {
-        forwarded.push(o);
-        return super.pwrite(b, o, io);
-      }
-    })(new MemoryPort({ size: SIZE }));
-    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner), openRemote: async () => (await portB.open(), portB) }, true);
-    await disk.open();
-    await r.open();
-    owner = false;
+    const { r, lease, forwarded } = await fencedOwner();
+    lease.owner = false;
     const gone = { ended: false };
-    const w = r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, session: gone }).then(() => "ok", (e: NbdError) => e.errno);
+    const w = errnoOf(r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, session: gone }));
     gone.ended = true; // the client hung up while its write was held
     expect(await w).toBe("ESHUTDOWN");
     expect(forwarded).toEqual([]);
