@@ -18,12 +18,29 @@ import { parseHostPort, type Managed, type MoveResult, type NodeContext } from "
 export async function moveOut(node: NodeContext, name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy = false): Promise<MoveResult> {
   const m = node.find(name);
   if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
+  // One move at a time: a second one would hand over the epoch this node had when it was asked,
+  // which the first move may have changed (a rollback takes the lease back at a new epoch).
+  if (moving.has(m)) throw new HttpError(409, `${name}: a move is under way already; try again when it ended`);
+  moving.add(m);
+  try {
+    return await moveOnce(node, m, to, beforeRelease, privateCopy);
+  } finally {
+    moving.delete(m);
+  }
+}
+
+/** Exports with a move under way. */
+const moving = new WeakSet<Managed>();
+
+async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease: (() => Promise<void>) | undefined, privateCopy: boolean): Promise<MoveResult> {
+  const name = m.name;
   const peer = await getStatus(to).catch((err: Error) => {
     throw new HttpError(502, `peer ${to} unreachable: ${err.message}`);
   });
   if (!beforeRelease && !peer.exports.some((e) => e.name === name)) throw new HttpError(409, `peer ${peer.nodeId} does not serve "${name}"`);
   const t0 = performance.now();
   const myEpoch = m.epoch;
+  if (myEpoch === null) throw new HttpError(409, `${name} is not owned here any more; migrate it on its owner`);
   let handed: LeaseRecord | null = null;
   const { held } = await m.redirector.moveOut({
     beforeRelease,

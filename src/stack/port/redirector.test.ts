@@ -405,3 +405,54 @@ describe("PortRedirector: a held request of a client that is gone is not run lat
     await r.close();
   });
 });
+
+/**
+ * Nemesis finding 9: an owner frozen past its lease read, once it continued, a write that a peer
+ * had sent it before the peer gave the link up and took the resource over (applying the write
+ * through its own port A). Forwarded to that new owner under this node's port B session, it was
+ * applied a second time, over newer writes. A node fenced this way forwards no peer's request.
+ */
+describe("PortRedirector: a fenced node forwards nothing a peer sends it later", () => {
+  it("answers a peer's write that arrives after the fence ESHUTDOWN, and still forwards its own clients'", async () => {
+    const { r, lease, forwarded } = await fencedOwner();
+    lease.owner = false;
+    await r.pwrite(Buffer.alloc(512, 2), 512, plainIo); // finds the fence: port B from now on
+    expect(r.state).toBe("REMOTE");
+    expect(await errnoOf(r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }))).toBe("ESHUTDOWN");
+    await r.pwrite(Buffer.alloc(512, 3), 1024, plainIo);
+    expect(forwarded).toEqual([512, 1024]);
+    await r.close();
+  });
+});
+
+/**
+ * Nemesis seed 7: a request waiting for this node's port A (port B found the record naming this
+ * node) ran when, much later, this node became the owner again — over writes acknowledged since.
+ * Its client (a peer's port B) had long given it up and sent it to the owner of the time.
+ */
+describe("PortRedirector: a request waiting for port A whose client is gone never runs", () => {
+  it("answers it ESHUTDOWN instead of writing it when port A opens", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    await disk.open();
+    const here = Object.assign(new Error("the record names this node"), { code: "EOWNER" });
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override pwrite(): Promise<void> {
+        return Promise.reject(here);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => disk, openRemote: async () => portB }, false);
+    await r.open();
+    const gone = { ended: false };
+    const w = errnoOf(r.pwrite(Buffer.alloc(512, 7), 0, { ...plainIo, peer: true, session: gone }));
+    await sleep(20);
+    gone.ended = true; // the peer gave the link up
+    await sleep(20);
+    await r.adopt();
+    expect(await w).toBe("ESHUTDOWN");
+    const back = Buffer.alloc(512);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.alloc(512))).toBe(true);
+    await r.close();
+  });
+});

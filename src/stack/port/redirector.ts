@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import { FlushLedger } from "./flush-ledger.js";
 
 /**
@@ -43,10 +43,8 @@ export interface HandOver {
 
 interface Held {
   run: (port: Layer) => Promise<unknown>;
-  /** Forwarded by a peer's port B. */
-  peer?: boolean;
-  /** The client connection it came on: gone by the time it is released, it is not run. */
-  session?: ClientSession | null;
+  /** Its request's context: `peer` (forwarded by a peer's port B), `session` (its client connection: gone by the time it is released, it is not run). */
+  io?: Io;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -82,6 +80,11 @@ export class PortRedirector implements Layer {
   private moves = 0;
   private busy: Promise<void> = Promise.resolve();
   private closing = false;
+  /**
+   * Set by a fence, cleared when this node owns the resource again or hands it over: what peers
+   * send this node meanwhile is answered ESHUTDOWN, never forwarded (see release()).
+   */
+  private fenced = false;
 
   constructor(
     private readonly name: string,
@@ -135,22 +138,25 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>, write = false): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run, io.peer, io, write);
+        return this.viaA(run, io, write);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
-        if (io.peer && this.peerHeld) return this.holdPeer(run);
-        return this.viaB(run);
+        if (io.peer && this.peerHeld) return this.holdPeer(run, io);
+        // Fenced: a peer's request may be one it sent before this node froze, given up since and
+        // applied itself; forwarded under this node's session it would be applied twice.
+        if (io.peer && this.fenced) return Promise.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+        return this.viaB(run, io);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run, true, io, write);
-        return this.hold(run);
+        if (io.peer) return this.viaA(run, io, write);
+        return this.hold(run, io);
       default:
-        return this.hold(run, io.peer, io.session);
+        return this.hold(run, io);
     }
   }
 
   /** `write`: a write, zero or trim, so that a refused one is taken back from its client's count. */
-  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, io?: Io, write = false): Promise<T> {
+  private async viaA<T>(run: (port: Layer) => Promise<T>, io?: Io, write = false): Promise<T> {
     this.inA.enter();
     try {
       return await run(this.a!);
@@ -163,12 +169,12 @@ export class PortRedirector implements Layer {
     if (io && write && !io.fua) this.ledger.refusedA(io);
     // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
     // and releases the held requests there, this one among them.
-    const held = this.hold(run, peer, io?.session);
+    const held = this.hold(run, io);
     void this.fence().catch(() => undefined);
     return held;
   }
 
-  private async viaB<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private async viaB<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     this.inB.enter();
     try {
       for (;;) {
@@ -176,9 +182,11 @@ export class PortRedirector implements Layer {
           return await run(this.b!);
         } catch (err) {
           // The owner is this node now (it adopted or took over the resource): the request,
-          // older than anything held, goes to port A as soon as that is open.
+          // older than anything held, goes to port A as soon as that is open — unless its client
+          // is gone meanwhile (it may have sent it elsewhere): then it must never run.
           if (!isOwnerHere(err)) throw err;
-          if (this.a) return await this.viaA(run);
+          if (io?.session?.ended) throw new NbdError("ESHUTDOWN", `${this.name}: the client of this request is gone`);
+          if (this.a) return await this.viaA(run, io);
           await new Promise((r) => setTimeout(r, 5));
         }
       }
@@ -187,15 +195,15 @@ export class PortRedirector implements Layer {
     }
   }
 
-  private holdPeer<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private holdPeer<T>(run: (port: Layer) => Promise<T>, io: Io): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.peerHeld!.push({ run, resolve: resolve as (v: unknown) => void, reject });
+      this.peerHeld!.push({ run, io, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
-  private hold<T>(run: (port: Layer) => Promise<T>, peer = false, session?: ClientSession | null): Promise<T> {
+  private hold<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.held.push({ run, peer, session, resolve: resolve as (v: unknown) => void, reject });
+      this.held.push({ run, io, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
@@ -205,20 +213,20 @@ export class PortRedirector implements Layer {
    * sender sends them again itself, to the owner it finds, under its own port B session — which
    * the owner applies once (it may have taken the resource over and sent them through its port A).
    */
-  private release(fenced = false): void {
+  private release(): void {
     const q = this.held;
     this.held = [];
     for (const h of q) {
       // Its client is gone (and may have sent it again elsewhere): it must not run late.
-      if (h.session?.ended) {
+      if (h.io?.session?.ended) {
         h.reject(new NbdError("ESHUTDOWN", `${this.name}: the client of this held request is gone`));
         continue;
       }
-      if (fenced && h.peer) {
+      if (this.fenced && h.io?.peer) {
         h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
         continue;
       }
-      const p = this.st === "LOCAL" ? this.viaA(h.run, h.peer) : this.viaB(h.run);
+      const p = this.st === "LOCAL" ? this.viaA(h.run, h.io) : this.viaB(h.run, h.io);
       p.then(h.resolve, h.reject);
     }
   }
@@ -327,14 +335,15 @@ export class PortRedirector implements Layer {
       } catch (err) {
         const q = this.peerHeld;
         this.peerHeld = null;
-        for (const h of q) this.viaB(h.run).then(h.resolve, h.reject);
+        for (const h of q) this.viaB(h.run, h.io).then(h.resolve, h.reject);
         failed(err);
         return;
       }
       this.st = "ADOPTING";
+      this.fenced = false;
       const q = this.peerHeld;
       this.peerHeld = null;
-      for (const h of q) this.viaA(h.run).then(h.resolve, h.reject);
+      for (const h of q) this.viaA(h.run, h.io).then(h.resolve, h.reject);
       opened();
       await this.inB.idle();
       if (this.ports.stillOwner && !this.ports.stillOwner()) {
@@ -365,6 +374,7 @@ export class PortRedirector implements Layer {
     return this.serial(async () => {
       if (this.st !== "LOCAL") return;
       this.st = "DRAINING";
+      this.fenced = true;
       await this.inA.idle();
       // Port A closes without a flush (its lease is gone): what it never flushed may be lost.
       this.ledger.fenced();
@@ -373,7 +383,7 @@ export class PortRedirector implements Layer {
       this.st = "HANDOVER";
       this.b = await this.openRemoteUntilDone();
       this.st = "REMOTE";
-      this.release(true);
+      this.release();
     });
   }
 
