@@ -127,6 +127,29 @@ describe("LeaseFile", () => {
     expect(lb.read()).toMatchObject({ owner: "b", epoch: 4, pid: 2 });
   });
 
+  it("names the owners that handed the image on since the last take-over (each flushed first); a take-over or a new process starts afresh", () => {
+    const { node, clock, dead } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    expect(la.read()?.handedFrom).toBeUndefined();
+    lb.renew(b, la.handOver(a, 1, b).epoch); // b claims a's hand-over
+    expect(lb.read()).toMatchObject({ owner: "b", epoch: 2, handedFrom: ["a@1"] });
+    const back = lb.handOver(b, 2, a);
+    expect(lb.reclaim(b, back)).toMatchObject({ owner: "b", epoch: 4, handedFrom: ["a@1", "b@2"] }); // unclaimed: nothing was written since
+    la.renew(a, lb.handOver(b, 4, a).epoch);
+    expect(la.read()).toMatchObject({ owner: "a", epoch: 5, handedFrom: ["a@1", "b@2", "b@4"] });
+    dead.add(1); // a dies: b takes over, and what a acknowledged unflushed is gone
+    clock.advance(1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 6 });
+    expect(lb.read()?.handedFrom).toBeUndefined();
+    // A claimed hand-over that expired is taken back with nothing vouched for: the peer wrote meanwhile.
+    const gone = lb.handOver(b, 6, a);
+    la.renew(a, 7);
+    dead.add(1);
+    expect(lb.reclaim(b, gone).handedFrom).toBeUndefined();
+  });
+
   it("releases so the next owner can take it at once with a new epoch", () => {
     const { node } = setup();
     const la = node(1);

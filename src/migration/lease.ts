@@ -30,6 +30,13 @@ export interface LeaseRecord {
    * takes such an image over.
    */
   private?: boolean;
+  /**
+   * The owners (node@epoch, newest last, at most 8) that handed the image on since the last change
+   * of owner that was not a hand-over: each drained and flushed port A before it handed over, so
+   * whatever it acknowledged is on the image. A peer whose link reached one of them loses nothing
+   * by following the record to the current owner (see RemotePortOptions.onNewLink).
+   */
+  handedFrom?: string[];
 }
 
 export interface NodeIdentity {
@@ -202,7 +209,8 @@ export class LeaseFile implements Ownership {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       // The peer's process is not known here: the record names no process until the peer renews it.
       const { pid: _pid, host: _host, ...rec } = this.record(to, epoch + 1, ttlMs);
-      return { ...rec, ...(privateCopy ? { private: true } : {}) };
+      const handedFrom = [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8);
+      return { ...rec, handedFrom, ...(privateCopy ? { private: true } : {}) };
     });
   }
 
@@ -216,7 +224,10 @@ export class LeaseFile implements Ownership {
       const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && (cur.serial ?? 0) === (handed.serial ?? 0) && cur.pid === undefined;
       const ok = !cur || untouched || this.mine(cur, me) || this.expired(cur);
       if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
-      return this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs);
+      // Unclaimed, the hand-over wrote nothing: what the owners before it flushed still stands.
+      // Claimed and then expired, the peer may have acknowledged writes that are gone now.
+      const handedFrom = untouched ? cur.handedFrom : cur && this.mine(cur, me) ? cur.handedFrom : undefined;
+      return { ...this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs), ...(handedFrom ? { handedFrom } : {}) };
     });
   }
 

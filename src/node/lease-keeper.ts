@@ -71,7 +71,7 @@ export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
   // while the old one runs) is reached like any owner.
   const here = r.owner === node.identity.nodeId && (r.pid === undefined || r.pid === process.pid || r.nbd === node.identity.nbd);
   if (here) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
-  return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}` };
+  return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}`, handedFrom: r.handedFrom };
 }
 
 /** One tick of the renewal loop over every export of the node. */

@@ -70,10 +70,12 @@ async function start(requestTimeoutMs?: number, ownerName?: string) {
   await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
   const at = proxy.address() as net.AddressInfo;
   const here = { owner: false };
+  /** Who the record names (node@epoch) and whom it came from by hand-overs (LeaseRecord.handedFrom). */
+  const who = { owner: ownerName, handedFrom: undefined as string[] | undefined };
   const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
   const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => {
         if (here.owner) throw ownerIsHere("the record names this node");
-        return { host: "127.0.0.1", port: at.port, owner: ownerName };
+        return { host: "127.0.0.1", port: at.port, owner: who.owner, handedFrom: who.handedFrom };
       }, stillOwner: () => true, requestTimeoutMs }, silentLogger());
   const r = pair.redirector;
   await r.open();
@@ -91,7 +93,7 @@ async function start(requestTimeoutMs?: number, ownerName?: string) {
     for (const s of links) s.pause();
     links.clear();
   };
-  return { r, cut, freezeLinks, owner, here, device };
+  return { r, cut, freezeLinks, owner, here, device, who };
 }
 
 /** The Io of requests from one client connection. */
@@ -146,6 +148,19 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await r.pwrite(block(1), 0, x);
     cut();
     await r.flush(x);
+  });
+
+  it("a new link to an owner the old one handed the resource to loses nothing; to one that took it over, EIO", async () => {
+    const { r, cut, who } = await start(undefined, "a@3");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    Object.assign(who, { owner: "b@4", handedFrom: ["z@1", "a@3"] }); // a drained and flushed, then handed over
+    cut();
+    await r.flush(x);
+    await r.pwrite(block(2), 0, x);
+    Object.assign(who, { owner: "c@5", handedFrom: undefined }); // c took it over: b may have lost block 2
+    cut();
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
   });
 
   it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {

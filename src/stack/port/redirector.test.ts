@@ -53,13 +53,27 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
     }
     private to: "x" | "y";
     private closed = false;
+    /**
+     * Like RemotePort: a node that does not own the device answers ESHUTDOWN, and port B finds the
+     * owner again — EOWNER when that is its own node.
+     */
     private hop<T>(f: (n: PortRedirector) => Promise<T>): Promise<T> {
       if (this.closed) return Promise.reject(new NbdError("ESHUTDOWN", "port B used after close"));
       return sleep(rand() < 0.5 ? 0 : 1).then(async () => {
-        const r = await f(nodes[this.to]);
-        await sleep(rand() < 0.5 ? 0 : 1); // the reply's way back
-        if (this.closed) throw new NbdError("ESHUTDOWN", "port B closed with a request in flight");
-        return r;
+        for (;;) {
+          let r: T;
+          try {
+            r = await f(nodes[this.to]);
+          } catch (err) {
+            if ((err as NbdError).errno !== "ESHUTDOWN" || this.closed) throw err;
+            if (state.owner !== this.to) throw Object.assign(new Error("the owner is this node"), { code: "EOWNER" });
+            await sleep(1);
+            continue;
+          }
+          await sleep(rand() < 0.5 ? 0 : 1); // the reply's way back
+          if (this.closed) throw new NbdError("ESHUTDOWN", "port B closed with a request in flight");
+          return r;
+        }
       });
     }
     override async open() {}
@@ -410,9 +424,23 @@ describe("PortRedirector: a held request of a client that is gone is not run lat
  * Nemesis finding 9: an owner frozen past its lease read, once it continued, a write that a peer
  * had sent it before the peer gave the link up and took the resource over (applying the write
  * through its own port A). Forwarded to that new owner under this node's port B session, it was
- * applied a second time, over newer writes. A node fenced this way forwards no peer's request.
+ * applied a second time, over newer writes. The same holds for a node that handed the resource
+ * over and was then stopped: a node that does not own the resource forwards no peer's request.
  */
-describe("PortRedirector: a fenced node forwards nothing a peer sends it later", () => {
+describe("PortRedirector: a node that does not own the resource forwards nothing a peer sends it", () => {
+  it("after a hand-over: a peer's write is answered ESHUTDOWN; its own client's goes to the owner", async () => {
+    const { nodes, move, disk } = world(5);
+    await nodes.x.open();
+    await nodes.y.open();
+    await move("x");
+    expect(nodes.x.state).toBe("REMOTE");
+    expect(await errnoOf(nodes.x.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }))).toBe("ESHUTDOWN");
+    await nodes.x.pwrite(Buffer.alloc(512, 2), 512, plainIo);
+    const back = Buffer.alloc(1024);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.concat([Buffer.alloc(512), Buffer.alloc(512, 2)]))).toBe(true);
+  });
+
   it("answers a peer's write that arrives after the fence ESHUTDOWN, and still forwards its own clients'", async () => {
     const { r, lease, forwarded } = await fencedOwner();
     lease.owner = false;

@@ -9,7 +9,7 @@ import { FlushLedger } from "./flush-ledger.js";
  * LOCAL: this node owns the resource; requests go to port A.
  * DRAINING: a move started; new requests are held while port A finishes and flushes.
  * HANDOVER: port A is closed; the resource is being assigned to the peer.
- * REMOTE: the peer owns the resource; requests go to port B.
+ * REMOTE: the peer owns the resource; this node's clients' requests go to port B, a peer's are sent back (notOwner).
  * ROLLBACK: the peer could not take it; this node reopens port A.
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
@@ -39,6 +39,18 @@ export interface HandOver {
   assign(): Promise<void>;
   /** Undoes a failed assign: takes the resource back for this node. */
   reclaim(): Promise<void>;
+}
+
+/**
+ * What a node that does not own the resource answers a peer's request: ESHUTDOWN, which a port B
+ * takes as "find the owner again" (it reads the record and sends the request there itself, under
+ * its own session, which the owner applies once). Forwarding it instead would let it be applied
+ * twice: a peer may give a request up (this node was stopped, its link timed out), send it to the
+ * owner — or take the resource over and write it itself — while this node, once it continues,
+ * still reads it from the link and would forward it under its own session, over newer writes.
+ */
+function notOwner(name: string): NbdError {
+  return new NbdError("ESHUTDOWN", `${name}: this node does not own the resource; send the request to its owner`);
 }
 
 interface Held {
@@ -80,11 +92,6 @@ export class PortRedirector implements Layer {
   private moves = 0;
   private busy: Promise<void> = Promise.resolve();
   private closing = false;
-  /**
-   * Set by a fence, cleared when this node owns the resource again or hands it over: what peers
-   * send this node meanwhile is answered ESHUTDOWN, never forwarded (see release()).
-   */
-  private fenced = false;
 
   constructor(
     private readonly name: string,
@@ -143,9 +150,8 @@ export class PortRedirector implements Layer {
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run, io);
-        // Fenced: a peer's request may be one it sent before this node froze, given up since and
-        // applied itself; forwarded under this node's session it would be applied twice.
-        if (io.peer && this.fenced) return Promise.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+        // A peer sent it here while this node owned the resource: it goes back (see release()).
+        if (io.peer) return Promise.reject(notOwner(this.name));
         return this.viaB(run, io);
       case "ADOPTING":
         if (io.peer) return this.viaA(run, io, write);
@@ -208,10 +214,8 @@ export class PortRedirector implements Layer {
   }
 
   /**
-   * Sends every held request, in arrival order, through the port of the (new) state. After a
-   * fence, requests that peers forwarded are not forwarded on: they are answered ESHUTDOWN, so their
-   * sender sends them again itself, to the owner it finds, under its own port B session — which
-   * the owner applies once (it may have taken the resource over and sent them through its port A).
+   * Sends every held request, in arrival order, through the port of the (new) state. Requests
+   * that peers sent are never forwarded on (see notOwner).
    */
   private release(): void {
     const q = this.held;
@@ -222,8 +226,8 @@ export class PortRedirector implements Layer {
         h.reject(new NbdError("ESHUTDOWN", `${this.name}: the client of this held request is gone`));
         continue;
       }
-      if (this.fenced && h.io?.peer) {
-        h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+      if (this.st !== "LOCAL" && h.io?.peer) {
+        h.reject(notOwner(this.name));
         continue;
       }
       const p = this.st === "LOCAL" ? this.viaA(h.run, h.io) : this.viaB(h.run, h.io);
@@ -340,7 +344,6 @@ export class PortRedirector implements Layer {
         return;
       }
       this.st = "ADOPTING";
-      this.fenced = false;
       const q = this.peerHeld;
       this.peerHeld = null;
       for (const h of q) this.viaA(h.run, h.io).then(h.resolve, h.reject);
@@ -374,7 +377,6 @@ export class PortRedirector implements Layer {
     return this.serial(async () => {
       if (this.st !== "LOCAL") return;
       this.st = "DRAINING";
-      this.fenced = true;
       await this.inA.idle();
       // Port A closes without a flush (its lease is gone): what it never flushed may be lost.
       this.ledger.fenced();
