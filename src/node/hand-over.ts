@@ -119,8 +119,9 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
   const name = m.name;
   try {
     await completeCopyTarget(node, m, epoch);
+    let claimed: LeaseRecord;
     try {
-      renew(node, m, epoch); // the claim
+      claimed = renew(node, m, epoch); // the claim
     } catch (err) {
       if (!(err instanceof LeaseError)) throw err;
       const r = err.current;
@@ -128,7 +129,8 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
     }
     m.epoch = epoch;
     try {
-      await m.redirector.adopt();
+      // A live copy's own record names no one before it: nothing to check against then.
+      await m.redirector.adopt({ ownerFlushed: true, handedFrom: claimed.handedFrom });
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
       // back or another node take it over at once) rather than hold it with nothing to write it.

@@ -1,4 +1,4 @@
-import { LeaseError } from "../migration/lease.js";
+import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { ownerIsHere, type OwnerAddress } from "../stack/port/remote-port.js";
 import type { Ownership } from "../migration/ownership.js";
 import { adopt } from "./hand-over.js";
@@ -53,10 +53,11 @@ function decide(node: NodeContext, m: Managed): boolean | null {
  * Extends my lease of `m` at `epoch` and trusts it for a share of its time, counted from before
  * the renewal: a pause inside renew() shortens the trust, it never extends it.
  */
-export function renew(node: NodeContext, m: Managed, epoch: number): void {
+export function renew(node: NodeContext, m: Managed, epoch: number): LeaseRecord {
   const t0 = performance.now();
-  m.lease.renew(node.identity, epoch);
+  const r = m.lease.renew(node.identity, epoch);
   m.validUntil = t0 + node.ttlMs * FRESH;
+  return r;
 }
 
 /**

@@ -185,6 +185,23 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await handed.r.adopt({ ownerFlushed: true });
     await handed.r.flush(w);
   });
+
+  it("a hand-over from an owner other than the one port B reached (that one was taken over since) fails the next FLUSH; one from that owner does not", async () => {
+    // Nemesis seed 7 at 303 s: a (epoch 96) acknowledged a write through this node's port B and
+    // froze; b took the image over (97) and handed it to this node (98). b flushed, a never did.
+    const skipped = await start(undefined, "a@96");
+    const x = client();
+    await skipped.r.pwrite(block(1), 0, x);
+    await skipped.r.adopt({ ownerFlushed: true, handedFrom: ["b@97"] });
+    await expect(skipped.r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+    await skipped.r.flush(x);
+
+    const direct = await start(undefined, "a@96");
+    const y = client();
+    await direct.r.pwrite(block(1), 0, y);
+    await direct.r.adopt({ ownerFlushed: true, handedFrom: ["b@97", "a@96"] });
+    await direct.r.flush(y);
+  });
 });
 
 /** Issue 16, item 7: port B has no timeout, so a stopped owner froze its peers' requests for as long as it was stopped. */

@@ -53,6 +53,14 @@ function notOwner(name: string): NbdError {
   return new NbdError("ESHUTDOWN", `${name}: this node does not own the resource; send the request to its owner`);
 }
 
+/** How this node came to own the resource (see PortRedirector.adopt). */
+export interface AdoptHow {
+  /** A hand-over (the old owner drained and flushed), not a take-over of an owner that stopped. */
+  ownerFlushed: boolean;
+  /** With a hand-over: the owners the record names as having handed the resource on (LeaseRecord.handedFrom). */
+  handedFrom?: string[];
+}
+
 interface Held {
   run: (port: Layer) => Promise<unknown>;
   /** Its request's context: `peer` (forwarded by a peer's port B), `session` (its client connection: gone by the time it is released, it is not run). */
@@ -319,10 +327,13 @@ export class PortRedirector implements Layer {
    * requests forwarded by peers; this node's own new requests wait until those it had sent through
    * port B completed, then everything flows through port A. Resolves once port A is open.
    */
-  adopt(how: { ownerFlushed: boolean } = { ownerFlushed: true }): Promise<void> {
-    // A hand-over drained and flushed the old owner: what port B wrote is durable. A take-over
-    // follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
-    if (!how.ownerFlushed) {
+  adopt(how: AdoptHow = { ownerFlushed: true }): Promise<void> {
+    // A hand-over drained and flushed the old owner: what port B wrote through it is durable —
+    // unless port B's link reached an owner before it that did not hand over (it was taken over
+    // since). A take-over follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
+    const reached = (this.b as { owner?: string } | null)?.owner;
+    const flushed = how.ownerFlushed && (reached === undefined || !how.handedFrom || how.handedFrom.includes(reached));
+    if (!flushed) {
       this.ownerLost();
       // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
       (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");

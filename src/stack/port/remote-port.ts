@@ -92,6 +92,11 @@ export class RemotePort implements Layer {
     return `nbd:${this.where}/${this.opts.exportName}`;
   }
 
+  /** The owner (node@epoch) the current or last link reached, when known. */
+  get owner(): string | undefined {
+    return this.linkOwner;
+  }
+
   async open(): Promise<void> {
     const limit = this.opts.requestTimeoutMs ?? 30_000;
     this.watchdog = setInterval(() => {
