@@ -150,6 +150,24 @@ describe("LeaseFile", () => {
     expect(lb.reclaim(b, gone).handedFrom).toBeUndefined();
   });
 
+  it("a released lease vouches like a hand-over: whoever takes it next keeps the list, with the releaser on it", () => {
+    // Nemesis seed 7 at 435 s: c handed the image to a, whose port A would not open; a claimed and
+    // released it, c took it back. a wrote nothing, so c@146's flushed writes still stood.
+    const { node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    const handed = la.handOver(a, 1, b);
+    lb.renew(b, 2); // claimed …
+    lb.release(b, 2, true); // … and given up: port A did not open
+    expect(la.reclaim(a, handed)).toMatchObject({ owner: "a", epoch: 3, handedFrom: ["a@1", "b@2"] });
+    la.release(a, 3, true);
+    clock.advance(1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 4, handedFrom: ["a@1", "b@2", "a@3"] });
+    lb.release(b, 4); // a shutdown: its last flush may have failed, so it vouches for nothing
+    expect(la.acquire(a).handedFrom).toBeUndefined();
+  });
+
   it("releases so the next owner can take it at once with a new epoch", () => {
     const { node } = setup();
     const la = node(1);

@@ -171,7 +171,7 @@ export class LeaseFile implements Ownership {
         throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}${cur.owner === me.nodeId ? `, an earlier process ${cur.pid}` : ""}); its lease has not expired`, cur);
       // A new owner, or a new process of the same node: a new epoch, which fences the old one.
       const epoch = !cur ? 1 : same ? cur.epoch : cur.epoch + 1;
-      return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
+      return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}), ...(same && cur.handedFrom ? { handedFrom: cur.handedFrom } : handedOn(cur)) };
     });
   }
 
@@ -185,7 +185,7 @@ export class LeaseFile implements Ownership {
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}) };
+      return { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}), ...handedOn(cur) };
     });
     return taken ? r : null;
   }
@@ -226,16 +226,22 @@ export class LeaseFile implements Ownership {
       if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
       // Unclaimed, the hand-over wrote nothing: what the owners before it flushed still stands.
       // Claimed and then expired, the peer may have acknowledged writes that are gone now.
-      const handedFrom = untouched ? cur.handedFrom : cur && this.mine(cur, me) ? cur.handedFrom : undefined;
+      const handedFrom = untouched || (cur && this.mine(cur, me)) ? cur!.handedFrom : handedOn(cur).handedFrom;
       return { ...this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs), ...(handedFrom ? { handedFrom } : {}) };
     });
   }
 
-  /** Gives up my lease (the record stays, released, so the next owner bumps the epoch). */
-  release(me: NodeIdentity, epoch: number): void {
+  /**
+   * Gives up my lease (the record stays, released, so the next owner bumps the epoch). `clean`:
+   * port A never opened, so this owner acknowledged nothing: like a hand-over, the release vouches
+   * for it (`handedFrom`), and the list goes on to whoever takes the lease next.
+   */
+  release(me: NodeIdentity, epoch: number, clean = false): void {
     this.update((cur) => {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return null;
-      return { ...cur, leaseStart: 0 };
+      const handedFrom = clean ? [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8) : undefined;
+      const { handedFrom: _was, ...rest } = cur;
+      return { ...rest, leaseStart: 0, ...(handedFrom ? { handedFrom } : {}) };
     });
   }
 
@@ -314,6 +320,11 @@ export class LeaseFile implements Ownership {
       /* gone meanwhile */
     }
   }
+}
+
+/** What a new owner keeps of `cur`'s handedFrom: all of it after a release (a clean give-up), nothing after an expiry. */
+function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
+  return cur?.leaseStart === 0 && cur.handedFrom ? { handedFrom: cur.handedFrom } : {};
 }
 
 function describe(r: LeaseRecord | null): string {

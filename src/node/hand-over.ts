@@ -134,7 +134,7 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
       // back or another node take it over at once) rather than hold it with nothing to write it.
-      m.lease.release(node.identity, epoch);
+      m.lease.release(node.identity, epoch, true);
       throw err;
     }
   } catch (err) {

@@ -140,7 +140,7 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");
     m.epoch = null;
     try {
-      m.lease.release(node.identity, epoch);
+      m.lease.release(node.identity, epoch, true);
     } catch (e) {
       node.opts.log.error({ export: m.name, err: (e as Error).message }, "releasing the lease failed");
     }
