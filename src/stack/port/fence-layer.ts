@@ -11,7 +11,7 @@ export function isFenced(err: unknown): boolean {
 
 /**
  * Epoch fencing at port A: every write-type request (write, zero, trim, flush) asks `mayWrite()`
- * first — a comparison with the lease's deadline while the lease is fresh, a check of the record
+ * first, and again once it completed (see gate) — a comparison with the lease's deadline while the lease is fresh, a check of the record
  * itself once it is not (a node that was paused longer than its lease); a request waits while
  * the record cannot be read. A refused request fails
  * with an EFENCED error, which the port redirector turns into a held request that goes, once the
@@ -25,14 +25,27 @@ export class FenceLayer extends PassthroughLayer {
   ) {
     super(next);
   }
+  /**
+   * Asks before the request and again once it completed: the process may have been stopped while
+   * the request ran (in a fault rule's delay, in the kernel) for longer than the lease. One that
+   * completed after the lease was lost is not acknowledged here but refused like a late one: it
+   * may have gone into state the fence then drops (a power-loss cache), and the new owner never
+   * had it; the redirector sends it there.
+   */
   private gate(op: string, go: () => Promise<void>): Promise<void> {
     const ok = this.mayWrite();
-    if (ok === true) return go();
+    if (ok === true) return go().then(() => this.after(op));
     if (ok === false) return this.refuse(op);
-    return ok.then((yes) => (yes ? go() : this.refuse(op)));
+    return ok.then((yes) => (yes ? go().then(() => this.after(op)) : this.refuse(op)));
   }
-  private refuse(op: string): Promise<never> {
-    return Promise.reject(fencedError(`${op} refused at port A: this node no longer owns the resource`));
+  private after(op: string): Promise<void> | void {
+    const ok = this.mayWrite();
+    if (ok === true) return;
+    if (ok === false) return this.refuse(op, "completed after");
+    return ok.then((yes) => (yes ? undefined : this.refuse(op, "completed after")));
+  }
+  private refuse(op: string, when = "refused at"): Promise<never> {
+    return Promise.reject(fencedError(`${op} ${when} port A: this node no longer owns the resource`));
   }
   override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     return this.gate("write", () => this.next.pwrite(buf, offset, io));
