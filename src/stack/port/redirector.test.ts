@@ -484,3 +484,47 @@ describe("PortRedirector: a request waiting for port A whose client is gone neve
     await r.close();
   });
 });
+
+/**
+ * Nemesis seed 202: a node took the resource over while a request through port B hung (a stalled
+ * flush); its adoption waited for port B to drain, the node lost the lease meanwhile (it was
+ * frozen), and the fence did nothing outside LOCAL: the node stayed ADOPTING with port A open and
+ * its clients' requests held for good, and a later hand-over to it queued behind that adoption.
+ */
+describe("PortRedirector: a node that loses the resource while it adopts follows the new owner", () => {
+  it("gives up an adoption still waiting for port B when fenced: REMOTE, and its clients' held requests go to the owner", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    await disk.open();
+    const owner = { here: true };
+    const forwarded: number[] = [];
+    let first = true;
+    let hung: ((e: Error) => void) | null = null;
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override async close() {
+        hung?.(new NbdError("ESHUTDOWN", "port B closed"));
+      }
+      override pwrite(b: Buffer, o: number, io: Io): Promise<void> {
+        if (first) {
+          first = false;
+          return new Promise<void>((_, reject) => (hung = reject)); // hangs: the old owner stopped
+        }
+        forwarded.push(o);
+        return super.pwrite(b, o, io);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner.here), openRemote: async () => portB, stillOwner: () => owner.here }, false);
+    await r.open();
+    const stuck = r.pwrite(Buffer.alloc(512, 1), 0, client()).catch(() => undefined); // stuck on port B
+    await r.adopt({ ownerFlushed: false }); // port A open; waits for port B to drain
+    expect(r.state).toBe("ADOPTING");
+    const held = r.pwrite(Buffer.alloc(512, 2), 512, client()); // this node's own: held while ADOPTING
+    owner.here = false; // frozen past the lease: another node took it over
+    await r.fence();
+    expect(r.state).toBe("REMOTE");
+    await held;
+    expect(forwarded).toEqual([512]);
+    await r.close();
+    await stuck;
+  }, 5000);
+});

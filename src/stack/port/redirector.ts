@@ -100,6 +100,8 @@ export class PortRedirector implements Layer {
   private moves = 0;
   private busy: Promise<void> = Promise.resolve();
   private closing = false;
+  /** While an adoption waits for port B to drain: ends that wait (the resource was lost meanwhile). */
+  private stopAdopting: (() => void) | null = null;
 
   constructor(
     private readonly name: string,
@@ -158,7 +160,7 @@ export class PortRedirector implements Layer {
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
         if (io.peer && this.peerHeld) return this.holdPeer(run, io);
-        // A peer sent it here while this node owned the resource: it goes back (see release()).
+        // A peer took this node for the owner (an old record, or one it read before a move): it goes back.
         if (io.peer) return Promise.reject(notOwner(this.name));
         return this.viaB(run, io);
       case "ADOPTING":
@@ -359,10 +361,14 @@ export class PortRedirector implements Layer {
       this.peerHeld = null;
       for (const h of q) this.viaA(h.run, h.io).then(h.resolve, h.reject);
       opened();
-      await this.inB.idle();
+      // Port B drains (a request may hang there a while: a stalled old owner) unless a fence says
+      // this node lost the resource meanwhile: then nothing waits on it.
+      await Promise.race([this.inB.idle(), new Promise<void>((r) => (this.stopAdopting = r))]);
+      this.stopAdopting = null;
       if (this.ports.stillOwner && !this.ports.stillOwner()) {
-        // The hand-over was taken back meanwhile (its owner rolled back): never write as a second owner.
-        this.log?.warn("adopt: the resource was taken back; following its owner");
+        // The hand-over was taken back meanwhile (its owner rolled back), or the lease was lost
+        // (this node was frozen past it): never write as a second owner.
+        this.log?.warn("adopt: the resource was taken back or lost; following its owner");
         await this.a.close().catch(() => undefined);
         this.a = null;
         this.st = "REMOTE";
@@ -385,6 +391,8 @@ export class PortRedirector implements Layer {
    * for new requests, let the ones in flight finish, then forward everything through port B.
    */
   fence(): Promise<void> {
+    // An adoption still waiting for port B ends now; it finds the lease gone and follows the owner.
+    this.stopAdopting?.();
     return this.serial(async () => {
       if (this.st !== "LOCAL") return;
       this.st = "DRAINING";
