@@ -173,18 +173,22 @@ export class PortRedirector implements Layer {
 
   /** `write`: a write, zero or trim, so that a refused one is taken back from its client's count. */
   private async viaA<T>(run: (port: Layer) => Promise<T>, io?: Io, write = false): Promise<T> {
+    const a = this.a!;
     this.inA.enter();
     try {
-      return await run(this.a!);
+      return await run(a);
     } catch (err) {
-      if (!isFenced(err)) throw err;
+      // Refused by the fence (the lease is gone, see FenceLayer), or ended by port A closing under
+      // it (a stall of a fault layer: this node gave up an adoption it lost): it goes to the owner.
+      if (!isFenced(err) && !(this.a !== a && (err as NbdError).errno === "ESHUTDOWN")) throw err;
     } finally {
       this.inA.leave();
     }
     // Refused: it never reached the device, so it is not among the client's unflushed writes there.
     if (io && write && !io.fua) this.ledger.refusedA(io);
-    // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
-    // and releases the held requests there, this one among them.
+    // Port B serves already: straight there (a peer's goes back to it). Otherwise the fence moves
+    // the export to port B and releases the held requests there, this one among them.
+    if (this.st === "REMOTE") return io?.peer ? Promise.reject(notOwner(this.name)) : this.viaB(run, io);
     const held = this.hold(run, io);
     void this.fence().catch(() => undefined);
     return held;
@@ -369,8 +373,9 @@ export class PortRedirector implements Layer {
         // The hand-over was taken back meanwhile (its owner rolled back), or the lease was lost
         // (this node was frozen past it): never write as a second owner.
         this.log?.warn("adopt: the resource was taken back or lost; following its owner");
-        await this.a.close().catch(() => undefined);
-        this.a = null;
+        const a = this.a;
+        this.a = null; // first: what port A's closing ends goes to the owner (see viaA)
+        await a.close().catch(() => undefined);
         this.st = "REMOTE";
         this.release();
         return;

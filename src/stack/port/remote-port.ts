@@ -163,8 +163,11 @@ export class RemotePort implements Layer {
 
   private connection(): Promise<NbdClient> {
     if (this.client && !this.client.socket.destroyed) return Promise.resolve(this.client);
-    this.connecting ??= (async () => {
-      try {
+    if (this.connecting) return this.connecting;
+    // Cleared once settled, never before it is set: locate() may throw at once (the record names
+    // this node), and a promise kept after failing would fail every later connection the same way.
+    const p: Promise<NbdClient> = (async () => {
+      {
         const first = this.opts.first;
         this.opts.first = undefined;
         const addr = first ?? (await this.opts.locate());
@@ -178,11 +181,14 @@ export class RemotePort implements Layer {
         this.lastProgress = performance.now();
         this.client = c;
         return c;
-      } finally {
-        this.connecting = null;
       }
     })();
-    return this.connecting;
+    this.connecting = p;
+    const clear = () => {
+      if (this.connecting === p) this.connecting = null;
+    };
+    p.then(clear, clear);
+    return p;
   }
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
