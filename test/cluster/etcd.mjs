@@ -56,7 +56,7 @@ export class EtcdMember {
    *   name: string, dir: string, host?: string, clientPort: number, peerPort: number,
    *   initialCluster: string, clusterToken: string, state?: "new" | "existing",
    *   tls?: { cert: string, key: string, ca: string, clientCertAuth?: boolean },
-   *   netns?: string, extraArgs?: string[], detached?: boolean,
+   *   netns?: string, runAs?: { uid: number, gid: number }, extraArgs?: string[], detached?: boolean,
    * }} o
    */
   constructor(o) {
@@ -70,6 +70,7 @@ export class EtcdMember {
     this.state = o.state ?? "new";
     this.tls = o.tls;
     this.netns = o.netns;
+    this.runAs = o.runAs;
     this.extraArgs = o.extraArgs ?? [];
     this.detached = o.detached ?? false;
     this.dataDir = path.join(o.dir, `${o.name}.data`);
@@ -110,7 +111,15 @@ export class EtcdMember {
     if (this.proc && this.proc.exitCode === null && this.proc.signalCode === null) throw new Error(`etcd member ${this.name} runs already (pid ${this.pid})`);
     fs.mkdirSync(this.dir, { recursive: true });
     const log = fs.openSync(this.logFile, "a");
-    const [cmd, args] = this.netns ? ["ip", ["netns", "exec", this.netns, ETCD_BIN, ...this.args()]] : [ETCD_BIN, this.args()];
+    // Every wrapper execs the next (no fork), so the pid is etcd's.
+    let argv = [ETCD_BIN, ...this.args()];
+    if (this.runAs) {
+      fs.mkdirSync(this.dataDir, { recursive: true, mode: 0o700 });
+      fs.chownSync(this.dataDir, this.runAs.uid, this.runAs.gid);
+      argv = ["setpriv", `--reuid=${this.runAs.uid}`, `--regid=${this.runAs.gid}`, "--clear-groups", "--", ...argv];
+    }
+    if (this.netns) argv = ["ip", "netns", "exec", this.netns, ...argv];
+    const [cmd, ...args] = argv;
     const proc = spawn(cmd, args, { stdio: ["ignore", log, log], detached: this.detached });
     fs.closeSync(log);
     this.proc = proc;
