@@ -320,6 +320,9 @@ describe.skipIf(!hasEtcd)("etcd client with user/password auth", () => {
   });
 
   it("says what is wrong: no credentials, a wrong password, a missing permission", async () => {
+    const root = new EtcdClient({ endpoints: cluster.endpoints, auth });
+    clients.push(root);
+    await root.put("/pub/a", "2");
     const none = new EtcdClient({ endpoints: cluster.endpoints });
     clients.push(none);
     const e1 = await expectEtcdError(none.get("/pub/a"), "ETCD_AUTH_REQUIRED");
@@ -328,6 +331,10 @@ describe.skipIf(!hasEtcd)("etcd client with user/password auth", () => {
     clients.push(wrong);
     const e2 = await expectEtcdError(wrong.get("/pub/a"), "ETCD_AUTH_FAILED");
     expect(e2.message).toMatch(/authenticate as "root": .*invalid user ID or password \(answered by http/);
+    const failed: EtcdError[] = [];
+    const ww = wrong.watch("/pub/", { prefix: true, onEvents: () => {}, onError: (e) => failed.push(e) });
+    await ww.done; // ends at once: a wrong password does not get better by trying again
+    expect(failed.map((e) => e.code)).toEqual(["ETCD_AUTH_FAILED"]);
     const alice = new EtcdClient({ endpoints: cluster.endpoints, auth: { user: "alice", password: "alice" } });
     clients.push(alice);
     expect((await alice.getOne("/pub/a"))?.value.toString()).toBe("2");

@@ -29,6 +29,7 @@ export interface WatchStatus {
 }
 
 const now = () => performance.now();
+const FATAL = new Set(["ETCD_AUTH_FAILED", "ETCD_AUTH_REQUIRED", "ETCD_PERMISSION_DENIED", "ETCD_PROTOCOL"]);
 
 /** Fatal: ends the watch. Anything else ends one stream, and the watch resumes elsewhere. */
 class WatchEnd extends Error {
@@ -113,6 +114,8 @@ export class Watcher {
             break;
           }
           if (this.closed || this.t.isClosed) break;
+          // Wrong credentials or rights do not get better by trying again.
+          if (err instanceof EtcdError && FATAL.has(err.code)) throw err;
           const msg = err instanceof Error ? err.message : String(err);
           this.t.failed(url);
           this.t.log?.info({ endpoint: url, key: showKey(this.key), nextRevision: this.nextRevision, error: msg }, "etcd watch stream ended, resuming");
