@@ -232,10 +232,9 @@ export class Watcher {
               });
             }
           }
-        } else if (!m.created && m.header.revision >= this.nextRevision) {
-          // A progress notification: etcd sends it to a watcher that has every event up to it.
-          this.nextRevision = m.header.revision + 1;
         }
+        // No progress notifications are asked for (etcd 3.4.23 may send one before the events it
+        // vouches for, etcd issue 15220): only delivered events move nextRevision.
       };
       res.setEncoding("utf8");
       res.on("data", (chunk: string) => {
