@@ -33,6 +33,18 @@ describe.skipIf(!needEtcd())("etcd client against a 3-member cluster", () => {
     return m;
   };
 
+  /**
+   * The endpoints with a follower first. Tests that kill or freeze "the client's member" pick a
+   * follower: losing the leader leaves writes without a leader until the others elect one, and a
+   * put caught in that gap is rightly "outcome unknown" (see README), which is not what they test.
+   */
+  const followerFirst = async (): Promise<string[]> => {
+    const ask = client();
+    const statuses = await Promise.all(cluster.endpoints.map((e: string) => ask.status(e)));
+    const follower = statuses.find((st) => st.header.memberId !== st.leader)!.endpoint;
+    return [follower, ...cluster.endpoints.filter((e: string) => e !== follower)];
+  };
+
   beforeAll(async () => {
     dir = tempDir("etcd3");
     cluster = await startLocalCluster({ size: 3, dir });
@@ -52,10 +64,11 @@ describe.skipIf(!needEtcd())("etcd client against a 3-member cluster", () => {
   });
 
   it("fails over from an endpoint that is down, and from a member killed under it", async () => {
+    const endpoints = await followerFirst();
     const dead = `http://127.0.0.1:${await freePort()}`;
-    const c = client({ endpoints: [dead, ...cluster.endpoints] });
+    const c = client({ endpoints: [dead, ...endpoints] });
     await c.put("/fo/k", "1");
-    expect(c.preferredEndpoint).toBe(cluster.endpoints[0]);
+    expect(c.preferredEndpoint).toBe(endpoints[0]);
     const first = memberAt(c.preferredEndpoint);
     await first.kill("SIGKILL");
     await sleep(100); // let the kept-alive socket to it close (see README: a reset on a reused socket is "outcome unknown")
@@ -68,7 +81,7 @@ describe.skipIf(!needEtcd())("etcd client against a 3-member cluster", () => {
   });
 
   it("a watch resumes on another member, in order and without gaps, when its member is killed", async () => {
-    const c = client();
+    const c = client({ endpoints: await followerFirst() });
     const writer = client();
     const got: WatchEvent[] = [];
     const states: WatchStatus[] = [];
@@ -95,7 +108,7 @@ describe.skipIf(!needEtcd())("etcd client against a 3-member cluster", () => {
   });
 
   it("a frozen member: reads move on within the attempt timeout, a mutation sent to it is 'outcome unknown', and a watch on it moves through its probe", async () => {
-    const c = client({ attemptTimeoutMs: 500 });
+    const c = client({ endpoints: await followerFirst(), attemptTimeoutMs: 500 });
     const got: WatchEvent[] = [];
     const w = c.watch("/fz/", { prefix: true, probeIntervalMs: 500, onEvents: (evs) => got.push(...evs) });
     await w.ready;
