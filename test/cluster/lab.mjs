@@ -322,7 +322,7 @@ export class Lab {
   get dir() {
     return this.state.dir;
   }
-  /** [{ name: "h1", ns, addr, veth }] */
+  /** @returns {Array<{ name: string, ns: string, addr: string, veth: string }>} */
   get hosts() {
     return this.state.hosts;
   }
@@ -489,7 +489,11 @@ export class Lab {
     return sameProcess(m.pid, m.start);
   }
 
-  /** Waits until every etcd member (or those in `members`) reports healthy, asked from `from` (default h1). */
+  /**
+   * Waits until every etcd member (or those in `members`) reports healthy, asked from `from`
+   * (default: the first member's host); returns the last health answer.
+   * @param {{ from?: string, members?: string[], timeoutMs?: number }} [o]
+   */
   async waitEtcd({ from, members, timeoutMs = 30_000 } = {}) {
     const end = Date.now() + timeoutMs;
     const want = members ?? this.etcdMembers.map((m) => m.name);
