@@ -79,6 +79,15 @@ function linkExists(name) {
   return run("ip", ["link", "show", "dev", name], { allowFail: true }).code === 0;
 }
 
+/** Runs a deletion; "it does not exist (any more)" is success. */
+function gone(fn) {
+  try {
+    fn();
+  } catch (e) {
+    if (!/Cannot find device|does not exist|No such file/.test(e.message)) throw e;
+  }
+}
+
 function readState(file) {
   try {
     return JSON.parse(fs.readFileSync(file, "utf8"));
@@ -155,13 +164,15 @@ function destroy(state) {
   const stuck = killAndWait([...new Set(pids)]);
   if (stuck.length) problems.push(`processes still running: ${stuck.join(", ")}`);
   for (const h of state.hosts ?? []) {
-    if (nss.has(h.ns)) step(`delete namespace ${h.ns}`, () => ipc("netns", "del", h.ns));
-    if (h.veth && linkExists(h.veth)) step(`delete ${h.veth}`, () => ipc("link", "del", h.veth));
+    if (nss.has(h.ns)) step(`delete namespace ${h.ns}`, () => gone(() => ipc("netns", "del", h.ns)));
+    // Deleting the namespace deletes the veth pair, but the kernel does it a moment later: the
+    // root end may still be listed, then gone before `ip link del` reaches it.
+    if (h.veth && linkExists(h.veth)) step(`delete ${h.veth}`, () => gone(() => ipc("link", "del", h.veth)));
   }
   if (state.forwardRule) {
     step("remove the FORWARD rule", () => run("iptables", ["-w", "-D", "FORWARD", "-i", state.bridge, "-o", state.bridge, "-m", "comment", "--comment", `${PREFIX}-${state.id}`, "-j", "ACCEPT"]));
   }
-  if (state.bridge && linkExists(state.bridge)) step(`delete bridge ${state.bridge}`, () => ipc("link", "del", state.bridge));
+  if (state.bridge && linkExists(state.bridge)) step(`delete bridge ${state.bridge}`, () => gone(() => ipc("link", "del", state.bridge)));
   if (state.dir && path.basename(state.dir).startsWith(`nbdstack-lab-${state.id}`)) step(`remove ${state.dir}`, () => fs.rmSync(state.dir, { recursive: true, force: true }));
   if (problems.length === 0) step("remove the state file", () => fs.rmSync(path.join(STATE_DIR, `${state.id}.json`), { force: true }));
   return problems;
