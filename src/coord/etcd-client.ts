@@ -25,7 +25,7 @@ import {
   type TxnRequest,
   type TxnResult,
 } from "./etcd-codec.js";
-import { EtcdError } from "./etcd-errors.js";
+import { EtcdError, type EtcdAttempt } from "./etcd-errors.js";
 import { EtcdTransport, type EtcdTransportOptions } from "./etcd-transport.js";
 import { LeaseKeeper, type KeepAliveOptions, type LeaseGrant, type Renewal } from "./lease-keeper.js";
 import { Watcher, type WatchOptions } from "./etcd-watch.js";
@@ -124,16 +124,18 @@ export class EtcdClient {
   }
 
   /** Renews a lease once: the TTL it was reset to and when the renewal was sent, or null when the lease is gone. */
-  async keepAliveOnce(leaseId: string, o: { timeoutMs?: number } = {}): Promise<Renewal> {
+  async keepAliveOnce(leaseId: string, o: { timeoutMs?: number; onFailure?: (a: EtcdAttempt) => void } = {}): Promise<Renewal> {
     const sentAt = now();
-    const { json } = await this.t.call("/v3/lease/keepalive", { ID: leaseId }, { op: `keep lease ${leaseId} alive`, mutation: false, timeoutMs: o.timeoutMs });
+    const { json } = await this.t.call("/v3/lease/keepalive", { ID: leaseId }, { op: `keep lease ${leaseId} alive`, mutation: false, timeoutMs: o.timeoutMs, onFailure: o.onFailure });
     const ttl = num(json.TTL, "TTL");
     return ttl > 0 ? { ttl, sentAt } : null;
   }
 
   /** Keeps a lease alive until stopped, lost or the client is closed: see LeaseKeeper. */
   keepAlive(lease: LeaseGrant, o: KeepAliveOptions = {}): LeaseKeeper {
-    const k = new LeaseKeeper(lease, (leaseId, leftMs) => this.keepAliveOnce(leaseId, { timeoutMs: Math.max(1, Math.min(leftMs, this.t.timeoutMs)) }), o);
+    const renew = (leaseId: string, leftMs: number, onFailure: (error: string) => void) =>
+      this.keepAliveOnce(leaseId, { timeoutMs: Math.max(1, Math.min(leftMs, this.t.timeoutMs)), onFailure: (a) => onFailure(`${a.endpoint}: ${a.error}`) });
+    const k = new LeaseKeeper(lease, renew, o);
     this.keepers.add(k);
     void k.done.then(() => this.keepers.delete(k));
     return k;

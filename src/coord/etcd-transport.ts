@@ -50,6 +50,8 @@ export interface CallOptions {
   timeoutMs?: number;
   /** Only this endpoint (no fail-over), e.g. to probe the member a watch streams from. */
   endpoint?: string;
+  /** Told of each failed attempt as it happens (a caller that gives up first still knows why). */
+  onFailure?: (a: EtcdAttempt) => void;
 }
 
 type Json = Record<string, unknown>;
@@ -206,6 +208,7 @@ export class EtcdTransport {
               });
             }
             attempts.push({ endpoint: ep.url, error: `answered "${g.message}"`, sent: true });
+            o.onFailure?.(attempts.at(-1)!);
             this.log?.debug({ endpoint: ep.url, op: o.op, error: g.message }, "etcd member unavailable, trying the next");
             this.failed(ep.url);
             continue;
@@ -214,6 +217,7 @@ export class EtcdTransport {
         } catch (err) {
           if (!(err instanceof AttemptFailure)) throw err;
           attempts.push({ endpoint: ep.url, error: err.message, sent: err.sent });
+          o.onFailure?.(attempts.at(-1)!);
           if (this.closed) throw new EtcdError("ETCD_CLOSED", o.op, "the client is closed");
           if (err.sent && o.mutation) {
             throw new EtcdError("ETCD_OUTCOME_UNKNOWN", o.op, `${ep.url}: ${err.message}; the request reached it and may or may not have been applied`, {

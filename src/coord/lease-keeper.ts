@@ -53,7 +53,7 @@ export class LeaseKeeper {
 
   constructor(
     grant: LeaseGrant,
-    private readonly renew: (id: string, timeoutMs: number) => Promise<Renewal>,
+    private readonly renew: (id: string, timeoutMs: number, onFailure: (error: string) => void) => Promise<Renewal>,
     private readonly o: KeepAliveOptions = {},
   ) {
     this.id = grant.id;
@@ -103,7 +103,8 @@ export class LeaseKeeper {
     if (left <= 0) return; // the deadline timer reports it
     let r: Renewal;
     try {
-      r = await this.renew(this.id, left);
+      // A renewal may keep trying members until the deadline: note each failure as it comes.
+      r = await this.renew(this.id, left, (error) => (this.lastError = error));
     } catch (err) {
       if (this.stopped) return;
       if (err instanceof EtcdError && err.code === "ETCD_LEASE_NOT_FOUND") return this.lose(err);
