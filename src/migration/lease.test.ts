@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -166,6 +167,46 @@ describe("LeaseFile", () => {
     expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 4, handedFrom: ["a@1", "b@2", "a@3"] });
     lb.release(b, 4); // a shutdown: its last flush may have failed, so it vouches for nothing
     expect(la.acquire(a).handedFrom).toBeUndefined();
+  });
+
+  // Nemesis seed 9 (3 nodes, at 733 s): a node's lock was created while the disk was full; its
+  // token could not be written, and the empty file stayed. Every renewal then found the lock held
+  // by "another process ()" until the empty lock was old enough to break, and a node whose wall
+  // clock ran a day ahead found it old at once: the owner lost its lease to a full disk of 1 s.
+  it("a lock whose token cannot be written (a full disk) leaves no lock behind: the next renewal takes it at once", () => {
+    if (process.getuid?.() !== 0) return expect(process.env.CI).not.toBe("true"); // mounts a tmpfs: root only
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lease-full-"));
+    execFileSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir]);
+    try {
+      const img = path.join(dir, "disk.img");
+      fs.writeFileSync(img, "");
+      const la = new LeaseFile(img, { pid: 1, host: "h", alive: () => true });
+      la.acquire(a);
+      const filler = path.join(dir, "filler");
+      try {
+        fs.writeFileSync(filler, Buffer.alloc(128 * 1024)); // fills the tmpfs (ENOSPC part way)
+      } catch {
+        /* full */
+      }
+      expect(() => la.renew(a, 1)).toThrow(/ENOSPC/);
+      fs.rmSync(filler);
+      expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 }); // no lock left by the failed attempt
+    } finally {
+      execFileSync("umount", [dir]);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("an empty lock file (its writer died before writing) is broken after 5 s of this process's own clock, whatever its mtime says", () => {
+    const { img, node, clock } = setup();
+    const la = node(1);
+    la.acquire(a);
+    fs.writeFileSync(`${img}.lease.lock`, "");
+    const dayAgo = new Date(Date.now() - 86_400_000);
+    fs.utimesSync(`${img}.lease.lock`, dayAgo, dayAgo); // as a node whose wall clock runs a day ahead sees it
+    expect(() => la.renew(a, 1)).toThrow(/lock held/);
+    clock.advance(5001);
+    expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 });
   });
 
   it("releases so the next owner can take it at once with a new epoch", () => {

@@ -96,6 +96,8 @@ export class LeaseFile implements Ownership {
   private readonly host: string;
   /** The foreign record last seen, and when (monotonic) it was first seen as it is. */
   private seen: { key: string; at: number } | null = null;
+  /** An empty lock file last seen (inode and mtime), and when (monotonic) it was first seen so. */
+  private emptyLockSeen: { key: string; at: number } | null = null;
 
   constructor(
     readonly image: string,
@@ -281,23 +283,38 @@ export class LeaseFile implements Ownership {
    */
   private lock(): () => void {
     const token = `${this.host} ${this.pid} ${Math.random().toString(36).slice(2)}`;
+    // The lock appears whole or not at all: its token is written to a file of its own first, then
+    // linked into place (fails if a lock exists). A lock created empty and then not written (a full
+    // disk, a stop between the two calls) would block every renewal until broken — or, broken
+    // while its holder is stopped, let two processes in.
+    const tmp = `${this.lockFile}.${this.pid}.${token.slice(-8)}`;
+    try {
+      fs.writeFileSync(tmp, token);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      throw err;
+    }
     const deadline = Date.now() + 50;
-    for (;;) {
-      try {
-        fs.writeFileSync(this.lockFile, token, { flag: "wx" });
-        return () => {
-          try {
-            if (fs.readFileSync(this.lockFile, "utf8") === token) fs.rmSync(this.lockFile, { force: true });
-          } catch {
-            /* gone */
-          }
-        };
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-        this.breakDeadLock();
-        if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
-        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+    try {
+      for (;;) {
+        try {
+          fs.linkSync(tmp, this.lockFile);
+          return () => {
+            try {
+              if (fs.readFileSync(this.lockFile, "utf8") === token) fs.rmSync(this.lockFile, { force: true });
+            } catch {
+              /* gone */
+            }
+          };
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+          this.breakDeadLock();
+          if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+        }
       }
+    } finally {
+      fs.rmSync(tmp, { force: true });
     }
   }
 
@@ -309,12 +326,23 @@ export class LeaseFile implements Ownership {
     }
   }
 
-  /** Removes the lock file if the process that holds it is gone (an empty file: its writer died before writing). */
+  /**
+   * Removes the lock file if the process that holds it is gone. An empty one (written by an
+   * earlier version that created it before writing) is broken once this process saw it unchanged
+   * for 5 s of its own monotonic clock: its mtime would compare another clock with this one's.
+   */
   private breakDeadLock(): void {
     try {
       const text = fs.readFileSync(this.lockFile, "utf8");
       const [host, pid] = text.split(" ");
-      const dead = text === "" ? Date.now() - fs.statSync(this.lockFile).mtimeMs > 5000 : host === this.host && !this.alive(Number(pid));
+      let dead: boolean;
+      if (text === "") {
+        const st = fs.statSync(this.lockFile);
+        const key = `${st.ino}:${st.mtimeMs}`;
+        const now = this.monotonic();
+        if (this.emptyLockSeen?.key !== key) this.emptyLockSeen = { key, at: now };
+        dead = now - this.emptyLockSeen.at >= 5000;
+      } else dead = host === this.host && !this.alive(Number(pid));
       if (dead && fs.readFileSync(this.lockFile, "utf8") === text) fs.rmSync(this.lockFile, { force: true });
     } catch {
       /* gone meanwhile */
