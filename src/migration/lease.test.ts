@@ -3,7 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { LeaseError, LeaseFile, type LeaseFileOptions } from "./lease.js";
+import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type LeaseFileOptions } from "./lease.js";
 
 const a = { nodeId: "a", nbd: "127.0.0.1:1", control: "http://127.0.0.1:11" };
 const b = { nodeId: "b", nbd: "127.0.0.1:2", control: "http://127.0.0.1:12" };
@@ -207,6 +207,22 @@ describe("LeaseFile", () => {
     expect(() => la.renew(a, 1)).toThrow(/lock held/);
     clock.advance(5001);
     expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 });
+  });
+
+  // Nemesis seed 9 (3 nodes, at 294 s): an owner frozen past its lease continued while the disk
+  // was full; its renewals could not take the lock (ENOSPC), failed with that, and never learnt
+  // that another node held the record: it stayed LOCAL, reading from port A, for 2 s.
+  it("renew finds a lost lease without the lock: a full disk or a held lock cannot hide it", () => {
+    const { img, node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    clock.advance(DEFAULT_TTL_MS + 1);
+    lb.takeOver(b); // first sight
+    clock.advance(DEFAULT_TTL_MS + 1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 2 });
+    fs.writeFileSync(`${img}.lease.lock`, "h 2 held"); // b holds the lock (alive), as a full disk would keep a from taking it
+    expect(() => la.renew(a, 1)).toThrow(LeaseError);
   });
 
   it("releases so the next owner can take it at once with a new epoch", () => {

@@ -194,6 +194,10 @@ export class LeaseFile implements Ownership {
 
   /** Extends my lease; fails (LeaseError) if the record no longer names me (this process) at `epoch`. */
   renew(me: NodeIdentity, epoch: number): LeaseRecord {
+    // A record that names someone else already says the lease is lost, lock or no lock (a full
+    // disk or a held lock must not hide it): epochs only grow, so it can never come back.
+    const seen = this.read();
+    if (!seen || !this.mine(seen, me) || seen.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(seen)}, expected ${me.nodeId}@${epoch}`, seen);
     return this.update((cur) => {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.wall(), serial: (cur.serial ?? 0) + 1, pid: this.pid, host: this.host };

@@ -68,14 +68,22 @@ describe("FenceLayer", () => {
     });
   }
 
-  it("never asks for reads", async () => {
+  // Nemesis seed 9 (at 294 s): an owner deposed while it was frozen answered reads from port A
+  // after it continued — from its own state, behind the new owner's writes. Reads ask too (once,
+  // before: what they return was there while the lease held).
+  it("asks before reads: passes them while allowed, refuses them with EFENCED once not", async () => {
     const port = new MemoryPort({ size: 4096 });
     await port.open();
     await port.pwrite(Buffer.alloc(512, 7), 0, plainIo);
-    const asked = vi.fn(() => false);
+    let allowed = true;
+    const asked = vi.fn(() => allowed);
+    const fence = new FenceLayer(port, asked);
     const buf = Buffer.alloc(512);
-    await new FenceLayer(port, asked).pread(buf, 0, plainIo);
+    await fence.pread(buf, 0, plainIo);
     expect(buf.every((b) => b === 7)).toBe(true);
-    expect(asked).not.toHaveBeenCalled();
+    expect(asked).toHaveBeenCalledTimes(1);
+    allowed = false;
+    expect(isFenced(await fence.pread(buf, 0, plainIo).then(() => null, (e: unknown) => e))).toBe(true);
+    expect(isFenced(await fence.extents(512, 0, plainIo).then(() => null, (e: unknown) => e))).toBe(true);
   });
 });

@@ -1,4 +1,4 @@
-import { PassthroughLayer, type Io, type Layer } from "../layer.js";
+import { PassthroughLayer, type Extent, type Io, type Layer } from "../layer.js";
 
 /** Port A refused a write: this node no longer holds the resource's lease. */
 export function fencedError(message: string): Error {
@@ -11,7 +11,8 @@ export function isFenced(err: unknown): boolean {
 
 /**
  * Epoch fencing at port A: every write-type request (write, zero, trim, flush) asks `mayWrite()`
- * first, and again once it completed (see gate) — a comparison with the lease's deadline while the lease is fresh, a check of the record
+ * first, and again once it completed (see gate); reads ask first (a deposed owner answers nothing
+ * from its own state) — a comparison with the lease's deadline while the lease is fresh, a check of the record
  * itself once it is not (a node that was paused longer than its lease); a request waits while
  * the record cannot be read. A refused request fails
  * with an EFENCED error, which the port redirector turns into a held request that goes, once the
@@ -46,6 +47,22 @@ export class FenceLayer extends PassthroughLayer {
   }
   private refuse(op: string, when = "refused at"): Promise<never> {
     return Promise.reject(fencedError(`${op} ${when} port A: this node no longer owns the resource`));
+  }
+  /** Reads ask once, before: what they return was there while the lease held. */
+  private gateRead<T>(op: string, go: () => Promise<T>): Promise<T> {
+    const ok = this.mayWrite();
+    if (ok === true) return go();
+    if (ok === false) return this.refuse(op);
+    return ok.then((yes) => (yes ? go() : this.refuse(op)));
+  }
+  override pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    return this.gateRead("read", () => this.next.pread(buf, offset, io));
+  }
+  override extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+    return this.gateRead("block status", () => this.next.extents(length, offset, io));
+  }
+  override cache(length: number, offset: number, io: Io): Promise<void> {
+    return this.gateRead("cache", () => this.next.cache(length, offset, io));
   }
   override pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
     return this.gate("write", () => this.next.pwrite(buf, offset, io));

@@ -12,7 +12,7 @@ import { RemotePort, type OwnerAddress, type RemotePortOptions } from "./remote-
 export interface PortPairOwner {
   /** This node owns the resource when the stack opens (port A first; otherwise port B). */
   owned: boolean;
-  /** Asked before every write through port A: false fences it; a promise makes it wait (see FenceLayer). */
+  /** Asked before every request through port A (and again after each write): false fences it; a promise makes it wait (see FenceLayer). */
   mayWrite(): boolean | Promise<boolean>;
   /** The current owner's NBD address (port B connects there, and again on every reconnect), and who it is. */
   locate(): OwnerAddress;
