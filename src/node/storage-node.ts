@@ -56,6 +56,8 @@ export class StorageNode {
     const { exp, pair } = composeNodeExport(spec, handles, this.opts.log, {
       owned: epoch !== null,
       mayWrite: () => mayWrite(this.context, m),
+      // A live copy into this node writes the image while another node owns the export.
+      mayWriteImage: () => m.target !== null || mayWrite(this.context, m),
       locate: () => locateOwner(this.context, lease),
       stillOwner: () => {
         const r = lease.read();

@@ -23,6 +23,8 @@ export class FenceLayer extends PassthroughLayer {
   constructor(
     next: Layer,
     private readonly mayWrite: () => boolean | Promise<boolean>,
+    /** false: reads pass unasked (a fence on the image itself, below one that asks for them). */
+    private readonly reads = true,
   ) {
     super(next);
   }
@@ -50,6 +52,7 @@ export class FenceLayer extends PassthroughLayer {
   }
   /** Reads ask once, before: what they return was there while the lease held. */
   private gateRead<T>(op: string, go: () => Promise<T>): Promise<T> {
+    if (!this.reads) return go();
     const ok = this.mayWrite();
     if (ok === true) return go();
     if (ok === false) return this.refuse(op);
