@@ -59,7 +59,12 @@ export class FenceLayer extends PassthroughLayer {
     return ok.then((yes) => (yes ? go() : this.refuse(op)));
   }
   override pread(buf: Buffer, offset: number, io: Io): Promise<void> {
-    return this.gateRead("read", () => this.next.pread(buf, offset, io));
+    // The hot path: a fresh lease answers true at once; no closure is made for it.
+    if (!this.reads) return this.next.pread(buf, offset, io);
+    const ok = this.mayWrite();
+    if (ok === true) return this.next.pread(buf, offset, io);
+    if (ok === false) return this.refuse("read");
+    return ok.then((yes) => (yes ? this.next.pread(buf, offset, io) : this.refuse("read")));
   }
   override extents(length: number, offset: number, io: Io): Promise<Extent[]> {
     return this.gateRead("block status", () => this.next.extents(length, offset, io));
