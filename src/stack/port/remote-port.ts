@@ -167,21 +167,19 @@ export class RemotePort implements Layer {
     // Cleared once settled, never before it is set: locate() may throw at once (the record names
     // this node), and a promise kept after failing would fail every later connection the same way.
     const p: Promise<NbdClient> = (async () => {
-      {
-        const first = this.opts.first;
-        this.opts.first = undefined;
-        const addr = first ?? (await this.opts.locate());
-        this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
-        const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
-        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
-        const same = addr.owner !== undefined && (addr.owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
-        if (this.links++ > 0 && !same) this.opts.onNewLink?.();
-        this.linkOwner = addr.owner;
-        this.lastProgress = performance.now();
-        this.client = c;
-        return c;
-      }
+      const first = this.opts.first;
+      this.opts.first = undefined;
+      const addr = first ?? (await this.opts.locate());
+      this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+      // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
+      const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
+      const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
+      const same = addr.owner !== undefined && (addr.owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
+      if (this.links++ > 0 && !same) this.opts.onNewLink?.();
+      this.linkOwner = addr.owner;
+      this.lastProgress = performance.now();
+      this.client = c;
+      return c;
     })();
     this.connecting = p;
     const clear = () => {
