@@ -254,9 +254,11 @@ export class LeaseFile implements Ownership {
   /**
    * Writes a record naming `who` as owner at `epoch`, whatever the record said: only for an image
    * that is a node's own copy (a live copy's destination), where no other node keeps a record.
+   * `handedFrom`: the source's list (a live copy hands on like a hand-over; nodes sharing this
+   * image, which follow the owner through port B, read it when they relink).
    */
-  assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
-    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true }));
+  assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS, handedFrom?: string[]): LeaseRecord {
+    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true, ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-8) } : {}) }));
   }
 
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {

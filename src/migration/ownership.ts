@@ -45,5 +45,5 @@ export interface Ownership {
    */
   release(me: NodeIdentity, epoch: number, clean?: boolean): void;
   /** Names `who` owner at `epoch` unconditionally: only for a node's own copy of an image. */
-  assign(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord;
+  assign(who: NodeIdentity, epoch: number, ttlMs: number, handedFrom?: string[]): LeaseRecord;
 }

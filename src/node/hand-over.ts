@@ -50,7 +50,7 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       m.epoch = null;
       m.validUntil = 0;
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch }, node.adoptTimeoutMs);
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch, handedFrom: handed.handedFrom }, node.adoptTimeoutMs);
     },
     reclaim: async () => {
       if (!handed) {
@@ -99,7 +99,7 @@ async function refuseAdoption(node: NodeContext, to: string, name: string, epoch
  * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
  * step is the claim (see above); an epoch the owner took back first is refused (409).
  */
-export function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
+export function adopt(node: NodeContext, name: string, epoch: number, handedFrom?: string[]): Promise<void> {
   const m = node.find(name);
   if (epoch <= m.refused) return Promise.reject(new HttpError(409, `${name}: the owner took epoch ${epoch} back`));
   const running = adoptions.get(m);
@@ -107,7 +107,7 @@ export function adopt(node: NodeContext, name: string, epoch: number): Promise<v
   if (running && m.adopting === epoch) return running;
   if (m.adopting !== null) return Promise.reject(new HttpError(409, `${name}: adopting epoch ${m.adopting} already`));
   m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
-  const p = adoptAt(node, m, epoch).finally(() => adoptions.delete(m));
+  const p = adoptAt(node, m, epoch, handedFrom).finally(() => adoptions.delete(m));
   adoptions.set(m, p);
   return p;
 }
@@ -115,10 +115,10 @@ export function adopt(node: NodeContext, name: string, epoch: number): Promise<v
 /** Adoptions under way, so that a second request for the same epoch waits for the first. */
 const adoptions = new WeakMap<Managed, Promise<void>>();
 
-async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[]): Promise<void> {
   const name = m.name;
   try {
-    await completeCopyTarget(node, m, epoch);
+    await completeCopyTarget(node, m, epoch, handedFrom);
     let claimed: LeaseRecord;
     try {
       claimed = renew(node, m, epoch); // the claim
@@ -129,7 +129,7 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
     }
     m.epoch = epoch;
     try {
-      // A live copy's own record names no one before it: nothing to check against then.
+      // A live copy's record lists what the source's did, and the source (see completeCopyTarget).
       await m.redirector.adopt({ ownerFlushed: true, handedFrom: claimed.handedFrom });
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
