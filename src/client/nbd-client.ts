@@ -92,6 +92,8 @@ class Bytes {
 export class NbdClient {
   size = 0;
   flags = 0;
+  /** The export's description, when the server sent one (NBD_INFO_DESCRIPTION). */
+  description: string | undefined;
   structured = false;
   allocationContext = 0;
   blockSize = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
@@ -248,11 +250,12 @@ export class NbdClient {
         if (type === Rep.NBD_REP_META_CONTEXT && r.toString("utf8", 4) === BASE_ALLOCATION) this.allocationContext = r.readUInt32BE(0);
       });
     }
-    const go = Buffer.alloc(4 + name.length + 2 + 2);
+    const go = Buffer.alloc(4 + name.length + 2 + 4);
     go.writeUInt32BE(name.length, 0);
     name.copy(go, 4);
-    go.writeUInt16BE(1, 4 + name.length);
+    go.writeUInt16BE(2, 4 + name.length);
     go.writeUInt16BE(Info.NBD_INFO_BLOCK_SIZE, 6 + name.length);
+    go.writeUInt16BE(Info.NBD_INFO_DESCRIPTION, 8 + name.length);
     const res = await option(Opt.NBD_OPT_GO, go, (type, r) => {
       if (type !== Rep.NBD_REP_INFO) return;
       const info = r.readUInt16BE(0);
@@ -261,6 +264,8 @@ export class NbdClient {
         this.flags = r.readUInt16BE(10);
       } else if (info === Info.NBD_INFO_BLOCK_SIZE) {
         this.blockSize = { minimum: r.readUInt32BE(2), preferred: r.readUInt32BE(6), maximum: r.readUInt32BE(10) };
+      } else if (info === Info.NBD_INFO_DESCRIPTION) {
+        this.description = r.toString("utf8", 2);
       }
     });
     if (res !== Rep.NBD_REP_ACK) throw new NbdError("EINVAL", `server refused NBD_OPT_GO for "${opts.exportName ?? ""}" (reply 0x${res.toString(16)})`);

@@ -10,6 +10,7 @@ import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
+import { ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
 export type { CopyMigrateOptions, ExportPublisher, StorageNodeOptions } from "./node-context.js";
@@ -66,9 +67,11 @@ export class StorageNode {
       tls: this.opts.peerTls,
       // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
       requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
+      // The owner names itself (port B of its peers reads it: see ownerLabel); others name the record's owner.
       label: () => {
+        if (m.epoch !== null) return ownerLabel(this.identity.nodeId, m.epoch);
         const r = lease.read();
-        return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}]`;
+        return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}, through port B]`;
       },
     });
     m = { name: spec.name, image: bottom.path, lease, epoch, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };

@@ -1,3 +1,4 @@
+import net from "node:net";
 import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
@@ -49,6 +50,52 @@ describe("live copies seen from a node that shares the source's image", () => {
       const back = await cl.pread(4096, 2 * MiB);
       expect(back.equals(Buffer.alloc(4096, 0x42))).toBe(true);
       expect(c.stderr()).not.toMatch(/were not flushed when its owner or link went/);
+    } finally {
+      cl.destroy();
+    }
+  }, 60_000);
+});
+
+const freePort = () =>
+  new Promise<number>((resolve) => {
+    const srv = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+
+/**
+ * Nemesis seed 11 again: a node with its own copy (x) reaches the owner through port B at the
+ * address its own record names, and that record names whoever owned the image when the copy
+ * left x (a@3) — not the owner now (a restarted: a@4). Port B took the stale name for whom its
+ * link reached, so when a copied the image back to x, x's adoption counted the writes a@4 had
+ * acknowledged (and flushed before handing over) as lost, and its client's FLUSH failed.
+ * The owner now names itself in the export's description, and port B believes that.
+ */
+describe("port B learns whom it reaches from the owner itself", () => {
+  it("a copy's node relinked to a restarted owner loses nothing when that owner copies the image back", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const port = await freePort();
+    const aArgs = [img, "--name", "disk", "--node-id", "a", "--lease-ttl", "2s", "--control", "127.0.0.1:0", "--listen", `127.0.0.1:${port}`];
+    let a = await serve(aArgs, 2);
+    const xPort = await freePort();
+    const x = await serve(["--data-dir", tempDir(), "--node-id", "x", "--lease-ttl", "2s", "--control", "127.0.0.1:0", "--listen", `127.0.0.1:${xPort}`], 1);
+    nodes.push(a, x);
+    const X = controlUrl(x);
+    await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: X, copy: true }, 30_000); // a@1 → x@2
+    await controlCall(X, "POST", "v1/exports/disk/migrate", { to: controlUrl(a), copy: true }, 30_000); // x@2 → a@3
+    await a.stop("SIGKILL");
+    a = await serve(aArgs, 2); // a@4: a new process of a, at the same address
+    nodes.push(a);
+    expect(new LeaseFile(img).read()).toMatchObject({ owner: "a", epoch: 4 });
+    const cl = await NbdClient.connect({ host: "127.0.0.1", port: xPort }, { exportName: "disk" });
+    try {
+      await cl.pwrite(Buffer.alloc(4096, 0x51), 0); // through x's port B, acknowledged by a@4, not flushed
+      await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: X, copy: true }, 30_000); // a@4 flushes, → x@5
+      await cl.flush(); // failed with EIO: x's link was named a@3
+      expect((await cl.pread(4096, 0)).equals(Buffer.alloc(4096, 0x51))).toBe(true);
+      expect(x.stderr()).not.toMatch(/were not flushed when its owner or link went/);
     } finally {
       cl.destroy();
     }

@@ -44,6 +44,22 @@ export interface RemotePortOptions {
  */
 export type OwnerAddress = NbdAddress & { owner?: string; handedFrom?: string[] };
 
+/**
+ * How an owner names itself in its exports' descriptions (`[owner=NODE epoch=N]`, which nbdinfo
+ * shows), so that port B learns whom a link reaches from the owner itself rather than from a
+ * record that may be stale (a live copy's own record names whoever owned the image when it left).
+ * A node that does not own the export writes something else there (see ownerLabel's callers).
+ */
+export function ownerLabel(nodeId: string, epoch: number): string {
+  return `[owner=${nodeId} epoch=${epoch}]`;
+}
+
+/** The owner (node@epoch) an export's description names as itself (see ownerLabel), if any. */
+export function ownerInDescription(description: string | undefined): string | undefined {
+  const m = description && /\[owner=([^\s\]]+) epoch=(\d+)\]/.exec(description);
+  return m ? `${m[1]}@${m[2]}` : undefined;
+}
+
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
 export function ownerIsHere(message: string): Error {
   return Object.assign(new Error(message), { code: "EOWNER" });
@@ -174,9 +190,11 @@ export class RemotePort implements Layer {
       // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
       const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
       const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
-      const same = addr.owner !== undefined && (addr.owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
+      // Whom the link reaches: the owner says so itself; the record's name is the fallback.
+      const owner = ownerInDescription(c.description) ?? addr.owner;
+      const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
       if (this.links++ > 0 && !same) this.opts.onNewLink?.();
-      this.linkOwner = addr.owner;
+      this.linkOwner = owner;
       this.lastProgress = performance.now();
       this.client = c;
       return c;
