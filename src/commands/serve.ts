@@ -162,7 +162,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const faults = handles.faults;
   const exports: Export[] = [];
   for (const s of specs) {
-    const exp = node ? node.createExport(s, handles) : composeExport(s, handles, log);
+    const exp = node ? await node.createExport(s, handles) : composeExport(s, handles, log);
     exports.push(exp);
     if (node || !opts.partitions || s.partitions === false) continue;
     // Each partition of the device is an export of its own: NAME/p1, NAME/p2, …
@@ -219,7 +219,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
         for (const [name, f] of faults) for (const [kind, n] of Object.entries(f.counts)) set({ export: name, kind }, n);
       });
       m.copyJobs(() => [
-        ...(node?.status().exports ?? []).flatMap((e) => (e.copy ? [{ export: e.name, job: "live-copy" as const, progress: e.copy }] : [])),
+        ...(node?.statusNow().exports ?? []).flatMap((e) => (e.copy ? [{ export: e.name, job: "live-copy" as const, progress: e.copy }] : [])),
         ...[...handles.mirrors].flatMap(([name, mirror]) => mirror.status().legs.flatMap((l) => (l.resync ? [{ export: name, job: "resync" as const, leg: l.index, progress: l.resync }] : []))),
         ...[...handles.cows].flatMap(([name, cow]) => (cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
       ]);
@@ -248,7 +248,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
       node.setNbdAddress(`${nbd.host}:${nbd.port}`);
       node.setPublisher({ add: (e) => server.add(e), remove: (n) => server.remove(n) });
-      node.start(controlUrl!);
+      await node.start(controlUrl!);
     }
   } catch (err) {
     cleanup();

@@ -13,7 +13,7 @@ import type { StorageNode } from "../node/storage-node.js";
  * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
  */
 export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
-  c.route("GET", "/v1/status", async () => ({ body: node.status() }));
+  c.route("GET", "/v1/status", async () => ({ body: await node.status() }));
   c.route("POST", "/v1/exports/:name/migrate", async (p, body) => {
     const b = (body ?? {}) as { to?: unknown; copy?: unknown; mode?: unknown; skipFree?: unknown; maxRate?: unknown };
     if (typeof b.to !== "string") throw new HttpError(400, 'body must be {"to": "http://HOST:PORT"} (and "copy": true for a live copy)');

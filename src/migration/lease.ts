@@ -1,7 +1,6 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import type { Ownership } from "./ownership.js";
 
 /**
  * The ownership record of one image, kept beside it as IMAGE.lease (JSON, written atomically by
@@ -86,7 +85,7 @@ function processAlive(pid: number): boolean {
  * monotonic clock (a node skewed by hours sees the same), or at once when the owner's process on
  * this host is gone. Each node keeps one LeaseFile per image (it remembers what it observed).
  */
-export class LeaseFile implements Ownership {
+export class LeaseFile {
   readonly file: string;
   private readonly lockFile: string;
   private readonly monotonic: () => number;

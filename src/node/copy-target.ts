@@ -75,7 +75,7 @@ export async function createCopyTarget(node: NodeContext, name: string, size: nu
     if (m.exp.size() !== size) throw new HttpError(409, `${name} here is ${m.exp.size()} bytes, the source's is ${size}`);
     refuseSameImage(name, m.image, sourceImage);
     if (m.target) await abandonCopyTarget(node, name);
-    m.lease.assign(owner, epoch, node.ttlMs, handedFrom);
+    m.record = await m.lease.assign(owner, epoch, node.ttlMs, handedFrom);
   } else {
     if (!node.opts.dataDir) throw new HttpError(409, `node ${node.identity.nodeId} has no --data-dir to create "${name}" in`);
     const image = path.join(node.opts.dataDir, `${encodeURIComponent(name)}.img`);
@@ -87,9 +87,9 @@ export async function createCopyTarget(node: NodeContext, name: string, size: nu
       fs.truncateSync(image, size);
       fresh = true;
     }
-    node.ownershipOf(image).assign(owner, epoch, node.ttlMs, handedFrom);
+    await node.ownershipOf(image, name).assign(owner, epoch, node.ttlMs, handedFrom);
     // Its own fault layer (with --fault) above port A, as for exports served from the start.
-    const exp = node.createExport({ name, source: image, io: node.opts.io, fault: node.opts.fault }, node.opts.handles);
+    const exp = await node.createExport({ name, source: image, io: node.opts.io, fault: node.opts.fault }, node.opts.handles);
     m = node.lookup(name)!;
     await node.publisher.add(exp);
   }
@@ -126,7 +126,7 @@ export async function abandonCopyTarget(node: NodeContext, name: string): Promis
 export async function completeCopyTarget(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[]): Promise<void> {
   const t = m.target;
   if (!t) return;
-  m.lease.assign(node.identity, epoch, node.ttlMs, handedFrom);
+  m.record = await m.lease.assign(node.identity, epoch, node.ttlMs, handedFrom);
   m.target = null;
   m.private = true;
   await node.publisher?.remove(t.exp.name);

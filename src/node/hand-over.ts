@@ -47,19 +47,27 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
     // Port B to the peer, opened before the hold so its connection costs no stall.
     prepare: () => m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
     assign: async () => {
-      handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
+      // From here until the answer, this node writes nothing: the record may name the peer already.
       m.epoch = null;
       m.validUntil = 0;
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch, handedFrom: handed.handedFrom }, node.adoptTimeoutMs);
+      try {
+        handed = await m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
+      } catch (err) {
+        m.epoch = myEpoch; // the record did not change (or the reclaim below decides): still mine
+        throw err;
+      }
+      m.record = handed;
+      const h = handed;
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: h.epoch, handedFrom: h.handedFrom }, node.adoptTimeoutMs);
     },
     reclaim: async () => {
       if (!handed) {
         // Nothing was handed over: the lease is still mine if the record says so (renewed if it
         // can be; if the record can be read but not written, say on a full disk, it is kept as is).
         try {
-          renew(node, m, myEpoch);
+          await renew(node, m, myEpoch);
         } catch (err) {
-          const r = err instanceof LeaseError ? null : m.lease.read();
+          const r = err instanceof LeaseError ? null : await m.lease.read();
           if (r?.owner !== node.identity.nodeId || r.epoch !== myEpoch) throw err;
         }
         m.epoch = myEpoch;
@@ -67,7 +75,9 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       }
       // A live copy's peer keeps its own record: only its answer tells whether it adopted.
       if (privateCopy) await refuseAdoption(node, to, name, handed.epoch);
-      m.epoch = m.lease.reclaim(node.identity, handed, node.ttlMs).epoch;
+      const back = await m.lease.reclaim(node.identity, handed, node.ttlMs);
+      m.record = back;
+      m.epoch = back.epoch;
     },
   });
   const ms = performance.now() - t0;
@@ -121,7 +131,7 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?
     await completeCopyTarget(node, m, epoch, handedFrom);
     let claimed: LeaseRecord;
     try {
-      claimed = renew(node, m, epoch); // the claim
+      claimed = await renew(node, m, epoch); // the claim
     } catch (err) {
       if (!(err instanceof LeaseError)) throw err;
       const r = err.current;
@@ -134,7 +144,7 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
       // back or another node take it over at once) rather than hold it with nothing to write it.
-      m.lease.release(node.identity, epoch, true);
+      await m.lease.release(node.identity, epoch, true).catch(() => undefined);
       throw err;
     }
   } catch (err) {

@@ -1,6 +1,5 @@
 import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { ownerIsHere, type OwnerAddress } from "../stack/port/remote-port.js";
-import type { Ownership } from "../migration/ownership.js";
 import { adopt } from "./hand-over.js";
 import { parseHostPort, type Managed, type NodeContext } from "./node-context.js";
 
@@ -14,31 +13,35 @@ import { parseHostPort, type Managed, type NodeContext } from "./node-context.js
 const FRESH = 0.8;
 
 /**
- * Whether port A may write now: yes while the lease renewed last is fresh; past that (this node
- * was paused, or renewals stalled) the record decides, and a lost lease fences port A at once.
- * When the record cannot be read (a lock held too long, EACCES, ESTALE) nothing is decided: the
- * write waits, checking again, until the record answers. It never goes ahead unchecked.
+ * Whether port A may write now: yes while the lease renewed last is fresh (answered at once, the
+ * hot path); past that (this node was paused, or renewals stalled) the record decides, and a lost
+ * lease fences port A at once. When the record cannot be read (a lock held too long, EACCES,
+ * ESTALE, etcd out of reach) nothing is decided: the write waits, asking again, until the record
+ * answers. It never goes ahead unchecked.
  */
 export function mayWrite(node: NodeContext, m: Managed): boolean | Promise<boolean> {
-  const now = decide(node, m);
-  if (now !== null) return now;
+  if (m.epoch === null) return false;
+  if (performance.now() < m.validUntil) return true;
   return (async () => {
     for (let delay = 10; ; delay = Math.min(delay * 2, 200)) {
+      const now = await decide(node, m);
+      if (now !== null) return now;
       await new Promise((r) => setTimeout(r, delay));
-      const later = decide(node, m);
-      if (later !== null) return later;
     }
   })();
 }
 
 /** true: write; false: fenced; null: the record cannot tell now. */
-function decide(node: NodeContext, m: Managed): boolean | null {
-  if (m.epoch === null) return false;
+async function decide(node: NodeContext, m: Managed): Promise<boolean | null> {
+  const epoch = m.epoch;
+  if (epoch === null) return false;
   if (performance.now() < m.validUntil) return true;
   try {
-    renew(node, m, m.epoch);
-    return true;
+    await renew(node, m, epoch);
+    // A move or a loss while the record answered decides instead (null: ask again).
+    return m.epoch === epoch ? true : m.epoch === null ? false : null;
   } catch (err) {
+    if (m.epoch !== epoch) return m.epoch === null ? false : null;
     if (!(err instanceof LeaseError)) {
       node.opts.log.warn({ export: m.name, err: (err as Error).message }, "lease record unreadable before a write: the write waits");
       return null;
@@ -51,21 +54,25 @@ function decide(node: NodeContext, m: Managed): boolean | null {
 
 /**
  * Extends my lease of `m` at `epoch` and trusts it for a share of its time, counted from before
- * the renewal: a pause inside renew() shortens the trust, it never extends it.
+ * the renewal: a pause inside renew() shortens the trust, it never extends it. Trust is given
+ * only if the node still holds `epoch` when the answer comes (a move or a loss meanwhile wins).
  */
-export function renew(node: NodeContext, m: Managed, epoch: number): LeaseRecord {
+export async function renew(node: NodeContext, m: Managed, epoch: number): Promise<LeaseRecord> {
   const t0 = performance.now();
-  const r = m.lease.renew(node.identity, epoch);
-  m.validUntil = t0 + node.ttlMs * FRESH;
+  const r = await m.lease.renew(node.identity, epoch);
+  m.record = r;
+  if (m.epoch === epoch || m.adopting === epoch) m.validUntil = t0 + node.ttlMs * FRESH;
   return r;
 }
 
 /**
- * The NBD address of the owner that `lease` names, and who it is (node@epoch: each process of a
- * node owns at a new epoch); an EOWNER error if that is this node.
+ * The NBD address of the owner that the record of `m` names, and who it is (node@epoch: each
+ * process of a node owns at a new epoch); an EOWNER error if that is this node.
  */
-export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
-  const r = lease.read();
+export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerAddress> {
+  const lease = m.lease;
+  const r = await lease.read();
+  m.record = r ?? m.record;
   if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
   // This process, or a hand-over to this node not claimed yet, or (by address) this very server:
   // the request belongs on port A. Another process of this node that still owns it (a restart
@@ -75,38 +82,38 @@ export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
   return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}`, handedFrom: r.handedFrom };
 }
 
-/** One tick of the renewal loop over every export of the node. */
-export function renewAll(node: NodeContext, exports: Iterable<Managed>): void {
-  for (const m of exports) {
-    try {
-      renewOne(node, m);
-    } catch (err) {
+/** One tick of the renewal loop over every export of the node (exports in parallel, each once). */
+export async function renewAll(node: NodeContext, exports: Iterable<Managed>): Promise<void> {
+  await Promise.all(
+    [...exports].map((m) =>
       // One export's trouble (an unreadable record) is no reason to stop the others' renewals.
-      node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease check failed");
-    }
-  }
+      renewOne(node, m).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "lease check failed")),
+    ),
+  );
 }
 
 /** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */
-function renewOne(node: NodeContext, m: Managed): void {
+async function renewOne(node: NodeContext, m: Managed): Promise<void> {
   // (A private record, the node's own copy, is taken over only by this node: see LeaseFile.takeOver.)
   if (m.epoch === null && m.adopting === null && m.redirector.state === "REMOTE" && !m.target) {
     // A hand-over to this node whose adopt call never came (its source died right after it): claim it.
-    const handed = m.lease.handedTo(node.identity);
-    if (handed !== null) {
+    const handed = await m.lease.handedTo(node.identity);
+    if (handed !== null && m.epoch === null && m.adopting === null) {
       node.opts.log.warn({ export: m.name, epoch: handed }, "the lease was handed to this node without an adopt call: adopting it");
       adopt(node, m.name, handed).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "adopting a handed lease failed"));
       return;
     }
-    takeOverIfExpired(node, m);
+    if (handed === null) await takeOverIfExpired(node, m);
     return;
   }
   // Renewed in every state while this node holds the lease: a move that drains slowly must not
   // let the lease expire while port A may still write.
-  if (m.epoch === null) return;
+  const epoch = m.epoch;
+  if (epoch === null) return;
   try {
-    renew(node, m, m.epoch);
+    await renew(node, m, epoch);
   } catch (err) {
+    if (m.epoch !== epoch) return; // moved or lost meanwhile: that path decided already
     if (!(err instanceof LeaseError)) {
       node.opts.log.error({ export: m.name, err: (err as Error).message }, "lease renewal failed");
       return;
@@ -119,11 +126,12 @@ function renewOne(node: NodeContext, m: Managed): void {
 }
 
 /** The owner stopped renewing (it died): once its lease expired, take the image over. */
-function takeOverIfExpired(node: NodeContext, m: Managed): void {
+async function takeOverIfExpired(node: NodeContext, m: Managed): Promise<void> {
   let epoch: number;
   try {
-    const taken = m.lease.takeOver(node.identity, node.ttlMs);
+    const taken = await m.lease.takeOver(node.identity, node.ttlMs);
     if (!taken) return; // the owner's lease is still valid
+    m.record = taken;
     epoch = taken.epoch;
   } catch (err) {
     // Another node was quicker; or the record cannot be read now (tried again at the next tick).
@@ -139,10 +147,6 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
     // rather than name this node owner with nothing to write it — its port B would wait on itself.
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");
     m.epoch = null;
-    try {
-      m.lease.release(node.identity, epoch, true);
-    } catch (e) {
-      node.opts.log.error({ export: m.name, err: (e as Error).message }, "releasing the lease failed");
-    }
+    m.lease.release(node.identity, epoch, true).catch((e: Error) => node.opts.log.error({ export: m.name, err: e.message }, "releasing the lease failed"));
   });
 }

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import type { LiveCopy, CopyMode } from "../migration/live-copy.js";
 import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
-import type { NodeIdentity } from "../migration/lease.js";
+import type { LeaseRecord, NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
 import type { Export } from "../stack/export.js";
 import type { ExportSpec, StackHandles } from "../stack/compose.js";
@@ -16,6 +16,10 @@ export interface Managed {
   name: string;
   image: string;
   lease: Ownership;
+  /** The record as this node last read it (or had it pushed): for descriptions and status. */
+  record: LeaseRecord | null;
+  /** Stops the record's watch (a store that pushes changes), if any. */
+  unwatch: (() => void) | null;
   /** Port A / port B of the export (see port-pair.ts); `redirector` and `tracker` are its. */
   pair: PortPair;
   redirector: PortRedirector;
@@ -62,8 +66,8 @@ export interface StorageNodeOptions {
   /** With --fault: the export a live copy writes into gets a fault layer too (steered by the export's name), to slow or break the link. */
   fault?: FaultLayerOptions;
   handles?: StackHandles;
-  /** The ownership record of an image (default: a lease file beside it). */
-  ownership?: (image: string) => Ownership;
+  /** The ownership record of export `name` on `image` (default: a lease file beside the image). */
+  ownership?: (image: string, name: string) => Ownership;
   /** Directory where this node creates the images it receives by live copy (--data-dir). */
   dataDir?: string;
   io?: IoMode;
@@ -93,8 +97,8 @@ export interface NodeContext {
   /** The export `name`, or a 404. */
   find(name: string): Managed;
   lookup(name: string): Managed | undefined;
-  createExport(spec: ExportSpec & { name: string }, handles?: StackHandles): Export;
-  ownershipOf(image: string): Ownership;
+  createExport(spec: ExportSpec & { name: string }, handles?: StackHandles): Promise<Export>;
+  ownershipOf(image: string, name: string): Ownership;
   /** The port redirector's hand-over to the node at `to` (see StorageNode.migrate). */
   migrate(name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy?: boolean): Promise<MoveResult>;
 }

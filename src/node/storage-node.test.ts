@@ -28,7 +28,7 @@ const readAt = (img: string, offset: number, length: number) => fs.readFileSync(
 /** Node `id` serving `img` as export "disk", opened (`spec`: more of the export's spec). */
 async function nodeServing(id: string, img: string, ttlMs: number, spec: Partial<ExportSpec> = {}, handles?: StackHandles) {
   const node = new StorageNode({ nodeId: id, nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs });
-  const exp = node.createExport({ source: img, name: "disk", ...spec }, handles);
+  const exp = await node.createExport({ source: img, name: "disk", ...spec }, handles);
   await exp.open();
   return { node, exp };
 }
@@ -41,7 +41,7 @@ async function waitFor(done: () => boolean, ms: number, state: () => unknown): P
     await new Promise((r) => setTimeout(r, 20));
   }
 }
-const stateOf = (n: StorageNode) => n.status().exports[0]!.state;
+const stateOf = (n: StorageNode) => n.statusNow().exports[0]!.state;
 
 /**
  * Port A's own epoch check, with a real lease record: a write made after the local deadline
@@ -71,7 +71,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     late.catch(() => undefined); // held for b (unreachable here); ended with ESHUTDOWN at close
     await waitFor(() => stateOf(a) === "REMOTE", 5000, () => stateOf(a));
     expect(readAt(img, 8192, 4096).every((b) => b === 0)).toBe(true); // a did not write the image
-    expect(a.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
+    expect((await a.status()).exports[0]).toMatchObject({ owner: "b", epoch: 2 });
     await a.close();
     await exp.close().catch(() => undefined);
     await expect(late).rejects.toThrow();
@@ -108,7 +108,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
   it("fences port A from the renewal loop, with no write needed, once another node holds the lease", async () => {
     const img = image();
     const { node: a, exp } = await nodeServing("a", img, 600);
-    a.start("http://127.0.0.1:9");
+    await a.start("http://127.0.0.1:9");
     new LeaseFile(img).handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, 600);
     await waitFor(() => stateOf(a) === "REMOTE", 5000, () => stateOf(a));
     await a.close();
@@ -156,7 +156,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     renew.mockRestore();
     await w;
     expect(readAt(img, 4096, 4096).every((b) => b === 0x44)).toBe(true);
-    expect(a.status().exports[0]).toMatchObject({ state: "LOCAL", owner: "a", epoch: 1 });
+    expect((await a.status()).exports[0]).toMatchObject({ state: "LOCAL", owner: "a", epoch: 1 });
     await exp.close();
     await a.close();
   });
@@ -169,11 +169,11 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     const lease = new LeaseFile(img, { pid: 1, host: me });
     lease.acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, ttlMs);
     const { node: b, exp } = await nodeServing("b", img, ttlMs);
-    b.start("http://127.0.0.1:9");
-    expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: "a" });
+    await b.start("http://127.0.0.1:9");
+    expect((await b.status()).exports[0]).toMatchObject({ state: "REMOTE", owner: "a" });
     lease.handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs); // then a dies
     await waitFor(() => stateOf(b) === "LOCAL", 6000, () => stateOf(b));
-    expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 2 });
+    expect((await b.status()).exports[0]).toMatchObject({ owner: "b", epoch: 2 });
     expect(new LeaseFile(img).read()).toMatchObject({ owner: "b", epoch: 2, pid: process.pid }); // claimed
     await exp.layer.pwrite(Buffer.alloc(4096, 0x5a), 0, plainIo);
     expect(readAt(img, 0, 4096).every((x) => x === 0x5a)).toBe(true);
@@ -187,7 +187,7 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     const handles = new StackHandles();
     const { node: b, exp } = await nodeServing("b", img, 600, { fault: {} }, handles);
     handles.faults.get("disk")!.addRule("op=open,errno=EIO"); // port A cannot open now
-    b.start("http://127.0.0.1:9");
+    await b.start("http://127.0.0.1:9");
     const record = () => new LeaseFile(img).read();
     await waitFor(() => record()?.owner === "b" && record()?.leaseStart === 0, 3000, record);
     handles.faults.get("disk")!.clearRules(); // the next tick takes it over and serves it
@@ -202,11 +202,11 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     const img = image();
     fs.writeFileSync(`${img}.lease.lock`, `${os.hostname()} 1 held`); // pid 1 runs: the lock is never broken
     const { node: b, exp } = await nodeServing("b", img, 600);
-    expect(b.status().exports[0]).toMatchObject({ state: "REMOTE", owner: null });
-    b.start("http://127.0.0.1:9");
+    expect((await b.status()).exports[0]).toMatchObject({ state: "REMOTE", owner: null });
+    await b.start("http://127.0.0.1:9");
     fs.rmSync(`${img}.lease.lock`);
     await waitFor(() => stateOf(b) === "LOCAL", 3000, () => stateOf(b));
-    expect(b.status().exports[0]).toMatchObject({ owner: "b", epoch: 1 });
+    expect((await b.status()).exports[0]).toMatchObject({ owner: "b", epoch: 1 });
     await exp.close();
     await b.close();
   });

@@ -1,7 +1,8 @@
 import type { CopyMode } from "../migration/live-copy.js";
 import type { ExportStatus, NodeStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
-import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type NodeIdentity } from "../migration/lease.js";
+import { DEFAULT_TTL_MS, LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
+import { FileOwnership } from "../migration/file-ownership.js";
 import type { Ownership } from "../migration/ownership.js";
 import type { Export } from "../stack/export.js";
 import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
@@ -10,7 +11,7 @@ import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
-import { ownerLabel } from "../stack/port/remote-port.js";
+import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
 export type { CopyMigrateOptions, ExportPublisher, StorageNodeOptions } from "./node-context.js";
@@ -37,16 +38,19 @@ export class StorageNode {
    * The export for one image: its declared stack built over the node's port pair, port A the
    * image and port B its owner. Takes the lease if it is free; otherwise the export starts as REMOTE.
    */
-  createExport(spec: ExportSpec & { name: string }, handles: StackHandles = new StackHandles()): Export {
+  async createExport(spec: ExportSpec & { name: string }, handles: StackHandles = new StackHandles()): Promise<Export> {
     // The image at the bottom of the stack is the resource that moves: port A opens it, port B
     // reaches whoever owns it.
     const bottom = stackOf(spec)[0]!;
     if (bottom.kind !== "file") throw new Error(`${spec.name}: a node's exports must sit on an image file (shared with peers), not ${bottom.kind}`);
-    const lease = this.ownershipOf(bottom.path);
+    const lease = this.ownershipOf(bottom.path, spec.name);
     let epoch: number | null = null;
+    let record: LeaseRecord | null = null;
     try {
-      epoch = lease.acquire(this.identity, this.ttlMs).epoch;
+      record = await lease.acquire(this.identity, this.ttlMs);
+      epoch = record.epoch;
     } catch (err) {
+      if (err instanceof LeaseError) record = err.current;
       // Owned by another node; or the record cannot be written now (a full disk, a lock held by a
       // stopped process): serve through port B meanwhile — the renewal loop takes the image over
       // once its lease is free.
@@ -59,28 +63,36 @@ export class StorageNode {
       mayWrite: () => mayWrite(this.context, m),
       // A live copy into this node writes the image while another node owns the export.
       mayWriteImage: () => m.target !== null || mayWrite(this.context, m),
-      locate: () => locateOwner(this.context, lease),
-      stillOwner: () => {
-        const r = lease.read();
-        return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
+      locate: () => locateOwner(this.context, m),
+      // Asked again until the record answers (the adoption waits meanwhile; it never guesses).
+      stillOwner: async () => {
+        for (let delay = 10; ; delay = Math.min(delay * 2, 500)) {
+          try {
+            const r = await lease.read();
+            m.record = r;
+            return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
+          } catch (err) {
+            this.opts.log.warn({ export: spec.name, err: (err as Error).message }, "lease record unreadable before adopting: asking again");
+            await new Promise((res) => setTimeout(res, delay));
+          }
+        }
       },
       tls: this.opts.peerTls,
       // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
       requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
       // The owner names itself (port B of its peers reads it: see ownerLabel); others name the record's owner.
       label: () => {
-        if (m.epoch !== null) return ownerLabel(this.identity.nodeId, m.epoch);
-        const r = lease.read();
-        return `[owner=${r?.owner ?? "?"} epoch=${r?.epoch ?? "?"}, through port B]`;
+        if (m.epoch !== null) return ownerLabel(this.identity.nodeId, m.epoch, m.record?.owner === this.identity.nodeId && m.record.epoch === m.epoch ? m.record.handedFrom : undefined);
+        return followerLabel(m.record?.owner, m.record?.epoch, m.record?.nbd);
       },
     });
-    m = { name: spec.name, image: bottom.path, lease, epoch, validUntil: 0, private: !!lease.read()?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
+    m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
     return exp;
   }
 
-  private ownershipOf(image: string): Ownership {
-    return this.opts.ownership ? this.opts.ownership(image) : new LeaseFile(image);
+  private ownershipOf(image: string, name: string): Ownership {
+    return this.opts.ownership ? this.opts.ownership(image, name) : FileOwnership.of(image);
   }
 
   /**
@@ -95,12 +107,20 @@ export class StorageNode {
   }
 
   /** Starts lease renewal once the control API listens at `controlUrl`. */
-  start(controlUrl: string): void {
+  async start(controlUrl: string): Promise<void> {
     this.identity.control = controlUrl;
     // Record the addresses peers need (the NBD port may only now be known).
-    for (const m of this.managed.values()) if (m.epoch !== null) renew(this.context, m, m.epoch);
-    this.timer = setInterval(() => renewAll(this.context, this.managed.values()), Math.max(100, this.ttlMs / 3));
-    this.timer.unref();
+    for (const m of this.managed.values()) if (m.epoch !== null) await renew(this.context, m, m.epoch);
+    // One tick at a time: a slow store (a frozen etcd member) must not pile renewals up.
+    const tick = () => {
+      this.timer = setTimeout(() => {
+        void renewAll(this.context, this.managed.values()).finally(() => {
+          if (this.timer) tick();
+        });
+      }, Math.max(100, this.ttlMs / 3));
+      this.timer.unref();
+    };
+    tick();
   }
 
   setNbdAddress(nbd: string): void {
@@ -112,9 +132,20 @@ export class StorageNode {
     return [...this.managed.values()].map((m) => ({ name: m.name, stats: m.redirector.stats() }));
   }
 
-  status(): NodeStatus {
+  /** What the node serves, with each export's record read afresh (one that cannot be read now shows as last seen). */
+  async status(): Promise<NodeStatus> {
+    await Promise.all(
+      [...this.managed.values()].map(async (m) => {
+        m.record = (await m.lease.read().catch(() => undefined)) ?? m.record;
+      }),
+    );
+    return this.statusNow();
+  }
+
+  /** status() with each record as last seen, without reading it. */
+  statusNow(): NodeStatus {
     const exports: ExportStatus[] = [...this.managed.values()].map((m) => {
-      const r = m.lease.read();
+      const r = m.record;
       return {
         name: m.name,
         image: m.image,
@@ -192,13 +223,17 @@ export class StorageNode {
       find: (name) => node.find(name),
       lookup: (name) => node.managed.get(name),
       createExport: (spec, handles) => node.createExport(spec, handles),
-      ownershipOf: (image) => node.ownershipOf(image),
+      ownershipOf: (image, name) => node.ownershipOf(image, name),
       migrate: (name, to, beforeRelease, privateCopy) => moveOut(node.context, name, to, beforeRelease, privateCopy),
     };
   })();
 
   async close(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    for (const m of this.managed.values()) if (m.epoch !== null) m.lease.release(this.identity, m.epoch);
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    for (const m of this.managed.values()) {
+      m.unwatch?.();
+      if (m.epoch !== null) await m.lease.release(this.identity, m.epoch).catch((err: Error) => this.opts.log.warn({ export: m.name, err: err.message }, "releasing the lease failed"));
+    }
   }
 }

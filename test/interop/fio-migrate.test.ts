@@ -42,7 +42,7 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     const lease = JSON.parse(fs.readFileSync(`${img}.lease`, "utf8"));
     expect(lease).toMatchObject({ owner: "a", epoch: 1, control: controlUrl(a) });
     const desc = execFileSync("nbdinfo", ["--json", b.uris[0]!], { encoding: "utf8" });
-    expect(JSON.parse(desc).exports[0].description).toMatch(/redirector\(REMOTE\).*\[owner=a epoch=1, through port B\]/);
+    expect(JSON.parse(desc).exports[0].description).toMatch(/redirector\(REMOTE\).*\[owner=a epoch=1 at 127\.0\.0\.1:\d+, through port B\]/);
   });
 
   it("moves the export 20 times while fio writes with crc32c verification: no error, images identical", async () => {

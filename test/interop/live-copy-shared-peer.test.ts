@@ -101,3 +101,38 @@ describe("port B learns whom it reaches from the owner itself", () => {
     }
   }, 60_000);
 });
+
+/**
+ * Nemesis seed 11, third finding: node x, which holds its own copy, finds the owner through its
+ * own record, which changes only when a copy comes or goes. When the nodes that share the image
+ * moved it among themselves (a → c), x kept asking a, which answers ESHUTDOWN (it forwards
+ * nothing), and x's requests waited until a copy happened to rewrite x's record. A node that does
+ * not own the export now names the owner and its address in the export's description, and port B
+ * follows that name when it is newer than what its record said.
+ */
+describe("port B follows a newer owner that a non-owner names", () => {
+  it("a copy's node reaches the owner after the nodes sharing the image moved it among themselves", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const shared = (id: string) => [img, "--name", "disk", "--node-id", id, "--lease-ttl", "2s", "--control", "127.0.0.1:0"];
+    const a = await serve(shared("a"), 2);
+    const c = await serve(shared("c"), 2);
+    const xPort = await freePort();
+    const x = await serve(["--data-dir", tempDir(), "--node-id", "x", "--lease-ttl", "2s", "--control", "127.0.0.1:0", "--listen", `127.0.0.1:${xPort}`], 1);
+    nodes.push(a, c, x);
+    const [A, C, X] = [a, c, x].map(controlUrl);
+    await controlCall(A, "POST", "v1/exports/disk/migrate", { to: X, copy: true }, 30_000); // a@1 → x@2
+    await controlCall(X, "POST", "v1/exports/disk/migrate", { to: A, copy: true }, 30_000); // x@2 → a@3: x's record names a@3
+    const cl = await NbdClient.connect({ host: "127.0.0.1", port: xPort }, { exportName: "disk" });
+    try {
+      await cl.pwrite(Buffer.alloc(4096, 0x61), 0);
+      await controlCall(A, "POST", "v1/exports/disk/migrate", { to: C }, 30_000); // a@3 → c@4, shared storage: x's record still names a
+      const within = <T>(p: Promise<T>, what: string) => Promise.race([p, new Promise<T>((_, rej) => setTimeout(() => rej(new Error(`${what}: no answer within 5 s`)), 5000))]);
+      await within(cl.pwrite(Buffer.alloc(4096, 0x62), MiB), "a write through x after a → c");
+      await within(cl.flush(), "a flush through x"); // a@3 handed over (flushed): nothing lost
+      expect((await cl.pread(4096, MiB)).equals(Buffer.alloc(4096, 0x62))).toBe(true);
+    } finally {
+      cl.destroy();
+    }
+  }, 60_000);
+});

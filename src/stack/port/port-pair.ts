@@ -21,9 +21,9 @@ export interface PortPairOwner {
    */
   mayWriteImage?(): boolean | Promise<boolean>;
   /** The current owner's NBD address (port B connects there, and again on every reconnect), and who it is. */
-  locate(): OwnerAddress;
+  locate(): OwnerAddress | Promise<OwnerAddress>;
   /** Whether this node still owns the resource (an adopting node checks before its own writes). */
-  stillOwner(): boolean;
+  stillOwner(): boolean | Promise<boolean>;
   /** TLS of port B towards peers. */
   tls?: RemotePortOptions["tls"];
   /** Port B gives up a link whose requests get no reply for this long (see RemotePortOptions). */

@@ -24,7 +24,7 @@ export interface RedirectorPorts {
   /** Opens port B to whichever node owns the resource now. */
   openRemote(): Promise<Layer>;
   /** Whether this node still owns the resource (checked before an adopting node starts writing its own requests). */
-  stillOwner?(): boolean;
+  stillOwner?(): boolean | Promise<boolean>;
 }
 
 export interface HandOver {
@@ -369,7 +369,7 @@ export class PortRedirector implements Layer {
       // this node lost the resource meanwhile: then nothing waits on it.
       await Promise.race([this.inB.idle(), new Promise<void>((r) => (this.stopAdopting = r))]);
       this.stopAdopting = null;
-      if (this.ports.stillOwner && !this.ports.stillOwner()) {
+      if (this.ports.stillOwner && !(await this.ports.stillOwner())) {
         // The hand-over was taken back meanwhile (its owner rolled back), or the lease was lost
         // (this node was frozen past it): never write as a second owner.
         this.log?.warn("adopt: the resource was taken back or lost; following its owner");

@@ -46,18 +46,40 @@ export type OwnerAddress = NbdAddress & { owner?: string; handedFrom?: string[] 
 
 /**
  * How an owner names itself in its exports' descriptions (`[owner=NODE epoch=N]`, which nbdinfo
- * shows), so that port B learns whom a link reaches from the owner itself rather than from a
- * record that may be stale (a live copy's own record names whoever owned the image when it left).
- * A node that does not own the export writes something else there (see ownerLabel's callers).
+ * shows, then `; handed from A@1,B@2` when its record lists owners that handed the image on), so
+ * that port B learns whom a link reaches, and whom that owner vouches for, from the owner itself
+ * rather than from a record that may be stale (a live copy's own record names whoever owned the
+ * image when the copy left). A node that does not own the export writes followerLabel instead.
  */
-export function ownerLabel(nodeId: string, epoch: number): string {
-  return `[owner=${nodeId} epoch=${epoch}]`;
+export function ownerLabel(nodeId: string, epoch: number, handedFrom?: string[]): string {
+  return `[owner=${nodeId} epoch=${epoch}${handedFrom?.length ? `; handed from ${handedFrom.join(",")}` : ""}]`;
 }
 
-/** The owner (node@epoch) an export's description names as itself (see ownerLabel), if any. */
-export function ownerInDescription(description: string | undefined): string | undefined {
-  const m = description && /\[owner=([^\s\]]+) epoch=(\d+)\]/.exec(description);
-  return m ? `${m[1]}@${m[2]}` : undefined;
+/**
+ * How a node that does not own an export names the owner its record shows, and where it is
+ * (`[owner=NODE epoch=N at HOST:PORT, through port B]`): a peer whose own record is older (a node
+ * holding its own copy learns of moves among the nodes sharing the image from nobody else)
+ * follows it (see followHints).
+ */
+export function followerLabel(owner: string | undefined, epoch: number | undefined, nbd: string | undefined): string {
+  return `[owner=${owner ?? "?"} epoch=${epoch ?? "?"}${nbd ? ` at ${nbd}` : ""}, through port B]`;
+}
+
+/** The owner a non-owner's description names (see followerLabel), with its address, if any. */
+export function ownerHintInDescription(description: string | undefined): { host: string; port: number; owner: string; epoch: number } | undefined {
+  const m = description && /\[owner=([^\s\]]+) epoch=(\d+) at (\S+):(\d+), through port B\]/.exec(description);
+  return m ? { host: m[3]!, port: Number(m[4]), owner: `${m[1]}@${m[2]}`, epoch: Number(m[2]) } : undefined;
+}
+
+const epochOf = (owner: string | undefined): number | undefined => {
+  const e = owner && /@(\d+)$/.exec(owner);
+  return e ? Number(e[1]) : undefined;
+};
+
+/** The owner (node@epoch) an export's description names as itself (see ownerLabel), and the owners it vouches for. */
+export function ownerInDescription(description: string | undefined): { owner: string; handedFrom?: string[] } | undefined {
+  const m = description && /\[owner=([^\s\]]+) epoch=(\d+)(?:; handed from ([^\s\]]+))?\]/.exec(description);
+  return m ? { owner: `${m[1]}@${m[2]}`, ...(m[3] ? { handedFrom: m[3].split(",") } : {}) } : undefined;
 }
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
@@ -185,14 +207,31 @@ export class RemotePort implements Layer {
     const p: Promise<NbdClient> = (async () => {
       const first = this.opts.first;
       this.opts.first = undefined;
-      const addr = first ?? (await this.opts.locate());
-      this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+      let addr = first ?? (await this.opts.locate());
       // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
       const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
-      const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
-      // Whom the link reaches: the owner says so itself; the record's name is the fallback.
-      const owner = ownerInDescription(c.description) ?? addr.owner;
-      const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
+      const connect = (to: OwnerAddress) => NbdClient.connect(to, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
+      let c = await connect(addr);
+      // A node that does not own the export names the owner its record shows: follow it when it
+      // is newer than the owner we were sent to (epochs only grow, so this ends).
+      for (let hops = 0; hops < 8 && !ownerInDescription(c.description); hops++) {
+        const hint = ownerHintInDescription(c.description);
+        const known = epochOf(addr.owner);
+        if (!hint || (known !== undefined && hint.epoch <= known)) break;
+        this.opts.log?.debug({ from: addr.owner, to: hint.owner }, "port B: following the owner a non-owner names");
+        const next: OwnerAddress = { host: hint.host, port: hint.port, owner: hint.owner, handedFrom: addr.handedFrom };
+        const c2 = await connect(next).catch(() => null);
+        if (!c2) break;
+        c.destroy();
+        c = c2;
+        addr = next;
+      }
+      this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+      // Whom the link reaches, and whom it vouches for: the owner says so itself; the record is the fallback.
+      const said = ownerInDescription(c.description);
+      const owner = said?.owner ?? addr.owner;
+      const vouched = said ? said.handedFrom : addr.handedFrom;
+      const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
       if (this.links++ > 0 && !same) this.opts.onNewLink?.();
       this.linkOwner = owner;
       this.lastProgress = performance.now();
