@@ -1,7 +1,7 @@
 import fs from "node:fs";
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { EtcdClient, type EtcdClientOptions } from "./etcd-client.js";
+import { EtcdClient, type EtcdClientOptions, type EtcdError } from "./etcd-client.js";
 import { EtcdOwnership, EtcdSession } from "./etcd-ownership.js";
 import { LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
 import { needEtcd, startLocalCluster } from "../../test/cluster/etcd.mjs";
@@ -27,10 +27,11 @@ async function leaseError(p: Promise<unknown>): Promise<LeaseError> {
  * and new connections are accepted and held — a network partition (or a frozen etcd) as one
  * client sees it, while every other client reaches etcd.
  */
-async function startProxy(target: string): Promise<{ url: string; cut(): void; close(): void }> {
+async function startProxy(target: string): Promise<{ url: string; cut(): void; dropReplyTo(marker: string | null): void; close(): void }> {
   const u = new URL(target);
   const socks = new Set<net.Socket>();
   let cut = false;
+  let marker: string | null = null;
   const track = (s: net.Socket) => {
     socks.add(s);
     s.on("close", () => socks.delete(s));
@@ -41,8 +42,12 @@ async function startProxy(target: string): Promise<{ url: string; cut(): void; c
     if (cut) return;
     const up = net.connect(Number(u.port), u.hostname);
     track(up);
-    c.on("data", (d) => void (cut || up.write(d)));
-    up.on("data", (d) => void (cut || c.write(d)));
+    let drop = false;
+    c.on("data", (d) => {
+      if (marker !== null && d.includes(marker)) drop = true;
+      if (!cut) up.write(d);
+    });
+    up.on("data", (d) => void (cut || drop || c.write(d)));
     c.on("close", () => up.destroy());
     up.on("close", () => c.destroy());
   });
@@ -51,6 +56,8 @@ async function startProxy(target: string): Promise<{ url: string; cut(): void; c
   return {
     url: `http://127.0.0.1:${port}`,
     cut: () => void (cut = true),
+    /** From now on, a connection that carries a request containing `marker` gets no more answers: that request reaches etcd, its outcome is unknown. */
+    dropReplyTo: (m: string | null) => void (marker = m),
     close: () => {
       for (const s of socks) s.destroy();
       server.close();
@@ -310,6 +317,33 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
         `cut at 0 ms: a's deadline at ${Math.round(deadline - cutAt)} ms, onLost at ${Math.round(lostAt - cutAt)} ms, a's renew lost at ${Math.round(d!.at)} ms, b took over at ${Math.round(takenAt - cutAt)} ms (${Math.round(takenAt - deadline)} ms after a's deadline, margin ${sa.marginMs} ms)`,
       );
       await leaseError(a.renew(id("a"), 1));
+    } finally {
+      proxy.close();
+    }
+  });
+
+  it("a change whose answer is lost (outcome unknown) is read back: applied exactly as written, it counts as done", async () => {
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      const ca = client({ endpoints: [proxy.url], timeoutMs: 2000, attemptTimeoutMs: 300, connectTimeoutMs: 300 });
+      const sa = await node("a", p, { client: ca });
+      const a = new EtcdOwnership(sa, "disk");
+      // What the client's transactions ended with (a spy: etcd is real).
+      const codes: string[] = [];
+      const txn = ca.txn.bind(ca);
+      ca.txn = (t) => txn(t).catch((e: EtcdError) => Promise.reject(codes.push(e.code) && e));
+      proxy.dropReplyTo("request_put"); // the acquire's transaction reaches etcd; its answer is lost
+      const r = await a.acquire(id("a"), TTL_MS);
+      expect(r).toMatchObject({ owner: "a", epoch: 1, holder: sa.leaseId });
+      expect(codes).toEqual(["ETCD_OUTCOME_UNKNOWN"]);
+      proxy.dropReplyTo("request_delete_range");
+      expect(await new EtcdOwnership(await node("b", p), "disk").read()).toEqual(r);
+      // The same for a release (the liveness key deleted, the record marked released).
+      await a.release(id("a"), 1, true);
+      expect(codes).toEqual(["ETCD_OUTCOME_UNKNOWN", "ETCD_OUTCOME_UNKNOWN"]);
+      expect(await a.read()).toMatchObject({ leaseStart: 0, handedFrom: ["a@1"] });
+      expect(await raw.getOne(a.liveKey)).toBeNull();
     } finally {
       proxy.close();
     }
