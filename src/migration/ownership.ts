@@ -3,47 +3,59 @@ import type { LeaseRecord, NodeIdentity } from "./lease.js";
 /**
  * The ownership of one image: who may write it (the owner), at which epoch (the fencing token),
  * and until when without renewing (the lease). One interface, so a node does not care where the
- * record lives: `LeaseFile` keeps it beside the image (nodes on one machine); a coordination
- * service (etcd) keeps it for nodes on several hosts.
+ * record lives: `FileOwnership` (a LeaseFile) keeps it beside the image (nodes on one machine);
+ * `EtcdOwnership` keeps it in etcd for nodes on several hosts.
  *
  * Rules every implementation keeps:
  * - Each method is one atomic change (or read) of the record; when the record is not what the
  *   method expects (another owner, another epoch, a lease not yet expired), it changes nothing and
- *   throws `LeaseError` carrying the record it found.
+ *   rejects with `LeaseError` carrying the record it found. Any other error (the store cannot be
+ *   reached, the outcome of a change is unknown) decides nothing: the caller asks again later.
+ * - Calls on one Ownership object run one at a time, in the order they were made.
  * - Every change of owner bumps the epoch; epochs never go back.
  * - A lease is broken only after it expired (`takeOver`), never while its owner may still use it:
- *   expiry is judged on the observer's own monotonic clock (a record unrenewed for the lease time
- *   since the observer saw it so), never by comparing two nodes' wall clocks; an owner trusts its
- *   lease only until a local monotonic deadline shorter than the lease, measured from before the
- *   renewal that granted it.
+ *   expiry is judged on the observer's own monotonic clock or by the store's own lease (etcd),
+ *   never by comparing two nodes' wall clocks; an owner trusts its lease only until a local
+ *   monotonic deadline shorter than the lease, measured from before the renewal that granted it.
  */
 export interface Ownership {
   /** Where the record lives, for messages. */
   readonly where: string;
-  read(): LeaseRecord | null;
+  read(): Promise<LeaseRecord | null>;
   /** Takes the lease if it is free, expired, or already mine (this process's). */
-  acquire(me: NodeIdentity, ttlMs: number): LeaseRecord;
+  acquire(me: NodeIdentity, ttlMs: number): Promise<LeaseRecord>;
   /**
    * Extends my lease held at `epoch`. The first renewal by a node the lease was handed to is its
    * claim: from then on the hand-over can no longer be taken back.
    */
-  renew(me: NodeIdentity, epoch: number): LeaseRecord;
+  renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord>;
   /** The epoch of a hand-over to `me` that I have not claimed yet (shared records only), or null. */
-  handedTo(me: NodeIdentity): number | null;
+  handedTo(me: NodeIdentity): Promise<number | null>;
   /** Hands my lease (at `epoch`) to `to`, at epoch + 1; the peer's claim of it commits the move. */
-  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): LeaseRecord;
+  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): Promise<LeaseRecord>;
   /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */
-  takeOver(me: NodeIdentity, ttlMs: number): LeaseRecord | null;
+  takeOver(me: NodeIdentity, ttlMs: number): Promise<LeaseRecord | null>;
   /**
    * Takes the lease back after a hand-over (`handed`, as handOver returned it) that did not
    * complete: only while the peer has not claimed it (renewed it), or once it expired.
    */
-  reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs: number): LeaseRecord;
+  reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs: number): Promise<LeaseRecord>;
   /**
    * Gives up my lease at `epoch` (the next owner bumps the epoch). `clean`: this owner never opened
    * port A, so nothing it acknowledged can be lost (the next owner keeps `handedFrom`).
    */
-  release(me: NodeIdentity, epoch: number, clean?: boolean): void;
-  /** Names `who` owner at `epoch` unconditionally: only for a node's own copy of an image. */
-  assign(who: NodeIdentity, epoch: number, ttlMs: number, handedFrom?: string[]): LeaseRecord;
+  release(me: NodeIdentity, epoch: number, clean?: boolean): Promise<void>;
+  /**
+   * Names `who` owner at `epoch` on a node's own copy of an image (a live copy's destination),
+   * keeping `handedFrom`. A file record beside a copy is written unconditionally (no other node
+   * keeps one there); a shared store (etcd) writes it only while the record names `who` at `epoch`
+   * already (the source before the copy, the destination after the hand-over).
+   */
+  assign(who: NodeIdentity, epoch: number, ttlMs: number, handedFrom?: string[]): Promise<LeaseRecord>;
+  /**
+   * Calls `onChange` with the record each time it changes (pushed by the store; a file record
+   * has no push and returns null: nodes then learn of a change when they next read it).
+   * Returns a function that stops watching.
+   */
+  watch(onChange: (r: LeaseRecord | null) => void): (() => void) | null;
 }
