@@ -24,6 +24,12 @@ export interface LeaseRecord {
   pid?: number;
   host?: string;
   /**
+   * etcd only (`EtcdOwnership`): the etcd lease id of the owner's process (its session), which
+   * tells this process from an earlier one of the same node. Absent until the owner claims a
+   * hand-over, like `pid`.
+   */
+  holder?: string;
+  /**
    * The image is not shared with the owner: it is this node's own copy (a live copy went to or
    * came from here). Its owner never renews this record, so its expiry means nothing: no node
    * takes such an image over.

@@ -1,0 +1,351 @@
+import fs from "node:fs";
+import net from "node:net";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { EtcdClient, type EtcdClientOptions, type EtcdError } from "./etcd-client.js";
+import { EtcdOwnership, EtcdSession } from "./etcd-ownership.js";
+import { LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
+import { needEtcd, startLocalCluster } from "../../test/cluster/etcd.mjs";
+import { tempDir, until } from "../../test/cluster/helpers.js";
+
+type Cluster = Awaited<ReturnType<typeof startLocalCluster>>;
+const hasEtcd = needEtcd();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const TTL_MS = 2000; // etcd's smallest lease (2 s with default election settings)
+const id = (nodeId: string): NodeIdentity => ({ nodeId, nbd: `127.0.0.1:${nodeId.charCodeAt(0)}`, control: `http://${nodeId}` });
+
+async function leaseError(p: Promise<unknown>): Promise<LeaseError> {
+  const err = await p.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(LeaseError);
+  return err as LeaseError;
+}
+
+/**
+ * A TCP proxy in front of etcd that can be cut silently: from cut() on, nothing passes either way
+ * and new connections are accepted and held — a network partition (or a frozen etcd) as one
+ * client sees it, while every other client reaches etcd.
+ */
+async function startProxy(target: string): Promise<{ url: string; cut(): void; dropReplyTo(marker: string | null): void; close(): void }> {
+  const u = new URL(target);
+  const socks = new Set<net.Socket>();
+  let cut = false;
+  let marker: string | null = null;
+  const track = (s: net.Socket) => {
+    socks.add(s);
+    s.on("close", () => socks.delete(s));
+    s.on("error", () => {});
+  };
+  const server = net.createServer((c) => {
+    track(c);
+    if (cut) return;
+    const up = net.connect(Number(u.port), u.hostname);
+    track(up);
+    let drop = false;
+    c.on("data", (d) => {
+      if (marker !== null && d.includes(marker)) drop = true;
+      if (!cut) up.write(d);
+    });
+    up.on("data", (d) => void (cut || drop || c.write(d)));
+    c.on("close", () => up.destroy());
+    up.on("close", () => c.destroy());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    cut: () => void (cut = true),
+    /** From now on, a connection that carries a request containing `marker` gets no more answers: that request reaches etcd, its outcome is unknown. */
+    dropReplyTo: (m: string | null) => void (marker = m),
+    close: () => {
+      for (const s of socks) s.destroy();
+      server.close();
+    },
+  };
+}
+
+describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
+  let dir: string;
+  let cluster: Cluster;
+  const clients: EtcdClient[] = [];
+  let raw: EtcdClient;
+  let n = 0;
+  const client = (o: Partial<EtcdClientOptions> = {}) => {
+    const c = new EtcdClient({ endpoints: cluster.endpoints, ...o });
+    clients.push(c);
+    return c;
+  };
+  /** A node process: its own client and session (prefix shared by the test). */
+  const node = (nodeId: string, prefix: string, o: { client?: EtcdClient; onLost?: (e: Error) => void } = {}) =>
+    EtcdSession.start({ client: o.client ?? client(), identity: id(nodeId), ttlMs: TTL_MS, prefix, onLost: o.onLost });
+  /** A fresh prefix per test, so tests share nothing. */
+  const fresh = () => `/t${++n}`;
+  /** Kills a node process as etcd sees it: no more renewals, no revoke (its lease expires after its TTL). */
+  const kill = (s: EtcdSession) => s.client.close();
+
+  beforeAll(async () => {
+    dir = tempDir("etcd-own");
+    cluster = await startLocalCluster({ size: 1, dir });
+    raw = client();
+  });
+  afterAll(async () => {
+    for (const c of clients) c.close();
+    await cluster?.stop();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("acquire: creates epoch 1, keeps it for the same process, refuses another node and a later process of the same node while the owner lives; renew checks the record", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    expect(a.where).toBe(`etcd ${p}/exports/disk`);
+    expect(await a.read()).toBeNull();
+    const r1 = await a.acquire(id("a"), TTL_MS);
+    expect(r1).toMatchObject({ owner: "a", epoch: 1, holder: sa.leaseId, pid: process.pid, image: "disk" });
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId);
+    expect((await a.acquire(id("a"), TTL_MS)).epoch).toBe(1);
+    const refused = await leaseError(b.acquire(id("b"), TTL_MS));
+    expect(refused.current).toMatchObject({ owner: "a", epoch: 1 });
+    expect(await b.takeOver(id("b"), TTL_MS)).toBeNull();
+    // A later process of node a: the earlier one may be frozen, not dead.
+    const sa2 = await node("a", p);
+    expect((await leaseError(new EtcdOwnership(sa2, "disk").acquire(id("a"), TTL_MS))).message).toMatch(/earlier process/);
+    expect(await a.renew(id("a"), 1)).toMatchObject({ owner: "a", epoch: 1 });
+    await leaseError(a.renew(id("a"), 2));
+    await leaseError(b.renew(id("b"), 1));
+    expect(await b.read()).toEqual(await a.read());
+    // renew renews the session's etcd lease: the deadline is at least the lease time, minus the margin, from before it.
+    const t0 = performance.now();
+    await a.renew(id("a"), 1);
+    expect(a.deadline()).toBeGreaterThanOrEqual(t0 + TTL_MS - sa.marginMs);
+  });
+
+  it("hand-over: the peer's first renewal claims it; the source takes an unclaimed hand-over back, never a claimed one", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    await a.acquire(id("a"), TTL_MS);
+    const h2 = await a.handOver(id("a"), 1, id("b"), TTL_MS);
+    expect(h2).toMatchObject({ owner: "b", epoch: 2, handedFrom: ["a@1"] });
+    expect(h2.holder).toBeUndefined();
+    expect(h2.pid).toBeUndefined();
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb.leaseId); // alive while b's process lives
+    expect(await b.handedTo(id("b"))).toBe(2);
+    expect(await a.handedTo(id("a"))).toBeNull();
+    await leaseError(a.renew(id("a"), 1));
+    // Not claimed yet: the source takes it back, at a new epoch, and b can no longer claim epoch 2.
+    const back = await a.reclaim(id("a"), h2, TTL_MS);
+    expect(back).toMatchObject({ owner: "a", epoch: 3, handedFrom: ["a@1"], holder: sa.leaseId });
+    await leaseError(b.renew(id("b"), 2));
+    // Handed again and claimed: from then on the source cannot take it back.
+    const h4 = await a.handOver(id("a"), 3, id("b"), TTL_MS);
+    const claimed = await b.renew(id("b"), 4);
+    expect(claimed).toMatchObject({ owner: "b", epoch: 4, holder: sb.leaseId, pid: process.pid, serial: 1, handedFrom: ["a@1", "a@3"] });
+    expect(await b.handedTo(id("b"))).toBeNull();
+    const refused = await leaseError(a.reclaim(id("a"), h4, TTL_MS));
+    expect(refused.message).toMatch(/claimed by it/);
+    expect(await b.renew(id("b"), 4)).toEqual(claimed); // later renewals write nothing
+    // A node with no live process cannot be handed anything.
+    const err = await b.handOver(id("b"), 4, id("ghost"), TTL_MS).catch((e: Error & { code?: string }) => e);
+    expect((err as Error & { code?: string }).code).toBe("ENOPEER");
+    expect(await b.read()).toEqual(claimed);
+  });
+
+  it("take-over only once the owner's etcd lease expired: never before its deadline plus margin; the epoch grows and an expiry keeps no handedFrom", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    await a.acquire(id("a"), TTL_MS);
+    await a.release(id("a"), 1, true);
+    await a.acquire(id("a"), TTL_MS); // keeps epoch 1 and the handedFrom its clean release wrote
+    expect(await a.read()).toMatchObject({ epoch: 1, handedFrom: ["a@1"] });
+    await a.renew(id("a"), 1);
+    const leaseEnd = sa.deadline() + sa.marginMs; // the lease surely lives until then
+    const killedAt = performance.now();
+    kill(sa);
+    let tries = 0;
+    const taken = await until("b takes the export over", async () => {
+      tries++;
+      return (await b.takeOver(id("b"), TTL_MS)) ?? undefined;
+    });
+    const at = performance.now();
+    expect(at).toBeGreaterThanOrEqual(leaseEnd);
+    expect(tries).toBeGreaterThan(10); // it was refused all along before
+    expect(taken).toMatchObject({ owner: "b", epoch: 2, holder: sb.leaseId });
+    expect(taken.handedFrom).toBeUndefined();
+    console.log(`take-over ${Math.round(at - killedAt)} ms after the kill, ${Math.round(at - leaseEnd)} ms after the lease's surely-alive end (etcd TTL ${sa.ttlSeconds} s)`);
+  });
+
+  it("an unclaimed hand-over expires with the peer's process; the epoch only grows across deaths, releases, hand-overs and reclaims", async () => {
+    const p = fresh();
+    const [sa, sb, sc] = await Promise.all([node("a", p), node("b", p), node("c", p)]);
+    const [a, b, c] = [sa, sb, sc].map((s) => new EtcdOwnership(s, "disk"));
+    const epochs: number[] = [];
+    const stop = c!.watch((r) => r && epochs.push(r.epoch));
+    await a!.acquire(id("a"), TTL_MS); // 1
+    await a!.release(id("a"), 1); // unclean: no handedFrom
+    const r2 = await b!.acquire(id("b"), TTL_MS);
+    expect(r2).toMatchObject({ epoch: 2 });
+    expect(r2.handedFrom).toBeUndefined();
+    await b!.release(id("b"), 2, true);
+    const r3 = await c!.acquire(id("c"), TTL_MS);
+    expect(r3).toMatchObject({ epoch: 3, handedFrom: ["b@2"] }); // a clean release hands on
+    await c!.handOver(id("c"), 3, id("b"), TTL_MS); // 4, to b, which dies before claiming
+    kill(sb);
+    expect(await a!.takeOver(id("a"), TTL_MS)).toBeNull(); // b's process may still claim it
+    const r5 = await until("a takes the dead peer's hand-over", async () => (await a!.takeOver(id("a"), TTL_MS)) ?? undefined);
+    expect(r5).toMatchObject({ owner: "a", epoch: 5 });
+    await until("the watch saw epoch 5", () => epochs.includes(5));
+    stop();
+    for (let i = 1; i < epochs.length; i++) expect(epochs[i]).toBeGreaterThanOrEqual(epochs[i - 1]!);
+    expect([...new Set(epochs)]).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it("a private copy is never taken over by another node; a later process of its own node takes it over", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    await a.acquire(id("a"), TTL_MS);
+    // assign naming another node (a copy's destination naming its source) never makes it private.
+    expect((await b.assign(id("a"), 1, TTL_MS, ["x@0"])).private).toBeUndefined();
+    await leaseError(b.assign(id("a"), 7, TTL_MS));
+    const h = await a.handOver(id("a"), 1, id("b"), TTL_MS, true);
+    expect(h).toMatchObject({ owner: "b", epoch: 2, private: true, handedFrom: ["x@0", "a@1"] });
+    expect(await b.handedTo(id("b"))).toBeNull(); // a copy's hand-over is committed by the destination's answer
+    expect(await b.assign(id("b"), 2, TTL_MS, ["x@0", "a@1"])).toEqual(await b.read()); // nothing to change
+    await b.renew(id("b"), 2); // the claim
+    kill(sb);
+    await until("b's liveness key expired", async () => (await raw.getOne(a.liveKey)) === null);
+    expect(await a.takeOver(id("a"), TTL_MS)).toBeNull();
+    expect((await leaseError(a.acquire(id("a"), TTL_MS))).message).toMatch(/is a copy/);
+    const sb2 = await node("b", p);
+    const again = await new EtcdOwnership(sb2, "disk").takeOver(id("b"), TTL_MS);
+    expect(again).toMatchObject({ owner: "b", epoch: 3, private: true, holder: sb2.leaseId });
+  });
+
+  it("nodes racing for a free record: exactly one wins each round (take-over and acquire)", async () => {
+    const p = fresh();
+    const sessions = await Promise.all(["a", "b", "c"].map((x) => node(x, p)));
+    const owns = sessions.map((s) => new EtcdOwnership(s, "disk"));
+    const ids = ["a", "b", "c"].map(id);
+    let epoch = 0;
+    let prev = -1;
+    for (let round = 0; round < 10; round++) {
+      const takeOvers = round % 2 === 0;
+      const results = await Promise.allSettled(owns.map((o, i) => (takeOvers ? o.takeOver(ids[i]!, TTL_MS) : o.acquire(ids[i]!, TTL_MS))));
+      const winners = results.flatMap((r, i) => (r.status === "fulfilled" && r.value ? [{ i, r: r.value as LeaseRecord }] : []));
+      expect(winners).toHaveLength(1);
+      for (const r of results) if (r.status === "rejected") expect(r.reason).toBeInstanceOf(LeaseError);
+      const w = winners[0]!;
+      // A process that takes back what it released itself keeps the epoch (as LeaseFile does).
+      expect(w.r.epoch).toBe(!takeOvers && w.i === prev ? epoch : epoch + 1);
+      epoch = w.r.epoch;
+      prev = w.i;
+      await owns[w.i]!.release(ids[w.i]!, epoch); // free again (unclean)
+    }
+  });
+
+  it("watch: tells every change of owner, in order, within a bound; stop ends it", async () => {
+    const p = fresh();
+    const [sa, sb, sw] = await Promise.all([node("a", p), node("b", p), node("w", p)]);
+    const [a, b, w] = [sa, sb, sw].map((s) => new EtcdOwnership(s, "disk"));
+    const seen: Array<{ r: LeaseRecord | null; at: number }> = [];
+    const stop = w!.watch((r) => seen.push({ r, at: performance.now() }));
+    await until("the watch delivered the record as it was", () => seen.length === 1);
+    expect(seen[0]!.r).toBeNull();
+    const changes: Array<{ what: string; at: number }> = [];
+    const step = async (what: string, fn: () => Promise<unknown>) => {
+      await fn();
+      changes.push({ what, at: performance.now() });
+    };
+    await step("a@1", () => a!.acquire(id("a"), TTL_MS));
+    await step("b@2", () => a!.handOver(id("a"), 1, id("b"), TTL_MS));
+    await step("b@2", () => b!.renew(id("b"), 2));
+    await step("b@2", () => b!.release(id("b"), 2, true));
+    await step("a@3", () => a!.acquire(id("a"), TTL_MS));
+    await until("the watch saw every change", () => seen.length === 1 + changes.length);
+    expect(seen.slice(1).map((s) => `${s.r!.owner}@${s.r!.epoch}`)).toEqual(changes.map((c) => c.what));
+    const lags = seen.slice(1).map((s, i) => s.at - changes[i]!.at);
+    console.log(`watch lag after each change (ms): ${lags.map((l) => l.toFixed(1)).join(", ")}`);
+    expect(Math.max(...lags)).toBeLessThan(500);
+    stop();
+    await a!.release(id("a"), 3);
+    await sleep(200);
+    expect(seen).toHaveLength(1 + changes.length);
+  });
+
+  it("a node cut off from etcd: its lease is reported lost, renew then says so, and no other node takes over before the cut node's deadline (plus margin) passed", async () => {
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      let lostAt = 0;
+      const ca = client({ endpoints: [proxy.url], timeoutMs: 1000, attemptTimeoutMs: 400, connectTimeoutMs: 300 });
+      const sa = await node("a", p, { client: ca, onLost: () => (lostAt = performance.now()) });
+      const sb = await node("b", p);
+      const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+      await a.acquire(id("a"), TTL_MS);
+      await a.renew(id("a"), 1);
+      proxy.cut(); // from here no answer reaches a: its deadline cannot move any more
+      const cutAt = performance.now();
+      const deadline = sa.deadline();
+      expect(deadline).toBeGreaterThan(cutAt);
+      // A renewal while cut waits for etcd as long as the lease may live: it never calls the lease lost before a's deadline.
+      const during = a.renew(id("a"), 1).then(
+        () => null,
+        (e: Error) => ({ e, at: performance.now() - cutAt }),
+      );
+      let refusals = 0;
+      const taken = await until("b takes the export over", async () => {
+        const r = await b.takeOver(id("b"), TTL_MS);
+        if (!r) refusals++;
+        return r ?? undefined;
+      });
+      const takenAt = performance.now();
+      const d = await during;
+      expect(d?.e).toBeInstanceOf(LeaseError);
+      expect(d!.at).toBeGreaterThanOrEqual(deadline - cutAt);
+      expect(taken).toMatchObject({ owner: "b", epoch: 2 });
+      expect(refusals).toBeGreaterThan(10);
+      expect(lostAt).toBeGreaterThan(0);
+      // The keeper reports the loss at the lease's surely-alive end: after a's own deadline.
+      expect(lostAt).toBeGreaterThanOrEqual(deadline);
+      expect(sa.deadline()).toBe(-Infinity);
+      // The point: b got the export only after a's deadline had passed (a stops writing there), by the margin at least.
+      expect(takenAt).toBeGreaterThanOrEqual(deadline + sa.marginMs);
+      console.log(
+        `cut at 0 ms: a's deadline at ${Math.round(deadline - cutAt)} ms, onLost at ${Math.round(lostAt - cutAt)} ms, a's renew lost at ${Math.round(d!.at)} ms, b took over at ${Math.round(takenAt - cutAt)} ms (${Math.round(takenAt - deadline)} ms after a's deadline, margin ${sa.marginMs} ms)`,
+      );
+      await leaseError(a.renew(id("a"), 1));
+    } finally {
+      proxy.close();
+    }
+  });
+
+  it("a change whose answer is lost (outcome unknown) is read back: applied exactly as written, it counts as done", async () => {
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      const ca = client({ endpoints: [proxy.url], timeoutMs: 2000, attemptTimeoutMs: 300, connectTimeoutMs: 300 });
+      const sa = await node("a", p, { client: ca });
+      const a = new EtcdOwnership(sa, "disk");
+      // What the client's transactions ended with (a spy: etcd is real).
+      const codes: string[] = [];
+      const txn = ca.txn.bind(ca);
+      ca.txn = (t) => txn(t).catch((e: EtcdError) => Promise.reject(codes.push(e.code) && e));
+      proxy.dropReplyTo("request_put"); // the acquire's transaction reaches etcd; its answer is lost
+      const r = await a.acquire(id("a"), TTL_MS);
+      expect(r).toMatchObject({ owner: "a", epoch: 1, holder: sa.leaseId });
+      expect(codes).toEqual(["ETCD_OUTCOME_UNKNOWN"]);
+      proxy.dropReplyTo("request_delete_range");
+      expect(await new EtcdOwnership(await node("b", p), "disk").read()).toEqual(r);
+      // The same for a release (the liveness key deleted, the record marked released).
+      await a.release(id("a"), 1, true);
+      expect(codes).toEqual(["ETCD_OUTCOME_UNKNOWN", "ETCD_OUTCOME_UNKNOWN"]);
+      expect(await a.read()).toMatchObject({ leaseStart: 0, handedFrom: ["a@1"] });
+      expect(await raw.getOne(a.liveKey)).toBeNull();
+    } finally {
+      proxy.close();
+    }
+  });
+});

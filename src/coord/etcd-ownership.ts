@@ -1,0 +1,342 @@
+import { LeaseError, DEFAULT_TTL_MS, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
+import type { Ownership } from "../migration/ownership.js";
+import { EtcdError, compare, op, type Compare, type KeyValue, type TxnOp, type Watcher } from "./etcd-client.js";
+import type { EtcdSession } from "./etcd-session.js";
+
+export { EtcdSession, type EtcdSessionOptions, type MemberInfo } from "./etcd-session.js";
+
+/** The record and its liveness key as read at one revision. */
+interface State {
+  rec: LeaseRecord | null;
+  recKv: KeyValue | null;
+  /** PREFIX/exports/NAME/owner: present while the process that may write (or was handed the lease) lives. */
+  live: KeyValue | null;
+  revision: number;
+}
+
+/** A change: the new record, what happens to the liveness key, and what else must hold. */
+interface Write {
+  record: LeaseRecord;
+  /** Bind the liveness key to this etcd lease, delete it, or leave it (undefined). */
+  live?: { lease: string } | "delete";
+  compare?: Compare[];
+}
+
+type Plan<T> = { done: T } | { write: Write; result: T };
+
+/**
+ * The ownership record of export `name` in etcd, for nodes on several hosts (one object per
+ * export per node process, all sharing the process's `EtcdSession`). Keys:
+ * - PREFIX/exports/NAME/record: the LeaseRecord (JSON), bound to no lease, so its epoch outlives
+ *   every owner; changed only by transactions that compare its modRevision.
+ * - PREFIX/exports/NAME/owner: the liveness key, bound to the etcd lease of the process that may
+ *   write the image (after a hand-over: of the peer's process, until it claims). Its absence is
+ *   what "expired" means: etcd deleted it when that lease ran out, or the owner released it.
+ *
+ * Rules (README.md, "Ownership in etcd"): a change of owner happens only by a transaction that
+ * finds the record at the revision it read, and — unless the record names this process already
+ * or is exactly an unclaimed hand-over — the liveness key absent; epochs only grow; an owner acts
+ * on its lease only until `session.deadline()`; `renew` renews the session's etcd lease itself,
+ * so a caller may trust it for its lease time counted from before the call, minus the margin.
+ */
+export class EtcdOwnership implements Ownership {
+  readonly recordKey: string;
+  readonly liveKey: string;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly session: EtcdSession,
+    readonly name: string,
+  ) {
+    const base = `${session.prefix}/exports/${encodeURIComponent(name)}`;
+    this.recordKey = `${base}/record`;
+    this.liveKey = `${base}/owner`;
+  }
+
+  get where(): string {
+    return `etcd ${this.session.prefix}/exports/${encodeURIComponent(this.name)}`;
+  }
+
+  /** Until when (performance.now()) this process may write what it owns: its session's deadline. */
+  deadline(): number {
+    return this.session.deadline();
+  }
+
+  read(): Promise<LeaseRecord | null> {
+    return this.serial(async () => (await this.load()).rec);
+  }
+
+  /** Takes the lease if the record is absent, released, expired (no liveness key), or this process's already. */
+  acquire(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): Promise<LeaseRecord> {
+    return this.serial(() =>
+      this.cas<LeaseRecord>((st) => {
+        const cur = st.rec;
+        const same = !!cur && this.mine(cur, me);
+        if (cur && cur.owner !== me.nodeId && cur.private) throw new LeaseError(`image is a copy; its data is owned by ${cur.owner} (epoch ${cur.epoch}) and no other node takes it`, cur);
+        if (cur && !same && st.live)
+          throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}${cur.owner === me.nodeId ? `, an earlier process ${cur.pid ?? ""}` : ""}); its etcd lease has not expired`, cur);
+        const epoch = !cur ? 1 : same ? cur.epoch : cur.epoch + 1;
+        const record = { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}), ...(same && cur.handedFrom ? { handedFrom: cur.handedFrom } : handedOn(cur)) };
+        return { write: { record, live: { lease: this.session.leaseId }, compare: same ? [] : [compare.absent(this.liveKey)] }, result: record };
+      }),
+    );
+  }
+
+  /**
+   * Renews this process's etcd lease (one keep-alive, sent after the call started) and checks, by
+   * a linearizable read, that the record names me at `epoch`. A hand-over to my node not claimed
+   * yet is claimed here: the record gets this process (pid, host, holder) and the liveness key
+   * this process's lease, by a transaction on the record's revision — after it the source cannot
+   * reclaim. A lost session lease is a lost lease (LeaseError).
+   */
+  renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord> {
+    return this.serial(async () => {
+      try {
+        await this.session.renewLease();
+      } catch (err) {
+        if (!this.session.lost) throw err; // etcd cannot say now: nothing decided
+        // The record, for the message, if etcd answers soon (a node cut off from etcd learns nothing more).
+        const seen = await Promise.race([this.load().then((s) => s.rec, () => null), new Promise<null>((r) => setTimeout(r, 250, null))]);
+        throw new LeaseError(`lease lost: this process's etcd lease ${this.session.leaseId} is gone (${this.session.lost.message})`, seen);
+      }
+      return this.cas<LeaseRecord>((st) => {
+        const cur = st.rec;
+        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+        if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describe(cur)} was released`, cur);
+        if (cur.holder === this.session.leaseId) {
+          if (st.live?.lease !== this.session.leaseId) throw new LeaseError(`lease lost: the liveness key of ${describe(cur)} is ${st.live ? `bound to lease ${st.live.lease}` : "gone"}`, cur);
+          return { done: cur };
+        }
+        // The claim of a hand-over to this node.
+        const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.session.wall(), serial: (cur.serial ?? 0) + 1, pid: this.session.pid, host: this.session.host, holder: this.session.leaseId };
+        return { write: { record, live: { lease: this.session.leaseId } }, result: record };
+      });
+    });
+  }
+
+  handedTo(me: NodeIdentity): Promise<number | null> {
+    return this.serial(async () => {
+      const r = (await this.load()).rec;
+      return r && r.owner === me.nodeId && r.holder === undefined && !r.private && r.leaseStart !== 0 ? r.epoch : null;
+    });
+  }
+
+  /**
+   * Hands my lease (at `epoch`) to `to` at epoch + 1. The liveness key is bound to the etcd lease
+   * of `to`'s live process (its membership key, compared in the same transaction), so an unclaimed
+   * hand-over expires when that process dies. Rejects (code ENOPEER) when `to` has no live process.
+   */
+  handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS, privateCopy = false): Promise<LeaseRecord> {
+    return this.serial(() =>
+      this.cas<LeaseRecord>(async (st) => {
+        const cur = st.rec;
+        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+        const peer = await this.session.member(to.nodeId);
+        if (!peer) throw Object.assign(new Error(`cannot hand ${this.name} over: node ${to.nodeId} has no live process in etcd (no ${this.session.memberKey(to.nodeId)})`), { code: "ENOPEER" });
+        const handedFrom = [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8);
+        const record: LeaseRecord = { image: this.name, owner: to.nodeId, nbd: to.nbd, control: to.control, epoch: epoch + 1, leaseStart: this.session.wall(), ttlMs, serial: 0, handedFrom, ...(privateCopy ? { private: true } : {}) };
+        const memberKey = this.session.memberKey(to.nodeId);
+        return { write: { record, live: { lease: peer.info.leaseId }, compare: [compare.modRevision(memberKey, "==", peer.kv.modRevision)] }, result: record };
+      }),
+    );
+  }
+
+  /**
+   * Takes the export over once no process holds it (the liveness key is gone: its lease expired,
+   * or it was released): null while one does, and for another node's private copy. A record that
+   * names this very process with a live key is returned as it is (a change of ours whose answer
+   * was lost, applied after all).
+   */
+  takeOver(me: NodeIdentity, ttlMs = DEFAULT_TTL_MS): Promise<LeaseRecord | null> {
+    return this.serial(() =>
+      this.cas<LeaseRecord | null>((st) => {
+        const cur = st.rec;
+        if (cur && cur.owner === me.nodeId && cur.holder === this.session.leaseId && cur.leaseStart !== 0 && st.live?.lease === this.session.leaseId) return { done: cur };
+        if (st.live || (cur?.private && cur.owner !== me.nodeId)) return { done: null };
+        const record = { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}), ...handedOn(cur) };
+        return { write: { record, live: { lease: this.session.leaseId }, compare: [compare.absent(this.liveKey)] }, result: record };
+      }),
+    );
+  }
+
+  /**
+   * Takes the lease back after a hand-over that did not complete: only while the record is still
+   * that hand-over unclaimed, or names me, or no process holds it. Bumps the epoch.
+   */
+  reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs = DEFAULT_TTL_MS): Promise<LeaseRecord> {
+    return this.serial(() =>
+      this.cas<LeaseRecord>((st) => {
+        const cur = st.rec;
+        const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && cur.holder === undefined && (cur.serial ?? 0) === (handed.serial ?? 0);
+        const mine = !!cur && this.mine(cur, me);
+        if (cur && !untouched && !mine && st.live) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur.owner === handed.owner && cur.epoch === handed.epoch ? ", claimed by it" : ""}`, cur);
+        const handedFrom = untouched || mine ? cur!.handedFrom : handedOn(cur).handedFrom;
+        const record = { ...this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs), ...(handedFrom ? { handedFrom } : {}) };
+        return { write: { record, live: { lease: this.session.leaseId }, compare: untouched || mine || !cur ? [] : [compare.absent(this.liveKey)] }, result: record };
+      }),
+    );
+  }
+
+  /**
+   * Gives up my lease at `epoch`: deletes the liveness key (any node may take the export at once)
+   * and marks the record released (leaseStart 0); `clean` appends me@epoch to handedFrom, which
+   * the next owner keeps. Nothing happens if the record does not name me at `epoch`.
+   */
+  release(me: NodeIdentity, epoch: number, clean = false): Promise<void> {
+    return this.serial(() =>
+      this.cas<void>((st) => {
+        const cur = st.rec;
+        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return { done: undefined };
+        const handedFrom = clean ? [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8) : undefined;
+        const { handedFrom: _was, ...rest } = cur;
+        return { write: { record: { ...rest, leaseStart: 0, ...(handedFrom ? { handedFrom } : {}) }, live: "delete" }, result: undefined };
+      }),
+    );
+  }
+
+  /**
+   * Only while the record names `who` at `epoch` (else LeaseError): sets `handedFrom` (when given)
+   * and, when `who` is this process's own node, marks the record private (the image is its own
+   * copy: no other node takes it over). Assigning another node (a live copy's destination naming
+   * its source) never marks it private: that node's image may be shared with others.
+   */
+  assign(who: NodeIdentity, epoch: number, _ttlMs = DEFAULT_TTL_MS, handedFrom?: string[]): Promise<LeaseRecord> {
+    return this.serial(() =>
+      this.cas<LeaseRecord>((st) => {
+        const cur = st.rec;
+        if (!cur || cur.owner !== who.nodeId || cur.epoch !== epoch) throw new LeaseError(`cannot assign ${who.nodeId}@${epoch}: record is ${describe(cur)}`, cur);
+        const record: LeaseRecord = { ...cur, ...(who.nodeId === this.session.identity.nodeId ? { private: true } : {}), ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-8) } : {}) };
+        if (JSON.stringify(record) === JSON.stringify(cur)) return { done: cur };
+        return { write: { record }, result: record };
+      }),
+    );
+  }
+
+  /**
+   * Calls `onChange` with the record as read when the watch starts (so nothing between this call
+   * and the stream is missed), then with each new version of it (null: deleted), in order. After
+   * a compaction it reads again and goes on from there. Returns a function that stops it.
+   */
+  watch(onChange: (r: LeaseRecord | null) => void): () => void {
+    let stopped = false;
+    let w: Watcher | null = null;
+    const deliver = (value: Buffer | null) => {
+      if (stopped) return;
+      let r: LeaseRecord | null;
+      try {
+        r = value === null ? null : parseRecord(value, this.recordKey);
+      } catch {
+        return; // not a record: nothing to tell
+      }
+      onChange(r);
+    };
+    const start = async (): Promise<void> => {
+      for (let delay = 100; !stopped; delay = Math.min(delay * 2, 2000)) {
+        try {
+          const r = await this.session.client.get(this.recordKey);
+          if (stopped) return;
+          deliver(r.kvs[0]?.value ?? null);
+          w = this.session.client.watch(this.recordKey, {
+            startRevision: r.header.revision + 1,
+            onEvents: (events) => {
+              for (const e of events) deliver(e.type === "put" ? e.kv.value : null);
+            },
+            onCompacted: () => void start(),
+            onError: () => void start(),
+          });
+          return;
+        } catch {
+          await new Promise((res) => setTimeout(res, delay));
+        }
+      }
+    };
+    void start();
+    return () => {
+      stopped = true;
+      w?.close();
+    };
+  }
+
+  // ——— internals ———
+
+  /** The record names me and this process, or no process yet (a hand-over to my node, unclaimed). */
+  private mine(r: LeaseRecord, me: NodeIdentity): boolean {
+    return r.owner === me.nodeId && (r.holder === undefined || r.holder === this.session.leaseId);
+  }
+
+  private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {
+    const s = this.session;
+    return { image: this.name, owner: who.nodeId, nbd: who.nbd, control: who.control, epoch, leaseStart: s.wall(), ttlMs, serial: 0, pid: s.pid, host: s.host, holder: s.leaseId };
+  }
+
+  /** One call at a time, in order (the interface's rule); a failed call does not stop the next. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.queue.then(() => fn());
+    this.queue = p.catch(() => {});
+    return p;
+  }
+
+  /** Record and liveness key at one revision (a linearizable read). */
+  private async load(): Promise<State> {
+    const r = await this.session.client.txn({ success: [op.get(this.recordKey), op.get(this.liveKey)] });
+    const kvOf = (i: number) => {
+      const x = r.results[i];
+      return x?.type === "get" ? (x.kvs[0] ?? null) : null;
+    };
+    const recKv = kvOf(0);
+    return { rec: recKv ? parseRecord(recKv.value, this.recordKey) : null, recKv, live: kvOf(1), revision: r.header.revision };
+  }
+
+  /**
+   * Reads, decides (`plan` throws LeaseError, or answers, or asks for a change) and applies the
+   * change by a transaction on the record's revision; when another change came first, reads and
+   * decides again.
+   */
+  private async cas<T>(plan: (st: State) => Plan<T> | Promise<Plan<T>>): Promise<T> {
+    for (let round = 1; ; round++) {
+      const st = await this.load();
+      const p = await plan(st);
+      if ("done" in p) return p.done;
+      if (await this.apply(st, p.write)) return p.result;
+      if (round >= 20) throw Object.assign(new Error(`${this.where}: the record kept changing under ${round} attempts; try again later`), { code: "EBUSY" });
+    }
+  }
+
+  /**
+   * One transaction: the record still at the revision read (or still absent) and `w.compare` →
+   * the new record and liveness key. True if applied. When its outcome is unknown, the record is
+   * read back: exactly what was written (the record carries a wall-clock stamp, the liveness key
+   * the lease) counts as applied; anything else rejects with the original error (nothing decided).
+   */
+  private async apply(st: State, w: Write): Promise<boolean> {
+    const value = JSON.stringify(w.record);
+    const ops: TxnOp[] = [op.put(this.recordKey, value)];
+    if (w.live === "delete") ops.push(op.delete(this.liveKey));
+    else if (w.live) ops.push(op.put(this.liveKey, JSON.stringify({ owner: w.record.owner, epoch: w.record.epoch, lease: w.live.lease }), { lease: w.live.lease }));
+    const cmp = [st.recKv ? compare.modRevision(this.recordKey, "==", st.recKv.modRevision) : compare.absent(this.recordKey), ...(w.compare ?? [])];
+    try {
+      return (await this.session.client.txn({ compare: cmp, success: ops })).succeeded;
+    } catch (err) {
+      if (!(err instanceof EtcdError && err.code === "ETCD_OUTCOME_UNKNOWN")) throw err;
+      const now = await this.load().catch(() => null);
+      const liveOk = w.live === undefined || (w.live === "delete" ? !now?.live : now?.live?.lease === w.live.lease);
+      if (now?.recKv?.value.toString() === value && liveOk) return true;
+      throw err;
+    }
+  }
+}
+
+function parseRecord(value: Buffer, key: string): LeaseRecord {
+  const r = JSON.parse(value.toString()) as LeaseRecord;
+  if (typeof r?.owner !== "string" || !Number.isSafeInteger(r.epoch)) throw new Error(`etcd ${key}: not a lease record`);
+  return r;
+}
+
+/** What a new owner keeps of `cur`'s handedFrom: all of it after a release (a clean give-up), nothing after an expiry. */
+function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
+  return cur?.leaseStart === 0 && cur.handedFrom ? { handedFrom: cur.handedFrom } : {};
+}
+
+function describe(r: LeaseRecord | null): string {
+  return r ? `${r.owner}@${r.epoch}${r.leaseStart === 0 ? " (released)" : ""}` : "absent";
+}
