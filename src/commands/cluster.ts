@@ -74,6 +74,20 @@ export async function statusCommand(url: string, opts: { json: boolean }): Promi
   process.stdout.write(`node ${s.nodeId}  nbd ${s.nbd}  control ${s.control}\n`);
   const rows = [["export", "owner", "epoch", "state", "in A", "in B", "held", "moves", "image"]];
   for (const e of s.exports) rows.push([e.name, e.owner ?? "-", String(e.epoch ?? "-"), e.state, String(e.inflightA), String(e.inflightB), String(e.held), String(e.moves), e.image ?? "-"]);
+  table(rows);
+  const c = s.cluster;
+  if (!c) return;
+  if ("error" in c) {
+    process.stdout.write(`\ncluster: etcd cannot be read now: ${c.error}\n`);
+    return;
+  }
+  process.stdout.write(`\ncluster (etcd ${c.etcd.endpoints.join(",")} ${c.etcd.prefix}): ${c.nodes.length} live node${c.nodes.length === 1 ? "" : "s"}\n`);
+  table([["node", "nbd", "control", "host", "pid", "up"], ...c.nodes.map((n) => [n.nodeId, n.nbd, n.control, n.host, String(n.pid), `${Math.max(0, Math.round((Date.now() - n.started) / 1000))} s`])]);
+  process.stdout.write("\n");
+  table([["export", "owner", "epoch", "owner alive", "owner nbd"], ...c.exports.map((e) => [e.name, e.released ? `(released by ${e.owner})` : e.owner, String(e.epoch), e.live ? "yes" : "no (lease ended)", e.nbd])]);
+}
+
+function table(rows: string[][]): void {
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   for (const r of rows) process.stdout.write(r.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd() + "\n");
 }

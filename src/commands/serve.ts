@@ -12,6 +12,7 @@ import { composeExport, defaultExportName, partitionExports, StackHandles, type 
 import { kindOf } from "../stack/kinds.js";
 import type { Export } from "../stack/export.js";
 import { StorageNode } from "../node/storage-node.js";
+import { EtcdNode, type EtcdNodeOptions } from "../coord/etcd-node.js";
 import { ControlServer } from "../control/control-server.js";
 import { Metrics } from "../metrics/metrics.js";
 import { setControlCa, setControlToken } from "../control/control-client.js";
@@ -52,6 +53,13 @@ export interface ServeOptions extends TlsFlags {
   faultPowerloss: boolean;
   overlay: string[];
   config?: string;
+  etcd?: string;
+  etcdPrefix?: string;
+  etcdCacert?: string;
+  etcdCert?: string;
+  etcdKey?: string;
+  etcdUser?: string;
+  etcdPasswordFile?: string;
 }
 
 export const DEFAULT_PORT = 10809;
@@ -114,9 +122,16 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     if (opts.socket.length === 0 && config.socket) opts.socket = config.socket;
     opts.control ??= config.control;
     opts.nodeId ??= config.nodeId;
+    opts.etcd ??= config.etcd?.join(",");
+    opts.etcdPrefix ??= config.etcdPrefix;
+    opts.etcdCacert ??= config.etcdCacert;
+    opts.etcdCert ??= config.etcdCert;
+    opts.etcdKey ??= config.etcdKey;
+    opts.etcdUser ??= config.etcdUser;
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
   }
   if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
+  if (opts.etcd && !opts.nodeId) throw new Error("--etcd needs --node-id (etcd keeps the ownership of a cluster node's exports)");
   if (images.length === 0 && !opts.demo && !config && !opts.dataDir) throw new Error("nothing to serve: give image files, memory:SIZE, --config FILE, --data-dir or --demo");
   if (opts.name.length > images.length) throw new Error(`${opts.name.length} --name options for ${images.length} images`);
   if (opts.overlay.length > images.length) throw new Error(`${opts.overlay.length} --overlay options for ${images.length} images`);
@@ -156,8 +171,11 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
 
   const handles = new StackHandles();
+  const ttlMs = parseDuration(opts.leaseTtl);
+  const nbdAddr = tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "";
+  const etcd = opts.etcd && opts.nodeId ? await EtcdNode.start({ ...etcdOptions(opts), identity: { nodeId: opts.nodeId, nbd: nbdAddr, control: "" }, ttlMs, log }) : null;
   const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "", log, ttlMs: parseDuration(opts.leaseTtl), dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined })
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
     : null;
   const faults = handles.faults;
   const exports: Export[] = [];
@@ -248,6 +266,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       if (!nbd) throw new Error("--node-id needs a TCP listener (peers reach the owner over TCP)");
       node.setNbdAddress(`${nbd.host}:${nbd.port}`);
       node.setPublisher({ add: (e) => server.add(e), remove: (n) => server.remove(n) });
+      node.identity.control = controlUrl!;
+      await etcd?.publish(node.identity);
       await node.start(controlUrl!);
     }
   } catch (err) {
@@ -275,6 +295,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     server
       .close()
       .then(() => node?.close())
+      .then(() => etcd?.close())
       .then(() => control?.close())
       .then(
         () => {
@@ -291,4 +312,30 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+}
+
+/** The etcd client settings of serve's --etcd* options (files read here, so a missing one fails at start). */
+function etcdOptions(opts: ServeOptions): Pick<EtcdNodeOptions, "endpoints" | "prefix" | "tls" | "auth"> {
+  const endpoints = opts.etcd!.split(",").map((u) => u.trim()).filter(Boolean);
+  for (const u of endpoints) if (!/^https?:\/\/[^/]+\/?$/.test(u)) throw new Error(`--etcd: "${u}" is not an etcd client URL (http://HOST:PORT or https://HOST:PORT)`);
+  const read = (flag: string, file: string | undefined) => {
+    if (!file) return undefined;
+    try {
+      return fs.readFileSync(file, "utf8");
+    } catch (err) {
+      throw new Error(`${flag} ${file}: ${(err as Error).message}`);
+    }
+  };
+  if (!!opts.etcdCert !== !!opts.etcdKey) throw new Error("--etcd-cert and --etcd-key go together");
+  const ca = read("--etcd-cacert", opts.etcdCacert);
+  const cert = read("--etcd-cert", opts.etcdCert);
+  const key = read("--etcd-key", opts.etcdKey);
+  const tls = ca || cert ? { ...(ca ? { ca } : {}), ...(cert ? { cert, key } : {}) } : undefined;
+  let auth: EtcdNodeOptions["auth"];
+  if (opts.etcdUser) {
+    const password = process.env.NBDSTACK_ETCD_PASSWORD ?? read("--etcd-password-file", opts.etcdPasswordFile)?.split("\n")[0];
+    if (password === undefined) throw new Error("--etcd-user needs a password: $NBDSTACK_ETCD_PASSWORD or --etcd-password-file");
+    auth = { user: opts.etcdUser, password };
+  }
+  return { endpoints, prefix: opts.etcdPrefix, tls, auth };
 }

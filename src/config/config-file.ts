@@ -21,9 +21,16 @@ export interface ServeConfig {
   control?: string;
   nodeId?: string;
   io?: "auto" | "sync" | "async";
+  /** etcd client URLs (serve --etcd), and the keys of --etcd-prefix/-cacert/-cert/-key/-user. */
+  etcd?: string[];
+  etcdPrefix?: string;
+  etcdCacert?: string;
+  etcdCert?: string;
+  etcdKey?: string;
+  etcdUser?: string;
 }
 
-const TOP = ["exports", "listen", "socket", "control", "node-id", "io"];
+const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
 const EXPORT = ["name", "stack", "description", "read-only", "partitions"];
 
 function isMap(v: unknown): v is Record<string, unknown> {
@@ -85,6 +92,19 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
   if (doc.io !== undefined) {
     if (doc.io !== "auto" && doc.io !== "sync" && doc.io !== "async") throw new ConfigError("io", "expected auto, sync or async");
     cfg.io = doc.io;
+  }
+  if (doc.etcd !== undefined) cfg.etcd = typeof doc.etcd === "string" ? doc.etcd.split(",") : strings(doc.etcd, "etcd");
+  for (const [key, prop, isPath] of [
+    ["etcd-prefix", "etcdPrefix", false],
+    ["etcd-cacert", "etcdCacert", true],
+    ["etcd-cert", "etcdCert", true],
+    ["etcd-key", "etcdKey", true],
+    ["etcd-user", "etcdUser", false],
+  ] as const) {
+    const v = doc[key];
+    if (v === undefined) continue;
+    if (typeof v !== "string" || !v) throw new ConfigError(key, isPath ? "expected a file path" : "expected text");
+    cfg[prop] = isPath ? path.resolve(baseDir, v) : v;
   }
   return cfg;
 }

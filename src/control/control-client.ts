@@ -27,6 +27,15 @@ export interface NodeStatus {
   nbd: string;
   control: string;
   exports: ExportStatus[];
+  /** With --etcd: the whole cluster as etcd has it (or why it could not be read). */
+  cluster?: ClusterStatus | { error: string };
+}
+
+/** Every live node and every export's ownership record in etcd (see src/coord/etcd-node.ts). */
+export interface ClusterStatus {
+  etcd: { endpoints: string[]; prefix: string };
+  nodes: Array<{ nodeId: string; nbd: string; control: string; host: string; pid: number; started: number; alive: true }>;
+  exports: Array<{ name: string; owner: string; epoch: number; nbd: string; control: string; live: boolean; released: boolean; handedFrom?: string[] }>;
 }
 
 export class ControlError extends Error {

@@ -44,13 +44,22 @@ export class EtcdOwnership implements Ownership {
   readonly liveKey: string;
   private queue: Promise<unknown> = Promise.resolve();
 
+  /**
+   * `session`: the node process's session, or something that holds the current one (a node that
+   * lost its lease starts a new session; its records name the old one's lease, so they are not
+   * "mine" any more and the node must take or be handed the export again, at a new epoch).
+   */
   constructor(
-    readonly session: EtcdSession,
+    private readonly ref: EtcdSession | { readonly session: EtcdSession },
     readonly name: string,
   ) {
-    const base = `${session.prefix}/exports/${encodeURIComponent(name)}`;
+    const base = `${this.session.prefix}/exports/${encodeURIComponent(name)}`;
     this.recordKey = `${base}/record`;
     this.liveKey = `${base}/owner`;
+  }
+
+  get session(): EtcdSession {
+    return "session" in this.ref ? this.ref.session : this.ref;
   }
 
   get where(): string {
@@ -105,7 +114,10 @@ export class EtcdOwnership implements Ownership {
         if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describe(cur)} was released`, cur);
         if (cur.holder === this.session.leaseId) {
           if (st.live?.lease !== this.session.leaseId) throw new LeaseError(`lease lost: the liveness key of ${describe(cur)} is ${st.live ? `bound to lease ${st.live.lease}` : "gone"}`, cur);
-          return { done: cur };
+          if (cur.nbd === me.nbd && cur.control === me.control) return { done: cur };
+          // The addresses peers need, known only once the node listens: written once.
+          const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control };
+          return { write: { record }, result: record };
         }
         // The claim of a hand-over to this node.
         const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.session.wall(), serial: (cur.serial ?? 0) + 1, pid: this.session.pid, host: this.session.host, holder: this.session.leaseId };
@@ -214,14 +226,18 @@ export class EtcdOwnership implements Ownership {
 
   /**
    * Calls `onChange` with the record as read when the watch starts (so nothing between this call
-   * and the stream is missed), then with each new version of it (null: deleted), in order. After
-   * a compaction it reads again and goes on from there. Returns a function that stops it.
+   * and the stream is missed), then with each new version of it (null: deleted), in order, and
+   * with the record as it stands when the liveness key goes (its owner's lease ended or was
+   * released: nodes may take the export over now). After a compaction it reads again and goes on
+   * from there. Returns a function that stops it.
    */
   watch(onChange: (r: LeaseRecord | null) => void): () => void {
     let stopped = false;
     let w: Watcher | null = null;
+    let last: Buffer | null = null;
     const deliver = (value: Buffer | null) => {
       if (stopped) return;
+      last = value;
       let r: LeaseRecord | null;
       try {
         r = value === null ? null : parseRecord(value, this.recordKey);
@@ -230,16 +246,25 @@ export class EtcdOwnership implements Ownership {
       }
       onChange(r);
     };
+    const base = this.recordKey.slice(0, this.recordKey.lastIndexOf("/") + 1);
     const start = async (): Promise<void> => {
       for (let delay = 100; !stopped; delay = Math.min(delay * 2, 2000)) {
         try {
           const r = await this.session.client.get(this.recordKey);
           if (stopped) return;
           deliver(r.kvs[0]?.value ?? null);
-          w = this.session.client.watch(this.recordKey, {
+          w = this.session.client.watch(base, {
+            prefix: true,
             startRevision: r.header.revision + 1,
             onEvents: (events) => {
-              for (const e of events) deliver(e.type === "put" ? e.kv.value : null);
+              let recordAt = -1; // a change of the record and its liveness key in one transaction is told once
+              for (const e of events) {
+                const key = e.kv.key.toString();
+                if (key === this.recordKey) {
+                  recordAt = e.kv.modRevision;
+                  deliver(e.type === "put" ? e.kv.value : null);
+                } else if (key === this.liveKey && e.type === "delete" && e.kv.modRevision !== recordAt) deliver(last);
+              }
             },
             onCompacted: () => void start(),
             onError: () => void start(),

@@ -51,7 +51,7 @@ export interface MemberInfo {
  */
 export class EtcdSession {
   readonly client: EtcdClient;
-  readonly identity: NodeIdentity;
+  identity: NodeIdentity;
   readonly prefix: string;
   readonly leaseId: string;
   /** The TTL etcd granted, in seconds. */
@@ -62,6 +62,7 @@ export class EtcdSession {
   readonly wall: () => number;
   /** Why the lease was lost (or "closed"), once it was; null while it is kept. */
   lost: EtcdError | null = null;
+  private started: number | undefined;
   private readonly keeper: LeaseKeeper;
   /** The lease's end as known from renewals sent outside the keeper (`renewLease`). */
   private renewedUntil: number;
@@ -91,14 +92,21 @@ export class EtcdSession {
       await s.close();
       throw new RangeError(`margin ${s.marginMs} ms leaves nothing of a ${s.ttlSeconds} s lease`);
     }
-    const info: MemberInfo = { nodeId: s.identity.nodeId, nbd: s.identity.nbd, control: s.identity.control, leaseId: s.leaseId, pid: s.pid, host: s.host, started: s.wall() };
     try {
-      await o.client.put(s.memberKey(s.identity.nodeId), JSON.stringify(info), { lease: s.leaseId });
+      await s.publish(s.identity);
     } catch (err) {
       await s.close().catch(() => {});
       throw err;
     }
     return s;
+  }
+
+  /** Writes the membership key again with `identity`'s addresses (known once the node listens). */
+  async publish(identity: NodeIdentity): Promise<void> {
+    this.identity = { nodeId: this.identity.nodeId, nbd: identity.nbd, control: identity.control };
+    this.started ??= this.wall();
+    const info: MemberInfo = { nodeId: this.identity.nodeId, nbd: this.identity.nbd, control: this.identity.control, leaseId: this.leaseId, pid: this.pid, host: this.host, started: this.started };
+    await this.client.put(this.memberKey(this.identity.nodeId), JSON.stringify(info), { lease: this.leaseId });
   }
 
   /** The monotonic time (performance.now()) until which this process may act on its lease; -Infinity once lost or closed. */

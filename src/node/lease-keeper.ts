@@ -84,12 +84,25 @@ export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerA
 
 /** One tick of the renewal loop over every export of the node (exports in parallel, each once). */
 export async function renewAll(node: NodeContext, exports: Iterable<Managed>): Promise<void> {
-  await Promise.all(
-    [...exports].map((m) =>
-      // One export's trouble (an unreadable record) is no reason to stop the others' renewals.
-      renewOne(node, m).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "lease check failed")),
-    ),
-  );
+  await Promise.all([...exports].map((m) => checkNow(node, m)));
+}
+
+/** Checks under way, so that a pushed change and the loop's tick never check one export at once. */
+const checking = new WeakMap<Managed, Promise<void>>();
+
+/**
+ * Renews, fences or takes over `m` now (see renewOne): the loop's tick, or a change of the record
+ * that the store pushed. Joins a check already under way rather than running a second.
+ */
+export function checkNow(node: NodeContext, m: Managed): Promise<void> {
+  const running = checking.get(m);
+  if (running) return running;
+  // One export's trouble (an unreadable record) is no reason to stop the others' renewals.
+  const p = renewOne(node, m)
+    .catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "lease check failed"))
+    .finally(() => checking.delete(m));
+  checking.set(m, p);
+  return p;
 }
 
 /** Renews my lease of `m`, fences port A if it was lost, or takes the image over if its owner's expired. */

@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import type { LiveCopy, CopyMode } from "../migration/live-copy.js";
+import type { ClusterStatus } from "../control/control-client.js";
 import type { DirtyTracker } from "../stack/port/dirty-tracker.js";
 import type { LeaseRecord, NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
@@ -73,6 +74,8 @@ export interface StorageNodeOptions {
   io?: IoMode;
   /** How long an owner waits for a peer's answer to adopt before it takes the hand-over back (default 10 s). */
   adoptTimeoutMs?: number;
+  /** With etcd: the whole cluster's view, for status. */
+  cluster?: () => Promise<ClusterStatus>;
   /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
   peerTls?: RemotePortOptions["tls"];
 }

@@ -10,7 +10,7 @@ import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
-import { locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
+import { checkNow, locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
@@ -88,6 +88,14 @@ export class StorageNode {
     });
     m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
+    // A store that pushes changes (etcd): port B follows a new owner at once, and a node that may
+    // take the export (a hand-over to it, an owner whose lease ended) checks at once.
+    m.unwatch = lease.watch((r) => {
+      m.record = r ?? m.record;
+      if (!r || m.epoch !== null) return;
+      m.pair.ownerChanged(`${r.owner}@${r.epoch}`);
+      if (this.timer) void checkNow(this.context, m);
+    });
     return exp;
   }
 
@@ -134,12 +142,15 @@ export class StorageNode {
 
   /** What the node serves, with each export's record read afresh (one that cannot be read now shows as last seen). */
   async status(): Promise<NodeStatus> {
-    await Promise.all(
-      [...this.managed.values()].map(async (m) => {
-        m.record = (await m.lease.read().catch(() => undefined)) ?? m.record;
-      }),
-    );
-    return this.statusNow();
+    const [, cluster] = await Promise.all([
+      Promise.all(
+        [...this.managed.values()].map(async (m) => {
+          m.record = (await m.lease.read().catch(() => undefined)) ?? m.record;
+        }),
+      ),
+      this.opts.cluster?.().catch((err: Error) => ({ error: err.message })),
+    ]);
+    return { ...this.statusNow(), ...(cluster ? { cluster } : {}) };
   }
 
   /** status() with each record as last seen, without reading it. */

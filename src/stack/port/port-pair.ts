@@ -44,6 +44,12 @@ export interface PortPair {
   resource: Layer;
   /** Opens port B to `first` (a peer about to become the owner), later wherever the owner is. */
   openRemote(first?: OwnerAddress): Promise<Layer>;
+  /**
+   * The record now names `owner` (node@epoch), as a store that pushes changes told: port B,
+   * if its link reaches someone else, gives that link up and links to the owner now, rather than
+   * when a request next fails there.
+   */
+  ownerChanged(owner: string): void;
 }
 
 /**
@@ -55,12 +61,17 @@ export interface PortPair {
 export function buildPortPair(exportName: string, resource: Layer, offline: () => Promise<{ size: number; caps: Capabilities }>, owner: PortPairOwner, log: Logger): PortPair {
   const tracker = new DirtyTracker(resource);
   const portA: Layer = new FenceLayer(tracker, () => owner.mayWrite());
+  let latest: RemotePort | null = null;
   const openRemote = async (first?: OwnerAddress): Promise<Layer> => {
     // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells their clients.
     const onNewLink = () => redirector.ownerLost();
     const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink, requestTimeoutMs: owner.requestTimeoutMs });
+    latest = p;
     await p.open();
     return p;
+  };
+  const ownerChanged = (to: string): void => {
+    if (redirector.state === "REMOTE" && latest && latest.owner !== undefined && latest.owner !== to) latest.relink(`the record names ${to} now`);
   };
   const redirector = new PortRedirector(
     exportName,
@@ -75,5 +86,5 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
     owner.owned,
     log,
   );
-  return { redirector, tracker, resource, openRemote };
+  return { redirector, tracker, resource, openRemote, ownerChanged };
 }

@@ -175,13 +175,20 @@ export class RemotePort implements Layer {
    * Gives up the current link (its owner stopped, or stopped answering): requests on it are sent
    * again on a new link, to wherever the owner is now (this node, if it took the resource over).
    */
-  dropLink(reason: string): void {
+  dropLink(reason: string, level: "warn" | "info" = "warn"): void {
     const c = this.client;
     if (!c) return;
-    this.opts.log?.warn({ owner: this.where, inflight: this.inflight, reason }, "port B: giving up the link to the owner");
+    this.opts.log?.[level]({ owner: this.where, inflight: this.inflight, reason }, "port B: giving up the link to the owner");
     this.client = null;
     this.lastProgress = performance.now();
     c.destroy();
+  }
+
+  /** Gives the current link up (see dropLink) and links again at once, to wherever the owner is now. */
+  relink(reason: string): void {
+    if (this.closed || !this.client) return;
+    this.dropLink(reason, "info");
+    this.connection().catch(() => undefined); // requests find the link, or retry, as after any drop
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,98 @@
+import { execFile } from "node:child_process";
+import path from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
+import { NbdClient } from "../../src/client/nbd-client.js";
+import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil } from "../helpers/migration.js";
+import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
+import { needTools } from "../helpers/tools.js";
+import { needEtcd, startLocalCluster } from "../cluster/etcd.mjs";
+
+const run = promisify(execFile);
+const MiB = 1024 * 1024;
+const hasEtcd = needEtcd();
+
+/**
+ * Three nodes on one machine (one image they all see) coordinated by a real 3-member etcd
+ * cluster (serve --etcd): the cluster view from any node, moves under fio with crc32c
+ * verification, port B following the owner the moment etcd says it changed, and a killed owner
+ * replaced automatically. The same across network namespaces is test/cluster/.
+ */
+describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by etcd (serve --etcd)", () => {
+  let etcd: Awaited<ReturnType<typeof startLocalCluster>>;
+  let nodes: Record<string, Served> = {};
+  let img: string;
+  const args = (id: string) => [img, "--name", "disk", "--node-id", id, "--etcd", etcd.endpoints.join(","), "--etcd-prefix", "/t1", "--lease-ttl", "2s", "--control", "127.0.0.1:0"];
+  beforeAll(async () => {
+    const dir = tempDir();
+    etcd = await startLocalCluster({ size: 3, dir });
+    img = blankImage(path.join(dir, "disk.img"), 32 * MiB);
+    for (const id of ["a", "b", "c"]) nodes[id] = await serve(args(id), 2);
+  }, 60_000);
+  afterAll(async () => {
+    await Promise.all(Object.values(nodes).map((n) => n.stop("SIGKILL")));
+    nodes = {};
+    await etcd?.stop();
+  });
+  const url = (id: string) => controlUrl(nodes[id]!);
+
+  it("every node shows the whole cluster; nbdinfo names the owner and epoch", async () => {
+    const s = await getStatus(url("c"));
+    const cluster = s.cluster as ClusterStatus;
+    expect(cluster.nodes.map((n) => n.nodeId)).toEqual(["a", "b", "c"]);
+    expect(cluster.nodes.find((n) => n.nodeId === "a")!.nbd).toBe(nodes.a!.uris[0]!.replace(/^nbd:\/\/|\/disk$/g, ""));
+    expect(cluster.exports).toEqual([expect.objectContaining({ name: "disk", owner: "a", epoch: 1, live: true, released: false })]);
+    const { stdout } = await run("nbdinfo", ["--json", nodes.b!.uris[0]!]);
+    expect(JSON.parse(stdout).exports[0].description).toMatch(/redirector\(REMOTE\).*\[owner=a epoch=1 at 127\.0\.0\.1:\d+, through port B\]/);
+    const text = await run(process.execPath, [CLI, "status", url("b")]);
+    expect(text.stdout).toMatch(/cluster \(etcd .* \/t1\): 3 live nodes/);
+    expect(text.stdout).toMatch(/^disk\s+a\s+1\s+yes/m);
+  });
+
+  it("moves a → b → c → a three times under fio through c: no error, and port B relinks when etcd says so", async () => {
+    const load = fioLoad(nodes.c!.uris[0]!, { size: "8m" });
+    await new Promise((r) => setTimeout(r, 500));
+    let epoch = 1;
+    for (let i = 0; i < 3; i++)
+      for (const [from, to] of [["a", "b"], ["b", "c"], ["c", "a"]] as const) {
+        const r = await controlCall<{ epoch: number }>(url(from), "POST", "v1/exports/disk/migrate", { to: url(to) }, 30_000);
+        expect(r.epoch).toBe(++epoch);
+        // The new owner drains what it forwarded before it serves alone (a migrate before that gets 409).
+        await pollUntil(`${to} serves through port A`, async () => (await exportStatus(url(to), "disk"))?.state === "LOCAL");
+      }
+    await new Promise((r) => setTimeout(r, 500));
+    const f = await load.stop();
+    expect(fioOutcome(f)).toMatchObject({ exit: "stopped", error: 0 });
+    expect(f.job.write.io_bytes).toBeGreaterThan(0);
+    // The non-owner b was told by etcd's watch, not by a failed request.
+    expect(logLines(nodes.b!.stderr(), "port B: giving up the link to the owner").some((l) => /the record names/.test(String(l.reason)))).toBe(true);
+    const cluster = (await getStatus(url("b"))).cluster as ClusterStatus;
+    expect(cluster.exports[0]).toMatchObject({ owner: "a", epoch: 10, live: true });
+  }, 120_000);
+
+  it("a killed owner is replaced once its etcd lease ends; a client of a surviving node sees a stall, not an error", async () => {
+    const cl = await NbdClient.connect(nbdAddress(nodes.b!.uris[0]!), { exportName: "disk" });
+    try {
+      await cl.pwrite(Buffer.alloc(4096, 0x71), 0);
+      await cl.flush();
+      const t0 = performance.now();
+      await nodes.a!.stop("SIGKILL");
+      // Written while no one owns the export: it waits, and lands on the new owner.
+      await cl.pwrite(Buffer.alloc(4096, 0x72), MiB);
+      const stall = performance.now() - t0;
+      expect((await cl.pread(4096, MiB)).equals(Buffer.alloc(4096, 0x72))).toBe(true);
+      expect((await cl.pread(4096, 0)).equals(Buffer.alloc(4096, 0x71))).toBe(true);
+      await pollUntil("b or c owns the export", async () => ((await getStatus(url("b"))).cluster as ClusterStatus).exports[0]?.epoch === 11);
+      const cluster = (await getStatus(url("b"))).cluster as ClusterStatus;
+      expect(cluster.nodes.map((n) => n.nodeId)).toEqual(["b", "c"]);
+      expect(["b", "c"]).toContain(cluster.exports[0]!.owner);
+      // The lease is 2 s (etcd's least); the owner's end is seen within a second of it.
+      expect(stall).toBeLessThan(2000 + 1500);
+      const took = [...logLines(nodes.b!.stderr(), "lease of the owner expired: taking the image over"), ...logLines(nodes.c!.stderr(), "lease of the owner expired: taking the image over")];
+      expect(took).toHaveLength(1);
+    } finally {
+      cl.destroy();
+    }
+  }, 60_000);
+});
