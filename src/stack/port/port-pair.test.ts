@@ -56,7 +56,9 @@ class Freezable extends PassthroughLayer {
 async function start(requestTimeoutMs?: number, ownerName?: string, resource: Layer = new MemoryPort({ size: 8 * MiB })) {
   const device = new MemoryPort({ size: 8 * MiB });
   const owner = new Freezable(device);
-  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+  /** What the owner's export calls itself (NBD_INFO_DESCRIPTION): its owner label, when set. */
+  const label = { text: "" };
+  const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner), () => label.text)], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
   await server.start();
   const target = server.addresses()[0] as { host: string; port: number };
   const links = new Set<net.Socket>();
@@ -96,7 +98,7 @@ async function start(requestTimeoutMs?: number, ownerName?: string, resource: La
     for (const s of links) s.pause();
     links.clear();
   };
-  return { r, cut, freezeLinks, owner, here, device, who, lease };
+  return { r, cut, freezeLinks, owner, here, device, who, lease, label };
 }
 
 /** The Io of requests from one client connection. */
@@ -298,4 +300,35 @@ describe("port pair: a node that loses the resource while it adopts fails nothin
     await r.pread(back, 4096, x);
     expect(back.equals(block(9))).toBe(true);
   }, 10_000);
+});
+
+/**
+ * Nemesis seed 11 (finding 22): port B linked to a node while it did not own the resource (its
+ * description said so), and the node took the resource over while the link stood. Writes were
+ * then acknowledged by the new owner on a link named after the stale record (a@1), and when that
+ * owner handed on, the relink counted them as lost: the client's FLUSH failed. Port B now sends
+ * nothing on a link to a node that does not say it is the owner; it asks again until one does.
+ */
+describe("port B talks only to a node that names itself owner", () => {
+  it("waits while the node it reaches does not own the resource, and names the link after the owner that then answers", async () => {
+    const { r, cut, who, label } = await start(undefined, "a@1");
+    label.text = "[owner=a epoch=1]";
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    await r.flush(x);
+    // The link goes; the node it reaches now says someone else owns the resource (the record is stale).
+    label.text = "[owner=a epoch=1 at 127.0.0.1:1, through port B]";
+    cut();
+    let acked = false;
+    const w2 = r.pwrite(block(2), 4096, x).then(() => (acked = true));
+    await new Promise((res) => setTimeout(res, 100));
+    expect(acked).toBe(false); // nothing is sent to a node that does not own the resource
+    label.text = "[owner=b epoch=2]"; // that node took the resource over
+    await w2;
+    expect(who.owner).toBe("a@1"); // the record this node reads still says a@1
+    // b hands the resource on to c: what b acknowledged, b flushed first.
+    label.text = "[owner=c epoch=3; handed from b@2]";
+    cut();
+    await r.flush(x); // failed with EIO: the link had been named a@1
+  });
 });

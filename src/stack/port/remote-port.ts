@@ -96,7 +96,7 @@ function isLinkError(err: unknown): boolean {
   if (err instanceof ProtocolError) return true;
   if (err instanceof NbdError) return err.errno === "ESHUTDOWN";
   const code = (err as { code?: string } | null)?.code;
-  return typeof code === "string" && /^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOENT|EHOSTUNREACH)$/.test(code);
+  return typeof code === "string" && /^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOENT|EHOSTUNREACH|ENOTOWNER)$/.test(code);
 }
 
 /**
@@ -236,6 +236,14 @@ export class RemotePort implements Layer {
       this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
       // Whom the link reaches, and whom it vouches for: the owner says so itself; the record is the fallback.
       const said = ownerInDescription(c.description);
+      // A node that says it does not own the resource gets no request: it would refuse it, or —
+      // taking the resource over while this link stands — answer under a name this link never
+      // learnt. Asked again (the retry loop's backoff) until the node reached owns it. A peer about
+      // to become the owner (`first`, a hand-over) is named by the hand-over itself.
+      if (!said && !first && ownerHintInDescription(c.description)) {
+        c.destroy();
+        throw Object.assign(new Error(`${this.where} does not own ${this.opts.exportName} (yet)`), { code: "ENOTOWNER" });
+      }
       const owner = said?.owner ?? addr.owner;
       const vouched = said ? said.handedFrom : addr.handedFrom;
       const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
@@ -282,7 +290,8 @@ export class RemotePort implements Layer {
       } catch (err) {
         if (!isLinkError(err)) throw err;
         this.opts.log?.debug({ err: (err as Error).message }, "port B: owner unreachable; retrying");
-        await new Promise((r) => setTimeout(r, delay));
+        // A node about to own the resource (adopting) does so within milliseconds: ask it again soon.
+        await new Promise((r) => setTimeout(r, (err as { code?: string }).code === "ENOTOWNER" ? Math.min(delay, 40) : delay));
         continue;
       }
       try {
