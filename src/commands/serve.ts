@@ -34,6 +34,8 @@ export interface ServeOptions extends TlsFlags {
   io: IoMode;
   maxInflight: number;
   maxInflightBytes: string;
+  /** Absent: the config file's max-memory, else DEFAULT_MAX_MEMORY. */
+  maxMemory?: string;
   maxConnections: number;
   maxConnectionsPerClient: number;
   handshakeTimeout: string;
@@ -73,6 +75,13 @@ async function demoCopy(): Promise<{ file: string; dir: string }> {
   const file = path.join(dir, "demo.img");
   await pipeline(fs.createReadStream(DEMO_FIXTURE), zlib.createGunzip(), fs.createWriteStream(file));
   return { file, dir };
+}
+
+/** A size that must be above zero (memory budgets, caps). */
+function positiveSize(text: string, what: string): number {
+  const n = parseSize(text);
+  if (n <= 0) throw new Error(`${what} must be above zero (got "${text}")`);
+  return n;
 }
 
 /** Parses "500ms", "10s", "2m" or a number of milliseconds. */
@@ -115,6 +124,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     opts.control ??= config.control;
     opts.nodeId ??= config.nodeId;
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
+    opts.maxMemory ??= config.maxMemory;
   }
   if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
   if (images.length === 0 && !opts.demo && !config && !opts.dataDir) throw new Error("nothing to serve: give image files, memory:SIZE, --config FILE, --data-dir or --demo");
@@ -192,6 +202,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     },
     maxConnections: opts.maxConnections,
     maxConnectionsPerClient: opts.maxConnectionsPerClient,
+    maxMemory: opts.maxMemory === undefined ? undefined : positiveSize(opts.maxMemory, "--max-memory"),
   });
   const cleanup = () => {
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });

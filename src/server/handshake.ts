@@ -17,6 +17,7 @@ import {
 import type { Export } from "../stack/export.js";
 import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
 import { exportOfPeerName, sessionOfPeerName } from "../internal-exports.js";
+import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 
 /** Options longer than this close the connection (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
@@ -50,20 +51,48 @@ export interface HandshakeTls {
   options: ServerSocketOptions;
 }
 
-/** Pulls exact byte counts out of a socket during the (cold) handshake. */
+/** Bytes a client may send ahead of what the handshake is reading (the socket is paused beyond). */
+const READ_AHEAD = 16 * 1024;
+/** Bytes a handshake may hold without regard to the memory budget (every real client's options fit). */
+const SMALL_HANDSHAKE = 4 * 1024;
+/** Option replies queued for a client that does not read them before no further option is read. */
+const MAX_QUEUED_REPLIES = 64 * 1024;
+
+/** The socket whose reading a ByteReader regulates. */
+interface Flow {
+  pause(): void;
+  resume(): void;
+}
+
+/**
+ * Pulls exact byte counts out of a socket during the (cold) handshake. What it holds counts
+ * against the memory budget; it stops reading the socket when the client sends far ahead of
+ * what is being read, or holds more than a few KiB while the budget is exhausted.
+ */
 class ByteReader {
-  private buf: Buffer = Buffer.alloc(0);
+  private chunks: Buffer[] = [];
+  private size = 0;
   private want = 0;
   private resolve: ((b: Buffer) => void) | null = null;
   private reject: ((e: Error) => void) | null = null;
   private failed: Error | null = null;
+  private paused = false;
+  private waiter: BudgetWaiter | null = null;
+  /** Where the reading is regulated: the plain socket, then the TLS socket. */
+  flow: Flow | null = null;
+
+  constructor(private readonly budget: MemoryBudget | null) {}
 
   push(chunk: Buffer): void {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    if (this.failed) return;
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    this.budget?.force(chunk.length);
     this.wake();
+    this.regulate();
   }
   fail(err: Error): void {
-    this.failed = err;
+    this.failed ??= err;
     const r = this.reject;
     this.resolve = this.reject = null;
     r?.(err);
@@ -75,20 +104,69 @@ class ByteReader {
       this.resolve = resolve;
       this.reject = reject;
       this.wake();
+      this.regulate();
     });
   }
+  /** Everything received and not read yet; it no longer counts here (the caller counts it). */
   rest(): Buffer {
-    const b = this.buf;
-    this.buf = Buffer.alloc(0);
-    return b;
+    return this.take(this.size);
+  }
+  /** Throws what failed the reader (the client's end, a socket error), if anything did. */
+  check(): void {
+    if (this.failed) throw this.failed;
+  }
+  /** Gives back what is held, and leaves the socket flowing (the handshake is over, one way or another). */
+  close(): void {
+    this.take(this.size);
+    if (this.waiter) this.budget?.cancel(this.waiter);
+    this.waiter = null;
+    this.failed ??= new ProtocolError("handshake over");
+    if (this.paused) {
+      this.paused = false;
+      this.flow?.resume();
+    }
+  }
+  private take(n: number): Buffer {
+    let out: Buffer;
+    const first = this.chunks[0];
+    if (n === 0) out = Buffer.alloc(0);
+    else if (first && first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      const all = Buffer.concat(this.chunks);
+      out = all.subarray(0, n);
+      this.chunks = all.length > n ? [all.subarray(n)] : [];
+    }
+    this.size -= n;
+    this.budget?.give(n);
+    return out;
   }
   private wake(): void {
-    if (!this.resolve || this.buf.length < this.want) return;
-    const out = this.buf.subarray(0, this.want);
-    this.buf = this.buf.subarray(this.want);
+    if (!this.resolve || this.size < this.want) return;
+    const out = this.take(this.want);
+    this.want = 0;
     const r = this.resolve;
     this.resolve = this.reject = null;
     r(out);
+  }
+  /** Pauses the socket while the client is far ahead, or holds more than a little while memory is short. */
+  regulate(): void {
+    if (!this.flow || this.failed) return;
+    const ahead = this.size > this.want + READ_AHEAD;
+    const short = this.size > SMALL_HANDSHAKE && this.budget !== null && this.budget.exhausted;
+    if (short && !this.waiter) {
+      this.waiter = this.budget!.wait(0, () => {
+        this.waiter = null;
+        queueMicrotask(() => this.regulate());
+      });
+    }
+    if ((ahead || short) !== this.paused) {
+      this.paused = ahead || short;
+      if (this.paused) this.flow.pause();
+      else this.flow.resume();
+    }
   }
 }
 
@@ -106,8 +184,10 @@ export async function negotiate(
   log: Logger,
   tlsConfig: HandshakeTls | null = null,
   onUpgrade?: (s: tls.TLSSocket) => void,
+  budget: MemoryBudget | null = null,
 ): Promise<Negotiated | null> {
-  const reader = new ByteReader();
+  const reader = new ByteReader(budget);
+  reader.flow = socket;
   let current = socket;
   const onData = (c: Buffer) => reader.push(c);
   const onEnd = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
@@ -142,6 +222,7 @@ export async function negotiate(
     };
     const t = new tls.TLSSocket(socket, (psk ? { ...options, pskCallback: withPsk } : options) as tls.TLSSocketOptions);
     current = t;
+    reader.flow = t;
     attach(t);
     onUpgrade?.(t);
     await new Promise<void>((resolve, reject) => {
@@ -168,11 +249,41 @@ export async function negotiate(
     log.info({ protocol: t.getProtocol(), cipher: t.getCipher()?.name, client }, "TLS established");
     return t;
   };
+  // Option replies count against the budget until the socket has taken them.
+  let queued = 0;
+  const write = (s: Socket, b: Buffer) => {
+    if (s.destroyed) return;
+    budget?.force(b.length);
+    queued += b.length;
+    s.write(b, () => {
+      if (queued === 0) return; // given back at the end already
+      queued -= b.length;
+      budget?.give(b.length);
+    });
+  };
   try {
-    return await run(socket, reader, exports, log, tlsConfig, startTls);
+    return await run(socket, reader, exports, log, tlsConfig, startTls, write);
   } finally {
     detach(current);
+    reader.close();
+    // Replies still queued now are the socket's business (or it is gone): given back at once.
+    budget?.give(queued);
+    queued = 0;
   }
+}
+
+/** Resolves once `s` has taken its queued replies down to MAX_QUEUED_REPLIES, or fails with `reader`. */
+function drained(s: Socket, reader: ByteReader): Promise<void> {
+  if (s.writableLength <= MAX_QUEUED_REPLIES) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      s.off("drain", done);
+      s.off("close", done);
+      resolve();
+    };
+    s.on("drain", done);
+    s.on("close", done);
+  }).then(() => reader.check());
 }
 
 async function run(
@@ -182,12 +293,13 @@ async function run(
   log: Logger,
   tlsConfig: HandshakeTls | null,
   startTls: () => Promise<Socket>,
+  write: (s: Socket, b: Buffer) => void,
 ): Promise<Negotiated | null> {
   const greeting = Buffer.alloc(18);
   greeting.writeBigUInt64BE(NBD_MAGIC, 0);
   greeting.writeBigUInt64BE(NBD_IHAVEOPT, 8);
   greeting.writeUInt16BE(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES, 16);
-  socket.write(greeting);
+  write(socket, greeting);
 
   const clientFlags = (await reader.read(4)).readUInt32BE(0);
   const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
@@ -208,7 +320,7 @@ async function run(
     h.writeUInt32BE(opt, 8);
     h.writeUInt32BE(type, 12);
     h.writeUInt32BE(data.length, 16);
-    sock.write(data.length ? Buffer.concat([h, data]) : h);
+    write(sock, data.length ? Buffer.concat([h, data]) : h);
   };
   const replyError = (opt: number, type: number, message: string) => {
     log.debug({ opt, message }, "option refused");
@@ -216,6 +328,8 @@ async function run(
   };
 
   for (;;) {
+    // A client that sends options without reading the replies gets no more read until it does.
+    await drained(sock, reader);
     const head = await reader.read(16);
     const magic = head.readBigUInt64BE(0);
     if (magic !== NBD_IHAVEOPT) throw new ProtocolError(`bad option magic 0x${magic.toString(16)}`);
@@ -263,7 +377,7 @@ async function run(
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(exp.size()), 0);
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
-        sock.write(out);
+        write(sock, out);
         const allocation = allocationSelected && metaExport === exp.name;
         return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
       }

@@ -7,6 +7,7 @@ import type { ExportDirectory, HandshakeTls } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { exportOfPeerName, isInternalExport } from "../internal-exports.js";
 import type { Metrics } from "../metrics/metrics.js";
+import { MemoryBudget } from "./memory-budget.js";
 
 export interface TcpAddress {
   host: string;
@@ -31,7 +32,15 @@ export interface ServerOptions {
   metrics?: Metrics;
   /** NBD_OPT_STARTTLS offered ("on") or required ("require"); absent: TLS off (NBD_REP_ERR_POLICY). */
   tls?: HandshakeTls | null;
+  /**
+   * The process-wide memory budget, in bytes, for what clients make the server hold: request
+   * payloads in flight, replies not yet taken by slow readers, handshake bytes (see memory-budget.ts).
+   */
+  maxMemory?: number;
 }
+
+/** Default of --max-memory: with Node.js's own ~65 MiB, the server stays near 128 MiB under attack. */
+export const DEFAULT_MAX_MEMORY = 32 * 1024 * 1024;
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
@@ -48,12 +57,16 @@ export class NbdServer implements ExportDirectory {
   private readonly perClient = new Map<string, number>();
   private readonly limits: ConnectionLimits;
   private readonly maxPayload: number;
+  /** Shared by every connection. */
+  readonly memoryBudget: MemoryBudget;
   private nextId = 1;
   private closing: Promise<void> | null = null;
 
   constructor(private readonly opts: ServerOptions) {
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    this.memoryBudget = new MemoryBudget(opts.maxMemory ?? DEFAULT_MAX_MEMORY);
+    opts.metrics?.memoryBudget(() => this.memoryBudget.stats());
     const names = new Set<string>();
     for (const e of opts.exports) {
       if (names.has(e.name)) throw new Error(`two exports are named "${e.name}"`);
@@ -145,7 +158,7 @@ export class NbdServer implements ExportDirectory {
     this.perClient.set(client, fromClient + 1);
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
-    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
+    const conn = new Connection(socket, this, log, this.limits, this.memoryBudget, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
     this.opts.metrics?.connections.inc();
     this.connections.add(conn);
     void conn.closed.then(() => {

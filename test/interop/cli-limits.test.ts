@@ -131,6 +131,64 @@ describe("connection limits", () => {
   });
 });
 
+describe("the process-wide memory budget (--max-memory)", () => {
+  it("admits only what fits in --max-memory across all connections, pauses the rest, and serves them all once memory is given back", async () => {
+    const tokenFile = path.join(tempDir(), "token");
+    const srv = await serve(["memory:64M", "--fault", "--max-memory", "4M", "--token-file", tokenFile, "--log-level", "trace"], 2);
+    try {
+      const addr = addrOf(srv.uri);
+      await fault(srv, tokenFile, "--add", "op=pwrite,stall");
+      // 4 connections, 4 writes of 1 MiB each: 16 MiB, well inside each connection's own caps.
+      const clients = await Promise.all(Array.from({ length: 4 }, () => NbdClient.connect(addr, { exportName: "memory" })));
+      const data = (c: number, i: number) => Buffer.alloc(MiB, c * 4 + i + 1);
+      const writes = clients.flatMap((c, ci) => Array.from({ length: 4 }, (_, i) => c.pwrite(data(ci, i), (ci * 4 + i) * MiB)));
+      // Each write also costs a little besides its payload: 3 of them fit in 4 MiB, not 4.
+      await until(async () => (await stalledCount(srv)) === 3, "3 writes to stall");
+      await new Promise((r) => setTimeout(r, 300));
+      expect(await stalledCount(srv)).toBe(3); // no more came in
+      await waitForLog(srv.stderr, (l) => l.msg === "pausing the socket" && l.cap === "memory", "a connection paused for memory");
+      // Released wave after wave, every write gets in and is answered.
+      let done = 0;
+      for (const w of writes) void w.then(() => done++);
+      await until(async () => {
+        await release(srv, tokenFile);
+        return done === 16;
+      }, "every write to be answered");
+      for (let ci = 0; ci < 4; ci++) for (let i = 0; i < 4; i++) expect((await clients[ci]!.pread(MiB, (ci * 4 + i) * MiB)).equals(data(ci, i))).toBe(true);
+      const m = await (await fetch(`${controlUrl(srv)}/metrics`)).text();
+      const metric = (name: string) => Number(m.split("\n").find((l) => l.startsWith(`${name} `))?.split(" ")[1]);
+      expect(metric("nbdstack_memory_budget_limit_bytes")).toBe(4 * MiB);
+      expect(metric("nbdstack_memory_budget_peak_bytes")).toBeLessThanOrEqual(4 * MiB + 4 * 256 * 1024);
+      expect(metric("nbdstack_memory_budget_waits_total")).toBeGreaterThan(0);
+      await Promise.all(clients.map((c) => c.disconnect()));
+    } finally {
+      await fault(srv, tokenFile, "--clear").catch(() => undefined);
+      await srv.stop();
+    }
+  });
+
+  it("takes max-memory from the config file, refuses a bad value, and the flag wins", async () => {
+    const dir = tempDir();
+    const cfg = path.join(dir, "c.yaml");
+    fs.writeFileSync(cfg, "max-memory: 3M\nexports:\n  - name: memory\n    stack: memory:1M\n");
+    const tokenFile = path.join(dir, "token");
+    const limit = async (args: string[]) => {
+      const srv = await serve(["--config", cfg, "--control", "127.0.0.1:0", "--token-file", tokenFile, ...args], 2);
+      try {
+        const m = await (await fetch(`${controlUrl(srv)}/metrics`)).text();
+        return Number(m.split("\n").find((l) => l.startsWith("nbdstack_memory_budget_limit_bytes "))?.split(" ")[1]);
+      } finally {
+        await srv.stop();
+      }
+    };
+    expect(await limit([])).toBe(3 * MiB);
+    expect(await limit(["--max-memory", "5M"])).toBe(5 * MiB);
+    fs.writeFileSync(cfg, "max-memory: lots\nexports:\n  - name: memory\n    stack: memory:1M\n");
+    await expect(run(process.execPath, [CLI, "serve", "--config", cfg], { encoding: "utf8" })).rejects.toMatchObject({ stderr: expect.stringMatching(/max-memory: expected a size/) });
+    await expect(run(process.execPath, [CLI, "serve", "memory:1M", "--max-memory", "0"], { encoding: "utf8" })).rejects.toMatchObject({ stderr: expect.stringMatching(/--max-memory must be above zero/) });
+  });
+});
+
 describe("per-connection caps", () => {
   /**
    * Each write stalls in the fault layer until released, so what the server took off the socket is
