@@ -19,8 +19,22 @@ import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js"
 import { exportOfPeerName, sessionOfPeerName } from "../internal-exports.js";
 import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 
-/** Options longer than this close the connection (no option we know is near it). */
+/** Options longer than this are skipped unread and refused (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
+/** Options longer than this close the connection, as qemu-nbd does (2^25, the spec's "not a denial of service" bound). */
+export const MAX_SKIPPED_OPTION = 32 * 1024 * 1024;
+/** Options this server implements (others get NBD_REP_ERR_UNSUP). */
+const KNOWN_OPTIONS: ReadonlySet<number> = new Set([
+  Opt.NBD_OPT_EXPORT_NAME,
+  Opt.NBD_OPT_ABORT,
+  Opt.NBD_OPT_LIST,
+  Opt.NBD_OPT_STARTTLS,
+  Opt.NBD_OPT_INFO,
+  Opt.NBD_OPT_GO,
+  Opt.NBD_OPT_STRUCTURED_REPLY,
+  Opt.NBD_OPT_LIST_META_CONTEXT,
+  Opt.NBD_OPT_SET_META_CONTEXT,
+]);
 /** Meta context id of base:allocation on every connection. */
 export const BASE_ALLOCATION_ID = 1;
 
@@ -73,6 +87,8 @@ class ByteReader {
   private chunks: Buffer[] = [];
   private size = 0;
   private want = 0;
+  /** Bytes still to be dropped as they arrive (see skip). */
+  private skipping = 0;
   private resolve: ((b: Buffer) => void) | null = null;
   private reject: ((e: Error) => void) | null = null;
   private failed: Error | null = null;
@@ -85,6 +101,13 @@ class ByteReader {
 
   push(chunk: Buffer): void {
     if (this.failed) return;
+    if (this.skipping > 0) {
+      const n = Math.min(this.skipping, chunk.length);
+      this.skipping -= n;
+      chunk = chunk.subarray(n);
+      if (this.skipping === 0) this.wake();
+      if (chunk.length === 0) return;
+    }
     this.chunks.push(chunk);
     this.size += chunk.length;
     this.budget?.force(chunk.length);
@@ -106,6 +129,13 @@ class ByteReader {
       this.wake();
       this.regulate();
     });
+  }
+  /** Drops the next `n` bytes without holding them. */
+  skip(n: number): Promise<void> {
+    const now = Math.min(n, this.size);
+    this.take(now);
+    this.skipping = n - now;
+    return this.read(0).then(() => undefined);
   }
   /** Everything received and not read yet; it no longer counts here (the caller counts it). */
   rest(): Buffer {
@@ -144,7 +174,7 @@ class ByteReader {
     return out;
   }
   private wake(): void {
-    if (!this.resolve || this.size < this.want) return;
+    if (!this.resolve || this.skipping > 0 || this.size < this.want) return;
     const out = this.take(this.want);
     this.want = 0;
     const r = this.resolve;
@@ -304,7 +334,9 @@ async function run(
   const clientFlags = (await reader.read(4)).readUInt32BE(0);
   const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
   if (clientFlags & ~known) throw new ProtocolError(`unknown client flags 0x${clientFlags.toString(16)}`);
-  if (!(clientFlags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE)) throw new ProtocolError("client does not speak fixed newstyle");
+  // A client without FIXED_NEWSTYLE speaks plain newstyle: NBD_OPT_EXPORT_NAME is all it may send
+  // (and it could not read an option reply), as qemu-nbd and nbdkit serve it.
+  const fixed = (clientFlags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
   const noZeroes = (clientFlags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0;
 
   let structured = false;
@@ -335,7 +367,22 @@ async function run(
     if (magic !== NBD_IHAVEOPT) throw new ProtocolError(`bad option magic 0x${magic.toString(16)}`);
     const opt = head.readUInt32BE(8);
     const len = head.readUInt32BE(12);
-    if (len > MAX_OPTION_LENGTH) throw new ProtocolError(`option ${opt} has length ${len}, over the limit of ${MAX_OPTION_LENGTH}`);
+    if (!fixed && opt !== Opt.NBD_OPT_EXPORT_NAME) throw new ProtocolError(`option ${opt} from a client without fixed newstyle (it can only send NBD_OPT_EXPORT_NAME)`);
+    if (len > MAX_SKIPPED_OPTION) throw new ProtocolError(`option ${opt} has length ${len}, over the limit of ${MAX_SKIPPED_OPTION}`);
+    if (len > MAX_OPTION_LENGTH) {
+      // No option we know is this long: its data is dropped as it comes, never held, and it is refused.
+      if (opt === Opt.NBD_OPT_EXPORT_NAME) throw new ProtocolError(`NBD_OPT_EXPORT_NAME of ${len} bytes (names are at most ${NBD_MAX_STRING}), which has no error reply`);
+      await reader.skip(len);
+      log.debug({ opt, len }, "option over 64 KiB skipped");
+      if (opt === Opt.NBD_OPT_SET_META_CONTEXT) {
+        allocationSelected = false; // a failed SET_META_CONTEXT clears the selection too
+        metaExport = null;
+      }
+      if (requireTls && !secured && opt !== Opt.NBD_OPT_STARTTLS && opt !== Opt.NBD_OPT_ABORT) replyError(opt, Rep.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+      else if (KNOWN_OPTIONS.has(opt)) replyError(opt, Rep.NBD_REP_ERR_TOO_BIG, `option ${opt} of ${len} bytes is over the limit of ${MAX_OPTION_LENGTH}`);
+      else replyError(opt, Rep.NBD_REP_ERR_UNSUP, `option ${opt} is not supported`);
+      continue;
+    }
     const data = len ? await reader.read(len) : Buffer.alloc(0);
     log.trace({ opt, len }, "option");
 

@@ -425,6 +425,65 @@ describe("NbdServer against the memory port", () => {
     await t.closed;
   });
 
+  it("serves a client without the fixed-newstyle flag through NBD_OPT_EXPORT_NAME, and closes it on any other option", async () => {
+    const log = captureLog();
+    const { addr } = await start({ log: log.logger });
+    // Plain newstyle (flags 0): the reply to NBD_OPT_EXPORT_NAME carries the 124 zero bytes.
+    const a = await rawConnect(addr);
+    a.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 0]), optionFrame(1, Buffer.from("mem")), rawHeader(Cmd.NBD_CMD_READ, 0, 7, 0, 512)]));
+    const got = await a.bytes(18 + 134 + 16 + 512);
+    expect(got.readBigUInt64BE(18)).toBe(BigInt(16 * MiB));
+    expect(got.subarray(18 + 10, 18 + 134).equals(Buffer.alloc(124))).toBe(true);
+    expect([got.readUInt32BE(152), got.readUInt32BE(156), got.readUInt32BE(164)]).toEqual([0x67446698, 0, 7]); // a simple reply to the read
+    a.socket.destroy();
+    // NO_ZEROES alone is honoured too.
+    const b = await rawConnect(addr);
+    b.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 2]), optionFrame(1, Buffer.from("mem")), rawHeader(Cmd.NBD_CMD_FLUSH, 0, 8, 0, 0)]));
+    const gotB = await b.bytes(18 + 10 + 16);
+    expect(gotB.readUInt32BE(28)).toBe(0x67446698);
+    b.socket.destroy();
+    // Any other option: such a client cannot read option replies, so the connection is closed.
+    const c = await rawConnect(addr);
+    c.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 0]), optionFrame(3, Buffer.alloc(0))]));
+    await c.closed;
+    expect(c.received()).toHaveLength(18);
+    const line = await log.waitFor((l) => l.msg === "closing connection: handshake failed");
+    expect(line.reason).toBe("option 3 from a client without fixed newstyle (it can only send NBD_OPT_EXPORT_NAME)");
+  });
+
+  it("skips options over 64 KiB without holding them: NBD_REP_ERR_TOO_BIG (known) or ERR_UNSUP (unknown), then goes on; over 32 MiB, or NBD_OPT_EXPORT_NAME, closes", async () => {
+    const log = captureLog();
+    const { server, addr } = await start({ log: log.logger });
+    const t = await rawConnect(addr);
+    const reply = async (at: number) => {
+      const h = (await t.bytes(at + 20)).subarray(at);
+      const len = h.readUInt32BE(16);
+      await t.bytes(at + 20 + len);
+      return { opt: h.readUInt32BE(8), type: h.readUInt32BE(12), end: at + 20 + len };
+    };
+    t.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(6, Buffer.alloc(64 * 1024 + 1, 1))]));
+    let r = await reply(18);
+    expect([r.opt, r.type]).toEqual([6, 0x80000009]); // NBD_OPT_INFO, NBD_REP_ERR_TOO_BIG
+    t.socket.write(optionFrame(4242, Buffer.alloc(8 * MiB, 2)));
+    r = await reply(r.end);
+    expect([r.opt, r.type]).toEqual([4242, 0x80000001]); // NBD_REP_ERR_UNSUP
+    expect(server.memoryBudget.stats().peak).toBeLessThan(512 * 1024); // skipped, never held
+    t.socket.write(optionFrame(3, Buffer.alloc(0)));
+    r = await reply(r.end); // NBD_REP_SERVER "mem"
+    r = await reply(r.end); // …"second"
+    r = await reply(r.end);
+    expect([r.opt, r.type]).toEqual([3, 1]); // NBD_OPT_LIST still answered: NBD_REP_ACK
+    // 32 MiB + 1: closed at once, without waiting for the data.
+    t.socket.write(optionFrame(4243, Buffer.alloc(0), 32 * MiB + 1));
+    await t.closed;
+    expect((await log.waitFor((l) => l.msg === "closing connection: handshake failed")).reason).toBe("option 4243 has length 33554433, over the limit of 33554432");
+    // NBD_OPT_EXPORT_NAME has no error reply: a name over 64 KiB closes too.
+    const u = await rawConnect(addr);
+    u.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(1, Buffer.alloc(64 * 1024 + 1, 0x61))]));
+    await u.closed;
+    expect(u.received()).toHaveLength(18);
+  });
+
   it("stops reading requests while 1 MiB of replies waits for a client that does not read, and goes on when it reads", async () => {
     const log = captureLog();
     let probe!: Probe;

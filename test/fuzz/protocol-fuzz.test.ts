@@ -111,8 +111,8 @@ function hostile(): Conversation {
         return { kind: "short-option", parts: [u32(3), option(7, bytes(30)).subarray(0, 5 + int(20))] };
       case 6: // client flags with an unknown bit
         return { kind: "bad-flags", end: false, violation: /unknown client flags/, parts: [u32(3 | (1 << (2 + int(30))))] };
-      case 7: // an option longer than the 64 KiB cap (its data never comes)
-        return { kind: "long-option", end: false, violation: /has length \d+, over the limit of 65536/, parts: [u32(3), option(int(20), bytes(int(64)), 65537 + int(2 ** 32 - 65537)).subarray(0, 16)] };
+      case 7: // an option longer than the 32 MiB cap (its data never comes)
+        return { kind: "long-option", end: false, violation: /has length \d+, over the limit of 33554432/, parts: [u32(3), option(2 + int(18), bytes(int(64)), 32 * MiB + 1 + int(2 ** 32 - 32 * MiB - 1)).subarray(0, 16)] };
       case 8: {
         // a bad option magic
         const o = option(int(20), Buffer.alloc(0));

@@ -221,7 +221,7 @@ describe("per-connection caps", () => {
     expect(pauses.every((l) => l.inflight <= o.perWave && l.inflightBytes <= o.perWave * o.size)).toBe(true);
   }
 
-  it("takes no more than --max-inflight requests and --max-inflight-bytes off the socket, and no option over 64 KiB", async () => {
+  it("takes no more than --max-inflight requests and --max-inflight-bytes off the socket, and skips options over 64 KiB", async () => {
     const tokenFile = path.join(tempDir(), "token");
     const srv = await serve(["memory:16M", "--fault", "--max-inflight", "3", "--max-inflight-bytes", "2M", "--token-file", tokenFile, "--log-level", "trace"], 2);
     try {
@@ -234,18 +234,23 @@ describe("per-connection caps", () => {
       await waves(srv, tokenFile, c, { writes: 6, size: MiB, perWave: 2, cap: "bytes", from: 9 });
       await c.disconnect();
 
-      // Options: 64 KiB is the longest accepted (an unknown one gets ERR_UNSUP); one byte more
-      // closes the connection at once, without waiting for its data.
+      // Options: 64 KiB is the longest read (an unknown one gets ERR_UNSUP); one byte more is
+      // skipped without being held and refused with ERR_TOO_BIG; over 32 MiB closes the connection
+      // at once, without waiting for its data.
       const o = await rawConnect(addr);
       const oPeer = localPeer(o);
       await o.bytes(18);
       o.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(4242, Buffer.alloc(64 * 1024, 7))]));
       const reply = (await o.bytes(18 + 20)).subarray(18);
       expect([reply.readUInt32BE(8), reply.readUInt32BE(12)]).toEqual([4242, 0x80000001]); // NBD_REP_ERR_UNSUP
-      o.socket.write(optionFrame(4243, Buffer.alloc(0), 64 * 1024 + 1));
-      await within(o.closed, 20_000, "the server to close a connection that sent an option over 64 KiB");
+      const at = 18 + 20 + reply.readUInt32BE(16);
+      o.socket.write(optionFrame(6, Buffer.alloc(64 * 1024 + 1, 7)));
+      const big = (await o.bytes(at + 20)).subarray(at);
+      expect([big.readUInt32BE(8), big.readUInt32BE(12)]).toEqual([6, 0x80000009]); // NBD_OPT_INFO, NBD_REP_ERR_TOO_BIG
+      o.socket.write(optionFrame(4243, Buffer.alloc(0), 32 * 1024 * 1024 + 1));
+      await within(o.closed, 20_000, "the server to close a connection that sent an option over 32 MiB");
       const closing = await logged(srv, oPeer, "closing connection: handshake failed");
-      expect(closing.reason).toBe("option 4243 has length 65537, over the limit of 65536");
+      expect(closing.reason).toBe("option 4243 has length 33554433, over the limit of 33554432");
     } finally {
       await srv.stop();
     }
