@@ -75,6 +75,38 @@ class Probe extends PassthroughLayer {
   }
 }
 
+/** Every write, read and flush takes `ms` (the disk is slow). */
+class Slow extends PassthroughLayer {
+  constructor(
+    next: Layer,
+    private readonly ms: number,
+  ) {
+    super(next);
+  }
+  private async later<T>(go: () => Promise<T>): Promise<T> {
+    await new Promise((r) => setTimeout(r, this.ms));
+    return go();
+  }
+  override pread(b: Buffer, o: number, io: Io) {
+    return this.later(() => super.pread(b, o, io));
+  }
+  override pwrite(b: Buffer, o: number, io: Io) {
+    return this.later(() => super.pwrite(b, o, io));
+  }
+  override flush(io: Io) {
+    return this.later(() => super.flush(io));
+  }
+}
+
+/** NBD_OPT_GO for export `name`, asking for no information. */
+function goFrame(name: string): Buffer {
+  const n = Buffer.from(name);
+  const d = Buffer.alloc(4 + n.length + 2);
+  d.writeUInt32BE(n.length, 0);
+  n.copy(d, 4);
+  return optionFrame(7, d);
+}
+
 /** Resolves once `cond()` holds; polls, and fails with `what` after a generous deadline. */
 async function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
   const end = Date.now() + ms;
@@ -327,6 +359,33 @@ describe("NbdServer against the memory port", () => {
       await c.pwrite(Buffer.from("after"), 0);
       expect((await c.pread(5, 0)).toString()).toBe("after");
       await c.disconnect();
+    });
+  }
+
+  // Found by the grammar-aware fuzzer (issue 21): Node's net.Server ended the write side as soon as
+  // the client's end came, so replies to requests still in the stack were dropped. libnbd shuts
+  // its write side down right after NBD_CMD_DISC, and the spec says the server MUST handle all
+  // outstanding requests.
+  for (const disc of [true, false]) {
+    it(`answers every request in flight when the client half-closes ${disc ? "after NBD_CMD_DISC" : "without NBD_CMD_DISC"}`, async () => {
+      const { addr } = await start({ top: (l) => new Slow(l, 50) });
+      const s = await rawConnect(addr);
+      const reqs = [rawHeader(Cmd.NBD_CMD_WRITE, CmdFlag.NBD_CMD_FLAG_FUA, 1, 0, 4096), Buffer.alloc(4096, 1), rawHeader(Cmd.NBD_CMD_READ, 0, 2, 0, 512), rawHeader(Cmd.NBD_CMD_FLUSH, 0, 3, 0, 0)];
+      s.socket.end(Buffer.concat([Buffer.from([0, 0, 0, 3]), goFrame("mem"), ...reqs, ...(disc ? [rawHeader(Cmd.NBD_CMD_DISC, 0, 4, 0, 0)] : [])]));
+      await s.closed;
+      const got = s.received();
+      // After the greeting and the three option replies of NBD_OPT_GO: 16 + (16 + 512) + 16 bytes.
+      const at = got.length - (16 + 16 + 512 + 16);
+      expect(got.length).toBe(18 + 32 + 34 + 20 + 16 + 16 + 512 + 16);
+      const cookies = [];
+      for (let p = at; p < got.length; ) {
+        expect(got.readUInt32BE(p)).toBe(0x67446698);
+        expect(got.readUInt32BE(p + 4)).toBe(0);
+        const cookie = got.readUInt32BE(p + 12);
+        cookies.push(cookie);
+        p += 16 + (cookie === 2 ? 512 : 0);
+      }
+      expect(cookies.sort()).toEqual([1, 2, 3]);
     });
   }
 

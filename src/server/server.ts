@@ -116,7 +116,9 @@ export class NbdServer implements ExportDirectory {
   }
 
   private listen(bind: (s: net.Server) => void): Promise<void> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Half-open: a client that shuts its write side down (libnbd does after NBD_CMD_DISC) still gets
+    // the replies of what it sent; the connection ends its side itself once they are out.
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     this.servers.push(server);
     return new Promise((resolve, reject) => {
       server.once("error", reject);
