@@ -291,11 +291,11 @@ export class Connection {
     this.updateFlow();
   }
 
-  /** Bytes already read but not parsed are held: they count, whether they fit or not. */
+  /** Bytes already read but not parsed are held: they count (as buffered bytes), whether they fit or not. */
   private chargeBacklog(): void {
     const n = this.backlog ? this.backlog.length : 0;
-    if (n > this.backlogCharge) this.budget.force(n - this.backlogCharge);
-    else this.budget.give(this.backlogCharge - n);
+    if (n > this.backlogCharge) this.budget.buffer(n - this.backlogCharge);
+    else this.budget.unbuffer(this.backlogCharge - n);
     this.backlogCharge = n;
   }
 

@@ -110,7 +110,7 @@ class ByteReader {
     }
     this.chunks.push(chunk);
     this.size += chunk.length;
-    this.budget?.force(chunk.length);
+    this.budget?.buffer(chunk.length);
     this.wake();
     this.regulate();
   }
@@ -170,7 +170,7 @@ class ByteReader {
       this.chunks = all.length > n ? [all.subarray(n)] : [];
     }
     this.size -= n;
-    this.budget?.give(n);
+    this.budget?.unbuffer(n);
     return out;
   }
   private wake(): void {

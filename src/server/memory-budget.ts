@@ -7,7 +7,10 @@ export interface BudgetWaiter {
 /** What a MemoryBudget holds and has done, for logs, tests and metrics. */
 export interface BudgetStats {
   limit: number;
+  /** Everything held: reservations and buffered bytes. */
   used: number;
+  /** Of `used`, bytes already read from sockets and not parsed yet (see buffer()). */
+  buffered: number;
   /** Most bytes ever held at once. */
   peak: number;
   /** Reservations that had to wait, since the start. */
@@ -28,14 +31,20 @@ export interface BudgetStats {
  *   reading its socket and calls `wait`.
  * - Waiters are granted strictly in arrival order (a big reservation is never starved by small
  *   ones); `granted` runs with the bytes already taken.
- * - `force` charges bytes that are held already and cannot wait (a reply produced by a request
- *   that was admitted, bytes a socket delivered): `used` may then exceed `limit`, and nothing new
- *   is admitted until it is back under.
- * - Every byte taken or forced is given back exactly once with `give`, whatever happens to the
- *   connection (its close gives back everything it still holds).
+ * - `force` charges bytes that are held already and cannot wait (a reply longer than its request
+ *   reserved, option replies): the reservations may then exceed `limit`, and nothing new is
+ *   admitted until they are back under.
+ * - `buffer` counts bytes a socket delivered that are not parsed yet (a paused connection's
+ *   unparsed rest, handshake bytes). They are held by connections that may themselves be waiting
+ *   for the budget, so they count in `used` but never hold up a reservation (else a reservation
+ *   could wait for bytes that are only given back once it is granted). They are bounded per
+ *   connection: one socket read.
+ * - Every byte taken or forced is given back exactly once with `give`, every buffered byte with
+ *   `unbuffer`, whatever happens to the connection (its close gives back everything it still holds).
  */
 export class MemoryBudget {
-  private held = 0;
+  private held = 0; // reservations: taken, granted and forced
+  private buffered = 0;
   private most = 0;
   private waitCount = 0;
   private readonly queue: BudgetWaiter[] = [];
@@ -46,7 +55,7 @@ export class MemoryBudget {
   }
 
   get used(): number {
-    return this.held;
+    return this.held + this.buffered;
   }
 
   /** True when a new reservation would have to wait. */
@@ -82,6 +91,21 @@ export class MemoryBudget {
     this.charge(bytes);
   }
 
+  /** Counts bytes read from a socket and not parsed yet (they never hold up a reservation). */
+  buffer(bytes: number): void {
+    this.buffered += bytes;
+    if (this.used > this.most) this.most = this.used;
+  }
+
+  unbuffer(bytes: number): void {
+    if (bytes > this.buffered) {
+      const had = this.buffered;
+      this.buffered = 0;
+      throw new Error(`memory budget: ${bytes} buffered bytes given back while ${had} were counted`);
+    }
+    this.buffered -= bytes;
+  }
+
   give(bytes: number): void {
     if (bytes === 0) return;
     if (bytes > this.held) {
@@ -95,7 +119,7 @@ export class MemoryBudget {
   }
 
   stats(): BudgetStats {
-    return { limit: this.limit, used: this.held, peak: this.most, waits: this.waitCount, waiting: this.queue.length - this.head };
+    return { limit: this.limit, used: this.used, buffered: this.buffered, peak: this.most, waits: this.waitCount, waiting: this.queue.length - this.head };
   }
 
   private fits(bytes: number): boolean {
@@ -104,7 +128,7 @@ export class MemoryBudget {
 
   private charge(bytes: number): void {
     this.held += bytes;
-    if (this.held > this.most) this.most = this.held;
+    if (this.used > this.most) this.most = this.used;
   }
 
   private grant(): void {
