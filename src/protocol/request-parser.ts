@@ -110,6 +110,15 @@ export class RequestParser {
     }
   }
 
+  /** The connection is gone: a write payload being assembled goes back to the pool. */
+  discard(): void {
+    const req = this.pending;
+    this.pending = null;
+    this.held = null;
+    if (req?.backing) ioBuffers.release(req.backing);
+    if (req) req.data = req.backing = null;
+  }
+
   /** True when a frame has started but not finished (a close now truncates it). */
   get midFrame(): boolean {
     return this.headerFill > 0 || this.pending !== null || (this.held !== null && this.held.type === Cmd.NBD_CMD_WRITE && this.held.length > 0);

@@ -63,6 +63,11 @@ const SMALL_READ = 16 * 1024;
  */
 export const REQUEST_COST = 512;
 /**
+ * What a CACHE or BLOCK_STATUS request may make a layer read to answer it, besides the request:
+ * the file port warms the page cache and looks for zero blocks 1 MiB at a time.
+ */
+export const SCAN_COST = 1024 * 1024;
+/**
  * Replies queued on one socket before no further request is read: each costs the socket's
  * bookkeeping (some 200 bytes of heap), however short it is.
  */
@@ -418,7 +423,7 @@ export class Connection {
    * the socket is paused, and it comes in when the budget grants the bytes.
    */
   private readonly admit = (type: number, length: number): boolean => {
-    const bytes = REQUEST_COST + (type === Cmd.NBD_CMD_WRITE || (type === Cmd.NBD_CMD_READ && length <= this.maxPayload) ? length : 0);
+    const bytes = REQUEST_COST + payloadCost(type, length, this.maxPayload);
     if (this.budget.take(bytes)) {
       this.nextCharge = bytes;
       return true;
@@ -445,6 +450,7 @@ export class Connection {
     this.released = true;
     if (this.budgetWaiter) this.budget.cancel(this.budgetWaiter);
     this.budgetWaiter = null;
+    this.parser?.discard();
     this.budget.give(this.nextCharge);
     this.nextCharge = 0;
     this.backlog = null;
@@ -527,12 +533,7 @@ export class Connection {
           } finally {
             if (req.backing) ioBuffers.release(req.backing);
             req.data = req.backing = null;
-            // The payload is gone; its reply is short.
-            const payload = Math.min(req.length, req.charge - REQUEST_COST);
-            if (payload > 0) {
-              this.budget.give(payload);
-              req.charge -= payload;
-            }
+            this.payloadDone(req); // its reply is short
           }
           break;
         case Cmd.NBD_CMD_FLUSH:
@@ -545,7 +546,11 @@ export class Connection {
           break;
         case Cmd.NBD_CMD_CACHE:
           if (this.reject(req, "cache")) return true;
-          await layer.cache(req.length, req.offset, req);
+          try {
+            await layer.cache(req.length, req.offset, req);
+          } finally {
+            this.payloadDone(req);
+          }
           break;
         case Cmd.NBD_CMD_WRITE_ZEROES:
           if (this.reject(req, "zero")) return true;
@@ -561,6 +566,15 @@ export class Connection {
     }
     this.finalSend(req, simpleReply(0, req.cookieHi, req.cookieLo));
     return false;
+  }
+
+  /** The layer is done with what the request reserved besides itself (a write's payload, a scan): given back now. */
+  private payloadDone(req: Request): void {
+    const extra = req.charge - REQUEST_COST;
+    if (extra > 0) {
+      this.budget.give(extra);
+      req.charge -= extra;
+    }
   }
 
   /** A write of a port B session is applied once however often it is sent (see peer-writes.ts). */
@@ -651,9 +665,30 @@ export class Connection {
       extents = await this.exp.layer.extents(req.length, req.offset, req);
     } catch (err) {
       return this.replyError(req, err);
+    } finally {
+      this.payloadDone(req);
     }
     if (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
     this.finalSend(req, blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
     return false;
+  }
+}
+
+/**
+ * What a request reserves besides REQUEST_COST: the buffer of its payload (its pool class, not just
+ * its length), or what a layer may read to answer it.
+ */
+function payloadCost(type: number, length: number, maxPayload: number): number {
+  switch (type) {
+    case Cmd.NBD_CMD_WRITE:
+      return ioBuffers.footprint(length);
+    case Cmd.NBD_CMD_READ:
+      // With its reply header; longer ones are refused before anything is allocated.
+      return length <= maxPayload ? ioBuffers.footprint(length + DATA_CHUNK_PREFIX) : 0;
+    case Cmd.NBD_CMD_CACHE:
+    case Cmd.NBD_CMD_BLOCK_STATUS:
+      return ioBuffers.footprint(Math.min(length, SCAN_COST));
+    default:
+      return 0;
   }
 }

@@ -30,7 +30,7 @@ describe("MemoryBudget", () => {
     b.wait(1, () => order.push("c1"));
     b.give(25);
     expect(order).toEqual(["a5", "b1", "c1"]);
-    expect(b.stats()).toEqual({ limit: 10, used: 1, buffered: 0, peak: 25, waits: 3, waiting: 0 });
+    expect(b.stats()).toEqual({ limit: 10, used: 1, buffered: 0, cached: 0, peak: 25, waits: 3, waiting: 0 });
   });
 
   it("counts buffered bytes in what is used, but never lets them hold up a reservation", () => {
@@ -65,16 +65,27 @@ describe("MemoryBudget", () => {
   });
 });
 
-/** Holds every write until opened; counts the payload bytes inside the stack at once. */
+/** Holds every write (and cache request) until opened; counts the payload bytes inside the stack at once. */
 class Gate extends PassthroughLayer {
   inside = 0;
   maxInside = 0;
   entered = 0;
+  caching = 0;
+  maxCaching = 0;
   private released = false;
   private waiters: Array<() => void> = [];
   release(): void {
     this.released = true;
     for (const w of this.waiters.splice(0)) w();
+  }
+  override async cache(length: number, offset: number, io: Io): Promise<void> {
+    this.maxCaching = Math.max(this.maxCaching, ++this.caching);
+    try {
+      if (!this.released) await new Promise<void>((r) => this.waiters.push(r));
+      await super.cache(length, offset, io);
+    } finally {
+      this.caching--;
+    }
   }
   override async pwrite(b: Buffer, o: number, io: Io): Promise<void> {
     this.entered++;
@@ -176,6 +187,25 @@ describe("the process-wide memory budget", () => {
     expect(gate.entered).toBe(48);
     await Promise.all(clients.map((c) => c.disconnect()));
     await until(() => server.connectionCount === 0, "the clients to go");
+    expect(server.memoryBudget.used).toBe(0);
+  });
+
+  // Found by the grammar-aware fuzzer: CACHE and BLOCK_STATUS cost the budget nothing, but the file
+  // port read up to 1 MiB (cache) or 8 MiB (block status) per request to answer them: pipelined,
+  // they took the server past 600 MiB.
+  it("counts what a layer may read to answer CACHE and BLOCK_STATUS: 1 MiB each at most", async () => {
+    const { server, addr, layer: gate } = await start(4 * MiB, (l) => new Gate(l));
+    const c = await NbdClient.connect(addr, { exportName: "mem" });
+    c.socket.cork();
+    const caches = Array.from({ length: 16 }, (_, i) => c.cache(8 * MiB, (i % 8) * MiB));
+    c.socket.uncork();
+    await until(() => gate.caching >= 3, "the cache requests to fill the budget");
+    await sleep(300);
+    expect(gate.maxCaching).toBe(3); // 1 MiB and the request's own cost each: 3 fit in 4 MiB
+    gate.release();
+    await Promise.all(caches);
+    await c.disconnect();
+    await until(() => server.connectionCount === 0, "the client to go");
     expect(server.memoryBudget.used).toBe(0);
   });
 

@@ -4,6 +4,12 @@ export interface BudgetWaiter {
   readonly granted: () => void;
 }
 
+/** Memory kept for reuse (the I/O buffer pool) that counts against a budget. */
+export interface BudgetCache {
+  /** Bytes kept now. */
+  readonly held: number;
+}
+
 /** What a MemoryBudget holds and has done, for logs, tests and metrics. */
 export interface BudgetStats {
   limit: number;
@@ -11,6 +17,8 @@ export interface BudgetStats {
   used: number;
   /** Of `used`, bytes already read from sockets and not parsed yet (see buffer()). */
   buffered: number;
+  /** Free buffers kept for reuse (the cache), besides `used`. */
+  cached: number;
   /** Most bytes ever held at once. */
   peak: number;
   /** Reservations that had to wait, since the start. */
@@ -41,6 +49,10 @@ export interface BudgetStats {
  *   connection: one socket read.
  * - Every byte taken or forced is given back exactly once with `give`, every buffered byte with
  *   `unbuffer`, whatever happens to the connection (its close gives back everything it still holds).
+ * - Free buffers kept for reuse (`setCache`) are shown in stats; the cache keeps a buffer only while
+ *   it fits beside the reservations (`roomForCache`), and gives up buffers before it allocates a new
+ *   one that would not, so reservations and cache together stay within the limit. Reservations
+ *   never wait for the cache.
  */
 export class MemoryBudget {
   private held = 0; // reservations: taken, granted and forced
@@ -49,6 +61,7 @@ export class MemoryBudget {
   private waitCount = 0;
   private readonly queue: BudgetWaiter[] = [];
   private head = 0;
+  private cache: BudgetCache | null = null;
 
   constructor(readonly limit: number) {
     if (!(limit > 0)) throw new Error(`a memory budget must be positive (got ${limit})`);
@@ -56,6 +69,16 @@ export class MemoryBudget {
 
   get used(): number {
     return this.held + this.buffered;
+  }
+
+  /** Memory kept for reuse that counts against this budget (see the class comment). */
+  setCache(cache: BudgetCache): void {
+    this.cache = cache;
+  }
+
+  /** Bytes the cache may keep now: what the reservations leave of the limit. */
+  roomForCache(): number {
+    return Math.max(0, this.limit - this.held);
   }
 
   /** True when a new reservation would have to wait. */
@@ -119,7 +142,7 @@ export class MemoryBudget {
   }
 
   stats(): BudgetStats {
-    return { limit: this.limit, used: this.used, buffered: this.buffered, peak: this.most, waits: this.waitCount, waiting: this.queue.length - this.head };
+    return { limit: this.limit, used: this.used, buffered: this.buffered, cached: this.cache?.held ?? 0, peak: this.most, waits: this.waitCount, waiting: this.queue.length - this.head };
   }
 
   private fits(bytes: number): boolean {

@@ -8,6 +8,7 @@ import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { exportOfPeerName, isInternalExport } from "../internal-exports.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { MemoryBudget } from "./memory-budget.js";
+import { ioBuffers } from "../util/buffer-pool.js";
 
 export interface TcpAddress {
   host: string;
@@ -67,6 +68,11 @@ export class NbdServer implements ExportDirectory {
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.memoryBudget = new MemoryBudget(opts.maxMemory ?? DEFAULT_MAX_MEMORY);
     opts.metrics?.memoryBudget(() => this.memoryBudget.stats());
+    // Free I/O buffers kept for reuse are held too: they count against the budget, and go when a
+    // request needs the room.
+    ioBuffers.limitHeld(this.memoryBudget.limit);
+    ioBuffers.setRoom(() => this.memoryBudget.roomForCache());
+    this.memoryBudget.setCache(ioBuffers);
     const names = new Set<string>();
     for (const e of opts.exports) {
       if (names.has(e.name)) throw new Error(`two exports are named "${e.name}"`);
