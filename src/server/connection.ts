@@ -231,6 +231,7 @@ export class Connection {
       });
     }
     if (negotiated.rest.length) this.consume(negotiated.rest, false);
+    if (negotiated.ended) this.onEnd(); // the client's end came during the handshake: 'end' will not come again
   }
 
   /**

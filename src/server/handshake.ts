@@ -57,6 +57,8 @@ export interface Negotiated {
   /** The socket transmission goes on: the TLS socket after NBD_OPT_STARTTLS, else the one given. */
   socket: Socket;
   tls: boolean;
+  /** The client's end came during the handshake: after `rest`, nothing more will. */
+  ended: boolean;
 }
 
 /** TLS as the handshake sees it: offered ("on") or required ("require"), and the server socket options. */
@@ -92,6 +94,8 @@ class ByteReader {
   private resolve: ((b: Buffer) => void) | null = null;
   private reject: ((e: Error) => void) | null = null;
   private failed: Error | null = null;
+  /** The client's end came: reads still get what was sent before it, then this. */
+  private ended: Error | null = null;
   private paused = false;
   private waiter: BudgetWaiter | null = null;
   /** Where the reading is regulated: the plain socket, then the TLS socket. */
@@ -120,6 +124,11 @@ class ByteReader {
     this.resolve = this.reject = null;
     r?.(err);
   }
+  /** The client shut its side down: what it sent before still counts (it may have pipelined its options). */
+  end(err: Error): void {
+    this.ended ??= err;
+    this.wake();
+  }
   read(n: number): Promise<Buffer> {
     if (this.failed) return Promise.reject(this.failed);
     this.want = n;
@@ -140,6 +149,9 @@ class ByteReader {
   /** Everything received and not read yet; it no longer counts here (the caller counts it). */
   rest(): Buffer {
     return this.take(this.size);
+  }
+  get hasEnded(): boolean {
+    return this.ended !== null;
   }
   /** Throws what failed the reader (the client's end, a socket error), if anything did. */
   check(): void {
@@ -174,7 +186,11 @@ class ByteReader {
     return out;
   }
   private wake(): void {
-    if (!this.resolve || this.skipping > 0 || this.size < this.want) return;
+    if (!this.resolve) return;
+    if (this.skipping > 0 || this.size < this.want) {
+      if (this.ended) this.fail(this.ended);
+      return;
+    }
     const out = this.take(this.want);
     this.want = 0;
     const r = this.resolve;
@@ -220,18 +236,19 @@ export async function negotiate(
   reader.flow = socket;
   let current = socket;
   const onData = (c: Buffer) => reader.push(c);
-  const onEnd = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
+  const onEnd = () => reader.end(new ProtocolError("client closed the connection during the handshake"));
+  const onClose = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
   const onError = (err: Error) => reader.fail(new ProtocolError(`${current === socket ? "socket" : "TLS"} error during the handshake: ${err.message}`));
   const attach = (s: Socket) => {
     s.on("data", onData);
     s.on("end", onEnd);
-    s.on("close", onEnd);
+    s.on("close", onClose);
     s.on("error", onError);
   };
   const detach = (s: Socket) => {
     s.off("data", onData);
     s.off("end", onEnd);
-    s.off("close", onEnd);
+    s.off("close", onClose);
     s.off("error", onError);
   };
   attach(socket);
@@ -426,7 +443,7 @@ async function run(
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
         write(sock, out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -486,7 +503,7 @@ async function run(
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
         }
         break;
       }

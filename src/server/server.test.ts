@@ -389,6 +389,29 @@ describe("NbdServer against the memory port", () => {
     });
   }
 
+  // The handshake failed its reads as soon as the client's end came, even with the options still
+  // buffered: a client that pipelined its options, half-closed and then read lost the session.
+  it("answers every option sent before the client half-closed, and the session after them", async () => {
+    const { addr } = await start();
+    const s = await rawConnect(addr);
+    const lists = Array.from({ length: 40_000 }, () => optionFrame(3, Buffer.alloc(0)));
+    s.socket.pause(); // the replies pile up: the server waits for the client to read them
+    s.socket.end(Buffer.concat([Buffer.from([0, 0, 0, 3]), ...lists, goFrame("mem"), rawHeader(Cmd.NBD_CMD_READ, 0, 9, 0, 512)]));
+    await new Promise((r) => setTimeout(r, 500));
+    s.socket.resume();
+    await s.closed;
+    const got = s.received();
+    let at = 18;
+    let acks = 0;
+    while (at + 20 <= got.length && got.readBigUInt64BE(at) === 0x3e889045565a9n) {
+      if (got.readUInt32BE(at + 12) === 1) acks++;
+      at += 20 + got.readUInt32BE(at + 16);
+    }
+    expect(acks).toBe(40_000 + 1); // every NBD_OPT_LIST and NBD_OPT_GO
+    expect(got.length - at).toBe(16 + 512); // and the read
+    expect(got.readUInt32BE(at + 12)).toBe(9);
+  });
+
   it("closes only the offending connection on a bad magic, an oversized write or a truncated frame, saying why", async () => {
     const log = captureLog();
     const { addr, server } = await start({ log: log.logger });
