@@ -334,6 +334,52 @@ function transmission(s, env, steps, t, clientEnds) {
 
 const hex = (b) => b.toString("hex");
 
+/** Received bytes as the chunks they came in: peeking copies only what spans chunks, skipping copies nothing. */
+class ByteQueue {
+  constructor() {
+    this.chunks = [];
+    this.head = 0;
+    this.length = 0;
+  }
+  push(c) {
+    if (!c.length) return;
+    this.chunks.push(c);
+    this.length += c.length;
+  }
+  /** The first n bytes (n <= length). */
+  peek(n) {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[this.head];
+    if (first.length >= n) return first.subarray(0, n);
+    const out = Buffer.allocUnsafe(n);
+    let at = 0;
+    for (let i = this.head; at < n; i++) at += this.chunks[i].copy(out, at, 0, Math.min(this.chunks[i].length, n - at));
+    return out;
+  }
+  skip(n) {
+    this.length -= n;
+    while (n > 0) {
+      const c = this.chunks[this.head];
+      if (c.length <= n) {
+        n -= c.length;
+        this.chunks[this.head++] = null;
+      } else {
+        this.chunks[this.head] = c.subarray(n);
+        n = 0;
+      }
+    }
+    if (this.head > 1024) {
+      this.chunks = this.chunks.slice(this.head);
+      this.head = 0;
+    }
+  }
+  take(n) {
+    const out = this.peek(n);
+    this.skip(n);
+    return out;
+  }
+}
+
 /**
  * Holds the server's bytes against the oracle's steps. feed() as bytes arrive; closed() when the
  * socket closed. `problems` collects what is wrong; due() counts replies still owed.
@@ -344,7 +390,7 @@ export class Judge {
     this.end = plan.end;
     this.sent = sentBytes; // client bytes actually sent (obligations past them are void)
     this.problems = [];
-    this.buf = Buffer.alloc(0);
+    this.q = new ByteQueue();
     this.i = 0; // next sequential (handshake) step
     this.phase = "handshake";
     this.pending = new Map(); // cookie → [request state]
@@ -393,11 +439,11 @@ export class Judge {
   }
 
   feed(chunk) {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    this.q.push(chunk);
     for (;;) {
-      const before = this.buf.length;
+      const before = this.q.length;
       this.step();
-      if (this.problems.length || this.buf.length === before) break;
+      if (this.problems.length || this.q.length === before) break;
     }
   }
 
@@ -407,14 +453,13 @@ export class Judge {
   }
 
   take(n) {
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return out;
+    return this.q.take(n);
   }
 
   step() {
-    const b = this.buf;
-    if (b.length === 0) return;
+    const q = this.q;
+    if (q.length === 0) return;
+    const b = q.peek(Math.min(q.length, 20)); // headers only; payloads are taken or skipped below
     if (this.phase === "handshake") {
       const st = this.steps[this.i];
       if (!st) return this.problem(`unexpected bytes after the last obligation: ${hex(b.subarray(0, 32))}`);
@@ -428,7 +473,7 @@ export class Judge {
       }
       if (st.kind === "export-name") {
         const n = st.noZeroes ? 10 : 134;
-        if (b.length < n) return;
+        if (q.length < n) return;
         const r = this.take(n);
         if (r.readBigUInt64BE(0) !== BigInt(st.exp.size)) this.problem(`NBD_OPT_EXPORT_NAME: size ${r.readBigUInt64BE(0)}, expected ${st.exp.size}`);
         const flags = r.readUInt16BE(8);
@@ -447,7 +492,7 @@ export class Judge {
       const len = b.readUInt32BE(16);
       if (b.readBigUInt64BE(0) !== OPT_REPLY_MAGIC) return this.problem(`${optName(st.opt)}: bad option reply magic ${hex(b.subarray(0, 20))}`);
       if (len > 1 << 20) return this.problem(`${optName(st.opt)}: option reply of ${len} bytes`);
-      if (b.length < 20 + len) return;
+      if (q.length < 20 + len) return;
       const h = this.take(20);
       const data = this.take(len);
       const opt = h.readUInt32BE(8);
@@ -481,8 +526,8 @@ export class Judge {
       const r = this.lookup(cookie);
       if (!r) return this.problem(`simple reply for cookie ${cookie}, which is not outstanding`);
       const data = r.step.type === Cmd.READ && errno === 0 ? r.step.length : 0;
-      if (b.length < 16 + data) return;
-      this.take(16 + data);
+      if (q.length < 16 + data) return;
+      q.skip(16 + data);
       if (r.step.structured && r.step.type === Cmd.READ) this.problem(`simple reply to a READ after structured replies were negotiated (cookie ${cookie})`);
       this.finish(r, errno);
       return;
@@ -496,11 +541,13 @@ export class Judge {
       const r = this.lookup(cookie);
       if (!r) return this.problem(`structured reply for cookie ${cookie}, which is not outstanding`);
       if (len > MAX_PAYLOAD + 64) return this.problem(`structured chunk of ${len} bytes`);
-      if (b.length < 20 + len) return;
-      this.take(20);
-      const p = this.take(len);
+      if (q.length < 20 + len) return;
+      q.skip(20);
+      // Read data is skipped, not copied: only its offset matters here.
+      const p = type === ReplyType.OFFSET_DATA && len > 8 ? q.peek(8) : q.peek(len);
+      q.skip(len);
       if (!r.step.structured) this.problem(`structured reply without NBD_OPT_STRUCTURED_REPLY (cookie ${cookie})`);
-      this.chunk(r, flags, type, p);
+      this.chunk(r, flags, type, p, len);
       if (flags & 1) this.finish(r, r.error);
       return;
     }
@@ -558,7 +605,7 @@ export class Judge {
     return list?.[0] ?? null;
   }
 
-  chunk(r, flags, type, p) {
+  chunk(r, flags, type, p, len = p.length) {
     const st = r.step;
     const name = `${cmdName(st.type)} (cookie ${st.cookie})`;
     r.chunks++;
@@ -584,9 +631,9 @@ export class Judge {
       case ReplyType.OFFSET_DATA:
       case ReplyType.OFFSET_HOLE: {
         if (st.type !== Cmd.READ) return this.problem(`${name}: content chunk for a ${cmdName(st.type)}`);
-        if (type === ReplyType.OFFSET_DATA ? p.length < 9 : p.length !== 12) return this.problem(`${name}: content chunk of ${p.length} bytes`);
+        if (type === ReplyType.OFFSET_DATA ? len < 9 : len !== 12) return this.problem(`${name}: content chunk of ${len} bytes`);
         const off = p.readBigUInt64BE(0);
-        const n = type === ReplyType.OFFSET_DATA ? p.length - 8 : p.readUInt32BE(8);
+        const n = type === ReplyType.OFFSET_DATA ? len - 8 : p.readUInt32BE(8);
         if (n === 0) return this.problem(`${name}: empty hole`);
         const a = off - st.offset;
         if (off < st.offset || a + BigInt(n) > BigInt(st.length)) return this.problem(`${name}: content [${off}, +${n}) outside the request [${st.offset}, +${st.length})`);
@@ -639,9 +686,9 @@ export class Judge {
   /** The socket closed. Returns problems of the end: replies still owed when none may be lost. */
   closed() {
     this.serverClosed = true;
-    if (this.buf.length && !this.problems.length) {
+    if (this.q.length && !this.problems.length) {
       // A reply cut short is fine only where the server may hang up (a violation).
-      if (this.end.why !== "violation" && this.end.why !== "disc-violation") this.problem(`the connection closed in the middle of a reply (${this.buf.length} bytes: ${hex(this.buf.subarray(0, 32))})`);
+      if (this.end.why !== "violation" && this.end.why !== "disc-violation") this.problem(`the connection closed in the middle of a reply (${this.q.length} bytes: ${hex(this.q.peek(Math.min(32, this.q.length)))})`);
     }
   }
 }
