@@ -7,8 +7,9 @@ import type { StorageNode } from "../node/storage-node.js";
 /**
  * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
  * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
- * POST /v1/exports/NAME/adopt {"epoch"}, POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?}
- * ("image": the source's file identity, so that a target that is the same file is refused)
+ * POST /v1/exports/NAME/adopt {"epoch", "handedFrom"?}, POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?, "handedFrom"?}
+ * ("image": the source's file identity, so that a target that is the same file is refused;
+ * "handedFrom": the owners the source's record lists as having handed the image on cleanly)
  * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
  */
 export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
@@ -26,14 +27,14 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
     return { body: { cancelled: p.name } };
   });
   c.route("POST", "/v1/copy-targets", async (_p, body) => {
-    const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown; image?: unknown };
+    const b = (body ?? {}) as { name?: unknown; size?: unknown; owner?: unknown; epoch?: unknown; image?: unknown; handedFrom?: unknown };
     const owner = b.owner as NodeIdentity | undefined;
     if (typeof b.name !== "string" || typeof b.size !== "number" || typeof b.epoch !== "number" || !owner || typeof owner.nodeId !== "string" || typeof owner.nbd !== "string")
       throw new HttpError(400, 'body must be {"name", "size", "epoch", "owner": {nodeId, nbd, control}}');
     const img = b.image as FileIdentity | undefined;
     if (img !== undefined && (typeof img !== "object" || img === null || typeof img.path !== "string" || typeof img.dev !== "number" || typeof img.ino !== "number" || typeof img.host !== "string"))
       throw new HttpError(400, '"image" must be {"path", "dev", "ino", "host"}');
-    return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch, img) };
+    return { body: await node.createCopyTarget(b.name, b.size, owner, b.epoch, img, handedFromOf(b.handedFrom)) };
   });
   c.route("POST", "/v1/copy-targets/:name/abandon", async (p, body) => {
     const epoch = (body as { epoch?: unknown } | undefined)?.epoch;
@@ -42,9 +43,17 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
     return { body: { abandoned: p.name } };
   });
   c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
-    const epoch = (body as { epoch?: unknown })?.epoch;
+    const b = (body ?? {}) as { epoch?: unknown; handedFrom?: unknown };
+    const epoch = b.epoch;
     if (typeof epoch !== "number") throw new HttpError(400, 'body must be {"epoch": N}');
-    await node.adopt(p.name!, epoch);
+    await node.adopt(p.name!, epoch, handedFromOf(b.handedFrom));
     return { body: { adopted: p.name, epoch } };
   });
+}
+
+/** A "handedFrom" list: owner tokens NODE@EPOCH (at most 8 are kept). */
+function handedFromOf(v: unknown): string[] | undefined {
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v) || v.length > 64 || !v.every((t) => typeof t === "string" && /^[^@\s]+@\d+$/.test(t))) throw new HttpError(400, '"handedFrom" must be a list of "NODE@EPOCH" strings');
+  return v as string[];
 }

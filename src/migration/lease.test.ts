@@ -1,8 +1,9 @@
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { LeaseError, LeaseFile, type LeaseFileOptions } from "./lease.js";
+import { DEFAULT_TTL_MS, LeaseError, LeaseFile, type LeaseFileOptions } from "./lease.js";
 
 const a = { nodeId: "a", nbd: "127.0.0.1:1", control: "http://127.0.0.1:11" };
 const b = { nodeId: "b", nbd: "127.0.0.1:2", control: "http://127.0.0.1:12" };
@@ -125,6 +126,103 @@ describe("LeaseFile", () => {
     lb.renew(b, 4); // b adopted: its claim
     expect(() => la.reclaim(a, again)).toThrow(/cannot reclaim: record is b@4, renewed by it/);
     expect(lb.read()).toMatchObject({ owner: "b", epoch: 4, pid: 2 });
+  });
+
+  it("names the owners that handed the image on since the last take-over (each flushed first); a take-over or a new process starts afresh", () => {
+    const { node, clock, dead } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    expect(la.read()?.handedFrom).toBeUndefined();
+    lb.renew(b, la.handOver(a, 1, b).epoch); // b claims a's hand-over
+    expect(lb.read()).toMatchObject({ owner: "b", epoch: 2, handedFrom: ["a@1"] });
+    const back = lb.handOver(b, 2, a);
+    expect(lb.reclaim(b, back)).toMatchObject({ owner: "b", epoch: 4, handedFrom: ["a@1", "b@2"] }); // unclaimed: nothing was written since
+    la.renew(a, lb.handOver(b, 4, a).epoch);
+    expect(la.read()).toMatchObject({ owner: "a", epoch: 5, handedFrom: ["a@1", "b@2", "b@4"] });
+    dead.add(1); // a dies: b takes over, and what a acknowledged unflushed is gone
+    clock.advance(1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 6 });
+    expect(lb.read()?.handedFrom).toBeUndefined();
+    // A claimed hand-over that expired is taken back with nothing vouched for: the peer wrote meanwhile.
+    const gone = lb.handOver(b, 6, a);
+    la.renew(a, 7);
+    dead.add(1);
+    expect(lb.reclaim(b, gone).handedFrom).toBeUndefined();
+  });
+
+  it("a released lease vouches like a hand-over: whoever takes it next keeps the list, with the releaser on it", () => {
+    // Nemesis seed 7 at 435 s: c handed the image to a, whose port A would not open; a claimed and
+    // released it, c took it back. a wrote nothing, so c@146's flushed writes still stood.
+    const { node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    const handed = la.handOver(a, 1, b);
+    lb.renew(b, 2); // claimed …
+    lb.release(b, 2, true); // … and given up: port A did not open
+    expect(la.reclaim(a, handed)).toMatchObject({ owner: "a", epoch: 3, handedFrom: ["a@1", "b@2"] });
+    la.release(a, 3, true);
+    clock.advance(1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 4, handedFrom: ["a@1", "b@2", "a@3"] });
+    lb.release(b, 4); // a shutdown: its last flush may have failed, so it vouches for nothing
+    expect(la.acquire(a).handedFrom).toBeUndefined();
+  });
+
+  // Nemesis seed 9 (3 nodes, at 733 s): a node's lock was created while the disk was full; its
+  // token could not be written, and the empty file stayed. Every renewal then found the lock held
+  // by "another process ()" until the empty lock was old enough to break, and a node whose wall
+  // clock ran a day ahead found it old at once: the owner lost its lease to a full disk of 1 s.
+  it("a lock whose token cannot be written (a full disk) leaves no lock behind: the next renewal takes it at once", () => {
+    if (process.getuid?.() !== 0) return expect(process.env.CI).not.toBe("true"); // mounts a tmpfs: root only
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lease-full-"));
+    execFileSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir]);
+    try {
+      const img = path.join(dir, "disk.img");
+      fs.writeFileSync(img, "");
+      const la = new LeaseFile(img, { pid: 1, host: "h", alive: () => true });
+      la.acquire(a);
+      const filler = path.join(dir, "filler");
+      try {
+        fs.writeFileSync(filler, Buffer.alloc(128 * 1024)); // fills the tmpfs (ENOSPC part way)
+      } catch {
+        /* full */
+      }
+      expect(() => la.renew(a, 1)).toThrow(/ENOSPC/);
+      fs.rmSync(filler);
+      expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 }); // no lock left by the failed attempt
+    } finally {
+      execFileSync("umount", [dir]);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("an empty lock file (its writer died before writing) is broken after 5 s of this process's own clock, whatever its mtime says", () => {
+    const { img, node, clock } = setup();
+    const la = node(1);
+    la.acquire(a);
+    fs.writeFileSync(`${img}.lease.lock`, "");
+    const dayAgo = new Date(Date.now() - 86_400_000);
+    fs.utimesSync(`${img}.lease.lock`, dayAgo, dayAgo); // as a node whose wall clock runs a day ahead sees it
+    expect(() => la.renew(a, 1)).toThrow(/lock held/);
+    clock.advance(5001);
+    expect(la.renew(a, 1)).toMatchObject({ owner: "a", epoch: 1 });
+  });
+
+  // Nemesis seed 9 (3 nodes, at 294 s): an owner frozen past its lease continued while the disk
+  // was full; its renewals could not take the lock (ENOSPC), failed with that, and never learnt
+  // that another node held the record: it stayed LOCAL, reading from port A, for 2 s.
+  it("renew finds a lost lease without the lock: a full disk or a held lock cannot hide it", () => {
+    const { img, node, clock } = setup();
+    const la = node(1);
+    const lb = node(2);
+    la.acquire(a);
+    clock.advance(DEFAULT_TTL_MS + 1);
+    lb.takeOver(b); // first sight
+    clock.advance(DEFAULT_TTL_MS + 1);
+    expect(lb.takeOver(b)).toMatchObject({ owner: "b", epoch: 2 });
+    fs.writeFileSync(`${img}.lease.lock`, "h 2 held"); // b holds the lock (alive), as a full disk would keep a from taking it
+    expect(() => la.renew(a, 1)).toThrow(LeaseError);
   });
 
   it("releases so the next owner can take it at once with a new epoch", () => {

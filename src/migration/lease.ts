@@ -30,6 +30,13 @@ export interface LeaseRecord {
    * takes such an image over.
    */
   private?: boolean;
+  /**
+   * The owners (node@epoch, newest last, at most 8) that handed the image on since the last change
+   * of owner that was not a hand-over: each drained and flushed port A before it handed over, so
+   * whatever it acknowledged is on the image. A peer whose link reached one of them loses nothing
+   * by following the record to the current owner (see RemotePortOptions.onNewLink).
+   */
+  handedFrom?: string[];
 }
 
 export interface NodeIdentity {
@@ -89,6 +96,8 @@ export class LeaseFile implements Ownership {
   private readonly host: string;
   /** The foreign record last seen, and when (monotonic) it was first seen as it is. */
   private seen: { key: string; at: number } | null = null;
+  /** An empty lock file last seen (inode and mtime), and when (monotonic) it was first seen so. */
+  private emptyLockSeen: { key: string; at: number } | null = null;
 
   constructor(
     readonly image: string,
@@ -164,7 +173,7 @@ export class LeaseFile implements Ownership {
         throw new LeaseError(`image is owned by ${cur.owner} (epoch ${cur.epoch}${cur.owner === me.nodeId ? `, an earlier process ${cur.pid}` : ""}); its lease has not expired`, cur);
       // A new owner, or a new process of the same node: a new epoch, which fences the old one.
       const epoch = !cur ? 1 : same ? cur.epoch : cur.epoch + 1;
-      return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}) };
+      return { ...this.record(me, epoch, ttlMs), ...(cur?.owner === me.nodeId && cur.private ? { private: true } : {}), ...(same && cur.handedFrom ? { handedFrom: cur.handedFrom } : handedOn(cur)) };
     });
   }
 
@@ -178,13 +187,17 @@ export class LeaseFile implements Ownership {
     const r = this.update((cur) => {
       if (!breakable(cur)) return null; // renewed or taken meanwhile
       taken = true;
-      return { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}) };
+      return { ...this.record(me, (cur?.epoch ?? 0) + 1, ttlMs), ...(cur?.private ? { private: true } : {}), ...handedOn(cur) };
     });
     return taken ? r : null;
   }
 
   /** Extends my lease; fails (LeaseError) if the record no longer names me (this process) at `epoch`. */
   renew(me: NodeIdentity, epoch: number): LeaseRecord {
+    // A record that names someone else already says the lease is lost, lock or no lock (a full
+    // disk or a held lock must not hide it): epochs only grow, so it can never come back.
+    const seen = this.read();
+    if (!seen || !this.mine(seen, me) || seen.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(seen)}, expected ${me.nodeId}@${epoch}`, seen);
     return this.update((cur) => {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.wall(), serial: (cur.serial ?? 0) + 1, pid: this.pid, host: this.host };
@@ -202,7 +215,8 @@ export class LeaseFile implements Ownership {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       // The peer's process is not known here: the record names no process until the peer renews it.
       const { pid: _pid, host: _host, ...rec } = this.record(to, epoch + 1, ttlMs);
-      return { ...rec, ...(privateCopy ? { private: true } : {}) };
+      const handedFrom = [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8);
+      return { ...rec, handedFrom, ...(privateCopy ? { private: true } : {}) };
     });
   }
 
@@ -216,24 +230,35 @@ export class LeaseFile implements Ownership {
       const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && (cur.serial ?? 0) === (handed.serial ?? 0) && cur.pid === undefined;
       const ok = !cur || untouched || this.mine(cur, me) || this.expired(cur);
       if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
-      return this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs);
+      // Unclaimed, the hand-over wrote nothing: what the owners before it flushed still stands.
+      // Claimed and then expired, the peer may have acknowledged writes that are gone now.
+      const handedFrom = untouched || (cur && this.mine(cur, me)) ? cur!.handedFrom : handedOn(cur).handedFrom;
+      return { ...this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs), ...(handedFrom ? { handedFrom } : {}) };
     });
   }
 
-  /** Gives up my lease (the record stays, released, so the next owner bumps the epoch). */
-  release(me: NodeIdentity, epoch: number): void {
+  /**
+   * Gives up my lease (the record stays, released, so the next owner bumps the epoch). `clean`:
+   * port A never opened, so this owner acknowledged nothing: like a hand-over, the release vouches
+   * for it (`handedFrom`), and the list goes on to whoever takes the lease next.
+   */
+  release(me: NodeIdentity, epoch: number, clean = false): void {
     this.update((cur) => {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return null;
-      return { ...cur, leaseStart: 0 };
+      const handedFrom = clean ? [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8) : undefined;
+      const { handedFrom: _was, ...rest } = cur;
+      return { ...rest, leaseStart: 0, ...(handedFrom ? { handedFrom } : {}) };
     });
   }
 
   /**
    * Writes a record naming `who` as owner at `epoch`, whatever the record said: only for an image
    * that is a node's own copy (a live copy's destination), where no other node keeps a record.
+   * `handedFrom`: the source's list (a live copy hands on like a hand-over; nodes sharing this
+   * image, which follow the owner through port B, read it when they relink).
    */
-  assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS): LeaseRecord {
-    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true }));
+  assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS, handedFrom?: string[]): LeaseRecord {
+    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true, ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-8) } : {}) }));
   }
 
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {
@@ -264,23 +289,38 @@ export class LeaseFile implements Ownership {
    */
   private lock(): () => void {
     const token = `${this.host} ${this.pid} ${Math.random().toString(36).slice(2)}`;
+    // The lock appears whole or not at all: its token is written to a file of its own first, then
+    // linked into place (fails if a lock exists). A lock created empty and then not written (a full
+    // disk, a stop between the two calls) would block every renewal until broken — or, broken
+    // while its holder is stopped, let two processes in.
+    const tmp = `${this.lockFile}.${this.pid}.${token.slice(-8)}`;
+    try {
+      fs.writeFileSync(tmp, token);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      throw err;
+    }
     const deadline = Date.now() + 50;
-    for (;;) {
-      try {
-        fs.writeFileSync(this.lockFile, token, { flag: "wx" });
-        return () => {
-          try {
-            if (fs.readFileSync(this.lockFile, "utf8") === token) fs.rmSync(this.lockFile, { force: true });
-          } catch {
-            /* gone */
-          }
-        };
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-        this.breakDeadLock();
-        if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
-        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+    try {
+      for (;;) {
+        try {
+          fs.linkSync(tmp, this.lockFile);
+          return () => {
+            try {
+              if (fs.readFileSync(this.lockFile, "utf8") === token) fs.rmSync(this.lockFile, { force: true });
+            } catch {
+              /* gone */
+            }
+          };
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+          this.breakDeadLock();
+          if (Date.now() > deadline) throw Object.assign(new Error(`${this.lockFile}: lock held by another process (${this.holder()}); try again later`), { code: "EBUSY" });
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+        }
       }
+    } finally {
+      fs.rmSync(tmp, { force: true });
     }
   }
 
@@ -292,17 +332,33 @@ export class LeaseFile implements Ownership {
     }
   }
 
-  /** Removes the lock file if the process that holds it is gone (an empty file: its writer died before writing). */
+  /**
+   * Removes the lock file if the process that holds it is gone. An empty one (written by an
+   * earlier version that created it before writing) is broken once this process saw it unchanged
+   * for 5 s of its own monotonic clock: its mtime would compare another clock with this one's.
+   */
   private breakDeadLock(): void {
     try {
       const text = fs.readFileSync(this.lockFile, "utf8");
       const [host, pid] = text.split(" ");
-      const dead = text === "" ? Date.now() - fs.statSync(this.lockFile).mtimeMs > 5000 : host === this.host && !this.alive(Number(pid));
+      let dead: boolean;
+      if (text === "") {
+        const st = fs.statSync(this.lockFile);
+        const key = `${st.ino}:${st.mtimeMs}`;
+        const now = this.monotonic();
+        if (this.emptyLockSeen?.key !== key) this.emptyLockSeen = { key, at: now };
+        dead = now - this.emptyLockSeen.at >= 5000;
+      } else dead = host === this.host && !this.alive(Number(pid));
       if (dead && fs.readFileSync(this.lockFile, "utf8") === text) fs.rmSync(this.lockFile, { force: true });
     } catch {
       /* gone meanwhile */
     }
   }
+}
+
+/** What a new owner keeps of `cur`'s handedFrom: all of it after a release (a clean give-up), nothing after an expiry. */
+function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
+  return cur?.leaseStart === 0 && cur.handedFrom ? { handedFrom: cur.handedFrom } : {};
 }
 
 function describe(r: LeaseRecord | null): string {

@@ -39,8 +39,11 @@ export interface Ownership {
    * complete: only while the peer has not claimed it (renewed it), or once it expired.
    */
   reclaim(me: NodeIdentity, handed: LeaseRecord, ttlMs: number): LeaseRecord;
-  /** Gives up my lease at `epoch` (the next owner bumps the epoch). */
-  release(me: NodeIdentity, epoch: number): void;
+  /**
+   * Gives up my lease at `epoch` (the next owner bumps the epoch). `clean`: this owner never opened
+   * port A, so nothing it acknowledged can be lost (the next owner keeps `handedFrom`).
+   */
+  release(me: NodeIdentity, epoch: number, clean?: boolean): void;
   /** Names `who` owner at `epoch` unconditionally: only for a node's own copy of an image. */
-  assign(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord;
+  assign(who: NodeIdentity, epoch: number, ttlMs: number, handedFrom?: string[]): LeaseRecord;
 }

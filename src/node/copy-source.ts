@@ -28,7 +28,7 @@ export async function migrateByCopy(node: NodeContext, name: string, to: string,
   });
   const t0 = performance.now();
   const log = node.opts.log.child({ export: name, to: peer.nodeId });
-  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch, image: fileIdentity(m.image) ?? undefined }).catch((err: Error) => {
+  const t = await controlCall<{ target: string; nbd: string; fresh: boolean }>(to, "POST", "v1/copy-targets", { name, size: m.exp.size(), owner: node.identity, epoch: m.epoch, image: fileIdentity(m.image) ?? undefined, handedFrom: m.lease.read()?.handedFrom }).catch((err: Error) => {
     // A refusal (409: the same image, another size, owned there) is the caller's conflict, not a bad gateway.
     throw new HttpError(err instanceof ControlError && err.status === 409 ? 409 : 502, `peer ${peer.nodeId} cannot receive ${name}: ${err.message}`);
   });

@@ -66,7 +66,7 @@ function refuseSameImage(name: string, image: string, source: FileIdentity | und
  * copy hands over, and an export only the source knows the name of, that it writes into.
  * Clients of this node reach the export through port B (the source owns it) meanwhile.
  */
-export async function createCopyTarget(node: NodeContext, name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity): Promise<{ target: string; nbd: string; fresh: boolean }> {
+export async function createCopyTarget(node: NodeContext, name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity, handedFrom?: string[]): Promise<{ target: string; nbd: string; fresh: boolean }> {
   if (!node.publisher) throw new HttpError(409, `node ${node.identity.nodeId} cannot publish exports`);
   let m = node.lookup(name);
   let fresh = false;
@@ -75,7 +75,7 @@ export async function createCopyTarget(node: NodeContext, name: string, size: nu
     if (m.exp.size() !== size) throw new HttpError(409, `${name} here is ${m.exp.size()} bytes, the source's is ${size}`);
     refuseSameImage(name, m.image, sourceImage);
     if (m.target) await abandonCopyTarget(node, name);
-    m.lease.assign(owner, epoch, node.ttlMs);
+    m.lease.assign(owner, epoch, node.ttlMs, handedFrom);
   } else {
     if (!node.opts.dataDir) throw new HttpError(409, `node ${node.identity.nodeId} has no --data-dir to create "${name}" in`);
     const image = path.join(node.opts.dataDir, `${encodeURIComponent(name)}.img`);
@@ -87,7 +87,7 @@ export async function createCopyTarget(node: NodeContext, name: string, size: nu
       fs.truncateSync(image, size);
       fresh = true;
     }
-    node.ownershipOf(image).assign(owner, epoch, node.ttlMs);
+    node.ownershipOf(image).assign(owner, epoch, node.ttlMs, handedFrom);
     // Its own fault layer (with --fault) above port A, as for exports served from the start.
     const exp = node.createExport({ name, source: image, io: node.opts.io, fault: node.opts.fault }, node.opts.handles);
     m = node.lookup(name)!;
@@ -120,12 +120,13 @@ export async function abandonCopyTarget(node: NodeContext, name: string): Promis
 
 /**
  * The end of a live copy into this node (the source hands the lease over): the image here is
- * complete and becomes the one port A opens. Its lease record is this node's own (not shared).
+ * complete and becomes the one port A opens. Its lease record is this node's own (nodes sharing
+ * this image follow it through port B); `handedFrom` is the source's hand-over list.
  */
-export async function completeCopyTarget(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+export async function completeCopyTarget(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[]): Promise<void> {
   const t = m.target;
   if (!t) return;
-  m.lease.assign(node.identity, epoch, node.ttlMs);
+  m.lease.assign(node.identity, epoch, node.ttlMs, handedFrom);
   m.target = null;
   m.private = true;
   await node.publisher?.remove(t.exp.name);

@@ -18,12 +18,29 @@ import { parseHostPort, type Managed, type MoveResult, type NodeContext } from "
 export async function moveOut(node: NodeContext, name: string, to: string, beforeRelease?: () => Promise<void>, privateCopy = false): Promise<MoveResult> {
   const m = node.find(name);
   if (m.epoch === null || m.redirector.state !== "LOCAL") throw new HttpError(409, `${name} is not owned here (state ${m.redirector.state}); migrate it on its owner`);
+  // One move at a time: a second one would hand over the epoch this node had when it was asked,
+  // which the first move may have changed (a rollback takes the lease back at a new epoch).
+  if (moving.has(m)) throw new HttpError(409, `${name}: a move is under way already; try again when it ended`);
+  moving.add(m);
+  try {
+    return await moveOnce(node, m, to, beforeRelease, privateCopy);
+  } finally {
+    moving.delete(m);
+  }
+}
+
+/** Exports with a move under way. */
+const moving = new WeakSet<Managed>();
+
+async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease: (() => Promise<void>) | undefined, privateCopy: boolean): Promise<MoveResult> {
+  const name = m.name;
   const peer = await getStatus(to).catch((err: Error) => {
     throw new HttpError(502, `peer ${to} unreachable: ${err.message}`);
   });
   if (!beforeRelease && !peer.exports.some((e) => e.name === name)) throw new HttpError(409, `peer ${peer.nodeId} does not serve "${name}"`);
   const t0 = performance.now();
   const myEpoch = m.epoch;
+  if (myEpoch === null) throw new HttpError(409, `${name} is not owned here any more; migrate it on its owner`);
   let handed: LeaseRecord | null = null;
   const { held } = await m.redirector.moveOut({
     beforeRelease,
@@ -33,7 +50,7 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
       handed = m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       m.epoch = null;
       m.validUntil = 0;
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch }, node.adoptTimeoutMs);
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: handed.epoch, handedFrom: handed.handedFrom }, node.adoptTimeoutMs);
     },
     reclaim: async () => {
       if (!handed) {
@@ -82,7 +99,7 @@ async function refuseAdoption(node: NodeContext, to: string, name: string, epoch
  * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
  * step is the claim (see above); an epoch the owner took back first is refused (409).
  */
-export function adopt(node: NodeContext, name: string, epoch: number): Promise<void> {
+export function adopt(node: NodeContext, name: string, epoch: number, handedFrom?: string[]): Promise<void> {
   const m = node.find(name);
   if (epoch <= m.refused) return Promise.reject(new HttpError(409, `${name}: the owner took epoch ${epoch} back`));
   const running = adoptions.get(m);
@@ -90,7 +107,7 @@ export function adopt(node: NodeContext, name: string, epoch: number): Promise<v
   if (running && m.adopting === epoch) return running;
   if (m.adopting !== null) return Promise.reject(new HttpError(409, `${name}: adopting epoch ${m.adopting} already`));
   m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
-  const p = adoptAt(node, m, epoch).finally(() => adoptions.delete(m));
+  const p = adoptAt(node, m, epoch, handedFrom).finally(() => adoptions.delete(m));
   adoptions.set(m, p);
   return p;
 }
@@ -98,12 +115,13 @@ export function adopt(node: NodeContext, name: string, epoch: number): Promise<v
 /** Adoptions under way, so that a second request for the same epoch waits for the first. */
 const adoptions = new WeakMap<Managed, Promise<void>>();
 
-async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<void> {
+async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[]): Promise<void> {
   const name = m.name;
   try {
-    await completeCopyTarget(node, m, epoch);
+    await completeCopyTarget(node, m, epoch, handedFrom);
+    let claimed: LeaseRecord;
     try {
-      renew(node, m, epoch); // the claim
+      claimed = renew(node, m, epoch); // the claim
     } catch (err) {
       if (!(err instanceof LeaseError)) throw err;
       const r = err.current;
@@ -111,11 +129,12 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number): Promise<vo
     }
     m.epoch = epoch;
     try {
-      await m.redirector.adopt();
+      // A live copy's record lists what the source's did, and the source (see completeCopyTarget).
+      await m.redirector.adopt({ ownerFlushed: true, handedFrom: claimed.handedFrom });
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
       // back or another node take it over at once) rather than hold it with nothing to write it.
-      m.lease.release(node.identity, epoch);
+      m.lease.release(node.identity, epoch, true);
       throw err;
     }
   } catch (err) {

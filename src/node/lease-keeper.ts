@@ -1,4 +1,4 @@
-import { LeaseError } from "../migration/lease.js";
+import { LeaseError, type LeaseRecord } from "../migration/lease.js";
 import { ownerIsHere, type OwnerAddress } from "../stack/port/remote-port.js";
 import type { Ownership } from "../migration/ownership.js";
 import { adopt } from "./hand-over.js";
@@ -53,10 +53,11 @@ function decide(node: NodeContext, m: Managed): boolean | null {
  * Extends my lease of `m` at `epoch` and trusts it for a share of its time, counted from before
  * the renewal: a pause inside renew() shortens the trust, it never extends it.
  */
-export function renew(node: NodeContext, m: Managed, epoch: number): void {
+export function renew(node: NodeContext, m: Managed, epoch: number): LeaseRecord {
   const t0 = performance.now();
-  m.lease.renew(node.identity, epoch);
+  const r = m.lease.renew(node.identity, epoch);
   m.validUntil = t0 + node.ttlMs * FRESH;
+  return r;
 }
 
 /**
@@ -71,7 +72,7 @@ export function locateOwner(node: NodeContext, lease: Ownership): OwnerAddress {
   // while the old one runs) is reached like any owner.
   const here = r.owner === node.identity.nodeId && (r.pid === undefined || r.pid === process.pid || r.nbd === node.identity.nbd);
   if (here) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
-  return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}` };
+  return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}`, handedFrom: r.handedFrom };
 }
 
 /** One tick of the renewal loop over every export of the node. */
@@ -139,7 +140,7 @@ function takeOverIfExpired(node: NodeContext, m: Managed): void {
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");
     m.epoch = null;
     try {
-      m.lease.release(node.identity, epoch);
+      m.lease.release(node.identity, epoch, true);
     } catch (e) {
       node.opts.log.error({ export: m.name, err: (e as Error).message }, "releasing the lease failed");
     }

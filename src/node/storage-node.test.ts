@@ -78,6 +78,33 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     expect(readAt(img, 8192, 4096).every((b) => b === 0)).toBe(true);
   });
 
+  // Nemesis seed 9 (3 nodes, at 742 s): b's FLUSH passed its fence, waited in a fault rule's
+  // delay while b was frozen past its lease, and once b continued its power-loss cache persisted
+  // an old write over the new owner's newer one. Layers that write back later (a power-loss cache,
+  // a cow overlay's map) sit below port A's fence: the image itself is fenced too.
+  it("a FLUSH let through before the lease was lost never writes a held-back write into the image after it", async () => {
+    const img = image();
+    const ttlMs = 60_000;
+    const handles = new StackHandles();
+    const { node: a, exp } = await nodeServing("a", img, ttlMs, { fault: { powerloss: true } }, handles);
+    await exp.layer.pwrite(Buffer.alloc(4096, 0x44), 0, plainIo); // held in the power-loss cache
+    expect(readAt(img, 0, 4096).every((b) => b === 0)).toBe(true);
+    handles.faults.get("disk")!.addRule("op=flush,delay=300ms");
+    const flushed = exp.layer.flush(plainIo).then(() => "ok", (e: Error) => e.message); // let through now
+    await new Promise((r) => setTimeout(r, 50));
+    // a is frozen in the delay; b takes the image over and writes the block.
+    new LeaseFile(img).handOver({ nodeId: "a", nbd: "", control: "" }, 1, { nodeId: "b", nbd: "127.0.0.1:9", control: "" }, ttlMs);
+    fs.writeFileSync(img, Buffer.alloc(4096, 0x55), { flag: "r+" });
+    const t0 = performance.now();
+    vi.spyOn(performance, "now").mockImplementation(() => t0 + 2 * ttlMs);
+    const late = await Promise.race([flushed, new Promise((r) => setTimeout(() => r("still waiting"), 1000))]);
+    expect(late).not.toBe("ok"); // the FLUSH cannot vouch for a write it could not make durable
+    expect(readAt(img, 0, 4096).every((b) => b === 0x55)).toBe(true); // b's write stands
+    await a.close();
+    await exp.close().catch(() => undefined);
+    expect(readAt(img, 0, 4096).every((b) => b === 0x55)).toBe(true);
+  });
+
   it("fences port A from the renewal loop, with no write needed, once another node holds the lease", async () => {
     const img = image();
     const { node: a, exp } = await nodeServing("a", img, 600);

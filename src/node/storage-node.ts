@@ -56,6 +56,8 @@ export class StorageNode {
     const { exp, pair } = composeNodeExport(spec, handles, this.opts.log, {
       owned: epoch !== null,
       mayWrite: () => mayWrite(this.context, m),
+      // A live copy into this node writes the image while another node owns the export.
+      mayWriteImage: () => m.target !== null || mayWrite(this.context, m),
       locate: () => locateOwner(this.context, lease),
       stillOwner: () => {
         const r = lease.read();
@@ -136,8 +138,8 @@ export class StorageNode {
   }
 
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`: see hand-over.ts. */
-  adopt(name: string, epoch: number): Promise<void> {
-    return adopt(this.context, name, epoch);
+  adopt(name: string, epoch: number, handedFrom?: string[]): Promise<void> {
+    return adopt(this.context, name, epoch, handedFrom);
   }
 
   /** Lets the node add exports to the NBD server at run time (live-copy destinations). */
@@ -146,8 +148,8 @@ export class StorageNode {
   }
 
   /** Destination side of a live copy: see copy-target.ts. */
-  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity): Promise<{ target: string; nbd: string; fresh: boolean }> {
-    return createCopyTarget(this.context, name, size, owner, epoch, sourceImage);
+  createCopyTarget(name: string, size: number, owner: NodeIdentity, epoch: number, sourceImage?: FileIdentity, handedFrom?: string[]): Promise<{ target: string; nbd: string; fresh: boolean }> {
+    return createCopyTarget(this.context, name, size, owner, epoch, sourceImage, handedFrom);
   }
 
   /**

@@ -15,6 +15,7 @@ import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import type { IoMode } from "./port/file-port.js";
 import { buildPortPair, type PortPair, type PortPairOwner } from "./port/port-pair.js";
+import { FenceLayer } from "./port/fence-layer.js";
 import { PortSlot } from "./port/port-slot.js";
 import { StackHandles } from "./stack-handles.js";
 
@@ -142,7 +143,10 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
   });
   while (stack[above]?.kind === "fault") above++;
   const bottom = (): Layer => buildBottom(stack[0]!, ctx);
-  let resource: Layer = new PortSlot(bottom);
+  // The image itself is fenced too: a layer above it that writes back later (a power-loss cache's
+  // persist, a cow overlay's map) may do so after the lease was lost (see PortPairOwner.mayWriteImage).
+  const mayWriteImage = () => (owner.mayWriteImage ?? owner.mayWrite)();
+  let resource: Layer = new PortSlot(() => new FenceLayer(bottom(), mayWriteImage, false));
   for (const l of stack.slice(1, above)) resource = buildLayer(l, resource, ctx);
   // The owner may be down while this node starts: the image itself gives size and abilities.
   const offline = async (): Promise<{ size: number; caps: Capabilities }> => {

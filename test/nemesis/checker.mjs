@@ -102,14 +102,22 @@ export class Checker {
     this.inflight.set(block, version);
     this.counts.writes++;
     if (fua) this.counts.fua++;
-    return { conn, block, version, fua, t };
+    return { conn, block, version, fua, t, lossesAtSend: this.lossEvents.length };
   }
 
+  /**
+   * A write's reply came. One in flight when a loss event was declared, answered before the next
+   * one, may have been done and answered by the node just before it was frozen or killed (the
+   * nemesis declares the event when it sends the signal; a reply already on its way arrives
+   * after): like a write acknowledged before the event, it is owed only once durable. Answered
+   * after a later event too (the node continued), it is owed.
+   */
   writeAcked(w, t) {
     this.inflight.delete(w.block);
     this.counts.acked++;
     this.acked[w.block] = Math.max(this.acked[w.block], w.version);
-    this.floor[w.block] = Math.max(this.floor[w.block], w.version);
+    const acrossLoss = !w.fua && this.lossEvents.length - w.lossesAtSend === 1;
+    if (!acrossLoss) this.floor[w.block] = Math.max(this.floor[w.block], w.version);
     if (w.fua || this.trustUnflushed) this.durable[w.block] = Math.max(this.durable[w.block], w.version);
     else w.conn.unflushed.push([w.block, w.version]);
   }

@@ -50,6 +50,23 @@ describe("nemesis checker", () => {
     expect(c.readDone(c.readSent(1, 1, 7), Buffer.alloc(BLOCK), 8, "t")[0]).toMatchObject({ kind: "lost durable write (read)", block: 1 });
   });
 
+  it("a write answered just after a loss event may be lost with it; answered after a later event, it is owed", () => {
+    // Seed 303: the owner answered a write and was frozen; the reply arrived after the nemesis had
+    // declared the loss. Seed 8 (finding 12): a write answered after its frozen owner continued.
+    const c = mk();
+    const k = conn();
+    c.writeAcked(c.writeSent(k, 0, 1, true, 0), 1); // durable (FUA)
+    const w2 = c.writeSent(k, 0, 2, false, 2);
+    c.loss(3, "b frozen");
+    c.writeAcked(w2, 4); // the reply was already on its way
+    expect(c.readDone(c.readSent(0, 1, 5), encodeBlock(0, 1, 1), 6, "t")).toEqual([]);
+    const w3 = c.writeSent(k, 0, 3, false, 7);
+    c.loss(8, "a frozen");
+    c.loss(9, "a frozen (end)");
+    c.writeAcked(w3, 10); // answered after a continued: owed
+    expect(c.readDone(c.readSent(0, 1, 11), encodeBlock(0, 1, 1), 12, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)", floor: 3 });
+  });
+
   it("a read in flight across a loss event may see the loss", () => {
     const c = mk();
     c.writeAcked(c.writeSent(conn(), 3, 1, false, 0), 1);

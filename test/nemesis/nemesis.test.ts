@@ -1,6 +1,7 @@
-// The nemesis harness as a test (NEMESIS=1; not in the default suite yet, see README.md): NEMESIS_SECONDS (default 120) of migrations, pauses past the lease,
-// kills and restarts, and fault rules against two nodes under a verifying load. NEMESIS_SEED picks
-// the schedule (default: a new one per run, printed, so CI explores; a failure prints it).
+// The nemesis harness as a test (NEMESIS=1; .ci/run runs it alone after the suite, see README.md):
+// NEMESIS_SECONDS (default 120) of migrations, pauses past the lease, kills and restarts, and fault
+// rules against two nodes under a verifying load. NEMESIS_SEED picks the schedule (.ci/run fixes
+// one; without it, a new one per run, printed: a failure prints it).
 // Longer runs: `npm run nemesis -- --minutes 30 --seed N` (README.md beside this file).
 import { expect, it } from "vitest";
 import { describe as describeRun, runNemesis } from "./harness.mjs";

@@ -121,7 +121,10 @@ export class FlushLedger {
     if (w) {
       if (w.lostUpTo > w.lostAbove && t.coversB > w.lostAbove) {
         lost = "writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)";
-        w.lostAbove = w.lostUpTo = 0;
+        // Reported for what this FLUSH covers; lost writes acknowledged after it was sent are
+        // not, and fail the next FLUSH, the first to cover them.
+        if (w.lostUpTo > t.coversB) w.lostAbove = t.coversB;
+        else w.lostAbove = w.lostUpTo = 0;
       }
       w.flushed = Math.max(w.flushed, t.coversB);
       if (w.flushed >= w.acked && w.lostUpTo === 0) this.portB.delete(t.client);

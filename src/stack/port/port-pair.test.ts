@@ -5,7 +5,8 @@ import { silentLogger } from "../../log.js";
 import { NbdServer } from "../../server/server.js";
 import { DiskLayer } from "../disk/disk-layer.js";
 import { Export } from "../export.js";
-import { PassthroughLayer, plainIo, type Io } from "../layer.js";
+import { PassthroughLayer, plainIo, type Io, type Layer } from "../layer.js";
+import { FaultLayer } from "../fault/fault-layer.js";
 import { MemoryPort } from "./memory-port.js";
 import { buildPortPair } from "./port-pair.js";
 import { ownerIsHere } from "./remote-port.js";
@@ -52,7 +53,7 @@ class Freezable extends PassthroughLayer {
  * through a proxy whose links the test can cut; port A is a memory device of its own, opened when
  * the pair adopts the resource.
  */
-async function start(requestTimeoutMs?: number, ownerName?: string) {
+async function start(requestTimeoutMs?: number, ownerName?: string, resource: Layer = new MemoryPort({ size: 8 * MiB })) {
   const device = new MemoryPort({ size: 8 * MiB });
   const owner = new Freezable(device);
   const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner))], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
@@ -70,11 +71,15 @@ async function start(requestTimeoutMs?: number, ownerName?: string) {
   await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
   const at = proxy.address() as net.AddressInfo;
   const here = { owner: false };
+  /** Who the record names (node@epoch) and whom it came from by hand-overs (LeaseRecord.handedFrom). */
+  const who = { owner: ownerName, handedFrom: undefined as string[] | undefined };
   const offline = async () => ({ size: 8 * MiB, caps: new MemoryPort({ size: 8 * MiB }).capabilities() });
-  const pair = buildPortPair("disk", new MemoryPort({ size: 8 * MiB }), offline, { owned: false, mayWrite: () => true, locate: () => {
+  /** Whether this node's lease holds (port A's fence and the adoption's check ask it). */
+  const lease = { mine: true };
+  const pair = buildPortPair("disk", resource, offline, { owned: false, mayWrite: () => lease.mine, locate: () => {
         if (here.owner) throw ownerIsHere("the record names this node");
-        return { host: "127.0.0.1", port: at.port, owner: ownerName };
-      }, stillOwner: () => true, requestTimeoutMs }, silentLogger());
+        return { host: "127.0.0.1", port: at.port, owner: who.owner, handedFrom: who.handedFrom };
+      }, stillOwner: () => lease.mine, requestTimeoutMs }, silentLogger());
   const r = pair.redirector;
   await r.open();
   closers.push(
@@ -91,7 +96,7 @@ async function start(requestTimeoutMs?: number, ownerName?: string) {
     for (const s of links) s.pause();
     links.clear();
   };
-  return { r, cut, freezeLinks, owner, here, device };
+  return { r, cut, freezeLinks, owner, here, device, who, lease };
 }
 
 /** The Io of requests from one client connection. */
@@ -148,6 +153,19 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await r.flush(x);
   });
 
+  it("a new link to an owner the old one handed the resource to loses nothing; to one that took it over, EIO", async () => {
+    const { r, cut, who } = await start(undefined, "a@3");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    Object.assign(who, { owner: "b@4", handedFrom: ["z@1", "a@3"] }); // a drained and flushed, then handed over
+    cut();
+    await r.flush(x);
+    await r.pwrite(block(2), 0, x);
+    Object.assign(who, { owner: "c@5", handedFrom: undefined }); // c took it over: b may have lost block 2
+    cut();
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+  });
+
   it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {
     const { r, cut } = await start();
     const x = client(true);
@@ -169,6 +187,23 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await handed.r.pwrite(block(1), 0, w);
     await handed.r.adopt({ ownerFlushed: true });
     await handed.r.flush(w);
+  });
+
+  it("a hand-over from an owner other than the one port B reached (that one was taken over since) fails the next FLUSH; one from that owner does not", async () => {
+    // Nemesis seed 7 at 303 s: a (epoch 96) acknowledged a write through this node's port B and
+    // froze; b took the image over (97) and handed it to this node (98). b flushed, a never did.
+    const skipped = await start(undefined, "a@96");
+    const x = client();
+    await skipped.r.pwrite(block(1), 0, x);
+    await skipped.r.adopt({ ownerFlushed: true, handedFrom: ["b@97"] });
+    await expect(skipped.r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+    await skipped.r.flush(x);
+
+    const direct = await start(undefined, "a@96");
+    const y = client();
+    await direct.r.pwrite(block(1), 0, y);
+    await direct.r.adopt({ ownerFlushed: true, handedFrom: ["b@97", "a@96"] });
+    await direct.r.flush(y);
   });
 });
 
@@ -231,4 +266,36 @@ describe("port pair: a write sent again after a broken link is applied once by t
     await r.pread(back, 0, x);
     expect(back.equals(block(2))).toBe(true);
   });
+});
+
+/**
+ * Nemesis seed 202, after the fence learnt to end an adoption: b took the resource over while a
+ * FLUSH hung on the old owner; sent to port A, it stalled there (a fault rule); b was frozen past
+ * the lease and fenced. Closing port A ended the stalled FLUSH with ESHUTDOWN, which went to the
+ * client; its writes held while b adopted must reach the owner too.
+ */
+describe("port pair: a node that loses the resource while it adopts fails nothing", () => {
+  it("a request stalled in port A when the adoption ends goes to the owner, as do the requests held meanwhile", async () => {
+    const fault = new FaultLayer(new MemoryPort({ size: 8 * MiB }));
+    const { r, owner, here, lease } = await start(undefined, "a@3", fault);
+    const x = client();
+    owner.holdFlushes = true; // the old owner stops answering FLUSHes
+    const flushed = r.flush(x);
+    await new Promise((res) => setTimeout(res, 50));
+    here.owner = true; // this node takes the resource over
+    fault.addRule("op=flush,stall,once"); // and its port A stalls the FLUSH sent there
+    await r.adopt({ ownerFlushed: false });
+    await new Promise((res) => setTimeout(res, 50));
+    const w = r.pwrite(block(9), 4096, x); // held while adopting
+    lease.mine = false; // frozen past the lease: the old owner has it again
+    here.owner = false;
+    owner.releaseFlushes();
+    await r.fence();
+    expect(r.state).toBe("REMOTE");
+    await w;
+    await flushed.catch((e: NbdError) => expect(e.errno).toBe("EIO")); // never ESHUTDOWN
+    const back = Buffer.alloc(4096);
+    await r.pread(back, 4096, x);
+    expect(back.equals(block(9))).toBe(true);
+  }, 10_000);
 });

@@ -12,8 +12,14 @@ import { RemotePort, type OwnerAddress, type RemotePortOptions } from "./remote-
 export interface PortPairOwner {
   /** This node owns the resource when the stack opens (port A first; otherwise port B). */
   owned: boolean;
-  /** Asked before every write through port A: false fences it; a promise makes it wait (see FenceLayer). */
+  /** Asked before every request through port A (and again after each write): false fences it; a promise makes it wait (see FenceLayer). */
   mayWrite(): boolean | Promise<boolean>;
+  /**
+   * Asked before every write that reaches the image itself, below the layers that hold writes
+   * back (a power-loss cache, a cow overlay's map), so a deposed owner's late write-back never
+   * lands. Default: mayWrite; a node also lets a live copy into it write here.
+   */
+  mayWriteImage?(): boolean | Promise<boolean>;
   /** The current owner's NBD address (port B connects there, and again on every reconnect), and who it is. */
   locate(): OwnerAddress;
   /** Whether this node still owns the resource (an adopting node checks before its own writes). */

@@ -53,13 +53,27 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
     }
     private to: "x" | "y";
     private closed = false;
+    /**
+     * Like RemotePort: a node that does not own the device answers ESHUTDOWN, and port B finds the
+     * owner again — EOWNER when that is its own node.
+     */
     private hop<T>(f: (n: PortRedirector) => Promise<T>): Promise<T> {
       if (this.closed) return Promise.reject(new NbdError("ESHUTDOWN", "port B used after close"));
       return sleep(rand() < 0.5 ? 0 : 1).then(async () => {
-        const r = await f(nodes[this.to]);
-        await sleep(rand() < 0.5 ? 0 : 1); // the reply's way back
-        if (this.closed) throw new NbdError("ESHUTDOWN", "port B closed with a request in flight");
-        return r;
+        for (;;) {
+          let r: T;
+          try {
+            r = await f(nodes[this.to]);
+          } catch (err) {
+            if ((err as NbdError).errno !== "ESHUTDOWN" || this.closed) throw err;
+            if (state.owner !== this.to) throw Object.assign(new Error("the owner is this node"), { code: "EOWNER" });
+            await sleep(1);
+            continue;
+          }
+          await sleep(rand() < 0.5 ? 0 : 1); // the reply's way back
+          if (this.closed) throw new NbdError("ESHUTDOWN", "port B closed with a request in flight");
+          return r;
+        }
       });
     }
     override async open() {}
@@ -404,4 +418,113 @@ describe("PortRedirector: a held request of a client that is gone is not run lat
     expect(forwarded).toEqual([]);
     await r.close();
   });
+});
+
+/**
+ * Nemesis finding 9: an owner frozen past its lease read, once it continued, a write that a peer
+ * had sent it before the peer gave the link up and took the resource over (applying the write
+ * through its own port A). Forwarded to that new owner under this node's port B session, it was
+ * applied a second time, over newer writes. The same holds for a node that handed the resource
+ * over and was then stopped: a node that does not own the resource forwards no peer's request.
+ */
+describe("PortRedirector: a node that does not own the resource forwards nothing a peer sends it", () => {
+  it("after a hand-over: a peer's write is answered ESHUTDOWN; its own client's goes to the owner", async () => {
+    const { nodes, move, disk } = world(5);
+    await nodes.x.open();
+    await nodes.y.open();
+    await move("x");
+    expect(nodes.x.state).toBe("REMOTE");
+    expect(await errnoOf(nodes.x.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }))).toBe("ESHUTDOWN");
+    await nodes.x.pwrite(Buffer.alloc(512, 2), 512, plainIo);
+    const back = Buffer.alloc(1024);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.concat([Buffer.alloc(512), Buffer.alloc(512, 2)]))).toBe(true);
+  });
+
+  it("answers a peer's write that arrives after the fence ESHUTDOWN, and still forwards its own clients'", async () => {
+    const { r, lease, forwarded } = await fencedOwner();
+    lease.owner = false;
+    await r.pwrite(Buffer.alloc(512, 2), 512, plainIo); // finds the fence: port B from now on
+    expect(r.state).toBe("REMOTE");
+    expect(await errnoOf(r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true }))).toBe("ESHUTDOWN");
+    await r.pwrite(Buffer.alloc(512, 3), 1024, plainIo);
+    expect(forwarded).toEqual([512, 1024]);
+    await r.close();
+  });
+});
+
+/**
+ * Nemesis seed 7: a request waiting for this node's port A (port B found the record naming this
+ * node) ran when, much later, this node became the owner again — over writes acknowledged since.
+ * Its client (a peer's port B) had long given it up and sent it to the owner of the time.
+ */
+describe("PortRedirector: a request waiting for port A whose client is gone never runs", () => {
+  it("answers it ESHUTDOWN instead of writing it when port A opens", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    await disk.open();
+    const here = Object.assign(new Error("the record names this node"), { code: "EOWNER" });
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override pwrite(): Promise<void> {
+        return Promise.reject(here);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => disk, openRemote: async () => portB }, false);
+    await r.open();
+    const gone = { ended: false };
+    const w = errnoOf(r.pwrite(Buffer.alloc(512, 7), 0, { ...plainIo, peer: true, session: gone }));
+    await sleep(20);
+    gone.ended = true; // the peer gave the link up
+    await sleep(20);
+    await r.adopt();
+    expect(await w).toBe("ESHUTDOWN");
+    const back = Buffer.alloc(512);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.alloc(512))).toBe(true);
+    await r.close();
+  });
+});
+
+/**
+ * Nemesis seed 202: a node took the resource over while a request through port B hung (a stalled
+ * flush); its adoption waited for port B to drain, the node lost the lease meanwhile (it was
+ * frozen), and the fence did nothing outside LOCAL: the node stayed ADOPTING with port A open and
+ * its clients' requests held for good, and a later hand-over to it queued behind that adoption.
+ */
+describe("PortRedirector: a node that loses the resource while it adopts follows the new owner", () => {
+  it("gives up an adoption still waiting for port B when fenced: REMOTE, and its clients' held requests go to the owner", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    await disk.open();
+    const owner = { here: true };
+    const forwarded: number[] = [];
+    let first = true;
+    let hung: ((e: Error) => void) | null = null;
+    const portB = new (class extends PassthroughLayer {
+      override async open() {}
+      override async close() {
+        hung?.(new NbdError("ESHUTDOWN", "port B closed"));
+      }
+      override pwrite(b: Buffer, o: number, io: Io): Promise<void> {
+        if (first) {
+          first = false;
+          return new Promise<void>((_, reject) => (hung = reject)); // hangs: the old owner stopped
+        }
+        forwarded.push(o);
+        return super.pwrite(b, o, io);
+      }
+    })(new MemoryPort({ size: SIZE }));
+    const r = new PortRedirector("d", { openLocal: async () => new FenceLayer(disk, () => owner.here), openRemote: async () => portB, stillOwner: () => owner.here }, false);
+    await r.open();
+    const stuck = r.pwrite(Buffer.alloc(512, 1), 0, client()).catch(() => undefined); // stuck on port B
+    await r.adopt({ ownerFlushed: false }); // port A open; waits for port B to drain
+    expect(r.state).toBe("ADOPTING");
+    const held = r.pwrite(Buffer.alloc(512, 2), 512, client()); // this node's own: held while ADOPTING
+    owner.here = false; // frozen past the lease: another node took it over
+    await r.fence();
+    expect(r.state).toBe("REMOTE");
+    await held;
+    expect(forwarded).toEqual([512]);
+    await r.close();
+    await stuck;
+  }, 5000);
 });

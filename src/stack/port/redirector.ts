@@ -2,14 +2,14 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type ClientSession, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import { FlushLedger } from "./flush-ledger.js";
 
 /**
  * LOCAL: this node owns the resource; requests go to port A.
  * DRAINING: a move started; new requests are held while port A finishes and flushes.
  * HANDOVER: port A is closed; the resource is being assigned to the peer.
- * REMOTE: the peer owns the resource; requests go to port B.
+ * REMOTE: the peer owns the resource; this node's clients' requests go to port B, a peer's are sent back (notOwner).
  * ROLLBACK: the peer could not take it; this node reopens port A.
  * ADOPTING: this node just took the resource; requests forwarded by peers go to port A, this
  *   node's own new requests are held until the ones it sent through port B have completed.
@@ -41,12 +41,30 @@ export interface HandOver {
   reclaim(): Promise<void>;
 }
 
+/**
+ * What a node that does not own the resource answers a peer's request: ESHUTDOWN, which a port B
+ * takes as "find the owner again" (it reads the record and sends the request there itself, under
+ * its own session, which the owner applies once). Forwarding it instead would let it be applied
+ * twice: a peer may give a request up (this node was stopped, its link timed out), send it to the
+ * owner — or take the resource over and write it itself — while this node, once it continues,
+ * still reads it from the link and would forward it under its own session, over newer writes.
+ */
+function notOwner(name: string): NbdError {
+  return new NbdError("ESHUTDOWN", `${name}: this node does not own the resource; send the request to its owner`);
+}
+
+/** How this node came to own the resource (see PortRedirector.adopt). */
+export interface AdoptHow {
+  /** A hand-over (the old owner drained and flushed), not a take-over of an owner that stopped. */
+  ownerFlushed: boolean;
+  /** With a hand-over: the owners the record names as having handed the resource on (LeaseRecord.handedFrom). */
+  handedFrom?: string[];
+}
+
 interface Held {
   run: (port: Layer) => Promise<unknown>;
-  /** Forwarded by a peer's port B. */
-  peer?: boolean;
-  /** The client connection it came on: gone by the time it is released, it is not run. */
-  session?: ClientSession | null;
+  /** Its request's context: `peer` (forwarded by a peer's port B), `session` (its client connection: gone by the time it is released, it is not run). */
+  io?: Io;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -82,6 +100,8 @@ export class PortRedirector implements Layer {
   private moves = 0;
   private busy: Promise<void> = Promise.resolve();
   private closing = false;
+  /** While an adoption waits for port B to drain: ends that wait (the resource was lost meanwhile). */
+  private stopAdopting: (() => void) | null = null;
 
   constructor(
     private readonly name: string,
@@ -135,40 +155,46 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>, write = false): Promise<T> {
     switch (this.st) {
       case "LOCAL":
-        return this.viaA(run, io.peer, io, write);
+        return this.viaA(run, io, write);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
         // sent back through port B they would only come here again.
-        if (io.peer && this.peerHeld) return this.holdPeer(run);
-        return this.viaB(run);
+        if (io.peer && this.peerHeld) return this.holdPeer(run, io);
+        // A peer took this node for the owner (an old record, or one it read before a move): it goes back.
+        if (io.peer) return Promise.reject(notOwner(this.name));
+        return this.viaB(run, io);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run, true, io, write);
-        return this.hold(run);
+        if (io.peer) return this.viaA(run, io, write);
+        return this.hold(run, io);
       default:
-        return this.hold(run, io.peer, io.session);
+        return this.hold(run, io);
     }
   }
 
   /** `write`: a write, zero or trim, so that a refused one is taken back from its client's count. */
-  private async viaA<T>(run: (port: Layer) => Promise<T>, peer = false, io?: Io, write = false): Promise<T> {
+  private async viaA<T>(run: (port: Layer) => Promise<T>, io?: Io, write = false): Promise<T> {
+    const a = this.a!;
     this.inA.enter();
     try {
-      return await run(this.a!);
+      return await run(a);
     } catch (err) {
-      if (!isFenced(err)) throw err;
+      // Refused by the fence (the lease is gone, see FenceLayer), or ended by port A closing under
+      // it (a stall of a fault layer: this node gave up an adoption it lost): it goes to the owner.
+      if (!isFenced(err) && !(this.a !== a && (err as NbdError).errno === "ESHUTDOWN")) throw err;
     } finally {
       this.inA.leave();
     }
     // Refused: it never reached the device, so it is not among the client's unflushed writes there.
     if (io && write && !io.fua) this.ledger.refusedA(io);
-    // Port A refused it (the lease is gone, see FenceLayer): the fence moves the export to port B
-    // and releases the held requests there, this one among them.
-    const held = this.hold(run, peer, io?.session);
+    // Port B serves already: straight there (a peer's goes back to it). Otherwise the fence moves
+    // the export to port B and releases the held requests there, this one among them.
+    if (this.st === "REMOTE") return io?.peer ? Promise.reject(notOwner(this.name)) : this.viaB(run, io);
+    const held = this.hold(run, io);
     void this.fence().catch(() => undefined);
     return held;
   }
 
-  private async viaB<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private async viaB<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     this.inB.enter();
     try {
       for (;;) {
@@ -176,9 +202,11 @@ export class PortRedirector implements Layer {
           return await run(this.b!);
         } catch (err) {
           // The owner is this node now (it adopted or took over the resource): the request,
-          // older than anything held, goes to port A as soon as that is open.
+          // older than anything held, goes to port A as soon as that is open — unless its client
+          // is gone meanwhile (it may have sent it elsewhere): then it must never run.
           if (!isOwnerHere(err)) throw err;
-          if (this.a) return await this.viaA(run);
+          if (io?.session?.ended) throw new NbdError("ESHUTDOWN", `${this.name}: the client of this request is gone`);
+          if (this.a) return await this.viaA(run, io);
           await new Promise((r) => setTimeout(r, 5));
         }
       }
@@ -187,38 +215,36 @@ export class PortRedirector implements Layer {
     }
   }
 
-  private holdPeer<T>(run: (port: Layer) => Promise<T>): Promise<T> {
+  private holdPeer<T>(run: (port: Layer) => Promise<T>, io: Io): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.peerHeld!.push({ run, resolve: resolve as (v: unknown) => void, reject });
+      this.peerHeld!.push({ run, io, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
-  private hold<T>(run: (port: Layer) => Promise<T>, peer = false, session?: ClientSession | null): Promise<T> {
+  private hold<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.held.push({ run, peer, session, resolve: resolve as (v: unknown) => void, reject });
+      this.held.push({ run, io, resolve: resolve as (v: unknown) => void, reject });
     });
   }
 
   /**
-   * Sends every held request, in arrival order, through the port of the (new) state. After a
-   * fence, requests that peers forwarded are not forwarded on: they are answered ESHUTDOWN, so their
-   * sender sends them again itself, to the owner it finds, under its own port B session — which
-   * the owner applies once (it may have taken the resource over and sent them through its port A).
+   * Sends every held request, in arrival order, through the port of the (new) state. Requests
+   * that peers sent are never forwarded on (see notOwner).
    */
-  private release(fenced = false): void {
+  private release(): void {
     const q = this.held;
     this.held = [];
     for (const h of q) {
       // Its client is gone (and may have sent it again elsewhere): it must not run late.
-      if (h.session?.ended) {
+      if (h.io?.session?.ended) {
         h.reject(new NbdError("ESHUTDOWN", `${this.name}: the client of this held request is gone`));
         continue;
       }
-      if (fenced && h.peer) {
-        h.reject(new NbdError("ESHUTDOWN", `${this.name}: this node lost the resource; send the request to its owner`));
+      if (this.st !== "LOCAL" && h.io?.peer) {
+        h.reject(notOwner(this.name));
         continue;
       }
-      const p = this.st === "LOCAL" ? this.viaA(h.run, h.peer) : this.viaB(h.run);
+      const p = this.st === "LOCAL" ? this.viaA(h.run, h.io) : this.viaB(h.run, h.io);
       p.then(h.resolve, h.reject);
     }
   }
@@ -307,10 +333,13 @@ export class PortRedirector implements Layer {
    * requests forwarded by peers; this node's own new requests wait until those it had sent through
    * port B completed, then everything flows through port A. Resolves once port A is open.
    */
-  adopt(how: { ownerFlushed: boolean } = { ownerFlushed: true }): Promise<void> {
-    // A hand-over drained and flushed the old owner: what port B wrote is durable. A take-over
-    // follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
-    if (!how.ownerFlushed) {
+  adopt(how: AdoptHow = { ownerFlushed: true }): Promise<void> {
+    // A hand-over drained and flushed the old owner: what port B wrote through it is durable —
+    // unless port B's link reached an owner before it that did not hand over (it was taken over
+    // since). A take-over follows an owner that stopped: what it acknowledged without a FLUSH may be gone.
+    const reached = (this.b as { owner?: string } | null)?.owner;
+    const flushed = how.ownerFlushed && (reached === undefined || !how.handedFrom || how.handedFrom.includes(reached));
+    if (!flushed) {
       this.ownerLost();
       // What still waits on the old owner (it may be stopped, not dead) goes to port A instead.
       (this.b as { dropLink?: (reason: string) => void } | null)?.dropLink?.("this node takes the resource over");
@@ -327,21 +356,26 @@ export class PortRedirector implements Layer {
       } catch (err) {
         const q = this.peerHeld;
         this.peerHeld = null;
-        for (const h of q) this.viaB(h.run).then(h.resolve, h.reject);
+        for (const h of q) this.viaB(h.run, h.io).then(h.resolve, h.reject);
         failed(err);
         return;
       }
       this.st = "ADOPTING";
       const q = this.peerHeld;
       this.peerHeld = null;
-      for (const h of q) this.viaA(h.run).then(h.resolve, h.reject);
+      for (const h of q) this.viaA(h.run, h.io).then(h.resolve, h.reject);
       opened();
-      await this.inB.idle();
+      // Port B drains (a request may hang there a while: a stalled old owner) unless a fence says
+      // this node lost the resource meanwhile: then nothing waits on it.
+      await Promise.race([this.inB.idle(), new Promise<void>((r) => (this.stopAdopting = r))]);
+      this.stopAdopting = null;
       if (this.ports.stillOwner && !this.ports.stillOwner()) {
-        // The hand-over was taken back meanwhile (its owner rolled back): never write as a second owner.
-        this.log?.warn("adopt: the resource was taken back; following its owner");
-        await this.a.close().catch(() => undefined);
-        this.a = null;
+        // The hand-over was taken back meanwhile (its owner rolled back), or the lease was lost
+        // (this node was frozen past it): never write as a second owner.
+        this.log?.warn("adopt: the resource was taken back or lost; following its owner");
+        const a = this.a;
+        this.a = null; // first: what port A's closing ends goes to the owner (see viaA)
+        await a.close().catch(() => undefined);
         this.st = "REMOTE";
         this.release();
         return;
@@ -362,6 +396,8 @@ export class PortRedirector implements Layer {
    * for new requests, let the ones in flight finish, then forward everything through port B.
    */
   fence(): Promise<void> {
+    // An adoption still waiting for port B ends now; it finds the lease gone and follows the owner.
+    this.stopAdopting?.();
     return this.serial(async () => {
       if (this.st !== "LOCAL") return;
       this.st = "DRAINING";
@@ -373,7 +409,7 @@ export class PortRedirector implements Layer {
       this.st = "HANDOVER";
       this.b = await this.openRemoteUntilDone();
       this.st = "REMOTE";
-      this.release(true);
+      this.release();
     });
   }
 

@@ -26,7 +26,8 @@ export interface RemotePortOptions {
   /**
    * Called when a link replaces an earlier one to another owner (or one that cannot be told apart:
    * no `owner` name): what the old owner acknowledged but no FLUSH covered may be gone with it
-   * (see PortRedirector.ownerLost). A new link to the same owner process loses nothing.
+   * (see PortRedirector.ownerLost). A new link to the same owner process loses nothing, nor one to
+   * an owner that the old one reached by hand-overs only (`handedFrom`): each flushed first.
    */
   onNewLink?: () => void;
   /**
@@ -37,8 +38,11 @@ export interface RemotePortOptions {
   requestTimeoutMs?: number;
 }
 
-/** An owner's NBD address, with a name for the owner's process when known (see onNewLink). */
-export type OwnerAddress = NbdAddress & { owner?: string };
+/**
+ * An owner's NBD address, with a name for the owner's process when known (see onNewLink), and the
+ * owners it came from by hand-overs only (LeaseRecord.handedFrom).
+ */
+export type OwnerAddress = NbdAddress & { owner?: string; handedFrom?: string[] };
 
 /** The lease names this very node as the owner: the request belongs on port A, not on a peer. */
 export function ownerIsHere(message: string): Error {
@@ -86,6 +90,11 @@ export class RemotePort implements Layer {
 
   describe(): string {
     return `nbd:${this.where}/${this.opts.exportName}`;
+  }
+
+  /** The owner (node@epoch) the current or last link reached, when known. */
+  get owner(): string | undefined {
+    return this.linkOwner;
   }
 
   async open(): Promise<void> {
@@ -154,25 +163,30 @@ export class RemotePort implements Layer {
 
   private connection(): Promise<NbdClient> {
     if (this.client && !this.client.socket.destroyed) return Promise.resolve(this.client);
-    this.connecting ??= (async () => {
-      try {
-        const first = this.opts.first;
-        this.opts.first = undefined;
-        const addr = first ?? (await this.opts.locate());
-        this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
-        // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
-        const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
-        const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
-        if (this.links++ > 0 && (addr.owner === undefined || addr.owner !== this.linkOwner)) this.opts.onNewLink?.();
-        this.linkOwner = addr.owner;
-        this.lastProgress = performance.now();
-        this.client = c;
-        return c;
-      } finally {
-        this.connecting = null;
-      }
+    if (this.connecting) return this.connecting;
+    // Cleared once settled, never before it is set: locate() may throw at once (the record names
+    // this node), and a promise kept after failing would fail every later connection the same way.
+    const p: Promise<NbdClient> = (async () => {
+      const first = this.opts.first;
+      this.opts.first = undefined;
+      const addr = first ?? (await this.opts.locate());
+      this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+      // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
+      const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
+      const c = await NbdClient.connect(addr, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
+      const same = addr.owner !== undefined && (addr.owner === this.linkOwner || (this.linkOwner !== undefined && !!addr.handedFrom?.includes(this.linkOwner)));
+      if (this.links++ > 0 && !same) this.opts.onNewLink?.();
+      this.linkOwner = addr.owner;
+      this.lastProgress = performance.now();
+      this.client = c;
+      return c;
     })();
-    return this.connecting;
+    this.connecting = p;
+    const clear = () => {
+      if (this.connecting === p) this.connecting = null;
+    };
+    p.then(clear, clear);
+    return p;
   }
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
@@ -193,7 +207,10 @@ export class RemotePort implements Layer {
       if (this.client === failed) this.client = null;
       failed.destroy();
     }
-    for (let delay = 5; ; delay = Math.min(delay * 2, 500)) {
+    // `again`: the wait before the next link after one that failed the request. The first is at
+    // once (the owner moved); a node that answers ESHUTDOWN while the record still names it (a
+    // hand-over not yet claimed) is asked less and less often.
+    for (let delay = 5, again = 0; ; delay = Math.min(delay * 2, 500)) {
       if (this.closed) throw new NbdError("ESHUTDOWN", "port B is closed");
       let c: NbdClient;
       try {
@@ -211,6 +228,8 @@ export class RemotePort implements Layer {
         if (this.client === c) this.client = null;
         c.destroy();
         this.opts.log?.debug({ err: (err as Error).message }, "port B: link lost; sending the request again");
+        if (again) await new Promise((r) => setTimeout(r, again));
+        again = Math.min(again * 2 || 2, 200);
       }
     }
   }

@@ -1,0 +1,68 @@
+// Shared by the etcd client tests (src/coord/*.test.ts) and the lab test. Real etcd processes come
+// from etcd.mjs.
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import pino from "pino";
+import type { Logger } from "pino";
+
+export function tempDir(tag: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `nbdstack-${tag}-`));
+}
+
+/** A debug logger whose lines land in `lines` (parsed). */
+export function captureLogger(): { logger: Logger; lines: Array<Record<string, unknown> & { msg: string }> } {
+  const lines: Array<Record<string, unknown> & { msg: string }> = [];
+  const logger = pino({ level: "debug" }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+  return { logger, lines };
+}
+
+export async function until<T>(what: string, probe: () => Promise<T | undefined | false> | T | undefined | false, deadlineMs = 20_000): Promise<T> {
+  const end = performance.now() + deadlineMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await probe();
+      if (v !== undefined && v !== false) return v;
+    } catch (err) {
+      last = err;
+    }
+    if (performance.now() > end) throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}${last ? ` (last error: ${(last as Error).message})` : ""}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+function certtool(dir: string, args: string[], template?: string): void {
+  const t = path.join(dir, `t${Math.random().toString(36).slice(2)}.info`);
+  if (template) fs.writeFileSync(t, template);
+  execFileSync("certtool", [...args, ...(template ? ["--template", t] : [])], { stdio: ["ignore", "ignore", "pipe"] });
+  if (template) fs.rmSync(t);
+}
+
+export interface Pki {
+  ca: string;
+  serverCert: string;
+  serverKey: string;
+  clientCert: string;
+  clientKey: string;
+}
+
+/** A CA, a server certificate for 127.0.0.1 and a client certificate, made with certtool. */
+export function makePki(dir: string, name: string): Pki {
+  fs.mkdirSync(dir, { recursive: true });
+  const f = (n: string) => path.join(dir, n);
+  certtool(dir, ["--generate-privkey", "--key-type=ecdsa", "--outfile", f("ca-key.pem")]);
+  certtool(dir, ["--generate-self-signed", "--load-privkey", f("ca-key.pem"), "--outfile", f("ca-cert.pem")], `cn = ${name} CA\nca\ncert_signing_key\nexpiration_days = 30\n`);
+  const issue = (who: string, template: string) => {
+    certtool(dir, ["--generate-privkey", "--key-type=ecdsa", "--outfile", f(`${who}-key.pem`)]);
+    certtool(
+      dir,
+      ["--generate-certificate", "--load-ca-certificate", f("ca-cert.pem"), "--load-ca-privkey", f("ca-key.pem"), "--load-privkey", f(`${who}-key.pem`), "--outfile", f(`${who}-cert.pem`)],
+      template,
+    );
+  };
+  issue("server", `cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`);
+  issue("client", `cn = ${name}-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`);
+  return { ca: f("ca-cert.pem"), serverCert: f("server-cert.pem"), serverKey: f("server-key.pem"), clientCert: f("client-cert.pem"), clientKey: f("client-key.pem") };
+}
