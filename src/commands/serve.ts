@@ -35,6 +35,8 @@ export interface ServeOptions extends TlsFlags {
   io: IoMode;
   maxInflight: number;
   maxInflightBytes: string;
+  /** Absent: the config file's max-memory, else DEFAULT_MAX_MEMORY. */
+  maxMemory?: string;
   maxConnections: number;
   maxConnectionsPerClient: number;
   handshakeTimeout: string;
@@ -83,6 +85,13 @@ async function demoCopy(): Promise<{ file: string; dir: string }> {
   return { file, dir };
 }
 
+/** A size that must be above zero (memory budgets, caps). */
+function positiveSize(text: string, what: string): number {
+  const n = parseSize(text);
+  if (n <= 0) throw new Error(`${what} must be above zero (got "${text}")`);
+  return n;
+}
+
 /** Parses "500ms", "10s", "2m" or a number of milliseconds. */
 export function parseDuration(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
@@ -129,6 +138,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     opts.etcdKey ??= config.etcdKey;
     opts.etcdUser ??= config.etcdUser;
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
+    opts.maxMemory ??= config.maxMemory;
   }
   if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
   if (opts.etcd && !opts.nodeId) throw new Error("--etcd needs --node-id (etcd keeps the ownership of a cluster node's exports)");
@@ -210,6 +220,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     },
     maxConnections: opts.maxConnections,
     maxConnectionsPerClient: opts.maxConnectionsPerClient,
+    maxMemory: opts.maxMemory === undefined ? undefined : positiveSize(opts.maxMemory, "--max-memory"),
   });
   const cleanup = () => {
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });

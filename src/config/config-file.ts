@@ -2,6 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parse, YAMLParseError } from "yaml";
 import { ConfigError, parseStack, type StackSpec } from "./stack-spec.js";
+import { size } from "./values.js";
 
 /** One export of a config file: a name and its stack, bottom-up. */
 export interface ExportConfig {
@@ -28,9 +29,11 @@ export interface ServeConfig {
   etcdCert?: string;
   etcdKey?: string;
   etcdUser?: string;
+  /** The process-wide memory budget (a size such as 32M), as --max-memory. */
+  maxMemory?: string;
 }
 
-const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
+const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "max-memory", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
 const EXPORT = ["name", "stack", "description", "read-only", "partitions"];
 
 function isMap(v: unknown): v is Record<string, unknown> {
@@ -88,6 +91,11 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
   if (doc["node-id"] !== undefined) {
     if (typeof doc["node-id"] !== "string" || !doc["node-id"]) throw new ConfigError("node-id", "expected a node id");
     cfg.nodeId = doc["node-id"];
+  }
+  if (doc["max-memory"] !== undefined) {
+    const v = doc["max-memory"];
+    if (size(v, "max-memory") <= 0) throw new ConfigError("max-memory", "expected a size above zero, such as 32M");
+    cfg.maxMemory = String(v);
   }
   if (doc.io !== undefined) {
     if (doc.io !== "auto" && doc.io !== "sync" && doc.io !== "async") throw new ConfigError("io", "expected auto, sync or async");

@@ -68,4 +68,19 @@ describe("Metrics", () => {
     await metrics.text();
     expect(reads).toBe(2);
   });
+
+  it("exports the memory budget: limit, bytes held now and at most, reservations waiting now and in all", async () => {
+    const metrics = new Metrics();
+    metrics.memoryBudget(() => ({ limit: 32 << 20, used: 5 << 20, buffered: 1 << 20, cached: 3 << 20, peak: 31 << 20, waiting: 2, waits: 17 }));
+    const text = await metrics.text();
+    const line = (series: string) => text.split("\n").find((l) => l.startsWith(`${series} `))?.split(" ")[1];
+    expect(line("nbdstack_memory_budget_limit_bytes")).toBe(String(32 << 20));
+    expect(line("nbdstack_memory_budget_used_bytes")).toBe(String(5 << 20));
+    expect(line("nbdstack_memory_budget_buffered_bytes")).toBe(String(1 << 20));
+    expect(line("nbdstack_memory_budget_cached_bytes")).toBe(String(3 << 20));
+    expect(line("nbdstack_memory_budget_peak_bytes")).toBe(String(31 << 20));
+    expect(line("nbdstack_memory_budget_waiting")).toBe("2");
+    expect(line("nbdstack_memory_budget_waits_total")).toBe("17");
+    expect(text).toMatch(/^# TYPE nbdstack_memory_budget_waits_total counter$/m);
+  });
 });

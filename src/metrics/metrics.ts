@@ -171,6 +171,28 @@ export class Metrics {
     }));
   }
 
+  /**
+   * The process-wide memory budget (server/memory-budget.ts): its limit, the bytes held now and at
+   * most, reservations waiting now, and reservations that had to wait since the start.
+   */
+  memoryBudget(read: () => { limit: number; used: number; buffered: number; cached: number; peak: number; waiting: number; waits: number }): void {
+    this.gauge("nbdstack_memory_budget_limit_bytes", "The memory budget (--max-memory)", [], (set) => set({}, read().limit));
+    this.gauge("nbdstack_memory_budget_used_bytes", "Bytes of the memory budget held now: payloads in flight, replies not yet taken by clients, handshake bytes", [], (set) => set({}, read().used));
+    this.gauge("nbdstack_memory_budget_buffered_bytes", "Of the bytes held, those read from sockets and not parsed yet (they never hold up a reservation)", [], (set) => set({}, read().buffered));
+    this.gauge("nbdstack_memory_budget_cached_bytes", "Free I/O buffers kept for reuse, within what the reservations leave of the budget", [], (set) => set({}, read().cached));
+    this.gauge("nbdstack_memory_budget_peak_bytes", "Most bytes of the memory budget ever held at once", [], (set) => set({}, read().peak));
+    this.gauge("nbdstack_memory_budget_waiting", "Reservations waiting for memory now (their connections are paused)", [], (set) => set({}, read().waiting));
+    new Counter({
+      name: "nbdstack_memory_budget_waits_total",
+      help: "Reservations that had to wait for memory",
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        this.inc(read().waits);
+      },
+    });
+  }
+
   text(): Promise<string> {
     return this.registry.metrics();
   }

@@ -111,6 +111,40 @@ describe("RequestParser", () => {
     }
   });
 
+  it("holds a request that admit() refuses, before reading its payload, until resume(); at every split point", () => {
+    const { bytes, expected } = stream();
+    for (const volatile of [false, true]) {
+      for (let cut = 0; cut <= bytes.length; cut++) {
+        const got: Request[] = [];
+        const asked: Array<[number, number]> = [];
+        let refuse = true; // every other request is refused once, then admitted on resume
+        const p = new RequestParser((r) => void got.push(r), 1 << 20, volatile, (type, length) => {
+          asked.push([type, length]);
+          refuse = !refuse;
+          return refuse;
+        });
+        for (let chunk of [bytes.subarray(0, cut), bytes.subarray(cut)]) {
+          while (chunk.length > 0) {
+            const used = p.feed(chunk);
+            chunk = chunk.subarray(used);
+            if (p.blocked) {
+              expect(p.feed(chunk)).toBe(0); // nothing more until resumed
+              const before = got.length;
+              p.resume();
+              expect(p.blocked).toBe(false);
+              // A request without payload comes in at once; a write once its payload is read.
+              const last = asked.at(-1)!;
+              if (last[0] !== Cmd.NBD_CMD_WRITE) expect(got.length).toBe(before + 1);
+            } else expect(used).toBeGreaterThan(0);
+          }
+        }
+        expect(got.map(summary)).toEqual(expected);
+        expect(asked).toEqual(expected.map((e) => [e.type, e.length])); // asked once per request, before its payload
+        expect(p.midFrame).toBe(false);
+      }
+    }
+  });
+
   it("reports a frame cut short", () => {
     const p = new RequestParser(() => undefined, 1 << 20);
     p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 10).subarray(0, 20));

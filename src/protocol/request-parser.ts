@@ -16,6 +16,8 @@ export class Request implements Io {
   session: ClientSession | null = null;
   /** Pool buffer holding `data` when the payload had to be assembled; released by the consumer. */
   backing: Buffer | null = null;
+  /** Bytes of the server's memory budget this request holds (see server/memory-budget.ts). */
+  charge = 0;
   constructor(
     readonly type: number,
     readonly flags: number,
@@ -38,12 +40,16 @@ export class Request implements Io {
  * payload larger than `maxPayload`; after that the stream cannot be resynchronised.
  * When `onRequest` returns false (its in-flight caps are reached) the parser stops right after that
  * request; `feed` returns how many bytes it used, and the caller feeds the rest later.
+ * Before a request is emitted — before a write's payload is allocated or read — `admit(type, length)`
+ * is asked whether it may come in. If not, the parser keeps the decoded header and stops right after
+ * it (`blocked`); the caller calls `resume()` once it may, then feeds the rest.
  */
 export class RequestParser {
   private readonly header = Buffer.alloc(REQUEST_HEADER_SIZE);
   private headerFill = 0;
   private pending: Request | null = null; // a write waiting for its payload
   private payloadFill = 0;
+  private held: Request | null = null; // a decoded request that admit() did not let in yet
 
   /**
    * @param volatileChunks the caller reuses the chunk buffers it feeds, so whole payloads are
@@ -54,7 +60,35 @@ export class RequestParser {
     private readonly onRequest: (req: Request) => unknown,
     private readonly maxPayload: number,
     private readonly volatileChunks = false,
+    private readonly admit: (type: number, length: number) => boolean = () => true,
   ) {}
+
+  /** A decoded request waits for admit(); the caller must call resume() before feeding more. */
+  get blocked(): boolean {
+    return this.held !== null;
+  }
+
+  /** Lets in the request that admit() held back: emits it, or starts reading its write payload. */
+  resume(): void {
+    const req = this.held;
+    if (!req) return;
+    this.held = null;
+    this.start(req);
+  }
+
+  /** A request that may come in; returns what onRequest said (false: stop after it). */
+  private start(req: Request): unknown {
+    if (req.type !== Cmd.NBD_CMD_WRITE || req.length === 0) return this.onRequest(req);
+    let backing: Buffer | null = null;
+    if (ioBuffers.pools(req.length)) {
+      backing = ioBuffers.acquire(req.length);
+      req.data = backing.subarray(0, req.length);
+    } else req.data = Buffer.allocUnsafe(req.length);
+    req.backing = backing;
+    this.pending = req;
+    this.payloadFill = 0;
+    return true;
+  }
 
   /**
    * The unfilled rest of the payload being assembled, when at least `min` bytes are missing:
@@ -76,13 +110,23 @@ export class RequestParser {
     }
   }
 
+  /** The connection is gone: a write payload being assembled goes back to the pool. */
+  discard(): void {
+    const req = this.pending;
+    this.pending = null;
+    this.held = null;
+    if (req?.backing) ioBuffers.release(req.backing);
+    if (req) req.data = req.backing = null;
+  }
+
   /** True when a frame has started but not finished (a close now truncates it). */
   get midFrame(): boolean {
-    return this.headerFill > 0 || this.pending !== null;
+    return this.headerFill > 0 || this.pending !== null || (this.held !== null && this.held.type === Cmd.NBD_CMD_WRITE && this.held.length > 0);
   }
 
   /** Parses what it can of `chunk`; returns the bytes used (all of them unless onRequest said stop). */
   feed(chunk: Buffer): number {
+    if (this.held) return 0;
     let pos = 0;
     const end = chunk.length;
     while (pos < end) {
@@ -125,27 +169,22 @@ export class RequestParser {
       const offLo = src.readUInt32BE(at + 20);
       const length = src.readUInt32BE(at + 24);
       const offset = offHi < 0x200000 ? offHi * 0x100000000 + offLo : Infinity;
-      if (type !== Cmd.NBD_CMD_WRITE) {
-        if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, null)) === false) return pos;
-        continue;
+      if (type === Cmd.NBD_CMD_WRITE && length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
+      const wholeWrite = type === Cmd.NBD_CMD_WRITE && length > 0 && end - pos >= length && !this.volatileChunks;
+      const req = new Request(type, flags, cookieHi, cookieLo, offset, length, wholeWrite || (type === Cmd.NBD_CMD_WRITE && length === 0) ? chunk.subarray(pos, pos + length) : null);
+      if (!this.admit(type, length)) {
+        if (wholeWrite) req.data = null; // read again from the stream once admitted
+        this.held = req;
+        return pos;
       }
-      if (length > this.maxPayload) throw new ProtocolError(`write payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
-      // A zero-length write has nothing to wait for (left pending, it was answered only when more bytes came).
-      if (length === 0 || (end - pos >= length && !this.volatileChunks)) {
+      if (wholeWrite) {
+        // The payload lies whole in this chunk: a slice, no copy.
         pos += length;
-        if (this.onRequest(new Request(type, flags, cookieHi, cookieLo, offset, length, chunk.subarray(pos - length, pos))) === false) return pos;
+        if (this.onRequest(req) === false) return pos;
         continue;
       }
-      let data: Buffer;
-      let backing: Buffer | null = null;
-      if (ioBuffers.pools(length)) {
-        backing = ioBuffers.acquire(length);
-        data = backing.subarray(0, length);
-      } else data = Buffer.allocUnsafe(length);
-      const req = new Request(type, flags, cookieHi, cookieLo, offset, length, data);
-      req.backing = backing;
-      this.pending = req;
-      this.payloadFill = 0;
+      // A zero-length write has nothing to wait for (left pending, it was answered only when more bytes came).
+      if (this.start(req) === false) return pos;
     }
     return pos;
   }

@@ -22,7 +22,11 @@ import type { Export } from "../stack/export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
 import { applyOnce } from "./peer-writes.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
+import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 import { metricOpOf, type Metrics, type MetricOp, type OpMetrics } from "../metrics/metrics.js";
+
+/** What stops a connection from taking more requests: see Connection.capReached. */
+type Cap = "memory" | "replies" | "requests" | "bytes";
 
 export interface ConnectionLimits {
   /** Requests in flight before the socket is paused. */
@@ -40,8 +44,34 @@ export interface ConnectionLimits {
 
 /** Structured reads at least this long are scanned for zero runs, sent as OFFSET_HOLE. */
 const SPARSE_READ_MIN = 64 * 1024;
-/** Size of the buffer the socket reads requests into (reused; payloads are copied out of it). */
+/** Size of the buffer sockets read requests into (reused; payloads are copied out of it). */
 const READ_CHUNK = 256 * 1024;
+/**
+ * The one buffer every plain socket reads requests into: what a read leaves unparsed is copied out
+ * before the callback returns (see consume), and reads happen one at a time on this thread.
+ */
+let sharedScratch: Buffer | null = null;
+/**
+ * The part of it a socket reads into while the memory budget has less than a whole chunk to spare:
+ * what a read brings in and the connection cannot take yet is copied and held (and counted), so
+ * reads stay small when memory is short.
+ */
+const SMALL_READ = 16 * 1024;
+/**
+ * What a request costs the memory budget besides its payload: the request and its promise, the
+ * reply buffer and the socket's bookkeeping while the reply waits for a client that reads slowly.
+ */
+export const REQUEST_COST = 512;
+/**
+ * What a CACHE or BLOCK_STATUS request may make a layer read to answer it, besides the request:
+ * the file port warms the page cache and looks for zero blocks 1 MiB at a time.
+ */
+export const SCAN_COST = 1024 * 1024;
+/**
+ * Replies queued on one socket before no further request is read: each costs the socket's
+ * bookkeeping (some 200 bytes of heap), however short it is.
+ */
+const MAX_QUEUED_REPLIES = 2048;
 /** Missing payload bytes from which the socket reads straight into the payload buffer. */
 const DIRECT_PAYLOAD_MIN = 32 * 1024;
 
@@ -63,7 +93,22 @@ export class Connection {
   private readonly requests = new InflightTracker();
   private inflightBytes = 0;
   private paused = false;
-  private pausedBy: "replies" | "requests" | "bytes" | null = null;
+  private pausedBy: Cap | null = null;
+  /** Budget bytes taken for the request the parser is reading or about to emit. */
+  private nextCharge = 0;
+  /** The reservation this connection waits for (the parser holds a request until it is granted). */
+  private budgetWaiter: BudgetWaiter | null = null;
+  /** Budget bytes held by `backlog`. */
+  private backlogCharge = 0;
+  /**
+   * Replies queued on the socket, oldest first, with what each gives back once written: budget
+   * bytes and an optional callback. Socket write callbacks run in write order, so one shared
+   * callback (onWritten) pops them.
+   */
+  private readonly queuedCharges: number[] = [];
+  private readonly queuedCallbacks: Array<(() => void) | undefined> = [];
+  private queuedHead = 0;
+  private released = false;
   /** Received bytes not parsed yet because a cap was reached; parsed before the socket is read again. */
   private backlog: Buffer | null = null;
   /** The client's end arrived while `backlog` was waiting: acted on once the backlog is parsed. */
@@ -80,6 +125,8 @@ export class Connection {
     return this.finished || this.socket.destroyed;
   }
   private tls = false;
+  /** Direct reads: asks again which buffer the next read goes into. */
+  private rearm: (() => void) | null = null;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
 
@@ -88,6 +135,7 @@ export class Connection {
     private readonly exports: ExportDirectory,
     private readonly log: Logger,
     private readonly limits: ConnectionLimits,
+    private readonly budget: MemoryBudget,
     private readonly maxPayload: number,
     private readonly directReads = true,
     private readonly metrics: Metrics | null = null,
@@ -99,7 +147,10 @@ export class Connection {
   }
 
   private watch(s: Socket): void {
-    s.once("close", () => this.resolveClosed());
+    s.once("close", () => {
+      this.releaseBudget();
+      this.resolveClosed();
+    });
     s.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "socket error"));
     s.on("drain", this.onDrain);
   }
@@ -124,7 +175,7 @@ export class Connection {
         }, limit)
       : null;
     try {
-      negotiated = await negotiate(this.socket, this.exports, this.log, this.tlsConfig, this.onUpgrade);
+      negotiated = await negotiate(this.socket, this.exports, this.log, this.tlsConfig, this.onUpgrade, this.budget);
     } catch (err) {
       if (timedOut) return;
       if (err instanceof ProtocolError) this.log.warn({ reason: err.message }, "closing connection: handshake failed");
@@ -148,21 +199,26 @@ export class Connection {
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, and on TLS sockets (whose plaintext comes out
     // of OpenSSL, not out of the kernel), 'data' events (fresh chunks) are used.
-    const scratch = Buffer.allocUnsafeSlow(READ_CHUNK);
-    const parser = new RequestParser(this.onRequest, this.maxPayload, true);
-    const direct = this.directReads && !this.tls && readIntoUserBuffers(
-      this.socket,
-      () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? scratch,
-      (buf, n) => {
-        if (this.finished) return;
-        if (buf === scratch) this.consume(scratch.subarray(0, n), true);
-        else {
-          parser.payloadFilled(n);
-          this.updateFlow();
-        }
-      },
-    );
-    this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload);
+    const scratch = (sharedScratch ??= Buffer.allocUnsafeSlow(READ_CHUNK));
+    const parser = new RequestParser(this.onRequest, this.maxPayload, true, this.admit);
+    const small = scratch.subarray(0, SMALL_READ);
+    const budget = this.budget;
+    this.rearm = this.directReads && !this.tls
+      ? readIntoUserBuffers(
+          this.socket,
+          () => parser.payloadTarget(DIRECT_PAYLOAD_MIN) ?? (budget.used + READ_CHUNK <= budget.limit ? scratch : small),
+          (buf, n) => {
+            if (this.finished) return;
+            if (buf.buffer === scratch.buffer) this.consume(buf.subarray(0, n), true);
+            else {
+              parser.payloadFilled(n);
+              this.updateFlow();
+            }
+          },
+        )
+      : null;
+    const direct = this.rearm !== null;
+    this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload, false, this.admit);
     if (!direct) this.socket.on("data", this.onData);
     this.socket.on("end", this.onEnd);
     if (this.limits.idleTimeoutMs > 0) {
@@ -175,6 +231,7 @@ export class Connection {
       });
     }
     if (negotiated.rest.length) this.consume(negotiated.rest, false);
+    if (negotiated.ended) this.onEnd(); // the client's end came during the handshake: 'end' will not come again
   }
 
   /**
@@ -222,6 +279,7 @@ export class Connection {
     if (this.backlog) {
       // Not expected (the socket is paused while a backlog waits), but order must hold.
       this.backlog = Buffer.concat([this.backlog, chunk]);
+      this.chargeBacklog();
       return;
     }
     let used: number;
@@ -232,13 +290,24 @@ export class Connection {
       this.socket.destroy();
       return;
     }
-    if (used < chunk.length) this.backlog = reused ? Buffer.from(chunk.subarray(used)) : chunk.subarray(used);
+    if (used < chunk.length) {
+      this.backlog = reused ? Buffer.from(chunk.subarray(used)) : chunk.subarray(used);
+      this.chargeBacklog();
+    }
     this.updateFlow();
+  }
+
+  /** Bytes already read but not parsed are held: they count (as buffered bytes), whether they fit or not. */
+  private chargeBacklog(): void {
+    const n = this.backlog ? this.backlog.length : 0;
+    if (n > this.backlogCharge) this.budget.buffer(n - this.backlogCharge);
+    else this.budget.unbuffer(this.backlogCharge - n);
+    this.backlogCharge = n;
   }
 
   private readonly onEnd = (): void => {
     this.eof = true;
-    if (!this.backlog) this.endOfInput();
+    if (!this.backlog && !this.parser.blocked) this.endOfInput();
   };
 
   private endOfInput(): void {
@@ -255,8 +324,9 @@ export class Connection {
   };
 
   /** Which cap stops new requests now, if any. */
-  private capReached(): "replies" | "requests" | "bytes" | null {
+  private capReached(): Cap | null {
     const l = this.limits;
+    if (this.budgetWaiter) return "memory";
     if (this.writeBlocked) return "replies";
     if (this.requests.inflight >= l.maxInflightRequests) return "requests";
     if (this.inflightBytes >= l.maxInflightBytes) return "bytes";
@@ -270,31 +340,37 @@ export class Connection {
     if (this.backlog && !cap) {
       const rest = this.backlog;
       this.backlog = null;
+      this.chargeBacklog();
       this.consume(rest, false); // comes back here
       return;
     }
-    if (this.eof && !this.backlog) this.endOfInput();
+    if (this.eof && !this.backlog && !this.parser.blocked) this.endOfInput();
     if (cap !== null) {
       if (!this.paused) {
         this.paused = true;
         this.socket.pause();
       }
       // Logged again when another cap takes over (say, replies pile up while requests are capped).
-      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.requests.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength }, "pausing the socket");
+      if (cap !== this.pausedBy) this.log.trace({ cap, inflight: this.requests.inflight, inflightBytes: this.inflightBytes, queuedReplyBytes: this.socket.writableLength, budgetUsed: this.budget.used }, "pausing the socket");
       this.pausedBy = cap;
     } else if (this.paused) {
       this.paused = false;
       this.pausedBy = null;
+      this.rearm?.(); // the budget may have changed while paused
       this.socket.resume();
       if (this.log.isLevelEnabled("trace")) this.log.trace({ inflight: this.requests.inflight, inflightBytes: this.inflightBytes }, "resuming the socket");
     }
   }
 
-  /** Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed). */
-  private send(buf: Buffer, written?: () => void): void {
+  /**
+   * Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed), and
+   * `charge` budget bytes are given back then.
+   */
+  private send(buf: Buffer, written?: () => void, charge = 0): void {
     const s = this.socket;
-    if (s.destroyed || s.writableEnded) {
+    if (s.destroyed || s.writableEnded || this.released) {
       written?.();
+      this.budget.give(charge);
       return;
     }
     // Batch replies finished in one event-loop turn into one write, unless this is the only
@@ -304,9 +380,87 @@ export class Connection {
       s.cork();
       setImmediate(this.uncork);
     }
-    if (written) s.write(buf, written);
-    else s.write(buf);
-    if (s.writableLength > this.limits.maxQueuedReplyBytes) this.writeBlocked = true;
+    this.queuedCharges.push(charge);
+    this.queuedCallbacks.push(written);
+    s.write(buf, this.onWritten);
+    if (s.writableLength > this.limits.maxQueuedReplyBytes || this.queuedCharges.length - this.queuedHead > MAX_QUEUED_REPLIES) this.writeBlocked = true;
+  }
+
+  /** The socket is done with the oldest queued reply. */
+  private readonly onWritten = (): void => {
+    const i = this.queuedHead;
+    if (i >= this.queuedCharges.length) return; // given back already (the socket closed)
+    const charge = this.queuedCharges[i]!;
+    const written = this.queuedCallbacks[i];
+    if (++this.queuedHead === this.queuedCharges.length) {
+      this.queuedCharges.length = 0;
+      this.queuedCallbacks.length = 0;
+      this.queuedHead = 0;
+    } else this.queuedCallbacks[i] = undefined;
+    if (charge) this.budget.give(charge);
+    written?.();
+    // 'drain' comes only once everything is written; a client that reads again is served sooner.
+    if (this.writeBlocked && this.queuedCharges.length - this.queuedHead <= MAX_QUEUED_REPLIES / 2 && this.socket.writableLength <= this.limits.maxQueuedReplyBytes / 2) {
+      this.writeBlocked = false;
+      this.updateFlow();
+    }
+  };
+
+  /** Sends the last reply of `req`, which gives back the request's budget bytes once written. */
+  private finalSend(req: Request, buf: Buffer, written?: () => void): void {
+    // Replies longer than the request paid for (long block status lists, error messages) count too.
+    const excess = buf.length - req.charge;
+    if (excess > 0) {
+      this.budget.force(excess);
+      req.charge += excess;
+    }
+    const charge = req.charge;
+    req.charge = 0;
+    this.send(buf, written, charge);
+  }
+
+  /**
+   * Lets a request in once its payload fits the process-wide budget; otherwise the parser holds it,
+   * the socket is paused, and it comes in when the budget grants the bytes.
+   */
+  private readonly admit = (type: number, length: number): boolean => {
+    const bytes = REQUEST_COST + payloadCost(type, length, this.maxPayload);
+    if (this.budget.take(bytes)) {
+      this.nextCharge = bytes;
+      return true;
+    }
+    this.budgetWaiter = this.budget.wait(bytes, () =>
+      // Not on the stack of whoever gave the bytes back.
+      queueMicrotask(() => {
+        this.budgetWaiter = null;
+        if (this.released) {
+          this.budget.give(bytes);
+          return;
+        }
+        this.nextCharge = bytes;
+        this.parser.resume();
+        this.updateFlow();
+      }),
+    );
+    return false;
+  };
+
+  /** The socket closed: everything this connection holds goes back, but what requests in flight hold (they give it back as they end). */
+  private releaseBudget(): void {
+    if (this.released) return;
+    this.released = true;
+    if (this.budgetWaiter) this.budget.cancel(this.budgetWaiter);
+    this.budgetWaiter = null;
+    this.parser?.discard();
+    this.budget.give(this.nextCharge);
+    this.nextCharge = 0;
+    this.backlog = null;
+    this.chargeBacklog();
+    const charges = this.queuedCharges.splice(this.queuedHead);
+    const callbacks = this.queuedCallbacks.splice(this.queuedHead);
+    this.queuedCharges.length = this.queuedCallbacks.length = this.queuedHead = 0;
+    for (const c of charges) this.budget.give(c);
+    for (const w of callbacks) w?.();
   }
 
   private readonly uncork = (): void => {
@@ -317,11 +471,16 @@ export class Connection {
 
   /** Starts one request; returns false when a cap is reached, so the parser stops after it. */
   private readonly onRequest = (req: Request): boolean => {
+    req.charge = this.nextCharge;
+    this.nextCharge = 0;
     if (this.stopping) {
       if (req.type !== Cmd.NBD_CMD_DISC) this.replyError(req, new NbdError("ESHUTDOWN", "the connection is shutting down"));
+      else this.budget.give(req.charge);
+      if (req.backing) ioBuffers.release(req.backing);
       return true;
     }
     if (req.type === Cmd.NBD_CMD_DISC) {
+      this.budget.give(req.charge);
       this.log.debug("NBD_CMD_DISC");
       this.stopping = true;
       void this.idle().then(() => this.finish());
@@ -346,6 +505,9 @@ export class Connection {
     } catch (err) {
       this.log.error({ err }, "internal error while answering a request");
     } finally {
+      // Given back here only if no reply took it (an internal error).
+      this.budget.give(req.charge);
+      req.charge = 0;
       this.done(bytes);
     }
   }
@@ -372,6 +534,7 @@ export class Connection {
           } finally {
             if (req.backing) ioBuffers.release(req.backing);
             req.data = req.backing = null;
+            this.payloadDone(req); // its reply is short
           }
           break;
         case Cmd.NBD_CMD_FLUSH:
@@ -384,7 +547,11 @@ export class Connection {
           break;
         case Cmd.NBD_CMD_CACHE:
           if (this.reject(req, "cache")) return true;
-          await layer.cache(req.length, req.offset, req);
+          try {
+            await layer.cache(req.length, req.offset, req);
+          } finally {
+            this.payloadDone(req);
+          }
           break;
         case Cmd.NBD_CMD_WRITE_ZEROES:
           if (this.reject(req, "zero")) return true;
@@ -398,8 +565,17 @@ export class Connection {
     } catch (err) {
       return this.replyError(req, err);
     }
-    this.send(simpleReply(0, req.cookieHi, req.cookieLo));
+    this.finalSend(req, simpleReply(0, req.cookieHi, req.cookieLo));
     return false;
+  }
+
+  /** The layer is done with what the request reserved besides itself (a write's payload, a scan): given back now. */
+  private payloadDone(req: Request): void {
+    const extra = req.charge - REQUEST_COST;
+    if (extra > 0) {
+      this.budget.give(extra);
+      req.charge -= extra;
+    }
   }
 
   /** A write of a port B session is applied once however often it is sent (see peer-writes.ts). */
@@ -421,9 +597,9 @@ export class Connection {
     else this.log.trace({ errno: errnoOf(err), reason: err.message }, "request refused");
     if (this.structured) {
       const offset = err instanceof NbdError && req.type === Cmd.NBD_CMD_READ ? err.offset : undefined;
-      this.send(errorChunk(req.cookieHi, req.cookieLo, errno, errorMessage(err), offset));
+      this.finalSend(req, errorChunk(req.cookieHi, req.cookieLo, errno, errorMessage(err), offset));
     } else {
-      this.send(simpleReply(errno, req.cookieHi, req.cookieLo));
+      this.finalSend(req, simpleReply(errno, req.cookieHi, req.cookieLo));
     }
     return true;
   }
@@ -444,12 +620,12 @@ export class Connection {
     }
     if (!this.structured) {
       writeSimpleHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
-      this.send(buf, release);
+      this.finalSend(req, buf, release);
       return false;
     }
     if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, release)) return false;
     writeDataChunkHeader(buf, 0, true, req.cookieHi, req.cookieLo, req.offset, req.length);
-    this.send(buf, release);
+    this.finalSend(req, buf, release);
     return false;
   }
 
@@ -459,18 +635,22 @@ export class Connection {
     if (runs.length === 0) return false;
     const { cookieHi: hi, cookieLo: lo, offset } = req;
     let pos = 0;
+    // The last chunk gives back the pool buffer and the request's budget bytes (they cover every chunk).
     const sendData = (from: number, to: number, done: boolean) => {
       const h = Buffer.allocUnsafe(DATA_CHUNK_PREFIX);
       writeDataChunkHeader(h, 0, done, hi, lo, offset + from, to - from);
       this.send(h);
-      this.send(data.subarray(from, to), done ? release : undefined);
+      if (done) this.finalSend(req, data.subarray(from, to), release);
+      else this.send(data.subarray(from, to));
     };
     for (let i = 0; i < runs.length; i += 2) {
       const zs = runs[i]!;
       const ze = runs[i + 1]!;
       if (zs > pos) sendData(pos, zs, false);
       const last = ze === data.length;
-      this.send(holeChunk(hi, lo, offset + zs, ze - zs, last), last ? release : undefined);
+      const hole = holeChunk(hi, lo, offset + zs, ze - zs, last);
+      if (last) this.finalSend(req, hole, release);
+      else this.send(hole);
       pos = ze;
     }
     if (pos < data.length) sendData(pos, data.length, true);
@@ -486,9 +666,30 @@ export class Connection {
       extents = await this.exp.layer.extents(req.length, req.offset, req);
     } catch (err) {
       return this.replyError(req, err);
+    } finally {
+      this.payloadDone(req);
     }
     if (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
-    this.send(blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
+    this.finalSend(req, blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
     return false;
+  }
+}
+
+/**
+ * What a request reserves besides REQUEST_COST: the buffer of its payload (its pool class, not just
+ * its length), or what a layer may read to answer it.
+ */
+function payloadCost(type: number, length: number, maxPayload: number): number {
+  switch (type) {
+    case Cmd.NBD_CMD_WRITE:
+      return ioBuffers.footprint(length);
+    case Cmd.NBD_CMD_READ:
+      // With its reply header; longer ones are refused before anything is allocated.
+      return length <= maxPayload ? ioBuffers.footprint(length + DATA_CHUNK_PREFIX) : 0;
+    case Cmd.NBD_CMD_CACHE:
+    case Cmd.NBD_CMD_BLOCK_STATUS:
+      return ioBuffers.footprint(Math.min(length, SCAN_COST));
+    default:
+      return 0;
   }
 }

@@ -17,9 +17,24 @@ import {
 import type { Export } from "../stack/export.js";
 import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
 import { exportOfPeerName, sessionOfPeerName } from "../internal-exports.js";
+import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 
-/** Options longer than this close the connection (no option we know is near it). */
+/** Options longer than this are skipped unread and refused (no option we know is near it). */
 export const MAX_OPTION_LENGTH = 64 * 1024;
+/** Options longer than this close the connection, as qemu-nbd does (2^25, the spec's "not a denial of service" bound). */
+export const MAX_SKIPPED_OPTION = 32 * 1024 * 1024;
+/** Options this server implements (others get NBD_REP_ERR_UNSUP). */
+const KNOWN_OPTIONS: ReadonlySet<number> = new Set([
+  Opt.NBD_OPT_EXPORT_NAME,
+  Opt.NBD_OPT_ABORT,
+  Opt.NBD_OPT_LIST,
+  Opt.NBD_OPT_STARTTLS,
+  Opt.NBD_OPT_INFO,
+  Opt.NBD_OPT_GO,
+  Opt.NBD_OPT_STRUCTURED_REPLY,
+  Opt.NBD_OPT_LIST_META_CONTEXT,
+  Opt.NBD_OPT_SET_META_CONTEXT,
+]);
 /** Meta context id of base:allocation on every connection. */
 export const BASE_ALLOCATION_ID = 1;
 
@@ -42,6 +57,8 @@ export interface Negotiated {
   /** The socket transmission goes on: the TLS socket after NBD_OPT_STARTTLS, else the one given. */
   socket: Socket;
   tls: boolean;
+  /** The client's end came during the handshake: after `rest`, nothing more will. */
+  ended: boolean;
 }
 
 /** TLS as the handshake sees it: offered ("on") or required ("require"), and the server socket options. */
@@ -50,23 +67,67 @@ export interface HandshakeTls {
   options: ServerSocketOptions;
 }
 
-/** Pulls exact byte counts out of a socket during the (cold) handshake. */
+/** Bytes a client may send ahead of what the handshake is reading (the socket is paused beyond). */
+const READ_AHEAD = 16 * 1024;
+/** Bytes a handshake may hold without regard to the memory budget (every real client's options fit). */
+const SMALL_HANDSHAKE = 4 * 1024;
+/** Option replies queued for a client that does not read them before no further option is read. */
+const MAX_QUEUED_REPLIES = 64 * 1024;
+
+/** The socket whose reading a ByteReader regulates. */
+interface Flow {
+  pause(): void;
+  resume(): void;
+}
+
+/**
+ * Pulls exact byte counts out of a socket during the (cold) handshake. What it holds counts
+ * against the memory budget; it stops reading the socket when the client sends far ahead of
+ * what is being read, or holds more than a few KiB while the budget is exhausted.
+ */
 class ByteReader {
-  private buf: Buffer = Buffer.alloc(0);
+  private chunks: Buffer[] = [];
+  private size = 0;
   private want = 0;
+  /** Bytes still to be dropped as they arrive (see skip). */
+  private skipping = 0;
   private resolve: ((b: Buffer) => void) | null = null;
   private reject: ((e: Error) => void) | null = null;
   private failed: Error | null = null;
+  /** The client's end came: reads still get what was sent before it, then this. */
+  private ended: Error | null = null;
+  private paused = false;
+  private waiter: BudgetWaiter | null = null;
+  /** Where the reading is regulated: the plain socket, then the TLS socket. */
+  flow: Flow | null = null;
+
+  constructor(private readonly budget: MemoryBudget | null) {}
 
   push(chunk: Buffer): void {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    if (this.failed) return;
+    if (this.skipping > 0) {
+      const n = Math.min(this.skipping, chunk.length);
+      this.skipping -= n;
+      chunk = chunk.subarray(n);
+      if (this.skipping === 0) this.wake();
+      if (chunk.length === 0) return;
+    }
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    this.budget?.buffer(chunk.length);
     this.wake();
+    this.regulate();
   }
   fail(err: Error): void {
-    this.failed = err;
+    this.failed ??= err;
     const r = this.reject;
     this.resolve = this.reject = null;
     r?.(err);
+  }
+  /** The client shut its side down: what it sent before still counts (it may have pipelined its options). */
+  end(err: Error): void {
+    this.ended ??= err;
+    this.wake();
   }
   read(n: number): Promise<Buffer> {
     if (this.failed) return Promise.reject(this.failed);
@@ -75,20 +136,83 @@ class ByteReader {
       this.resolve = resolve;
       this.reject = reject;
       this.wake();
+      this.regulate();
     });
   }
+  /** Drops the next `n` bytes without holding them. */
+  skip(n: number): Promise<void> {
+    const now = Math.min(n, this.size);
+    this.take(now);
+    this.skipping = n - now;
+    return this.read(0).then(() => undefined);
+  }
+  /** Everything received and not read yet; it no longer counts here (the caller counts it). */
   rest(): Buffer {
-    const b = this.buf;
-    this.buf = Buffer.alloc(0);
-    return b;
+    return this.take(this.size);
+  }
+  get hasEnded(): boolean {
+    return this.ended !== null;
+  }
+  /** Throws what failed the reader (the client's end, a socket error), if anything did. */
+  check(): void {
+    if (this.failed) throw this.failed;
+  }
+  /** Gives back what is held, and leaves the socket flowing (the handshake is over, one way or another). */
+  close(): void {
+    this.take(this.size);
+    if (this.waiter) this.budget?.cancel(this.waiter);
+    this.waiter = null;
+    this.failed ??= new ProtocolError("handshake over");
+    if (this.paused) {
+      this.paused = false;
+      this.flow?.resume();
+    }
+  }
+  private take(n: number): Buffer {
+    let out: Buffer;
+    const first = this.chunks[0];
+    if (n === 0) out = Buffer.alloc(0);
+    else if (first && first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      const all = Buffer.concat(this.chunks);
+      out = all.subarray(0, n);
+      this.chunks = all.length > n ? [all.subarray(n)] : [];
+    }
+    this.size -= n;
+    this.budget?.unbuffer(n);
+    return out;
   }
   private wake(): void {
-    if (!this.resolve || this.buf.length < this.want) return;
-    const out = this.buf.subarray(0, this.want);
-    this.buf = this.buf.subarray(this.want);
+    if (!this.resolve) return;
+    if (this.skipping > 0 || this.size < this.want) {
+      if (this.ended) this.fail(this.ended);
+      return;
+    }
+    const out = this.take(this.want);
+    this.want = 0;
     const r = this.resolve;
     this.resolve = this.reject = null;
     r(out);
+  }
+  /** Pauses the socket while the client is far ahead, or holds more than a little while memory is short. */
+  regulate(): void {
+    if (!this.flow || this.failed) return;
+    const ahead = this.size > this.want + READ_AHEAD;
+    const short = this.size > SMALL_HANDSHAKE && this.budget !== null && this.budget.exhausted;
+    if (short && !this.waiter) {
+      this.waiter = this.budget!.wait(0, () => {
+        this.waiter = null;
+        queueMicrotask(() => this.regulate());
+      });
+    }
+    if ((ahead || short) !== this.paused) {
+      this.paused = ahead || short;
+      if (this.paused) this.flow.pause();
+      else this.flow.resume();
+    }
   }
 }
 
@@ -106,22 +230,25 @@ export async function negotiate(
   log: Logger,
   tlsConfig: HandshakeTls | null = null,
   onUpgrade?: (s: tls.TLSSocket) => void,
+  budget: MemoryBudget | null = null,
 ): Promise<Negotiated | null> {
-  const reader = new ByteReader();
+  const reader = new ByteReader(budget);
+  reader.flow = socket;
   let current = socket;
   const onData = (c: Buffer) => reader.push(c);
-  const onEnd = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
+  const onEnd = () => reader.end(new ProtocolError("client closed the connection during the handshake"));
+  const onClose = () => reader.fail(new ProtocolError("client closed the connection during the handshake"));
   const onError = (err: Error) => reader.fail(new ProtocolError(`${current === socket ? "socket" : "TLS"} error during the handshake: ${err.message}`));
   const attach = (s: Socket) => {
     s.on("data", onData);
     s.on("end", onEnd);
-    s.on("close", onEnd);
+    s.on("close", onClose);
     s.on("error", onError);
   };
   const detach = (s: Socket) => {
     s.off("data", onData);
     s.off("end", onEnd);
-    s.off("close", onEnd);
+    s.off("close", onClose);
     s.off("error", onError);
   };
   attach(socket);
@@ -142,6 +269,7 @@ export async function negotiate(
     };
     const t = new tls.TLSSocket(socket, (psk ? { ...options, pskCallback: withPsk } : options) as tls.TLSSocketOptions);
     current = t;
+    reader.flow = t;
     attach(t);
     onUpgrade?.(t);
     await new Promise<void>((resolve, reject) => {
@@ -168,11 +296,41 @@ export async function negotiate(
     log.info({ protocol: t.getProtocol(), cipher: t.getCipher()?.name, client }, "TLS established");
     return t;
   };
+  // Option replies count against the budget until the socket has taken them.
+  let queued = 0;
+  const write = (s: Socket, b: Buffer) => {
+    if (s.destroyed) return;
+    budget?.force(b.length);
+    queued += b.length;
+    s.write(b, () => {
+      if (queued === 0) return; // given back at the end already
+      queued -= b.length;
+      budget?.give(b.length);
+    });
+  };
   try {
-    return await run(socket, reader, exports, log, tlsConfig, startTls);
+    return await run(socket, reader, exports, log, tlsConfig, startTls, write);
   } finally {
     detach(current);
+    reader.close();
+    // Replies still queued now are the socket's business (or it is gone): given back at once.
+    budget?.give(queued);
+    queued = 0;
   }
+}
+
+/** Resolves once `s` has taken its queued replies down to MAX_QUEUED_REPLIES, or fails with `reader`. */
+function drained(s: Socket, reader: ByteReader): Promise<void> {
+  if (s.writableLength <= MAX_QUEUED_REPLIES) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      s.off("drain", done);
+      s.off("close", done);
+      resolve();
+    };
+    s.on("drain", done);
+    s.on("close", done);
+  }).then(() => reader.check());
 }
 
 async function run(
@@ -182,17 +340,20 @@ async function run(
   log: Logger,
   tlsConfig: HandshakeTls | null,
   startTls: () => Promise<Socket>,
+  write: (s: Socket, b: Buffer) => void,
 ): Promise<Negotiated | null> {
   const greeting = Buffer.alloc(18);
   greeting.writeBigUInt64BE(NBD_MAGIC, 0);
   greeting.writeBigUInt64BE(NBD_IHAVEOPT, 8);
   greeting.writeUInt16BE(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES, 16);
-  socket.write(greeting);
+  write(socket, greeting);
 
   const clientFlags = (await reader.read(4)).readUInt32BE(0);
   const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
   if (clientFlags & ~known) throw new ProtocolError(`unknown client flags 0x${clientFlags.toString(16)}`);
-  if (!(clientFlags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE)) throw new ProtocolError("client does not speak fixed newstyle");
+  // A client without FIXED_NEWSTYLE speaks plain newstyle: NBD_OPT_EXPORT_NAME is all it may send
+  // (and it could not read an option reply), as qemu-nbd and nbdkit serve it.
+  const fixed = (clientFlags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
   const noZeroes = (clientFlags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0;
 
   let structured = false;
@@ -208,7 +369,7 @@ async function run(
     h.writeUInt32BE(opt, 8);
     h.writeUInt32BE(type, 12);
     h.writeUInt32BE(data.length, 16);
-    sock.write(data.length ? Buffer.concat([h, data]) : h);
+    write(sock, data.length ? Buffer.concat([h, data]) : h);
   };
   const replyError = (opt: number, type: number, message: string) => {
     log.debug({ opt, message }, "option refused");
@@ -216,12 +377,29 @@ async function run(
   };
 
   for (;;) {
+    // A client that sends options without reading the replies gets no more read until it does.
+    await drained(sock, reader);
     const head = await reader.read(16);
     const magic = head.readBigUInt64BE(0);
     if (magic !== NBD_IHAVEOPT) throw new ProtocolError(`bad option magic 0x${magic.toString(16)}`);
     const opt = head.readUInt32BE(8);
     const len = head.readUInt32BE(12);
-    if (len > MAX_OPTION_LENGTH) throw new ProtocolError(`option ${opt} has length ${len}, over the limit of ${MAX_OPTION_LENGTH}`);
+    if (!fixed && opt !== Opt.NBD_OPT_EXPORT_NAME) throw new ProtocolError(`option ${opt} from a client without fixed newstyle (it can only send NBD_OPT_EXPORT_NAME)`);
+    if (len > MAX_SKIPPED_OPTION) throw new ProtocolError(`option ${opt} has length ${len}, over the limit of ${MAX_SKIPPED_OPTION}`);
+    if (len > MAX_OPTION_LENGTH) {
+      // No option we know is this long: its data is dropped as it comes, never held, and it is refused.
+      if (opt === Opt.NBD_OPT_EXPORT_NAME) throw new ProtocolError(`NBD_OPT_EXPORT_NAME of ${len} bytes (names are at most ${NBD_MAX_STRING}), which has no error reply`);
+      await reader.skip(len);
+      log.debug({ opt, len }, "option over 64 KiB skipped");
+      if (opt === Opt.NBD_OPT_SET_META_CONTEXT) {
+        allocationSelected = false; // a failed SET_META_CONTEXT clears the selection too
+        metaExport = null;
+      }
+      if (requireTls && !secured && opt !== Opt.NBD_OPT_STARTTLS && opt !== Opt.NBD_OPT_ABORT) replyError(opt, Rep.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+      else if (KNOWN_OPTIONS.has(opt)) replyError(opt, Rep.NBD_REP_ERR_TOO_BIG, `option ${opt} of ${len} bytes is over the limit of ${MAX_OPTION_LENGTH}`);
+      else replyError(opt, Rep.NBD_REP_ERR_UNSUP, `option ${opt} is not supported`);
+      continue;
+    }
     const data = len ? await reader.read(len) : Buffer.alloc(0);
     log.trace({ opt, len }, "option");
 
@@ -263,9 +441,9 @@ async function run(
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(exp.size()), 0);
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
-        sock.write(out);
+        write(sock, out);
         const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -325,7 +503,7 @@ async function run(
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
           const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured };
+          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
         }
         break;
       }

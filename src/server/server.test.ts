@@ -75,6 +75,38 @@ class Probe extends PassthroughLayer {
   }
 }
 
+/** Every write, read and flush takes `ms` (the disk is slow). */
+class Slow extends PassthroughLayer {
+  constructor(
+    next: Layer,
+    private readonly ms: number,
+  ) {
+    super(next);
+  }
+  private async later<T>(go: () => Promise<T>): Promise<T> {
+    await new Promise((r) => setTimeout(r, this.ms));
+    return go();
+  }
+  override pread(b: Buffer, o: number, io: Io) {
+    return this.later(() => super.pread(b, o, io));
+  }
+  override pwrite(b: Buffer, o: number, io: Io) {
+    return this.later(() => super.pwrite(b, o, io));
+  }
+  override flush(io: Io) {
+    return this.later(() => super.flush(io));
+  }
+}
+
+/** NBD_OPT_GO for export `name`, asking for no information. */
+function goFrame(name: string): Buffer {
+  const n = Buffer.from(name);
+  const d = Buffer.alloc(4 + n.length + 2);
+  d.writeUInt32BE(n.length, 0);
+  n.copy(d, 4);
+  return optionFrame(7, d);
+}
+
 /** Resolves once `cond()` holds; polls, and fails with `what` after a generous deadline. */
 async function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
   const end = Date.now() + ms;
@@ -330,6 +362,56 @@ describe("NbdServer against the memory port", () => {
     });
   }
 
+  // Found by the grammar-aware fuzzer (issue 21): Node's net.Server ended the write side as soon as
+  // the client's end came, so replies to requests still in the stack were dropped. libnbd shuts
+  // its write side down right after NBD_CMD_DISC, and the spec says the server MUST handle all
+  // outstanding requests.
+  for (const disc of [true, false]) {
+    it(`answers every request in flight when the client half-closes ${disc ? "after NBD_CMD_DISC" : "without NBD_CMD_DISC"}`, async () => {
+      const { addr } = await start({ top: (l) => new Slow(l, 50) });
+      const s = await rawConnect(addr);
+      const reqs = [rawHeader(Cmd.NBD_CMD_WRITE, CmdFlag.NBD_CMD_FLAG_FUA, 1, 0, 4096), Buffer.alloc(4096, 1), rawHeader(Cmd.NBD_CMD_READ, 0, 2, 0, 512), rawHeader(Cmd.NBD_CMD_FLUSH, 0, 3, 0, 0)];
+      s.socket.end(Buffer.concat([Buffer.from([0, 0, 0, 3]), goFrame("mem"), ...reqs, ...(disc ? [rawHeader(Cmd.NBD_CMD_DISC, 0, 4, 0, 0)] : [])]));
+      await s.closed;
+      const got = s.received();
+      // After the greeting and the three option replies of NBD_OPT_GO: 16 + (16 + 512) + 16 bytes.
+      const at = got.length - (16 + 16 + 512 + 16);
+      expect(got.length).toBe(18 + 32 + 34 + 20 + 16 + 16 + 512 + 16);
+      const cookies = [];
+      for (let p = at; p < got.length; ) {
+        expect(got.readUInt32BE(p)).toBe(0x67446698);
+        expect(got.readUInt32BE(p + 4)).toBe(0);
+        const cookie = got.readUInt32BE(p + 12);
+        cookies.push(cookie);
+        p += 16 + (cookie === 2 ? 512 : 0);
+      }
+      expect(cookies.sort()).toEqual([1, 2, 3]);
+    });
+  }
+
+  // The handshake failed its reads as soon as the client's end came, even with the options still
+  // buffered: a client that pipelined its options, half-closed and then read lost the session.
+  it("answers every option sent before the client half-closed, and the session after them", async () => {
+    const { addr } = await start();
+    const s = await rawConnect(addr);
+    const lists = Array.from({ length: 40_000 }, () => optionFrame(3, Buffer.alloc(0)));
+    s.socket.pause(); // the replies pile up: the server waits for the client to read them
+    s.socket.end(Buffer.concat([Buffer.from([0, 0, 0, 3]), ...lists, goFrame("mem"), rawHeader(Cmd.NBD_CMD_READ, 0, 9, 0, 512)]));
+    await new Promise((r) => setTimeout(r, 500));
+    s.socket.resume();
+    await s.closed;
+    const got = s.received();
+    let at = 18;
+    let acks = 0;
+    while (at + 20 <= got.length && got.readBigUInt64BE(at) === 0x3e889045565a9n) {
+      if (got.readUInt32BE(at + 12) === 1) acks++;
+      at += 20 + got.readUInt32BE(at + 16);
+    }
+    expect(acks).toBe(40_000 + 1); // every NBD_OPT_LIST and NBD_OPT_GO
+    expect(got.length - at).toBe(16 + 512); // and the read
+    expect(got.readUInt32BE(at + 12)).toBe(9);
+  });
+
   it("closes only the offending connection on a bad magic, an oversized write or a truncated frame, saying why", async () => {
     const log = captureLog();
     const { addr, server } = await start({ log: log.logger });
@@ -423,6 +505,65 @@ describe("NbdServer against the memory port", () => {
     const ack = (await t.bytes(at + 20)).subarray(at);
     expect([ack.readUInt32BE(8), ack.readUInt32BE(12)]).toEqual([2, 1]); // NBD_OPT_ABORT, NBD_REP_ACK
     await t.closed;
+  });
+
+  it("serves a client without the fixed-newstyle flag through NBD_OPT_EXPORT_NAME, and closes it on any other option", async () => {
+    const log = captureLog();
+    const { addr } = await start({ log: log.logger });
+    // Plain newstyle (flags 0): the reply to NBD_OPT_EXPORT_NAME carries the 124 zero bytes.
+    const a = await rawConnect(addr);
+    a.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 0]), optionFrame(1, Buffer.from("mem")), rawHeader(Cmd.NBD_CMD_READ, 0, 7, 0, 512)]));
+    const got = await a.bytes(18 + 134 + 16 + 512);
+    expect(got.readBigUInt64BE(18)).toBe(BigInt(16 * MiB));
+    expect(got.subarray(18 + 10, 18 + 134).equals(Buffer.alloc(124))).toBe(true);
+    expect([got.readUInt32BE(152), got.readUInt32BE(156), got.readUInt32BE(164)]).toEqual([0x67446698, 0, 7]); // a simple reply to the read
+    a.socket.destroy();
+    // NO_ZEROES alone is honoured too.
+    const b = await rawConnect(addr);
+    b.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 2]), optionFrame(1, Buffer.from("mem")), rawHeader(Cmd.NBD_CMD_FLUSH, 0, 8, 0, 0)]));
+    const gotB = await b.bytes(18 + 10 + 16);
+    expect(gotB.readUInt32BE(28)).toBe(0x67446698);
+    b.socket.destroy();
+    // Any other option: such a client cannot read option replies, so the connection is closed.
+    const c = await rawConnect(addr);
+    c.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 0]), optionFrame(3, Buffer.alloc(0))]));
+    await c.closed;
+    expect(c.received()).toHaveLength(18);
+    const line = await log.waitFor((l) => l.msg === "closing connection: handshake failed");
+    expect(line.reason).toBe("option 3 from a client without fixed newstyle (it can only send NBD_OPT_EXPORT_NAME)");
+  });
+
+  it("skips options over 64 KiB without holding them: NBD_REP_ERR_TOO_BIG (known) or ERR_UNSUP (unknown), then goes on; over 32 MiB, or NBD_OPT_EXPORT_NAME, closes", async () => {
+    const log = captureLog();
+    const { server, addr } = await start({ log: log.logger });
+    const t = await rawConnect(addr);
+    const reply = async (at: number) => {
+      const h = (await t.bytes(at + 20)).subarray(at);
+      const len = h.readUInt32BE(16);
+      await t.bytes(at + 20 + len);
+      return { opt: h.readUInt32BE(8), type: h.readUInt32BE(12), end: at + 20 + len };
+    };
+    t.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(6, Buffer.alloc(64 * 1024 + 1, 1))]));
+    let r = await reply(18);
+    expect([r.opt, r.type]).toEqual([6, 0x80000009]); // NBD_OPT_INFO, NBD_REP_ERR_TOO_BIG
+    t.socket.write(optionFrame(4242, Buffer.alloc(8 * MiB, 2)));
+    r = await reply(r.end);
+    expect([r.opt, r.type]).toEqual([4242, 0x80000001]); // NBD_REP_ERR_UNSUP
+    expect(server.memoryBudget.stats().peak).toBeLessThan(512 * 1024); // skipped, never held
+    t.socket.write(optionFrame(3, Buffer.alloc(0)));
+    r = await reply(r.end); // NBD_REP_SERVER "mem"
+    r = await reply(r.end); // …"second"
+    r = await reply(r.end);
+    expect([r.opt, r.type]).toEqual([3, 1]); // NBD_OPT_LIST still answered: NBD_REP_ACK
+    // 32 MiB + 1: closed at once, without waiting for the data.
+    t.socket.write(optionFrame(4243, Buffer.alloc(0), 32 * MiB + 1));
+    await t.closed;
+    expect((await log.waitFor((l) => l.msg === "closing connection: handshake failed")).reason).toBe("option 4243 has length 33554433, over the limit of 33554432");
+    // NBD_OPT_EXPORT_NAME has no error reply: a name over 64 KiB closes too.
+    const u = await rawConnect(addr);
+    u.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(1, Buffer.alloc(64 * 1024 + 1, 0x61))]));
+    await u.closed;
+    expect(u.received()).toHaveLength(18);
   });
 
   it("stops reading requests while 1 MiB of replies waits for a client that does not read, and goes on when it reads", async () => {

@@ -7,6 +7,8 @@ import type { ExportDirectory, HandshakeTls } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { exportOfPeerName, isInternalExport } from "../internal-exports.js";
 import type { Metrics } from "../metrics/metrics.js";
+import { MemoryBudget } from "./memory-budget.js";
+import { ioBuffers } from "../util/buffer-pool.js";
 
 export interface TcpAddress {
   host: string;
@@ -31,7 +33,15 @@ export interface ServerOptions {
   metrics?: Metrics;
   /** NBD_OPT_STARTTLS offered ("on") or required ("require"); absent: TLS off (NBD_REP_ERR_POLICY). */
   tls?: HandshakeTls | null;
+  /**
+   * The process-wide memory budget, in bytes, for what clients make the server hold: request
+   * payloads in flight, replies not yet taken by slow readers, handshake bytes (see memory-budget.ts).
+   */
+  maxMemory?: number;
 }
+
+/** Default of --max-memory: with Node.js's own ~65 MiB, the server stays near 128 MiB under attack. */
+export const DEFAULT_MAX_MEMORY = 32 * 1024 * 1024;
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
@@ -48,12 +58,21 @@ export class NbdServer implements ExportDirectory {
   private readonly perClient = new Map<string, number>();
   private readonly limits: ConnectionLimits;
   private readonly maxPayload: number;
+  /** Shared by every connection. */
+  readonly memoryBudget: MemoryBudget;
   private nextId = 1;
   private closing: Promise<void> | null = null;
 
   constructor(private readonly opts: ServerOptions) {
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    this.memoryBudget = new MemoryBudget(opts.maxMemory ?? DEFAULT_MAX_MEMORY);
+    opts.metrics?.memoryBudget(() => this.memoryBudget.stats());
+    // Free I/O buffers kept for reuse are held too: they count against the budget, and go when a
+    // request needs the room.
+    ioBuffers.limitHeld(this.memoryBudget.limit);
+    ioBuffers.setRoom(() => this.memoryBudget.roomForCache());
+    this.memoryBudget.setCache(ioBuffers);
     const names = new Set<string>();
     for (const e of opts.exports) {
       if (names.has(e.name)) throw new Error(`two exports are named "${e.name}"`);
@@ -103,7 +122,9 @@ export class NbdServer implements ExportDirectory {
   }
 
   private listen(bind: (s: net.Server) => void): Promise<void> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Half-open: a client that shuts its write side down (libnbd does after NBD_CMD_DISC) still gets
+    // the replies of what it sent; the connection ends its side itself once they are out.
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     this.servers.push(server);
     return new Promise((resolve, reject) => {
       server.once("error", reject);
@@ -145,7 +166,7 @@ export class NbdServer implements ExportDirectory {
     this.perClient.set(client, fromClient + 1);
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
-    const conn = new Connection(socket, this, log, this.limits, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
+    const conn = new Connection(socket, this, log, this.limits, this.memoryBudget, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
     this.opts.metrics?.connections.inc();
     this.connections.add(conn);
     void conn.closed.then(() => {

@@ -8,6 +8,7 @@ import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
 import { clientOptions, serverSocketOptions, type TlsConfig } from "../tls/tls-config.js";
 import { Export } from "../stack/export.js";
+import { PassthroughLayer, type Io, type Layer } from "../stack/layer.js";
 import { NbdServer } from "./server.js";
 
 const MiB = 1024 * 1024;
@@ -20,10 +21,29 @@ afterEach(async () => {
   servers = [];
 });
 
-async function start(cfg: TlsConfig | null, handshakeTimeoutMs?: number) {
+/** Every write and read waits `ms` first. */
+class Slow extends PassthroughLayer {
+  constructor(
+    next: Layer,
+    private readonly ms: number,
+  ) {
+    super(next);
+  }
+  override async pwrite(b: Buffer, o: number, io: Io) {
+    await new Promise((r) => setTimeout(r, this.ms));
+    return super.pwrite(b, o, io);
+  }
+  override async pread(b: Buffer, o: number, io: Io) {
+    await new Promise((r) => setTimeout(r, this.ms));
+    return super.pread(b, o, io);
+  }
+}
+
+async function start(cfg: TlsConfig | null, handshakeTimeoutMs?: number, slowMs = 0) {
+  const disk = new DiskLayer(new MemoryPort({ size: 4 * MiB }));
   const server = new NbdServer({
     limits: handshakeTimeoutMs ? { handshakeTimeoutMs } : undefined,
-    exports: [new Export("mem", new DiskLayer(new MemoryPort({ size: 4 * MiB })))],
+    exports: [new Export("mem", slowMs ? new Slow(disk, slowMs) : disk)],
     tcp: [{ host: "127.0.0.1", port: 0 }],
     log: silentLogger(),
     tls: cfg ? { mode: cfg.mode, options: serverSocketOptions(cfg) } : null,
@@ -161,6 +181,16 @@ describe("NBD_OPT_STARTTLS", () => {
     while (got.length < 20) await new Promise((r) => setTimeout(r, 5));
     expect(got.readUInt32BE(12)).toBe(Rep.NBD_REP_ERR_INVALID);
     t.destroy();
+  });
+
+  it("answers the requests in flight when the client half-closes its TLS session", async () => {
+    const addr = await start(psk("require"), undefined, 50);
+    const c = await NbdClient.connect(addr, { exportName: "mem", tls: clientOptions(psk("require")) });
+    const w = c.pwrite(Buffer.alloc(4096, 9), 0);
+    const r = c.pread(4096, 0);
+    c.socket.end(); // close_notify and FIN, with both requests still in the slow layer
+    await w;
+    expect((await r).equals(Buffer.alloc(4096, 9))).toBe(true);
   });
 
   it("refuses a wrong PSK key or identity; the server stays up", async () => {

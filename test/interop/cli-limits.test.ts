@@ -131,6 +131,64 @@ describe("connection limits", () => {
   });
 });
 
+describe("the process-wide memory budget (--max-memory)", () => {
+  it("admits only what fits in --max-memory across all connections, pauses the rest, and serves them all once memory is given back", async () => {
+    const tokenFile = path.join(tempDir(), "token");
+    const srv = await serve(["memory:64M", "--fault", "--max-memory", "4M", "--token-file", tokenFile, "--log-level", "trace"], 2);
+    try {
+      const addr = addrOf(srv.uri);
+      await fault(srv, tokenFile, "--add", "op=pwrite,stall");
+      // 4 connections, 4 writes of 1 MiB each: 16 MiB, well inside each connection's own caps.
+      const clients = await Promise.all(Array.from({ length: 4 }, () => NbdClient.connect(addr, { exportName: "memory" })));
+      const data = (c: number, i: number) => Buffer.alloc(MiB, c * 4 + i + 1);
+      const writes = clients.flatMap((c, ci) => Array.from({ length: 4 }, (_, i) => c.pwrite(data(ci, i), (ci * 4 + i) * MiB)));
+      // Each write also costs a little besides its payload: 3 of them fit in 4 MiB, not 4.
+      await until(async () => (await stalledCount(srv)) === 3, "3 writes to stall");
+      await new Promise((r) => setTimeout(r, 300));
+      expect(await stalledCount(srv)).toBe(3); // no more came in
+      await waitForLog(srv.stderr, (l) => l.msg === "pausing the socket" && l.cap === "memory", "a connection paused for memory");
+      // Released wave after wave, every write gets in and is answered.
+      let done = 0;
+      for (const w of writes) void w.then(() => done++);
+      await until(async () => {
+        await release(srv, tokenFile);
+        return done === 16;
+      }, "every write to be answered");
+      for (let ci = 0; ci < 4; ci++) for (let i = 0; i < 4; i++) expect((await clients[ci]!.pread(MiB, (ci * 4 + i) * MiB)).equals(data(ci, i))).toBe(true);
+      const m = await (await fetch(`${controlUrl(srv)}/metrics`)).text();
+      const metric = (name: string) => Number(m.split("\n").find((l) => l.startsWith(`${name} `))?.split(" ")[1]);
+      expect(metric("nbdstack_memory_budget_limit_bytes")).toBe(4 * MiB);
+      expect(metric("nbdstack_memory_budget_peak_bytes")).toBeLessThanOrEqual(4 * MiB + 4 * 256 * 1024);
+      expect(metric("nbdstack_memory_budget_waits_total")).toBeGreaterThan(0);
+      await Promise.all(clients.map((c) => c.disconnect()));
+    } finally {
+      await fault(srv, tokenFile, "--clear").catch(() => undefined);
+      await srv.stop();
+    }
+  });
+
+  it("takes max-memory from the config file, refuses a bad value, and the flag wins", async () => {
+    const dir = tempDir();
+    const cfg = path.join(dir, "c.yaml");
+    fs.writeFileSync(cfg, "max-memory: 3M\nexports:\n  - name: memory\n    stack: memory:1M\n");
+    const tokenFile = path.join(dir, "token");
+    const limit = async (args: string[]) => {
+      const srv = await serve(["--config", cfg, "--control", "127.0.0.1:0", "--token-file", tokenFile, ...args], 2);
+      try {
+        const m = await (await fetch(`${controlUrl(srv)}/metrics`)).text();
+        return Number(m.split("\n").find((l) => l.startsWith("nbdstack_memory_budget_limit_bytes "))?.split(" ")[1]);
+      } finally {
+        await srv.stop();
+      }
+    };
+    expect(await limit([])).toBe(3 * MiB);
+    expect(await limit(["--max-memory", "5M"])).toBe(5 * MiB);
+    fs.writeFileSync(cfg, "max-memory: lots\nexports:\n  - name: memory\n    stack: memory:1M\n");
+    await expect(run(process.execPath, [CLI, "serve", "--config", cfg], { encoding: "utf8" })).rejects.toMatchObject({ stderr: expect.stringMatching(/max-memory: expected a size/) });
+    await expect(run(process.execPath, [CLI, "serve", "memory:1M", "--max-memory", "0"], { encoding: "utf8" })).rejects.toMatchObject({ stderr: expect.stringMatching(/--max-memory must be above zero/) });
+  });
+});
+
 describe("per-connection caps", () => {
   /**
    * Each write stalls in the fault layer until released, so what the server took off the socket is
@@ -163,7 +221,7 @@ describe("per-connection caps", () => {
     expect(pauses.every((l) => l.inflight <= o.perWave && l.inflightBytes <= o.perWave * o.size)).toBe(true);
   }
 
-  it("takes no more than --max-inflight requests and --max-inflight-bytes off the socket, and no option over 64 KiB", async () => {
+  it("takes no more than --max-inflight requests and --max-inflight-bytes off the socket, and skips options over 64 KiB", async () => {
     const tokenFile = path.join(tempDir(), "token");
     const srv = await serve(["memory:16M", "--fault", "--max-inflight", "3", "--max-inflight-bytes", "2M", "--token-file", tokenFile, "--log-level", "trace"], 2);
     try {
@@ -176,18 +234,23 @@ describe("per-connection caps", () => {
       await waves(srv, tokenFile, c, { writes: 6, size: MiB, perWave: 2, cap: "bytes", from: 9 });
       await c.disconnect();
 
-      // Options: 64 KiB is the longest accepted (an unknown one gets ERR_UNSUP); one byte more
-      // closes the connection at once, without waiting for its data.
+      // Options: 64 KiB is the longest read (an unknown one gets ERR_UNSUP); one byte more is
+      // skipped without being held and refused with ERR_TOO_BIG; over 32 MiB closes the connection
+      // at once, without waiting for its data.
       const o = await rawConnect(addr);
       const oPeer = localPeer(o);
       await o.bytes(18);
       o.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), optionFrame(4242, Buffer.alloc(64 * 1024, 7))]));
       const reply = (await o.bytes(18 + 20)).subarray(18);
       expect([reply.readUInt32BE(8), reply.readUInt32BE(12)]).toEqual([4242, 0x80000001]); // NBD_REP_ERR_UNSUP
-      o.socket.write(optionFrame(4243, Buffer.alloc(0), 64 * 1024 + 1));
-      await within(o.closed, 20_000, "the server to close a connection that sent an option over 64 KiB");
+      const at = 18 + 20 + reply.readUInt32BE(16);
+      o.socket.write(optionFrame(6, Buffer.alloc(64 * 1024 + 1, 7)));
+      const big = (await o.bytes(at + 20)).subarray(at);
+      expect([big.readUInt32BE(8), big.readUInt32BE(12)]).toEqual([6, 0x80000009]); // NBD_OPT_INFO, NBD_REP_ERR_TOO_BIG
+      o.socket.write(optionFrame(4243, Buffer.alloc(0), 32 * 1024 * 1024 + 1));
+      await within(o.closed, 20_000, "the server to close a connection that sent an option over 32 MiB");
       const closing = await logged(srv, oPeer, "closing connection: handshake failed");
-      expect(closing.reason).toBe("option 4243 has length 65537, over the limit of 65536");
+      expect(closing.reason).toBe("option 4243 has length 33554433, over the limit of 33554432");
     } finally {
       await srv.stop();
     }

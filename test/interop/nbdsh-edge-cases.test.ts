@@ -35,6 +35,27 @@ describe.skipIf(!needTools("nbdsh"))("nbdsh edge cases", () => {
 
   const run = (uri: string, body: string) => nbdsh(uri, PRELUDE + body).trim().split("\n");
 
+  // Issue 21: a client that does not set NBD_FLAG_C_FIXED_NEWSTYLE speaks plain newstyle; it was
+  // refused, as the spec allows but nbdkit and qemu-nbd do not. libnbd speaks it on request.
+  it("serves a plain-newstyle client (no fixed-newstyle flag) through NBD_OPT_EXPORT_NAME, with and without NO_ZEROES", () => {
+    const uri = srv.uris[1]!;
+    const out = nbdsh(
+      null,
+      `
+for flags in (0, nbd.HANDSHAKE_FLAG_NO_ZEROES):
+    h = nbd.NBD()
+    h.set_handshake_flags(flags)
+    h.connect_uri(${JSON.stringify(uri)})
+    h.pwrite(b"plain%d" % flags, 8192)
+    print(h.get_protocol(), h.get_handshake_flags(), h.get_size(), bytes(h.pread(6, 8192)))
+    h.shutdown()
+`,
+    )
+      .trim()
+      .split("\n");
+    expect(out).toEqual([`newstyle 0 ${4 * MiB} b'plain0'`, `newstyle 2 ${4 * MiB} b'plain2'`]);
+  });
+
   it("answers requests beyond the end with ENOSPC for writes and EINVAL otherwise, and stays usable", () => {
     const out = run(
       srv.uris[0]!,

@@ -81,6 +81,48 @@ describe("FilePort", () => {
     await sparse.close();
   });
 
+  // Found by the grammar-aware fuzzer (issue 21): a BLOCK_STATUS read 8 MiB into one buffer and a
+  // CACHE 1 MiB into a fresh one, per request; a client with many in flight made the server hold
+  // hundreds of MiB outside the memory budget.
+  it("reads at most 1 MiB at a time to find zero blocks or fill the page cache, with the same answers across pieces", async () => {
+    const MiB = 1 << 20;
+    const bytes = Buffer.alloc(6 * MiB, 0x61);
+    bytes.fill(0, MiB - 8192, MiB + 8192); // a zero run across the first piece boundary
+    bytes.fill(0, 3 * MiB + 4096, 5 * MiB); // a long one across two
+    bytes.fill(0, 5 * MiB + 100, 5 * MiB + 200); // not a whole block: data
+    const { port, file } = await open({}, bytes);
+    await port.close();
+    fs.truncateSync(file, 10 * MiB); // sparse: a 4 MiB hole at the end
+    const sparse = new FilePort({ path: file });
+    await sparse.open();
+    const lengths: number[] = [];
+    const readSync = fs.readSync;
+    vi.spyOn(fs, "readSync").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number) => {
+      lengths.push(len);
+      return readSync(fd, buf, off, len, pos);
+    }) as typeof fs.readSync);
+    const read = fs.read;
+    vi.spyOn(fs, "read").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number, cb: never) => {
+      lengths.push(len);
+      return read(fd, buf, off, len, pos, cb);
+    }) as typeof fs.read);
+    // From an unaligned offset: pieces end on 4 KiB boundaries of the device.
+    const ext = await sparse.extents(8 * MiB, 1000, plainIo);
+    expect(ext).toEqual([
+      { length: MiB - 8192 - 1000, flags: 0 },
+      { length: 16384, flags: 2 },
+      { length: 2 * MiB - 8192 + 4096, flags: 0 },
+      { length: 2 * MiB - 4096, flags: 2 },
+      { length: MiB, flags: 0 },
+      { length: 2 * MiB + 1000, flags: 2 }, // the hole, up to the 8 MiB scanned
+    ]);
+    expect(ext.reduce((t, e) => t + e.length, 0)).toBe(8 * MiB);
+    await sparse.cache(10 * MiB, 0, plainIo);
+    expect(lengths.length).toBeGreaterThan(16);
+    expect(Math.max(...lengths)).toBeLessThanOrEqual(MiB);
+    await sparse.close();
+  });
+
   it("reports a fully allocated file as data without reading it, until it writes zeroes", async () => {
     const bytes = Buffer.alloc(1 << 20, 0x61);
     bytes.fill(0, 8192, 8192 + 4096);

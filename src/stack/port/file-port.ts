@@ -38,6 +38,11 @@ const SLOW_SCORE = 2.5;
 const ZERO_BLOCK = ZERO_CHUNK.subarray(0, 4096);
 /** The most bytes one extents() call scans for zeroes; the client asks again for the rest. */
 const EXTENTS_SCAN_MAX = 8 * 1024 * 1024;
+/**
+ * The most bytes extents() and cache() read at a time (into one pooled buffer): what a request
+ * costs the server's memory budget besides itself (see server/connection.ts, SCAN_COST).
+ */
+export const SCAN_PIECE = 1024 * 1024;
 
 function readAt(fd: number, buf: Buffer, pos: number, offset: number, length: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -294,14 +299,16 @@ export class FilePort implements Layer {
   async cache(length: number, offset: number, _io: Io): Promise<void> {
     const fd = this.live();
     this.tracker.enter();
+    const backing = ioBuffers.acquire(Math.min(length, SCAN_PIECE));
     try {
-      const scratch = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
+      const scratch = backing.subarray(0, Math.min(length, SCAN_PIECE));
       for (let done = 0; done < length; ) {
         const n = await readAt(fd, scratch, 0, offset + done, Math.min(scratch.length, length - done));
         if (n === 0) break;
         done += n;
       }
     } finally {
+      ioBuffers.release(backing);
       this.tracker.leave();
     }
   }
@@ -319,25 +326,32 @@ export class FilePort implements Layer {
       const st = fs.fstatSync(fd);
       if (st.isFile() && st.blocks * 512 >= st.size) return [{ length, flags: 0 }];
     }
-    const scan = Math.min(length, EXTENTS_SCAN_MAX);
-    const backing = ioBuffers.acquire(scan);
+    const end = offset + Math.min(length, EXTENTS_SCAN_MAX);
+    const backing = ioBuffers.acquire(Math.min(end - offset, SCAN_PIECE));
     try {
-      const buf = backing.subarray(0, scan);
-      await this.pread(buf, offset, io);
       const out: Extent[] = [];
-      // 4 KiB granularity, aligned to the device (the first block may be partial). A block with a
-      // non-zero first, middle or last byte is data without comparing the rest (most data blocks).
-      let pos = 0;
-      while (pos < scan) {
-        const blockEnd = Math.min(scan, (Math.floor((offset + pos) / 4096) + 1) * 4096 - offset);
-        const n = blockEnd - pos;
-        const isZero =
-          buf[pos] === 0 && buf[blockEnd - 1] === 0 && buf[(pos + blockEnd) >>> 1] === 0 && buf.subarray(pos, blockEnd).equals(n === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, n));
-        const flags = isZero ? State.NBD_STATE_ZERO : 0;
-        const last = out[out.length - 1];
-        if (last && last.flags === flags) last.length += n;
-        else out.push({ length: n, flags });
-        pos = blockEnd;
+      // Pieces of at most SCAN_PIECE that end on 4 KiB boundaries of the device (or at the end), so
+      // no block spans two of them.
+      for (let at = offset; at < end; ) {
+        let stop = Math.min(end, at + SCAN_PIECE);
+        if (stop < end) stop -= stop % 4096;
+        const buf = backing.subarray(0, stop - at);
+        await this.pread(buf, at, io);
+        // 4 KiB granularity, aligned to the device (the first block may be partial). A block with a
+        // non-zero first, middle or last byte is data without comparing the rest (most data blocks).
+        let pos = 0;
+        while (pos < buf.length) {
+          const blockEnd = Math.min(buf.length, (Math.floor((at + pos) / 4096) + 1) * 4096 - at);
+          const n = blockEnd - pos;
+          const isZero =
+            buf[pos] === 0 && buf[blockEnd - 1] === 0 && buf[(pos + blockEnd) >>> 1] === 0 && buf.subarray(pos, blockEnd).equals(n === 4096 ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, n));
+          const flags = isZero ? State.NBD_STATE_ZERO : 0;
+          const last = out[out.length - 1];
+          if (last && last.flags === flags) last.length += n;
+          else out.push({ length: n, flags });
+          pos = blockEnd;
+        }
+        at = stop;
       }
       return out;
     } finally {
