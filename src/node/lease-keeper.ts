@@ -71,7 +71,14 @@ export async function renew(node: NodeContext, m: Managed, epoch: number): Promi
  */
 export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerAddress> {
   const lease = m.lease;
-  const r = await lease.read();
+  let r: LeaseRecord | null;
+  try {
+    r = await lease.read();
+  } catch (err) {
+    // The store is out of reach (etcd cut off): nobody knows the owner now. Port B's requests
+    // wait, asking again, as for an owner that cannot be reached; they never fail for it.
+    throw Object.assign(new Error(`the owner cannot be told now: ${lease.where}: ${(err as Error).message}`), { code: "EOWNERUNKNOWN" });
+  }
   m.record = r ?? m.record;
   if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
   // This process, or a hand-over to this node not claimed yet, or (by address) this very server:

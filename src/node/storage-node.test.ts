@@ -8,6 +8,11 @@ import { plainIo } from "../stack/layer.js";
 import type { ExportSpec } from "../stack/compose.js";
 import { StackHandles } from "../stack/stack-handles.js";
 import { StorageNode } from "./storage-node.js";
+import { FileOwnership } from "../migration/file-ownership.js";
+import { NbdServer } from "../server/server.js";
+import { Export } from "../stack/export.js";
+import { DiskLayer } from "../stack/disk/disk-layer.js";
+import { MemoryPort } from "../stack/port/memory-port.js";
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -209,5 +214,46 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     expect((await b.status()).exports[0]).toMatchObject({ owner: "b", epoch: 1 });
     await exp.close();
     await b.close();
+  });
+});
+
+/**
+ * With etcd, the record lives in a store that may be out of reach (the node cut off from etcd).
+ * Port B's requests then wait for the owner's address; they never fail with the store's error.
+ */
+describe("StorageNode: an unreadable record holds port B's requests", () => {
+  it("a write through port B waits while the record cannot be read, and goes to the owner once it can", async () => {
+    const img = image();
+    const owner = new MemoryPort({ size: 1024 * 1024 });
+    const server = new NbdServer({ exports: [new Export("disk", new DiskLayer(owner), () => "[owner=a epoch=1]")], tcp: [{ host: "127.0.0.1", port: 0 }], log: pino({ level: "silent" }) });
+    await server.start();
+    const at = server.addresses()[0] as { host: string; port: number };
+    new LeaseFile(img, { pid: 1, host: os.hostname() }).acquire({ nodeId: "a", nbd: `${at.host}:${at.port}`, control: "" }, 60_000);
+    const store = { down: false };
+    class Unreachable extends FileOwnership {
+      override async read() {
+        if (store.down) throw Object.assign(new Error("etcd: no member answered"), { code: "ETCD_UNAVAILABLE" });
+        return super.read();
+      }
+    }
+    const node = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 60_000, ownership: (image) => new Unreachable(new LeaseFile(image)) });
+    const exp = await node.createExport({ source: img, name: "disk" });
+    store.down = true;
+    await exp.open();
+    try {
+      let done = false;
+      const w = exp.layer.pwrite(Buffer.alloc(4096, 0x3c), 0, plainIo).then(() => (done = true));
+      await new Promise((r) => setTimeout(r, 300));
+      expect(done).toBe(false);
+      store.down = false;
+      await w;
+      const back = Buffer.alloc(4096);
+      await owner.pread(back, 0, plainIo);
+      expect(back.every((x) => x === 0x3c)).toBe(true);
+    } finally {
+      await exp.close();
+      await node.close();
+      await server.close();
+    }
   });
 });

@@ -96,7 +96,7 @@ function isLinkError(err: unknown): boolean {
   if (err instanceof ProtocolError) return true;
   if (err instanceof NbdError) return err.errno === "ESHUTDOWN";
   const code = (err as { code?: string } | null)?.code;
-  return typeof code === "string" && /^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOENT|EHOSTUNREACH|ENOTOWNER)$/.test(code);
+  return typeof code === "string" && /^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOENT|EHOSTUNREACH|ENOTOWNER|EOWNERUNKNOWN)$/.test(code);
 }
 
 /**
