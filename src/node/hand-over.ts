@@ -79,6 +79,14 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       m.record = back;
       m.epoch = back.epoch;
     },
+    // Port A would not open after the reclaim: released (clean: nothing was acknowledged at this
+    // epoch), so any node — this one at its next renewal tick — may take the image at once.
+    giveUp: async () => {
+      const e = m.epoch;
+      m.epoch = null;
+      m.validUntil = 0;
+      if (e !== null) await m.lease.release(node.identity, e, true);
+    },
   });
   const ms = performance.now() - t0;
   const epoch = (handed as LeaseRecord | null)?.epoch ?? myEpoch;

@@ -14,7 +14,7 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
   let rnd = seed >>> 0 || 1;
   const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const disk = new MemoryPort({ size: SIZE });
-  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false, adoptThenFail: false, reclaimFails: false };
+  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false, adoptThenFail: false, reclaimFails: false, openFails: 0, gaveUp: 0 };
   const nodes: Record<"x" | "y", PortRedirector> = {} as never;
 
   /** Port A of a node: the shared device, usable only while that node owns it and has it open. */
@@ -96,6 +96,10 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
       `disk@${me}`,
       {
         openLocal: async () => {
+          if (state.openFails > 0) {
+            state.openFails--;
+            throw new Error("injected EIO on open");
+          }
           // With fencing, port A lets writes through only while this node owns the device (its lease).
           const a = fenced ? new FenceLayer(new PortA(me), () => state.owner === me) : new PortA(me);
           if (!faultA || me !== "x") return a;
@@ -120,6 +124,9 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
       reclaim: async () => {
         if (state.reclaimFails) throw new Error("lease names the peer");
         state.owner = from;
+      },
+      giveUp: async () => {
+        state.gaveUp++;
       },
     });
   };
@@ -261,6 +268,20 @@ describe("PortRedirector", () => {
     while (w.nodes.y.state === "ADOPTING") await sleep(1);
     expect(w.nodes.y.state).toBe("LOCAL");
     expect(w.state.violations).toEqual([]);
+  });
+
+  it("gives the resource up when it took it back but port A would not open again (nemesis seed 11 at 1665 s)", async () => {
+    // The peer refused; the owner took the lease back, then port A failed to open (EIO). It
+    // followed "its owner" through port B — itself, by the record — and held every request for
+    // good. Now it gives the lease up (released, so a node may take it at once).
+    const w = world(17);
+    await w.nodes.x.open();
+    await w.nodes.y.open();
+    w.state.refuse = true;
+    w.state.openFails = 1;
+    await expect(w.move("x")).rejects.toThrow(/peer refuses/);
+    expect(w.nodes.x.state).toBe("REMOTE");
+    expect(w.state.gaveUp).toBe(1);
   });
 
   it("fences port A when the resource was taken without a hand-over (a paused owner): no write lands there, none fails", async () => {

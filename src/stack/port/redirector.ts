@@ -39,6 +39,8 @@ export interface HandOver {
   assign(): Promise<void>;
   /** Undoes a failed assign: takes the resource back for this node. */
   reclaim(): Promise<void>;
+  /** Taken back, but port A would not open: give the resource up (another node, or a later try here, takes it). */
+  giveUp?(): Promise<void>;
 }
 
 /**
@@ -300,13 +302,18 @@ export class PortRedirector implements Layer {
         await prepared?.close().catch(() => undefined);
         this.log?.warn({ err: (err as Error).message }, "move: the peer could not take the resource; rolling back");
         this.st = "ROLLBACK";
+        let reclaimed = false;
         try {
           await h.reclaim();
+          reclaimed = true;
           this.a = await this.ports.openLocal();
           this.st = "LOCAL";
         } catch (again) {
-          // The resource is someone else's now after all: follow it through port B.
-          this.log?.warn({ err: (again as Error).message }, "move: cannot take the resource back; following its owner");
+          // The resource is someone else's now after all, or it is this node's but port A would
+          // not open: then give it up (never name this node owner with nothing to serve it — its
+          // own port B would wait on itself), and follow whoever takes it next.
+          if (reclaimed) await h.giveUp?.().catch((e: Error) => this.log?.error({ err: e.message }, "move: giving the resource up failed"));
+          this.log?.warn({ err: (again as Error).message, gaveUp: reclaimed }, "move: cannot take the resource back; following its owner");
           this.b = await this.openRemoteUntilDone();
           this.st = "REMOTE";
         }
