@@ -87,6 +87,7 @@ program
   .option("--etcd-key <file>", "PEM private key of --etcd-cert")
   .option("--etcd-user <name>", "etcd user (auth enabled); the password comes from $NBDSTACK_ETCD_PASSWORD or --etcd-password-file")
   .option("--etcd-password-file <file>", "file holding the password of --etcd-user (first line)")
+  .option("--write-audit <file>", "with --node-id: append a JSON line {t, mono, node, export, epoch, op, offset, length} for every write, zero, trim and flush that reaches an image (after the image-level fence)")
   .option("--no-partitions", "do not export the partitions of each image as NAME/p1, NAME/p2, …")
   .option("--fault", "put a fault layer (no rules yet) directly above each export's port; steer it with 'nbdstack fault'", false)
   .option("--fault-seed <n>", "seed of the fault layers' random decisions", (v: string) => Number(v), 1)

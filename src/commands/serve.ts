@@ -12,6 +12,7 @@ import { composeExport, defaultExportName, partitionExports, StackHandles, type 
 import { kindOf } from "../stack/kinds.js";
 import type { Export } from "../stack/export.js";
 import { StorageNode } from "../node/storage-node.js";
+import { WriteAudit } from "../stack/port/write-audit.js";
 import { EtcdNode, type EtcdNodeOptions } from "../coord/etcd-node.js";
 import { ControlServer } from "../control/control-server.js";
 import { Metrics } from "../metrics/metrics.js";
@@ -62,6 +63,7 @@ export interface ServeOptions extends TlsFlags {
   etcdKey?: string;
   etcdUser?: string;
   etcdPasswordFile?: string;
+  writeAudit?: string;
 }
 
 export const DEFAULT_PORT = 10809;
@@ -184,8 +186,10 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const ttlMs = parseDuration(opts.leaseTtl);
   const nbdAddr = tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "";
   const etcd = opts.etcd && opts.nodeId ? await EtcdNode.start({ ...etcdOptions(opts), identity: { nodeId: opts.nodeId, nbd: nbdAddr, control: "" }, ttlMs, log }) : null;
+  if (opts.writeAudit && !opts.nodeId) throw new Error("--write-audit needs --node-id (it records what a cluster node writes into its images)");
+  const audit = opts.writeAudit ? new WriteAudit(path.resolve(opts.writeAudit)) : undefined;
   const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
+    ? new StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, audit, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
     : null;
   const faults = handles.faults;
   const exports: Export[] = [];
@@ -310,6 +314,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       .then(() => control?.close())
       .then(
         () => {
+          audit?.close();
           cleanup();
           log.info("stopped");
           process.exit(0);

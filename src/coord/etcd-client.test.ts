@@ -3,7 +3,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient, EtcdError, compare, op, type WatchEvent, type WatchStatus } from "./etcd-client.js";
 import { freePort, needEtcd, startLocalCluster, waitHealthy } from "../../test/cluster/etcd.mjs";
-import { captureLogger, makePki, tempDir, until, type Pki } from "../../test/cluster/helpers.js";
+import { captureLogger, makePki, startProxy, tempDir, until, type Pki } from "../../test/cluster/helpers.js";
 import { needTools } from "../../test/helpers/tools.js";
 
 type Cluster = Awaited<ReturnType<typeof startLocalCluster>>;
@@ -262,6 +262,28 @@ describe.skipIf(!hasEtcd)("etcd client across a restart of its only member", () 
     expect(lost[0]!.message).toMatch(/keep lease \d+ alive: no renewal succeeded before its 2 s TTL ran out: .*connection refused/);
     m.start();
     await waitHealthy([m]);
+  });
+
+  // Lab (test/cluster/nodes.test.ts): with --lease-ttl 2s, partitioning the host of the member every
+  // node's client preferred cost every node its session, not only the partitioned one: each renewal
+  // spent the whole time left (1.33 s) waiting on the silent member, and no other member was tried.
+  it("a 2 s lease survives its preferred member going silent: a renewal leaves time to try the others", async () => {
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      // The proxy comes first (preferred); the same member reached directly is the "other member".
+      const c = new EtcdClient({ endpoints: [proxy.url, cluster.endpoints[0]!] });
+      clients.push(c);
+      const lost: EtcdError[] = [];
+      const keeper = c.keepAlive(await c.grantLease(2), { onLost: (e) => lost.push(e) });
+      await sleep(700); // one renewal through the proxy
+      proxy.cut();
+      await sleep(4000);
+      expect(lost.map((e) => e.message)).toEqual([]);
+      expect(keeper.remainingMs()).toBeGreaterThan(500);
+      keeper.stop();
+    } finally {
+      proxy.close();
+    }
   });
 });
 

@@ -124,17 +124,23 @@ export class EtcdClient {
   }
 
   /** Renews a lease once: the TTL it was reset to and when the renewal was sent, or null when the lease is gone. */
-  async keepAliveOnce(leaseId: string, o: { timeoutMs?: number; onFailure?: (a: EtcdAttempt) => void } = {}): Promise<Renewal> {
+  async keepAliveOnce(leaseId: string, o: { timeoutMs?: number; attemptTimeoutMs?: number; onFailure?: (a: EtcdAttempt) => void } = {}): Promise<Renewal> {
     const sentAt = now();
-    const { json } = await this.t.call("/v3/lease/keepalive", { ID: leaseId }, { op: `keep lease ${leaseId} alive`, mutation: false, timeoutMs: o.timeoutMs, onFailure: o.onFailure });
+    const { json } = await this.t.call("/v3/lease/keepalive", { ID: leaseId }, { op: `keep lease ${leaseId} alive`, mutation: false, timeoutMs: o.timeoutMs, attemptTimeoutMs: o.attemptTimeoutMs, onFailure: o.onFailure });
     const ttl = num(json.TTL, "TTL");
     return ttl > 0 ? { ttl, sentAt } : null;
   }
 
   /** Keeps a lease alive until stopped, lost or the client is closed: see LeaseKeeper. */
   keepAlive(lease: LeaseGrant, o: KeepAliveOptions = {}): LeaseKeeper {
+    // One silent member must not use up the time left: each gets a share of it, so a renewal
+    // reaches another member before the deadline (a 2 s lease has 1.33 s left at each renewal).
     const renew = (leaseId: string, leftMs: number, onFailure: (error: string) => void) =>
-      this.keepAliveOnce(leaseId, { timeoutMs: Math.max(1, Math.min(leftMs, this.t.timeoutMs)), onFailure: (a) => onFailure(`${a.endpoint}: ${a.error}`) });
+      this.keepAliveOnce(leaseId, {
+        timeoutMs: Math.max(1, Math.min(leftMs, this.t.timeoutMs)),
+        attemptTimeoutMs: Math.min(this.t.attemptTimeoutMs, Math.max(200, leftMs / this.t.endpoints.length)),
+        onFailure: (a) => onFailure(`${a.endpoint}: ${a.error}`),
+      });
     const k = new LeaseKeeper(lease, renew, o);
     this.keepers.add(k);
     void k.done.then(() => this.keepers.delete(k));

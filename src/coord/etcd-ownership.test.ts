@@ -1,11 +1,10 @@
 import fs from "node:fs";
-import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient, type EtcdClientOptions, type EtcdError } from "./etcd-client.js";
 import { EtcdOwnership, EtcdSession } from "./etcd-ownership.js";
 import { LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
 import { needEtcd, startLocalCluster } from "../../test/cluster/etcd.mjs";
-import { tempDir, until } from "../../test/cluster/helpers.js";
+import { startProxy, tempDir, until } from "../../test/cluster/helpers.js";
 
 type Cluster = Awaited<ReturnType<typeof startLocalCluster>>;
 const hasEtcd = needEtcd();
@@ -20,49 +19,6 @@ async function leaseError(p: Promise<unknown>): Promise<LeaseError> {
   );
   expect(err).toBeInstanceOf(LeaseError);
   return err as LeaseError;
-}
-
-/**
- * A TCP proxy in front of etcd that can be cut silently: from cut() on, nothing passes either way
- * and new connections are accepted and held — a network partition (or a frozen etcd) as one
- * client sees it, while every other client reaches etcd.
- */
-async function startProxy(target: string): Promise<{ url: string; cut(): void; dropReplyTo(marker: string | null): void; close(): void }> {
-  const u = new URL(target);
-  const socks = new Set<net.Socket>();
-  let cut = false;
-  let marker: string | null = null;
-  const track = (s: net.Socket) => {
-    socks.add(s);
-    s.on("close", () => socks.delete(s));
-    s.on("error", () => {});
-  };
-  const server = net.createServer((c) => {
-    track(c);
-    if (cut) return;
-    const up = net.connect(Number(u.port), u.hostname);
-    track(up);
-    let drop = false;
-    c.on("data", (d) => {
-      if (marker !== null && d.includes(marker)) drop = true;
-      if (!cut) up.write(d);
-    });
-    up.on("data", (d) => void (cut || drop || c.write(d)));
-    c.on("close", () => up.destroy());
-    up.on("close", () => c.destroy());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  const port = (server.address() as net.AddressInfo).port;
-  return {
-    url: `http://127.0.0.1:${port}`,
-    cut: () => void (cut = true),
-    /** From now on, a connection that carries a request containing `marker` gets no more answers: that request reaches etcd, its outcome is unknown. */
-    dropReplyTo: (m: string | null) => void (marker = m),
-    close: () => {
-      for (const s of socks) s.destroy();
-      server.close();
-    },
-  };
 }
 
 describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {

@@ -48,6 +48,8 @@ export interface CallOptions {
   mutation: boolean;
   /** This call's bound instead of the client's timeoutMs. */
   timeoutMs?: number;
+  /** This call's bound on one member instead of the client's attemptTimeoutMs. */
+  attemptTimeoutMs?: number;
   /** Only this endpoint (no fail-over), e.g. to probe the member a watch streams from. */
   endpoint?: string;
   /** Told of each failed attempt as it happens (a caller that gives up first still knows why). */
@@ -171,6 +173,7 @@ export class EtcdTransport {
   async call(path: string, body: Json, o: CallOptions): Promise<{ json: Json; endpoint: string }> {
     const timeoutMs = o.timeoutMs ?? this.timeoutMs;
     const deadline = now() + timeoutMs;
+    const attemptMs = o.attemptTimeoutMs ?? this.attemptTimeoutMs;
     const payload = JSON.stringify(body);
     const attempts: EtcdAttempt[] = [];
     let tokenRetries = 0;
@@ -184,8 +187,8 @@ export class EtcdTransport {
         if (left < MIN_ATTEMPT_MS) break;
         let token: string | null = null;
         try {
-          token = await this.token(ep.url, Math.min(left, this.attemptTimeoutMs));
-          const r = await this.attempt(ep, path, payload, token, Math.min(deadline - now(), this.attemptTimeoutMs));
+          token = await this.token(ep.url, Math.min(left, attemptMs));
+          const r = await this.attempt(ep, path, payload, token, Math.min(deadline - now(), attemptMs));
           if (r.error === undefined) {
             this.succeeded(ep.url);
             return { json: r.json, endpoint: ep.url };

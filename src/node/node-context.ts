@@ -11,6 +11,7 @@ import type { IoMode } from "../stack/port/file-port.js";
 import type { PortPair } from "../stack/port/port-pair.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import type { RemotePortOptions } from "../stack/port/remote-port.js";
+import type { WriteAudit } from "../stack/port/write-audit.js";
 
 /** What a node knows of one of its exports. */
 export interface Managed {
@@ -78,6 +79,8 @@ export interface StorageNodeOptions {
   cluster?: () => Promise<ClusterStatus>;
   /** TLS of port B connections to peers (this node's own TLS credentials), if configured. */
   peerTls?: RemotePortOptions["tls"];
+  /** Every write-type request that reaches an image is recorded here (serve --write-audit). */
+  audit?: WriteAudit;
 }
 
 export interface MoveResult {

@@ -64,6 +64,7 @@ export class StorageNode {
       // A live copy into this node writes the image while another node owns the export.
       mayWriteImage: () => m.target !== null || mayWrite(this.context, m),
       locate: () => locateOwner(this.context, m),
+      ...(this.opts.audit ? { auditWrite: (op, offset, length) => this.opts.audit!.record({ node: this.identity.nodeId, export: spec.name, epoch: m.epoch, op, offset, length }) } : {}),
       // Asked again until the record answers (the adoption waits meanwhile; it never guesses).
       stillOwner: async () => {
         for (let delay = 10; ; delay = Math.min(delay * 2, 500)) {

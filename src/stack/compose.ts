@@ -16,6 +16,7 @@ import { PartitionTableError, readPartitionTable, type PartitionTable } from "./
 import type { IoMode } from "./port/file-port.js";
 import { buildPortPair, type PortPair, type PortPairOwner } from "./port/port-pair.js";
 import { FenceLayer } from "./port/fence-layer.js";
+import { AuditLayer } from "./port/write-audit.js";
 import { PortSlot } from "./port/port-slot.js";
 import { StackHandles } from "./stack-handles.js";
 
@@ -146,7 +147,9 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
   // The image itself is fenced too: a layer above it that writes back later (a power-loss cache's
   // persist, a cow overlay's map) may do so after the lease was lost (see PortPairOwner.mayWriteImage).
   const mayWriteImage = () => (owner.mayWriteImage ?? owner.mayWrite)();
-  let resource: Layer = new PortSlot(() => new FenceLayer(bottom(), mayWriteImage, false));
+  // Below that fence, what it let through may be audited (serve --write-audit).
+  const audited = (image: Layer): Layer => (owner.auditWrite ? new AuditLayer(image, (op, offset, length) => owner.auditWrite!(op, offset, length)) : image);
+  let resource: Layer = new PortSlot(() => new FenceLayer(audited(bottom()), mayWriteImage, false));
   for (const l of stack.slice(1, above)) resource = buildLayer(l, resource, ctx);
   // The owner may be down while this node starts: the image itself gives size and abilities.
   const offline = async (): Promise<{ size: number; caps: Capabilities }> => {

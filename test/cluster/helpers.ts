@@ -2,6 +2,7 @@
 // from etcd.mjs.
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import pino from "pino";
@@ -65,4 +66,47 @@ export function makePki(dir: string, name: string): Pki {
   issue("server", `cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`);
   issue("client", `cn = ${name}-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`);
   return { ca: f("ca-cert.pem"), serverCert: f("server-cert.pem"), serverKey: f("server-key.pem"), clientCert: f("client-cert.pem"), clientKey: f("client-key.pem") };
+}
+
+/**
+ * A TCP proxy in front of etcd that can be cut silently: from cut() on, nothing passes either way
+ * and new connections are accepted and held — a network partition (or a frozen etcd) as one
+ * client sees it, while every other client reaches etcd.
+ */
+export async function startProxy(target: string): Promise<{ url: string; cut(): void; dropReplyTo(marker: string | null): void; close(): void }> {
+  const u = new URL(target);
+  const socks = new Set<net.Socket>();
+  let cut = false;
+  let marker: string | null = null;
+  const track = (s: net.Socket) => {
+    socks.add(s);
+    s.on("close", () => socks.delete(s));
+    s.on("error", () => {});
+  };
+  const server = net.createServer((c) => {
+    track(c);
+    if (cut) return;
+    const up = net.connect(Number(u.port), u.hostname);
+    track(up);
+    let drop = false;
+    c.on("data", (d) => {
+      if (marker !== null && d.includes(marker)) drop = true;
+      if (!cut) up.write(d);
+    });
+    up.on("data", (d) => void (cut || drop || c.write(d)));
+    c.on("close", () => up.destroy());
+    up.on("close", () => c.destroy());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    cut: () => void (cut = true),
+    /** From now on, a connection that carries a request containing `marker` gets no more answers: that request reaches etcd, its outcome is unknown. */
+    dropReplyTo: (m: string | null) => void (marker = m),
+    close: () => {
+      for (const s of socks) s.destroy();
+      server.close();
+    },
+  };
 }

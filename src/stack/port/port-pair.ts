@@ -4,6 +4,7 @@ import { DirtyTracker } from "./dirty-tracker.js";
 import { FenceLayer } from "./fence-layer.js";
 import { PortRedirector } from "./redirector.js";
 import { RemotePort, type OwnerAddress, type RemotePortOptions } from "./remote-port.js";
+import type { AuditedOp } from "./write-audit.js";
 
 /**
  * What a cluster node tells the stack builder about one export's resource: whether it owns it as
@@ -20,6 +21,11 @@ export interface PortPairOwner {
    * lands. Default: mayWrite; a node also lets a live copy into it write here.
    */
   mayWriteImage?(): boolean | Promise<boolean>;
+  /**
+   * Told of every write, zero, trim and flush that passed the image-level fence, right before it
+   * goes to the image (serve --write-audit); a flush has offset and length 0.
+   */
+  auditWrite?(op: AuditedOp, offset: number, length: number): void;
   /** The current owner's NBD address (port B connects there, and again on every reconnect), and who it is. */
   locate(): OwnerAddress | Promise<OwnerAddress>;
   /** Whether this node still owns the resource (an adopting node checks before its own writes). */
