@@ -202,6 +202,24 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     }
   });
 
+  it("watch: tells when the owner's lease ends (the record unchanged), so that nodes can take over at once", async () => {
+    const p = fresh();
+    const [sa, sw] = await Promise.all([node("a", p), node("w", p)]);
+    const [a, w] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sw, "disk")];
+    await a.acquire(id("a"), TTL_MS);
+    const seen: Array<{ r: LeaseRecord | null; at: number }> = [];
+    const stop = w.watch((r) => seen.push({ r, at: performance.now() }));
+    await until("the watch delivered the record as it was", () => seen.length === 1);
+    const killedAt = performance.now();
+    kill(sa); // no renewal, no revoke: etcd ends the lease after its TTL and deletes the liveness key
+    await until("the watch told of the lease's end", () => seen.length === 2, 10_000);
+    expect(seen[1]!.r).toMatchObject({ owner: "a", epoch: 1 }); // the record as it stands
+    expect(seen[1]!.at - killedAt).toBeLessThan(sa.ttlSeconds * 1000 + 2000);
+    // Now a take-over succeeds at once.
+    expect(await w.takeOver(id("w"), TTL_MS)).toMatchObject({ owner: "w", epoch: 2 });
+    stop();
+  });
+
   it("watch: tells every change of owner, in order, within a bound; stop ends it", async () => {
     const p = fresh();
     const [sa, sb, sw] = await Promise.all([node("a", p), node("b", p), node("w", p)]);
