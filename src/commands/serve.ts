@@ -266,6 +266,15 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
         m.gauge("nbdstack_moves_total", "Moves of the export to or from this node", ["export"], (set) => {
           for (const r of node.redirectors()) set({ export: r.name }, r.stats.moves);
         });
+        m.gauge("nbdstack_takeovers_total", "Take-overs of the export by this node after its owner's lease ended", ["export"], (set) => {
+          for (const r of node.redirectors()) set({ export: r.name }, r.takeovers.count);
+        });
+        m.gauge("nbdstack_ownerless_seconds_total", "Time the export had no owner before this node's take-overs (from the old lease's end, as this node learnt it, to port A serving)", ["export"], (set) => {
+          for (const r of node.redirectors()) set({ export: r.name }, r.takeovers.totalOwnerlessMs / 1000);
+        });
+        m.gauge("nbdstack_last_ownerless_seconds", "Time without an owner before this node's last take-over", ["export"], (set) => {
+          for (const r of node.redirectors()) set({ export: r.name }, r.takeovers.lastOwnerlessMs / 1000);
+        });
         m.gauge("nbdstack_inflight_requests", "Requests in flight through port A and port B", ["export", "port"], (set) => {
           for (const r of node.redirectors()) {
             set({ export: r.name, port: "A" }, r.stats.inflightA);

@@ -231,11 +231,11 @@ export class EtcdOwnership implements Ownership {
    * released: nodes may take the export over now). After a compaction it reads again and goes on
    * from there. Returns a function that stops it.
    */
-  watch(onChange: (r: LeaseRecord | null) => void): () => void {
+  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void): () => void {
     let stopped = false;
     let w: Watcher | null = null;
     let last: Buffer | null = null;
-    const deliver = (value: Buffer | null) => {
+    const deliver = (value: Buffer | null, ownerGone = false) => {
       if (stopped) return;
       last = value;
       let r: LeaseRecord | null;
@@ -244,7 +244,7 @@ export class EtcdOwnership implements Ownership {
       } catch {
         return; // not a record: nothing to tell
       }
-      onChange(r);
+      onChange(r, ownerGone);
     };
     const base = this.recordKey.slice(0, this.recordKey.lastIndexOf("/") + 1);
     const start = async (): Promise<void> => {
@@ -263,7 +263,7 @@ export class EtcdOwnership implements Ownership {
                 if (key === this.recordKey) {
                   recordAt = e.kv.modRevision;
                   deliver(e.type === "put" ? e.kv.value : null);
-                } else if (key === this.liveKey && e.type === "delete" && e.kv.modRevision !== recordAt) deliver(last);
+                } else if (key === this.liveKey && e.type === "delete" && e.kv.modRevision !== recordAt) deliver(last, true);
               }
             },
             onCompacted: () => void start(),

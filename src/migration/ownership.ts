@@ -54,8 +54,9 @@ export interface Ownership {
   assign(who: NodeIdentity, epoch: number, ttlMs: number, handedFrom?: string[]): Promise<LeaseRecord>;
   /**
    * Calls `onChange` with the record each time it changes (pushed by the store; a file record
-   * has no push and returns null: nodes then learn of a change when they next read it).
+   * has no push and returns null: nodes then learn of a change when they next read it), and with
+   * `ownerGone` when the owner's lease ended with the record unchanged (it died or lost the store).
    * Returns a function that stops watching.
    */
-  watch(onChange: (r: LeaseRecord | null) => void): (() => void) | null;
+  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void): (() => void) | null;
 }

@@ -147,6 +147,7 @@ async function renewOne(node: NodeContext, m: Managed): Promise<void> {
 
 /** The owner stopped renewing (it died): once its lease expired, take the image over. */
 async function takeOverIfExpired(node: NodeContext, m: Managed): Promise<void> {
+  const t0 = performance.now();
   let epoch: number;
   try {
     const taken = await m.lease.takeOver(node.identity, node.ttlMs);
@@ -161,8 +162,18 @@ async function takeOverIfExpired(node: NodeContext, m: Managed): Promise<void> {
   node.opts.log.warn({ export: m.name, epoch }, "lease of the owner expired: taking the image over");
   m.epoch = epoch;
   m.validUntil = 0;
+  // Without an owner: from when this node learnt the owner's lease ended (a store that pushes
+  // it, etcd) or found it expired (a lease file), until port A serves here.
+  const since = m.ownerGoneAt ?? t0;
   // The owner stopped without a hand-over: what it acknowledged without a FLUSH may be gone.
-  m.redirector.adopt({ ownerFlushed: false }).catch((err: Error) => {
+  m.redirector.adopt({ ownerFlushed: false }).then(() => {
+    const ms = Math.round(performance.now() - since);
+    m.ownerGoneAt = null;
+    m.takeovers.count++;
+    m.takeovers.lastOwnerlessMs = ms;
+    m.takeovers.totalOwnerlessMs += ms;
+    node.opts.log.warn({ export: m.name, epoch, ownerlessMs: ms }, "took the image over: served here again after this long without an owner");
+  }, (err: Error) => {
     // Port A would not open: give the record up (released, so any node may take it at once)
     // rather than name this node owner with nothing to write it — its port B would wait on itself.
     node.opts.log.error({ export: m.name, err: err.message }, "take-over failed: releasing the lease");

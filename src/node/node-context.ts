@@ -22,6 +22,10 @@ export interface Managed {
   record: LeaseRecord | null;
   /** Stops the record's watch (a store that pushes changes), if any. */
   unwatch: (() => void) | null;
+  /** When (performance.now()) this node learnt that the owner's lease ended, while nobody has taken over yet. */
+  ownerGoneAt: number | null;
+  /** Take-overs by this node and the time without an owner before each (see lease-keeper's takeOverIfExpired). */
+  takeovers: { count: number; lastOwnerlessMs: number; totalOwnerlessMs: number };
   /** Port A / port B of the export (see port-pair.ts); `redirector` and `tracker` are its. */
   pair: PortPair;
   redirector: PortRedirector;

@@ -87,12 +87,14 @@ export class StorageNode {
         return followerLabel(m.record?.owner, m.record?.epoch, m.record?.nbd);
       },
     });
-    m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
+    m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, ownerGoneAt: null, takeovers: { count: 0, lastOwnerlessMs: 0, totalOwnerlessMs: 0 }, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
     // A store that pushes changes (etcd): port B follows a new owner at once, and a node that may
     // take the export (a hand-over to it, an owner whose lease ended) checks at once.
-    m.unwatch = lease.watch((r) => {
+    m.unwatch = lease.watch((r, ownerGone) => {
       m.record = r ?? m.record;
+      if (ownerGone && m.ownerGoneAt === null) m.ownerGoneAt = performance.now();
+      else if (!ownerGone) m.ownerGoneAt = null; // a new record: someone owns it (or released it) now
       if (!r || m.epoch !== null) return;
       m.pair.ownerChanged(`${r.owner}@${r.epoch}`);
       if (this.timer) void checkNow(this.context, m);
@@ -136,9 +138,9 @@ export class StorageNode {
     this.identity.nbd = nbd;
   }
 
-  /** Redirector state of every export, for metrics. */
-  redirectors(): Array<{ name: string; stats: ReturnType<PortRedirector["stats"]> }> {
-    return [...this.managed.values()].map((m) => ({ name: m.name, stats: m.redirector.stats() }));
+  /** Redirector state of every export, and its take-overs by this node, for metrics. */
+  redirectors(): Array<{ name: string; stats: ReturnType<PortRedirector["stats"]>; takeovers: Managed["takeovers"] }> {
+    return [...this.managed.values()].map((m) => ({ name: m.name, stats: m.redirector.stats(), takeovers: m.takeovers }));
   }
 
   /** What the node serves, with each export's record read afresh (one that cannot be read now shows as last seen). */

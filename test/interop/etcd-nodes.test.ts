@@ -4,7 +4,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil } from "../helpers/migration.js";
+import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil, scrape } from "../helpers/migration.js";
 import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 import { needEtcd, startLocalCluster } from "../cluster/etcd.mjs";
@@ -91,6 +91,15 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
       expect(stall).toBeLessThan(2000 + 1500);
       const took = [...logLines(nodes.b!.stderr(), "lease of the owner expired: taking the image over"), ...logLines(nodes.c!.stderr(), "lease of the owner expired: taking the image over")];
       expect(took).toHaveLength(1);
+      // The time without an owner: a log line and a metric on the node that took over.
+      const taker = cluster.exports[0]!.owner;
+      await pollUntil("the take-over's log line", async () => logLines(nodes[taker]!.stderr(), "took the image over: served here again after this long without an owner").length === 1);
+      const [served] = logLines(nodes[taker]!.stderr(), "took the image over: served here again after this long without an owner");
+      expect(served!.ownerlessMs).toEqual(expect.any(Number));
+      expect(served!.ownerlessMs as number).toBeLessThan(1000); // from the lease's end (pushed by etcd) to port A serving
+      const metrics = await scrape(url(taker));
+      expect(metrics.get('nbdstack_takeovers_total{export="disk"}')).toBe(1);
+      expect(metrics.get('nbdstack_last_ownerless_seconds{export="disk"}')).toBeCloseTo((served!.ownerlessMs as number) / 1000, 2);
     } finally {
       cl.destroy();
     }
