@@ -32,12 +32,14 @@ export interface ClusterView {
  * every record it held is no longer its own: the node's renewals fail, port A is fenced, and
  * requests wait for whichever node owns the export next. Meanwhile a new session is started,
  * again and again until etcd answers, so the node comes back as a member (a new process identity:
- * whatever it takes then, it takes at a new epoch).
+ * whatever it takes then, it takes at a new epoch). A node that cannot reach etcd when it starts
+ * starts all the same and joins the same way: until then it owns nothing, and its clients'
+ * requests wait.
  */
 export class EtcdNode {
   readonly client: EtcdClient;
   readonly prefix: string;
-  private current!: EtcdSession;
+  private current: EtcdSession | null = null;
   private closed = false;
   private restarting = false;
 
@@ -46,21 +48,27 @@ export class EtcdNode {
     this.prefix = (o.prefix ?? "/nbdstack").replace(/\/+$/, "") || "/nbdstack";
   }
 
-  /** Joins the cluster: fails (the node does not start) when etcd cannot be reached now. */
+  /**
+   * Joins the cluster. When etcd cannot be reached now (a lost quorum, this host cut off), the node
+   * starts all the same and keeps trying in the background; meanwhile every ownership call fails
+   * (nothing is decided: the node owns nothing, its clients' requests wait).
+   */
   static async start(o: EtcdNodeOptions): Promise<EtcdNode> {
     const n = new EtcdNode(o);
     try {
-      n.current = await n.newSession();
+      const s = await n.newSession();
+      n.current = s;
+      o.log.info({ etcd: o.endpoints, prefix: n.prefix, lease: s.leaseId, ttl: s.ttlSeconds, marginMs: s.marginMs }, "joined the etcd cluster");
     } catch (err) {
-      n.client.close();
-      throw new Error(`cannot join etcd at ${o.endpoints.join(",")}: ${(err as Error).message}`);
+      o.log.warn({ etcd: o.endpoints, err: (err as Error).message }, "cannot reach etcd now: serving without owning anything until it answers");
+      n.rejoin();
     }
-    o.log.info({ etcd: o.endpoints, prefix: n.prefix, lease: n.current.leaseId, ttl: n.current.ttlSeconds, marginMs: n.current.marginMs }, "joined the etcd cluster");
     return n;
   }
 
-  /** The session now (a new one after a loss). */
+  /** The session now (a new one after a loss); throws while the node has not joined etcd yet. */
   get session(): EtcdSession {
+    if (!this.current) throw Object.assign(new Error(`not joined to etcd at ${this.o.endpoints.join(",")} yet`), { code: "ETCD_NOT_JOINED" });
     return this.current;
   }
 
@@ -72,12 +80,12 @@ export class EtcdNode {
   /** Publishes the node's addresses (known once it listens) in its membership key. */
   async publish(identity: NodeIdentity): Promise<void> {
     this.o.identity = identity;
-    await this.current.publish(identity);
+    await this.current?.publish(identity); // a session started later publishes these addresses itself
   }
 
   /** Every live node and every export's record, as etcd has them now. */
   async cluster(): Promise<ClusterView> {
-    const [members, recs] = await Promise.all([this.current.members(), this.client.get(`${this.prefix}/exports/`, { prefix: true })]);
+    const [members, recs] = await Promise.all([this.session.members(), this.client.get(`${this.prefix}/exports/`, { prefix: true })]);
     const live = new Set<string>();
     const records: Array<[string, LeaseRecord]> = [];
     for (const kv of recs.kvs) {
@@ -115,13 +123,24 @@ export class EtcdNode {
 
   private lost(err: Error): void {
     if (this.closed || this.restarting) return;
-    this.restarting = true;
     this.o.log.error({ err: err.message }, "etcd lease lost: this node fences what it owned and joins again");
+    this.rejoin();
+  }
+
+  /** Starts new sessions until one is granted (backoff 200 ms doubling to 5 s). */
+  private rejoin(): void {
+    if (this.closed || this.restarting) return;
+    this.restarting = true;
     void (async () => {
       for (let delay = 200; !this.closed; delay = Math.min(delay * 2, 5000)) {
         try {
-          this.current = await this.newSession();
-          this.o.log.warn({ lease: this.current.leaseId }, "joined the etcd cluster again (a new session)");
+          const s = await this.newSession();
+          if (this.closed) {
+            await s.close().catch(() => undefined);
+            break;
+          }
+          this.current = s;
+          this.o.log.warn({ lease: s.leaseId }, "joined the etcd cluster (a new session)");
           break;
         } catch (e) {
           this.o.log.warn({ err: (e as Error).message }, "cannot join etcd yet; trying again");

@@ -42,6 +42,7 @@ type Plan<T> = { done: T } | { write: Write; result: T };
 export class EtcdOwnership implements Ownership {
   readonly recordKey: string;
   readonly liveKey: string;
+  private readonly prefix: string;
   private queue: Promise<unknown> = Promise.resolve();
 
   /**
@@ -50,10 +51,12 @@ export class EtcdOwnership implements Ownership {
    * "mine" any more and the node must take or be handed the export again, at a new epoch).
    */
   constructor(
-    private readonly ref: EtcdSession | { readonly session: EtcdSession },
+    private readonly ref: EtcdSession | { readonly session: EtcdSession; readonly prefix: string },
     readonly name: string,
   ) {
-    const base = `${this.session.prefix}/exports/${encodeURIComponent(name)}`;
+    // The prefix is known before a session is (a node that has not joined etcd yet).
+    this.prefix = ref.prefix;
+    const base = `${this.prefix}/exports/${encodeURIComponent(name)}`;
     this.recordKey = `${base}/record`;
     this.liveKey = `${base}/owner`;
   }
@@ -63,7 +66,7 @@ export class EtcdOwnership implements Ownership {
   }
 
   get where(): string {
-    return `etcd ${this.session.prefix}/exports/${encodeURIComponent(this.name)}`;
+    return `etcd ${this.prefix}/exports/${encodeURIComponent(this.name)}`;
   }
 
   /** Until when (performance.now()) this process may write what it owns: its session's deadline. */

@@ -7,7 +7,7 @@ import { NbdClient } from "../../src/client/nbd-client.js";
 import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil, scrape } from "../helpers/migration.js";
 import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
-import { needEtcd, startLocalCluster } from "../cluster/etcd.mjs";
+import { EtcdMember, freePort, needEtcd, startLocalCluster, waitHealthy } from "../cluster/etcd.mjs";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -102,6 +102,37 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
       expect(metrics.get('nbdstack_last_ownerless_seconds{export="disk"}')).toBeCloseTo((served!.ownerlessMs as number) / 1000, 2);
     } finally {
       cl.destroy();
+    }
+  }, 60_000);
+});
+
+/**
+ * A node restarted while etcd cannot be reached (a lost quorum, a partitioned host) must not
+ * refuse to start: it serves, holds its clients' requests, and joins once etcd answers.
+ */
+describe.skipIf(!hasEtcd)("a node that starts while etcd cannot be reached", () => {
+  it("starts, holds a client's write, and serves it once etcd answers", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const [clientPort, peerPort] = [await freePort(), await freePort()];
+    const member = new EtcdMember({ name: "m1", dir, clientPort, peerPort, initialCluster: `m1=http://127.0.0.1:${peerPort}`, clusterToken: `late-${process.pid}` });
+    const node = await serve([img, "--name", "disk", "--node-id", "a", "--etcd", `http://127.0.0.1:${clientPort}`, "--lease-ttl", "2s", "--control", "127.0.0.1:0"], 2);
+    try {
+      expect((await getStatus(controlUrl(node))).exports[0]).toMatchObject({ name: "disk", state: "REMOTE" });
+      const cl = await NbdClient.connect(nbdAddress(node.uris[0]!), { exportName: "disk" });
+      let done = false;
+      const w = cl.pwrite(Buffer.alloc(4096, 0x2e), 0).then(() => (done = true));
+      await new Promise((r) => setTimeout(r, 500));
+      expect(done).toBe(false); // held: nobody owns the export yet
+      member.start();
+      await waitHealthy([member]);
+      await w; // the node joined, took the export and served the write
+      expect((await cl.pread(4096, 0)).equals(Buffer.alloc(4096, 0x2e))).toBe(true);
+      expect((await getStatus(controlUrl(node))).exports[0]).toMatchObject({ state: "LOCAL", owner: "a" });
+      cl.destroy();
+    } finally {
+      await node.stop("SIGKILL");
+      await member.stop();
     }
   }, 60_000);
 });
