@@ -4,7 +4,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
 import { WriteAudit, type AuditEntry } from "../../src/stack/port/write-audit.js";
-import { exportStatus, fioOutcome, logLines, pollUntil, type FioJob } from "../helpers/migration.js";
+import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil } from "../helpers/migration.js";
 import { blankImage, CLI, tempDir } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 import { needEtcd } from "./etcd.mjs";
@@ -105,28 +105,8 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     lab?.teardown();
   });
 
-  /** fio (nbd engine, crc32c verification, rate-limited as fioLoad) run inside `host`. */
-  function fioIn(host: string, uri: string) {
-    const p = lab.spawn(host, "fio", [
-      "--name=load", "--ioengine=nbd", `--uri=${uri}`, "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=8m",
-      "--time_based", "--runtime=300", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=128", "--verify_fatal=1",
-      "--rate_iops=300", "--output-format=json",
-    ]);
-    let out = "";
-    let err = "";
-    p.stdout!.on("data", (d) => (out += d));
-    p.stderr!.on("data", (d) => (err += d));
-    const done = new Promise<number | null>((r) => p.once("close", r));
-    return {
-      async stop(): Promise<{ code: number | null; stderr: string; job: FioJob }> {
-        p.kill("SIGINT");
-        const code = await done;
-        const i = out.indexOf("{");
-        if (i < 0) throw new Error(`fio printed no JSON (exit ${code}): ${err}`);
-        return { code, stderr: err, job: (JSON.parse(out.slice(i)) as { jobs: FioJob[] }).jobs[0]! };
-      },
-    };
-  }
+  /** fio (nbd engine, crc32c verification, rate-limited) run inside `host`. */
+  const fioIn = (host: string, uri: string) => fioLoad(uri, { size: "8m", rateIops: 300, launch: (cmd, args) => lab.spawn(host, cmd, args) });
 
   it("moves h1 → h2 → h3 → h1 under fio in h2; a partitioned owner is replaced, never writes after it, and rejoins without taking the export back", async () => {
     expect((await cluster("h3")).exports).toEqual([expect.objectContaining({ name: "disk", owner: "h1", epoch: 1, live: true })]);
@@ -199,42 +179,58 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     console.log(`30 moves under fio in ${Math.round(movesMs)} ms; a new owner (${now.owner}) named ${ownerMs} ms after the partition; fio: ${f.job.write.io_bytes / 4096} writes, 0 errors`);
   }, 90_000);
 
-  it("qemu-io (reconnect-delay=10) through a non-owner keeps working across that node's SIGKILL and restart", async () => {
-    const owner = (await pollUntil("an owner", async () => (await cluster("h2")).exports.find((e) => e.live)))!.owner;
-    const h = ["h1", "h2", "h3"].find((x) => x !== owner)!;
-    const opts = `driver=nbd,server.type=inet,server.host=${lab.addr(h)},server.port=${NBD_PORT},export=disk,reconnect-delay=10`;
-    const q = lab.spawn(h, "qemu-io", [
-      "--image-opts", opts,
-      "-c", "write -P 0x5a 2M 64k",
-      "-c", "sleep 500", // h's node is killed meanwhile: the next write waits for the reconnection
-      "-c", "write -P 0xa5 3M 64k",
-      "-c", "read -P 0x5a 2M 64k",
-      "-c", "read -P 0xa5 3M 64k",
+  /**
+   * qemu-io inside `host` (nbd driver, reconnect-delay=10): writes 64 KiB of pattern A at
+   * `at[0]` MiB, sleeps 500 ms (the test breaks its link meanwhile), writes pattern B at `at[1]`
+   * MiB, reads both back and flushes. Resolves once the first write reached the image (a node's
+   * write audit has it, whichever node owns the export); `finish()` waits for qemu-io, checks it
+   * reported no failure and both reads, and checks the image holds both writes.
+   */
+  async function qemuIoAcrossBreak(host: string, server: string, port: number, at: [number, number], pattern: [number, number]) {
+    const hex = (b: number) => `0x${b.toString(16)}`;
+    const q = lab.spawn(host, "qemu-io", [
+      "--image-opts", `driver=nbd,server.type=inet,server.host=${server},server.port=${port},export=disk,reconnect-delay=10`,
+      "-c", `write -P ${hex(pattern[0])} ${at[0]}M 64k`,
+      "-c", "sleep 500",
+      "-c", `write -P ${hex(pattern[1])} ${at[1]}M 64k`,
+      "-c", `read -P ${hex(pattern[0])} ${at[0]}M 64k`,
+      "-c", `read -P ${hex(pattern[1])} ${at[1]}M 64k`,
       "-c", "flush",
     ]);
     let out = "";
     q.stdout!.on("data", (d) => (out += d));
     q.stderr!.on("data", (d) => (out += d));
     const qDone = new Promise<number | null>((r) => q.once("close", r));
-    // The write is in the image once a node's audit has it (whichever node owns the export then).
-    const landed = (offset: number) => ["h1", "h2", "h3"].flatMap((x) => WriteAudit.read(audit(x))).find((e) => e.op === "write" && e.offset === offset && e.length === 64 * 1024);
+    const landed = (mib: number) => ["h1", "h2", "h3"].flatMap((x) => WriteAudit.read(audit(x))).find((e) => e.op === "write" && e.offset === mib * MiB && e.length === 64 * 1024);
     await pollUntil("the first write reached the image", () => {
-      if (landed(2 * MiB)) return true;
+      if (landed(at[0])) return true;
       if (q.exitCode !== null) throw new Error(`qemu-io exited (${q.exitCode}) before its first write reached the image: ${out}`);
     }, 20_000);
-    expect(q.exitCode).toBeNull(); // killed while qemu-io runs
+    expect(q.exitCode).toBeNull(); // the link breaks while qemu-io runs
+    return {
+      landed,
+      async finish() {
+        const code = await qDone;
+        expect({ code, failed: out.split("\n").filter((l) => /fail|error/i.test(l)) }).toEqual({ code: 0, failed: [] });
+        expect(out.match(/^read 65536\/65536 bytes/gm)).toHaveLength(2);
+        const buf = fs.readFileSync(img);
+        for (const i of [0, 1]) expect(buf.subarray(at[i]! * MiB, at[i]! * MiB + 65536).every((b) => b === pattern[i])).toBe(true);
+      },
+    };
+  }
+
+  it("qemu-io (reconnect-delay=10) through a non-owner keeps working across that node's SIGKILL and restart", async () => {
+    const owner = (await pollUntil("an owner", async () => (await cluster("h2")).exports.find((e) => e.live)))!.owner;
+    const h = ["h1", "h2", "h3"].find((x) => x !== owner)!;
+    // h's node is killed meanwhile: the second write waits for the reconnection.
+    const q = await qemuIoAcrossBreak(h, lab.addr(h), NBD_PORT, [2, 3], [0x5a, 0xa5]);
     nodes[h]!.proc.kill("SIGKILL");
     await nodes[h]!.exited;
     const t0 = performance.now();
     await startNode(h);
     const restartMs = performance.now() - t0;
-    const code = await qDone;
-    expect({ code, failed: out.split("\n").filter((l) => /fail|error/i.test(l)) }).toEqual({ code: 0, failed: [] });
-    expect(out.match(/^read 65536\/65536 bytes/gm)).toHaveLength(2);
-    expect(landed(3 * MiB)).toBeDefined();
-    const buf = fs.readFileSync(img);
-    expect(buf.subarray(2 * MiB, 2 * MiB + 65536).every((b) => b === 0x5a)).toBe(true);
-    expect(buf.subarray(3 * MiB, 3 * MiB + 65536).every((b) => b === 0xa5)).toBe(true);
+    await q.finish();
+    expect(q.landed(3)).toBeDefined();
     console.log(`qemu-io through ${h} (owner ${owner}); the node was back in ${Math.round(restartMs)} ms`);
   }, 60_000);
 
@@ -244,40 +240,17 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     const garp = (h: string) => expect(lab.exec(h, "python3", ["-c", GARP, svc])).toMatchObject({ code: 0 });
     ip("h2", "add");
     garp("h2");
-    const opts = `driver=nbd,server.type=inet,server.host=${svc},server.port=${SERVICE_PORT},export=disk,reconnect-delay=10`;
-    const q = lab.spawn("h1", "qemu-io", [
-      "--image-opts", opts,
-      "-c", "write -P 0x3c 4M 64k",
-      "-c", "sleep 500", // the address moves from h2 to h3 meanwhile
-      "-c", "write -P 0xc3 5M 64k",
-      "-c", "read -P 0x3c 4M 64k",
-      "-c", "read -P 0xc3 5M 64k",
-      "-c", "flush",
-    ]);
-    let out = "";
-    q.stdout!.on("data", (d) => (out += d));
-    q.stderr!.on("data", (d) => (out += d));
-    const qDone = new Promise<number | null>((r) => q.once("close", r));
-    const landed = (offset: number) => ["h1", "h2", "h3"].flatMap((x) => WriteAudit.read(audit(x))).find((e) => e.op === "write" && e.offset === offset && e.length === 64 * 1024);
-    await pollUntil("the first write reached the image", () => {
-      if (landed(4 * MiB)) return true;
-      if (q.exitCode !== null) throw new Error(`qemu-io exited (${q.exitCode}) before its first write reached the image: ${out}`);
-    }, 20_000);
-    expect(q.exitCode).toBeNull();
+    // The address moves from h2 to h3 while qemu-io sleeps.
+    const q = await qemuIoAcrossBreak("h1", svc, SERVICE_PORT, [4, 5], [0x3c, 0xc3]);
     const conns = (h: string) => logLines(nodes[h]!.stderr(), "transmission started").filter((l) => l.peer === false).length;
     const before = { h2: conns("h2"), h3: conns("h3") };
     // The move, as keepalived makes it: h2 gives the address up, h3 takes it and announces it.
     ip("h2", "del");
     ip("h3", "add");
     garp("h3");
-    const code = await qDone;
-    expect({ code, failed: out.split("\n").filter((l) => /fail|error/i.test(l)) }).toEqual({ code: 0, failed: [] });
-    expect(out.match(/^read 65536\/65536 bytes/gm)).toHaveLength(2);
+    await q.finish();
     expect(before.h2).toBeGreaterThan(0);
     expect(conns("h3")).toBeGreaterThan(before.h3); // qemu-io reconnected, to h3's node
-    const buf = fs.readFileSync(img);
-    expect(buf.subarray(4 * MiB, 4 * MiB + 65536).every((b) => b === 0x3c)).toBe(true);
-    expect(buf.subarray(5 * MiB, 5 * MiB + 65536).every((b) => b === 0xc3)).toBe(true);
     ip("h3", "del");
   }, 60_000);
 });

@@ -127,23 +127,21 @@ export interface FioJob {
 
 /**
  * fio random writes with crc32c verification (every write is read back and checked) against
- * `uri` until stopped; rate-limited so it leaves CPU to the nodes on a small machine.
+ * `uri` until stopped; rate-limited so it leaves CPU to the nodes on a small machine. `launch`
+ * starts it elsewhere (inside a lab host's network namespace: `(cmd, args) => lab.spawn(h, cmd, args)`).
  */
-export function fioLoad(uri: string, o: { size?: string; rateIops?: number } = {}) {
-  const p = spawn(
-    "fio",
-    [
-      "--name=load", "--ioengine=nbd", `--uri=${uri}`, "--rw=randwrite", "--bs=4k", "--iodepth=8", `--size=${o.size ?? "4m"}`,
-      "--time_based", "--runtime=300", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=128", "--verify_fatal=1",
-      `--rate_iops=${o.rateIops ?? 400}`, "--output-format=json",
-    ],
-    { stdio: ["ignore", "pipe", "pipe"], env: debianEnv },
-  );
+export function fioLoad(uri: string, o: { size?: string; rateIops?: number; launch?: (cmd: string, args: string[]) => ChildProcess } = {}) {
+  const args = [
+    "--name=load", "--ioengine=nbd", `--uri=${uri}`, "--rw=randwrite", "--bs=4k", "--iodepth=8", `--size=${o.size ?? "4m"}`,
+    "--time_based", "--runtime=300", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=128", "--verify_fatal=1",
+    `--rate_iops=${o.rateIops ?? 400}`, "--output-format=json",
+  ];
+  const p = o.launch ? o.launch("fio", args) : spawn("fio", args, { stdio: ["ignore", "pipe", "pipe"], env: debianEnv });
   track(p);
   let out = "";
   let err = "";
-  p.stdout.on("data", (d) => (out += d));
-  p.stderr.on("data", (d) => (err += d));
+  p.stdout!.on("data", (d) => (out += d));
+  p.stderr!.on("data", (d) => (err += d));
   const done = new Promise<number | null>((r) => p.once("close", r));
   return {
     /** Stops fio (SIGINT: it finishes, verifies what is in flight and reports) and returns its job. */
