@@ -1,4 +1,4 @@
-import { LeaseError, DEFAULT_TTL_MS, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
+import { DEFAULT_TTL_MS, describeRecord, HANDED_FROM_MAX, handedFromAfter, handedOn, LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
 import type { Ownership } from "../migration/ownership.js";
 import { EtcdError, compare, op, type Compare, type KeyValue, type TxnOp, type Watcher } from "./etcd-client.js";
 import type { EtcdSession } from "./etcd-session.js";
@@ -113,10 +113,10 @@ export class EtcdOwnership implements Ownership {
       }
       return this.cas<LeaseRecord>((st) => {
         const cur = st.rec;
-        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
-        if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describe(cur)} was released`, cur);
+        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+        if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describeRecord(cur)} was released`, cur);
         if (cur.holder === this.session.leaseId) {
-          if (st.live?.lease !== this.session.leaseId) throw new LeaseError(`lease lost: the liveness key of ${describe(cur)} is ${st.live ? `bound to lease ${st.live.lease}` : "gone"}`, cur);
+          if (st.live?.lease !== this.session.leaseId) throw new LeaseError(`lease lost: the liveness key of ${describeRecord(cur)} is ${st.live ? `bound to lease ${st.live.lease}` : "gone"}`, cur);
           if (cur.nbd === me.nbd && cur.control === me.control) return { done: cur };
           // The addresses peers need, known only once the node listens: written once.
           const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control };
@@ -145,10 +145,10 @@ export class EtcdOwnership implements Ownership {
     return this.serial(() =>
       this.cas<LeaseRecord>(async (st) => {
         const cur = st.rec;
-        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+        if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
         const peer = await this.session.member(to.nodeId);
         if (!peer) throw Object.assign(new Error(`cannot hand ${this.name} over: node ${to.nodeId} has no live process in etcd (no ${this.session.memberKey(to.nodeId)})`), { code: "ENOPEER" });
-        const handedFrom = [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8);
+        const handedFrom = handedFromAfter(cur);
         const record: LeaseRecord = { image: this.name, owner: to.nodeId, nbd: to.nbd, control: to.control, epoch: epoch + 1, leaseStart: this.session.wall(), ttlMs, serial: 0, handedFrom, ...(privateCopy ? { private: true } : {}) };
         const memberKey = this.session.memberKey(to.nodeId);
         return { write: { record, live: { lease: peer.info.leaseId }, compare: [compare.modRevision(memberKey, "==", peer.kv.modRevision)] }, result: record };
@@ -184,7 +184,7 @@ export class EtcdOwnership implements Ownership {
         const cur = st.rec;
         const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && cur.holder === undefined && (cur.serial ?? 0) === (handed.serial ?? 0);
         const mine = !!cur && this.mine(cur, me);
-        if (cur && !untouched && !mine && st.live) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur.owner === handed.owner && cur.epoch === handed.epoch ? ", claimed by it" : ""}`, cur);
+        if (cur && !untouched && !mine && st.live) throw new LeaseError(`cannot reclaim: record is ${describeRecord(cur)}${cur.owner === handed.owner && cur.epoch === handed.epoch ? ", claimed by it" : ""}`, cur);
         const handedFrom = untouched || mine ? cur!.handedFrom : handedOn(cur).handedFrom;
         const record = { ...this.record(me, (cur?.epoch ?? handed.epoch) + 1, ttlMs), ...(handedFrom ? { handedFrom } : {}) };
         return { write: { record, live: { lease: this.session.leaseId }, compare: untouched || mine || !cur ? [] : [compare.absent(this.liveKey)] }, result: record };
@@ -202,7 +202,7 @@ export class EtcdOwnership implements Ownership {
       this.cas<void>((st) => {
         const cur = st.rec;
         if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return { done: undefined };
-        const handedFrom = clean ? [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8) : undefined;
+        const handedFrom = clean ? handedFromAfter(cur) : undefined;
         const { handedFrom: _was, ...rest } = cur;
         return { write: { record: { ...rest, leaseStart: 0, ...(handedFrom ? { handedFrom } : {}) }, live: "delete" }, result: undefined };
       }),
@@ -219,8 +219,8 @@ export class EtcdOwnership implements Ownership {
     return this.serial(() =>
       this.cas<LeaseRecord>((st) => {
         const cur = st.rec;
-        if (!cur || cur.owner !== who.nodeId || cur.epoch !== epoch) throw new LeaseError(`cannot assign ${who.nodeId}@${epoch}: record is ${describe(cur)}`, cur);
-        const record: LeaseRecord = { ...cur, ...(who.nodeId === this.session.identity.nodeId ? { private: true } : {}), ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-8) } : {}) };
+        if (!cur || cur.owner !== who.nodeId || cur.epoch !== epoch) throw new LeaseError(`cannot assign ${who.nodeId}@${epoch}: record is ${describeRecord(cur)}`, cur);
+        const record: LeaseRecord = { ...cur, ...(who.nodeId === this.session.identity.nodeId ? { private: true } : {}), ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-HANDED_FROM_MAX) } : {}) };
         if (JSON.stringify(record) === JSON.stringify(cur)) return { done: cur };
         return { write: { record }, result: record };
       }),
@@ -360,11 +360,3 @@ function parseRecord(value: Buffer, key: string): LeaseRecord {
   return r;
 }
 
-/** What a new owner keeps of `cur`'s handedFrom: all of it after a release (a clean give-up), nothing after an expiry. */
-function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
-  return cur?.leaseStart === 0 && cur.handedFrom ? { handedFrom: cur.handedFrom } : {};
-}
-
-function describe(r: LeaseRecord | null): string {
-  return r ? `${r.owner}@${r.epoch}${r.leaseStart === 0 ? " (released)" : ""}` : "absent";
-}

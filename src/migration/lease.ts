@@ -202,9 +202,9 @@ export class LeaseFile {
     // A record that names someone else already says the lease is lost, lock or no lock (a full
     // disk or a held lock must not hide it): epochs only grow, so it can never come back.
     const seen = this.read();
-    if (!seen || !this.mine(seen, me) || seen.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(seen)}, expected ${me.nodeId}@${epoch}`, seen);
+    if (!seen || !this.mine(seen, me) || seen.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describeRecord(seen)}, expected ${me.nodeId}@${epoch}`, seen);
     return this.update((cur) => {
-      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       return { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.wall(), serial: (cur.serial ?? 0) + 1, pid: this.pid, host: this.host };
     });
   }
@@ -217,10 +217,10 @@ export class LeaseFile {
   /** Hands my lease (held at `epoch`) to `to` with epoch + 1. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS, privateCopy = false): LeaseRecord {
     return this.update((cur) => {
-      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describe(cur)}, expected ${me.nodeId}@${epoch}`, cur);
+      if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
       // The peer's process is not known here: the record names no process until the peer renews it.
       const { pid: _pid, host: _host, ...rec } = this.record(to, epoch + 1, ttlMs);
-      const handedFrom = [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8);
+      const handedFrom = handedFromAfter(cur);
       return { ...rec, handedFrom, ...(privateCopy ? { private: true } : {}) };
     });
   }
@@ -234,7 +234,7 @@ export class LeaseFile {
     return this.update((cur) => {
       const untouched = !!cur && cur.owner === handed.owner && cur.epoch === handed.epoch && (cur.serial ?? 0) === (handed.serial ?? 0) && cur.pid === undefined;
       const ok = !cur || untouched || this.mine(cur, me) || this.expired(cur);
-      if (!ok) throw new LeaseError(`cannot reclaim: record is ${describe(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
+      if (!ok) throw new LeaseError(`cannot reclaim: record is ${describeRecord(cur)}${cur?.owner === handed.owner && cur.epoch === handed.epoch ? ", renewed by it" : ""}`, cur);
       // Unclaimed, the hand-over wrote nothing: what the owners before it flushed still stands.
       // Claimed and then expired, the peer may have acknowledged writes that are gone now.
       const handedFrom = untouched || (cur && this.mine(cur, me)) ? cur!.handedFrom : handedOn(cur).handedFrom;
@@ -250,7 +250,7 @@ export class LeaseFile {
   release(me: NodeIdentity, epoch: number, clean = false): void {
     this.update((cur) => {
       if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) return null;
-      const handedFrom = clean ? [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-8) : undefined;
+      const handedFrom = clean ? handedFromAfter(cur) : undefined;
       const { handedFrom: _was, ...rest } = cur;
       return { ...rest, leaseStart: 0, ...(handedFrom ? { handedFrom } : {}) };
     });
@@ -263,7 +263,7 @@ export class LeaseFile {
    * image, which follow the owner through port B, read it when they relink).
    */
   assign(who: NodeIdentity, epoch: number, ttlMs = DEFAULT_TTL_MS, handedFrom?: string[]): LeaseRecord {
-    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true, ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-8) } : {}) }));
+    return this.update(() => ({ ...this.record(who, epoch, ttlMs), private: true, ...(handedFrom?.length ? { handedFrom: handedFrom.slice(-HANDED_FROM_MAX) } : {}) }));
   }
 
   private record(who: NodeIdentity, epoch: number, ttlMs: number): LeaseRecord {
@@ -361,11 +361,20 @@ export class LeaseFile {
   }
 }
 
+/** Owners a record lists in `handedFrom`, newest last. */
+export const HANDED_FROM_MAX = 8;
+
+/** `cur`'s handedFrom with `cur`'s owner appended: what the record says once that owner handed on (or released cleanly). */
+export function handedFromAfter(cur: LeaseRecord): string[] {
+  return [...(cur.handedFrom ?? []), `${cur.owner}@${cur.epoch}`].slice(-HANDED_FROM_MAX);
+}
+
 /** What a new owner keeps of `cur`'s handedFrom: all of it after a release (a clean give-up), nothing after an expiry. */
-function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
+export function handedOn(cur: LeaseRecord | null): { handedFrom?: string[] } {
   return cur?.leaseStart === 0 && cur.handedFrom ? { handedFrom: cur.handedFrom } : {};
 }
 
-function describe(r: LeaseRecord | null): string {
-  return r ? `${r.owner}@${r.epoch}` : "absent";
+/** A record for messages: owner@epoch, and whether it was released. */
+export function describeRecord(r: LeaseRecord | null): string {
+  return r ? `${r.owner}@${r.epoch}${r.leaseStart === 0 ? " (released)" : ""}` : "absent";
 }
