@@ -72,9 +72,20 @@ describe("stack declarations", () => {
     [{ exports: [{ name: "a", stack: [{ fault: 3 }] }] }, /stack\[0\]: "fault" needs a device below it/],
     [{ exports: [{ name: "a", stack: ["file:a", { fault: 3 }] }] }, /stack\[1\]\.fault: expected a rule/],
     [{ exports: [{ name: "a", stack: "file:a" }], io: "fast" }, /^io: expected auto, sync or async/],
+    [{ exports: [{ name: "a", stack: "file:a" }], etcd: 2379 }, /^etcd: /],
+    [{ exports: [{ name: "a", stack: "file:a" }], "etcd-cacert": "" }, /^etcd-cacert: expected a file path/],
+    [{ exports: [{ name: "a", stack: "file:a" }], "etcd-password": "x" }, /^etcd-password: unknown key/],
   ];
   it.each(bad)("rejects %j with an error naming the key", (doc, re) => {
     expect(() => validateConfig(doc, "/srv")).toThrow(re);
+  });
+});
+
+describe("etcd keys", () => {
+  it("reads the endpoints as a list or one comma-separated string, and resolves certificate paths against the config's directory", () => {
+    const cfg = validateConfig({ exports: [{ name: "a", stack: "file:a" }], etcd: ["http://10.0.0.1:2379", "http://10.0.0.2:2379"], "etcd-prefix": "/c1", "etcd-cacert": "pki/ca.pem", "etcd-cert": "/etc/c.pem", "etcd-key": "pki/k.pem", "etcd-user": "nbd" }, "/srv");
+    expect(cfg).toMatchObject({ etcd: ["http://10.0.0.1:2379", "http://10.0.0.2:2379"], etcdPrefix: "/c1", etcdCacert: "/srv/pki/ca.pem", etcdCert: "/etc/c.pem", etcdKey: "/srv/pki/k.pem", etcdUser: "nbd" });
+    expect(validateConfig({ exports: [{ name: "a", stack: "file:a" }], etcd: "http://a:2379,http://b:2379" }, "/srv").etcd).toEqual(["http://a:2379", "http://b:2379"]);
   });
 });
 
