@@ -118,11 +118,12 @@ export class EtcdNode {
   }
 
   private newSession(): Promise<EtcdSession> {
-    return EtcdSession.start({ client: this.client, identity: this.o.identity, ttlMs: this.o.ttlMs, prefix: this.prefix, onLost: (err) => this.lost(err) });
+    return EtcdSession.start({ client: this.client, identity: this.o.identity, ttlMs: this.o.ttlMs, prefix: this.prefix, onLost: (err, s) => this.lost(err, s) });
   }
 
-  private lost(err: Error): void {
-    if (this.closed || this.restarting) return;
+  /** A session's lease is lost: when it is the node's current one, the node fences and joins again (a session lost while it was being started is rejected by its start instead). */
+  private lost(err: Error, s: EtcdSession): void {
+    if (this.closed || this.restarting || s !== this.current) return;
     this.o.log.error({ err: err.message }, "etcd lease lost: this node fences what it owned and joins again");
     this.rejoin();
   }
