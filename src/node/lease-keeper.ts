@@ -139,10 +139,19 @@ async function renewOne(node: NodeContext, m: Managed): Promise<void> {
       return;
     }
     // Someone broke my lease: stop writing through port A at once and follow the new owner.
-    node.opts.log.error({ export: m.name, err: err.message }, "lease lost: fencing port A");
-    m.epoch = null;
-    void m.redirector.fence();
+    fenceLost(node, m, err.message);
   }
+}
+
+/**
+ * The lease of `m` is lost (the record names another owner, or this process's session with the
+ * store ended): port A stops writing at once, and requests follow whoever owns the image next.
+ */
+export function fenceLost(node: NodeContext, m: Managed, why: string): void {
+  if (m.epoch === null) return;
+  node.opts.log.error({ export: m.name, err: why }, "lease lost: fencing port A");
+  m.epoch = null;
+  void m.redirector.fence();
 }
 
 /** The owner stopped renewing (it died): once its lease expired, take the image over. */

@@ -10,7 +10,7 @@ import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
-import { checkNow, locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
+import { checkNow, fenceLost, locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
 import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
@@ -115,6 +115,15 @@ export class StorageNode {
     const phase = m.copy?.progress().phase;
     if (!m.copy || (phase !== "copying" && phase !== "starting" && phase !== "final")) throw new HttpError(409, `${name}: no live copy to cancel`);
     m.copy.cancel("cancelled by request");
+  }
+
+  /**
+   * This process's session with the ownership store ended (its etcd lease ran out: cut off from
+   * etcd, or frozen): every lease it held is gone, known here without asking the store (which
+   * may not answer for seconds), so every export it owned is fenced now, at its deadline.
+   */
+  storeLost(why: string): void {
+    for (const m of this.managed.values()) fenceLost(this.context, m, why);
   }
 
   /** Starts lease renewal once the control API listens at `controlUrl`. */

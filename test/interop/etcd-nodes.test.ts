@@ -8,6 +8,7 @@ import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil, scrape } from "
 import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 import { EtcdMember, freePort, needEtcd, startLocalCluster, waitHealthy } from "../cluster/etcd.mjs";
+import { startProxy } from "../cluster/helpers.js";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -133,6 +134,78 @@ describe.skipIf(!hasEtcd)("a node that starts while etcd cannot be reached", () 
     } finally {
       await node.stop("SIGKILL");
       await member.stop();
+    }
+  }, 60_000);
+
+  it("listens within a second when etcd is silent (a member that accepts and never answers): clients are held, not refused", async () => {
+    // QEMU backs off 1 s, 2 s, 4 s… after a refused connect: a node must not make its clients
+    // wait for etcd's timeouts (5 s per call) before it listens.
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const silent = await startProxy("http://127.0.0.1:9");
+    silent.cut(); // accepts connections, answers nothing
+    const t0 = performance.now();
+    const node = await serve([img, "--name", "disk", "--node-id", "a", "--etcd", silent.url, "--lease-ttl", "2s", "--control", "127.0.0.1:0"], 2);
+    const startMs = performance.now() - t0;
+    try {
+      expect(startMs).toBeLessThan(2500); // the process' own start (Node, modules) included
+      const cl = await NbdClient.connect(nbdAddress(node.uris[0]!), { exportName: "disk", timeoutMs: 2000 });
+      let settled = false;
+      void cl.pwrite(Buffer.alloc(4096, 1), 0).then(
+        () => (settled = true),
+        () => (settled = true),
+      );
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(settled).toBe(false); // held, as long as nobody can own the export
+      cl.destroy();
+    } finally {
+      await node.stop("SIGKILL");
+      silent.close();
+    }
+  }, 30_000);
+});
+
+/**
+ * Found by the nemesis on the lab: an owner cut from etcd learns at its deadline that its session
+ * is gone, but it went on reporting LOCAL — and started draining for a move asked meanwhile —
+ * until a write or a renewal got an answer through calls queued behind etcd's timeouts (6 s
+ * there). A lost session is known locally: every export it owned is fenced at once.
+ */
+describe.skipIf(!hasEtcd)("an owner cut off from etcd", () => {
+  it("fences its exports the moment its etcd session ends, without waiting for etcd to answer; a move asked then is refused at once", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const etcd = await startLocalCluster({ size: 1, dir });
+    const proxy = await startProxy(etcd.endpoints[0]!);
+    const common = [img, "--name", "disk", "--etcd-prefix", "/cut", "--lease-ttl", "2s", "--control", "127.0.0.1:0"];
+    const a = await serve([...common, "--node-id", "a", "--etcd", proxy.url], 2);
+    const b = await serve([...common, "--node-id", "b", "--etcd", etcd.endpoints[0]!], 2);
+    const localOf = async (n: Served) => (await scrape(controlUrl(n))).get('nbdstack_redirector_state{export="disk",state="LOCAL"}');
+    try {
+      expect(await localOf(a)).toBe(1);
+      proxy.cut(); // a reaches etcd no more; every call it makes hangs until its timeout
+      const cutAt = performance.now();
+      await pollUntil("a fenced", async () => (await localOf(a)) === 0, 10_000, 20);
+      const fencedMs = performance.now() - cutAt;
+      // Its session ends at most a TTL (2 s) after its last renewal (sent every 2/3 s): fenced
+      // then. Waiting for the renewals to fail instead took 2.7–3.3 s here, and with calls
+      // queued behind etcd's timeouts (a move, a status read) 6 s on the lab.
+      expect(fencedMs).toBeLessThan(2300);
+      expect(logLines(a.stderr(), "lease lost: fencing port A")[0]?.err).toMatch(/etcd session ended/);
+      const t = performance.now();
+      const move = await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) }, 30_000).then(
+        () => "moved",
+        (e: Error) => e.message,
+      );
+      expect(move).toMatch(/not owned here/);
+      expect(performance.now() - t).toBeLessThan(1000);
+      // b takes the export over once a's lease ended in etcd.
+      await pollUntil("b owns it", async () => (await localOf(b)) === 1, 15_000, 50);
+    } finally {
+      await a.stop("SIGKILL");
+      await b.stop("SIGKILL");
+      proxy.close();
+      await etcd.stop();
     }
   }, 60_000);
 });
