@@ -126,14 +126,14 @@ export function parseHeader(first: Buffer, file: string): Qcow2Header {
     if (!featureBit(h.incompatible, bit)) continue;
     if (bit === INCOMPAT.dirty) continue; // read-only with advice, decided by the layer
     if (bit === INCOMPAT.corrupt) throw new NbdError("EIO", `${file}: the image is marked corrupt (qcow2 corrupt bit set); repair it with: qemu-img check -r all ${file}`);
-    if (bit === INCOMPAT.dataFile) throw refused(file, `external data file${h.dataFile ? ` (${h.dataFile})` : ""}`, "convert it to a self-contained image: qemu-img convert -O qcow2 IMAGE NEW.qcow2");
-    if (bit === INCOMPAT.extendedL2) throw refused(file, "extended L2 entries (subclusters)", "convert it: qemu-img convert -O qcow2 -o extended_l2=off IMAGE NEW.qcow2");
+    if (bit === INCOMPAT.dataFile) throw refused(file, `external data file${h.dataFile ? ` (${h.dataFile})` : ""}`, `convert it to a self-contained image: qemu-img convert -O qcow2 ${file} NEW.qcow2`);
+    if (bit === INCOMPAT.extendedL2) throw refused(file, "extended L2 entries (subclusters)", `convert it: qemu-img convert -O qcow2 -o extended_l2=off ${file} NEW.qcow2`);
     if (bit === INCOMPAT.compression) continue; // checked with the compression type below
     unknown.push(h.featureNames.get(`0:${bit}`) ?? (KNOWN_INCOMPAT_NAMES[bit] ? KNOWN_INCOMPAT_NAMES[bit]! : `incompatible feature bit ${bit}`));
   }
   if (unknown.length) throw refused(file, unknown.join(", "), "this layer does not know it (unknown incompatible feature)");
   if (featureBit(h.incompatible, INCOMPAT.compression) || h.compressionType !== 0) {
-    if (h.compressionType === 1) throw refused(file, "compression type zstd", "only deflate (zlib) compressed clusters are supported: qemu-img convert -O qcow2 -o compression_type=zlib IMAGE NEW.qcow2");
+    if (h.compressionType === 1) throw refused(file, "compression type zstd", `only deflate (zlib) compressed clusters are supported: qemu-img convert -O qcow2 -o compression_type=zlib ${file} NEW.qcow2`);
     if (h.compressionType !== 0) throw refused(file, `compression type ${h.compressionType}`, "only deflate (zlib) is supported");
   }
   if (h.size > Number.MAX_SAFE_INTEGER - cs) throw refused(file, `virtual size ${h.size}`, "at most 2^53 bytes");
