@@ -15,7 +15,7 @@ import { stripeKind } from "./volume/stripe-kind.js";
  * Every layer kind a stack declaration can name, in the order errors and help list them. A new
  * kind is one file beside its layer (see layer-kind.ts) and one entry here.
  */
-const KINDS = [fileKind, qcow2Kind, memoryKind, concatKind, stripeKind, mirrorKind, cowKind, partitionKind, faultKind, fsFileKind] as const;
+const KINDS = [fileKind, memoryKind, concatKind, stripeKind, mirrorKind, qcow2Kind, cowKind, partitionKind, faultKind, fsFileKind] as const;
 
 /** One parsed stack item: the union of what the kinds' `parse` return. */
 export type LayerSpec = ReturnType<(typeof KINDS)[number]["parse"]>;
