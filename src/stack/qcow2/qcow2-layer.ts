@@ -443,9 +443,12 @@ export class Qcow2Layer implements Layer {
 
   // ---- block status ----
 
-  /** Answers for at most this many guest bytes at a time (four L2 tables' worth); the client asks again. */
+  /**
+   * Answers for at most this many guest bytes at a time: four L2 tables' worth, or 64 MiB where that
+   * is less (small clusters), so a call reads at most a few tables; the client asks again.
+   */
   private scanMax(): number {
-    return 4 * this.l2e * this.cs;
+    return Math.max(4 * this.l2e * this.cs, Math.min(64 * 1024 * 1024, 2 ** 17 * this.cs));
   }
 
   async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
