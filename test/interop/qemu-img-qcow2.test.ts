@@ -231,6 +231,26 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
     }
   });
 
+  it("is declared in a config file: qcow2: PATH, and with backing: none the backing file is not read", async () => {
+    const dir = tempDir("nbdstack-qcow2-");
+    randomImage(path.join(dir, "base.raw"), 8 * MiB, 4);
+    const top = create(dir, "top.qcow2", ["-b", "base.raw", "-F", "raw"], "");
+    qio("qcow2", top, "write -P 0x23 3M 100k");
+    fs.writeFileSync(
+      path.join(dir, "exports.yaml"),
+      ["exports:", "  - name: chain", "    stack: qcow2:top.qcow2", "  - name: alone", "    stack:", "      - qcow2: top.qcow2", "        backing: none", "        l2-cache: 1M", "        read-only: true", ""].join("\n"),
+    );
+    const srv = await serve(["--config", path.join(dir, "exports.yaml")], 2);
+    try {
+      const [chain, alone] = ["chain", "alone"].map((n) => srv.uris.find((u) => u.endsWith(`/${n}`))!);
+      qimg("compare", "-q", "-f", "raw", "-F", "qcow2", chain!, top);
+      expect(run("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x23 3M 100k", "-c", "read -P 0 0 3M", "-c", "read -P 0 4M 4M", alone!])).not.toMatch(/Pattern verification failed/);
+      expect(run("nbdinfo", ["--list", srv.uri.replace(/\/[^/]*$/, "")])).toMatch(/qcow2:.*top\.qcow2 → file:.*base\.raw/);
+    } finally {
+      await srv.stop();
+    }
+  });
+
   describe("refuses what it cannot serve, naming the feature", () => {
     let dir: string;
     beforeAll(() => {
