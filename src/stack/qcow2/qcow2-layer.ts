@@ -167,7 +167,7 @@ export class Qcow2Layer implements Layer {
     if (lo & ZERO_LO && this.v3) return ZERO;
     const off = entryOffset(hi, lo);
     if (off === 0) return UNALLOC;
-    if (off % this.cs !== 0) throw corrupt(this.opts.path, `L2 entry points to unaligned offset ${off}`);
+    if (off % this.cs !== 0 || off + this.cs > this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
     return hi & COPIED_HI ? OWNED : SHARED;
   }
 

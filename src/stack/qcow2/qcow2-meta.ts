@@ -98,6 +98,11 @@ export class Qcow2Meta {
   /** Where the search for free clusters starts (cluster index). */
   private freeHint = 0;
   private readonly batch: number;
+  /**
+   * Where the image ends: the file's size at open, or past the last cluster allocated since. Every
+   * offset a table gives must lie below it (a corrupt image must not send writes terabytes away).
+   */
+  fileEnd = 0;
 
   constructor(
     private readonly fd: number,
@@ -116,6 +121,13 @@ export class Qcow2Meta {
 
   async load(): Promise<void> {
     const h = this.header;
+    this.fileEnd = fs.fstatSync(this.fd).size;
+    if (h.l1TableOffset + h.l1Size * 8 > this.fileEnd) throw corrupt(this.file, `the L1 table (${h.l1Size} entries at ${h.l1TableOffset}) lies past the end of the file`);
+    if (h.refcountTableOffset + h.refcountTableClusters * this.cs > this.fileEnd)
+      throw corrupt(this.file, `the refcount table (${h.refcountTableClusters} clusters at ${h.refcountTableOffset}) lies past the end of the file`);
+    if (h.l1Size > 0 && h.l1TableOffset < h.refcountTableOffset + h.refcountTableClusters * this.cs && h.refcountTableOffset < h.l1TableOffset + h.l1Size * 8)
+      throw corrupt(this.file, "the L1 table and the refcount table overlap");
+    if (h.l1TableOffset < this.cs && h.l1Size > 0) throw corrupt(this.file, "the L1 table overlaps the header");
     this.l1 = Buffer.alloc(h.l1Size * 8);
     if (h.l1Size) await readAt(this.fd, this.l1, h.l1TableOffset);
     this.rt = Buffer.alloc(h.refcountTableClusters * this.cs);
@@ -146,7 +158,9 @@ export class Qcow2Meta {
     const now = this.l2Now(i);
     if (now !== undefined) return now;
     const off = entryOffset(this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4));
-    if (off % this.cs !== 0 || off >= MAX_HOST) throw corrupt(this.file, `L1 entry ${i} points to unaligned offset ${off}`);
+    if (off % this.cs !== 0) throw corrupt(this.file, `L1 entry ${i} points to unaligned offset ${off}`);
+    if (off + this.cs > this.fileEnd) throw corrupt(this.file, `L1 entry ${i} points past the end of the file (${off})`);
+    if (this.overlapsFixed(off, this.cs)) throw corrupt(this.file, `L1 entry ${i} points into the header or a table (${off})`);
     return this.loadTable(off, this.l2Cache);
   }
 
@@ -180,6 +194,13 @@ export class Qcow2Meta {
     return [this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4)];
   }
 
+  /** Whether [off, off + len) touches the header cluster, the L1 table or the refcount table. */
+  overlapsFixed(off: number, len: number): boolean {
+    const h = this.header;
+    const within = (start: number, bytes: number) => off < start + bytes && start < off + len;
+    return off < this.cs || within(h.l1TableOffset, h.l1Size * 8) || within(h.refcountTableOffset, h.refcountTableClusters * this.cs);
+  }
+
   // ---- refcounts ----
 
   private rtEntry(t: number): number {
@@ -191,6 +212,8 @@ export class Qcow2Meta {
     const off = this.rtEntry(t);
     if (off === 0) return null;
     if (off % this.cs !== 0) throw corrupt(this.file, `refcount table entry ${t} points to unaligned offset ${off}`);
+    if (off + this.cs > this.fileEnd) throw corrupt(this.file, `refcount table entry ${t} points past the end of the file (${off})`);
+    if (this.overlapsFixed(off, this.cs)) throw corrupt(this.file, `refcount table entry ${t} points into the header or a table (${off})`);
     return this.rbCache.get(off) ?? this.loadTable(off, this.rbCache);
   }
 
@@ -230,8 +253,12 @@ export class Qcow2Meta {
   private async reserve(n: number): Promise<void> {
     const found: number[] = [];
     let c = Math.max(1, this.freeHint);
+    // Past the end of the file every cluster is free in a sound image (but for leaks of a crash):
+    // counts still taken 1 GiB further mean corrupt refcounts, not a reason to write terabytes away.
+    const limit = Math.min(MAX_HOST, this.fileEnd + 2 ** 30 + (n + 2) * this.cs);
     while (found.length < n) {
-      if (c * this.cs >= MAX_HOST) throw new NbdError("ENOSPC", `${this.file}: no free cluster below 2^56 bytes`);
+      if (c * this.cs >= limit)
+        throw corrupt(this.file, `no free cluster up to ${limit} bytes (1 GiB past the end of the file): the refcounts look wrong; repair it with: qemu-img check -r all ${this.file}`);
       const t = Math.floor(c / this.rbEntries);
       if (t * 8 >= this.rt.length) {
         await this.growRefcountTable(t);
@@ -243,10 +270,15 @@ export class Qcow2Meta {
         continue; // its own cluster is now counted
       }
       const end = (t + 1) * this.rbEntries;
-      for (; c < end && found.length < n; c++) if (refcountAt(b, c % this.rbEntries, this.refBits) === 0) found.push(c);
+      for (; c < end && found.length < n; c++) {
+        if (refcountAt(b, c % this.rbEntries, this.refBits) !== 0) continue;
+        if (this.overlapsFixed(c * this.cs, this.cs)) throw corrupt(this.file, `cluster ${c} holds the header or a table but its refcount is 0; repair it with: qemu-img check -r all ${this.file}`);
+        found.push(c);
+      }
     }
     for (const f of found) await this.setCount(f, 1);
     await this.sync();
+    this.fileEnd = Math.max(this.fileEnd, (found[found.length - 1]! + 1) * this.cs);
     this.reserved.push(...found);
     this.reserved.sort((a, b) => a - b);
     this.freeHint = found[found.length - 1]! + 1;
@@ -258,6 +290,8 @@ export class Qcow2Meta {
    */
   private async newRefcountBlock(t: number): Promise<Buffer> {
     const c = t * this.rbEntries;
+    if (this.overlapsFixed(c * this.cs, this.cs)) throw corrupt(this.file, `refcount table entry ${t} is empty but its range holds the header or a table`);
+    this.fileEnd = Math.max(this.fileEnd, (c + 1) * this.cs);
     const b = Buffer.alloc(this.cs);
     setRefcount(b, 0, this.refBits, 1);
     this.writeNow(b, 0, this.cs, c * this.cs);
@@ -277,12 +311,14 @@ export class Qcow2Meta {
    * header points to it. The old table's clusters are freed at the next flush.
    */
   private async growRefcountTable(t: number): Promise<void> {
+    if (t * this.rbEntries * this.cs >= MAX_HOST) throw new NbdError("ENOSPC", `${this.file}: no room for refcounts below 2^56 bytes`);
     const oldEntries = this.rt.length / 8;
     const want = Math.max(t + 1, oldEntries * 2);
     const clusters = Math.ceil((want * 8) / this.cs);
     if (clusters + 1 > this.rbEntries)
       throw new NbdError("ENOSPC", `${this.file}: the refcount table would have to grow to ${clusters} clusters, more than one refcount block can place; convert the image to a larger cluster size (qemu-img convert -O qcow2 -o cluster_size=64k)`);
     const first = t * this.rbEntries;
+    this.fileEnd = Math.max(this.fileEnd, (first + 1 + clusters) * this.cs);
     const block = Buffer.alloc(this.cs);
     for (let i = 0; i <= clusters; i++) setRefcount(block, i, this.refBits, 1);
     const table = Buffer.alloc(clusters * this.cs);
