@@ -41,6 +41,7 @@ const SHARED = 3;
 const COMPRESSED = 4;
 
 const HOLE_ZERO = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
+const DONE: Promise<void> = Promise.resolve();
 const MAX_REQUEST = 32 * 1024 * 1024;
 
 /**
@@ -171,20 +172,27 @@ export class Qcow2Layer implements Layer {
     return hi & COPIED_HI ? OWNED : SHARED;
   }
 
-  private async table(gc: number): Promise<Buffer | null> {
+  private table(gc: number): Buffer | null | Promise<Buffer | null> {
     const i = Math.floor(gc / this.l2e);
     const t = this.meta.l2Now(i);
     return t !== undefined ? t : this.meta.l2(i);
   }
 
+  // The run mapWith found last (read at once, before anything can await: see run()).
+  private mKind = 0;
+  private mHost = 0;
+  private mLength = 0;
+  private mHi = 0;
+  private mLo = 0;
+
   /**
-   * The run of clusters from guest byte `g` (at most `max` bytes) that one L2 table maps alike:
-   * `kind`, the host offset of byte `g` (data), its length, and the entry (compressed).
+   * The run of clusters from guest byte `g` (at most `max` bytes) that L2 table `t` maps alike:
+   * its kind, the host offset of byte `g` (data), its length, and the entry (compressed), in the
+   * m* fields.
    */
-  private async run(g: number, max: number): Promise<{ kind: number; host: number; length: number; hi: number; lo: number }> {
+  private mapWith(t: Buffer | null, g: number, max: number): void {
     const cs = this.cs;
     const gc = Math.floor(g / cs);
-    const t = await this.table(gc);
     let idx = gc % this.l2e;
     const hi = t ? t.readUInt32BE(idx * 8) : 0;
     const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
@@ -204,12 +212,50 @@ export class Qcow2Layer implements Layer {
         length = Math.min(length + cs, max);
       }
     }
-    return { kind, host: base + within, length, hi, lo };
+    this.mKind = kind;
+    this.mHost = base + within;
+    this.mLength = length;
+    this.mHi = hi;
+    this.mLo = lo;
+  }
+
+  /** mapWith on the cached table of `g`; false when the table must be read first. */
+  private mapNow(g: number, max: number): boolean {
+    const t = this.meta.l2Now(Math.floor(g / this.cs / this.l2e));
+    if (t === undefined) return false;
+    this.mapWith(t, g, max);
+    return true;
+  }
+
+  /** The run from guest byte `g` (see mapWith), reading its L2 table if needed. */
+  private async run(g: number, max: number): Promise<{ kind: number; host: number; length: number; hi: number; lo: number }> {
+    if (!this.mapNow(g, max)) this.mapWith(await this.meta.l2(Math.floor(g / this.cs / this.l2e)), g, max);
+    return { kind: this.mKind, host: this.mHost, length: this.mLength, hi: this.mHi, lo: this.mLo };
   }
 
   // ---- reads ----
 
-  async pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+  /**
+   * The fast path: a request that one run of clusters in a cached table maps is one call to the
+   * file (or a fill), made before pread returns. Anything else goes to preadRuns.
+   */
+  pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      if (this.fd >= 0 && this.mapNow(offset, buf.length) && this.mLength === buf.length) {
+        const k = this.mKind;
+        if (k === OWNED || k === SHARED) return this.data.pread(buf, this.mHost, io);
+        if (k === ZERO || (k === UNALLOC && !this.backing)) {
+          buf.fill(0);
+          return DONE;
+        }
+      }
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.preadRuns(buf, offset, io);
+  }
+
+  private async preadRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
     this.tracker.enter();
     try {
       for (let pos = 0; pos < buf.length; ) {
@@ -270,8 +316,18 @@ export class Qcow2Layer implements Layer {
     if (this.fd < 0) throw new NbdError("ESHUTDOWN", `${this.opts.path} is closed`);
   }
 
-  async pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    this.writable("write");
+  /** The fast path: an overwrite of clusters of ours that one cached run maps is one pwrite. */
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      this.writable("write");
+      if (!io.fua && this.mapNow(offset, buf.length) && this.mLength === buf.length && this.mKind === OWNED) return this.data.pwrite(buf, this.mHost, io);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.pwriteRuns(buf, offset, io);
+  }
+
+  private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
     this.tracker.enter();
     try {
       const direct = io.fua ? { ...io, fua: false } : io;

@@ -197,8 +197,8 @@ export class Qcow2Meta {
   /** Whether [off, off + len) touches the header cluster, the L1 table or the refcount table. */
   overlapsFixed(off: number, len: number): boolean {
     const h = this.header;
-    const within = (start: number, bytes: number) => off < start + bytes && start < off + len;
-    return off < this.cs || within(h.l1TableOffset, h.l1Size * 8) || within(h.refcountTableOffset, h.refcountTableClusters * this.cs);
+    const end = off + len;
+    return off < this.cs || (off < h.l1TableOffset + h.l1Size * 8 && h.l1TableOffset < end) || (off < h.refcountTableOffset + h.refcountTableClusters * this.cs && h.refcountTableOffset < end);
   }
 
   // ---- refcounts ----
