@@ -535,8 +535,10 @@ export class Qcow2Layer implements Layer {
     }
   }
 
-  quiesce(): Promise<void> {
-    return this.tracker.idle();
+  /** The fast path hands requests to the file port without counting them here: wait for both. */
+  async quiesce(): Promise<void> {
+    await this.tracker.idle();
+    await this.data.quiesce();
   }
   resume(): void {}
 }
