@@ -160,6 +160,7 @@ const WRITES = [
   "write -P 0x3c 3M 2M",
   "write -z 6M 1M",
   "write -z 7340544 5000",
+  "write -z 3146240 5000", // over data, unaligned: with 4 KiB clusters it ends in the next one
   "write -P 0x77 12M 64k",
   "write -P 0x78 4100k 8k",
   `write -P 0x79 ${SIZE - 4096} 4096`,

@@ -416,6 +416,15 @@ export class Qcow2Layer implements Layer {
     return { head: offset < first * cs ? [offset, first * cs] : null, first, last, tail: last * cs < end ? [last * cs, end] : null };
   }
 
+  /** Writes zeroes over guest bytes [start, end), a cluster at a time (under the lock). */
+  private async writeZeroes(start: number, end: number, io: Io): Promise<void> {
+    for (let at = start; at < end; ) {
+      const n = Math.min(end - at, this.cs - (at % this.cs));
+      await this.writeLocked(this.zeroCluster.subarray(0, n), at, io);
+      at += n;
+    }
+  }
+
   async zero(length: number, offset: number, io: Io): Promise<void> {
     this.writable("zero");
     const { head, first, last, tail } = this.cut(length, offset);
@@ -425,12 +434,9 @@ export class Qcow2Layer implements Layer {
     try {
       const direct = io.fua ? { ...io, fua: false } : io;
       await this.meta.locked(async () => {
-        for (const p of [head, tail]) if (p) await this.writeLocked(this.zeroCluster.subarray(0, p[1] - p[0]), p[0], direct);
+        for (const p of [head, tail]) if (p) await this.writeZeroes(p[0], p[1], direct);
         if (last <= first) return;
-        if (!this.v3 && (this.backing || !io.mayTrim)) {
-          for (let gc = first; gc < last; gc++) await this.writeLocked(this.zeroCluster.subarray(0, Math.min(this.cs, this.header.size - gc * this.cs)), gc * this.cs, direct);
-          return;
-        }
+        if (!this.v3 && (this.backing || !io.mayTrim)) return this.writeZeroes(first * this.cs, Math.min(last * this.cs, this.header.size), direct);
         const clusters: number[] = [];
         const values: Array<[number, number]> = [];
         for (let gc = first; gc < last; gc++) {
