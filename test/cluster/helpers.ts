@@ -69,6 +69,21 @@ export function makePki(dir: string, name: string): Pki {
 }
 
 /**
+ * Another client certificate from a PKI made by makePki in `dir`: `cn` null gives one without a
+ * CommonName (only a subjectAltName), as etcd's JSON gateway wants when its auth is on.
+ */
+export function clientCertOf(dir: string, who: string, cn: string | null): { cert: string; key: string } {
+  const f = (n: string) => path.join(dir, n);
+  certtool(dir, ["--generate-privkey", "--key-type=ecdsa", "--outfile", f(`${who}-key.pem`)]);
+  certtool(
+    dir,
+    ["--generate-certificate", "--load-ca-certificate", f("ca-cert.pem"), "--load-ca-privkey", f("ca-key.pem"), "--load-privkey", f(`${who}-key.pem`), "--outfile", f(`${who}-cert.pem`)],
+    `${cn === null ? "" : `cn = ${cn}\n`}dns_name = ${who}.nbdstack.test\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`,
+  );
+  return { cert: f(`${who}-cert.pem`), key: f(`${who}-key.pem`) };
+}
+
+/**
  * A TCP proxy in front of etcd that can be cut silently: from cut() on, nothing passes either way
  * and new connections are accepted and held — a network partition (or a frozen etcd) as one
  * client sees it, while every other client reaches etcd. heal() ends the cut (the connections it
