@@ -81,6 +81,7 @@ export class StorageNode {
       tls: this.opts.peerTls,
       // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
       requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
+      epoch: () => m.epoch ?? m.adopting,
       // The owner names itself (port B of its peers reads it: see ownerLabel); others name the record's owner.
       label: () => {
         if (m.epoch !== null) return ownerLabel(this.identity.nodeId, m.epoch, m.record?.owner === this.identity.nodeId && m.record.epoch === m.epoch ? m.record.handedFrom : undefined);

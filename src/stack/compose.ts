@@ -166,6 +166,7 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
   let top: Layer = pair.redirector;
   for (const l of stack.slice(above)) top = buildLayer(l, top, ctx);
   const exp: Export = exportOver(spec, spec.name, top, () => [exp.layer.describe(), owner.label?.()].filter(Boolean).join(" "));
+  if (owner.epoch) exp.ownerEpoch = () => owner.epoch!();
   return { exp, pair };
 }
 
