@@ -108,6 +108,37 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     expect(await b.read()).toEqual(claimed);
   });
 
+  it("a prepared hand-over is one round trip inside the hold; a stale view (the peer restarted meanwhile) reads again and still hands over right", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const a = new EtcdOwnership(sa, "disk");
+    await a.acquire(id("a"), TTL_MS);
+    await a.renew(id("a"), 1);
+    // Count what reaches etcd from a's client during the hand-over.
+    const calls: string[] = [];
+    const c = sa.client as unknown as Record<string, (...x: unknown[]) => unknown>;
+    for (const k of ["txn", "get", "getOne", "keepAliveOnce"]) {
+      const f = c[k]!.bind(sa.client);
+      c[k] = (...x: unknown[]) => (calls.push(k), f(...x));
+    }
+    await a.prepareHandOver(id("b"));
+    calls.length = 0;
+    const h2 = await a.handOver(id("a"), 1, id("b"), TTL_MS);
+    expect(calls).toEqual(["txn"]);
+    expect(h2).toMatchObject({ owner: "b", epoch: 2, handedFrom: ["a@1"] });
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb.leaseId);
+    // Taken back (unclaimed), then handed again with a view of b from before b's process changed.
+    await a.reclaim(id("a"), h2, TTL_MS);
+    await a.prepareHandOver(id("b"));
+    await sb.close();
+    const sb2 = await node("b", p);
+    calls.length = 0;
+    const h4 = await a.handOver(id("a"), 3, id("b"), TTL_MS);
+    expect(calls.length).toBeGreaterThan(1); // the stale membership failed the first transaction
+    expect(h4).toMatchObject({ owner: "b", epoch: 4 });
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb2.leaseId); // bound to b's live process
+  });
+
   it("take-over only once the owner's etcd lease expired: never before its deadline plus margin; the epoch grows and an expiry keeps no handedFrom", async () => {
     const p = fresh();
     const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);

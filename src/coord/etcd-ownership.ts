@@ -44,6 +44,10 @@ export class EtcdOwnership implements Ownership {
   readonly liveKey: string;
   private readonly prefix: string;
   private queue: Promise<unknown> = Promise.resolve();
+  /** The record and liveness key as this object last read or wrote them (a change may start from it: see cas). */
+  private cached: State | null = null;
+  /** A peer's membership read before a move's hold (prepareHandOver), used once by handOver. */
+  private peerHint: { nodeId: string; member: Awaited<ReturnType<EtcdSession["member"]>> } | null = null;
 
   /**
    * `session`: the node process's session, or something that holds the current one (a node that
@@ -103,6 +107,11 @@ export class EtcdOwnership implements Ownership {
    */
   renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord> {
     return this.serial(async () => {
+      // The keep-alive and the read go together (one round trip): a record read before etcd got
+      // the keep-alive is still a linearizable read of it, and a change decided on it compares
+      // the liveness key too, which is gone if the lease was.
+      const reading = this.load();
+      reading.catch(() => undefined);
       try {
         await this.session.renewLease();
       } catch (err) {
@@ -146,14 +155,29 @@ export class EtcdOwnership implements Ownership {
       this.cas<LeaseRecord>(async (st) => {
         const cur = st.rec;
         if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`cannot hand over: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
-        const peer = await this.session.member(to.nodeId);
+        const hint = this.peerHint?.nodeId === to.nodeId ? this.peerHint.member : undefined;
+        this.peerHint = null;
+        const peer = hint !== undefined ? hint : await this.session.member(to.nodeId);
         if (!peer) throw Object.assign(new Error(`cannot hand ${this.name} over: node ${to.nodeId} has no live process in etcd (no ${this.session.memberKey(to.nodeId)})`), { code: "ENOPEER" });
         const handedFrom = handedFromAfter(cur);
         const record: LeaseRecord = { image: this.name, owner: to.nodeId, nbd: to.nbd, control: to.control, epoch: epoch + 1, leaseStart: this.session.wall(), ttlMs, serial: 0, handedFrom, ...(privateCopy ? { private: true } : {}) };
         const memberKey = this.session.memberKey(to.nodeId);
         return { write: { record, live: { lease: peer.info.leaseId }, compare: [compare.modRevision(memberKey, "==", peer.kv.modRevision)] }, result: record };
-      }),
+      }, { cached: true }),
     );
+  }
+
+  /**
+   * Reads `to`'s membership before a move's hold begins, so that the hand-over inside the hold is
+   * one transaction: it starts from the record as this object last saw it and from this
+   * membership, and compares both (a stale one fails the transaction: it reads and decides again).
+   */
+  async prepareHandOver(to: NodeIdentity): Promise<void> {
+    try {
+      this.peerHint = { nodeId: to.nodeId, member: await this.session.member(to.nodeId) };
+    } catch {
+      this.peerHint = null; // read inside the hand-over then
+    }
   }
 
   /**
@@ -312,43 +336,77 @@ export class EtcdOwnership implements Ownership {
       return x?.type === "get" ? (x.kvs[0] ?? null) : null;
     };
     const recKv = kvOf(0);
-    return { rec: recKv ? parseRecord(recKv.value, this.recordKey) : null, recKv, live: kvOf(1), revision: r.header.revision };
+    return (this.cached = { rec: recKv ? parseRecord(recKv.value, this.recordKey) : null, recKv, live: kvOf(1), revision: r.header.revision });
   }
 
   /**
    * Reads, decides (`plan` throws LeaseError, or answers, or asks for a change) and applies the
-   * change by a transaction on the record's revision; when another change came first, reads and
-   * decides again.
+   * change by a transaction on the record's and the liveness key's revisions; when another change
+   * came first, decides again on the state that transaction's answer carries. `first`: a read
+   * already under way. `cached`: start from the state this object last read or wrote, without a
+   * read — only a change may be decided on it (the transaction compares what it saw); an answer
+   * or a refusal is given on a fresh read only.
    */
-  private async cas<T>(plan: (st: State) => Plan<T> | Promise<Plan<T>>): Promise<T> {
+  private async cas<T>(plan: (st: State) => Plan<T> | Promise<Plan<T>>, o: { first?: Promise<State>; cached?: boolean } = {}): Promise<T> {
+    let st = o.cached && this.cached ? this.cached : await (o.first ?? this.load());
+    let fromCache = o.cached === true && st === this.cached && !o.first;
     for (let round = 1; ; round++) {
-      const st = await this.load();
-      const p = await plan(st);
-      if ("done" in p) return p.done;
-      if (await this.apply(st, p.write)) return p.result;
+      let p: Plan<T>;
+      try {
+        p = await plan(st);
+      } catch (err) {
+        if (!fromCache) throw err;
+        p = { done: undefined as T }; // decided on the cache: read and decide again
+      }
+      if ("done" in p) {
+        if (!fromCache) return p.done;
+        st = await this.load();
+        fromCache = false;
+        continue;
+      }
+      const r = await this.apply(st, p.write);
+      if (r.applied) return p.result;
       if (round >= 20) throw Object.assign(new Error(`${this.where}: the record kept changing under ${round} attempts; try again later`), { code: "EBUSY" });
+      st = r.now ?? (await this.load());
+      fromCache = false;
     }
   }
 
   /**
-   * One transaction: the record still at the revision read (or still absent) and `w.compare` →
-   * the new record and liveness key. True if applied. When its outcome is unknown, the record is
-   * read back: exactly what was written (the record carries a wall-clock stamp, the liveness key
-   * the lease) counts as applied; anything else rejects with the original error (nothing decided).
+   * One transaction: the record and the liveness key still at the revisions read (or still absent)
+   * and `w.compare` → the new record and liveness key. Either way it reads both back in the same
+   * transaction: what this object knows next. When its outcome is unknown, the record is read
+   * back: exactly what was written (the record carries a wall-clock stamp, the liveness key the
+   * lease) counts as applied; anything else rejects with the original error (nothing decided).
    */
-  private async apply(st: State, w: Write): Promise<boolean> {
+  private async apply(st: State, w: Write): Promise<{ applied: boolean; now?: State }> {
+    this.cached = null; // until this transaction's answer says what is there
     const value = JSON.stringify(w.record);
     const ops: TxnOp[] = [op.put(this.recordKey, value)];
     if (w.live === "delete") ops.push(op.delete(this.liveKey));
     else if (w.live) ops.push(op.put(this.liveKey, JSON.stringify({ owner: w.record.owner, epoch: w.record.epoch, lease: w.live.lease }), { lease: w.live.lease }));
-    const cmp = [st.recKv ? compare.modRevision(this.recordKey, "==", st.recKv.modRevision) : compare.absent(this.recordKey), ...(w.compare ?? [])];
+    const cmp = [
+      st.recKv ? compare.modRevision(this.recordKey, "==", st.recKv.modRevision) : compare.absent(this.recordKey),
+      st.live ? compare.modRevision(this.liveKey, "==", st.live.modRevision) : compare.absent(this.liveKey),
+      ...(w.compare ?? []),
+    ];
+    const reads = [op.get(this.recordKey), op.get(this.liveKey)];
     try {
-      return (await this.session.client.txn({ compare: cmp, success: ops })).succeeded;
+      const r = await this.session.client.txn({ compare: cmp, success: [...ops, ...reads], failure: reads });
+      const at = r.succeeded ? ops.length : 0;
+      const kvOf = (i: number) => {
+        const x = r.results[at + i];
+        return x?.type === "get" ? (x.kvs[0] ?? null) : null;
+      };
+      const recKv = kvOf(0);
+      const now: State = { rec: recKv ? parseRecord(recKv.value, this.recordKey) : null, recKv, live: kvOf(1), revision: r.header.revision };
+      this.cached = now;
+      return { applied: r.succeeded, now };
     } catch (err) {
       if (!(err instanceof EtcdError && err.code === "ETCD_OUTCOME_UNKNOWN")) throw err;
       const now = await this.load().catch(() => null);
       const liveOk = w.live === undefined || (w.live === "delete" ? !now?.live : now?.live?.lease === w.live.lease);
-      if (now?.recKv?.value.toString() === value && liveOk) return true;
+      if (now?.recKv?.value.toString() === value && liveOk) return { applied: true };
       throw err;
     }
   }

@@ -31,6 +31,11 @@ export interface Ownership {
   renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord>;
   /** The epoch of a hand-over to `me` that I have not claimed yet (shared records only), or null. */
   handedTo(me: NodeIdentity): Promise<number | null>;
+  /**
+   * Optional: reads what a hand-over to `to` needs before a move's hold begins (a shared store's
+   * membership of `to`), so that less of it happens while clients wait. Never decides anything.
+   */
+  prepareHandOver?(to: NodeIdentity): Promise<void>;
   /** Hands my lease (at `epoch`) to `to`, at epoch + 1; the peer's claim of it commits the move. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): Promise<LeaseRecord>;
   /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */

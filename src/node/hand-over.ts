@@ -44,8 +44,15 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
   let handed: LeaseRecord | null = null;
   const { held } = await m.redirector.moveOut({
     beforeRelease,
-    // Port B to the peer, opened before the hold so its connection costs no stall.
-    prepare: () => m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
+    // Port B to the peer, opened before the hold so its connection costs no stall; and what the
+    // hand-over will need from the store, read now for the same reason.
+    prepare: async () => {
+      const [port] = await Promise.all([
+        m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
+        m.lease.prepareHandOver?.({ nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }),
+      ]);
+      return port;
+    },
     assign: async () => {
       // From here until the answer, this node writes nothing: the record may name the peer already.
       m.epoch = null;
