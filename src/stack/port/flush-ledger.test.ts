@@ -28,7 +28,27 @@ describe("FlushLedger", () => {
     l.ownerLost();
     expect(l.flushed(before)).toBeNull();
     expect(l.flushed(l.flushSent(c))).toMatch(/may be lost/);
+    expect(l.flushed(l.flushSent(c))).toMatch(/may be lost/); // reported again to the next (see below)
     expect(l.flushed(l.flushSent(c))).toBeNull();
+  });
+
+  // Nemesis on the lab (seed 15): a client sent a FLUSH while a write's reply was on its way to it;
+  // the server counted the write as covered (it had answered it before the FLUSH arrived), the
+  // client did not. That FLUSH failed for the lost write, the client's next FLUSH — its first to
+  // cover the write — succeeded, and the client took the lost write for durable.
+  it("a lost write is reported twice: to the first FLUSH that covers it here and to the first one that arrives after that failure", () => {
+    for (const port of ["A", "B"] as const) {
+      const l = new FlushLedger();
+      const c = client();
+      if (port === "B") l.ackedB(c);
+      else l.sentA(c);
+      const crossing = l.flushSent(c); // the write's reply and this FLUSH crossed on the wire
+      if (port === "B") l.ownerLost();
+      else l.fenced();
+      expect(l.flushed(crossing)).toMatch(/may be lost/);
+      expect(l.flushed(l.flushSent(c))).toMatch(/may be lost/); // the client's first FLUSH that covers the write
+      expect(l.flushed(l.flushSent(c))).toBeNull();
+    }
   });
 
   it("a hand-over settles what port B acknowledged: nothing is lost", () => {

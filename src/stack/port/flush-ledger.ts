@@ -13,6 +13,8 @@ interface PortBWrites {
   flushed: number;
   lostAbove: number;
   lostUpTo: number;
+  /** The client's FLUSH count when a FLUSH first failed for these losses (0: none yet); see `flushed`. */
+  reportedAt: number;
 }
 
 /** What a FLUSH covered when it was sent; handed back to `flushed` when it succeeded. */
@@ -35,7 +37,7 @@ export interface FlushTicket {
 export class FlushLedger {
   private readonly portB = new Map<ClientSession, PortBWrites>();
   /** Per client: the first and last of its writes through port A (numbered by `seqA`) that no FLUSH covered yet. */
-  private readonly portA = new WeakMap<ClientSession, { first: number; last: number }>();
+  private readonly portA = new WeakMap<ClientSession, { first: number; last: number; reportedAt?: number }>();
   private seqA = 0;
   /** `seqA` when port A was last fenced: writes through it before then that no FLUSH covered may be lost. */
   private fencedAt = 0;
@@ -66,7 +68,7 @@ export class FlushLedger {
     let w = this.portB.get(client);
     if (!w) {
       if (this.portB.size >= 256) for (const c of this.portB.keys()) if (c.ended) this.portB.delete(c);
-      this.portB.set(client, (w = { acked: 0, flushed: 0, lostAbove: 0, lostUpTo: 0 }));
+      this.portB.set(client, (w = { acked: 0, flushed: 0, lostAbove: 0, lostUpTo: 0, reportedAt: 0 }));
     }
     w.acked++;
   }
@@ -109,28 +111,49 @@ export class FlushLedger {
     return { client, coversB: this.portB.get(client)?.acked ?? 0, coversA: this.seqA, seq: ++f.sent };
   }
 
-  /** The FLUSH of `t` succeeded below: null if it may say so, else why it must fail (EIO). */
+  /**
+   * The FLUSH of `t` succeeded below: null if it may say so, else why it must fail (EIO).
+   *
+   * A lost write is reported twice: to the first FLUSH that covers it here, and again to the
+   * first one that arrives after that failure was answered. The server counts as covered what it
+   * acknowledged before the FLUSH arrived (as the NBD spec says), but a client counts only what it
+   * saw acknowledged before it sent the FLUSH: a write's reply and a FLUSH may cross on the wire,
+   * and that client then sends another FLUSH for the write — which must not succeed over it.
+   * Replies keep their order on a connection, so the client has seen the write's reply by the
+   * time it reads the first failure: the FLUSH it sends after that covers the write for both.
+   */
   flushed(t: FlushTicket): string | null {
     let lost: string | null = null;
+    const f = this.flushes.get(t.client)!;
     const a = this.portA.get(t.client);
     if (a?.first && a.first <= t.coversA) {
-      if (a.first <= this.fencedAt) lost = "writes acknowledged before this node lost the resource were never flushed and may be lost";
-      a.first = a.last > t.coversA ? t.coversA + 1 : 0;
+      const consume = () => (a.first = a.last > t.coversA ? t.coversA + 1 : 0);
+      if (a.first <= this.fencedAt) {
+        lost = "writes acknowledged before this node lost the resource were never flushed and may be lost";
+        if (!a.reportedAt) a.reportedAt = f.sent;
+        else if (t.seq > a.reportedAt) {
+          consume();
+          a.reportedAt = 0;
+        }
+      } else consume();
     }
     const w = this.portB.get(t.client);
     if (w) {
       if (w.lostUpTo > w.lostAbove && t.coversB > w.lostAbove) {
         lost = "writes acknowledged by an earlier owner were never flushed and may be lost (its link or the owner itself is gone)";
-        // Reported for what this FLUSH covers; lost writes acknowledged after it was sent are
-        // not, and fail the next FLUSH, the first to cover them.
-        if (w.lostUpTo > t.coversB) w.lostAbove = t.coversB;
-        else w.lostAbove = w.lostUpTo = 0;
+        if (!w.reportedAt) w.reportedAt = f.sent;
+        else if (t.seq > w.reportedAt) {
+          // Reported for what this FLUSH covers; lost writes acknowledged after it was sent are
+          // not, and fail the next FLUSHes, the first to cover them.
+          if (w.lostUpTo > t.coversB) w.lostAbove = t.coversB;
+          else w.lostAbove = w.lostUpTo = 0;
+          w.reportedAt = 0;
+        }
       }
       w.flushed = Math.max(w.flushed, t.coversB);
       if (w.flushed >= w.acked && w.lostUpTo === 0) this.portB.delete(t.client);
     }
     // Every FLUSH this client sent before the loss was reported covers the lost writes too.
-    const f = this.flushes.get(t.client)!;
     if (lost) f.failUpTo = f.sent;
     else if (t.seq <= f.failUpTo) lost = "writes this FLUSH covers were never flushed and may be lost (reported to an earlier FLUSH too)";
     return lost;
