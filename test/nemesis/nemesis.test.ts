@@ -12,10 +12,12 @@ const nodes = Number(process.env.NEMESIS_NODES ?? 2);
 // The nodes keep unflushed writes in a power-loss cache (--fault-powerloss), so that a killed owner
 // really loses them and the durability checks mean something; NEMESIS_POWERLOSS=0 turns it off.
 const powerloss = process.env.NEMESIS_POWERLOSS !== "0";
+// NEMESIS_LAB=1: the nodes on hosts of a lab (network namespaces, etcd), with its network and etcd faults.
+const lab = process.env.NEMESIS_LAB === "1";
 
-it(`survives ${seconds} s of faults (seed ${seed}, ${nodes} nodes${powerloss ? ", power-loss caches" : ""}): no lost write, no stale read, one owner per epoch, no failed request`, async () => {
+it(`survives ${seconds} s of faults (seed ${seed}, ${nodes} nodes${powerloss ? ", power-loss caches" : ""}${lab ? ", on a lab with etcd" : ""}): no lost write, no stale read, one owner per epoch, no failed request`, async () => {
   const lines: string[] = [];
-  const result = await runNemesis({ seconds, seed, nodes, powerloss, log: (l: string) => lines.push(l) });
+  const result = await runNemesis({ seconds, seed, nodes, powerloss, lab, log: (l: string) => lines.push(l) });
   const report = describeRun(result);
   console.log(report);
   if (!result.ok) console.log(lines.slice(-80).join("\n"));
@@ -24,5 +26,6 @@ it(`survives ${seconds} s of faults (seed ${seed}, ${nodes} nodes${powerloss ? "
   const n = result.summary.nemesis;
   expect(n.migrateOk + n.stormOk).toBeGreaterThan(0);
   if (seconds >= 60) expect(n.kill + n.pause).toBeGreaterThan(0);
+  if (lab && seconds >= 60) expect(n.partition + n.cutetcd + n.cutpeers + n.cutpair + n.loss + n.etcdminority + n.etcdmajority).toBeGreaterThan(0);
   expect(result.summary.ops.acked).toBeGreaterThan(1000);
 }, (seconds + 240) * 1000);
