@@ -61,6 +61,11 @@ program
       .choices(["auto", "sync", "async"])
       .default("auto"),
   )
+  .addOption(
+    new Option("--discard <mode>", "TRIM: unmap (offered wherever the stack can honour it: files get holes punched, qcow2 clusters are freed, memory freed) or ignore (not offered: nbdinfo shows can_trim false)")
+      .choices(["unmap", "ignore"])
+      .default("unmap"),
+  )
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")
   .option("--max-memory <size>", "memory all clients together may make the server hold (payloads in flight, replies not yet read, handshake bytes); when it is used up, sockets are paused until it is given back (default 32M)")

@@ -4,7 +4,7 @@ import { formatStack, parseStackItem } from "../config/stack-spec.js";
 import { ConfigError } from "../config/values.js";
 import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
-import { createDiskLayer, DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { createDiskLayer, DiskLayer, type DiscardMode, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";
 import { imageKind, kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
 import type { Capabilities, Layer } from "./layer.js";
@@ -36,6 +36,8 @@ export interface ExportSpec {
   readOnly?: boolean;
   /** How file ports call the kernel (see IoMode). */
   io?: IoMode;
+  /** serve --discard: offer trim where the stack honours it (`unmap`, default) or never (`ignore`). */
+  discard?: DiscardMode;
   disk?: DiskLayerOptions;
   /** Insert a fault layer (no rules yet) directly above the port. */
   fault?: FaultLayerOptions;
@@ -112,11 +114,11 @@ export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
 }
 
 function contextOf(spec: ExportSpec, name: string, handles: StackHandles, log?: Logger): BuildContext {
-  return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles };
+  return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, discard: spec.discard, log: log ?? spec.fault?.log, handles };
 }
 
 function exportOver(spec: ExportSpec, name: string, below: Layer, description?: string | (() => string)): Export {
-  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly }), description);
+  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly, discard: spec.discard }), description);
 }
 
 /**

@@ -42,5 +42,5 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
   },
   format: (s) => `qcow2:${s.path}${s.backing === "none" ? " (backing: none)" : ""}`,
   bottom: (s, ctx) =>
-    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log }),
+    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log }),
 };

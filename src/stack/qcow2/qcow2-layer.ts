@@ -3,7 +3,7 @@ import zlib from "node:zlib";
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
 import { pushExtents } from "../volume/common.js";
 import { backingLayer } from "./qcow2-backing.js";
@@ -22,6 +22,11 @@ export interface Qcow2LayerOptions {
   /** `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes. */
   backing?: "auto" | "none";
   io?: IoMode;
+  /**
+   * Give freed clusters' space back to the file system (punch holes), as QEMU's discard=unmap:
+   * true unless false (`serve --discard ignore`).
+   */
+  discard?: boolean;
   /** Bytes of L2 tables to cache (default 32 MiB), per image of the chain. */
   l2Cache?: number;
   /** Bytes of refcount blocks to cache (default 1 MiB). */
@@ -107,6 +112,7 @@ export class Qcow2Layer implements Layer {
       this.meta = new Qcow2Meta(this.fd, file, h, {
         l2Cache: this.opts.l2Cache ?? DEFAULT_L2_CACHE,
         refcountCache: this.opts.refcountCache ?? DEFAULT_REFCOUNT_CACHE,
+        punch: (clusters) => this.punchClusters(clusters),
       });
       await this.meta.load();
       const name = backingName(first, h);
@@ -116,7 +122,13 @@ export class Qcow2Layer implements Layer {
         await this.backing.open();
         this.backingSize = this.backing.size();
       }
-      this.data = createFilePort({ path: file, readOnly: this.readOnly, io: this.opts.io });
+      this.data = createFilePort({
+        path: file,
+        readOnly: this.readOnly,
+        io: this.opts.io,
+        discard: this.opts.discard !== false && !this.readOnly,
+        onPunchFailure: (err) => this.opts.log?.warn({ image: file, err: err.message }, "punching holes failed: freed clusters keep their space from now on"),
+      });
       await this.data.open();
       if (!this.readOnly) this.meta.clearAutoclear();
     } catch (err) {
@@ -489,6 +501,13 @@ export class Qcow2Layer implements Layer {
     } finally {
       this.tracker.leave();
     }
+  }
+
+  /** Punches holes where freed clusters were (when the file port offers it); a failure is only logged there. */
+  private async punchClusters(clusters: number[]): Promise<void> {
+    if (!this.data.capabilities().trim) return;
+    const cs = this.cs;
+    await Promise.all(clusters.map((c) => this.data.trim(cs, c * cs, plainIo)));
   }
 
   async flush(_io: Io): Promise<void> {
