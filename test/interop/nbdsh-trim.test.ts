@@ -11,7 +11,7 @@ const used = (file: string): number => fs.statSync(file).blocks * 512;
 const nbdinfoJson = (uri: string) => JSON.parse(execFileSync("nbdinfo", ["--json", uri], { encoding: "utf8", env: debianEnv })).exports[0];
 
 /** TRIM end to end: nbdsh (libnbd) trims, the image's allocated size (du) shrinks. */
-describe.skipIf(!needTools("nbdsh", "nbdinfo", "qemu-img", "fallocate"))("TRIM through nbdsh", () => {
+describe.skipIf(!needTools("nbdsh", "nbdinfo", "qemu-img", "qemu-io", "fallocate", "sgdisk"))("TRIM through nbdsh", () => {
   const servers: Served[] = [];
   afterAll(async () => {
     for (const s of servers) await s.stop();
@@ -122,6 +122,30 @@ except nbd.Error as e:
 `).trim();
     expect(out).toMatch(/^refused/);
     expect(used(img)).toBeGreaterThanOrEqual(4 * MiB);
+  });
+
+  it("volumes pass trims to their legs (concat maps the range, mirror trims every leg), a partition at its offset", async () => {
+    const dir = tempDir();
+    for (const f of ["c1", "c2", "m1", "m2", "p"]) fs.writeFileSync(path.join(dir, `${f}.img`), Buffer.alloc(8 * MiB, 0x11));
+    execFileSync("sgdisk", ["-n", "1:2048:+4M", path.join(dir, "p.img")], { stdio: "ignore" });
+    fs.writeFileSync(
+      path.join(dir, "v.yaml"),
+      ["exports:", "  - name: cat", "    stack: [{concat: [file:c1.img, file:c2.img]}]", "  - name: mir", "    stack: [{mirror: [file:m1.img, file:m2.img]}]", "  - name: part", "    stack: file:p.img → partition:1", ""].join("\n"),
+    );
+    const srv = await start(["--config", path.join(dir, "v.yaml")], 3);
+    const uri = (n: string) => srv.uris.find((u) => u.endsWith(`/${n}`))!;
+    const before = Object.fromEntries(["c1", "c2", "m1", "m2", "p"].map((f) => [f, used(path.join(dir, `${f}.img`))]));
+    for (const n of ["cat", "mir", "part"]) expect(nbdinfoJson(uri(n)).can_trim).toBe(true);
+    nbdsh(uri("cat"), "h.trim(4 * 1024 * 1024, 6 * 1024 * 1024)"); // 2 MiB of each leg
+    nbdsh(uri("mir"), "h.trim(4 * 1024 * 1024, 0)");
+    nbdsh(uri("part"), "h.trim(4 * 1024 * 1024, 0)");
+    for (const f of ["c1", "c2"]) expect(used(path.join(dir, `${f}.img`))).toBeLessThanOrEqual(before[f]! - 2 * MiB);
+    for (const f of ["m1", "m2", "p"]) expect(used(path.join(dir, `${f}.img`))).toBeLessThanOrEqual(before[f]! - 4 * MiB);
+    // The partition's trim landed at its offset (1 MiB): the GPT before it is intact.
+    const p = fs.readFileSync(path.join(dir, "p.img"));
+    expect(p.toString("latin1", 512, 520)).toBe("EFI PART");
+    expect(p.subarray(MiB, 5 * MiB).every((b) => b === 0)).toBe(true);
+    expect(p.subarray(5 * MiB, 5 * MiB + 4096).every((b) => b === 0x11)).toBe(true);
   });
 
   it("the config file's discard key (top level, and per export over it)", async () => {
