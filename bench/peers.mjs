@@ -12,9 +12,15 @@
 // of the server process and its reaped children, from /proc, over the run ÷ requests done): on
 // this 2-core machine client and server share the CPUs, so that figure is steadier than IOPS and
 // ranks servers the same way (see ANCHORS.md). Last, each server's peak RSS (VmHWM).
-// Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
+// Then the qcow2 rows: nbdstack against qemu-nbd on one qcow2 image (the 1 GiB image converted, every
+// cluster allocated; 64 KiB clusters), each server started for its run alone: 4 KiB random read and
+// write at QD32, 1 MiB sequential read and write at QD8, and allocating writes (4 KiB random at
+// QD32) into a fresh, empty 1 GiB overlay over the raw image as backing file (made anew for every
+// run: the first write to each 64 KiB cluster copies the rest of it from the backing file).
+// Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), QCOW2 (1; 0: no qcow2 rows; only: only
+// them), QCOW2_WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
 // For CPU accounting and steal detection use `npm run bench:anchors` (the shared harness).
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -37,7 +43,16 @@ const ALL = {
   "mc4-randread-4k-qd8": { rw: "randread", bs: "4k", qd: 8, conns: 4, metric: "iops" },
   "nbdcopy-1g": { nbdcopy: true, metric: "mibPerSec" },
 };
-const workloads = (process.env.WORKLOADS ?? Object.keys(ALL).join(" ")).split(/\s+/).filter(Boolean);
+const QCOW2 = process.env.QCOW2 ?? "1";
+const workloads = QCOW2 === "only" ? [] : (process.env.WORKLOADS ?? Object.keys(ALL).join(" ")).split(/\s+/).filter(Boolean);
+const QALL = {
+  "qcow2-randread-4k-qd32": { rw: "randread", bs: "4k", qd: 32, metric: "iops" },
+  "qcow2-randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops" },
+  "qcow2-seqread-1m-qd8": { rw: "read", bs: "1M", qd: 8, metric: "mibPerSec" },
+  "qcow2-seqwrite-1m-qd8": { rw: "write", bs: "1M", qd: 8, metric: "mibPerSec" },
+  "qcow2-alloc-randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops", overlay: true },
+};
+const qworkloads = QCOW2 === "0" ? [] : (process.env.QCOW2_WORKLOADS ?? Object.keys(QALL).join(" ")).split(/\s+/).filter(Boolean);
 const has = (cmd) => {
   try {
     execFileSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" });
@@ -53,7 +68,7 @@ console.error(`making a 1 GiB random image in ${dir}`);
 execFileSync("dd", ["if=/dev/urandom", `of=${base}`, "bs=1M", "count=1024", "status=none"]);
 // One GPT partition over (almost) all of it, for the full-stack variant; the others serve the whole image.
 if (has("sgdisk")) execFileSync("sgdisk", ["-n", "1:1M:0", base], { stdio: "ignore" });
-const servers = [
+const servers = QCOW2 === "only" ? [] : [
   { name: "nbdstack", port: 10820, cmd: (img) => [process.execPath, CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10820", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
   ...(has("sgdisk")
     ? [
@@ -174,12 +189,93 @@ for (let rep = 1; rep <= REPS; rep++) {
   }
 }
 const rss = Object.fromEntries(servers.map((s) => [s.name, peakRss(s.pid)]));
+for (const p of procs) p.kill("SIGTERM"); // the raw servers are done: the qcow2 runs have the machine
+
+// ---- qcow2 rows: nbdstack and qemu-nbd on one qcow2 image, each started for its run alone ----
+const qresults = {}; // workload -> server -> [{v, p50, p99, cpu}]
+if (qworkloads.length) {
+  const filled = path.join(dir, "filled.qcow2");
+  execFileSync("qemu-img", ["convert", "-O", "qcow2", "-f", "raw", base, filled]);
+  const overlay = path.join(dir, "overlay.qcow2");
+  const qservers = [
+    { name: "nbdstack", port: 10826, cmd: (img) => [process.execPath, CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10826", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
+    ...(has("qemu-nbd") ? [{ name: "qemu-nbd", port: 10827, cmd: (img) => ["qemu-nbd", "-f", "qcow2", "-b", "127.0.0.1", "-p", "10827", "-x", "", "--persistent", "--shared=8", "--cache=writeback", "--aio=threads", "--discard=unmap", img] }] : []),
+  ];
+  const startQ = async (s, img) => {
+    const [cmd, ...args] = s.cmd(img);
+    const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] });
+    const uri = `nbd://127.0.0.1:${s.port}/`;
+    for (let i = 0; ; i++) {
+      try {
+        execFileSync("nbdinfo", ["--size", uri], { stdio: "ignore" });
+        break;
+      } catch {
+        if (i > 100) throw new Error(`${s.name} did not start on ${img}`);
+        await sleep(100);
+      }
+    }
+    return { child, uri };
+  };
+  const stopQ = (child) => new Promise((r) => (child.exitCode !== null ? r() : (child.once("exit", r), child.kill("SIGTERM"))));
+  // Warm-up of each server on the filled image (JIT, page cache), unmeasured.
+  for (const s of qservers) {
+    const { child, uri } = await startQ(s, filled);
+    execFileSync(process.execPath, [CLI, "bench", uri, "--engine", "fio", "--rw", "randrw", "--bs", "64k", "--qd", "16", "--duration", "2s"], { stdio: "ignore" });
+    await stopQ(child);
+  }
+  for (let rep = 1; rep <= REPS; rep++) {
+    for (const w of qworkloads) {
+      const wl = QALL[w];
+      const turn = qservers.map((_, i) => qservers[(i + rep - 1) % qservers.length]);
+      for (const s of turn) {
+        let img = filled;
+        if (wl.overlay) {
+          fs.rmSync(overlay, { force: true });
+          execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay, "1G"]);
+          img = overlay;
+        }
+        execFileSync("sync");
+        const { child, uri } = await startQ(s, img);
+        const json = path.join(dir, "run.json");
+        const cpu0 = cpuSeconds(child.pid);
+        execFileSync(process.execPath, [CLI, "bench", uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
+        await sleep(200);
+        const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
+        const cpuPerIo = ((cpuSeconds(child.pid) - cpu0) * 1e6) / sum.ops;
+        await stopQ(child);
+        ((qresults[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99, cpu: cpuPerIo });
+        console.error(`rep ${rep} ${w.padEnd(30)} ${s.name.padEnd(10)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs  server CPU ${cpuPerIo.toFixed(1)} µs/request`);
+      }
+    }
+  }
+  // The images the runs wrote are still sound qcow2 images.
+  for (const img of [filled, ...(fs.existsSync(overlay) ? [overlay] : [])]) {
+    const r = spawnSync("qemu-img", ["check", img], { encoding: "utf8" });
+    console.error(`qemu-img check ${path.basename(img)}: ${r.status === 0 ? "no errors" : `exit ${r.status}: ${r.stdout}${r.stderr}`}`);
+  }
+}
 cleanup();
 
 const med = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor((s.length - 1) / 2)];
 };
+if (qworkloads.length) {
+  console.log(`\nbench:peers, qcow2 rows — nbdstack and qemu-nbd (-f qcow2 --cache=writeback --aio=threads) on one qcow2 image (64 KiB clusters), medians of ${REPS} runs of ${RUNTIME} s`);
+  console.log(["workload".padEnd(30), "metric".padEnd(10), "nbdstack".padStart(10), "qemu-nbd".padStart(10), "nbdstack÷qemu-nbd".padStart(18)].join(" "));
+  for (const w of qworkloads) {
+    const by = qresults[w];
+    const iops = QALL[w].metric === "iops";
+    for (const [label, get, lower] of [[iops ? "IOPS" : "MiB/s", (r) => r.v, false], ["p50 µs", (r) => r.p50, true], ["p99 µs", (r) => r.p99, true], ["CPU µs/req", (r) => r.cpu, true]]) {
+      const m = (n) => (by[n] ? med(by[n].map(get)) : NaN);
+      const [a, q] = [m("nbdstack"), m("qemu-nbd")];
+      const digits = label === "CPU µs/req" ? 1 : 0;
+      console.log([w.padEnd(30), label.padEnd(10), a.toFixed(digits).padStart(10), q.toFixed(digits).padStart(10), (lower ? q / a : a / q).toFixed(2).padStart(18)].join(" "));
+    }
+  }
+  console.log("ratio > 1.00: nbdstack better (latency and CPU rows: qemu-nbd ÷ nbdstack).");
+}
+if (QCOW2 === "only") process.exit(0);
 const peers = servers.filter((s) => !s.name.startsWith("nbdstack")).map((s) => s.name);
 const real = peers.filter((p) => p !== "nbdkit-memory"); // the ceiling is not a peer to beat
 console.log(`\nbench:peers — fio nbd engine through 'nbdstack bench --engine fio', medians of ${REPS} runs of ${RUNTIME} s`);

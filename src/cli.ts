@@ -54,12 +54,17 @@ program
   .option("-n, --name <name>", "export name of the image in the same position, repeatable (default: file name without extension)", collect, [])
   .option("-r, --read-only", "serve every export read-only", false)
   .option("-c, --config <file>", "YAML file declaring exports and their stacks bottom-up (syntax in the README); its server keys apply where flags are not given")
-  .option("--overlay <file>", "copy-on-write overlay of the image in the same position: writes go to this file (created if missing), the image is only read; repeatable", collect, [])
+  .option("--overlay <file>", "copy-on-write overlay of the image in the same position: writes go to this file (created if missing), the image is only read; FILE.qcow2 (or an existing qcow2 image): a qcow2 overlay whose backing file is the image, as qemu-img create -f qcow2 -b IMAGE -F FMT makes; any other name: nbdstack's cow format; repeatable", collect, [])
   .option("--demo", "also serve the built-in demo disk (GPT, ext4 + FAT) as export \"demo\", on a temporary copy", false)
   .addOption(
     new Option("--io <mode>", "how file ports call the kernel: auto (small requests on the event loop while the page cache answers fast), sync, async (always the thread pool)")
       .choices(["auto", "sync", "async"])
       .default("auto"),
+  )
+  .addOption(
+    new Option("--discard <mode>", "TRIM: unmap (offered wherever the stack can honour it: files get holes punched, qcow2 clusters are freed, memory freed) or ignore (not offered: nbdinfo shows can_trim false)")
+      .choices(["unmap", "ignore"])
+      .default("unmap"),
   )
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")

@@ -3,7 +3,8 @@ import { FsError, probeFileSystem, type DirEntry, type FileStat, type FileSystem
 import { layerReader } from "../stack/fs/fs-probe.js";
 import { readPartitionTable, type Partition, type PartitionTable } from "../stack/partition/partition-table.js";
 import { freeRanges } from "../migration/free-space.js";
-import { createFilePort, type FilePort } from "../stack/port/file-port.js";
+import { buildStack, stackOf, StackHandles } from "../stack/compose.js";
+import type { Layer } from "../stack/layer.js";
 
 /** Where the commands write (process.stdout by default; tests pass a collector). */
 export interface Out {
@@ -41,8 +42,12 @@ export interface InspectReport {
   volumes: VolumeReport[];
 }
 
-async function openImage<T>(image: string, use: (port: FilePort, read: ReadAt) => Promise<T>): Promise<T> {
-  const port = createFilePort({ path: image, readOnly: true });
+/**
+ * Opens an image read-only through the layer that claims it (see imageKind): a qcow2 image with its
+ * backing chain through the qcow2 layer, anything else as a raw file.
+ */
+async function openImage<T>(image: string, use: (port: Layer, read: ReadAt) => Promise<T>): Promise<T> {
+  const port = buildStack(stackOf({ source: image, readOnly: true }), { exportName: image, readOnly: true, handles: new StackHandles() });
   try {
     await port.open();
   } catch (err) {

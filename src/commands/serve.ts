@@ -25,6 +25,7 @@ import { attachMirrorRoutes } from "../control/volume-routes.js";
 import { attachCowRoutes } from "../control/cow-routes.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
+import type { DiscardMode } from "../stack/disk/disk-layer.js";
 import { REDIRECTOR_STATES } from "../stack/port/redirector.js";
 
 export interface ServeOptions extends TlsFlags {
@@ -34,6 +35,7 @@ export interface ServeOptions extends TlsFlags {
   readOnly: boolean;
   demo: boolean;
   io: IoMode;
+  discard: DiscardMode;
   maxInflight: number;
   maxInflightBytes: string;
   /** Absent: the config file's max-memory, else DEFAULT_MAX_MEMORY. */
@@ -140,6 +142,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     opts.etcdKey ??= config.etcdKey;
     opts.etcdUser ??= config.etcdUser;
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
+    if (config.discard && cmd?.getOptionValueSource("discard") !== "cli") opts.discard = config.discard;
     opts.maxMemory ??= config.maxMemory;
   }
   if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
@@ -149,10 +152,11 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   if (opts.overlay.length > images.length) throw new Error(`${opts.overlay.length} --overlay options for ${images.length} images`);
 
   const fault = opts.fault || opts.faultPowerloss ? { seed: opts.faultSeed, powerloss: opts.faultPowerloss, log } : undefined;
-  const common = { readOnly: opts.readOnly, io: opts.io, fault };
+  const discard: DiscardMode = opts.discard ?? "unmap";
+  const common = { readOnly: opts.readOnly, io: opts.io, discard, fault };
   const specs: Array<ExportSpec & { name: string; partitions?: boolean }> = images.map((source, i) => ({ source, name: opts.name[i] ?? defaultExportName(source), overlay: opts.overlay[i], ...common }));
   for (const e of config?.exports ?? []) {
-    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => kindOf(l).selectsPart), readOnly: opts.readOnly || !!e.readOnly, io: opts.io, fault });
+    specs.push({ source: "", stack: e.stack, name: e.name, description: e.description, partitions: e.partitions ?? !e.stack.some((l) => kindOf(l).selectsPart), readOnly: opts.readOnly || !!e.readOnly, io: opts.io, discard: cmd?.getOptionValueSource("discard") === "cli" ? discard : (e.discard ?? discard), fault });
   }
   if (opts.dataDir) {
     // Images received by live copy earlier: served again, unless a copy into them never finished.
@@ -164,7 +168,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
         log.warn({ image }, "not serving an image whose live copy never finished");
         continue;
       }
-      specs.push({ source: image, name: decodeURIComponent(f.slice(0, -4)), readOnly: opts.readOnly, io: opts.io, fault });
+      specs.push({ source: image, name: decodeURIComponent(f.slice(0, -4)), readOnly: opts.readOnly, io: opts.io, discard, fault });
     }
   }
   let demo: { file: string; dir: string } | null = null;
@@ -201,7 +205,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     if (node || !opts.partitions || s.partitions === false) continue;
     // Each partition of the device is an export of its own: NAME/p1, NAME/p2, …
     await exp.open();
-    const found = await partitionExports(exp);
+    const found = await partitionExports(exp, { discard: s.discard });
     if (found.table) log.info({ export: exp.name, scheme: found.table.scheme, partitions: found.exports.length, note: found.table.note }, "partitions found");
     else log.info({ export: exp.name, reason: found.reason }, "no partition exports");
     exports.push(...found.exports);

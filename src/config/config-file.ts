@@ -12,6 +12,8 @@ export interface ExportConfig {
   readOnly?: boolean;
   /** Also export each partition of this export as NAME/pN (default true). */
   partitions?: boolean;
+  /** What the export does with TRIM (as serve --discard); the top-level `discard` where absent. */
+  discard?: "unmap" | "ignore";
 }
 
 /** What `serve --config FILE` reads. Server keys are used where the command line says nothing. */
@@ -22,6 +24,8 @@ export interface ServeConfig {
   control?: string;
   nodeId?: string;
   io?: "auto" | "sync" | "async";
+  /** serve --discard for every export that does not say. */
+  discard?: "unmap" | "ignore";
   /** etcd client URLs (serve --etcd), and the keys of --etcd-prefix/-cacert/-cert/-key/-user. */
   etcd?: string[];
   etcdPrefix?: string;
@@ -33,8 +37,13 @@ export interface ServeConfig {
   maxMemory?: string;
 }
 
-const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "max-memory", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
-const EXPORT = ["name", "stack", "description", "read-only", "partitions"];
+const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "discard", "max-memory", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
+const EXPORT = ["name", "stack", "description", "read-only", "partitions", "discard"];
+
+function discardMode(v: unknown, where: string): "unmap" | "ignore" {
+  if (v !== "unmap" && v !== "ignore") throw new ConfigError(where, "expected unmap or ignore");
+  return v;
+}
 
 function isMap(v: unknown): v is Record<string, unknown> {
   return v !== null && typeof v === "object" && !Array.isArray(v);
@@ -79,6 +88,7 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
       if (typeof e[key] !== "boolean") throw new ConfigError(`${w}.${key}`, "expected true or false");
       out[prop] = e[key] as boolean;
     }
+    if (e.discard !== undefined) out.discard = discardMode(e.discard, `${w}.discard`);
     return out;
   });
   const cfg: ServeConfig = { exports };
@@ -101,6 +111,7 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
     if (doc.io !== "auto" && doc.io !== "sync" && doc.io !== "async") throw new ConfigError("io", "expected auto, sync or async");
     cfg.io = doc.io;
   }
+  if (doc.discard !== undefined) cfg.discard = discardMode(doc.discard, "discard");
   if (doc.etcd !== undefined) cfg.etcd = typeof doc.etcd === "string" ? doc.etcd.split(",") : strings(doc.etcd, "etcd");
   for (const [key, prop, isPath] of [
     ["etcd-prefix", "etcdPrefix", false],

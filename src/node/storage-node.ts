@@ -40,9 +40,10 @@ export class StorageNode {
    */
   async createExport(spec: ExportSpec & { name: string }, handles: StackHandles = new StackHandles()): Promise<Export> {
     // The image at the bottom of the stack is the resource that moves: port A opens it, port B
-    // reaches whoever owns it.
+    // reaches whoever owns it. A raw file or a qcow2 image (its backing chain is only read, by
+    // the owner); a live copy sends the guest-visible data, never the file.
     const bottom = stackOf(spec)[0]!;
-    if (bottom.kind !== "file") throw new Error(`${spec.name}: a node's exports must sit on an image file (shared with peers), not ${bottom.kind}`);
+    if (bottom.kind !== "file" && bottom.kind !== "qcow2") throw new Error(`${spec.name}: a node's exports must sit on an image file (raw or qcow2, shared with peers), not ${bottom.kind}`);
     const lease = this.ownershipOf(bottom.path, spec.name);
     let epoch: number | null = null;
     let record: LeaseRecord | null = null;

@@ -1,10 +1,11 @@
+import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "pino";
 import { formatStack, parseStackItem } from "../config/stack-spec.js";
 import { ConfigError } from "../config/values.js";
 import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
-import { createDiskLayer, DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
+import { createDiskLayer, DiskLayer, type DiscardMode, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";
 import { imageKind, kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
 import type { Capabilities, Layer } from "./layer.js";
@@ -36,10 +37,15 @@ export interface ExportSpec {
   readOnly?: boolean;
   /** How file ports call the kernel (see IoMode). */
   io?: IoMode;
+  /** serve --discard: offer trim where the stack honours it (`unmap`, default) or never (`ignore`). */
+  discard?: DiscardMode;
   disk?: DiskLayerOptions;
   /** Insert a fault layer (no rules yet) directly above the port. */
   fault?: FaultLayerOptions;
-  /** A copy-on-write overlay file above the image, which then stays unmodified. */
+  /**
+   * An overlay file above the image, which then stays unmodified: a qcow2 overlay whose backing
+   * file is the image when its name ends in .qcow2 (or it is a qcow2 image already), else a cow overlay.
+   */
   overlay?: string;
   /** The whole stack, bottom-up (from a config file). */
   stack?: StackSpec;
@@ -73,6 +79,13 @@ export function stackOf(spec: ExportSpec): StackSpec {
   const f = spec.fault;
   const fault = faultAbovePort(spec) ? [parseStackItem({ fault: null, ...(f!.seed !== undefined ? { seed: f!.seed } : {}), ...(f!.powerloss ? { powerloss: true } : {}) }, 1, "--fault", here)] : [];
   if (spec.stack) return [spec.stack[0]!, ...fault, ...spec.stack.slice(1)];
+  if (spec.overlay && isQcow2Overlay(spec.overlay)) {
+    if (spec.source.startsWith("memory:")) throw new Error(`--overlay ${spec.overlay}: a qcow2 overlay needs an image file below it, not ${spec.source}`);
+    const format = imageKind(spec.source).name === "qcow2" ? "qcow2" : "raw";
+    const item = parseStackItem({ qcow2: spec.overlay }, 0, "--overlay", here);
+    if (item.kind !== "qcow2") throw new Error("unreachable");
+    return [{ ...item, overlayOf: { image: path.resolve(spec.source), format } }, ...fault];
+  }
   const bottom = spec.source.startsWith("memory:")
     ? parseStackItem({ memory: spec.source.slice(7) }, 0, "source", here)
     : // The image under an overlay is only ever read.
@@ -80,6 +93,11 @@ export function stackOf(spec: ExportSpec): StackSpec {
   const stack: StackSpec = [bottom, ...fault];
   if (spec.overlay) stack.push(parseStackItem({ cow: spec.overlay }, stack.length, "--overlay", here));
   return stack;
+}
+
+/** An --overlay file that means a qcow2 overlay: named *.qcow2, or a qcow2 image already. */
+function isQcow2Overlay(file: string): boolean {
+  return /\.qcow2$/i.test(file) || (fs.existsSync(file) && imageKind(file).name === "qcow2");
 }
 
 /** The bottom device of a stack (a port, or a volume over stacks of their own). */
@@ -112,11 +130,11 @@ export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
 }
 
 function contextOf(spec: ExportSpec, name: string, handles: StackHandles, log?: Logger): BuildContext {
-  return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, log: log ?? spec.fault?.log, handles };
+  return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, discard: spec.discard, log: log ?? spec.fault?.log, handles };
 }
 
 function exportOver(spec: ExportSpec, name: string, below: Layer, description?: string | (() => string)): Export {
-  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly }), description);
+  return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly, discard: spec.discard }), description);
 }
 
 /**

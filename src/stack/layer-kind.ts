@@ -75,6 +75,8 @@ export interface BuildContext {
   exportName: string;
   readOnly: boolean;
   io?: IoMode;
+  /** serve --discard: `ignore` tells ports not to offer trim (and not to punch holes at all). */
+  discard?: "unmap" | "ignore";
   log?: Logger;
   handles: StackHandles;
 }

@@ -135,6 +135,31 @@ describe.skipIf(!needTools("sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mmd", "
     expect(await run((o) => catCommand(`${disk}:p1:/efi/BOOT LOADER/grub configuration.cfg`, o))).toBe("set timeout=5\n");
   });
 
+  it("reads qcow2 images through the qcow2 layer: a compressed image and an overlay over it, as the raw disk", async () => {
+    if (!needTools("qemu-img")) return;
+    const packed = path.join(dir, "disk.qcow2");
+    const top = path.join(dir, "top.qcow2");
+    execFileSync("qemu-img", ["convert", "-c", "-O", "qcow2", disk, packed]);
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top]);
+    for (const img of [packed, top]) {
+      const r = await inspectImage(img);
+      expect(r.size).toBe(48 * MiB);
+      expect(r.table).toEqual({ scheme: "gpt" });
+      expect(r.volumes.map((v) => [v.name, v.fs?.kind ?? null, v.fs?.label ?? null])).toEqual([
+        ["p1", "fat16", "BOOT"],
+        ["p2", "ext4", "root"],
+        ["p3", null, null],
+      ]);
+      expect(await run((o) => lsCommand(`${img}:p2:/etc`, {}, o))).toBe("conf.d\nhostname\n");
+      const c = new Collect();
+      await catCommand(`${img}:p2:/big.bin`, c);
+      expect(c.bytes.equals(big)).toBe(true);
+      expect(await run((o) => catCommand(`${img}:p1:/efi/BOOT LOADER/grub configuration.cfg`, o))).toBe("set timeout=5\n");
+    }
+    // Read-only: the images are not changed (no autoclear bits cleared, nothing allocated).
+    expect(execFileSync("qemu-img", ["check", top], { encoding: "utf8" })).toMatch(/No errors were found/);
+  });
+
   it("clear errors: missing path, not a directory, a directory to cat, unknown partition, no partition named", async () => {
     const sink = new Collect();
     await expect(lsCommand(`${disk}:p2:/nope`, {}, sink)).rejects.toThrow(`${disk}:p2: /nope: no such file or directory`);

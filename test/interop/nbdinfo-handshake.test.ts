@@ -39,7 +39,7 @@ describe.skipIf(!needTools("nbdinfo", "nbdsh"))("nbdinfo", () => {
       can_df: true,
       can_zero: true,
       can_fast_zero: true,
-      can_trim: false, // Node.js cannot punch holes in a file: not offered
+      can_trim: true, // holes punched with util-linux fallocate (file port)
       block_size_minimum: 1,
       block_size_preferred: 4096,
       block_size_maximum: 32 * 1024 * 1024,

@@ -13,7 +13,15 @@ export interface DiskLayerOptions {
    * holds a writable layer of its own (a cow overlay above a read-only image) must still refuse writes.
    */
   readOnly?: boolean;
+  /**
+   * `unmap` (default): offer trim wherever the stack below honours it; `ignore`: never offer it
+   * (NBD_FLAG_SEND_TRIM unset, `nbdinfo` shows can_trim false), as qemu-nbd's --discard.
+   */
+  discard?: DiscardMode;
 }
+
+/** What an export does with TRIM: pass it down (`unmap`) or not offer it (`ignore`). */
+export type DiscardMode = "unmap" | "ignore";
 
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
 
@@ -32,6 +40,7 @@ export class DiskLayer extends PassthroughLayer {
   private readonly maxPayload: number;
   private readonly splitParallel: number;
   private readonly readOnly: boolean;
+  private readonly discard: DiscardMode;
   private readonly lock = new RangeLock();
 
   constructor(next: Layer, opts: DiskLayerOptions = {}) {
@@ -39,6 +48,7 @@ export class DiskLayer extends PassthroughLayer {
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.splitParallel = opts.splitParallel ?? 4;
     this.readOnly = !!opts.readOnly;
+    this.discard = opts.discard ?? "unmap";
   }
 
   override describe(): string {
@@ -59,6 +69,7 @@ export class DiskLayer extends PassthroughLayer {
     this.caps = {
       ...c,
       ...ro,
+      ...(this.discard === "ignore" ? { trim: false } : {}),
       blockSize: {
         minimum: 1,
         preferred: Math.max(4096, c.blockSize.preferred),

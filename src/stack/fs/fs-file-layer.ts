@@ -43,7 +43,10 @@ interface Piece {
  * - Holes (and unwritten, preallocated extents) read as zeroes and are reported as HOLE|ZERO.
  * - Writes go only into blocks the file already owns: a write that touches a hole gets EPERM
  *   and writes nothing; the file system's metadata (sizes, times, bitmaps) is never changed.
- * - zero() writes zeroes into the file's blocks and leaves holes as they are; trim is not offered.
+ * - zero() writes zeroes into the file's blocks and leaves holes as they are; trim goes to the
+ *   file's blocks (holes are left out), as the device below offers it: the blocks stay the file's
+ *   (the file system's metadata is not touched) and read as whatever the device then gives, which
+ *   TRIM allows.
  * The mapping is a snapshot: the file must not be changed through another path while served.
  */
 export class FsFileLayer extends PassthroughLayer {
@@ -76,7 +79,7 @@ export class FsFileLayer extends PassthroughLayer {
     const odd = this.runs.find((r) => r.deviceOffset % min !== 0 || r.fileOffset % min !== 0 || (r.length % min !== 0 && r.fileOffset + r.length !== this.bytes));
     if (odd)
       throw new NbdError("EINVAL", `file ${this.path}: its data at file offset ${odd.fileOffset} (device offset ${odd.deviceOffset}) is not aligned to the ${min}-byte blocks of ${this.next.describe()}`);
-    this.caps = { ...c, trim: false, extents: true };
+    this.caps = { ...c, extents: true };
   }
 
   override async close(): Promise<void> {
@@ -152,8 +155,9 @@ export class FsFileLayer extends PassthroughLayer {
     await Promise.all(data.map((p) => this.next.zero(p.length, p.deviceOffset, io)));
   }
 
-  override async trim(_length: number, _offset: number, _io: Io): Promise<void> {
-    throw new NbdError("ENOTSUP", `trim is not offered on file ${this.path}: it would free blocks behind the file system's back`);
+  override async trim(length: number, offset: number, io: Io): Promise<void> {
+    const data = this.pieces(offset, length).filter((p) => p.deviceOffset >= 0);
+    await Promise.all(data.map((p) => this.next.trim(p.length, p.deviceOffset, io)));
   }
 
   override async cache(length: number, offset: number, io: Io): Promise<void> {

@@ -20,5 +20,12 @@ export const fileKind: LayerKind<FileSpec, void, "read-only"> = {
   },
   format: (s) => `file:${s.path}`,
   // An image under a cow overlay is only ever read.
-  bottom: (s, ctx) => createFilePort({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, io: ctx.io }),
+  bottom: (s, ctx) =>
+    createFilePort({
+      path: s.path,
+      readOnly: ctx.readOnly || !!s.readOnly,
+      io: ctx.io,
+      discard: ctx.discard !== "ignore",
+      onPunchFailure: (err) => ctx.log?.warn({ image: s.path, err: err.message }, "punching holes failed: trims are acknowledged without freeing space from now on"),
+    }),
 };

@@ -38,11 +38,15 @@ describe("FilePort", () => {
     expect(fs.readFileSync(file).toString("latin1", 2000, 2007)).toBe("durable");
   });
 
-  it("advertises what it can really do: no trim, zero by writing, no fast zero", async () => {
+  it("advertises what it can really do: trim by punching holes (unless discard is off), zero by writing, no fast zero", async () => {
+    const off = await open({ discard: false });
+    expect(off.port.capabilities().trim).toBe(false);
+    await expect(off.port.trim(4096, 0, plainIo)).rejects.toMatchObject({ errno: "ENOTSUP" });
+    const ro = await open({ readOnly: true });
+    expect(ro.port.capabilities().trim).toBe(false);
     const { port } = await open({});
     const c = port.capabilities();
-    expect(c).toMatchObject({ writable: true, flush: true, fua: true, trim: false, zero: true, fastZero: false, extents: true, multiConn: true });
-    await expect(port.trim(4096, 0, plainIo)).rejects.toMatchObject({ errno: "ENOTSUP" });
+    expect(c).toMatchObject({ writable: true, flush: true, fua: true, trim: true, zero: true, fastZero: false, extents: true, multiConn: true });
     await expect(port.zero(4096, 0, { ...plainIo, fast: true })).rejects.toMatchObject({ errno: "ENOTSUP" });
     await port.zero(3 * 1024 * 1024 - (1 << 20) * 2, 4096, plainIo);
     const b = Buffer.alloc(8192);
@@ -205,5 +209,91 @@ describe("FilePort", () => {
       for (let i = 0; i < 10; i++) await port.pread(Buffer.alloc(512), i * 512, plainIo);
       expect(readSync).toHaveBeenCalledTimes(10);
     });
+  });
+});
+
+describe("FilePort trim (hole punching)", () => {
+  const blocks = (file: string) => fs.statSync(file).blocks * 512;
+
+  it("punches holes: the file keeps its size, the range reads as zeroes and its blocks are freed", async () => {
+    const { port, file } = await open({}, Buffer.alloc(4 << 20, 0x61));
+    expect(blocks(file)).toBeGreaterThanOrEqual(4 << 20);
+    await port.trim(2 << 20, 1 << 20, plainIo);
+    expect(fs.statSync(file).size).toBe(4 << 20);
+    expect(blocks(file)).toBeLessThanOrEqual((2 << 20) + 65536);
+    const b = Buffer.alloc(4 << 20);
+    await port.pread(b, 0, plainIo);
+    expect(b.subarray(0, 1 << 20).every((x) => x === 0x61)).toBe(true);
+    expect(b.subarray(1 << 20, 3 << 20).every((x) => x === 0)).toBe(true);
+    expect(b.subarray(3 << 20).every((x) => x === 0x61)).toBe(true);
+    // Block status now looks for zero blocks: the hole is reported as zero.
+    const ext = await port.extents(4 << 20, 0, plainIo);
+    expect(ext).toEqual([
+      { length: 1 << 20, flags: 0 },
+      { length: 2 << 20, flags: 2 },
+      { length: 1 << 20, flags: 0 },
+    ]);
+    await port.close();
+  });
+
+  it("batches trims that arrive together into one process, ranges coalesced", async () => {
+    const calls: Array<Array<{ offset: number; end: number }>> = [];
+    const { port } = await open({ punchRunner: async (_f, r) => void calls.push(r.map((x) => ({ ...x }))) });
+    await Promise.all([port.trim(4096, 8192, plainIo), port.trim(4096, 0, plainIo), port.trim(4096, 4096, plainIo), port.trim(4096, 65536, plainIo)]);
+    expect(calls).toEqual([
+      [
+        { offset: 0, end: 12288 },
+        { offset: 65536, end: 69632 },
+      ],
+    ]);
+    expect(port.punchStats()).toEqual({ ranges: 2, processes: 1 });
+    await port.close();
+  });
+
+  it("a write that arrives while a punch of its range is pending waits for it: the punch never undoes it", async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let punched = false;
+    const { port, file } = await open({
+      punchRunner: async (f, r) => {
+        await gate; // a slow fallocate
+        for (const x of r) fs.writeSync(fs.openSync(f, "r+"), Buffer.alloc(x.end - x.offset), 0, x.end - x.offset, x.offset);
+        punched = true;
+      },
+    });
+    const trim = port.trim(65536, 0, plainIo);
+    await new Promise((r) => setImmediate(r));
+    const write = port.pwrite(Buffer.alloc(4096, 0x42), 4096, plainIo);
+    const other = port.pwrite(Buffer.alloc(4096, 0x43), 131072, plainIo); // elsewhere: not held
+    await other;
+    let wrote = false;
+    void write.then(() => (wrote = true));
+    await new Promise((r) => setTimeout(r, 30));
+    expect(wrote).toBe(false);
+    release();
+    await Promise.all([trim, write]);
+    expect(punched).toBe(true);
+    const b = Buffer.alloc(4096);
+    await port.pread(b, 4096, plainIo);
+    expect(b.every((x) => x === 0x42)).toBe(true);
+    await port.close();
+    expect(fs.readFileSync(file)[4096]).toBe(0x42);
+  });
+
+  it("a punch that fails is given up: later trims are acknowledged, data stays, the failure is told once", async () => {
+    const told: string[] = [];
+    let runs = 0;
+    const { port } = await open({
+      punchRunner: async () => {
+        runs++;
+        throw new Error("fallocate: fallocate failed: Operation not supported");
+      },
+      onPunchFailure: (e) => told.push(e.message),
+    });
+    await port.trim(4096, 0, plainIo);
+    await port.trim(4096, 8192, plainIo);
+    expect(runs).toBe(1);
+    expect(told).toEqual(["fallocate: fallocate failed: Operation not supported"]);
+    await port.close();
   });
 });

@@ -3,6 +3,7 @@ import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { ioBuffers } from "../../util/buffer-pool.js";
 import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { filePathOf, HolePuncher, type PunchRunner } from "./hole-puncher.js";
 
 /**
  * How the port calls the kernel. `async`: every read and write goes through libuv's thread pool.
@@ -29,6 +30,15 @@ export interface FilePortOptions {
   syncMax?: number;
   slowCallMs?: number;
   asyncHoldMs?: number;
+  /**
+   * Offer trim, punching holes (`serve --discard unmap`, the default): true unless false. Only a
+   * writable regular file offers it (a block device does not).
+   */
+  discard?: boolean;
+  /** How holes are punched (tests put a slow or failing one here); default util-linux fallocate. */
+  punchRunner?: PunchRunner;
+  /** Told once when punching holes fails (trims are then acknowledged without punching). */
+  onPunchFailure?: (err: Error) => void;
 }
 
 const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
@@ -71,9 +81,11 @@ function blockDeviceSize(rdev: number): number {
 /**
  * Port A of a local image: a raw file (or block device) opened by this node.
  * FLUSH is fdatasync; FUA is the write followed by fdatasync. Node.js offers neither fallocate
- * nor lseek(SEEK_DATA), so zero writes zeroes (never "fast"), trim is not offered, and the
- * allocation map reports everything as allocated, with all-zero 4 KiB blocks marked ZERO where it
- * looks for them (see extents()).
+ * nor lseek(SEEK_DATA): trim punches holes with util-linux `fallocate --punch-hole --keep-size`
+ * run as a child process, batched and ordered against writes (see hole-puncher.ts; a trim costs
+ * a process, about 1-3 ms, and is acknowledged once the hole is punched); zero writes zeroes
+ * (never "fast"); the allocation map reports everything as allocated, with all-zero 4 KiB blocks
+ * marked ZERO where it looks for them (see extents()).
  */
 export class FilePort implements Layer {
   private fd = -1;
@@ -89,6 +101,10 @@ export class FilePort implements Layer {
   private slowScore = 0;
   /** Time (ms, performance.now) before which every call goes to the thread pool. */
   private asyncUntil: number;
+  /** Hole punching for trim (null: trim not offered). */
+  private puncher: HolePuncher | null = null;
+  /** Writes and zeroes in flight on the thread pool, while trim is offered: a punch waits for those over its range. */
+  private readonly inflightWrites = new Set<{ offset: number; end: number; done: Promise<unknown> }>();
 
   constructor(private readonly opts: FilePortOptions) {
     const mode = opts.io ?? "auto";
@@ -152,11 +168,15 @@ export class FilePort implements Layer {
       throw new NbdError("EINVAL", `${this.opts.path}: not a regular file or block device`);
     }
     const writable = !readOnly;
+    const trim = writable && st.isFile() && this.opts.discard !== false;
+    this.puncher = trim
+      ? new HolePuncher({ file: filePathOf(this.fd, this.opts.path), runner: this.opts.punchRunner, onFailure: this.opts.onPunchFailure })
+      : null;
     this.caps = {
       writable,
       flush: writable,
       fua: writable,
-      trim: false,
+      trim,
       zero: writable,
       fastZero: false,
       cache: true,
@@ -203,7 +223,7 @@ export class FilePort implements Layer {
   }
 
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
-    if (this.fd >= 0 && !io.fua && this.syncOk(buf.length)) {
+    if (this.fd >= 0 && !io.fua && this.syncOk(buf.length) && !this.puncher?.busy) {
       try {
         const start = performance.now();
         for (let done = 0; done < buf.length; ) done += fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
@@ -256,10 +276,28 @@ export class FilePort implements Layer {
     const fd = this.live();
     this.tracker.enter();
     try {
-      await this.writeAll(fd, buf, offset);
+      await this.ordered(offset, buf.length, () => this.writeAll(fd, buf, offset));
       if (io.fua) await fdatasync(fd);
     } finally {
       this.tracker.leave();
+    }
+  }
+
+  /**
+   * Runs a write of [offset, offset + length) in order with trims (when trim is offered): after any
+   * punch over the range queued before it, and known to punches queued while it runs.
+   */
+  private async ordered(offset: number, length: number, write: () => Promise<void>): Promise<void> {
+    const p = this.puncher;
+    if (!p) return write();
+    const end = offset + length;
+    if (p.busy) await p.waitFor(offset, end);
+    const entry = { offset, end, done: write() };
+    this.inflightWrites.add(entry);
+    try {
+      await entry.done;
+    } finally {
+      this.inflightWrites.delete(entry);
     }
   }
 
@@ -269,20 +307,44 @@ export class FilePort implements Layer {
     this.zeroed = true;
     this.tracker.enter();
     try {
-      let done = 0;
-      while (done < length) {
-        const n = Math.min(ZERO_CHUNK.length, length - done);
-        await this.writeAll(fd, ZERO_CHUNK.subarray(0, n), offset + done);
-        done += n;
-      }
+      await this.ordered(offset, length, async () => {
+        let done = 0;
+        while (done < length) {
+          const n = Math.min(ZERO_CHUNK.length, length - done);
+          await this.writeAll(fd, ZERO_CHUNK.subarray(0, n), offset + done);
+          done += n;
+        }
+      });
       if (io.fua) await fdatasync(fd);
     } finally {
       this.tracker.leave();
     }
   }
 
-  async trim(_length: number, _offset: number, _io: Io): Promise<void> {
-    throw new NbdError("ENOTSUP", "trim is not supported on a file port");
+  /**
+   * Punches a hole (see hole-puncher.ts): resolves once it is punched; after it the range reads as
+   * zeroes. With FUA, fdatasync follows.
+   */
+  async trim(length: number, offset: number, io: Io): Promise<void> {
+    const p = this.puncher;
+    if (!p) throw new NbdError("ENOTSUP", `trim is not offered on ${this.opts.path}`);
+    const fd = this.live();
+    this.tracker.enter();
+    try {
+      const end = offset + length;
+      const before: Promise<unknown>[] = [];
+      for (const w of this.inflightWrites) if (w.offset < end && offset < w.end) before.push(w.done);
+      this.zeroed = true; // a punched hole reads as zeroes: block status looks for them
+      await p.punch(offset, length, before.length ? Promise.allSettled(before) : null);
+      if (io.fua) await fdatasync(fd);
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /** Punches done so far (ranges after coalescing, and processes run), when trim is offered. */
+  punchStats(): { ranges: number; processes: number } | null {
+    return this.puncher ? { ...this.puncher.stats } : null;
   }
 
   async flush(_io: Io): Promise<void> {

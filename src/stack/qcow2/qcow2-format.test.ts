@@ -116,3 +116,35 @@ describe("backing files and image kinds", () => {
     }
   });
 });
+
+describe("createQcow2", () => {
+  it("makes an empty v3 overlay that the layer opens, with the backing name and format written", async () => {
+    const { createQcow2, backingNameFor } = await import("./qcow2-create.js");
+    const { createQcow2Layer } = await import("./qcow2-layer.js");
+    const { plainIo } = await import("../layer.js");
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qcow2-create-"));
+    try {
+      const base = path.join(dir, "base.raw");
+      fs.writeFileSync(base, Buffer.alloc(3 * 65536 + 512, 0x5a));
+      const ov = path.join(dir, "ov.qcow2");
+      expect(backingNameFor(ov, base)).toBe("base.raw");
+      expect(backingNameFor(ov, "/elsewhere/b.raw")).toBe("/elsewhere/b.raw");
+      createQcow2({ path: ov, size: 3 * 65536 + 512, backing: "base.raw", backingFormat: "raw" });
+      expect(() => createQcow2({ path: ov, size: 4096 })).toThrow(/EEXIST/); // never replaces an image
+      expect(fs.readdirSync(dir).sort()).toEqual(["base.raw", "ov.qcow2"]);
+      const l = createQcow2Layer({ path: ov });
+      await l.open();
+      expect(l.size()).toBe(3 * 65536 + 512);
+      const b = Buffer.alloc(4096);
+      await l.pread(b, 65536, plainIo);
+      expect(b.every((x) => x === 0x5a)).toBe(true);
+      await l.pwrite(Buffer.alloc(4096, 1), 65536, plainIo);
+      await l.pread(b, 65536, plainIo);
+      expect(b.every((x) => x === 1)).toBe(true);
+      await l.close();
+      expect(fs.statSync(ov).size).toBeGreaterThan(4 * 65536);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -11,6 +11,8 @@ export interface Qcow2Spec {
   readOnly?: boolean;
   l2Cache?: number;
   refcountCache?: number;
+  /** Set by `serve IMAGE --overlay FILE.qcow2` (not a config key): see Qcow2LayerOptions.overlayOf. */
+  overlayOf?: { image: string; format: "raw" | "qcow2" };
 }
 
 type Qcow2Option = "backing" | "read-only" | "l2-cache" | "refcount-cache";
@@ -42,5 +44,5 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
   },
   format: (s) => `qcow2:${s.path}${s.backing === "none" ? " (backing: none)" : ""}`,
   bottom: (s, ctx) =>
-    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log }),
+    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log, overlayOf: s.overlayOf }),
 };

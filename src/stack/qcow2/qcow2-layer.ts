@@ -3,10 +3,11 @@ import zlib from "node:zlib";
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
 import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
 import { pushExtents } from "../volume/common.js";
-import { backingLayer } from "./qcow2-backing.js";
+import { backingLayer, backingPath } from "./qcow2-backing.js";
+import { backingNameFor, createQcow2 } from "./qcow2-create.js";
 import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
 import { Qcow2Meta } from "./qcow2-meta.js";
 
@@ -22,6 +23,11 @@ export interface Qcow2LayerOptions {
   /** `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes. */
   backing?: "auto" | "none";
   io?: IoMode;
+  /**
+   * Give freed clusters' space back to the file system (punch holes), as QEMU's discard=unmap:
+   * true unless false (`serve --discard ignore`).
+   */
+  discard?: boolean;
   /** Bytes of L2 tables to cache (default 32 MiB), per image of the chain. */
   l2Cache?: number;
   /** Bytes of refcount blocks to cache (default 1 MiB). */
@@ -29,6 +35,12 @@ export interface Qcow2LayerOptions {
   log?: Logger;
   /** Position in a backing chain (0: the image served). */
   depth?: number;
+  /**
+   * `serve IMAGE --overlay FILE.qcow2`: the image is an overlay of this one (read-only below it). A
+   * missing image is created (empty, backing name and format of `image`, its size); an existing one
+   * must name `image` as its backing file.
+   */
+  overlayOf?: { image: string; format: "raw" | "qcow2" };
 }
 
 // What an L2 entry says about its guest cluster.
@@ -82,6 +94,15 @@ export class Qcow2Layer implements Layer {
 
   async open(): Promise<void> {
     const file = this.opts.path;
+    const over = this.opts.overlayOf;
+    if (over && !fs.existsSync(file)) {
+      const base = over.format === "qcow2" ? new Qcow2Layer({ path: over.image, readOnly: true, backing: "none" }) : createFilePort({ path: over.image, readOnly: true });
+      await base.open();
+      const size = base.size();
+      await base.close();
+      createQcow2({ path: file, size, backing: backingNameFor(file, over.image), backingFormat: over.format });
+      this.opts.log?.info({ overlay: file, backing: over.image, format: over.format, size }, "created a qcow2 overlay");
+    }
     this.fd = fs.openSync(file, this.readOnly ? "r" : "r+");
     try {
       const head = Buffer.alloc(104);
@@ -107,16 +128,32 @@ export class Qcow2Layer implements Layer {
       this.meta = new Qcow2Meta(this.fd, file, h, {
         l2Cache: this.opts.l2Cache ?? DEFAULT_L2_CACHE,
         refcountCache: this.opts.refcountCache ?? DEFAULT_REFCOUNT_CACHE,
+        punch: (clusters) => this.punchClusters(clusters),
       });
       await this.meta.load();
       const name = backingName(first, h);
+      if (over) {
+        const named = name === null ? null : backingPath(file, name);
+        const same = (a: string, b: string) => {
+          const [x, y] = [fs.statSync(a), fs.statSync(b)];
+          return x.dev === y.dev && x.ino === y.ino;
+        };
+        if (named === null || !fs.existsSync(named) || !same(named, over.image))
+          throw new NbdError("EINVAL", `${file} is ${named === null ? "not an overlay (it names no backing file)" : `an overlay of ${named}`}, not of ${over.image}: give another overlay file, or rebase it (qemu-img rebase -u -b ${over.image} -F ${over.format} ${file})`);
+      }
       if (name !== null && this.opts.backing !== "none") {
         const depth = (this.opts.depth ?? 0) + 1;
-        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth }));
+        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth, overlayOf: undefined }));
         await this.backing.open();
         this.backingSize = this.backing.size();
       }
-      this.data = createFilePort({ path: file, readOnly: this.readOnly, io: this.opts.io });
+      this.data = createFilePort({
+        path: file,
+        readOnly: this.readOnly,
+        io: this.opts.io,
+        discard: this.opts.discard !== false && !this.readOnly,
+        onPunchFailure: (err) => this.opts.log?.warn({ image: file, err: err.message }, "punching holes failed: freed clusters keep their space from now on"),
+      });
       await this.data.open();
       if (!this.readOnly) this.meta.clearAutoclear();
     } catch (err) {
@@ -489,6 +526,13 @@ export class Qcow2Layer implements Layer {
     } finally {
       this.tracker.leave();
     }
+  }
+
+  /** Punches holes where freed clusters were (when the file port offers it); a failure is only logged there. */
+  private async punchClusters(clusters: number[]): Promise<void> {
+    if (!this.data.capabilities().trim) return;
+    const cs = this.cs;
+    await Promise.all(clusters.map((c) => this.data.trim(cs, c * cs, plainIo)));
   }
 
   async flush(_io: Io): Promise<void> {

@@ -27,6 +27,12 @@ export interface Qcow2MetaOptions {
   l2Cache: number;
   /** Bytes of refcount blocks kept in memory. */
   refcountCache: number;
+  /**
+   * Gives the space of clusters back to the file system (punches holes), called at a flush for
+   * clusters whose last reference is durably gone, before their counts fall to 0 (so none of them
+   * can be allocated again while it runs).
+   */
+  punch?: (clusters: number[]) => Promise<void>;
 }
 
 /** Clusters reserved at a time (their counts written with one fdatasync): up to 4 MiB, 2 to 1024 clusters. */
@@ -117,7 +123,9 @@ export class Qcow2Meta {
     this.l2Cache = new TableCache(Math.max(4, Math.floor(opts.l2Cache / this.cs)));
     this.rbCache = new TableCache(Math.max(4, Math.floor(opts.refcountCache / this.cs)));
     this.batch = batchOf(this.cs);
+    this.punch = opts.punch;
   }
+  private readonly punch?: (clusters: number[]) => Promise<void>;
 
   async load(): Promise<void> {
     const h = this.header;
@@ -422,15 +430,24 @@ export class Qcow2Meta {
     const frees = this.pendingFrees;
     this.pendingFrees = [];
     await this.sync();
+    if (frees.length === 0) return;
+    const drops = new Map<number, number>();
+    for (const c of frees) drops.set(c, (drops.get(c) ?? 0) + 1);
     let doubleFree = -1;
-    for (const c of frees) {
+    const counts = new Map<number, number>();
+    const freed: number[] = [];
+    for (const [c, d] of drops) {
       const n = await this.refcount(c);
-      if (n === 0) {
-        doubleFree = c;
-        continue;
-      }
-      await this.setCount(c, n - 1);
-      if (n === 1 && c < this.freeHint) this.freeHint = c;
+      if (n < d) doubleFree = c;
+      const m = Math.max(0, n - d);
+      if (m !== n) counts.set(c, m);
+      if (m === 0 && n > 0) freed.push(c);
+    }
+    // Holes first: until its count is 0 a cluster cannot be allocated, so no punch lands on new data.
+    if (freed.length > 0 && this.punch) await this.punch(freed);
+    for (const [c, m] of counts) {
+      await this.setCount(c, m);
+      if (m === 0 && c < this.freeHint) this.freeHint = c;
     }
     if (doubleFree >= 0) throw corrupt(this.file, `cluster ${doubleFree} was referenced but its refcount is 0`);
   }

@@ -162,6 +162,20 @@ export class CowBlocks {
     for (const b of marks) this.store.set(b, ZEROED);
   }
 
+  /**
+   * Trims [offset, offset + length): whole blocks are dropped from the overlay (they read from
+   * below again, which TRIM allows; their slots are reused once the map is durable), parts are
+   * left as they are. While a merge runs (writes go through to its target) it zeroes instead.
+   */
+  async drop(length: number, offset: number, io: Io): Promise<void> {
+    if (this.through) return this.zero(length, offset, io);
+    const first = Math.ceil(offset / this.bs);
+    for (let b = first; b * this.bs < offset + length; b++) {
+      if (b * this.bs + this.blockLen(b) > offset + length) break;
+      this.store.set(b, ABSENT);
+    }
+  }
+
   /** Makes everything completed so far durable (a merge's target first, then this overlay's map). */
   flush(): Promise<void> {
     const target = this.through;

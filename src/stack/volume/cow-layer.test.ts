@@ -61,26 +61,35 @@ describe("CowLayer", () => {
           const overlay = path.join(tmpdir(), "overlay.cow");
           let cow = await openCow(base, overlay);
           const model = Buffer.from(initial);
+          // 1 where the model does not know the contents (trimmed and not written since).
+          const loose = Buffer.alloc(model.length);
+          const same = (got: Buffer, off: number) => {
+            for (let i = 0; i < got.length; i++) if (!loose[off + i] && got[i] !== model[off + i]) return false;
+            return true;
+          };
           for (const op of ops) {
             switch (op.kind) {
               case "write": {
                 const data = pattern(op.len, op.seed, op.off);
                 await cow.pwrite(data, op.off, { ...plainIo, fua: op.fua });
                 data.copy(model, op.off);
+                loose.fill(0, op.off, op.off + op.len);
                 break;
               }
               case "zero":
                 await cow.zero(op.len, op.off, { ...plainIo, mayTrim: op.mayTrim });
                 model.fill(0, op.off, op.off + op.len);
+                loose.fill(0, op.off, op.off + op.len);
                 break;
               case "trim":
+                // After a trim the range reads as anything (whole blocks show what is below again).
                 await cow.trim(op.len, op.off, plainIo);
-                model.fill(0, op.off, op.off + op.len);
+                loose.fill(1, op.off, op.off + op.len);
                 break;
               case "read": {
                 const got = Buffer.alloc(op.len);
                 await cow.pread(got, op.off, plainIo);
-                expect(got.equals(model.subarray(op.off, op.off + op.len))).toBe(true);
+                expect(same(got, op.off)).toBe(true);
                 break;
               }
               case "flush":
@@ -104,12 +113,13 @@ describe("CowLayer", () => {
                 break;
             }
           }
-          expect((await readAll(cow)).equals(model)).toBe(true);
+          const final = await readAll(cow);
+          expect(same(final, 0)).toBe(true);
           const chain = cow.info().chain.length;
           await cow.close();
           const again = await openCow(base, overlay, {});
           expect(again.info().chain.length).toBe(chain);
-          expect((await readAll(again)).equals(model)).toBe(true);
+          expect((await readAll(again)).equals(final)).toBe(true);
           await again.close();
           expect(base.writes).toBe(0);
           expect((await readAll(base.port)).equals(initial)).toBe(true);

@@ -250,12 +250,20 @@ export class CowLayer implements Layer {
     }
   }
 
-  /** Trim is zero here: a trimmed block must not show the base's bytes again. */
+  /**
+   * Trim drops whole blocks from the overlay: they read from the layer below again (the base, or a
+   * snapshot), which TRIM allows, and the overlay's slots are reused. Parts of blocks are left.
+   */
   async trim(length: number, offset: number, io: Io): Promise<void> {
     this.writableOrThrow("trim");
     await this.enter();
     try {
-      await this.lockedZero(length, offset, io);
+      const release = await this.lockBlocks(offset, length);
+      try {
+        await this.blocks.drop(length, offset, io);
+      } finally {
+        release();
+      }
       if (io.fua) await this.blocks.flush();
     } finally {
       this.leave();
