@@ -215,7 +215,9 @@ export function fsck(img) {
  * Boots the guest with its root on the NBD export `nbd://host:port/exportName` (QEMU's nbd
  * driver with `reconnect-delay`, virtio-blk), TCG, serial console captured. `params` go on the
  * kernel command line as guest.KEY=VALUE (mode, seconds, slow, files, rootflags). The guest is
- * SIGKILLed (by pid) after `timeoutMs`, which fails every wait with its console log.
+ * SIGKILLed (by pid) after `timeoutMs`, which fails every wait with its console log. `launch`
+ * starts QEMU elsewhere (in a lab host: `(cmd, args) => lab.spawn(h, cmd, args, { stdio: "pipe" })`;
+ * stdin, stdout and stderr must be pipes).
  */
 export function startGuest(guest, o) {
   const params = { mode: "run", ...(o.params ?? {}) };
@@ -234,7 +236,7 @@ export function startGuest(guest, o) {
     "-blockdev", blockdev, "-device", "virtio-blk-pci,drive=d0",
   ];
   const t0 = Date.now();
-  const proc = spawn("qemu-system-x86_64", args, { stdio: ["pipe", "pipe", "pipe"], env });
+  const proc = o.launch ? o.launch("qemu-system-x86_64", args) : spawn("qemu-system-x86_64", args, { stdio: ["pipe", "pipe", "pipe"], env });
   proc.stdin.on("error", () => undefined);
   const lines = [];
   let partial = "";
@@ -331,5 +333,15 @@ export function parseFields(text) {
 export function longestIn(ops, from, to) {
   let best = null;
   for (const op of ops) if (op.t >= from && op.t < to && (!best || op.ms > best.ms)) best = op;
+  return best;
+}
+
+/**
+ * The longest guest operation in flight during [from, to] of host time (an operation that ended at
+ * host time t after ms milliseconds ran over [t - ms, t]; `slackMs` covers the console's delay).
+ */
+export function longestDuring(ops, from, to, slackMs = 20) {
+  let best = null;
+  for (const op of ops) if (op.t - op.ms - slackMs <= to && op.t >= from && (!best || op.ms > best.ms)) best = op;
   return best;
 }
