@@ -13,7 +13,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { controlCall } from "../dist/control/control-client.js";
-import { buildGuest, fsck, guestUnavailable, longestDuring, longestIn, makeGuestDisk, startGuest } from "../test/vm/guest.mjs";
+import { buildGuest, fsck, guestUnavailable, longestDuring, longestGapDuring, longestIn, makeGuestDisk, startGuest } from "../test/vm/guest.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -86,15 +86,16 @@ try {
   await sleep(Math.min(EVERY, 1500));
   const base = vm.ops();
   console.log(`guest workload running; before any move its longest I/O was ${Math.max(0, ...base.map((o) => o.ms))} ms\n`);
-  console.log("move    nodes: held requests (drain/flush/assign)  migrate call | guest: longest I/O in flight during the move; until the next move, ops");
+  console.log("move    nodes: held requests (drain/flush/assign)  migrate call | guest during the move: longest I/O, wait | until the next move: longest I/O, ops");
 
   const report = (m, until) => {
     const ops = vm.ops().filter((o) => o.t >= m.t0 && o.t < until);
     const g = longestIn(ops, m.t0, until);
     const d = longestDuring(ops, m.t0, m.t1);
+    const w = longestGapDuring(ops, m.t0, m.t1);
     const held = m.src.log.filter((l) => l.msg === "move: now served through port B")[m.srcIndex];
     const host = held ? `${held.holdMs.toFixed(1).padStart(6)} ms (${held.drainMs}/${held.flushMs}/${held.assignMs})` : "?";
-    console.log(`${String(m.i).padStart(2)} ${m.from}→${m.to}  ${host.padEnd(36)} ${`${m.ms.toFixed(0)} ms`.padStart(8)}     | ${d ? `${d.ms} ms (${d.op})` : "none"}; ${g ? `${g.ms} ms (${g.op})` : "no I/O"}, ${ops.length} ops`);
+    console.log(`${String(m.i).padStart(2)} ${m.from}→${m.to}  ${host.padEnd(36)} ${`${m.ms.toFixed(0)} ms`.padStart(8)}     | ${(d ? `${d.ms} ms (${d.op}), ${w.gapMs} ms` : "none").padEnd(27)} | ${g ? `${g.ms} ms (${g.op})` : "no I/O"}, ${ops.length} ops`);
   };
   let [from, to] = [a, b];
   let prev = null;
@@ -114,7 +115,7 @@ try {
   const s = vm.summary();
   console.log(
     `\nguest: ${s?.ops} operations, ${s?.written} files written, ${s?.deleted} deleted, ${s?.reread} rereads, ${s?.verified}/${s?.files} files verified at the end; ` +
-      `I/O errors ${s?.ioerrors}, kernel complaints ${s?.kmsgs}; longest I/O ${s?.maxio} ms (${s?.maxop}); ${vm.grep("GUEST-HALT").join(" ")}, QEMU exit ${exit.code}`,
+      `I/O errors ${s?.ioerrors}, kernel complaints ${s?.kmsgs}; longest I/O ${s?.maxio} ms (${s?.maxop}), longest wait between two operations ${s?.maxgap} ms; ${vm.grep("GUEST-HALT").join(" ")}, QEMU exit ${exit.code}`,
   );
   for (const n of [a, b]) {
     n.proc.kill("SIGTERM");

@@ -215,7 +215,8 @@ export function fsck(img) {
  * Boots the guest with its root on the NBD export `nbd://host:port/exportName` (QEMU's nbd
  * driver with `reconnect-delay`, virtio-blk), TCG, serial console captured. `params` go on the
  * kernel command line as guest.KEY=VALUE (mode, seconds, slow, files, rootflags). The guest is
- * SIGKILLed (by pid) after `timeoutMs`, which fails every wait with its console log. `launch`
+ * SIGKILLed (by pid) after `timeoutMs`, which fails every wait with its console log.
+ * `writeCache: false` gives the guest a write-through disk (QEMU sends every write with FUA). `launch`
  * starts QEMU elsewhere (in a lab host: `(cmd, args) => lab.spawn(h, cmd, args, { stdio: "pipe" })`;
  * stdin, stdout and stderr must be pipes).
  */
@@ -233,7 +234,7 @@ export function startGuest(guest, o) {
     "-accel", "tcg", "-M", "pc", "-m", String(o.memMiB ?? 256), "-smp", "1", "-nodefaults", "-no-user-config", "-no-reboot",
     "-display", "none", "-monitor", "none", "-serial", "stdio",
     "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append,
-    "-blockdev", blockdev, "-device", "virtio-blk-pci,drive=d0",
+    "-blockdev", blockdev, "-device", `virtio-blk-pci,drive=d0${o.writeCache === false ? ",write-cache=off" : ""}`,
   ];
   const t0 = Date.now();
   const proc = o.launch ? o.launch("qemu-system-x86_64", args) : spawn("qemu-system-x86_64", args, { stdio: ["pipe", "pipe", "pipe"], env });
@@ -302,11 +303,21 @@ export function startGuest(guest, o) {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
     },
     failure,
-    /** Timed operations the guest reported: { t: host ms the line arrived, guestMs, op, ms }. */
+    /**
+     * Timed operations the guest reported: { t: host ms the line arrived, guestMs (its uptime when
+     * it ended), op, ms, gapMs }. gapMs is the time since the operation before it ended: what the
+     * workload waited for in all, the untimed steps between operations included (a stat, or
+     * busybox paged in again after the page cache was dropped, waits for the disk too).
+     */
     ops() {
+      let prev = null;
       return lines.flatMap((l) => {
         const m = /^@ (\d+) (\w+) (\d+)$/.exec(l.text);
-        return m ? [{ t: l.t, guestMs: Number(m[1]), op: m[2], ms: Number(m[3]) }] : [];
+        if (!m) return [];
+        const guestMs = Number(m[1]);
+        const op = { t: l.t, guestMs, op: m[2], ms: Number(m[3]), gapMs: prev === null ? Number(m[3]) : guestMs - prev };
+        prev = guestMs;
+        return [op];
       });
     },
     /** The GUEST-SUMMARY line's fields (numbers where numeric), or null. */
@@ -343,5 +354,12 @@ export function longestIn(ops, from, to) {
 export function longestDuring(ops, from, to, slackMs = 20) {
   let best = null;
   for (const op of ops) if (op.t - op.ms - slackMs <= to && op.t >= from && (!best || op.ms > best.ms)) best = op;
+  return best;
+}
+
+/** The longest time without a completed guest operation (gapMs) that overlapped [from, to] of host time. */
+export function longestGapDuring(ops, from, to, slackMs = 20) {
+  let best = null;
+  for (const op of ops) if (op.t - op.gapMs - slackMs <= to && op.t >= from && (!best || op.gapMs > best.gapMs)) best = op;
   return best;
 }
