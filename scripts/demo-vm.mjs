@@ -3,7 +3,8 @@
 // storage; its disk moves between the nodes every few seconds while the guest writes, fsyncs,
 // renames, deletes and rereads files. Per move it prints what the nodes did (how long the source
 // held requests, from its log; how long the migrate call took) next to what the guest saw (its
-// longest I/O until the next move). Then the guest shuts down and the image is checked (e2fsck -fn).
+// longest I/O and its longest wait between two operations during the move, and its longest I/O
+// until the next move). Then the guest shuts down and the image is checked (e2fsck -fn).
 // Needs: qemu-system-x86, busybox-static, e2fsprogs (and apt-get to download linux-image-cloud-amd64;
 // see test/vm/README.md). Knobs (environment): MOVES (10), EVERY (3s), SIZE_MIB (96), CONSOLE=1 (show
 // the guest's console).
