@@ -125,9 +125,10 @@ function moduleOrder(modDir) {
 
 /**
  * The guest's kernel, initramfs and root file system template, built once per set of package
- * versions (and guest scripts) and cached under os.tmpdir(). Resolves with their paths.
+ * versions (and guest scripts) and cached under os.tmpdir(). Returns their paths.
+ * @param {(line: string) => void} [log]
  */
-export function buildGuest(log = () => undefined) {
+export function buildGuest(log = (_line) => undefined) {
   const kernel = kernelPackage();
   const busybox = run("dpkg-query", ["-W", "-f", "${Version}", "busybox-static"]).trim();
   const h = crypto.createHash("sha256").update(`${kernel.name} ${kernel.version} busybox-static ${busybox}\n`);
@@ -333,8 +334,13 @@ export function startGuest(guest, o) {
   return g;
 }
 
-/** "GUEST-X a=1 b=c" → { a: 1, b: "c" }. */
+/**
+ * "GUEST-X a=1 b=c" → { a: 1, b: "c" }.
+ * @param {string} text
+ * @returns {Record<string, any>}
+ */
 export function parseFields(text) {
+  /** @type {Record<string, any>} */
   const out = {};
   for (const m of text.matchAll(/(\w+)=(\S+)/g)) out[m[1]] = /^-?\d+(\.\d+)?$/.test(m[2]) ? Number(m[2]) : m[2];
   return out;
