@@ -189,7 +189,9 @@ describe.skipIf(!needGuest())("a QEMU guest on an nbdstack export", () => {
     const slow = vm.grep("GUEST-SLOW");
     console.log(`delays: ${counts.delayed} requests delayed 5..40 ms, 1 flush stalled for ${stallMs} ms; the guest saw ${slow.length} slow operations, the longest ${s.maxio} ms (${s.maxop}); ${s.written} files written`);
     expect(slow.length).toBeGreaterThan(0);
-    expect(s.maxio).toBeGreaterThanOrEqual(4000); // the stalled flush held an fsync
+    // The stalled flush held an fsync for most of its 4 s: the operation that waited may have begun
+    // a little after the stall did (when the stalled flush was the journal's own periodic commit).
+    expect(s.maxio).toBeGreaterThanOrEqual(3000);
     await n.stop();
     await expectImageMatches(img, s.files);
   }, 150_000);
