@@ -191,6 +191,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const node = opts.nodeId
     ? new StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, audit, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
     : null;
+  // A lost etcd session ends every lease this node held: fence them now, not at the next renewal.
+  if (node && etcd) etcd.onSessionLost((err) => node.storeLost(`this node's etcd session ended: ${err.message}`));
   const faults = handles.faults;
   const exports: Export[] = [];
   for (const s of specs) {

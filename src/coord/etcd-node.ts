@@ -42,6 +42,7 @@ export class EtcdNode {
   private current: EtcdSession | null = null;
   private closed = false;
   private restarting = false;
+  private readonly lostListeners: Array<(err: Error) => void> = [];
 
   private constructor(private readonly o: EtcdNodeOptions) {
     this.client = new EtcdClient({ endpoints: o.endpoints, tls: o.tls, auth: o.auth, logger: o.log.child({ role: "etcd" }) });
@@ -49,21 +50,25 @@ export class EtcdNode {
   }
 
   /**
-   * Joins the cluster. When etcd cannot be reached now (a lost quorum, this host cut off), the node
-   * starts all the same and keeps trying in the background; meanwhile every ownership call fails
-   * (nothing is decided: the node owns nothing, its clients' requests wait).
+   * Joins the cluster. The first attempt gets `joinWaitMs` (default 1 s): when etcd cannot be
+   * reached now (a lost quorum, this host cut off, a member that accepts and never answers) the
+   * node starts all the same, so that it listens and holds its clients instead of refusing them,
+   * and keeps trying in the background; meanwhile every ownership call fails (nothing is
+   * decided: the node owns nothing, its clients' requests wait).
    */
-  static async start(o: EtcdNodeOptions): Promise<EtcdNode> {
+  static async start(o: EtcdNodeOptions & { joinWaitMs?: number }): Promise<EtcdNode> {
     const n = new EtcdNode(o);
-    try {
-      const s = await n.newSession();
-      n.current = s;
-      o.log.info({ etcd: o.endpoints, prefix: n.prefix, lease: s.leaseId, ttl: s.ttlSeconds, marginMs: s.marginMs }, "joined the etcd cluster");
-    } catch (err) {
-      o.log.warn({ etcd: o.endpoints, err: (err as Error).message }, "cannot reach etcd now: serving without owning anything until it answers");
-      n.rejoin();
-    }
+    const joined = n.rejoin(true);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([joined, new Promise((r) => (timer = setTimeout(r, o.joinWaitMs ?? 1000)))]);
+    clearTimeout(timer);
+    if (!n.current) o.log.warn({ etcd: o.endpoints }, "cannot reach etcd now: serving without owning anything until it answers");
     return n;
+  }
+
+  /** Calls `f` when the node's session is lost (its etcd lease ran out): whatever it owned is not its own any more. */
+  onSessionLost(f: (err: Error) => void): void {
+    this.lostListeners.push(f);
   }
 
   /** The session now (a new one after a loss); throws while the node has not joined etcd yet. */
@@ -118,20 +123,22 @@ export class EtcdNode {
   }
 
   private newSession(): Promise<EtcdSession> {
-    return EtcdSession.start({ client: this.client, identity: this.o.identity, ttlMs: this.o.ttlMs, prefix: this.prefix, onLost: (err) => this.lost(err) });
+    return EtcdSession.start({ client: this.client, identity: this.o.identity, ttlMs: this.o.ttlMs, prefix: this.prefix, onLost: (err, s) => this.lost(err, s) });
   }
 
-  private lost(err: Error): void {
-    if (this.closed || this.restarting) return;
+  /** A session's lease is lost: when it is the node's current one, the node fences and joins again (a session lost while it was being started is rejected by its start instead). */
+  private lost(err: Error, s: EtcdSession): void {
+    if (this.closed || this.restarting || s !== this.current) return;
     this.o.log.error({ err: err.message }, "etcd lease lost: this node fences what it owned and joins again");
-    this.rejoin();
+    for (const f of this.lostListeners) f(err);
+    void this.rejoin();
   }
 
-  /** Starts new sessions until one is granted (backoff 200 ms doubling to 5 s). */
-  private rejoin(): void {
-    if (this.closed || this.restarting) return;
+  /** Starts new sessions until one is granted (backoff 200 ms doubling to 5 s); resolves then (or when closed). */
+  private rejoin(first = false): Promise<void> {
+    if (this.closed || this.restarting) return Promise.resolve();
     this.restarting = true;
-    void (async () => {
+    return (async () => {
       for (let delay = 200; !this.closed; delay = Math.min(delay * 2, 5000)) {
         try {
           const s = await this.newSession();
@@ -140,7 +147,8 @@ export class EtcdNode {
             break;
           }
           this.current = s;
-          this.o.log.warn({ lease: s.leaseId }, "joined the etcd cluster (a new session)");
+          if (first) this.o.log.info({ etcd: this.o.endpoints, prefix: this.prefix, lease: s.leaseId, ttl: s.ttlSeconds, marginMs: s.marginMs }, "joined the etcd cluster");
+          else this.o.log.warn({ lease: s.leaseId }, "joined the etcd cluster (a new session)");
           break;
         } catch (e) {
           this.o.log.warn({ err: (e as Error).message }, "cannot join etcd yet; trying again");

@@ -15,7 +15,7 @@ export interface EtcdSessionOptions {
   /** How long before the etcd lease may end the node stops trusting it (default max(500 ms, ttlMs / 5)). */
   marginMs?: number;
   /** Called once when the etcd lease is lost (etcd says it is gone, or no renewal came back before it could end). */
-  onLost?: (err: EtcdError) => void;
+  onLost?: (err: EtcdError, session: EtcdSession) => void;
   /** For the membership key and records (defaults: process.pid, os.hostname(), Date.now). */
   pid?: number;
   host?: string;
@@ -66,7 +66,7 @@ export class EtcdSession {
   private readonly keeper: LeaseKeeper;
   /** The lease's end as known from renewals sent outside the keeper (`renewLease`). */
   private renewedUntil: number;
-  private readonly onLost: ((err: EtcdError) => void) | undefined;
+  private readonly onLost: ((err: EtcdError, session: EtcdSession) => void) | undefined;
 
   private constructor(o: EtcdSessionOptions, grant: { id: string; ttl: number; grantedAt: number }) {
     this.client = o.client;
@@ -83,10 +83,22 @@ export class EtcdSession {
     this.keeper = o.client.keepAlive(grant, { onLost: (err) => this.lose(err) });
   }
 
-  /** Grants the lease, starts keeping it alive and publishes the membership key. */
+  /**
+   * Grants the lease, starts keeping it alive and publishes the membership key. Never returns a
+   * session that is lost already: a grant answered late (members without a leader tried first, a
+   * slow path) can be vouched for only from when it was asked for, so when little of that is left
+   * it is renewed before use (or found gone: rejected); a session lost while publishing is closed
+   * and rejected too.
+   */
   static async start(o: EtcdSessionOptions): Promise<EtcdSession> {
     if (!(o.ttlMs > 0)) throw new TypeError(`ttlMs must be > 0, got ${o.ttlMs}`);
-    const grant = await o.client.grantLease(Math.max(1, Math.ceil(o.ttlMs / 1000)));
+    let grant = await o.client.grantLease(Math.max(1, Math.ceil(o.ttlMs / 1000)));
+    const marginMs = o.marginMs ?? Math.max(500, o.ttlMs / 5);
+    if (grant.grantedAt + grant.ttl * 1000 - performance.now() < 2 * marginMs) {
+      const r = await o.client.keepAliveOnce(grant.id);
+      if (!r) throw new EtcdError("ETCD_LEASE_NOT_FOUND", `grant a ${grant.ttl} s lease`, `lease ${grant.id} was granted too late: it had expired when its answer came`);
+      grant = { id: grant.id, ttl: r.ttl, grantedAt: r.sentAt };
+    }
     const s = new EtcdSession(o, grant);
     if (s.marginMs >= s.ttlSeconds * 1000) {
       await s.close();
@@ -97,6 +109,11 @@ export class EtcdSession {
     } catch (err) {
       await s.close().catch(() => {});
       throw err;
+    }
+    if (s.lost) {
+      const why = s.lost;
+      await s.close().catch(() => {});
+      throw why;
     }
     return s;
   }
@@ -160,6 +177,6 @@ export class EtcdSession {
     if (this.lost) return;
     this.lost = err;
     this.keeper.stop();
-    this.onLost?.(err);
+    this.onLost?.(err, this);
   }
 }

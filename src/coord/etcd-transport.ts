@@ -400,6 +400,10 @@ export class EtcdTransport {
 /** Reads the gateway's answer: the message, or etcd's error in one of its two shapes. */
 export function parseAnswer(url: string, path: string, status: number, text: string): { json: Json; error?: GatewayError } {
   let json: Json;
+  // etcd's gateway refuses, with auth on, a client certificate that carries a CommonName (it would
+  // name a user, and the gateway cannot pass it on): no retry helps, the user must change a setting.
+  if (status === 400 && /CommonName of client sending a request against gateway/.test(text))
+    throw new EtcdError("ETCD_AUTH_FAILED", `POST ${path}`, `${url} refuses a client certificate with a CommonName while etcd's auth is on (its JSON gateway cannot use the CN): give nbdstack a client certificate without a CommonName (subjectAltName only; the user is --etcd-user's)`, { endpoint: url });
   try {
     json = JSON.parse(text) as Json;
   } catch {

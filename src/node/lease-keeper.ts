@@ -53,6 +53,16 @@ async function decide(node: NodeContext, m: Managed): Promise<boolean | null> {
 }
 
 /**
+ * Keeps `r`, a record as read, as what this node knows of the record of `m` — unless it knows a
+ * newer one. Reads run concurrently (a peer's lookup, a status, a watch): one that began before
+ * this node adopted or took the export over may end after, and must not put the old owner back
+ * (the export's description, which names the owners this one vouches for, is built from it).
+ */
+export function noteRecord(m: Managed, r: LeaseRecord | null | undefined): void {
+  if (r && (!m.record || r.epoch >= m.record.epoch)) m.record = r;
+}
+
+/**
  * Extends my lease of `m` at `epoch` and trusts it for a share of its time, counted from before
  * the renewal: a pause inside renew() shortens the trust, it never extends it. Trust is given
  * only if the node still holds `epoch` when the answer comes (a move or a loss meanwhile wins).
@@ -79,7 +89,7 @@ export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerA
     // wait, asking again, as for an owner that cannot be reached; they never fail for it.
     throw Object.assign(new Error(`the owner cannot be told now: ${lease.where}: ${(err as Error).message}`), { code: "EOWNERUNKNOWN" });
   }
-  m.record = r ?? m.record;
+  noteRecord(m, r);
   if (!r) throw Object.assign(new Error(`no lease record in ${lease.where}`), { code: "ENOENT" });
   // This process, or a hand-over to this node not claimed yet, or (by address) this very server:
   // the request belongs on port A. Another process of this node that still owns it (a restart
@@ -139,10 +149,19 @@ async function renewOne(node: NodeContext, m: Managed): Promise<void> {
       return;
     }
     // Someone broke my lease: stop writing through port A at once and follow the new owner.
-    node.opts.log.error({ export: m.name, err: err.message }, "lease lost: fencing port A");
-    m.epoch = null;
-    void m.redirector.fence();
+    fenceLost(node, m, err.message);
   }
+}
+
+/**
+ * The lease of `m` is lost (the record names another owner, or this process's session with the
+ * store ended): port A stops writing at once, and requests follow whoever owns the image next.
+ */
+export function fenceLost(node: NodeContext, m: Managed, why: string): void {
+  if (m.epoch === null) return;
+  node.opts.log.error({ export: m.name, err: why }, "lease lost: fencing port A");
+  m.epoch = null;
+  void m.redirector.fence();
 }
 
 /** The owner stopped renewing (it died): once its lease expired, take the image over. */

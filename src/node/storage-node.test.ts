@@ -257,3 +257,44 @@ describe("StorageNode: an unreadable record holds port B's requests", () => {
     }
   });
 });
+
+/**
+ * Nemesis on the lab (seeds 6 and 14, etcd): a read of the record that began before this node
+ * adopted the export ended after, and put the old owner's record back. The export's description
+ * then named this node owner without the owners it vouches for (handedFrom), and every peer's
+ * port B counted the move as a loss: its clients' next FLUSH failed (EIO) after a clean move.
+ */
+describe("StorageNode: a slow read of the record never puts an older record back", () => {
+  it("keeps the adopted record (and its handedFrom in the description) when a read begun before the adoption ends after it", async () => {
+    const img = image();
+    const ttl = 60_000;
+    const a = await nodeServing("a", img, ttl);
+    let gate: Promise<void> | null = null;
+    let open!: () => void;
+    const slowReads = (o: FileOwnership) =>
+      new Proxy(o, {
+        get(t, k, recv) {
+          if (k !== "read") return Reflect.get(t, k, recv);
+          return async () => {
+            const r = await t.read(); // read now…
+            if (gate) await gate; // …answered later
+            return r;
+          };
+        },
+      });
+    const b = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: ttl, ownership: (image: string) => slowReads(FileOwnership.of(image)) });
+    const exp = await b.createExport({ source: img, name: "disk" });
+    await exp.open();
+    gate = new Promise<void>((r) => (open = r));
+    const reading = b.status(); // reads a@1 now, answers after the adoption
+    const handed = await FileOwnership.of(img).handOver(a.node.identity, 1, b.identity, ttl);
+    await b.adopt("disk", handed.epoch, handed.handedFrom);
+    expect(exp.description).toContain("[owner=b epoch=2; handed from a@1]");
+    open();
+    await reading;
+    await waitFor(() => stateOf(b) === "LOCAL", 5000, () => stateOf(b));
+    expect(exp.description).toContain("[owner=b epoch=2; handed from a@1]");
+    await a.exp.close();
+    await exp.close();
+  });
+});

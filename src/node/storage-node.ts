@@ -10,7 +10,7 @@ import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
-import { checkNow, locateOwner, mayWrite, renew, renewAll } from "./lease-keeper.js";
+import { checkNow, fenceLost, locateOwner, mayWrite, noteRecord, renew, renewAll } from "./lease-keeper.js";
 import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
@@ -70,7 +70,7 @@ export class StorageNode {
         for (let delay = 10; ; delay = Math.min(delay * 2, 500)) {
           try {
             const r = await lease.read();
-            m.record = r;
+            noteRecord(m, r);
             return r?.owner === this.identity.nodeId && r.epoch === m.epoch;
           } catch (err) {
             this.opts.log.warn({ export: spec.name, err: (err as Error).message }, "lease record unreadable before adopting: asking again");
@@ -81,6 +81,7 @@ export class StorageNode {
       tls: this.opts.peerTls,
       // An owner that answers nothing for three lease times is stopped or cut off: port B finds the owner again.
       requestTimeoutMs: Math.max(5000, 3 * this.ttlMs),
+      epoch: () => m.epoch ?? m.adopting,
       // The owner names itself (port B of its peers reads it: see ownerLabel); others name the record's owner.
       label: () => {
         if (m.epoch !== null) return ownerLabel(this.identity.nodeId, m.epoch, m.record?.owner === this.identity.nodeId && m.record.epoch === m.epoch ? m.record.handedFrom : undefined);
@@ -92,7 +93,7 @@ export class StorageNode {
     // A store that pushes changes (etcd): port B follows a new owner at once, and a node that may
     // take the export (a hand-over to it, an owner whose lease ended) checks at once.
     m.unwatch = lease.watch((r, ownerGone) => {
-      m.record = r ?? m.record;
+      noteRecord(m, r);
       if (ownerGone && m.ownerGoneAt === null) m.ownerGoneAt = performance.now();
       else if (!ownerGone) m.ownerGoneAt = null; // a new record: someone owns it (or released it) now
       if (!r || m.epoch !== null) return;
@@ -115,6 +116,15 @@ export class StorageNode {
     const phase = m.copy?.progress().phase;
     if (!m.copy || (phase !== "copying" && phase !== "starting" && phase !== "final")) throw new HttpError(409, `${name}: no live copy to cancel`);
     m.copy.cancel("cancelled by request");
+  }
+
+  /**
+   * This process's session with the ownership store ended (its etcd lease ran out: cut off from
+   * etcd, or frozen): every lease it held is gone, known here without asking the store (which
+   * may not answer for seconds), so every export it owned is fenced now, at its deadline.
+   */
+  storeLost(why: string): void {
+    for (const m of this.managed.values()) fenceLost(this.context, m, why);
   }
 
   /** Starts lease renewal once the control API listens at `controlUrl`. */
@@ -148,7 +158,7 @@ export class StorageNode {
     const [, cluster] = await Promise.all([
       Promise.all(
         [...this.managed.values()].map(async (m) => {
-          m.record = (await m.lease.read().catch(() => undefined)) ?? m.record;
+          noteRecord(m, await m.lease.read().catch(() => undefined));
         }),
       ),
       this.opts.cluster?.().catch((err: Error) => ({ error: err.message })),

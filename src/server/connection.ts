@@ -87,6 +87,8 @@ export class Connection {
   private structured = false;
   private allocationContext = 0;
   private peer = false;
+  /** See ClientSession.peerEpoch. */
+  peerEpoch?: number | null;
   private peerSession: string | null = null;
   private opMetrics: Record<MetricOp, OpMetrics> | null = null;
   private parser!: RequestParser;
@@ -194,6 +196,8 @@ export class Connection {
     this.allocationContext = negotiated.allocationContext;
     this.peer = negotiated.peer;
     this.peerSession = negotiated.peerSession;
+    // A link to the owner at one epoch: its requests are served at that epoch only (see ClientSession).
+    if (this.peer) this.peerEpoch = this.exp.ownerEpoch?.();
     this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
     this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, tls: this.tls }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own

@@ -11,6 +11,7 @@ import { MemoryPort } from "../stack/port/memory-port.js";
 import { Export } from "../stack/export.js";
 import type { ConnectionLimits } from "./connection.js";
 import { NbdServer } from "./server.js";
+import { newPeerSession, peerExportName } from "../internal-exports.js";
 
 const MiB = 1024 * 1024;
 let servers: NbdServer[] = [];
@@ -671,5 +672,38 @@ describe("NbdServer against the memory port", () => {
     c.destroy(); // the client goes during the shutdown; its request is still inside the stack
     await until(() => server.connectionCount === 0, "the server to see the client go");
     await within(closing, "server.close() when the client of a stuck request hung up during it");
+  });
+});
+
+describe("a peer's link carries the owner epoch it was made at", () => {
+  const servers: NbdServer[] = [];
+  afterEach(async () => {
+    for (const s of servers.splice(0)) await s.close();
+  });
+  it("marks a peer connection's session with the export's owner epoch at the handshake; other clients get none", async () => {
+    const seen: Array<number | null | undefined> = [];
+    class Spy extends PassthroughLayer {
+      override pwrite(b: Buffer, o: number, io: Io): Promise<void> {
+        seen.push(io.session?.peerEpoch);
+        return super.pwrite(b, o, io);
+      }
+    }
+    let epoch: number | null = 3;
+    const exp = new Export("mem", new DiskLayer(new Spy(new MemoryPort({ size: MiB }))));
+    exp.ownerEpoch = () => epoch;
+    const server = new NbdServer({ exports: [exp], tcp: [{ host: "127.0.0.1", port: 0 }], log: silentLogger() });
+    await server.start();
+    servers.push(server);
+    const a = server.addresses()[0] as { host: string; port: number };
+    const peer = await NbdClient.connect(a, { exportName: peerExportName("mem", newPeerSession()) });
+    epoch = 5; // the link keeps the epoch of its handshake
+    await peer.pwrite(Buffer.alloc(512, 1), 0);
+    epoch = null;
+    const toNonOwner = await NbdClient.connect(a, { exportName: peerExportName("mem") });
+    await toNonOwner.pwrite(Buffer.alloc(512, 1), 0);
+    const client = await NbdClient.connect(a, { exportName: "mem" });
+    await client.pwrite(Buffer.alloc(512, 1), 0);
+    expect(seen).toEqual([3, null, undefined]);
+    for (const c of [peer, toNonOwner, client]) await c.disconnect();
   });
 });

@@ -6,7 +6,7 @@ import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
 import { createDiskLayer, DiskLayer, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";
-import { kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
+import { imageKind, kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
 import type { Capabilities, Layer } from "./layer.js";
 import type { BuildContext } from "./layer-kind.js";
 import { LazyLayer } from "./lazy-layer.js";
@@ -65,7 +65,8 @@ function faultAbovePort(spec: ExportSpec): boolean {
 
 /**
  * The stack an ExportSpec declares, the shorthands becoming ordinary items parsed by their kinds:
- * the source → `file:` or `memory:`, --fault → `fault` directly above it, --overlay → `cow:` on top.
+ * the source → `memory:`, or the kind that claims the image (`qcow2:` by its magic, else `file:`),
+ * --fault → `fault` directly above it, --overlay → `cow:` on top.
  */
 export function stackOf(spec: ExportSpec): StackSpec {
   const here = { baseDir: process.cwd() };
@@ -75,7 +76,7 @@ export function stackOf(spec: ExportSpec): StackSpec {
   const bottom = spec.source.startsWith("memory:")
     ? parseStackItem({ memory: spec.source.slice(7) }, 0, "source", here)
     : // The image under an overlay is only ever read.
-      parseStackItem({ file: spec.source, ...(spec.overlay ? { "read-only": true } : {}) }, 0, "source", here);
+      parseStackItem({ [imageKind(spec.source).name]: spec.source, ...(spec.overlay ? { "read-only": true } : {}) }, 0, "source", here);
   const stack: StackSpec = [bottom, ...fault];
   if (spec.overlay) stack.push(parseStackItem({ cow: spec.overlay }, stack.length, "--overlay", here));
   return stack;
@@ -165,6 +166,7 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
   let top: Layer = pair.redirector;
   for (const l of stack.slice(above)) top = buildLayer(l, top, ctx);
   const exp: Export = exportOver(spec, spec.name, top, () => [exp.layer.describe(), owner.label?.()].filter(Boolean).join(" "));
+  if (owner.epoch) exp.ownerEpoch = () => owner.epoch!();
   return { exp, pair };
 }
 

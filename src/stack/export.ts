@@ -7,6 +7,9 @@ export class Export {
   private caps!: Capabilities;
   private opened = false;
 
+  /** On a cluster node: the epoch at which this node owns the export now (null: it does not). */
+  ownerEpoch?: () => number | null;
+
   constructor(
     readonly name: string,
     readonly layer: Layer,

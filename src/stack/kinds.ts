@@ -1,9 +1,11 @@
+import fs from "node:fs";
 import { faultKind } from "./fault/fault-kind.js";
 import { fsFileKind } from "./fs/fs-file-kind.js";
 import type { LayerKind } from "./layer-kind.js";
 import { partitionKind } from "./partition/partition-kind.js";
 import { fileKind } from "./port/file-kind.js";
 import { memoryKind } from "./port/memory-kind.js";
+import { qcow2Kind } from "./qcow2/qcow2-kind.js";
 import { concatKind } from "./volume/concat-kind.js";
 import { cowKind } from "./volume/cow-kind.js";
 import { mirrorKind } from "./volume/mirror-kind.js";
@@ -13,7 +15,7 @@ import { stripeKind } from "./volume/stripe-kind.js";
  * Every layer kind a stack declaration can name, in the order errors and help list them. A new
  * kind is one file beside its layer (see layer-kind.ts) and one entry here.
  */
-const KINDS = [fileKind, memoryKind, concatKind, stripeKind, mirrorKind, cowKind, partitionKind, faultKind, fsFileKind] as const;
+const KINDS = [fileKind, memoryKind, concatKind, stripeKind, mirrorKind, qcow2Kind, cowKind, partitionKind, faultKind, fsFileKind] as const;
 
 /** One parsed stack item: the union of what the kinds' `parse` return. */
 export type LayerSpec = ReturnType<(typeof KINDS)[number]["parse"]>;
@@ -54,4 +56,28 @@ export function kindOf(spec: LayerSpec): AnyLayerKind {
   const k = kindNamed(spec.kind);
   if (!k) throw new Error(`no layer kind "${spec.kind}"`);
   return k;
+}
+
+/** Bytes of an image's head a kind's `claims` sees. */
+const HEAD_BYTES = 512;
+
+/**
+ * The kind of the image file at `path` by its contents: the first kind that claims its head (a
+ * qcow2 magic, say), else `file` (raw). A file that cannot be read is `file`, whose open then says why.
+ */
+export function imageKind(path: string): AnyLayerKind {
+  const raw = kindNamed("file")!;
+  let head: Buffer;
+  try {
+    const fd = fs.openSync(path, "r");
+    try {
+      head = Buffer.alloc(HEAD_BYTES);
+      head = head.subarray(0, fs.readSync(fd, head, 0, HEAD_BYTES, 0));
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return raw;
+  }
+  return LAYER_KINDS.find((k) => k.bottom && k.claims?.(head)) ?? raw;
 }

@@ -35,6 +35,12 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
    * the owner opens it, and it moves with the image (two nodes opening it would be two writers).
    */
   readonly holdsState?: boolean;
+  /**
+   * Recognises an image of this kind by its first bytes (a format's magic). `nbdstack serve IMAGE`
+   * puts at the bottom of the stack the first kind that claims the file, `file:` (raw) if none does
+   * (see imageKind in kinds.ts). A kind that claims images takes the `read-only` option.
+   */
+  readonly claims?: (head: Buffer) => boolean;
 
   /** Validates the kind's value (`arg`: the text after "kind:", or the YAML value) and its options. */
   parse(arg: unknown, opts: Readonly<Partial<Record<O, unknown>>>, at: ParseAt<O>): S;

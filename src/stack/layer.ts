@@ -22,6 +22,13 @@ export interface Io {
 /** A client connection as layers see it: an identity, and whether it has closed (its state can go). */
 export interface ClientSession {
   readonly ended: boolean;
+  /**
+   * A peer's connection (another node's port B): the epoch at which this node owned the export
+   * when the link was made (null: it owned nothing then; undefined: not a peer, or no owner
+   * epochs here). The port redirector serves the link's requests only at that epoch; a link made
+   * to a non-owner (a hand-over's first link) takes the first epoch it reaches.
+   */
+  peerEpoch?: number | null;
 }
 
 /** Io for internal calls (copies, flushes at shutdown, tests). */

@@ -69,15 +69,39 @@ export function makePki(dir: string, name: string): Pki {
 }
 
 /**
+ * Another client certificate from a PKI made by makePki in `dir`: `cn` null gives one without a
+ * CommonName (only a subjectAltName), as etcd's JSON gateway wants when its auth is on.
+ */
+export function clientCertOf(dir: string, who: string, cn: string | null): { cert: string; key: string } {
+  const f = (n: string) => path.join(dir, n);
+  certtool(dir, ["--generate-privkey", "--key-type=ecdsa", "--outfile", f(`${who}-key.pem`)]);
+  certtool(
+    dir,
+    ["--generate-certificate", "--load-ca-certificate", f("ca-cert.pem"), "--load-ca-privkey", f("ca-key.pem"), "--load-privkey", f(`${who}-key.pem`), "--outfile", f(`${who}-cert.pem`)],
+    `${cn === null ? "" : `cn = ${cn}\n`}dns_name = ${who}.nbdstack.test\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 30\n`,
+  );
+  return { cert: f(`${who}-cert.pem`), key: f(`${who}-key.pem`) };
+}
+
+/**
  * A TCP proxy in front of etcd that can be cut silently: from cut() on, nothing passes either way
  * and new connections are accepted and held — a network partition (or a frozen etcd) as one
- * client sees it, while every other client reaches etcd.
+ * client sees it, while every other client reaches etcd. heal() ends the cut (the connections it
+ * held are closed: clients connect again).
  */
-export async function startProxy(target: string): Promise<{ url: string; cut(): void; dropReplyTo(marker: string | null): void; close(): void }> {
+export async function startProxy(target: string): Promise<{
+  url: string;
+  cut(): void;
+  heal(): void;
+  dropReplyTo(marker: string | null): void;
+  delayRequestTo(marker: string, ms: number, times?: number): void;
+  close(): void;
+}> {
   const u = new URL(target);
   const socks = new Set<net.Socket>();
   let cut = false;
   let marker: string | null = null;
+  const delays: Array<{ marker: string; ms: number; left: number }> = [];
   const track = (s: net.Socket) => {
     socks.add(s);
     s.on("close", () => socks.delete(s));
@@ -89,9 +113,13 @@ export async function startProxy(target: string): Promise<{ url: string; cut(): 
     const up = net.connect(Number(u.port), u.hostname);
     track(up);
     let drop = false;
+    let requests = Promise.resolve(); // what follows a delayed request waits for it
     c.on("data", (d) => {
       if (marker !== null && d.includes(marker)) drop = true;
-      if (!cut) up.write(d);
+      const delay = delays.find((x) => x.left > 0 && d.includes(x.marker));
+      if (delay) delay.left--;
+      const ms = delay?.ms ?? 0;
+      requests = requests.then(() => (ms ? new Promise<void>((r) => setTimeout(r, ms)) : undefined)).then(() => void (cut || up.destroyed || up.write(d)));
     });
     up.on("data", (d) => void (cut || drop || c.write(d)));
     c.on("close", () => up.destroy());
@@ -102,8 +130,14 @@ export async function startProxy(target: string): Promise<{ url: string; cut(): 
   return {
     url: `http://127.0.0.1:${port}`,
     cut: () => void (cut = true),
+    heal: () => {
+      cut = false;
+      for (const s of socks) s.destroy();
+    },
     /** From now on, a connection that carries a request containing `marker` gets no more answers: that request reaches etcd, its outcome is unknown. */
     dropReplyTo: (m: string | null) => void (marker = m),
+    /** The next `times` requests (default 1) containing `marker` reach etcd `ms` late (what follows on their connection waits for them): a slow path to etcd. */
+    delayRequestTo: (m: string, ms: number, times = 1) => void delays.push({ marker: m, ms, left: times }),
     close: () => {
       for (const s of socks) s.destroy();
       server.close();

@@ -1,4 +1,5 @@
 import { execFile } from "node:child_process";
+import fs from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,6 +9,8 @@ import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil, scrape } from "
 import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 import { EtcdMember, freePort, needEtcd, startLocalCluster, waitHealthy } from "../cluster/etcd.mjs";
+import { clientCertOf, makePki, startProxy } from "../cluster/helpers.js";
+import { EtcdClient } from "../../src/coord/etcd-client.js";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -133,6 +136,133 @@ describe.skipIf(!hasEtcd)("a node that starts while etcd cannot be reached", () 
     } finally {
       await node.stop("SIGKILL");
       await member.stop();
+    }
+  }, 60_000);
+
+  it("listens within a second when etcd is silent (a member that accepts and never answers): clients are held, not refused", async () => {
+    // QEMU backs off 1 s, 2 s, 4 s… after a refused connect: a node must not make its clients
+    // wait for etcd's timeouts (5 s per call) before it listens.
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const silent = await startProxy("http://127.0.0.1:9");
+    silent.cut(); // accepts connections, answers nothing
+    const t0 = performance.now();
+    const node = await serve([img, "--name", "disk", "--node-id", "a", "--etcd", silent.url, "--lease-ttl", "2s", "--control", "127.0.0.1:0"], 2);
+    const startMs = performance.now() - t0;
+    try {
+      expect(startMs).toBeLessThan(2500); // the process' own start (Node, modules) included
+      const cl = await NbdClient.connect(nbdAddress(node.uris[0]!), { exportName: "disk", timeoutMs: 2000 });
+      let settled = false;
+      void cl.pwrite(Buffer.alloc(4096, 1), 0).then(
+        () => (settled = true),
+        () => (settled = true),
+      );
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(settled).toBe(false); // held, as long as nobody can own the export
+      cl.destroy();
+    } finally {
+      await node.stop("SIGKILL");
+      silent.close();
+    }
+  }, 30_000);
+});
+
+/**
+ * Found by the nemesis on the lab: an owner cut from etcd learns at its deadline that its session
+ * is gone, but it went on reporting LOCAL — and started draining for a move asked meanwhile —
+ * until a write or a renewal got an answer through calls queued behind etcd's timeouts (6 s
+ * there). A lost session is known locally: every export it owned is fenced at once.
+ */
+describe.skipIf(!hasEtcd)("an owner cut off from etcd", () => {
+  it("fences its exports the moment its etcd session ends, without waiting for etcd to answer; a move asked then is refused at once", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const etcd = await startLocalCluster({ size: 1, dir });
+    const proxy = await startProxy(etcd.endpoints[0]!);
+    const common = [img, "--name", "disk", "--etcd-prefix", "/cut", "--lease-ttl", "2s", "--control", "127.0.0.1:0"];
+    const a = await serve([...common, "--node-id", "a", "--etcd", proxy.url], 2);
+    const b = await serve([...common, "--node-id", "b", "--etcd", etcd.endpoints[0]!], 2);
+    const localOf = async (n: Served) => (await scrape(controlUrl(n))).get('nbdstack_redirector_state{export="disk",state="LOCAL"}');
+    try {
+      expect(await localOf(a)).toBe(1);
+      proxy.cut(); // a reaches etcd no more; every call it makes hangs until its timeout
+      const cutAt = performance.now();
+      await pollUntil("a fenced", async () => (await localOf(a)) === 0, 10_000, 20);
+      const fencedMs = performance.now() - cutAt;
+      // Its session ends at most a TTL (2 s) after its last renewal (sent every 2/3 s): fenced
+      // then. Waiting for the renewals to fail instead took 2.7–3.3 s here, and with calls
+      // queued behind etcd's timeouts (a move, a status read) 6 s on the lab.
+      expect(fencedMs).toBeLessThan(2300);
+      expect(logLines(a.stderr(), "lease lost: fencing port A")[0]?.err).toMatch(/etcd session ended/);
+      const t = performance.now();
+      const move = await controlCall(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) }, 30_000).then(
+        () => "moved",
+        (e: Error) => e.message,
+      );
+      expect(move).toMatch(/not owned here/);
+      expect(performance.now() - t).toBeLessThan(1000);
+      // b takes the export over once a's lease ended in etcd.
+      await pollUntil("b owns it", async () => (await localOf(b)) === 1, 15_000, 50);
+    } finally {
+      await a.stop("SIGKILL");
+      await b.stop("SIGKILL");
+      proxy.close();
+      await etcd.stop();
+    }
+  }, 60_000);
+});
+
+/**
+ * serve's etcd flags end to end: etcd requiring client certificates (--client-cert-auth) and
+ * user/password auth, reached with --etcd https://… --etcd-cacert --etcd-cert --etcd-key
+ * --etcd-user and the password from $NBDSTACK_ETCD_PASSWORD or --etcd-password-file.
+ */
+describe.skipIf(!hasEtcd || !needTools("certtool"))("serve --etcd over TLS with client certificates and a user", () => {
+  it("joins, owns and moves the export; a wrong password or no client certificate is refused with a clear message", async () => {
+    const dir = tempDir();
+    const pki = makePki(path.join(dir, "pki"), "etcd");
+    const etcd = await startLocalCluster({ size: 1, dir, tls: { cert: pki.serverCert, key: pki.serverKey, ca: pki.ca, clientCertAuth: true, clientCert: pki.clientCert, clientKey: pki.clientKey } });
+    const admin = new EtcdClient({ endpoints: etcd.endpoints, tls: { ca: fs.readFileSync(pki.ca), cert: fs.readFileSync(pki.clientCert), key: fs.readFileSync(pki.clientKey) } });
+    await admin.request("/v3/auth/user/add", { name: "root", password: "s3cret" }, { mutation: true });
+    await admin.request("/v3/auth/user/grant", { user: "root", role: "root" }, { mutation: true });
+    await admin.request("/v3/auth/enable", {}, { mutation: true });
+    admin.close();
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const pwFile = path.join(dir, "etcd-password");
+    fs.writeFileSync(pwFile, "s3cret\n", { mode: 0o600 });
+    // etcd's JSON gateway, with auth on, refuses client certificates that carry a CommonName.
+    const node = clientCertOf(path.join(dir, "pki"), "node", null);
+    const tlsArgs = ["--etcd", etcd.endpoints[0]!, "--etcd-cacert", pki.ca, "--etcd-cert", node.cert, "--etcd-key", node.key, "--etcd-user", "root"];
+    const common = [img, "--name", "disk", "--etcd-prefix", "/tls", "--lease-ttl", "2s", "--control", "127.0.0.1:0"];
+    const nodes: Served[] = [];
+    try {
+      const a = await serve([...common, "--node-id", "a", ...tlsArgs], 2, { NBDSTACK_ETCD_PASSWORD: "s3cret" });
+      nodes.push(a);
+      const b = await serve([...common, "--node-id", "b", ...tlsArgs, "--etcd-password-file", pwFile], 2);
+      nodes.push(b);
+      expect(logLines(a.stderr(), "joined the etcd cluster").length).toBe(1);
+      const view = (await getStatus(controlUrl(b))).cluster as ClusterStatus;
+      expect(view.nodes.map((n) => n.nodeId)).toEqual(["a", "b"]);
+      expect(view.exports).toEqual([expect.objectContaining({ name: "disk", owner: "a", epoch: 1, live: true })]);
+      const r = await controlCall<{ epoch: number }>(controlUrl(a), "POST", "v1/exports/disk/migrate", { to: controlUrl(b) }, 30_000);
+      expect(r.epoch).toBe(2);
+      // A wrong password: the node starts (it owns nothing) and says why it cannot join.
+      const bad = await serve([...common, "--node-id", "c", ...tlsArgs], 2, { NBDSTACK_ETCD_PASSWORD: "wrong" });
+      nodes.push(bad);
+      await pollUntil("c says why it cannot join", async () => /authentication failed/.test(bad.stderr()), 10_000, 50);
+      expect((await getStatus(controlUrl(bad))).exports[0]).toMatchObject({ state: "REMOTE" });
+      // A client certificate with a CommonName: the gateway refuses it; the node says what to do.
+      const withCn = await serve([...common, "--node-id", "e", ...tlsArgs.slice(0, 4), "--etcd-cert", pki.clientCert, "--etcd-key", pki.clientKey, "--etcd-user", "root"], 2, { NBDSTACK_ETCD_PASSWORD: "s3cret" });
+      nodes.push(withCn);
+      await pollUntil("e says why it cannot join", async () => /without a CommonName/.test(withCn.stderr()), 10_000, 50);
+      // No client certificate: etcd refuses the TLS handshake; the node says so.
+      const noCert = await serve([...common, "--node-id", "d", "--etcd", etcd.endpoints[0]!, "--etcd-cacert", pki.ca, "--etcd-user", "root"], 2, { NBDSTACK_ETCD_PASSWORD: "s3cret" });
+      nodes.push(noCert);
+      await pollUntil("d says why it cannot join", async () => /cannot join etcd yet|cannot reach etcd now/.test(noCert.stderr()), 10_000, 50);
+      expect(noCert.stderr()).toMatch(/certificate|handshake|socket hang up|ECONNRESET/i);
+    } finally {
+      await Promise.all(nodes.map((n) => n.stop("SIGKILL")));
+      await etcd.stop();
     }
   }, 60_000);
 });

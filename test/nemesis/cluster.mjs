@@ -40,7 +40,9 @@ export function freePort() {
 
 export class Node {
   /**
-   * @param {{id: string, args: string[], nbdPort: number, controlPort: number, dir: string, env?: object}} o
+   * @param {{id: string, args: string[], nbdPort: number, controlPort: number, dir: string, env?: object, host?: string, launch?: Function}} o
+   *   host: the address its ports listen on (default 127.0.0.1); launch: starts the process, like
+   *   child_process.spawn (the lab's starts it inside a host's network namespace).
    */
   constructor(o) {
     this.id = o.id;
@@ -49,8 +51,12 @@ export class Node {
     this.controlPort = o.controlPort;
     this.dir = o.dir;
     this.env = o.env ?? {};
-    this.control = `http://127.0.0.1:${o.controlPort}`;
-    this.addr = { host: "127.0.0.1", port: o.nbdPort };
+    this.launch = o.launch ?? spawn;
+    const host = o.host ?? "127.0.0.1";
+    this.control = `http://${host}:${o.controlPort}`;
+    this.addr = { host, port: o.nbdPort };
+    /** Cut from this process by a network fault (lab): its clients' connects may time out. */
+    this.cut = false;
     /** How many processes of this node were started; a client knows which one it dialled. */
     this.gen = 0;
     this.proc = null;
@@ -67,7 +73,7 @@ export class Node {
     const gen = this.gen;
     const log = fs.openSync(this.logFile, "a");
     fs.writeSync(log, `${JSON.stringify({ nemesis: "start", node: this.id, gen, time: Date.now() })}\n`);
-    const proc = spawn(process.execPath, [CLI, "serve", ...this.args], {
+    const proc = this.launch(process.execPath, [CLI, "serve", ...this.args], {
       stdio: ["ignore", "pipe", log],
       env: { ...process.env, ...this.env },
     });

@@ -11,8 +11,10 @@ import { performance } from "node:perf_hooks";
 import { NbdClient } from "../../dist/client/nbd-client.js";
 import { controlCall } from "../../dist/control/control-client.js";
 import { CmdFlag } from "../../dist/protocol/constants.js";
+import { WriteAudit } from "../../dist/stack/port/write-audit.js";
 import { BLOCK, Checker, encodeBlock } from "./checker.mjs";
 import { Node, freePort, readLog } from "./cluster.mjs";
+import { Lab } from "../cluster/lab.mjs";
 
 /** A small seeded generator (mulberry32): the same seed gives the same schedule of choices. */
 export function rng(seed) {
@@ -93,6 +95,14 @@ const DEFAULTS = {
    * live copy (migrate {copy: true}), and some copies are cancelled midway.
    */
   copyNode: false,
+  /**
+   * Run the nodes on hosts of a lab (test/cluster/lab.mjs: network namespaces on a bridge, a
+   * 3-member etcd started with --pre-vote), coordinated by etcd (serve --etcd) instead of the lease
+   * file, and add the lab's faults to the nemesis (LAB_WEIGHTS): partitions, a host cut from etcd
+   * only or from its peers only, two hosts cut apart, packet loss, and etcd members killed (one:
+   * the cluster keeps its quorum; two: it loses it).
+   */
+  lab: false,
   /** Fault rules left out (substrings), e.g. to look past a known bug that a rule triggers. */
   excludeRules: [],
   /** The image on a small tmpfs that the nemesis fills up now and then (needs root and mount). */
@@ -106,8 +116,12 @@ const DEFAULTS = {
   log: (line) => process.stdout.write(`${line}\n`),
 };
 
+/** The lab's own faults, added to the weights in a lab run (and only then: other runs keep their schedules). */
+export const LAB_WEIGHTS = { partition: 8, cutetcd: 8, cutpeers: 6, cutpair: 6, loss: 6, etcdminority: 6, etcdmajority: 4 };
+
 export async function runNemesis(options = {}) {
-  const o = { ...DEFAULTS, ...options, weights: { ...DEFAULTS.weights, ...(options.weights ?? {}) } };
+  const o = { ...DEFAULTS, ...options };
+  o.weights = { ...DEFAULTS.weights, ...(o.lab ? LAB_WEIGHTS : {}), ...(options.weights ?? {}) };
   const dir = o.dir ?? fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-nemesis-"));
   fs.mkdirSync(dir, { recursive: true });
   const t0 = performance.now();
@@ -194,6 +208,8 @@ export async function runNemesis(options = {}) {
   }
   const faketime = o.clockSkew ? faketimeLibrary() : null;
   const clockFile = (id) => path.join(dir, `clock-${id}`);
+  // Every write, zero, trim and flush that reached the image, with the node and its epoch then.
+  const auditFile = (id) => path.join(dir, `audit-${id}.jsonl`);
   const ids = ["a", "b", "c", "d"].slice(0, o.nodes);
   const usedPorts = new Set();
   const port = async () => {
@@ -205,26 +221,33 @@ export async function runNemesis(options = {}) {
       }
     }
   };
+  if (o.copyNode) ids.push("x");
+  // A lab run: node i on host h(i+1), the same ports on every host (each has its own addresses).
+  const lab = o.lab ? await Lab.up({ hosts: ids.length, etcdArgs: ["--pre-vote"] }) : null;
+  const hostOf = (id) => `h${ids.indexOf(id) + 1}`;
   const xData = path.join(dir, "x-data");
   const xImage = path.join(xData, "disk.img");
   const imageOf = (id) => (id === "x" ? xImage : img);
   const makeNode = async (id) => {
-    const nbdPort = await port();
-    const controlPort = await port();
+    const nbdPort = lab ? 10809 : await port();
+    const controlPort = lab ? 9000 : await port();
+    const host = lab ? lab.addr(hostOf(id)) : "127.0.0.1";
     const args = [
       ...(id === "x" ? ["--data-dir", xData] : [img, "--name", "disk"]), "--node-id", id, "--lease-ttl", `${o.leaseTtlMs}ms`,
-      "--listen", `127.0.0.1:${nbdPort}`, "--control", `127.0.0.1:${controlPort}`,
+      "--listen", `${host}:${nbdPort}`, "--control", `${host}:${controlPort}`,
+      ...(lab ? ["--etcd", lab.etcdEndpoints.join(","), "--etcd-prefix", "/nemesis"] : []),
       "--fault", "--fault-seed", String(o.seed), ...(o.powerloss ? ["--fault-powerloss"] : []),
-      "--log-format", "json", "--log-level", "info",
+      "--write-audit", auditFile(id),
+      "--log-format", "json", "--log-level", process.env.NEMESIS_LOG_LEVEL ?? "info",
     ];
     const env = faketime
       ? { LD_PRELOAD: faketime, FAKETIME_TIMESTAMP_FILE: clockFile(id), FAKETIME_CACHE_DURATION: "1", DONT_FAKE_MONOTONIC: "1" }
       : {};
     if (faketime && !fs.existsSync(clockFile(id))) fs.writeFileSync(clockFile(id), `${id === "a" ? "+0" : nemRng.pick(SKEWS)}\n`);
-    return new Node({ id, args, nbdPort, controlPort, dir, env });
+    const launch = lab ? (cmd, args, opts) => lab.spawn(hostOf(id), cmd, args, opts) : undefined;
+    return new Node({ id, args, nbdPort, controlPort, dir, env, host, launch });
   };
   const nodes = [];
-  if (o.copyNode) ids.push("x");
   for (const id of ids) nodes.push(await makeNode(id));
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const clientsCount = nodes.length;
@@ -234,8 +257,9 @@ export async function runNemesis(options = {}) {
   const summary = {
     seed: o.seed, seconds: o.seconds, nodes: o.nodes, leaseTtlMs: o.leaseTtlMs, powerloss: o.powerloss, dir,
     clockSkew: !!faketime, fullDisk: !!tmpfs,
-    copyNode: !!o.copyNode,
-    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0, copy: 0, copyOk: 0, copyRefused: 0, cancel: 0, cancelOk: 0 },
+    copyNode: !!o.copyNode, lab: !!lab,
+    nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0, copy: 0, copyOk: 0, copyRefused: 0, cancel: 0, cancelOk: 0,
+      partition: 0, cutetcd: 0, cutpeers: 0, cutpair: 0, loss: 0, etcdminority: 0, etcdmajority: 0 },
     claims: 0, overlaps: [], restartRefused: [], maxStallMs: 0, eioFlushes: 0,
   };
 
@@ -353,10 +377,17 @@ export async function runNemesis(options = {}) {
     // so a loss event is declared when the fault starts, when it ends, and one and two lease
     // times after, and a FLUSH EIO is accepted when any of them falls after the connection's last
     // FLUSH that succeeded.
+    // A network or etcd fault is different: the owner goes on serving, correctly, until its local
+    // deadline, and another node takes over some time later, while the fault lasts. A write it
+    // acknowledged in between and never flushed is gone after the take-over. So while such a
+    // fault lasts (`window`), a loss event is declared every 100 ms: a take-over comes at least
+    // the owner's margin (500 ms) after its last write, so an event always falls between.
     const lossTimers = new Set();
-    const lossAround = (why) => {
+    const lossAround = (why, { window = false } = {}) => {
       checker.loss(now(), why);
+      const ticker = window ? setInterval(() => checker.loss(now(), `${why} (during)`), 100) : null;
       return () => {
+        if (ticker) clearInterval(ticker);
         checker.loss(now(), `${why} (end)`);
         for (const k of [1, 2]) {
           const timer = setTimeout(() => {
@@ -367,6 +398,8 @@ export async function runNemesis(options = {}) {
         }
       };
     };
+    /** Whether this process may have lost `n` to a lab fault (now, or so recently that TCP has not caught up). */
+    const cutOff = (n) => n.cut || now() - (n.healedAt ?? -Infinity) < 5000;
     class Client {
       constructor(idx, node) {
         this.idx = idx;
@@ -393,7 +426,8 @@ export async function runNemesis(options = {}) {
           }
           const gen = n.gen;
           try {
-            const nbd = await NbdClient.connect(n.addr, { exportName: "disk" });
+            // In the lab a cut may drop the connect: give up after a while and try again.
+            const nbd = await NbdClient.connect(n.addr, { exportName: "disk", ...(lab ? { timeoutMs: 3000 } : {}) });
             const conn = { nbd, id: ++connSeq, gen, node: n.id, unflushed: [], dead: false, losses: lossSince() };
             void nbd.closed.then(() => (conn.dead = true));
             record({ t: now(), c: this.idx, op: "connect", conn: conn.id, node: n.id, gen });
@@ -405,7 +439,7 @@ export async function runNemesis(options = {}) {
               await sleep(200);
               continue;
             }
-            if (n.state === "up" && n.gen === gen) {
+            if (n.state === "up" && n.gen === gen && !cutOff(n)) {
               fail("connect failed while its node was up", { client: this.idx, node: n.id, err: err.message });
               return null;
             }
@@ -420,6 +454,7 @@ export async function runNemesis(options = {}) {
           conn.dead = true;
           const n = this.node;
           if (n.gen !== conn.gen || n.state === "down" || n.state === "starting") return "node killed";
+          if (cutOff(n)) return "node cut off";
           return null;
         }
         if (op === "flush" && err.errno === "EIO" && /may be lost/.test(err.message)) return "flush EIO";
@@ -690,6 +725,106 @@ export async function runNemesis(options = {}) {
       record({ t: now(), nemesis: "disk-freed" });
       filling = false;
     };
+    // ---- the lab's faults (a lab run only): the network between hosts and the etcd cluster
+    let etcdFault = false;
+    const hostFault = async (kind, n, ms, apply, { cut, loss }) => {
+      disturbing++;
+      summary.nemesis[kind]++;
+      const h = hostOf(n.id);
+      if (cut) n.cut = true; // this process, on the bridge, loses the node too
+      const over = loss ? lossAround(`${kind} ${n.id}`, { window: true }) : () => {};
+      try {
+        apply(h);
+        await sleep(ms);
+      } finally {
+        lab.heal(h);
+        if (cut) {
+          n.cut = false;
+          n.healedAt = now();
+        }
+        over();
+        nemEvent({ kind: "healed", node: n.id, after: kind });
+        disturbing--;
+      }
+    };
+    const labAction = (fn) => async () => {
+      if (!lab) return actions.migrate();
+      if (disturbing >= 1) return actions.migrate();
+      return fn();
+    };
+    const leases = (lo, hi) => Math.round(o.leaseTtlMs * nemRng.between(lo, hi));
+    // The owner loses everything, its own etcd member's quorum included: another node takes over.
+    actions.partition = labAction(async () => {
+      const n = victim();
+      if (!n) return;
+      const ms = leases(0.5, 3);
+      nemEvent({ kind: "partition", node: n.id, host: hostOf(n.id), ms, wasOwner: n.id === lastOwner });
+      await hostFault("partition", n, ms, (h) => lab.partition(h), { cut: true, loss: true });
+    });
+    // Cut from etcd only: the node fences itself and holds its clients' requests; it still reaches its peers.
+    actions.cutetcd = labAction(async () => {
+      const n = victim();
+      if (!n) return;
+      const ms = leases(0.5, 3);
+      nemEvent({ kind: "cutetcd", node: n.id, host: hostOf(n.id), ms, wasOwner: n.id === lastOwner });
+      await hostFault("cutetcd", n, ms, (h) => lab.cutFromEtcd(h), { cut: false, loss: true });
+    });
+    // Cut from its peers (and from this process) but not from etcd: an owner keeps its lease, the
+    // others hold their requests until it is back; nothing changes hands and nothing is lost.
+    actions.cutpeers = labAction(async () => {
+      const n = victim();
+      if (!n) return;
+      const ms = leases(0.5, 2);
+      nemEvent({ kind: "cutpeers", node: n.id, host: hostOf(n.id), ms, wasOwner: n.id === lastOwner });
+      await hostFault("cutpeers", n, ms, (h) => lab.cutFromPeers(h), { cut: true, loss: false });
+    });
+    // Two hosts cannot talk; both reach the third (and etcd keeps its quorum through it).
+    actions.cutpair = labAction(async () => {
+      const ups = upNodes();
+      if (ups.length < 2) return;
+      const a = victim() ?? ups[0];
+      const b = nemRng.pick(ups.filter((x) => x !== a));
+      const ms = leases(0.5, 3);
+      nemEvent({ kind: "cutpair", nodes: `${a.id}+${b.id}`, ms });
+      await hostFault("cutpair", a, ms, (h) => lab.cut(h, hostOf(b.id)), { cut: false, loss: false });
+    });
+    // Packet loss on one host's link, both ways (tc netem, for delay, is missing from this kernel).
+    actions.loss = labAction(async () => {
+      const n = victim();
+      if (!n) return;
+      const pct = nemRng.pick([5, 20, 50]);
+      const ms = Math.round(nemRng.between(2000, 8000));
+      nemEvent({ kind: "loss", node: n.id, host: hostOf(n.id), pct, ms });
+      await hostFault("loss", n, ms, (h) => lab.degrade(h, { lossPct: pct }), { cut: true, loss: true });
+    });
+    // etcd members killed or frozen: one (the cluster keeps its quorum; an election when it was the
+    // leader) or two (no quorum: no node can renew, every node fences itself and holds requests).
+    const etcdDown = async (kind, count) => {
+      if (!lab || etcdFault) return actions.migrate();
+      etcdFault = true;
+      summary.nemesis[kind]++;
+      const members = [...lab.etcdMembers.map((m) => m.name)];
+      const victims = [];
+      while (victims.length < count) victims.push(members.splice(nemRng.int(members.length), 1)[0]);
+      const freeze = nemRng.next() < 0.3;
+      const ms = count > 1 ? Math.round(nemRng.between(1000, 6000)) : Math.round(nemRng.between(1000, 8000));
+      nemEvent({ kind, members: victims.join(","), how: freeze ? "SIGSTOP" : "SIGKILL", ms });
+      const over = lossAround(`${kind} ${victims.join(",")}`, { window: true });
+      try {
+        for (const m of victims) await lab.killMember(m, freeze ? "SIGSTOP" : "SIGKILL");
+        await sleep(ms);
+      } finally {
+        for (const m of victims) {
+          if (freeze) await lab.killMember(m, "SIGCONT");
+          else if (!lab.memberRunning(m)) lab.startMember(m);
+        }
+        over();
+        nemEvent({ kind: "etcd-back", members: victims.join(",") });
+        etcdFault = false;
+      }
+    };
+    actions.etcdminority = () => etcdDown("etcdminority", 1);
+    actions.etcdmajority = () => etcdDown("etcdmajority", 2);
     const clearFaults = async (n) => {
       try {
         await controlCall(n.control, "POST", "v1/exports/disk/faults", { release: true }, 5000);
@@ -734,6 +869,11 @@ export async function runNemesis(options = {}) {
     // ---- heal: finish every action, wake every node, clear every fault, restart what is down
     say(failed ? "stopping after a failure" : o.signal?.aborted ? "interrupted: healing the cluster" : "nemesis done: healing the cluster");
     await Promise.all([...running]);
+    if (lab) {
+      lab.heal();
+      for (const m of lab.etcdMembers) if (!lab.memberRunning(m.name)) lab.startMember(m.name);
+      await lab.waitEtcd();
+    }
     await sleep(2 * o.leaseTtlMs + 100); // the last loss events
     for (const n of nodes) {
       if (n.state === "stopped") n.resume();
@@ -806,6 +946,37 @@ export async function runNemesis(options = {}) {
       }
       for (const x of n.exits) if (!killedGens.has(`${n.id}#${x.gen}`) && !startFailed.has(`${n.id}#${x.gen}`)) fail("node exited on its own", { node: n.id, ...x });
     }
+    // ---- the write audits (serve --write-audit): what really reached the images, with the writer's
+    // node and epoch. Never two writers: each epoch's writes come from one node, and no node writes
+    // at an epoch older than one it wrote at before (epochs only grow; the copy node's image has
+    // its own). Failed blocks get every audited write that touched them, for the report.
+    const epochWriter = new Map();
+    const touching = new Map(failureReports.flatMap((r) => r.block.map((b) => [b.block, []])));
+    let audited = 0;
+    for (const n of nodes) {
+      let entries = [];
+      try {
+        entries = WriteAudit.read(auditFile(n.id));
+      } catch {
+        continue; // never started far enough to write one
+      }
+      let last = -1;
+      for (const [i, e] of entries.entries()) {
+        if (e.op === "flush") continue;
+        audited++;
+        for (const [b, list] of touching) if (e.offset < (b + 1) * BLOCK && e.offset + e.length > b * BLOCK) list.push({ node: n.id, line: i + 1, epoch: e.epoch, op: e.op });
+        if (e.epoch === null) continue; // a live copy into this node, before it owns the export
+        const key = `${n.id === "x" ? "x/" : ""}${e.epoch}`;
+        const w = epochWriter.get(key);
+        if (w === undefined) epochWriter.set(key, n.id);
+        else if (w !== n.id) fail("two writers of one epoch (write audit)", { epoch: key, first: w, second: n.id, line: i + 1 });
+        if (e.epoch < last) fail("a node wrote at an older epoch than before (write audit)", { node: n.id, epoch: e.epoch, after: last, line: i + 1 });
+        last = Math.max(last, e.epoch);
+      }
+    }
+    for (const r of failureReports) for (const b of r.block) b.audit = touching.get(b.block) ?? [];
+    summary.audited = audited;
+    summary.auditedEpochs = epochWriter.size;
     summary.claims = claims.size;
     summary.staleLocal = [...staleLocal.values()].map((x) => ({ node: x.node, gen: x.gen, epoch: x.epoch, owner: x.owner, at: x.from, ms: Math.round(x.to - x.from) }));
     summary.leaseLost = leaseLost;
@@ -815,6 +986,7 @@ export async function runNemesis(options = {}) {
     result = { ok: checker.failures.length === 0, failures: checker.failures, reports: failureReports, summary, history: historyFile, dir };
   } finally {
     for (const n of nodes) await n.kill().catch(() => {});
+    lab?.teardown({ quiet: true });
     await new Promise((r) => hist.end(r));
     if (tmpfs) {
       // A failed run keeps its image beside the history.
@@ -838,9 +1010,11 @@ export function describe(result) {
   const n = s.nemesis;
   lines.push(`nemesis seed=${s.seed} ${s.elapsed}s nodes=${s.nodes} lease=${s.leaseTtlMs}ms powerloss=${s.powerloss}: ${result.ok ? "PASS" : `FAIL (${result.failures.length} failures)`}`);
   lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}, clock skews ${n.skew}${s.clockSkew ? "" : " (no libfaketime)"}, disk full ${n.diskfull}${s.fullDisk ? "" : " (no tmpfs)"}${s.copyNode ? `, live copies ${n.copy} (${n.copyOk} done, ${n.copyRefused} refused or cancelled; ${n.cancel} cancels sent, ${n.cancelOk} accepted)` : ""}`);
+  if (s.lab) lines.push(`  lab (etcd, hosts in network namespaces): partitions ${n.partition}, cut from etcd ${n.cutetcd}, cut from peers ${n.cutpeers}, pairs cut apart ${n.cutpair}, packet loss ${n.loss}, one etcd member down ${n.etcdminority}, etcd majority down ${n.etcdmajority}`);
   for (const [r, c] of Object.entries(n.faultRules)) lines.push(`    ${c} × ${r}`);
   const c = s.ops ?? {};
   lines.push(`  load: ${c.writes} writes (${c.fua} FUA, ${c.acked} acknowledged, ${c.indeterminate} lost with their node), ${c.reads} reads (${c.blocksRead} blocks checked), ${c.flushes} flushes (${c.flushOk} ok, ${c.flushEio} EIO)`);
+  if (s.audited !== undefined) lines.push(`  write audit: ${s.audited} writes reached the image, at ${s.auditedEpochs} epochs (checked: one node per epoch, epochs only grow per node)`);
   lines.push(`  ownership: ${s.claims} epochs claimed, ${s.leaseLost} lease losses logged, ${s.overlaps.length} brief LOCAL overlaps (longest ${Math.max(0, ...s.overlaps.map((x) => x.ms))} ms), loss events ${c.lossEvents}`);
   for (const x of s.staleLocal ?? []) if (x.ms > 0) lines.push(`  note: ${x.node} (process ${x.gen}) reported LOCAL for ${x.ms} ms at ${(x.at / 1000).toFixed(1)} s while the record named ${x.owner} (epoch ${x.epoch})`);
   if (s.image) lines.push(`  image: ${s.image.written} blocks written, ${s.image.durable} with a durable version, ${s.image.newerThanDurable} hold a newer (unflushed) one`);
@@ -851,12 +1025,13 @@ export function describe(result) {
     for (const b of r.block) {
       lines.push(`  history of block ${b.block}:`);
       for (const e of b.history) lines.push(`    ${JSON.stringify(e)}`);
+      if (b.audit?.length) lines.push(`  writes of block ${b.block} that reached the image (write audit, per node in order): ${b.audit.map((a) => `${a.node}:${a.line}@${a.epoch}`).join(" ")}`);
     }
     lines.push("  nemesis in the 15 s before:");
     for (const e of r.nemesis) lines.push(`    ${JSON.stringify(e)}`);
     lines.push("  last operations:");
     for (const e of r.recent.slice(-30)) lines.push(`    ${JSON.stringify(e)}`);
   }
-  if (!result.ok) lines.push("", `reproduce: npm run nemesis -- --seed ${s.seed} --seconds ${s.seconds} --nodes ${s.nodes}   (the seed fixes the schedule of choices, not the interleaving)`);
+  if (!result.ok) lines.push("", `reproduce: npm run nemesis -- --seed ${s.seed} --seconds ${s.seconds} --nodes ${s.nodes}${s.lab ? " --lab" : ""}${s.copyNode ? " --copy-node" : ""}   (the seed fixes the schedule of choices, not the interleaving)`);
   return lines.join("\n");
 }

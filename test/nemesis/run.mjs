@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // npm run nemesis -- [--minutes M | --seconds S] [--seed N] [--nodes 2|3] [--lease-ttl MS] [--ops N]
 //                    [--every MS] [--weights kind=W,…] [--exclude RULE-PART]… [--no-powerloss]
-//                    [--copy-node] [--self-test] [--keep] [--dir DIR] [--json FILE] [--quiet]
+//                    [--copy-node] [--lab] [--self-test] [--keep] [--dir DIR] [--json FILE] [--quiet]
 // Runs the nemesis harness (README.md beside this file) against the built CLI (dist/) and exits 1
 // when the checker saw anything; the seed and the history around each failure are printed.
 import fs from "node:fs";
@@ -26,6 +26,7 @@ const { values: v } = parseArgs({
     weights: { type: "string" },
     exclude: { type: "string", multiple: true, default: [] },
     "copy-node": { type: "boolean", default: false },
+    lab: { type: "boolean", default: false },
   },
 });
 const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
@@ -53,6 +54,7 @@ const result = await runNemesis({
   trustUnflushed: v["self-test"],
   excludeRules: v.exclude,
   copyNode: v["copy-node"],
+  lab: v.lab,
   weights: v.weights ? Object.fromEntries(v.weights.split(",").map((kv) => { const [k, w] = kv.split("="); return [k, Number(w)]; })) : undefined,
   log: v.quiet ? () => {} : (l) => process.stdout.write(`${l}\n`),
 });

@@ -36,6 +36,8 @@ export interface PortPairOwner {
   requestTimeoutMs?: number;
   /** Appended to the export's description (`[owner=… epoch=…]`). */
   label?(): string;
+  /** The epoch at which this node owns (or adopts) the resource now; null when it does not. */
+  epoch?(): number | null;
 }
 
 /** The parts of a node's port pair that the node steers. */
@@ -88,6 +90,7 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
       },
       openRemote: () => openRemote(),
       stillOwner: () => owner.stillOwner(),
+      ...(owner.epoch ? { epoch: () => owner.epoch!() } : {}),
     },
     owner.owned,
     log,

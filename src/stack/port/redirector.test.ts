@@ -549,3 +549,35 @@ describe("PortRedirector: a node that loses the resource while it adopts follows
     await stuck;
   }, 5000);
 });
+
+/**
+ * Nemesis on the lab (seed 6, etcd): an owner frozen past its lease had, queued on a peer's link,
+ * a write the peer gave up (its link timed out) and sent to the node that took over. Once the
+ * frozen node owned the export again (adopted at a later epoch), it read that link at last and
+ * applied the old write over newer, flushed ones (the write audit showed it at the new epoch).
+ * A peer's link serves the epoch it was made at only.
+ */
+describe("PortRedirector: a peer's link made to an earlier ownership of this node serves nothing now", () => {
+  it("refuses (as a non-owner) requests on a link made at another epoch; serves links made at this one, and binds a link made to a non-owner to the first epoch it reaches", async () => {
+    const disk = new MemoryPort({ size: SIZE });
+    let epoch: number | null = 4;
+    const r = new PortRedirector("d", { openLocal: async () => disk, openRemote: async () => disk, epoch: () => epoch }, true);
+    await r.open();
+    const old = { ended: false, peerEpoch: 4 as number | null };
+    const toNonOwner = { ended: false, peerEpoch: null as number | null };
+    await r.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true, session: old });
+    epoch = 6; // this node lost the export and owns it again, at a later epoch
+    expect(await errnoOf(r.pwrite(Buffer.alloc(512, 9), 0, { ...plainIo, peer: true, session: old }))).toBe("ESHUTDOWN");
+    const now = { ended: false, peerEpoch: 6 as number | null };
+    await r.pwrite(Buffer.alloc(512, 2), 512, { ...plainIo, peer: true, session: now });
+    await r.pwrite(Buffer.alloc(512, 3), 1024, { ...plainIo, peer: true, session: toNonOwner }); // binds to 6
+    expect(toNonOwner.peerEpoch).toBe(6);
+    await r.pwrite(Buffer.alloc(512, 4), 1536, plainIo); // its own clients: not links
+    epoch = 7;
+    expect(await errnoOf(r.pwrite(Buffer.alloc(512, 9), 1024, { ...plainIo, peer: true, session: toNonOwner }))).toBe("ESHUTDOWN");
+    const back = Buffer.alloc(2048);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.concat([1, 2, 3, 4].map((v) => Buffer.alloc(512, v))))).toBe(true);
+    await r.close();
+  });
+});

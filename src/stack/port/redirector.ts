@@ -25,6 +25,8 @@ export interface RedirectorPorts {
   openRemote(): Promise<Layer>;
   /** Whether this node still owns the resource (checked before an adopting node starts writing its own requests). */
   stillOwner?(): boolean | Promise<boolean>;
+  /** The epoch at which this node owns (or adopts) the resource now; null when it does not. */
+  epoch?(): number | null;
 }
 
 export interface HandOver {
@@ -157,6 +159,7 @@ export class PortRedirector implements Layer {
   private route<T>(io: Io, run: (port: Layer) => Promise<T>, write = false): Promise<T> {
     switch (this.st) {
       case "LOCAL":
+        if (io.peer && !this.linkCurrent(io)) return Promise.reject(notOwner(this.name));
         return this.viaA(run, io, write);
       case "REMOTE":
         // Forwarded to this node because it is the owner now, while its port A still opens:
@@ -166,11 +169,25 @@ export class PortRedirector implements Layer {
         if (io.peer) return Promise.reject(notOwner(this.name));
         return this.viaB(run, io);
       case "ADOPTING":
-        if (io.peer) return this.viaA(run, io, write);
+        if (io.peer) return this.linkCurrent(io) ? this.viaA(run, io, write) : Promise.reject(notOwner(this.name));
         return this.hold(run, io);
       default:
         return this.hold(run, io);
     }
+  }
+
+  /**
+   * Whether a peer's request came on a link made to this node at the epoch it owns now. A link to
+   * an earlier ownership of this node carries requests its sender may have given up and sent
+   * elsewhere since (a link that timed out while this node was frozen): run now, they would undo
+   * newer writes. They are refused as to a non-owner; a sender still listening links again.
+   */
+  private linkCurrent(io: Io): boolean {
+    const s = io.session;
+    const now = this.ports.epoch?.();
+    if (!s || s.peerEpoch === undefined || now === undefined || now === null) return true;
+    if (s.peerEpoch === null) s.peerEpoch = now; // a link made to a non-owner: a hand-over's first
+    return s.peerEpoch === now;
   }
 
   /** `write`: a write, zero or trim, so that a refused one is taken back from its client's count. */
@@ -370,7 +387,7 @@ export class PortRedirector implements Layer {
       this.st = "ADOPTING";
       const q = this.peerHeld;
       this.peerHeld = null;
-      for (const h of q) this.viaA(h.run, h.io).then(h.resolve, h.reject);
+      for (const h of q) (h.io && !this.linkCurrent(h.io) ? Promise.reject(notOwner(this.name)) : this.viaA(h.run, h.io)).then(h.resolve, h.reject);
       opened();
       // Port B drains (a request may hang there a while: a stalled old owner) unless a fence says
       // this node lost the resource meanwhile: then nothing waits on it.

@@ -247,7 +247,10 @@ export class RemotePort implements Layer {
       const owner = said?.owner ?? addr.owner;
       const vouched = said ? said.handedFrom : addr.handedFrom;
       const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
-      if (this.links++ > 0 && !same) this.opts.onNewLink?.();
+      if (this.links++ > 0 && !same) {
+        this.opts.log?.debug({ was: this.linkOwner ?? null, now: owner ?? null, vouchedFor: vouched ?? [], description: c.description ?? null }, "port B: a link to another owner, who does not vouch for the last one");
+        this.opts.onNewLink?.();
+      }
       this.linkOwner = owner;
       this.lastProgress = performance.now();
       this.client = c;

@@ -1,0 +1,46 @@
+import { bool, size, str } from "../../config/values.js";
+import { ConfigError } from "../../config/values.js";
+import type { LayerKind } from "../layer-kind.js";
+import { isQcow2 } from "./qcow2-format.js";
+import { createQcow2Layer } from "./qcow2-layer.js";
+
+export interface Qcow2Spec {
+  kind: "qcow2";
+  path: string;
+  backing?: "auto" | "none";
+  readOnly?: boolean;
+  l2Cache?: number;
+  refcountCache?: number;
+}
+
+type Qcow2Option = "backing" | "read-only" | "l2-cache" | "refcount-cache";
+
+/** `qcow2:IMAGE` at the bottom of a stack; `nbdstack serve IMAGE` picks it by the image's magic. */
+export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
+  name: "qcow2",
+  summary: "a qcow2 image (v2/v3) with its backing chain, read and written",
+  argument: "IMAGE: the qcow2 image's path, relative to the config file",
+  options: {
+    backing: "auto (default): read unallocated clusters from the backing chain the image names; none: read them as zeroes",
+    "read-only": "true: open the image read-only whatever the export allows",
+    "l2-cache": "bytes of L2 tables kept in memory per image of the chain (default 32M)",
+    "refcount-cache": "bytes of refcount blocks kept in memory (default 1M)",
+  },
+  claims: isQcow2,
+  parse(arg, opts, at) {
+    const p = str(arg, at.key, "a qcow2 image path");
+    const spec: Qcow2Spec = { kind: "qcow2", path: at.resolve(p) };
+    if (opts.backing !== undefined) {
+      const b = str(opts.backing, at.option("backing"), "auto or none");
+      if (b !== "auto" && b !== "none") throw new ConfigError(at.option("backing"), `expected auto or none, got "${b}"`);
+      spec.backing = b;
+    }
+    if (opts["read-only"] !== undefined) spec.readOnly = bool(opts["read-only"], at.option("read-only"));
+    if (opts["l2-cache"] !== undefined) spec.l2Cache = size(opts["l2-cache"], at.option("l2-cache"));
+    if (opts["refcount-cache"] !== undefined) spec.refcountCache = size(opts["refcount-cache"], at.option("refcount-cache"));
+    return spec;
+  },
+  format: (s) => `qcow2:${s.path}${s.backing === "none" ? " (backing: none)" : ""}`,
+  bottom: (s, ctx) =>
+    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log }),
+};

@@ -1,0 +1,145 @@
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { needTools } from "../../../test/helpers/tools.js";
+import { plainIo, type Io } from "../layer.js";
+import { createQcow2Layer } from "./qcow2-layer.js";
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qcow2-layer-"));
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+// qemu-img check, when installed (required under CI=true), judges the images the layer wrote.
+const hasQemuImg = needTools("qemu-img");
+
+/**
+ * A fresh qcow2 v3 image made by hand: header, refcount table, one refcount block, the L1 table;
+ * every later cluster free. `refcountOrder` 0 to 6 (1- to 64-bit refcounts).
+ */
+function makeImage(name: string, size: number, clusterBits: number, refcountOrder = 4): string {
+  const cs = 2 ** clusterBits;
+  const l1Size = Math.ceil(size / (cs * (cs / 8)));
+  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
+  const used = 3 + l1Clusters;
+  const bits = 2 ** refcountOrder;
+  if (used > (cs * 8) / bits) throw new Error("image too large for one refcount block");
+  const buf = Buffer.alloc(used * cs);
+  buf.write("QFI\xfb", 0, "latin1");
+  buf.writeUInt32BE(3, 4);
+  buf.writeUInt32BE(clusterBits, 20);
+  buf.writeBigUInt64BE(BigInt(size), 24);
+  buf.writeUInt32BE(l1Size, 36);
+  buf.writeBigUInt64BE(BigInt(3 * cs), 40);
+  buf.writeBigUInt64BE(BigInt(cs), 48);
+  buf.writeUInt32BE(1, 56);
+  buf.writeUInt32BE(refcountOrder, 96);
+  buf.writeUInt32BE(104, 100);
+  buf.writeBigUInt64BE(BigInt(2 * cs), cs); // refcount table entry 0 → block at cluster 2
+  for (let c = 0; c < used; c++) {
+    const bit = c * bits;
+    if (bits >= 8) buf.writeUIntBE(1, 2 * cs + bit / 8 + bits / 8 - Math.min(bits / 8, 6), Math.min(bits / 8, 6));
+    else buf[2 * cs + (bit >>> 3)]! |= 1 << (bit & 7);
+  }
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, buf);
+  return file;
+}
+
+function check(file: string): void {
+  if (hasQemuImg) execFileSync("qemu-img", ["check", "-q", file], { stdio: "pipe" });
+}
+
+/** xorshift32 in [0, 1). */
+function prng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+const io: Io = plainIo;
+
+describe("qcow2 layer on hand-made images", () => {
+  for (const [bits, order] of [
+    [9, 4],
+    [12, 0],
+    [16, 6],
+  ] as const) {
+    it(`takes concurrent allocating writes into shared clusters (${2 ** bits}-byte clusters, ${2 ** order}-bit refcounts, tiny caches); reopened, checked`, async () => {
+      const size = 4 * 1024 * 1024;
+      const file = makeImage(`c${bits}-${order}.qcow2`, size, bits, order);
+      const model = Buffer.alloc(size);
+      // Slots of 1500 bytes in random order: neighbours share clusters, no two writes overlap.
+      const rnd = prng(bits * 7 + order);
+      const slots = Array.from({ length: Math.floor(size / 1500) }, (_, i) => i).sort(() => rnd() - 0.5);
+      const layer = createQcow2Layer({ path: file, l2Cache: 1, refcountCache: 1 });
+      await layer.open();
+      await Promise.all(
+        slots.slice(0, 600).map(async (s, i) => {
+          const data = Buffer.alloc(1500, (i % 250) + 1);
+          data.copy(model, s * 1500);
+          await layer.pwrite(data, s * 1500, io);
+        }),
+      );
+      const back = Buffer.alloc(size);
+      await layer.pread(back, 0, io);
+      expect(back.equals(model)).toBe(true);
+      await layer.close();
+      check(file);
+      const again = createQcow2Layer({ path: file, readOnly: true });
+      await again.open();
+      const b2 = Buffer.alloc(size);
+      await again.pread(b2, 0, io);
+      await again.close();
+      expect(b2.equals(model)).toBe(true);
+    });
+  }
+
+  it("zeroes and trims: whole clusters by their flags, partial ones written; extents say so", async () => {
+    const cs = 4096;
+    const file = makeImage("zt.qcow2", 1024 * 1024, 12);
+    const layer = createQcow2Layer({ path: file });
+    await layer.open();
+    await layer.pwrite(Buffer.alloc(256 * 1024, 0xee), 0, io);
+    await layer.zero(3 * cs + 100, cs - 100, io); // partial head, 3 whole, partial tail
+    await layer.trim(8 * cs, 16 * cs, io);
+    await layer.zero(4 * cs, 32 * cs, { ...io, mayTrim: false }); // stays allocated, flagged zero
+    const b = Buffer.alloc(256 * 1024);
+    await layer.pread(b, 0, io);
+    const expected = Buffer.alloc(256 * 1024, 0xee);
+    expected.fill(0, cs - 100, 4 * cs);
+    expected.fill(0, 16 * cs, 24 * cs);
+    expected.fill(0, 32 * cs, 36 * cs);
+    expect(b.equals(expected)).toBe(true);
+    const ext = await layer.extents(64 * cs, 0, io);
+    expect(ext.slice(0, 3)).toEqual([
+      { length: cs, flags: 0 },
+      { length: 3 * cs, flags: 3 },
+      { length: 12 * cs, flags: 0 },
+    ]);
+    expect(ext.reduce((n, e) => n + e.length, 0)).toBe(64 * cs);
+    await expect(layer.zero(cs, 100, { ...io, fast: true })).rejects.toMatchObject({ errno: "ENOTSUP" });
+    await layer.flush(io);
+    await layer.close();
+    check(file);
+  });
+
+  it("serves a dirty image read-only", async () => {
+    const file = makeImage("dirty.qcow2", 1024 * 1024, 16);
+    const fd = fs.openSync(file, "r+");
+    fs.writeSync(fd, Buffer.from([1]), 0, 1, 79);
+    fs.closeSync(fd);
+    const warnings: string[] = [];
+    const log = { warn: (_o: unknown, msg: string) => warnings.push(msg) } as never;
+    const layer = createQcow2Layer({ path: file, log });
+    await layer.open();
+    expect(layer.capabilities().writable).toBe(false);
+    expect(warnings[0]).toContain(`repair it with: qemu-img check -r all ${file}`);
+    await expect(layer.pwrite(Buffer.alloc(512), 0, io)).rejects.toMatchObject({ errno: "EPERM" });
+    await layer.close();
+  });
+});

@@ -1,0 +1,554 @@
+import fs from "node:fs";
+import zlib from "node:zlib";
+import type { Logger } from "pino";
+import { NbdError } from "../../errors.js";
+import { State } from "../../protocol/constants.js";
+import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
+import { pushExtents } from "../volume/common.js";
+import { backingLayer } from "./qcow2-backing.js";
+import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
+import { Qcow2Meta } from "./qcow2-meta.js";
+
+/** Default bytes of L2 tables kept in memory: QEMU's default maximum on Linux (covers 256 GiB at 64 KiB clusters). */
+export const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
+/** Default bytes of refcount blocks kept in memory (each 64 KiB block counts 2 GiB at 64 KiB clusters). */
+export const DEFAULT_REFCOUNT_CACHE = 1024 * 1024;
+
+export interface Qcow2LayerOptions {
+  path: string;
+  /** Open the image read-only (a backing file always is). */
+  readOnly?: boolean;
+  /** `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes. */
+  backing?: "auto" | "none";
+  io?: IoMode;
+  /** Bytes of L2 tables to cache (default 32 MiB), per image of the chain. */
+  l2Cache?: number;
+  /** Bytes of refcount blocks to cache (default 1 MiB). */
+  refcountCache?: number;
+  log?: Logger;
+  /** Position in a backing chain (0: the image served). */
+  depth?: number;
+}
+
+// What an L2 entry says about its guest cluster.
+const UNALLOC = 0;
+const ZERO = 1;
+/** A standard cluster of ours (COPIED: refcount 1): written in place. */
+const OWNED = 2;
+/** A standard cluster shared with an internal snapshot (or without COPIED): copied before a write. */
+const SHARED = 3;
+const COMPRESSED = 4;
+
+const HOLE_ZERO = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
+const DONE: Promise<void> = Promise.resolve();
+const MAX_REQUEST = 32 * 1024 * 1024;
+
+/**
+ * A qcow2 image (v2 or v3) at the bottom of a stack: guest reads and writes mapped through the L1
+ * and L2 tables to clusters of the file, unallocated clusters read from the backing chain (qcow2
+ * or raw files) or as zeroes, compressed clusters inflated, new clusters allocated with refcounts.
+ *
+ * This class is the I/O path; the tables, refcounts, allocation and the order of metadata
+ * updates are in qcow2-meta.ts. Reads, and writes into clusters the image owns (COPIED), go
+ * straight to the file at the host offset without a lock. Writes that need a cluster (unallocated,
+ * zero, compressed, shared with a snapshot), zero and trim run one at a time under the metadata
+ * lock, and look at the tables again once they hold it.
+ */
+export class Qcow2Layer implements Layer {
+  private meta!: Qcow2Meta;
+  private data!: FilePort;
+  private fd = -1;
+  private header!: Qcow2Header;
+  private backing: Layer | null = null;
+  private backingSize = 0;
+  private caps!: Capabilities;
+  private cs = 0;
+  private l2e = 0;
+  private v3 = false;
+  private readOnly: boolean;
+  private zeroCluster!: Buffer;
+  private readonly tracker = new InflightTracker();
+  /** The last compressed cluster inflated (a client reads one in several requests). */
+  private inflated: { hi: number; lo: number; buf: Buffer } | null = null;
+
+  constructor(private readonly opts: Qcow2LayerOptions) {
+    this.readOnly = !!opts.readOnly;
+  }
+
+  describe(): string {
+    return `qcow2:${this.opts.path}${this.backing ? ` → ${this.backing.describe()}` : ""}`;
+  }
+
+  async open(): Promise<void> {
+    const file = this.opts.path;
+    this.fd = fs.openSync(file, this.readOnly ? "r" : "r+");
+    try {
+      const head = Buffer.alloc(104);
+      fs.readSync(this.fd, head, 0, 104, 0);
+      const cs = clusterSizeOf(head, file);
+      const first = Buffer.alloc(cs);
+      fs.readSync(this.fd, first, 0, cs, 0);
+      const h = parseHeader(first, file);
+      if (featureBit(h.incompatible, INCOMPAT.dirty) && !this.readOnly) {
+        this.readOnly = true;
+        fs.closeSync(this.fd);
+        this.fd = fs.openSync(file, "r");
+        this.opts.log?.warn(
+          { image: file },
+          `${file} is dirty (lazy refcounts were in use and it was not closed cleanly): serving it read-only; repair it with: qemu-img check -r all ${file}`,
+        );
+      }
+      this.header = h;
+      this.cs = cs;
+      this.l2e = cs / 8;
+      this.v3 = h.version === 3;
+      this.zeroCluster = Buffer.alloc(cs);
+      this.meta = new Qcow2Meta(this.fd, file, h, {
+        l2Cache: this.opts.l2Cache ?? DEFAULT_L2_CACHE,
+        refcountCache: this.opts.refcountCache ?? DEFAULT_REFCOUNT_CACHE,
+      });
+      await this.meta.load();
+      const name = backingName(first, h);
+      if (name !== null && this.opts.backing !== "none") {
+        const depth = (this.opts.depth ?? 0) + 1;
+        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth }));
+        await this.backing.open();
+        this.backingSize = this.backing.size();
+      }
+      this.data = createFilePort({ path: file, readOnly: this.readOnly, io: this.opts.io });
+      await this.data.open();
+      if (!this.readOnly) this.meta.clearAutoclear();
+    } catch (err) {
+      await this.backing?.close().catch(() => undefined);
+      this.backing = null;
+      fs.closeSync(this.fd);
+      this.fd = -1;
+      throw err;
+    }
+    const w = !this.readOnly;
+    this.caps = {
+      writable: w,
+      flush: w,
+      fua: w,
+      trim: w,
+      zero: w,
+      fastZero: w,
+      cache: false,
+      extents: true,
+      multiConn: true,
+      blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.fd < 0) return;
+    await this.tracker.idle();
+    try {
+      if (!this.readOnly) await this.meta.locked(() => this.meta.release());
+    } finally {
+      await this.data.close();
+      fs.closeSync(this.fd);
+      this.fd = -1;
+      await this.backing?.close();
+      this.backing = null;
+    }
+  }
+
+  size(): number {
+    return this.header.size;
+  }
+  capabilities(): Capabilities {
+    return this.caps;
+  }
+
+  /** What the entry [hi, lo] of an L2 table says (see UNALLOC … COMPRESSED). */
+  private kind(hi: number, lo: number): number {
+    if (hi & COMPRESSED_HI) return COMPRESSED;
+    if (lo & ZERO_LO && this.v3) return ZERO;
+    const off = entryOffset(hi, lo);
+    if (off === 0) return UNALLOC;
+    if (off % this.cs !== 0 || off + this.cs > this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
+    return hi & COPIED_HI ? OWNED : SHARED;
+  }
+
+  private table(gc: number): Buffer | null | Promise<Buffer | null> {
+    const i = Math.floor(gc / this.l2e);
+    const t = this.meta.l2Now(i);
+    return t !== undefined ? t : this.meta.l2(i);
+  }
+
+  // The run mapWith found last (read at once, before anything can await: see run()).
+  private mKind = 0;
+  private mHost = 0;
+  private mLength = 0;
+  private mHi = 0;
+  private mLo = 0;
+
+  /**
+   * The run of clusters from guest byte `g` (at most `max` bytes) that L2 table `t` maps alike:
+   * its kind, the host offset of byte `g` (data), its length, and the entry (compressed), in the
+   * m* fields.
+   */
+  private mapWith(t: Buffer | null, g: number, max: number): void {
+    const cs = this.cs;
+    const gc = Math.floor(g / cs);
+    let idx = gc % this.l2e;
+    const hi = t ? t.readUInt32BE(idx * 8) : 0;
+    const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
+    const kind = this.kind(hi, lo);
+    const within = g - gc * cs;
+    const base = kind === OWNED || kind === SHARED ? entryOffset(hi, lo) : 0;
+    let length = Math.min(cs - within, max);
+    if (kind !== COMPRESSED) {
+      const data = kind === OWNED || kind === SHARED;
+      let next = base + cs;
+      while (length < max && ++idx < this.l2e) {
+        const h2 = t ? t.readUInt32BE(idx * 8) : 0;
+        const l2 = t ? t.readUInt32BE(idx * 8 + 4) : 0;
+        const k2 = this.kind(h2, l2);
+        if (k2 !== kind || (data && entryOffset(h2, l2) !== next)) break;
+        next += cs;
+        length = Math.min(length + cs, max);
+      }
+    }
+    this.mKind = kind;
+    this.mHost = base + within;
+    this.mLength = length;
+    this.mHi = hi;
+    this.mLo = lo;
+  }
+
+  /** mapWith on the cached table of `g`; false when the table must be read first. */
+  private mapNow(g: number, max: number): boolean {
+    const t = this.meta.l2Now(Math.floor(g / this.cs / this.l2e));
+    if (t === undefined) return false;
+    this.mapWith(t, g, max);
+    return true;
+  }
+
+  /** The run from guest byte `g` (see mapWith), reading its L2 table if needed. */
+  private async run(g: number, max: number): Promise<{ kind: number; host: number; length: number; hi: number; lo: number }> {
+    if (!this.mapNow(g, max)) this.mapWith(await this.meta.l2(Math.floor(g / this.cs / this.l2e)), g, max);
+    return { kind: this.mKind, host: this.mHost, length: this.mLength, hi: this.mHi, lo: this.mLo };
+  }
+
+  // ---- reads ----
+
+  /**
+   * The fast path: a request that one run of clusters in a cached table maps is one call to the
+   * file (or a fill), made before pread returns. Anything else goes to preadRuns.
+   */
+  pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      if (this.fd >= 0 && this.mapNow(offset, buf.length) && this.mLength === buf.length) {
+        const k = this.mKind;
+        if (k === OWNED || k === SHARED) return this.data.pread(buf, this.mHost, io);
+        if (k === ZERO || (k === UNALLOC && !this.backing)) {
+          buf.fill(0);
+          return DONE;
+        }
+      }
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.preadRuns(buf, offset, io);
+  }
+
+  private async preadRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
+    this.tracker.enter();
+    try {
+      for (let pos = 0; pos < buf.length; ) {
+        const r = await this.run(offset + pos, buf.length - pos);
+        const part = buf.subarray(pos, pos + r.length);
+        if (r.kind === OWNED || r.kind === SHARED) await this.data.pread(part, r.host, io);
+        else if (r.kind === ZERO) part.fill(0);
+        else if (r.kind === UNALLOC) await this.readBelow(part, offset + pos, io);
+        else {
+          const c = await this.inflate(r.hi, r.lo);
+          const within = (offset + pos) % this.cs;
+          c.copy(part, 0, within, within + r.length);
+        }
+        pos += r.length;
+      }
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /** Unallocated guest bytes: the backing file's (zeroes past its end), or zeroes. */
+  private async readBelow(part: Buffer, g: number, io: Io): Promise<void> {
+    const n = this.backing ? Math.max(0, Math.min(part.length, this.backingSize - g)) : 0;
+    if (n > 0) await this.backing!.pread(part.subarray(0, n), g, io);
+    if (n < part.length) part.fill(0, n);
+  }
+
+  private async inflate(hi: number, lo: number): Promise<Buffer> {
+    const last = this.inflated;
+    if (last && last.hi === hi && last.lo === lo) return last.buf;
+    const { offset, length } = compressedExtent(hi, lo, this.header.clusterBits);
+    const input = Buffer.alloc(length);
+    await this.data.pread(input, offset, { fua: false, mayTrim: false, fast: false });
+    let out: Buffer;
+    try {
+      out = zlib.inflateRawSync(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
+    } catch (err) {
+      throw corrupt(this.opts.path, `compressed cluster at ${offset} does not inflate: ${(err as Error).message}`);
+    }
+    if (out.length < this.cs) throw corrupt(this.opts.path, `compressed cluster at ${offset} inflates to ${out.length} bytes, not ${this.cs}`);
+    this.inflated = { hi, lo, buf: out };
+    return out;
+  }
+
+  /** The current contents of guest cluster `gc` whose entry is [hi, lo], into `c` (one cluster). */
+  private async readCluster(c: Buffer, gc: number, hi: number, lo: number, io: Io): Promise<void> {
+    const k = this.kind(hi, lo);
+    if (k === ZERO) c.fill(0);
+    else if (k === UNALLOC) await this.readBelow(c, gc * this.cs, io);
+    else if (k === COMPRESSED) (await this.inflate(hi, lo)).copy(c);
+    else await this.data.pread(c, entryOffset(hi, lo), io);
+  }
+
+  // ---- writes ----
+
+  private writable(op: string): void {
+    if (this.readOnly) throw new NbdError("EPERM", `${op} on read-only qcow2 image ${this.opts.path}`);
+    if (this.fd < 0) throw new NbdError("ESHUTDOWN", `${this.opts.path} is closed`);
+  }
+
+  /** The fast path: an overwrite of clusters of ours that one cached run maps is one pwrite. */
+  pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    try {
+      this.writable("write");
+      if (!io.fua && this.mapNow(offset, buf.length) && this.mLength === buf.length && this.mKind === OWNED) return this.data.pwrite(buf, this.mHost, io);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.pwriteRuns(buf, offset, io);
+  }
+
+  private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
+    this.tracker.enter();
+    try {
+      const direct = io.fua ? { ...io, fua: false } : io;
+      let slow = -1; // start (in buf) of clusters that need the allocating path
+      for (let pos = 0; pos < buf.length; ) {
+        const r = await this.run(offset + pos, buf.length - pos);
+        if (r.kind === OWNED) {
+          if (slow >= 0) await this.meta.locked(() => this.writeLocked(buf.subarray(slow, pos), offset + slow, direct));
+          slow = -1;
+          await this.data.pwrite(buf.subarray(pos, pos + r.length), r.host, direct);
+        } else if (slow < 0) slow = pos;
+        pos += r.length;
+      }
+      if (slow >= 0) await this.meta.locked(() => this.writeLocked(buf.subarray(slow), offset + slow, direct));
+      if (io.fua) await this.meta.locked(() => this.meta.flush());
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /**
+   * Writes `data` at guest `offset` under the metadata lock: clusters of ours in place, the others
+   * into new clusters (the rest of a partly written one copied from what it held), then the L2
+   * entries. Old data copied into a new cluster is made durable before the entry points to it.
+   */
+  private async writeLocked(data: Buffer, offset: number, io: Io): Promise<void> {
+    const cs = this.cs;
+    const end = offset + data.length;
+    const targets: number[] = [];
+    const olds: Array<[number, number]> = [];
+    for (let gc = Math.floor(offset / cs); gc * cs < end; gc++) {
+      const t = await this.table(gc);
+      const idx = gc % this.l2e;
+      const hi = t ? t.readUInt32BE(idx * 8) : 0;
+      const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
+      if (this.kind(hi, lo) === OWNED) {
+        const s = Math.max(offset, gc * cs);
+        const e = Math.min(end, (gc + 1) * cs);
+        await this.data.pwrite(data.subarray(s - offset, e - offset), entryOffset(hi, lo) + (s - gc * cs), io);
+        continue;
+      }
+      targets.push(gc);
+      olds.push([hi, lo]);
+    }
+    if (targets.length === 0) return;
+    const hosts = await this.meta.allocate(targets.length);
+    let copied = false;
+    const whole = (k: number) => targets[k]! * cs >= offset && (targets[k]! + 1) * cs <= end;
+    for (let k = 0; k < targets.length; ) {
+      const gc = targets[k]!;
+      if (whole(k)) {
+        let j = k + 1;
+        while (j < targets.length && targets[j] === targets[j - 1]! + 1 && hosts[j] === hosts[j - 1]! + cs && whole(j)) j++;
+        await this.data.pwrite(data.subarray(gc * cs - offset, (gc + j - k) * cs - offset), hosts[k]!, io);
+        k = j;
+        continue;
+      }
+      const c = Buffer.alloc(cs);
+      const [hi, lo] = olds[k]!;
+      const kind = this.kind(hi, lo);
+      await this.readCluster(c, gc, hi, lo, io);
+      if (!(kind === ZERO || (kind === UNALLOC && !this.backing))) copied = true;
+      const s = Math.max(offset, gc * cs);
+      const e = Math.min(end, (gc + 1) * cs);
+      data.copy(c, s - gc * cs, s - offset, e - offset);
+      await this.data.pwrite(c, hosts[k]!, io);
+      k++;
+    }
+    if (copied) await this.meta.sync();
+    await this.meta.setEntries(
+      targets,
+      hosts.map((h) => ownedEntry(h)),
+    );
+  }
+
+  /**
+   * Cuts [offset, offset + length) into a partial head, whole clusters [first, last) and a partial
+   * tail (the last cluster counts as whole up to the disk's end). No whole cluster: all in `head`.
+   */
+  private cut(length: number, offset: number): { head: [number, number] | null; first: number; last: number; tail: [number, number] | null } {
+    const cs = this.cs;
+    const end = offset + length;
+    const first = Math.ceil(offset / cs);
+    const last = end === this.header.size ? Math.ceil(end / cs) : Math.floor(end / cs);
+    if (last <= first) return { head: [offset, end], first: 0, last: 0, tail: null };
+    return { head: offset < first * cs ? [offset, first * cs] : null, first, last, tail: last * cs < end ? [last * cs, end] : null };
+  }
+
+  /** Writes zeroes over guest bytes [start, end), a cluster at a time (under the lock). */
+  private async writeZeroes(start: number, end: number, io: Io): Promise<void> {
+    for (let at = start; at < end; ) {
+      const n = Math.min(end - at, this.cs - (at % this.cs));
+      await this.writeLocked(this.zeroCluster.subarray(0, n), at, io);
+      at += n;
+    }
+  }
+
+  async zero(length: number, offset: number, io: Io): Promise<void> {
+    this.writable("zero");
+    const { head, first, last, tail } = this.cut(length, offset);
+    // Zero flags need v3; a v2 image over a backing file must write zeroes, as must partial clusters.
+    if (io.fast && (head || tail || (!this.v3 && (this.backing || !io.mayTrim) && last > first))) throw new NbdError("ENOTSUP", "fast zero needs whole clusters (and qcow2 v3 over a backing file)");
+    this.tracker.enter();
+    try {
+      const direct = io.fua ? { ...io, fua: false } : io;
+      await this.meta.locked(async () => {
+        for (const p of [head, tail]) if (p) await this.writeZeroes(p[0], p[1], direct);
+        if (last <= first) return;
+        if (!this.v3 && (this.backing || !io.mayTrim)) return this.writeZeroes(first * this.cs, Math.min(last * this.cs, this.header.size), direct);
+        const clusters: number[] = [];
+        const values: Array<[number, number]> = [];
+        for (let gc = first; gc < last; gc++) {
+          const t = await this.table(gc);
+          const idx = gc % this.l2e;
+          const hi = t ? t.readUInt32BE(idx * 8) : 0;
+          const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
+          const k = this.kind(hi, lo);
+          if (k === UNALLOC && !this.backing && (io.mayTrim || !this.v3)) continue; // reads as zeroes already
+          clusters.push(gc);
+          // Without mayTrim a cluster of ours stays allocated, marked zero (QEMU's "zero, allocated").
+          values.push(!this.v3 ? [0, 0] : k === OWNED && !io.mayTrim ? [hi, (lo | ZERO_LO) >>> 0] : [0, ZERO_LO]);
+        }
+        await this.meta.setEntries(clusters, values);
+      });
+      if (io.fua) await this.meta.locked(() => this.meta.flush());
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /**
+   * Deallocates whole clusters (partial ones are left: trim is advisory), as QEMU's discard does:
+   * on v3 a cluster that was allocated or has a backing file below becomes a zero cluster, else
+   * unallocated (on v2 over a backing file it then shows the backing file, which trim allows).
+   */
+  async trim(length: number, offset: number, io: Io): Promise<void> {
+    this.writable("trim");
+    const { first, last } = this.cut(length, offset);
+    if (last <= first) return;
+    this.tracker.enter();
+    try {
+      await this.meta.locked(async () => {
+        const clusters: number[] = [];
+        const values: Array<[number, number]> = [];
+        for (let gc = first; gc < last; gc++) {
+          const t = await this.table(gc);
+          const idx = gc % this.l2e;
+          const hi = t ? t.readUInt32BE(idx * 8) : 0;
+          const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
+          const k = this.kind(hi, lo);
+          const allocated = k === OWNED || k === SHARED || k === COMPRESSED || (k === ZERO && entryOffset(hi, lo) !== 0);
+          if (!allocated && !this.backing) continue;
+          clusters.push(gc);
+          values.push(this.v3 && (this.backing || allocated) ? [0, ZERO_LO] : [0, 0]);
+        }
+        await this.meta.setEntries(clusters, values);
+      });
+      if (io.fua) await this.meta.locked(() => this.meta.flush());
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  async flush(_io: Io): Promise<void> {
+    if (this.readOnly) return;
+    this.tracker.enter();
+    try {
+      await this.meta.locked(() => this.meta.flush());
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  async cache(_length: number, _offset: number, _io: Io): Promise<void> {}
+
+  // ---- block status ----
+
+  /**
+   * Answers for at most this many guest bytes at a time: four L2 tables' worth, or 64 MiB where that
+   * is less (small clusters), so a call reads at most a few tables; the client asks again.
+   */
+  private scanMax(): number {
+    return Math.max(4 * this.l2e * this.cs, Math.min(64 * 1024 * 1024, 2 ** 17 * this.cs));
+  }
+
+  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+    this.tracker.enter();
+    try {
+      const out: Extent[] = [];
+      const lim = Math.min(length, this.scanMax());
+      for (let pos = 0; pos < lim; ) {
+        const g = offset + pos;
+        const r = await this.run(g, lim - pos);
+        if (r.kind === UNALLOC && this.backing) {
+          const n = Math.max(0, Math.min(r.length, this.backingSize - g));
+          if (n > 0) {
+            const below = await this.backing.extents(n, g, io);
+            pushExtents(out, below);
+            const got = below.reduce((s, e) => s + e.length, 0);
+            if (got < n) return out; // the backing file answered short: the client asks again
+          }
+          if (n < r.length) pushExtents(out, [{ length: r.length - n, flags: HOLE_ZERO }]);
+        } else {
+          pushExtents(out, [{ length: r.length, flags: r.kind === UNALLOC || r.kind === ZERO ? HOLE_ZERO : 0 }]);
+        }
+        pos += r.length;
+      }
+      return out;
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /** The fast path hands requests to the file port without counting them here: wait for both. */
+  async quiesce(): Promise<void> {
+    await this.tracker.idle();
+    await this.data.quiesce();
+  }
+  resume(): void {}
+}
+
+export function createQcow2Layer(opts: Qcow2LayerOptions): Qcow2Layer {
+  return new Qcow2Layer(opts);
+}

@@ -1,0 +1,315 @@
+import { execFileSync, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CLI, randomImage, serve, tempDir, type Served } from "../helpers/serve.js";
+import { needTools } from "../helpers/tools.js";
+
+const MiB = 1024 * 1024;
+const SIZE = 32 * MiB;
+
+const run = (cmd: string, args: string[], cwd?: string): string => execFileSync(cmd, args, { encoding: "utf8", cwd, stdio: ["ignore", "pipe", "pipe"] });
+const qimg = (...args: string[]): string => run("qemu-img", args);
+/** qemu-io commands against an image (format `fmt`) or an NBD URI (raw). */
+const qio = (fmt: string, target: string, ...cmds: string[]): string => run("qemu-io", ["-f", fmt, ...cmds.flatMap((c) => ["-c", c]), target]);
+
+/** Sets bits in a byte of a file (a header feature bit, say). */
+function orByte(file: string, at: number, bits: number): void {
+  const fd = fs.openSync(file, "r+");
+  const b = Buffer.alloc(1);
+  fs.readSync(fd, b, 0, 1, at);
+  b[0]! |= bits;
+  fs.writeSync(fd, b, 0, 1, at);
+  fs.closeSync(fd);
+}
+
+interface Case {
+  name: string;
+  /** Makes the image (and its chain) in `dir` with QEMU's tools; returns the image to serve. */
+  build(dir: string): string;
+  /** Trim shows the backing file again (v2 over a backing file, as in QEMU) rather than zeroes. */
+  trimShowsBacking?: boolean;
+  /** Checked after the writes and the server stopped. */
+  after?(dir: string, image: string): void;
+}
+
+/** Data for an image, written by QEMU itself: two patterns, a zeroed range, the last megabyte. */
+const SEED_WRITES = ["write -P 0x01 0 1M", "write -P 0x02 5M 300k", "write -P 0x03 31M 1M"];
+
+const create = (dir: string, name: string, opts: string[], size = "32M"): string => {
+  const file = path.join(dir, name);
+  qimg("create", "-q", "-f", "qcow2", ...opts, file, ...(size ? [size] : []));
+  return file;
+};
+
+const CASES: Case[] = [
+  {
+    name: "v2 (compat=0.10), 64 KiB clusters",
+    build: (dir) => {
+      const f = create(dir, "v2.qcow2", ["-o", "compat=0.10"]);
+      qio("qcow2", f, ...SEED_WRITES);
+      return f;
+    },
+  },
+  {
+    name: "v3, 4 KiB clusters, zero clusters",
+    build: (dir) => {
+      const f = create(dir, "v3-4k.qcow2", ["-o", "cluster_size=4k"]);
+      qio("qcow2", f, ...SEED_WRITES, "write -z 200k 100k");
+      return f;
+    },
+  },
+  {
+    name: "v3, 64 KiB clusters, zero clusters over data",
+    build: (dir) => {
+      const f = create(dir, "v3-64k.qcow2", []);
+      qio("qcow2", f, ...SEED_WRITES, "write -P 0x04 16M 2M", "write -z 16M 1M", "write -z 20M 64k");
+      return f;
+    },
+  },
+  {
+    name: "v3, 2 MiB clusters",
+    build: (dir) => {
+      const f = create(dir, "v3-2m.qcow2", ["-o", "cluster_size=2M"]);
+      qio("qcow2", f, ...SEED_WRITES);
+      return f;
+    },
+  },
+  {
+    name: "v3, 512-byte clusters (the refcount table grows)",
+    build: (dir) => {
+      const f = create(dir, "v3-512.qcow2", ["-o", "cluster_size=512"]);
+      qio("qcow2", f, ...SEED_WRITES);
+      return f;
+    },
+  },
+  {
+    name: "compressed (qemu-img convert -c)",
+    build: (dir) => {
+      const src = path.join(dir, "src.raw");
+      randomImage(src, SIZE, 11);
+      qio("raw", src, "write -z 4M 4M", "write -P 0x07 10M 1M");
+      const f = path.join(dir, "compressed.qcow2");
+      qimg("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", src, f);
+      return f;
+    },
+  },
+  {
+    name: "backing chain three deep over a raw base (relative names)",
+    build: (dir) => {
+      randomImage(path.join(dir, "base.raw"), SIZE, 5);
+      const mid1 = create(dir, "mid1.qcow2", ["-b", "base.raw", "-F", "raw"], "");
+      qio("qcow2", mid1, "write -P 0x21 1M 1M", "write -z 2M 64k");
+      const mid2 = create(dir, "mid2.qcow2", ["-b", "mid1.qcow2", "-F", "qcow2", "-o", "cluster_size=4k"], "");
+      qio("qcow2", mid2, "write -P 0x22 1536k 1M", "write -z 9M 1M");
+      const top = create(dir, "top.qcow2", ["-b", "mid2.qcow2", "-F", "qcow2"], "");
+      qio("qcow2", top, "write -P 0x23 3M 100k");
+      return top;
+    },
+  },
+  {
+    name: "backing chain over a qcow2 base (v2 in the middle, a probed backing format on top)",
+    build: (dir) => {
+      const base = create(dir, "qbase.qcow2", []);
+      qio("qcow2", base, ...SEED_WRITES);
+      const mid = create(dir, "qmid.qcow2", ["-b", "qbase.qcow2", "-F", "qcow2", "-o", "compat=0.10"], "");
+      qio("qcow2", mid, "write -P 0x31 700k 1M");
+      const top = create(dir, "qtop.qcow2", ["-b", "qmid.qcow2", "-F", "qcow2"], "");
+      qio("qcow2", top, "write -P 0x32 2M 4k");
+      // Hide the backing format extension (make it one of an unknown type): the format is probed.
+      const head = fs.readFileSync(top).subarray(0, 4096);
+      const at = head.indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]));
+      expect(at).toBeGreaterThan(0);
+      orByte(top, at + 3, 0x01);
+      return top;
+    },
+    trimShowsBacking: false,
+  },
+  {
+    name: "v2 over a raw backing file",
+    build: (dir) => {
+      randomImage(path.join(dir, "v2base.raw"), SIZE, 9);
+      const f = create(dir, "v2top.qcow2", ["-b", "v2base.raw", "-F", "raw", "-o", "compat=0.10"], "");
+      qio("qcow2", f, "write -P 0x41 1M 1M");
+      return f;
+    },
+    trimShowsBacking: true,
+  },
+  {
+    name: "internal snapshot (the active layer is served; the snapshot stays intact)",
+    build: (dir) => {
+      const f = create(dir, "snap.qcow2", []);
+      qio("qcow2", f, ...SEED_WRITES, "write -P 0x51 3M 2M");
+      qimg("snapshot", "-c", "s1", f);
+      qimg("convert", "-q", "-O", "raw", "-l", "snapshot.name=s1", f, path.join(dir, "s1.raw"));
+      qio("qcow2", f, "write -P 0x52 4M 64k");
+      return f;
+    },
+    after: (dir, image) => {
+      const now = path.join(dir, "s1-after.raw");
+      qimg("convert", "-q", "-O", "raw", "-l", "snapshot.name=s1", image, now);
+      qimg("compare", "-q", "-f", "raw", "-F", "raw", path.join(dir, "s1.raw"), now);
+    },
+  },
+];
+
+/** What the tests write through nbdstack (and into the raw reference). */
+const WRITES = [
+  "write -P 0x5a 4096 4096",
+  "write -P 0xa5 1000 70000",
+  "write -P 0x3c 3M 2M",
+  "write -z 6M 1M",
+  "write -z 7340544 5000",
+  "write -z 3146240 5000", // over data, unaligned: with 4 KiB clusters it ends in the next one
+  "write -P 0x77 12M 64k",
+  "write -P 0x78 4100k 8k",
+  `write -P 0x79 ${SIZE - 4096} 4096`,
+];
+const TRIM = "discard 8M 2M";
+
+describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 images served by nbdstack", () => {
+  for (const c of CASES) {
+    describe(c.name, () => {
+      let dir: string;
+      let image: string;
+      let ref: string;
+      let srv: Served | null = null;
+      beforeAll(async () => {
+        dir = tempDir("nbdstack-qcow2-");
+        image = c.build(dir);
+        ref = path.join(dir, "reference.raw");
+        qimg("convert", "-q", "-O", "raw", image, ref);
+        srv = await serve([image, "--name", "disk"]);
+      });
+      afterAll(async () => {
+        await srv?.stop("SIGKILL");
+      });
+
+      it("serves what QEMU reads", () => {
+        qimg("compare", "-q", "-f", "raw", "-F", "qcow2", srv!.uri, image);
+        const info = JSON.parse(qimg("info", "--output=json", "-f", "raw", srv!.uri));
+        expect(info["virtual-size"]).toBe(SIZE);
+      });
+
+      it("takes writes: qemu-io patterns, zeroes, trim and nbdcopy; qemu-img check is clean and the data matches", async () => {
+        const uri = srv!.uri;
+        for (const w of WRITES) {
+          qio("raw", uri, w);
+          qio("raw", ref, w);
+        }
+        qio("raw", uri, TRIM);
+        if (!c.trimShowsBacking) qio("raw", ref, TRIM);
+        const rnd = path.join(dir, "random.bin");
+        randomImage(rnd, 3 * MiB, 77);
+        run("nbdcopy", [rnd, uri]);
+        run("dd", [`if=${rnd}`, `of=${ref}`, "conv=notrunc", "status=none"]);
+        qimg("compare", "-q", "-f", "raw", "-F", "raw", uri, ref);
+        expect(await srv!.stop("SIGTERM")).toBe(0);
+        srv = null;
+        qimg("check", "-q", image);
+        qimg("compare", "-q", "-f", "qcow2", "-F", "raw", image, ref);
+        c.after?.(dir, image);
+      });
+    });
+  }
+
+  it("reports zero clusters, holes, data and the backing file's extents", async () => {
+    const dir = tempDir("nbdstack-qcow2-");
+    const base = path.join(dir, "base.raw");
+    randomImage(base, 8 * MiB, 3);
+    const f = create(dir, "map.qcow2", ["-b", "base.raw", "-F", "raw"], "16M");
+    qio("qcow2", f, "write -P 1 0 1M", "write -z 1M 1M");
+    const srv = await serve([f]);
+    try {
+      const map = JSON.parse(run("nbdinfo", ["--map", "--json", srv.uri])) as Array<{ offset: number; length: number; type: number }>;
+      const at = (o: number) => map.find((e) => e.offset <= o && o < e.offset + e.length)!.type;
+      expect(at(0)).toBe(0); // data of the image
+      expect(at(MiB + 1)).toBe(3); // zero cluster: hole, zero
+      expect(at(4 * MiB)).toBe(0); // the raw backing file: data
+      expect(at(12 * MiB)).toBe(3); // past the backing file's end
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it("is declared in a config file: qcow2: PATH, and with backing: none the backing file is not read", async () => {
+    const dir = tempDir("nbdstack-qcow2-");
+    randomImage(path.join(dir, "base.raw"), 8 * MiB, 4);
+    const top = create(dir, "top.qcow2", ["-b", "base.raw", "-F", "raw"], "");
+    qio("qcow2", top, "write -P 0x23 3M 100k");
+    fs.writeFileSync(
+      path.join(dir, "exports.yaml"),
+      ["exports:", "  - name: chain", "    stack: qcow2:top.qcow2", "  - name: alone", "    stack:", "      - qcow2: top.qcow2", "        backing: none", "        l2-cache: 1M", "        read-only: true", ""].join("\n"),
+    );
+    const srv = await serve(["--config", path.join(dir, "exports.yaml")], 2);
+    try {
+      const [chain, alone] = ["chain", "alone"].map((n) => srv.uris.find((u) => u.endsWith(`/${n}`))!);
+      qimg("compare", "-q", "-f", "raw", "-F", "qcow2", chain!, top);
+      expect(run("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x23 3M 100k", "-c", "read -P 0 0 3M", "-c", "read -P 0 4M 4M", alone!])).not.toMatch(/Pattern verification failed/);
+      expect(run("nbdinfo", ["--list", srv.uri.replace(/\/[^/]*$/, "")])).toMatch(/qcow2:.*top\.qcow2 → file:.*base\.raw/);
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  describe("refuses what it cannot serve, naming the feature", () => {
+    let dir: string;
+    beforeAll(() => {
+      dir = tempDir("nbdstack-qcow2-bad-");
+    });
+    const refusal = (image: string): string => {
+      const r = spawnSync(process.execPath, [CLI, "serve", "--listen", "127.0.0.1:0", image], { encoding: "utf8", timeout: 20_000 });
+      expect(r.status).not.toBe(0);
+      return r.stderr;
+    };
+
+    it("encryption", () => {
+      const f = path.join(dir, "enc.qcow2");
+      qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=123456", "-o", "encrypt.format=luks,encrypt.key-secret=s0", f, "1M");
+      expect(refusal(f)).toMatch(/qcow2 feature "encryption \(LUKS\)" is not supported/);
+    });
+    it("an external data file", () => {
+      const f = create(dir, "ext.qcow2", ["-o", `data_file=${path.join(dir, "ext.raw")}`], "1M");
+      expect(refusal(f)).toMatch(/qcow2 feature "external data file/);
+    });
+    it("extended L2 entries", () => {
+      const f = create(dir, "l2x.qcow2", ["-o", "extended_l2=on"], "1M");
+      expect(refusal(f)).toMatch(/qcow2 feature "extended L2 entries \(subclusters\)" is not supported; convert it: qemu-img convert/);
+    });
+    it("zstd compression", () => {
+      const f = create(dir, "zstd.qcow2", ["-o", "compression_type=zstd"], "1M");
+      expect(refusal(f)).toMatch(/qcow2 feature "compression type zstd" is not supported/);
+    });
+    it("an image marked corrupt", () => {
+      const f = create(dir, "corrupt.qcow2", [], "1M");
+      orByte(f, 79, 0x02);
+      expect(refusal(f)).toMatch(/marked corrupt \(qcow2 corrupt bit set\); repair it with: qemu-img check -r all/);
+    });
+    it("an unknown incompatible feature", () => {
+      const f = create(dir, "future.qcow2", [], "1M");
+      orByte(f, 79, 0x20);
+      expect(refusal(f)).toMatch(/qcow2 feature "incompatible feature bit 5" is not supported; this layer does not know it/);
+    });
+    it("a missing backing file, and a backing file that is a QEMU protocol", () => {
+      const f = create(dir, "orphan.qcow2", ["-u", "-b", "gone.raw", "-F", "raw"], "1M");
+      expect(refusal(f)).toMatch(/backing file .*gone\.raw not found/);
+      const p = create(dir, "proto.qcow2", ["-u", "-b", "nbd://127.0.0.1:1/x", "-F", "raw"], "1M");
+      expect(refusal(p)).toMatch(/qcow2 feature "backing file "nbd:\/\/127\.0\.0\.1:1\/x" \(a QEMU protocol or json: name\)"/);
+    });
+    it("serves a dirty image (lazy refcounts) read-only, saying how to repair it", async () => {
+      const f = create(dir, "dirty.qcow2", ["-o", "lazy_refcounts=on"], "1M");
+      qio("qcow2", f, "write -P 9 0 64k");
+      orByte(f, 79, 0x01);
+      const srv = await serve([f]);
+      try {
+        for (let i = 0; i < 50 && !srv.stderr().includes("repair it with"); i++) await new Promise((r) => setTimeout(r, 100));
+        expect(srv.stderr()).toContain(`repair it with: qemu-img check -r all ${f}`);
+        expect(run("qemu-io", ["-r", "-f", "raw", "-c", "read -P 9 0 64k", srv.uri])).toMatch(/read 65536\/65536/);
+        const w = spawnSync("qemu-io", ["-f", "raw", "-c", "write 0 4k", srv.uri], { encoding: "utf8" });
+        expect(w.stdout + w.stderr).toMatch(/write failed|read-only|Operation not permitted|Permission denied/i);
+      } finally {
+        await srv.stop();
+      }
+    });
+  });
+});
