@@ -27,9 +27,9 @@ const canRun = needGuest() && needNetns() && needEtcd();
  * With a write-back cache (QEMU's default) a cut-off owner may take writes with it that it
  * acknowledged through port B and nobody flushed yet; the node that takes over then fails the
  * guest's next FLUSH (README, "A FLUSH never vouches for writes that may be lost"), and ext4
- * aborts its journal and goes read-only: seen in 4 of 16 runs of this test with the cache on
+ * aborts its journal and goes read-only: seen in 5 of 30 runs of this test with the cache on
  * (VM_WRITE_CACHE=on), each with the new owner logging "each client's next FLUSH fails"; none in
- * 11 runs write-through.
+ * 16 runs write-through.
  */
 describe.skipIf(!canRun)("a QEMU guest on the three-host lab", () => {
   let lab: Lab;
