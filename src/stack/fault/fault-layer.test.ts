@@ -224,3 +224,25 @@ describe("FaultLayer", () => {
     expect((await cut(9)).dev.equals(a.dev)).toBe(true);
   });
 });
+
+/**
+ * Nemesis seed 23 (30 min, copy node): a live copy into a node was abandoned while one of its
+ * 1 MiB writes waited in the node's fault layer (a delay rule); the layer closed, the write then
+ * landed in the power-loss cache of the closed layer, and when the node owned the image again its
+ * first FLUSH wrote that stale copy over thousands of newer, durable writes.
+ */
+describe("FaultLayer: a write still waiting for its fault when the layer closes never lands", () => {
+  it("refuses it (ESHUTDOWN) and keeps it out of the device and of the next session's power-loss cache", async () => {
+    const { port, fault } = await stack({ powerloss: true });
+    fault.addRule("op=pwrite,delay=80ms..80ms");
+    const late = outcome(fault.pwrite(Buffer.alloc(4096, 7), 0, plainIo));
+    await new Promise((r) => setTimeout(r, 10));
+    await fault.close();
+    await fault.open();
+    expect(await late).toBe("ESHUTDOWN");
+    await fault.flush(plainIo); // the next session's first FLUSH writes nothing of it
+    const back = Buffer.alloc(4096);
+    await port.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.alloc(4096))).toBe(true);
+  });
+});

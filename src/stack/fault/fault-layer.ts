@@ -35,6 +35,8 @@ export class FaultLayer extends PassthroughLayer {
   private volatile: Volatile[] = [];
   private powered = true;
   private persisting: Promise<void> = Promise.resolve();
+  /** Bumped by close(): a write that was still waiting for its fault (a delay) when the layer closed never lands. */
+  private session = 0;
   readonly counts = { injected: 0, delayed: 0, stalled: 0, corrupted: 0, lostWrites: 0 };
 
   constructor(
@@ -76,6 +78,7 @@ export class FaultLayer extends PassthroughLayer {
    * not (port A fenced after the lease was lost) must never write them later, over another owner's.
    */
   override async close(): Promise<void> {
+    this.session++;
     const s = this.stalled;
     this.stalled = [];
     for (const w of s) w.stop(new NbdError("ESHUTDOWN", "the fault layer closed while this request was stalled"));
@@ -187,22 +190,33 @@ export class FaultLayer extends PassthroughLayer {
     }
   }
 
+  /** A write that waited (an injected delay) across a close: it must not reach the device, or a later session's cache. */
+  private closedSince(session: number, op: string): void {
+    if (session !== this.session) throw new NbdError("ESHUTDOWN", `the fault layer closed while this ${op} waited for its fault`);
+  }
+
   private async faultyPwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    const session = this.session;
     await this.inject("pwrite", offset, buf.length, io);
+    this.closedSince(session, "write");
     if (!this.opts.powerloss) return this.next.pwrite(buf, offset, io);
     this.volatile.push({ offset, data: Buffer.from(buf) });
     if (io.fua) await this.persist();
   }
 
   override async zero(length: number, offset: number, io: Io): Promise<void> {
+    const session = this.session;
     await this.inject("zero", offset, length, io);
+    this.closedSince(session, "write zeroes");
     if (!this.opts.powerloss) return this.next.zero(length, offset, io);
     this.volatile.push({ offset, data: Buffer.alloc(length) });
     if (io.fua) await this.persist();
   }
 
   override async trim(length: number, offset: number, io: Io): Promise<void> {
+    const session = this.session;
     await this.inject("trim", offset, length, io);
+    this.closedSince(session, "trim");
     if (!this.opts.powerloss) return this.next.trim(length, offset, io);
     await this.persist(); // trim goes straight down; earlier writes first, so order is kept
     return this.next.trim(length, offset, io);
