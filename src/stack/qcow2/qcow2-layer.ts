@@ -379,7 +379,7 @@ export class Qcow2Layer implements Layer {
         pos += r.length;
       }
       if (slow >= 0) await this.meta.locked(() => this.writeLocked(buf.subarray(slow), offset + slow, direct));
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
@@ -388,7 +388,8 @@ export class Qcow2Layer implements Layer {
   /**
    * Writes `data` at guest `offset` under the metadata lock: clusters of ours in place, the others
    * into new clusters (the rest of a partly written one copied from what it held), then the L2
-   * entries. Old data copied into a new cluster is made durable before the entry points to it.
+   * entries, in the cache: the data is in the file before any reader sees the entries, and durable
+   * before the entries are written back (qcow2-meta.ts, writeback).
    */
   private async writeLocked(data: Buffer, offset: number, io: Io): Promise<void> {
     const cs = this.cs;
@@ -411,7 +412,6 @@ export class Qcow2Layer implements Layer {
     }
     if (targets.length === 0) return;
     const hosts = await this.meta.allocate(targets.length);
-    let copied = false;
     const whole = (k: number) => targets[k]! * cs >= offset && (targets[k]! + 1) * cs <= end;
     for (let k = 0; k < targets.length; ) {
       const gc = targets[k]!;
@@ -424,16 +424,13 @@ export class Qcow2Layer implements Layer {
       }
       const c = Buffer.alloc(cs);
       const [hi, lo] = olds[k]!;
-      const kind = this.kind(hi, lo);
       await this.readCluster(c, gc, hi, lo, io);
-      if (!(kind === ZERO || (kind === UNALLOC && !this.backing))) copied = true;
       const s = Math.max(offset, gc * cs);
       const e = Math.min(end, (gc + 1) * cs);
       data.copy(c, s - gc * cs, s - offset, e - offset);
       await this.data.pwrite(c, hosts[k]!, io);
       k++;
     }
-    if (copied) await this.meta.sync();
     await this.meta.setEntries(
       targets,
       hosts.map((h) => ownedEntry(h)),
@@ -489,7 +486,7 @@ export class Qcow2Layer implements Layer {
         }
         await this.meta.setEntries(clusters, values);
       });
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
@@ -522,7 +519,7 @@ export class Qcow2Layer implements Layer {
         }
         await this.meta.setEntries(clusters, values);
       });
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
@@ -539,7 +536,7 @@ export class Qcow2Layer implements Layer {
     if (this.readOnly) return;
     this.tracker.enter();
     try {
-      await this.meta.locked(() => this.meta.flush());
+      await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
