@@ -307,6 +307,12 @@ export class Qcow2Meta {
     return this.reserved.splice(0, n).map((c) => c * this.cs);
   }
 
+  /** Gives back clusters from `allocate` that nothing references (a write that failed before it linked them). */
+  unreserve(hosts: number[]): void {
+    this.reserved.push(...hosts.map((h) => h / this.cs));
+    this.reserved.sort((a, b) => a - b);
+  }
+
   private async reserve(n: number): Promise<void> {
     const found: number[] = [];
     let c = Math.max(1, this.freeHint);
