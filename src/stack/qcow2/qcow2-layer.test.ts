@@ -2,7 +2,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { needTools } from "../../../test/helpers/tools.js";
 import { plainIo, type Io } from "../layer.js";
 import { createQcow2Layer } from "./qcow2-layer.js";
@@ -98,6 +98,58 @@ describe("qcow2 layer on hand-made images", () => {
       expect(b2.equals(model)).toBe(true);
     });
   }
+
+  it("allocating writes and zeroes sharing clusters, all at once, lose nothing; a flush then makes at most three fdatasyncs", async () => {
+    const size = 2 * 1024 * 1024;
+    const file = makeImage("race.qcow2", size, 12);
+    const layer = createQcow2Layer({ path: file, l2Cache: 1, refcountCache: 1 });
+    await layer.open();
+    await layer.pwrite(Buffer.alloc(size, 0x11), 0, io);
+    // Zero, allocated: every cluster stays ours, flagged zero, so each write below allocates again.
+    await layer.zero(size, 0, { ...io, mayTrim: false });
+    const syncs = vi.spyOn(fs, "fdatasync");
+    const model = Buffer.alloc(size);
+    const rnd = prng(99);
+    const slots = Array.from({ length: Math.floor(size / 1500) }, (_, i) => i).sort(() => rnd() - 0.5);
+    await Promise.all(
+      slots.map(async (s, i) => {
+        // Neighbouring slots share clusters; a zero of a slot (already zero) copies its clusters' other bytes.
+        if (i % 3 === 0) return layer.zero(1500, s * 1500, { ...io, mayTrim: i % 2 === 0 });
+        const data = Buffer.alloc(1500, (i % 250) + 1);
+        data.copy(model, s * 1500);
+        return layer.pwrite(data, s * 1500, io);
+      }),
+    );
+    // Tiny caches: dirty tables past their size are written back (with their syncs) as they fill up.
+    const written = syncs.mock.calls.length;
+    const back = Buffer.alloc(size);
+    await layer.pread(back, 0, io);
+    expect(back.equals(model)).toBe(true);
+    await layer.flush(io);
+    expect(syncs.mock.calls.length - written).toBeLessThanOrEqual(3);
+    syncs.mockRestore();
+    await layer.close();
+    check(file);
+    const again = createQcow2Layer({ path: file, readOnly: true });
+    await again.open();
+    await again.pread(back, 0, io);
+    await again.close();
+    expect(back.equals(model)).toBe(true);
+  });
+
+  it("allocates without fdatasync until a flush", async () => {
+    const file = makeImage("nosync.qcow2", 4 * 1024 * 1024, 16);
+    const layer = createQcow2Layer({ path: file });
+    await layer.open();
+    const syncs = vi.spyOn(fs, "fdatasync");
+    await Promise.all(Array.from({ length: 40 }, (_, i) => layer.pwrite(Buffer.alloc(4096, i + 1), i * 65536 + 512, io)));
+    expect(syncs).not.toHaveBeenCalled();
+    await layer.flush(io);
+    expect(syncs.mock.calls.length).toBe(3); // refcounts | L2 table | L1, then the flush's own
+    syncs.mockRestore();
+    await layer.close();
+    check(file);
+  });
 
   it("zeroes and trims: whole clusters by their flags, partial ones written; extents say so", async () => {
     const cs = 4096;

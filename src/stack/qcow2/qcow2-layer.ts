@@ -443,7 +443,7 @@ export class Qcow2Layer implements Layer {
         k = j;
         continue;
       }
-      const c = Buffer.alloc(cs);
+      const c = Buffer.allocUnsafe(cs); // readCluster fills it whole
       const [hi, lo] = olds[k]!;
       await this.readCluster(c, gc, hi, lo, io);
       const s = Math.max(offset, gc * cs);
