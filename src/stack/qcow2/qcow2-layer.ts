@@ -475,8 +475,10 @@ export class Qcow2Layer implements Layer {
 
   /**
    * An allocating write, concurrent with others: the lock is held only to plan (tables, new
-   * clusters) and to link, not while old data is copied and new data written. Its target clusters
-   * are in flight meanwhile, and every other change to them waits (lockedClusters).
+   * clusters) and to link, not while old data is copied and new data written. Its guest clusters
+   * are in flight meanwhile, and every other change to them waits (lockedClusters): no other
+   * write, zero or trim changes their entries, so the old data copied and the clusters of ours
+   * written in place stay theirs.
    */
   private async writeAlloc(data: Buffer, offset: number, io: Io): Promise<void> {
     const cs = this.cs;
@@ -486,7 +488,7 @@ export class Qcow2Layer implements Layer {
     const settled = new Promise<void>((r) => (done = r));
     const p = await this.lockedClusters(first, last, async () => {
       const plan = await this.plan(data, offset);
-      for (const gc of plan.targets) this.inflight.set(gc, settled);
+      for (let gc = first; gc <= last; gc++) this.inflight.set(gc, settled);
       return plan;
     });
     let filled = false;
@@ -495,7 +497,7 @@ export class Qcow2Layer implements Layer {
       filled = true;
       if (p.targets.length) await this.meta.locked(() => this.link(p));
     } finally {
-      for (const gc of p.targets) this.inflight.delete(gc);
+      for (let gc = first; gc <= last; gc++) this.inflight.delete(gc);
       done();
       // Not linked: the new clusters are unreferenced and go back to the reserve.
       if (!filled && p.hosts.length) this.meta.unreserve(p.hosts);
