@@ -72,8 +72,10 @@ const MAX_REQUEST = 32 * 1024 * 1024;
  * This class is the I/O path; the tables, refcounts, allocation and the order of metadata
  * updates are in qcow2-meta.ts. Reads, and writes into clusters the image owns (COPIED), go
  * straight to the file at the host offset without a lock. Writes that need a cluster (unallocated,
- * zero, compressed, shared with a snapshot), zero and trim run one at a time under the metadata
- * lock, and look at the tables again once they hold it.
+ * zero, compressed, shared with a snapshot) take the metadata lock to plan (look at the tables
+ * again, allocate) and to link (change L2 entries), and run concurrently in between, copying and
+ * writing data; their guest clusters are in flight meanwhile. Zero and trim run under the lock
+ * once none of their clusters is in flight.
  */
 export class Qcow2Layer implements Layer {
   private meta!: Qcow2Meta;

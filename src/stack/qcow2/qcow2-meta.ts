@@ -4,21 +4,25 @@ import { COMPRESSED_HI, COPIED_HI, HDR, compressedExtent, corrupt, entryOffset, 
 
 /**
  * The metadata of an open qcow2 image (nbdkit's blk.c to the layer's cow.c): the L1 table, the L2
- * tables and refcount blocks (cached), and cluster allocation. The caches are write-through: every
- * change is written to the file at once, with a synchronous write made right after the cached
- * table changed, so nothing can read a table between the two and the file never lags the cache.
+ * tables and refcount blocks (cached), and cluster allocation. The caches are writeback, as QEMU's
+ * (block/qcow2-cache.c): a change is made in the cached table, which is dirty until written back;
+ * lookups see it at once, and a dirty table is never evicted.
  *
- * Crash safety (see README.md, "Update order"): a reference is written only after what it points
- * to is durable, and a reference is dropped before the count of its cluster is lowered:
- * 1. clusters are reserved in batches: their refcounts are written (new refcount blocks and a
- *    grown refcount table first), then fdatasync;
- * 2. the layer writes data into reserved clusters (and, when it copied old data into a cluster
- *    it writes in part, fdatasyncs);
- * 3. a new L2 table is written whole, fdatasync, then its L1 entry;
- * 4. L2 entries are written;
- * 5. counts of clusters no longer referenced are lowered only after the next fdatasync (flush).
- * A crash at any point leaves at worst clusters counted but unreferenced (leaks), never a
- * reference to a cluster counted zero or to a table not on disk.
+ * Crash safety (see README.md, "Update order"): a reference reaches the file only after what it
+ * points to is durable, and the count of a cluster is lowered only after the reference that held
+ * it is durably gone. As changes are made:
+ * 1. clusters are reserved in batches: their refcounts set to 1 in the cache (a new refcount block
+ *    is written and made durable before the refcount table points to it, a grown refcount table
+ *    before the header does: rare, and done at once);
+ * 2. the layer writes data into reserved clusters, then changes L2 entries in the cache (a new L2
+ *    table is made in the cache, its L1 entry changed in memory);
+ * 3. counts of clusters no longer referenced are lowered only after a flush's last fdatasync.
+ * Write-back (writeback: at a flush, at close, and when a cache holds more dirty tables than its
+ * size) keeps QEMU's dependency order, a group and an fdatasync at a time: dirty refcount blocks,
+ * fdatasync (counts and data durable); dirty L2 tables, fdatasync; dirty L1 entries; a flush then
+ * ends with its own fdatasync. A crash at any point leaves at worst clusters counted but
+ * unreferenced (leaks), never a reference to a cluster counted zero, to a table not on disk or
+ * to data not on disk.
  *
  * Every change runs under one lock (`locked`); lookups need none.
  */
