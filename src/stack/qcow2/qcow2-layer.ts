@@ -52,6 +52,14 @@ const OWNED = 2;
 const SHARED = 3;
 const COMPRESSED = 4;
 
+/** A write's clusters: of ours (guest cluster, host offset), and those that get new clusters. */
+interface WritePlan {
+  owned: Array<[number, number]>;
+  targets: number[];
+  olds: Array<[number, number]>;
+  hosts: number[];
+}
+
 const HOLE_ZERO = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
 const DONE: Promise<void> = Promise.resolve();
 const MAX_REQUEST = 32 * 1024 * 1024;
@@ -64,8 +72,10 @@ const MAX_REQUEST = 32 * 1024 * 1024;
  * This class is the I/O path; the tables, refcounts, allocation and the order of metadata
  * updates are in qcow2-meta.ts. Reads, and writes into clusters the image owns (COPIED), go
  * straight to the file at the host offset without a lock. Writes that need a cluster (unallocated,
- * zero, compressed, shared with a snapshot), zero and trim run one at a time under the metadata
- * lock, and look at the tables again once they hold it.
+ * zero, compressed, shared with a snapshot) take the metadata lock to plan (look at the tables
+ * again, allocate) and to link (change L2 entries), and run concurrently in between, copying and
+ * writing data; their guest clusters are in flight meanwhile. Zero and trim run under the lock
+ * once none of their clusters is in flight.
  */
 export class Qcow2Layer implements Layer {
   private meta!: Qcow2Meta;
@@ -81,6 +91,8 @@ export class Qcow2Layer implements Layer {
   private readOnly: boolean;
   private zeroCluster!: Buffer;
   private readonly tracker = new InflightTracker();
+  /** Guest clusters with an allocating write between its plan and its link, and when it ends. */
+  private readonly inflight = new Map<number, Promise<void>>();
   /** The last compressed cluster inflated (a client reads one in several requests). */
   private inflated: { hi: number; lo: number; buf: Buffer } | null = null;
 
@@ -372,46 +384,57 @@ export class Qcow2Layer implements Layer {
       for (let pos = 0; pos < buf.length; ) {
         const r = await this.run(offset + pos, buf.length - pos);
         if (r.kind === OWNED) {
-          if (slow >= 0) await this.meta.locked(() => this.writeLocked(buf.subarray(slow, pos), offset + slow, direct));
+          if (slow >= 0) await this.writeAlloc(buf.subarray(slow, pos), offset + slow, direct);
           slow = -1;
           await this.data.pwrite(buf.subarray(pos, pos + r.length), r.host, direct);
         } else if (slow < 0) slow = pos;
         pos += r.length;
       }
-      if (slow >= 0) await this.meta.locked(() => this.writeLocked(buf.subarray(slow), offset + slow, direct));
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (slow >= 0) await this.writeAlloc(buf.subarray(slow), offset + slow, direct);
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
   }
 
   /**
-   * Writes `data` at guest `offset` under the metadata lock: clusters of ours in place, the others
-   * into new clusters (the rest of a partly written one copied from what it held), then the L2
-   * entries. Old data copied into a new cluster is made durable before the entry points to it.
+   * What a write at guest `offset` needs (under the metadata lock): clusters of ours are written in
+   * place (`owned`: guest cluster, host offset); the others (`targets`, with their old entries) get
+   * new clusters (`hosts`), counted in the cache.
    */
-  private async writeLocked(data: Buffer, offset: number, io: Io): Promise<void> {
+  private async plan(data: Buffer, offset: number): Promise<WritePlan> {
     const cs = this.cs;
     const end = offset + data.length;
-    const targets: number[] = [];
-    const olds: Array<[number, number]> = [];
+    const p: WritePlan = { owned: [], targets: [], olds: [], hosts: [] };
     for (let gc = Math.floor(offset / cs); gc * cs < end; gc++) {
       const t = await this.table(gc);
       const idx = gc % this.l2e;
       const hi = t ? t.readUInt32BE(idx * 8) : 0;
       const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
-      if (this.kind(hi, lo) === OWNED) {
-        const s = Math.max(offset, gc * cs);
-        const e = Math.min(end, (gc + 1) * cs);
-        await this.data.pwrite(data.subarray(s - offset, e - offset), entryOffset(hi, lo) + (s - gc * cs), io);
-        continue;
+      if (this.kind(hi, lo) === OWNED) p.owned.push([gc, entryOffset(hi, lo)]);
+      else {
+        p.targets.push(gc);
+        p.olds.push([hi, lo]);
       }
-      targets.push(gc);
-      olds.push([hi, lo]);
     }
-    if (targets.length === 0) return;
-    const hosts = await this.meta.allocate(targets.length);
-    let copied = false;
+    if (p.targets.length) p.hosts = await this.meta.allocate(p.targets.length);
+    return p;
+  }
+
+  /**
+   * Writes the data of a plan: in place for clusters of ours, whole into new clusters, or merged
+   * with what a partly written cluster held (the backing file, zeroes, the compressed or shared
+   * cluster: its old entry cannot change meanwhile, see lockedClusters).
+   */
+  private async fill(data: Buffer, offset: number, p: WritePlan, io: Io): Promise<void> {
+    const cs = this.cs;
+    const end = offset + data.length;
+    for (const [gc, host] of p.owned) {
+      const s = Math.max(offset, gc * cs);
+      const e = Math.min(end, (gc + 1) * cs);
+      await this.data.pwrite(data.subarray(s - offset, e - offset), host + (s - gc * cs), io);
+    }
+    const { targets, hosts, olds } = p;
     const whole = (k: number) => targets[k]! * cs >= offset && (targets[k]! + 1) * cs <= end;
     for (let k = 0; k < targets.length; ) {
       const gc = targets[k]!;
@@ -422,22 +445,96 @@ export class Qcow2Layer implements Layer {
         k = j;
         continue;
       }
-      const c = Buffer.alloc(cs);
+      const c = Buffer.allocUnsafe(cs); // readCluster fills it whole
       const [hi, lo] = olds[k]!;
-      const kind = this.kind(hi, lo);
       await this.readCluster(c, gc, hi, lo, io);
-      if (!(kind === ZERO || (kind === UNALLOC && !this.backing))) copied = true;
       const s = Math.max(offset, gc * cs);
       const e = Math.min(end, (gc + 1) * cs);
       data.copy(c, s - gc * cs, s - offset, e - offset);
       await this.data.pwrite(c, hosts[k]!, io);
       k++;
     }
-    if (copied) await this.meta.sync();
-    await this.meta.setEntries(
-      targets,
-      hosts.map((h) => ownedEntry(h)),
+  }
+
+  /** Points the L2 entries of a plan's targets to their new clusters (in the cache; under the lock). */
+  private link(p: WritePlan): Promise<void> {
+    return this.meta.setEntries(
+      p.targets,
+      p.hosts.map((h) => ownedEntry(h)),
     );
+  }
+
+  /**
+   * Writes `data` at guest `offset` all under the metadata lock (zero's partial clusters): plan,
+   * fill, link. The data is in the file before any reader sees the entries, and durable before the
+   * entries are written back (qcow2-meta.ts, writeback).
+   */
+  private async writeLocked(data: Buffer, offset: number, io: Io): Promise<void> {
+    const p = await this.plan(data, offset);
+    await this.fill(data, offset, p, io);
+    if (p.targets.length) await this.link(p);
+  }
+
+  /**
+   * An allocating write, concurrent with others: the lock is held only to plan (tables, new
+   * clusters) and to link, not while old data is copied and new data written. Its guest clusters
+   * are in flight meanwhile, and every other change to them waits (lockedClusters): no other
+   * write, zero or trim changes their entries, so the old data copied and the clusters of ours
+   * written in place stay theirs.
+   */
+  private async writeAlloc(data: Buffer, offset: number, io: Io): Promise<void> {
+    const cs = this.cs;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + data.length - 1) / cs);
+    let done!: () => void;
+    const settled = new Promise<void>((r) => (done = r));
+    const p = await this.lockedClusters(first, last, async () => {
+      const plan = await this.plan(data, offset);
+      for (let gc = first; gc <= last; gc++) this.inflight.set(gc, settled);
+      return plan;
+    });
+    let filled = false;
+    try {
+      await this.fill(data, offset, p, io);
+      filled = true;
+      if (p.targets.length) await this.meta.locked(() => this.link(p));
+    } finally {
+      for (let gc = first; gc <= last; gc++) this.inflight.delete(gc);
+      done();
+      // Not linked: the new clusters are unreferenced and go back to the reserve.
+      if (!filled && p.hosts.length) this.meta.unreserve(p.hosts);
+    }
+  }
+
+  /** An allocating write in flight on one of guest clusters [first, last], or null. */
+  private busy(first: number, last: number): Promise<void> | null {
+    if (this.inflight.size === 0) return null;
+    if (this.inflight.size < last - first + 1) {
+      for (const [gc, w] of this.inflight) if (gc >= first && gc <= last) return w;
+      return null;
+    }
+    for (let gc = first; gc <= last; gc++) {
+      const w = this.inflight.get(gc);
+      if (w) return w;
+    }
+    return null;
+  }
+
+  /** Runs `fn` under the metadata lock when no allocating write is in flight on guest clusters [first, last]. */
+  private async lockedClusters<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      const w = this.busy(first, last);
+      if (w) {
+        await w;
+        continue;
+      }
+      const r = await this.meta.locked(async (): Promise<{ wait: Promise<void> } | { value: T }> => {
+        const b = this.busy(first, last);
+        return b ? { wait: b } : { value: await fn() };
+      });
+      if ("value" in r) return r.value;
+      await r.wait;
+    }
   }
 
   /**
@@ -470,7 +567,7 @@ export class Qcow2Layer implements Layer {
     this.tracker.enter();
     try {
       const direct = io.fua ? { ...io, fua: false } : io;
-      await this.meta.locked(async () => {
+      await this.lockedClusters(Math.floor(offset / this.cs), Math.floor((offset + length - 1) / this.cs), async () => {
         for (const p of [head, tail]) if (p) await this.writeZeroes(p[0], p[1], direct);
         if (last <= first) return;
         if (!this.v3 && (this.backing || !io.mayTrim)) return this.writeZeroes(first * this.cs, Math.min(last * this.cs, this.header.size), direct);
@@ -489,7 +586,7 @@ export class Qcow2Layer implements Layer {
         }
         await this.meta.setEntries(clusters, values);
       });
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
@@ -506,7 +603,7 @@ export class Qcow2Layer implements Layer {
     if (last <= first) return;
     this.tracker.enter();
     try {
-      await this.meta.locked(async () => {
+      await this.lockedClusters(first, last - 1, async () => {
         const clusters: number[] = [];
         const values: Array<[number, number]> = [];
         for (let gc = first; gc < last; gc++) {
@@ -522,7 +619,7 @@ export class Qcow2Layer implements Layer {
         }
         await this.meta.setEntries(clusters, values);
       });
-      if (io.fua) await this.meta.locked(() => this.meta.flush());
+      if (io.fua) await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }
@@ -539,7 +636,7 @@ export class Qcow2Layer implements Layer {
     if (this.readOnly) return;
     this.tracker.enter();
     try {
-      await this.meta.locked(() => this.meta.flush());
+      await this.meta.flushShared();
     } finally {
       this.tracker.leave();
     }

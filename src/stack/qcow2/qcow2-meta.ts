@@ -4,21 +4,25 @@ import { COMPRESSED_HI, COPIED_HI, HDR, compressedExtent, corrupt, entryOffset, 
 
 /**
  * The metadata of an open qcow2 image (nbdkit's blk.c to the layer's cow.c): the L1 table, the L2
- * tables and refcount blocks (cached), and cluster allocation. The caches are write-through: every
- * change is written to the file at once, with a synchronous write made right after the cached
- * table changed, so nothing can read a table between the two and the file never lags the cache.
+ * tables and refcount blocks (cached), and cluster allocation. The caches are writeback, as QEMU's
+ * (block/qcow2-cache.c): a change is made in the cached table, which is dirty until written back;
+ * lookups see it at once, and a dirty table is never evicted.
  *
- * Crash safety (see README.md, "Update order"): a reference is written only after what it points
- * to is durable, and a reference is dropped before the count of its cluster is lowered:
- * 1. clusters are reserved in batches: their refcounts are written (new refcount blocks and a
- *    grown refcount table first), then fdatasync;
- * 2. the layer writes data into reserved clusters (and, when it copied old data into a cluster
- *    it writes in part, fdatasyncs);
- * 3. a new L2 table is written whole, fdatasync, then its L1 entry;
- * 4. L2 entries are written;
- * 5. counts of clusters no longer referenced are lowered only after the next fdatasync (flush).
- * A crash at any point leaves at worst clusters counted but unreferenced (leaks), never a
- * reference to a cluster counted zero or to a table not on disk.
+ * Crash safety (see README.md, "Update order"): a reference reaches the file only after what it
+ * points to is durable, and the count of a cluster is lowered only after the reference that held
+ * it is durably gone. As changes are made:
+ * 1. clusters are reserved in batches: their refcounts set to 1 in the cache (a new refcount block
+ *    is written and made durable before the refcount table points to it, a grown refcount table
+ *    before the header does: rare, and done at once);
+ * 2. the layer writes data into reserved clusters, then changes L2 entries in the cache (a new L2
+ *    table is made in the cache, its L1 entry changed in memory);
+ * 3. counts of clusters no longer referenced are lowered only after a flush's last fdatasync.
+ * Write-back (writeback: at a flush, at close, and when a cache holds more dirty tables than its
+ * size) keeps QEMU's dependency order, a group and an fdatasync at a time: dirty refcount blocks,
+ * fdatasync (counts and data durable); dirty L2 tables, fdatasync; dirty L1 entries; a flush then
+ * ends with its own fdatasync. A crash at any point leaves at worst clusters counted but
+ * unreferenced (leaks), never a reference to a cluster counted zero, to a table not on disk or
+ * to data not on disk.
  *
  * Every change runs under one lock (`locked`); lookups need none.
  */
@@ -43,9 +47,23 @@ function batchOf(cs: number): number {
 /** Host offsets stay below 2^56 (bits 9-55 of an entry). */
 const MAX_HOST = 2 ** 56;
 
+/**
+ * Tables by file offset, least recently used first. A table changed in memory is dirty (the bytes
+ * changed, as one range) until it is written back; only clean tables are evicted, so the file
+ * holds every table the cache does not, and a cache of dirty tables may grow past `max` until
+ * the next write-back.
+ */
 class TableCache {
   private readonly map = new Map<number, Buffer>();
+  /** Offset → [start, end) of the bytes changed since the table was last written. */
+  readonly dirty = new Map<number, [number, number]>();
   constructor(private readonly max: number) {}
+  get overfull(): boolean {
+    return this.map.size > this.max;
+  }
+  peek(offset: number): Buffer | undefined {
+    return this.map.get(offset);
+  }
   get(offset: number): Buffer | undefined {
     const b = this.map.get(offset);
     if (b && this.map.size > 1) {
@@ -58,10 +76,31 @@ class TableCache {
   set(offset: number, b: Buffer): void {
     this.map.delete(offset);
     this.map.set(offset, b);
-    while (this.map.size > this.max) this.map.delete(this.map.keys().next().value!);
+    this.shrink();
   }
-  delete(offset: number): void {
-    this.map.delete(offset);
+  /**
+   * Bytes [start, end) of `b`, the table at `offset`, were changed. `b` may have been evicted (clean)
+   * while its changer awaited something: it goes back in, replacing any copy read since.
+   */
+  markDirty(offset: number, b: Buffer, start: number, end: number): void {
+    if (this.map.get(offset) !== b) {
+      this.map.delete(offset);
+      this.map.set(offset, b);
+    }
+    const d = this.dirty.get(offset);
+    if (!d) this.dirty.set(offset, [start, end]);
+    else {
+      d[0] = Math.min(d[0], start);
+      d[1] = Math.max(d[1], end);
+    }
+  }
+  /** Evicts clean tables, least recently used first, down to `max` (dirty ones stay). */
+  shrink(): void {
+    if (this.map.size <= this.max) return;
+    for (const off of this.map.keys()) {
+      if (this.map.size <= this.max) return;
+      if (!this.dirty.has(off)) this.map.delete(off);
+    }
   }
 }
 
@@ -97,6 +136,10 @@ export class Qcow2Meta {
   /** Tables written while a read of them was in flight: that read may be stale and is made again. */
   private readonly touched = new Set<number>();
   private chain: Promise<unknown> = Promise.resolve();
+  /** L1 entries changed in memory and not yet written (indexes). */
+  private readonly l1Dirty = new Set<number>();
+  /** A flush queued behind the lock and not started yet: later flushes join it. */
+  private queuedFlush: Promise<void> | null = null;
   /** Clusters counted 1 on disk but not used yet (cluster indexes, ascending). */
   private reserved: number[] = [];
   /** Clusters whose count is lowered at the next flush (cluster indexes, one per reference dropped). */
@@ -144,9 +187,17 @@ export class Qcow2Meta {
 
   // ---- the lock ----
 
-  /** Runs `fn` when every change begun before it has finished (one change at a time). */
+  /**
+   * Runs `fn` when every change begun before it has finished (one change at a time). When a cache
+   * holds more dirty tables than its size, they are written back after `fn` (see writeback).
+   */
   locked<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.chain.then(fn, fn);
+    const step = async (): Promise<T> => {
+      const r = await fn();
+      if (this.l2Cache.overfull || this.rbCache.overfull) await this.writeback();
+      return r;
+    };
+    const run = this.chain.then(step, step);
     this.chain = run.catch(() => undefined);
     return run;
   }
@@ -185,6 +236,8 @@ export class Qcow2Meta {
       p = read().then(
         () => {
           this.loading.delete(off);
+          const now = cache.peek(off); // a table made at this offset meanwhile is newer than the file
+          if (now) return now;
           cache.set(off, buf);
           return buf;
         },
@@ -236,7 +289,7 @@ export class Qcow2Meta {
     const b = await this.refBlock(t);
     if (!b) throw corrupt(this.file, `no refcount block for cluster ${c}`);
     const [s, e] = setRefcount(b, c % this.rbEntries, this.refBits, value);
-    this.writeNow(b, s, e, this.rtEntry(t) + s);
+    this.rbCache.markDirty(this.rtEntry(t), b, s, e);
   }
 
   private writeNow(buf: Buffer, start: number, end: number, fileOffset: number): void {
@@ -251,11 +304,17 @@ export class Qcow2Meta {
 
   /**
    * `n` clusters for new data or tables (host offsets, ascending, contiguous where the free space
-   * is). Their refcounts are already 1 and durable.
+   * is). Their refcounts are 1 in the cache (written back before any L2 table that maps them).
    */
   async allocate(n: number): Promise<number[]> {
     if (this.reserved.length < n) await this.reserve(Math.max(n - this.reserved.length, this.batch));
     return this.reserved.splice(0, n).map((c) => c * this.cs);
+  }
+
+  /** Gives back clusters from `allocate` that nothing references (a write that failed before it linked them). */
+  unreserve(hosts: number[]): void {
+    this.reserved.push(...hosts.map((h) => h / this.cs));
+    this.reserved.sort((a, b) => a - b);
   }
 
   private async reserve(n: number): Promise<void> {
@@ -285,7 +344,6 @@ export class Qcow2Meta {
       }
     }
     for (const f of found) await this.setCount(f, 1);
-    await this.sync();
     this.fileEnd = Math.max(this.fileEnd, (found[found.length - 1]! + 1) * this.cs);
     this.reserved.push(...found);
     this.reserved.sort((a, b) => a - b);
@@ -368,7 +426,7 @@ export class Qcow2Meta {
   /**
    * The L2 table of L1 entry `i`, ready to be written: a table of our own (COPIED in L1) as is; a
    * missing one made zeroed, a shared one (an internal snapshot holds it too) copied. A new table
-   * is written and made durable before the L1 entry points to it.
+   * is dirty in the cache and so is its L1 entry: written back table first, then a sync, then L1.
    */
   async writableL2(i: number): Promise<Buffer> {
     if (i >= this.header.l1Size) throw new NbdError("EINVAL", `${this.file}: guest offset beyond the L1 table`);
@@ -378,11 +436,9 @@ export class Qcow2Meta {
     const [at] = await this.allocate(1);
     const table = Buffer.alloc(this.cs);
     old?.copy(table);
-    this.writeNow(table, 0, this.cs, at!);
-    await this.sync();
-    this.l2Cache.set(at!, table);
+    this.l2Cache.markDirty(at!, table, 0, this.cs);
     writeEntry(this.l1, i * 8, ...ownedEntry(at!));
-    this.writeNow(this.l1, i * 8, i * 8 + 8, this.header.l1TableOffset + i * 8);
+    this.l1Dirty.add(i);
     if (old) this.dropEntry(hi, lo);
     return table;
   }
@@ -409,11 +465,7 @@ export class Qcow2Meta {
         lo = Math.min(lo, at);
         hiEnd = Math.max(hiEnd, at + 8);
       }
-      if (hiEnd > lo) {
-        const off = this.l2OffsetOf(i);
-        this.writeNow(table, lo, hiEnd, off + lo);
-        if (this.loading.has(off)) this.touched.add(off);
-      }
+      if (hiEnd > lo) this.l2Cache.markDirty(this.l2OffsetOf(i), table, lo, hiEnd);
     }
   }
 
@@ -422,13 +474,59 @@ export class Qcow2Meta {
     return entryOffset(hi, lo);
   }
 
+  /** Writes the dirty ranges of a cache's tables to the file. */
+  private writeDirty(cache: TableCache): void {
+    for (const [off, [s, e]] of cache.dirty) {
+      this.writeNow(cache.peek(off)!, s, e, off + s);
+      if (this.loading.has(off)) this.touched.add(off);
+    }
+    cache.dirty.clear();
+  }
+
   /**
-   * Makes durable everything written so far, then lowers the counts of clusters whose last
-   * reference was dropped before it (a crash before that leaves them leaked, never in use).
+   * Writes dirty metadata back in dependency order (QEMU's cache dependencies): refcount blocks;
+   * fdatasync (the counts, and the guest data already written, are durable before anything maps
+   * them); L2 tables; fdatasync (a new table is durable before L1 points to it); L1 entries. The
+   * last group is durable at the caller's next sync. Runs under the lock: at a flush, at close,
+   * and when a cache holds more dirty tables than its size.
+   */
+  async writeback(): Promise<void> {
+    this.writeDirty(this.rbCache);
+    if (this.l2Cache.dirty.size > 0) {
+      await this.sync();
+      this.writeDirty(this.l2Cache);
+    }
+    if (this.l1Dirty.size > 0) {
+      await this.sync();
+      for (const i of [...this.l1Dirty].sort((a, b) => a - b)) this.writeNow(this.l1, i * 8, i * 8 + 8, this.header.l1TableOffset + i * 8);
+      this.l1Dirty.clear();
+    }
+    this.rbCache.shrink();
+    this.l2Cache.shrink();
+  }
+
+  /**
+   * A flush under the lock, shared: one asked for while another waits for the lock (not started
+   * yet, so it will cover every write done before this call) joins it.
+   */
+  flushShared(): Promise<void> {
+    if (!this.queuedFlush)
+      this.queuedFlush = this.locked(() => {
+        this.queuedFlush = null;
+        return this.flush();
+      });
+    return this.queuedFlush;
+  }
+
+  /**
+   * Writes back dirty metadata (see writeback) and makes everything durable, then lowers, in the
+   * cache, the counts of clusters whose last reference was dropped before it (a crash before they
+   * are written leaves them leaked, never in use).
    */
   async flush(): Promise<void> {
     const frees = this.pendingFrees;
     this.pendingFrees = [];
+    await this.writeback();
     await this.sync();
     if (frees.length === 0) return;
     const drops = new Map<number, number>();
@@ -452,13 +550,15 @@ export class Qcow2Meta {
     if (doubleFree >= 0) throw corrupt(this.file, `cluster ${doubleFree} was referenced but its refcount is 0`);
   }
 
-  /** At close: flush, and give back the clusters reserved but not used. */
+  /** At close: flush, give back the clusters reserved but not used, and write the counts lowered. */
   async release(): Promise<void> {
     await this.flush();
     const left = this.reserved;
     this.reserved = [];
     for (const c of left) await this.setCount(c, 0);
-    if (left.length) await this.sync();
+    if (this.rbCache.dirty.size === 0) return;
+    this.writeDirty(this.rbCache);
+    await this.sync();
   }
 
   /** Clears autoclear feature bits (bitmaps and others this layer does not keep up to date) before writing. */
