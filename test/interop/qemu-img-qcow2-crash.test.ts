@@ -5,6 +5,7 @@ import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
 import { nbdAddress, randomImage, serve, tempDir } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
+import { prng } from "../helpers/prng.js";
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -12,16 +13,6 @@ const CLUSTER = 4096;
 /** Rounds of write, flush, SIGKILL (more with QCOW2_CRASH_ROUNDS=50). */
 const ROUNDS = Number(process.env.QCOW2_CRASH_ROUNDS ?? 6);
 
-/** xorshift32 in [0, 1), seeded: the same writes and kill times every run. */
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
 
 function bytes(n: number, rnd: () => number): Buffer {
   const b = Buffer.allocUnsafe(n);

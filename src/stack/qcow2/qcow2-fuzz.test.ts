@@ -5,6 +5,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { NbdError } from "../../errors.js";
 import { plainIo } from "../layer.js";
 import { createQcow2Layer } from "./qcow2-layer.js";
+import { prng } from "../../../test/helpers/prng.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qcow2-fuzz-"));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -13,15 +14,6 @@ const CS = 4096;
 const SIZE = 2 * 1024 * 1024;
 const ROUNDS = Number(process.env.QCOW2_FUZZ_ROUNDS ?? 300);
 
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
 
 /** A v3 image with 4 KiB clusters: header, refcount table, refcount block, L1; then data written by the layer. */
 async function seedImage(file: string): Promise<void> {

@@ -6,6 +6,7 @@ import { afterAll, describe, expect, it, vi } from "vitest";
 import { needTools } from "../../../test/helpers/tools.js";
 import { plainIo, type Io } from "../layer.js";
 import { createQcow2Layer } from "./qcow2-layer.js";
+import { prng } from "../../../test/helpers/prng.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qcow2-layer-"));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -50,16 +51,6 @@ function check(file: string): void {
   if (hasQemuImg) execFileSync("qemu-img", ["check", "-q", file], { stdio: "pipe" });
 }
 
-/** xorshift32 in [0, 1). */
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
 
 const io: Io = plainIo;
 
