@@ -84,7 +84,7 @@ program
   .option("--tls-certificates <dir>", "directory in the nbdkit/qemu layout: ca-cert.pem, server-cert.pem, server-key.pem (client-cert.pem, client-key.pem for port B)")
   .option("--tls-verify-peer", "require a client certificate signed by the CA", false)
   .option("--tls-psk <file>", "TLS-PSK keys in psktool's format (identity:hexkey a line); port B uses the first identity")
-  .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "10s")
+  .option("--lease-ttl <duration>", "how long a node's lease on an image lasts without renewal", "5s")
   .option("--etcd <urls>", "with --node-id: keep ownership, membership and the export directory in etcd at these client URLs (comma-separated; nodes on several hosts) instead of lease files beside the images")
   .option("--etcd-prefix <prefix>", "key prefix in etcd of this cluster (default /nbdstack)")
   .option("--etcd-cacert <file>", "PEM CA bundle that etcd's certificates are checked against (https:// endpoints)")

@@ -60,7 +60,7 @@ export class LeaseError extends Error {
   }
 }
 
-export const DEFAULT_TTL_MS = 10_000;
+export const DEFAULT_TTL_MS = 5_000;
 
 export interface LeaseFileOptions {
   /** Monotonic milliseconds (default performance.now): how long this process watched a record. */
