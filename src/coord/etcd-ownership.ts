@@ -348,8 +348,8 @@ export class EtcdOwnership implements Ownership {
    * or a refusal is given on a fresh read only.
    */
   private async cas<T>(plan: (st: State) => Plan<T> | Promise<Plan<T>>, o: { first?: Promise<State>; cached?: boolean } = {}): Promise<T> {
-    let st = o.cached && this.cached ? this.cached : await (o.first ?? this.load());
-    let fromCache = o.cached === true && st === this.cached && !o.first;
+    let fromCache = o.cached === true && this.cached !== null && !o.first;
+    let st = fromCache ? this.cached! : await (o.first ?? this.load());
     for (let round = 1; ; round++) {
       let p: Plan<T>;
       try {
