@@ -22,6 +22,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { has } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -44,7 +45,6 @@ const NBDCOPY = env("NBDCOPY", "1") !== "0";
 if (!["background", "write-blocking"].includes(MODE)) throw new Error(`MODE=${MODE}: background or write-blocking`);
 if (!(MIGRATE_AT > 1) || (DURATION_ENV !== "auto" && !(DURATION > MIGRATE_AT + 3))) throw new Error("need 1 < MIGRATE_AT and MIGRATE_AT + 3 < DURATION");
 
-const has = (cmd) => spawnSync("sh", ["-c", `command -v ${cmd}`]).status === 0;
 let qemuWhy = null;
 if (env("QEMU", "auto") === "0") qemuWhy = "QEMU=0";
 else if (!has("qemu-storage-daemon")) qemuWhy = "qemu-storage-daemon not found (Debian package qemu-system-common)";

@@ -25,6 +25,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { has } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -53,14 +54,6 @@ const QALL = {
   "qcow2-alloc-randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops", overlay: true },
 };
 const qworkloads = QCOW2 === "0" ? [] : (process.env.QCOW2_WORKLOADS ?? Object.keys(QALL).join(" ")).split(/\s+/).filter(Boolean);
-const has = (cmd) => {
-  try {
-    execFileSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-peers-"));
 const base = path.join(dir, "base.img");

@@ -10,6 +10,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { has } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -17,14 +18,6 @@ const { NbdClient } = await import(path.join(ROOT, "dist/client/nbd-client.js"))
 const COUNT = Number(process.env.COUNT ?? 400);
 const SIZE = Number(process.env.SIZE ?? 65536);
 const IMAGE = 256 * 1024 * 1024;
-const has = (cmd) => {
-  try {
-    execFileSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-};
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-trim-"));
 const servers = [
   { name: "nbdstack", port: 10830, cmd: (img) => [process.execPath, CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10830", "--log-level", "warn"] },
