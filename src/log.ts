@@ -1,5 +1,6 @@
+import { createRequire } from "node:module";
 import pino, { type Logger } from "pino";
-import pretty from "pino-pretty";
+import type Pretty from "pino-pretty";
 
 export type { Logger };
 
@@ -22,6 +23,8 @@ export function createLogger(opts: LogOptions = {}): Logger {
   }
   const human = opts.pretty ?? process.stdout.isTTY === true;
   if (human) {
+    // Loaded only for a terminal: a server logging JSON never needs it.
+    const pretty = createRequire(import.meta.url)("pino-pretty") as typeof Pretty;
     return pino({ level }, pretty({ destination: 2, sync: true, colorize: true, ignore: "pid,hostname", translateTime: "HH:MM:ss.l" }));
   }
   return pino({ level }, pino.destination({ dest: 2, sync: true }));

@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
-import { parse, YAMLParseError } from "yaml";
+import { createRequire } from "node:module";
+import type YAML from "yaml";
 import { ConfigError, parseStack, type StackSpec } from "./stack-spec.js";
 import { size } from "./values.js";
 
@@ -138,9 +139,9 @@ export function loadConfig(file: string): ServeConfig {
   }
   let doc: unknown;
   try {
-    doc = parse(text, { prettyErrors: true });
+    doc = yaml().parse(text, { prettyErrors: true });
   } catch (err) {
-    if (err instanceof YAMLParseError) throw new Error(`${file}: ${err.message}`);
+    if (err instanceof yaml().YAMLParseError) throw new Error(`${file}: ${err.message}`);
     throw err;
   }
   try {
@@ -149,4 +150,10 @@ export function loadConfig(file: string): ServeConfig {
     if (err instanceof ConfigError) err.message = `${file}: ${err.message}`;
     throw err;
   }
+}
+
+/** The yaml module, loaded when a config file is read (a server without one never needs it). */
+let yamlModule: typeof YAML | null = null;
+function yaml(): typeof YAML {
+  return (yamlModule ??= createRequire(import.meta.url)("yaml") as typeof YAML);
 }

@@ -1,4 +1,6 @@
-import { Counter, Gauge, Registry } from "prom-client";
+import { createRequire } from "node:module";
+import type PromClient from "prom-client";
+import type { Registry } from "prom-client";
 import type { CopyJob, CopyProgress } from "../copy/progress.js";
 import { publicExportLabel } from "../internal-exports.js";
 import { Cmd } from "../protocol/constants.js";
@@ -64,14 +66,23 @@ const COPY_STATES = ["running", "done", "failed"] as const;
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
  * and op; connections; and, through collectors, migration and fault state.
  */
+/**
+ * prom-client, loaded when the first Metrics is made: a server without a control API never
+ * collects metrics, and the module costs ~5 MiB of resident memory.
+ */
+let prom: typeof PromClient | null = null;
+function promClient(): typeof PromClient {
+  return (prom ??= createRequire(import.meta.url)("prom-client") as typeof PromClient);
+}
+
 export class Metrics {
-  readonly registry = new Registry();
-  readonly connections = new Gauge({ name: "nbdstack_connections", help: "Open NBD connections", registers: [this.registry] });
+  readonly registry = new (promClient().Registry)();
+  readonly connections = new (promClient().Gauge)({ name: "nbdstack_connections", help: "Open NBD connections", registers: [this.registry] });
   private readonly cache = new Map<string, Record<MetricOp, OpMetrics>>();
 
   constructor() {
     const all = () => [...this.cache].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
-    new Counter({
+    new (promClient().Counter)({
       name: "nbdstack_requests_total",
       help: "NBD requests answered",
       labelNames: ["export", "op", "result"],
@@ -84,7 +95,7 @@ export class Metrics {
         }
       },
     });
-    new Counter({
+    new (promClient().Counter)({
       name: "nbdstack_bytes_total",
       help: "Payload bytes read and written",
       labelNames: ["export", "op"],
@@ -133,7 +144,7 @@ export class Metrics {
 
   /** A gauge whose values are read when scraped. */
   gauge(name: string, help: string, labelNames: string[], read: (set: (labels: Record<string, string>, v: number) => void) => void): void {
-    new Gauge({
+    new (promClient().Gauge)({
       name,
       help,
       labelNames,
@@ -182,7 +193,7 @@ export class Metrics {
     this.gauge("nbdstack_memory_budget_cached_bytes", "Free I/O buffers kept for reuse, within what the reservations leave of the budget", [], (set) => set({}, read().cached));
     this.gauge("nbdstack_memory_budget_peak_bytes", "Most bytes of the memory budget ever held at once", [], (set) => set({}, read().peak));
     this.gauge("nbdstack_memory_budget_waiting", "Reservations waiting for memory now (their connections are paused)", [], (set) => set({}, read().waiting));
-    new Counter({
+    new (promClient().Counter)({
       name: "nbdstack_memory_budget_waits_total",
       help: "Reservations that had to wait for memory",
       registers: [this.registry],

@@ -40,8 +40,11 @@ export interface ServerOptions {
   maxMemory?: number;
 }
 
-/** Default of --max-memory: with Node.js's own ~65 MiB, the server stays near 128 MiB under attack. */
-export const DEFAULT_MAX_MEMORY = 32 * 1024 * 1024;
+/**
+ * Default of --max-memory: with Node.js's own ~60 MiB at rest, the server peaks at ~70–80 MiB under
+ * nbdcopy and 1 MiB reads at full speed (README, "Memory under hostile clients").
+ */
+export const DEFAULT_MAX_MEMORY = 8 * 1024 * 1024;
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
