@@ -3,7 +3,7 @@ import zlib from "node:zlib";
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { deeper, InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
 import { pushExtents } from "../volume/common.js";
 import { backingLayer, backingPath } from "./qcow2-backing.js";
@@ -185,6 +185,7 @@ export class Qcow2Layer implements Layer {
       fastZero: w,
       cache: false,
       extents: true,
+      depth: true,
       multiConn: true,
       blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
     };
@@ -654,7 +655,14 @@ export class Qcow2Layer implements Layer {
     return Math.max(4 * this.l2e * this.cs, Math.min(64 * 1024 * 1024, 2 ** 17 * this.cs));
   }
 
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  /**
+   * Block status from the tables. `depth` (qemu:allocation-depth, as QEMU's
+   * bdrv_is_allocated_above counts): 1 for data, compressed and zero clusters; unallocated ones
+   * are the backing file's depth plus one, 2 past its end (its zeroes count as its own), and 0
+   * without a backing file.
+   */
+  async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
+    const depth = kind === "depth";
     this.tracker.enter();
     try {
       const out: Extent[] = [];
@@ -665,12 +673,15 @@ export class Qcow2Layer implements Layer {
         if (r.kind === UNALLOC && this.backing) {
           const n = Math.max(0, Math.min(r.length, this.backingSize - g));
           if (n > 0) {
-            const below = await this.backing.extents(n, g, io);
+            const got = await this.backing.extents(n, g, io, kind);
+            const below = depth ? deeper(got) : got;
             pushExtents(out, below);
-            const got = below.reduce((s, e) => s + e.length, 0);
-            if (got < n) return out; // the backing file answered short: the client asks again
+            const sum = below.reduce((s, e) => s + e.length, 0);
+            if (sum < n) return out; // the backing file answered short: the client asks again
           }
-          if (n < r.length) pushExtents(out, [{ length: r.length - n, flags: HOLE_ZERO }]);
+          if (n < r.length) pushExtents(out, [{ length: r.length - n, flags: depth ? 2 : HOLE_ZERO }]);
+        } else if (depth) {
+          pushExtents(out, [{ length: r.length, flags: r.kind === UNALLOC ? 0 : 1 }]);
         } else {
           pushExtents(out, [{ length: r.length, flags: r.kind === UNALLOC || r.kind === ZERO ? HOLE_ZERO : 0 }]);
         }
