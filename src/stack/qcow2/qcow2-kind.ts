@@ -3,6 +3,7 @@ import { ConfigError } from "../../config/values.js";
 import type { LayerKind } from "../layer-kind.js";
 import { isQcow2 } from "./qcow2-format.js";
 import { createQcow2Layer } from "./qcow2-layer.js";
+import { Qcow2Online } from "./qcow2-online.js";
 
 export interface Qcow2Spec {
   kind: "qcow2";
@@ -43,6 +44,9 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
     return spec;
   },
   format: (s) => `qcow2:${s.path}${s.backing === "none" ? " (backing: none)" : ""}`,
-  bottom: (s, ctx) =>
-    createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log, overlayOf: s.overlayOf }),
+  bottom: (s, ctx) => {
+    const l = createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing: s.backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log, overlayOf: s.overlayOf });
+    ctx.handles.addQcow2(ctx.exportName, new Qcow2Online(l)); // nbdstack snapshot / merge
+    return l;
+  },
 };

@@ -6,7 +6,7 @@ import { State } from "../../protocol/constants.js";
 import { deeper, InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
 import { pushExtents } from "../volume/common.js";
-import { backingLayer, backingPath } from "./qcow2-backing.js";
+import { backingLayer, backingPath, probeFormat, qcow2BackingOf } from "./qcow2-backing.js";
 import { backingNameFor, createQcow2 } from "./qcow2-create.js";
 import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
 import { Qcow2Meta } from "./qcow2-meta.js";
@@ -95,6 +95,13 @@ export class Qcow2Layer implements Layer {
   private readonly inflight = new Map<number, Promise<void>>();
   /** The last compressed cluster inflated (a client reads one in several requests). */
   private inflated: { hi: number; lo: number; buf: Buffer } | null = null;
+  /** The backing file (resolved path), its name as the header has it, and its format; null without one. */
+  private backingFile: { path: string; name: string; format: "raw" | "qcow2" } | null = null;
+  /** Closed by pause(): requests wait here while snapshot or merge switch files (qcow2-online.ts). */
+  private gate: Promise<void> | null = null;
+  private openGate: (() => void) | null = null;
+  /** While a merge runs: told of each guest range a write, zero or trim changed, once it is done. */
+  written: ((offset: number, length: number) => void) | null = null;
 
   constructor(private readonly opts: Qcow2LayerOptions) {
     this.readOnly = !!opts.readOnly;
@@ -102,6 +109,54 @@ export class Qcow2Layer implements Layer {
 
   describe(): string {
     return `qcow2:${this.opts.path}${this.backing ? ` → ${this.backing.describe()}` : ""}`;
+  }
+
+  /** The image's path. */
+  get path(): string {
+    return this.opts.path;
+  }
+  /** Cluster size in bytes (once open). */
+  get clusterSize(): number {
+    return this.cs;
+  }
+  get isReadOnly(): boolean {
+    return this.readOnly;
+  }
+  /** The open backing file's layer (a qcow2 layer or a raw file port) and what the header says of it; null without one. */
+  get below(): { layer: Layer; path: string; name: string; format: "raw" | "qcow2" } | null {
+    return this.backing && this.backingFile ? { layer: this.backing, ...this.backingFile } : null;
+  }
+
+  /** Stops new requests (they wait) and resolves once those in flight have completed. */
+  async pause(): Promise<void> {
+    while (this.gate) await this.gate;
+    this.gate = new Promise((r) => (this.openGate = r));
+    await this.quiesce();
+  }
+  /** Lets the requests waiting since pause() go on. */
+  unpause(): void {
+    const open = this.openGate;
+    this.gate = this.openGate = null;
+    open?.();
+  }
+
+  /**
+   * Under pause(): replaces the read-only backing layer by the same file opened writable (a merge
+   * writes into it through the layer returned), unless it is already.
+   */
+  async writableBacking(): Promise<Layer> {
+    const b = this.below;
+    if (!b) throw new NbdError("EINVAL", `${this.opts.path} has no backing file`);
+    if (b.layer.capabilities().writable) return b.layer;
+    const depth = (this.opts.depth ?? 0) + 1;
+    const w: Layer =
+      b.format === "qcow2"
+        ? new Qcow2Layer({ ...this.opts, path: b.path, readOnly: false, backing: "auto", depth, overlayOf: undefined })
+        : createFilePort({ path: b.path, readOnly: false, io: this.opts.io, discard: this.opts.discard !== false });
+    await w.open();
+    this.backing = w;
+    await b.layer.close();
+    return w;
   }
 
   async open(): Promise<void> {
@@ -150,11 +205,17 @@ export class Qcow2Layer implements Layer {
           const [x, y] = [fs.statSync(a), fs.statSync(b)];
           return x.dev === y.dev && x.ino === y.ino;
         };
-        if (named === null || !fs.existsSync(named) || !same(named, over.image))
+        // The image may be further down: snapshots taken online stand between (qcow2-online.ts).
+        let below = named;
+        for (let i = 0; below !== null && fs.existsSync(below) && !same(below, over.image) && i < 64; i++) below = qcow2BackingOf(below);
+        if (below === null || !fs.existsSync(below) || !same(below, over.image))
           throw new NbdError("EINVAL", `${file} is ${named === null ? "not an overlay (it names no backing file)" : `an overlay of ${named}`}, not of ${over.image}: give another overlay file, or rebase it (qemu-img rebase -u -b ${over.image} -F ${over.format} ${file})`);
       }
+      this.backingFile = null;
       if (name !== null && this.opts.backing !== "none") {
         const depth = (this.opts.depth ?? 0) + 1;
+        const bf = backingPath(file, name);
+        this.backingFile = { path: bf, name, format: (h.backingFormat ?? (fs.existsSync(bf) ? probeFormat(bf) : "raw")) === "qcow2" ? "qcow2" : "raw" };
         this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth, overlayOf: undefined }));
         await this.backing.open();
         this.backingSize = this.backing.size();
@@ -290,6 +351,12 @@ export class Qcow2Layer implements Layer {
    * file (or a fill), made before pread returns. Anything else goes to preadRuns.
    */
   pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.gate) return this.gate.then(() => this.pread(buf, offset, io));
+    return this.readUngated(buf, offset, io);
+  }
+
+  /** pread, also while paused (a merge's last copies read the image then). */
+  readUngated(buf: Buffer, offset: number, io: Io): Promise<void> {
     try {
       if (this.fd >= 0 && this.mapNow(offset, buf.length) && this.mLength === buf.length) {
         const k = this.mKind;
@@ -368,6 +435,7 @@ export class Qcow2Layer implements Layer {
 
   /** The fast path: an overwrite of clusters of ours that one cached run maps is one pwrite. */
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.gate || this.written) return this.pwriteGated(buf, offset, io);
     try {
       this.writable("write");
       if (!io.fua && this.mapNow(offset, buf.length) && this.mLength === buf.length && this.mKind === OWNED) return this.data.pwrite(buf, this.mHost, io);
@@ -375,6 +443,14 @@ export class Qcow2Layer implements Layer {
       return Promise.reject(err);
     }
     return this.pwriteRuns(buf, offset, io);
+  }
+
+  /** A write while paused (it waits) or while a merge runs (it tells `written` once done). */
+  private async pwriteGated(buf: Buffer, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    this.writable("write");
+    await this.pwriteRuns(buf, offset, io);
+    this.written?.(offset, buf.length);
   }
 
   private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
@@ -561,6 +637,12 @@ export class Qcow2Layer implements Layer {
   }
 
   async zero(length: number, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    await this.zeroRuns(length, offset, io);
+    this.written?.(offset, length);
+  }
+
+  private async zeroRuns(length: number, offset: number, io: Io): Promise<void> {
     this.writable("zero");
     const { head, first, last, tail } = this.cut(length, offset);
     // Zero flags need v3; a v2 image over a backing file must write zeroes, as must partial clusters.
@@ -599,6 +681,12 @@ export class Qcow2Layer implements Layer {
    * unallocated (on v2 over a backing file it then shows the backing file, which trim allows).
    */
   async trim(length: number, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    await this.trimRuns(length, offset, io);
+    this.written?.(offset, length);
+  }
+
+  private async trimRuns(length: number, offset: number, io: Io): Promise<void> {
     this.writable("trim");
     const { first, last } = this.cut(length, offset);
     if (last <= first) return;
@@ -634,6 +722,7 @@ export class Qcow2Layer implements Layer {
   }
 
   async flush(_io: Io): Promise<void> {
+    while (this.gate) await this.gate;
     if (this.readOnly) return;
     this.tracker.enter();
     try {
@@ -662,6 +751,12 @@ export class Qcow2Layer implements Layer {
    * without a backing file.
    */
   async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
+    while (this.gate) await this.gate;
+    return this.extentsUngated(length, offset, io, kind);
+  }
+
+  /** extents, also while paused. */
+  async extentsUngated(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
     const depth = kind === "depth";
     this.tracker.enter();
     try {
