@@ -122,6 +122,10 @@ export class Qcow2Layer implements Layer {
   get isReadOnly(): boolean {
     return this.readOnly;
   }
+  /** Declared `backing: none`: the backing file the image names is not opened. */
+  get backingIgnored(): boolean {
+    return this.opts.backing === "none";
+  }
   /** The open backing file's layer (a qcow2 layer or a raw file port) and what the header says of it; null without one. */
   get below(): { layer: Layer; path: string; name: string; format: "raw" | "qcow2" } | null {
     return this.backing && this.backingFile ? { layer: this.backing, ...this.backingFile } : null;
@@ -449,8 +453,13 @@ export class Qcow2Layer implements Layer {
   private async pwriteGated(buf: Buffer, offset: number, io: Io): Promise<void> {
     while (this.gate) await this.gate;
     this.writable("write");
-    await this.pwriteRuns(buf, offset, io);
-    this.written?.(offset, buf.length);
+    this.tracker.enter(); // until it is marked: pause() waits for the mark too
+    try {
+      await this.pwriteRuns(buf, offset, io);
+    } finally {
+      this.written?.(offset, buf.length); // a failed write may have changed part of it
+      this.tracker.leave();
+    }
   }
 
   private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
@@ -638,8 +647,13 @@ export class Qcow2Layer implements Layer {
 
   async zero(length: number, offset: number, io: Io): Promise<void> {
     while (this.gate) await this.gate;
-    await this.zeroRuns(length, offset, io);
-    this.written?.(offset, length);
+    this.tracker.enter();
+    try {
+      await this.zeroRuns(length, offset, io);
+    } finally {
+      this.written?.(offset, length);
+      this.tracker.leave();
+    }
   }
 
   private async zeroRuns(length: number, offset: number, io: Io): Promise<void> {
@@ -682,8 +696,13 @@ export class Qcow2Layer implements Layer {
    */
   async trim(length: number, offset: number, io: Io): Promise<void> {
     while (this.gate) await this.gate;
-    await this.trimRuns(length, offset, io);
-    this.written?.(offset, length);
+    this.tracker.enter();
+    try {
+      await this.trimRuns(length, offset, io);
+    } finally {
+      this.written?.(offset, length);
+      this.tracker.leave();
+    }
   }
 
   private async trimRuns(length: number, offset: number, io: Io): Promise<void> {

@@ -12,6 +12,11 @@ import { createQcow2 } from "./qcow2-create.js";
 import { Qcow2Layer } from "./qcow2-layer.js";
 
 const MERGE_PARALLEL = 4;
+/**
+ * A merge pauses clients for its last copies once this little is dirty (or nothing): writes that
+ * come faster than the copy would otherwise keep it going for ever.
+ */
+const LAST_COPIES = 8 * 1024 * 1024;
 const SCAN = 1 << 30;
 
 /**
@@ -34,6 +39,7 @@ export class Qcow2Online {
 
   private check(op: string): void {
     if (this.layer.isReadOnly) throw new NbdError("EPERM", `${op}: ${this.layer.path} is served read-only`);
+    if (this.layer.backingIgnored) throw new NbdError("EINVAL", `${op}: ${this.layer.path} is served with backing: none, which would hide the images below`);
     if (this.busy) throw new NbdError("EINVAL", `${this.layer.path}: a ${this.busy} is running`);
   }
 
@@ -92,6 +98,8 @@ export class Qcow2Online {
     const below = this.layer.below;
     if (!below) throw new NbdError("EINVAL", `${top} has no backing file to merge into`);
     const bottom = below.format === "raw" || (below.layer instanceof Qcow2Layer && below.layer.below === null);
+    if (below.layer.size() !== this.layer.size())
+      throw new NbdError("EINVAL", `${top}: its backing file ${below.path} has ${below.layer.size()} bytes, the image ${this.layer.size()}: resize it first (qemu-img resize)`);
     if (bottom && !opts.mergeIntoBase)
       throw new NbdError("EINVAL", `${top}: its backing file ${below.path} is the base of the chain; merging changes it, ask for it with mergeIntoBase (--into-base)`);
     if (!bottom && path.dirname(below.path) !== path.dirname(top))
@@ -167,7 +175,7 @@ export class Qcow2Online {
         }
       }
       copier.planDirty();
-      await copier.pass();
+      await copier.pass(() => bitmap.dirtyBytes <= LAST_COPIES);
       await layer.pause();
       try {
         // The last writes, with none coming: then the backing file holds all the image holds.
@@ -224,7 +232,7 @@ async function heldBytes(l: Qcow2Layer): Promise<{ data: number; zero: number }>
   let zero = 0;
   for (let at = 0; at < size; ) {
     const want = Math.min(SCAN, size - at);
-    const depth = await l.extentsUngated(want, at, plainIo, "depth");
+    const depth = await l.extents(want, at, plainIo, "depth");
     const n = depth.reduce((s, e) => s + e.length, 0);
     const alloc = await collect(l, n, at);
     let pos = at;
@@ -257,7 +265,7 @@ async function heldBytes(l: Qcow2Layer): Promise<{ data: number; zero: number }>
 async function collect(l: Qcow2Layer, length: number, at: number): Promise<Extent[]> {
   const out: Extent[] = [];
   for (let done = 0; done < length; ) {
-    const e = await l.extentsUngated(length - done, at + done, plainIo);
+    const e = await l.extents(length - done, at + done, plainIo);
     for (const x of e) {
       const k = Math.min(x.length, length - done);
       out.push({ length: k, flags: x.flags });
