@@ -104,7 +104,7 @@ function isQcow2Overlay(file: string): boolean {
 function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
   const kind = kindOf(l);
   if (!kind.bottom) throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
-  return kind.bottom(l, ctx, (s) => buildStack(s, ctx));
+  return kind.bottom(l, ctx, (s, readOnly) => buildStack(s, readOnly ? { ...ctx, readOnly: true } : ctx));
 }
 
 /**

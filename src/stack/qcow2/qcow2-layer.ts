@@ -20,8 +20,12 @@ export interface Qcow2LayerOptions {
   path: string;
   /** Open the image read-only (a backing file always is). */
   readOnly?: boolean;
-  /** `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes. */
-  backing?: "auto" | "none";
+  /**
+   * `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes;
+   * a layer: they read from it (`backing: STACK`; the image's backing name is not used). The
+   * layer is opened and closed with this one, and only read.
+   */
+  backing?: "auto" | "none" | Layer;
   io?: IoMode;
   /**
    * Give freed clusters' space back to the file system (punch holes), as QEMU's discard=unmap:
@@ -122,9 +126,9 @@ export class Qcow2Layer implements Layer {
   get isReadOnly(): boolean {
     return this.readOnly;
   }
-  /** Declared `backing: none`: the backing file the image names is not opened. */
+  /** Declared `backing: none` or a stack: the backing file the image names is not opened. */
   get backingIgnored(): boolean {
-    return this.opts.backing === "none";
+    return this.opts.backing !== undefined && this.opts.backing !== "auto";
   }
   /** The open backing file's layer (a qcow2 layer or a raw file port) and what the header says of it; null without one. */
   get below(): { layer: Layer; path: string; name: string; format: "raw" | "qcow2" } | null {
@@ -216,7 +220,12 @@ export class Qcow2Layer implements Layer {
           throw new NbdError("EINVAL", `${file} is ${named === null ? "not an overlay (it names no backing file)" : `an overlay of ${named}`}, not of ${over.image}: give another overlay file, or rebase it (qemu-img rebase -u -b ${over.image} -F ${over.format} ${file})`);
       }
       this.backingFile = null;
-      if (name !== null && this.opts.backing !== "none") {
+      const stack = typeof this.opts.backing === "object" ? this.opts.backing : null;
+      if (stack) {
+        await stack.open();
+        this.backing = stack;
+        this.backingSize = stack.size();
+      } else if (name !== null && this.opts.backing !== "none") {
         const depth = (this.opts.depth ?? 0) + 1;
         const bf = backingPath(file, name);
         this.backingFile = { path: bf, name, format: (h.backingFormat ?? (fs.existsSync(bf) ? probeFormat(bf) : "raw")) === "qcow2" ? "qcow2" : "raw" };
@@ -250,7 +259,7 @@ export class Qcow2Layer implements Layer {
       fastZero: w,
       cache: false,
       extents: true,
-      depth: true,
+      depth: !this.backing || (this.backing.capabilities().extents && this.backing.capabilities().depth),
       multiConn: true,
       blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
     };
@@ -787,7 +796,7 @@ export class Qcow2Layer implements Layer {
         if (r.kind === UNALLOC && this.backing) {
           const n = Math.max(0, Math.min(r.length, this.backingSize - g));
           if (n > 0) {
-            const got = await this.backing.extents(n, g, io, kind);
+            const got = this.backing.capabilities().extents ? await this.backing.extents(n, g, io, kind) : [{ length: n, flags: depth ? 1 : 0 }];
             const below = depth ? deeper(got) : got;
             pushExtents(out, below);
             const sum = below.reduce((s, e) => s + e.length, 0);

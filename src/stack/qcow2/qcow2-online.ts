@@ -39,7 +39,7 @@ export class Qcow2Online {
 
   private check(op: string): void {
     if (this.layer.isReadOnly) throw new NbdError("EPERM", `${op}: ${this.layer.path} is served read-only`);
-    if (this.layer.backingIgnored) throw new NbdError("EINVAL", `${op}: ${this.layer.path} is served with backing: none, which would hide the images below`);
+    if (this.layer.backingIgnored) throw new NbdError("EINVAL", `${op}: ${this.layer.path} is served with backing: none or a backing stack, not the backing file it names (a new overlay would hide what is below)`);
     if (this.busy) throw new NbdError("EINVAL", `${this.layer.path}: a ${this.busy} is running`);
   }
 
