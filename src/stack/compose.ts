@@ -163,7 +163,7 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
   });
   while (stack[above]?.kind === "fault") above++;
   // Built anew at each open of port A: its qcow2 image is not steered online (no snapshot or merge on a node).
-  const bottomCtx: BuildContext = { ...ctx, handles: new StackHandles() };
+  const bottomCtx: BuildContext = { ...ctx, rebuilt: true };
   const bottom = (): Layer => buildBottom(stack[0]!, bottomCtx);
   // The image itself is fenced too: a layer above it that writes back later (a power-loss cache's
   // persist, a cow overlay's map) may do so after the lease was lost (see PortPairOwner.mayWriteImage).

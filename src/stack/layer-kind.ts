@@ -82,4 +82,6 @@ export interface BuildContext {
   discard?: "unmap" | "ignore";
   log?: Logger;
   handles: StackHandles;
+  /** The bottom of a cluster node's export, built anew at each open of port A (an image is not registered in `handles` then). */
+  rebuilt?: boolean;
 }
