@@ -169,6 +169,7 @@ export class Qcow2Layer implements Layer {
 
   async open(): Promise<void> {
     const file = this.opts.path;
+    this.inflated = null; // opened again after a snapshot or merge: the file under the name may be another
     const over = this.opts.overlayOf;
     if (over && !fs.existsSync(file)) {
       const base = over.format === "qcow2" ? new Qcow2Layer({ path: over.image, readOnly: true, backing: "none" }) : createFilePort({ path: over.image, readOnly: true });
