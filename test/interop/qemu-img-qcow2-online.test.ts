@@ -17,9 +17,10 @@ const chainOf = (image: string) => (JSON.parse(run("qemu-img", "info", "-U", "--
 /**
  * An nbdsh writer until `stop` exists: writes of random bytes and zeroes at random 512-byte
  * offsets of [lo, hi) (most not on cluster boundaries: allocating writes copy the rest of the
- * cluster from below), a flush every 16; each also written into the raw reference `ref`.
+ * cluster from below), a flush every 16; each also written into the raw reference `ref`. With
+ * `trims`, some trims too, the reference getting what the range reads afterwards.
  */
-function writer(uri: string, ref: string, stop: string, lo: number, hi: number, seed: number): Promise<number> {
+function writer(uri: string, ref: string, stop: string, lo: number, hi: number, seed: number, trims = false): Promise<number> {
   const script = `
 import os, random
 rnd = random.Random(${seed})
@@ -28,7 +29,10 @@ n = 0
 while not os.path.exists(${JSON.stringify(stop)}):
     off = ${lo} + rnd.randrange(0, (${hi - lo}) // 512) * 512
     ln = min(${hi} - off, rnd.randrange(1, 256) * 512)
-    if n % 7 == 3:
+    if ${trims ? "True" : "False"} and n % 11 == 5:
+        h.trim(ln, off)
+        os.pwrite(fd, h.pread(ln, off), off)  # what a trim leaves is the server's to say
+    elif n % 7 == 3:
         h.zero(ln, off)
         os.pwrite(fd, bytes(ln), off)
     else:
@@ -126,6 +130,43 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
       run("qemu-img", "compare", "-f", "raw", "-F", "raw", again.uri, ref);
       await again.stop();
     }
+  });
+
+  it("merges into a v2 image with 4 KiB clusters made by qemu-img, under writers that also trim", async () => {
+    const dir = tempDir();
+    const base = path.join(dir, "base.raw");
+    const ref = path.join(dir, "ref.raw");
+    randomImage(base, SIZE, 6);
+    const mid = path.join(dir, "mid.qcow2");
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", "-b", "base.raw", "-F", "raw", mid);
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 3M 5M", "-c", "write -z 12M 1M", mid);
+    const vm = path.join(dir, "vm.qcow2");
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "mid.qcow2", "-F", "qcow2", vm);
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", mid, ref);
+    const { srv, ctl, token } = await start(dir, vm);
+    const stop = path.join(dir, "stop");
+    const writers = [writer(srv.uri, ref, stop, 0, SIZE / 2, 3, true), writer(srv.uri, ref, stop, SIZE / 2, SIZE, 4, true)];
+    const c = ["vm", "--control", ctl, "--token-file", token];
+    try {
+      await sleep(700);
+      await cli("merge", ...c, "--wait");
+      expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
+      expect(fs.existsSync(mid)).toBe(false);
+      await sleep(300);
+      await cli("snapshot", ...c);
+      await sleep(300);
+      await cli("merge", ...c, "--wait");
+      await sleep(300);
+    } finally {
+      fs.writeFileSync(stop, "");
+    }
+    await Promise.all(writers);
+    expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
+    expect(JSON.parse(run("qemu-img", "info", "-U", "--output=json", vm))["format-specific"].data.compat).toBe("0.10"); // the v2 image, under the overlay's name
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, ref);
+    await srv.stop();
+    expect(run("qemu-img", "check", vm)).toMatch(/No errors were found/);
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
   });
 
   it("fio's verified writes survive a snapshot and a merge made while they run", async () => {
