@@ -22,8 +22,9 @@ export interface Qcow2LayerOptions {
   readOnly?: boolean;
   /**
    * `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes;
-   * a layer: they read from it (`backing: STACK`; the image's backing name is not used). The
-   * layer is opened and closed with this one, and only read.
+   * a layer (`backing: STACK`): the chain the image names is followed, and the last qcow2 image of
+   * it (the one naming no backing file) reads its unallocated clusters from the layer, which it
+   * opens and closes with itself and only reads (below a raw backing file it is not used).
    */
   backing?: "auto" | "none" | Layer;
   io?: IoMode;
@@ -126,9 +127,17 @@ export class Qcow2Layer implements Layer {
   get isReadOnly(): boolean {
     return this.readOnly;
   }
-  /** Declared `backing: none` or a stack: the backing file the image names is not opened. */
+  /** Declared `backing: none`: the backing file the image names is not opened. */
   get backingIgnored(): boolean {
-    return this.opts.backing !== undefined && this.opts.backing !== "auto";
+    return this.opts.backing === "none";
+  }
+  /** Something is below the image: a backing file, or a backing stack. */
+  get hasBacking(): boolean {
+    return this.backing !== null;
+  }
+  /** The backing stack, where this image reads from one (not from a backing file). */
+  get stackBelow(): Layer | null {
+    return this.backing && !this.backingFile ? this.backing : null;
   }
   /** The open backing file's layer (a qcow2 layer or a raw file port) and what the header says of it; null without one. */
   get below(): { layer: Layer; path: string; name: string; format: "raw" | "qcow2" } | null {
@@ -159,11 +168,17 @@ export class Qcow2Layer implements Layer {
     const depth = (this.opts.depth ?? 0) + 1;
     const w: Layer =
       b.format === "qcow2"
-        ? new Qcow2Layer({ ...this.opts, path: b.path, readOnly: false, backing: "auto", depth, overlayOf: undefined })
+        ? new Qcow2Layer({ ...this.opts, path: b.path, readOnly: false, backing: typeof this.opts.backing === "object" ? this.opts.backing : "auto", depth, overlayOf: undefined })
         : createFilePort({ path: b.path, readOnly: false, io: this.opts.io, discard: this.opts.discard !== false });
-    await w.open();
-    this.backing = w;
+    // Closed first: a backing stack below it is opened by one image at a time.
     await b.layer.close();
+    try {
+      await w.open();
+    } catch (err) {
+      await b.layer.open();
+      throw err;
+    }
+    this.backing = w;
     return w;
   }
 
@@ -221,18 +236,19 @@ export class Qcow2Layer implements Layer {
           throw new NbdError("EINVAL", `${file} is ${named === null ? "not an overlay (it names no backing file)" : `an overlay of ${named}`}, not of ${over.image}: give another overlay file, or rebase it (qemu-img rebase -u -b ${over.image} -F ${over.format} ${file})`);
       }
       this.backingFile = null;
+      // A backing stack goes below the chain's last image (the one naming no backing file).
       const stack = typeof this.opts.backing === "object" ? this.opts.backing : null;
-      if (stack) {
-        await stack.open();
-        this.backing = stack;
-        this.backingSize = stack.size();
-      } else if (name !== null && this.opts.backing !== "none") {
+      if (name !== null && this.opts.backing !== "none") {
         const depth = (this.opts.depth ?? 0) + 1;
         const bf = backingPath(file, name);
         this.backingFile = { path: bf, name, format: (h.backingFormat ?? (fs.existsSync(bf) ? probeFormat(bf) : "raw")) === "qcow2" ? "qcow2" : "raw" };
-        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth, overlayOf: undefined }));
+        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: stack ?? "auto", depth, overlayOf: undefined }));
         await this.backing.open();
         this.backingSize = this.backing.size();
+      } else if (stack) {
+        await stack.open();
+        this.backing = stack;
+        this.backingSize = stack.size();
       }
       this.data = createFilePort({
         path: file,

@@ -39,7 +39,7 @@ export class Qcow2Online {
 
   private check(op: string): void {
     if (this.layer.isReadOnly) throw new NbdError("EPERM", `${op}: ${this.layer.path} is served read-only`);
-    if (this.layer.backingIgnored) throw new NbdError("EINVAL", `${op}: ${this.layer.path} is served with backing: none or a backing stack, not the backing file it names (a new overlay would hide what is below)`);
+    if (this.layer.backingIgnored) throw new NbdError("EINVAL", `${op}: ${this.layer.path} is served with backing: none, not the backing file it names (a new overlay would hide what is below)`);
     if (this.busy) throw new NbdError("EINVAL", `${this.layer.path}: a ${this.busy} is running`);
   }
 
@@ -96,8 +96,9 @@ export class Qcow2Online {
     this.check("merge");
     const top = this.layer.path;
     const below = this.layer.below;
-    if (!below) throw new NbdError("EINVAL", `${top} has no backing file to merge into`);
-    const bottom = below.format === "raw" || (below.layer instanceof Qcow2Layer && below.layer.below === null);
+    if (!below) throw new NbdError("EINVAL", `${top} has no backing file to merge into${this.layer.hasBacking ? " (its backing stack is only read)" : ""}`);
+    // The bottom of the chain: nothing below it (a backing stack, only read, does not count as the base).
+    const bottom = below.format === "raw" || (below.layer instanceof Qcow2Layer && !below.layer.hasBacking);
     if (below.layer.size() !== this.layer.size())
       throw new NbdError("EINVAL", `${top}: its backing file ${below.path} has ${below.layer.size()} bytes, the image ${this.layer.size()}: resize it first (qemu-img resize)`);
     if (bottom && !opts.mergeIntoBase)
@@ -212,13 +213,13 @@ export class Qcow2Online {
     let base = "";
     while (l instanceof Qcow2Layer) {
       const b: Qcow2Layer["below"] = l.below;
-      if (!b && l !== this.layer) {
+      if (!b && l !== this.layer && !l.hasBacking) {
         base = l.describe();
         break;
       }
       const held = await heldBytes(l);
       chain.push({ path: l.path, role: l === this.layer ? "overlay" : "snapshot", allocatedBytes: held.data, zeroedBytes: held.zero, fileBytes: fs.statSync(l.path).size });
-      l = b ? b.layer : null;
+      l = b ? b.layer : l.hasBacking ? l.stackBelow : null;
     }
     if (l && !(l instanceof Qcow2Layer)) base = l.describe();
     return { overlay: this.layer.path, size: this.layer.size(), blockSize: this.layer.clusterSize, chain, base, allocatedBytes: chain[0]?.allocatedBytes ?? 0, merge: this.progress };
