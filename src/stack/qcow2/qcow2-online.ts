@@ -142,7 +142,9 @@ export class Qcow2Online {
         throw err;
       },
     );
-    return { done: done.finally(() => (this.busy = null)) };
+    const settled = done.finally(() => (this.busy = null));
+    settled.catch(() => undefined); // a failure shows in the progress: nobody need wait for it
+    return { done: settled };
   }
 
   /** startMerge() and wait for it. */
