@@ -18,6 +18,11 @@ const MERGE_PARALLEL = 4;
  */
 const LAST_COPIES = 8 * 1024 * 1024;
 const SCAN = 1 << 30;
+/**
+ * How long the bytes each image of the chain holds are reused by info(): counting them reads every
+ * L2 table of the chain, and `nbdstack merge --wait` asks for the status four times a second.
+ */
+const HELD_TTL_MS = 5000;
 
 /**
  * Online snapshot and merge of the qcow2 image a stack serves (`nbdstack snapshot` / `merge`),
@@ -34,6 +39,7 @@ const SCAN = 1 << 30;
 export class Qcow2Online {
   private busy: "snapshot" | "merge" | null = null;
   private merging: ({ copier: Copier } & MergeEnds) | null = null;
+  private held = new Map<string, { at: number; data: number; zero: number }>();
 
   constructor(readonly layer: Qcow2Layer) {}
 
@@ -70,6 +76,7 @@ export class Qcow2Online {
             throw err;
           }
         } finally {
+          this.held.clear();
           await this.layer.open(); // the new overlay over the snapshot, or the image again if the switch failed
         }
       } finally {
@@ -196,6 +203,7 @@ export class Qcow2Online {
             createQcow2({ path: top, size, backing: below.name, backingFormat: below.format, replace: true });
           }
         } finally {
+          this.held.clear();
           await layer.open();
         }
       } finally {
@@ -219,7 +227,9 @@ export class Qcow2Online {
         base = l.describe();
         break;
       }
-      const held = await heldBytes(l);
+      const known = this.held.get(l.path);
+      const held = known && performance.now() - known.at < HELD_TTL_MS ? known : { at: performance.now(), ...(await heldBytes(l)) };
+      this.held.set(l.path, held);
       chain.push({ path: l.path, role: l === this.layer ? "overlay" : "snapshot", allocatedBytes: held.data, zeroedBytes: held.zero, fileBytes: fs.statSync(l.path).size });
       l = b ? b.layer : l.hasBacking ? l.stackBelow : null;
     }
