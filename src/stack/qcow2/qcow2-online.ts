@@ -1,5 +1,6 @@
 import fs from "node:fs";
 import path from "node:path";
+import type { Logger } from "pino";
 import { Copier } from "../../copy/copier.js";
 import { DirtyBitmap } from "../../copy/dirty-bitmap.js";
 import { idleProgress, type CopyProgress } from "../../copy/progress.js";
@@ -16,7 +17,7 @@ const MERGE_PARALLEL = 4;
  * A merge pauses clients for its last copies once this little is dirty (or nothing): writes that
  * come faster than the copy would otherwise keep it going for ever.
  */
-const LAST_COPIES = 8 * 1024 * 1024;
+const LAST_COPIES = 2 * 1024 * 1024;
 const SCAN = 1 << 30;
 /**
  * How long the bytes each image of the chain holds are reused by info(): counting them reads every
@@ -41,7 +42,10 @@ export class Qcow2Online {
   private merging: ({ copier: Copier } & MergeEnds) | null = null;
   private held = new Map<string, { at: number; data: number; zero: number }>();
 
-  constructor(readonly layer: Qcow2Layer) {}
+  constructor(
+    readonly layer: Qcow2Layer,
+    private readonly log?: Logger,
+  ) {}
 
   private check(op: string): void {
     if (this.layer.isReadOnly) throw new NbdError("EPERM", `${op}: ${this.layer.path} is served read-only`);
@@ -62,7 +66,9 @@ export class Qcow2Online {
     } else snap = freeSnapName(top);
     this.busy = "snapshot";
     try {
+      await this.layer.flush(plainIo); // most of the image made durable now, not while clients wait
       await this.layer.pause();
+      const paused = performance.now();
       try {
         const size = this.layer.size();
         await this.layer.close(); // flushed, reserved clusters given back
@@ -81,6 +87,7 @@ export class Qcow2Online {
         }
       } finally {
         this.layer.unpause();
+        this.log?.info({ image: top, snapshot: snap, pausedMs: Math.round((performance.now() - paused) * 10) / 10 }, "qcow2 snapshot");
       }
       return snap;
     } finally {
@@ -185,8 +192,16 @@ export class Qcow2Online {
         }
       }
       copier.planDirty();
-      await copier.pass(() => bitmap.dirtyBytes <= LAST_COPIES);
+      const enough = () => bitmap.dirtyBytes <= LAST_COPIES;
+      await copier.pass(enough);
+      // Most of what was copied, and of the image, made durable now, not while clients wait; then
+      // what was written meanwhile copied too.
+      await into.flush();
+      await layer.flush(plainIo);
+      await copier.pass(enough);
       await layer.pause();
+      const paused = performance.now();
+      const last = bitmap.dirtyBytes;
       try {
         // The last writes, with none coming: then the backing file holds all the image holds.
         copier.planDirty();
@@ -209,6 +224,7 @@ export class Qcow2Online {
       } finally {
         layer.written = null;
         layer.unpause();
+        this.log?.info({ image: top, into: this.merging?.into, lastBytes: last, pausedMs: Math.round((performance.now() - paused) * 10) / 10 }, "qcow2 merge switched");
       }
     } catch (err) {
       layer.written = null;
