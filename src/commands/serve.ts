@@ -260,7 +260,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       m.copyJobs(() => [
         ...(node?.statusNow().exports ?? []).flatMap((e) => (e.copy ? [{ export: e.name, job: "live-copy" as const, progress: e.copy }] : [])),
         ...[...handles.mirrors].flatMap(([name, mirror]) => mirror.status().legs.flatMap((l) => (l.resync ? [{ export: name, job: "resync" as const, leg: l.index, progress: l.resync }] : []))),
-        ...[...handles.cows, ...handles.qcow2s].flatMap(([name, cow]) => (!cow || cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
+        ...[...handles.cows, ...handles.qcow2s].flatMap(([name, cow]) => ("refused" in cow || cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
       ]);
       if (node) {
         m.gauge("nbdstack_redirector_state", "1 for the port redirector's current state", ["export", "state"], (set) => {

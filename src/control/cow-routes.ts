@@ -13,10 +13,10 @@ import type { Qcow2Online } from "../stack/qcow2/qcow2-online.js";
  * - {"merge": true, "mergeIntoBase"?: bool}: start folding the overlay into the layer below;
  *   answers 202 with the status at once (poll GET for progress), or 200 at the end with "wait": true.
  */
-export function attachCowRoutes(c: ControlServer, cows: Map<string, CowLayer>, qcow2s: Map<string, Qcow2Online | null> = new Map()): void {
+export function attachCowRoutes(c: ControlServer, cows: Map<string, CowLayer>, qcow2s: Map<string, Qcow2Online | { refused: string }> = new Map()): void {
   const find = (name: string): CowLayer | Qcow2Online => {
     const cow = cows.get(name) ?? qcow2s.get(name);
-    if (cow === null) throw new HttpError(409, `export "${name}" has several qcow2 images: snapshot and merge need one`);
+    if (cow && "refused" in cow) throw new HttpError(409, cow.refused);
     if (!cow) throw new HttpError(404, `export "${name}" has no copy-on-write layer and no qcow2 image (serve it with --overlay, or serve a qcow2 image)`);
     return cow;
   };

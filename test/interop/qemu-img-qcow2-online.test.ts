@@ -223,5 +223,13 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
     } finally {
       await ro.srv.stop();
     }
+    // A cluster node opens its image anew at each hand-over: no online snapshot there (yet).
+    const node = await start(dir, vm, "--node-id", "a", "--data-dir", path.join(dir, "data"));
+    try {
+      const r = await nbdstack("snapshot", "vm", "--control", node.ctl, "--token-file", node.token);
+      expect(r.stderr).toContain(`409 the qcow2 image of cluster export "vm" has no online snapshot or merge`);
+    } finally {
+      await node.srv.stop();
+    }
   });
 });

@@ -54,7 +54,10 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
     // A backing stack is only read, through a disk layer (any byte range: alignment, splitting).
     const backing = typeof s.backing === "object" ? createDiskLayer(stack(s.backing, true), { readOnly: true }) : s.backing;
     const l = createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log, overlayOf: s.overlayOf });
-    if (!ctx.rebuilt) ctx.handles.addQcow2(ctx.exportName, new Qcow2Online(l, ctx.log?.child({ export: ctx.exportName }))); // nbdstack snapshot / merge
+    // nbdstack snapshot / merge
+    if (!ctx.rebuilt) ctx.handles.addQcow2(ctx.exportName, new Qcow2Online(l, ctx.log?.child({ export: ctx.exportName })));
+    else if (!ctx.handles.qcow2s.has(ctx.exportName))
+      ctx.handles.qcow2s.set(ctx.exportName, { refused: `the qcow2 image of cluster export "${ctx.exportName}" has no online snapshot or merge (port A opens it anew at each hand-over); a cow overlay has them` });
     return l;
   },
 };
