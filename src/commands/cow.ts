@@ -87,5 +87,7 @@ export function registerCowCommands(program: Command): void {
     .argument("<name>", "export name")
     .requiredOption("--control <url>", "control URL of the server, e.g. http://127.0.0.1:9001")
     .option("--json", "print the raw status as JSON", false)
+    .option(...tokenOpt)
+    .hook("preAction", useTokenFile)
     .action(cowStatusCommand);
 }

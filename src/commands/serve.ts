@@ -251,7 +251,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
       attachFaultRoutes(control, faults);
       attachMirrorRoutes(control, handles.mirrors);
-      attachCowRoutes(control, handles.cows);
+      attachCowRoutes(control, handles.cows, handles.qcow2s);
       const m = metrics!;
       control.route("GET", "/metrics", async () => ({ body: await m.text(), contentType: "text/plain; version=0.0.4" }));
       m.gauge("nbdstack_faults_injected_total", "Faults injected by fault layers, by kind", ["export", "kind"], (set) => {
@@ -260,7 +260,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       m.copyJobs(() => [
         ...(node?.statusNow().exports ?? []).flatMap((e) => (e.copy ? [{ export: e.name, job: "live-copy" as const, progress: e.copy }] : [])),
         ...[...handles.mirrors].flatMap(([name, mirror]) => mirror.status().legs.flatMap((l) => (l.resync ? [{ export: name, job: "resync" as const, leg: l.index, progress: l.resync }] : []))),
-        ...[...handles.cows].flatMap(([name, cow]) => (cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
+        ...[...handles.cows, ...handles.qcow2s].flatMap(([name, cow]) => ("refused" in cow || cow.progress.state === "idle" ? [] : [{ export: name, job: "merge" as const, progress: cow.progress }])),
       ]);
       if (node) {
         m.gauge("nbdstack_redirector_state", "1 for the port redirector's current state", ["export", "state"], (set) => {

@@ -118,5 +118,7 @@ export const Errno = {
 export type ErrnoName = keyof typeof Errno;
 
 export const BASE_ALLOCATION = "base:allocation";
+/** QEMU's meta context (docs/interop/nbd.txt): the depth in the backing chain of the layer holding each byte. */
+export const ALLOCATION_DEPTH = "qemu:allocation-depth";
 export const REQUEST_HEADER_SIZE = 28;
 export const NBD_MAX_STRING = 4096;

@@ -16,7 +16,7 @@ import {
 import { flagError } from "../protocol/command-flags.js";
 import { Request, RequestParser } from "../protocol/request-parser.js";
 import { checkRequest, type Op } from "../stack/guard.js";
-import { InflightTracker } from "../stack/layer.js";
+import { InflightTracker, type Extent } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "../stack/export.js";
 import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
@@ -86,6 +86,7 @@ export class Connection {
   private exp!: Export;
   private structured = false;
   private allocationContext = 0;
+  private depthContext = 0;
   private peer = false;
   /** See ClientSession.peerEpoch. */
   peerEpoch?: number | null;
@@ -194,12 +195,13 @@ export class Connection {
     this.exp = negotiated.exp;
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;
+    this.depthContext = negotiated.depthContext;
     this.peer = negotiated.peer;
     this.peerSession = negotiated.peerSession;
     // A link to the owner at one epoch: its requests are served at that epoch only (see ClientSession).
     if (this.peer) this.peerEpoch = this.exp.ownerEpoch?.();
     this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
-    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, tls: this.tls }, "transmission started");
+    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, depth: this.depthContext !== 0, tls: this.tls }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, and on TLS sockets (whose plaintext comes out
     // of OpenSSL, not out of the kernel), 'data' events (fresh chunks) are used.
@@ -664,19 +666,25 @@ export class Connection {
   }
 
   private async blockStatus(req: Request): Promise<boolean> {
-    if (!this.structured || this.allocationContext === 0)
+    if (!this.structured || (this.allocationContext === 0 && this.depthContext === 0))
       return this.replyError(req, new NbdError("EINVAL", "block status needs structured replies and a selected meta context"));
     if (this.reject(req, "extents")) return true;
-    let extents;
+    // One chunk per selected context, each with its own extents (their lengths may differ).
+    const chunks: Array<[number, Extent[]]> = [];
     try {
-      extents = await this.exp.layer.extents(req.length, req.offset, req);
+      if (this.allocationContext) chunks.push([this.allocationContext, await this.exp.layer.extents(req.length, req.offset, req)]);
+      if (this.depthContext) chunks.push([this.depthContext, await this.exp.layer.extents(req.length, req.offset, req, "depth")]);
     } catch (err) {
       return this.replyError(req, err);
     } finally {
       this.payloadDone(req);
     }
-    if (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) extents = extents.slice(0, 1);
-    this.finalSend(req, blockStatusChunk(req.cookieHi, req.cookieLo, this.allocationContext, extents, true));
+    const one = (req.flags & CmdFlag.NBD_CMD_FLAG_REQ_ONE) !== 0;
+    chunks.forEach(([id, extents], i) => {
+      const chunk = blockStatusChunk(req.cookieHi, req.cookieLo, id, one ? extents.slice(0, 1) : extents, i === chunks.length - 1);
+      if (i === chunks.length - 1) this.finalSend(req, chunk);
+      else this.send(chunk);
+    });
     return false;
   }
 }

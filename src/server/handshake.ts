@@ -3,6 +3,7 @@ import tls from "node:tls";
 import type { Logger } from "pino";
 import { ProtocolError } from "../errors.js";
 import {
+  ALLOCATION_DEPTH,
   BASE_ALLOCATION,
   ClientFlag,
   HandshakeFlag,
@@ -37,6 +38,8 @@ const KNOWN_OPTIONS: ReadonlySet<number> = new Set([
 ]);
 /** Meta context id of base:allocation on every connection. */
 export const BASE_ALLOCATION_ID = 1;
+/** Meta context id of qemu:allocation-depth on every connection. */
+export const ALLOCATION_DEPTH_ID = 2;
 
 export interface ExportDirectory {
   find(name: string): Export | undefined;
@@ -52,6 +55,8 @@ export interface Negotiated {
   structured: boolean;
   /** Meta context id of base:allocation, or 0 when it was not selected. */
   allocationContext: number;
+  /** Meta context id of qemu:allocation-depth, or 0 when it was not selected. */
+  depthContext: number;
   /** Bytes the client sent after the last option (the start of the request stream). */
   rest: Buffer;
   /** The socket transmission goes on: the TLS socket after NBD_OPT_STARTTLS, else the one given. */
@@ -359,6 +364,7 @@ async function run(
   let structured = false;
   let metaExport: string | null = null; // export the meta context selection was made for
   let allocationSelected = false;
+  let depthSelected = false;
   let sock = socket; // the TLS socket once NBD_OPT_STARTTLS succeeded
   let secured = false;
   const requireTls = tlsConfig?.mode === "require";
@@ -392,7 +398,7 @@ async function run(
       await reader.skip(len);
       log.debug({ opt, len }, "option over 64 KiB skipped");
       if (opt === Opt.NBD_OPT_SET_META_CONTEXT) {
-        allocationSelected = false; // a failed SET_META_CONTEXT clears the selection too
+        allocationSelected = depthSelected = false; // a failed SET_META_CONTEXT clears the selection too
         metaExport = null;
       }
       if (requireTls && !secured && opt !== Opt.NBD_OPT_STARTTLS && opt !== Opt.NBD_OPT_ABORT) replyError(opt, Rep.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
@@ -442,8 +448,8 @@ async function run(
         out.writeBigUInt64BE(BigInt(exp.size()), 0);
         out.writeUInt16BE(exp.transmissionFlags(structured), 8);
         write(sock, out);
-        const allocation = allocationSelected && metaExport === exp.name;
-        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
+        const meta = metaExport === exp.name;
+        return { exp, peer: exportOfPeerName(name) !== null, peerSession: sessionOfPeerName(name), structured, allocationContext: meta && allocationSelected ? BASE_ALLOCATION_ID : 0, depthContext: meta && depthSelected ? ALLOCATION_DEPTH_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
       }
       case Opt.NBD_OPT_ABORT:
         reply(opt, Rep.NBD_REP_ACK);
@@ -502,8 +508,8 @@ async function run(
         reply(opt, Rep.NBD_REP_INFO, b);
         reply(opt, Rep.NBD_REP_ACK);
         if (opt === Opt.NBD_OPT_GO) {
-          const allocation = allocationSelected && metaExport === exp.name;
-          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: allocation ? BASE_ALLOCATION_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
+          const meta = metaExport === exp.name;
+          return { exp, peer: exportOfPeerName(parsed.name) !== null, peerSession: sessionOfPeerName(parsed.name), structured, allocationContext: meta && allocationSelected ? BASE_ALLOCATION_ID : 0, depthContext: meta && depthSelected ? ALLOCATION_DEPTH_ID : 0, rest: reader.rest(), socket: sock, tls: secured, ended: reader.hasEnded };
         }
         break;
       }
@@ -520,7 +526,7 @@ async function run(
         const set = opt === Opt.NBD_OPT_SET_META_CONTEXT;
         if (set) {
           // The selection is replaced "including when this command fails" (doc/proto.md).
-          allocationSelected = false;
+          allocationSelected = depthSelected = false;
           metaExport = null;
         }
         if (set && !structured) {
@@ -537,16 +543,23 @@ async function run(
           replyError(opt, Rep.NBD_REP_ERR_UNKNOWN, `unknown export "${parsed.name}"`);
           break;
         }
-        const offersAllocation = exp.capabilities().extents;
-        const matches = offersAllocation && (set ? parsed.queries.includes(BASE_ALLOCATION) : parsed.queries.length === 0 || parsed.queries.some((q) => q === "base:" || q === BASE_ALLOCATION));
+        // A context is offered where the stack answers it; LIST without queries, or with a bare
+        // namespace ("base:", "qemu:"), lists every context offered (in that namespace).
+        const caps = exp.capabilities();
+        const wanted = (context: string) =>
+          set ? parsed.queries.includes(context) : parsed.queries.length === 0 || parsed.queries.some((q) => q === context || q === context.slice(0, context.indexOf(":") + 1));
+        const allocation = caps.extents && wanted(BASE_ALLOCATION);
+        const depth = caps.extents && caps.depth && wanted(ALLOCATION_DEPTH);
         if (set) {
           metaExport = exp.name;
-          allocationSelected = matches;
+          allocationSelected = allocation;
+          depthSelected = depth;
         }
-        if (matches) {
-          const n = Buffer.from(BASE_ALLOCATION);
+        for (const [context, id, on] of [[BASE_ALLOCATION, BASE_ALLOCATION_ID, allocation], [ALLOCATION_DEPTH, ALLOCATION_DEPTH_ID, depth]] as const) {
+          if (!on) continue;
+          const n = Buffer.from(context);
           const d = Buffer.allocUnsafe(4 + n.length);
-          d.writeUInt32BE(set ? BASE_ALLOCATION_ID : 0, 0);
+          d.writeUInt32BE(set ? id : 0, 0);
           n.copy(d, 4);
           reply(opt, Rep.NBD_REP_META_CONTEXT, d);
         }

@@ -104,7 +104,7 @@ function isQcow2Overlay(file: string): boolean {
 function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
   const kind = kindOf(l);
   if (!kind.bottom) throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
-  return kind.bottom(l, ctx, (s) => buildStack(s, ctx));
+  return kind.bottom(l, ctx, (s, readOnly) => buildStack(s, readOnly ? { ...ctx, readOnly: true } : ctx));
 }
 
 /**
@@ -162,7 +162,9 @@ export function composeNodeExport(spec: ExportSpec & { name: string }, handles: 
     if (i > 0 && kindOf(l).holdsState) above = i + 1;
   });
   while (stack[above]?.kind === "fault") above++;
-  const bottom = (): Layer => buildBottom(stack[0]!, ctx);
+  // Built anew at each open of port A: its qcow2 image is not steered online (no snapshot or merge on a node).
+  const bottomCtx: BuildContext = { ...ctx, rebuilt: true };
+  const bottom = (): Layer => buildBottom(stack[0]!, bottomCtx);
   // The image itself is fenced too: a layer above it that writes back later (a power-loss cache's
   // persist, a cow overlay's map) may do so after the lease was lost (see PortPairOwner.mayWriteImage).
   const mayWriteImage = () => (owner.mayWriteImage ?? owner.mayWrite)();

@@ -47,8 +47,11 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
   /** The item's one-line form, for logs and errors; `stack` formats nested stacks. */
   format(spec: S, stack: (s: StackSpec) => string): string;
 
-  /** Builds it at the bottom of a stack; `stack` builds nested stacks (a volume's devices). */
-  bottom?(spec: S, ctx: BuildContext, stack: (s: StackSpec) => Layer): Layer;
+  /**
+   * Builds it at the bottom of a stack; `stack` builds nested stacks (a volume's devices; with
+   * `readOnly`, a stack that is only read: a qcow2 image's backing stack).
+   */
+  bottom?(spec: S, ctx: BuildContext, stack: (s: StackSpec, readOnly?: boolean) => Layer): Layer;
   /** Builds it over `below`; with `prepare`, `below` is open and `prepared` is what it read. */
   above?(spec: S, below: Layer, ctx: BuildContext, prepared: P): Layer;
   /**
@@ -79,4 +82,6 @@ export interface BuildContext {
   discard?: "unmap" | "ignore";
   log?: Logger;
   handles: StackHandles;
+  /** The bottom of a cluster node's export, built anew at each open of port A (an image is not registered in `handles` then). */
+  rebuilt?: boolean;
 }

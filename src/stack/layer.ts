@@ -60,14 +60,29 @@ export interface Capabilities {
   fastZero: boolean;
   cache: boolean;
   extents: boolean;
+  /**
+   * extents(…, "depth") is answered (the qemu:allocation-depth meta context): only where every
+   * layer down to the bottom knows which layer of a chain holds the bytes. Implies `extents`.
+   */
+  depth: boolean;
   multiConn: boolean;
   blockSize: BlockSize;
 }
 
-/** One run of the device's allocation map, starting where the previous one ended. */
+/**
+ * What extents() describes:
+ * - `allocation` (base:allocation): flags are NBD_STATE_* bits, HOLE = 1, ZERO = 2;
+ * - `depth` (qemu:allocation-depth, as qemu-nbd answers it): flags are the depth of the layer of a
+ *   backing chain that holds the bytes — 1 the top image, 2 its backing file, …; 0 no layer does
+ *   (they read as zeroes). A raw file holds all its bytes (depth 1); past the end of a backing file
+ *   shorter than the image, the bytes count as that file's.
+ */
+export type ExtentKind = "allocation" | "depth";
+
+/** One run of the device's allocation map (or depth map), starting where the previous one ended. */
 export interface Extent {
   length: number;
-  /** NBD_STATE_* bits of base:allocation: HOLE = 1, ZERO = 2. */
+  /** NBD_STATE_* bits of base:allocation (HOLE = 1, ZERO = 2), or the depth (see ExtentKind). */
   flags: number;
 }
 
@@ -80,7 +95,9 @@ export interface Extent {
  * - requests respect `capabilities().blockSize`: aligned to `minimum`, at most `maximum`;
  * - write-type calls (pwrite, zero, trim, and fua) are made only if the capability is there.
  * `pread` fills all of `buf`; `extents` returns at least one extent and never more than `length`
- * bytes in total (it may return fewer: the caller asks again for the rest).
+ * bytes in total (it may return fewer: the caller asks again for the rest). `extents` of kind
+ * `depth` is asked only of a layer whose capabilities say `depth`; a layer that remaps offsets
+ * passes the kind on with them.
  */
 export interface Layer {
   /** Short description of this layer and what is below, e.g. "disk → file:/img". */
@@ -95,7 +112,7 @@ export interface Layer {
   trim(length: number, offset: number, io: Io): Promise<void>;
   flush(io: Io): Promise<void>;
   cache(length: number, offset: number, io: Io): Promise<void>;
-  extents(length: number, offset: number, io: Io): Promise<Extent[]>;
+  extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]>;
   /** Resolves once every request handed to this layer (and below) has completed. */
   quiesce(): Promise<void>;
   resume(): void;
@@ -137,8 +154,8 @@ export class PassthroughLayer implements Layer {
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.next.cache(length, offset, io);
   }
-  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.next.extents(length, offset, io);
+  extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
+    return this.next.extents(length, offset, io, kind);
   }
   quiesce(): Promise<void> {
     return this.next.quiesce();
@@ -149,6 +166,11 @@ export class PassthroughLayer implements Layer {
 }
 
 /** Counts requests in flight in a port so quiesce() can wait for them. */
+/** Depth extents of a layer below, seen from one layer up: depth n there is n + 1 here (0 stays 0). */
+export function deeper(extents: Extent[]): Extent[] {
+  return extents.map((e) => ({ length: e.length, flags: e.flags === 0 ? 0 : e.flags + 1 }));
+}
+
 export class InflightTracker {
   private count = 0;
   private waiters: Array<() => void> = [];

@@ -1,5 +1,5 @@
 import { NbdError } from "../errors.js";
-import type { Capabilities, Extent, Io, Layer } from "./layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "./layer.js";
 
 /**
  * A layer that can only be built once the device below is open — partition N (the table must be
@@ -64,8 +64,8 @@ export class LazyLayer implements Layer {
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.l.cache(length, offset, io);
   }
-  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.l.extents(length, offset, io);
+  extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.l.extents(length, offset, io, kind);
   }
   quiesce(): Promise<void> {
     return this.inner ? this.inner.quiesce() : this.below.quiesce();

@@ -28,7 +28,7 @@ describe.skipIf(!needTools("nbdinfo", "nbdsh"))("nbdinfo", () => {
     const e = info.exports[0];
     expect(e["export-name"]).toBe("disk");
     expect(e["export-size"]).toBe(4 * 1024 * 1024);
-    expect(e.contexts).toEqual(["base:allocation"]);
+    expect(e.contexts).toEqual(["base:allocation", "qemu:allocation-depth"]);
     expect(e).toMatchObject({
       is_rotational: false,
       is_read_only: false,

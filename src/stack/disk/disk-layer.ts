@@ -1,7 +1,7 @@
 import pLimit from "p-limit";
 import { NbdError } from "../../errors.js";
 import { RangeLock } from "../../util/range-lock.js";
-import { PassthroughLayer, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { PassthroughLayer, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 
 export interface DiskLayerOptions {
   /** Largest request advertised to clients (NBD_INFO_BLOCK_SIZE maximum). Default 32 MiB. */
@@ -223,10 +223,10 @@ export class DiskLayer extends PassthroughLayer {
     return this.split(start, end - start, (off, len) => this.next.cache(len, off, io));
   }
 
-  override async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  override async extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
     const start = this.alignDown(offset);
     const end = Math.min(this.alignUp(offset + length), start + this.maxChunk);
-    const raw = await this.next.extents(end - start, start, io);
+    const raw = await this.next.extents(end - start, start, io, kind);
     // Drop the bytes before `offset` and beyond `offset + length`.
     const out: Extent[] = [];
     let pos = start;

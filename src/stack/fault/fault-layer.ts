@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
-import { PassthroughLayer, plainIo, type Extent, type Io, type Layer } from "../layer.js";
+import { PassthroughLayer, plainIo, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { parseRule, seededRandom, type FaultOp, type FaultRule } from "./rules.js";
 
 export interface FaultLayerOptions {
@@ -233,11 +233,12 @@ export class FaultLayer extends PassthroughLayer {
     return this.next.cache(length, offset, io);
   }
 
-  override async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  override async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
     await this.inject("extents", offset, length, io);
-    const ext = await this.next.extents(length, offset, io);
+    const ext = await this.next.extents(length, offset, io, kind);
     if (this.volatile.length === 0) return ext;
-    return [{ length: ext.reduce((s, e) => s + e.length, 0), flags: 0 }]; // unflushed data: report it allocated
+    // Unflushed data: report it allocated (in the top layer, for depth).
+    return [{ length: ext.reduce((s, e) => s + e.length, 0), flags: kind === "depth" ? 1 : 0 }];
   }
 
   /**

@@ -79,7 +79,7 @@ export class FsFileLayer extends PassthroughLayer {
     const odd = this.runs.find((r) => r.deviceOffset % min !== 0 || r.fileOffset % min !== 0 || (r.length % min !== 0 && r.fileOffset + r.length !== this.bytes));
     if (odd)
       throw new NbdError("EINVAL", `file ${this.path}: its data at file offset ${odd.fileOffset} (device offset ${odd.deviceOffset}) is not aligned to the ${min}-byte blocks of ${this.next.describe()}`);
-    this.caps = { ...c, extents: true };
+    this.caps = { ...c, extents: true, depth: false }; // a file's bytes have no place in a backing chain
   }
 
   override async close(): Promise<void> {

@@ -1,4 +1,4 @@
-import { PassthroughLayer, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { PassthroughLayer, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import type { Partition, PartitionTable } from "./partition-table.js";
 
 /**
@@ -44,7 +44,7 @@ export class PartitionLayer extends PassthroughLayer {
   override cache(length: number, offset: number, io: Io): Promise<void> {
     return this.next.cache(length, this.part.start + offset, io);
   }
-  override extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.next.extents(length, this.part.start + offset, io);
+  override extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.next.extents(length, this.part.start + offset, io, kind);
   }
 }

@@ -1,4 +1,4 @@
-import { PassthroughLayer, type Extent, type Io, type Layer } from "../layer.js";
+import { PassthroughLayer, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 
 /** Port A refused a write: this node no longer holds the resource's lease. */
 export function fencedError(message: string): Error {
@@ -66,8 +66,8 @@ export class FenceLayer extends PassthroughLayer {
     if (ok === false) return this.refuse("read");
     return ok.then((yes) => (yes ? this.next.pread(buf, offset, io) : this.refuse("read")));
   }
-  override extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.gateRead("block status", () => this.next.extents(length, offset, io));
+  override extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.gateRead("block status", () => this.next.extents(length, offset, io, kind));
   }
   override cache(length: number, offset: number, io: Io): Promise<void> {
     return this.gateRead("cache", () => this.next.cache(length, offset, io));

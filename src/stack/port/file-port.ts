@@ -2,7 +2,7 @@ import fs from "node:fs";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
 import { ioBuffers } from "../../util/buffer-pool.js";
-import { InflightTracker, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { filePathOf, HolePuncher, type PunchRunner } from "./hole-puncher.js";
 
 /**
@@ -181,6 +181,7 @@ export class FilePort implements Layer {
       fastZero: false,
       cache: true,
       extents: true,
+      depth: true,
       multiConn: true,
       blockSize: { minimum: 1, preferred: 4096, maximum: 0x7fffffff },
     };
@@ -382,8 +383,9 @@ export class FilePort implements Layer {
    * allocated file that was never zeroed is reported as data without reading, as nbdkit's file
    * plugin reports allocated ranges.
    */
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
     const fd = this.live();
+    if (kind === "depth") return [{ length, flags: 1 }]; // a raw file holds every byte it has
     if (!this.zeroed) {
       const st = fs.fstatSync(fd);
       if (st.isFile() && st.blocks * 512 >= st.size) return [{ length, flags: 0 }];

@@ -1,6 +1,6 @@
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "../layer.js";
 
 export interface MemoryPortOptions {
   size: number;
@@ -35,6 +35,7 @@ export class MemoryPort implements Layer {
       fastZero: writable,
       cache: true,
       extents: true,
+      depth: true,
       multiConn: true,
       blockSize: {
         minimum: opts.alignment ?? 1,
@@ -134,8 +135,9 @@ export class MemoryPort implements Layer {
     this.check(offset, length);
   }
 
-  async extents(length: number, offset: number, _io: Io): Promise<Extent[]> {
+  async extents(length: number, offset: number, _io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
     this.check(offset, length);
+    if (kind === "depth") return [{ length, flags: 1 }]; // like a raw file: every byte is its own
     const out: Extent[] = [];
     let done = 0;
     while (done < length) {

@@ -1,5 +1,5 @@
 import { NbdError } from "../../errors.js";
-import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "../layer.js";
 
 /**
  * A place for a port that comes and goes (port A of a node: opened when the node owns the
@@ -53,8 +53,8 @@ export class PortSlot implements Layer {
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.port ? this.port.cache(length, offset, io) : this.closed();
   }
-  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.port ? this.port.extents(length, offset, io) : this.closed();
+  extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.port ? this.port.extents(length, offset, io, kind) : this.closed();
   }
   quiesce(): Promise<void> {
     return this.port ? this.port.quiesce() : Promise.resolve();

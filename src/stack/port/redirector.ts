@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { isOwnerHere } from "./remote-port.js";
 import { isFenced } from "./fence-layer.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { FlushLedger } from "./flush-ledger.js";
 
 /**
@@ -132,7 +132,8 @@ export class PortRedirector implements Layer {
   async open(): Promise<void> {
     const port = this.ownerAtOpen ? (this.a = await this.ports.openLocal()) : (this.b = await this.ports.openRemote());
     this.bytes = port.size();
-    this.caps = port.capabilities();
+    // Depth is not offered: port B (the link to the owner) asks for base:allocation only.
+    this.caps = { ...port.capabilities(), depth: false };
   }
 
   /** Port B closes at once (requests waiting on a peer end with ESHUTDOWN); port A after it drained. */
@@ -516,8 +517,8 @@ export class PortRedirector implements Layer {
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.route(io, (p) => p.cache(length, offset, io));
   }
-  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.route(io, (p) => p.extents(length, offset, io));
+  extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.route(io, (p) => p.extents(length, offset, io, kind));
   }
   async quiesce(): Promise<void> {
     await Promise.all([this.inA.idle(), this.inB.idle()]);

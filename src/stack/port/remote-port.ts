@@ -166,6 +166,7 @@ export class RemotePort implements Layer {
       fastZero: !!(f & F.NBD_FLAG_SEND_FAST_ZERO),
       cache: !!(f & F.NBD_FLAG_SEND_CACHE),
       extents: c.allocationContext !== 0,
+      depth: false, // the link asks for base:allocation only
       multiConn: !!(f & F.NBD_FLAG_CAN_MULTI_CONN),
       blockSize: { ...c.blockSize },
     };

@@ -3,7 +3,7 @@ import path from "node:path";
 import { NbdError } from "../../errors.js";
 import type { Layer } from "../layer.js";
 import { createFilePort } from "../port/file-port.js";
-import { isQcow2, refused } from "./qcow2-format.js";
+import { backingName, clusterSizeOf, isQcow2, parseHeader, refused } from "./qcow2-format.js";
 
 /** Backing chains deeper than this are refused (a loop, or a mistake). */
 export const MAX_CHAIN = 64;
@@ -25,6 +25,22 @@ export function probeFormat(file: string): "qcow2" | "raw" {
     const head = Buffer.alloc(4);
     fs.readSync(fd, head, 0, 4, 0);
     return isQcow2(head) ? "qcow2" : "raw";
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The backing file a qcow2 image names (resolved), or null: not qcow2, or no backing file. */
+export function qcow2BackingOf(file: string): string | null {
+  const fd = fs.openSync(file, "r");
+  try {
+    const head = Buffer.alloc(104);
+    fs.readSync(fd, head, 0, 104, 0);
+    if (!isQcow2(head)) return null;
+    const first = Buffer.alloc(clusterSizeOf(head, file));
+    fs.readSync(fd, first, 0, first.length, 0);
+    const name = backingName(first, parseHeader(first, file));
+    return name === null ? null : backingPath(file, name);
   } finally {
     fs.closeSync(fd);
   }

@@ -4,7 +4,7 @@ import { NbdError } from "../../errors.js";
 import { EXT } from "./qcow2-format.js";
 
 export interface Qcow2CreateOptions {
-  /** The new image's path; it must not exist. */
+  /** The new image's path; it must not exist (unless `replace`). */
   path: string;
   /** Virtual size in bytes. */
   size: number;
@@ -13,6 +13,8 @@ export interface Qcow2CreateOptions {
   backingFormat?: "raw" | "qcow2";
   /** log2 of the cluster size (default 16: 64 KiB, as qemu-img). */
   clusterBits?: number;
+  /** Replace an existing file of that name (atomically: rename over it). Default: never replace. */
+  replace?: boolean;
 }
 
 /**
@@ -72,7 +74,8 @@ export function createQcow2(o: Qcow2CreateOptions): void {
   }
   fs.closeSync(fd);
   try {
-    fs.linkSync(tmp, o.path); // fails if the name exists: never replaces an image
+    if (o.replace) fs.renameSync(tmp, o.path);
+    else fs.linkSync(tmp, o.path); // fails if the name exists: never replaces an image
   } finally {
     fs.rmSync(tmp, { force: true });
   }

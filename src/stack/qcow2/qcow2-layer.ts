@@ -3,10 +3,10 @@ import zlib from "node:zlib";
 import type { Logger } from "pino";
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { deeper, InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js";
 import { pushExtents } from "../volume/common.js";
-import { backingLayer, backingPath } from "./qcow2-backing.js";
+import { backingLayer, backingPath, probeFormat, qcow2BackingOf } from "./qcow2-backing.js";
 import { backingNameFor, createQcow2 } from "./qcow2-create.js";
 import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
 import { Qcow2Meta } from "./qcow2-meta.js";
@@ -20,8 +20,13 @@ export interface Qcow2LayerOptions {
   path: string;
   /** Open the image read-only (a backing file always is). */
   readOnly?: boolean;
-  /** `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes. */
-  backing?: "auto" | "none";
+  /**
+   * `auto`: open the backing chain the image names; `none`: unallocated clusters read as zeroes;
+   * a layer (`backing: STACK`): the chain the image names is followed, and the last qcow2 image of
+   * it (the one naming no backing file) reads its unallocated clusters from the layer, which it
+   * opens and closes with itself and only reads (below a raw backing file it is not used).
+   */
+  backing?: "auto" | "none" | Layer;
   io?: IoMode;
   /**
    * Give freed clusters' space back to the file system (punch holes), as QEMU's discard=unmap:
@@ -95,6 +100,13 @@ export class Qcow2Layer implements Layer {
   private readonly inflight = new Map<number, Promise<void>>();
   /** The last compressed cluster inflated (a client reads one in several requests). */
   private inflated: { hi: number; lo: number; buf: Buffer } | null = null;
+  /** The backing file (resolved path), its name as the header has it, and its format; null without one. */
+  private backingFile: { path: string; name: string; format: "raw" | "qcow2" } | null = null;
+  /** Closed by pause(): requests wait here while snapshot or merge switch files (qcow2-online.ts). */
+  private gate: Promise<void> | null = null;
+  private openGate: (() => void) | null = null;
+  /** While a merge runs: told of each guest range a write, zero or trim changed, once it is done. */
+  written: ((offset: number, length: number) => void) | null = null;
 
   constructor(private readonly opts: Qcow2LayerOptions) {
     this.readOnly = !!opts.readOnly;
@@ -104,8 +116,75 @@ export class Qcow2Layer implements Layer {
     return `qcow2:${this.opts.path}${this.backing ? ` → ${this.backing.describe()}` : ""}`;
   }
 
+  /** The image's path. */
+  get path(): string {
+    return this.opts.path;
+  }
+  /** Cluster size in bytes (once open). */
+  get clusterSize(): number {
+    return this.cs;
+  }
+  get isReadOnly(): boolean {
+    return this.readOnly;
+  }
+  /** Declared `backing: none`: the backing file the image names is not opened. */
+  get backingIgnored(): boolean {
+    return this.opts.backing === "none";
+  }
+  /** Something is below the image: a backing file, or a backing stack. */
+  get hasBacking(): boolean {
+    return this.backing !== null;
+  }
+  /** The backing stack, where this image reads from one (not from a backing file). */
+  get stackBelow(): Layer | null {
+    return this.backing && !this.backingFile ? this.backing : null;
+  }
+  /** The open backing file's layer (a qcow2 layer or a raw file port) and what the header says of it; null without one. */
+  get below(): { layer: Layer; path: string; name: string; format: "raw" | "qcow2" } | null {
+    return this.backing && this.backingFile ? { layer: this.backing, ...this.backingFile } : null;
+  }
+
+  /** Stops new requests (they wait) and resolves once those in flight have completed. */
+  async pause(): Promise<void> {
+    while (this.gate) await this.gate;
+    this.gate = new Promise((r) => (this.openGate = r));
+    await this.quiesce();
+  }
+  /** Lets the requests waiting since pause() go on. */
+  unpause(): void {
+    const open = this.openGate;
+    this.gate = this.openGate = null;
+    open?.();
+  }
+
+  /**
+   * Under pause(): replaces the read-only backing layer by the same file opened writable (a merge
+   * writes into it through the layer returned), unless it is already.
+   */
+  async writableBacking(): Promise<Layer> {
+    const b = this.below;
+    if (!b) throw new NbdError("EINVAL", `${this.opts.path} has no backing file`);
+    if (b.layer.capabilities().writable) return b.layer;
+    const depth = (this.opts.depth ?? 0) + 1;
+    const w: Layer =
+      b.format === "qcow2"
+        ? new Qcow2Layer({ ...this.opts, path: b.path, readOnly: false, backing: typeof this.opts.backing === "object" ? this.opts.backing : "auto", depth, overlayOf: undefined })
+        : createFilePort({ path: b.path, readOnly: false, io: this.opts.io, discard: this.opts.discard !== false });
+    // Closed first: a backing stack below it is opened by one image at a time.
+    await b.layer.close();
+    try {
+      await w.open();
+    } catch (err) {
+      await b.layer.open();
+      throw err;
+    }
+    this.backing = w;
+    return w;
+  }
+
   async open(): Promise<void> {
     const file = this.opts.path;
+    this.inflated = null; // opened again after a snapshot or merge: the file under the name may be another
     const over = this.opts.overlayOf;
     if (over && !fs.existsSync(file)) {
       const base = over.format === "qcow2" ? new Qcow2Layer({ path: over.image, readOnly: true, backing: "none" }) : createFilePort({ path: over.image, readOnly: true });
@@ -150,14 +229,26 @@ export class Qcow2Layer implements Layer {
           const [x, y] = [fs.statSync(a), fs.statSync(b)];
           return x.dev === y.dev && x.ino === y.ino;
         };
-        if (named === null || !fs.existsSync(named) || !same(named, over.image))
+        // The image may be further down: snapshots taken online stand between (qcow2-online.ts).
+        let below = named;
+        for (let i = 0; below !== null && fs.existsSync(below) && !same(below, over.image) && i < 64; i++) below = qcow2BackingOf(below);
+        if (below === null || !fs.existsSync(below) || !same(below, over.image))
           throw new NbdError("EINVAL", `${file} is ${named === null ? "not an overlay (it names no backing file)" : `an overlay of ${named}`}, not of ${over.image}: give another overlay file, or rebase it (qemu-img rebase -u -b ${over.image} -F ${over.format} ${file})`);
       }
+      this.backingFile = null;
+      // A backing stack goes below the chain's last image (the one naming no backing file).
+      const stack = typeof this.opts.backing === "object" ? this.opts.backing : null;
       if (name !== null && this.opts.backing !== "none") {
         const depth = (this.opts.depth ?? 0) + 1;
-        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: "auto", depth, overlayOf: undefined }));
+        const bf = backingPath(file, name);
+        this.backingFile = { path: bf, name, format: (h.backingFormat ?? (fs.existsSync(bf) ? probeFormat(bf) : "raw")) === "qcow2" ? "qcow2" : "raw" };
+        this.backing = backingLayer(file, name, h.backingFormat, depth, (f) => new Qcow2Layer({ ...this.opts, path: f, readOnly: true, backing: stack ?? "auto", depth, overlayOf: undefined }));
         await this.backing.open();
         this.backingSize = this.backing.size();
+      } else if (stack) {
+        await stack.open();
+        this.backing = stack;
+        this.backingSize = stack.size();
       }
       this.data = createFilePort({
         path: file,
@@ -185,6 +276,7 @@ export class Qcow2Layer implements Layer {
       fastZero: w,
       cache: false,
       extents: true,
+      depth: !this.backing || (this.backing.capabilities().extents && this.backing.capabilities().depth),
       multiConn: true,
       blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
     };
@@ -289,6 +381,12 @@ export class Qcow2Layer implements Layer {
    * file (or a fill), made before pread returns. Anything else goes to preadRuns.
    */
   pread(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.gate) return this.gate.then(() => this.pread(buf, offset, io));
+    return this.readUngated(buf, offset, io);
+  }
+
+  /** pread, also while paused (a merge's last copies read the image then). */
+  readUngated(buf: Buffer, offset: number, io: Io): Promise<void> {
     try {
       if (this.fd >= 0 && this.mapNow(offset, buf.length) && this.mLength === buf.length) {
         const k = this.mKind;
@@ -367,6 +465,7 @@ export class Qcow2Layer implements Layer {
 
   /** The fast path: an overwrite of clusters of ours that one cached run maps is one pwrite. */
   pwrite(buf: Buffer, offset: number, io: Io): Promise<void> {
+    if (this.gate || this.written) return this.pwriteGated(buf, offset, io);
     try {
       this.writable("write");
       if (!io.fua && this.mapNow(offset, buf.length) && this.mLength === buf.length && this.mKind === OWNED) return this.data.pwrite(buf, this.mHost, io);
@@ -374,6 +473,19 @@ export class Qcow2Layer implements Layer {
       return Promise.reject(err);
     }
     return this.pwriteRuns(buf, offset, io);
+  }
+
+  /** A write while paused (it waits) or while a merge runs (it tells `written` once done). */
+  private async pwriteGated(buf: Buffer, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    this.writable("write");
+    this.tracker.enter(); // until it is marked: pause() waits for the mark too
+    try {
+      await this.pwriteRuns(buf, offset, io);
+    } finally {
+      this.written?.(offset, buf.length); // a failed write may have changed part of it
+      this.tracker.leave();
+    }
   }
 
   private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
@@ -560,6 +672,17 @@ export class Qcow2Layer implements Layer {
   }
 
   async zero(length: number, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    this.tracker.enter();
+    try {
+      await this.zeroRuns(length, offset, io);
+    } finally {
+      this.written?.(offset, length);
+      this.tracker.leave();
+    }
+  }
+
+  private async zeroRuns(length: number, offset: number, io: Io): Promise<void> {
     this.writable("zero");
     const { head, first, last, tail } = this.cut(length, offset);
     // Zero flags need v3; a v2 image over a backing file must write zeroes, as must partial clusters.
@@ -598,6 +721,17 @@ export class Qcow2Layer implements Layer {
    * unallocated (on v2 over a backing file it then shows the backing file, which trim allows).
    */
   async trim(length: number, offset: number, io: Io): Promise<void> {
+    while (this.gate) await this.gate;
+    this.tracker.enter();
+    try {
+      await this.trimRuns(length, offset, io);
+    } finally {
+      this.written?.(offset, length);
+      this.tracker.leave();
+    }
+  }
+
+  private async trimRuns(length: number, offset: number, io: Io): Promise<void> {
     this.writable("trim");
     const { first, last } = this.cut(length, offset);
     if (last <= first) return;
@@ -633,6 +767,7 @@ export class Qcow2Layer implements Layer {
   }
 
   async flush(_io: Io): Promise<void> {
+    while (this.gate) await this.gate;
     if (this.readOnly) return;
     this.tracker.enter();
     try {
@@ -654,7 +789,20 @@ export class Qcow2Layer implements Layer {
     return Math.max(4 * this.l2e * this.cs, Math.min(64 * 1024 * 1024, 2 ** 17 * this.cs));
   }
 
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  /**
+   * Block status from the tables. `depth` (qemu:allocation-depth, as QEMU's
+   * bdrv_is_allocated_above counts): 1 for data, compressed and zero clusters; unallocated ones
+   * are the backing file's depth plus one, 2 past its end (its zeroes count as its own), and 0
+   * without a backing file.
+   */
+  async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
+    while (this.gate) await this.gate;
+    return this.extentsUngated(length, offset, io, kind);
+  }
+
+  /** extents, also while paused. */
+  async extentsUngated(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
+    const depth = kind === "depth";
     this.tracker.enter();
     try {
       const out: Extent[] = [];
@@ -665,12 +813,15 @@ export class Qcow2Layer implements Layer {
         if (r.kind === UNALLOC && this.backing) {
           const n = Math.max(0, Math.min(r.length, this.backingSize - g));
           if (n > 0) {
-            const below = await this.backing.extents(n, g, io);
+            const got = this.backing.capabilities().extents ? await this.backing.extents(n, g, io, kind) : [{ length: n, flags: depth ? 1 : 0 }];
+            const below = depth ? deeper(got) : got;
             pushExtents(out, below);
-            const got = below.reduce((s, e) => s + e.length, 0);
-            if (got < n) return out; // the backing file answered short: the client asks again
+            const sum = below.reduce((s, e) => s + e.length, 0);
+            if (sum < n) return out; // the backing file answered short: the client asks again
           }
-          if (n < r.length) pushExtents(out, [{ length: r.length - n, flags: HOLE_ZERO }]);
+          if (n < r.length) pushExtents(out, [{ length: r.length - n, flags: depth ? 2 : HOLE_ZERO }]);
+        } else if (depth) {
+          pushExtents(out, [{ length: r.length, flags: r.kind === UNALLOC ? 0 : 1 }]);
         } else {
           pushExtents(out, [{ length: r.length, flags: r.kind === UNALLOC || r.kind === ZERO ? HOLE_ZERO : 0 }]);
         }

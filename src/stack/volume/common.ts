@@ -1,5 +1,5 @@
 import { NbdError } from "../../errors.js";
-import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "../layer.js";
 
 /**
  * What a volume can do over several children: every ability only if every child has it;
@@ -22,6 +22,7 @@ export function combineCapabilities(caps: Capabilities[]): Capabilities {
     fastZero: writable && all("fastZero"),
     cache: all("cache"),
     extents: all("extents"),
+    depth: all("depth"),
     multiConn: all("multiConn"),
     blockSize: { minimum, preferred: Math.max(minimum, ...caps.map((c) => c.blockSize.preferred)), maximum },
   };
@@ -63,12 +64,12 @@ export function pushExtents(out: Extent[], more: Iterable<Extent>): void {
  * The extents of [offset, offset+length) of one child, asking again where the child answered
  * short, in requests of at most `max` bytes. The result covers exactly `length` bytes.
  */
-export async function extentsCovering(child: Layer, length: number, offset: number, io: Io, max: number, align: number): Promise<Extent[]> {
+export async function extentsCovering(child: Layer, length: number, offset: number, io: Io, max: number, align: number, kind: ExtentKind = "allocation"): Promise<Extent[]> {
   const out: Extent[] = [];
   let done = 0;
   while (done < length) {
     const want = Math.min(length - done, Math.max(align, max - (max % align)));
-    const got = await child.extents(want, offset + done, io);
+    const got = await child.extents(want, offset + done, io, kind);
     let n = 0;
     const clipped: Extent[] = [];
     for (const e of got) {

@@ -15,5 +15,5 @@ export const concatKind: LayerKind<ConcatSpec> = {
   options: {},
   parse: (arg, _opts, at) => ({ kind: "concat", devices: at.devices(arg, 1) }),
   format: (s, stack) => `concat(${s.devices.map(stack).join(", ")})`,
-  bottom: (s, _ctx, stack) => createConcatLayer(s.devices.map(stack)),
+  bottom: (s, _ctx, stack) => createConcatLayer(s.devices.map((d) => stack(d))),
 };

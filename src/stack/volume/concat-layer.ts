@@ -1,5 +1,5 @@
 import { NbdError } from "../../errors.js";
-import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "../layer.js";
 import { allDone, closeAll, combineCapabilities, extentsCovering, inPieces, openAll, pushExtents, remapError } from "./common.js";
 
 interface Part {
@@ -123,10 +123,10 @@ export class ConcatLayer implements Layer {
     return allDone(this.children.map((c) => c.flush(io)));
   }
 
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  async extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
     const { maximum, minimum } = this.caps.blockSize;
     const parts = this.parts(offset, length);
-    const lists = await Promise.all(parts.map((p) => extentsCovering(p.child, p.length, p.offset, io, maximum, minimum)));
+    const lists = await Promise.all(parts.map((p) => extentsCovering(p.child, p.length, p.offset, io, maximum, minimum, kind)));
     const out: Extent[] = [];
     for (const l of lists) pushExtents(out, l);
     return out;

@@ -192,6 +192,17 @@ describe("ConcatLayer", () => {
     ]);
   });
 
+  it("passes the allocation depth on to each child (a memory disk holds all its bytes: depth 1)", async () => {
+    const ports = [65536, 65536].map((size) => new MemoryPort({ size }));
+    const vol = createConcatLayer(ports);
+    await vol.open();
+    expect(vol.capabilities().depth).toBe(true);
+    expect(await vol.extents(2 * 65536, 0, plainIo, "depth")).toEqual([{ length: 2 * 65536, flags: 1 }]);
+    const striped = createStripeLayer([65536, 65536].map((size) => new MemoryPort({ size })), 4096);
+    await striped.open();
+    expect(await striped.extents(100_000, 7, plainIo, "depth")).toEqual([{ length: 100_000, flags: 1 }]);
+  });
+
   it("ANDs the children's capabilities and block sizes", async () => {
     class Caps extends PassthroughLayer {
       constructor(next: Layer, private readonly c: Partial<Capabilities>) {

@@ -1,6 +1,6 @@
 import { NbdError } from "../../errors.js";
 import { State } from "../../protocol/constants.js";
-import type { Extent, Io, Layer } from "../layer.js";
+import { deeper, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { ABSENT, ZEROED } from "./cow-format.js";
 import type { MergeTarget } from "./cow-merge.js";
 import type { CowStore } from "./cow-store.js";
@@ -182,8 +182,12 @@ export class CowBlocks {
     return this.store.flush(target ? () => target.flush() : undefined);
   }
 
-  /** Block status: overlay blocks are data, zeroed ones holes, the rest as the layer below says. */
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  /**
+   * Block status: overlay blocks are data, zeroed ones holes, the rest as the layer below says.
+   * `depth`: blocks the overlay holds or zeroed are 1, the rest the layer below's depth plus one.
+   */
+  async extents(length: number, offset: number, io: Io, what: ExtentKind = "allocation"): Promise<Extent[]> {
+    const depth = what === "depth";
     const out: Extent[] = [];
     const push = (len: number, flags: number) => {
       const last = out[out.length - 1];
@@ -198,7 +202,8 @@ export class CowBlocks {
       let runEnd = Math.min(end, b * this.bs + this.blockLen(b));
       while (runEnd < end && kindOf(this.store.entry(Math.floor(runEnd / this.bs))) === kind) runEnd = Math.min(end, runEnd + this.bs);
       if (kind === "below") {
-        const got = await extentsFrom(this.below, runEnd - pos, pos, io);
+        const from = await extentsFrom(this.below, runEnd - pos, pos, io, what);
+        const got = depth ? deeper(from) : from;
         let n = 0;
         for (const e of got) {
           const len = Math.min(e.length, runEnd - pos - n);
@@ -209,7 +214,7 @@ export class CowBlocks {
         pos += n;
         if (pos < runEnd) break; // a short answer from below: the caller asks again
       } else {
-        push(runEnd - pos, kind === "zero" ? ZERO_FLAGS : 0);
+        push(runEnd - pos, depth ? 1 : kind === "zero" ? ZERO_FLAGS : 0);
         pos = runEnd;
       }
     }
@@ -242,14 +247,14 @@ export async function readFrom(below: Layer, buf: Buffer, offset: number, io: Io
 }
 
 /** The extents of any byte range of `below` (one of flags 0 if it has none), honouring its alignment. */
-async function extentsFrom(below: Layer, length: number, offset: number, io: Io): Promise<Extent[]> {
+async function extentsFrom(below: Layer, length: number, offset: number, io: Io, kind: ExtentKind): Promise<Extent[]> {
   const c = below.capabilities().blockSize;
   const a = Math.max(1, c.minimum);
-  if (!below.capabilities().extents) return [{ length, flags: 0 }];
-  if (a === 1) return below.extents(length, offset, io);
+  if (!below.capabilities().extents) return [{ length, flags: kind === "depth" ? 1 : 0 }];
+  if (a === 1) return below.extents(length, offset, io, kind);
   const start = alignDown(offset, a);
   const end = Math.min(alignUp(offset + length, a), below.size());
-  const raw = await below.extents(end - start, start, io);
+  const raw = await below.extents(end - start, start, io, kind);
   const out: Extent[] = [];
   let pos = start;
   for (const e of raw) {

@@ -1,6 +1,6 @@
 import path from "node:path";
 import { NbdError } from "../../errors.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import type { IoMode } from "../port/file-port.js";
 import { newHeader } from "./cow-format.js";
 import { CowStore } from "./cow-store.js";
@@ -113,6 +113,7 @@ export class CowLayer implements Layer {
       fastZero: w,
       cache: bc.cache,
       extents: true,
+      depth: bc.depth, // 1 the overlay, 2… its snapshots, then the base's depth below them
       multiConn: true,
       blockSize: { minimum: 1, preferred: Math.min(this.bs, MAX_REQUEST), maximum: MAX_REQUEST },
     };
@@ -294,10 +295,10 @@ export class CowLayer implements Layer {
     }
   }
 
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  async extents(length: number, offset: number, io: Io, kind: ExtentKind = "allocation"): Promise<Extent[]> {
     await this.enter();
     try {
-      return await this.blocks.extents(length, offset, io);
+      return await this.blocks.extents(length, offset, io, kind);
     } finally {
       this.leave();
     }

@@ -16,7 +16,7 @@ export const mirrorKind: LayerKind<MirrorSpec> = {
   parse: (arg, _opts, at) => ({ kind: "mirror", devices: at.devices(arg, 1) }),
   format: (s, stack) => `mirror(${s.devices.map(stack).join(", ")})`,
   bottom(s, ctx, stack) {
-    const m = createMirrorLayer(s.devices.map(stack), { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) });
+    const m = createMirrorLayer(s.devices.map((d) => stack(d)), { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) });
     ctx.handles.add(ctx.handles.mirrors, ctx.exportName, m, "mirror");
     return m;
   },

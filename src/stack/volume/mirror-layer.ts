@@ -4,7 +4,7 @@ import { errnoOf, errorMessage, NbdError } from "../../errors.js";
 import type { Copier } from "../../copy/copier.js";
 import type { CopyProgress } from "../../copy/progress.js";
 import { RangeLock } from "../../util/range-lock.js";
-import { InflightTracker, plainIo, type Capabilities, type Extent, type Io, type Layer } from "../layer.js";
+import { InflightTracker, plainIo, type Capabilities, type Extent, type ExtentKind, type Io, type Layer } from "../layer.js";
 import { combineCapabilities } from "./common.js";
 import { resyncCopier, withDoneTotal } from "./mirror-resync.js";
 
@@ -331,8 +331,8 @@ export class MirrorLayer extends EventEmitter implements Layer {
     return this.onOneLeg("cache", io, false, (l) => l.cache(length, offset, io));
   }
 
-  extents(length: number, offset: number, io: Io): Promise<Extent[]> {
-    return this.onOneLeg("extents", io, false, (l) => l.extents(length, offset, io));
+  extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
+    return this.onOneLeg("extents", io, false, (l) => l.extents(length, offset, io, kind));
   }
 
   async quiesce(): Promise<void> {

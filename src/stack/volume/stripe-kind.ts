@@ -17,5 +17,5 @@ export const stripeKind: LayerKind<StripeSpec, void, "chunk"> = {
   options: { chunk: "the stripe chunk, e.g. 64k (the default)" },
   parse: (arg, opts, at) => ({ kind: "stripe", devices: at.devices(arg, 1), chunk: opts.chunk === undefined ? 65536 : size(opts.chunk, at.option("chunk")) }),
   format: (s, stack) => `stripe[${s.chunk}](${s.devices.map(stack).join(", ")})`,
-  bottom: (s, _ctx, stack) => createStripeLayer(s.devices.map(stack), s.chunk),
+  bottom: (s, _ctx, stack) => createStripeLayer(s.devices.map((d) => stack(d)), s.chunk),
 };

@@ -1,5 +1,5 @@
 import { NbdError } from "../../errors.js";
-import type { Capabilities, Extent, Io, Layer } from "../layer.js";
+import type { Capabilities, Extent, ExtentKind, Io, Layer } from "../layer.js";
 import { allDone, closeAll, combineCapabilities, ExtentCursor, extentsCovering, inPieces, openAll, remapError } from "./common.js";
 
 /** One child's share of a request: a contiguous range of the child. */
@@ -130,10 +130,10 @@ export class StripeLayer implements Layer {
     return allDone(this.children.map((c) => c.flush(io)));
   }
 
-  async extents(length: number, offset: number, io: Io): Promise<Extent[]> {
+  async extents(length: number, offset: number, io: Io, kind?: ExtentKind): Promise<Extent[]> {
     const { maximum, minimum } = this.caps.blockSize;
     const spans = this.spans(offset, length);
-    const lists = await Promise.all(spans.map((s) => extentsCovering(this.children[s.child]!, s.length, s.offset, io, maximum, minimum)));
+    const lists = await Promise.all(spans.map((s) => extentsCovering(this.children[s.child]!, s.length, s.offset, io, maximum, minimum, kind)));
     const cursors = new Map<number, ExtentCursor>(spans.map((s, i) => [s.child, new ExtentCursor(lists[i]!)]));
     const n = this.children.length;
     const cs = this.chunkSize;
