@@ -60,6 +60,9 @@ export interface CopyJobView {
 
 const COPY_STATES = ["running", "done", "failed"] as const;
 
+/** One event loop's request counts per export and op, as `serve --threads` sends them between loops. */
+export type OpCounts = Array<{ export: string; op: MetricOp; ok: number; error: number; bytes: number; seconds: number; buckets: number[] }>;
+
 /**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
  * and op; connections; and, through collectors, migration and fault state.
@@ -68,9 +71,13 @@ export class Metrics {
   readonly registry = new Registry();
   readonly connections = new Gauge({ name: "nbdstack_connections", help: "Open NBD connections", registers: [this.registry] });
   private readonly cache = new Map<string, Record<MetricOp, OpMetrics>>();
+  /** serve --threads: the other event loops' counts, fetched at each scrape. */
+  private loops: (() => Promise<OpCounts[]>) | null = null;
+  /** This loop's counts and the other loops' added up, for the scrape under way. */
+  private merged: Map<string, Record<MetricOp, OpMetrics>> | null = null;
 
   constructor() {
-    const all = () => [...this.cache].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
+    const all = () => [...(this.merged ?? this.cache)].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
     new Counter({
       name: "nbdstack_requests_total",
       help: "NBD requests answered",
@@ -193,7 +200,36 @@ export class Metrics {
     });
   }
 
-  text(): Promise<string> {
-    return this.registry.metrics();
+  /** This loop's request counts (serve --threads: a worker loop's answer to the primary). */
+  snapshot(): OpCounts {
+    return [...this.cache].flatMap(([name, ops]) => OPS.map((op) => ({ export: name, op, ok: ops[op].ok, error: ops[op].error, bytes: ops[op].bytes, seconds: ops[op].seconds, buckets: [...ops[op].buckets] })));
+  }
+
+  /** serve --threads: the request counts of the other event loops, fetched at each scrape and added to this one's. */
+  addLoops(fetch: () => Promise<OpCounts[]>): void {
+    this.loops = fetch;
+  }
+
+  async text(): Promise<string> {
+    if (!this.loops) return this.registry.metrics();
+    const merged = new Map<string, Record<MetricOp, OpMetrics>>();
+    const add = (c: OpCounts[number]) => {
+      let ops = merged.get(c.export);
+      if (!ops) merged.set(c.export, (ops = Object.fromEntries(OPS.map((op) => [op, new OpMetrics()])) as Record<MetricOp, OpMetrics>));
+      const m = ops[c.op];
+      m.ok += c.ok;
+      m.error += c.error;
+      m.bytes += c.bytes;
+      m.seconds += c.seconds;
+      c.buckets.forEach((n, i) => (m.buckets[i]! += n));
+    };
+    for (const c of this.snapshot()) add(c);
+    for (const loop of await this.loops()) for (const c of loop) add(c);
+    this.merged = merged;
+    try {
+      return await this.registry.metrics();
+    } finally {
+      this.merged = null;
+    }
   }
 }
