@@ -17,6 +17,8 @@ const EMPTY = Buffer.alloc(0);
 export interface LoopStats {
   loop: number;
   pid: number | null;
+  /** It takes connections (a worker that is starting or restarting does not yet). */
+  ready: boolean;
   /** Connections it serves now (the primary's: those it kept, handshakes under way included). */
   connections: number;
   /** Times the worker was restarted after it died. */
@@ -159,19 +161,18 @@ export class LoopPool {
           this.ended(w, id);
           return;
         }
-        socket._handle = null; // the socket lets go of it: Node closes it once the worker has it
+        socket._handle = null; // the socket lets go of it (its destroy() leaves it open)
+        // Sent as a raw handle ('net.Native'): Node neither tracks it for the server nor closes it
+        // here. Once the message is written the kernel holds the descriptor in flight, so the
+        // primary's copy is closed then: the socket ends when the worker's copy closes.
         child.send({ type: "connection", id, export: n.exp.name, structured: n.structured, allocationContext: n.allocationContext, peer } satisfies ToWorker, handle as never, (sendErr) => {
+          handle.close();
           socket.destroy();
           if (!sendErr) {
             log.debug({ loop: w.loop, id }, "connection handed to another event loop");
             return;
           }
           log.warn({ loop: w.loop, err: sendErr.message }, "closing connection: handing it to another event loop failed");
-          try {
-            handle.close();
-          } catch {
-            // closed already
-          }
           this.ended(w, id);
         });
       });
@@ -200,8 +201,8 @@ export class LoopPool {
 
   stats(): LoopStats[] {
     return [
-      { loop: 0, pid: process.pid, connections: this.here() - this.handedOff(), restarts: 0 },
-      ...this.workers.map((w) => ({ loop: w.loop, pid: w.child?.pid ?? null, connections: w.open.size, restarts: w.restarts })),
+      { loop: 0, pid: process.pid, ready: true, connections: this.here() - this.handedOff(), restarts: 0 },
+      ...this.workers.map((w) => ({ loop: w.loop, pid: w.child?.pid ?? null, ready: w.ready, connections: w.open.size, restarts: w.restarts })),
     ];
   }
 
