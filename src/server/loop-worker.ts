@@ -16,7 +16,9 @@ function send(m: FromWorker): void {
   if (process.connected) process.send!(m);
 }
 
+let loop = 0;
 let server: NbdServer | null = null;
+let metrics: Metrics | undefined;
 let log: Logger | null = null;
 let stopping = false;
 
@@ -44,17 +46,9 @@ async function start(init: LoopInit): Promise<void> {
     await exp.open();
     exports.push(...(await partitionExports(exp, { discard: spec.discard })).exports);
   }
-  const metrics = init.metrics ? new Metrics() : undefined;
+  metrics = init.metrics ? new Metrics() : undefined;
   server = new NbdServer({ exports, log, limits: init.limits, maxMemory: init.maxMemory, metrics });
   await server.start();
-  process.on("message", (m: ToWorker, handle?: unknown) => {
-    if (m.type === "connection") {
-      const socket = new net.Socket({ handle: handle as never, readable: true, writable: true, allowHalfOpen: true } as net.SocketConstructorOpts);
-      const connLog = log!.child({ conn: `${init.loop}.${m.id}`, peer: m.peer });
-      void server!.adopt(socket, m.export, m.structured, m.allocationContext, connLog).then(() => send({ type: "closed", id: m.id }));
-    } else if (m.type === "metrics") send({ type: "metrics", request: m.request, counts: metrics?.snapshot() ?? [] });
-    else if (m.type === "stop") stop("asked by the primary");
-  });
   send({ type: "ready", exports: server.list().map((e) => e.name) });
   log.info({ pid: process.pid, exports: exports.length }, "event loop serving");
 }
@@ -62,11 +56,19 @@ async function start(init: LoopInit): Promise<void> {
 process.on("disconnect", () => stop("the primary went away"));
 process.on("SIGTERM", () => stop("SIGTERM"));
 process.on("SIGINT", () => stop("SIGINT"));
-process.once("message", (m: ToWorker) => {
-  if (m.type !== "init") return;
-  start(m).catch((err: Error) => {
-    log?.error({ err }, "event loop failed to start");
-    send({ type: "failed", message: err.message });
-    process.exit(1);
-  });
+process.on("message", (m: ToWorker, handle?: unknown) => {
+  if (m.type === "init") {
+    loop = m.loop;
+    start(m).catch((err: Error) => {
+      log?.error({ err }, "event loop failed to start");
+      send({ type: "failed", message: err.message });
+      process.exit(1);
+    });
+  } else if (m.type === "connection") {
+    // Sent only once this loop said it is ready.
+    const socket = new net.Socket({ handle: handle as never, readable: true, writable: true, allowHalfOpen: true } as net.SocketConstructorOpts);
+    const connLog = log!.child({ conn: `${loop}.${m.id}`, peer: m.peer });
+    void server!.adopt(socket, m.export, m.structured, m.allocationContext, connLog).then(() => send({ type: "closed", id: m.id }));
+  } else if (m.type === "metrics") send({ type: "metrics", request: m.request, counts: metrics?.snapshot() ?? [] });
+  else if (m.type === "stop") stop("asked by the primary");
 });

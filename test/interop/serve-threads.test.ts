@@ -42,6 +42,7 @@ function prelude(uri: string, ctrl: string): string {
     "def loops(): return [l['connections'] for l in json.load(urllib.request.urlopen(CTRL + '/v1/status'))['loops']]",
     "def connect():",
     "    h = nbd.NBD()",
+    "    h.set_uri_allow_local_file(True)", // tls-psk-file
     "    h.connect_uri(URI)",
     "    return h",
     "",
@@ -216,6 +217,22 @@ describe.skipIf(!needTools("nbdsh", "fio", "strace"))("serve --threads 2", () =>
     }
   });
 
+  it.skipIf(!needTools("psktool"))("keeps TLS sessions with the primary (a session cannot move between processes)", async () => {
+    const dir = tempDir();
+    const img = blankImage(path.join(dir, "disk.img"), 4 * MiB);
+    const keys = path.join(dir, "keys.psk");
+    execFileSync("psktool", ["-u", "alice", "-p", keys], { stdio: "ignore", env: debianEnv });
+    const srv = await threaded([img, "--name", "disk", "--tls", "require", "--tls-psk", keys]);
+    try {
+      const port = new URL(srv.uri).port;
+      const uri = `nbds://alice@127.0.0.1:${port}/disk?tls-psk-file=${keys}`;
+      const out = nbdsh(null, prelude(uri, controlUrl(srv)) + ["hs = [connect() for i in range(3)]", "hs[0].pwrite(b'\\x0a' * 4096, 0)", "assert hs[2].pread(4096, 0) == b'\\x0a' * 4096", "print(json.dumps(loops()))"].join("\n"));
+      expect(JSON.parse(out.trim())).toEqual([3, 0]);
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
+  });
+
   it("stops every worker loop on SIGTERM, and a worker stops by itself when the primary is killed", async () => {
     const img = blankImage(path.join(tempDir(), "disk.img"), 4 * MiB);
     const a = await threaded([img, "--name", "disk"]);
@@ -266,14 +283,17 @@ describe.skipIf(!needTools("nbdsh", "fio", "strace"))("serve --threads 2", () =>
     }
   });
 
-  it("takes threads from the config file; --threads 1 (the default) starts no worker", async () => {
+  it("takes threads from the config file, spreads Unix-socket connections too; --threads 1 (the default) starts no worker", async () => {
     const dir = tempDir();
     const img = blankImage(path.join(dir, "disk.img"), 4 * MiB);
     const cfg = path.join(dir, "c.yaml");
-    fs.writeFileSync(cfg, `threads: 2\nexports:\n  - name: disk\n    stack: "file:${img}"\n`);
-    const a = await serve(["--config", cfg, "--control", "127.0.0.1:0"], 2);
+    fs.writeFileSync(cfg, `threads: 2\nsocket: nbd.sock\nexports:\n  - name: disk\n    stack: "file:${img}"\n`);
+    const a = await serve(["--config", cfg, "--control", "127.0.0.1:0"], 3); // the helper adds a TCP listener
     try {
-      expect((await loops(a)).length).toBe(2);
+      const unix = `nbd+unix:///disk?socket=${path.join(dir, "nbd.sock")}`;
+      expect(a.uris).toContain(unix);
+      const out = nbdsh(null, prelude(unix, controlUrl(a)) + ["h1 = connect(); h2 = connect()", "h1.pwrite(b'\\x09' * 4096, 0)", "assert h2.pread(4096, 0) == b'\\x09' * 4096", "print(json.dumps(loops()))"].join("\n"));
+      expect(JSON.parse(out.trim())).toEqual([1, 1]);
     } finally {
       expect(await a.stop()).toBe(0);
     }
