@@ -117,7 +117,10 @@ export class LoopPool {
         reject(new Error(`event loop ${w.loop} exited (${signal ?? code}) before it was ready`));
         if (this.closing) return;
         w.delay = Date.now() - w.startedAt < STABLE_MS ? Math.min(w.delay * 2, RESTART_MAX_MS) : RESTART_MIN_MS;
-        this.log.error({ loop: w.loop, pid: child.pid, code, signal, connectionsLost: lost, restartInMs: w.delay }, "event loop died: its connections are closed; starting another");
+        // Exit 0: it was stopped (a signal sent to it alone, say), not a crash; replaced all the same.
+        const what = { loop: w.loop, pid: child.pid, code, signal, connectionsLost: lost, restartInMs: w.delay };
+        if (code === 0) this.log.warn(what, "event loop stopped by itself: starting another");
+        else this.log.error(what, "event loop died: its connections are closed; starting another");
         setTimeout(() => {
           if (this.closing) return;
           w.restarts++;
