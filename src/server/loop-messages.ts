@@ -1,4 +1,4 @@
-import type { OpCounts } from "../metrics/metrics.js";
+import type { LoopCounts } from "../metrics/metrics.js";
 import type { ExportSpec } from "../stack/compose.js";
 import type { ConnectionLimits } from "./connection.js";
 
@@ -43,4 +43,4 @@ export type FromWorker =
   | { type: "ready"; exports: string[] }
   | { type: "failed"; message: string }
   | { type: "closed"; id: number }
-  | { type: "metrics"; request: number; counts: OpCounts };
+  | { type: "metrics"; request: number; counts: LoopCounts };

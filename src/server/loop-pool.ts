@@ -2,7 +2,7 @@ import { fork, type ChildProcess } from "node:child_process";
 import type { Socket } from "node:net";
 import { fileURLToPath } from "node:url";
 import type { Logger } from "pino";
-import type { OpCounts } from "../metrics/metrics.js";
+import type { LoopCounts } from "../metrics/metrics.js";
 import type { Negotiated } from "./handshake.js";
 import type { FromWorker, LoopInit, ToWorker } from "./loop-messages.js";
 
@@ -57,7 +57,7 @@ export class LoopPool {
   private nextId = 1;
   private nextRequest = 1;
   private turn = 0;
-  private readonly pending = new Map<number, { left: number; counts: OpCounts[]; done: (c: OpCounts[]) => void }>();
+  private readonly pending = new Map<number, { left: number; counts: LoopCounts[]; done: (c: LoopCounts[]) => void }>();
   /** Connections the primary serves itself now. */
   private here: () => number = () => 0;
 
@@ -210,13 +210,13 @@ export class LoopPool {
   }
 
   /** The request counts of every ready worker (for GET /metrics); a worker that does not answer within a second is left out. */
-  metrics(): Promise<OpCounts[]> {
+  metrics(): Promise<LoopCounts[]> {
     const live = this.workers.filter((w) => w.ready && w.child?.connected);
     if (live.length === 0) return Promise.resolve([]);
     const request = this.nextRequest++;
     return new Promise((resolve) => {
       const timer = setTimeout(() => finish(this.pending.get(request)?.counts ?? []), 1000);
-      const finish = (c: OpCounts[]) => {
+      const finish = (c: LoopCounts[]) => {
         clearTimeout(timer);
         this.pending.delete(request);
         resolve(c);

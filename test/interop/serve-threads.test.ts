@@ -99,6 +99,8 @@ describe.skipIf(!needTools("nbdsh", "fio", "strace"))("serve --threads 2", () =>
       expect(metrics).toMatch(/nbdstack_requests_total\{export="disk",op="write",result="ok"\} 3\n/);
       expect(metrics).toMatch(/nbdstack_requests_total\{export="disk",op="read",result="ok"\} 3\n/);
       expect(metrics).toMatch(/nbdstack_loop_connections\{loop="1"\} 0/);
+      // The memory budget is every loop's: each has half of the default 32 MiB.
+      expect(metrics).toMatch(/nbdstack_memory_budget_limit_bytes 33554432\n/);
       // The primary keeps no descriptor of the sockets it handed over.
       expect(fds()).toBeLessThanOrEqual(fdsBefore + 1);
     } finally {
