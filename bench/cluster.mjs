@@ -15,7 +15,8 @@
 //      client's longest gap.
 // Needs root, etcd, fio (see test/cluster/README.md). Knobs (environment): BASE_SECS (4),
 // MOVES (6), MOVE_EVERY (2), PROXY_SECS (5), SIZE_MIB (256), RATE_IOPS (0: uncapped), DEBUG=1
-// (the run's ten longest gaps and the moves' times).
+// (the run's ten longest gaps and the moves' times),
+// CPU_PROF=DIR (each node writes DIR/HOST.cpuprofile when the lab stops it).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,8 +53,9 @@ const uri = (h) => `nbd://${lab.addr(h)}:10809/disk`;
 const nodes = {};
 
 async function startNode(h) {
+  const prof = process.env.CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${process.env.CPU_PROF}`, `--cpu-prof-name=${h}.cpuprofile`] : [];
   const proc = lab.spawn(h, process.execPath, [
-    CLI, "serve", img, "--name", "disk", "--node-id", h, "--etcd", lab.etcdEndpoints.join(","), "--lease-ttl", "2s",
+    ...prof, CLI, "serve", img, "--name", "disk", "--node-id", h, "--etcd", lab.etcdEndpoints.join(","), "--lease-ttl", "2s",
     "--listen", `${lab.addr(h)}:10809`, "--control", `${url(h).slice(7)}`, "--log-format", "json", "--log-level", "info",
   ]);
   let out = "";
@@ -72,6 +74,7 @@ async function startNode(h) {
 /** fio inside `host` against `target`'s node for `secs`; resolves with its JSON job and latency log, on this machine's wall clock. */
 function fio(host, target, secs, tag) {
   const lat = path.join(dir, `${tag}`);
+  const cpu0 = Object.fromEntries(Object.entries(nodes).map(([h, n]) => [h, cpuTicks(n.proc.pid)]));
   const p = lab.spawn(host, "fio", [
     "--name=bench", "--ioengine=nbd", `--uri=${uri(target)}`, "--rw=randwrite", "--bs=4k", "--iodepth=32", `--size=${SIZE_MIB}m`,
     "--norandommap", "--randrepeat=0", "--time_based", `--runtime=${secs}`, `--write_lat_log=${lat}`, "--log_avg_msec=0",
@@ -96,9 +99,29 @@ function fio(host, target, secs, tag) {
         }
       }
       times.sort((a, b) => a - b);
-      resolve({ code, err, job, times, iops: job.write.iops, errors: job.error });
+      const cpu = Object.fromEntries(Object.entries(cpu0).map(([h, t]) => [h, (cpuTicks(nodes[h].proc.pid) - t) * TICK_US]));
+      resolve({ code, err, job, times, iops: job.write.iops, errors: job.error, cpu });
     }),
   );
+}
+
+/** User + system CPU a process has used, in clock ticks (0 once it is gone). */
+function cpuTicks(pid) {
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+    return Number(f[11]) + Number(f[12]);
+  } catch {
+    return 0;
+  }
+}
+const TICK_US = 1e6 / 100; // USER_HZ
+
+/** Server CPU per request of each node during a fio run, and fio's own. */
+function cpuPerRequest(f) {
+  const n = f.job.write.total_ios;
+  const per = Object.entries(f.cpu).filter(([, us]) => us > 0).map(([h, us]) => `${h} ${(us / n).toFixed(1)}`);
+  const fioUs = ((f.job.usr_cpu + f.job.sys_cpu) / 100) * f.job.job_runtime * 1000;
+  return `CPU µs per request: ${per.join(", ")}; fio ${(fioUs / n).toFixed(1)}`;
 }
 
 /** The longest interval without a completion that overlaps [from, to] (wall ms). */
@@ -189,11 +212,18 @@ try {
   const stalls = moves.map((m) => m.stall);
   console.log(`  median stall ${ms(pct(stalls, 50))}, max ${ms(Math.max(...stalls))} (baseline gap ${ms(baseGap)}); fio: ${f1.job.write.total_ios} writes, ${f1.errors} errors, ${Math.round(f1.iops)} IOPS over the run`);
   console.log(`direct (fio in ${own} → ${own}, the owner): ${Math.round(direct.iops)} IOPS, errors ${direct.errors}`);
+  console.log(`  ${cpuPerRequest(direct)}`);
   console.log(`proxied (fio in ${other} → ${other} → port B → ${own}): ${Math.round(proxied.iops)} IOPS, errors ${proxied.errors}`);
+  console.log(`  ${cpuPerRequest(proxied)}`);
   console.log(`proxied ÷ direct: ${(proxied.iops / direct.iops).toFixed(2)}`);
   console.log(`owner ${own} SIGKILLed: ${next.owner} took the image over after ${took ? ms(took - killAt) : "?"} (target ≤ lease + 1 s = ${ms(LEASE_MS + 1000)}); client (fio through ${other}) longest gap ${ms(killGap)}, errors ${f3.errors}`);
   const bad = [f1, direct, proxied, f3].filter((f) => f.errors !== 0);
   if (bad.length) console.log(`WARNING: fio reported errors: ${bad.map((f) => f.err.trim().split("\n").pop()).join(" | ")}`);
 } finally {
+  if (process.env.CPU_PROF) {
+    // A profile is written at a clean exit only: stop the nodes gently before the lab kills them.
+    for (const n of Object.values(nodes)) n.proc.kill("SIGTERM");
+    await Promise.race([Promise.all(Object.values(nodes).map((n) => n.exited)), sleep(10_000)]);
+  }
   lab.teardown({ quiet: true });
 }

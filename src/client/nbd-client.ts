@@ -40,6 +40,10 @@ export interface ConnectOptions {
 
 /** Size of the buffer a plain connection's socket reads into. */
 const READ_BUFFER = 1024 * 1024;
+/** Requests of one turn are packed into chunks of this size (see NbdClient.out). */
+const OUT_CHUNK = 256 * 1024;
+/** Write payloads up to this size are copied next to their header; bigger ones are sent as they are. */
+const SMALL_PAYLOAD = 16 * 1024;
 
 const ERRNO_NAME = new Map<number, ErrnoName>(Object.entries(Errno).map(([k, v]) => [v, k as ErrnoName]));
 
@@ -110,9 +114,29 @@ export class NbdClient {
   /** Where the rest of a read payload goes as it arrives. */
   private sink: { buf: Buffer; at: number; left: number; done: () => void } | null = null;
   private closedErr: Error | null = null;
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
+  /**
+   * Requests made in one event-loop turn leave in one write: their headers, and payloads up to
+   * SMALL_PAYLOAD bytes, are packed into `out` (from `outFrom` to `outAt`); bigger payloads are
+   * queued beside it as they are. `out` is never written into again below `outAt`: the socket may
+   * still hold what was handed to it.
+   */
+  private out: Buffer = Buffer.allocUnsafe(OUT_CHUNK);
+  private outFrom = 0;
+  private outAt = 0;
+  private outQueue: Buffer[] = [];
+  private sendScheduled = false;
+  private readonly sendBatch = (): void => {
+    this.sendScheduled = false;
+    this.cutOut();
+    const q = this.outQueue;
+    this.outQueue = [];
+    if (q.length === 0 || this.socket.destroyed) return;
+    if (q.length === 1) {
+      this.socket.write(q[0]!);
+      return;
+    }
+    this.socket.cork();
+    for (const b of q) this.socket.write(b);
     this.socket.uncork();
   };
   readonly closed: Promise<void>;
@@ -278,54 +302,74 @@ export class NbdClient {
   request(type: number, flags: number, offset: number, length: number, payload?: Buffer, into?: Buffer, tag = 0): Promise<Pending> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const cookie = this.nextCookie++;
-    const h = Buffer.allocUnsafe(28);
-    h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
-    h.writeUInt16BE(flags, 4);
-    h.writeUInt16BE(type, 6);
-    h.writeUInt32BE(tag, 8);
-    h.writeUInt32BE(cookie, 12);
-    h.writeUInt32BE(Math.floor(offset / 0x100000000), 16);
-    h.writeUInt32BE(offset >>> 0, 20);
-    h.writeUInt32BE(length, 24);
+    const inline = payload && payload.length <= SMALL_PAYLOAD ? payload.length : 0;
+    if (this.outAt + 28 + inline > this.out.length) {
+      this.cutOut();
+      this.out = Buffer.allocUnsafe(Math.max(OUT_CHUNK, 28 + inline));
+      this.outFrom = this.outAt = 0;
+    }
+    const h = this.out;
+    const at = this.outAt;
+    h.writeUInt32BE(NBD_REQUEST_MAGIC, at);
+    h.writeUInt16BE(flags, at + 4);
+    h.writeUInt16BE(type, at + 6);
+    h.writeUInt32BE(tag, at + 8);
+    h.writeUInt32BE(cookie, at + 12);
+    h.writeUInt32BE(Math.floor(offset / 0x100000000), at + 16);
+    h.writeUInt32BE(offset >>> 0, at + 20);
+    h.writeUInt32BE(length, at + 24);
+    this.outAt = at + 28;
+    if (inline) {
+      payload!.copy(h, this.outAt);
+      this.outAt += inline;
+    } else if (payload) {
+      this.cutOut();
+      this.outQueue.push(payload);
+    }
+    if (!this.sendScheduled) {
+      this.sendScheduled = true;
+      setImmediate(this.sendBatch);
+    }
+    if (type === Cmd.NBD_CMD_DISC) {
+      this.sendBatch(); // now: the caller ends the socket next
+      return Promise.resolve({} as Pending);
+    }
     return new Promise((resolve, reject) => {
       const data = type === Cmd.NBD_CMD_READ ? (into ?? Buffer.alloc(length)) : null;
       this.pending.set(cookie, { type, offset, length, data, extents: null, error: null, resolve, reject });
-      if (type === Cmd.NBD_CMD_DISC) {
-        this.pending.delete(cookie);
-        resolve({} as Pending);
-      }
-      // Requests issued in one event-loop turn leave in one write (corked until the turn ends).
-      if (!this.corked) {
-        this.corked = true;
-        this.socket.cork();
-        setImmediate(this.uncork);
-      }
-      this.socket.write(h);
-      if (payload) this.socket.write(payload);
     });
+  }
+
+  /** Queues what was packed into `out` since the last cut. */
+  private cutOut(): void {
+    if (this.outAt === this.outFrom) return;
+    this.outQueue.push(this.out.subarray(this.outFrom, this.outAt));
+    this.outFrom = this.outAt;
   }
 
   async pread(length: number, offset: number, flags = 0): Promise<Buffer> {
     return (await this.request(Cmd.NBD_CMD_READ, flags, offset, length)).data!;
   }
+  // The calls below resolve with the request's record, which callers ignore (typed void): one
+  // promise per request on port B's path, not two.
   /** Reads `into.length` bytes at `offset` straight into `into` (no copy of the reply). */
-  async preadInto(into: Buffer, offset: number, flags = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_READ, flags, offset, into.length, undefined, into);
+  preadInto(into: Buffer, offset: number, flags = 0): Promise<void> {
+    return this.request(Cmd.NBD_CMD_READ, flags, offset, into.length, undefined, into) as Promise<unknown> as Promise<void>;
   }
-  async pwrite(buf: Buffer, offset: number, flags = 0, tag = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf, undefined, tag);
+  pwrite(buf: Buffer, offset: number, flags = 0, tag = 0): Promise<void> {
+    return this.request(Cmd.NBD_CMD_WRITE, flags, offset, buf.length, buf, undefined, tag) as Promise<unknown> as Promise<void>;
   }
-  async zero(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_WRITE_ZEROES, flags, offset, length, undefined, undefined, tag);
+  zero(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
+    return this.request(Cmd.NBD_CMD_WRITE_ZEROES, flags, offset, length, undefined, undefined, tag) as Promise<unknown> as Promise<void>;
   }
-  async trim(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
-    await this.request(Cmd.NBD_CMD_TRIM, flags, offset, length, undefined, undefined, tag);
+  trim(length: number, offset: number, flags = 0, tag = 0): Promise<void> {
+    return this.request(Cmd.NBD_CMD_TRIM, flags, offset, length, undefined, undefined, tag) as Promise<unknown> as Promise<void>;
   }
-  async flush(): Promise<void> {
-    await this.request(Cmd.NBD_CMD_FLUSH, 0, 0, 0);
+  flush(): Promise<void> {
+    return this.request(Cmd.NBD_CMD_FLUSH, 0, 0, 0) as Promise<unknown> as Promise<void>;
   }
-  async cache(length: number, offset: number): Promise<void> {
-    await this.request(Cmd.NBD_CMD_CACHE, 0, offset, length);
+  cache(length: number, offset: number): Promise<void> {
+    return this.request(Cmd.NBD_CMD_CACHE, 0, offset, length) as Promise<unknown> as Promise<void>;
   }
   async blockStatus(length: number, offset: number, flags = 0): Promise<Extent[]> {
     return (await this.request(Cmd.NBD_CMD_BLOCK_STATUS, flags, offset, length)).extents ?? [];
@@ -336,6 +380,12 @@ export class NbdClient {
     if (!this.closedErr) await this.request(Cmd.NBD_CMD_DISC, 0, 0, 0);
     this.socket.end();
     await this.closed;
+  }
+
+  /** Half-closes: sends the requests made so far, then FIN (close_notify first over TLS). Replies still come. */
+  end(): void {
+    this.sendBatch();
+    this.socket.end();
   }
 
   destroy(): void {

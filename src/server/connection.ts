@@ -434,8 +434,10 @@ export class Connection {
       this.queuedCallbacks.length = 0;
       this.queuedHead = 0;
     } else this.queuedCallbacks[i] = undefined;
-    if (charge) this.budget.give(charge);
+    // The buffer goes back to the pool first: giving the bytes back may let a waiting request in
+    // at once (synchronously), and it should take this buffer rather than make a new one.
     written?.();
+    if (charge) this.budget.give(charge);
     // 'drain' comes only once everything is written; a client that reads again is served sooner.
     if (this.writeBlocked && this.queuedCharges.length - this.queuedHead <= MAX_QUEUED_REPLIES / 2 && this.socket.writableLength <= this.limits.maxQueuedReplyBytes / 2) {
       this.writeBlocked = false;
@@ -496,8 +498,8 @@ export class Connection {
     const charges = this.queuedCharges.splice(this.queuedHead);
     const callbacks = this.queuedCallbacks.splice(this.queuedHead);
     this.queuedCharges.length = this.queuedCallbacks.length = this.queuedHead = 0;
-    for (const c of charges) this.budget.give(c);
     for (const w of callbacks) w?.();
+    for (const c of charges) this.budget.give(c);
   }
 
   private readonly uncork = (): void => {

@@ -49,10 +49,11 @@ export interface BudgetStats {
  *   connection: one socket read.
  * - Every byte taken or forced is given back exactly once with `give`, every buffered byte with
  *   `unbuffer`, whatever happens to the connection (its close gives back everything it still holds).
- * - Free buffers kept for reuse (`setCache`) are shown in stats; the cache keeps a buffer only while
- *   it fits beside the reservations (`roomForCache`), and gives up buffers before it allocates a new
- *   one that would not, so reservations and cache together stay within the limit. Reservations
- *   never wait for the cache.
+ * - Free buffers kept for reuse (`setCache`) are shown in stats. A buffer given back is kept (the
+ *   reservation it leaves goes to the next request, which takes it); before a new one is made, free
+ *   ones beyond what the reservations leave (`roomForCache`) are given up, so reservations and cache
+ *   together stay within the limit whenever memory is allocated. Reservations never wait for the
+ *   cache.
  */
 export class MemoryBudget {
   private held = 0; // reservations: taken, granted and forced
@@ -76,7 +77,7 @@ export class MemoryBudget {
     this.cache = cache;
   }
 
-  /** Bytes the cache may keep now: what the reservations leave of the limit. */
+  /** Bytes the cache may keep when it makes a new buffer: what the reservations leave of the limit. */
   roomForCache(): number {
     return Math.max(0, this.limit - this.held);
   }

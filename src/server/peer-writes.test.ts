@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { applyOnce } from "./peer-writes.js";
+import { applyOnce, PEER_WRITE_WINDOW } from "./peer-writes.js";
 
 describe("applyOnce: each tagged write of a port B session runs once", () => {
   it("skips a tag that ran, waits for one that runs, runs again one that failed, and keeps sessions apart", async () => {
@@ -25,5 +25,20 @@ describe("applyOnce: each tagged write of a port B session runs once", () => {
     await expect(applyOnce("s1", 3, failing)).rejects.toThrow("EIO");
     await applyOnce("s1", 3, ok); // the failed one never took effect: the resend runs
     expect(runs).toBe(5);
+  });
+});
+
+describe("applyOnce: the window of remembered tags", () => {
+  it("remembers the last PEER_WRITE_WINDOW tags of a session and forgets older ones", async () => {
+    const session = `window-${Math.random()}`;
+    let runs = 0;
+    const ok = () => (runs++, Promise.resolve());
+    for (let t = 1; t <= PEER_WRITE_WINDOW + 10; t++) await applyOnce(session, t, ok);
+    expect(runs).toBe(PEER_WRITE_WINDOW + 10);
+    await applyOnce(session, PEER_WRITE_WINDOW + 10, ok); // the newest: remembered
+    await applyOnce(session, 11, ok); // the oldest still in the window
+    expect(runs).toBe(PEER_WRITE_WINDOW + 10);
+    await applyOnce(session, 10, ok); // fell out of the window: applied again
+    expect(runs).toBe(PEER_WRITE_WINDOW + 11);
   });
 });

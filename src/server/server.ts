@@ -74,10 +74,12 @@ export class NbdServer implements ExportDirectory {
     this.maxPayload = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.memoryBudget = new MemoryBudget(opts.maxMemory ?? DEFAULT_MAX_MEMORY);
     opts.metrics?.memoryBudget(() => this.memoryBudget.stats());
-    // Free I/O buffers kept for reuse are held too: they count against the budget, and go when a
-    // request needs the room.
+    // Free I/O buffers kept for reuse count against the budget: a new buffer is made only once the
+    // free ones leave room for it. Buffers let go ask for a collection once a budget's worth of
+    // them waits for it.
     ioBuffers.limitHeld(this.memoryBudget.limit);
     ioBuffers.setRoom(() => this.memoryBudget.roomForCache());
+    ioBuffers.collectAfter(this.memoryBudget.limit);
     this.memoryBudget.setCache(ioBuffers);
     const names = new Set<string>();
     for (const e of opts.exports) {

@@ -188,7 +188,7 @@ describe("NBD_OPT_STARTTLS", () => {
     const c = await NbdClient.connect(addr, { exportName: "mem", tls: clientOptions(psk("require")) });
     const w = c.pwrite(Buffer.alloc(4096, 9), 0);
     const r = c.pread(4096, 0);
-    c.socket.end(); // close_notify and FIN, with both requests still in the slow layer
+    c.end(); // close_notify and FIN, with both requests still in the slow layer
     await w;
     expect((await r).equals(Buffer.alloc(4096, 9))).toBe(true);
   });

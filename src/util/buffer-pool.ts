@@ -19,8 +19,11 @@ export class BufferPool {
   static readonly STEP = 1024 * 1024;
   private readonly free = new Map<number, Buffer[]>();
   private heldBytes = 0;
-  private droppedBig = 0;
-  /** How many free bytes may be kept now (a memory budget's room; see setRoom). */
+  private droppedBytes = 0;
+  private madeCount = 0;
+  /** Bytes of buffers let go after which a garbage collection is asked for (see dropped). */
+  private gcAfter = DROPPED_BEFORE_GC;
+  /** How many free bytes may be kept when a new buffer is made (a memory budget's room; see setRoom). */
   private room: () => number = () => Infinity;
 
   constructor(
@@ -47,7 +50,9 @@ export class BufferPool {
       this.heldBytes -= b.length;
       return b;
     }
+    // Made only when no free one fits: first the free ones give way to what the reservations need.
     if (this.heldBytes > this.room()) this.shrink(this.heldBytes - this.room());
+    this.madeCount++;
     if (cls <= BufferPool.STEP || cls + BufferPool.HEADROOM > BIG_ALLOCATION) return Buffer.allocUnsafeSlow(cls + BufferPool.HEADROOM);
     // A big one sits in an allocation larger than glibc's largest mmap threshold (32 MiB), so it is
     // always mmapped: only the pages written are resident, and once dropped and collected its
@@ -57,10 +62,16 @@ export class BufferPool {
     return Buffer.allocUnsafeSlow(BIG_ALLOCATION).subarray(0, cls + BufferPool.HEADROOM);
   }
 
+  /**
+   * Takes a buffer back: kept for reuse while the pool holds less than its cap, else let go. Kept
+   * even when the room is short: the reservation its bytes go back to is usually the next request's
+   * (a connection waiting for memory), which takes it; giving it up here made that request allocate
+   * anew while this one waited for the garbage collector. The room is made when a buffer is made.
+   */
   release(buf: Buffer): void {
     const cls = buf.length - BufferPool.HEADROOM;
     if (!this.isClass(cls)) return;
-    if (this.heldBytes + buf.length > Math.min(this.maxHeldBytes, this.room())) {
+    if (this.heldBytes + buf.length > this.maxHeldBytes) {
       this.dropped(cls);
       return;
     }
@@ -70,12 +81,9 @@ export class BufferPool {
     this.heldBytes += buf.length;
   }
 
-  /**
-   * Free buffers count against a memory budget: keep one only while `room()` allows, and make
-   * room before allocating (the new buffer's request has reserved it already).
-   */
-  setRoom(room: () => number): void {
-    this.room = room;
+  /** Asks for a garbage collection once `bytes` of buffers were let go (see dropped). */
+  collectAfter(bytes: number): void {
+    this.gcAfter = bytes;
   }
 
   /** Keeps at most `bytes` of free buffers from now on (never raises the limit); drops the excess. */
@@ -93,8 +101,16 @@ export class BufferPool {
     return this.heldBytes;
   }
 
+  /**
+   * Free buffers count against a memory budget: before a new buffer is made (its request has
+   * reserved it already), free ones beyond what the reservations leave are given up.
+   */
+  setRoom(room: () => number): void {
+    this.room = room;
+  }
+
   /** Drops at least `bytes` of free buffers (or all of them), the biggest first. */
-  shrink(bytes: number): void {
+  private shrink(bytes: number): void {
     const goal = Math.max(0, this.heldBytes - bytes);
     for (const [cls, list] of [...this.free].sort((a, b) => b[0] - a[0])) {
       while (this.heldBytes > goal && list.length > 0) {
@@ -104,6 +120,11 @@ export class BufferPool {
       if (list.length === 0) this.free.delete(cls);
       if (this.heldBytes <= goal) break;
     }
+  }
+
+  /** Buffers made so far (not taken from the free ones). */
+  get made(): number {
+    return this.madeCount;
   }
 
   /** Whether a request of `size` bytes is worth taking from the pool. */
@@ -126,15 +147,14 @@ export class BufferPool {
   }
 
   /**
-   * A buffer was let go: a big one is resident until the garbage collector frees it, which V8 does
-   * late when its own heap is small (up to ~100 MiB of them were seen resident at once), so a
-   * collection is asked for once 32 MiB of them were dropped (at most 4 a second).
+   * A buffer was let go: it is resident until the garbage collector frees it, which V8 does late
+   * when its own heap is small (up to ~100 MiB of big ones were seen resident at once), so a
+   * collection is asked for once `gcAfter` bytes were dropped (at most 4 a second).
    */
   private dropped(cls: number): void {
-    if (cls <= BufferPool.STEP) return;
-    this.droppedBig += cls;
-    if (this.droppedBig >= DROPPED_BEFORE_GC) {
-      this.droppedBig = 0;
+    this.droppedBytes += cls;
+    if (this.droppedBytes >= this.gcAfter) {
+      this.droppedBytes = 0;
       requestGc();
     }
   }

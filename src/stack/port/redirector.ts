@@ -213,20 +213,38 @@ export class PortRedirector implements Layer {
     return held;
   }
 
-  private async viaB<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
+  private viaB<T>(run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     this.inB.enter();
+    let p: Promise<T>;
+    try {
+      p = run(this.b!);
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    // One reaction on the common path; the owner being this node now takes the slow one.
+    return p.then(
+      (v) => {
+        this.inB.leave();
+        return v;
+      },
+      (err) => this.viaBAgain(err, run, io),
+    );
+  }
+
+  private async viaBAgain<T>(err: unknown, run: (port: Layer) => Promise<T>, io?: Io): Promise<T> {
     try {
       for (;;) {
+        // The owner is this node now (it adopted or took over the resource): the request, older
+        // than anything held, goes to port A as soon as that is open — unless its client is gone
+        // meanwhile (it may have sent it elsewhere): then it must never run.
+        if (!isOwnerHere(err)) throw err;
+        if (io?.session?.ended) throw new NbdError("ESHUTDOWN", `${this.name}: the client of this request is gone`);
+        if (this.a) return await this.viaA(run, io);
+        await new Promise((r) => setTimeout(r, 5));
         try {
           return await run(this.b!);
-        } catch (err) {
-          // The owner is this node now (it adopted or took over the resource): the request,
-          // older than anything held, goes to port A as soon as that is open — unless its client
-          // is gone meanwhile (it may have sent it elsewhere): then it must never run.
-          if (!isOwnerHere(err)) throw err;
-          if (io?.session?.ended) throw new NbdError("ESHUTDOWN", `${this.name}: the client of this request is gone`);
-          if (this.a) return await this.viaA(run, io);
-          await new Promise((r) => setTimeout(r, 5));
+        } catch (e) {
+          err = e;
         }
       }
     } finally {

@@ -266,14 +266,29 @@ export class RemotePort implements Layer {
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
     if (this.inflight++ === 0) this.lastProgress = performance.now();
-    const done = (): void => {
-      this.inflight--;
-      this.lastProgress = performance.now();
-    };
-    // Fast path: connected; only a broken link takes the retrying path.
+    // Fast path: connected, one reaction per request; only a broken link takes the retrying path.
     const c = this.client;
-    const p = c && !this.closed ? fn(c).catch((err) => (isLinkError(err) ? this.retry(fn, c) : Promise.reject(err))) : this.retry(fn, null);
-    p.then(done, done);
+    if (!c || this.closed) return this.settled(this.retry(fn, null));
+    return fn(c).then(
+      (v) => {
+        this.progress();
+        return v;
+      },
+      (err) => (isLinkError(err) ? this.settled(this.retry(fn, c)) : (this.progress(), Promise.reject(err))),
+    );
+  }
+
+  /** A request of the fast path ended: the link answered. */
+  private progress(): void {
+    this.inflight--;
+    this.lastProgress = performance.now();
+  }
+
+  private settled<T>(p: Promise<T>): Promise<T> {
+    p.then(
+      () => this.progress(),
+      () => this.progress(),
+    );
     return p;
   }
 
