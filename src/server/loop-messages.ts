@@ -42,5 +42,7 @@ export type ToWorker = LoopInit | LoopConnection | { type: "metrics"; request: n
 export type FromWorker =
   | { type: "ready"; exports: string[] }
   | { type: "failed"; message: string }
+  /** A handed connection arrived (its handle with it). */
+  | { type: "adopted"; id: number }
   | { type: "closed"; id: number }
   | { type: "metrics"; request: number; counts: LoopCounts };

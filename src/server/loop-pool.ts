@@ -11,6 +11,11 @@ const WORKER = fileURLToPath(new URL("./loop-worker.js", import.meta.url));
 const RESTART_MIN_MS = 500;
 const RESTART_MAX_MS = 30_000;
 const STABLE_MS = 10_000;
+/**
+ * A handed connection the worker has not confirmed by then is taken for lost (Node drops a handle
+ * message the worker could not take, NODE_HANDLE_NACK, without telling the sender's callback).
+ */
+const ADOPT_MS = 5_000;
 const EMPTY = Buffer.alloc(0);
 
 /** One event loop as status and metrics show it: 0 is the primary. */
@@ -32,6 +37,8 @@ interface WorkerLoop {
   exports: ReadonlySet<string>;
   /** Connections handed to it, by id: each resolves its connection's end in the primary. */
   open: Map<number, () => void>;
+  /** Of those, the ones it has not confirmed yet, with their timers (see ADOPT_MS). */
+  unconfirmed: Map<number, NodeJS.Timeout>;
   startedAt: number;
   restarts: number;
   delay: number;
@@ -75,7 +82,7 @@ export class LoopPool {
   /** Forks the workers and waits until each serves its exports (a worker that fails to start fails this). */
   async start(): Promise<void> {
     for (let loop = 1; loop < this.loops; loop++) {
-      const w: WorkerLoop = { loop, child: null, ready: false, exports: new Set(), open: new Map(), startedAt: 0, restarts: 0, delay: RESTART_MIN_MS };
+      const w: WorkerLoop = { loop, child: null, ready: false, exports: new Set(), open: new Map(), unconfirmed: new Map(), startedAt: 0, restarts: 0, delay: RESTART_MIN_MS };
       this.workers.push(w);
     }
     try {
@@ -100,7 +107,10 @@ export class LoopPool {
           this.log.debug({ loop: w.loop, pid: child.pid }, "event loop ready");
           resolve();
         } else if (m.type === "failed") reject(new Error(`event loop ${w.loop} failed to start: ${m.message}`));
-        else if (m.type === "closed") this.ended(w, m.id);
+        else if (m.type === "adopted") {
+          clearTimeout(w.unconfirmed.get(m.id));
+          w.unconfirmed.delete(m.id);
+        } else if (m.type === "closed") this.ended(w, m.id);
         else if (m.type === "metrics") {
           const p = this.pending.get(m.request);
           if (!p) return;
@@ -131,6 +141,8 @@ export class LoopPool {
   }
 
   private ended(w: WorkerLoop, id: number): void {
+    clearTimeout(w.unconfirmed.get(id));
+    w.unconfirmed.delete(id);
     const done = w.open.get(id);
     w.open.delete(id);
     done?.();
@@ -165,6 +177,11 @@ export class LoopPool {
           return;
         }
         socket._handle = null; // the socket lets go of it (its destroy() leaves it open)
+        const timer = setTimeout(() => {
+          log.warn({ loop: w.loop, id }, "the event loop never took the connection handed to it: counted as closed");
+          this.ended(w, id);
+        }, ADOPT_MS);
+        w.unconfirmed.set(id, timer.unref());
         // Sent as a raw handle ('net.Native'): Node neither tracks it for the server nor closes it
         // here. Once the message is written the kernel holds the descriptor in flight, so the
         // primary's copy is closed then: the socket ends when the worker's copy closes.

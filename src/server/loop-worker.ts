@@ -68,6 +68,7 @@ process.on("message", (m: ToWorker, handle?: unknown) => {
     // Sent only once this loop said it is ready.
     const socket = new net.Socket({ handle: handle as never, readable: true, writable: true, allowHalfOpen: true } as net.SocketConstructorOpts);
     const connLog = log!.child({ conn: `${loop}.${m.id}`, peer: m.peer });
+    send({ type: "adopted", id: m.id });
     void server!.adopt(socket, m.export, m.structured, m.allocationContext, connLog).then(() => send({ type: "closed", id: m.id }));
   } else if (m.type === "metrics") send({ type: "metrics", request: m.request, counts: metrics?.snapshot() ?? { ops: [], budget: null } });
   else if (m.type === "stop") stop("asked by the primary");
