@@ -2,7 +2,7 @@ import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { blankImage, controlUrl, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
+import { blankImage, controlUrl, randomImage, serve, sha256, tempDir, type Served } from "../helpers/serve.js";
 import { debianEnv, nbdsh, needTools } from "../helpers/tools.js";
 import { logLines, pollUntil } from "../helpers/wait.js";
 
@@ -54,7 +54,7 @@ function threaded(args: string[], exports = 1): Promise<Served> {
   return serve([...args, "--threads", "2", "--control", "127.0.0.1:0"], exports + 1);
 }
 
-describe.skipIf(!needTools("nbdsh", "fio", "strace"))("serve --threads 2", () => {
+describe.skipIf(!needTools("nbdsh", "nbdcopy", "fio", "strace"))("serve --threads 2", () => {
   it("spreads connections over the event loops, whose writes and reads of one image are coherent", async () => {
     const img = blankImage(path.join(tempDir(), "disk.img"), 16 * MiB);
     const srv = await threaded([img, "--name", "disk"]);
@@ -128,6 +128,28 @@ describe.skipIf(!needTools("nbdsh", "fio", "strace"))("serve --threads 2", () =>
       });
       expect(started.filter((l) => l.loop === 1).length).toBeGreaterThanOrEqual(2);
       expect(started.filter((l) => l.loop === undefined).length).toBeGreaterThanOrEqual(2);
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
+  });
+
+  it("nbdcopy with multi-conn writes an image in over both loops and copies it out again, byte for byte", async () => {
+    const dir = tempDir();
+    const src = path.join(dir, "src.img");
+    randomImage(src, 16 * MiB, 7);
+    const img = blankImage(path.join(dir, "disk.img"), 16 * MiB);
+    const srv = await threaded([img, "--name", "disk"]);
+    try {
+      execFileSync("nbdcopy", ["--connections=4", "--threads=4", src, srv.uri], { env: debianEnv });
+      const out = path.join(dir, "out.img");
+      execFileSync("nbdcopy", ["--connections=4", "--threads=4", srv.uri, out], { env: debianEnv });
+      expect(sha256(out)).toBe(sha256(src));
+      expect(sha256(img)).toBe(sha256(src));
+      const started = await pollUntil("eight connections in the logs", () => {
+        const lines = logLines(srv.stderr()).filter((l) => l.msg === "transmission started");
+        return lines.length >= 8 && lines;
+      });
+      expect(started.filter((l) => l.loop === 1).length).toBeGreaterThanOrEqual(2);
     } finally {
       expect(await srv.stop()).toBe(0);
     }
