@@ -69,6 +69,7 @@ program
   .option("--max-inflight <n>", "requests in flight per connection before the socket is paused", positiveInt, 128)
   .option("--max-inflight-bytes <size>", "payload bytes in flight per connection before the socket is paused", "128M")
   .option("--max-memory <size>", "memory all clients together may make the server hold (payloads in flight, replies not yet read, handshake bytes); when it is used up, sockets are paused until it is given back (default 8M)")
+  .option("--threads <n>", "event loops serving connections: worker processes beside the primary share the exports whose stacks are coherent across processes (file, partition, concat, stripe, fs-file); the others stay with the primary (see src/server/THREADS.md)", positiveInt, 1)
   .option("--max-connections <n>", "connections open at once; more are closed at once with a log line", positiveInt, 1024)
   .option("--max-connections-per-client <n>", "connections open at once from one client address", positiveInt, 256)
   .option("--handshake-timeout <time>", "time a client has to finish the handshake (0: no limit)", "10s")

@@ -5,11 +5,13 @@ import { pipeline } from "node:stream/promises";
 import { fileURLToPath } from "node:url";
 import zlib from "node:zlib";
 import { createLogger } from "../log.js";
-import { NbdServer, type TcpAddress } from "../server/server.js";
+import { DEFAULT_LIMITS, DEFAULT_MAX_MEMORY, NbdServer, type TcpAddress } from "../server/server.js";
+import { LoopPool } from "../server/loop-pool.js";
+import type { SharedExport } from "../server/loop-messages.js";
 import type { Command } from "commander";
 import { loadConfig } from "../config/config-file.js";
-import { composeExport, defaultExportName, partitionExports, StackHandles, type ExportSpec } from "../stack/compose.js";
-import { kindOf } from "../stack/kinds.js";
+import { composeExport, defaultExportName, partitionExports, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
+import { coherentAcrossProcesses, kindOf } from "../stack/kinds.js";
 import type { Export } from "../stack/export.js";
 import { StorageNode } from "../node/storage-node.js";
 import { WriteAudit } from "../stack/port/write-audit.js";
@@ -42,6 +44,8 @@ export interface ServeOptions extends TlsFlags {
   maxMemory?: string;
   maxConnections: number;
   maxConnectionsPerClient: number;
+  /** Event loops serving connections (see server/THREADS.md); 1: the primary alone. */
+  threads: number;
   handshakeTimeout: string;
   idleTimeout: string;
   /** Absent: $NBDSTACK_LOG, else info. */
@@ -144,6 +148,7 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     if (config.io && cmd?.getOptionValueSource("io") !== "cli") opts.io = config.io;
     if (config.discard && cmd?.getOptionValueSource("discard") !== "cli") opts.discard = config.discard;
     opts.maxMemory ??= config.maxMemory;
+    if (config.threads && cmd?.getOptionValueSource("threads") !== "cli") opts.threads = config.threads;
   }
   if (opts.dataDir && !opts.nodeId) throw new Error("--data-dir needs --node-id (it holds images a node receives from its peers)");
   if (opts.etcd && !opts.nodeId) throw new Error("--etcd needs --node-id (etcd keeps the ownership of a cluster node's exports)");
@@ -210,10 +215,33 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     else log.info({ export: exp.name, reason: found.reason }, "no partition exports");
     exports.push(...found.exports);
   }
+  // serve --threads: exports whose stacks are coherent across processes are built by every event
+  // loop too; the others (state in the process: cow, mirror, qcow2, fault, memory, a cluster
+  // node's redirector) are served by this one, the primary.
+  const threads = opts.threads ?? 1;
+  const shared: SharedExport[] = threads > 1 && !node ? specs.filter((s) => coherentAcrossProcesses(stackOf(s))).map((s) => ({ spec: { ...s, fault: undefined }, partitions: opts.partitions && s.partitions !== false })) : [];
+  if (threads > 1) {
+    const names = new Set(shared.map((e) => e.spec.name));
+    log.info({ threads, everyLoop: [...names], primaryOnly: specs.filter((s) => !names.has(s.name)).map((s) => s.name) }, "event loops");
+    if (tlsConfig && shared.length) log.warn("with TLS every connection stays with the primary event loop (a TLS session cannot move between processes)");
+  }
+  const maxMemory = opts.maxMemory === undefined ? undefined : positiveSize(opts.maxMemory, "--max-memory");
+  const limits = {
+    ...DEFAULT_LIMITS,
+    maxInflightRequests: opts.maxInflight,
+    maxInflightBytes: parseSize(opts.maxInflightBytes),
+    handshakeTimeoutMs: parseDuration(opts.handshakeTimeout),
+    idleTimeoutMs: parseDuration(opts.idleTimeout),
+  };
   // Metrics cost a little per request: collected only where a control API can serve them.
   // Layers steered at run time (fault, mirror, cow) need the control API.
   const steerable = handles.faults.size + handles.mirrors.size + handles.cows.size > 0;
   const metrics = node || opts.control || steerable ? new Metrics() : undefined;
+  // Each event loop has its share of the memory budget: together they hold no more than --max-memory.
+  const loopMemory = shared.length ? Math.floor((maxMemory ?? DEFAULT_MAX_MEMORY) / threads) : maxMemory;
+  const pool = shared.length
+    ? new LoopPool(threads, { exports: shared, limits, maxMemory: loopMemory!, metrics: !!metrics, logLevel: opts.logLevel, logPretty: opts.logFormat === undefined ? undefined : opts.logFormat === "pretty" }, log)
+    : null;
   const server = new NbdServer({
     tls: tlsConfig ? { mode: tlsConfig.mode, options: serverSocketOptions(tlsConfig) } : null,
     metrics,
@@ -222,17 +250,15 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     unixSockets: opts.socket,
     listenFds,
     log,
-    limits: {
-      maxInflightRequests: opts.maxInflight,
-      maxInflightBytes: parseSize(opts.maxInflightBytes),
-      handshakeTimeoutMs: parseDuration(opts.handshakeTimeout),
-      idleTimeoutMs: parseDuration(opts.idleTimeout),
-    },
+    limits,
     maxConnections: opts.maxConnections,
     maxConnectionsPerClient: opts.maxConnectionsPerClient,
-    maxMemory: opts.maxMemory === undefined ? undefined : positiveSize(opts.maxMemory, "--max-memory"),
+    maxMemory: loopMemory,
+    ...(pool ? { handOff: (n, l) => pool.handOff(n, l) } : {}),
   });
+  pool?.countHere(() => server.connectionCount);
   const cleanup = () => {
+    void pool?.close();
     if (demo) fs.rmSync(demo.dir, { recursive: true, force: true });
   };
   let controlUrl: string | null = null;
@@ -246,13 +272,23 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   }
   try {
     await server.start();
+    await pool?.start();
     if (control) {
       if (node) attachNodeRoutes(control, node);
-      else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })) } }));
+      else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })), ...(pool ? { loops: pool.stats() } : {}) } }));
       attachFaultRoutes(control, faults);
       attachMirrorRoutes(control, handles.mirrors);
       attachCowRoutes(control, handles.cows, handles.qcow2s);
       const m = metrics!;
+      if (pool) {
+        m.addLoops(() => pool.metrics());
+        m.gauge("nbdstack_loop_connections", "Connections each event loop serves (serve --threads; loop 0 is the primary)", ["loop"], (set) => {
+          for (const l of pool.stats()) set({ loop: String(l.loop) }, l.connections);
+        });
+        m.gauge("nbdstack_loop_restarts_total", "Times a worker event loop was restarted after it died", ["loop"], (set) => {
+          for (const l of pool.stats()) if (l.loop > 0) set({ loop: String(l.loop) }, l.restarts);
+        });
+      }
       control.route("GET", "/metrics", async () => ({ body: await m.text(), contentType: "text/plain; version=0.0.4" }));
       m.gauge("nbdstack_faults_injected_total", "Faults injected by fault layers, by kind", ["export", "kind"], (set) => {
         for (const [name, f] of faults) for (const [kind, n] of Object.entries(f.counts)) set({ export: name, kind }, n);
@@ -322,8 +358,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
       process.exit(1);
     }
     log.info({ signal }, "shutting down: finishing requests in flight");
-    server
-      .close()
+    // Worker loops stop beside the primary; the primary's connections handed to them end with them.
+    Promise.all([pool?.close(), server.close()])
       .then(() => node?.close())
       .then(() => etcd?.close())
       .then(() => control?.close())

@@ -75,9 +75,18 @@ describe("stack declarations", () => {
     [{ exports: [{ name: "a", stack: "file:a" }], etcd: 2379 }, /^etcd: /],
     [{ exports: [{ name: "a", stack: "file:a" }], "etcd-cacert": "" }, /^etcd-cacert: expected a file path/],
     [{ exports: [{ name: "a", stack: "file:a" }], "etcd-password": "x" }, /^etcd-password: unknown key/],
+    [{ exports: [{ name: "a", stack: "file:a" }], threads: 0 }, /^threads: expected a positive integer/],
+    [{ exports: [{ name: "a", stack: "file:a" }], threads: "2" }, /^threads: expected a positive integer/],
   ];
   it.each(bad)("rejects %j with an error naming the key", (doc, re) => {
     expect(() => validateConfig(doc, "/srv")).toThrow(re);
+  });
+});
+
+describe("threads", () => {
+  it("reads the number of event loops (serve --threads)", () => {
+    expect(validateConfig({ exports: [{ name: "a", stack: "file:a" }], threads: 4 }, "/srv").threads).toBe(4);
+    expect(validateConfig({ exports: [{ name: "a", stack: "file:a" }] }, "/srv").threads).toBeUndefined();
   });
 });
 

@@ -36,9 +36,11 @@ export interface ServeConfig {
   etcdUser?: string;
   /** The process-wide memory budget (a size such as 32M), as --max-memory. */
   maxMemory?: string;
+  /** Event loops serving connections, as --threads. */
+  threads?: number;
 }
 
-const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "discard", "max-memory", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
+const TOP = ["exports", "listen", "socket", "control", "node-id", "io", "discard", "max-memory", "threads", "etcd", "etcd-prefix", "etcd-cacert", "etcd-cert", "etcd-key", "etcd-user"];
 const EXPORT = ["name", "stack", "description", "read-only", "partitions", "discard"];
 
 function discardMode(v: unknown, where: string): "unmap" | "ignore" {
@@ -107,6 +109,11 @@ export function validateConfig(doc: unknown, baseDir: string): ServeConfig {
     const v = doc["max-memory"];
     if (size(v, "max-memory") <= 0) throw new ConfigError("max-memory", "expected a size above zero, such as 32M");
     cfg.maxMemory = String(v);
+  }
+  if (doc.threads !== undefined) {
+    const v = doc.threads;
+    if (typeof v !== "number" || !Number.isInteger(v) || v < 1) throw new ConfigError("threads", "expected a positive integer (event loops serving connections)");
+    cfg.threads = v;
   }
   if (doc.io !== undefined) {
     if (doc.io !== "auto" && doc.io !== "sync" && doc.io !== "async") throw new ConfigError("io", "expected auto, sync or async");

@@ -62,6 +62,26 @@ export interface CopyJobView {
 
 const COPY_STATES = ["running", "done", "failed"] as const;
 
+/** One event loop's request counts per export and op, as `serve --threads` sends them between loops. */
+export type OpCounts = Array<{ export: string; op: MetricOp; ok: number; error: number; bytes: number; seconds: number; buckets: number[] }>;
+
+/** What the nbdstack_memory_budget_* gauges show of one memory budget. */
+export interface BudgetView {
+  limit: number;
+  used: number;
+  buffered: number;
+  cached: number;
+  peak: number;
+  waiting: number;
+  waits: number;
+}
+
+/** What a worker loop of `serve --threads` reports at each scrape: its request counts and its memory budget. */
+export interface LoopCounts {
+  ops: OpCounts;
+  budget: BudgetView | null;
+}
+
 /**
  * Prometheus metrics of a server (prom-client): requests, errors, bytes and latency per export
  * and op; connections; and, through collectors, migration and fault state.
@@ -79,9 +99,16 @@ export class Metrics {
   readonly registry = new (promClient().Registry)();
   readonly connections = new (promClient().Gauge)({ name: "nbdstack_connections", help: "Open NBD connections", registers: [this.registry] });
   private readonly cache = new Map<string, Record<MetricOp, OpMetrics>>();
+  /** serve --threads: the other event loops' counts, fetched at each scrape. */
+  private loops: (() => Promise<LoopCounts[]>) | null = null;
+  /** This loop's counts and the other loops' added up, for the scrape under way. */
+  private merged: Map<string, Record<MetricOp, OpMetrics>> | null = null;
+  /** The other loops' memory budgets, for the scrape under way. */
+  private loopBudgets: BudgetView[] = [];
+  private budgetRead: (() => BudgetView) | null = null;
 
   constructor() {
-    const all = () => [...this.cache].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
+    const all = () => [...(this.merged ?? this.cache)].flatMap(([name, ops]) => OPS.map((op) => [name, op, ops[op]] as const));
     new (promClient().Counter)({
       name: "nbdstack_requests_total",
       help: "NBD requests answered",
@@ -186,7 +213,14 @@ export class Metrics {
    * The process-wide memory budget (server/memory-budget.ts): its limit, the bytes held now and at
    * most, reservations waiting now, and reservations that had to wait since the start.
    */
-  memoryBudget(read: () => { limit: number; used: number; buffered: number; cached: number; peak: number; waiting: number; waits: number }): void {
+  memoryBudget(own: () => BudgetView): void {
+    this.budgetRead = own;
+    // With serve --threads, every loop's budget added up (the peak: the sum of each loop's peak).
+    const read = (): BudgetView => {
+      const b = { ...own() };
+      for (const l of this.loopBudgets) for (const k of Object.keys(b) as Array<keyof BudgetView>) b[k] += l[k];
+      return b;
+    };
     this.gauge("nbdstack_memory_budget_limit_bytes", "The memory budget (--max-memory)", [], (set) => set({}, read().limit));
     this.gauge("nbdstack_memory_budget_used_bytes", "Bytes of the memory budget held now: payloads in flight, replies not yet taken by clients, handshake bytes", [], (set) => set({}, read().used));
     this.gauge("nbdstack_memory_budget_buffered_bytes", "Of the bytes held, those read from sockets and not parsed yet (they never hold up a reservation)", [], (set) => set({}, read().buffered));
@@ -204,7 +238,40 @@ export class Metrics {
     });
   }
 
-  text(): Promise<string> {
-    return this.registry.metrics();
+  /** This loop's request counts and memory budget (serve --threads: a worker loop's answer to the primary). */
+  snapshot(): LoopCounts {
+    const ops = [...this.cache].flatMap(([name, m]) => OPS.map((op) => ({ export: name, op, ok: m[op].ok, error: m[op].error, bytes: m[op].bytes, seconds: m[op].seconds, buckets: [...m[op].buckets] })));
+    return { ops, budget: this.budgetRead?.() ?? null };
+  }
+
+  /** serve --threads: the counts and budgets of the other event loops, fetched at each scrape and added to this one's. */
+  addLoops(fetch: () => Promise<LoopCounts[]>): void {
+    this.loops = fetch;
+  }
+
+  async text(): Promise<string> {
+    if (!this.loops) return this.registry.metrics();
+    const merged = new Map<string, Record<MetricOp, OpMetrics>>();
+    const add = (c: OpCounts[number]) => {
+      let ops = merged.get(c.export);
+      if (!ops) merged.set(c.export, (ops = Object.fromEntries(OPS.map((op) => [op, new OpMetrics()])) as Record<MetricOp, OpMetrics>));
+      const m = ops[c.op];
+      m.ok += c.ok;
+      m.error += c.error;
+      m.bytes += c.bytes;
+      m.seconds += c.seconds;
+      c.buckets.forEach((n, i) => (m.buckets[i]! += n));
+    };
+    for (const c of this.snapshot().ops) add(c);
+    const loops = await this.loops();
+    for (const loop of loops) for (const c of loop.ops) add(c);
+    this.merged = merged;
+    this.loopBudgets = loops.flatMap((l) => (l.budget ? [l.budget] : []));
+    try {
+      return await this.registry.metrics();
+    } finally {
+      this.merged = null;
+      this.loopBudgets = [];
+    }
   }
 }

@@ -19,7 +19,7 @@ import { checkRequest, type Op } from "../stack/guard.js";
 import { InflightTracker, type Extent } from "../stack/layer.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import type { Export } from "../stack/export.js";
-import { negotiate, type ExportDirectory, type HandshakeTls } from "./handshake.js";
+import { negotiate, type ExportDirectory, type HandshakeTls, type Negotiated } from "./handshake.js";
 import { applyOnce } from "./peer-writes.js";
 import { readIntoUserBuffers } from "./user-buffer-reader.js";
 import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
@@ -132,6 +132,13 @@ export class Connection {
   private rearm: (() => void) | null = null;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
+  /**
+   * serve --threads: offered every negotiated connection; it either moves the socket to another
+   * event loop and returns a promise of the connection's end there, or returns null (served here).
+   */
+  handOff: ((n: Negotiated) => Promise<void> | null) | null = null;
+  /** The connection's end in the event loop it was handed to (see handOff). */
+  private elsewhere: Promise<void> | null = null;
 
   constructor(
     private socket: Socket,
@@ -152,7 +159,8 @@ export class Connection {
   private watch(s: Socket): void {
     s.once("close", () => {
       this.releaseBudget();
-      this.resolveClosed();
+      if (this.elsewhere) void this.elsewhere.then(this.resolveClosed);
+      else this.resolveClosed();
     });
     s.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "socket error"));
     s.on("drain", this.onDrain);
@@ -192,6 +200,31 @@ export class Connection {
       this.socket.end();
       return;
     }
+    if (this.handOff) {
+      this.elsewhere = this.handOff(negotiated);
+      if (this.elsewhere) return;
+    }
+    this.begin(negotiated);
+  }
+
+  /**
+   * Starts transmission on a socket whose handshake another event loop made (serve --threads):
+   * `exportName` as that loop resolved it, and what the client negotiated. False (and the socket
+   * closed) if this loop does not serve that export.
+   */
+  adopt(exportName: string, structured: boolean, allocationContext: number, depthContext: number): boolean {
+    const exp = this.exports.find(exportName);
+    if (!exp || exp.name !== exportName) {
+      this.log.error({ export: exportName }, "closing connection: handed an export this event loop does not serve");
+      this.socket.destroy();
+      return false;
+    }
+    this.begin({ exp, peer: false, peerSession: null, structured, allocationContext, depthContext, rest: Buffer.alloc(0), socket: this.socket, tls: false, ended: false });
+    return true;
+  }
+
+  /** From the end of the handshake: the request stream. */
+  private begin(negotiated: Negotiated): void {
     this.exp = negotiated.exp;
     this.structured = negotiated.structured;
     this.allocationContext = negotiated.allocationContext;

@@ -3,7 +3,7 @@ import net from "node:net";
 import type { Logger } from "pino";
 import { Connection, type ConnectionLimits } from "./connection.js";
 import type { Export } from "../stack/export.js";
-import type { ExportDirectory, HandshakeTls } from "./handshake.js";
+import type { ExportDirectory, HandshakeTls, Negotiated } from "./handshake.js";
 import { DEFAULT_MAX_PAYLOAD } from "../stack/disk/disk-layer.js";
 import { exportOfPeerName, isInternalExport } from "../internal-exports.js";
 import type { Metrics } from "../metrics/metrics.js";
@@ -38,6 +38,12 @@ export interface ServerOptions {
    * payloads in flight, replies not yet taken by slow readers, handshake bytes (see memory-budget.ts).
    */
   maxMemory?: number;
+  /**
+   * serve --threads: offered each connection once its handshake chose an export; moves it to
+   * another event loop (returning a promise of its end there) or returns null to serve it here.
+   * A connection handed off still counts here (limits, nbdstack_connections) until it ends there.
+   */
+  handOff?: (n: Negotiated, log: Logger) => Promise<void> | null;
 }
 
 /**
@@ -172,6 +178,8 @@ export class NbdServer implements ExportDirectory {
     const log = this.opts.log.child({ conn: id, peer });
     log.debug("connection accepted");
     const conn = new Connection(socket, this, log, this.limits, this.memoryBudget, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, this.opts.tls ?? null);
+    const handOff = this.opts.handOff;
+    if (handOff) conn.handOff = (n) => handOff(n, log);
     this.opts.metrics?.connections.inc();
     this.connections.add(conn);
     void conn.closed.then(() => {
@@ -183,6 +191,26 @@ export class NbdServer implements ExportDirectory {
       log.debug("connection closed");
     });
     void conn.start();
+  }
+
+  /**
+   * Serves a socket whose handshake another event loop made (serve --threads; see
+   * Connection.adopt). The limits were applied where it was accepted. Resolves when it closes.
+   */
+  adopt(socket: net.Socket, exportName: string, structured: boolean, allocationContext: number, depthContext: number, log: Logger): Promise<void> {
+    if (this.closing) {
+      socket.destroy();
+      return Promise.resolve();
+    }
+    const conn = new Connection(socket, this, log, this.limits, this.memoryBudget, this.maxPayload, this.opts.directReads ?? true, this.opts.metrics ?? null, null);
+    this.opts.metrics?.connections.inc();
+    this.connections.add(conn);
+    conn.adopt(exportName, structured, allocationContext, depthContext);
+    return conn.closed.then(() => {
+      this.connections.delete(conn);
+      this.opts.metrics?.connections.dec();
+      log.debug("connection closed");
+    });
   }
 
   get connectionCount(): number {

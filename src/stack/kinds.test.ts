@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { formatStack, parseStack, parseStackLine, stackHelp } from "../config/stack-spec.js";
 import { buildLayer, buildStack, StackHandles } from "./compose.js";
-import { aboveKind, bottomKind, LAYER_KINDS } from "./kinds.js";
+import { aboveKind, bottomKind, coherentAcrossProcesses, LAYER_KINDS } from "./kinds.js";
 import { plainIo } from "./layer.js";
 import { createMemoryPort } from "./port/memory-port.js";
 
@@ -24,6 +24,17 @@ describe("the layer kinds", () => {
     expect(aboveKind("memory")).toBeUndefined();
     // Exports whose stack serves a part of the device get no NAME/pN exports by default.
     expect(LAYER_KINDS.filter((k) => k.selectsPart).map((k) => k.name)).toEqual(["partition", "fs-file"]);
+  });
+
+  it("say which stacks every event loop of serve --threads may build: those keeping no state of their own", () => {
+    expect(LAYER_KINDS.filter((k) => k.coherentAcrossProcesses).map((k) => k.name)).toEqual(["file", "concat", "stripe", "partition", "fs-file"]);
+    const at = { baseDir: "/" };
+    expect(coherentAcrossProcesses(parseStackLine("file:a.img → partition:1 → file:/disk.img", "s", at))).toBe(true);
+    expect(coherentAcrossProcesses(parseStack([{ stripe: ["file:a", "file:b"] }, "partition:2"], "s", at))).toBe(true);
+    expect(coherentAcrossProcesses(parseStack([{ concat: ["file:a", "memory:1M"] }], "s", at))).toBe(false);
+    expect(coherentAcrossProcesses(parseStack([{ mirror: ["file:a", "file:b"] }], "s", at))).toBe(false);
+    expect(coherentAcrossProcesses(parseStackLine("file:a.img → cow:a.cow", "s", at))).toBe(false);
+    expect(coherentAcrossProcesses(parseStackLine("file:a.img → fault", "s", at))).toBe(false);
   });
 
   it("give the one-line form for logs and descriptions, which parses back where it is not a volume", () => {

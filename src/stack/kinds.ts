@@ -81,3 +81,12 @@ export function imageKind(path: string): AnyLayerKind {
   }
   return LAYER_KINDS.find((k) => k.bottom && k.claims?.(head)) ?? raw;
 }
+
+/**
+ * Whether every layer of `stack`, the stacks inside volumes included, is coherent across
+ * processes (LayerKind.coherentAcrossProcesses): then any event loop of `serve --threads` may
+ * build and serve it.
+ */
+export function coherentAcrossProcesses(stack: StackSpec): boolean {
+  return stack.every((l) => kindOf(l).coherentAcrossProcesses === true && (!("devices" in l) || l.devices.every(coherentAcrossProcesses)));
+}

@@ -36,6 +36,14 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
    */
   readonly holdsState?: boolean;
   /**
+   * The layer keeps nothing of the device but what the image file holds (a file's fd, offsets
+   * computed once at open): stacks of such layers opened by several processes over one image are
+   * one coherent device — pread/pwrite on one file are coherent and fdatasync covers every writer.
+   * `serve --threads N` lets any event loop serve an export whose every layer says so; the others
+   * stay with the primary loop (see server/THREADS.md). Absent: false, the safe answer.
+   */
+  readonly coherentAcrossProcesses?: boolean;
+  /**
    * Recognises an image of this kind by its first bytes (a format's magic). `nbdstack serve IMAGE`
    * puts at the bottom of the stack the first kind that claims the file, `file:` (raw) if none does
    * (see imageKind in kinds.ts). A kind that claims images takes the `read-only` option.

@@ -11,6 +11,7 @@ export interface FsFileSpec {
 /** `file:PATH` above the bottom (or `fs-file:PATH`): one file inside the ext2/3/4 or FAT file system below. */
 export const fsFileKind: LayerKind<FsFileSpec, FileMap> = {
   name: "fs-file",
+  coherentAcrossProcesses: true,
   summary: "one file inside the ext2/3/4 or FAT file system below, as a device",
   argument: "PATH: the file's path inside the file system; written file:PATH above the bottom",
   options: {},

@@ -13,6 +13,7 @@ export interface PartitionSpec {
 /** `partition:N`: partition N of the MBR or GPT on the device below. */
 export const partitionKind: LayerKind<PartitionSpec, { part: Partition; scheme: PartitionTable["scheme"] }> = {
   name: "partition",
+  coherentAcrossProcesses: true,
   summary: "partition N of an MBR or GPT disk below, as a device of its own",
   argument: "N: the partition number, 1, 2 … (or p1, p2 …)",
   options: {},

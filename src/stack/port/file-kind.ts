@@ -11,6 +11,7 @@ export interface FileSpec {
 /** `file:IMAGE` at the bottom of a stack (above the bottom, `file:` is fs-file). */
 export const fileKind: LayerKind<FileSpec, void, "read-only"> = {
   name: "file",
+  coherentAcrossProcesses: true,
   summary: "an image file (raw), the device at the bottom",
   argument: "IMAGE: the image's path, relative to the config file",
   options: { "read-only": "true: open the image read-only whatever the export allows" },

@@ -10,6 +10,7 @@ export interface ConcatSpec {
 /** `concat: [A, B …]`: devices one after another as one device. */
 export const concatKind: LayerKind<ConcatSpec> = {
   name: "concat",
+  coherentAcrossProcesses: true,
   summary: "devices one after another as one device",
   argument: "[DEVICE, …]: images like file:a.img, or stacks of their own",
   options: {},

@@ -12,6 +12,7 @@ export interface StripeSpec {
 /** `stripe: [A, B …]`: RAID-0 over devices, chunk by chunk. */
 export const stripeKind: LayerKind<StripeSpec, void, "chunk"> = {
   name: "stripe",
+  coherentAcrossProcesses: true,
   summary: "devices striped chunk by chunk (RAID-0)",
   argument: "[DEVICE, …]: images like file:a.img, or stacks of their own",
   options: { chunk: "the stripe chunk, e.g. 64k (the default)" },
