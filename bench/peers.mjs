@@ -63,6 +63,8 @@ execFileSync("dd", ["if=/dev/urandom", `of=${base}`, "bs=1M", "count=1024", "sta
 if (has("sgdisk")) execFileSync("sgdisk", ["-n", "1:1M:0", base], { stdio: "ignore" });
 const servers = QCOW2 === "only" ? [] : [
   { name: "nbdstack", port: 10820, cmd: (img) => [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10820", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
+  // serve --threads 2: a worker process beside the primary (src/server/THREADS.md). THREADS=0 leaves it out.
+  ...(process.env.THREADS === "0" ? [] : [{ name: "nbdstack-t2", port: 10829, cmd: (img) => [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10829", "--log-level", "warn", "--threads", "2", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] }]),
   ...(has("sgdisk")
     ? [
         {
@@ -134,14 +136,24 @@ for (const s of servers) {
 
 for (const s of servers) if (s.daemon) s.pid = Number(fs.readFileSync(s.daemon, "utf8"));
 const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;
-/** CPU seconds (user + system, own and reaped children's) used by process `pid` so far. */
+/** The live child processes of `pid` (serve --threads N: its worker loops). */
+const children = (pid) => {
+  try {
+    return fs.readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+};
+/** CPU seconds (user + system, own, its live children's and reaped children's) used by process `pid` so far. */
 const cpuSeconds = (pid) => {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
   const f = stat.slice(stat.lastIndexOf(")") + 2).split(" "); // f[0] is field 3
-  return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / TICK; // fields 14–17 of stat(5)
+  const own = (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / TICK; // fields 14–17 of stat(5)
+  return own + children(pid).reduce((t, c) => t + (fs.existsSync(`/proc/${c}/stat`) ? cpuSeconds(c) : 0), 0);
 };
-/** Peak resident set size of `pid`, MiB. */
-const peakRss = (pid) => Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN) / 1024;
+/** Peak resident set size of `pid`, MiB (with its live children's peaks added: worker loops). */
+const peakRss = (pid) =>
+  Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN) / 1024 + children(pid).reduce((t, c) => t + (fs.existsSync(`/proc/${c}/status`) ? peakRss(c) : 0), 0);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // The memory plugin starts empty: fill it with the same image, or its reads would all be holes.
