@@ -179,8 +179,8 @@ function infoData(R, name, mut) {
 function metaData(R, name, set, mut) {
   const n = str(name);
   const queries = set
-    ? Array.from({ length: R.weighted([[1, 6], [0, 1], [2, 2]]) }, () => R.weighted([["base:allocation", 8], ["base:", 1], ["qemu:dirty-bitmap:x", 1], ["", 1]]))
-    : Array.from({ length: R.int(3) }, () => R.pick(["base:", "base:allocation", "qemu:", "nope:x"]));
+    ? Array.from({ length: R.weighted([[1, 6], [0, 1], [2, 2]]) }, () => R.weighted([["base:allocation", 8], ["qemu:allocation-depth", 3], ["base:", 1], ["qemu:dirty-bitmap:x", 1], ["", 1]]))
+    : Array.from({ length: R.int(3) }, () => R.pick(["base:", "base:allocation", "qemu:", "qemu:allocation-depth", "nope:x"]));
   let nameLen = n.length;
   let count = queries.length;
   const qs = queries.map((q) => ({ len: Buffer.byteLength(q), q: str(q) }));

@@ -94,7 +94,7 @@ class Stream {
  * The obligations a client byte stream creates. Returns { steps, end } where each step is
  * { kind: "greeting" } | { kind: "option", opt, finals: number[], nonFinal: number[], exp?, go? }
  * | { kind: "export-name", exp, noZeroes } | { kind: "request", cookie, type, flags, offset, length,
- * allowed: number[], structured, contextId, df, reqOne } and end is { why, close, detail }:
+ * allowed: number[], structured, contextIds, df, reqOne } and end is { why, close, detail }:
  * why ∈ violation | disc | eof | truncated | abort | refused | open; close: the server must close.
  * `clientEnds`: the client half-closes after the last byte (else it leaves the socket open).
  */
@@ -110,7 +110,8 @@ export function oracle(bytes, env, clientEnds) {
   const noZeroes = (cflags & 2) !== 0;
   let structured = false;
   let metaExport = null;
-  let selected = false;
+  // The contexts the last NBD_OPT_SET_META_CONTEXT selected (base:allocation, qemu:allocation-depth).
+  let selected = { allocation: false, depth: false };
   for (;;) {
     if (s.left() === 0) return clientEnds ? end("eof", true, "the client's end during the handshake") : end("open", false, "the handshake waits for the client");
     if (s.left() < 16) return cut();
@@ -125,7 +126,7 @@ export function oracle(bytes, env, clientEnds) {
       if (s.left() < len) return cut();
       s.take(len);
       if (opt === Opt.SET_META_CONTEXT) {
-        selected = false;
+        selected = { allocation: false, depth: false };
         metaExport = null;
       }
       steps.push({ kind: "option", opt, at: s.at, finals: [KNOWN_OPTIONS.has(opt) ? Rep.ERR_TOO_BIG : Rep.ERR_UNSUP], nonFinal: [] });
@@ -139,7 +140,7 @@ export function oracle(bytes, env, clientEnds) {
         const exp = findExport(env, data.toString("utf8"));
         if (!exp) return end("refused", true, "NBD_OPT_EXPORT_NAME of an unknown export");
         steps.push({ kind: "export-name", at, exp, noZeroes });
-        return transmission(s, env, steps, { exp, structured, contextId: selected && metaExport === exp.name ? 1 : 0 }, clientEnds);
+        return transmission(s, env, steps, { exp, structured, contextIds: contextIdsOf(selected, metaExport === exp.name) }, clientEnds);
       }
       case Opt.ABORT:
         steps.push({ kind: "option", opt, at, finals: [Rep.ACK], nonFinal: [], optional: true });
@@ -163,7 +164,7 @@ export function oracle(bytes, env, clientEnds) {
           break;
         }
         steps.push({ kind: "option", opt, at, finals: [Rep.ACK], nonFinal: [Rep.INFO], exp, structured, infos: p.infos });
-        if (opt === Opt.GO) return transmission(s, env, steps, { exp, structured, contextId: selected && metaExport === exp.name ? 1 : 0 }, clientEnds);
+        if (opt === Opt.GO) return transmission(s, env, steps, { exp, structured, contextIds: contextIdsOf(selected, metaExport === exp.name) }, clientEnds);
         break;
       }
       case Opt.STRUCTURED_REPLY:
@@ -179,7 +180,7 @@ export function oracle(bytes, env, clientEnds) {
         const set = opt === Opt.SET_META_CONTEXT;
         if (set) {
           // "including when this command fails"
-          selected = false;
+          selected = { allocation: false, depth: false };
           metaExport = null;
         }
         if (set && !structured) {
@@ -196,18 +197,30 @@ export function oracle(bytes, env, clientEnds) {
           steps.push({ kind: "option", opt, at, finals: [Rep.ERR_UNKNOWN], nonFinal: [] });
           break;
         }
-        const matches = set ? p.queries.includes("base:allocation") : p.queries.length === 0 || p.queries.some((q) => q === "base:" || q === "base:allocation");
+        // Every export here answers both contexts (file and memory ports: depth 1). LIST with no
+        // query, or a bare namespace, lists what it offers (in that namespace).
+        const wanted = (ctx) => (set ? p.queries.includes(ctx) : p.queries.length === 0 || p.queries.some((q) => q === ctx || q === ctx.slice(0, ctx.indexOf(":") + 1)));
+        const matches = { allocation: wanted(BASE_ALLOCATION), depth: wanted(ALLOCATION_DEPTH) };
         if (set) {
           metaExport = exp.name;
           selected = matches;
         }
-        steps.push({ kind: "option", opt, at, finals: [Rep.ACK], nonFinal: [Rep.META_CONTEXT], contexts: matches ? 1 : 0, set });
+        steps.push({ kind: "option", opt, at, finals: [Rep.ACK], nonFinal: [Rep.META_CONTEXT], contexts: Number(matches.allocation) + Number(matches.depth), set });
         break;
       }
       default:
         steps.push({ kind: "option", opt, at, finals: [Rep.ERR_UNSUP], nonFinal: [] });
     }
   }
+}
+
+const BASE_ALLOCATION = "base:allocation";
+const ALLOCATION_DEPTH = "qemu:allocation-depth";
+
+/** The context ids BLOCK_STATUS answers with: this server numbers base:allocation 1 and qemu:allocation-depth 2. */
+function contextIdsOf(selected, forThisExport) {
+  if (!forThisExport) return [];
+  return [...(selected.allocation ? [1] : []), ...(selected.depth ? [2] : [])];
 }
 
 /** NBD_OPT_INFO/GO data (doc/proto.md): name length, name, number of requests, requests. */
@@ -247,7 +260,7 @@ export function parseMetaRequest(d) {
 
 /** The errnos a request may get (0: success), by the spec's SHOULDs; several when several rules apply. */
 export function allowedOutcomes(r, t) {
-  const { exp, structured, contextId } = t;
+  const { exp, structured, contextIds } = t;
   const size = BigInt(exp.size);
   const out = new Set();
   const known = ALLOWED_FLAGS[r.type];
@@ -270,7 +283,7 @@ export function allowedOutcomes(r, t) {
   }
   const cap = { [Cmd.TRIM]: TFlag.SEND_TRIM, [Cmd.WRITE_ZEROES]: TFlag.SEND_WRITE_ZEROES, [Cmd.CACHE]: TFlag.SEND_CACHE }[r.type];
   if (cap && !(exp.flags & cap)) out.add(Errno.EINVAL);
-  if (r.type === Cmd.BLOCK_STATUS && (!structured || contextId === 0)) out.add(Errno.EINVAL);
+  if (r.type === Cmd.BLOCK_STATUS && (!structured || contextIds.length === 0)) out.add(Errno.EINVAL);
   const lengthLimited = r.type === Cmd.READ || r.type === Cmd.WRITE;
   if (lengthLimited && r.length > exp.maxBlock) out.add(Errno.EINVAL); // a read; a write this long was a violation
   if (r.offset + BigInt(r.length) > size) out.add(r.type === Cmd.WRITE || r.type === Cmd.WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL);
@@ -326,7 +339,7 @@ function transmission(s, env, steps, t, clientEnds) {
     r.allowed = disc ? [Errno.ESHUTDOWN] : allowedOutcomes(r, t);
     r.optional = disc !== null;
     r.structured = t.structured;
-    r.contextId = t.contextId;
+    r.contextIds = t.contextIds;
     r.exp = t.exp;
     steps.push(r);
   }
@@ -581,7 +594,7 @@ export class Judge {
       if (data.length < 5) return this.problem(`${name}: malformed NBD_REP_META_CONTEXT`);
       const id = data.readUInt32BE(0);
       const ctx = data.toString("utf8", 4);
-      if (ctx !== "base:allocation") this.problem(`${name}: meta context "${ctx}"`);
+      if (ctx !== BASE_ALLOCATION && ctx !== ALLOCATION_DEPTH) this.problem(`${name}: meta context "${ctx}"`);
       if (st.set ? id === 0 : id !== 0) this.problem(`${name}: context id ${id}`);
       this.cur.contexts++;
     }
@@ -593,7 +606,7 @@ export class Judge {
       const st = this.steps[j];
       if (st.kind !== "request") continue;
       const key = st.cookie;
-      const r = { step: st, error: 0, chunks: 0, covered: [], extents: 0, doneData: false };
+      const r = { step: st, error: 0, chunks: 0, covered: [], extents: 0, contextsSeen: [], doneData: false };
       if (!this.pending.has(key)) this.pending.set(key, []);
       this.pending.get(key).push(r);
     }
@@ -645,7 +658,10 @@ export class Judge {
       case ReplyType.BLOCK_STATUS: {
         if (st.type !== Cmd.BLOCK_STATUS) return this.problem(`${name}: block status chunk for a ${cmdName(st.type)}`);
         if (p.length < 12 || (p.length - 4) % 8) return this.problem(`${name}: block status chunk of ${p.length} bytes`);
-        if (p.readUInt32BE(0) !== st.contextId) this.problem(`${name}: context id ${p.readUInt32BE(0)}, expected ${st.contextId}`);
+        const id = p.readUInt32BE(0);
+        if (!st.contextIds.includes(id)) this.problem(`${name}: context id ${id}, expected one of ${st.contextIds.join(", ")}`);
+        if (r.contextsSeen.includes(id)) this.problem(`${name}: two block status chunks for context ${id}`);
+        r.contextsSeen.push(id);
         const n = (p.length - 4) / 8;
         let sum = 0;
         for (let k = 0; k < n; k++) {
@@ -680,7 +696,7 @@ export class Judge {
       const total = r.covered.reduce((t, [x, y]) => t + (y - x), 0);
       if (total !== st.length) this.problem(`${name}: content chunks cover ${total} of ${st.length} bytes`);
     }
-    if (st.type === Cmd.BLOCK_STATUS && r.extents !== 1) this.problem(`${name}: ${r.extents} block status chunks`);
+    if (st.type === Cmd.BLOCK_STATUS && r.extents !== st.contextIds.length) this.problem(`${name}: ${r.extents} block status chunks, expected ${st.contextIds.length} (one per selected context)`);
   }
 
   /** The socket closed. Returns problems of the end: replies still owed when none may be lost. */
