@@ -169,7 +169,7 @@ program
 
 program
   .command("status")
-  .description("show a node's exports: owner, epoch, redirector state, requests in flight and held")
+  .description("show a node's exports: owner, epoch, redirector state, requests in flight and held (a server without --node-id: its exports and event loops)")
   .argument("<url>", "control URL of a node, e.g. http://127.0.0.1:9001")
   .option("--json", "print the raw status as JSON", false)
   .action(statusCommand);

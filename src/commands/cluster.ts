@@ -1,4 +1,4 @@
-import { controlCall, getStatus } from "../control/control-client.js";
+import { controlCall, getStatus, type ServerStatus } from "../control/control-client.js";
 import { parseSize } from "../util/size.js";
 import { CopyProgressBars } from "./progress-bar.js";
 
@@ -71,6 +71,7 @@ export async function statusCommand(url: string, opts: { json: boolean }): Promi
     process.stdout.write(JSON.stringify(s, null, 2) + "\n");
     return;
   }
+  if (!("nodeId" in s) || s.nodeId === undefined) return serverStatus(s as unknown as ServerStatus);
   process.stdout.write(`node ${s.nodeId}  nbd ${s.nbd}  control ${s.control}\n`);
   const rows = [["export", "owner", "epoch", "state", "in A", "in B", "held", "moves", "image"]];
   for (const e of s.exports) rows.push([e.name, e.owner ?? "-", String(e.epoch ?? "-"), e.state, String(e.inflightA), String(e.inflightB), String(e.held), String(e.moves), e.image ?? "-"]);
@@ -85,6 +86,15 @@ export async function statusCommand(url: string, opts: { json: boolean }): Promi
   table([["node", "nbd", "control", "host", "pid", "up"], ...c.nodes.map((n) => [n.nodeId, n.nbd, n.control, n.host, String(n.pid), `${Math.max(0, Math.round((Date.now() - n.started) / 1000))} s`])]);
   process.stdout.write("\n");
   table([["export", "owner", "epoch", "owner alive", "owner nbd"], ...c.exports.map((e) => [e.name, e.released ? `(released by ${e.owner})` : e.owner, String(e.epoch), e.live ? "yes" : "no (lease ended)", e.nbd])]);
+}
+
+/** A server started without --node-id: its exports (and event loops, with --threads). */
+function serverStatus(s: ServerStatus): void {
+  process.stdout.write("server (not a cluster node)\n");
+  table([["export", "size", "stack"], ...s.exports.map((e) => [e.name === "" ? '""' : e.name, String(e.size), e.stack])]);
+  if (!s.loops) return;
+  process.stdout.write("\n");
+  table([["loop", "pid", "ready", "connections", "restarts"], ...s.loops.map((l) => [String(l.loop), String(l.pid ?? "-"), l.ready ? "yes" : "no", String(l.connections), String(l.restarts)])]);
 }
 
 function table(rows: string[][]): void {

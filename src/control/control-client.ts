@@ -31,6 +31,13 @@ export interface NodeStatus {
   cluster?: ClusterStatus | { error: string };
 }
 
+/** What a server that is not a cluster node (no --node-id) answers to GET /v1/status. */
+export interface ServerStatus {
+  exports: Array<{ name: string; size: number; stack: string }>;
+  /** With serve --threads N: each event loop (src/server/THREADS.md). */
+  loops?: Array<{ loop: number; pid: number | null; ready: boolean; connections: number; restarts: number }>;
+}
+
 /** Every live node and every export's ownership record in etcd (see src/coord/etcd-node.ts). */
 export interface ClusterStatus {
   etcd: { endpoints: string[]; prefix: string };

@@ -4,7 +4,7 @@ import net from "node:net";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { NbdClient } from "../../src/client/nbd-client.js";
-import { blankImage, CLI, nbdAddress, ROOT, serve, tempDir } from "../helpers/serve.js";
+import { blankImage, CLI, controlUrl, nbdAddress, ROOT, serve, tempDir } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
 import { within } from "../helpers/limits.js";
 
@@ -47,6 +47,21 @@ describe("nbdstack CLI", () => {
     expect(nothing.stderr).toMatch(/nothing to serve/);
     const badSize = spawnSync(process.execPath, [CLI, "serve", "memory:lots"], { encoding: "utf8" });
     expect(badSize.stderr).toMatch(/cannot read "lots" as a size/);
+  });
+
+  it("nbdstack status shows a plain server (no --node-id): its exports, not a node's fields", async () => {
+    const tokenFile = path.join(tempDir(), "token");
+    const srv = await serve(["memory:2M", "--name", "m", "--control", "127.0.0.1:0"], 2, { NBDSTACK_TOKEN_FILE: tokenFile }); // the URI, then the control line
+    try {
+      const r = spawnSync(process.execPath, [CLI, "status", controlUrl(srv)], { encoding: "utf8", env: { ...process.env, NBDSTACK_TOKEN_FILE: tokenFile } });
+      expect(r.stderr).toBe("");
+      expect(r.status).toBe(0);
+      expect(r.stdout).not.toMatch(/undefined/);
+      expect(r.stdout).toMatch(/^server \(not a cluster node\)/);
+      expect(r.stdout).toMatch(/^m\s+2097152\s+disk → memory:2097152$/m);
+    } finally {
+      await srv.stop();
+    }
   });
 
   it.skipIf(!needTools("nbdinfo"))("serves on a Unix socket and prints an nbd+unix URI", async () => {
