@@ -234,7 +234,7 @@ export class Connection {
     // A link to the owner at one epoch: its requests are served at that epoch only (see ClientSession).
     if (this.peer) this.peerEpoch = this.exp.ownerEpoch?.();
     this.opMetrics = this.metrics?.forExport(this.exp.name) ?? null;
-    this.log.info({ export: this.exp.name, peer: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, depth: this.depthContext !== 0, tls: this.tls }, "transmission started");
+    this.log.info({ export: this.exp.name, portB: this.peer, structured: this.structured, allocation: this.allocationContext !== 0, depth: this.depthContext !== 0, tls: this.tls }, "transmission started");
     // Requests are read into one reused buffer, big write payloads straight into their own
     // buffer; where this Node.js cannot do that, and on TLS sockets (whose plaintext comes out
     // of OpenSSL, not out of the kernel), 'data' events (fresh chunks) are used.

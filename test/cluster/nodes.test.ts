@@ -242,7 +242,7 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     garp("h2");
     // The address moves from h2 to h3 while qemu-io sleeps.
     const q = await qemuIoAcrossBreak("h1", svc, SERVICE_PORT, [4, 5], [0x3c, 0xc3]);
-    const conns = (h: string) => logLines(nodes[h]!.stderr(), "transmission started").filter((l) => l.peer === false).length;
+    const conns = (h: string) => logLines(nodes[h]!.stderr(), "transmission started").filter((l) => l.portB === false).length;
     const before = { h2: conns("h2"), h3: conns("h3") };
     // The move, as keepalived makes it: h2 gives the address up, h3 takes it and announces it.
     ip("h2", "del");

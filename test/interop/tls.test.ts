@@ -269,8 +269,8 @@ describe.skipIf(!needTools("certtool", "psktool"))("two TLS nodes", () => {
     await c.flush();
     expect((await c.pread(data.length, 2 * MiB)).equals(data)).toBe(true);
     await c.disconnect();
-    expect(b.stderr()).toMatch(/"peer":true[^\n]*"tls":true[^\n]*"transmission started"/);
-    expect(b.stderr()).not.toMatch(/"peer":true[^\n]*"tls":false/);
+    expect(b.stderr()).toMatch(/"portB":true[^\n]*"tls":true[^\n]*"transmission started"/);
+    expect(b.stderr()).not.toMatch(/"portB":true[^\n]*"tls":false/);
   }
 
   it("X.509 with --tls-verify-peer: port B and the control API (HTTPS) use the node's certificates", async () => {
