@@ -22,6 +22,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { controlCall, getStatus } from "../dist/control/control-client.js";
 import { Lab, netnsUnavailable } from "../test/cluster/lab.mjs";
+import { cpuSeconds } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -74,7 +75,7 @@ async function startNode(h) {
 /** fio inside `host` against `target`'s node for `secs`; resolves with its JSON job and latency log, on this machine's wall clock. */
 function fio(host, target, secs, tag) {
   const lat = path.join(dir, `${tag}`);
-  const cpu0 = Object.fromEntries(Object.entries(nodes).map(([h, n]) => [h, cpuTicks(n.proc.pid)]));
+  const cpu0 = Object.fromEntries(Object.entries(nodes).map(([h, n]) => [h, cpuSeconds(n.proc.pid)]));
   const p = lab.spawn(host, "fio", [
     "--name=bench", "--ioengine=nbd", `--uri=${uri(target)}`, "--rw=randwrite", "--bs=4k", "--iodepth=32", `--size=${SIZE_MIB}m`,
     "--norandommap", "--randrepeat=0", "--time_based", `--runtime=${secs}`, `--write_lat_log=${lat}`, "--log_avg_msec=0",
@@ -99,22 +100,11 @@ function fio(host, target, secs, tag) {
         }
       }
       times.sort((a, b) => a - b);
-      const cpu = Object.fromEntries(Object.entries(cpu0).map(([h, t]) => [h, (cpuTicks(nodes[h].proc.pid) - t) * TICK_US]));
+      const cpu = Object.fromEntries(Object.entries(cpu0).map(([h, t]) => [h, (cpuSeconds(nodes[h].proc.pid) - t) * 1e6]));
       resolve({ code, err, job, times, iops: job.write.iops, errors: job.error, cpu });
     }),
   );
 }
-
-/** User + system CPU a process has used, in clock ticks (0 once it is gone). */
-function cpuTicks(pid) {
-  try {
-    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-    return Number(f[11]) + Number(f[12]);
-  } catch {
-    return 0;
-  }
-}
-const TICK_US = 1e6 / 100; // USER_HZ
 
 /** Server CPU per request of each node during a fio run, and fio's own. */
 function cpuPerRequest(f) {

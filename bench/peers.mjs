@@ -25,7 +25,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { has, nodeArgsOf } from "./tools.mjs";
+import { childrenOf, cpuSeconds, has, nodeArgsOf } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -135,25 +135,9 @@ for (const s of servers) {
 }
 
 for (const s of servers) if (s.daemon) s.pid = Number(fs.readFileSync(s.daemon, "utf8"));
-const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;
-/** The live child processes of `pid` (serve --threads N: its worker loops). */
-const children = (pid) => {
-  try {
-    return fs.readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
-  } catch {
-    return [];
-  }
-};
-/** CPU seconds (user + system, own, its live children's and reaped children's) used by process `pid` so far. */
-const cpuSeconds = (pid) => {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" "); // f[0] is field 3
-  const own = (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / TICK; // fields 14–17 of stat(5)
-  return own + children(pid).reduce((t, c) => t + (fs.existsSync(`/proc/${c}/stat`) ? cpuSeconds(c) : 0), 0);
-};
 /** Peak resident set size of `pid`, MiB (with its live children's peaks added: worker loops). */
 const peakRss = (pid) =>
-  Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN) / 1024 + children(pid).reduce((t, c) => t + (fs.existsSync(`/proc/${c}/status`) ? peakRss(c) : 0), 0);
+  Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN) / 1024 + childrenOf(pid).reduce((t, c) => t + (fs.existsSync(`/proc/${c}/status`) ? peakRss(c) : 0), 0);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // The memory plugin starts empty: fill it with the same image, or its reads would all be holes.

@@ -11,6 +11,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { cpuSeconds } from "./tools.mjs";
 
 const CLI = fileURLToPath(new URL("../dist/cli.js", import.meta.url));
 const REPS = Number(process.env.REPS ?? 2);
@@ -26,18 +27,6 @@ fs.writeFileSync(img, "");
 fs.truncateSync(img, 512 << 20);
 process.on("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
 
-const tick = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }));
-const cpuOf = (pid) => {
-  try {
-    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /, "").split(" ");
-    return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / tick;
-  } catch {
-    return 0;
-  }
-};
-const children = (pid) =>
-  fs.readdirSync(`/proc/${pid}/task`).flatMap((t) => fs.readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number));
-const treeCpu = (pid) => cpuOf(pid) + children(pid).reduce((s, c) => s + cpuOf(c), 0);
 
 /** One connection asking for the allocation of 8 MiB after 8 MiB until `secs` are over; prints its count. */
 const script = (secs) => `
@@ -75,9 +64,9 @@ for (let rep = 0; rep < REPS; rep++) {
     await new Promise((r) => srv.stdout.once("data", r));
     try {
       await load(1);
-      const c0 = treeCpu(srv.pid);
+      const c0 = cpuSeconds(srv.pid);
       const n = await load(RUNTIME);
-      const cpu = treeCpu(srv.pid) - c0;
+      const cpu = cpuSeconds(srv.pid) - c0;
       (results[t] ??= []).push({ rps: n / RUNTIME, perReq: (cpu * 1e6) / n, cores: cpu / RUNTIME });
       console.error(`rep ${rep} threads ${t}: ${(n / RUNTIME).toFixed(0)} requests/s, server CPU ${((cpu * 1e6) / n).toFixed(0)} µs/request (${(cpu / RUNTIME).toFixed(2)} cores)`);
     } finally {

@@ -14,6 +14,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { cpuSeconds } from "./tools.mjs";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -38,23 +39,6 @@ execFileSync("dd", ["if=/dev/urandom", `of=${img}`, "bs=1M", `count=${SIZE_MIB}`
 execFileSync("cat", [img], { stdio: ["ignore", "ignore", "ignore"], maxBuffer: 1 << 30 });
 process.on("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
 
-const tick = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }));
-const cpuOf = (pid) => {
-  try {
-    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /, "").split(" ");
-    return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / tick;
-  } catch {
-    return 0;
-  }
-};
-const children = (pid) => {
-  try {
-    return fs.readdirSync(`/proc/${pid}/task`).flatMap((t) => fs.readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number));
-  } catch {
-    return [];
-  }
-};
-const treeCpu = (pid) => cpuOf(pid) + children(pid).reduce((s, c) => s + cpuOf(c), 0);
 
 async function startServer(threads, place) {
   const cmd = [process.execPath, CLI, "serve", img, "--name", "", "--listen", `127.0.0.1:${PORT}`, "--log-level", "warn", "--threads", String(threads)];
@@ -87,9 +71,9 @@ for (let rep = 0; rep < REPS; rep++) {
     const srv = await startServer(t, p);
     try {
       fio(p, 1); // warm up
-      const c0 = treeCpu(srv.pid);
+      const c0 = cpuSeconds(srv.pid);
       const r = fio(p, RUNTIME);
-      const cpu = treeCpu(srv.pid) - c0;
+      const cpu = cpuSeconds(srv.pid) - c0;
       const perIo = (cpu * 1e6) / r.ios;
       (results[`${t} ${p}`] ??= []).push({ iops: r.iops, perIo, cores: cpu / RUNTIME });
       console.error(`rep ${rep} threads ${t} ${p.padEnd(8)} ${r.iops.toFixed(0)} IOPS  server CPU ${perIo.toFixed(1)} µs/request (${(cpu / RUNTIME).toFixed(2)} cores)`);

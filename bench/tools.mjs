@@ -1,6 +1,6 @@
 // Shared by the bench scripts.
 import { execFileSync } from "node:child_process";
-import { readFileSync } from "node:fs";
+import fs, { readFileSync } from "node:fs";
 
 /** Whether `cmd` is on the PATH (a peer server or client the bench can run). */
 export function has(cmd) {
@@ -20,4 +20,31 @@ export function nodeArgsOf(cli) {
   const first = readFileSync(cli, "utf8").split("\n", 1)[0];
   const m = /^#!\/usr\/bin\/env -S node(.*)$/.exec(first);
   return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
+}
+
+const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;
+
+/** The live child processes of `pid` (serve --threads N: its worker loops). */
+export function childrenOf(pid) {
+  try {
+    return fs.readdirSync(`/proc/${pid}/task`).flatMap((t) => fs.readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number));
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * CPU seconds (user + system) process `pid` has used so far: its own, its reaped children's and
+ * its live children's (worker loops); 0 once it is gone.
+ */
+export function cpuSeconds(pid) {
+  let own = 0;
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    const x = f.slice(f.lastIndexOf(")") + 2).split(" "); // x[0] is field 3 of stat(5)
+    own = (Number(x[11]) + Number(x[12]) + Number(x[13]) + Number(x[14])) / TICK; // fields 14–17
+  } catch {
+    return 0;
+  }
+  return own + childrenOf(pid).reduce((t, c) => t + cpuSeconds(c), 0);
 }

@@ -477,16 +477,12 @@ export class Qcow2Layer implements Layer {
   }
 
   /** A write while paused (it waits) or while a merge runs (it tells `written` once done). */
-  private async pwriteGated(buf: Buffer, offset: number, io: Io): Promise<void> {
-    while (this.gate) await this.gate;
-    this.writable("write");
-    this.tracker.enter(); // until it is marked: pause() waits for the mark too
-    try {
-      await this.pwriteRuns(buf, offset, io);
-    } finally {
-      this.written?.(offset, buf.length); // a failed write may have changed part of it
-      this.tracker.leave();
-    }
+  private pwriteGated(buf: Buffer, offset: number, io: Io): Promise<void> {
+    // Marked even when it failed: a failed write may have changed part of it.
+    return this.changing(offset, buf.length, () => {
+      this.writable("write");
+      return this.pwriteRuns(buf, offset, io);
+    });
   }
 
   private async pwriteRuns(buf: Buffer, offset: number, io: Io): Promise<void> {
@@ -679,11 +675,19 @@ export class Qcow2Layer implements Layer {
     }
   }
 
-  async zero(length: number, offset: number, io: Io): Promise<void> {
+  zero(length: number, offset: number, io: Io): Promise<void> {
+    return this.changing(offset, length, () => this.zeroRuns(length, offset, io));
+  }
+
+  /**
+   * Runs a change of guest bytes [offset, offset + length) once no pause holds it, tracked (pause()
+   * waits for it) and told to a running merge (`written`) once done, failed or not.
+   */
+  private async changing(offset: number, length: number, run: () => Promise<void>): Promise<void> {
     while (this.gate) await this.gate;
     this.tracker.enter();
     try {
-      await this.zeroRuns(length, offset, io);
+      await run();
     } finally {
       this.written?.(offset, length);
       this.tracker.leave();
@@ -728,15 +732,8 @@ export class Qcow2Layer implements Layer {
    * on v3 a cluster that was allocated or has a backing file below becomes a zero cluster, else
    * unallocated (on v2 over a backing file it then shows the backing file, which trim allows).
    */
-  async trim(length: number, offset: number, io: Io): Promise<void> {
-    while (this.gate) await this.gate;
-    this.tracker.enter();
-    try {
-      await this.trimRuns(length, offset, io);
-    } finally {
-      this.written?.(offset, length);
-      this.tracker.leave();
-    }
+  trim(length: number, offset: number, io: Io): Promise<void> {
+    return this.changing(offset, length, () => this.trimRuns(length, offset, io));
   }
 
   private async trimRuns(length: number, offset: number, io: Io): Promise<void> {
