@@ -2,6 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { NbdError } from "../../errors.js";
 import { EXT } from "./qcow2-format.js";
+import { fsyncDir } from "../../util/fsync-dir.js";
 
 export interface Qcow2CreateOptions {
   /** The new image's path; it must not exist (unless `replace`). */
@@ -79,12 +80,7 @@ export function createQcow2(o: Qcow2CreateOptions): void {
   } finally {
     fs.rmSync(tmp, { force: true });
   }
-  const dfd = fs.openSync(path.dirname(o.path), "r");
-  try {
-    fs.fsyncSync(dfd);
-  } finally {
-    fs.closeSync(dfd);
-  }
+  fsyncDir(path.dirname(o.path));
 }
 
 /**

@@ -11,6 +11,7 @@ import type { CowChainEntry, CowInfo } from "../volume/cow-layer.js";
 import { baseMergeTarget, type MergeEnds, type MergeOptions, type MergeTarget } from "../volume/cow-merge.js";
 import { createQcow2 } from "./qcow2-create.js";
 import { Qcow2Layer } from "./qcow2-layer.js";
+import { fsyncDir } from "../../util/fsync-dir.js";
 
 const MERGE_PARALLEL = 4;
 /**
@@ -75,7 +76,7 @@ export class Qcow2Online {
         try {
           fs.linkSync(top, snap);
           try {
-            syncDir(dir);
+            fsyncDir(dir);
             createQcow2({ path: top, size, backing: path.basename(snap), backingFormat: "qcow2", replace: true });
           } catch (err) {
             fs.rmSync(snap, { force: true });
@@ -213,7 +214,7 @@ export class Qcow2Online {
         try {
           if (!bottom) {
             fs.renameSync(below.path, top); // the merged snapshot takes the image's name; the image goes
-            syncDir(path.dirname(top));
+            fsyncDir(path.dirname(top));
           } else {
             createQcow2({ path: top, size, backing: below.name, backingFormat: below.format, replace: true });
           }
@@ -312,14 +313,5 @@ function freeSnapName(top: string): string {
   for (let n = 1; ; n++) {
     const p = `${stem}.snap-${n}${ext}`;
     if (!fs.existsSync(p)) return p;
-  }
-}
-
-function syncDir(dir: string): void {
-  const fd = fs.openSync(dir, "r");
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
   }
 }

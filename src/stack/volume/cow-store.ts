@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { NbdError } from "../../errors.js";
+import { fsyncDir } from "../../util/fsync-dir.js";
 import { plainIo } from "../layer.js";
 import { FilePort, type IoMode } from "../port/file-port.js";
 import {
@@ -50,14 +51,6 @@ import {
  *   durable rename, which drops the emptied overlay.
  */
 
-function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, "r");
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** Renames `from` to `to` (replacing it) and makes the rename durable. */
 function durableRename(from: string, to: string): void {
