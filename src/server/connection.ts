@@ -546,7 +546,10 @@ export class Connection {
     } catch (err) {
       this.log.error({ err }, "internal error while answering a request");
     } finally {
-      // Given back here only if no reply took it (an internal error).
+      // Given back here only if no reply took it (an internal error), or the write was refused
+      // before the stack saw it (flags on the wrong command).
+      if (req.backing) ioBuffers.release(req.backing);
+      req.data = req.backing = null;
       this.budget.give(req.charge);
       req.charge = 0;
       this.done(bytes);

@@ -12,6 +12,7 @@ import { Export } from "../stack/export.js";
 import type { ConnectionLimits } from "./connection.js";
 import { NbdServer } from "./server.js";
 import { newPeerSession, peerExportName } from "../internal-exports.js";
+import { ioBuffers } from "../util/buffer-pool.js";
 
 const MiB = 1024 * 1024;
 let servers: NbdServer[] = [];
@@ -389,6 +390,24 @@ describe("NbdServer against the memory port", () => {
       expect(cookies.sort()).toEqual([1, 2, 3]);
     });
   }
+
+  // A WRITE refused for its flags (the grammar-aware fuzzer sends them) never gave its payload
+  // buffer back to the pool: each one made a new buffer, and the old ones waited for the collector.
+  it("gives the payload buffer of a write refused for its flags back to the pool", async () => {
+    const { addr } = await start();
+    const s = await rawConnect(addr);
+    s.socket.write(Buffer.concat([Buffer.from([0, 0, 0, 3]), goFrame("mem")]));
+    let expected = 18 + 32 + 34 + 20;
+    await s.bytes(expected);
+    const before = ioBuffers.made;
+    for (let i = 0; i < 8; i++) {
+      s.socket.write(Buffer.concat([rawHeader(Cmd.NBD_CMD_WRITE, CmdFlag.NBD_CMD_FLAG_REQ_ONE, i, 0, 2 * MiB), Buffer.alloc(2 * MiB, i)]));
+      const got = await s.bytes((expected += 16));
+      expect(got.readUInt32BE(expected - 12)).toBe(22); // EINVAL
+    }
+    expect(ioBuffers.made - before).toBeLessThanOrEqual(1);
+    s.socket.destroy();
+  });
 
   // The handshake failed its reads as soon as the client's end came, even with the options still
   // buffered: a client that pipelined its options, half-closed and then read lost the session.
