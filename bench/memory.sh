@@ -7,17 +7,17 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CLI="$ROOT/dist/cli.js"
-NODE_ARGS=$(head -1 "$CLI" | sed -n 's|^#!/usr/bin/env -S node||p')
+STARTS_AS=$(head -1 "$CLI" | sed -n 's|^#!/usr/bin/env -S ||p')
 DIR=$(mktemp -d /tmp/nbdstack-memory-XXXXXX)
 trap 'kill $P 2>/dev/null; wait $P 2>/dev/null; rm -rf "$DIR"' EXIT
 head -c $((1024 * 1024 * 1024)) /dev/urandom > "$DIR/img"
 PORT=10831
-# shellcheck disable=SC2086
-node $NODE_ARGS "$CLI" serve "$DIR/img" --name '' -l 127.0.0.1:$PORT --log-level warn ${MAX_MEMORY:+--max-memory $MAX_MEMORY} >/dev/null & P=$!
+# Through its shebang line, as the nbdstack command runs (env execs node: $! is the server's pid).
+"$CLI" serve "$DIR/img" --name '' -l 127.0.0.1:$PORT --log-level warn ${MAX_MEMORY:+--max-memory $MAX_MEMORY} >/dev/null & P=$!
 for _ in $(seq 100); do nbdinfo --size nbd://127.0.0.1:$PORT >/dev/null 2>&1 && break; sleep 0.1; done
 mem() { awk '/VmHWM|VmRSS|RssAnon|RssFile/{printf "%s %d MiB  ", $1, $2/1024}' /proc/$P/status; echo; }
 fio_run() { fio --name=m --ioengine=nbd --uri=nbd://127.0.0.1:$PORT --rw="$1" --bs="$2" --iodepth="$3" --time_based --runtime="${RUNTIME:-3}" --size=1g --output-format=terse >/dev/null; }
-echo "nbdstack (node $NODE_ARGS), --max-memory ${MAX_MEMORY:-default}"
+echo "nbdstack ($STARTS_AS), --max-memory ${MAX_MEMORY:-default}"
 echo -n "at rest:           "; mem
 s=$(date +%s%N); nbdcopy nbd://127.0.0.1:$PORT null:; e=$(date +%s%N)
 echo -n "after nbdcopy:     "; mem; echo "  nbdcopy: $(( 1024 * 1000000000 / (e - s) )) MiB/s"

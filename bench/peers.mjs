@@ -25,7 +25,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { childrenOf, cpuSeconds, has, nodeArgsOf } from "./tools.mjs";
+import { childrenOf, cpuSeconds, has, nodeCommandOf } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -62,9 +62,9 @@ execFileSync("dd", ["if=/dev/urandom", `of=${base}`, "bs=1M", "count=1024", "sta
 // One GPT partition over (almost) all of it, for the full-stack variant; the others serve the whole image.
 if (has("sgdisk")) execFileSync("sgdisk", ["-n", "1:1M:0", base], { stdio: "ignore" });
 const servers = QCOW2 === "only" ? [] : [
-  { name: "nbdstack", port: 10820, cmd: (img) => [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10820", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
+  { name: "nbdstack", port: 10820, cmd: (img) => [...nodeCommandOf(CLI), "serve", img, "--name", "", "--listen", "127.0.0.1:10820", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
   // serve --threads 2: a worker process beside the primary (src/server/THREADS.md). THREADS=0 leaves it out.
-  ...(process.env.THREADS === "0" ? [] : [{ name: "nbdstack-t2", port: 10829, cmd: (img) => [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10829", "--log-level", "warn", "--threads", "2", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] }]),
+  ...(process.env.THREADS === "0" ? [] : [{ name: "nbdstack-t2", port: 10829, cmd: (img) => [...nodeCommandOf(CLI), "serve", img, "--name", "", "--listen", "127.0.0.1:10829", "--log-level", "warn", "--threads", "2", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] }]),
   ...(has("sgdisk")
     ? [
         {
@@ -73,7 +73,7 @@ const servers = QCOW2 === "only" ? [] : [
           cmd: (img) => {
             const cfg = path.join(dir, "stack.yaml");
             fs.writeFileSync(cfg, `node-id: bench\ncontrol: 127.0.0.1:0\nexports:\n  - name: ""\n    stack: file:${img} → partition:1 → fault\n`);
-            return [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", "--config", cfg, "--listen", "127.0.0.1:10825", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)];
+            return [...nodeCommandOf(CLI), "serve", "--config", cfg, "--listen", "127.0.0.1:10825", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)];
           },
         },
       ]
@@ -187,7 +187,7 @@ if (qworkloads.length) {
   execFileSync("qemu-img", ["convert", "-O", "qcow2", "-f", "raw", base, filled]);
   const overlay = path.join(dir, "overlay.qcow2");
   const qservers = [
-    { name: "nbdstack", port: 10826, cmd: (img) => [process.execPath, ...nodeArgsOf(CLI), CLI, "serve", img, "--name", "", "--listen", "127.0.0.1:10826", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
+    { name: "nbdstack", port: 10826, cmd: (img) => [...nodeCommandOf(CLI), "serve", img, "--name", "", "--listen", "127.0.0.1:10826", "--log-level", "warn", ...(process.env.NBDSTACK_ARGS ?? "").split(" ").filter(Boolean)] },
     ...(has("qemu-nbd") ? [{ name: "qemu-nbd", port: 10827, cmd: (img) => ["qemu-nbd", "-f", "qcow2", "-b", "127.0.0.1", "-p", "10827", "-x", "", "--persistent", "--shared=8", "--cache=writeback", "--aio=threads", "--discard=unmap", img] }] : []),
   ];
   const startQ = async (s, img) => {

@@ -13,13 +13,19 @@ export function has(cmd) {
 }
 
 /**
- * The Node.js options the `nbdstack` command starts with (its shebang line: `#!/usr/bin/env -S node
- * OPTIONS`), so that a script starting `node CLI …` runs the server as users run it.
+ * How the `nbdstack` command starts Node.js (its shebang line, `#!/usr/bin/env -S [VAR=VALUE…] node
+ * [OPTIONS]`), as the start of a command line that runs `cli` with this Node.js: a script starting
+ * the server runs it as users run it. Environment settings go through /usr/bin/env, which execs
+ * Node.js in the same process (the pid stays the server's).
  */
-export function nodeArgsOf(cli) {
+export function nodeCommandOf(cli) {
   const first = readFileSync(cli, "utf8").split("\n", 1)[0];
-  const m = /^#!\/usr\/bin\/env -S node(.*)$/.exec(first);
-  return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
+  const m = /^#!\/usr\/bin\/env -S (.*)$/.exec(first);
+  const words = m ? m[1].trim().split(/\s+/) : [];
+  const at = words.indexOf("node");
+  if (at < 0) return [process.execPath, cli];
+  const env = words.slice(0, at);
+  return [...(env.length ? ["/usr/bin/env", ...env] : []), process.execPath, ...words.slice(at + 1), cli];
 }
 
 const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;

@@ -1,4 +1,4 @@
-import { requestGc } from "./gc.js";
+import { collectNow, collections, requestGc } from "./gc.js";
 
 /**
  * Reuses I/O buffers: write payloads and read replies of 4 KiB and more. A fresh buffer per
@@ -9,6 +9,12 @@ import { requestGc } from "./gc.js";
  * buffer has HEADROOM spare bytes past its class, so a class-sized payload plus its reply header
  * still fits in it. Buffers that are dropped are freed only when the garbage collector gets to
  * them, so reusing them also keeps the resident set down.
+ * Buffers over 1 MiB ("big") are cut from allocations of BIG_ALLOCATION bytes and kept apart as
+ * spares: whole allocations, any of which serves any big size (only the pages written are resident,
+ * and those stay resident whether the buffer is in use or free). Spares are kept up to
+ * BIG_ALLOCATION bytes written (one 32 MiB request's worth) and given up, all of them, once no big
+ * buffer was asked for in `spareIdleMs`. Without them, each big request made a new allocation while
+ * the last one waited for the collector: two or three were resident at once.
  * A released buffer must no longer be referenced by anyone (the socket has written it, the layer
  * call that received it has resolved).
  */
@@ -25,10 +31,20 @@ export class BufferPool {
   private gcAfter = DROPPED_BEFORE_GC;
   /** How many free bytes may be kept when a new buffer is made (a memory budget's room; see setRoom). */
   private room: () => number = () => Infinity;
+  /** Free big allocations (whole), and how many of their bytes were ever handed out. */
+  private readonly spares: Spare[] = [];
+  private spareBytes = 0;
+  /** Bytes of each big allocation ever handed out (its resident high-water mark), by allocation. */
+  private readonly touched = new WeakMap<ArrayBuffer, number>();
+  private lastBigUse = 0;
+  private spareTimer: NodeJS.Timeout | null = null;
+  /** collections() when a big allocation was last let go: garbage waits until that count moves on. */
+  private bigGarbageAt = -1;
 
   constructor(
     private readonly minSize = 4096,
     private maxHeldBytes = 64 * 1024 * 1024,
+    private readonly spareIdleMs = 1000,
   ) {}
 
   /**
@@ -39,6 +55,7 @@ export class BufferPool {
    */
   acquire(size: number): Buffer {
     const cls = this.classOf(size);
+    if (cls > BufferPool.STEP && cls + BufferPool.HEADROOM <= BIG_ALLOCATION) return this.acquireBig(cls + BufferPool.HEADROOM);
     let list = this.free.get(cls);
     if (!list?.length && this.free.size > 0 && cls <= BufferPool.STEP) {
       let best = Infinity;
@@ -53,13 +70,42 @@ export class BufferPool {
     // Made only when no free one fits: first the free ones give way to what the reservations need.
     if (this.heldBytes > this.room()) this.shrink(this.heldBytes - this.room());
     this.madeCount++;
-    if (cls <= BufferPool.STEP || cls + BufferPool.HEADROOM > BIG_ALLOCATION) return Buffer.allocUnsafeSlow(cls + BufferPool.HEADROOM);
-    // A big one sits in an allocation larger than glibc's largest mmap threshold (32 MiB), so it is
-    // always mmapped: only the pages written are resident, and once dropped and collected its
-    // memory goes back to the system at once. Big buffers of assorted sizes (hostile clients) would
-    // otherwise come from the heap, whose freed middle is never returned: the resident set grew to
-    // several times what was in use. V8 counts the whole allocation, so it collects them sooner.
-    return Buffer.allocUnsafeSlow(BIG_ALLOCATION).subarray(0, cls + BufferPool.HEADROOM);
+    return Buffer.allocUnsafeSlow(cls + BufferPool.HEADROOM);
+  }
+
+  /**
+   * A big buffer of `bytes`: from the spare written that far already with the fewest bytes written,
+   * else from the one written furthest, else cut from a new allocation. Requests over the memory
+   * budget come in alone, so the biggest spare is free for them. A big allocation is larger
+   * than glibc's largest mmap threshold (32 MiB), so it is always mmapped: only the pages written
+   * are resident, and once dropped and collected its memory goes back to the system at once. From
+   * the heap, big buffers of assorted sizes (hostile clients) left freed middles that were never
+   * returned: the resident set grew to several times what was in use.
+   */
+  private acquireBig(bytes: number): Buffer {
+    this.lastBigUse = Date.now();
+    let pick = -1;
+    for (let i = 0; i < this.spares.length; i++) {
+      const t = this.spares[i]!.touched;
+      const best = pick < 0 ? -1 : this.spares[pick]!.touched;
+      if (pick < 0 || (t >= bytes ? best < bytes || t < best : best < bytes && t > best)) pick = i;
+    }
+    let whole: ArrayBuffer;
+    if (pick >= 0) {
+      const s = this.spares.splice(pick, 1)[0]!;
+      this.spareBytes -= s.touched;
+      whole = s.whole;
+      if (bytes > s.touched) this.touched.set(whole, bytes);
+    } else {
+      if (this.heldBytes > this.room()) this.shrink(this.heldBytes - this.room());
+      // A big allocation let go and not collected yet may have as many pages resident as this one
+      // will: collected first, the two never add up (the fuzzer's peaks were two or three of them).
+      if (this.bigGarbageAt === collections()) collectNow();
+      this.madeCount++;
+      whole = Buffer.allocUnsafeSlow(BIG_ALLOCATION).buffer as ArrayBuffer;
+      this.touched.set(whole, bytes);
+    }
+    return Buffer.from(whole, 0, bytes);
   }
 
   /**
@@ -71,6 +117,10 @@ export class BufferPool {
   release(buf: Buffer): void {
     const cls = buf.length - BufferPool.HEADROOM;
     if (!this.isClass(cls)) return;
+    if (cls > BufferPool.STEP) {
+      this.releaseBig(buf);
+      return;
+    }
     if (this.heldBytes + buf.length > this.maxHeldBytes) {
       this.dropped(cls);
       return;
@@ -79,6 +129,48 @@ export class BufferPool {
     if (!list) this.free.set(cls, (list = []));
     list.push(buf);
     this.heldBytes += buf.length;
+  }
+
+  /**
+   * Keeps a big buffer's allocation as a spare. The spares' written bytes stay within one
+   * allocation: the ones written furthest are kept, the others let go (a 32 MiB one dropped for
+   * small ones made the next 32 MiB request write a new one while it waited for the collector).
+   */
+  private releaseBig(buf: Buffer): void {
+    const whole = buf.buffer as ArrayBuffer;
+    const touched = this.touched.get(whole);
+    if (touched === undefined || buf.byteOffset !== 0) return; // not one of ours
+    this.spares.push({ whole, touched });
+    this.spareBytes += touched;
+    if (this.spareBytes > BIG_ALLOCATION) {
+      this.spares.sort((a, b) => b.touched - a.touched);
+      while (this.spareBytes > BIG_ALLOCATION) {
+        const s = this.spares.pop()!;
+        this.spareBytes -= s.touched;
+        this.dropped(s.touched);
+      }
+    }
+    this.lastBigUse = Date.now();
+    if (!this.spareTimer && this.spares.length > 0) this.armSpareTimer(this.spareIdleMs);
+  }
+
+  /** Gives the spares up once no big buffer was asked for or given back in spareIdleMs. */
+  private armSpareTimer(ms: number): void {
+    this.spareTimer = setTimeout(() => {
+      this.spareTimer = null;
+      if (this.spares.length === 0) return;
+      const idle = Date.now() - this.lastBigUse;
+      if (idle < this.spareIdleMs) {
+        this.armSpareTimer(this.spareIdleMs - idle);
+        return;
+      }
+      this.spares.length = 0;
+      this.spareBytes = 0;
+      this.droppedBytes = 0;
+      this.bigGarbageAt = collections();
+      requestGc();
+    }, ms);
+    this.spareTimer.unref?.();
   }
 
   /** Asks for a garbage collection once `bytes` of buffers were let go (see dropped). */
@@ -96,9 +188,9 @@ export class BufferPool {
     }
   }
 
-  /** Bytes of free buffers kept for reuse. */
+  /** Bytes of free buffers kept for reuse: the small ones', and the bytes of spare big allocations ever written. */
   get held(): number {
-    return this.heldBytes;
+    return this.heldBytes + this.spareBytes;
   }
 
   /**
@@ -152,6 +244,7 @@ export class BufferPool {
    * collection is asked for once `gcAfter` bytes were dropped (at most 4 a second).
    */
   private dropped(cls: number): void {
+    if (cls > BufferPool.STEP) this.bigGarbageAt = collections();
     this.droppedBytes += cls;
     if (this.droppedBytes >= this.gcAfter) {
       this.droppedBytes = 0;
@@ -165,7 +258,13 @@ export class BufferPool {
   }
 }
 
-/** What a big buffer is cut from (see acquire): over glibc's largest mmap threshold, 32 MiB. */
+interface Spare {
+  whole: ArrayBuffer;
+  /** Bytes of it ever handed out: resident. */
+  touched: number;
+}
+
+/** What a big buffer is cut from (see acquireBig): over glibc's largest mmap threshold, 32 MiB. */
 const BIG_ALLOCATION = 33 * 1024 * 1024;
 const DROPPED_BEFORE_GC = 32 * 1024 * 1024;
 

@@ -18,7 +18,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Cmd, CmdFlag, Judge, Opt, oracle, TFlag } from "./nbd-oracle.mjs";
-import { nodeArgsOf } from "../../bench/tools.mjs";
+import { nodeCommandOf } from "../../bench/tools.mjs";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = process.env.NBDSTACK_FUZZ_CLI ?? path.join(ROOT, "dist/cli.js");
@@ -666,7 +666,8 @@ export async function startServer({ extraArgs = [], dir = fs.mkdtempSync(path.jo
     cfg,
     ["exports:", "  - name: mem", "    stack: memory:4M", "  - name: fuzz", "    stack: file:fuzz.img", "  - name: ro", "    stack: file:ro.img", "    read-only: true", ""].join("\n"),
   );
-  const proc = spawn(process.execPath, [...nodeArgsOf(CLI), CLI, "serve", "--config", cfg, "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "warn", "--handshake-timeout", `${HANDSHAKE_TIMEOUT_MS}ms`, "--control", "127.0.0.1:0", "--token-file", path.join(dir, "token"), ...extraArgs], { stdio: ["ignore", "pipe", "pipe"] });
+  const [node, ...nodeArgs] = nodeCommandOf(CLI);
+  const proc = spawn(node, [...nodeArgs, "serve", "--config", cfg, "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "warn", "--handshake-timeout", `${HANDSHAKE_TIMEOUT_MS}ms`, "--control", "127.0.0.1:0", "--token-file", path.join(dir, "token"), ...extraArgs], { stdio: ["ignore", "pipe", "pipe"] });
   const logs = new ServerLogs();
   let out = "";
   proc.stderr.setEncoding("utf8");
