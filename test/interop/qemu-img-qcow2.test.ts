@@ -95,6 +95,17 @@ const CASES: Case[] = [
     },
   },
   {
+    name: "compressed with zstd (qemu-img convert -c -o compression_type=zstd)",
+    build: (dir) => {
+      const src = path.join(dir, "zsrc.raw");
+      randomImage(src, SIZE, 13);
+      qio("raw", src, "write -z 4M 4M", "write -P 0x07 10M 1M", "write -P 0x3c 12M 3M");
+      const f = path.join(dir, "zstd.qcow2");
+      qimg("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", src, f);
+      return f;
+    },
+  },
+  {
     name: "backing chain three deep over a raw base (relative names)",
     build: (dir) => {
       randomImage(path.join(dir, "base.raw"), SIZE, 5);
@@ -276,9 +287,10 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
       const f = create(dir, "l2x.qcow2", ["-o", "extended_l2=on"], "1M");
       expect(refusal(f)).toMatch(/qcow2 feature "extended L2 entries \(subclusters\)" is not supported; convert it: qemu-img convert/);
     });
-    it("zstd compression", () => {
-      const f = create(dir, "zstd.qcow2", ["-o", "compression_type=zstd"], "1M");
-      expect(refusal(f)).toMatch(/qcow2 feature "compression type zstd" is not supported/);
+    it("a compression type other than zlib and zstd", () => {
+      const f = create(dir, "ctype.qcow2", ["-o", "compression_type=zstd"], "1M");
+      orByte(f, 104, 0x02); // 1 (zstd) becomes 3
+      expect(refusal(f)).toMatch(/qcow2 feature "compression type 3" is not supported/);
     });
     it("an image marked corrupt", () => {
       const f = create(dir, "corrupt.qcow2", [], "1M");

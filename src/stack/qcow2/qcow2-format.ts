@@ -132,10 +132,7 @@ export function parseHeader(first: Buffer, file: string): Qcow2Header {
     unknown.push(h.featureNames.get(`0:${bit}`) ?? (KNOWN_INCOMPAT_NAMES[bit] ? KNOWN_INCOMPAT_NAMES[bit]! : `incompatible feature bit ${bit}`));
   }
   if (unknown.length) throw refused(file, unknown.join(", "), "this layer does not know it (unknown incompatible feature)");
-  if (featureBit(h.incompatible, INCOMPAT.compression) || h.compressionType !== 0) {
-    if (h.compressionType === 1) throw refused(file, "compression type zstd", `only deflate (zlib) compressed clusters are supported: qemu-img convert -O qcow2 -o compression_type=zlib ${file} NEW.qcow2`);
-    if (h.compressionType !== 0) throw refused(file, `compression type ${h.compressionType}`, "only deflate (zlib) is supported");
-  }
+  if (h.compressionType !== 0 && h.compressionType !== ZSTD) throw refused(file, `compression type ${h.compressionType}`, "only deflate (zlib) and zstd are");
   if (h.size > Number.MAX_SAFE_INTEGER - cs) throw refused(file, `virtual size ${h.size}`, "at most 2^53 bytes");
   const l2Entries = cs / 8;
   if (h.l1Size * l2Entries * cs < h.size) throw corrupt(file, `L1 table of ${h.l1Size} entries is too small for ${h.size} bytes`);
@@ -178,6 +175,9 @@ export function backingName(first: Buffer, h: Qcow2Header): string | null {
 
 /** Bit 63 of an L1/L2 entry: refcount is exactly one (the cluster may be written in place). */
 export const COPIED_HI = 0x80000000;
+/** The header's compression type for zstd-compressed clusters (0 is deflate). */
+export const ZSTD = 1;
+
 /** Bit 62 of an L2 entry: compressed cluster. */
 export const COMPRESSED_HI = 0x40000000;
 /** Bit 0 of an L2 entry (v3): the cluster reads as zeroes. */

@@ -8,8 +8,9 @@ import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js
 import { pushExtents } from "../volume/common.js";
 import { backingLayer, backingPath, probeFormat, qcow2BackingOf } from "./qcow2-backing.js";
 import { backingNameFor, createQcow2 } from "./qcow2-create.js";
-import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
+import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, ZSTD, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
 import { Qcow2Meta } from "./qcow2-meta.js";
+import { inflateZstd } from "./qcow2-zstd.js";
 import { ioBuffers } from "../../util/buffer-pool.js";
 
 /** Default bytes of L2 tables kept in memory: QEMU's default maximum on Linux (covers 256 GiB at 64 KiB clusters). */
@@ -439,9 +440,9 @@ export class Qcow2Layer implements Layer {
     await this.data.pread(input, offset, { fua: false, mayTrim: false, fast: false });
     let out: Buffer;
     try {
-      out = zlib.inflateRawSync(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
+      out = this.header.compressionType === ZSTD ? inflateZstd(input, this.cs) : zlib.inflateRawSync(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
     } catch (err) {
-      throw corrupt(this.opts.path, `compressed cluster at ${offset} does not inflate: ${(err as Error).message}`);
+      throw corrupt(this.opts.path, `compressed cluster at ${offset} does not ${this.header.compressionType === ZSTD ? "decode (zstd)" : "inflate"}: ${(err as Error).message}`);
     }
     if (out.length < this.cs) throw corrupt(this.opts.path, `compressed cluster at ${offset} inflates to ${out.length} bytes, not ${this.cs}`);
     this.inflated = { hi, lo, buf: out };
