@@ -13,7 +13,7 @@ import { collectNow, collections, requestGc } from "./gc.js";
  * spares: whole allocations, any of which serves any big size (only the pages written are resident,
  * and those stay resident whether the buffer is in use or free). Spares are kept up to
  * BIG_ALLOCATION bytes written (one 32 MiB request's worth) and given up, all of them, once no big
- * buffer was asked for in `spareIdleMs`. Without them, each big request made a new allocation while
+ * buffer was asked for in `spareIdleMs` (10 s). Without them, each big request made a new allocation while
  * the last one waited for the collector: two or three were resident at once.
  * A released buffer must no longer be referenced by anyone (the socket has written it, the layer
  * call that received it has resolved).
@@ -44,7 +44,7 @@ export class BufferPool {
   constructor(
     private readonly minSize = 4096,
     private maxHeldBytes = 64 * 1024 * 1024,
-    private readonly spareIdleMs = 1000,
+    private readonly spareIdleMs = SPARE_IDLE_MS,
   ) {}
 
   /**
@@ -99,7 +99,8 @@ export class BufferPool {
     } else {
       if (this.heldBytes > this.room()) this.shrink(this.heldBytes - this.room());
       // A big allocation let go and not collected yet may have as many pages resident as this one
-      // will: collected first, the two never add up (the fuzzer's peaks were two or three of them).
+      // will: collected first (V8 unmaps it a little later: the two overlap for tens of ms, not
+      // until the next collection; the fuzzer's peaks were two or three of them).
       if (this.bigGarbageAt === collections()) collectNow();
       this.madeCount++;
       whole = Buffer.allocUnsafeSlow(BIG_ALLOCATION).buffer as ArrayBuffer;
@@ -167,8 +168,9 @@ export class BufferPool {
       this.spares.length = 0;
       this.spareBytes = 0;
       this.droppedBytes = 0;
-      this.bigGarbageAt = collections();
-      requestGc();
+      // Collected now, off any request's path: V8 unmaps a collected buffer tens of ms after the
+      // collection, so collecting only when the next big one is made let the two be resident at once.
+      collectNow();
     }, ms);
     this.spareTimer.unref?.();
   }
@@ -267,6 +269,11 @@ interface Spare {
 /** What a big buffer is cut from (see acquireBig): over glibc's largest mmap threshold, 32 MiB. */
 const BIG_ALLOCATION = 33 * 1024 * 1024;
 const DROPPED_BEFORE_GC = 32 * 1024 * 1024;
+/**
+ * Spares are let go after this long without a big request. Short (1 s) made the fuzzer's bursts of
+ * big requests meet a spare just let go and not yet unmapped: two 32 MiB buffers resident at once.
+ */
+const SPARE_IDLE_MS = 10_000;
 
 /** One pool per process: connections to every export share it. */
 export const ioBuffers = new BufferPool();
