@@ -145,6 +145,81 @@ describe("RequestParser", () => {
     }
   });
 
+  it("streams a write longer than pieceSize: emitted at once, then its payload in pieces, stalling when the consumer says so; at every split point", () => {
+    const big = Buffer.alloc(10_000);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 7) & 0xff;
+    const bytes = Buffer.concat([header(Cmd.NBD_CMD_WRITE, 0, 9n, 4096n, big.length), big, header(Cmd.NBD_CMD_FLUSH, 0, 10n, 0n, 0)]);
+    for (const volatile of [false, true]) {
+      for (let cut = 0; cut <= bytes.length; cut += 97) {
+        const events: string[] = [];
+        const pieces: Buffer[] = [];
+        let stallNext = true; // every other piece stalls the parser
+        const p = new RequestParser(
+          (r) => void events.push(`request ${r.type} ${r.length}${r.type !== Cmd.NBD_CMD_WRITE ? "" : r.data === null ? " streamed" : " whole"}`),
+          1 << 20,
+          volatile,
+          () => true,
+          4096,
+          (r, piece, backing, at, last) => {
+            expect(backing.subarray(0, piece.length).equals(piece)).toBe(true); // the piece is its pool buffer's start
+            events.push(`piece ${at} ${piece.length}${last ? " last" : ""}`);
+            pieces.push(Buffer.from(piece));
+            stallNext = !stallNext;
+            return last || stallNext;
+          },
+        );
+        for (let chunk of [bytes.subarray(0, cut), bytes.subarray(cut)]) {
+          while (chunk.length > 0) {
+            const used = p.feed(chunk);
+            chunk = chunk.subarray(used);
+            if (p.stalled) {
+              expect(p.blocked).toBe(true);
+              expect(p.streaming).toBe(true);
+              expect(p.feed(chunk)).toBe(0); // nothing more until unstalled
+              p.unstall();
+            }
+          }
+        }
+        // A payload lying whole in a chunk the parser may keep is a slice of it, not streamed.
+        if (!volatile && (cut === 0 || cut >= 28 + big.length)) expect(events).toEqual([`request ${Cmd.NBD_CMD_WRITE} 10000 whole`, `request ${Cmd.NBD_CMD_FLUSH} 0`]);
+        else {
+          expect(events).toEqual([`request ${Cmd.NBD_CMD_WRITE} 10000 streamed`, "piece 0 4096", "piece 4096 4096", "piece 8192 1808 last", `request ${Cmd.NBD_CMD_FLUSH} 0`]);
+          expect(Buffer.concat(pieces).equals(big)).toBe(true);
+        }
+        expect(p.midFrame).toBe(false);
+      }
+    }
+  });
+
+  it("numbers the pieces of each streamed write from its own start", () => {
+    const at: number[] = [];
+    const p = new RequestParser(() => undefined, 1 << 20, true, () => true, 4096, (_r, _piece, _b, a) => void at.push(a) || true);
+    p.feed(Buffer.concat([header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 5000), Buffer.alloc(5000), header(Cmd.NBD_CMD_WRITE, 0, 2n, 0n, 9000), Buffer.alloc(9000)]));
+    expect(at).toEqual([0, 4096, 0, 4096, 8192]);
+  });
+
+  it("reads a streamed write's pieces straight from the socket (payloadTarget), and gives the piece being filled back on discard", () => {
+    const got: Buffer[] = [];
+    const p = new RequestParser(() => undefined, 1 << 20, true, () => true, 4096, (_r, piece) => {
+      got.push(Buffer.from(piece));
+      return true;
+    });
+    p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 6000));
+    const t = p.payloadTarget(1)!;
+    expect(t.length).toBe(4096); // one piece at a time
+    t.fill(1);
+    p.payloadFilled(4096);
+    const t2 = p.payloadTarget(1)!;
+    expect(t2.length).toBe(6000 - 4096);
+    t2.fill(2, 0, 100);
+    p.payloadFilled(100);
+    expect(got).toHaveLength(1);
+    expect(p.midFrame).toBe(true);
+    p.discard();
+    expect(p.midFrame).toBe(false);
+    expect(p.payloadTarget(1)).toBe(null);
+  });
+
   it("reports a frame cut short", () => {
     const p = new RequestParser(() => undefined, 1 << 20);
     p.feed(header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 10).subarray(0, 20));

@@ -18,6 +18,11 @@ export class Request implements Io {
   backing: Buffer | null = null;
   /** Bytes of the server's memory budget this request holds (see server/memory-budget.ts). */
   charge = 0;
+  /**
+   * A write whose payload comes in pieces (see RequestParser's `pieceSize`): set by the consumer
+   * when the request is emitted, before its first piece; `data` stays null.
+   */
+  stream: unknown = null;
   constructor(
     readonly type: number,
     readonly flags: number,
@@ -43,6 +48,14 @@ export class Request implements Io {
  * Before a request is emitted — before a write's payload is allocated or read — `admit(type, length)`
  * is asked whether it may come in. If not, the parser keeps the decoded header and stops right after
  * it (`blocked`); the caller calls `resume()` once it may, then feeds the rest.
+ *
+ * With a `pieceSize`, a write longer than it is streamed: the request is emitted as soon as it is
+ * admitted (its `data` null, the return value of `onRequest` ignored), then its payload is handed
+ * to `onPiece` in pieces of `pieceSize` bytes, each in its own pooled buffer (`backing`) that the
+ * consumer owns and releases. When `onPiece` returns false the parser stops after that piece (`stalled`,
+ * like `blocked`) until `unstall()`; for the last piece, false means what onRequest's false means.
+ * So a write of any length holds a bounded number of pieces, and the consumer can apply them as
+ * they come.
  */
 export class RequestParser {
   private readonly header = Buffer.alloc(REQUEST_HEADER_SIZE);
@@ -50,6 +63,11 @@ export class RequestParser {
   private pending: Request | null = null; // a write waiting for its payload
   private payloadFill = 0;
   private held: Request | null = null; // a decoded request that admit() did not let in yet
+  /** Streamed write: the piece being filled, and where the payload it holds starts. */
+  private piece: Buffer | null = null;
+  private pieceBacking: Buffer | null = null;
+  private pieceAt = 0;
+  private stalledOn = false;
 
   /**
    * @param volatileChunks the caller reuses the chunk buffers it feeds, so whole payloads are
@@ -61,11 +79,35 @@ export class RequestParser {
     private readonly maxPayload: number,
     private readonly volatileChunks = false,
     private readonly admit: (type: number, length: number) => boolean = () => true,
+    private readonly pieceSize = 0,
+    private readonly onPiece: (req: Request, piece: Buffer, backing: Buffer, at: number, last: boolean) => boolean = () => true,
   ) {}
 
-  /** A decoded request waits for admit(); the caller must call resume() before feeding more. */
+  /** A decoded request waits for admit(), or a streamed write's piece for unstall(): the caller must call resume()/unstall() before feeding more. */
   get blocked(): boolean {
-    return this.held !== null;
+    return this.held !== null || this.stalledOn;
+  }
+
+  /** A streamed write's payload waits for its consumer (onPiece said stop); unstall() lets it go on. */
+  get stalled(): boolean {
+    return this.stalledOn;
+  }
+
+  /** Inside a streamed write's payload: what comes next belongs to a request already in flight. */
+  get streaming(): boolean {
+    return this.pending !== null && this.pending.data === null;
+  }
+
+  /** The consumer took in the pieces it had: the payload may go on. */
+  unstall(): void {
+    if (!this.stalledOn) return;
+    this.stalledOn = false;
+    this.nextPiece(); // so payloadTarget() has somewhere to read into
+  }
+
+  /** Whether a write of `length` bytes is streamed in pieces. */
+  streams(length: number): boolean {
+    return this.pieceSize > 0 && length > this.pieceSize;
   }
 
   /** Lets in the request that admit() held back: emits it, or starts reading its write payload. */
@@ -79,6 +121,14 @@ export class RequestParser {
   /** A request that may come in; returns what onRequest said (false: stop after it). */
   private start(req: Request): unknown {
     if (req.type !== Cmd.NBD_CMD_WRITE || req.length === 0) return this.onRequest(req);
+    if (this.streams(req.length)) {
+      req.data = null;
+      this.pending = req;
+      this.pieceAt = 0;
+      this.onRequest(req);
+      if (this.pending === req) this.nextPiece(); // (a consumer may discard() from onRequest)
+      return true;
+    }
     let backing: Buffer | null = null;
     if (ioBuffers.pools(req.length)) {
       backing = ioBuffers.acquire(req.length);
@@ -95,28 +145,67 @@ export class RequestParser {
    * the caller may read from the socket straight into it and then call payloadFilled().
    */
   payloadTarget(min: number): Buffer | null {
-    const req = this.pending;
-    if (!req || req.data!.length - this.payloadFill < min) return null;
-    return req.data!.subarray(this.payloadFill);
+    const target = this.target();
+    if (!target || target.length - this.payloadFill < min) return null;
+    return target.subarray(this.payloadFill);
   }
 
   /** `n` bytes were written into the buffer given by payloadTarget(); completing it calls onRequest. */
   payloadFilled(n: number): void {
-    const req = this.pending!;
     this.payloadFill += n;
-    if (this.payloadFill === req.data!.length) {
+    if (this.payloadFill === this.target()!.length) this.filled();
+  }
+
+  /** What the payload being assembled is read into: the write's buffer, or a streamed write's piece (null while stalled). */
+  private target(): Buffer | null {
+    const req = this.pending;
+    if (!req) return null;
+    return req.data ?? this.piece;
+  }
+
+  /** The target is full: the write is emitted, or the piece handed over. Returns what the consumer said. */
+  private filled(): unknown {
+    const req = this.pending!;
+    if (req.data) {
       this.pending = null;
-      this.onRequest(req);
+      return this.onRequest(req);
+    }
+    const piece = this.piece!;
+    const backing = this.pieceBacking!;
+    const at = this.pieceAt;
+    const last = at + piece.length === req.length;
+    this.piece = this.pieceBacking = null;
+    if (last) this.pending = null;
+    const go = this.onPiece(req, piece, backing, at, last);
+    if (last) return go;
+    this.pieceAt += piece.length;
+    if (go === false) this.stalledOn = true;
+    else this.nextPiece();
+    return true;
+  }
+
+  /** Takes the buffer of a streamed write's next piece. */
+  private nextPiece(): void {
+    const req = this.pending!;
+    if (this.piece === null && !this.stalledOn) {
+      const n = Math.min(this.pieceSize, req.length - this.pieceAt);
+      this.pieceBacking = ioBuffers.acquire(n);
+      this.piece = this.pieceBacking.subarray(0, n);
+      this.payloadFill = 0;
     }
   }
 
-  /** The connection is gone: a write payload being assembled goes back to the pool. */
-  discard(): void {
+  /** The connection is gone: a write payload being assembled goes back to the pool. Returns the write whose payload was cut short, if any. */
+  discard(): Request | null {
     const req = this.pending;
     this.pending = null;
     this.held = null;
+    this.stalledOn = false;
     if (req?.backing) ioBuffers.release(req.backing);
     if (req) req.data = req.backing = null;
+    if (this.pieceBacking) ioBuffers.release(this.pieceBacking);
+    this.piece = this.pieceBacking = null;
+    return req;
   }
 
   /** True when a frame has started but not finished (a close now truncates it). */
@@ -130,17 +219,15 @@ export class RequestParser {
     let pos = 0;
     const end = chunk.length;
     while (pos < end) {
+      if (this.stalledOn) return pos;
       if (this.pending) {
-        const req = this.pending;
-        const data = req.data!;
-        const n = Math.min(end - pos, data.length - this.payloadFill);
-        chunk.copy(data, this.payloadFill, pos, pos + n);
+        if (this.pending.data === null) this.nextPiece(); // unstalled since
+        const target = this.target()!;
+        const n = Math.min(end - pos, target.length - this.payloadFill);
+        chunk.copy(target, this.payloadFill, pos, pos + n);
         this.payloadFill += n;
         pos += n;
-        if (this.payloadFill === data.length) {
-          this.pending = null;
-          if (this.onRequest(req) === false) return pos;
-        }
+        if (this.payloadFill === target.length && this.filled() === false) return pos;
         continue;
       }
       let src: Buffer;
@@ -189,3 +276,4 @@ export class RequestParser {
     return pos;
   }
 }
+

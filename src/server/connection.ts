@@ -26,7 +26,7 @@ import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 import { metricOpOf, type Metrics, type MetricOp, type OpMetrics } from "../metrics/metrics.js";
 
 /** What stops a connection from taking more requests: see Connection.capReached. */
-type Cap = "memory" | "replies" | "requests" | "bytes";
+type Cap = "memory" | "replies" | "requests" | "bytes" | "pieces";
 
 export interface ConnectionLimits {
   /** Requests in flight before the socket is paused. */
@@ -74,6 +74,60 @@ export const SCAN_COST = 1024 * 1024;
 const MAX_QUEUED_REPLIES = 2048;
 /** Missing payload bytes from which the socket reads straight into the payload buffer. */
 const DIRECT_PAYLOAD_MIN = 32 * 1024;
+/**
+ * Reads and writes longer than this are served in pieces of this size, two at a time: a request of
+ * any length (up to 32 MiB) holds two pool buffers of 1 MiB, never one of its own length (see
+ * readInPieces, onPiece).
+ */
+export const PIECE = 1024 * 1024;
+
+/** How long a stopping connection waits for a client that takes none of its replies (see finish). */
+const LINGER_MS = 5000;
+
+/** One of a streamed read's two buffers (see Connection.readInPieces). */
+class PieceSlot {
+  /** The socket has not taken what was last sent from it. */
+  busy = false;
+  private wake: (() => void) | null = null;
+  private orphan = false;
+  constructor(readonly buf: Buffer) {}
+  /** The socket's callback for what is sent from it. */
+  readonly written = (): void => {
+    this.busy = false;
+    if (this.orphan) ioBuffers.release(this.buf);
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  };
+  free(): Promise<void> {
+    return new Promise((r) => (this.wake = r));
+  }
+  /** The read is done with it: back to the pool now, or once the socket has it. */
+  letGo(): void {
+    this.orphan = true;
+    if (!this.busy) ioBuffers.release(this.buf);
+  }
+}
+
+/** A write streamed in pieces (see Connection.onPiece): what became of them. */
+class PieceWrites {
+  /** Why the write is not applied (set before its first piece: flags, range, shutdown); its pieces are only read. */
+  refused: unknown = null;
+  /** The first error of a piece; later pieces are only read. */
+  failed: unknown = null;
+  /** Pieces inside the stack. */
+  running = 0;
+  /** The whole payload was read (or the connection is gone). */
+  arrived = false;
+  /** The payload was cut short (the client's end, or the socket closed): a request never made whole, never answered. */
+  cut = false;
+  private resolveDone!: () => void;
+  /** Resolves once the payload arrived and no piece is inside the stack. */
+  readonly done = new Promise<void>((r) => (this.resolveDone = r));
+  settle(): void {
+    if (this.arrived && this.running === 0) this.resolveDone();
+  }
+}
 
 /**
  * One client socket: handshake, then the request stream. Requests run concurrently and are
@@ -111,6 +165,12 @@ export class Connection {
   private readonly queuedCharges: number[] = [];
   private readonly queuedCallbacks: Array<(() => void) | undefined> = [];
   private queuedHead = 0;
+  /** A read whose reply goes out in pieces with nothing between them (see readInPieces), and the replies that wait for it. */
+  private holder: Request | null = null;
+  /** Resolves when `holder` lets go (another read that goes out contiguously waits for it). */
+  private holderGone: Promise<void> | null = null;
+  private resolveHolderGone: (() => void) | null = null;
+  private readonly deferred: Array<{ buf: Buffer; written: (() => void) | undefined; charge: number }> = [];
   private released = false;
   /** Received bytes not parsed yet because a cap was reached; parsed before the socket is read again. */
   private backlog: Buffer | null = null;
@@ -239,7 +299,9 @@ export class Connection {
     // buffer; where this Node.js cannot do that, and on TLS sockets (whose plaintext comes out
     // of OpenSSL, not out of the kernel), 'data' events (fresh chunks) are used.
     const scratch = (sharedScratch ??= Buffer.allocUnsafeSlow(READ_CHUNK));
-    const parser = new RequestParser(this.onRequest, this.maxPayload, true, this.admit);
+    // Port B's writes are applied once each, whole (see peer-writes.ts): never in pieces.
+    const piece = this.peer ? 0 : PIECE;
+    const parser = new RequestParser(this.onRequest, this.maxPayload, true, this.admit, piece, this.onPiece);
     const small = scratch.subarray(0, SMALL_READ);
     const budget = this.budget;
     this.rearm = this.directReads && !this.tls
@@ -257,7 +319,7 @@ export class Connection {
         )
       : null;
     const direct = this.rearm !== null;
-    this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload, false, this.admit);
+    this.parser = direct ? parser : new RequestParser(this.onRequest, this.maxPayload, false, this.admit, piece, this.onPiece);
     if (!direct) this.socket.on("data", this.onData);
     this.socket.on("end", this.onEnd);
     if (this.limits.idleTimeoutMs > 0) {
@@ -307,7 +369,7 @@ export class Connection {
     if (this.socket.destroyed) return;
     this.socket.end();
     this.socket.resume(); // read on to see the client's end, so the socket can close
-    setTimeout(() => this.socket.destroy(), 5000).unref();
+    setTimeout(() => this.socket.destroy(), LINGER_MS).unref();
   }
 
   private readonly onData = (chunk: Buffer): void => this.consume(chunk, false);
@@ -349,9 +411,24 @@ export class Connection {
     if (!this.backlog && !this.parser.blocked) this.endOfInput();
   };
 
+  /**
+   * No more bytes will come: a write payload being read goes back to the pool, and a streamed
+   * write waiting for the rest of its payload ends (it is in flight: the connection waits for it).
+   */
+  private cutPayload(): void {
+    const cut = this.parser?.discard();
+    if (!cut?.stream) return;
+    const s = cut.stream as PieceWrites;
+    s.cut = s.arrived = true;
+    s.settle();
+  }
+
   private endOfInput(): void {
     this.eof = false;
-    if (this.parser.midFrame) this.log.warn("closing connection: truncated request frame");
+    if (this.parser.midFrame) {
+      this.log.warn("closing connection: truncated request frame");
+      this.cutPayload();
+    }
     else if (!this.stopping) this.log.debug("client closed the connection without NBD_CMD_DISC");
     this.stopping = true;
     void this.idle().then(() => this.finish());
@@ -365,6 +442,10 @@ export class Connection {
   /** Which cap stops new requests now, if any. */
   private capReached(): Cap | null {
     const l = this.limits;
+    // Inside a streamed write's payload only its pieces may stop the parser: the rest of a request
+    // already in flight is never held up behind caps that requests after it (or it) hold.
+    if (this.parser?.stalled) return "pieces";
+    if (this.parser?.streaming) return null;
     if (this.budgetWaiter) return "memory";
     if (this.writeBlocked) return "replies";
     if (this.requests.inflight >= l.maxInflightRequests) return "requests";
@@ -405,7 +486,12 @@ export class Connection {
    * Queues a reply; `written`, if given, runs once the socket is done with `buf` (or failed), and
    * `charge` budget bytes are given back then.
    */
-  private send(buf: Buffer, written?: () => void, charge = 0): void {
+  private send(buf: Buffer, written?: () => void, charge = 0, holder: Request | null = null): void {
+    if (this.holder !== holder) {
+      // Another request's reply is going out in pieces that nothing may come between: after it.
+      this.deferred.push({ buf, written, charge });
+      return;
+    }
     const s = this.socket;
     if (s.destroyed || s.writableEnded || this.released) {
       written?.();
@@ -448,7 +534,7 @@ export class Connection {
   };
 
   /** Sends the last reply of `req`, which gives back the request's budget bytes once written. */
-  private finalSend(req: Request, buf: Buffer, written?: () => void): void {
+  private finalSend(req: Request, buf: Buffer, written?: () => void, holder: Request | null = null): void {
     // Replies longer than the request paid for (long block status lists, error messages) count too.
     const excess = buf.length - req.charge;
     if (excess > 0) {
@@ -457,7 +543,7 @@ export class Connection {
     }
     const charge = req.charge;
     req.charge = 0;
-    this.send(buf, written, charge);
+    this.send(buf, written, charge, holder);
   }
 
   /**
@@ -465,7 +551,7 @@ export class Connection {
    * the socket is paused, and it comes in when the budget grants the bytes.
    */
   private readonly admit = (type: number, length: number): boolean => {
-    const bytes = REQUEST_COST + payloadCost(type, length, this.maxPayload);
+    const bytes = REQUEST_COST + payloadCost(type, length, this.maxPayload, this.parser.streams(length));
     if (this.budget.take(bytes)) {
       this.nextCharge = bytes;
       return true;
@@ -492,7 +578,7 @@ export class Connection {
     this.released = true;
     if (this.budgetWaiter) this.budget.cancel(this.budgetWaiter);
     this.budgetWaiter = null;
-    this.parser?.discard();
+    this.cutPayload();
     this.budget.give(this.nextCharge);
     this.nextCharge = 0;
     this.backlog = null;
@@ -514,7 +600,16 @@ export class Connection {
   private readonly onRequest = (req: Request): boolean => {
     req.charge = this.nextCharge;
     this.nextCharge = 0;
-    if (this.stopping) {
+    // A write streamed in pieces: its payload is still to come, so whatever the answer it is given
+    // once that is read; whether it may be applied is decided now, before its first piece.
+    if (req.type === Cmd.NBD_CMD_WRITE && req.data === null) {
+      const s = new PieceWrites();
+      req.stream = s;
+      const wrongFlags = flagError(req.type, req.flags, this.structured);
+      if (this.stopping) s.refused = new NbdError("ESHUTDOWN", "the connection is shutting down");
+      else if (wrongFlags) s.refused = new NbdError("EINVAL", wrongFlags);
+      else s.refused = checkRequest("pwrite", req.offset, req.length, req, this.exp.size(), this.exp.capabilities());
+    } else if (this.stopping) {
       if (req.type !== Cmd.NBD_CMD_DISC) this.replyError(req, new NbdError("ESHUTDOWN", "the connection is shutting down"));
       else this.budget.give(req.charge);
       if (req.backing) ioBuffers.release(req.backing);
@@ -564,6 +659,7 @@ export class Connection {
 
   /** Answers one request; resolves true if the answer was an error. */
   private async execute(req: Request): Promise<boolean> {
+    if (req.stream) return this.writeInPieces(req, req.stream as PieceWrites);
     const wrongFlags = flagError(req.type, req.flags, this.structured);
     if (wrongFlags) return this.replyError(req, new NbdError("EINVAL", wrongFlags));
     const layer = this.exp.layer;
@@ -613,6 +709,53 @@ export class Connection {
     return false;
   }
 
+  /**
+   * A piece of a streamed write's payload arrived (the parser's onPiece): it goes down the stack at
+   * once, beside the one before it. Returns false to stop the parser until a piece is done, so a
+   * write holds at most two pieces; for the last piece, whether the parser may go on (the caps).
+   */
+  private readonly onPiece = (req: Request, piece: Buffer, backing: Buffer, at: number, last: boolean): boolean => {
+    const s = req.stream as PieceWrites;
+    if (s.refused === null && s.failed === null && !s.cut && !this.ended) {
+      s.running++;
+      void this.writePiece(req, s, piece, backing, at);
+    } else ioBuffers.release(backing);
+    if (!last) return s.running < 2;
+    s.arrived = true;
+    s.settle();
+    return this.capReached() === null;
+  };
+
+  private async writePiece(req: Request, s: PieceWrites, piece: Buffer, backing: Buffer, at: number): Promise<void> {
+    try {
+      await this.exp.layer.pwrite(piece, req.offset + at, req);
+    } catch (err) {
+      s.failed ??= err;
+    } finally {
+      ioBuffers.release(backing);
+      s.running--;
+      s.settle();
+      if (this.parser.stalled) {
+        this.parser.unstall();
+        this.updateFlow();
+      }
+    }
+  }
+
+  /** Answers a streamed write once its payload is read and its pieces are done. */
+  private async writeInPieces(req: Request, s: PieceWrites): Promise<boolean> {
+    try {
+      await s.done;
+    } finally {
+      this.payloadDone(req);
+    }
+    // Like a crash in the middle of a write: its first pieces may be applied, and no reply says so.
+    if (s.cut) return true;
+    if (s.refused !== null || s.failed !== null) return this.replyError(req, s.refused ?? s.failed);
+    this.finalSend(req, simpleReply(0, req.cookieHi, req.cookieLo));
+    return false;
+  }
+
   /** The layer is done with what the request reserved besides itself (a write's payload, a scan): given back now. */
   private payloadDone(req: Request): void {
     const extra = req.charge - REQUEST_COST;
@@ -650,6 +793,7 @@ export class Connection {
 
   private async read(req: Request): Promise<boolean> {
     if (this.reject(req, "pread")) return true;
+    if (req.length > PIECE) return this.readInPieces(req);
     const prefix = this.structured ? DATA_CHUNK_PREFIX : SIMPLE_HEADER;
     const size = prefix + req.length;
     const backing = ioBuffers.pools(size) ? ioBuffers.acquire(size) : null;
@@ -667,39 +811,136 @@ export class Connection {
       this.finalSend(req, buf, release);
       return false;
     }
-    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, release)) return false;
+    if (req.length >= SPARSE_READ_MIN && !(req.flags & CmdFlag.NBD_CMD_FLAG_DF) && this.sendSparse(req, data, 0, true, release)) return false;
     writeDataChunkHeader(buf, 0, true, req.cookieHi, req.cookieLo, req.offset, req.length);
     this.finalSend(req, buf, release);
     return false;
   }
 
-  /** Sends a read as OFFSET_DATA and OFFSET_HOLE chunks if it holds zero runs; false if it holds none. */
-  private sendSparse(req: Request, data: Buffer, release?: () => void): boolean {
+  /**
+   * Sends the part of a read at `at` (its `data`) as OFFSET_DATA and OFFSET_HOLE chunks if it holds
+   * zero runs; false if it holds none. Its last chunk carries `written`, and if the part is the
+   * read's `last`, the done flag and the request's budget bytes (they cover every chunk).
+   */
+  private sendSparse(req: Request, data: Buffer, at: number, last: boolean, written?: () => void): boolean {
     const runs = zeroRuns(data); // alternating [start, end) of zero runs
     if (runs.length === 0) return false;
-    const { cookieHi: hi, cookieLo: lo, offset } = req;
+    const { cookieHi: hi, cookieLo: lo } = req;
+    const offset = req.offset + at;
     let pos = 0;
-    // The last chunk gives back the pool buffer and the request's budget bytes (they cover every chunk).
-    const sendData = (from: number, to: number, done: boolean) => {
+    const end = (b: Buffer) => (last ? this.finalSend(req, b, written) : this.send(b, written));
+    const sendData = (from: number, to: number, final: boolean) => {
       const h = Buffer.allocUnsafe(DATA_CHUNK_PREFIX);
-      writeDataChunkHeader(h, 0, done, hi, lo, offset + from, to - from);
+      writeDataChunkHeader(h, 0, final && last, hi, lo, offset + from, to - from);
       this.send(h);
-      if (done) this.finalSend(req, data.subarray(from, to), release);
+      if (final) end(data.subarray(from, to));
       else this.send(data.subarray(from, to));
     };
     for (let i = 0; i < runs.length; i += 2) {
       const zs = runs[i]!;
       const ze = runs[i + 1]!;
       if (zs > pos) sendData(pos, zs, false);
-      const last = ze === data.length;
-      const hole = holeChunk(hi, lo, offset + zs, ze - zs, last);
-      if (last) this.finalSend(req, hole, release);
+      const final = ze === data.length;
+      const hole = holeChunk(hi, lo, offset + zs, ze - zs, final && last);
+      if (final) end(hole);
       else this.send(hole);
       pos = ze;
     }
     if (pos < data.length) sendData(pos, data.length, true);
     return true;
   }
+
+  /**
+   * A read longer than PIECE, read and sent one piece at a time through two pool buffers (the next
+   * piece is read while the last one goes out). With structured replies each piece is its own
+   * chunk(s), and an error ends the reply with an error chunk. A simple reply, or a structured one
+   * with DF (one chunk asked for), is one header and then every byte: nothing may come between the
+   * pieces, so other replies wait (`holder`), and a piece failing after the header went out can
+   * only close the connection (the spec's rule for simple replies).
+   */
+  private async readInPieces(req: Request): Promise<boolean> {
+    const contiguous = !this.structured || (req.flags & CmdFlag.NBD_CMD_FLAG_DF) !== 0;
+    const prefix = this.structured ? DATA_CHUNK_PREFIX : SIMPLE_HEADER;
+    const { cookieHi: hi, cookieLo: lo } = req;
+    const slots: PieceSlot[] = [];
+    let started = false;
+    try {
+      for (let at = 0, k = 0; at < req.length; at += PIECE, k++) {
+        const n = Math.min(PIECE, req.length - at);
+        const last = at + n === req.length;
+        const slot = (slots[k & 1] ??= new PieceSlot(ioBuffers.acquire(PIECE + prefix)));
+        if (slot.busy && !(await this.taken(slot))) return true;
+        if (this.ended) return true; // nobody to answer: read no further
+        const buf = slot.buf;
+        const data = buf.subarray(prefix, prefix + n);
+        try {
+          await this.exp.layer.pread(data, req.offset + at, req);
+        } catch (err) {
+          if (!contiguous || !started) return this.replyError(req, err);
+          this.log.warn({ err: errorMessage(err), offset: req.offset + at }, "closing connection: a read failed after its reply's header went out");
+          this.socket.destroy();
+          return true;
+        }
+        slot.busy = true;
+        if (!contiguous) {
+          if (n >= SPARSE_READ_MIN && this.sendSparse(req, data, at, last, slot.written)) continue;
+          writeDataChunkHeader(buf, 0, last, hi, lo, req.offset + at, n);
+          const chunk = buf.subarray(0, prefix + n);
+          if (last) this.finalSend(req, chunk, slot.written);
+          else this.send(chunk, slot.written);
+          continue;
+        }
+        let out = data;
+        if (!started) {
+          while (this.holder) await this.holderGone;
+          if (this.ended) {
+            slot.busy = false;
+            return true;
+          }
+          if (this.structured) writeDataChunkHeader(buf, 0, true, hi, lo, req.offset, req.length);
+          else writeSimpleHeader(buf, 0, 0, hi, lo);
+          out = buf.subarray(0, prefix + n);
+          started = true;
+          this.holder = req;
+          this.holderGone = new Promise<void>((r) => (this.resolveHolderGone = r));
+        }
+        if (last) this.finalSend(req, out, slot.written, req);
+        else this.send(out, slot.written, 0, req);
+      }
+      return false;
+    } finally {
+      if (this.holder === req) {
+        this.holder = null;
+        for (const d of this.deferred.splice(0)) this.send(d.buf, d.written, d.charge);
+        this.resolveHolderGone!();
+      }
+      // The request ends now; buffers still in the socket go back to the pool once it has them.
+      for (const slot of slots) slot.letGo();
+    }
+  }
+
+  /**
+   * Waits for the socket to take a piece's buffer. A client that takes nothing while the connection
+   * stops (its end came, NBD_CMD_DISC, a shutdown) is given LINGER_MS, as finish() gives queued
+   * replies; then the connection is closed and false returned.
+   */
+  private async taken(slot: PieceSlot): Promise<boolean> {
+    let waited = 0;
+    while (slot.busy) {
+      let timer!: NodeJS.Timeout;
+      await Promise.race([slot.free(), new Promise<void>((r) => (timer = setTimeout(r, 1000)))]);
+      clearTimeout(timer);
+      if (!slot.busy) break;
+      if (!this.stopping) waited = 0;
+      else if ((waited += 1000) >= LINGER_MS) {
+        this.log.warn({ lingerMs: LINGER_MS }, "closing connection: the client takes no reply while the connection stops");
+        this.socket.destroy();
+        return false;
+      }
+    }
+    return true;
+  }
+
 
   private async blockStatus(req: Request): Promise<boolean> {
     if (!this.structured || (this.allocationContext === 0 && this.depthContext === 0))
@@ -729,13 +970,14 @@ export class Connection {
  * What a request reserves besides REQUEST_COST: the buffer of its payload (its pool class, not just
  * its length), or what a layer may read to answer it.
  */
-function payloadCost(type: number, length: number, maxPayload: number): number {
+function payloadCost(type: number, length: number, maxPayload: number, streamedWrite: boolean): number {
   switch (type) {
     case Cmd.NBD_CMD_WRITE:
-      return ioBuffers.footprint(length);
+      return streamedWrite ? 2 * ioBuffers.footprint(PIECE) : ioBuffers.footprint(length);
     case Cmd.NBD_CMD_READ:
       // With its reply header; longer ones are refused before anything is allocated.
-      return length <= maxPayload ? ioBuffers.footprint(length + DATA_CHUNK_PREFIX) : 0;
+      if (length > maxPayload) return 0;
+      return length > PIECE ? 2 * ioBuffers.footprint(PIECE + DATA_CHUNK_PREFIX) : ioBuffers.footprint(length + DATA_CHUNK_PREFIX);
     case Cmd.NBD_CMD_CACHE:
     case Cmd.NBD_CMD_BLOCK_STATUS:
       return ioBuffers.footprint(Math.min(length, SCAN_COST));
