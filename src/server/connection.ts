@@ -428,8 +428,7 @@ export class Connection {
     if (this.parser.midFrame) {
       this.log.warn("closing connection: truncated request frame");
       this.cutPayload();
-    }
-    else if (!this.stopping) this.log.debug("client closed the connection without NBD_CMD_DISC");
+    } else if (!this.stopping) this.log.debug("client closed the connection without NBD_CMD_DISC");
     this.stopping = true;
     void this.idle().then(() => this.finish());
   }

@@ -15,14 +15,18 @@ import { Judge, oracle } from "./nbd-oracle.mjs";
  */
 const SECONDS = Number(process.env.FUZZ_SECONDS ?? 30);
 const SEED = Number(process.env.FUZZ_SEED ?? 20261122);
-/** What README promises for the server's peak RSS under the fuzzer with the default budget (MiB). */
-const PEAK_RSS_MIB = 192;
+/**
+ * The budget issue 21 set for the server's peak RSS under the fuzzer with the default memory budget
+ * (MiB): 10-minute runs peak at 103–105 MiB (README, "Fuzzing"); this pass at ~95 alone.
+ */
+const PEAK_RSS_MIB = 128;
 
 describe("grammar-aware protocol fuzzing", () => {
   it(
     `runs ${SECONDS} s of conversations (seed ${SEED}) with no hang, crash, corruption or reply against the spec, within the memory promised`,
     async () => {
       const { stats, failures } = await runFuzz({ seed: SEED, durationMs: SECONDS * 1000, parallel: 16 });
+      console.log(`fuzz: ${stats.conversations} conversations, ${stats.frames} frames, server peak RSS ${(stats.peakRssKiB / 1024).toFixed(1)} MiB`);
       expect(failures.map((f: { failure: string }) => f.failure)).toEqual([]);
       // Every kind of conversation ran, in numbers (about 40 a second on a 2-core machine).
       expect(stats.conversations).toBeGreaterThan(SECONDS * 10);
