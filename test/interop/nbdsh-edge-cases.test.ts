@@ -122,6 +122,48 @@ print(bytes(h.pread(2, 0)))
     expect(mem).toEqual(["ok", "b'\\x00\\x00'"]);
   });
 
+  // Issue 21: requests over 1 MiB are served in 1 MiB pieces (README, "Requests in pieces"); libnbd
+  // checks every chunk against its request.
+  it("serves 32 MiB reads and writes in pieces: a chunk per MiB, holes, DF as one chunk, simple replies with small reads beside them", async () => {
+    const big = await serve(["memory:96M", "--name", "big"], 1);
+    try {
+      const out = nbdsh(
+        null,
+        `
+import os
+M = 1024 * 1024
+data = bytearray(os.urandom(32 * M))
+data[5 * M:7 * M] = bytes(2 * M)
+for structured in (True, False):
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.connect_uri(${JSON.stringify(big.uris[0])})
+    h.pwrite(bytes(data), 64 * M)
+    small = [nbd.Buffer(4096) for i in range(40)]
+    for i, b in enumerate(small): h.aio_pread(b, 64 * M + i * 65536 + 512)
+    whole = nbd.Buffer(32 * M)
+    h.aio_pread(whole, 64 * M)
+    while h.aio_in_flight() > 0: h.poll(-1)
+    ok = whole.to_bytearray() == data and all(b.to_bytearray() == data[i * 65536 + 512:i * 65536 + 4608] for i, b in enumerate(small))
+    line = [str(structured), str(ok)]
+    if structured:
+        for flags in (0, nbd.CMD_FLAG_DF):
+            chunks = []
+            got = h.pread_structured(32 * M, 64 * M, lambda buf, off, status, err: chunks.append((len(buf), status)) or 0, flags=flags)
+            line += [str(got == data), str(len(chunks)), str(sum(1 for c in chunks if c[1] == nbd.READ_HOLE))]
+    print(" ".join(line))
+    h.shutdown()
+`,
+      )
+        .trim()
+        .split("\n");
+      // Structured: 32 pieces, the two zero MiB as holes; with DF one data chunk.
+      expect(out).toEqual(["True True True 32 2 True 1 0", "False True"]);
+    } finally {
+      await big.stop();
+    }
+  });
+
   it("reads with DF as one chunk, answers block status with REQ_ONE as one extent", () => {
     const out = run(
       srv.uris[1]!,
