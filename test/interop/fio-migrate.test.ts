@@ -152,4 +152,40 @@ describe.skipIf(!needTools("fio", "qemu-img", "nbdcopy"))("migration between two
     await expect(controlCall(controlUrl(b), "POST", "v1/exports/disk/migrate", { to: "http://127.0.0.1:1" })).rejects.toThrow(/502.*unreachable/);
     expect((await getStatus(controlUrl(b))).exports[0]).toMatchObject({ owner: "b", state: "LOCAL" });
   });
+
+  // Requests over 1 MiB are served in pieces (README, "Requests in pieces"): through the node that
+  // forwards to the owner, each piece goes its own way while the export moves under it.
+  it("moves the export 6 times while fio writes 4 MiB requests with crc32c verification through the forwarding node", async () => {
+    const fio = spawn(
+      "fio",
+      ["--name=big", "--ioengine=nbd", `--uri=${a.uris[0]}`, "--rw=randwrite", "--bs=4m", "--iodepth=4", "--size=32m", "--time_based", "--runtime=120", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=8", "--verify_fatal=1", "--output-format=json"],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let out = "";
+    fio.stdout.on("data", (d) => (out += d));
+    const fioDone = new Promise<number | null>((r) => fio.once("exit", r));
+    const aWrites = async () => (await scrape(controlUrl(a))).get('nbdstack_requests_total{export="disk",op="write",result="ok"}') ?? 0;
+    const underLoad = async (what: string) => {
+      const w = await aWrites();
+      await pollUntil(`10 fio writes ${what}`, async () => (await aWrites()) >= w + 10);
+    };
+    await underLoad("before the first move");
+    let [from, to] = [controlUrl(b), controlUrl(a)];
+    for (let i = 0; i < 6; i++) {
+      const r = await controlCall<{ epoch: number }>(from, "POST", "v1/exports/disk/migrate", { to });
+      expect(r.epoch).toBe(23 + i);
+      [from, to] = [to, from];
+      await underLoad(`after move ${i + 1}`);
+    }
+    expect(fio.exitCode).toBeNull();
+    fio.kill("SIGINT");
+    const code = await fioDone;
+    const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
+    expect([0, 128]).toContain(code);
+    expect(job.error).toBe(0);
+    expect(job.read.io_bytes).toBeGreaterThan(0);
+    const copy = path.join(dir, "copy2.img");
+    execFileSync("nbdcopy", [b.uris[0]!, copy]);
+    execFileSync("qemu-img", ["compare", "-f", "raw", "-F", "raw", img, copy]);
+  }, 180_000);
 });
