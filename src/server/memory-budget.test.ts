@@ -10,6 +10,7 @@ import type { ConnectionLimits } from "./connection.js";
 import { ioBuffers } from "../util/buffer-pool.js";
 import { MemoryBudget } from "./memory-budget.js";
 import { NbdError } from "../errors.js";
+import { makeBlock } from "../bench/pattern.js";
 import { NbdServer } from "./server.js";
 
 const MiB = 1024 * 1024;
@@ -343,11 +344,8 @@ class Faulty extends PassthroughLayer {
   }
 }
 
-function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(length);
-  for (let i = 0; i < length; i += 4) b.writeUInt32LE((i * 2654435761 + seed) >>> 0, i);
-  return b;
-}
+/** Self-describing data (the bench's pattern): every 512-byte sector names its offset and seed. */
+const pattern = (length: number, seed: number): Buffer => makeBlock(length, 0, 1, seed);
 
 describe("requests over 1 MiB are served in 1 MiB pieces", () => {
   // A 32 MiB request held a 32 MiB buffer (mmapped, all of it written): under hostile clients two
