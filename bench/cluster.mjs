@@ -16,7 +16,8 @@
 // Needs root, etcd, fio (see test/cluster/README.md). Knobs (environment): BASE_SECS (4),
 // MOVES (6), MOVE_EVERY (2), PROXY_SECS (5), SIZE_MIB (256), RATE_IOPS (0: uncapped), DEBUG=1
 // (the run's ten longest gaps and the moves' times),
-// CPU_PROF=DIR (each node writes DIR/HOST.cpuprofile when the lab stops it).
+// CPU_PROF=DIR (each node writes DIR/HOST.cpuprofile when the lab stops it), LOG_DIR=DIR (each
+// node's JSON log kept as DIR/HOST.log).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -210,6 +211,10 @@ try {
   const bad = [f1, direct, proxied, f3].filter((f) => f.errors !== 0);
   if (bad.length) console.log(`WARNING: fio reported errors: ${bad.map((f) => f.err.trim().split("\n").pop()).join(" | ")}`);
 } finally {
+  if (process.env.LOG_DIR) {
+    fs.mkdirSync(process.env.LOG_DIR, { recursive: true });
+    for (const [h, n] of Object.entries(nodes)) fs.writeFileSync(path.join(process.env.LOG_DIR, `${h}.log`), n.stderr());
+  }
   if (process.env.CPU_PROF) {
     // A profile is written at a clean exit only: stop the nodes gently before the lab kills them.
     for (const n of Object.values(nodes)) n.proc.kill("SIGTERM");

@@ -1,5 +1,6 @@
 import { HttpError, type ControlServer } from "./control-server.js";
-import type { NodeIdentity } from "../migration/lease.js";
+import type { LeaseRecord, NodeIdentity } from "../migration/lease.js";
+import type { HandedView } from "../migration/ownership.js";
 import type { CopyMode } from "../migration/live-copy.js";
 import type { FileIdentity } from "../node/copy-target.js";
 import type { StorageNode } from "../node/storage-node.js";
@@ -7,7 +8,8 @@ import type { StorageNode } from "../node/storage-node.js";
 /**
  * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
  * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
- * POST /v1/exports/NAME/adopt {"epoch", "handedFrom"?}, POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?, "handedFrom"?}
+ * POST /v1/exports/NAME/adopt {"epoch", "handedFrom"?, "record"?, "at"?} ("record" and "at": the hand-over
+ * as the source wrote it, at that store revision, for the claim to start from), POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?, "handedFrom"?}
  * ("image": the source's file identity, so that a target that is the same file is refused;
  * "handedFrom": the owners the source's record lists as having handed the image on cleanly)
  * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
@@ -43,12 +45,23 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
     return { body: { abandoned: p.name } };
   });
   c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
-    const b = (body ?? {}) as { epoch?: unknown; handedFrom?: unknown };
+    const b = (body ?? {}) as { epoch?: unknown; handedFrom?: unknown; record?: unknown; at?: unknown };
     const epoch = b.epoch;
     if (typeof epoch !== "number") throw new HttpError(400, 'body must be {"epoch": N}');
-    await node.adopt(p.name!, epoch, handedFromOf(b.handedFrom));
+    await node.adopt(p.name!, epoch, handedFromOf(b.handedFrom), handedViewOf(b.record, b.at, epoch));
     return { body: { adopted: p.name, epoch } };
   });
+}
+
+/**
+ * The hand-over as its source wrote it ("record" and the store's revision "at"), which the claim
+ * may start from; anything that does not look like one is ignored (the claim then reads the record).
+ */
+function handedViewOf(record: unknown, at: unknown, epoch: number): HandedView | undefined {
+  if (!Number.isSafeInteger(at) || (at as number) <= 0 || typeof record !== "object" || record === null) return undefined;
+  const r = record as LeaseRecord;
+  if (typeof r.owner !== "string" || r.epoch !== epoch) return undefined;
+  return { record: r, at: at as number };
 }
 
 /** A "handedFrom" list: owner tokens NODE@EPOCH (at most 8 are kept). */

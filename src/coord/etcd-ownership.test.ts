@@ -139,6 +139,59 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     expect((await raw.getOne(a.liveKey))?.lease).toBe(sb2.leaseId); // bound to b's live process
   });
 
+  /** Counts what reaches etcd from `c` (the names of the client's calls), from now on. */
+  const countCalls = (c: EtcdClient): string[] => {
+    const calls: string[] = [];
+    const o = c as unknown as Record<string, (...x: unknown[]) => unknown>;
+    for (const k of ["txn", "get", "getOne", "keepAliveOnce", "put"]) {
+      const f = o[k]!.bind(c);
+      o[k] = (...x: unknown[]) => (calls.push(k), f(...x));
+    }
+    return calls;
+  };
+
+  it("a renewal is one round trip: its keep-alive and its read go together, and nothing else is sent", async () => {
+    const p = fresh();
+    const sa = await node("a", p);
+    const a = new EtcdOwnership(sa, "disk");
+    await a.acquire(id("a"), TTL_MS);
+    await a.renew(id("a"), 1);
+    const calls = countCalls(sa.client);
+    const r = await a.renew(id("a"), 1);
+    expect(r).toMatchObject({ owner: "a", epoch: 1 });
+    expect(calls.sort()).toEqual(["keepAliveOnce", "txn"]);
+  });
+
+  it("a claim that starts from the hand-over as its source wrote it (record and revision) is one transaction, sent with the keep-alive; a stale one reads and decides again", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    await a.acquire(id("a"), TTL_MS);
+    const h2 = await a.handOver(id("a"), 1, id("b"), TTL_MS);
+    const at = a.revisionOf(h2);
+    expect(at).toBe((await raw.getOne(a.recordKey))?.modRevision);
+    const calls = countCalls(sb.client);
+    const claimed = await b.renew(id("b"), 2, { record: h2, at: at! });
+    expect(calls.sort()).toEqual(["keepAliveOnce", "txn"]);
+    expect(claimed).toMatchObject({ owner: "b", epoch: 2, holder: sb.leaseId, serial: 1, handedFrom: ["a@1"] });
+    expect(await b.read()).toEqual(claimed);
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb.leaseId);
+    expect((await leaseError(a.reclaim(id("a"), h2, TTL_MS))).message).toMatch(/claimed by it/);
+    // Stale: handed at epoch 3, taken back by a (epoch 4) before b's claim arrives with the old view.
+    const h3 = await b.handOver(id("b"), 2, id("a"), TTL_MS);
+    const at3 = b.revisionOf(h3)!;
+    await b.reclaim(id("b"), h3, TTL_MS);
+    calls.length = 0;
+    const refused = await leaseError(a.renew(id("a"), 3, { record: h3, at: at3 }));
+    expect(refused.current).toMatchObject({ owner: "b", epoch: 4 });
+    expect(await a.read()).toMatchObject({ owner: "b", epoch: 4, holder: sb.leaseId });
+    // A view whose revision is wrong (a lie or a mix-up) changes nothing by itself: the transaction fails, and the claim is decided on what etcd holds.
+    const h5 = await b.handOver(id("b"), 4, id("a"), TTL_MS);
+    const ok = await a.renew(id("a"), 5, { record: h5, at: b.revisionOf(h5)! - 1 });
+    expect(ok).toMatchObject({ owner: "a", epoch: 5, holder: sa.leaseId });
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId);
+  });
+
   it("take-over only once the owner's etcd lease expired: never before its deadline plus margin; the epoch grows and an expiry keeps no handedFrom", async () => {
     const p = fresh();
     const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);

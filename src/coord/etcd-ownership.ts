@@ -1,5 +1,5 @@
 import { DEFAULT_TTL_MS, describeRecord, HANDED_FROM_MAX, handedFromAfter, handedOn, LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
-import type { Ownership } from "../migration/ownership.js";
+import type { HandedView, Ownership } from "../migration/ownership.js";
 import { EtcdError, compare, op, type Compare, type KeyValue, type TxnOp, type Watcher } from "./etcd-client.js";
 import type { EtcdSession } from "./etcd-session.js";
 
@@ -105,22 +105,9 @@ export class EtcdOwnership implements Ownership {
    * this process's lease, by a transaction on the record's revision — after it the source cannot
    * reclaim. A lost session lease is a lost lease (LeaseError).
    */
-  renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord> {
+  renew(me: NodeIdentity, epoch: number, from?: HandedView): Promise<LeaseRecord> {
     return this.serial(async () => {
-      // The keep-alive and the read go together (one round trip): a record read before etcd got
-      // the keep-alive is still a linearizable read of it, and a change decided on it compares
-      // the liveness key too, which is gone if the lease was.
-      const reading = this.load();
-      reading.catch(() => undefined);
-      try {
-        await this.session.renewLease();
-      } catch (err) {
-        if (!this.session.lost) throw err; // etcd cannot say now: nothing decided
-        // The record, for the message, if etcd answers soon (a node cut off from etcd learns nothing more).
-        const seen = await Promise.race([this.load().then((s) => s.rec, () => null), new Promise<null>((r) => setTimeout(r, 250, null))]);
-        throw new LeaseError(`lease lost: this process's etcd lease ${this.session.leaseId} is gone (${this.session.lost.message})`, seen);
-      }
-      return this.cas<LeaseRecord>((st) => {
+      const plan = (st: State): Plan<LeaseRecord> => {
         const cur = st.rec;
         if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
         if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describeRecord(cur)} was released`, cur);
@@ -134,8 +121,46 @@ export class EtcdOwnership implements Ownership {
         // The claim of a hand-over to this node.
         const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.session.wall(), serial: (cur.serial ?? 0) + 1, pid: this.session.pid, host: this.session.host, holder: this.session.leaseId };
         return { write: { record, live: { lease: this.session.leaseId } }, result: record };
-      });
+      };
+      // A claim that starts from the hand-over as its source wrote it needs no read: its
+      // transaction compares that revision (a stale or wrong view fails it, and the claim is then
+      // decided on what etcd answered), and goes with the keep-alive — one round trip inside a
+      // move's hold. A put bound to a lease etcd no longer has fails, so a claim never outlives
+      // the session it names. Otherwise the keep-alive and the read go together (one round trip):
+      // a record read before etcd got the keep-alive is still a linearizable read of it, and a
+      // change decided on it compares the liveness key too, which is gone if the lease was.
+      const view = from && from.record.owner === me.nodeId && from.record.epoch === epoch ? this.stateOf(from) : null;
+      if (view) this.cached = view;
+      const deciding = view ? this.cas<LeaseRecord>(plan, { cached: true }) : this.load();
+      deciding.catch(() => undefined);
+      try {
+        await this.session.renewLease();
+      } catch (err) {
+        if (!this.session.lost) throw err; // etcd cannot say now: nothing decided
+        // The record, for the message, if etcd answers soon (a node cut off from etcd learns nothing more).
+        await deciding.catch(() => undefined); // one change at a time: the claim's outcome first
+        const seen = await Promise.race([this.load().then((s) => s.rec, () => null), new Promise<null>((r) => setTimeout(r, 250, null))]);
+        throw new LeaseError(`lease lost: this process's etcd lease ${this.session.leaseId} is gone (${this.session.lost.message})`, seen);
+      }
+      if (view) return (await deciding) as LeaseRecord;
+      return this.cas<LeaseRecord>(plan, { first: deciding as Promise<State> });
     });
+  }
+
+  /**
+   * The revision at which this object last wrote or read `record` (exactly that record), or
+   * undefined: a hand-over's peer can claim from it without reading (renew's `from`).
+   */
+  revisionOf(record: LeaseRecord): number | undefined {
+    const c = this.cached;
+    return c?.recKv && c.rec && JSON.stringify(c.rec) === JSON.stringify(record) ? c.recKv.modRevision : undefined;
+  }
+
+  /** The state a hand-over to this process left, as its source reports it (record and liveness key written at `at`). */
+  private stateOf(from: HandedView): State {
+    const kv = (key: string, value: string, lease: string): KeyValue => ({ key: Buffer.from(key), value: Buffer.from(value), createRevision: 0, modRevision: from.at, version: 0, lease });
+    const live = JSON.stringify({ owner: from.record.owner, epoch: from.record.epoch, lease: this.session.leaseId });
+    return { rec: from.record, recKv: kv(this.recordKey, JSON.stringify(from.record), "0"), live: kv(this.liveKey, live, this.session.leaseId), revision: from.at };
   }
 
   handedTo(me: NodeIdentity): Promise<number | null> {

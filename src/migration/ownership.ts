@@ -18,6 +18,12 @@ import type { LeaseRecord, NodeIdentity } from "./lease.js";
  *   never by comparing two nodes' wall clocks; an owner trusts its lease only until a local
  *   monotonic deadline shorter than the lease, measured from before the renewal that granted it.
  */
+/** A hand-over as its source wrote it: the record, and the store's revision of that write. */
+export interface HandedView {
+  record: LeaseRecord;
+  at: number;
+}
+
 export interface Ownership {
   /** Where the record lives, for messages. */
   readonly where: string;
@@ -26,9 +32,13 @@ export interface Ownership {
   acquire(me: NodeIdentity, ttlMs: number): Promise<LeaseRecord>;
   /**
    * Extends my lease held at `epoch`. The first renewal by a node the lease was handed to is its
-   * claim: from then on the hand-over can no longer be taken back.
+   * claim: from then on the hand-over can no longer be taken back. `from`: the hand-over as its
+   * source wrote it, which a store with revisions may start the claim from instead of reading
+   * (a wrong view costs a read, never a wrong decision).
    */
-  renew(me: NodeIdentity, epoch: number): Promise<LeaseRecord>;
+  renew(me: NodeIdentity, epoch: number, from?: HandedView): Promise<LeaseRecord>;
+  /** Optional: the store's revision of `record` as this object just wrote or read it, or undefined (see HandedView). */
+  revisionOf?(record: LeaseRecord): number | undefined;
   /** The epoch of a hand-over to `me` that I have not claimed yet (shared records only), or null. */
   handedTo(me: NodeIdentity): Promise<number | null>;
   /**

@@ -1,6 +1,7 @@
 import { ControlError, controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import { LeaseError, type LeaseRecord } from "../migration/lease.js";
+import type { HandedView } from "../migration/ownership.js";
 import { completeCopyTarget } from "./copy-target.js";
 import { renew } from "./lease-keeper.js";
 import { parseHostPort, type Managed, type MoveResult, type NodeContext } from "./node-context.js";
@@ -42,6 +43,7 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
   const myEpoch = m.epoch;
   if (myEpoch === null) throw new HttpError(409, `${name} is not owned here any more; migrate it on its owner`);
   let handed: LeaseRecord | null = null;
+  let [tAssign, tHanded, tAdopted] = [0, 0, 0];
   const { held } = await m.redirector.moveOut({
     beforeRelease,
     // Port B to the peer, opened before the hold so its connection costs no stall; and what the
@@ -57,15 +59,20 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       // From here until the answer, this node writes nothing: the record may name the peer already.
       m.epoch = null;
       m.validUntil = 0;
+      tAssign = performance.now();
       try {
         handed = await m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
       } catch (err) {
         m.epoch = myEpoch; // the record did not change (or the reclaim below decides): still mine
         throw err;
       }
+      tHanded = performance.now();
       m.record = handed;
       const h = handed;
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: h.epoch, handedFrom: h.handedFrom }, node.adoptTimeoutMs);
+      // The record as written and its store revision (etcd): the peer's claim starts from them instead of reading.
+      const at = m.lease.revisionOf?.(h);
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: h.epoch, handedFrom: h.handedFrom, ...(at !== undefined ? { record: h, at } : {}) }, node.adoptTimeoutMs);
+      tAdopted = performance.now();
     },
     reclaim: async () => {
       if (!handed) {
@@ -97,7 +104,8 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
   });
   const ms = performance.now() - t0;
   const epoch = (handed as LeaseRecord | null)?.epoch ?? myEpoch;
-  node.opts.log.info({ export: name, to: peer.nodeId, epoch, ms: Math.round(ms) }, "export moved");
+  const r1 = (x: number) => Math.round(x * 10) / 10;
+  node.opts.log.info({ export: name, to: peer.nodeId, epoch, ms: Math.round(ms), handOverMs: r1(tHanded - tAssign), adoptMs: r1(tAdopted - tHanded) }, "export moved");
   return { export: name, from: node.identity.nodeId, to: peer.nodeId, epoch, ms, held };
 }
 
@@ -124,7 +132,7 @@ async function refuseAdoption(node: NodeContext, to: string, name: string, epoch
  * Takes ownership of `name` after its owner handed the lease to this node at `epoch`. The first
  * step is the claim (see above); an epoch the owner took back first is refused (409).
  */
-export function adopt(node: NodeContext, name: string, epoch: number, handedFrom?: string[]): Promise<void> {
+export function adopt(node: NodeContext, name: string, epoch: number, handedFrom?: string[], from?: HandedView): Promise<void> {
   const m = node.find(name);
   if (epoch <= m.refused) return Promise.reject(new HttpError(409, `${name}: the owner took epoch ${epoch} back`));
   const running = adoptions.get(m);
@@ -132,7 +140,7 @@ export function adopt(node: NodeContext, name: string, epoch: number, handedFrom
   if (running && m.adopting === epoch) return running;
   if (m.adopting !== null) return Promise.reject(new HttpError(409, `${name}: adopting epoch ${m.adopting} already`));
   m.adopting = epoch; // from here on, the owner's abandon at this epoch is answered "adopted"
-  const p = adoptAt(node, m, epoch, handedFrom).finally(() => adoptions.delete(m));
+  const p = adoptAt(node, m, epoch, handedFrom, from).finally(() => adoptions.delete(m));
   adoptions.set(m, p);
   return p;
 }
@@ -140,22 +148,26 @@ export function adopt(node: NodeContext, name: string, epoch: number, handedFrom
 /** Adoptions under way, so that a second request for the same epoch waits for the first. */
 const adoptions = new WeakMap<Managed, Promise<void>>();
 
-async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[]): Promise<void> {
+async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?: string[], from?: HandedView): Promise<void> {
   const name = m.name;
+  const t0 = performance.now();
+  let [tClaimed, tOpen] = [t0, t0];
   try {
     await completeCopyTarget(node, m, epoch, handedFrom);
     let claimed: LeaseRecord;
     try {
-      claimed = await renew(node, m, epoch); // the claim
+      claimed = await renew(node, m, epoch, from); // the claim
     } catch (err) {
       if (!(err instanceof LeaseError)) throw err;
       const r = err.current;
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);
     }
     m.epoch = epoch;
+    tClaimed = performance.now();
     try {
       // A live copy's record lists what the source's did, and the source (see completeCopyTarget).
       await m.redirector.adopt({ ownerFlushed: true, handedFrom: claimed.handedFrom });
+      tOpen = performance.now();
     } catch (err) {
       // Claimed but port A would not open: give the lease up (released, so the source can take it
       // back or another node take it over at once) rather than hold it with nothing to write it.
@@ -168,7 +180,8 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?
   } finally {
     m.adopting = null;
   }
-  node.opts.log.info({ export: name, epoch }, "export adopted");
+  const r1 = (x: number) => Math.round(x * 10) / 10;
+  node.opts.log.info({ export: name, epoch, claimMs: r1(tClaimed - t0), openMs: r1(tOpen - tClaimed) }, "export adopted");
 }
 
 /**

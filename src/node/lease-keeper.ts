@@ -1,4 +1,5 @@
 import { LeaseError, type LeaseRecord } from "../migration/lease.js";
+import type { HandedView } from "../migration/ownership.js";
 import { ownerIsHere, type OwnerAddress } from "../stack/port/remote-port.js";
 import { adopt } from "./hand-over.js";
 import { parseHostPort, type Managed, type NodeContext } from "./node-context.js";
@@ -67,9 +68,9 @@ export function noteRecord(m: Managed, r: LeaseRecord | null | undefined): void 
  * the renewal: a pause inside renew() shortens the trust, it never extends it. Trust is given
  * only if the node still holds `epoch` when the answer comes (a move or a loss meanwhile wins).
  */
-export async function renew(node: NodeContext, m: Managed, epoch: number): Promise<LeaseRecord> {
+export async function renew(node: NodeContext, m: Managed, epoch: number, from?: HandedView): Promise<LeaseRecord> {
   const t0 = performance.now();
-  const r = await m.lease.renew(node.identity, epoch);
+  const r = await m.lease.renew(node.identity, epoch, from);
   m.record = r;
   if (m.epoch === epoch || m.adopting === epoch) m.validUntil = t0 + node.ttlMs * FRESH;
   return r;
@@ -97,6 +98,29 @@ export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerA
   const here = r.owner === node.identity.nodeId && (r.pid === undefined || r.pid === process.pid || r.nbd === node.identity.nbd);
   if (here) throw ownerIsHere(`${lease.where} names this node (${r.owner}@${r.epoch}) as the owner`);
   return { ...parseHostPort(r.nbd), owner: `${r.owner}@${r.epoch}`, handedFrom: r.handedFrom };
+}
+
+/**
+ * How long a hand-over to this node waits for its adopt call before the node adopts it on its own
+ * (its source died right after handing it over). The call comes within milliseconds of the
+ * hand-over, and its claim starts from the hand-over as written (one etcd transaction inside the
+ * move's hold); a claim of this node's own would read first, and the two would wait for each
+ * other.
+ */
+export const ORPHAN_GRACE_MS = 1000;
+
+/**
+ * Notes a hand-over to this node at `epoch`, seen now (read or pushed), and checks again once the
+ * grace has passed. True when it was first seen at least ORPHAN_GRACE_MS ago: adopt it now.
+ */
+export function sawHandOver(node: NodeContext, m: Managed, epoch: number): boolean {
+  const now = performance.now();
+  if (m.handedSeen?.epoch === epoch) return now - m.handedSeen.at >= ORPHAN_GRACE_MS;
+  m.handedSeen = { epoch, at: now };
+  setTimeout(() => {
+    if (node.running && m.handedSeen?.epoch === epoch) void checkNow(node, m);
+  }, ORPHAN_GRACE_MS + 5).unref();
+  return false;
 }
 
 /** One tick of the renewal loop over every export of the node (exports in parallel, each once). */
@@ -128,7 +152,7 @@ async function renewOne(node: NodeContext, m: Managed): Promise<void> {
   if (m.epoch === null && m.adopting === null && m.redirector.state === "REMOTE" && !m.target) {
     // A hand-over to this node whose adopt call never came (its source died right after it): claim it.
     const handed = await m.lease.handedTo(node.identity);
-    if (handed !== null && m.epoch === null && m.adopting === null) {
+    if (handed !== null && m.epoch === null && m.adopting === null && sawHandOver(node, m, handed)) {
       node.opts.log.warn({ export: m.name, epoch: handed }, "the lease was handed to this node without an adopt call: adopting it");
       adopt(node, m.name, handed).catch((err: Error) => node.opts.log.error({ export: m.name, err: err.message }, "adopting a handed lease failed"));
       return;

@@ -47,6 +47,11 @@ export interface Managed {
   adopting: number | null;
   /** Epochs up to this one were taken back by their owner: never adopt them (0: none). */
   refused: number;
+  /**
+   * A hand-over to this node whose adopt call has not come: its epoch, and when this node first
+   * saw it (performance.now()). Adopted without the call only ORPHAN_GRACE_MS later (lease-keeper.ts).
+   */
+  handedSeen: { epoch: number; at: number } | null;
   /** Set while this node is the destination of a live copy: the export the source writes into. */
   target: { exp: Export; marker: string } | null;
 }
@@ -104,6 +109,8 @@ export interface NodeContext {
   readonly adoptTimeoutMs: number;
   readonly opts: StorageNodeOptions;
   readonly publisher: ExportPublisher | null;
+  /** The node runs its renewal loop (started, not closed): scheduled checks run only then. */
+  readonly running: boolean;
   /** The export `name`, or a 404. */
   find(name: string): Managed;
   lookup(name: string): Managed | undefined;

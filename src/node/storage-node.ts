@@ -3,14 +3,14 @@ import type { ExportStatus, NodeStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
 import { DEFAULT_TTL_MS, LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
 import { FileOwnership } from "../migration/file-ownership.js";
-import type { Ownership } from "../migration/ownership.js";
+import type { HandedView, Ownership } from "../migration/ownership.js";
 import type { Export } from "../stack/export.js";
 import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
 import { adopt, moveOut, refuse } from "./hand-over.js";
-import { checkNow, fenceLost, locateOwner, mayWrite, noteRecord, renew, renewAll } from "./lease-keeper.js";
+import { checkNow, fenceLost, locateOwner, mayWrite, noteRecord, renew, renewAll, sawHandOver } from "./lease-keeper.js";
 import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
 import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
 
@@ -89,7 +89,7 @@ export class StorageNode {
         return followerLabel(m.record?.owner, m.record?.epoch, m.record?.nbd);
       },
     });
-    m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, ownerGoneAt: null, takeovers: { count: 0, lastOwnerlessMs: 0, totalOwnerlessMs: 0 }, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
+    m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, ownerGoneAt: null, takeovers: { count: 0, lastOwnerlessMs: 0, totalOwnerlessMs: 0 }, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, handedSeen: null, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
     // A store that pushes changes (etcd): port B follows a new owner at once, and a node that may
     // take the export (a hand-over to it, an owner whose lease ended) checks at once.
@@ -99,7 +99,10 @@ export class StorageNode {
       else if (!ownerGone) m.ownerGoneAt = null; // a new record: someone owns it (or released it) now
       if (!r || m.epoch !== null) return;
       m.pair.ownerChanged(`${r.owner}@${r.epoch}`);
-      if (this.timer) void checkNow(this.context, m);
+      // A hand-over to this node: its source's adopt call is on its way (and claims in one
+      // transaction); checking now would only race it. Checked after the grace instead.
+      if (!ownerGone && r.owner === this.identity.nodeId && r.holder === undefined && r.leaseStart !== 0 && !r.private) sawHandOver(this.context, m, r.epoch);
+      else if (this.timer) void checkNow(this.context, m);
     });
     return exp;
   }
@@ -197,8 +200,8 @@ export class StorageNode {
   }
 
   /** Takes ownership of `name` after its owner handed the lease to this node at `epoch`: see hand-over.ts. */
-  adopt(name: string, epoch: number, handedFrom?: string[]): Promise<void> {
-    return adopt(this.context, name, epoch, handedFrom);
+  adopt(name: string, epoch: number, handedFrom?: string[], from?: HandedView): Promise<void> {
+    return adopt(this.context, name, epoch, handedFrom, from);
   }
 
   /** Lets the node add exports to the NBD server at run time (live-copy destinations). */
@@ -244,6 +247,9 @@ export class StorageNode {
       },
       get publisher() {
         return node.publisher;
+      },
+      get running() {
+        return node.timer !== null;
       },
       find: (name) => node.find(name),
       lookup: (name) => node.managed.get(name),

@@ -11,6 +11,7 @@ import { needTools } from "../helpers/tools.js";
 import { EtcdMember, freePort, needEtcd, startLocalCluster, waitHealthy } from "../cluster/etcd.mjs";
 import { clientCertOf, makePki, startProxy } from "../cluster/helpers.js";
 import { EtcdClient } from "../../src/coord/etcd-client.js";
+import { EtcdOwnership, EtcdSession } from "../../src/coord/etcd-ownership.js";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -73,6 +74,40 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
     const cluster = (await getStatus(url("b"))).cluster as ClusterStatus;
     expect(cluster.exports[0]).toMatchObject({ owner: "a", epoch: 10, live: true });
   }, 120_000);
+
+  it("a hand-over whose adopt call never came (its source died right after it) is adopted after a grace, never raced with the adopt call the source is sending", async () => {
+    const dir = tempDir();
+    const image = blankImage(path.join(dir, "orphan.img"), 8 * MiB);
+    const client = new EtcdClient({ endpoints: etcd.endpoints });
+    const zid = { nodeId: "z", nbd: "127.0.0.1:9", control: "http://127.0.0.1:9" };
+    const z = await EtcdSession.start({ client, identity: zid, ttlMs: 2000, prefix: "/orphan" });
+    const own = new EtcdOwnership(z, "disk");
+    await own.acquire(zid, 2000);
+    const raw = new EtcdClient({ endpoints: etcd.endpoints });
+    const o = await serve([image, "--name", "disk", "--node-id", "o", "--etcd", etcd.endpoints.join(","), "--etcd-prefix", "/orphan", "--lease-ttl", "2s", "--control", "127.0.0.1:0"], 2);
+    try {
+      const ourl = controlUrl(o);
+      const st = await getStatus(ourl);
+      expect(await exportStatus(ourl, "disk")).toMatchObject({ state: "REMOTE", owner: "z" });
+      await own.handOver(zid, 1, { nodeId: "o", nbd: st.nbd, control: ourl }, 2000);
+      client.close(); // z dies: no adopt call will come
+      const handedAt = performance.now();
+      // etcd pushes the hand-over to o at once; o waits for the adopt call a live source sends
+      // (whose claim then goes alone, in one transaction) instead of claiming on its own.
+      await new Promise((r) => setTimeout(r, 400));
+      expect(await exportStatus(ourl, "disk")).toMatchObject({ state: "REMOTE" });
+      const record = async () => JSON.parse((await raw.getOne("/orphan/exports/disk/record"))!.value.toString());
+      expect(await record()).toMatchObject({ owner: "o", epoch: 2 });
+      expect((await record()).holder).toBeUndefined(); // not claimed
+      await pollUntil("o adopts the orphaned hand-over", async () => (await exportStatus(ourl, "disk"))?.state === "LOCAL");
+      expect(performance.now() - handedAt).toBeLessThan(4000);
+      expect(logLines(o.stderr(), "the lease was handed to this node without an adopt call: adopting it")).toHaveLength(1);
+      expect(await record()).toMatchObject({ owner: "o", epoch: 2, handedFrom: ["z@1"], holder: expect.any(String) });
+    } finally {
+      raw.close();
+      await o.stop("SIGKILL");
+    }
+  }, 30_000);
 
   it("a killed owner is replaced once its etcd lease ends; a client of a surviving node sees a stall, not an error", async () => {
     const cl = await NbdClient.connect(nbdAddress(nodes.b!.uris[0]!), { exportName: "disk" });

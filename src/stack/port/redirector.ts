@@ -17,6 +17,10 @@ import { FlushLedger } from "./flush-ledger.js";
 export const REDIRECTOR_STATES = ["LOCAL", "DRAINING", "HANDOVER", "REMOTE", "ROLLBACK", "ADOPTING"] as const;
 export type RedirectorState = (typeof REDIRECTOR_STATES)[number];
 
+/** A move's flushes before its hold, while requests still flow: at most this many passes, and this long in all. */
+const PRE_FLUSH_PASSES = 8;
+const PRE_FLUSH_MS = 3000;
+
 /** How a redirector reaches its resource and its peers; supplied by the node. */
 export interface RedirectorPorts {
   /** Opens port A (the image, owned by this node from now on). */
@@ -306,11 +310,17 @@ export class PortRedirector implements Layer {
       const prepared = h.prepare ? await h.prepare().catch(() => null) : null;
       // Pre-flush while requests still flow: most dirty data reaches the disk now, so the flush
       // under hold (step 3) only covers the last moment's writes and the stall stays short.
-      // Repeat while a pass is slow: each pass leaves only what was written during the previous one.
-      for (let pass = 0; pass < 3 && this.caps.flush; pass++) {
+      // Repeat while a pass is slow: each pass leaves only what was written during the previous one
+      // (under 4 KiB random writes at ~40k IOPS each pass took about a third of the one before:
+      // 585, 116, 43 ms, and 18 ms under hold after three), for at most PRE_FLUSH_PASSES passes
+      // and PRE_FLUSH_MS in all.
+      const preFlushMs: number[] = [];
+      const p0 = performance.now();
+      for (let pass = 0; pass < PRE_FLUSH_PASSES && this.caps.flush && performance.now() - p0 < PRE_FLUSH_MS; pass++) {
         const f0 = performance.now();
         const ok = await this.a!.flush(plainIo).then(() => true, () => false);
-        if (!ok || performance.now() - f0 < 5) break;
+        preFlushMs.push(Math.round((performance.now() - f0) * 10) / 10);
+        if (!ok || performance.now() - f0 < 3) break;
       }
       const t0 = performance.now();
       this.st = "DRAINING";
@@ -365,7 +375,7 @@ export class PortRedirector implements Layer {
       const ms = (x: number, y: number) => Math.round((y - x) * 10) / 10;
       const end = performance.now();
       this.log?.info(
-        { held, holdMs: ms(t0, end), drainMs: ms(t0, tDrained), flushMs: ms(tDrained, tFlushed), assignMs: ms(tFlushed, tAssigned), portBMs: ms(tAssigned, end) },
+        { held, preFlushMs, holdMs: ms(t0, end), drainMs: ms(t0, tDrained), flushMs: ms(tDrained, tFlushed), assignMs: ms(tFlushed, tAssigned), portBMs: ms(tAssigned, end) },
         "move: now served through port B",
       );
     }).then(() => ({ held }));
