@@ -190,6 +190,11 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     const ok = await a.renew(id("a"), 5, { record: h5, at: b.revisionOf(h5)! - 1 });
     expect(ok).toMatchObject({ owner: "a", epoch: 5, holder: sa.leaseId });
     expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId);
+    // The right revision with other contents: the claim keeps what etcd holds, not what it was told.
+    const h6 = await a.handOver(id("a"), 5, id("b"), TTL_MS);
+    const claimed6 = await b.renew(id("b"), 6, { record: { ...h6, handedFrom: ["x@1"] }, at: a.revisionOf(h6)! });
+    expect(claimed6).toMatchObject({ owner: "b", epoch: 6, holder: sb.leaseId, handedFrom: h6.handedFrom });
+    expect(await b.read()).toEqual(claimed6);
   });
 
   it("take-over only once the owner's etcd lease expired: never before its deadline plus margin; the epoch grows and an expiry keeps no handedFrom", async () => {

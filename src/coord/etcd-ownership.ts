@@ -118,9 +118,10 @@ export class EtcdOwnership implements Ownership {
           const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control };
           return { write: { record }, result: record };
         }
-        // The claim of a hand-over to this node.
+        // The claim of a hand-over to this node. The record's value is compared too: a claim
+        // started from the source's report (see below) keeps every field the source wrote.
         const record: LeaseRecord = { ...cur, nbd: me.nbd, control: me.control, leaseStart: this.session.wall(), serial: (cur.serial ?? 0) + 1, pid: this.session.pid, host: this.session.host, holder: this.session.leaseId };
-        return { write: { record, live: { lease: this.session.leaseId } }, result: record };
+        return { write: { record, live: { lease: this.session.leaseId }, compare: st.recKv ? [compare.value(this.recordKey, "==", st.recKv.value)] : [] }, result: record };
       };
       // A claim that starts from the hand-over as its source wrote it needs no read: its
       // transaction compares that revision (a stale or wrong view fails it, and the claim is then

@@ -1,5 +1,11 @@
 import type { LeaseRecord, NodeIdentity } from "./lease.js";
 
+/** A hand-over as its source wrote it: the record, and the store's revision of that write. */
+export interface HandedView {
+  record: LeaseRecord;
+  at: number;
+}
+
 /**
  * The ownership of one image: who may write it (the owner), at which epoch (the fencing token),
  * and until when without renewing (the lease). One interface, so a node does not care where the
@@ -18,12 +24,6 @@ import type { LeaseRecord, NodeIdentity } from "./lease.js";
  *   never by comparing two nodes' wall clocks; an owner trusts its lease only until a local
  *   monotonic deadline shorter than the lease, measured from before the renewal that granted it.
  */
-/** A hand-over as its source wrote it: the record, and the store's revision of that write. */
-export interface HandedView {
-  record: LeaseRecord;
-  at: number;
-}
-
 export interface Ownership {
   /** Where the record lives, for messages. */
   readonly where: string;
