@@ -20,6 +20,9 @@ export const STATE_DIR = process.env.NBDSTACK_LAB_STATE || "/run/nbdstack-lab";
 export const ETCD_CLIENT_PORT = 2379;
 export const ETCD_PEER_PORT = 2380;
 const PROBE = path.join(path.dirname(fileURLToPath(import.meta.url)), "probe.mjs");
+const DELAY = path.join(path.dirname(fileURLToPath(import.meta.url)), "delay.py");
+/** The NFQUEUE queue delay.py serves (queues are per network namespace: one number serves every host). */
+const DELAY_QUEUE = 7;
 const ETCD_PORTS = `${ETCD_CLIENT_PORT},${ETCD_PEER_PORT}`;
 
 // ——— small tools ———
@@ -625,14 +628,17 @@ export class Lab {
 
   /**
    * Degrades `host`'s link: `lossPct` of its packets dropped in each direction (iptables, any
-   * kernel), `delayMs` ± `jitterMs` added to what it sends (tc netem: throws where the kernel has
-   * no netem, see `features.netem`).
+   * kernel), `delayMs` ± `jitterMs` added to what it sends — with tc netem where the kernel has
+   * it (`features.netem`), else by holding each packet in an NFQUEUE until delay.py accepts it
+   * (`iptables -t mangle … -j NFQUEUE`, in order, see delay.py). A second delay replaces the first.
    */
   degrade(host, { delayMs = 0, jitterMs = 0, lossPct = 0 } = {}) {
     if (delayMs > 0 || jitterMs > 0) {
-      if (!this.features.netem) throw new Error(`tc netem is not available in this kernel (CONFIG_NET_SCH_NETEM; tc said: ${this.features.netemError ?? "?"}): delay cannot be added here`);
-      const r = this.exec(host, "tc", ["qdisc", "replace", "dev", "eth0", "root", "netem", "delay", `${delayMs}ms`, ...(jitterMs ? [`${jitterMs}ms`] : [])]);
-      if (r.code !== 0) throw new Error(`tc in ${host}: ${r.stderr.trim()}`);
+      if (delayMs < 0 || jitterMs < 0 || jitterMs > delayMs) throw new Error(`delay must be ≥ 0 with 0 ≤ jitter ≤ delay, got ${delayMs} ± ${jitterMs} ms`);
+      if (this.features.netem) {
+        const r = this.exec(host, "tc", ["qdisc", "replace", "dev", "eth0", "root", "netem", "delay", `${delayMs}ms`, ...(jitterMs ? [`${jitterMs}ms`] : [])]);
+        if (r.code !== 0) throw new Error(`tc in ${host}: ${r.stderr.trim()}`);
+      } else this.delayByQueue(host, delayMs, jitterMs);
     }
     if (lossPct > 0) {
       if (lossPct > 100) throw new Error(`lossPct must be 0..100, got ${lossPct}`);
@@ -652,18 +658,64 @@ export class Lab {
     if (r.code !== 0) throw new Error(`ip link in ${host}: ${r.stderr.trim()}`);
   }
 
+  /** Delay without netem: delay.py in the host holds what it sends (see degrade). */
+  delayByQueue(host, delayMs, jitterMs) {
+    this.stopDelay(host);
+    const h = this.host(host);
+    const log = path.join(this.state.dir, `delay-${h.name}.log`);
+    const r = run("ip", ["netns", "exec", h.ns, "sh", "-c", `setsid python3 "$0" "$1" "$2" "$3" >"$4" 2>&1 </dev/null & echo $!`, DELAY, String(DELAY_QUEUE), String(delayMs), String(jitterMs), log], { allowFail: true });
+    const pid = Number(r.stdout.trim());
+    if (r.code !== 0 || !pid) throw new Error(`cannot start delay.py in ${host}: ${r.stderr.trim()}`);
+    (this.state.delays ??= {})[h.name] = { pid, start: procStart(pid) };
+    this.save();
+    for (let t0 = Date.now(); ; sleepSync(20)) {
+      const out = fs.existsSync(log) ? fs.readFileSync(log, "utf8") : "";
+      if (/^delay\.py: queue/m.test(out)) break;
+      if (procStart(pid) === null || Date.now() - t0 > 5000) {
+        this.stopDelay(host);
+        throw new Error(`delay.py did not start in ${host} (python3 and the kernel's NFQUEUE, CONFIG_NETFILTER_NETLINK_QUEUE, are needed): ${out.trim() || "no output"}`);
+      }
+    }
+    const q = this.exec(host, "iptables", ["-w", "-t", "mangle", "-A", "POSTROUTING", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", String(DELAY_QUEUE), "--queue-bypass"]);
+    if (q.code !== 0) {
+      this.stopDelay(host);
+      throw new Error(`iptables NFQUEUE in ${host}: ${q.stderr.trim()}`);
+    }
+  }
+
+  /** Ends a delay made by delayByQueue: the rule first (packets flow undelayed), then delay.py. */
+  stopDelay(host) {
+    const h = this.host(host);
+    this.exec(h.name, "iptables", ["-w", "-t", "mangle", "-F", "POSTROUTING"]);
+    const d = this.state.delays?.[h.name];
+    if (!d) return;
+    if (procStart(d.pid) === d.start) {
+      try {
+        process.kill(d.pid, "SIGKILL");
+      } catch {
+        // gone already
+      }
+    }
+    delete this.state.delays[h.name];
+    this.save();
+  }
+
   /** Removes every fault from `host` (every host without one): rules, delay, link down. */
   heal(host) {
     for (const h of host ? [this.host(host)] : this.state.hosts) {
       for (const chain of ["LAB_IN", "LAB_OUT"]) this.exec(h.name, "iptables", ["-w", "-F", chain]);
       if (this.features.netem) this.exec(h.name, "tc", ["qdisc", "del", "dev", "eth0", "root"]);
+      else this.stopDelay(h.name);
       this.exec(h.name, "ip", ["link", "set", "eth0", "up"]);
     }
   }
 
   /** The lab's rules in `host`, for messages. */
   rules(host) {
-    return this.exec(host, "iptables", ["-w", "-S"]).stdout.split("\n").filter((l) => /LAB_/.test(l) && l.startsWith("-A LAB_"));
+    const d = this.state.delays?.[this.host(host).name];
+    const queued = this.exec(host, "iptables", ["-w", "-t", "mangle", "-S", "POSTROUTING"]).stdout.split("\n").filter((l) => /NFQUEUE/.test(l));
+    const delay = queued.length ? [`${queued.join(" ")} (delay.py pid ${d?.pid ?? "?"})`] : [];
+    return [...this.exec(host, "iptables", ["-w", "-S"]).stdout.split("\n").filter((l) => /LAB_/.test(l) && l.startsWith("-A LAB_")), ...delay];
   }
 
   /**
@@ -738,7 +790,7 @@ async function main(argv) {
       for (const h of lab.hosts) console.log(`  ${h.name} ${h.addr}: ip netns exec ${h.ns} bash`);
       console.log(`  this machine on the bridge: ${lab.bridgeAddr}`);
       if (lab.etcdEndpoints.length) console.log(`  etcd: ${lab.etcdEndpoints.join(",")}`);
-      if (!lab.features.netem) console.log("  note: this kernel has no tc netem: degrade --delay is unavailable (--loss works)");
+      if (!lab.features.netem) console.log("  note: this kernel has no tc netem: degrade --delay holds packets in an NFQUEUE (test/cluster/delay.py)");
       return;
     }
     case "status":

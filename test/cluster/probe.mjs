@@ -3,6 +3,8 @@
 // CHECKS is a JSON array of
 //   {"reach": ["10.77.0.2", 2379], "timeoutMs": 1000}  -> "open" | "refused" | "timeout" | "unreachable" | error code
 //   {"health": "http://10.77.0.2:2379", "timeoutMs": 1000} -> true | false | "timeout" | error code
+//   {"rtt": ["10.77.0.2", 2379], "count": 10, "timeoutMs": 1000} -> [ms, …]: TCP connects one after
+//     another, each one round trip (SYN, SYN-ACK); a connect that is not "open" ends the list
 // and the answers, in order, are printed as one JSON array. Checks run concurrently.
 import http from "node:http";
 import net from "node:net";
@@ -52,12 +54,24 @@ function health(url, timeoutMs) {
   });
 }
 
+async function rtt(host, port, count, timeoutMs) {
+  const out = [];
+  for (let i = 0; i < count; i++) {
+    const t0 = performance.now();
+    if ((await reach(host, port, timeoutMs)) !== "open") break;
+    out.push(Math.round((performance.now() - t0) * 100) / 100);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return out;
+}
+
 const checks = JSON.parse(process.argv[2] ?? "[]");
 const answers = await Promise.all(
   checks.map((c) => {
     const ms = c.timeoutMs ?? 1000;
     if (c.reach) return reach(c.reach[0], c.reach[1], ms);
     if (c.health) return health(c.health, ms);
+    if (c.rtt) return rtt(c.rtt[0], c.rtt[1], c.count ?? 10, ms);
     return Promise.resolve(`unknown check ${JSON.stringify(c)}`);
   }),
 );

@@ -99,7 +99,7 @@ const DEFAULTS = {
    * Run the nodes on hosts of a lab (test/cluster/lab.mjs: network namespaces on a bridge, a
    * 3-member etcd started with --pre-vote), coordinated by etcd (serve --etcd) instead of the lease
    * file, and add the lab's faults to the nemesis (LAB_WEIGHTS): partitions, a host cut from etcd
-   * only or from its peers only, two hosts cut apart, packet loss, and etcd members killed (one:
+   * only or from its peers only, two hosts cut apart, packet loss, delay, and etcd members killed (one:
    * the cluster keeps its quorum; two: it loses it).
    */
   lab: false,
@@ -117,7 +117,7 @@ const DEFAULTS = {
 };
 
 /** The lab's own faults, added to the weights in a lab run (and only then: other runs keep their schedules). */
-export const LAB_WEIGHTS = { partition: 8, cutetcd: 8, cutpeers: 6, cutpair: 6, loss: 6, etcdminority: 6, etcdmajority: 4 };
+export const LAB_WEIGHTS = { partition: 8, cutetcd: 8, cutpeers: 6, cutpair: 6, loss: 6, delay: 6, etcdminority: 6, etcdmajority: 4 };
 
 export async function runNemesis(options = {}) {
   const o = { ...DEFAULTS, ...options };
@@ -259,7 +259,7 @@ export async function runNemesis(options = {}) {
     clockSkew: !!faketime, fullDisk: !!tmpfs,
     copyNode: !!o.copyNode, lab: !!lab,
     nemesis: { migrate: 0, migrateOk: 0, migrateRefused: 0, stormCalls: 0, stormOk: 0, pause: 0, kill: 0, fault: 0, faultRules: {}, skew: 0, diskfull: 0, copy: 0, copyOk: 0, copyRefused: 0, cancel: 0, cancelOk: 0,
-      partition: 0, cutetcd: 0, cutpeers: 0, cutpair: 0, loss: 0, etcdminority: 0, etcdmajority: 0 },
+      partition: 0, cutetcd: 0, cutpeers: 0, cutpair: 0, loss: 0, delay: 0, etcdminority: 0, etcdmajority: 0 },
     claims: 0, overlaps: [], restartRefused: [], maxStallMs: 0, eioFlushes: 0,
   };
 
@@ -788,7 +788,18 @@ export async function runNemesis(options = {}) {
       nemEvent({ kind: "cutpair", nodes: `${a.id}+${b.id}`, ms });
       await hostFault("cutpair", a, ms, (h) => lab.cut(h, hostOf(b.id)), { cut: false, loss: false });
     });
-    // Packet loss on one host's link, both ways (tc netem, for delay, is missing from this kernel).
+    // Delay on what one host sends (its clients' replies, port B, its etcd traffic): tc netem, or
+    // an NFQUEUE held by test/cluster/delay.py where the kernel has no netem.
+    actions.delay = labAction(async () => {
+      const n = victim();
+      if (!n) return;
+      const delayMs = nemRng.pick([5, 20, 50, 150]);
+      const jitterMs = Math.round(delayMs * nemRng.pick([0, 0.2, 0.5]));
+      const ms = Math.round(nemRng.between(2000, 8000));
+      nemEvent({ kind: "delay", node: n.id, host: hostOf(n.id), delayMs, jitterMs, ms });
+      await hostFault("delay", n, ms, (h) => lab.degrade(h, { delayMs, jitterMs }), { cut: false, loss: true });
+    });
+    // Packet loss on one host's link, both ways.
     actions.loss = labAction(async () => {
       const n = victim();
       if (!n) return;
@@ -1010,7 +1021,7 @@ export function describe(result) {
   const n = s.nemesis;
   lines.push(`nemesis seed=${s.seed} ${s.elapsed}s nodes=${s.nodes} lease=${s.leaseTtlMs}ms powerloss=${s.powerloss}: ${result.ok ? "PASS" : `FAIL (${result.failures.length} failures)`}`);
   lines.push(`  faults: migrate ${n.migrate} (${n.migrateOk} done, ${n.migrateRefused} refused), storm calls ${n.stormCalls} (${n.stormOk} done), pause ${n.pause}, kill ${n.kill}, fault rules ${n.fault}, clock skews ${n.skew}${s.clockSkew ? "" : " (no libfaketime)"}, disk full ${n.diskfull}${s.fullDisk ? "" : " (no tmpfs)"}${s.copyNode ? `, live copies ${n.copy} (${n.copyOk} done, ${n.copyRefused} refused or cancelled; ${n.cancel} cancels sent, ${n.cancelOk} accepted)` : ""}`);
-  if (s.lab) lines.push(`  lab (etcd, hosts in network namespaces): partitions ${n.partition}, cut from etcd ${n.cutetcd}, cut from peers ${n.cutpeers}, pairs cut apart ${n.cutpair}, packet loss ${n.loss}, one etcd member down ${n.etcdminority}, etcd majority down ${n.etcdmajority}`);
+  if (s.lab) lines.push(`  lab (etcd, hosts in network namespaces): partitions ${n.partition}, cut from etcd ${n.cutetcd}, cut from peers ${n.cutpeers}, pairs cut apart ${n.cutpair}, packet loss ${n.loss}, delay ${n.delay}, one etcd member down ${n.etcdminority}, etcd majority down ${n.etcdmajority}`);
   for (const [r, c] of Object.entries(n.faultRules)) lines.push(`    ${c} × ${r}`);
   const c = s.ops ?? {};
   lines.push(`  load: ${c.writes} writes (${c.fua} FUA, ${c.acked} acknowledged, ${c.indeterminate} lost with their node), ${c.reads} reads (${c.blocksRead} blocks checked), ${c.flushes} flushes (${c.flushOk} ok, ${c.flushEio} EIO)`);
