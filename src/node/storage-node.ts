@@ -92,7 +92,8 @@ export class StorageNode {
     m = { name: spec.name, image: bottom.path, lease, record, unwatch: null, ownerGoneAt: null, takeovers: { count: 0, lastOwnerlessMs: 0, totalOwnerlessMs: 0 }, epoch, validUntil: 0, private: !!record?.private, copy: null, target: null, adopting: null, refused: 0, handedSeen: null, exp, pair, redirector: pair.redirector, tracker: pair.tracker };
     this.managed.set(spec.name, m);
     // A store that pushes changes (etcd): port B follows a new owner at once, and a node that may
-    // take the export (a hand-over to it, an owner whose lease ended) checks at once.
+    // take the export checks at once when its owner's lease ended, after ORPHAN_GRACE_MS when the
+    // export was handed to it (the adopt call normally comes first).
     m.unwatch = lease.watch((r, ownerGone) => {
       noteRecord(m, r);
       if (ownerGone && m.ownerGoneAt === null) m.ownerGoneAt = performance.now();
