@@ -192,8 +192,9 @@ export function fenceLost(node: NodeContext, m: Managed, why: string): void {
 async function takeOverIfExpired(node: NodeContext, m: Managed): Promise<void> {
   const t0 = performance.now();
   let epoch: number;
+  let taken: LeaseRecord | null;
   try {
-    const taken = await m.lease.takeOver(node.identity, node.ttlMs);
+    taken = await m.lease.takeOver(node.identity, node.ttlMs);
     if (!taken) return; // the owner's lease is still valid
     m.record = taken;
     epoch = taken.epoch;
@@ -208,8 +209,12 @@ async function takeOverIfExpired(node: NodeContext, m: Managed): Promise<void> {
   // Without an owner: from when this node learnt the owner's lease ended (a store that pushes
   // it, etcd) or found it expired (a lease file), until port A serves here.
   const since = m.ownerGoneAt ?? t0;
-  // The owner stopped without a hand-over: what it acknowledged without a FLUSH may be gone.
-  m.redirector.adopt({ ownerFlushed: false }).then(() => {
+  // An owner whose lease expired stopped without a hand-over: what it acknowledged without a
+  // FLUSH may be gone. A record released cleanly (an adoption whose port A would not open) lists
+  // in handedFrom the owners that handed it on after their flush and the one that released it
+  // without opening port A: they vouch for what went through them, as in a hand-over.
+  const how = taken.handedFrom?.length ? { ownerFlushed: true, handedFrom: taken.handedFrom } : { ownerFlushed: false };
+  m.redirector.adopt(how).then(() => {
     const ms = Math.round(performance.now() - since);
     m.ownerGoneAt = null;
     m.takeovers.count++;

@@ -186,6 +186,33 @@ describe("StorageNode: a write past the lease's local deadline checks the record
     await b.close();
   }, 15_000);
 
+  it("a take-over of a record released cleanly vouches for the owners it lists (handedFrom), as a hand-over does; one of an expired lease vouches for none", async () => {
+    // Found by the lab nemesis (seed 77): b handed the export to c, c claimed it and could not open
+    // port A, so it released it cleanly; a took it over before b took it back, and failed its
+    // client's next FLUSH (EIO) for writes that b had flushed before its hand-over.
+    for (const released of [true, false]) {
+      const img = image();
+      const me = os.hostname();
+      const b = { nodeId: "b", nbd: "127.0.0.1:9", control: "" };
+      const c = { nodeId: "c", nbd: "127.0.0.1:9", control: "" };
+      const lease = new LeaseFile(img, { pid: 1, host: me }); // pid 1 runs: only expiry or a release frees it
+      lease.acquire(b, 600);
+      lease.handOver(b, 1, c, 600);
+      lease.renew(c, 2); // c's claim
+      const { node: a, exp } = await nodeServing("a", img, 600);
+      expect(stateOf(a)).toBe("REMOTE"); // c owns it
+      const m = (a as unknown as { managed: Map<string, { redirector: { adopt: (how: unknown) => Promise<void> } }> }).managed.get("disk")!;
+      const adopt = vi.spyOn(m.redirector, "adopt");
+      if (released) lease.release(c, 2, true); // c's port A would not open: given up, clean
+      await a.start("http://127.0.0.1:9");
+      await waitFor(() => stateOf(a) === "LOCAL", 5000, () => stateOf(a));
+      expect(adopt).toHaveBeenCalledTimes(1);
+      expect(adopt.mock.calls[0]![0]).toEqual(released ? { ownerFlushed: true, handedFrom: ["b@1", "c@2"] } : { ownerFlushed: false });
+      await exp.close();
+      await a.close();
+    }
+  }, 20_000);
+
   it("a take-over whose port A does not open gives the lease up instead of naming itself owner with nothing to serve", async () => {
     const img = image();
     new LeaseFile(img, { pid: 1, host: os.hostname() }).acquire({ nodeId: "a", nbd: "127.0.0.1:9", control: "" }, 600); // a never renews: b takes over after 600 ms
