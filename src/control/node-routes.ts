@@ -8,8 +8,8 @@ import type { StorageNode } from "../node/storage-node.js";
 /**
  * A cluster node's control routes: GET /v1/status; POST /v1/exports/NAME/migrate {"to", "copy",
  * "mode", "skipFree", "maxRate"} and …/migrate/cancel (for users and the CLI); between nodes,
- * POST /v1/exports/NAME/adopt {"epoch", "handedFrom"?, "record"?, "at"?} ("record" and "at": the hand-over
- * as the source wrote it, at that store revision, for the claim to start from), POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?, "handedFrom"?}
+ * POST /v1/exports/NAME/adopt {"epoch", "handedFrom"?, "record"?, "at"?, "prev"?, "liveAt"?} (the hand-over
+ * as the source made it, for the claim to start from: see HandedView), POST /v1/copy-targets {"name", "size", "epoch", "owner", "image"?, "handedFrom"?}
  * ("image": the source's file identity, so that a target that is the same file is refused;
  * "handedFrom": the owners the source's record lists as having handed the image on cleanly)
  * and POST /v1/copy-targets/NAME/abandon {"epoch"?} (409 once this node adopted that epoch). Bodies are checked here; the node does the work.
@@ -45,23 +45,27 @@ export function attachNodeRoutes(c: ControlServer, node: StorageNode): void {
     return { body: { abandoned: p.name } };
   });
   c.route("POST", "/v1/exports/:name/adopt", async (p, body) => {
-    const b = (body ?? {}) as { epoch?: unknown; handedFrom?: unknown; record?: unknown; at?: unknown };
+    const b = (body ?? {}) as { epoch?: unknown; handedFrom?: unknown; record?: unknown; at?: unknown; prev?: unknown; liveAt?: unknown };
     const epoch = b.epoch;
     if (typeof epoch !== "number") throw new HttpError(400, 'body must be {"epoch": N}');
-    await node.adopt(p.name!, epoch, handedFromOf(b.handedFrom), handedViewOf(b.record, b.at, epoch));
+    await node.adopt(p.name!, epoch, handedFromOf(b.handedFrom), handedViewOf(b, epoch));
     return { body: { adopted: p.name, epoch } };
   });
 }
 
 /**
- * The hand-over as its source wrote it ("record" and the store's revision "at"), which the claim
- * may start from; anything that does not look like one is ignored (the claim then reads the record).
+ * The hand-over as its source made it ("record" and the store's revision "at"; for one it planned
+ * and did not write, also its own record "prev" and its liveness key's revision "liveAt"), which
+ * the claim may start from; anything that does not look like one is ignored (the claim then
+ * reads the record, and a planned hand-over is then refused: nothing in the store names this node).
  */
-function handedViewOf(record: unknown, at: unknown, epoch: number): HandedView | undefined {
-  if (!Number.isSafeInteger(at) || (at as number) <= 0 || typeof record !== "object" || record === null) return undefined;
-  const r = record as LeaseRecord;
-  if (typeof r.owner !== "string" || r.epoch !== epoch) return undefined;
-  return { record: r, at: at as number };
+function handedViewOf(b: { record?: unknown; at?: unknown; prev?: unknown; liveAt?: unknown }, epoch: number): HandedView | undefined {
+  const isRecord = (x: unknown): x is LeaseRecord => typeof x === "object" && x !== null && typeof (x as LeaseRecord).owner === "string" && Number.isSafeInteger((x as LeaseRecord).epoch);
+  const isRev = (x: unknown): x is number => Number.isSafeInteger(x) && (x as number) > 0;
+  if (!isRev(b.at) || !isRecord(b.record) || b.record.epoch !== epoch) return undefined;
+  if (b.prev === undefined && b.liveAt === undefined) return { record: b.record, at: b.at };
+  if (!isRecord(b.prev) || !isRev(b.liveAt) || b.prev.epoch + 1 !== epoch) return undefined;
+  return { record: b.record, at: b.at, prev: b.prev, liveAt: b.liveAt };
 }
 
 /** A "handedFrom" list: owner tokens NODE@EPOCH (at most 8 are kept). */

@@ -197,6 +197,55 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     expect(await b.read()).toEqual(claimed6);
   });
 
+  it("a planned hand-over writes nothing: the peer's claim is the hand-over (one transaction); a reclaim first makes a late claim fail; after the claim a reclaim is refused", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+    const r1 = await a.acquire(id("a"), TTL_MS);
+    const callsA = countCalls(sa.client);
+    await a.prepareHandOver(id("b"));
+    callsA.length = 0;
+    const { record: h2, view } = await a.planHandOver(id("a"), 1, id("b"), TTL_MS);
+    expect(callsA).toEqual([]); // nothing reaches etcd inside the hold but the peer's claim
+    expect(h2).toMatchObject({ owner: "b", epoch: 2, handedFrom: ["a@1"] });
+    expect(await b.read()).toEqual(r1); // the record still names a
+    const callsB = countCalls(sb.client);
+    const claimed = await b.renew(id("b"), 2, view);
+    expect(callsB.sort()).toEqual(["keepAliveOnce", "txn"]);
+    expect(claimed).toMatchObject({ owner: "b", epoch: 2, holder: sb.leaseId, serial: 1, handedFrom: ["a@1"], pid: process.pid });
+    expect(await a.read()).toEqual(claimed);
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb.leaseId);
+    expect((await leaseError(a.reclaim(id("a"), h2, TTL_MS))).message).toMatch(/claimed by it/);
+    expect(await b.renew(id("b"), 2)).toEqual(claimed); // a later renewal writes nothing
+    // Planned, then taken back before the claim came (the adopt call failed): the late claim fails, and changes nothing.
+    const { record: h3, view: v3 } = await b.planHandOver(id("b"), 2, id("a"), TTL_MS);
+    const back = await b.reclaim(id("b"), h3, TTL_MS);
+    expect(back).toMatchObject({ owner: "b", epoch: 3, holder: sb.leaseId });
+    const late = await leaseError(a.renew(id("a"), 3, v3));
+    expect(late.current).toMatchObject({ owner: "b", epoch: 3 });
+    expect(await a.read()).toEqual(back);
+    expect((await raw.getOne(a.liveKey))?.lease).toBe(sb.leaseId);
+    // A claim from a view whose source died before it (its liveness key gone): refused; the export is taken over after expiry instead.
+    const { view: v4 } = await b.planHandOver(id("b"), 3, id("a"), TTL_MS);
+    kill(sb);
+    await until("b's liveness key expires", async () => (await raw.getOne(a.liveKey)) === null, 10_000);
+    await leaseError(a.renew(id("a"), 4, v4));
+    expect(await a.read()).toMatchObject({ owner: "b", epoch: 3 });
+    expect(await a.takeOver(id("a"), TTL_MS)).toMatchObject({ owner: "a", epoch: 4 });
+  });
+
+  it("a planned hand-over is refused when the record is not this process's at that epoch, and when the peer has no live process", async () => {
+    const p = fresh();
+    const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);
+    const a = new EtcdOwnership(sa, "disk");
+    await a.acquire(id("a"), TTL_MS);
+    await leaseError(a.planHandOver(id("a"), 7, id("b"), TTL_MS));
+    const err = await a.planHandOver(id("a"), 1, id("ghost"), TTL_MS).catch((e: Error & { code?: string }) => e);
+    expect((err as Error & { code?: string }).code).toBe("ENOPEER");
+    expect((await a.planHandOver(id("a"), 1, id("b"), TTL_MS)).record).toMatchObject({ owner: "b", epoch: 2 });
+    void sb;
+  });
+
   it("take-over only once the owner's etcd lease expired: never before its deadline plus margin; the epoch grows and an expiry keeps no handedFrom", async () => {
     const p = fresh();
     const [sa, sb] = await Promise.all([node("a", p), node("b", p)]);

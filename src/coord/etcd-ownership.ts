@@ -109,6 +109,14 @@ export class EtcdOwnership implements Ownership {
     return this.serial(async () => {
       const plan = (st: State): Plan<LeaseRecord> => {
         const cur = st.rec;
+        const prev = from?.prev;
+        if (prev && cur && st.recKv && st.live && cur.epoch + 1 === epoch && JSON.stringify(cur) === JSON.stringify(prev)) {
+          // A hand-over its source planned and did not write (planHandOver): the source's record
+          // is still exactly as it was when it stopped writing, its process alive (the liveness
+          // key, compared by revision): this transaction is the hand-over and its claim at once.
+          const record: LeaseRecord = { ...from!.record, nbd: me.nbd, control: me.control, leaseStart: this.session.wall(), serial: (from!.record.serial ?? 0) + 1, pid: this.session.pid, host: this.session.host, holder: this.session.leaseId };
+          return { write: { record, live: { lease: this.session.leaseId }, compare: [compare.value(this.recordKey, "==", st.recKv.value)] }, result: record };
+        }
         if (!cur || !this.mine(cur, me) || cur.epoch !== epoch) throw new LeaseError(`lease lost: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch}`, cur);
         if (cur.leaseStart === 0) throw new LeaseError(`lease lost: record ${describeRecord(cur)} was released`, cur);
         if (cur.holder === this.session.leaseId) {
@@ -157,11 +165,17 @@ export class EtcdOwnership implements Ownership {
     return c?.recKv && c.rec && JSON.stringify(c.rec) === JSON.stringify(record) ? c.recKv.modRevision : undefined;
   }
 
-  /** The state a hand-over to this process left, as its source reports it (record and liveness key written at `at`). */
+  /**
+   * The state a hand-over to this process left, as its source reports it: its record and liveness
+   * key as the hand-over wrote them at `at`, or (planned, not written) the source's own record at
+   * `at` and its liveness key at `liveAt`.
+   */
   private stateOf(from: HandedView): State {
-    const kv = (key: string, value: string, lease: string): KeyValue => ({ key: Buffer.from(key), value: Buffer.from(value), createRevision: 0, modRevision: from.at, version: 0, lease });
-    const live = JSON.stringify({ owner: from.record.owner, epoch: from.record.epoch, lease: this.session.leaseId });
-    return { rec: from.record, recKv: kv(this.recordKey, JSON.stringify(from.record), "0"), live: kv(this.liveKey, live, this.session.leaseId), revision: from.at };
+    const kv = (key: string, value: string, lease: string, rev: number): KeyValue => ({ key: Buffer.from(key), value: Buffer.from(value), createRevision: 0, modRevision: rev, version: 0, lease });
+    const rec = from.prev ?? from.record;
+    const lease = from.prev ? (from.prev.holder ?? "0") : this.session.leaseId;
+    const live = JSON.stringify({ owner: rec.owner, epoch: rec.epoch, lease });
+    return { rec, recKv: kv(this.recordKey, JSON.stringify(rec), "0", from.at), live: kv(this.liveKey, live, lease, from.prev ? (from.liveAt ?? 0) : from.at), revision: from.at };
   }
 
   handedTo(me: NodeIdentity): Promise<number | null> {
@@ -191,6 +205,29 @@ export class EtcdOwnership implements Ownership {
         return { write: { record, live: { lease: peer.info.leaseId }, compare: [compare.modRevision(memberKey, "==", peer.kv.modRevision)] }, result: record };
       }, { cached: true }),
     );
+  }
+
+  /**
+   * A hand-over that writes nothing (see Ownership.planHandOver): decided on the record as this
+   * object last read or wrote it (read now if it has none, or if that does not name this process
+   * at `epoch`), and on `to`'s membership (prepareHandOver's, else read: ENOPEER when `to` has no
+   * live process). The peer's claim compares the record and this process's liveness key by
+   * revision, so a view that was stale only makes that claim read and refuse.
+   */
+  planHandOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs = DEFAULT_TTL_MS): Promise<{ record: LeaseRecord; view: HandedView }> {
+    return this.serial(async () => {
+      const ok = (st: State | null) => !!st?.rec && !!st.recKv && this.mine(st.rec, me) && st.rec.epoch === epoch && st.rec.holder === this.session.leaseId && st.live?.lease === this.session.leaseId;
+      let st = this.cached;
+      if (!ok(st)) st = await this.load();
+      const cur = st!.rec;
+      if (!ok(st)) throw new LeaseError(`cannot hand over: record is ${describeRecord(cur)}, expected ${me.nodeId}@${epoch} held by this process`, cur);
+      const hint = this.peerHint?.nodeId === to.nodeId ? this.peerHint.member : undefined;
+      this.peerHint = null;
+      const peer = hint !== undefined ? hint : await this.session.member(to.nodeId);
+      if (!peer) throw Object.assign(new Error(`cannot hand ${this.name} over: node ${to.nodeId} has no live process in etcd (no ${this.session.memberKey(to.nodeId)})`), { code: "ENOPEER" });
+      const record: LeaseRecord = { image: this.name, owner: to.nodeId, nbd: to.nbd, control: to.control, epoch: epoch + 1, leaseStart: this.session.wall(), ttlMs, serial: 0, handedFrom: handedFromAfter(cur!) };
+      return { record, view: { record, at: st!.recKv!.modRevision, prev: cur!, liveAt: st!.live!.modRevision } };
+    });
   }
 
   /**

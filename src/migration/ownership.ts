@@ -1,9 +1,16 @@
 import type { LeaseRecord, NodeIdentity } from "./lease.js";
 
-/** A hand-over as its source wrote it: the record, and the store's revision of that write. */
+/**
+ * A hand-over as its source made it: the record for the peer, and the store's revision of that
+ * write — or, for a hand-over the source planned and did not write (`planHandOver`), the source's
+ * own record (`prev`) and the revisions of it and of its liveness key (`at`, `liveAt`): the
+ * peer's claim then writes the hand-over itself.
+ */
 export interface HandedView {
   record: LeaseRecord;
   at: number;
+  prev?: LeaseRecord;
+  liveAt?: number;
 }
 
 /**
@@ -46,6 +53,13 @@ export interface Ownership {
    * membership of `to`), so that less of it happens while clients wait. Never decides anything.
    */
   prepareHandOver?(to: NodeIdentity): Promise<void>;
+  /**
+   * Optional (stores with revisions): a hand-over of my lease (at `epoch`) to `to` that writes
+   * nothing: the peer's claim, started from `view`, writes it in one change that compares my record
+   * as it is now — one write per move instead of two. Until that claim my record stands unchanged;
+   * `reclaim` with the returned record then changes it, so a claim that comes later fails.
+   */
+  planHandOver?(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number): Promise<{ record: LeaseRecord; view: HandedView }>;
   /** Hands my lease (at `epoch`) to `to`, at epoch + 1; the peer's claim of it commits the move. */
   handOver(me: NodeIdentity, epoch: number, to: NodeIdentity, ttlMs: number, privateCopy?: boolean): Promise<LeaseRecord>;
   /** Takes the image over if its owner's lease expired (never a node's private copy); null while it is valid. */

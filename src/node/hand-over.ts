@@ -60,8 +60,19 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       m.epoch = null;
       m.validUntil = 0;
       tAssign = performance.now();
+      const them = { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control };
+      let view: HandedView | undefined;
       try {
-        handed = await m.lease.handOver(node.identity, myEpoch, { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }, node.ttlMs, privateCopy);
+        if (!privateCopy && m.lease.planHandOver) {
+          // A store with revisions (etcd): nothing is written here; the peer's claim is the
+          // hand-over (one write per move). Until it, the record still names this node.
+          ({ record: handed, view } = await m.lease.planHandOver(node.identity, myEpoch, them, node.ttlMs));
+        } else {
+          handed = await m.lease.handOver(node.identity, myEpoch, them, node.ttlMs, privateCopy);
+          // The record as written and its store revision: the peer's claim starts from them instead of reading.
+          const at = m.lease.revisionOf?.(handed);
+          if (at !== undefined) view = { record: handed, at };
+        }
       } catch (err) {
         m.epoch = myEpoch; // the record did not change (or the reclaim below decides): still mine
         throw err;
@@ -69,9 +80,7 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       tHanded = performance.now();
       m.record = handed;
       const h = handed;
-      // The record as written and its store revision (etcd): the peer's claim starts from them instead of reading.
-      const at = m.lease.revisionOf?.(h);
-      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: h.epoch, handedFrom: h.handedFrom, ...(at !== undefined ? { record: h, at } : {}) }, node.adoptTimeoutMs);
+      await controlCall(to, "POST", `v1/exports/${encodeURIComponent(name)}/adopt`, { epoch: h.epoch, handedFrom: h.handedFrom, ...(view ?? {}) }, node.adoptTimeoutMs);
       tAdopted = performance.now();
     },
     reclaim: async () => {
