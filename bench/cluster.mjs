@@ -17,7 +17,7 @@
 // MOVES (6), MOVE_EVERY (2), PROXY_SECS (5), SIZE_MIB (256), RATE_IOPS (0: uncapped), DEBUG=1
 // (the run's ten longest gaps and the moves' times),
 // CPU_PROF=DIR (each node writes DIR/HOST.cpuprofile when the lab stops it), LOG_DIR=DIR (each
-// node's JSON log kept as DIR/HOST.log).
+// node's JSON log kept as DIR/HOST.log), LOG_LEVEL (the nodes' --log-level, default info).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -58,7 +58,7 @@ async function startNode(h) {
   const prof = process.env.CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${process.env.CPU_PROF}`, `--cpu-prof-name=${h}.cpuprofile`] : [];
   const proc = lab.spawn(h, process.execPath, [
     ...prof, CLI, "serve", img, "--name", "disk", "--node-id", h, "--etcd", lab.etcdEndpoints.join(","), "--lease-ttl", "2s",
-    "--listen", `${lab.addr(h)}:10809`, "--control", `${url(h).slice(7)}`, "--log-format", "json", "--log-level", "info",
+    "--listen", `${lab.addr(h)}:10809`, "--control", `${url(h).slice(7)}`, "--log-format", "json", "--log-level", process.env.LOG_LEVEL ?? "info",
   ]);
   let out = "";
   let err = "";
