@@ -147,7 +147,7 @@ export class EtcdOwnership implements Ownership {
       } catch (err) {
         if (!this.session.lost) throw err; // etcd cannot say now: nothing decided
         // The record, for the message, if etcd answers soon (a node cut off from etcd learns nothing more).
-        await deciding.catch(() => undefined); // one change at a time: the claim's outcome first
+        if (view) await deciding.catch(() => undefined); // a claim in flight: its outcome first (one change at a time); a read is not waited for
         const seen = await Promise.race([this.load().then((s) => s.rec, () => null), new Promise<null>((r) => setTimeout(r, 250, null))]);
         throw new LeaseError(`lease lost: this process's etcd lease ${this.session.leaseId} is gone (${this.session.lost.message})`, seen);
       }
