@@ -689,13 +689,7 @@ export class Lab {
     this.exec(h.name, "iptables", ["-w", "-t", "mangle", "-F", "POSTROUTING"]);
     const d = this.state.delays?.[h.name];
     if (!d) return;
-    if (procStart(d.pid) === d.start) {
-      try {
-        process.kill(d.pid, "SIGKILL");
-      } catch {
-        // gone already
-      }
-    }
+    if (sameProcess(d.pid, d.start)) killAndWait([d.pid]);
     delete this.state.delays[h.name];
     this.save();
   }

@@ -123,6 +123,10 @@ describe.skipIf(!canRun)("the multi-host lab: 3 hosts in network namespaces, a 3
     lab.heal("h1");
     expect(Math.max(...(await rtts("h2", "h1")))).toBeLessThan(20);
     expect(lab.exec("h1", "iptables", ["-w", "-t", "mangle", "-S", "POSTROUTING"]).stdout).not.toMatch(/NFQUEUE/);
+    // and no delayer is left running in h1
+    const cmdline = (pid: string) => (fs.existsSync(`/proc/${pid}/cmdline`) ? fs.readFileSync(`/proc/${pid}/cmdline`, "utf8") : "");
+    const inH1 = execFileSync("ip", ["netns", "pids", lab.host("h1").ns]).toString().split(/\s+/).filter(Boolean);
+    expect(inH1.filter((pid) => cmdline(pid).includes("delay.py"))).toEqual([]);
   });
 
   it("takes a link down and up", async () => {
