@@ -79,7 +79,7 @@ function fio(host, target, secs, tag) {
   const cpu0 = Object.fromEntries(Object.entries(nodes).map(([h, n]) => [h, cpuSeconds(n.proc.pid)]));
   const p = lab.spawn(host, "fio", [
     "--name=bench", "--ioengine=nbd", `--uri=${uri(target)}`, "--rw=randwrite", "--bs=4k", "--iodepth=32", `--size=${SIZE_MIB}m`,
-    "--norandommap", "--randrepeat=0", "--time_based", `--runtime=${secs}`, `--write_lat_log=${lat}`, "--log_avg_msec=0",
+    "--norandommap", "--randrepeat=0", "--time_based", `--runtime=${secs}`, `--write_lat_log=${lat}`, "--log_avg_msec=0", "--log_unix_epoch=1",
     ...(RATE_IOPS ? [`--rate_iops=${RATE_IOPS}`] : []), "--output-format=json",
   ]);
   let out = "";
@@ -92,12 +92,13 @@ function fio(host, target, secs, tag) {
       if (i < 0) return reject(new Error(`fio in ${host} printed no JSON (exit ${code}): ${err}`));
       const report = JSON.parse(out.slice(i));
       const job = report.jobs[0];
-      const start = report.timestamp_ms - job.job_runtime; // fio's log times count from its job start
+      // Completion times on the wall clock (--log_unix_epoch): fio's report time minus its runtime
+      // is not the log's zero (fio writes the report after closing its connections).
       const times = [];
       for (const f of fs.readdirSync(dir).filter((n) => n.startsWith(`${tag}_lat.`))) {
         for (const line of fs.readFileSync(path.join(dir, f), "utf8").split("\n")) {
           const c = line.split(",");
-          if (c.length >= 4) times.push(start + Number(c[0]));
+          if (c.length >= 4) times.push(Number(c[0]));
         }
       }
       times.sort((a, b) => a - b);
@@ -161,6 +162,8 @@ try {
     const gaps = f1.times.slice(1).map((b, i) => [b - f1.times[i], f1.times[i]]).sort((a, b) => b[0] - a[0]).slice(0, 10);
     console.log("top gaps (ms, at):", gaps.map(([g, t]) => `${g}@${t}`).join(" "));
     console.log("moves:", moves.map((m) => `${m.t0}-${m.t1}`).join(" "), "base", baseFrom, baseTo, "first/last completion", f1.times[0], f1.times.at(-1));
+    // CLOCK_MONOTONIC (a .cpuprofile's time base, in µs) against the wall clock, to place profile samples.
+    console.log("wall ms - monotonic ms:", Date.now() - Number(process.hrtime.bigint() / 1000n) / 1000);
   }
   const baseGap = longestGap(f1.times, baseFrom, baseTo);
   // A move's window runs from the migrate call to 500 ms after the destination serves through
