@@ -353,6 +353,29 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     stop();
   });
 
+  it("announceMove: watchers are told the move before the record changes (in order with it); the notice goes with its announcer's process", async () => {
+    const p = fresh();
+    const [sa, sb, sw] = await Promise.all([node("a", p), node("b", p), node("w", p)]);
+    const [a, b, w] = [sa, sb, sw].map((s) => new EtcdOwnership(s, "disk"));
+    await a!.acquire(id("a"), TTL_MS);
+    const events: string[] = [];
+    const stop = w!.watch(
+      (r) => events.push(`record ${r ? `${r.owner}@${r.epoch}` : "none"}`),
+      (n) => events.push(`move ${n.from} → ${n.to} at ${n.nbd}`),
+    );
+    await until("the watch delivered the record as it was", () => events.length === 1);
+    await a!.announceMove(id("a"), 1, id("b"));
+    const { record, view } = await a!.planHandOver(id("a"), 1, id("b"), TTL_MS);
+    await b!.renew(id("b"), record.epoch, view); // the claim
+    await until("the watch saw the notice and the claim", () => events.length === 3);
+    expect(events).toEqual(["record a@1", `move a@1 → b at ${id("b").nbd}`, "record b@2"]);
+    // Bound to the announcer's etcd lease: gone with its process.
+    expect(await raw.getOne(`${p}/exports/disk/next`)).not.toBeNull();
+    await sa.close();
+    expect(await raw.getOne(`${p}/exports/disk/next`)).toBeNull();
+    stop();
+  });
+
   it("watch: tells every change of owner, in order, within a bound; stop ends it", async () => {
     const p = fresh();
     const [sa, sb, sw] = await Promise.all([node("a", p), node("b", p), node("w", p)]);

@@ -1,5 +1,5 @@
 import { DEFAULT_TTL_MS, describeRecord, HANDED_FROM_MAX, handedFromAfter, handedOn, LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
-import type { HandedView, Ownership } from "../migration/ownership.js";
+import type { HandedView, MoveNotice, Ownership } from "../migration/ownership.js";
 import { EtcdError, compare, op, type Compare, type KeyValue, type TxnOp, type Watcher } from "./etcd-client.js";
 import type { EtcdSession } from "./etcd-session.js";
 
@@ -42,6 +42,8 @@ type Plan<T> = { done: T } | { write: Write; result: T };
 export class EtcdOwnership implements Ownership {
   readonly recordKey: string;
   readonly liveKey: string;
+  /** The owner's announcement of a move it starts (announceMove), bound to its session's lease. */
+  readonly nextKey: string;
   private readonly prefix: string;
   private queue: Promise<unknown> = Promise.resolve();
   /** The record and liveness key as this object last read or wrote them (a change may start from it: see cas). */
@@ -63,6 +65,7 @@ export class EtcdOwnership implements Ownership {
     const base = `${this.prefix}/exports/${encodeURIComponent(name)}`;
     this.recordKey = `${base}/record`;
     this.liveKey = `${base}/owner`;
+    this.nextKey = `${base}/next`;
   }
 
   get session(): EtcdSession {
@@ -321,7 +324,7 @@ export class EtcdOwnership implements Ownership {
    * released: nodes may take the export over now). After a compaction it reads again and goes on
    * from there. Returns a function that stops it.
    */
-  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void): () => void {
+  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void, onMove?: (n: MoveNotice) => void): () => void {
     let stopped = false;
     let w: Watcher | null = null;
     let last: Buffer | null = null;
@@ -354,6 +357,10 @@ export class EtcdOwnership implements Ownership {
                   recordAt = e.kv.modRevision;
                   deliver(e.type === "put" ? e.kv.value : null);
                 } else if (key === this.liveKey && e.type === "delete" && e.kv.modRevision !== recordAt) deliver(last, true);
+                else if (key === this.nextKey && e.type === "put" && onMove && !stopped) {
+                  const n = parseNotice(e.kv.value);
+                  if (n) onMove(n);
+                }
               }
             },
             onCompacted: () => void start(),
@@ -370,6 +377,16 @@ export class EtcdOwnership implements Ownership {
       stopped = true;
       w?.close();
     };
+  }
+
+  /**
+   * Writes the move notice (MoveNotice) under the export, bound to this process's etcd lease: one
+   * put, outside any transaction and outside the move's hold. Watchers act on it only while the
+   * record still names `from`; a later notice replaces it.
+   */
+  async announceMove(me: NodeIdentity, epoch: number, to: NodeIdentity): Promise<void> {
+    const n: MoveNotice = { from: `${me.nodeId}@${epoch}`, to: to.nodeId, nbd: to.nbd };
+    await this.session.client.put(this.nextKey, JSON.stringify(n), { lease: this.session.leaseId });
   }
 
   // ——— internals ———
@@ -481,3 +498,12 @@ function parseRecord(value: Buffer, key: string): LeaseRecord {
   return r;
 }
 
+/** A move notice as announceMove wrote it, or null for anything else. */
+function parseNotice(value: Buffer): MoveNotice | null {
+  try {
+    const n = JSON.parse(value.toString()) as Partial<MoveNotice>;
+    return typeof n.from === "string" && typeof n.to === "string" && typeof n.nbd === "string" ? { from: n.from, to: n.to, nbd: n.nbd } : null;
+  } catch {
+    return null;
+  }
+}

@@ -87,5 +87,22 @@ export interface Ownership {
    * `ownerGone` when the owner's lease ended with the record unchanged (it died or lost the store).
    * Returns a function that stops watching.
    */
-  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void): (() => void) | null;
+  watch(onChange: (r: LeaseRecord | null, ownerGone?: boolean) => void, onMove?: (n: MoveNotice) => void): (() => void) | null;
+  /**
+   * Optional (stores that push changes): tells every watcher, before a move's hold, that the owner
+   * (`me` at `epoch`) is about to hand the image to `to`, so that nodes forwarding to it can link
+   * to `to` ahead of the claim (see MoveNotice). Advice only: nothing is decided by it, and it
+   * goes with the announcing process.
+   */
+  announceMove?(me: NodeIdentity, epoch: number, to: NodeIdentity): Promise<void>;
+}
+
+/**
+ * An owner's announcement of a move it starts (Ownership.announceMove): `from` (node@epoch) is
+ * about to hand the image to node `to`, whose NBD address is `nbd` (HOST:PORT).
+ */
+export interface MoveNotice {
+  from: string;
+  to: string;
+  nbd: string;
 }

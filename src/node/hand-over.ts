@@ -49,9 +49,14 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
     // Port B to the peer, opened before the hold so its connection costs no stall; and what the
     // hand-over will need from the store, read now for the same reason.
     prepare: async () => {
+      // The move is announced too (a store that pushes changes): nodes forwarding to this one link
+      // to the peer now, so that after the claim they switch links without a handshake. Advice
+      // only: a failed announcement costs those nodes a new link later, nothing else.
+      const them = { nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control };
       const [port] = await Promise.all([
         m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
-        m.lease.prepareHandOver?.({ nodeId: peer.nodeId, nbd: peer.nbd, control: peer.control }),
+        m.lease.prepareHandOver?.(them),
+        !privateCopy && m.lease.announceMove?.(node.identity, myEpoch, them).catch((err: Error) => node.opts.log.debug({ export: name, err: err.message }, "move: could not announce it")),
       ]);
       return port;
     },
@@ -164,9 +169,13 @@ async function adoptAt(node: NodeContext, m: Managed, epoch: number, handedFrom?
   try {
     await completeCopyTarget(node, m, epoch, handedFrom);
     let claimed: LeaseRecord;
+    // Peers that learn of the claim from the store may send before its answer reaches this node:
+    // their requests wait for it here rather than being sent back (and their links dropped).
+    m.redirector.expectAdoption();
     try {
       claimed = await renew(node, m, epoch, from); // the claim
     } catch (err) {
+      m.redirector.adoptionFailed();
       if (!(err instanceof LeaseError)) throw err;
       const r = err.current;
       throw new HttpError(409, `lease of ${name} is ${r ? `${r.owner}@${r.epoch}` : "absent"}, not ${node.identity.nodeId}@${epoch}`);

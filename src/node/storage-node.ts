@@ -12,7 +12,7 @@ import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-t
 import { adopt, moveOut, refuse } from "./hand-over.js";
 import { checkNow, fenceLost, locateOwner, mayWrite, noteRecord, renew, renewAll, sawHandOver } from "./lease-keeper.js";
 import { followerLabel, ownerLabel } from "../stack/port/remote-port.js";
-import type { CopyMigrateOptions, ExportPublisher, Managed, MoveResult, NodeContext, StorageNodeOptions } from "./node-context.js";
+import { parseHostPort, type CopyMigrateOptions, type ExportPublisher, type Managed, type MoveResult, type NodeContext, type StorageNodeOptions } from "./node-context.js";
 
 export type { CopyMigrateOptions, ExportPublisher, StorageNodeOptions } from "./node-context.js";
 
@@ -99,11 +99,16 @@ export class StorageNode {
       if (ownerGone && m.ownerGoneAt === null) m.ownerGoneAt = performance.now();
       else if (!ownerGone) m.ownerGoneAt = null; // a new record: someone owns it (or released it) now
       if (!r || m.epoch !== null) return;
-      m.pair.ownerChanged(`${r.owner}@${r.epoch}`);
+      m.pair.ownerChanged(`${r.owner}@${r.epoch}`, r.handedFrom);
       // A hand-over to this node: its source's adopt call is on its way (and claims in one
       // transaction); checking now would only race it. Checked after the grace instead.
       if (!ownerGone && r.owner === this.identity.nodeId && r.holder === undefined && r.leaseStart !== 0 && !r.private) sawHandOver(this.context, m, r.epoch);
       else if (this.timer) void checkNow(this.context, m);
+    }, (n) => {
+      // The owner starts a move to another node: port B links to it now, not once the record names it.
+      if (m.epoch !== null || n.to === this.identity.nodeId || !m.record || `${m.record.owner}@${m.record.epoch}` !== n.from) return;
+      const at = parseHostPort(n.nbd);
+      if (Number.isInteger(at.port) && at.port > 0) m.pair.moveAnnounced({ ...at, node: n.to });
     });
     return exp;
   }

@@ -71,6 +71,10 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
     expect(f.job.write.io_bytes).toBeGreaterThan(0);
     // The non-owner b was told by etcd's watch, not by a failed request.
     expect(logLines(nodes.b!.stderr(), "port B: giving up the link to the owner").some((l) => /the record names/.test(String(l.reason)))).toBe(true);
+    // In each a → b move, c (forwarding fio) linked to b when a announced the move, and switched
+    // to that link when etcd named b: no connection or handshake while its requests waited.
+    const ahead = logLines(nodes.c!.stderr(), "port B: the link made ahead to the new owner takes over");
+    expect(ahead.map((l) => String(l.to).replace(/@\d+$/, ""))).toEqual(["b", "b", "b"]);
     const cluster = (await getStatus(url("b"))).cluster as ClusterStatus;
     expect(cluster.exports[0]).toMatchObject({ owner: "a", epoch: 10, live: true });
   }, 120_000);

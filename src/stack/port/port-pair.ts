@@ -57,7 +57,9 @@ export interface PortPair {
    * if its link reaches someone else, gives that link up and links to the owner now, rather than
    * when a request next fails there.
    */
-  ownerChanged(owner: string): void;
+  ownerChanged(owner: string, handedFrom?: string[]): void;
+  /** An owner announced a move to node `node` at `to` (MoveNotice): port B links to it ahead (RemotePort.warm). */
+  moveAnnounced(to: OwnerAddress & { node: string }): void;
 }
 
 /**
@@ -78,8 +80,11 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
     await p.open();
     return p;
   };
-  const ownerChanged = (to: string): void => {
-    if (redirector.state === "REMOTE" && latest && latest.owner !== undefined && latest.owner !== to) latest.relink(`the record names ${to} now`);
+  const ownerChanged = (to: string, handedFrom?: string[]): void => {
+    if (redirector.state === "REMOTE" && latest && latest.owner !== undefined && latest.owner !== to) latest.relink(`the record names ${to} now`, { owner: to, handedFrom });
+  };
+  const moveAnnounced = (to: OwnerAddress & { node: string }): void => {
+    if (redirector.state === "REMOTE") latest?.warm(to);
   };
   const redirector = new PortRedirector(
     exportName,
@@ -95,5 +100,5 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
     owner.owned,
     log,
   );
-  return { redirector, tracker, resource, openRemote, ownerChanged };
+  return { redirector, tracker, resource, openRemote, ownerChanged, moveAnnounced };
 }

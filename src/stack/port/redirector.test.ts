@@ -451,6 +451,45 @@ describe("PortRedirector: a held request of a client that is gone is not run lat
  * over and was then stopped: a node that does not own the resource forwards no peer's request.
  */
 describe("PortRedirector: a node that does not own the resource forwards nothing a peer sends it", () => {
+  it("while this node's claim is under way (expectAdoption), a peer's write waits for it: port A once adopted, ESHUTDOWN if the claim failed", async () => {
+    const { nodes, state, disk } = world(7);
+    await nodes.x.open();
+    await nodes.y.open();
+    const settled = (p: Promise<unknown>) => {
+      const s = { done: false };
+      p.then(() => (s.done = true), () => (s.done = true));
+      return s;
+    };
+    // A claim that fails: what a peer sent meanwhile goes back to it, unwritten.
+    nodes.y.expectAdoption();
+    const w1 = nodes.y.pwrite(Buffer.alloc(512, 1), 0, { ...plainIo, peer: true });
+    const s1 = settled(w1);
+    await sleep(20);
+    expect(s1.done).toBe(false); // held, not sent back at once
+    nodes.y.adoptionFailed();
+    expect(await errnoOf(w1)).toBe("ESHUTDOWN");
+    // A claim that succeeds: a peer learnt of it from the store first; its write lands through port A.
+    let w2!: Promise<unknown>;
+    let s2!: { done: boolean };
+    await nodes.x.moveOut({
+      assign: async () => {
+        nodes.y.expectAdoption();
+        w2 = nodes.y.pwrite(Buffer.alloc(512, 2), 512, { ...plainIo, peer: true });
+        s2 = settled(w2);
+        await sleep(20);
+        expect(s2.done).toBe(false);
+        state.owner = "y";
+        await nodes.y.adopt();
+      },
+      reclaim: async () => {},
+    });
+    await w2;
+    const back = Buffer.alloc(1024);
+    await disk.pread(back, 0, plainIo);
+    expect(back.equals(Buffer.concat([Buffer.alloc(512), Buffer.alloc(512, 2)]))).toBe(true);
+    expect(state.violations).toEqual([]);
+  });
+
   it("after a hand-over: a peer's write is answered ESHUTDOWN; its own client's goes to the owner", async () => {
     const { nodes, move, disk } = world(5);
     await nodes.x.open();

@@ -386,6 +386,23 @@ export class PortRedirector implements Layer {
    * requests forwarded by peers; this node's own new requests wait until those it had sent through
    * port B completed, then everything flows through port A. Resolves once port A is open.
    */
+  /**
+   * This node claims the resource now (a hand-over's adopt call): until adopt or adoptionFailed,
+   * requests that peers forward here wait (a peer may learn of the claim from the store before this
+   * node does) instead of being sent back.
+   */
+  expectAdoption(): void {
+    if (this.st === "REMOTE" && this.peerHeld === null) this.peerHeld = [];
+  }
+
+  /** The claim failed: requests peers forwarded meanwhile go back to them (they find the owner). */
+  adoptionFailed(): void {
+    if (this.st !== "REMOTE") return;
+    const q = this.peerHeld ?? [];
+    this.peerHeld = null;
+    for (const h of q) h.reject(notOwner(this.name));
+  }
+
   adopt(how: AdoptHow = { ownerFlushed: true }): Promise<void> {
     // A hand-over drained and flushed the old owner: what port B wrote through it is durable —
     // unless port B's link reached an owner before it that did not hand over (it was taken over
@@ -403,7 +420,7 @@ export class PortRedirector implements Layer {
     void this.serial(async () => {
       if (this.st === "LOCAL") return opened();
       if (this.st !== "REMOTE") return failed(new NbdError("EINVAL", `${this.name}: cannot adopt while ${this.st}`));
-      this.peerHeld = [];
+      this.peerHeld ??= []; // held since expectAdoption, perhaps
       try {
         this.a = await this.ports.openLocal();
       } catch (err) {

@@ -91,6 +91,15 @@ export function isOwnerHere(err: unknown): boolean {
   return (err as { code?: string } | null)?.code === "EOWNER";
 }
 
+/** How long a link made ahead to an announced owner (RemotePort.warm) waits unused before it is let go. */
+const SPARE_MS = 10_000;
+
+/** The node of an owner's name (node@epoch). */
+function nodeOf(owner: string): string {
+  const at = owner.lastIndexOf("@");
+  return at > 0 ? owner.slice(0, at) : owner;
+}
+
 /** Errors that mean "this connection is gone", not "the device failed": the request is sent again. */
 function isLinkError(err: unknown): boolean {
   if (err instanceof ProtocolError) return true;
@@ -123,6 +132,11 @@ export class RemotePort implements Layer {
   private inflight = 0;
   private lastProgress = 0;
   private watchdog: NodeJS.Timeout | null = null;
+  /**
+   * A link made ahead to the node an owner announced it hands the resource to (see warm): idle until
+   * the record names that node, then it replaces the current link at once. Let go after SPARE_MS.
+   */
+  private spare: { node: string; where: string; made: Promise<NbdClient>; client: NbdClient | null; taken: boolean; timer: NodeJS.Timeout } | null = null;
 
   constructor(private readonly opts: RemotePortOptions) {}
 
@@ -185,15 +199,81 @@ export class RemotePort implements Layer {
     c.destroy();
   }
 
-  /** Gives the current link up (see dropLink) and links again at once, to wherever the owner is now. */
-  relink(reason: string): void {
+  /**
+   * Gives the current link up (see dropLink) and links again at once, to wherever the owner is now.
+   * `to`: the owner (node@epoch) the record names now, and the owners it vouches for; with a spare
+   * link to that node (see warm), that link takes over at once, with no connection or handshake
+   * while requests wait: the requests in flight on the old link are sent again on it.
+   */
+  relink(reason: string, to?: { owner: string; handedFrom?: string[] }): void {
     if (this.closed || !this.client) return;
+    const spare = this.spare;
+    if (spare && to && nodeOf(to.owner) === spare.node && !spare.client?.socket.destroyed) {
+      // The link made ahead (or still being made: it is further along than a new one) takes over.
+      spare.taken = true;
+      this.dropSpare(false);
+      this.dropLink(reason, "info");
+      const take = (c: NbdClient) => {
+        this.opts.log?.info({ to: to.owner, at: spare.where }, "port B: the link made ahead to the new owner takes over");
+        this.install(c, spare.where, to.owner, to.handedFrom);
+        return c;
+      };
+      if (spare.client) take(spare.client);
+      else {
+        const p = spare.made.then(take);
+        this.connecting = p;
+        const clear = () => {
+          if (this.connecting === p) this.connecting = null;
+        };
+        p.then(clear, clear);
+      }
+      return;
+    }
+    this.dropSpare();
     this.dropLink(reason, "info");
     this.connection().catch(() => undefined); // requests find the link, or retry, as after any drop
   }
 
+  /**
+   * An owner announced a move to `to` (node `node`): link to it now, so that when the record names
+   * it, relink switches without a connection and handshake (MISSION.md's stall is the hold only).
+   * The link carries nothing until then; the node it reaches takes its first request as made to
+   * the owner it is then (see PortRedirector.linkCurrent). One spare at a time; let go when unused.
+   */
+  warm(to: NbdAddress & { node: string }): void {
+    if (this.closed || this.spare?.node === to.node) return;
+    this.dropSpare();
+    const where = "path" in to ? to.path : `${to.host}:${to.port}`;
+    const timer = setTimeout(() => this.spare === s && this.dropSpare(), SPARE_MS);
+    timer.unref();
+    const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
+    const made = NbdClient.connect(to, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
+    const s: NonNullable<RemotePort["spare"]> = { node: to.node, where, made, client: null, taken: false, timer };
+    this.spare = s;
+    made.then(
+      (c) => {
+        if (this.spare === s) s.client = c;
+        else if (!s.taken) c.destroy();
+      },
+      (err: Error) => {
+        if (this.spare === s) this.dropSpare();
+        this.opts.log?.debug({ to: where, err: err.message }, "port B: no link ahead to the announced owner");
+      },
+    );
+  }
+
+  /** Lets the spare link go (`destroy`: unless it was just made the current link). */
+  private dropSpare(destroy = true): void {
+    const s = this.spare;
+    if (!s) return;
+    this.spare = null;
+    clearTimeout(s.timer);
+    if (destroy) s.client?.destroy();
+  }
+
   async close(): Promise<void> {
     this.closed = true;
+    this.dropSpare();
     if (this.watchdog) clearInterval(this.watchdog);
     const c = this.client;
     this.client = null;
@@ -234,7 +314,7 @@ export class RemotePort implements Layer {
         c = c2;
         addr = next;
       }
-      this.where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
+      const where = "path" in addr ? addr.path : `${addr.host}:${addr.port}`;
       // Whom the link reaches, and whom it vouches for: the owner says so itself; the record is the fallback.
       const said = ownerInDescription(c.description);
       // A node that says it does not own the resource gets no request: it would refuse it, or —
@@ -243,18 +323,9 @@ export class RemotePort implements Layer {
       // to become the owner (`first`, a hand-over) is named by the hand-over itself.
       if (!said && !first && ownerHintInDescription(c.description)) {
         c.destroy();
-        throw Object.assign(new Error(`${this.where} does not own ${this.opts.exportName} (yet)`), { code: "ENOTOWNER" });
+        throw Object.assign(new Error(`${where} does not own ${this.opts.exportName} (yet)`), { code: "ENOTOWNER" });
       }
-      const owner = said?.owner ?? addr.owner;
-      const vouched = said ? said.handedFrom : addr.handedFrom;
-      const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
-      if (this.links++ > 0 && !same) {
-        this.opts.log?.debug({ was: this.linkOwner ?? null, now: owner ?? null, vouchedFor: vouched ?? [], description: c.description ?? null }, "port B: a link to another owner, who does not vouch for the last one");
-        this.opts.onNewLink?.();
-      }
-      this.linkOwner = owner;
-      this.lastProgress = performance.now();
-      this.client = c;
+      this.install(c, where, said?.owner ?? addr.owner, said ? said.handedFrom : addr.handedFrom);
       return c;
     })();
     this.connecting = p;
@@ -263,6 +334,23 @@ export class RemotePort implements Layer {
     };
     p.then(clear, clear);
     return p;
+  }
+
+  /**
+   * Makes `c` the current link, to `owner` (node@epoch, when known), who vouches for `vouched`: a
+   * link to another owner who does not vouch for the last one may have lost what that one
+   * acknowledged unflushed (onNewLink).
+   */
+  private install(c: NbdClient, where: string, owner: string | undefined, vouched: string[] | undefined): void {
+    this.where = where;
+    const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
+    if (this.links++ > 0 && !same) {
+      this.opts.log?.debug({ was: this.linkOwner ?? null, now: owner ?? null, vouchedFor: vouched ?? [], description: c.description ?? null }, "port B: a link to another owner, who does not vouch for the last one");
+      this.opts.onNewLink?.();
+    }
+    this.linkOwner = owner;
+    this.lastProgress = performance.now();
+    this.client = c;
   }
 
   private call<T>(fn: (c: NbdClient) => Promise<T>): Promise<T> {
