@@ -1,6 +1,6 @@
 import { ControlError, controlCall, getStatus } from "../control/control-client.js";
 import { HttpError } from "../control/control-server.js";
-import { LeaseError, type LeaseRecord } from "../migration/lease.js";
+import { LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
 import type { HandedView } from "../migration/ownership.js";
 import { completeCopyTarget } from "./copy-target.js";
 import { renew } from "./lease-keeper.js";
@@ -30,6 +30,17 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
   }
 }
 
+/** How long a move waits for its announcement (advice: a slow store must not delay the move). */
+const ANNOUNCE_MS = 500;
+
+/** Announces the move to the store's watchers (Ownership.announceMove); never fails the move, nor waits past ANNOUNCE_MS. */
+function announce(node: NodeContext, m: Managed, epoch: number, to: NodeIdentity): Promise<void> | undefined {
+  if (!m.lease.announceMove) return undefined;
+  const said = m.lease.announceMove(node.identity, epoch, to).catch((err: Error) => node.opts.log.debug({ export: m.name, err: err.message }, "move: could not announce it"));
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([said, new Promise<void>((r) => (timer = setTimeout(r, ANNOUNCE_MS)))]).finally(() => clearTimeout(timer));
+}
+
 /** Exports with a move under way. */
 const moving = new WeakSet<Managed>();
 
@@ -56,7 +67,7 @@ async function moveOnce(node: NodeContext, m: Managed, to: string, beforeRelease
       const [port] = await Promise.all([
         m.pair.openRemote({ ...parseHostPort(peer.nbd), owner: `${peer.nodeId}@${myEpoch + 1}` }),
         m.lease.prepareHandOver?.(them),
-        !privateCopy && m.lease.announceMove?.(node.identity, myEpoch, them).catch((err: Error) => node.opts.log.debug({ export: name, err: err.message }, "move: could not announce it")),
+        !privateCopy && announce(node, m, myEpoch, them),
       ]);
       return port;
     },
