@@ -17,13 +17,13 @@
 // MOVES (6), MOVE_EVERY (2), PROXY_SECS (5), SIZE_MIB (256), RATE_IOPS (0: uncapped), DEBUG=1
 // (the run's ten longest gaps and the moves' times),
 // CPU_PROF=DIR (each node writes DIR/HOST.cpuprofile when the lab stops it), LOG_DIR=DIR (each
-// node's JSON log kept as DIR/HOST.log), LOG_LEVEL (the nodes' --log-level, default info).
+// node's JSON log kept as DIR/HOST.log, and fio's per-request logs), LOG_LEVEL (the nodes' --log-level, default info).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { controlCall, getStatus } from "../dist/control/control-client.js";
 import { Lab, netnsUnavailable } from "../test/cluster/lab.mjs";
-import { cpuSeconds } from "./tools.mjs";
+import { cpuSeconds, nodeCommandOf } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -56,8 +56,11 @@ const nodes = {};
 
 async function startNode(h) {
   const prof = process.env.CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${process.env.CPU_PROF}`, `--cpu-prof-name=${h}.cpuprofile`] : [];
-  const proc = lab.spawn(h, process.execPath, [
-    ...prof, CLI, "serve", img, "--name", "disk", "--node-id", h, "--etcd", lab.etcdEndpoints.join(","), "--lease-ttl", "2s",
+  // As `nbdstack serve` runs (its shebang's environment and Node flags), the profiler's flags beside Node's.
+  const cmd = nodeCommandOf(CLI);
+  const at = cmd.indexOf(process.execPath) + 1;
+  const proc = lab.spawn(h, cmd[0], [
+    ...cmd.slice(1, at), ...prof, ...cmd.slice(at), "serve", img, "--name", "disk", "--node-id", h, "--etcd", lab.etcdEndpoints.join(","), "--lease-ttl", "2s",
     "--listen", `${lab.addr(h)}:10809`, "--control", `${url(h).slice(7)}`, "--log-format", "json", "--log-level", process.env.LOG_LEVEL ?? "info",
   ]);
   let out = "";
@@ -217,6 +220,8 @@ try {
   if (process.env.LOG_DIR) {
     fs.mkdirSync(process.env.LOG_DIR, { recursive: true });
     for (const [h, n] of Object.entries(nodes)) fs.writeFileSync(path.join(process.env.LOG_DIR, `${h}.log`), n.stderr());
+    // fio's per-request logs too (time on the wall clock in ms, latency in ns, …, offset).
+    for (const f of fs.readdirSync(dir).filter((n) => n.includes("_lat."))) fs.copyFileSync(path.join(dir, f), path.join(process.env.LOG_DIR, f));
   }
   if (process.env.CPU_PROF) {
     // A profile is written at a clean exit only: stop the nodes gently before the lab kills them.
