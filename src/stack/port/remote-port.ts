@@ -214,6 +214,10 @@ export class RemotePort implements Layer {
       this.dropSpare(false);
       this.dropLink(reason, "info");
       const take = (c: NbdClient) => {
+        if (this.closed) {
+          c.destroy(); // closed while it was being made
+          throw new NbdError("ESHUTDOWN", "port B is closed");
+        }
         this.opts.log?.info({ to: to.owner, at: spare.where }, "port B: the link made ahead to the new owner takes over");
         this.install(c, spare.where, to.owner, to.handedFrom);
         return c;
@@ -241,7 +245,7 @@ export class RemotePort implements Layer {
    * the owner it is then (see PortRedirector.linkCurrent). One spare at a time; let go when unused.
    */
   warm(to: NbdAddress & { node: string }): void {
-    if (this.closed || this.spare?.node === to.node) return;
+    if (this.closed || (this.spare?.node === to.node && !this.spare.client?.socket.destroyed)) return;
     this.dropSpare();
     const where = "path" in to ? to.path : `${to.host}:${to.port}`;
     const timer = setTimeout(() => this.spare === s && this.dropSpare(), SPARE_MS);
