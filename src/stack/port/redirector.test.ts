@@ -14,7 +14,7 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
   let rnd = seed >>> 0 || 1;
   const rand = () => ((rnd = (rnd * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const disk = new MemoryPort({ size: SIZE });
-  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false, adoptThenFail: false, reclaimFails: false, openFails: 0, gaveUp: 0 };
+  const state = { owner: "x" as "x" | "y", violations: [] as string[], refuse: false, adoptThenFail: false, reclaimFails: false, openFails: 0, gaveUp: 0, openDelayMs: 0 };
   const nodes: Record<"x" | "y", PortRedirector> = {} as never;
 
   /** Port A of a node: the shared device, usable only while that node owns it and has it open. */
@@ -96,6 +96,7 @@ function world(seed: number, faultA?: (f: FaultLayer) => void, fenced = false) {
       `disk@${me}`,
       {
         openLocal: async () => {
+          if (state.openDelayMs) await sleep(state.openDelayMs);
           if (state.openFails > 0) {
             state.openFails--;
             throw new Error("injected EIO on open");
@@ -487,6 +488,27 @@ describe("PortRedirector: a node that does not own the resource forwards nothing
     const back = Buffer.alloc(1024);
     await disk.pread(back, 0, plainIo);
     expect(back.equals(Buffer.concat([Buffer.alloc(512), Buffer.alloc(512, 2)]))).toBe(true);
+    expect(state.violations).toEqual([]);
+  });
+
+  it("a claim that fails while another adoption opens port A (a take-over) leaves that adoption whole", async () => {
+    const { nodes, state } = world(8);
+    await nodes.x.open();
+    await nodes.y.open();
+    state.openDelayMs = 30;
+    await nodes.x.moveOut({
+      assign: async () => {
+        nodes.y.expectAdoption();
+        state.owner = "y";
+        const adopting = nodes.y.adopt({ ownerFlushed: false });
+        await sleep(10); // port A is opening
+        nodes.y.adoptionFailed(); // a claim of another epoch failed meanwhile
+        await adopting;
+      },
+      reclaim: async () => {},
+    });
+    await nodes.y.pwrite(Buffer.alloc(512, 3), 0, plainIo);
+    expect(nodes.y.state).toBe("LOCAL");
     expect(state.violations).toEqual([]);
   });
 

@@ -382,11 +382,6 @@ export class PortRedirector implements Layer {
   }
 
   /**
-   * Takes the resource on this node (the peer has handed it over): port A opens at once and serves
-   * requests forwarded by peers; this node's own new requests wait until those it had sent through
-   * port B completed, then everything flows through port A. Resolves once port A is open.
-   */
-  /**
    * This node claims the resource now (a hand-over's adopt call): until adopt or adoptionFailed,
    * requests that peers forward here wait (a peer may learn of the claim from the store before this
    * node does) instead of being sent back.
@@ -403,6 +398,11 @@ export class PortRedirector implements Layer {
     for (const h of q) h.reject(notOwner(this.name));
   }
 
+  /**
+   * Takes the resource on this node (the peer has handed it over): port A opens at once and serves
+   * requests forwarded by peers; this node's own new requests wait until those it had sent through
+   * port B completed, then everything flows through port A. Resolves once port A is open.
+   */
   adopt(how: AdoptHow = { ownerFlushed: true }): Promise<void> {
     // A hand-over drained and flushed the old owner: what port B wrote through it is durable —
     // unless port B's link reached an owner before it that did not hand over (it was taken over
@@ -424,14 +424,14 @@ export class PortRedirector implements Layer {
       try {
         this.a = await this.ports.openLocal();
       } catch (err) {
-        const q = this.peerHeld;
+        const q = this.peerHeld ?? [];
         this.peerHeld = null;
         for (const h of q) this.viaB(h.run, h.io).then(h.resolve, h.reject);
         failed(err);
         return;
       }
       this.st = "ADOPTING";
-      const q = this.peerHeld;
+      const q = this.peerHeld ?? [];
       this.peerHeld = null;
       for (const h of q) (h.io && !this.linkCurrent(h.io) ? Promise.reject(notOwner(this.name)) : this.viaA(h.run, h.io)).then(h.resolve, h.reject);
       opened();
