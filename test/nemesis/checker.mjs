@@ -116,7 +116,11 @@ export class Checker {
     this.inflight.delete(w.block);
     this.counts.acked++;
     this.acked[w.block] = Math.max(this.acked[w.block], w.version);
-    const acrossLoss = !w.fua && this.lossEvents.length - w.lossesAtSend === 1;
+    // A network fault's events carry `until`: the owner may have done the write before it was
+    // fenced and its reply crossed a lossy link for a while (TCP retransmits): answered by then,
+    // it is owed only once durable however many events came in between.
+    const since = this.lossEvents.length - w.lossesAtSend;
+    const acrossLoss = !w.fua && (since === 1 || this.lossEvents.slice(w.lossesAtSend).some((e) => e.until !== undefined && t <= e.until));
     if (!acrossLoss) this.floor[w.block] = Math.max(this.floor[w.block], w.version);
     if (w.fua || this.trustUnflushed) this.durable[w.block] = Math.max(this.durable[w.block], w.version);
     else w.conn.unflushed.push([w.block, w.version]);
@@ -199,11 +203,12 @@ export class Checker {
 
   /**
    * A node that may have owned the image was killed or frozen past its lease: writes no FLUSH or FUA
-   * made durable may be gone, on every block. Reads in flight may see that too.
+   * made durable may be gone, on every block. Reads in flight may see that too. `until` (a network
+   * fault): a write sent before this event and answered by then may be gone too (see writeAcked).
    */
-  loss(t, why) {
+  loss(t, why, o = {}) {
     this.counts.lossEvents++;
-    this.lossEvents.push({ t, why });
+    this.lossEvents.push({ t, why, ...(o.until !== undefined ? { until: o.until } : {}) });
     for (const r of this.pendingReads) {
       const d = Array.from(this.durable.subarray(r.first, r.first + r.count));
       r.loss = r.loss ? r.loss.map((v, i) => Math.min(v, d[i])) : d;

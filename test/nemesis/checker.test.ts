@@ -67,6 +67,32 @@ describe("nemesis checker", () => {
     expect(c.readDone(c.readSent(0, 1, 11), encodeBlock(0, 1, 1), 12, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)", floor: 3 });
   });
 
+  it("a network fault's loss events: a write in flight across them and answered within `until` may be lost; a later one is owed", () => {
+    // Lab seed 1212: the owner b applied v19 (volatile cache) before its deadline, during 50 %
+    // packet loss; b lost etcd and was fenced (its cache dropped), c took the image over after the
+    // fault healed; b's reply, retransmitted, reached the client 79 ms after the fault ended (every
+    // loss event already declared). A read then served by c returned v18.
+    const c = mk();
+    const k = conn();
+    c.writeAcked(c.writeSent(k, 0, 1, true, 0), 1); // durable (FUA)
+    c.loss(2, "loss b", { until: 2 + 5000 });
+    const w2 = c.writeSent(k, 0, 2, false, 3);
+    c.loss(100, "loss b (during)", { until: 100 + 5000 });
+    c.loss(200, "loss b (end)", { until: 200 + 5000 });
+    c.writeAcked(w2, 300); // late reply of a write the fenced owner lost
+    expect(c.readDone(c.readSent(0, 1, 400), encodeBlock(0, 1, 1), 401, "t")).toEqual([]);
+    // A write sent after the fault ended is owed as usual.
+    const w3 = c.writeSent(k, 0, 3, false, 500);
+    c.writeAcked(w3, 501);
+    expect(c.readDone(c.readSent(0, 1, 502), encodeBlock(0, 1, 1), 503, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)", floor: 3 });
+    // One in flight across them but answered after `until`: owed.
+    const w4 = c.writeSent(k, 0, 4, false, 600);
+    c.loss(700, "loss b again", { until: 800 });
+    c.loss(750, "loss b again (end)", { until: 800 });
+    c.writeAcked(w4, 900);
+    expect(c.readDone(c.readSent(0, 1, 901), encodeBlock(0, 3, 1), 902, "t")[0]).toMatchObject({ kind: "stale read (non-linearizable)", floor: 4 });
+  });
+
   it("a read in flight across a loss event may see the loss", () => {
     const c = mk();
     c.writeAcked(c.writeSent(conn(), 3, 1, false, 0), 1);

@@ -383,12 +383,20 @@ export async function runNemesis(options = {}) {
     // fault lasts (`window`), a loss event is declared every 100 ms: a take-over comes at least
     // the owner's margin (500 ms) after its last write, so an event always falls between.
     const lossTimers = new Set();
+    // And a network fault's replies may cross the healed link late (TCP retransmits, up to the
+    // 5 s that cutOff allows): a write the owner did before it was fenced, answered within 5 s of
+    // one of these events, is owed only once durable (Checker.writeAcked, `until`).
     const lossAround = (why, { window = false } = {}) => {
-      checker.loss(now(), why);
-      const ticker = window ? setInterval(() => checker.loss(now(), `${why} (during)`), 100) : null;
+      const late = (t) => (window ? { until: t + 5000 } : {});
+      const declare = (what) => {
+        const t = now();
+        checker.loss(t, what, late(t));
+      };
+      declare(why);
+      const ticker = window ? setInterval(() => declare(`${why} (during)`), 100) : null;
       return () => {
         if (ticker) clearInterval(ticker);
-        checker.loss(now(), `${why} (end)`);
+        declare(`${why} (end)`);
         for (const k of [1, 2]) {
           const timer = setTimeout(() => {
             lossTimers.delete(timer);
