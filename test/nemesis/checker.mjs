@@ -119,8 +119,9 @@ export class Checker {
     // A network fault's events carry `until`: the owner may have done the write before it was
     // fenced and its reply crossed a lossy link for a while (TCP retransmits): answered by then,
     // it is owed only once durable however many events came in between.
-    const since = this.lossEvents.length - w.lossesAtSend;
-    const acrossLoss = !w.fua && (since === 1 || this.lossEvents.slice(w.lossesAtSend).some((e) => e.until !== undefined && t <= e.until));
+    let late = this.lossEvents.length - w.lossesAtSend === 1;
+    for (let i = w.lossesAtSend; !late && i < this.lossEvents.length; i++) late = t <= (this.lossEvents[i].until ?? -Infinity);
+    const acrossLoss = !w.fua && late;
     if (!acrossLoss) this.floor[w.block] = Math.max(this.floor[w.block], w.version);
     if (w.fua || this.trustUnflushed) this.durable[w.block] = Math.max(this.durable[w.block], w.version);
     else w.conn.unflushed.push([w.block, w.version]);
