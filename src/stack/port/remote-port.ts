@@ -223,14 +223,7 @@ export class RemotePort implements Layer {
         return c;
       };
       if (spare.client) take(spare.client);
-      else {
-        const p = spare.made.then(take);
-        this.connecting = p;
-        const clear = () => {
-          if (this.connecting === p) this.connecting = null;
-        };
-        p.then(clear, clear);
-      }
+      else this.linking(spare.made.then(take));
       return;
     }
     this.dropSpare();
@@ -332,6 +325,11 @@ export class RemotePort implements Layer {
       this.install(c, where, said?.owner ?? addr.owner, said ? said.handedFrom : addr.handedFrom);
       return c;
     })();
+    return this.linking(p);
+  }
+
+  /** `p` is the link being made: requests wait for it (connection()) until it settles. */
+  private linking(p: Promise<NbdClient>): Promise<NbdClient> {
     this.connecting = p;
     const clear = () => {
       if (this.connecting === p) this.connecting = null;
