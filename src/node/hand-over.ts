@@ -31,10 +31,10 @@ export async function moveOut(node: NodeContext, name: string, to: string, befor
 }
 
 /** How long a move waits for its announcement (advice: a slow store must not delay the move). */
-const ANNOUNCE_MS = 500;
+export const ANNOUNCE_MS = 500;
 
 /** Announces the move to the store's watchers (Ownership.announceMove); never fails the move, nor waits past ANNOUNCE_MS. */
-function announce(node: NodeContext, m: Managed, epoch: number, to: NodeIdentity): Promise<void> | undefined {
+export function announce(node: NodeContext, m: Managed, epoch: number, to: NodeIdentity): Promise<void> | undefined {
   if (!m.lease.announceMove) return undefined;
   const said = m.lease.announceMove(node.identity, epoch, to).catch((err: Error) => node.opts.log.debug({ export: m.name, err: err.message }, "move: could not announce it"));
   let timer: NodeJS.Timeout | undefined;
