@@ -1,7 +1,7 @@
 import type { ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vitest";
 import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
 import { WriteAudit, type AuditEntry } from "../../src/stack/port/write-audit.js";
 import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil } from "../helpers/migration.js";
@@ -32,6 +32,7 @@ for op in (1, 2):
     s.send(b"\\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp)
 `;
 const TAKE_OVER = "lease of the owner expired: taking the image over";
+const SESSION_LOST = "etcd lease lost: this node fences what it owned and joins again";
 const canRun = needNetns() && needEtcd() && needTools("fio", "qemu-io");
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -127,6 +128,7 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     await sleep(300);
     const cutAt = Date.now();
     lab.partition("h1");
+    onTestFinished(() => lab.heal("h1")); // also when a check below fails: the tests after this one need h1
     const now = await pollUntil(
       "another host owns the export",
       async () => {
@@ -143,8 +145,17 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     expect(f.job.write.io_bytes).toBeGreaterThan(0);
 
     // What reached the image: h1's last write came before the new owner took the image over.
-    const took = logLines(logs[now.owner]!.join(""), TAKE_OVER);
-    expect(took).toHaveLength(1);
+    // One take-over, and one more for each session a survivor lost meanwhile: an etcd election
+    // under load can outlast a 2 s lease, and that node fences, joins again and takes the export
+    // (back) once its old session's lease ended. Any other take-over is a failure, shown with the
+    // survivors' lines about their sessions and take-overs.
+    const after = (h: string, msg: string) => logLines(logs[h]!.join(""), msg).filter((l) => l.time >= cutAt);
+    const took = ["h2", "h3"].flatMap((h) => after(h, TAKE_OVER).map((l) => ({ ...l, node: h }))).sort((a, b) => a.time - b.time);
+    const sessionsLost = ["h2", "h3"].flatMap((h) => after(h, SESSION_LOST));
+    const story = ["h2", "h3"].flatMap((h) => [TAKE_OVER, SESSION_LOST, "joined the etcd cluster (a new session)"].flatMap((m) => after(h, m).map((l) => `${l.time - cutAt} ms ${h}: ${l.msg}`)));
+    expect(took.length, story.join("\n")).toBeGreaterThanOrEqual(1);
+    expect(took.length, story.join("\n")).toBeLessThanOrEqual(1 + sessionsLost.length);
+    expect(took[0]).toMatchObject({ node: now.owner, epoch: now.epoch });
     const a1 = WriteAudit.read(audit("h1"));
     const lastOfH1 = a1.at(-1)!;
     expect(lastOfH1.t).toBeLessThan(took[0]!.time);
@@ -157,24 +168,28 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
       byEpoch.set(e.epoch!, [...(byEpoch.get(e.epoch!) ?? []), e]);
     }
     const epochs = [...byEpoch.keys()].sort((a, b) => a - b);
-    expect(epochs.at(-1)).toBe(now.epoch);
+    // The last epoch that wrote is one a survivor took over (now's, unless a lost session made another).
+    const lastTake = took.find((t) => t.epoch === epochs.at(-1));
+    expect(lastTake, story.join("\n")).toBeDefined();
     for (let i = 0; i < epochs.length; i++) {
       const es = byEpoch.get(epochs[i]!)!;
       expect(new Set(es.map((e) => e.node)).size).toBe(1);
       if (i + 1 < epochs.length) expect(Math.max(...es.map((e) => e.t))).toBeLessThanOrEqual(Math.min(...byEpoch.get(epochs[i + 1]!)!.map((e) => e.t)));
     }
-    expect(byEpoch.get(now.epoch)![0]!.node).toBe(now.owner);
+    expect(byEpoch.get(lastTake!.epoch)![0]!.node).toBe(lastTake!.node);
     // h1 fenced itself once its etcd lease could not be renewed.
-    await pollUntil("h1 logs its lease lost", () => logLines(nodes.h1!.stderr(), "etcd lease lost: this node fences what it owned and joins again").length > 0, 10_000);
+    await pollUntil("h1 logs its lease lost", () => logLines(nodes.h1!.stderr(), SESSION_LOST).length > 0, 10_000);
 
     // Healed, h1 joins again (a new session) and leaves the export where it is.
     lab.heal("h1");
     await pollUntil("h1 is a member again", async () => (await cluster("h2")).nodes.some((n) => n.nodeId === "h1"), 20_000, 100);
     await sleep(2500);
-    expect((await cluster("h1")).exports[0]).toMatchObject({ owner: now.owner, epoch: now.epoch, live: true });
+    const settled = (await cluster("h2")).exports[0]!;
+    expect((await cluster("h1")).exports[0]).toMatchObject({ owner: settled.owner, epoch: settled.epoch, live: true });
+    expect(settled.owner).not.toBe("h1");
     expect((await exportStatus(url("h1"), "disk"))?.state).toBe("REMOTE");
     expect(WriteAudit.read(audit("h1")).length).toBe(a1.length);
-    const lost = (h: string) => logLines(logs[h]!.join(""), "etcd lease lost: this node fences what it owned and joins again").length;
+    const lost = (h: string) => logLines(logs[h]!.join(""), SESSION_LOST).length;
     console.log(`sessions lost: h1 ${lost("h1")}, h2 ${lost("h2")}, h3 ${lost("h3")}`);
     console.log(`30 moves under fio in ${Math.round(movesMs)} ms; a new owner (${now.owner}) named ${ownerMs} ms after the partition; fio: ${f.job.write.io_bytes / 4096} writes, 0 errors`);
   }, 90_000);
