@@ -455,6 +455,35 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     }
   });
 
+  it("a session lost while etcd keeps its lease (renewals arrive, their answers do not) is revoked a margin after the loss: another node takes over then, not a lease time later", async () => {
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      let lostAt = 0;
+      const ca = client({ endpoints: [proxy.url], timeoutMs: 1000, attemptTimeoutMs: 400, connectTimeoutMs: 300 });
+      const sa = await node("a", p, { client: ca, onLost: () => (lostAt = performance.now()) });
+      const sb = await node("b", p);
+      const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+      await a.acquire(id("a"), TTL_MS);
+      // Every renewal reaches etcd (so its lease lives on, a TTL past the last one) but no answer
+      // comes back: a's session is lost at its deadline while etcd still holds the lease.
+      proxy.dropReplyTo("/v3/lease/keepalive");
+      await until("a's session is lost", () => lostAt > 0);
+      proxy.dropReplyTo(null);
+      expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId); // etcd still has a's lease
+      const taken = await until("b takes the export over", async () => (await b.takeOver(id("b"), TTL_MS)) ?? undefined);
+      const takenAfter = performance.now() - lostAt;
+      expect(taken).toMatchObject({ owner: "b", epoch: 2 });
+      // Never before the margin past a's loss; and not a lease time later (etcd would end the lease
+      // about TTL after the last renewal it received, which came just before the loss).
+      expect(takenAfter).toBeGreaterThanOrEqual(sa.marginMs);
+      expect(takenAfter).toBeLessThan(sa.marginMs + 700);
+      console.log(`a's session lost at 0 ms; b took over at ${Math.round(takenAfter)} ms (margin ${sa.marginMs} ms, lease ${TTL_MS} ms)`);
+    } finally {
+      proxy.close();
+    }
+  });
+
   it("a change whose answer is lost (outcome unknown) is read back: applied exactly as written, it counts as done", async () => {
     const p = fresh();
     const proxy = await startProxy(cluster.endpoints[0]!);

@@ -178,5 +178,30 @@ export class EtcdSession {
     this.lost = err;
     this.keeper.stop();
     this.onLost?.(err, this);
+    if (err.code !== "ETCD_LEASE_NOT_FOUND") this.revokeLost();
+  }
+
+  /**
+   * A lease lost here (no renewal confirmed before the deadline) may live on in etcd: renewals
+   * that arrived unanswered, a new leader's extension after an election. Everything bound to it
+   * (this process's exports) would stay taken until etcd ends it, a lease time or more from now.
+   * Revoked instead once etcd answers, from marginMs after the loss: what this process wrote
+   * stopped at deadline() (the loss minus the margin), so this is no earlier than etcd itself could
+   * end the lease. Tried every 250 ms until etcd answers, the client closes, or the lease would
+   * surely have ended anyway.
+   */
+  private revokeLost(): void {
+    const giveUpAt = now() + this.marginMs + this.ttlSeconds * 1000 + REVOKE_GRACE_MS;
+    const attempt = (): void => {
+      if (now() > giveUpAt) return;
+      this.client.revokeLease(this.leaseId).catch((e: unknown) => {
+        if (e instanceof EtcdError && e.code === "ETCD_CLOSED") return;
+        setTimeout(attempt, 250).unref();
+      });
+    };
+    setTimeout(attempt, this.marginMs).unref();
   }
 }
+
+/** How long past a lost lease's TTL its revocation is still tried (a new etcd leader extends leases by about an election timeout). */
+const REVOKE_GRACE_MS = 5000;
