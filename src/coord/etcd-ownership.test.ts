@@ -37,6 +37,14 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     EtcdSession.start({ client: o.client ?? client(), identity: id(nodeId), ttlMs: TTL_MS, prefix, onLost: o.onLost });
   /** A fresh prefix per test, so tests share nothing. */
   const fresh = () => `/t${++n}`;
+  /** Node a reaching etcd through the TCP proxy at `url` (short timeouts), node b directly; lostAt(): when a's session was lost (0: not yet). */
+  const behindProxy = async (url: string, prefix: string) => {
+    let lost = 0;
+    const ca = client({ endpoints: [url], timeoutMs: 1000, attemptTimeoutMs: 400, connectTimeoutMs: 300 });
+    const sa = await node("a", prefix, { client: ca, onLost: () => (lost = performance.now()) });
+    const sb = await node("b", prefix);
+    return { sa, a: new EtcdOwnership(sa, "disk"), b: new EtcdOwnership(sb, "disk"), lostAt: () => lost };
+  };
   /** Kills a node process as etcd sees it: no more renewals, no revoke (its lease expires after its TTL). */
   const kill = (s: EtcdSession) => s.client.close();
 
@@ -409,11 +417,7 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     const p = fresh();
     const proxy = await startProxy(cluster.endpoints[0]!);
     try {
-      let lostAt = 0;
-      const ca = client({ endpoints: [proxy.url], timeoutMs: 1000, attemptTimeoutMs: 400, connectTimeoutMs: 300 });
-      const sa = await node("a", p, { client: ca, onLost: () => (lostAt = performance.now()) });
-      const sb = await node("b", p);
-      const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+      const { sa, a, b, lostAt } = await behindProxy(proxy.url, p);
       await a.acquire(id("a"), TTL_MS);
       await a.renew(id("a"), 1);
       proxy.cut(); // from here no answer reaches a: its deadline cannot move any more
@@ -437,14 +441,14 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
       expect(d!.at).toBeGreaterThanOrEqual(deadline - cutAt);
       expect(taken).toMatchObject({ owner: "b", epoch: 2 });
       expect(refusals).toBeGreaterThan(10);
-      expect(lostAt).toBeGreaterThan(0);
+      expect(lostAt()).toBeGreaterThan(0);
       // The keeper reports the loss at the lease's surely-alive end: after a's own deadline.
-      expect(lostAt).toBeGreaterThanOrEqual(deadline);
+      expect(lostAt()).toBeGreaterThanOrEqual(deadline);
       expect(sa.deadline()).toBe(-Infinity);
       // The point: b got the export only after a's deadline had passed (a stops writing there), by the margin at least.
       expect(takenAt).toBeGreaterThanOrEqual(deadline + sa.marginMs);
       console.log(
-        `cut at 0 ms: a's deadline at ${Math.round(deadline - cutAt)} ms, onLost at ${Math.round(lostAt - cutAt)} ms, a's renew lost at ${Math.round(d!.at)} ms, b took over at ${Math.round(takenAt - cutAt)} ms (${Math.round(takenAt - deadline)} ms after a's deadline, margin ${sa.marginMs} ms)`,
+        `cut at 0 ms: a's deadline at ${Math.round(deadline - cutAt)} ms, onLost at ${Math.round(lostAt() - cutAt)} ms, a's renew lost at ${Math.round(d!.at)} ms, b took over at ${Math.round(takenAt - cutAt)} ms (${Math.round(takenAt - deadline)} ms after a's deadline, margin ${sa.marginMs} ms)`,
       );
       // Still cut off: a renewal says "lost" at once (the record it shows is read for 250 ms at most), never after etcd's timeout.
       const askedAt = performance.now();
@@ -459,20 +463,16 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     const p = fresh();
     const proxy = await startProxy(cluster.endpoints[0]!);
     try {
-      let lostAt = 0;
-      const ca = client({ endpoints: [proxy.url], timeoutMs: 1000, attemptTimeoutMs: 400, connectTimeoutMs: 300 });
-      const sa = await node("a", p, { client: ca, onLost: () => (lostAt = performance.now()) });
-      const sb = await node("b", p);
-      const [a, b] = [new EtcdOwnership(sa, "disk"), new EtcdOwnership(sb, "disk")];
+      const { sa, a, b, lostAt } = await behindProxy(proxy.url, p);
       await a.acquire(id("a"), TTL_MS);
       // Every renewal reaches etcd (so its lease lives on, a TTL past the last one) but no answer
       // comes back: a's session is lost at its deadline while etcd still holds the lease.
       proxy.dropReplyTo("/v3/lease/keepalive");
-      await until("a's session is lost", () => lostAt > 0);
+      await until("a's session is lost", () => lostAt() > 0);
       proxy.dropReplyTo(null);
       expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId); // etcd still has a's lease
       const taken = await until("b takes the export over", async () => (await b.takeOver(id("b"), TTL_MS)) ?? undefined);
-      const takenAfter = performance.now() - lostAt;
+      const takenAfter = performance.now() - lostAt();
       expect(taken).toMatchObject({ owner: "b", epoch: 2 });
       // Never before the margin past a's loss; and not a lease time later (etcd would end the lease
       // about TTL after the last renewal it received, which came just before the loss).

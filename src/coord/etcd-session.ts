@@ -185,10 +185,11 @@ export class EtcdSession {
    * A lease lost here (no renewal confirmed before the deadline) may live on in etcd: renewals
    * that arrived unanswered, a new leader's extension after an election. Everything bound to it
    * (this process's exports) would stay taken until etcd ends it, a lease time or more from now.
-   * Revoked instead once etcd answers, from marginMs after the loss: what this process wrote
-   * stopped at deadline() (the loss minus the margin), so this is no earlier than etcd itself could
-   * end the lease. Tried every 250 ms until etcd answers, the client closes, or the lease would
-   * surely have ended anyway.
+   * Revoked instead once etcd answers, from marginMs after the loss: this process admits no write
+   * past deadline(), which is the loss minus the margin at the latest (-Infinity from the loss on),
+   * so a write admitted just before gets the margin to reach the disk, as when etcd ends a lease
+   * at deadline() + marginMs. Tried every 250 ms until etcd answers, the client closes, or the
+   * lease would surely have ended anyway.
    */
   private revokeLost(): void {
     const giveUpAt = now() + this.marginMs + this.ttlSeconds * 1000 + REVOKE_GRACE_MS;
