@@ -484,6 +484,43 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     }
   });
 
+  it("a lost session's revocation is tried again while etcd cannot be reached, and lands once it can: another node takes over soon after, however long etcd would keep the lease", async () => {
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    let extending = true;
+    try {
+      const { sa, a, b, lostAt } = await behindProxy(proxy.url, p);
+      await a.acquire(id("a"), TTL_MS);
+      proxy.dropReplyTo("/v3/lease/keepalive");
+      await until("a's session is lost", () => lostAt() > 0);
+      // From the loss on, a cannot reach etcd at all, and etcd keeps a's lease alive (a leader
+      // extending it, renewals still on their way): only a's revocation can free the export.
+      proxy.cut();
+      proxy.dropReplyTo(null);
+      const extend = (async () => {
+        while (extending) {
+          await raw.keepAliveOnce(sa.leaseId).catch(() => undefined);
+          await sleep(300);
+        }
+      })();
+      await sleep(sa.marginMs + 1500); // the revocation's first tries (from the margin on) cannot reach etcd
+      expect(await b.takeOver(id("b"), TTL_MS)).toBeNull();
+      expect((await raw.getOne(a.liveKey))?.lease).toBe(sa.leaseId);
+      proxy.heal();
+      const healedAt = performance.now();
+      const taken = await until("b takes the export over", async () => (await b.takeOver(id("b"), TTL_MS)) ?? undefined, 5000);
+      const takenAfter = performance.now() - healedAt;
+      extending = false;
+      await extend;
+      expect(taken).toMatchObject({ owner: "b", epoch: 2 });
+      expect(takenAfter).toBeLessThan(1500);
+      console.log(`etcd unreachable from a's loss until ${Math.round(healedAt - lostAt())} ms after it; b took over ${Math.round(takenAfter)} ms after etcd could be reached again`);
+    } finally {
+      extending = false;
+      proxy.close();
+    }
+  });
+
   it("a change whose answer is lost (outcome unknown) is read back: applied exactly as written, it counts as done", async () => {
     const p = fresh();
     const proxy = await startProxy(cluster.endpoints[0]!);
