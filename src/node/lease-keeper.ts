@@ -82,6 +82,10 @@ export async function renew(node: NodeContext, m: Managed, epoch: number, from?:
  */
 export async function locateOwner(node: NodeContext, m: Managed): Promise<OwnerAddress> {
   const lease = m.lease;
+  // This process owns it now (it adopted or took it over): port A, without asking the store — a
+  // request the old owner sent back after a move must not wait for a read (a store round trip
+  // inside the move's stall). Port A's fence still checks the lease before every write.
+  if (m.epoch !== null) throw ownerIsHere(`this node owns ${m.name} (${node.identity.nodeId}@${m.epoch})`);
   let r: LeaseRecord | null;
   try {
     r = await lease.read();

@@ -13,6 +13,8 @@ import { NbdServer } from "../server/server.js";
 import { Export } from "../stack/export.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
+import { NbdError } from "../errors.js";
+import type { Layer } from "../stack/layer.js";
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -278,6 +280,63 @@ describe("StorageNode: an unreadable record holds port B's requests", () => {
       await owner.pread(back, 0, plainIo);
       expect(back.every((x) => x === 0x3c)).toBe(true);
     } finally {
+      await exp.close();
+      await node.close();
+      await server.close();
+    }
+  });
+});
+
+/**
+ * bench:cluster (h3 → h1, fio through h1): the old owner sent the adopting node's own requests
+ * back (ESHUTDOWN: "find the owner again"), and its port B read the record in etcd to learn that
+ * the owner was itself — one more store round trip inside the move's stall (18 ms under load).
+ */
+describe("StorageNode: requests an adopting node gets back from the old owner", () => {
+  it("go to port A at once, without reading the record: this node owns the export already", async () => {
+    const img = image();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    // The old owner: holds the first write, then sends it back as a non-owner does after a move.
+    class SendsBack extends DiskLayer {
+      override async pwrite(_buf: Buffer, _offset: number): Promise<void> {
+        await gate;
+        throw new NbdError("ESHUTDOWN", "not the owner any more");
+      }
+    }
+    const server = new NbdServer({ exports: [new Export("disk", new SendsBack(new MemoryPort({ size: 1024 * 1024 }) as Layer), () => "[owner=a epoch=1]")], tcp: [{ host: "127.0.0.1", port: 0 }], log: pino({ level: "silent" }) });
+    await server.start();
+    const at = server.addresses()[0] as { host: string; port: number };
+    const a = { nodeId: "a", nbd: `${at.host}:${at.port}`, control: "" };
+    const aProcess = new LeaseFile(img, { pid: 1, host: os.hostname() });
+    aProcess.acquire(a, 60_000);
+    const store = { reads: 0, slowMs: 0 };
+    class Slow extends FileOwnership {
+      override async read() {
+        store.reads++;
+        if (store.slowMs) await new Promise((r) => setTimeout(r, store.slowMs));
+        return super.read();
+      }
+    }
+    const node = new StorageNode({ nodeId: "b", nbd: "127.0.0.1:9", log: pino({ level: "silent" }), ttlMs: 60_000, ownership: (image) => new Slow(new LeaseFile(image)) });
+    const exp = await node.createExport({ source: img, name: "disk" });
+    await exp.open();
+    try {
+      const w = exp.layer.pwrite(Buffer.alloc(4096, 0x5e), 8192, plainIo); // held by the old owner
+      await new Promise((r) => setTimeout(r, 100));
+      const handed = await new FileOwnership(aProcess).handOver(a, 1, node.identity, 60_000);
+      await node.adopt("disk", handed.epoch, handed.handedFrom);
+      store.slowMs = 1000; // the store answers slowly from now on (etcd under load)
+      const readsBefore = store.reads;
+      const t0 = performance.now();
+      release();
+      await w;
+      const ms = performance.now() - t0;
+      expect(readAt(img, 8192, 4096).every((x) => x === 0x5e)).toBe(true);
+      expect(store.reads - readsBefore).toBe(0);
+      expect(ms).toBeLessThan(300);
+    } finally {
+      release();
       await exp.close();
       await node.close();
       await server.close();

@@ -66,8 +66,11 @@ export class StorageNode {
       mayWriteImage: () => m.target !== null || mayWrite(this.context, m),
       locate: () => locateOwner(this.context, m),
       ...(this.opts.audit ? { auditWrite: (op, offset, length) => this.opts.audit!.record({ node: this.identity.nodeId, export: spec.name, epoch: m.epoch, op, offset, length }) } : {}),
-      // Asked again until the record answers (the adoption waits meanwhile; it never guesses).
+      // A lease this process renewed lately answers at once, as it does for every write at port A
+      // (mayWrite): a claimed lease is never taken back before it ends. Past that the record
+      // decides, asked again until it answers (the adoption waits meanwhile; it never guesses).
       stillOwner: async () => {
+        if (m.epoch !== null && performance.now() < m.validUntil) return true;
         for (let delay = 10; ; delay = Math.min(delay * 2, 500)) {
           try {
             const r = await lease.read();
