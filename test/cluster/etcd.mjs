@@ -53,7 +53,7 @@ process.on("exit", () => {
 export class EtcdMember {
   /**
    * @param {{
-   *   name: string, dir: string, host?: string, clientPort: number, peerPort: number,
+   *   name: string, dir: string, dataDir?: string, host?: string, clientPort: number, peerPort: number,
    *   initialCluster: string, clusterToken: string, state?: "new" | "existing",
    *   tls?: { cert: string, key: string, ca: string, clientCertAuth?: boolean },
    *   netns?: string, runAs?: { uid: number, gid: number }, extraArgs?: string[], detached?: boolean,
@@ -73,7 +73,7 @@ export class EtcdMember {
     this.runAs = o.runAs;
     this.extraArgs = o.extraArgs ?? [];
     this.detached = o.detached ?? false;
-    this.dataDir = path.join(o.dir, `${o.name}.data`);
+    this.dataDir = o.dataDir ?? path.join(o.dir, `${o.name}.data`);
     this.logFile = path.join(o.dir, `${o.name}.log`);
     const scheme = o.tls ? "https" : "http";
     this.clientUrl = `${scheme}://${this.host}:${this.clientPort}`;

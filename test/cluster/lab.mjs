@@ -177,6 +177,8 @@ function destroy(state) {
   }
   if (state.bridge && linkExists(state.bridge)) step(`delete bridge ${state.bridge}`, () => gone(() => ipc("link", "del", state.bridge)));
   if (state.dir && path.basename(state.dir).startsWith(`nbdstack-lab-${state.id}`)) step(`remove ${state.dir}`, () => fs.rmSync(state.dir, { recursive: true, force: true }));
+  const data = state.etcd?.dataRoot;
+  if (data && path.basename(data).startsWith(`nbdstack-lab-${state.id}`)) step(`remove ${data}`, () => fs.rmSync(data, { recursive: true, force: true }));
   if (problems.length === 0) step("remove the state file", () => fs.rmSync(path.join(STATE_DIR, `${state.id}.json`), { force: true }));
   return problems;
 }
@@ -270,9 +272,11 @@ for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"]) {
 export class Lab {
   /**
    * Brings up a lab. On any failure everything made so far is removed and the error thrown.
-   * @param {{ hosts?: number, etcd?: boolean, etcdMembers?: number, persistent?: boolean, etcdArgs?: string[], log?: (s: string) => void }} o
+   * @param {{ hosts?: number, etcd?: boolean, etcdMembers?: number, persistent?: boolean, etcdArgs?: string[], etcdDataIn?: string, log?: (s: string) => void }} o
    *   hosts: how many (default 3); etcd: run a cluster (default true) with etcdMembers members on
-   *   the first hosts (default min(3, hosts)); persistent: outlive this process (the CLI's `up`).
+   *   the first hosts (default min(3, hosts)); persistent: outlive this process (the CLI's `up`);
+   *   etcdDataIn: a directory for the members' data (a directory of their own is made in it, and
+   *   removed with the lab), e.g. on another file system than the lab's images (default: the lab's).
    */
   static async up(o = {}) {
     const why = netnsUnavailable();
@@ -307,7 +311,7 @@ export class Lab {
     if (!state.persistent) mine.add(lab);
     try {
       lab.build(n, log);
-      if (wantEtcd) await lab.startEtcd(Math.min(o.etcdMembers ?? 3, n), o.etcdArgs ?? [], log);
+      if (wantEtcd) await lab.startEtcd(Math.min(o.etcdMembers ?? 3, n), o.etcdArgs ?? [], log, o.etcdDataIn);
     } catch (err) {
       const problems = lab.teardown({ quiet: true });
       if (problems.length) err.message += ` (and the teardown left: ${problems.join("; ")})`;
@@ -431,12 +435,15 @@ export class Lab {
     }
   }
 
-  async startEtcd(count, extraArgs, log) {
+  async startEtcd(count, extraArgs, log, dataIn) {
     const s = this.state;
     await this.checkConnectivity();
     const user = etcdUser();
     const hosts = s.hosts.slice(0, count);
+    const dataRoot = dataIn ? fs.mkdtempSync(path.join(dataIn, `nbdstack-lab-${s.id}-etcd-`)) : undefined;
+    if (dataRoot) fs.chmodSync(dataRoot, 0o755); // etcd runs as an unprivileged user
     s.etcd = {
+      dataRoot,
       token: `${PREFIX}-${s.id}`,
       user: user.name,
       uid: user.uid,
@@ -466,6 +473,7 @@ export class Lab {
     const em = new EtcdMember({
       name: m.name,
       dir: s.dir,
+      ...(s.etcd.dataRoot ? { dataDir: path.join(s.etcd.dataRoot, `${m.name}.data`) } : {}),
       host: h.addr,
       clientPort: ETCD_CLIENT_PORT,
       peerPort: ETCD_PEER_PORT,
