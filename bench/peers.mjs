@@ -26,7 +26,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { childrenOf, cpuSeconds, has, nodeCommandOf } from "./tools.mjs";
+import { childrenOf, cpuSeconds, has, machineBusySeconds, nodeCommandOf, reapedChildrenSeconds } from "./tools.mjs";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -164,13 +164,20 @@ for (let rep = 1; rep <= REPS; rep++) {
       const size = Number(execFileSync("nbdinfo", ["--size", s.uri], { encoding: "utf8" }));
       const cpu0 = cpuSeconds(s.pid);
       if (wl.nbdcopy) {
+        const [busy0, client0] = [machineBusySeconds(), reapedChildrenSeconds()];
         const t0 = performance.now();
         execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
         const mibPerSec = size / (1 << 20) / ((performance.now() - t0) / 1000);
+        const client = reapedChildrenSeconds() - client0;
         await sleep(200); // let a forking server reap its connection's child
-        const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / (size / (1 << 20));
-        ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0, cpu: cpuPerMiB });
-        console.error(`rep ${rep} ${w.padEnd(20)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB`);
+        const mib = size / (1 << 20);
+        const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / mib;
+        // The machine's busy time less nbdcopy's own: what serving cost wherever it ran (a forking
+        // server's per-connection child, whose threads' time its zombie does not show; softirq
+        // work of the loopback), and whatever else ran meanwhile.
+        const machinePerMiB = ((machineBusySeconds() - busy0 - client) * 1e6) / mib;
+        ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0, cpu: cpuPerMiB, machine: machinePerMiB });
+        console.error(`rep ${rep} ${w.padEnd(20)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB  machine less client ${machinePerMiB.toFixed(0)} µs/MiB`);
         continue;
       }
       execFileSync(process.execPath, [CLI, "bench", s.uri, "--engine", "fio", "--rw", wl.rw, "--bs", wl.bs, "--qd", String(wl.qd), "--conns", String(wl.conns ?? 1), "--duration", `${RUNTIME}s`, "--json", json], { stdio: ["ignore", "ignore", "inherit"] });
@@ -275,7 +282,7 @@ const real = peers.filter((p) => p !== "nbdkit-memory"); // the ceiling is not a
 console.log(`\nbench:peers — fio nbd engine through 'nbdstack bench --engine fio', medians of ${REPS} runs of ${RUNTIME} s`);
 console.log(`ratios: nbdstack (and its full stack) ÷ the best of ${real.join(", ")} on each row (> 1.00: nbdstack better; latency rows: best ÷ nbdstack); nbdkit-memory is the ceiling, not a peer`);
 const mine = servers.filter((s) => s.name.startsWith("nbdstack")).map((s) => s.name);
-console.log(["workload".padEnd(20), "metric".padEnd(10), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
+console.log(["workload".padEnd(20), "metric".padEnd(14), ...servers.map((s) => s.name.padStart(14)), ...mine.map((n) => `${n}÷best`.padStart(20))].join(" "));
 for (const w of workloads) {
   const byServer = results[w];
   const rows = [[ALL[w].metric === "iops" ? "IOPS" : "MiB/s", (r) => r.v, false]];
@@ -285,13 +292,15 @@ for (const w of workloads) {
       ["p99 µs", (r) => r.p99, true],
     );
   rows.push([ALL[w].nbdcopy ? "CPU µs/MiB" : "CPU µs/req", (r) => r.cpu, true]);
+  if (ALL[w].nbdcopy) rows.push(["machine µs/MiB", (r) => r.machine, true]);
   for (const [label, get, lower] of rows) {
     const m = Object.fromEntries(servers.map((s) => [s.name, med(byServer[s.name].map(get))]));
     const best = lower ? Math.min(...real.map((p) => m[p])) : Math.max(...real.map((p) => m[p]));
     const ratios = mine.map((n) => (lower ? best / m[n] : m[n] / best));
     const digits = label === "CPU µs/req" ? 1 : 0;
-    console.log([w.padEnd(20), label.padEnd(10), ...servers.map((s) => m[s.name].toFixed(digits).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
+    console.log([w.padEnd(20), label.padEnd(14), ...servers.map((s) => m[s.name].toFixed(digits).padStart(14)), ...ratios.map((r) => r.toFixed(2).padStart(20))].join(" "));
   }
 }
-console.log(["peak RSS MiB".padEnd(31), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
+console.log(["peak RSS MiB".padEnd(35), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
 console.log("CPU rows: server CPU time per request (per MiB for nbdcopy), lower is better; ratio = best peer ÷ nbdstack.");
+if (workloads.some((w) => ALL[w].nbdcopy)) console.log("machine µs/MiB: every CPU's busy time during the copy less nbdcopy's own, per MiB (counts what the server's /proc misses: a forking server's finished children).");

@@ -30,6 +30,19 @@ export function nodeCommandOf(cli) {
 
 const TICK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" })) || 100;
 
+/** CPU seconds all CPUs of this machine were busy so far (user, nice, system, irq, softirq of /proc/stat). */
+export function machineBusySeconds() {
+  const f = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+  return (f[0] + f[1] + f[2] + f[5] + f[6]) / TICK;
+}
+
+/** CPU seconds this process's reaped children used so far (a child run with execFileSync counts once it returned). */
+export function reapedChildrenSeconds() {
+  const f = readFileSync("/proc/self/stat", "utf8");
+  const x = f.slice(f.lastIndexOf(")") + 2).split(" ");
+  return (Number(x[13]) + Number(x[14])) / TICK; // fields 16–17
+}
+
 /** The live child processes of `pid` (serve --threads N: its worker loops). */
 export function childrenOf(pid) {
   try {
