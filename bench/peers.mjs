@@ -9,6 +9,7 @@
 // its pid file). The workload
 // "nbdcopy-1g" copies the whole export to null: with nbdcopy (its default 4 connections), after
 // one unmeasured copy per server.
+// For nbdcopy also the machine's busy time (every CPU, /proc/stat) less nbdcopy's own, per MiB.
 // Besides throughput and latency it prints the server's CPU time per request (user + system time
 // of the server process and its reaped children, from /proc, over the run ÷ requests done): on
 // this 2-core machine client and server share the CPUs, so that figure is steadier than IOPS and
