@@ -290,10 +290,11 @@ describe("StorageNode: an unreadable record holds port B's requests", () => {
 /**
  * bench:cluster (h3 → h1, fio through h1): the old owner sent the adopting node's own requests
  * back (ESHUTDOWN: "find the owner again"), and its port B read the record in etcd to learn that
- * the owner was itself — one more store round trip inside the move's stall (18 ms under load).
+ * the owner was itself — one more store round trip inside the move's stall (18 ms under load); its
+ * adoption then read the record once more before it let its own new requests through port A.
  */
 describe("StorageNode: requests an adopting node gets back from the old owner", () => {
-  it("go to port A at once, without reading the record: this node owns the export already", async () => {
+  it("go to port A at once, and the node's own requests follow them there, without reading the record: this node owns the export already", async () => {
     const img = image();
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
@@ -332,6 +333,7 @@ describe("StorageNode: requests an adopting node gets back from the old owner", 
       release();
       await w;
       const ms = performance.now() - t0;
+      await waitFor(() => stateOf(node) === "LOCAL", 300, () => stateOf(node)); // after the adoption's check that it still owns the export
       expect(readAt(img, 8192, 4096).every((x) => x === 0x5e)).toBe(true);
       expect(store.reads - readsBefore).toBe(0);
       expect(ms).toBeLessThan(300);
