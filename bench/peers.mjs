@@ -151,8 +151,9 @@ for (const s of servers)
 
 const results = {}; // workload -> server -> [{metric, p50, p99}]
 // One unmeasured copy per server first: the repetitions measure servers that run, not ones that
-// start (nbdstack's first copy costs it 1.3–1.6 × the CPU of the next ones, JIT compiling
-// its 1 MiB read path; the fio rows run long enough for that not to count).
+// start (a fresh nbdstack's first copy costs it 1.3–1.6 × the CPU of the next ones, nearly all of
+// it user time — first-use work such as compiling its read path; the fio rows run long enough for
+// that not to count).
 if (workloads.some((w) => ALL[w].nbdcopy)) for (const s of servers) execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
 for (let rep = 1; rep <= REPS; rep++) {
   for (const w of workloads) {
@@ -169,14 +170,14 @@ for (let rep = 1; rep <= REPS; rep++) {
         const t0 = performance.now();
         execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
         const mibPerSec = size / (1 << 20) / ((performance.now() - t0) / 1000);
-        const client = reapedChildrenSeconds() - client0;
-        await sleep(200); // let a forking server reap its connection's child
-        const mib = size / (1 << 20);
-        const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / mib;
         // The machine's busy time less nbdcopy's own: what serving cost wherever it ran (a forking
         // server's per-connection child, whose threads' time its zombie does not show; softirq
         // work of the loopback), and whatever else ran meanwhile.
-        const machinePerMiB = ((machineBusySeconds() - busy0 - client) * 1e6) / mib;
+        const busy = machineBusySeconds() - busy0 - (reapedChildrenSeconds() - client0);
+        await sleep(200); // let a forking server reap its connection's child
+        const mib = size / (1 << 20);
+        const cpuPerMiB = ((cpuSeconds(s.pid) - cpu0) * 1e6) / mib;
+        const machinePerMiB = (busy * 1e6) / mib;
         ((results[w] ??= {})[s.name] ??= []).push({ v: mibPerSec, p50: 0, p99: 0, cpu: cpuPerMiB, machine: machinePerMiB });
         console.error(`rep ${rep} ${w.padEnd(20)} ${s.name.padEnd(14)} ${mibPerSec.toFixed(0)} MiB/s  server CPU ${cpuPerMiB.toFixed(0)} µs/MiB  machine less client ${machinePerMiB.toFixed(0)} µs/MiB`);
         continue;
