@@ -170,9 +170,9 @@ for (let rep = 1; rep <= REPS; rep++) {
         const t0 = performance.now();
         execFileSync("nbdcopy", [s.uri, "null:"], { stdio: ["ignore", "ignore", "inherit"] });
         const mibPerSec = size / (1 << 20) / ((performance.now() - t0) / 1000);
-        // The machine's busy time less nbdcopy's own: what serving cost wherever it ran (a forking
-        // server's per-connection child, whose threads' time its zombie does not show; softirq
-        // work of the loopback), and whatever else ran meanwhile.
+        // The machine's busy time less nbdcopy's own: a cross-check of the /proc figure that does not
+        // depend on how a server's processes and threads are accounted (it counts the loopback's
+        // softirq work too, and whatever else ran meanwhile).
         const busy = machineBusySeconds() - busy0 - (reapedChildrenSeconds() - client0);
         await sleep(200); // let a forking server reap its connection's child
         const mib = size / (1 << 20);
@@ -305,4 +305,4 @@ for (const w of workloads) {
 }
 console.log(["peak RSS MiB".padEnd(35), ...servers.map((s) => rss[s.name].toFixed(0).padStart(14))].join(" "));
 console.log("CPU rows: server CPU time per request (per MiB for nbdcopy), lower is better; ratio = best peer ÷ nbdstack.");
-if (workloads.some((w) => ALL[w].nbdcopy)) console.log("machine µs/MiB: every CPU's busy time during the copy less nbdcopy's own, per MiB (counts what the server's /proc misses: a forking server's finished children).");
+if (workloads.some((w) => ALL[w].nbdcopy)) console.log("machine µs/MiB: every CPU's busy time during the copy less nbdcopy's own, per MiB (a cross-check of the server's /proc figure, whatever its processes and threads).");
