@@ -63,6 +63,37 @@ export function faketimeLibrary() {
   return null;
 }
 
+/**
+ * Removes libfaketime's shared memory and semaphore (`DIR/faketime_shm_PID`, `DIR/sem.faketime_sem_PID`)
+ * of processes that are gone: a process under libfaketime removes its own when it exits, but not
+ * when it is killed, as the nemesis kills nodes (and their children, which inherit the preload).
+ * A live process's files are kept, whoever it is. Returns how many files were removed.
+ */
+export function removeDeadFaketimeShm(dir = "/dev/shm") {
+  let removed = 0;
+  let names = [];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return 0;
+  }
+  for (const name of names) {
+    const m = /^(?:faketime_shm_|sem\.faketime_sem_)(\d+)$/.exec(name);
+    if (!m) continue;
+    try {
+      process.kill(Number(m[1]), 0);
+      continue; // alive (or not ours to signal: EPERM means alive too)
+    } catch (err) {
+      if (err.code !== "ESRCH") continue;
+    }
+    try {
+      fs.unlinkSync(path.join(dir, name));
+      removed++;
+    } catch {}
+  }
+  return removed;
+}
+
 /** Wall-clock offsets (libfaketime syntax) the skew nemesis sets a node's clock to. */
 export const SKEWS = ["+0", "-2h", "+1h", "-30s", "+45s", "+1d", "-1d", "+7s", "-5s"];
 
@@ -1005,6 +1036,7 @@ export async function runNemesis(options = {}) {
     result = { ok: checker.failures.length === 0, failures: checker.failures, reports: failureReports, summary, history: historyFile, dir };
   } finally {
     for (const n of nodes) await n.kill().catch(() => {});
+    if (faketime) removeDeadFaketimeShm();
     lab?.teardown({ quiet: true });
     await new Promise((r) => hist.end(r));
     if (tmpfs) {
