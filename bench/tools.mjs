@@ -36,11 +36,16 @@ export function machineBusySeconds() {
   return (f[0] + f[1] + f[2] + f[5] + f[6]) / TICK;
 }
 
+/** CPU seconds of `pid` from /proc/PID/stat (fields 14–17 of stat(5)): its own (user, system) and its reaped children's. */
+function statTimes(pid) {
+  const f = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const x = f.slice(f.lastIndexOf(")") + 2).split(" "); // x[0] is field 3
+  return { own: (Number(x[11]) + Number(x[12])) / TICK, reaped: (Number(x[13]) + Number(x[14])) / TICK };
+}
+
 /** CPU seconds this process's reaped children used so far (a child run with execFileSync counts once it returned). */
 export function reapedChildrenSeconds() {
-  const f = readFileSync("/proc/self/stat", "utf8");
-  const x = f.slice(f.lastIndexOf(")") + 2).split(" ");
-  return (Number(x[13]) + Number(x[14])) / TICK; // fields 16–17
+  return statTimes("self").reaped;
 }
 
 /** The live child processes of `pid` (serve --threads N: its worker loops). */
@@ -59,9 +64,8 @@ export function childrenOf(pid) {
 export function cpuSeconds(pid) {
   let own = 0;
   try {
-    const f = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-    const x = f.slice(f.lastIndexOf(")") + 2).split(" "); // x[0] is field 3 of stat(5)
-    own = (Number(x[11]) + Number(x[12]) + Number(x[13]) + Number(x[14])) / TICK; // fields 14–17
+    const t = statTimes(pid);
+    own = t.own + t.reaped;
   } catch {
     return 0;
   }
