@@ -1,14 +1,20 @@
 #!/usr/bin/env -S MALLOC_MMAP_THRESHOLD_=131072 node --max-semi-space-size=2
 import { Command, InvalidArgumentError, Option } from "commander";
-import { faultCommand, migrateCommand, statusCommand } from "./commands/cluster.js";
 import { serveCommand } from "./commands/serve.js";
 import { stackHelp } from "./config/stack-spec.js";
 import { useTokenFile } from "./commands/token-option.js";
-import { benchCommand } from "./commands/bench.js";
 import { registerCowCommands } from "./commands/cow.js";
 import { registerVolumeCommands } from "./commands/volume.js";
 import { registerFsCommands } from "./commands/fs.js";
 import { LOG_LEVELS } from "./log.js";
+
+/**
+ * A command whose code is imported when it runs: `serve` keeps no other command's code (the NBD
+ * client and fio driver of `bench`, the control client of `migrate`) in its memory.
+ */
+function lazyAction<A extends unknown[]>(load: () => Promise<(...args: A) => unknown>): (...args: A) => Promise<void> {
+  return async (...args) => void (await (await load())(...args));
+}
 
 const program = new Command();
 program
@@ -118,7 +124,7 @@ program
   .option("--json", "print the result as JSON", false)
   .option("--token-file <path>", "the cluster's control token (default ~/.config/nbdstack/token)")
   .hook("preAction", useTokenFile)
-  .action(migrateCommand);
+  .action(lazyAction(async () => (await import("./commands/cluster.js")).migrateCommand));
 
 program
   .command("bench")
@@ -148,7 +154,7 @@ program
   .option("--report <file>", "write a self-contained HTML page with IOPS and p99 charts")
   .option("--token-file <path>", "the control token for moves and faults (default ~/.config/nbdstack/token)")
   .hook("preAction", useTokenFile)
-  .action(benchCommand);
+  .action(lazyAction(async () => (await import("./commands/bench.js")).benchCommand));
 
 program
   .command("fault")
@@ -165,14 +171,14 @@ program
   .option("--poweron", "serve requests again after a power cut")
   .option("--token-file <path>", "the control token (default ~/.config/nbdstack/token)")
   .hook("preAction", useTokenFile)
-  .action(faultCommand);
+  .action(lazyAction(async () => (await import("./commands/cluster.js")).faultCommand));
 
 program
   .command("status")
   .description("show a node's exports: owner, epoch, redirector state, requests in flight and held (a server without --node-id: its exports and event loops)")
   .argument("<url>", "control URL of a node, e.g. http://127.0.0.1:9001")
   .option("--json", "print the raw status as JSON", false)
-  .action(statusCommand);
+  .action(lazyAction(async () => (await import("./commands/cluster.js")).statusCommand));
 
 registerVolumeCommands(program);
 registerFsCommands(program);

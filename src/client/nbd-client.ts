@@ -1,5 +1,5 @@
 import net from "node:net";
-import tls from "node:tls";
+import type tls from "node:tls";
 import { NbdError, ProtocolError } from "../errors.js";
 import {
   BASE_ALLOCATION,
@@ -198,10 +198,11 @@ export class NbdClient {
     };
     attach(socket);
     const upgrade = async (): Promise<void> => {
+      const { connect } = await import("node:tls"); // loaded only where TLS is used
       if (bytes.buf.length) throw new ProtocolError("server sent bytes after its NBD_OPT_STARTTLS reply");
       detach(socket);
       const host = "host" in addr ? addr.host : undefined;
-      const t = tls.connect({ ...opts.tls, socket, host: opts.tls?.host ?? host });
+      const t = connect({ ...opts.tls, socket, host: opts.tls?.host ?? host });
       c.socket = t;
       attach(t);
       await new Promise<void>((resolve, reject) => {

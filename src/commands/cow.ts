@@ -2,7 +2,6 @@ import type { Command } from "commander";
 import { controlCall } from "../control/control-client.js";
 import { useTokenFile } from "./token-option.js";
 import type { CowInfo } from "../stack/volume/cow-layer.js";
-import { CopyProgressBars } from "./progress-bar.js";
 
 const cowPath = (name: string) => `v1/exports/${encodeURIComponent(name)}/cow`;
 
@@ -33,6 +32,7 @@ export async function mergeCommand(name: string, o: { control: string; intoBase:
   let info = await controlCall<CowInfo>(o.control, "POST", cowPath(name), { merge: true, mergeIntoBase: o.intoBase });
   const started = info.merge.startedAt;
   if (o.wait) {
+    const { CopyProgressBars } = await import("./progress-bar.js"); // cli-progress, loaded when a bar is drawn
     const bars = new CopyProgressBars({ enabled: !o.json });
     try {
       while (info.merge.state === "running" && info.merge.startedAt === started) {

@@ -1,9 +1,7 @@
 import type { Command } from "commander";
-import { FsError, probeFileSystem, type DirEntry, type FileStat, type FileSystem, type ReadAt } from "../fs/probe.js";
-import { layerReader } from "../stack/fs/fs-probe.js";
+import { FsError, type DirEntry, type FileStat, type FileSystem, type ReadAt } from "../fs/file-system.js";
 import { readPartitionTable, type Partition, type PartitionTable } from "../stack/partition/partition-table.js";
-import { freeRanges } from "../migration/free-space.js";
-import { buildStack, stackOf, StackHandles } from "../stack/compose.js";
+import { buildStack, loadKinds, stackOf, StackHandles } from "../stack/compose.js";
 import type { Layer } from "../stack/layer.js";
 
 /** Where the commands write (process.stdout by default; tests pass a collector). */
@@ -47,18 +45,24 @@ export interface InspectReport {
  * backing chain through the qcow2 layer, anything else as a raw file.
  */
 async function openImage<T>(image: string, use: (port: Layer, read: ReadAt) => Promise<T>): Promise<T> {
-  const port = buildStack(stackOf({ source: image, readOnly: true }), { exportName: image, readOnly: true, handles: new StackHandles() });
+  const stack = stackOf({ source: image, readOnly: true });
+  await loadKinds(stack);
+  const port = buildStack(stack, { exportName: image, readOnly: true, handles: new StackHandles() });
   try {
     await port.open();
   } catch (err) {
     throw new Error(`cannot open ${image}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
   try {
-    return await use(port, layerReader(port));
+    return await use(port, (await import("../stack/fs/fs-probe.js")).layerReader(port));
   } finally {
     await port.close();
   }
 }
+
+// The file-system readers are imported when a command uses them: `serve` shares this module's
+// process (cli.ts) and need not hold them.
+const probeFileSystem = async (read: ReadAt, size: number) => (await import("../fs/probe.js")).probeFileSystem(read, size);
 
 const sub = (read: ReadAt, start: number): ReadAt => (length, offset) => read(length, start + offset);
 
@@ -143,6 +147,7 @@ export function renderInspect(r: InspectReport): string {
 export async function inspectCommand(image: string, opts: { json?: boolean; free?: boolean }, out: Out = process.stdout): Promise<void> {
   if (opts.free) {
     // The free space of every file system on the image, in image offsets: what a copy may skip.
+    const { freeRanges } = await import("../migration/free-space.js");
     const free = await openImage(image, (port) => freeRanges(port));
     if (opts.json) out.write(JSON.stringify(free) + "\n");
     else for (const r of free) out.write(`${r.offset} ${r.length}\n`);

@@ -6,29 +6,22 @@ import { fileURLToPath } from "node:url";
 import zlib from "node:zlib";
 import { createLogger } from "../log.js";
 import { DEFAULT_LIMITS, DEFAULT_MAX_MEMORY, NbdServer, type TcpAddress } from "../server/server.js";
-import { LoopPool } from "../server/loop-pool.js";
 import type { SharedExport } from "../server/loop-messages.js";
 import type { Command } from "commander";
 import { loadConfig } from "../config/config-file.js";
 import { composeExport, defaultExportName, partitionExports, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
 import { coherentAcrossProcesses, kindOf } from "../stack/kinds.js";
 import type { Export } from "../stack/export.js";
-import { StorageNode } from "../node/storage-node.js";
-import { WriteAudit } from "../stack/port/write-audit.js";
-import { EtcdNode, type EtcdNodeOptions } from "../coord/etcd-node.js";
-import { ControlServer } from "../control/control-server.js";
+import type { EtcdNodeOptions } from "../coord/etcd-node.js";
+import type { ControlServer } from "../control/control-server.js";
 import { Metrics } from "../metrics/metrics.js";
-import { setControlCa, setControlToken } from "../control/control-client.js";
-import { clientOptions, loadTlsConfig, serverSocketOptions, type TlsFlags } from "../tls/tls-config.js";
-import { loadOrCreateToken } from "../control/token.js";
-import { attachFaultRoutes } from "../control/fault-routes.js";
-import { attachNodeRoutes } from "../control/node-routes.js";
-import { attachMirrorRoutes } from "../control/volume-routes.js";
-import { attachCowRoutes } from "../control/cow-routes.js";
+import type { TlsFlags } from "../tls/tls-config.js";
 import { parseSize } from "../util/size.js";
 import type { IoMode } from "../stack/port/file-port.js";
 import type { DiscardMode } from "../stack/disk/disk-layer.js";
-import { REDIRECTOR_STATES } from "../stack/port/redirector.js";
+// What only some servers use (a cluster node, etcd, TLS, the control API, --threads) is imported
+// where it is used: a server of plain files does not hold that code in memory (see README,
+// "Memory under hostile clients": the server's own memory).
 
 export interface ServeOptions extends TlsFlags {
   listen: string[];
@@ -186,7 +179,8 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
     if (seen.has(s.name)) throw new Error(`export "${s.name}" is declared twice (use --name to tell images apart)`);
     seen.add(s.name);
   }
-  const tlsConfig = loadTlsConfig(opts);
+  const tlsModule = usesTls(opts) ? await import("../tls/tls-config.js") : null;
+  const tlsConfig = tlsModule?.loadTlsConfig(opts) ?? null;
   const tcp = opts.listen.map(parseListen);
   const listenFds = activationFds();
   if (tcp.length === 0 && opts.socket.length === 0 && listenFds.length === 0) tcp.push({ host: "127.0.0.1", port: DEFAULT_PORT });
@@ -194,18 +188,18 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   const handles = new StackHandles();
   const ttlMs = parseDuration(opts.leaseTtl);
   const nbdAddr = tcp[0] ? `${tcp[0].host}:${tcp[0].port}` : "";
-  const etcd = opts.etcd && opts.nodeId ? await EtcdNode.start({ ...etcdOptions(opts), identity: { nodeId: opts.nodeId, nbd: nbdAddr, control: "" }, ttlMs, log }) : null;
+  const etcd = opts.etcd && opts.nodeId ? await (await import("../coord/etcd-node.js")).EtcdNode.start({ ...etcdOptions(opts), identity: { nodeId: opts.nodeId, nbd: nbdAddr, control: "" }, ttlMs, log }) : null;
   if (opts.writeAudit && !opts.nodeId) throw new Error("--write-audit needs --node-id (it records what a cluster node writes into its images)");
-  const audit = opts.writeAudit ? new WriteAudit(path.resolve(opts.writeAudit)) : undefined;
+  const audit = opts.writeAudit ? new (await import("../stack/port/write-audit.js")).WriteAudit(path.resolve(opts.writeAudit)) : undefined;
   const node = opts.nodeId
-    ? new StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, audit, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
+    ? new (await import("../node/storage-node.js")).StorageNode({ nodeId: opts.nodeId, nbd: nbdAddr, log, ttlMs, audit, dataDir: opts.dataDir && path.resolve(opts.dataDir), io: opts.io, fault, handles, peerTls: tlsConfig ? tlsModule!.clientOptions(tlsConfig) : undefined, ...(etcd ? { ownership: (_image: string, name: string) => etcd.ownership(name), cluster: () => etcd.cluster() } : {}) })
     : null;
   // A lost etcd session ends every lease this node held: fence them now, not at the next renewal.
   if (node && etcd) etcd.onSessionLost((err) => node.storeLost(`this node's etcd session ended: ${err.message}`));
   const faults = handles.faults;
   const exports: Export[] = [];
   for (const s of specs) {
-    const exp = node ? await node.createExport(s, handles) : composeExport(s, handles, log);
+    const exp = node ? await node.createExport(s, handles) : await composeExport(s, handles, log);
     exports.push(exp);
     if (node || !opts.partitions || s.partitions === false) continue;
     // Each partition of the device is an export of its own: NAME/p1, NAME/p2, …
@@ -240,10 +234,10 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   // Each event loop has its share of the memory budget: together they hold no more than --max-memory.
   const loopMemory = shared.length ? Math.floor((maxMemory ?? DEFAULT_MAX_MEMORY) / threads) : maxMemory;
   const pool = shared.length
-    ? new LoopPool(threads, { exports: shared, limits, maxMemory: loopMemory!, metrics: !!metrics, logLevel: opts.logLevel, logPretty: opts.logFormat === undefined ? undefined : opts.logFormat === "pretty" }, log)
+    ? new (await import("../server/loop-pool.js")).LoopPool(threads, { exports: shared, limits, maxMemory: loopMemory!, metrics: !!metrics, logLevel: opts.logLevel, logPretty: opts.logFormat === undefined ? undefined : opts.logFormat === "pretty" }, log)
     : null;
   const server = new NbdServer({
-    tls: tlsConfig ? { mode: tlsConfig.mode, options: serverSocketOptions(tlsConfig) } : null,
+    tls: tlsConfig ? tlsModule!.handshakeTls(tlsConfig) : null,
     metrics,
     exports,
     tcp,
@@ -263,17 +257,19 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   };
   let controlUrl: string | null = null;
   let control: ControlServer | null = null;
-  if (node || opts.control || steerable) {
-    const token = loadOrCreateToken(opts.tokenFile);
-    setControlToken(token); // for the calls this node makes to its peers
+  const routes = node || opts.control || steerable ? await controlModules() : null;
+  if (routes) {
+    const token = routes.loadOrCreateToken(opts.tokenFile);
+    routes.setControlToken(token); // for the calls this node makes to its peers
     // With certificates the control API is HTTPS; with PSK alone it stays HTTP (bearer token, localhost).
-    setControlCa(tlsConfig?.ca ?? tlsConfig?.cert ?? null);
-    control = new ControlServer(log.child({ role: "control" }), token, tlsConfig?.cert && tlsConfig.key ? { cert: tlsConfig.cert, key: tlsConfig.key } : null);
+    routes.setControlCa(tlsConfig?.ca ?? tlsConfig?.cert ?? null);
+    control = new routes.ControlServer(log.child({ role: "control" }), token, tlsConfig?.cert && tlsConfig.key ? { cert: tlsConfig.cert, key: tlsConfig.key } : null);
   }
   try {
     await server.start();
     await pool?.start();
-    if (control) {
+    if (control && routes) {
+      const { attachNodeRoutes, attachFaultRoutes, attachMirrorRoutes, attachCowRoutes, REDIRECTOR_STATES } = routes;
       if (node) attachNodeRoutes(control, node);
       else control.route("GET", "/v1/status", async () => ({ body: { exports: server.list().map((e) => ({ name: e.name, size: e.size(), stack: e.description })), ...(pool ? { loops: pool.stats() } : {}) } }));
       attachFaultRoutes(control, faults);
@@ -379,6 +375,36 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+}
+
+/** Whether any TLS flag is given (tls-config.ts, and node:tls with it, is loaded only then). */
+function usesTls(opts: TlsFlags): boolean {
+  return [opts.tls, opts.tlsCert, opts.tlsKey, opts.tlsCa, opts.tlsCertificates, opts.tlsPsk, opts.tlsVerifyPeer || undefined].some((v) => v !== undefined);
+}
+
+/** The control API's server, token and routes, loaded when a control API is served. */
+async function controlModules() {
+  const [server, client, token, faults, nodes, volumes, cows, redirector] = await Promise.all([
+    import("../control/control-server.js"),
+    import("../control/control-client.js"),
+    import("../control/token.js"),
+    import("../control/fault-routes.js"),
+    import("../control/node-routes.js"),
+    import("../control/volume-routes.js"),
+    import("../control/cow-routes.js"),
+    import("../stack/port/redirector.js"),
+  ]);
+  return {
+    ControlServer: server.ControlServer,
+    setControlToken: client.setControlToken,
+    setControlCa: client.setControlCa,
+    loadOrCreateToken: token.loadOrCreateToken,
+    attachFaultRoutes: faults.attachFaultRoutes,
+    attachNodeRoutes: nodes.attachNodeRoutes,
+    attachMirrorRoutes: volumes.attachMirrorRoutes,
+    attachCowRoutes: cows.attachCowRoutes,
+    REDIRECTOR_STATES: redirector.REDIRECTOR_STATES,
+  };
 }
 
 /** The etcd client settings of serve's --etcd* options (files read here, so a missing one fails at start). */

@@ -2,7 +2,7 @@ import { InvalidArgumentError, type Command } from "commander";
 import { controlCall } from "../control/control-client.js";
 import { useTokenFile } from "./token-option.js";
 import type { MirrorStatus } from "../stack/volume/mirror-layer.js";
-import { CopyProgressBars } from "./progress-bar.js";
+import type { CopyProgressBars } from "./progress-bar.js";
 
 export interface MirrorCommandOptions {
   control: string;
@@ -56,6 +56,7 @@ export async function mirrorCommand(name: string, o: MirrorCommandOptions): Prom
   }
   let s: MirrorStatus;
   if (o.wait) {
+    const { CopyProgressBars } = await import("./progress-bar.js"); // cli-progress, loaded when a bar is drawn
     const bars = new CopyProgressBars({ enabled: !o.json });
     try {
       s = await waitForResync(o.control, path, o.resync, o.interval, bars);

@@ -1,6 +1,5 @@
 /** A small client of a node's control API (HTTP/JSON, or HTTPS when the node has certificates). */
-import http from "node:http";
-import https from "node:https";
+import type https from "node:https";
 import type { CopyProgress } from "../copy/progress.js";
 import type { LiveCopyState } from "../migration/live-copy.js";
 import { readToken } from "./token.js";
@@ -89,12 +88,14 @@ export async function controlCall<T>(base: string, method: "GET" | "POST", path:
   return data as T;
 }
 
-function request(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<{ status: number; text: string }> {
+async function request(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<{ status: number; text: string }> {
   const secure = url.protocol === "https:";
-  if (!secure && url.protocol !== "http:") return Promise.reject(new Error(`control URL must be http:// or https:// (${url.href})`));
+  if (!secure && url.protocol !== "http:") throw new Error(`control URL must be http:// or https:// (${url.href})`);
+  // Imported at the first call: a server that makes none (no cluster node) does not load them.
+  const client = secure ? await import("node:https") : await import("node:http");
   return new Promise((resolve, reject) => {
     const opts: https.RequestOptions = { method, headers, signal: AbortSignal.timeout(timeoutMs), ...(secure && ca ? { ca } : {}) };
-    const req = (secure ? https : http).request(url, opts, (res) => {
+    const req = client.request(url, opts, (res) => {
       const chunks: Buffer[] = [];
       res.on("data", (c: Buffer) => chunks.push(c));
       res.on("end", () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") }));

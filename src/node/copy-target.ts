@@ -4,7 +4,7 @@ import path from "node:path";
 import { HttpError } from "../control/control-server.js";
 import { newCopyTargetName } from "../internal-exports.js";
 import type { NodeIdentity } from "../migration/lease.js";
-import { composeCopyTarget } from "../stack/compose.js";
+import { composeCopyTarget } from "../stack/compose-node.js";
 import type { Managed, NodeContext } from "./node-context.js";
 
 /*

@@ -5,7 +5,8 @@ import { DEFAULT_TTL_MS, LeaseError, type LeaseRecord, type NodeIdentity } from 
 import { FileOwnership } from "../migration/file-ownership.js";
 import type { HandedView, Ownership } from "../migration/ownership.js";
 import type { Export } from "../stack/export.js";
-import { composeNodeExport, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
+import { loadKinds, stackOf, StackHandles, type ExportSpec } from "../stack/compose.js";
+import { composeNodeExport } from "../stack/compose-node.js";
 import type { PortRedirector } from "../stack/port/redirector.js";
 import { migrateByCopy } from "./copy-source.js";
 import { abandonCopyTarget, createCopyTarget, type FileIdentity } from "./copy-target.js";
@@ -44,6 +45,7 @@ export class StorageNode {
     // the owner); a live copy sends the guest-visible data, never the file.
     const bottom = stackOf(spec)[0]!;
     if (bottom.kind !== "file" && bottom.kind !== "qcow2") throw new Error(`${spec.name}: a node's exports must sit on an image file (raw or qcow2, shared with peers), not ${bottom.kind}`);
+    await loadKinds(stackOf(spec)); // before the lease: from here on the export is built without a pause
     const lease = this.ownershipOf(bottom.path, spec.name);
     let epoch: number | null = null;
     let record: LeaseRecord | null = null;

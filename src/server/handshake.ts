@@ -1,5 +1,5 @@
 import type { Socket } from "node:net";
-import tls from "node:tls";
+import type tls from "node:tls";
 import type { Logger } from "pino";
 import { ProtocolError } from "../errors.js";
 import {
@@ -16,7 +16,7 @@ import {
   Rep,
 } from "../protocol/constants.js";
 import type { Export } from "../stack/export.js";
-import { clientCertError, type ServerSocketOptions } from "../tls/tls-config.js";
+import type { ServerSocketOptions } from "../tls/tls-config.js";
 import { exportOfPeerName, sessionOfPeerName } from "../internal-exports.js";
 import type { BudgetWaiter, MemoryBudget } from "./memory-budget.js";
 
@@ -66,10 +66,17 @@ export interface Negotiated {
   ended: boolean;
 }
 
-/** TLS as the handshake sees it: offered ("on") or required ("require"), and the server socket options. */
+/**
+ * TLS as the handshake sees it: offered ("on") or required ("require"), the server socket options,
+ * and the upgrade itself (tls-config's handshakeTls): node:tls is loaded only where TLS is configured.
+ */
 export interface HandshakeTls {
   mode: "on" | "require";
   options: ServerSocketOptions;
+  /** The server side of a socket upgraded by NBD_OPT_STARTTLS. */
+  wrap(socket: Socket, options: ServerSocketOptions): tls.TLSSocket;
+  /** Why the client's certificate failed verification, or null if it passed. */
+  certError(t: tls.TLSSocket): string | null;
 }
 
 /** Bytes a client may send ahead of what the handshake is reading (the socket is paused beyond). */
@@ -272,7 +279,7 @@ export async function negotiate(
       else unknownIdentity = id;
       return key;
     };
-    const t = new tls.TLSSocket(socket, (psk ? { ...options, pskCallback: withPsk } : options) as tls.TLSSocketOptions);
+    const t = tlsConfig!.wrap(socket, psk ? { ...options, pskCallback: withPsk } : options);
     current = t;
     reader.flow = t;
     attach(t);
@@ -294,7 +301,7 @@ export async function negotiate(
       t.once("close", closed);
     });
     if (options.requestCert && !pskIdentity) {
-      const why = clientCertError(t);
+      const why = tlsConfig!.certError(t);
       if (why) throw new ProtocolError(`client certificate refused: ${why}`);
     }
     const client = pskIdentity ?? (options.requestCert ? t.getPeerCertificate().subject?.CN : undefined);

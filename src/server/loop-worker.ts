@@ -40,7 +40,7 @@ async function start(init: LoopInit): Promise<void> {
   log = createLogger({ level: init.logLevel, pretty: init.logPretty }).child({ loop: init.loop });
   const exports: Export[] = [];
   for (const { spec, partitions } of init.exports) {
-    const exp = composeExport(spec, new StackHandles(), log);
+    const exp = await composeExport(spec, new StackHandles(), log);
     exports.push(exp);
     if (!partitions) continue;
     await exp.open();

@@ -6,7 +6,7 @@ import { silentLogger } from "../log.js";
 import { ClientFlag, NBD_IHAVEOPT, NBD_OPT_REPLY_MAGIC, Opt, Rep } from "../protocol/constants.js";
 import { DiskLayer } from "../stack/disk/disk-layer.js";
 import { MemoryPort } from "../stack/port/memory-port.js";
-import { clientOptions, serverSocketOptions, type TlsConfig } from "../tls/tls-config.js";
+import { clientOptions, handshakeTls, type TlsConfig } from "../tls/tls-config.js";
 import { Export } from "../stack/export.js";
 import { PassthroughLayer, type Io, type Layer } from "../stack/layer.js";
 import { NbdServer } from "./server.js";
@@ -46,7 +46,7 @@ async function start(cfg: TlsConfig | null, handshakeTimeoutMs?: number, slowMs 
     exports: [new Export("mem", slowMs ? new Slow(disk, slowMs) : disk)],
     tcp: [{ host: "127.0.0.1", port: 0 }],
     log: silentLogger(),
-    tls: cfg ? { mode: cfg.mode, options: serverSocketOptions(cfg) } : null,
+    tls: cfg ? handshakeTls(cfg) : null,
   });
   await server.start();
   servers.push(server);

@@ -7,18 +7,14 @@ import { NbdError } from "../errors.js";
 import { Export } from "./export.js";
 import { createDiskLayer, DiskLayer, type DiscardMode, type DiskLayerOptions } from "./disk/disk-layer.js";
 import type { FaultLayerOptions } from "./fault/fault-layer.js";
-import { imageKind, kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
-import type { Capabilities, Layer } from "./layer.js";
+import { imageKind, kindNamed, kindOf, type LayerSpec, type StackSpec } from "./kinds.js";
+import type { Layer } from "./layer.js";
 import type { BuildContext } from "./layer-kind.js";
 import { LazyLayer } from "./lazy-layer.js";
 import { readerOf } from "./partition/partition-kind.js";
 import { PartitionLayer } from "./partition/partition-layer.js";
 import { PartitionTableError, readPartitionTable, type PartitionTable } from "./partition/partition-table.js";
 import type { IoMode } from "./port/file-port.js";
-import { buildPortPair, type PortPair, type PortPairOwner } from "./port/port-pair.js";
-import { FenceLayer } from "./port/fence-layer.js";
-import { AuditLayer } from "./port/write-audit.js";
-import { PortSlot } from "./port/port-slot.js";
 import { StackHandles } from "./stack-handles.js";
 
 export type { BuildContext } from "./layer-kind.js";
@@ -101,7 +97,7 @@ function isQcow2Overlay(file: string): boolean {
 }
 
 /** The bottom device of a stack (a port, or a volume over stacks of their own). */
-function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
+export function buildBottom(l: LayerSpec, ctx: BuildContext): Layer {
   const kind = kindOf(l);
   if (!kind.bottom) throw new ConfigError(l.kind, `"${l.kind}" cannot be at the bottom of a stack`);
   return kind.bottom(l, ctx, (s, readOnly) => buildStack(s, readOnly ? { ...ctx, readOnly: true } : ctx));
@@ -122,18 +118,40 @@ export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer
   });
 }
 
-/** Builds a declared stack bottom-up; the result is not open yet. */
+/**
+ * Loads the code of every kind `stack` names, in nested stacks too (a volume's devices, a qcow2
+ * image's backing stack): see LayerKind.load. buildStack and buildLayer need it done first;
+ * composeExport and composeNodeExport do it themselves.
+ */
+export async function loadKinds(stack: StackSpec): Promise<void> {
+  const loads: Promise<void>[] = [];
+  const walk = (x: unknown): void => {
+    if (Array.isArray(x)) x.forEach(walk);
+    else if (x !== null && typeof x === "object") {
+      const kind = (x as { kind?: unknown }).kind;
+      if (typeof kind === "string") {
+        const k = kindNamed(kind);
+        if (k?.load) loads.push(k.load());
+      }
+      Object.values(x).forEach(walk);
+    }
+  };
+  walk(stack);
+  await Promise.all(loads);
+}
+
+/** Builds a declared stack bottom-up (its kinds' code loaded: loadKinds); the result is not open yet. */
 export function buildStack(stack: StackSpec, ctx: BuildContext): Layer {
   let layer = buildBottom(stack[0]!, ctx);
   for (const l of stack.slice(1)) layer = buildLayer(l, layer, ctx);
   return layer;
 }
 
-function contextOf(spec: ExportSpec, name: string, handles: StackHandles, log?: Logger): BuildContext {
+export function contextOf(spec: ExportSpec, name: string, handles: StackHandles, log?: Logger): BuildContext {
   return { exportName: name, readOnly: !!spec.readOnly, io: spec.io, discard: spec.discard, log: log ?? spec.fault?.log, handles };
 }
 
-function exportOver(spec: ExportSpec, name: string, below: Layer, description?: string | (() => string)): Export {
+export function exportOver(spec: ExportSpec, name: string, below: Layer, description?: string | (() => string)): Export {
   return new Export(name, createDiskLayer(below, { ...spec.disk, readOnly: spec.readOnly, discard: spec.discard }), description);
 }
 
@@ -141,61 +159,11 @@ function exportOver(spec: ExportSpec, name: string, below: Layer, description?: 
  * Builds an export: the declared stack (or the shorthands) with the disk layer on top. Layers
  * that can be steered at run time go into `handles`.
  */
-export function composeExport(spec: ExportSpec, handles: StackHandles = new StackHandles(), log?: Logger): Export {
+export async function composeExport(spec: ExportSpec, handles: StackHandles = new StackHandles(), log?: Logger): Promise<Export> {
   const name = spec.name ?? defaultExportName(spec.source);
-  return exportOver(spec, name, buildStack(stackOf(spec), contextOf(spec, name, handles, log)), spec.description);
-}
-
-/**
- * Builds a cluster node's export: the same declared stack, with the node's port pair (port-pair.ts)
- * standing in for the resource. The resource is the bottom device, every layer up to the last
- * one that holds state of its own (a cow overlay), and the fault layers declared directly on top
- * of those (--fault among them): they make port A, so only the owner opens them, they move with
- * the image, and see only the I/O that reaches the image; every later item sits above the port
- * redirector and is the same on every node.
- */
-export function composeNodeExport(spec: ExportSpec & { name: string }, handles: StackHandles, log: Logger, owner: PortPairOwner): { exp: Export; pair: PortPair } {
-  const ctx = contextOf(spec, spec.name, handles, log);
   const stack = stackOf(spec);
-  let above = 1;
-  stack.forEach((l, i) => {
-    if (i > 0 && kindOf(l).holdsState) above = i + 1;
-  });
-  while (stack[above]?.kind === "fault") above++;
-  // Built anew at each open of port A: its qcow2 image is not steered online (no snapshot or merge on a node).
-  const bottomCtx: BuildContext = { ...ctx, rebuilt: true };
-  const bottom = (): Layer => buildBottom(stack[0]!, bottomCtx);
-  // The image itself is fenced too: a layer above it that writes back later (a power-loss cache's
-  // persist, a cow overlay's map) may do so after the lease was lost (see PortPairOwner.mayWriteImage).
-  const mayWriteImage = () => (owner.mayWriteImage ?? owner.mayWrite)();
-  // Below that fence, what it let through may be audited (serve --write-audit).
-  const audited = (image: Layer): Layer => (owner.auditWrite ? new AuditLayer(image, (op, offset, length) => owner.auditWrite!(op, offset, length)) : image);
-  let resource: Layer = new PortSlot(() => new FenceLayer(audited(bottom()), mayWriteImage, false));
-  for (const l of stack.slice(1, above)) resource = buildLayer(l, resource, ctx);
-  // The owner may be down while this node starts: the image itself gives size and abilities.
-  const offline = async (): Promise<{ size: number; caps: Capabilities }> => {
-    const dev = bottom();
-    await dev.open();
-    try {
-      return { size: dev.size(), caps: dev.capabilities() };
-    } finally {
-      await dev.close();
-    }
-  };
-  const pair = buildPortPair(spec.name, resource, offline, owner, log.child({ export: spec.name }));
-  let top: Layer = pair.redirector;
-  for (const l of stack.slice(above)) top = buildLayer(l, top, ctx);
-  const exp: Export = exportOver(spec, spec.name, top, () => [exp.layer.describe(), owner.label?.()].filter(Boolean).join(" "));
-  if (owner.epoch) exp.ownerEpoch = () => owner.epoch!();
-  return { exp, pair };
-}
-
-/**
- * The export a live copy into a node writes through: the disk layer straight over the resource of
- * that node's export (port A's image and its fault layers), under an internal name.
- */
-export function composeCopyTarget(name: string, pair: PortPair, description: string): Export {
-  return new Export(name, createDiskLayer(pair.resource), description);
+  await loadKinds(stack);
+  return exportOver(spec, name, buildStack(stack, contextOf(spec, name, handles, log)), spec.description);
 }
 
 export { formatStack };

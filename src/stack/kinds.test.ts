@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { formatStack, parseStack, parseStackLine, stackHelp } from "../config/stack-spec.js";
-import { buildLayer, buildStack, StackHandles } from "./compose.js";
+import { buildLayer, buildStack, loadKinds, StackHandles } from "./compose.js";
 import { aboveKind, bottomKind, coherentAcrossProcesses, LAYER_KINDS } from "./kinds.js";
 import { plainIo } from "./layer.js";
 import { createMemoryPort } from "./port/memory-port.js";
@@ -49,7 +49,11 @@ describe("the layer kinds", () => {
   it("build a stack bottom-up; partition reads the table in its prepare hook, once the device below is open", async () => {
     const handles = new StackHandles();
     const c = { ...ctx(), handles };
-    const layer = buildStack(parseStackLine("memory:4M → fault → partition:1", "s", { baseDir: "/" }), c);
+    const stack = parseStackLine("memory:4M → fault → partition:1", "s", { baseDir: "/" });
+    // A kind's layer code is loaded when a stack names it: building before that says so.
+    expect(() => buildStack(stack, c)).toThrow("the memory layer's code is not loaded: build stacks after loadKinds()");
+    await loadKinds(stack);
+    const layer = buildStack(stack, c);
     expect(layer.describe()).toBe("partition 1 → fault(0 rules) → memory:4194304");
     expect(handles.faults.has("t")).toBe(true);
     await expect(layer.open()).rejects.toThrow("partition 1: no partition table on fault(0 rules) → memory:4194304");

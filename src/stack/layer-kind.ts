@@ -50,6 +50,15 @@ export interface LayerKind<S extends { kind: string }, P = void, O extends strin
    */
   readonly claims?: (head: Buffer) => boolean;
 
+  /**
+   * Imports the layer's code. A kind that only some exports use declares its layer's module here
+   * instead of importing it at the top of its file (see `lazyCode`), so a server of plain files
+   * does not hold qcow2's or an overlay's code in memory. The stack builder awaits it for every
+   * kind a stack names (compose's loadKinds) before `bottom`, `above` or `prepare` run. The kinds
+   * every server uses (file, partition) have none.
+   */
+  load?(): Promise<void>;
+
   /** Validates the kind's value (`arg`: the text after "kind:", or the YAML value) and its options. */
   parse(arg: unknown, opts: Readonly<Partial<Record<O, unknown>>>, at: ParseAt<O>): S;
   /** The item's one-line form, for logs and errors; `stack` formats nested stacks. */
@@ -92,4 +101,27 @@ export interface BuildContext {
   handles: StackHandles;
   /** The bottom of a cluster node's export, built anew at each open of port A (an image is not registered in `handles` then). */
   rebuilt?: boolean;
+}
+
+/**
+ * A layer's module, imported by its kind's `load` and used by the kind's factories, which the
+ * stack builder runs only after `load` (a factory reaching it before says so, naming the kind).
+ */
+export function lazyCode<M>(kind: string, importer: () => Promise<M>): { load(): Promise<void>; get(): M } {
+  let code: M | undefined;
+  let loading: Promise<void> | undefined;
+  return {
+    load: () =>
+      (loading ??= importer().then(
+        (m) => void (code = m),
+        (err) => {
+          loading = undefined;
+          throw err;
+        },
+      )),
+    get: () => {
+      if (code === undefined) throw new Error(`the ${kind} layer's code is not loaded: build stacks after loadKinds()`);
+      return code;
+    },
+  };
 }

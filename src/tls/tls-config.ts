@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import tls from "node:tls";
+import type { HandshakeTls } from "../server/handshake.js";
 
 /**
  * TLS of a node, in the terms nbdkit and qemu-nbd use:
@@ -123,6 +124,11 @@ export function serverSocketOptions(cfg: TlsConfig): ServerSocketOptions {
     rejectUnauthorized: cfg.verifyPeer,
     ...(psk ? { pskCallback: (_socket: tls.TLSSocket, identity: string) => psk.get(identity) ?? null } : {}),
   };
+}
+
+/** TLS for the NBD server's STARTTLS (see HandshakeTls). */
+export function handshakeTls(cfg: TlsConfig): HandshakeTls {
+  return { mode: cfg.mode, options: serverSocketOptions(cfg), wrap: (socket, options) => new tls.TLSSocket(socket, options as tls.TLSSocketOptions), certError: clientCertError };
 }
 
 /**

@@ -1,6 +1,7 @@
 import { bool, ConfigError, str, typeName } from "../../config/values.js";
-import type { LayerKind } from "../layer-kind.js";
-import { FaultLayer } from "./fault-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("fault", () => import("./fault-layer.js"));
 
 export interface FaultSpec {
   kind: "fault";
@@ -36,8 +37,9 @@ export const faultKind: LayerKind<FaultSpec, void, "seed" | "powerloss" | "id"> 
     return spec;
   },
   format: (s) => (s.rules.length ? `fault:${s.rules.join(";")}` : "fault"),
+  load: code.load,
   above(s, below, ctx) {
-    const f = new FaultLayer(below, { seed: s.seed, powerloss: s.powerloss, log: ctx.log });
+    const f = new (code.get().FaultLayer)(below, { seed: s.seed, powerloss: s.powerloss, log: ctx.log });
     for (const r of s.rules) f.addRule(r);
     ctx.handles.add(ctx.handles.faults, s.id ?? ctx.exportName, f, "fault");
     return f;

@@ -1,6 +1,8 @@
 import { str } from "../../config/values.js";
-import type { LayerKind } from "../layer-kind.js";
-import { FsFileLayer, readFileMap, type FileMap } from "./fs-file-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+import type { FileMap } from "./fs-file-layer.js";
+
+const code = lazyCode("fs-file", () => import("./fs-file-layer.js"));
 
 export interface FsFileSpec {
   kind: "fs-file";
@@ -23,6 +25,7 @@ export const fsFileKind: LayerKind<FsFileSpec, FileMap> = {
   },
   format: (s) => `file:${s.path}`,
   // Once the device below is open: find the file system and the file, and read where its bytes are.
-  prepare: (s, below) => readFileMap(below, s.path),
-  above: (s, below, _ctx, map) => new FsFileLayer(below, s.path, map),
+  load: code.load,
+  prepare: (s, below) => code.get().readFileMap(below, s.path),
+  above: (s, below, _ctx, map) => new (code.get().FsFileLayer)(below, s.path, map),
 };

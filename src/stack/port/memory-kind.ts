@@ -1,6 +1,7 @@
 import { size } from "../../config/values.js";
-import type { LayerKind } from "../layer-kind.js";
-import { createMemoryPort } from "./memory-port.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("memory", () => import("./memory-port.js"));
 
 export interface MemorySpec {
   kind: "memory";
@@ -15,5 +16,6 @@ export const memoryKind: LayerKind<MemorySpec> = {
   options: {},
   parse: (arg, _opts, at) => ({ kind: "memory", size: size(arg, at.key) }),
   format: (s) => `memory:${s.size}`,
-  bottom: (s, ctx) => createMemoryPort({ size: s.size, readOnly: ctx.readOnly }),
+  load: code.load,
+  bottom: (s, ctx) => code.get().createMemoryPort({ size: s.size, readOnly: ctx.readOnly }),
 };

@@ -2,10 +2,10 @@ import { bool, size, str } from "../../config/values.js";
 import { ConfigError } from "../../config/values.js";
 import type { StackSpec } from "../../config/stack-spec.js";
 import { createDiskLayer } from "../disk/disk-layer.js";
-import type { LayerKind } from "../layer-kind.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
 import { isQcow2 } from "./qcow2-format.js";
-import { createQcow2Layer } from "./qcow2-layer.js";
-import { Qcow2Online } from "./qcow2-online.js";
+
+const code = lazyCode("qcow2", async () => ({ ...(await import("./qcow2-layer.js")), ...(await import("./qcow2-online.js")) }));
 
 export interface Qcow2Spec {
   kind: "qcow2";
@@ -34,6 +34,7 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
     "refcount-cache": "bytes of refcount blocks kept in memory (default 1M)",
   },
   claims: isQcow2,
+  load: code.load,
   parse(arg, opts, at) {
     const p = str(arg, at.key, "a qcow2 image path");
     const spec: Qcow2Spec = { kind: "qcow2", path: at.resolve(p) };
@@ -53,6 +54,7 @@ export const qcow2Kind: LayerKind<Qcow2Spec, void, Qcow2Option> = {
   bottom: (s, ctx, stack) => {
     // A backing stack is only read, through a disk layer (any byte range: alignment, splitting).
     const backing = typeof s.backing === "object" ? createDiskLayer(stack(s.backing, true), { readOnly: true }) : s.backing;
+    const { createQcow2Layer, Qcow2Online } = code.get();
     const l = createQcow2Layer({ path: s.path, readOnly: ctx.readOnly || !!s.readOnly, backing, io: ctx.io, discard: ctx.discard !== "ignore", l2Cache: s.l2Cache, refcountCache: s.refcountCache, log: ctx.log, overlayOf: s.overlayOf });
     // nbdstack snapshot / merge
     if (!ctx.rebuilt) ctx.handles.addQcow2(ctx.exportName, new Qcow2Online(l, ctx.log?.child({ export: ctx.exportName })));

@@ -1,6 +1,7 @@
 import type { StackSpec } from "../kinds.js";
-import type { LayerKind } from "../layer-kind.js";
-import { createConcatLayer } from "./concat-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("concat", () => import("./concat-layer.js"));
 
 export interface ConcatSpec {
   kind: "concat";
@@ -16,5 +17,6 @@ export const concatKind: LayerKind<ConcatSpec> = {
   options: {},
   parse: (arg, _opts, at) => ({ kind: "concat", devices: at.devices(arg, 1) }),
   format: (s, stack) => `concat(${s.devices.map(stack).join(", ")})`,
-  bottom: (s, _ctx, stack) => createConcatLayer(s.devices.map((d) => stack(d))),
+  load: code.load,
+  bottom: (s, _ctx, stack) => code.get().createConcatLayer(s.devices.map((d) => stack(d))),
 };

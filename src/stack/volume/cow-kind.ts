@@ -1,6 +1,7 @@
 import { size, str } from "../../config/values.js";
-import type { LayerKind } from "../layer-kind.js";
-import { createCowLayer } from "./cow-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("cow", () => import("./cow-layer.js"));
 
 export interface CowSpec {
   kind: "cow";
@@ -21,8 +22,9 @@ export const cowKind: LayerKind<CowSpec, void, "block-size"> = {
     ...(opts["block-size"] !== undefined ? { blockSize: size(opts["block-size"], at.option("block-size")) } : {}),
   }),
   format: (s) => `cow:${s.overlay}`,
+  load: code.load,
   above(s, below, ctx) {
-    const c = createCowLayer(below, s.overlay, { blockSize: s.blockSize, io: ctx.io });
+    const c = code.get().createCowLayer(below, s.overlay, { blockSize: s.blockSize, io: ctx.io });
     ctx.handles.add(ctx.handles.cows, ctx.exportName, c, "cow");
     return c;
   },

@@ -1,6 +1,7 @@
 import type { StackSpec } from "../kinds.js";
-import type { LayerKind } from "../layer-kind.js";
-import { createMirrorLayer } from "./mirror-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("mirror", () => import("./mirror-layer.js"));
 
 export interface MirrorSpec {
   kind: "mirror";
@@ -15,8 +16,9 @@ export const mirrorKind: LayerKind<MirrorSpec> = {
   options: {},
   parse: (arg, _opts, at) => ({ kind: "mirror", devices: at.devices(arg, 1) }),
   format: (s, stack) => `mirror(${s.devices.map(stack).join(", ")})`,
+  load: code.load,
   bottom(s, ctx, stack) {
-    const m = createMirrorLayer(s.devices.map((d) => stack(d)), { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) });
+    const m = code.get().createMirrorLayer(s.devices.map((d) => stack(d)), { log: ctx.log?.child({ export: ctx.exportName, layer: "mirror" }) });
     ctx.handles.add(ctx.handles.mirrors, ctx.exportName, m, "mirror");
     return m;
   },

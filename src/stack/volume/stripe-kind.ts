@@ -1,7 +1,8 @@
 import { size } from "../../config/values.js";
 import type { StackSpec } from "../kinds.js";
-import type { LayerKind } from "../layer-kind.js";
-import { createStripeLayer } from "./stripe-layer.js";
+import { lazyCode, type LayerKind } from "../layer-kind.js";
+
+const code = lazyCode("stripe", () => import("./stripe-layer.js"));
 
 export interface StripeSpec {
   kind: "stripe";
@@ -18,5 +19,6 @@ export const stripeKind: LayerKind<StripeSpec, void, "chunk"> = {
   options: { chunk: "the stripe chunk, e.g. 64k (the default)" },
   parse: (arg, opts, at) => ({ kind: "stripe", devices: at.devices(arg, 1), chunk: opts.chunk === undefined ? 65536 : size(opts.chunk, at.option("chunk")) }),
   format: (s, stack) => `stripe[${s.chunk}](${s.devices.map(stack).join(", ")})`,
-  bottom: (s, _ctx, stack) => createStripeLayer(s.devices.map((d) => stack(d)), s.chunk),
+  load: code.load,
+  bottom: (s, _ctx, stack) => code.get().createStripeLayer(s.devices.map((d) => stack(d)), s.chunk),
 };
