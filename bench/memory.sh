@@ -1,6 +1,7 @@
 #!/bin/bash
 # npm run bench:memory — the server's resident memory at rest and its peak (VmHWM) after nbdcopy
-# of a 1 GiB image to null:, fio 4 KiB random reads at QD32, then 1 MiB sequential reads at QD8,
+# of a 1 GiB image to null:, fio 4 KiB random reads at QD32, 1 MiB sequential reads at QD8, then
+# 4 KiB random writes at QD32 (each change of request size lets the last size's free buffers go),
 # one server started as the nbdstack command starts (its shebang's Node.js options), one 1 GiB
 # random image. Knobs: MAX_MEMORY (the server's --max-memory; default: the server's default),
 # RUNTIME (3 s per fio run). Needs nbdcopy and fio.
@@ -23,3 +24,4 @@ s=$(date +%s%N); nbdcopy nbd://127.0.0.1:$PORT null:; e=$(date +%s%N)
 echo -n "after nbdcopy:     "; mem; echo "  nbdcopy: $(( 1024 * 1000000000 / (e - s) )) MiB/s"
 fio_run randread 4k 32; echo -n "after 4K QD32:     "; mem
 fio_run read 1M 8; echo -n "after 1M QD8:      "; mem
+fio_run randwrite 4k 32; echo -n "after 4K writes:   "; mem
