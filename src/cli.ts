@@ -1,4 +1,4 @@
-#!/usr/bin/env -S MALLOC_MMAP_THRESHOLD_=131072 node --max-semi-space-size=2
+#!/usr/bin/env -S MALLOC_MMAP_THRESHOLD_=131072 node --max-semi-space-size=1
 import { Command, InvalidArgumentError, Option } from "commander";
 import { serveCommand } from "./commands/serve.js";
 import { stackHelp } from "./config/stack-spec.js";
