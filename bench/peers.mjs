@@ -112,7 +112,7 @@ for (const s of servers) {
   s.uri = `nbd://127.0.0.1:${s.port}/${s.exportName ?? ""}`;
 }
 const cleanup = () => {
-  for (const p of procs) p.kill("SIGTERM");
+  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill("SIGTERM");
   for (const s of servers) {
     if (!s.daemon) continue;
     try {
@@ -192,7 +192,10 @@ for (let rep = 1; rep <= REPS; rep++) {
   }
 }
 const rss = Object.fromEntries(servers.map((s) => [s.name, peakRss(s.pid)]));
-for (const p of procs) p.kill("SIGTERM"); // the raw servers are done: the qcow2 runs have the machine
+// The raw servers are done (the qcow2 runs have the machine): each stopped and waited for, so that
+// none is signalled twice (nbdstack exits at once on a second signal) and the cluster node has
+// released its lease beside the image before cleanup removes the directory.
+await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode !== null || p.signalCode !== null ? r() : (p.once("exit", r), p.kill("SIGTERM"))))));
 
 // ---- qcow2 rows: nbdstack and qemu-nbd on one qcow2 image, each started for its run alone ----
 const qresults = {}; // workload -> server -> [{v, p50, p99, cpu}]
