@@ -101,6 +101,8 @@ const servers = QCOW2 === "only" ? [] : [
   ...(has("qemu-nbd") ? [{ name: "qemu-nbd", port: 10822, cmd: (img) => ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", "10822", "-x", "", "--persistent", "--shared=8", "--cache=writeback", "--aio=threads", img] }] : []),
 ];
 const procs = [];
+/** Stops a server started here and resolves once it exited (signalled once: nbdstack exits at once on a second signal). */
+const stop = (child) => new Promise((r) => (child.exitCode !== null || child.signalCode !== null ? r() : (child.once("exit", r), child.kill("SIGTERM"))));
 for (const s of servers) {
   // Every server serves the same file (they take turns, so none sees another's I/O): the page
   // cache then holds one copy. With a copy each, six 1 GiB images did not fit the page cache this
@@ -193,9 +195,8 @@ for (let rep = 1; rep <= REPS; rep++) {
 }
 const rss = Object.fromEntries(servers.map((s) => [s.name, peakRss(s.pid)]));
 // The raw servers are done (the qcow2 runs have the machine): each stopped and waited for, so that
-// none is signalled twice (nbdstack exits at once on a second signal) and the cluster node has
-// released its lease beside the image before cleanup removes the directory.
-await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode !== null || p.signalCode !== null ? r() : (p.once("exit", r), p.kill("SIGTERM"))))));
+// the cluster node has released its lease beside the image before cleanup removes the directory.
+await Promise.all(procs.map(stop));
 
 // ---- qcow2 rows: nbdstack and qemu-nbd on one qcow2 image, each started for its run alone ----
 const qresults = {}; // workload -> server -> [{v, p50, p99, cpu}]
@@ -222,12 +223,11 @@ if (qworkloads.length) {
     }
     return { child, uri };
   };
-  const stopQ = (child) => new Promise((r) => (child.exitCode !== null ? r() : (child.once("exit", r), child.kill("SIGTERM"))));
   // Warm-up of each server on the filled image (JIT, page cache), unmeasured.
   for (const s of qservers) {
     const { child, uri } = await startQ(s, filled);
     execFileSync(process.execPath, [CLI, "bench", uri, "--engine", "fio", "--rw", "randrw", "--bs", "64k", "--qd", "16", "--duration", "2s"], { stdio: "ignore" });
-    await stopQ(child);
+    await stop(child);
   }
   for (let rep = 1; rep <= REPS; rep++) {
     for (const w of qworkloads) {
@@ -248,7 +248,7 @@ if (qworkloads.length) {
         await sleep(200);
         const sum = JSON.parse(fs.readFileSync(json, "utf8")).summary;
         const cpuPerIo = ((cpuSeconds(child.pid) - cpu0) * 1e6) / sum.ops;
-        await stopQ(child);
+        await stop(child);
         ((qresults[w] ??= {})[s.name] ??= []).push({ v: sum[wl.metric], p50: sum.latencyUs.p50, p99: sum.latencyUs.p99, cpu: cpuPerIo });
         console.error(`rep ${rep} ${w.padEnd(30)} ${s.name.padEnd(10)} ${wl.metric === "iops" ? `${sum.iops} IOPS` : `${sum.mibPerSec} MiB/s`}  p50 ${sum.latencyUs.p50.toFixed(0)} µs  p99 ${sum.latencyUs.p99.toFixed(0)} µs  server CPU ${cpuPerIo.toFixed(1)} µs/request`);
       }

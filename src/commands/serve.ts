@@ -377,9 +377,9 @@ export async function serveCommand(images: string[], opts: ServeOptions, cmd?: C
   process.on("SIGTERM", () => stop("SIGTERM"));
 }
 
-/** Whether any TLS flag is given (tls-config.ts, and node:tls with it, is loaded only then). */
+/** Whether any --tls* flag is given (tls-config.ts, and node:tls with it, is loaded only then). */
 function usesTls(opts: TlsFlags): boolean {
-  return [opts.tls, opts.tlsCert, opts.tlsKey, opts.tlsCa, opts.tlsCertificates, opts.tlsPsk, opts.tlsVerifyPeer || undefined].some((v) => v !== undefined);
+  return Object.entries(opts).some(([k, v]) => k.startsWith("tls") && v !== undefined && v !== false);
 }
 
 /** The control API's server, token and routes, loaded when a control API is served. */

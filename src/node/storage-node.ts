@@ -43,9 +43,10 @@ export class StorageNode {
     // The image at the bottom of the stack is the resource that moves: port A opens it, port B
     // reaches whoever owns it. A raw file or a qcow2 image (its backing chain is only read, by
     // the owner); a live copy sends the guest-visible data, never the file.
-    const bottom = stackOf(spec)[0]!;
+    const stack = stackOf(spec);
+    const bottom = stack[0]!;
     if (bottom.kind !== "file" && bottom.kind !== "qcow2") throw new Error(`${spec.name}: a node's exports must sit on an image file (raw or qcow2, shared with peers), not ${bottom.kind}`);
-    await loadKinds(stackOf(spec)); // before the lease: from here on the export is built without a pause
+    await loadKinds(stack); // before the lease: from here on the export is built without a pause
     const lease = this.ownershipOf(bottom.path, spec.name);
     let epoch: number | null = null;
     let record: LeaseRecord | null = null;
