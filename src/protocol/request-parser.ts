@@ -39,6 +39,18 @@ export class Request implements Io {
 }
 
 /**
+ * One request that lives as long as the process, so that V8 keeps Request's hidden classes (maps).
+ * Without it, once the last client's requests were gone a full collection (the buffer pool asks
+ * for them) gave Request new maps, and V8 dropped all optimized code compiled against the old ones
+ * (`--trace-deopt`, "reason: weak objects": Request, feed, onRequest, run, execute, reject, read,
+ * checkRequest, finalSend): the next client ran the request path unoptimized until it was compiled
+ * again. In bench:peers (WORKLOADS="seqread-1m-qd8 nbdcopy-1g") an nbdcopy after the 1 MiB reads
+ * cost the server 2.0–2.4 × nbdkit-file's CPU per MiB before, 1.4–1.7 × with the maps kept.
+ * test/interop/warm-code.test.ts checks it with V8's trace.
+ */
+export const KEEPS_REQUEST_MAPS = new Request(0, 0, 0, 0, 0, 0, null);
+
+/**
  * Resumable parser of the request stream. Feed it chunks as they arrive; it calls `onRequest`
  * for each whole request. Write payloads are slices of the received chunk when they lie whole in
  * it and are copied only when split across chunks (into a pooled buffer: see Request.backing). Throws ProtocolError on a bad magic or a write

@@ -44,6 +44,7 @@ export interface ConnectionLimits {
 
 /** Structured reads at least this long are scanned for zero runs, sent as OFFSET_HOLE. */
 const SPARSE_READ_MIN = 64 * 1024;
+const SETTLED = Promise.resolve();
 /** Size of the buffer sockets read requests into (reused; payloads are copied out of it). */
 const READ_CHUNK = 256 * 1024;
 /**
@@ -556,8 +557,9 @@ export class Connection {
       return true;
     }
     this.budgetWaiter = this.budget.wait(bytes, () =>
-      // Not on the stack of whoever gave the bytes back.
-      queueMicrotask(() => {
+      // Not on the stack of whoever gave the bytes back. (A settled promise rather than
+      // queueMicrotask, which makes an AsyncResource for every call.)
+      void SETTLED.then(() => {
         this.budgetWaiter = null;
         if (this.released) {
           this.budget.give(bytes);

@@ -15,6 +15,8 @@ export interface Served {
   uris: string[];
   uri: string;
   stderr(): string;
+  /** Everything printed on stdout so far (the URIs, and V8's traces when nodeFlags ask for them). */
+  stdout(): string;
   /** Sends a signal (SIGTERM by default) and resolves with the exit code. */
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
@@ -26,11 +28,11 @@ process.on("exit", () => {
 
 /**
  * Starts `nbdstack serve ARGS` on an ephemeral port and waits until it printed `exports` URIs.
- * Adds `--listen 127.0.0.1:0` unless ARGS has --listen or --socket.
+ * Adds `--listen 127.0.0.1:0` unless ARGS has --listen or --socket. `nodeFlags` go to Node.js itself.
  */
-export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv = {}): Promise<Served> {
+export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv = {}, nodeFlags: string[] = []): Promise<Served> {
   const listen = args.includes("--listen") || args.includes("--socket") ? [] : ["--listen", "127.0.0.1:0"];
-  const proc = spawn(process.execPath, [CLI, "serve", ...listen, "--log-format", "json", "--log-level", "debug", ...args], {
+  const proc = spawn(process.execPath, [...nodeFlags, CLI, "serve", ...listen, "--log-format", "json", "--log-level", "debug", ...args], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, ...env },
   });
@@ -48,7 +50,8 @@ export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv 
     const timer = setTimeout(() => reject(new Error(`server did not start: ${err}`)), 15000);
     proc.stdout!.on("data", (d) => {
       out += d;
-      const lines = out.split("\n").filter(Boolean);
+      // (V8's traces, when nodeFlags ask for them, print lines that start with "[" or a space.)
+      const lines = out.split("\n").filter((l) => l && !/^[[ ]/.test(l));
       if (lines.length >= exports) {
         clearTimeout(timer);
         resolve(lines);
@@ -61,6 +64,7 @@ export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv 
     uris,
     uri: uris[0]!,
     stderr: () => err,
+    stdout: () => out,
     stop: async (signal = "SIGTERM") => {
       if (proc.exitCode === null) proc.kill(signal);
       return exited;
