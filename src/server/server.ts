@@ -47,10 +47,11 @@ export interface ServerOptions {
 }
 
 /**
- * Default of --max-memory: with Node.js's own ~60 MiB at rest, the server peaks at ~70–80 MiB under
- * nbdcopy and 1 MiB reads at full speed (README, "Memory under hostile clients").
+ * Default of --max-memory: the smallest budget at which 1 MiB reads and writes at QD8 and nbdcopy
+ * still run at full speed (5 of those reads in flight; 4 MiB cost them 6 %); with the 54 MiB a
+ * server is at rest, it peaks at ~65 MiB under bench:memory (README, "Memory under hostile clients").
  */
-export const DEFAULT_MAX_MEMORY = 8 * 1024 * 1024;
+export const DEFAULT_MAX_MEMORY = 6 * 1024 * 1024;
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
