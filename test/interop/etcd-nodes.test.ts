@@ -74,7 +74,9 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
     // In each a → b move, c (forwarding fio) linked to b when a announced the move, and switched
     // to that link when etcd named b: no connection or handshake while its requests waited.
     const ahead = logLines(nodes.c!.stderr(), "port B: the link made ahead to the new owner takes over");
-    expect(ahead.map((l) => String(l.to).replace(/@\d+$/, ""))).toEqual(["b", "b", "b"]);
+    // (A failure shows c's port B log: which link each move used, and why.)
+    const portB = () => nodes.c!.stderr().split("\n").filter((l) => /port B/.test(l)).join("\n");
+    expect(ahead.map((l) => String(l.to).replace(/@\d+$/, "")), portB()).toEqual(["b", "b", "b"]);
     const cluster = (await getStatus(url("b"))).cluster as ClusterStatus;
     expect(cluster.exports[0]).toMatchObject({ owner: "a", epoch: 10, live: true });
   }, 120_000);
@@ -132,7 +134,9 @@ describe.skipIf(!hasEtcd || !needTools("fio", "nbdinfo"))("nodes coordinated by 
       // The lease is 2 s (etcd's least); the owner's end is seen within a second of it.
       expect(stall).toBeLessThan(2000 + 1500);
       const took = [...logLines(nodes.b!.stderr(), "lease of the owner expired: taking the image over"), ...logLines(nodes.c!.stderr(), "lease of the owner expired: taking the image over")];
-      expect(took).toHaveLength(1);
+      // (A failure shows every node's lease lines: who took the image at which epoch, and why.)
+      const leaseLines = () => ["b", "c"].map((n) => `${n}:\n` + nodes[n]!.stderr().split("\n").filter((l) => /lease|take|fenc/.test(l)).join("\n")).join("\n");
+      expect(took, leaseLines()).toHaveLength(1);
       // The time without an owner: a log line and a metric on the node that took over.
       const taker = cluster.exports[0]!.owner;
       await pollUntil("the take-over's log line", async () => logLines(nodes[taker]!.stderr(), "took the image over: served here again after this long without an owner").length === 1);
