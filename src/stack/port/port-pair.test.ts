@@ -403,6 +403,22 @@ describe("port B: a link made ahead to the node an owner announced", () => {
     await r.flush(x); // b vouches for a (a hand-over): nothing was lost with the old link
   });
 
+  it("takes over too when the old link went first: the record names that node when port B links again", async () => {
+    const { r, pair, cut, who } = await start(undefined, "a@1");
+    const b = await otherNode("[owner=a epoch=1 at 127.0.0.1:1, through port B]");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    pair.moveAnnounced({ host: "127.0.0.1", port: b.port, node: "b" });
+    await until("the link ahead is made", () => b.seen.connections === 1);
+    // b claimed the image; the old owner closes its links before etcd's push reaches this node.
+    Object.assign(who, { owner: "b@2", handedFrom: ["a@1"] });
+    cut();
+    await r.pwrite(block(5), 4096, x);
+    expect((await blockAt(b.device, 4096)).equals(block(5))).toBe(true);
+    expect(b.seen.connections).toBe(1); // the link made ahead, and no other
+    await r.flush(x);
+  });
+
   it("is never used for another node: the record names c, so port B links to c and lets the link to b go", async () => {
     const { r, pair, owner, who, device } = await start(undefined, "a@1");
     const b = await otherNode("[owner=a epoch=1 at 127.0.0.1:1, through port B]");

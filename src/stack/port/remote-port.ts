@@ -207,28 +207,38 @@ export class RemotePort implements Layer {
    */
   relink(reason: string, to?: { owner: string; handedFrom?: string[] }): void {
     if (this.closed || !this.client) return;
-    const spare = this.spare;
-    if (spare && to && nodeOf(to.owner) === spare.node && !spare.client?.socket.destroyed) {
-      // The link made ahead (or still being made: it is further along than a new one) takes over.
-      spare.taken = true;
-      this.dropSpare(false);
+    const ahead = to ? this.takeSpare(to) : null;
+    if (ahead) {
       this.dropLink(reason, "info");
-      const take = (c: NbdClient) => {
-        if (this.closed) {
-          c.destroy(); // closed while it was being made
-          throw new NbdError("ESHUTDOWN", "port B is closed");
-        }
-        this.opts.log?.info({ to: to.owner, at: spare.where }, "port B: the link made ahead to the new owner takes over");
-        this.install(c, spare.where, to.owner, to.handedFrom);
-        return c;
-      };
-      if (spare.client) take(spare.client);
-      else this.linking(spare.made.then(take));
+      this.linking(ahead);
       return;
     }
     this.dropSpare();
     this.dropLink(reason, "info");
     this.connection().catch(() => undefined); // requests find the link, or retry, as after any drop
+  }
+
+  /**
+   * The link made ahead (or still being made: it is further along than a new one), made the
+   * current link to `to`, when it reaches `to`'s node; else null. Used when the record names that
+   * node: by relink (the store's push came while the old link stood) and by connection() (the old
+   * link had gone first, say the old owner closed it at the end of its hold).
+   */
+  private takeSpare(to: { owner?: string; handedFrom?: string[] }): Promise<NbdClient> | null {
+    const spare = this.spare;
+    if (!spare || to.owner === undefined || nodeOf(to.owner) !== spare.node || spare.client?.socket.destroyed) return null;
+    spare.taken = true;
+    this.dropSpare(false);
+    const owner = to.owner;
+    return (spare.client ? Promise.resolve(spare.client) : spare.made).then((c) => {
+      if (this.closed) {
+        c.destroy(); // closed while it was being made
+        throw new NbdError("ESHUTDOWN", "port B is closed");
+      }
+      this.opts.log?.info({ to: owner, at: spare.where }, "port B: the link made ahead to the new owner takes over");
+      this.install(c, spare.where, owner, to.handedFrom);
+      return c;
+    });
   }
 
   /**
@@ -293,6 +303,8 @@ export class RemotePort implements Layer {
       const first = this.opts.first;
       this.opts.first = undefined;
       let addr = first ?? (await this.opts.locate());
+      const ahead = first ? null : this.takeSpare(addr);
+      if (ahead) return ahead;
       // A stopped owner accepts the TCP connection and answers nothing: the handshake is bounded.
       const timeoutMs = Math.min(this.opts.requestTimeoutMs ?? 30_000, 5000);
       const connect = (to: OwnerAddress) => NbdClient.connect(to, { exportName: peerExportName(this.opts.exportName, this.session), tls: this.opts.tls, timeoutMs });
