@@ -120,8 +120,8 @@ export function buildLayer(l: LayerSpec, below: Layer, ctx: BuildContext): Layer
 
 /**
  * Loads the code of every kind `stack` names, in nested stacks too (a volume's devices, a qcow2
- * image's backing stack): see LayerKind.load. buildStack and buildLayer need it done first;
- * composeExport and composeNodeExport do it themselves.
+ * image's backing stack): see LayerKind.load. buildStack, buildLayer and composeNodeExport need it
+ * done first (StorageNode.createExport does it before it takes the lease); composeExport does it itself.
  */
 export async function loadKinds(stack: StackSpec): Promise<void> {
   const loads: Promise<void>[] = [];
