@@ -17,7 +17,7 @@ export interface Served {
   stderr(): string;
   /** Everything printed on stdout so far (the URIs, and V8's traces when nodeFlags ask for them). */
   stdout(): string;
-  /** Sends a signal (SIGTERM by default) and resolves with the exit code. */
+  /** Sends a signal (SIGTERM by default) and resolves with the exit code, once its output is read. */
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
@@ -46,6 +46,9 @@ export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv 
       resolve(code);
     }),
   );
+  // "exit" can come before the last of stdout and stderr is read (V8's traces are flushed as the
+  // process exits); "close" comes after both pipes ended.
+  const closed = new Promise<void>((resolve) => proc.once("close", () => resolve()));
   const uris = await new Promise<string[]>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`server did not start: ${err}`)), 15000);
     proc.stdout!.on("data", (d) => {
@@ -67,7 +70,10 @@ export async function serve(args: string[], exports = 1, env: NodeJS.ProcessEnv 
     stdout: () => out,
     stop: async (signal = "SIGTERM") => {
       if (proc.exitCode === null) proc.kill(signal);
-      return exited;
+      const code = await exited;
+      // A child that inherited the pipes could hold them open: wait for them a bounded time.
+      await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
+      return code;
     },
   };
 }
