@@ -85,12 +85,19 @@ export function blockStatusChunk(cookieHi: number, cookieLo: number, contextId: 
 /** Zero runs shorter than this stay in a read's data chunks. */
 const HOLE_MIN = 16 * 1024;
 const ZERO_BLOCK = Buffer.alloc(4096);
+const NO_RUNS: readonly number[] = Object.freeze([]);
 
 /**
  * The runs of `data` that are all zeros, at 4 KiB granularity and at least 16 KiB long, as
  * alternating [start, end) offsets: what a structured read reply may send as OFFSET_HOLE chunks.
  */
-export function zeroRuns(data: Buffer): number[] {
+export function zeroRuns(data: Buffer): readonly number[] {
+  // A run of HOLE_MIN (four blocks) or more covers a whole block whose index is a multiple of four,
+  // so that block starts with a zero byte: when none does, there is no run. One probe per 16 KiB
+  // is what most reads (data, not zeros) cost.
+  let probe = 0;
+  while (probe < data.length && data[probe] !== 0) probe += HOLE_MIN;
+  if (probe >= data.length) return NO_RUNS;
   const runs: number[] = [];
   let runStart = -1;
   for (let at = 0; at < data.length; at += 4096) {
