@@ -47,11 +47,12 @@ export interface ServerOptions {
 }
 
 /**
- * Default of --max-memory: the smallest budget at which 1 MiB reads and writes at QD8 and nbdcopy
- * still run at full speed (5 of those reads in flight; 4 MiB cost them 6 %); with the 54 MiB a
- * server is at rest, it peaks at ~65 MiB under bench:memory (README, "Memory under hostile clients").
+ * Default of --max-memory: four 1 MiB buffers. Measured on two machines (README, "Memory under
+ * hostile clients"): on one, 1 MiB reads at QD8 lost 6 % against 6 MiB; on the other, 6 MiB lost
+ * 7 % of 1 MiB reads and writes and of nbdcopy against 4 (why is not measured; fewer 1 MiB
+ * buffers in turn is the difference). With the 54 MiB a server is at rest, it peaks at ~65 MiB under bench:memory.
  */
-export const DEFAULT_MAX_MEMORY = 6 * 1024 * 1024;
+export const DEFAULT_MAX_MEMORY = 4 * 1024 * 1024;
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInflightRequests: 128,
