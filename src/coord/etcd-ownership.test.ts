@@ -484,6 +484,31 @@ describe.skipIf(!hasEtcd)("EtcdOwnership against a real etcd", () => {
     }
   });
 
+  it("a process whose session is lost claims nothing with it, though etcd still holds its lease", async () => {
+    // Nemesis on the lab, seed 20: c's session was lost while c was cut off (etcd's leader with
+    // it), and etcd's new leader had extended c's lease. A hand-over's adopt call, held in TCP,
+    // reached c as the network healed: its claim, bound to the lost lease, was written; c then
+    // fenced at once, and the export had an owner that wrote nothing until etcd ended the lease.
+    const p = fresh();
+    const proxy = await startProxy(cluster.endpoints[0]!);
+    try {
+      const { sa, a, b, lostAt } = await behindProxy(proxy.url, p);
+      const r1 = await b.acquire(id("b"), TTL_MS);
+      await b.prepareHandOver(id("a"));
+      const { view } = await b.planHandOver(id("b"), 1, id("a"), TTL_MS);
+      proxy.dropReplyTo("/v3/lease/keepalive");
+      await until("a's session is lost", () => lostAt() > 0);
+      proxy.dropReplyTo(null);
+      expect(performance.now() - lostAt()).toBeLessThan(sa.marginMs); // before its revocation is tried
+      const err = await leaseError(a.renew(id("a"), 2, view));
+      expect(err.message).toMatch(/is gone/);
+      expect(await b.read()).toEqual(r1); // nothing written: the record names b as it planned
+      expect(await b.renew(id("b"), 1)).toEqual(r1);
+    } finally {
+      proxy.close();
+    }
+  });
+
   it("a lost session's revocation is tried again while etcd cannot be reached, and lands once it can: another node takes over soon after, however long etcd would keep the lease", async () => {
     const p = fresh();
     const proxy = await startProxy(cluster.endpoints[0]!);

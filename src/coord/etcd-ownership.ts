@@ -460,6 +460,12 @@ export class EtcdOwnership implements Ownership {
    * lease) counts as applied; anything else rejects with the original error (nothing decided).
    */
   private async apply(st: State, w: Write): Promise<{ applied: boolean; now?: State }> {
+    // A lease this process called lost binds nothing more: etcd may still hold it (a new leader
+    // extends leases; a revocation waits for etcd), and would take a claim made with it — for an
+    // owner that writes nothing, until etcd ends the lease (nemesis on the lab, seed 20).
+    const lost = this.session.lost;
+    if (lost && typeof w.live === "object" && w.live.lease === this.session.leaseId)
+      throw new LeaseError(`lease lost: this process's etcd lease ${this.session.leaseId} is gone (${lost.message}); nothing is claimed with it`, st.rec);
     this.cached = null; // until this transaction's answer says what is there
     const value = JSON.stringify(w.record);
     const ops: TxnOp[] = [op.put(this.recordKey, value)];
