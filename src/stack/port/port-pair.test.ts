@@ -171,6 +171,36 @@ describe("port pair: a FLUSH never succeeds over writes that may be lost with an
     await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
   });
 
+  it("what an owner flushed at its hand-over stays durable when the next owner is taken over before a FLUSH", async () => {
+    // Nemesis on the lab, seed 20 at 32 s: b@11 acknowledged writes through this node's port B
+    // and handed the image to c@12 (drained and flushed); c lost its etcd session at once and
+    // acknowledged nothing; b took the image over from c (13). The client's next FLUSH failed for
+    // the writes b had flushed at its hand-over.
+    const { r, cut, who } = await start(undefined, "b@11");
+    const x = client();
+    await r.pwrite(block(1), 0, x);
+    Object.assign(who, { owner: "c@12", handedFrom: ["b@11"] });
+    cut();
+    await r.pread(Buffer.alloc(4096), 0, x); // port B links to c@12, who vouches for b@11
+    Object.assign(who, { owner: "b@13", handedFrom: undefined }); // a take-over of c
+    cut();
+    await r.flush(x);
+    // What c@12 itself acknowledged is another matter: c may have lost it.
+    await r.pwrite(block(2), 0, x);
+    Object.assign(who, { owner: "a@14", handedFrom: undefined });
+    cut();
+    await expect(r.flush(x)).rejects.toMatchObject({ errno: "EIO" });
+    // And so when this node takes the image over from the owner a hand-over reached.
+    const adopting = await start(undefined, "b@11");
+    const y = client();
+    await adopting.r.pwrite(block(1), 0, y);
+    Object.assign(adopting.who, { owner: "c@12", handedFrom: ["b@11"] });
+    adopting.cut();
+    await adopting.r.pread(Buffer.alloc(4096), 0, y);
+    await adopting.r.adopt({ ownerFlushed: false });
+    await adopting.r.flush(y);
+  });
+
   it("FUA writes are durable when acknowledged: no EIO after a link change", async () => {
     const { r, cut } = await start();
     const x = client(true);

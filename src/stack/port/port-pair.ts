@@ -73,9 +73,11 @@ export function buildPortPair(exportName: string, resource: Layer, offline: () =
   const portA: Layer = new FenceLayer(tracker, () => owner.mayWrite());
   let latest: RemotePort | null = null;
   const openRemote = async (first?: OwnerAddress): Promise<Layer> => {
-    // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells their clients.
+    // A replaced link may have taken acknowledged, unflushed writes with it: the redirector tells
+    // their clients; one replaced by a link to the owner it handed over to made them durable.
     const onNewLink = () => redirector.ownerLost();
-    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink, requestTimeoutMs: owner.requestTimeoutMs });
+    const onHandedOver = () => redirector.ownerHandedOver();
+    const p = new RemotePort({ exportName, first, locate: () => owner.locate(), log, tls: owner.tls, offline: first ? undefined : offline, onNewLink, onHandedOver, requestTimeoutMs: owner.requestTimeoutMs });
     latest = p;
     await p.open();
     return p;

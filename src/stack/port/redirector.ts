@@ -541,6 +541,16 @@ export class PortRedirector implements Layer {
     if (clients) this.log?.warn({ clients }, "writes acknowledged through port B were not flushed when its owner or link went: each client's next FLUSH fails");
   }
 
+  /**
+   * Port B's link moved to the owner the one it reached handed the resource to: that owner drained
+   * and flushed first, and served this node's link at its own epoch only (linkCurrent), so what it
+   * acknowledged is durable. Without this, a take-over of the new owner would count those writes
+   * as lost (nemesis on the lab, seed 20).
+   */
+  ownerHandedOver(): void {
+    this.ledger.settled();
+  }
+
   cache(length: number, offset: number, io: Io): Promise<void> {
     return this.route(io, (p) => p.cache(length, offset, io));
   }

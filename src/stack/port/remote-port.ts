@@ -31,6 +31,13 @@ export interface RemotePortOptions {
    */
   onNewLink?: () => void;
   /**
+   * Called when a link replaces one to an owner that the new owner vouches for (`handedFrom`):
+   * that owner drained and flushed before handing over, and a peer's link is served at the epoch
+   * it was made at only, so what it acknowledged on the old link is durable (see
+   * PortRedirector.ownerHandedOver).
+   */
+  onHandedOver?: () => void;
+  /**
    * A link on which requests wait this long with no reply at all is given up (default 30 s): the
    * owner may be stopped (a frozen process keeps its TCP connections alive) or unreachable. Its
    * requests are sent again on a new link, to wherever the owner is then.
@@ -353,12 +360,15 @@ export class RemotePort implements Layer {
   /**
    * Makes `c` the current link, to `owner` (node@epoch, when known), who vouches for `vouched`: a
    * link to another owner who does not vouch for the last one may have lost what that one
-   * acknowledged unflushed (onNewLink).
+   * acknowledged unflushed (onNewLink); one who does makes it durable (onHandedOver).
    */
   private install(c: NbdClient, where: string, owner: string | undefined, vouched: string[] | undefined): void {
     this.where = where;
-    const same = owner !== undefined && (owner === this.linkOwner || (this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner)));
-    if (this.links++ > 0 && !same) {
+    const sameOwner = owner !== undefined && owner === this.linkOwner;
+    const handedOver = owner !== undefined && !sameOwner && this.linkOwner !== undefined && !!vouched?.includes(this.linkOwner);
+    const replaces = this.links++ > 0;
+    if (replaces && handedOver) this.opts.onHandedOver?.();
+    else if (replaces && !sameOwner) {
       this.opts.log?.debug({ was: this.linkOwner ?? null, now: owner ?? null, vouchedFor: vouched ?? [], description: c.description ?? null }, "port B: a link to another owner, who does not vouch for the last one");
       this.opts.onNewLink?.();
     }
