@@ -406,9 +406,8 @@ export async function runNemesis(options = {}) {
     // The harness cannot see the instant another node takes the image over (a lease runs out
     // while a node is frozen, dead, or cannot write its record), only the fault that causes it:
     // so a loss event is declared when the fault starts, when it ends, and one and two lease
-    // times after, and a FLUSH EIO is accepted when one of them was declared between the
-    // connection's last FLUSH that succeeded and the EIO (so a take-over that comes after a fault
-    // ended, with a FLUSH that succeeded in between, must be explained by a later fault).
+    // times after, and a FLUSH EIO is accepted when one of them was declared after the
+    // connection's last successful FLUSH was sent and before the EIO came.
     // A network or etcd fault is different: the owner goes on serving, correctly, until its local
     // deadline, and another node takes over some time later, while the fault lasts. A write it
     // acknowledged in between and never flushed is gone after the take-over. So while such a
