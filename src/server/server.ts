@@ -49,7 +49,7 @@ export interface ServerOptions {
 /**
  * Default of --max-memory: four 1 MiB buffers. Measured on two machines (README, "Memory under
  * hostile clients"): on one, 1 MiB reads at QD8 lost 6 % against 6 MiB; on the other, 6 MiB lost
- * 7 % of 1 MiB reads and writes and of nbdcopy against 4 (why is not measured; fewer 1 MiB
+ * 6 % of 1 MiB reads and writes and of nbdcopy against 4 (why is not measured; fewer 1 MiB
  * buffers in turn is the difference). With the 54 MiB a server is at rest, it peaks at ~65 MiB
  * under bench:memory.
  */
