@@ -56,6 +56,13 @@ const QALL = {
   "qcow2-alloc-randwrite-4k-qd32": { rw: "randwrite", bs: "4k", qd: 32, metric: "iops", overlay: true },
 };
 const qworkloads = QCOW2 === "0" ? [] : (process.env.QCOW2_WORKLOADS ?? Object.keys(QALL).join(" ")).split(/\s+/).filter(Boolean);
+for (const [list, known, what] of [[workloads, ALL, "WORKLOADS"], [qworkloads, QALL, "QCOW2_WORKLOADS"]]) {
+  const unknown = list.filter((w) => !Object.hasOwn(known, w));
+  if (unknown.length) {
+    console.error(`${what}: no workload named ${unknown.join(", ")}; known: ${Object.keys(known).join(" ")}`);
+    process.exit(2);
+  }
+}
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-peers-"));
 const base = path.join(dir, "base.img");
@@ -110,6 +117,7 @@ for (const s of servers) {
   const [cmd, ...args] = s.cmd(base);
   const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "inherit"] });
   procs.push(child);
+  s.child = child;
   s.pid = s.daemon ? undefined : child.pid;
   s.uri = `nbd://127.0.0.1:${s.port}/${s.exportName ?? ""}`;
 }
@@ -126,16 +134,23 @@ const cleanup = () => {
   if (!process.env.KEEP) fs.rmSync(dir, { recursive: true, force: true });
 };
 process.on("SIGINT", () => (cleanup(), process.exit(130)));
+// A run that fails half-way stops its servers too: left running, they held the ports and the next
+// run measured them in place of its own (their CPU read as 0).
+process.on("exit", (code) => code !== 0 && cleanup());
+process.on("SIGTERM", () => process.exit(143));
 for (const s of servers) {
   for (let i = 0; ; i++) {
     try {
-      execFileSync("nbdinfo", ["--size", s.uri], { stdio: "ignore" });
+      // Exited (its port taken, say): whatever answers on that port is not this run's server.
+      if (!s.daemon && s.child.exitCode !== null) break;
+      execFileSync("nbdinfo", ["--size", s.uri], { stdio: "ignore", timeout: 5000 });
       break;
     } catch {
       if (i > 100) throw new Error(`${s.name} did not start`);
       await new Promise((r) => setTimeout(r, 100));
     }
   }
+  if (!s.daemon && s.child.exitCode !== null) throw new Error(`${s.name} exited at start (code ${s.child.exitCode}): is its port ${s.port} taken?`);
 }
 
 for (const s of servers) if (s.daemon) s.pid = Number(fs.readFileSync(s.daemon, "utf8"));
