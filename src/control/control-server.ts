@@ -1,5 +1,4 @@
 import http from "node:http";
-import https from "node:https";
 import type { AddressInfo } from "node:net";
 import type { Logger } from "pino";
 import { tokenMatches } from "./token.js";
@@ -38,7 +37,8 @@ export class ControlServer {
 
   async listen(host: string, port: number): Promise<string> {
     const handler = (req: http.IncomingMessage, res: http.ServerResponse) => void this.serve(req, res);
-    const server = this.tls ? https.createServer({ cert: this.tls.cert, key: this.tls.key, minVersion: "TLSv1.2" }, handler) : http.createServer(handler);
+    // node:https (and node:tls below it) imported only for a TLS control API: a few hundred KiB.
+    const server = this.tls ? (await import("node:https")).createServer({ cert: this.tls.cert, key: this.tls.key, minVersion: "TLSv1.2" }, handler) : http.createServer(handler);
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

@@ -1,5 +1,4 @@
 import type { Logger } from "pino";
-import { FsError, probeFileSystem } from "../fs/probe.js";
 import { plainIo, type Layer } from "../stack/layer.js";
 import { PartitionTableError, readPartitionTable } from "../stack/partition/partition-table.js";
 
@@ -11,6 +10,8 @@ import { PartitionTableError, readPartitionTable } from "../stack/partition/part
  * says it is in use (mounted read-write, or not cleanly unmounted): its maps on the device may lag.
  */
 export async function freeRanges(dev: Layer, log?: Logger): Promise<Array<{ offset: number; length: number }>> {
+  // Imported here: the file-system readers cost a node about 1 MiB, and only --skip-free uses them.
+  const { FsError, probeFileSystem } = await import("../fs/probe.js");
   const read = async (length: number, offset: number) => {
     const b = Buffer.alloc(length);
     await dev.pread(b, offset, plainIo);

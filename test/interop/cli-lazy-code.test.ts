@@ -65,5 +65,17 @@ describe.skipIf(!needTools("nbdinfo"))("serve imports code when it is used", () 
     expect(loaded).toContain("stack/fault/fault-layer.js");
     expect(loaded).toContain("control/control-server.js");
     expect(loaded).not.toContain("stack/qcow2/qcow2-layer.js");
+    expect(loaded).not.toContain("node:https"); // the control API without TLS
+  });
+
+  it("a cluster node's export: the node's code, but not the file-system readers (--skip-free) or node:https", async () => {
+    const img = blankImage(path.join(dir, "node.img"), 1 << 20);
+    const cfg = path.join(dir, "node.yaml");
+    fs.writeFileSync(cfg, `node-id: lazy\ncontrol: 127.0.0.1:0\nexports:\n  - name: ""\n    stack: file:${img}\n`);
+    const loaded = await modulesOf(["--config", cfg, "--token-file", path.join(dir, "token")], "node");
+    expect(loaded).toContain("node/storage-node.js");
+    expect(loaded).toContain("control/control-server.js");
+    expect(loaded).not.toContain("fs/probe.js");
+    expect(loaded).not.toContain("node:https");
   });
 });
