@@ -4,7 +4,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { imageKind } from "../kinds.js";
 import { backingPath } from "./qcow2-backing.js";
-import { compressedExtent, entryOffset, ownedEntry, parseHeader, refcountAt, setRefcount } from "./qcow2-format.js";
+import { compressedExtent, entryOffset, hasExtendedL2, l2EntrySize, onesFrom, ownedEntry, parseHeader, refcountAt, setRefcount, subclusterMask } from "./qcow2-format.js";
 
 /** A v3 header with 64 KiB clusters in a cluster-sized buffer; `edit` changes it. */
 function header(edit: (b: Buffer) => void = () => undefined): Buffer {
@@ -38,10 +38,33 @@ describe("qcow2 header", () => {
     expect(h).toMatchObject({ version: 3, clusterBits: 16, size: 1 << 30, l1Size: 2, refcountOrder: 4, backingFormat: "raw", backingFileOffset: 1024 });
   });
 
+  it("reads extended L2 entries (bit 4): 16-byte entries, so an L1 entry maps half as much", () => {
+    const h = parseHeader(header((b) => (b[79] = 0x10) && b.writeUInt32BE(4, 36)), "x.qcow2"); // 4 × 256 MiB
+    expect(hasExtendedL2(h)).toBe(true);
+    expect(l2EntrySize(h)).toBe(16);
+    expect(l2EntrySize(parseHeader(header(), "x.qcow2"))).toBe(8);
+    expect(() => parseHeader(header((b) => (b[79] = 0x10)), "x.qcow2")).toThrow(/L1 table of 2 entries is too small/);
+    expect(parseHeader(header((b) => (b[79] = 0x10) && b.writeUInt32BE(14, 20) && b.writeUInt32BE(1024, 36)), "x.qcow2").clusterBits).toBe(14);
+  });
+
+  it("subcluster masks", () => {
+    expect(subclusterMask(0, 32)).toBe(0xffffffff);
+    expect(subclusterMask(31, 1)).toBe(0x80000000);
+    expect(subclusterMask(3, 2)).toBe(0b11000);
+    expect(subclusterMask(5, 0)).toBe(0);
+    expect(onesFrom(0xffffffff, 0)).toBe(32);
+    expect(onesFrom(0xffffffff, 31)).toBe(1);
+    expect(onesFrom(0x80000000, 31)).toBe(1);
+    expect(onesFrom(0b11100, 2)).toBe(3);
+    expect(onesFrom(0b11100, 1)).toBe(0);
+    expect(onesFrom(~0b100, 3)).toBe(29);
+    expect(onesFrom(0, 0)).toBe(0);
+  });
+
   it("refuses what it does not implement, naming the feature", () => {
     const bad = (edit: (b: Buffer) => void) => () => parseHeader(header(edit), "x.qcow2");
     expect(bad((b) => b.writeUInt32BE(1, 32))).toThrow(/"encryption \(AES\)" is not supported/);
-    expect(bad((b) => (b[79] = 0x10))).toThrow(/"extended L2 entries/);
+    expect(bad((b) => (b[79] = 0x10) && b.writeUInt32BE(13, 20))).toThrow(/"extended L2 entries with 8192-byte clusters" is not supported; subclusters .* at least 512 bytes/);
     expect(bad((b) => (b[79] = 0x04))).toThrow(/"external data file"/);
     expect(bad((b) => (b[79] = 0x02))).toThrow(/marked corrupt.*qemu-img check -r all x\.qcow2/);
     expect(bad((b) => b.writeUInt32BE(5, 4))).toThrow(/"version 5"/);

@@ -127,14 +127,18 @@ export function parseHeader(first: Buffer, file: string): Qcow2Header {
     if (bit === INCOMPAT.dirty) continue; // read-only with advice, decided by the layer
     if (bit === INCOMPAT.corrupt) throw new NbdError("EIO", `${file}: the image is marked corrupt (qcow2 corrupt bit set); repair it with: qemu-img check -r all ${file}`);
     if (bit === INCOMPAT.dataFile) throw refused(file, `external data file${h.dataFile ? ` (${h.dataFile})` : ""}`, `convert it to a self-contained image: qemu-img convert -O qcow2 ${file} NEW.qcow2`);
-    if (bit === INCOMPAT.extendedL2) throw refused(file, "extended L2 entries (subclusters)", `convert it: qemu-img convert -O qcow2 -o extended_l2=off ${file} NEW.qcow2`);
+    if (bit === INCOMPAT.extendedL2) continue; // subclusters: the cluster size is checked below
     if (bit === INCOMPAT.compression) continue; // checked with the compression type below
     unknown.push(h.featureNames.get(`0:${bit}`) ?? (KNOWN_INCOMPAT_NAMES[bit] ? KNOWN_INCOMPAT_NAMES[bit]! : `incompatible feature bit ${bit}`));
   }
   if (unknown.length) throw refused(file, unknown.join(", "), "this layer does not know it (unknown incompatible feature)");
   if (h.compressionType !== 0 && h.compressionType !== ZSTD) throw refused(file, `compression type ${h.compressionType}`, "only deflate (zlib) and zstd are");
   if (h.size > Number.MAX_SAFE_INTEGER - cs) throw refused(file, `virtual size ${h.size}`, "at most 2^53 bytes");
-  const l2Entries = cs / 8;
+  // Subclusters are cluster_size / 32 bytes; QEMU refuses them below 512 bytes (its minimum
+  // cluster size), so extended L2 entries need clusters of at least 16 KiB.
+  if (featureBit(h.incompatible, INCOMPAT.extendedL2) && cs < MIN_EXTENDED_L2_CLUSTER)
+    throw refused(file, `extended L2 entries with ${cs}-byte clusters`, `subclusters (1/32 of a cluster) must be at least 512 bytes, as QEMU requires: qemu-img convert -O qcow2 -o extended_l2=on,cluster_size=16k ${file} NEW.qcow2 (or extended_l2=off)`);
+  const l2Entries = cs / l2EntrySize(h);
   if (h.l1Size * l2Entries * cs < h.size) throw corrupt(file, `L1 table of ${h.l1Size} entries is too small for ${h.size} bytes`);
   if (h.l1Size > 32 * 1024 * 1024 / 8) throw corrupt(file, `L1 table of ${h.l1Size} entries (QEMU's limit is 32 MiB)`);
   if (h.l1TableOffset % cs !== 0 || (h.l1Size > 0 && h.l1TableOffset === 0)) throw corrupt(file, `L1 table offset ${h.l1TableOffset} is not cluster aligned`);
@@ -173,6 +177,38 @@ export function backingName(first: Buffer, h: Qcow2Header): string | null {
 
 // ---- L1 / L2 entries: read as two 32-bit halves (hi: bits 32-63, lo: bits 0-31) ----
 
+/** Extended L2 entries need clusters of at least this many bytes (subclusters of 512 bytes). */
+export const MIN_EXTENDED_L2_CLUSTER = 16 * 1024;
+/** Subclusters per cluster with extended L2 entries. */
+export const SUBCLUSTERS = 32;
+/** The subcluster bitmap's halves: bits 0-31 (allocated) and bits 32-63 (reads as zeroes). */
+export const ALL_SUBCLUSTERS = 0xffffffff;
+
+/** True when the image's L2 entries are extended (incompatible bit 4: 128-bit entries, subclusters). */
+export function hasExtendedL2(h: Qcow2Header): boolean {
+  return featureBit(h.incompatible, INCOMPAT.extendedL2);
+}
+
+/**
+ * Bytes per L2 entry: 8, or 16 with extended L2 entries — the standard descriptor, then the
+ * subcluster bitmap (big-endian 64 bits: bytes 8-11 are bits 32-63, a subcluster's "reads as
+ * zeroes" bit, bit 32 + x for subcluster x; bytes 12-15 are bits 0-31, its "allocated" bit x).
+ */
+export function l2EntrySize(h: Qcow2Header): 8 | 16 {
+  return hasExtendedL2(h) ? 16 : 8;
+}
+
+/** Bits [first, first + n) of a 32-bit subcluster mask (n from 0 to 32). */
+export function subclusterMask(first: number, n: number): number {
+  return n <= 0 ? 0 : ((2 ** n - 1) * 2 ** first) >>> 0;
+}
+
+/** How many bits are set in `mask` from bit `from` on, before the first clear one (0 to 32 - from). */
+export function onesFrom(mask: number, from: number): number {
+  const v = ~(mask >>> from); // the run's bits are clear now, and so is nothing above bit 31 - from
+  return v === 0 ? 32 : 31 - Math.clz32(v & -v);
+}
+
 /** Bit 63 of an L1/L2 entry: refcount is exactly one (the cluster may be written in place). */
 export const COPIED_HI = 0x80000000;
 /** The header's compression type for zstd-compressed clusters (0 is deflate). */
@@ -180,7 +216,7 @@ export const ZSTD = 1;
 
 /** Bit 62 of an L2 entry: compressed cluster. */
 export const COMPRESSED_HI = 0x40000000;
-/** Bit 0 of an L2 entry (v3): the cluster reads as zeroes. */
+/** Bit 0 of an L2 entry (v3): the cluster reads as zeroes (reserved, 0, with extended L2 entries). */
 export const ZERO_LO = 1;
 
 /** Bits 9-55 of an entry: a cluster-aligned host offset (0: none). */

@@ -5,6 +5,7 @@ import path from "node:path";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { needTools } from "../../../test/helpers/tools.js";
 import { plainIo, type Io } from "../layer.js";
+import { createFilePort } from "../port/file-port.js";
 import { createQcow2Layer } from "./qcow2-layer.js";
 import { prng } from "../../../test/helpers/prng.js";
 
@@ -18,9 +19,9 @@ const hasQemuImg = needTools("qemu-img");
  * A fresh qcow2 v3 image made by hand: header, refcount table, one refcount block, the L1 table;
  * every later cluster free. `refcountOrder` 0 to 6 (1- to 64-bit refcounts).
  */
-function makeImage(name: string, size: number, clusterBits: number, refcountOrder = 4): string {
+function makeImage(name: string, size: number, clusterBits: number, refcountOrder = 4, extendedL2 = false): string {
   const cs = 2 ** clusterBits;
-  const l1Size = Math.ceil(size / (cs * (cs / 8)));
+  const l1Size = Math.ceil(size / (cs * (cs / (extendedL2 ? 16 : 8))));
   const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
   const used = 3 + l1Clusters;
   const bits = 2 ** refcountOrder;
@@ -36,6 +37,7 @@ function makeImage(name: string, size: number, clusterBits: number, refcountOrde
   buf.writeUInt32BE(1, 56);
   buf.writeUInt32BE(refcountOrder, 96);
   buf.writeUInt32BE(104, 100);
+  if (extendedL2) buf[79] = 0x10; // incompatible bit 4: extended L2 entries
   buf.writeBigUInt64BE(BigInt(2 * cs), cs); // refcount table entry 0 → block at cluster 2
   for (let c = 0; c < used; c++) {
     const bit = c * bits;
@@ -291,6 +293,163 @@ describe("qcow2 layer on hand-made images", () => {
     expect(warnings[0]).toContain(`repair it with: qemu-img check -r all ${file}`);
     await expect(layer.pwrite(Buffer.alloc(512), 0, io)).rejects.toMatchObject({ errno: "EPERM" });
     await layer.close();
+  });
+});
+
+describe("qcow2 layer with extended L2 entries (subclusters)", () => {
+  const SC = 32; // subclusters per cluster
+
+  /** A raw backing file of `size` random bytes, and a file port over it (what `backing: STACK` gives). */
+  function backingFile(name: string, size: number, seed: number): { path: string; bytes: Buffer } {
+    const rnd = prng(seed);
+    const bytes = Buffer.alloc(size);
+    for (let i = 0; i < size; i += 4) bytes.writeUInt32LE(Math.floor(rnd() * 2 ** 32), i);
+    const p = path.join(dir, name);
+    fs.writeFileSync(p, bytes);
+    return { path: p, bytes };
+  }
+
+  for (const bits of [14, 16]) {
+    it(`keeps a model under writes, zeroes and trims of whole and partial subclusters over a backing file (${2 ** bits}-byte clusters); reopened, checked`, async () => {
+      const cs = 2 ** bits;
+      const scs = cs / SC;
+      const size = 4 * 1024 * 1024;
+      const file = makeImage(`x${bits}.qcow2`, size, bits, 4, true);
+      const below = backingFile(`x${bits}.raw`, size - 3 * cs - 1000, bits); // shorter: zeroes past its end
+      const model = Buffer.alloc(size);
+      below.bytes.copy(model);
+      const open = async (readOnly = false) => {
+        const l = createQcow2Layer({ path: file, readOnly, backing: createFilePort({ path: below.path, readOnly: true }), l2Cache: 1, refcountCache: 1 });
+        await l.open();
+        return l;
+      };
+      const layer = await open();
+      const rnd = prng(bits * 31);
+      const pick = (n: number) => Math.floor(rnd() * n);
+      /** A range: whole subclusters, or any bytes; up to three clusters long, sometimes at the disk's end. */
+      const range = (): [number, number] => {
+        if (rnd() < 0.5) {
+          const first = pick(size / scs - 1);
+          const n = 1 + pick(Math.min(3 * SC, size / scs - first));
+          return [first * scs, n * scs];
+        }
+        const off = pick(size - 1);
+        return [off, 1 + pick(Math.min(3 * cs, size - off))];
+      };
+      const apply = async (l: typeof layer, op: number): Promise<void> => {
+        const [off, len] = range();
+        if (op < 0.55) {
+          const data = Buffer.alloc(len, 1 + pick(250));
+          data.copy(model, off);
+          await l.pwrite(data, off, io);
+        } else if (op < 0.85) {
+          model.fill(0, off, off + len);
+          await l.zero(len, off, { ...io, mayTrim: rnd() < 0.5 });
+        } else {
+          // trim: whole clusters read as zeroes (a backing file is below), partial ones are left
+          const first = Math.ceil(off / cs);
+          const last = off + len === size ? Math.ceil(size / cs) : Math.floor((off + len) / cs);
+          if (last > first) model.fill(0, first * cs, Math.min(last * cs, size));
+          await l.trim(len, off, io);
+        }
+      };
+      for (let i = 0; i < 300; i++) {
+        await apply(layer, rnd());
+        if (i % 50 === 49) await layer.flush(io);
+      }
+      // Concurrent, on distinct clusters' subclusters: writes only (their ranges may share clusters).
+      const slots = Array.from({ length: size / scs }, (_, i) => i).sort(() => rnd() - 0.5).slice(0, 400);
+      await Promise.all(
+        slots.map(async (sc, i) => {
+          const off = sc * scs + (i % 3 === 0 ? 100 : 0);
+          const len = i % 3 === 0 ? scs - 200 : scs;
+          const data = Buffer.alloc(len, (i % 250) + 1);
+          data.copy(model, off);
+          await layer.pwrite(data, off, io);
+        }),
+      );
+      const back = Buffer.alloc(size);
+      await layer.pread(back, 0, io);
+      expect(back.equals(model)).toBe(true);
+      // Extents: every byte said to read as zeroes does.
+      for (let at = 0; at < size; ) {
+        const ext = await layer.extents(size - at, at, io);
+        for (const e of ext) {
+          if (e.flags & 2) expect(model.subarray(at, at + e.length).every((x) => x === 0)).toBe(true);
+          at += e.length;
+        }
+      }
+      await layer.close();
+      check(file);
+      const again = await open(true);
+      await again.pread(back, 0, io);
+      await again.close();
+      expect(back.equals(model)).toBe(true);
+    });
+  }
+
+  it("a whole-subcluster write allocates that subcluster only: the backing file shows through the others", async () => {
+    const cs = 16384;
+    const scs = cs / SC;
+    const size = 1024 * 1024;
+    const file = makeImage("xs.qcow2", size, 14, 4, true);
+    const below = backingFile("xs.raw", size, 7);
+    const layer = createQcow2Layer({ path: file, backing: createFilePort({ path: below.path, readOnly: true }) });
+    await layer.open();
+    const at = 5 * cs + 3 * scs;
+    await layer.pwrite(Buffer.alloc(scs, 0xab), at, io);
+    await layer.pwrite(Buffer.alloc(100, 0xcd), 5 * cs + 7 * scs + 200, io); // partial: subcluster 7 gets the backing file's bytes around it
+    expect(await layer.extents(size, 0, io, "depth")).toEqual([
+      { length: at, flags: 2 },
+      { length: scs, flags: 1 },
+      { length: 3 * scs, flags: 2 },
+      { length: scs, flags: 1 },
+      { length: size - at - 5 * scs, flags: 2 },
+    ]);
+    await layer.zero(2 * scs, 5 * cs + 10 * scs, io); // whole subclusters of a partly zeroed cluster
+    // Data (the image's and the backing file's) but for the zero subclusters 10-11.
+    expect((await layer.extents(2 * cs, 5 * cs, io)).map((e) => [e.length / scs, e.flags])).toEqual([
+      [10, 0],
+      [2, 3],
+      [52, 0],
+    ]);
+    // The backing file changes under subclusters 4-6 of that cluster: the image shows it, as QEMU would.
+    const fd = fs.openSync(below.path, "r+");
+    fs.writeSync(fd, Buffer.alloc(3 * scs, 0x77), 0, 3 * scs, 5 * cs + 4 * scs);
+    fs.closeSync(fd);
+    const b = Buffer.alloc(cs);
+    await layer.pread(b, 5 * cs, io);
+    const expected = below.bytes.subarray(5 * cs, 6 * cs);
+    expected.fill(0xab, 3 * scs, 4 * scs);
+    expected.fill(0x77, 4 * scs, 7 * scs);
+    expected.fill(0xcd, 7 * scs + 200, 7 * scs + 300);
+    expected.fill(0, 10 * scs, 12 * scs);
+    expect(b.equals(expected)).toBe(true);
+    await expect(layer.zero(100, 0, { ...io, fast: true })).rejects.toMatchObject({ errno: "ENOTSUP" });
+    await layer.zero(scs, 0, { ...io, fast: true }); // whole subclusters need no write
+    await layer.close();
+    check(file);
+  });
+
+  it("refuses an entry with a subcluster both allocated and zero, and allocated subclusters without a cluster", async () => {
+    const cs = 16384;
+    const file = makeImage("xbad.qcow2", 1024 * 1024, 14, 4, true);
+    const layer = createQcow2Layer({ path: file });
+    await layer.open();
+    await layer.pwrite(Buffer.alloc(cs, 1), 0, io);
+    await layer.close();
+    const l1 = Buffer.alloc(8);
+    const fd = fs.openSync(file, "r+");
+    fs.readSync(fd, l1, 0, 8, 3 * cs);
+    const l2 = Number(l1.readBigUInt64BE(0) & 0x00fffffffffffe00n);
+    fs.writeSync(fd, Buffer.from([0, 0, 0, 1]), 0, 4, l2 + 8); // entry 0: subcluster 0 zero and allocated
+    fs.writeSync(fd, Buffer.from([0, 0, 0, 1]), 0, 4, l2 + 16 + 12); // entry 1: allocated, no cluster
+    fs.closeSync(fd);
+    const again = createQcow2Layer({ path: file, readOnly: true });
+    await again.open();
+    await expect(again.pread(Buffer.alloc(512), 0, io)).rejects.toThrow(/both allocated and zero/);
+    await expect(again.pread(Buffer.alloc(512), cs, io)).rejects.toThrow(/allocated subclusters but no host cluster/);
+    await again.close();
   });
 });
 

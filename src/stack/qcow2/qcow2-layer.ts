@@ -8,8 +8,29 @@ import { createFilePort, type FilePort, type IoMode } from "../port/file-port.js
 import { pushExtents } from "../volume/common.js";
 import { backingLayer, backingPath, probeFormat, qcow2BackingOf } from "./qcow2-backing.js";
 import { backingNameFor, createQcow2 } from "./qcow2-create.js";
-import { COMPRESSED_HI, COPIED_HI, INCOMPAT, ZERO_LO, ZSTD, backingName, clusterSizeOf, compressedExtent, corrupt, entryOffset, featureBit, ownedEntry, parseHeader, type Qcow2Header } from "./qcow2-format.js";
-import { Qcow2Meta } from "./qcow2-meta.js";
+import {
+  ALL_SUBCLUSTERS,
+  COMPRESSED_HI,
+  COPIED_HI,
+  INCOMPAT,
+  SUBCLUSTERS,
+  ZERO_LO,
+  ZSTD,
+  backingName,
+  clusterSizeOf,
+  compressedExtent,
+  corrupt,
+  entryOffset,
+  featureBit,
+  hasExtendedL2,
+  l2EntrySize,
+  onesFrom,
+  ownedEntry,
+  parseHeader,
+  subclusterMask,
+  type Qcow2Header,
+} from "./qcow2-format.js";
+import { Qcow2Meta, type L2Value } from "./qcow2-meta.js";
 import { inflateZstd } from "./qcow2-zstd.js";
 import { ioBuffers } from "../../util/buffer-pool.js";
 
@@ -59,12 +80,24 @@ const OWNED = 2;
 const SHARED = 3;
 const COMPRESSED = 4;
 
-/** A write's clusters: of ours (guest cluster, host offset), and those that get new clusters. */
+/**
+ * A write's clusters: of ours (guest cluster, host offset), and those that get new clusters (their
+ * old entries: [hi, lo], with extended L2 entries [hi, lo, zeroes, allocated]).
+ */
 interface WritePlan {
+  /** Guest bytes [offset, end) written. */
+  offset: number;
+  end: number;
   owned: Array<[number, number]>;
   targets: number[];
-  olds: Array<[number, number]>;
+  olds: Array<readonly number[]>;
   hosts: number[];
+  /**
+   * Extended L2 entries: clusters of ours written in place where some subclusters written are not
+   * allocated yet (their bitmaps change at the link): guest cluster and old entry [hi, lo, zeroes,
+   * allocated]. Empty otherwise.
+   */
+  inPlace: Array<{ gc: number; entry: readonly number[] }>;
 }
 
 const HOLE_ZERO = State.NBD_STATE_HOLE | State.NBD_STATE_ZERO;
@@ -95,6 +128,9 @@ export class Qcow2Layer implements Layer {
   private cs = 0;
   private l2e = 0;
   private v3 = false;
+  /** Extended L2 entries (incompatible bit 4): 16-byte entries, 32 subclusters of `scs` bytes a cluster. */
+  private xl2 = false;
+  private scs = 0;
   private readOnly: boolean;
   private zeroCluster!: Buffer;
   private readonly tracker = new InflightTracker();
@@ -215,8 +251,10 @@ export class Qcow2Layer implements Layer {
       }
       this.header = h;
       this.cs = cs;
-      this.l2e = cs / 8;
+      this.l2e = cs / l2EntrySize(h);
       this.v3 = h.version === 3;
+      this.xl2 = hasExtendedL2(h);
+      this.scs = cs / SUBCLUSTERS;
       this.zeroCluster = Buffer.alloc(cs);
       this.meta = new Qcow2Meta(this.fd, file, h, {
         l2Cache: this.opts.l2Cache ?? DEFAULT_L2_CACHE,
@@ -311,7 +349,9 @@ export class Qcow2Layer implements Layer {
     if (lo & ZERO_LO && this.v3) return ZERO;
     const off = entryOffset(hi, lo);
     if (off === 0) return UNALLOC;
-    if (off % this.cs !== 0 || off + this.cs > this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
+    // The file may end inside its last cluster: only the subclusters written are (QEMU's too), and
+    // the rest reads as zeroes. The cluster must start in the file.
+    if (off % this.cs !== 0 || off >= this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
     return hi & COPIED_HI ? OWNED : SHARED;
   }
 
@@ -362,17 +402,103 @@ export class Qcow2Layer implements Layer {
     this.mLo = lo;
   }
 
+  // An extended L2 entry as entryX read it.
+  private xHi = 0;
+  private xLo = 0;
+  private xZero = 0;
+  private xAlloc = 0;
+
+  /**
+   * Extended L2 entries: reads entry `idx` of table `t` into the x* fields (hi, lo, and the
+   * subcluster bitmap's halves) and says what its cluster is: COMPRESSED (no subclusters), UNALLOC
+   * (no host cluster: its subclusters are unallocated or zero), OWNED or SHARED (a host cluster:
+   * each subcluster allocated, zero or unallocated). Invalid entries, as QEMU judges them, throw.
+   */
+  private entryX(t: Buffer | null, idx: number): number {
+    const at = idx * 16;
+    const hi = t ? t.readUInt32BE(at) : 0;
+    const lo = t ? t.readUInt32BE(at + 4) : 0;
+    const zero = t ? t.readUInt32BE(at + 8) : 0;
+    const alloc = t ? t.readUInt32BE(at + 12) : 0;
+    this.xHi = hi;
+    this.xLo = lo;
+    this.xZero = zero;
+    this.xAlloc = alloc;
+    if (hi & COMPRESSED_HI) return COMPRESSED; // its bitmap is reserved: not looked at, as QEMU reads
+    if ((zero & alloc) !== 0) throw corrupt(this.opts.path, `L2 entry ${idx} has subclusters both allocated and zero (bitmap ${zero.toString(16)}:${alloc.toString(16)})`);
+    const off = entryOffset(hi, lo);
+    if (off === 0) {
+      if (alloc !== 0) throw corrupt(this.opts.path, `L2 entry ${idx} has allocated subclusters but no host cluster`);
+      return UNALLOC;
+    }
+    // The file may end inside its last cluster: only the subclusters written are (QEMU's too), and
+    // the rest reads as zeroes. The cluster must start in the file.
+    if (off % this.cs !== 0 || off >= this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
+    return hi & COPIED_HI ? OWNED : SHARED;
+  }
+
+  /**
+   * mapWith for extended L2 entries: the run of subclusters alike from guest byte `g` (at most
+   * `max` bytes), across clusters while they continue it (data: the next host cluster, with the
+   * same COPIED flag); a compressed cluster is one run of its own.
+   */
+  private mapSubclusters(t: Buffer | null, g: number, max: number): void {
+    const cs = this.cs;
+    const scs = this.scs;
+    const gc = Math.floor(g / cs);
+    let idx = gc % this.l2e;
+    const c = this.entryX(t, idx);
+    const hi = this.xHi;
+    const lo = this.xLo;
+    const within = g - gc * cs;
+    let kind = COMPRESSED;
+    let base = 0;
+    let length = Math.min(cs - within, max);
+    if (c !== COMPRESSED) {
+      const sc = Math.floor(within / scs);
+      const alloc = this.xAlloc;
+      const zero = this.xZero;
+      kind = (alloc >>> sc) & 1 ? c : (zero >>> sc) & 1 ? ZERO : UNALLOC;
+      const data = kind === OWNED || kind === SHARED;
+      const n = onesFrom(data ? alloc : kind === ZERO ? zero : ~(alloc | zero), sc);
+      length = Math.min((sc + n) * scs - within, max);
+      if (data) base = entryOffset(hi, lo);
+      if (sc + n === SUBCLUSTERS) {
+        let next = base + cs;
+        while (length < max && ++idx < this.l2e) {
+          const c2 = this.entryX(t, idx);
+          if (c2 === COMPRESSED || (data && (c2 !== kind || entryOffset(this.xHi, this.xLo) !== next))) break;
+          const n2 = onesFrom(data ? this.xAlloc : kind === ZERO ? this.xZero : ~(this.xAlloc | this.xZero), 0);
+          if (n2 === 0) break;
+          length = Math.min(length + n2 * scs, max);
+          next += cs;
+          if (n2 < SUBCLUSTERS) break;
+        }
+      }
+    }
+    this.mKind = kind;
+    this.mHost = base + within;
+    this.mLength = length;
+    this.mHi = hi;
+    this.mLo = lo;
+  }
+
   /** mapWith on the cached table of `g`; false when the table must be read first. */
   private mapNow(g: number, max: number): boolean {
     const t = this.meta.l2Now(Math.floor(g / this.cs / this.l2e));
     if (t === undefined) return false;
-    this.mapWith(t, g, max);
+    if (this.xl2) this.mapSubclusters(t, g, max);
+    else this.mapWith(t, g, max);
     return true;
   }
 
   /** The run from guest byte `g` (see mapWith), reading its L2 table if needed. */
   private async run(g: number, max: number): Promise<{ kind: number; host: number; length: number; hi: number; lo: number }> {
-    if (!this.mapNow(g, max)) this.mapWith(await this.meta.l2(Math.floor(g / this.cs / this.l2e)), g, max);
+    if (!this.mapNow(g, max)) {
+      const t = await this.meta.l2(Math.floor(g / this.cs / this.l2e));
+      if (this.xl2) this.mapSubclusters(t, g, max);
+      else this.mapWith(t, g, max);
+    }
     return { kind: this.mKind, host: this.mHost, length: this.mLength, hi: this.mHi, lo: this.mLo };
   }
 
@@ -451,6 +577,20 @@ export class Qcow2Layer implements Layer {
 
   /** The current contents of guest cluster `gc` whose entry is [hi, lo], into `c` (one cluster). */
   private async readCluster(c: Buffer, gc: number, hi: number, lo: number, io: Io): Promise<void> {
+    if (this.xl2 && !(hi & COMPRESSED_HI)) {
+      // Subcluster by subcluster, as a read maps them (the entry cannot change meanwhile: the
+      // cluster is in flight, see lockedClusters).
+      for (let pos = 0; pos < this.cs; ) {
+        const g = gc * this.cs + pos;
+        const r = await this.run(g, this.cs - pos);
+        const part = c.subarray(pos, pos + r.length);
+        if (r.kind === OWNED || r.kind === SHARED) await this.data.pread(part, r.host, io);
+        else if (r.kind === ZERO) part.fill(0);
+        else await this.readBelow(part, g, io);
+        pos += r.length;
+      }
+      return;
+    }
     const k = this.kind(hi, lo);
     if (k === ZERO) c.fill(0);
     else if (k === UNALLOC) await this.readBelow(c, gc * this.cs, io);
@@ -515,10 +655,24 @@ export class Qcow2Layer implements Layer {
   private async plan(data: Buffer, offset: number): Promise<WritePlan> {
     const cs = this.cs;
     const end = offset + data.length;
-    const p: WritePlan = { owned: [], targets: [], olds: [], hosts: [] };
+    const p: WritePlan = { offset, end, owned: [], targets: [], olds: [], hosts: [], inPlace: [] };
     for (let gc = Math.floor(offset / cs); gc * cs < end; gc++) {
       const t = await this.table(gc);
       const idx = gc % this.l2e;
+      if (this.xl2) {
+        const c = this.entryX(t, idx);
+        const entry = [this.xHi, this.xLo, this.xZero, this.xAlloc] as const;
+        if (c === OWNED) {
+          // A cluster of ours: written in place; subclusters not allocated yet are marked at the link.
+          const m = this.touchedMask(gc, offset, end);
+          if (((entry[3] & m) >>> 0) === m) p.owned.push([gc, entryOffset(entry[0], entry[1])]);
+          else p.inPlace.push({ gc, entry });
+        } else {
+          p.targets.push(gc);
+          p.olds.push(entry);
+        }
+        continue;
+      }
       const hi = t ? t.readUInt32BE(idx * 8) : 0;
       const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
       if (this.kind(hi, lo) === OWNED) p.owned.push([gc, entryOffset(hi, lo)]);
@@ -544,6 +698,7 @@ export class Qcow2Layer implements Layer {
       const e = Math.min(end, (gc + 1) * cs);
       await this.data.pwrite(data.subarray(s - offset, e - offset), host + (s - gc * cs), io);
     }
+    for (const { gc, entry } of p.inPlace) await this.writeSubclusters(data, offset, gc, entryOffset(entry[0]!, entry[1]!), entry[2]!, entry[3]!, io);
     const { targets, hosts, olds } = p;
     const whole = (k: number) => targets[k]! * cs >= offset && (targets[k]! + 1) * cs <= end;
     for (let k = 0; k < targets.length; ) {
@@ -555,13 +710,20 @@ export class Qcow2Layer implements Layer {
         k = j;
         continue;
       }
+      const [hi, lo, zero] = olds[k]!;
+      if (this.xl2 && !(hi! & COMPRESSED_HI) && entryOffset(hi!, lo!) === 0) {
+        // A new cluster for unallocated or zero subclusters: only the subclusters written are
+        // written (and marked allocated at the link); the others stay as they were, unread.
+        await this.writeSubclusters(data, offset, gc, hosts[k]!, zero!, 0, io);
+        k++;
+        continue;
+      }
       // From the I/O buffer pool: a fresh cluster-sized buffer per allocating write was garbage
       // at several GiB/s, and the collections it caused stalled every request for 5–30 ms.
       const backing = ioBuffers.acquire(cs);
       const c = backing.subarray(0, cs); // readCluster fills it whole
       try {
-        const [hi, lo] = olds[k]!;
-        await this.readCluster(c, gc, hi, lo, io);
+        await this.readCluster(c, gc, hi!, lo!, io);
         const s = Math.max(offset, gc * cs);
         const e = Math.min(end, (gc + 1) * cs);
         data.copy(c, s - gc * cs, s - offset, e - offset);
@@ -575,10 +737,93 @@ export class Qcow2Layer implements Layer {
 
   /** Points the L2 entries of a plan's targets to their new clusters (in the cache; under the lock). */
   private link(p: WritePlan): Promise<void> {
+    if (this.xl2) return this.linkSubclusters(p);
     return this.meta.setEntries(
       p.targets,
       p.hosts.map((h) => ownedEntry(h)),
     );
+  }
+
+  /**
+   * link with extended L2 entries: a new cluster's subclusters written become allocated (their
+   * zero bits cleared), the others keep what they were; a compressed or shared cluster copied
+   * whole is allocated whole; the bitmap of a cluster of ours written in place gains the
+   * subclusters written. Entries in guest order, as setEntries wants them.
+   */
+  private linkSubclusters(p: WritePlan): Promise<void> {
+    const clusters: number[] = [];
+    const values: L2Value[] = [];
+    const value = (gc: number, hi: number, lo: number, zero: number, alloc: number): void => {
+      const m = this.touchedMask(gc, p.offset, p.end);
+      clusters.push(gc);
+      values.push([hi, lo, (zero & ~m) >>> 0, (alloc | m) >>> 0]);
+    };
+    let j = 0;
+    for (let k = 0; k < p.targets.length; k++) {
+      const gc = p.targets[k]!;
+      for (; j < p.inPlace.length && p.inPlace[j]!.gc < gc; j++) value(p.inPlace[j]!.gc, ...(p.inPlace[j]!.entry as [number, number, number, number]));
+      const [hi, lo, zero] = p.olds[k]!;
+      const [nh, nl] = ownedEntry(p.hosts[k]!);
+      if (hi! & COMPRESSED_HI || entryOffset(hi!, lo!) !== 0) {
+        clusters.push(gc);
+        values.push([nh, nl, 0, ALL_SUBCLUSTERS]);
+      } else value(gc, nh, nl, zero!, 0);
+    }
+    for (; j < p.inPlace.length; j++) value(p.inPlace[j]!.gc, ...(p.inPlace[j]!.entry as [number, number, number, number]));
+    return this.meta.setEntries(clusters, values);
+  }
+
+  /** The subclusters of guest cluster `gc` that guest bytes [offset, end) touch (a 32-bit mask). */
+  private touchedMask(gc: number, offset: number, end: number): number {
+    const base = gc * this.cs;
+    const s = Math.max(offset, base) - base;
+    const e = Math.min(end, base + this.cs) - base;
+    const first = Math.floor(s / this.scs);
+    return subclusterMask(first, Math.floor((e - 1) / this.scs) - first + 1);
+  }
+
+  /**
+   * Writes the bytes of guest cluster `gc` that `data` (at guest `offset`) covers into its host
+   * cluster at `host`, whose subclusters are allocated (bits `alloc`), zero (bits `zero`) or
+   * unallocated: a partly written subcluster not allocated yet is written whole, the rest of it
+   * what it read as before (zeroes, or the backing file's bytes); only that subcluster is read.
+   */
+  private async writeSubclusters(data: Buffer, offset: number, gc: number, host: number, zero: number, alloc: number, io: Io): Promise<void> {
+    const scs = this.scs;
+    const base = gc * this.cs;
+    const end = offset + data.length;
+    const s = Math.max(offset, base);
+    const e = Math.min(end, base + this.cs);
+    const first = Math.floor((s - base) / scs);
+    const last = Math.floor((e - 1 - base) / scs);
+    let from = s;
+    let to = e;
+    if ((s - base) % scs !== 0 && !((alloc >>> first) & 1)) {
+      await this.mergeSubcluster(data, offset, base + first * scs, (zero >>> first) & 1, host + first * scs, io);
+      from = Math.min(base + (first + 1) * scs, e);
+    }
+    if ((e - base) % scs !== 0 && !((alloc >>> last) & 1) && !(last === first && from === e)) {
+      await this.mergeSubcluster(data, offset, base + last * scs, (zero >>> last) & 1, host + last * scs, io);
+      to = base + last * scs;
+    }
+    if (to > from) await this.data.pwrite(data.subarray(from - offset, to - offset), host + (from - base), io);
+  }
+
+  /** Writes the subcluster at guest `start` whole at `host`: `data`'s bytes (at guest `offset`) over zeroes or the backing file's. */
+  private async mergeSubcluster(data: Buffer, offset: number, start: number, zero: number, host: number, io: Io): Promise<void> {
+    const scs = this.scs;
+    const pooled = ioBuffers.acquire(scs);
+    const b = pooled.subarray(0, scs);
+    try {
+      if (zero) b.fill(0);
+      else await this.readBelow(b, start, io);
+      const s = Math.max(offset, start);
+      const e = Math.min(offset + data.length, start + scs);
+      data.copy(b, s - start, s - offset, e - offset);
+      await this.data.pwrite(b, host, io);
+    } finally {
+      ioBuffers.release(pooled);
+    }
   }
 
   /**
@@ -589,7 +834,7 @@ export class Qcow2Layer implements Layer {
   private async writeLocked(data: Buffer, offset: number, io: Io): Promise<void> {
     const p = await this.plan(data, offset);
     await this.fill(data, offset, p, io);
-    if (p.targets.length) await this.link(p);
+    if (p.targets.length || p.inPlace.length) await this.link(p);
   }
 
   /**
@@ -614,7 +859,7 @@ export class Qcow2Layer implements Layer {
     try {
       await this.fill(data, offset, p, io);
       filled = true;
-      if (p.targets.length) await this.meta.locked(() => this.link(p));
+      if (p.targets.length || p.inPlace.length) await this.meta.locked(() => this.link(p));
     } finally {
       for (let gc = first; gc <= last; gc++) this.inflight.delete(gc);
       done();
@@ -697,6 +942,7 @@ export class Qcow2Layer implements Layer {
 
   private async zeroRuns(length: number, offset: number, io: Io): Promise<void> {
     this.writable("zero");
+    if (this.xl2) return this.zeroSubclusters(length, offset, io);
     const { head, first, last, tail } = this.cut(length, offset);
     // Zero flags need v3; a v2 image over a backing file must write zeroes, as must partial clusters.
     if (io.fast && (head || tail || (!this.v3 && (this.backing || !io.mayTrim) && last > first))) throw new NbdError("ENOTSUP", "fast zero needs whole clusters (and qcow2 v3 over a backing file)");
@@ -729,6 +975,61 @@ export class Qcow2Layer implements Layer {
   }
 
   /**
+   * zero with extended L2 entries, as QEMU's (qcow2_subcluster_zeroize): whole clusters become
+   * all-zero bitmaps (a cluster of ours keeps its allocation without `mayTrim`, as above); whole
+   * subclusters of a partly zeroed cluster become zero (their allocated bits cleared, the host
+   * cluster kept); partial subclusters, and subclusters of a compressed cluster, are written.
+   */
+  private async zeroSubclusters(length: number, offset: number, io: Io): Promise<void> {
+    const cs = this.cs;
+    const scs = this.scs;
+    const size = this.header.size;
+    const end = offset + length;
+    // Whole subclusters [a, b) (the last one counts as whole up to the disk's end); partial ones around.
+    const a = Math.ceil(offset / scs) * scs;
+    const b = end === size ? end : Math.floor(end / scs) * scs;
+    const writes: Array<[number, number]> = [];
+    if (b <= a) writes.push([offset, end]);
+    else {
+      if (offset < a) writes.push([offset, a]);
+      if (b < end) writes.push([b, end]);
+    }
+    const notFast = (): NbdError => new NbdError("ENOTSUP", "fast zero needs whole subclusters, not of a compressed cluster");
+    if (io.fast && writes.length) throw notFast();
+    this.tracker.enter();
+    try {
+      const direct = io.fua ? { ...io, fua: false } : io;
+      await this.lockedClusters(Math.floor(offset / cs), Math.floor((end - 1) / cs), async () => {
+        const clusters: number[] = [];
+        const values: L2Value[] = [];
+        for (let gc = Math.floor(a / cs); b > a && gc * cs < b; gc++) {
+          const c = this.entryX(await this.table(gc), gc % this.l2e);
+          const [hi, lo, zero, alloc] = [this.xHi, this.xLo, this.xZero, this.xAlloc];
+          const s = Math.max(a, gc * cs);
+          const e = Math.min(b, (gc + 1) * cs);
+          if (s === gc * cs && (e === (gc + 1) * cs || e === size)) {
+            if (c === UNALLOC && zero === 0 && !this.backing && io.mayTrim) continue; // reads as zeroes already
+            clusters.push(gc);
+            values.push(c === OWNED && !io.mayTrim ? [hi, lo, ALL_SUBCLUSTERS, 0] : [0, 0, ALL_SUBCLUSTERS, 0]);
+          } else if (c === COMPRESSED) {
+            if (io.fast) throw notFast();
+            writes.push([s, e]); // copied into a cluster of ours, then zeroes written (QEMU too)
+          } else {
+            const m = subclusterMask((s - gc * cs) / scs, Math.ceil((e - s) / scs));
+            clusters.push(gc);
+            values.push([hi, lo, (zero | m) >>> 0, (alloc & ~m) >>> 0]);
+          }
+        }
+        await this.meta.setEntries(clusters, values);
+        for (const [s, e] of writes) await this.writeZeroes(s, e, direct);
+      });
+      if (io.fua) await this.meta.flushShared();
+    } finally {
+      this.tracker.leave();
+    }
+  }
+
+  /**
    * Deallocates whole clusters (partial ones are left: trim is advisory), as QEMU's discard does:
    * on v3 a cluster that was allocated or has a backing file below becomes a zero cluster, else
    * unallocated (on v2 over a backing file it then shows the backing file, which trim allows).
@@ -745,10 +1046,17 @@ export class Qcow2Layer implements Layer {
     try {
       await this.lockedClusters(first, last - 1, async () => {
         const clusters: number[] = [];
-        const values: Array<[number, number]> = [];
+        const values: L2Value[] = [];
         for (let gc = first; gc < last; gc++) {
           const t = await this.table(gc);
           const idx = gc % this.l2e;
+          if (this.xl2) {
+            // Extended L2 entries (QEMU's discard_in_l2_slice): whole clusters only, to all-zero bitmaps.
+            if (this.entryX(t, idx) === UNALLOC && !this.backing) continue;
+            clusters.push(gc);
+            values.push([0, 0, ALL_SUBCLUSTERS, 0]);
+            continue;
+          }
           const hi = t ? t.readUInt32BE(idx * 8) : 0;
           const lo = t ? t.readUInt32BE(idx * 8 + 4) : 0;
           const k = this.kind(hi, lo);

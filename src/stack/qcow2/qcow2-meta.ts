@@ -1,6 +1,12 @@
 import fs from "node:fs";
 import { NbdError } from "../../errors.js";
-import { COMPRESSED_HI, COPIED_HI, HDR, compressedExtent, corrupt, entryOffset, ownedEntry, refcountAt, setRefcount, writeEntry, type Qcow2Header } from "./qcow2-format.js";
+import { COMPRESSED_HI, COPIED_HI, HDR, compressedExtent, corrupt, entryOffset, l2EntrySize, ownedEntry, refcountAt, setRefcount, writeEntry, type Qcow2Header } from "./qcow2-format.js";
+
+/**
+ * A new L2 entry: [hi, lo] of the descriptor, and with extended L2 entries the subcluster bitmap's
+ * [zeroes, allocated] halves (bits 32-63 and 0-31; 0 when left out).
+ */
+export type L2Value = readonly [number, number] | readonly [number, number, number, number];
 
 /**
  * The metadata of an open qcow2 image (nbdkit's blk.c to the layer's cow.c): the L1 table, the L2
@@ -125,6 +131,8 @@ function readAt(fd: number, buf: Buffer, offset: number): Promise<void> {
 export class Qcow2Meta {
   readonly cs: number;
   readonly l2Entries: number;
+  /** Bytes per L2 entry: 8, or 16 with extended L2 entries (the subcluster bitmap follows). */
+  readonly l2EntrySize: 8 | 16;
   private readonly refBits: number;
   /** Refcount entries per refcount block. */
   private readonly rbEntries: number;
@@ -160,7 +168,8 @@ export class Qcow2Meta {
     opts: Qcow2MetaOptions,
   ) {
     this.cs = 2 ** header.clusterBits;
-    this.l2Entries = this.cs / 8;
+    this.l2EntrySize = l2EntrySize(header);
+    this.l2Entries = this.cs / this.l2EntrySize;
     this.refBits = 2 ** header.refcountOrder;
     this.rbEntries = (this.cs * 8) / this.refBits;
     this.l2Cache = new TableCache(Math.max(4, Math.floor(opts.l2Cache / this.cs)));
@@ -445,25 +454,31 @@ export class Qcow2Meta {
 
   /**
    * Sets L2 entries of guest clusters (ascending) to new values and drops what the old ones
-   * referenced. `values[k]` is [hi, lo] for guest cluster `clusters[k]`.
+   * referenced. `values[k]` is the entry for guest cluster `clusters[k]` (with extended L2
+   * entries its subcluster bitmap too, written with it).
    */
-  async setEntries(clusters: number[], values: Array<[number, number]>): Promise<void> {
+  async setEntries(clusters: number[], values: L2Value[]): Promise<void> {
+    const esz = this.l2EntrySize;
     for (let k = 0; k < clusters.length; ) {
       const i = Math.floor(clusters[k]! / this.l2Entries);
       const table = await this.writableL2(i);
       let lo = this.cs;
       let hiEnd = 0;
       for (; k < clusters.length && Math.floor(clusters[k]! / this.l2Entries) === i; k++) {
-        const at = (clusters[k]! % this.l2Entries) * 8;
+        const at = (clusters[k]! % this.l2Entries) * esz;
         const oh = table.readUInt32BE(at);
         const ol = table.readUInt32BE(at + 4);
-        const [nh, nl] = values[k]!;
-        if (oh === nh >>> 0 && ol === nl >>> 0) continue;
+        const v = values[k]!;
+        const [nh, nl] = v;
+        const nz = esz === 16 ? (v[2] ?? 0) >>> 0 : 0;
+        const na = esz === 16 ? (v[3] ?? 0) >>> 0 : 0;
+        if (oh === nh >>> 0 && ol === nl >>> 0 && (esz === 8 || (table.readUInt32BE(at + 8) === nz && table.readUInt32BE(at + 12) === na))) continue;
         const sameCluster = !(oh & COMPRESSED_HI) && !(nh & COMPRESSED_HI) && entryOffset(oh, ol) === entryOffset(nh, nl);
         if (!sameCluster) this.dropEntry(oh, ol);
         writeEntry(table, at, nh, nl);
+        if (esz === 16) writeEntry(table, at + 8, nz, na);
         lo = Math.min(lo, at);
-        hiEnd = Math.max(hiEnd, at + 8);
+        hiEnd = Math.max(hiEnd, at + esz);
       }
       if (hiEnd > lo) this.l2Cache.markDirty(this.l2OffsetOf(i), table, lo, hiEnd);
     }
