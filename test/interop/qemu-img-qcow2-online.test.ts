@@ -169,6 +169,38 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
   });
 
+  it("snapshots an image with extended L2 entries and merges back into it, under writers that also trim", async () => {
+    const dir = tempDir();
+    const base = path.join(dir, "base.raw");
+    const ref = path.join(dir, "ref.raw");
+    randomImage(base, SIZE, 8);
+    const vm = path.join(dir, "vm.qcow2");
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b", "base.raw", "-F", "raw", vm);
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 3000", "-c", "write -z 2M 4k", "-c", "write -P 0x45 5M 1M", vm);
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", vm, ref);
+    const { srv, ctl, token } = await start(dir, vm);
+    const stop = path.join(dir, "stop");
+    const writers = [writer(srv.uri, ref, stop, 0, SIZE / 2, 5, true), writer(srv.uri, ref, stop, SIZE / 2, SIZE, 6, true)];
+    const c = ["vm", "--control", ctl, "--token-file", token];
+    try {
+      await sleep(700);
+      await cli("snapshot", ...c); // a standard overlay over the frozen image with subclusters
+      expect(chainOf(vm)).toEqual(["vm.qcow2", "vm.snap-1.qcow2", "base.raw"]);
+      await sleep(500);
+      await cli("merge", ...c, "--wait"); // written through the layer into the image with subclusters
+      await sleep(300);
+    } finally {
+      fs.writeFileSync(stop, "");
+    }
+    await Promise.all(writers);
+    expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
+    expect(JSON.parse(run("qemu-img", "info", "-U", "--output=json", vm))["format-specific"].data["extended-l2"]).toBe(true);
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, ref);
+    await srv.stop();
+    expect(run("qemu-img", "check", vm)).toMatch(/No errors were found/);
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
+  });
+
   it("fio's verified writes survive a snapshot and a merge made while they run", async () => {
     const dir = tempDir();
     const vm = path.join(dir, "vm.qcow2");
