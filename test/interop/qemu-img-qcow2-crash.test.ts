@@ -9,7 +9,6 @@ import { prng } from "../helpers/prng.js";
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
-const CLUSTER = 4096;
 /** Rounds of write, flush, SIGKILL (more with QCOW2_CRASH_ROUNDS=50). */
 const ROUNDS = Number(process.env.QCOW2_CRASH_ROUNDS ?? 6);
 
@@ -26,21 +25,23 @@ function bytes(n: number, rnd: () => number): Buffer {
  * also written back between flushes, to evict them.
  */
 const VARIANTS = [
-  { name: "default caches", tiny: false },
-  { name: "tiny caches, dirty tables written back to evict", tiny: true },
+  { name: "default caches", tiny: false, cluster: 4096, extendedL2: false, seed: 2024 },
+  { name: "tiny caches, dirty tables written back to evict", tiny: true, cluster: 4096, extendedL2: false, seed: 4048 },
+  // Subclusters of 512 bytes: writes allocate clusters part by part, and write in place into them.
+  { name: "extended L2 entries, 16 KiB clusters, tiny caches", tiny: true, cluster: 16384, extendedL2: true, seed: 6072 },
 ];
 
 describe.skipIf(!needTools("qemu-img"))("qcow2: SIGKILL during writes with flushes", () => {
-  it.each(VARIANTS)(`leaves an image qemu-img check finds free of corruption (leaks allowed), holding every flushed write, zero and trim ($name, ${ROUNDS} rounds)`, { timeout: 30_000 + ROUNDS * 10_000 }, async ({ tiny }) => {
+  it.each(VARIANTS)(`leaves an image qemu-img check finds free of corruption (leaks allowed), holding every flushed write, zero and trim ($name, ${ROUNDS} rounds)`, { timeout: 30_000 + ROUNDS * 10_000 }, async ({ tiny, cluster, extendedL2, seed }) => {
     const dir = tempDir("nbdstack-qcow2-crash-");
     const base = path.join(dir, "base.raw");
     randomImage(base, SIZE, 17);
     const image = path.join(dir, "top.qcow2");
-    // 4 KiB clusters over a raw base: most writes allocate, many copy part of a cluster from the base.
-    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "cluster_size=4k", image]);
+    // Small clusters over a raw base: most writes allocate, many copy part of a cluster (or subcluster) from the base.
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", `cluster_size=${cluster}${extendedL2 ? ",extended_l2=on" : ""}`, image]);
     /** What the image must hold: the base, then every write acknowledged before an acknowledged flush. */
     const model = fs.readFileSync(base);
-    const rnd = prng(tiny ? 4048 : 2024);
+    const rnd = prng(seed);
     const config = path.join(dir, "exports.yaml");
     fs.writeFileSync(config, ["exports:", "  - name: disk", "    stack:", "      - qcow2: top.qcow2", "        l2-cache: 4k", "        refcount-cache: 4k", ""].join("\n"));
     let flushed = 0;
@@ -60,8 +61,8 @@ describe.skipIf(!needTools("qemu-img"))("qcow2: SIGKILL during writes with flush
               pending.push({ off, data: Buffer.alloc(len) });
               await client.zero(len, off);
             } else if (op < 0.2) {
-              const start = Math.ceil(off / CLUSTER) * CLUSTER;
-              const end = Math.floor((off + len) / CLUSTER) * CLUSTER;
+              const start = Math.ceil(off / cluster) * cluster;
+              const end = Math.floor((off + len) / cluster) * cluster;
               if (end > start) pending.push({ off: start, data: Buffer.alloc(end - start) });
               await client.trim(len, off);
             } else {
