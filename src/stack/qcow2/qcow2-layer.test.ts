@@ -144,112 +144,118 @@ describe("qcow2 layer on hand-made images", () => {
     check(file);
   });
 
-  it.skipIf(!hasQemuImg)("a crash after any write leaves an image qemu-img check finds free of corruption, and at each flush every write before it", { timeout: 120_000 }, async () => {
-    // 4 KiB clusters: 8 L2 tables of 2 MiB, a tiny L2 cache (dirty tables written back to evict
-    // them), refcount blocks all cached (their counts dirty until a flush); writes, zeroes and
-    // trims between flushes, then concurrent writes.
-    const cs = 4096;
-    const size = 16 * 1024 * 1024;
-    const file = makeImage("cuts.qcow2", size, 12);
-    const initial = fs.readFileSync(file);
-    const ino = fs.statSync(file).ino;
-    type Rec = { pos: number; data: Buffer } | { flushed: Buffer };
-    const log: Rec[] = [];
-    const ours = (fd: number) => fd > 2 && fs.fstatSync(fd).ino === ino;
-    const realWriteSync = fs.writeSync;
-    const realWrite = fs.write;
-    const ws = vi.spyOn(fs, "writeSync").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number) => {
-      if (ours(fd)) log.push({ pos, data: Buffer.from(buf.subarray(off, off + len)) });
-      return realWriteSync(fd, buf, off, len, pos);
-    }) as never);
-    const wa = vi.spyOn(fs, "write").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number, cb: never) => {
-      if (ours(fd)) log.push({ pos, data: Buffer.from(buf.subarray(off, off + len)) });
-      return realWrite(fd, buf, off, len, pos, cb);
-    }) as never);
-    const layer = createQcow2Layer({ path: file, l2Cache: 1, discard: false });
-    await layer.open();
-    const model = Buffer.alloc(size);
-    const rnd = prng(7);
-    const written: number[] = [];
-    try {
-      for (let batch = 0; batch < 12; batch++) {
-        // Ops of a batch may overlap: one after another, so the model knows the order.
-        for (let k = 0; k < 8; k++) {
-          const r = rnd();
-          let len = 1 + Math.floor(rnd() * 3000);
-          let off = Math.floor(rnd() * (size - len));
-          if (r < 0.25 && written.length) {
-            // Zeroes and trims mostly over clusters written before: they free them.
-            off = Math.max(0, written[Math.floor(rnd() * written.length)]! - 100);
-            len = 2 * cs + 200;
+  for (const { bits, extendedL2 } of [
+    { bits: 12, extendedL2: false },
+    { bits: 14, extendedL2: true },
+  ]) {
+    it.skipIf(!hasQemuImg)(`a crash after any write leaves an image qemu-img check finds free of corruption, and at each flush every write before it (${2 ** bits}-byte clusters${extendedL2 ? ", extended L2 entries" : ""})`, { timeout: 120_000 }, async () => {
+      // 4 KiB clusters: 8 L2 tables of 2 MiB, a tiny L2 cache (dirty tables written back to evict
+      // them), refcount blocks all cached (their counts dirty until a flush); writes, zeroes and
+      // trims between flushes, then concurrent writes. With subclusters, 16 KiB clusters: two
+      // tables of 16 MiB (eight would make every image to judge 128 MiB; the caches are the same code).
+      const cs = 2 ** bits;
+      const size = extendedL2 ? 32 * 1024 * 1024 : 16 * 1024 * 1024;
+      const file = makeImage(`cuts-${bits}.qcow2`, size, bits, 4, extendedL2);
+      const initial = fs.readFileSync(file);
+      const ino = fs.statSync(file).ino;
+      type Rec = { pos: number; data: Buffer } | { flushed: Buffer };
+      const log: Rec[] = [];
+      const ours = (fd: number) => fd > 2 && fs.fstatSync(fd).ino === ino;
+      const realWriteSync = fs.writeSync;
+      const realWrite = fs.write;
+      const ws = vi.spyOn(fs, "writeSync").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number) => {
+        if (ours(fd)) log.push({ pos, data: Buffer.from(buf.subarray(off, off + len)) });
+        return realWriteSync(fd, buf, off, len, pos);
+      }) as never);
+      const wa = vi.spyOn(fs, "write").mockImplementation(((fd: number, buf: Buffer, off: number, len: number, pos: number, cb: never) => {
+        if (ours(fd)) log.push({ pos, data: Buffer.from(buf.subarray(off, off + len)) });
+        return realWrite(fd, buf, off, len, pos, cb);
+      }) as never);
+      const layer = createQcow2Layer({ path: file, l2Cache: 1, discard: false });
+      await layer.open();
+      const model = Buffer.alloc(size);
+      const rnd = prng(7);
+      const written: number[] = [];
+      try {
+        for (let batch = 0; batch < 12; batch++) {
+          // Ops of a batch may overlap: one after another, so the model knows the order.
+          for (let k = 0; k < 8; k++) {
+            const r = rnd();
+            let len = 1 + Math.floor(rnd() * 3000);
+            let off = Math.floor(rnd() * (size - len));
+            if (r < 0.25 && written.length) {
+              // Zeroes and trims mostly over clusters written before: they free them.
+              off = Math.max(0, written[Math.floor(rnd() * written.length)]! - 100);
+              len = 2 * cs + 200;
+            }
+            if (r < 0.15) {
+              model.fill(0, off, off + len);
+              await layer.zero(len, off, { ...io, mayTrim: rnd() < 0.5 });
+            } else if (r < 0.25) {
+              // A trim leaves whole clusters reading as zeroes here (no backing file), parts as they were.
+              model.fill(0, Math.ceil(off / cs) * cs, Math.max(Math.ceil(off / cs) * cs, Math.floor((off + len) / cs) * cs));
+              await layer.trim(len, off, io);
+            } else {
+              const data = Buffer.alloc(len, (batch * 8 + k) % 255 + 1);
+              data.copy(model, off);
+              written.push(off);
+              await layer.pwrite(data, off, io);
+            }
           }
-          if (r < 0.15) {
-            model.fill(0, off, off + len);
-            await layer.zero(len, off, { ...io, mayTrim: rnd() < 0.5 });
-          } else if (r < 0.25) {
-            // A trim leaves whole clusters reading as zeroes here (no backing file), parts as they were.
-            model.fill(0, Math.ceil(off / cs) * cs, Math.max(Math.ceil(off / cs) * cs, Math.floor((off + len) / cs) * cs));
-            await layer.trim(len, off, io);
-          } else {
-            const data = Buffer.alloc(len, (batch * 8 + k) % 255 + 1);
-            data.copy(model, off);
-            written.push(off);
-            await layer.pwrite(data, off, io);
-          }
+          await layer.flush(io);
+          log.push({ flushed: Buffer.from(model) });
         }
+        // Then concurrent writes, apart but sharing clusters.
+        await Promise.all(
+          Array.from({ length: 32 }, (_, i) => {
+            const data = Buffer.alloc(700, 200 + (i % 50));
+            data.copy(model, i * 1500 + 8 * 1024 * 1024);
+            return layer.pwrite(data, i * 1500 + 8 * 1024 * 1024, io);
+          }),
+        );
         await layer.flush(io);
         log.push({ flushed: Buffer.from(model) });
+        await layer.close();
+      } finally {
+        ws.mockRestore();
+        wa.mockRestore();
       }
-      // Then concurrent writes, apart but sharing clusters.
-      await Promise.all(
-        Array.from({ length: 32 }, (_, i) => {
-          const data = Buffer.alloc(700, 200 + (i % 50));
-          data.copy(model, i * 1500 + 8 * 1024 * 1024);
-          return layer.pwrite(data, i * 1500 + 8 * 1024 * 1024, io);
-        }),
-      );
-      await layer.flush(io);
-      log.push({ flushed: Buffer.from(model) });
-      await layer.close();
-    } finally {
-      ws.mockRestore();
-      wa.mockRestore();
-    }
-    // Replay every prefix of the writes (what SIGKILL after any write leaves) and check it.
-    const img = Buffer.from(initial);
-    let cur = img;
-    const cut = path.join(dir, "cut.qcow2");
-    const raw = path.join(dir, "cut.raw");
-    let cuts = 0;
-    let flushes = 0;
-    const judge = (i: number): void => {
-      fs.writeFileSync(cut, cur);
-      const r = spawnSync("qemu-img", ["check", "--output=json", cut], { encoding: "utf8" });
-      expect([0, 3], `after write ${i}: qemu-img check exited ${r.status}: ${r.stdout}${r.stderr}`).toContain(r.status);
-      expect((JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0, `after write ${i}`).toBe(0);
-      cuts++;
-    };
-    judge(0);
-    for (let i = 0; i < log.length; i++) {
-      const e = log[i]!;
-      if ("flushed" in e) {
+      // Replay every prefix of the writes (what SIGKILL after any write leaves) and check it.
+      const img = Buffer.from(initial);
+      let cur = img;
+      const cut = path.join(dir, "cut.qcow2");
+      const raw = path.join(dir, "cut.raw");
+      let cuts = 0;
+      let flushes = 0;
+      const judge = (i: number): void => {
         fs.writeFileSync(cut, cur);
-        execFileSync("qemu-img", ["convert", "-q", "-O", "raw", cut, raw]);
-        expect(fs.readFileSync(raw).equals(e.flushed), `the image at flush ${flushes} holds every write before it`).toBe(true);
-        flushes++;
-        continue;
+        const r = spawnSync("qemu-img", ["check", "--output=json", cut], { encoding: "utf8" });
+        expect([0, 3], `after write ${i}: qemu-img check exited ${r.status}: ${r.stdout}${r.stderr}`).toContain(r.status);
+        expect((JSON.parse(r.stdout) as { corruptions?: number }).corruptions ?? 0, `after write ${i}`).toBe(0);
+        cuts++;
+      };
+      judge(0);
+      for (let i = 0; i < log.length; i++) {
+        const e = log[i]!;
+        if ("flushed" in e) {
+          fs.writeFileSync(cut, cur);
+          execFileSync("qemu-img", ["convert", "-q", "-O", "raw", cut, raw]);
+          expect(fs.readFileSync(raw).equals(e.flushed), `the image at flush ${flushes} holds every write before it`).toBe(true);
+          flushes++;
+          continue;
+        }
+        if (e.pos + e.data.length > cur.length) {
+          const grown = Buffer.alloc(e.pos + e.data.length);
+          cur.copy(grown);
+          cur = grown;
+        }
+        e.data.copy(cur, e.pos);
+        judge(i + 1);
       }
-      if (e.pos + e.data.length > cur.length) {
-        const grown = Buffer.alloc(e.pos + e.data.length);
-        cur.copy(grown);
-        cur = grown;
-      }
-      e.data.copy(cur, e.pos);
-      judge(i + 1);
-    }
-    expect(flushes).toBe(13);
-    expect(cuts).toBeGreaterThan(100);
-  });
+      expect(flushes).toBe(13);
+      expect(cuts).toBeGreaterThan(100);
+    });
+  }
 
   it("zeroes and trims: whole clusters by their flags, partial ones written; extents say so", async () => {
     const cs = 4096;
