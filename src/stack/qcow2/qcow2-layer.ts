@@ -115,7 +115,9 @@ const MAX_REQUEST = 32 * 1024 * 1024;
  * zero, compressed, shared with a snapshot) take the metadata lock to plan (look at the tables
  * again, allocate) and to link (change L2 entries), and run concurrently in between, copying and
  * writing data; their guest clusters are in flight meanwhile. Zero and trim run under the lock
- * once none of their clusters is in flight.
+ * once none of their clusters is in flight. With extended L2 entries the same holds subcluster by
+ * subcluster (mapSubclusters, writeSubclusters, linkSubclusters, zeroSubclusters): a write into
+ * subclusters of ours not allocated yet is an allocating write, since their entry changes.
  */
 export class Qcow2Layer implements Layer {
   private meta!: Qcow2Meta;
