@@ -162,10 +162,24 @@ except nbd.Error as e:
   });
 });
 
+/**
+ * Mounts `dev` on `mnt` (options `opts`), runs `script` with $M set to the mount point, unmounts,
+ * and returns what the script printed — all in a mount namespace of its own (`unshare --mount`).
+ * Mounted in the test's own namespace, the file system was copied into every namespace another test
+ * made meanwhile (each `ip netns exec` makes one): umount here then left the file system alive there,
+ * still holding the loop device, and mounting it again failed ("already mounted", the kernel: "would
+ * change RO state") until that other process exited, seconds later. Here the namespace ends with
+ * the shell, and with it the file system, before execFileSync returns.
+ */
+function mounted(dev: string, mnt: string, opts: string, script: string): string {
+  const sh = `set -e; mount ${opts ? `-o ${opts} ` : ""}"$DEV" "$M"; ${script}; umount "$M"`;
+  return execFileSync("unshare", ["--mount", "--propagation", "private", "sh", "-c", sh], { encoding: "utf8", env: { ...process.env, DEV: dev, M: mnt } });
+}
+
 /** A guest's fstrim: ext4 on a loop device over nbdfuse; the loop driver's discards become NBD trims. */
 describe.skipIf(
   !(
-    needTools("nbdfuse", "fusermount3", "losetup", "mount", "mkfs.ext4", "fstrim", "qemu-img") &&
+    needTools("nbdfuse", "fusermount3", "losetup", "mount", "unshare", "mkfs.ext4", "fstrim", "qemu-img") &&
     needPath("/dev/fuse", "FUSE device") &&
     needPath("/dev/loop-control", "loop devices") &&
     needRoot("mounting through a loop device")
@@ -184,41 +198,18 @@ describe.skipIf(
       fs.mkdirSync(mnt);
       const fuse = spawn("nbdfuse", [path.join(fuseDir, "disk"), srv.uri], { stdio: "ignore", env: debianEnv });
       let loop = "";
-      let mounted = false;
       try {
         for (let i = 0; i < 100 && !fs.existsSync(path.join(fuseDir, "disk")); i++) await new Promise((r) => setTimeout(r, 100));
         loop = execFileSync("losetup", ["-f", "--show", path.join(fuseDir, "disk")], { encoding: "utf8" }).trim();
         execFileSync("mkfs.ext4", ["-q", "-E", "nodiscard", loop]);
-        execFileSync("mount", [loop, mnt]);
-        mounted = true;
-        fs.writeFileSync(path.join(mnt, "big"), Buffer.alloc(64 * MiB, 0x77));
-        fs.writeFileSync(path.join(mnt, "keep"), "kept\n");
-        execFileSync("sync");
+        mounted(loop, mnt, "", `head -c ${64 * MiB} /dev/zero | tr '\\0' w > "$M/big"; echo kept > "$M/keep"; sync`);
         const full = used(img);
         expect(full).toBeGreaterThanOrEqual(64 * MiB);
-        fs.rmSync(path.join(mnt, "big"));
-        execFileSync("sync");
-        execFileSync("fstrim", [mnt]);
         // qcow2 frees (and punches) clusters at the next flush: a sync of the mount sends one.
-        execFileSync("sync", ["-f", mnt]);
-        execFileSync("umount", [mnt]);
-        mounted = false;
+        mounted(loop, mnt, "", 'rm "$M/big"; sync; fstrim "$M"; sync -f "$M"');
         expect(used(img)).toBeLessThanOrEqual(full - 56 * MiB);
-        // The loop device can stay busy for a moment after umount returns (seen under load, with
-        // other loop-mount tests running beside this one): mount again until it lets go.
-        for (let i = 0; ; i++) {
-          try {
-            execFileSync("mount", ["-o", "ro", loop, mnt], { stdio: "pipe" });
-            break;
-          } catch (err) {
-            if (i >= 50 || !/already mounted or mount point busy/.test(String((err as { stderr?: Buffer }).stderr ?? ""))) throw err;
-            await new Promise((r) => setTimeout(r, 100));
-          }
-        }
-        mounted = true;
-        expect(fs.readFileSync(path.join(mnt, "keep"), "utf8")).toBe("kept\n");
+        expect(mounted(loop, mnt, "ro", 'cat "$M/keep"')).toBe("kept\n");
       } finally {
-        if (mounted) execFileSync("umount", [mnt]);
         if (loop) execFileSync("losetup", ["-d", loop]);
         try {
           execFileSync("fusermount3", ["-u", fuseDir]);
