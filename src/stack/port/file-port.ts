@@ -103,7 +103,10 @@ export class FilePort implements Layer {
   private asyncUntil: number;
   /** Hole punching for trim (null: trim not offered). */
   private puncher: HolePuncher | null = null;
-  /** Writes and zeroes in flight on the thread pool, while trim is offered: a punch waits for those over its range. */
+  /**
+   * Writes and zeroes in flight on the thread pool: a punch waits for those over its range, and so
+   * does settled() (a qcow2 image frees a cluster only once no write to it is in flight).
+   */
   private readonly inflightWrites = new Set<{ offset: number; end: number; done: Promise<unknown> }>();
 
   constructor(private readonly opts: FilePortOptions) {
@@ -290,9 +293,8 @@ export class FilePort implements Layer {
    */
   private async ordered(offset: number, length: number, write: () => Promise<void>): Promise<void> {
     const p = this.puncher;
-    if (!p) return write();
     const end = offset + length;
-    if (p.busy) await p.waitFor(offset, end);
+    if (p?.busy) await p.waitFor(offset, end);
     const entry = { offset, end, done: write() };
     this.inflightWrites.add(entry);
     try {
@@ -341,6 +343,17 @@ export class FilePort implements Layer {
     } finally {
       this.tracker.leave();
     }
+  }
+
+  /**
+   * Resolves once the writes and zeroes in flight now over [offset, offset + length) are done
+   * (failed or not). Writes made on the event loop are done when pwrite returns.
+   */
+  settled(length: number, offset: number): Promise<void> {
+    const end = offset + length;
+    const before: Promise<unknown>[] = [];
+    for (const w of this.inflightWrites) if (w.offset < end && offset < w.end) before.push(w.done);
+    return before.length ? Promise.allSettled(before).then(() => undefined) : DONE;
   }
 
   /** Punches done so far (ranges after coalescing, and processes run), when trim is offered. */

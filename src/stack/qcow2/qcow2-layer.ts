@@ -1075,11 +1075,16 @@ export class Qcow2Layer implements Layer {
     }
   }
 
-  /** Punches holes where freed clusters were (when the file port offers it); a failure is only logged there. */
+  /**
+   * Before freed clusters can be allocated again (meta.flush): waits for writes still in flight to
+   * them — a write into a cluster of ours takes no lock, and one held in the thread pool past a
+   * trim and a flush would otherwise land in the cluster's next owner — and punches holes where they
+   * were (when the file port offers it; its punch waits for them too; a failure is only logged there).
+   */
   private async punchClusters(clusters: number[]): Promise<void> {
-    if (!this.data.capabilities().trim) return;
     const cs = this.cs;
-    await Promise.all(clusters.map((c) => this.data.trim(cs, c * cs, plainIo)));
+    if (!this.data.capabilities().trim) await Promise.all(clusters.map((c) => this.data.settled(cs, c * cs)));
+    else await Promise.all(clusters.map((c) => this.data.trim(cs, c * cs, plainIo)));
   }
 
   async flush(_io: Io): Promise<void> {

@@ -38,9 +38,9 @@ export interface Qcow2MetaOptions {
   /** Bytes of refcount blocks kept in memory. */
   refcountCache: number;
   /**
-   * Gives the space of clusters back to the file system (punches holes), called at a flush for
-   * clusters whose last reference is durably gone, before their counts fall to 0 (so none of them
-   * can be allocated again while it runs).
+   * Called at a flush for clusters whose last reference is durably gone, before their counts fall
+   * to 0 (so none of them can be allocated again while it runs): waits for writes still in flight
+   * to them and gives their space back to the file system (punches holes).
    */
   punch?: (clusters: number[]) => Promise<void>;
 }
