@@ -351,6 +351,11 @@ export class Qcow2Layer implements Layer {
     if (lo & ZERO_LO && this.v3) return ZERO;
     const off = entryOffset(hi, lo);
     if (off === 0) return UNALLOC;
+    return this.dataCluster(off, hi);
+  }
+
+  /** OWNED or SHARED for a host cluster at `off` (entry bits `hi`); anywhere else is corrupt. */
+  private dataCluster(off: number, hi: number): number {
     // The file may end inside its last cluster: only the subclusters written are (QEMU's too), and
     // the rest reads as zeroes. The cluster must start in the file.
     if (off % this.cs !== 0 || off >= this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
@@ -433,10 +438,7 @@ export class Qcow2Layer implements Layer {
       if (alloc !== 0) throw corrupt(this.opts.path, `L2 entry ${idx} has allocated subclusters but no host cluster`);
       return UNALLOC;
     }
-    // The file may end inside its last cluster: only the subclusters written are (QEMU's too), and
-    // the rest reads as zeroes. The cluster must start in the file.
-    if (off % this.cs !== 0 || off >= this.meta.fileEnd || this.meta.overlapsFixed(off, this.cs)) throw corrupt(this.opts.path, `L2 entry points to ${off}, not a data cluster of the file`);
-    return hi & COPIED_HI ? OWNED : SHARED;
+    return this.dataCluster(off, hi);
   }
 
   /**
