@@ -70,6 +70,26 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
     expect(r.status, r.stderr).toBe(0);
     return r.stdout;
   };
+  /**
+   * Serves `vm`, runs two writers that also trim (seeds `seeds`, one per half) while `steps` runs
+   * with the export's snapshot/merge arguments, stops them, and checks the data served, then the
+   * stopped image (`qemu-img check`, `compare`), against the raw reference `ref`.
+   */
+  const underTrimmingWriters = async (dir: string, vm: string, ref: string, seeds: [number, number], steps: (c: string[]) => Promise<void>) => {
+    const { srv, ctl, token } = await start(dir, vm);
+    const stop = path.join(dir, "stop");
+    const writers = [writer(srv.uri, ref, stop, 0, SIZE / 2, seeds[0], true), writer(srv.uri, ref, stop, SIZE / 2, SIZE, seeds[1], true)];
+    try {
+      await steps(["vm", "--control", ctl, "--token-file", token]);
+    } finally {
+      fs.writeFileSync(stop, "");
+    }
+    await Promise.all(writers);
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, ref);
+    await srv.stop();
+    expect(run("qemu-img", "check", vm)).toMatch(/No errors were found/);
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
+  };
 
   it("snapshots, merges and merges into the base under two writers: the chain, qemu-img check and the data against a raw reference", async () => {
     const dir = tempDir();
@@ -143,11 +163,7 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
     const vm = path.join(dir, "vm.qcow2");
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "mid.qcow2", "-F", "qcow2", vm);
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", mid, ref);
-    const { srv, ctl, token } = await start(dir, vm);
-    const stop = path.join(dir, "stop");
-    const writers = [writer(srv.uri, ref, stop, 0, SIZE / 2, 3, true), writer(srv.uri, ref, stop, SIZE / 2, SIZE, 4, true)];
-    const c = ["vm", "--control", ctl, "--token-file", token];
-    try {
+    await underTrimmingWriters(dir, vm, ref, [3, 4], async (c) => {
       await sleep(700);
       await cli("merge", ...c, "--wait");
       expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
@@ -157,16 +173,9 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
       await sleep(300);
       await cli("merge", ...c, "--wait");
       await sleep(300);
-    } finally {
-      fs.writeFileSync(stop, "");
-    }
-    await Promise.all(writers);
+    });
     expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
     expect(JSON.parse(run("qemu-img", "info", "-U", "--output=json", vm))["format-specific"].data.compat).toBe("0.10"); // the v2 image, under the overlay's name
-    run("qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, ref);
-    await srv.stop();
-    expect(run("qemu-img", "check", vm)).toMatch(/No errors were found/);
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
   });
 
   it("snapshots an image with extended L2 entries and merges back into it, under writers that also trim", async () => {
@@ -178,27 +187,16 @@ describe.skipIf(!needTools("qemu-img", "nbdsh", "fio"))("online snapshot and mer
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b", "base.raw", "-F", "raw", vm);
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 3000", "-c", "write -z 2M 4k", "-c", "write -P 0x45 5M 1M", vm);
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", vm, ref);
-    const { srv, ctl, token } = await start(dir, vm);
-    const stop = path.join(dir, "stop");
-    const writers = [writer(srv.uri, ref, stop, 0, SIZE / 2, 5, true), writer(srv.uri, ref, stop, SIZE / 2, SIZE, 6, true)];
-    const c = ["vm", "--control", ctl, "--token-file", token];
-    try {
+    await underTrimmingWriters(dir, vm, ref, [5, 6], async (c) => {
       await sleep(700);
       await cli("snapshot", ...c); // a standard overlay over the frozen image with subclusters
       expect(chainOf(vm)).toEqual(["vm.qcow2", "vm.snap-1.qcow2", "base.raw"]);
       await sleep(500);
       await cli("merge", ...c, "--wait"); // written through the layer into the image with subclusters
       await sleep(300);
-    } finally {
-      fs.writeFileSync(stop, "");
-    }
-    await Promise.all(writers);
+    });
     expect(chainOf(vm)).toEqual(["vm.qcow2", "base.raw"]);
     expect(JSON.parse(run("qemu-img", "info", "-U", "--output=json", vm))["format-specific"].data["extended-l2"]).toBe(true);
-    run("qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, ref);
-    await srv.stop();
-    expect(run("qemu-img", "check", vm)).toMatch(/No errors were found/);
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", vm, ref);
   });
 
   it("fio's verified writes survive a snapshot and a merge made while they run", async () => {

@@ -1,7 +1,7 @@
-import { execFileSync } from "node:child_process";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { randomImage, serve, tempDir, type Served } from "../helpers/serve.js";
+import { describe, expect, it } from "vitest";
+import { randomImage, serve, tempDir } from "../helpers/serve.js";
+import { copyStopAndJudge, createQcow2, qimg, qio, run, servedImage, writeBoth } from "../helpers/qemu.js";
 import { needTools } from "../helpers/tools.js";
 
 /**
@@ -14,16 +14,6 @@ import { needTools } from "../helpers/tools.js";
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 
-const run = (cmd: string, args: string[]): string => execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-const qimg = (...args: string[]): string => run("qemu-img", args);
-/** qemu-io commands against an image (format `fmt`) or an NBD URI (raw). */
-const qio = (fmt: string, target: string, ...cmds: string[]): string => run("qemu-io", ["-f", fmt, ...cmds.flatMap((c) => ["-c", c]), target]);
-
-const create = (dir: string, name: string, opts: string[], size = "32M"): string => {
-  const file = path.join(dir, name);
-  qimg("create", "-q", "-f", "qcow2", ...opts, file, ...(size ? [size] : []));
-  return file;
-};
 
 /** [start, length, value] rows, neighbours of one value merged. */
 type Rows = Array<[number, number, number]>;
@@ -98,7 +88,7 @@ const CASES: Case[] = [
     name: "16 KiB clusters (512-byte subclusters) over a raw backing file shorter than the image",
     build: (dir) => {
       randomImage(path.join(dir, "base.raw"), SIZE - 5 * MiB - 1536, 5);
-      const f = create(dir, "x16.qcow2", ["-o", "extended_l2=on,cluster_size=16k", "-b", "base.raw", "-F", "raw"], "32M");
+      const f = createQcow2(dir, "x16.qcow2", ["-o", "extended_l2=on,cluster_size=16k", "-b", "base.raw", "-F", "raw"], "32M");
       qio("qcow2", f, ...seedWrites(512));
       return f;
     },
@@ -106,7 +96,7 @@ const CASES: Case[] = [
   {
     name: "64 KiB clusters (2 KiB subclusters), no backing file",
     build: (dir) => {
-      const f = create(dir, "x64.qcow2", ["-o", "extended_l2=on"]);
+      const f = createQcow2(dir, "x64.qcow2", ["-o", "extended_l2=on"]);
       qio("qcow2", f, ...seedWrites(2048));
       return f;
     },
@@ -115,9 +105,9 @@ const CASES: Case[] = [
     name: "2 MiB clusters (64 KiB subclusters) over an extended qcow2 over raw",
     build: (dir) => {
       randomImage(path.join(dir, "cbase.raw"), SIZE, 6);
-      const mid = create(dir, "cmid.qcow2", ["-o", "extended_l2=on,cluster_size=32k", "-b", "cbase.raw", "-F", "raw"], "");
+      const mid = createQcow2(dir, "cmid.qcow2", ["-o", "extended_l2=on,cluster_size=32k", "-b", "cbase.raw", "-F", "raw"], "");
       qio("qcow2", mid, ...seedWrites(1024));
-      const top = create(dir, "ctop.qcow2", ["-o", "extended_l2=on,cluster_size=2M", "-b", "cmid.qcow2", "-F", "qcow2"], "");
+      const top = createQcow2(dir, "ctop.qcow2", ["-o", "extended_l2=on,cluster_size=2M", "-b", "cmid.qcow2", "-F", "qcow2"], "");
       qio("qcow2", top, `write -P 0x21 ${64 * 1024} 64k`, `write -z ${4 * MiB + 128 * 1024} 192k`, "write -P 0x22 7M 100k");
       return top;
     },
@@ -166,50 +156,21 @@ const PARTIAL_TRIM = "discard 12583424 1024";
 describe.skipIf(!needTools("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy"))("qcow2 images with extended L2 entries (subclusters)", () => {
   for (const c of CASES) {
     describe(c.name, () => {
-      let dir: string;
-      let image: string;
-      let ref: string;
-      let srv: Served | null = null;
-      beforeAll(async () => {
-        dir = tempDir("nbdstack-qcow2-xl2-");
-        image = c.build(dir);
-        ref = path.join(dir, "reference.raw");
-        qimg("convert", "-q", "-O", "raw", image, ref);
-        srv = await serve([image, "--name", "disk"]);
-      });
-      afterAll(async () => {
-        await srv?.stop("SIGKILL");
-      });
+      const s = servedImage("nbdstack-qcow2-xl2-", c.build);
 
       it("serves what QEMU reads, and maps it as qemu-img map does", () => {
-        qimg("compare", "-q", "-f", "raw", "-F", "raw", srv!.uri, ref);
-        expectMapsOf(srv!.uri, image);
+        qimg("compare", "-q", "-f", "raw", "-F", "raw", s.srv!.uri, s.ref);
+        expectMapsOf(s.srv!.uri, s.image);
       });
 
       it("takes writes, zeroes and trims of whole and partial subclusters; qemu-img check, compare and map agree", async () => {
-        const uri = srv!.uri;
-        for (const w of WRITES) {
-          qio("raw", uri, w);
-          qio("raw", ref, w);
-        }
-        for (const t of TRIMS) {
-          qio("raw", uri, t);
-          qio("raw", ref, t);
-        }
-        qio("raw", uri, PARTIAL_TRIM);
-        const rnd = path.join(dir, "random.bin");
-        randomImage(rnd, 3 * MiB, 77);
-        run("nbdcopy", [rnd, `${uri}`]);
-        run("dd", [`if=${rnd}`, `of=${ref}`, "conv=notrunc", "status=none"]);
-        qimg("compare", "-q", "-f", "raw", "-F", "raw", uri, ref);
-        expect(await srv!.stop("SIGTERM")).toBe(0);
-        srv = null;
-        qimg("check", "-q", image);
-        qimg("compare", "-q", "-f", "qcow2", "-F", "raw", image, ref);
-        c.after?.(dir, image);
-        const again = await serve(["--read-only", image]);
+        writeBoth(s, ...WRITES, ...TRIMS);
+        qio("raw", s.srv!.uri, PARTIAL_TRIM);
+        await copyStopAndJudge(s);
+        c.after?.(s.dir, s.image);
+        const again = await serve(["--read-only", s.image]);
         try {
-          expectMapsOf(again.uri, image);
+          expectMapsOf(again.uri, s.image);
         } finally {
           await again.stop();
         }
@@ -221,7 +182,7 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcop
     const dir = tempDir("nbdstack-qcow2-xl2-");
     const base = path.join(dir, "base.raw");
     randomImage(base, 8 * MiB, 9);
-    const f = create(dir, "top.qcow2", ["-o", "extended_l2=on,cluster_size=64k", "-b", "base.raw", "-F", "raw"], "");
+    const f = createQcow2(dir, "top.qcow2", ["-o", "extended_l2=on,cluster_size=64k", "-b", "base.raw", "-F", "raw"], "");
     const srv = await serve([f]);
     try {
       qio("raw", srv.uri, `write -P 0x66 ${MiB + 5 * 2048} 2048`); // subcluster 5 of the cluster at 1 MiB

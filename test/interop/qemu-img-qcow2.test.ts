@@ -1,17 +1,14 @@
-import { execFileSync, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CLI, randomImage, serve, tempDir, type Served } from "../helpers/serve.js";
+import { beforeAll, describe, expect, it } from "vitest";
+import { CLI, randomImage, serve, tempDir } from "../helpers/serve.js";
+import { copyStopAndJudge, createQcow2, qimg, qio, run, servedImage, writeBoth } from "../helpers/qemu.js";
 import { needTools } from "../helpers/tools.js";
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 
-const run = (cmd: string, args: string[], cwd?: string): string => execFileSync(cmd, args, { encoding: "utf8", cwd, stdio: ["ignore", "pipe", "pipe"] });
-const qimg = (...args: string[]): string => run("qemu-img", args);
-/** qemu-io commands against an image (format `fmt`) or an NBD URI (raw). */
-const qio = (fmt: string, target: string, ...cmds: string[]): string => run("qemu-io", ["-f", fmt, ...cmds.flatMap((c) => ["-c", c]), target]);
 
 /** Sets bits in a byte of a file (a header feature bit, say). */
 function orByte(file: string, at: number, bits: number): void {
@@ -36,17 +33,12 @@ interface Case {
 /** Data for an image, written by QEMU itself: two patterns, a zeroed range, the last megabyte. */
 const SEED_WRITES = ["write -P 0x01 0 1M", "write -P 0x02 5M 300k", "write -P 0x03 31M 1M"];
 
-const create = (dir: string, name: string, opts: string[], size = "32M"): string => {
-  const file = path.join(dir, name);
-  qimg("create", "-q", "-f", "qcow2", ...opts, file, ...(size ? [size] : []));
-  return file;
-};
 
 const CASES: Case[] = [
   {
     name: "v2 (compat=0.10), 64 KiB clusters",
     build: (dir) => {
-      const f = create(dir, "v2.qcow2", ["-o", "compat=0.10"]);
+      const f = createQcow2(dir, "v2.qcow2", ["-o", "compat=0.10"]);
       qio("qcow2", f, ...SEED_WRITES);
       return f;
     },
@@ -54,7 +46,7 @@ const CASES: Case[] = [
   {
     name: "v3, 4 KiB clusters, zero clusters",
     build: (dir) => {
-      const f = create(dir, "v3-4k.qcow2", ["-o", "cluster_size=4k"]);
+      const f = createQcow2(dir, "v3-4k.qcow2", ["-o", "cluster_size=4k"]);
       qio("qcow2", f, ...SEED_WRITES, "write -z 200k 100k");
       return f;
     },
@@ -62,7 +54,7 @@ const CASES: Case[] = [
   {
     name: "v3, 64 KiB clusters, zero clusters over data",
     build: (dir) => {
-      const f = create(dir, "v3-64k.qcow2", []);
+      const f = createQcow2(dir, "v3-64k.qcow2", []);
       qio("qcow2", f, ...SEED_WRITES, "write -P 0x04 16M 2M", "write -z 16M 1M", "write -z 20M 64k");
       return f;
     },
@@ -70,7 +62,7 @@ const CASES: Case[] = [
   {
     name: "v3, 2 MiB clusters",
     build: (dir) => {
-      const f = create(dir, "v3-2m.qcow2", ["-o", "cluster_size=2M"]);
+      const f = createQcow2(dir, "v3-2m.qcow2", ["-o", "cluster_size=2M"]);
       qio("qcow2", f, ...SEED_WRITES);
       return f;
     },
@@ -78,7 +70,7 @@ const CASES: Case[] = [
   {
     name: "v3, 512-byte clusters (the refcount table grows)",
     build: (dir) => {
-      const f = create(dir, "v3-512.qcow2", ["-o", "cluster_size=512"]);
+      const f = createQcow2(dir, "v3-512.qcow2", ["-o", "cluster_size=512"]);
       qio("qcow2", f, ...SEED_WRITES);
       return f;
     },
@@ -109,11 +101,11 @@ const CASES: Case[] = [
     name: "backing chain three deep over a raw base (relative names)",
     build: (dir) => {
       randomImage(path.join(dir, "base.raw"), SIZE, 5);
-      const mid1 = create(dir, "mid1.qcow2", ["-b", "base.raw", "-F", "raw"], "");
+      const mid1 = createQcow2(dir, "mid1.qcow2", ["-b", "base.raw", "-F", "raw"], "");
       qio("qcow2", mid1, "write -P 0x21 1M 1M", "write -z 2M 64k");
-      const mid2 = create(dir, "mid2.qcow2", ["-b", "mid1.qcow2", "-F", "qcow2", "-o", "cluster_size=4k"], "");
+      const mid2 = createQcow2(dir, "mid2.qcow2", ["-b", "mid1.qcow2", "-F", "qcow2", "-o", "cluster_size=4k"], "");
       qio("qcow2", mid2, "write -P 0x22 1536k 1M", "write -z 9M 1M");
-      const top = create(dir, "top.qcow2", ["-b", "mid2.qcow2", "-F", "qcow2"], "");
+      const top = createQcow2(dir, "top.qcow2", ["-b", "mid2.qcow2", "-F", "qcow2"], "");
       qio("qcow2", top, "write -P 0x23 3M 100k");
       return top;
     },
@@ -121,11 +113,11 @@ const CASES: Case[] = [
   {
     name: "backing chain over a qcow2 base (v2 in the middle, a probed backing format on top)",
     build: (dir) => {
-      const base = create(dir, "qbase.qcow2", []);
+      const base = createQcow2(dir, "qbase.qcow2", []);
       qio("qcow2", base, ...SEED_WRITES);
-      const mid = create(dir, "qmid.qcow2", ["-b", "qbase.qcow2", "-F", "qcow2", "-o", "compat=0.10"], "");
+      const mid = createQcow2(dir, "qmid.qcow2", ["-b", "qbase.qcow2", "-F", "qcow2", "-o", "compat=0.10"], "");
       qio("qcow2", mid, "write -P 0x31 700k 1M");
-      const top = create(dir, "qtop.qcow2", ["-b", "qmid.qcow2", "-F", "qcow2"], "");
+      const top = createQcow2(dir, "qtop.qcow2", ["-b", "qmid.qcow2", "-F", "qcow2"], "");
       qio("qcow2", top, "write -P 0x32 2M 4k");
       // Hide the backing format extension (make it one of an unknown type): the format is probed.
       const head = fs.readFileSync(top).subarray(0, 4096);
@@ -140,7 +132,7 @@ const CASES: Case[] = [
     name: "v2 over a raw backing file",
     build: (dir) => {
       randomImage(path.join(dir, "v2base.raw"), SIZE, 9);
-      const f = create(dir, "v2top.qcow2", ["-b", "v2base.raw", "-F", "raw", "-o", "compat=0.10"], "");
+      const f = createQcow2(dir, "v2top.qcow2", ["-b", "v2base.raw", "-F", "raw", "-o", "compat=0.10"], "");
       qio("qcow2", f, "write -P 0x41 1M 1M");
       return f;
     },
@@ -149,7 +141,7 @@ const CASES: Case[] = [
   {
     name: "internal snapshot (the active layer is served; the snapshot stays intact)",
     build: (dir) => {
-      const f = create(dir, "snap.qcow2", []);
+      const f = createQcow2(dir, "snap.qcow2", []);
       qio("qcow2", f, ...SEED_WRITES, "write -P 0x51 3M 2M");
       qimg("snapshot", "-c", "s1", f);
       qimg("convert", "-q", "-O", "raw", "-l", "snapshot.name=s1", f, path.join(dir, "s1.raw"));
@@ -181,45 +173,20 @@ const TRIM = "discard 8M 2M";
 describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 images served by nbdstack", () => {
   for (const c of CASES) {
     describe(c.name, () => {
-      let dir: string;
-      let image: string;
-      let ref: string;
-      let srv: Served | null = null;
-      beforeAll(async () => {
-        dir = tempDir("nbdstack-qcow2-");
-        image = c.build(dir);
-        ref = path.join(dir, "reference.raw");
-        qimg("convert", "-q", "-O", "raw", image, ref);
-        srv = await serve([image, "--name", "disk"]);
-      });
-      afterAll(async () => {
-        await srv?.stop("SIGKILL");
-      });
+      const s = servedImage("nbdstack-qcow2-", c.build);
 
       it("serves what QEMU reads", () => {
-        qimg("compare", "-q", "-f", "raw", "-F", "qcow2", srv!.uri, image);
-        const info = JSON.parse(qimg("info", "--output=json", "-f", "raw", srv!.uri));
+        qimg("compare", "-q", "-f", "raw", "-F", "qcow2", s.srv!.uri, s.image);
+        const info = JSON.parse(qimg("info", "--output=json", "-f", "raw", s.srv!.uri));
         expect(info["virtual-size"]).toBe(SIZE);
       });
 
       it("takes writes: qemu-io patterns, zeroes, trim and nbdcopy; qemu-img check is clean and the data matches", async () => {
-        const uri = srv!.uri;
-        for (const w of WRITES) {
-          qio("raw", uri, w);
-          qio("raw", ref, w);
-        }
-        qio("raw", uri, TRIM);
-        if (!c.trimShowsBacking) qio("raw", ref, TRIM);
-        const rnd = path.join(dir, "random.bin");
-        randomImage(rnd, 3 * MiB, 77);
-        run("nbdcopy", [rnd, uri]);
-        run("dd", [`if=${rnd}`, `of=${ref}`, "conv=notrunc", "status=none"]);
-        qimg("compare", "-q", "-f", "raw", "-F", "raw", uri, ref);
-        expect(await srv!.stop("SIGTERM")).toBe(0);
-        srv = null;
-        qimg("check", "-q", image);
-        qimg("compare", "-q", "-f", "qcow2", "-F", "raw", image, ref);
-        c.after?.(dir, image);
+        writeBoth(s, ...WRITES);
+        qio("raw", s.srv!.uri, TRIM);
+        if (!c.trimShowsBacking) qio("raw", s.ref, TRIM);
+        await copyStopAndJudge(s);
+        c.after?.(s.dir, s.image);
       });
     });
   }
@@ -228,7 +195,7 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
     const dir = tempDir("nbdstack-qcow2-");
     const base = path.join(dir, "base.raw");
     randomImage(base, 8 * MiB, 3);
-    const f = create(dir, "map.qcow2", ["-b", "base.raw", "-F", "raw"], "16M");
+    const f = createQcow2(dir, "map.qcow2", ["-b", "base.raw", "-F", "raw"], "16M");
     qio("qcow2", f, "write -P 1 0 1M", "write -z 1M 1M");
     const srv = await serve([f]);
     try {
@@ -246,7 +213,7 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
   it("is declared in a config file: qcow2: PATH, and with backing: none the backing file is not read", async () => {
     const dir = tempDir("nbdstack-qcow2-");
     randomImage(path.join(dir, "base.raw"), 8 * MiB, 4);
-    const top = create(dir, "top.qcow2", ["-b", "base.raw", "-F", "raw"], "");
+    const top = createQcow2(dir, "top.qcow2", ["-b", "base.raw", "-F", "raw"], "");
     qio("qcow2", top, "write -P 0x23 3M 100k");
     fs.writeFileSync(
       path.join(dir, "exports.yaml"),
@@ -286,11 +253,11 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
       expect(refusal(f)).toMatch(/qcow2 feature "encryption \(LUKS\)" is not supported/);
     });
     it("an external data file", () => {
-      const f = create(dir, "ext.qcow2", ["-o", `data_file=${path.join(dir, "ext.raw")}`], "1M");
+      const f = createQcow2(dir, "ext.qcow2", ["-o", `data_file=${path.join(dir, "ext.raw")}`], "1M");
       expect(refusal(f)).toMatch(/qcow2 feature "external data file/);
     });
     it("extended L2 entries with clusters below 16 KiB (QEMU refuses them too)", () => {
-      const f = create(dir, "l2x.qcow2", ["-o", "extended_l2=on,cluster_size=16k"], "1M");
+      const f = createQcow2(dir, "l2x.qcow2", ["-o", "extended_l2=on,cluster_size=16k"], "1M");
       // qemu-img makes none; the header says 8 KiB clusters (the image is only opened).
       const fd = fs.openSync(f, "r+");
       fs.writeSync(fd, Buffer.from([0, 0, 0, 13]), 0, 4, 20);
@@ -298,28 +265,28 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "nbdcopy", "nbdinfo"))("qcow2 
       expect(refusal(f)).toMatch(/qcow2 feature "extended L2 entries with 8192-byte clusters" is not supported; subclusters \(1\/32 of a cluster\) must be at least 512 bytes/);
     });
     it("a compression type other than zlib and zstd", () => {
-      const f = create(dir, "ctype.qcow2", ["-o", "compression_type=zstd"], "1M");
+      const f = createQcow2(dir, "ctype.qcow2", ["-o", "compression_type=zstd"], "1M");
       orByte(f, 104, 0x02); // 1 (zstd) becomes 3
       expect(refusal(f)).toMatch(/qcow2 feature "compression type 3" is not supported/);
     });
     it("an image marked corrupt", () => {
-      const f = create(dir, "corrupt.qcow2", [], "1M");
+      const f = createQcow2(dir, "corrupt.qcow2", [], "1M");
       orByte(f, 79, 0x02);
       expect(refusal(f)).toMatch(/marked corrupt \(qcow2 corrupt bit set\); repair it with: qemu-img check -r all/);
     });
     it("an unknown incompatible feature", () => {
-      const f = create(dir, "future.qcow2", [], "1M");
+      const f = createQcow2(dir, "future.qcow2", [], "1M");
       orByte(f, 79, 0x20);
       expect(refusal(f)).toMatch(/qcow2 feature "incompatible feature bit 5" is not supported; this layer does not know it/);
     });
     it("a missing backing file, and a backing file that is a QEMU protocol", () => {
-      const f = create(dir, "orphan.qcow2", ["-u", "-b", "gone.raw", "-F", "raw"], "1M");
+      const f = createQcow2(dir, "orphan.qcow2", ["-u", "-b", "gone.raw", "-F", "raw"], "1M");
       expect(refusal(f)).toMatch(/backing file .*gone\.raw not found/);
-      const p = create(dir, "proto.qcow2", ["-u", "-b", "nbd://127.0.0.1:1/x", "-F", "raw"], "1M");
+      const p = createQcow2(dir, "proto.qcow2", ["-u", "-b", "nbd://127.0.0.1:1/x", "-F", "raw"], "1M");
       expect(refusal(p)).toMatch(/qcow2 feature "backing file "nbd:\/\/127\.0\.0\.1:1\/x" \(a QEMU protocol or json: name\)"/);
     });
     it("serves a dirty image (lazy refcounts) read-only, saying how to repair it", async () => {
-      const f = create(dir, "dirty.qcow2", ["-o", "lazy_refcounts=on"], "1M");
+      const f = createQcow2(dir, "dirty.qcow2", ["-o", "lazy_refcounts=on"], "1M");
       qio("qcow2", f, "write -P 9 0 64k");
       orByte(f, 79, 0x01);
       const srv = await serve([f]);
