@@ -2,6 +2,7 @@ import { NbdClient, type NbdAddress } from "../client/nbd-client.js";
 import { controlCall, getStatus } from "../control/control-client.js";
 import { makeBlock, verifyBlock, type VerifyError } from "./pattern.js";
 import { Samples } from "./stats.js";
+import { sleeper } from "./sleeper.js";
 
 export type RwMode = "read" | "write" | "randread" | "randwrite" | "randrw";
 
@@ -276,17 +277,7 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
   const now = () => performance.now() - t0;
   const stopAt = o.durationMs;
   const timers: Promise<void>[] = [];
-  const wakers = new Set<() => void>();
-  const sleepUntil = (ms: number) =>
-    new Promise<void>((res) => {
-      const wake = () => {
-        clearTimeout(timer);
-        wakers.delete(wake);
-        res();
-      };
-      const timer = setTimeout(wake, Math.max(0, ms - now()));
-      wakers.add(wake);
-    });
+  const { sleepUntil, wakeAll } = sleeper(now);
   const times = o.migrateAtMs ? [o.migrateAtMs] : [];
   if (!o.migrateAtMs && o.migrateEveryMs > 0) for (let at = o.migrateEveryMs; at < stopAt - 200; at += o.migrateEveryMs) times.push(at);
   if (o.nodes.length >= 2 && times.length) {
@@ -342,9 +333,7 @@ export function startSchedule(o: BenchOptions, exportName: string, t0: number, r
   }
   return {
     done: Promise.all(timers),
-    end: () => {
-      for (const wake of [...wakers]) wake();
-    },
+    end: wakeAll,
   };
 }
 
