@@ -2,6 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient, EtcdError, compare, op, type WatchEvent, type WatchStatus } from "./etcd-client.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { freePort, needEtcd, startLocalCluster, waitHealthy } from "../../test/cluster/etcd.mjs";
 import { captureLogger, makePki, startProxy, tempDir, until, type Pki } from "../../test/cluster/helpers.js";
 import { needTools } from "../../test/helpers/tools.js";

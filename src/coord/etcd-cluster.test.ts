@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient, EtcdError, type WatchEvent, type WatchStatus } from "./etcd-client.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { freePort, needEtcd, startLocalCluster, waitHealthy } from "../../test/cluster/etcd.mjs";
 import { tempDir, until } from "../../test/cluster/helpers.js";
 
@@ -41,7 +42,7 @@ describe.skipIf(!needEtcd())("etcd client against a 3-member cluster", () => {
   const followerFirst = async (): Promise<string[]> => {
     const ask = client();
     const statuses = await Promise.all(cluster.endpoints.map((e: string) => ask.status(e)));
-    const follower = statuses.find((st) => st.header.memberId !== st.leader)!.endpoint;
+    const follower = statuses.find((st: { header: { memberId: string }; leader: string; endpoint: string }) => st.header.memberId !== st.leader)!.endpoint;
     return [follower, ...cluster.endpoints.filter((e: string) => e !== follower)];
   };
 

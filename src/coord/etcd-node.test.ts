@@ -4,6 +4,7 @@ import { EtcdClient, op } from "./etcd-client.js";
 import { EtcdNode } from "./etcd-node.js";
 import { EtcdSession } from "./etcd-session.js";
 import type { NodeIdentity } from "../migration/lease.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { needEtcd, startLocalCluster } from "../../test/cluster/etcd.mjs";
 import { captureLogger, startProxy, tempDir, until } from "../../test/cluster/helpers.js";
 

@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient, type EtcdClientOptions, type EtcdError } from "./etcd-client.js";
 import { EtcdOwnership, EtcdSession } from "./etcd-ownership.js";
 import { LeaseError, type LeaseRecord, type NodeIdentity } from "../migration/lease.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { needEtcd, startLocalCluster } from "../../test/cluster/etcd.mjs";
 import { startProxy, tempDir, until } from "../../test/cluster/helpers.js";
 

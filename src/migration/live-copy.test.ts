@@ -53,7 +53,7 @@ class GatedLayer extends PassthroughLayer {
 /** A destination over a memory device; `hang` makes its writes (and flushes) never answer until `cut()`. */
 function destination(dev: MemoryPort) {
   const hung = new Set<(e: Error) => void>();
-  const t = {
+  const t: CopyTarget & { hang: boolean; writes: number; cut(): void; stall(): Promise<void> } = {
     hang: false,
     writes: 0,
     cut() {
@@ -75,7 +75,7 @@ function destination(dev: MemoryPort) {
     async flush() {
       if (t.hang) return t.stall();
     },
-  } satisfies CopyTarget & Record<string, unknown>;
+  };
   return t;
 }
 

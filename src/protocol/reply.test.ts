@@ -54,7 +54,7 @@ describe("zeroRuns", () => {
     for (let n = 0; n < 2000; n++) {
       const blocks = 1 + Math.floor(rand() * 40);
       const density = rand();
-      const kinds = Array.from({ length: blocks }, () => (rand() < density ? "zero" : rand() < 0.8 ? "data" : "late") as const);
+      const kinds = Array.from({ length: blocks }, (): "zero" | "data" | "late" => (rand() < density ? "zero" : rand() < 0.8 ? "data" : "late"));
       const tail = rand() < 0.3 ? 1 + Math.floor(rand() * 4096) : 4096;
       const data = pattern(blocks, (i) => kinds[i]!, tail);
       expect(zeroRuns(data), `blocks ${kinds.map((k) => k[0]).join("")} tail ${tail}`).toEqual(reference(data));

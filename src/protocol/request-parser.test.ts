@@ -193,7 +193,7 @@ describe("RequestParser", () => {
 
   it("numbers the pieces of each streamed write from its own start", () => {
     const at: number[] = [];
-    const p = new RequestParser(() => undefined, 1 << 20, true, () => true, 4096, (_r, _piece, _b, a) => void at.push(a) || true);
+    const p = new RequestParser(() => undefined, 1 << 20, true, () => true, 4096, (_r, _piece, _b, a) => (at.push(a), true));
     p.feed(Buffer.concat([header(Cmd.NBD_CMD_WRITE, 0, 1n, 0n, 5000), Buffer.alloc(5000), header(Cmd.NBD_CMD_WRITE, 0, 2n, 0n, 9000), Buffer.alloc(9000)]));
     expect(at).toEqual([0, 4096, 0, 4096, 8192]);
   });

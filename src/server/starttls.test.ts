@@ -83,7 +83,7 @@ async function raw(addr: { host: string; port: number }) {
   const cf = Buffer.alloc(4);
   cf.writeUInt32BE(ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES);
   s.write(cf);
-  const option = async (opt: number, data = Buffer.alloc(0)): Promise<number[] | null> => {
+  const option = async (opt: number, data: Buffer = Buffer.alloc(0)): Promise<number[] | null> => {
     const h = Buffer.alloc(16);
     h.writeBigUInt64BE(NBD_IHAVEOPT, 0);
     h.writeUInt32BE(opt, 8);

@@ -4,7 +4,9 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { EtcdClient } from "../../src/coord/etcd-client.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { needEtcd } from "./etcd.mjs";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { Lab, STATE_DIR, cleanLeftovers, listLabs, needNetns, procStart } from "./lab.mjs";
 import { until } from "./helpers.js";
 
@@ -34,7 +36,7 @@ describe.skipIf(!canRun)("the multi-host lab: 3 hosts in network namespaces, a 3
   });
 
   it("each host reaches the others, and etcd is healthy from each", async () => {
-    expect(lab.hosts.map((h) => h.name)).toEqual(["h1", "h2", "h3"]);
+    expect(lab.hosts.map((h: { name: string }) => h.name)).toEqual(["h1", "h2", "h3"]);
     for (const from of lab.hosts) {
       for (const to of lab.hosts) {
         if (to === from) continue;
@@ -43,7 +45,7 @@ describe.skipIf(!canRun)("the multi-host lab: 3 hosts in network namespaces, a 3
       }
       expect(await lab.etcdHealth(from.name)).toEqual(allHealthy);
     }
-    expect(lab.etcdEndpoints).toEqual(lab.hosts.map((h) => `http://${h.addr}:2379`));
+    expect(lab.etcdEndpoints).toEqual(lab.hosts.map((h: { addr: string }) => `http://${h.addr}:2379`));
   });
 
   it("a partitioned host cannot reach etcd while the others still can; healed, it can again", async () => {
@@ -156,7 +158,7 @@ describe.skipIf(!canRun)("the multi-host lab: 3 hosts in network namespaces, a 3
     const ask = new EtcdClient({ endpoints: lab.etcdEndpoints });
     const statuses = await Promise.all(lab.etcdEndpoints.map((e: string) => ask.status(e)));
     ask.close();
-    const i = statuses.findIndex((st) => st.header.memberId !== st.leader);
+    const i = statuses.findIndex((st: { header: { memberId: string }; leader: string }) => st.header.memberId !== st.leader);
     const victim: string = lab.etcdMembers[i].host;
     const endpoints = [lab.etcdEndpoints[i], ...lab.etcdEndpoints.filter((_: string, j: number) => j !== i)];
     const c = new EtcdClient({ endpoints, attemptTimeoutMs: 1000 });
@@ -182,7 +184,7 @@ describe.skipIf(!canRun)("the multi-host lab: 3 hosts in network namespaces, a 3
       stdio: ["ignore", "pipe", "inherit"],
     });
     const crashedId = await new Promise<string>((resolve) => child.stdout!.once("data", (d) => resolve(String(d).trim())));
-    const crashed = listLabs().find((s) => s.id === crashedId)!;
+    const crashed = listLabs().find((s: { id: string }) => s.id === crashedId)!;
     // Two labs side by side: their own names and subnets.
     expect(crashed.subnet).not.toBe(lab.state.subnet);
     expect(crashed.bridge).not.toBe(lab.state.bridge);

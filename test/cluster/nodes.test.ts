@@ -5,9 +5,12 @@ import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vites
 import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
 import { WriteAudit, type AuditEntry } from "../../src/stack/port/write-audit.js";
 import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil } from "../helpers/migration.js";
+import type { LogLine } from "../helpers/wait.js";
 import { blankImage, CLI, tempDir } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { needEtcd } from "./etcd.mjs";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { Lab, needNetns } from "./lab.mjs";
 
 const MiB = 1024 * 1024;
@@ -71,14 +74,14 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     let out = "";
     let err = "";
     const i = logs[h]!.push("") - 1;
-    proc.stderr!.on("data", (d) => {
+    proc.stderr!.on("data", (d: Buffer) => {
       err += d;
       logs[h]![i] = err;
     });
     const exited = new Promise((r) => proc.once("exit", r));
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`node ${h} did not start: ${err}`)), 20_000);
-      proc.stdout!.on("data", (d) => {
+      proc.stdout!.on("data", (d: Buffer) => {
         out += d;
         if (/^control /m.test(out)) {
           clearTimeout(timer);
@@ -150,7 +153,7 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
     // (back) once its old session's lease ended. Any other take-over is a failure, shown with the
     // survivors' lines about their sessions and take-overs.
     const after = (h: string, msg: string) => logLines(logs[h]!.join(""), msg).filter((l) => l.time >= cutAt);
-    const took = ["h2", "h3"].flatMap((h) => after(h, TAKE_OVER).map((l) => ({ ...l, node: h }))).sort((a, b) => a.time - b.time);
+    const took = ["h2", "h3"].flatMap((h) => after(h, TAKE_OVER).map((l): LogLine => ({ ...l, node: h }))).sort((a, b) => a.time - b.time);
     const sessionsLost = ["h2", "h3"].flatMap((h) => after(h, SESSION_LOST));
     const story = ["h2", "h3"].flatMap((h) => [TAKE_OVER, SESSION_LOST, "joined the etcd cluster (a new session)"].flatMap((m) => after(h, m).map((l) => `${l.time - cutAt} ms ${h}: ${l.msg}`)));
     expect(took.length, story.join("\n")).toBeGreaterThanOrEqual(1);
@@ -213,8 +216,8 @@ describe.skipIf(!canRun)("nodes on three hosts coordinated by etcd (serve --etcd
       "-c", "flush",
     ]);
     let out = "";
-    q.stdout!.on("data", (d) => (out += d));
-    q.stderr!.on("data", (d) => (out += d));
+    q.stdout!.on("data", (d: Buffer) => (out += d));
+    q.stderr!.on("data", (d: Buffer) => (out += d));
     const qDone = new Promise<number | null>((r) => q.once("close", r));
     const landed = (mib: number) => ["h1", "h2", "h3"].flatMap((x) => WriteAudit.read(audit(x))).find((e) => e.op === "write" && e.offset === mib * MiB && e.length === 64 * 1024);
     await pollUntil("the first write reached the image", () => {

@@ -8,6 +8,7 @@ import { NbdClient } from "../../src/client/nbd-client.js";
 import { exportStatus, fioLoad, fioOutcome, logLines, pollUntil, scrape } from "../helpers/migration.js";
 import { blankImage, CLI, controlUrl, nbdAddress, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { EtcdMember, freePort, needEtcd, startLocalCluster, waitHealthy } from "../cluster/etcd.mjs";
 import { clientCertOf, makePki, startProxy } from "../cluster/helpers.js";
 import { EtcdClient } from "../../src/coord/etcd-client.js";

@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { NbdClient } from "../../src/client/nbd-client.js";
+import { NbdClient, type ConnectOptions } from "../../src/client/nbd-client.js";
 import { controlCall, getStatus, setControlCa } from "../../src/control/control-client.js";
 import { randomImage, serve, sha256, tempDir, controlUrl, type Served } from "../helpers/serve.js";
 import { debianEnv, needTools } from "../helpers/tools.js";
@@ -247,7 +247,7 @@ describe.skipIf(!needTools("certtool", "psktool"))("two TLS nodes", () => {
     setControlCa(null);
   });
 
-  async function migrateOverTls(tlsArgs: string[], client: Parameters<typeof NbdClient.connect>[1]["tls"], scheme: string) {
+  async function migrateOverTls(tlsArgs: string[], client: ConnectOptions["tls"], scheme: string) {
     const img = path.join(dir, `disk-${scheme}.img`);
     fs.writeFileSync(img, "");
     fs.truncateSync(img, 16 * MiB);

@@ -1,5 +1,6 @@
 // The checker's rules on hand-made histories: what it must accept and what it must report.
 import { describe, expect, it } from "vitest";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { BLOCK, Checker, decodeBlock, encodeBlock } from "./checker.mjs";
 
 const conn = () => ({ unflushed: [] as Array<[number, number]> });

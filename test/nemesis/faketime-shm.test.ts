@@ -4,6 +4,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { removeDeadFaketimeShm } from "./harness.mjs";
 
 describe("removeDeadFaketimeShm", () => {

@@ -4,6 +4,7 @@
 // one; without it, a new one per run, printed: a failure prints it).
 // Longer runs: `npm run nemesis -- --minutes 30 --seed N` (README.md beside this file).
 import { expect, it } from "vitest";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { describe as describeRun, runNemesis } from "./harness.mjs";
 
 const seconds = Number(process.env.NEMESIS_SECONDS ?? 120);

@@ -7,8 +7,11 @@ import { catCommand } from "../../src/commands/fs.js";
 import { controlCall, getStatus, type ClusterStatus } from "../../src/control/control-client.js";
 import { exportStatus, logLines, pollUntil } from "../helpers/migration.js";
 import { CLI, tempDir } from "../helpers/serve.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { needEtcd } from "../cluster/etcd.mjs";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { Lab, needNetns } from "../cluster/lab.mjs";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { buildGuest, fsck, longestDuring, longestGapDuring, makeGuestDisk, needGuest, startGuest } from "./guest.mjs";
 
 const NBD_PORT = 10809;
@@ -46,10 +49,10 @@ describe.skipIf(!canRun)("a QEMU guest on the three-host lab", () => {
     ]);
     let out = "";
     let err = "";
-    proc.stderr!.on("data", (d) => (err += d));
+    proc.stderr!.on("data", (d: Buffer) => (err += d));
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`node ${h} did not start: ${err}`)), 20_000);
-      proc.stdout!.on("data", (d) => {
+      proc.stdout!.on("data", (d: Buffer) => {
         out += d;
         if (/^control /m.test(out)) {
           clearTimeout(timer);
@@ -135,7 +138,7 @@ describe.skipIf(!canRun)("a QEMU guest on the three-host lab", () => {
       expect(logLines(nodes[now.owner]!.stderr(), TAKE_OVER)).toHaveLength(1);
       expect({
         exit: exit.code, ioerrors: s.ioerrors, kmsgs: s.kmsgs, bad: s.bad, mismatches: s.mismatches, halt: vm.grep("GUEST-HALT"),
-        complaints: vm.grep("GUEST-IOERR").concat(vm.grep("GUEST-KMSG").filter((l) => !/mounted filesystem/.test(l))),
+        complaints: vm.grep("GUEST-IOERR").concat(vm.grep("GUEST-KMSG").filter((l: string) => !/mounted filesystem/.test(l))),
       }).toEqual({ exit: 0, ioerrors: 0, kmsgs: 0, bad: 0, mismatches: 0, halt: ["GUEST-HALT clean"], complaints: [] });
       expect(afterCut!.gapMs).toBeGreaterThanOrEqual(1000); // a stall the guest saw: the lease (2 s) had to expire
 

@@ -9,6 +9,7 @@ import { controlCall } from "../../src/control/control-client.js";
 import { CLI, controlUrl, serve, tempDir, type Served } from "../helpers/serve.js";
 import { needTools } from "../helpers/tools.js";
 import { logLines, pollUntil } from "../helpers/wait.js";
+// @ts-expect-error -- a plain ES module without types, shared with scripts run by node
 import { buildGuest, fsck, longestDuring, longestGapDuring, longestIn, makeGuestDisk, needGuest, startGuest } from "./guest.mjs";
 
 /**
@@ -55,7 +56,7 @@ async function manifest(img: string): Promise<Map<string, string>> {
 function expectCleanRun(vm: Guest, exit: { code: number | null }) {
   const s = vm.summary();
   if (!s) throw vm.failure("no GUEST-SUMMARY");
-  expect({ exit: exit.code, ioerrors: s.ioerrors, kmsgs: s.kmsgs, bad: s.bad, mismatches: s.mismatches, halt: vm.grep("GUEST-HALT"), complaints: vm.grep("GUEST-IOERR").concat(vm.grep("GUEST-KMSG").filter((l) => !/mounted filesystem|recovery complete|orphan/.test(l))) })
+  expect({ exit: exit.code, ioerrors: s.ioerrors, kmsgs: s.kmsgs, bad: s.bad, mismatches: s.mismatches, halt: vm.grep("GUEST-HALT"), complaints: vm.grep("GUEST-IOERR").concat(vm.grep("GUEST-KMSG").filter((l: string) => !/mounted filesystem|recovery complete|orphan/.test(l))) })
     .toEqual({ exit: 0, ioerrors: 0, kmsgs: 0, bad: 0, mismatches: 0, halt: ["GUEST-HALT clean"], complaints: [] });
   expect(s.verified).toBe(s.files);
   return s;
@@ -241,7 +242,7 @@ describe.skipIf(!(needGuest() && needTools("qemu-img")))("a QEMU guest on an nbd
     // A long commit interval, so the journal does not flush the unflushed writes before the cut.
     const vm = boot(n, { mode: "powerloss", files: 8, rootflags: "commit=60" });
     await vm.waitFor(/^GUEST-UNFLUSHED/, "the unflushed writes");
-    const fsynced = new Map(vm.grep("GUEST-FSYNCED ").map((l) => { const [, f, sum] = l.split(" "); return [`/data/${f}`, sum!]; }));
+    const fsynced = new Map<string, string>(vm.grep("GUEST-FSYNCED ").map((l: string): [string, string] => { const [, f, sum] = l.split(" "); return [`/data/${f}`, sum!]; }));
     expect(fsynced.size).toBe(8);
     const { stdout: cut } = await execFileP(process.execPath, [CLI, "fault", "disk", "--control", ctl, "--powercut"], { encoding: "utf8" });
     vm.kill();
@@ -254,7 +255,7 @@ describe.skipIf(!(needGuest() && needTools("qemu-img")))("a QEMU guest on an nbd
     const again = boot(n, { mode: "verify" });
     const exit = await again.waitExit();
     const s = expectCleanRun(again, exit);
-    const mount = again.grep("GUEST-KMSG").filter((l) => /EXT4-fs \(vda\)/.test(l));
+    const mount = again.grep("GUEST-KMSG").filter((l: string) => /EXT4-fs \(vda\)/.test(l));
     expect(mount.join("\n")).toMatch(/recovery complete/); // the journal was replayed
     expect(s.files).toBe(8);
     await n.stop();

@@ -195,10 +195,10 @@ describe("FilePort", () => {
       let t = 0;
       now.mockImplementation(() => t);
       // Every 20th call takes 50 ms; the rest take no time.
-      readSync.mockImplementation((_fd, _b, _o, length) => {
+      readSync.mockImplementation(((_fd: number, _b: Buffer, _o: number, length: number) => {
         if (readSync.mock.calls.length % 20 === 0) t += 50;
-        return length as number;
-      });
+        return length;
+      }) as typeof fs.readSync);
       for (let i = 0; i < 100; i++) await port.pread(Buffer.alloc(512), 0, plainIo);
       expect(readSync).toHaveBeenCalledTimes(100);
     });

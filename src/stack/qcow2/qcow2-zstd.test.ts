@@ -5,7 +5,7 @@ import { inflateZstd, zstdFrameLength } from "./qcow2-zstd.js";
 function rawFrame(data: Buffer, blocks: number, checksum = false): Buffer {
   const head = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, (1 << 6) | (1 << 5) | (checksum ? 4 : 0), 0, 0]);
   head.writeUInt16LE(data.length - 256, 5); // FCS_Field_Size 2 stores size - 256
-  const parts = [head];
+  const parts: Buffer[] = [head];
   const per = Math.ceil(data.length / blocks);
   for (let i = 0; i < blocks; i++) {
     const piece = data.subarray(i * per, Math.min(data.length, (i + 1) * per));
