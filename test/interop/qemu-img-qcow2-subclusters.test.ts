@@ -178,6 +178,25 @@ describe.skipIf(!needTools("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcop
     });
   }
 
+  it("advertises its unit of copy-on-write, the subcluster, as the preferred block size (a standard image's is its cluster)", async () => {
+    const dir = tempDir("nbdstack-qcow2-xl2-");
+    const images: [string[], number][] = [
+      [["-o", "extended_l2=on,cluster_size=128k"], 4096], // 4 KiB subclusters
+      [["-o", "extended_l2=on,cluster_size=2M"], 65536], // 64 KiB subclusters
+      [["-o", "extended_l2=on,cluster_size=16k"], 4096], // 512-byte subclusters: never below 4 KiB
+      [["-o", "cluster_size=64k"], 65536],
+    ];
+    for (const [i, [opts, preferred]] of images.entries()) {
+      const srv = await serve([createQcow2(dir, `i${i}.qcow2`, opts)]);
+      try {
+        const info = JSON.parse(run("nbdinfo", ["--json", srv.uri])) as { exports: { block_size_preferred: number }[] };
+        expect([opts.join(" "), info.exports[0]!.block_size_preferred]).toEqual([opts.join(" "), preferred]);
+      } finally {
+        await srv.stop();
+      }
+    }
+  });
+
   it("a whole-subcluster write allocates that subcluster only: the backing file's other subclusters are not copied", async () => {
     const dir = tempDir("nbdstack-qcow2-xl2-");
     const base = path.join(dir, "base.raw");

@@ -320,7 +320,8 @@ export class Qcow2Layer implements Layer {
       extents: true,
       depth: !this.backing || (this.backing.capabilities().extents && this.backing.capabilities().depth),
       multiConn: true,
-      blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
+      // Preferred: the unit a partial write copies (a cluster, or with extended L2 entries a subcluster).
+      blockSize: { minimum: 1, preferred: Math.max(4096, Math.min(this.xl2 ? this.scs : this.cs, 1024 * 1024)), maximum: MAX_REQUEST },
     };
   }
 
