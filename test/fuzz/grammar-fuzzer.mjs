@@ -343,7 +343,7 @@ function request(R, env, exp, structured, cookie, big, mut) {
   return { bytes: Buffer.concat([requestFrame({ magic, flags, type, cookie, offset, length }), data ?? Buffer.alloc(0)]), desc, mutated, type };
 }
 
-const KINDS = [
+export const KINDS = [
   ["session", 30], // handshake with a few options, then requests; mutations here and there
   ["valid", 12], // the same, never mutated: every reply is checked strictly
   ["handshake", 12], // options only, many of them mutated; ends with ABORT, the client's end, or open

@@ -1,29 +1,55 @@
 #!/usr/bin/env node
-// npm run fuzz -- [--minutes M | --seconds S | --conversations N] [--seed S] [--parallel P]
-//                 [--out DIR] [--max-memory SIZE] [--kinds session,bigio,…] [--max-failures N]
-//                 [--replay FILE]
+// npm run fuzz -- --help for the options.
 // Runs the grammar-aware fuzzer (grammar-fuzzer.mjs) against the built CLI (dist/) and exits 1 on
 // any hang, crash, corruption or reply against the spec; each failing conversation is printed and
 // saved as JSON for --replay. Prints frames, connections and the server's peak RSS at the end.
 import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import { conversationFromJSON, conversationToJSON, describeFailure, replay, runFuzz } from "./grammar-fuzzer.mjs";
+import { KINDS, conversationFromJSON, conversationToJSON, describeFailure, replay, runFuzz } from "./grammar-fuzzer.mjs";
 
-const { values: v } = parseArgs({
-  options: {
-    minutes: { type: "string" },
-    seconds: { type: "string" },
-    conversations: { type: "string" },
-    seed: { type: "string" },
-    parallel: { type: "string", default: "16" },
-    out: { type: "string" },
-    "max-memory": { type: "string" },
-    replay: { type: "string" },
-    kinds: { type: "string" },
-    "max-failures": { type: "string", default: "10" },
-  },
-});
+const USAGE = `npm run fuzz -- [--minutes M | --seconds S | --conversations N] [--seed S] [--parallel P]
+                [--out DIR] [--max-memory SIZE] [--kinds ${KINDS.map(([k]) => k).join(",")}]
+                [--max-failures N] [--replay FILE] [--help]`;
+let v;
+try {
+  ({ values: v } = parseArgs({
+    options: {
+      minutes: { type: "string" },
+      seconds: { type: "string" },
+      conversations: { type: "string" },
+      seed: { type: "string" },
+      parallel: { type: "string", default: "16" },
+      out: { type: "string" },
+      "max-memory": { type: "string" },
+      replay: { type: "string" },
+      kinds: { type: "string" },
+      "max-failures": { type: "string", default: "10" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  }));
+} catch (err) {
+  process.stderr.write(`fuzz: ${err.message}\n${USAGE}\n`);
+  process.exit(2);
+}
+if (v.help) {
+  process.stdout.write(`${USAGE}\n`);
+  process.exit(0);
+}
+/** A refused option: its name, what it needs, then the usage; exit 2. */
+const refuse = (what) => {
+  process.stderr.write(`fuzz: ${what}\n${USAGE}\n`);
+  process.exit(2);
+};
+const number = (name, min) => {
+  if (v[name] === undefined) return undefined;
+  const n = Number(v[name]);
+  if (!Number.isFinite(n) || n < min) refuse(`--${name} needs a number of at least ${min}, not "${v[name]}"`);
+  return n;
+};
+for (const [name, min] of [["minutes", 0], ["seconds", 0], ["conversations", 1], ["seed", 0], ["parallel", 1], ["max-failures", 1]]) number(name, min);
+const unknownKinds = v.kinds ? v.kinds.split(",").filter((k) => !KINDS.some(([known]) => known === k)) : [];
+if (unknownKinds.length) refuse(`--kinds: no such kind ${unknownKinds.map((k) => `"${k}"`).join(", ")}; the kinds are ${KINDS.map(([k]) => k).join(", ")}`);
 const serverArgs = v["max-memory"] ? ["--max-memory", v["max-memory"]] : [];
 const mib = (kib) => (kib / 1024).toFixed(1);
 
