@@ -24,7 +24,9 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { controlCall, getStatus } from "../dist/control/control-client.js";
 import { Lab, netnsUnavailable } from "../test/cluster/lab.mjs";
-import { cpuSeconds, nodeCommandOf } from "./tools.mjs";
+import { cpuSeconds, knobsOnly, nodeCommandOf } from "./tools.mjs";
+
+knobsOnly(import.meta.url);
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");

@@ -10,6 +10,9 @@ import os from "node:os";
 import path from "node:path";
 import { EtcdClient, compare, op } from "../dist/coord/etcd-client.js";
 import { ETCD_BIN, needEtcd, startLocalCluster } from "../test/cluster/etcd.mjs";
+import { knobsOnly } from "./tools.mjs";
+
+knobsOnly(import.meta.url);
 
 const N = Number(process.env.N ?? 200);
 const MEMBERS = Number(process.env.MEMBERS ?? 3);

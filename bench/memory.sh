@@ -6,6 +6,7 @@
 # random image. Knobs: MAX_MEMORY (the server's --max-memory; default: the server's default),
 # RUNTIME (3 s per fio run). Needs nbdcopy and fio.
 set -euo pipefail
+source "$(dirname "$0")/knobs.sh" "$@"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CLI="$ROOT/dist/cli.js"
 STARTS_AS=$(head -1 "$CLI" | sed -n 's|^#!/usr/bin/env -S ||p')

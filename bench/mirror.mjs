@@ -22,7 +22,9 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { has } from "./tools.mjs";
+import { has, knobsOnly } from "./tools.mjs";
+
+knobsOnly(import.meta.url);
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");

@@ -19,15 +19,21 @@
 // write at QD32, 1 MiB sequential read and write at QD8, and allocating writes (4 KiB random at
 // QD32) into a fresh, empty 1 GiB overlay over the raw image as backing file (made anew for every
 // run: the first write to each 64 KiB cluster copies the rest of it from the backing file).
-// Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (names below), QCOW2 (1; 0: no qcow2 rows; only: only
-// them), QCOW2_WORKLOADS (names below), NBDSTACK_ARGS, KEEP=1 keeps the images.
+// Knobs: REPS (3), RUNTIME (10 s), WORKLOADS (space-separated, default all: seqread-1m-qd8
+// seqwrite-1m-qd8 randread-4k-qd32 randwrite-4k-qd32 randrw70-4k-qd16 randread-4k-qd1
+// mc1-randread-4k-qd8 mc2-randread-4k-qd8 mc4-randread-4k-qd8 nbdcopy-1g), QCOW2 (1; 0: no qcow2
+// rows; only: only them), QCOW2_WORKLOADS (default all: qcow2-randread-4k-qd32
+// qcow2-randwrite-4k-qd32 qcow2-seqread-1m-qd8 qcow2-seqwrite-1m-qd8 qcow2-alloc-randwrite-4k-qd32),
+// THREADS (0: no nbdstack-t2 row), NBDSTACK_ARGS, KEEP=1 keeps the images.
 // For CPU accounting and steal detection use `npm run bench:anchors` (the shared harness).
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { childrenOf, cpuSeconds, has, machineBusySeconds, nodeCommandOf, reapedChildrenSeconds } from "./tools.mjs";
+import { childrenOf, cpuSeconds, has, knobsOnly, machineBusySeconds, nodeCommandOf, reapedChildrenSeconds } from "./tools.mjs";
+
+knobsOnly(import.meta.url);
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");

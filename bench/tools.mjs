@@ -71,3 +71,24 @@ export function cpuSeconds(pid) {
   }
   return own + childrenOf(pid).reduce((t, c) => t + cpuSeconds(c), 0);
 }
+
+/**
+ * The bench scripts take their settings from environment variables (their knobs), not arguments:
+ * `--help` (or `-h`) prints the script's opening comment, which documents them, and exits 0; any
+ * other argument is refused (exit 2) rather than ignored, so that a mistyped option does not start
+ * a long run with the defaults. Called first thing by each script with its `import.meta.url`.
+ */
+export function knobsOnly(scriptUrl, argv = process.argv.slice(2)) {
+  if (argv.length === 0) return;
+  const file = new URL(scriptUrl).pathname;
+  const name = `bench:${file.split("/").pop().replace(/\.mjs$/, "")}`;
+  const lines = readFileSync(file, "utf8").split("\n");
+  const header = lines.slice(lines[0].startsWith("#!") ? 1 : 0);
+  const doc = header.slice(0, header.findIndex((l) => !l.startsWith("//"))).map((l) => l.replace(/^\/\/ ?/, ""));
+  if (argv.length === 1 && (argv[0] === "--help" || argv[0] === "-h")) {
+    process.stdout.write(`${doc.join("\n")}\n`);
+    process.exit(0);
+  }
+  process.stderr.write(`${name}: takes no arguments (got ${argv.map((a) => JSON.stringify(a)).join(" ")}); its settings are environment variables, which npm run ${name} -- --help lists.\n`);
+  process.exit(2);
+}
