@@ -76,12 +76,12 @@ export function cpuSeconds(pid) {
  * The bench scripts take their settings from environment variables (their knobs), not arguments:
  * `--help` (or `-h`) prints the script's opening comment, which documents them, and exits 0; any
  * other argument is refused (exit 2) rather than ignored, so that a mistyped option does not start
- * a long run with the defaults. Called first thing by each script with its `import.meta.url`.
+ * a long run with the defaults. Called first thing by each script with its `import.meta.url` (and
+ * its npm script's name, where that is not bench:FILE).
  */
-export function knobsOnly(scriptUrl, argv = process.argv.slice(2)) {
+export function knobsOnly(scriptUrl, name = `bench:${new URL(scriptUrl).pathname.split("/").pop().replace(/\.mjs$/, "")}`, argv = process.argv.slice(2)) {
   if (argv.length === 0) return;
   const file = new URL(scriptUrl).pathname;
-  const name = `bench:${file.split("/").pop().replace(/\.mjs$/, "")}`;
   const lines = readFileSync(file, "utf8").split("\n");
   const header = lines.slice(lines[0].startsWith("#!") ? 1 : 0);
   const doc = header.slice(0, header.findIndex((l) => !l.startsWith("//"))).map((l) => l.replace(/^\/\/ ?/, ""));

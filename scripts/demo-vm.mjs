@@ -15,6 +15,9 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { controlCall } from "../dist/control/control-client.js";
 import { buildGuest, fsck, guestUnavailable, longestDuring, longestGapDuring, longestIn, makeGuestDisk, startGuest } from "../test/vm/guest.mjs";
+import { knobsOnly } from "../bench/tools.mjs";
+
+knobsOnly(import.meta.url, "demo:vm");
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const CLI = path.join(ROOT, "dist/cli.js");
@@ -30,12 +33,18 @@ if (why) {
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdstack-demo-vm-"));
 const procs = [];
 const cleanup = () => {
-  for (const p of procs) if (p.exitCode === null) p.kill("SIGKILL");
+  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill("SIGKILL");
   fs.rmSync(dir, { recursive: true, force: true });
 };
-process.on("SIGINT", () => {
+// Stopped by a signal, or by a reader that went away (`| head`): the nodes and the guest go too.
+for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]])
+  process.on(signal, () => {
+    cleanup();
+    process.exit(code);
+  });
+process.stdout.on("error", () => {
   cleanup();
-  process.exit(130);
+  process.exit(141);
 });
 
 function startNode(id, img) {
