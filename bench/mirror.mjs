@@ -80,7 +80,7 @@ async function cleanup() {
   if (!KEEP) fs.rmSync(dir, { recursive: true, force: true });
   else log(`kept ${dir}`);
 }
-process.on("SIGINT", () => cleanup().then(() => process.exit(130)));
+for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]]) process.on(signal, () => cleanup().then(() => process.exit(code)));
 
 function run(cmd, args) {
   const r = spawnSync(cmd, args, { encoding: "utf8" });
