@@ -5,42 +5,24 @@
 // saved as JSON for --replay. Prints frames, connections and the server's peak RSS at the end.
 import fs from "node:fs";
 import path from "node:path";
-import { parseArgs } from "node:util";
+import { scriptOptions } from "../helpers/script-options.mjs";
 import { KINDS, conversationFromJSON, conversationToJSON, describeFailure, replay, runFuzz } from "./grammar-fuzzer.mjs";
 
 const USAGE = `npm run fuzz -- [--minutes M | --seconds S | --conversations N] [--seed S] [--parallel P]
                 [--out DIR] [--max-memory SIZE] [--kinds ${KINDS.map(([k]) => k).join(",")}]
                 [--max-failures N] [--replay FILE] [--help]`;
-let v;
-try {
-  ({ values: v } = parseArgs({
-    options: {
-      minutes: { type: "string" },
-      seconds: { type: "string" },
-      conversations: { type: "string" },
-      seed: { type: "string" },
-      parallel: { type: "string", default: "16" },
-      out: { type: "string" },
-      "max-memory": { type: "string" },
-      replay: { type: "string" },
-      kinds: { type: "string" },
-      "max-failures": { type: "string", default: "10" },
-      help: { type: "boolean", short: "h", default: false },
-    },
-  }));
-} catch (err) {
-  process.stderr.write(`fuzz: ${err.message}\n${USAGE}\n`);
-  process.exit(2);
-}
-if (v.help) {
-  process.stdout.write(`${USAGE}\n`);
-  process.exit(0);
-}
-/** A refused option: its name, what it needs, then the usage; exit 2. */
-const refuse = (what) => {
-  process.stderr.write(`fuzz: ${what}\n${USAGE}\n`);
-  process.exit(2);
-};
+const { values: v, refuse } = scriptOptions("fuzz", USAGE, {
+  minutes: { type: "string" },
+  seconds: { type: "string" },
+  conversations: { type: "string" },
+  seed: { type: "string" },
+  parallel: { type: "string", default: "16" },
+  out: { type: "string" },
+  "max-memory": { type: "string" },
+  replay: { type: "string" },
+  kinds: { type: "string" },
+  "max-failures": { type: "string", default: "10" },
+});
 const number = (name, min) => {
   if (v[name] === undefined) return undefined;
   const n = Number(v[name]);

@@ -5,42 +5,29 @@
 // Runs the nemesis harness (README.md beside this file) against the built CLI (dist/) and exits 1
 // when the checker saw anything; the seed and the history around each failure are printed.
 import fs from "node:fs";
-import { parseArgs } from "node:util";
+import { scriptOptions } from "../helpers/script-options.mjs";
 import { describe, runNemesis } from "./harness.mjs";
 
 const USAGE = fs.readFileSync(new URL(import.meta.url), "utf8").split("\n").slice(1, 4).map((l) => l.replace(/^\/\/ ?/, "")).join("\n");
-let v;
-try {
-  ({ values: v } = parseArgs({
-    options: {
-      minutes: { type: "string" },
-      seconds: { type: "string" },
-      seed: { type: "string" },
-      nodes: { type: "string", default: "2" },
-      "lease-ttl": { type: "string", default: "2000" },
-      ops: { type: "string", default: "600" },
-      every: { type: "string", default: "1500" },
-      "no-powerloss": { type: "boolean", default: false },
-      keep: { type: "boolean", default: false },
-      dir: { type: "string" },
-      json: { type: "string" },
-      quiet: { type: "boolean", default: false },
-      "self-test": { type: "boolean", default: false },
-      weights: { type: "string" },
-      exclude: { type: "string", multiple: true, default: [] },
-      "copy-node": { type: "boolean", default: false },
-      lab: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
-    },
-  }));
-} catch (err) {
-  process.stderr.write(`nemesis: ${err.message}\n${USAGE}\n`);
-  process.exit(2);
-}
-if (v.help) {
-  process.stdout.write(`${USAGE}\n`);
-  process.exit(0);
-}
+const { values: v } = scriptOptions("nemesis", USAGE, {
+  minutes: { type: "string" },
+  seconds: { type: "string" },
+  seed: { type: "string" },
+  nodes: { type: "string", default: "2" },
+  "lease-ttl": { type: "string", default: "2000" },
+  ops: { type: "string", default: "600" },
+  every: { type: "string", default: "1500" },
+  "no-powerloss": { type: "boolean", default: false },
+  keep: { type: "boolean", default: false },
+  dir: { type: "string" },
+  json: { type: "string" },
+  quiet: { type: "boolean", default: false },
+  "self-test": { type: "boolean", default: false },
+  weights: { type: "string" },
+  exclude: { type: "string", multiple: true, default: [] },
+  "copy-node": { type: "boolean", default: false },
+  lab: { type: "boolean", default: false },
+});
 const seconds = v.seconds ? Number(v.seconds) : v.minutes ? Number(v.minutes) * 60 : 120;
 const seed = v.seed ? Number(v.seed) : Math.floor(Math.random() * 2 ** 31);
 process.stdout.write(`nemesis: seed ${seed}, ${seconds} s\n`);
